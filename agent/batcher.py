@@ -1,0 +1,101 @@
+"""When to send the next frame, and how big: decisions only, no I/O, no clock.
+
+Adaptive, in the manner of Nagle: while nothing is in flight a record goes out
+at once (live latency is one round trip); while frames are in flight new
+records gather, and go when `batch_size` of them are waiting, when the oldest
+has waited `flush_interval`, or when the in-flight frames are acknowledged,
+whichever comes first. At most `max_in_flight` frames are unacknowledged.
+The records themselves live in the spool; the batcher only counts them.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from keruta.limits import DEFAULT_LIMITS
+
+
+def _positive(_inst: object, attr: attrs.Attribute, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{attr.name} must be > 0, got {value!r}")
+
+
+def _non_negative(_inst: object, attr: attrs.Attribute, value: float) -> None:
+    if not value >= 0:
+        raise ValueError(f"{attr.name} must be >= 0, got {value!r}")
+
+
+@attrs.frozen
+class Send:
+    """Send up to `count` records now (the frame may carry fewer: byte limit)."""
+
+    count: int
+
+
+@attrs.frozen
+class Wait:
+    """Nothing to send before `until` (None: until records or an ack arrive)."""
+
+    until: float | None
+
+
+Decision = Send | Wait
+
+
+@attrs.define
+class Batcher:
+    batch_size: int = attrs.field(default=500, validator=_positive)
+    flush_interval: float = attrs.field(default=0.2, validator=_non_negative)
+    max_in_flight: int = attrs.field(default=8, validator=_positive)
+    # Records written to the spool but not yet sent.
+    pending: int = 0
+    # Frames sent and not yet acknowledged.
+    in_flight: int = 0
+    # When the oldest pending record started waiting.
+    waiting_since: float | None = None
+
+    def __attrs_post_init__(self) -> None:
+        self.batch_size = min(self.batch_size, DEFAULT_LIMITS.max_records_per_batch)
+
+    def added(self, count: int, now: float) -> None:
+        if count <= 0:
+            return
+        if self.pending == 0:
+            self.waiting_since = now
+        self.pending += count
+
+    def decide(self, now: float) -> Decision:
+        if self.pending == 0:
+            return Wait(None)
+        if self.in_flight >= self.max_in_flight:
+            return Wait(None)
+        count = min(self.pending, self.batch_size)
+        if self.in_flight == 0 or self.pending >= self.batch_size:
+            return Send(count)
+        assert self.waiting_since is not None
+        due = self.waiting_since + self.flush_interval
+        if now >= due:
+            return Send(count)
+        return Wait(due)
+
+    def sent(self, count: int, now: float) -> None:
+        """A frame carrying `count` records went out."""
+        if not 0 < count <= self.pending:
+            raise ValueError(f"sent {count} records but {self.pending} were pending")
+        self.pending -= count
+        self.in_flight += 1
+        # The rest start a fresh interval; keeping the old start would send
+        # every newcomer alone while the window is busy.
+        self.waiting_since = now if self.pending else None
+
+    def acked(self, frames: int) -> None:
+        """`frames` in-flight frames were acknowledged."""
+        if not 0 <= frames <= self.in_flight:
+            raise ValueError(f"{frames} frames acked but {self.in_flight} were in flight")
+        self.in_flight -= frames
+
+    def reset(self, pending: int, now: float) -> None:
+        """A new connection: nothing in flight, `pending` records to (re)send."""
+        self.in_flight = 0
+        self.pending = max(0, pending)
+        self.waiting_since = now if self.pending else None

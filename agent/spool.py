@@ -1,0 +1,519 @@
+"""The durable local spool: every record is written here before it is sent,
+and kept until the hub has acknowledged it.
+
+Layout, one directory per task under the spool root::
+
+    ROOT/TASK_ID/task.json      taskId, hub URL, final state once known
+    ROOT/TASK_ID/acked          the ack watermark: every seq <= it is stored by the hub
+    ROOT/TASK_ID/lock           held (flock) by the one process using this spool
+    ROOT/TASK_ID/SEQ.seg        segments, named by their first seq, append-only
+
+A segment is a sequence of frames ``MAGIC(2) | seq(8) | length(4) | crc32(4) |
+payload``, payload being the record's wire JSON, crc32 covering seq and
+payload. Reading checks every frame; a torn tail (a crash mid-write) is cut
+off when the spool is opened, and a corrupt frame is skipped with a warning
+by searching forward for the next valid one, so damage never turns into a
+crash loop. Segments whose records are all acknowledged are deleted.
+
+Writes are plain `write(2)` calls, so a record survives the agent being
+killed as soon as `append` returns; `sync` (called on a timer by the agent)
+fsyncs what was written since, which covers a machine crash up to that
+interval.
+"""
+
+from __future__ import annotations
+
+import collections
+import fcntl
+import os
+import struct
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import trio
+
+from keruta.timefmt import now_ts
+
+MAGIC = b"\xabK"
+HEADER = struct.Struct(">2sQII")  # magic, seq, payload length, crc32(seq + payload)
+# A record's JSON is at most a 64 KiB line escaped (up to 6x) plus fields.
+MAX_PAYLOAD = 8 * 1024 * 1024
+READ_CHUNK = 1024 * 1024
+SEGMENT_SUFFIX = ".seg"
+
+Warn = Callable[[str], None]
+
+
+class SpoolLocked(Exception):
+    """Another live process owns this task's spool."""
+
+
+def encode_frame(seq: int, payload: bytes) -> bytes:
+    seq_bytes = seq.to_bytes(8, "big")
+    crc = zlib.crc32(payload, zlib.crc32(seq_bytes))
+    return HEADER.pack(MAGIC, seq, len(payload), crc) + payload
+
+
+def _check(header_seq: int, payload: bytes, crc: int) -> bool:
+    return zlib.crc32(payload, zlib.crc32(header_seq.to_bytes(8, "big"))) == crc
+
+
+class Segment:
+    def __init__(self, path: Path, first_seq: int) -> None:
+        self.path = path
+        self.first_seq = first_seq
+        self.last_seq = first_seq - 1  # nothing yet
+        self.size = 0
+        self.fd: int | None = None  # open for appending (the active segment only)
+        self.read_fd: int | None = None
+
+    def reader_fd(self) -> int:
+        if self.read_fd is None:
+            self.read_fd = os.open(self.path, os.O_RDONLY)
+        return self.read_fd
+
+    def close(self) -> None:
+        for fd in (self.fd, self.read_fd):
+            if fd is not None:
+                os.close(fd)
+        self.fd = self.read_fd = None
+
+
+def scan(
+    fd: int, offset: int, end: int, warn: Warn | None = None, where: str = ""
+) -> Iterator[tuple[int, int, bytes, int]]:
+    """Valid frames from `offset` to `end`: (frame offset, seq, payload, next offset).
+
+    A frame that does not check out is skipped by looking for the next MAGIC
+    that starts a valid frame. Stops at a frame that runs past `end`.
+    """
+    buf = b""
+    buf_at = offset  # file position of buf[0]
+    pos = offset
+    bad_since: int | None = None
+
+    def fill(upto: int) -> bool:
+        nonlocal buf, buf_at
+        if upto <= buf_at + len(buf):
+            return True
+        if upto > end:
+            return False
+        keep = buf[pos - buf_at :]
+        want = max(READ_CHUNK, upto - pos)
+        more = os.pread(fd, min(want, end - (pos + len(keep))), pos + len(keep))
+        buf = keep + more
+        buf_at = pos
+        return upto <= buf_at + len(buf)
+
+    while pos < end:
+        if not fill(pos + HEADER.size):
+            break
+        i = pos - buf_at
+        magic, seq, length, crc = HEADER.unpack_from(buf, i)
+        ok = magic == MAGIC and length <= MAX_PAYLOAD
+        if ok and not fill(pos + HEADER.size + length):
+            if bad_since is None:
+                break  # a torn frame at the end: the caller decides
+            ok = False
+        if ok:
+            i = pos - buf_at
+            payload = buf[i + HEADER.size : i + HEADER.size + length]
+            ok = _check(seq, payload, crc)
+        if ok:
+            if bad_since is not None:
+                if warn:
+                    warn(f"spool {where}: skipped {pos - bad_since} corrupt bytes at offset {bad_since}")
+                bad_since = None
+            nxt = pos + HEADER.size + length
+            yield pos, seq, payload, nxt
+            pos = nxt
+            continue
+        if bad_since is None:
+            bad_since = pos
+        # Resynchronise on the next MAGIC.
+        i = pos - buf_at
+        found = buf.find(MAGIC, i + 1)
+        while found == -1:
+            pos = buf_at + len(buf) - 1
+            if not fill(pos + READ_CHUNK) and buf_at + len(buf) <= pos + 1:
+                pos = end
+                break
+            found = buf.find(MAGIC, pos - buf_at)
+        if found == -1:
+            break
+        pos = buf_at + found
+    if bad_since is not None and warn:
+        warn(f"spool {where}: skipped {end - bad_since} corrupt bytes at offset {bad_since}")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def write_atomically(path: Path, data: bytes, durable: bool = False) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        _write_all(fd, data)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def default_root() -> Path:
+    env = os.environ.get("KERUTA_SPOOL_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
+    return Path(base) / "keruta" / "spool"
+
+
+class Spool:
+    """One task's spool, owned by one process (an flock on `lock`)."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        max_bytes: int = 1 << 30,
+        segment_bytes: int = 16 << 20,
+        cache_bytes: int = 8 << 20,
+        warn: Warn | None = None,
+    ) -> None:
+        self.dir = directory
+        self.max_bytes = max_bytes
+        # Small limits (tests) get small segments so that release frees space.
+        self.segment_bytes = max(4096, min(segment_bytes, max_bytes // 8))
+        self.cache_bytes = cache_bytes
+        self.warn: Warn = warn or (lambda _m: None)
+        self.segments: list[Segment] = []
+        self.acked_seq = 0
+        self.last_seq = 0
+        self.meta: dict[str, Any] = {}
+        self._cache: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._cache_size = 0
+        self._cursor: tuple[Segment, int, int] | None = None  # segment, offset, next seq
+        self._unsynced: list[int] = []  # dup'ed fds written since the last sync
+        self._dirty = False
+        self._saved_ack = 0
+        self._lock_fd: int | None = None
+
+    # --- opening ------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        root: Path,
+        task_id: str,
+        *,
+        hub_url: str | None = None,
+        create: bool = True,
+        **kwargs: Any,
+    ) -> Spool:
+        directory = Path(root) / task_id
+        if create:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        spool = cls(directory, **kwargs)
+        spool._lock()
+        try:
+            spool._load(task_id, hub_url)
+        except BaseException:
+            spool.close()
+            raise
+        return spool
+
+    def _lock(self) -> None:
+        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolLocked(f"{self.dir} is in use by another keruta-agent") from None
+        self._lock_fd = fd
+
+    def _load(self, task_id: str, hub_url: str | None) -> None:
+        meta_path = self.dir / "task.json"
+        if meta_path.exists():
+            try:
+                self.meta = orjson.loads(meta_path.read_bytes())
+            except (orjson.JSONDecodeError, OSError) as exc:
+                self.warn(f"spool {self.dir}: unreadable task.json ({exc}); rewriting it")
+                self.meta = {}
+        changed = False
+        if self.meta.get("taskId") != task_id:
+            self.meta["taskId"] = task_id
+            changed = True
+        if hub_url and self.meta.get("hubUrl") != hub_url:
+            self.meta["hubUrl"] = hub_url
+            changed = True
+        self.meta.setdefault("createdAt", now_ts())
+        self.meta.setdefault("final", None)
+        if changed or not meta_path.exists():
+            self._save_meta()
+        try:
+            self.acked_seq = int((self.dir / "acked").read_text().strip() or 0)
+        except FileNotFoundError:
+            self.acked_seq = 0
+        except (ValueError, OSError) as exc:
+            self.warn(f"spool {self.dir}: unreadable ack watermark ({exc}); resending everything")
+            self.acked_seq = 0
+        self._saved_ack = self.acked_seq
+        self.last_seq = self.acked_seq
+        for path in sorted(self.dir.glob("*" + SEGMENT_SUFFIX)):
+            try:
+                first = int(path.stem)
+            except ValueError:
+                continue
+            seg = Segment(path, first)
+            self._recover(seg, is_last=False)
+            self.segments.append(seg)
+        if self.segments:
+            # Only the last segment can have been mid-write when a process died.
+            self._recover(self.segments[-1], is_last=True)
+        for seg in self.segments:
+            self.last_seq = max(self.last_seq, seg.last_seq)
+        self._delete_acked_segments()
+
+    def _recover(self, seg: Segment, is_last: bool) -> None:
+        size = seg.path.stat().st_size
+        fd = os.open(seg.path, os.O_RDONLY)
+        good_end = 0
+        last = seg.first_seq - 1
+        try:
+            for _off, seq, _payload, nxt in scan(fd, 0, size, self.warn, str(seg.path)):
+                good_end = nxt
+                last = max(last, seq)
+        finally:
+            os.close(fd)
+        seg.last_seq = last
+        seg.size = size
+        if is_last and good_end < size:
+            self.warn(
+                f"spool {seg.path}: cut off {size - good_end} bytes of a torn or corrupt "
+                "record at its end (written when a previous agent stopped mid-write)"
+            )
+            os.truncate(seg.path, good_end)
+            seg.size = good_end
+
+    # --- writing ------------------------------------------------------------
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(s.size for s in self.segments)
+
+    def frame_size(self, payload_len: int) -> int:
+        return HEADER.size + payload_len
+
+    def has_room(self, nbytes: int) -> bool:
+        return self.used_bytes + nbytes <= self.max_bytes
+
+    def append(self, entries: list[tuple[int, bytes]]) -> None:
+        """Write records; their seqs must continue `last_seq` one by one."""
+        if not entries:
+            return
+        expected = self.last_seq + 1
+        parts = []
+        for seq, payload in entries:
+            if seq != expected:
+                raise ValueError(f"spool append out of order: seq {seq}, expected {expected}")
+            expected += 1
+            parts.append(encode_frame(seq, payload))
+        data = b"".join(parts)
+        seg = self._active(len(data), entries[0][0])
+        assert seg.fd is not None
+        _write_all(seg.fd, data)
+        seg.size += len(data)
+        seg.last_seq = entries[-1][0]
+        self.last_seq = seg.last_seq
+        self._dirty = True
+        for entry in entries:
+            self._cache.append(entry)
+            self._cache_size += len(entry[1])
+        while self._cache_size > self.cache_bytes and self._cache:
+            self._cache_size -= len(self._cache.popleft()[1])
+
+    def _active(self, incoming: int, first_seq: int) -> Segment:
+        seg = self.segments[-1] if self.segments else None
+        if seg is not None and seg.fd is None:
+            seg.fd = os.open(seg.path, os.O_WRONLY | os.O_APPEND)
+        if seg is None or (seg.size and seg.size + incoming > self.segment_bytes):
+            if seg is not None:
+                self._retire(seg)
+            path = self.dir / f"{first_seq:020d}{SEGMENT_SUFFIX}"
+            seg = Segment(path, first_seq)
+            seg.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self.segments.append(seg)
+            self._dirty = True
+        return seg
+
+    def _retire(self, seg: Segment) -> None:
+        """Stop appending to `seg`; it still gets fsynced at the next sync."""
+        if seg.fd is not None:
+            if self._dirty:
+                self._unsynced.append(os.dup(seg.fd))
+            os.close(seg.fd)
+            seg.fd = None
+
+    def set_final(self, state: str, exit_code: int | None) -> None:
+        self.meta["final"] = {"state": state, "exitCode": exit_code}
+        self._save_meta()
+
+    def mark_final_delivered(self) -> None:
+        if self.meta.get("final") is not None:
+            self.meta["final"]["delivered"] = True
+            self._save_meta()
+
+    def _save_meta(self) -> None:
+        write_atomically(self.dir / "task.json", orjson.dumps(self.meta), durable=True)
+
+    async def sync(self) -> None:
+        """fsync what was written since the last call, in a worker thread."""
+        if not self._dirty:
+            return
+        fds = self._unsynced
+        self._unsynced = []
+        if self.segments and self.segments[-1].fd is not None:
+            fds.append(os.dup(self.segments[-1].fd))
+        fds.append(os.open(self.dir, os.O_RDONLY))  # new segment names
+        self._dirty = False
+
+        def work() -> None:
+            for fd in fds:
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+        await trio.to_thread.run_sync(work)
+
+    # --- acknowledging --------------------------------------------------------
+
+    @property
+    def unacked(self) -> int:
+        return max(0, self.last_seq - self.acked_seq)
+
+    def release(self, seq: int) -> None:
+        """The hub has stored every record up to `seq`."""
+        if seq <= self.acked_seq:
+            return
+        self.acked_seq = min(seq, self.last_seq) if seq > self.last_seq else seq
+        while self._cache and self._cache[0][0] <= self.acked_seq:
+            self._cache_size -= len(self._cache.popleft()[1])
+        self._delete_acked_segments()
+
+    def _delete_acked_segments(self) -> None:
+        keep = []
+        for i, seg in enumerate(self.segments):
+            is_active = i == len(self.segments) - 1
+            done = seg.last_seq <= self.acked_seq
+            # The active segment goes too once it is worth it: a fresh one starts
+            # at the next append.
+            if done and (not is_active or seg.size >= self.segment_bytes // 4 or seg.size == 0):
+                if self._cursor is not None and self._cursor[0] is seg:
+                    self._cursor = None
+                seg.close()
+                try:
+                    seg.path.unlink()
+                except FileNotFoundError:
+                    pass
+            else:
+                keep.append(seg)
+        self.segments = keep
+
+    def save_watermark(self) -> None:
+        """Persist the ack watermark (not fsynced: a stale one only means resending)."""
+        if self.acked_seq != self._saved_ack:
+            write_atomically(self.dir / "acked", f"{self.acked_seq}\n".encode())
+            self._saved_ack = self.acked_seq
+
+    # --- reading --------------------------------------------------------------
+
+    def read(self, from_seq: int, max_records: int, max_bytes: int) -> list[tuple[int, bytes]]:
+        """Up to `max_records` records with seq >= `from_seq`, in order, whose
+        payloads total at most `max_bytes` (but always at least one record)."""
+        out: list[tuple[int, bytes]] = []
+        if from_seq > self.last_seq or max_records <= 0:
+            return out
+        total = 0
+        if self._cache and self._cache[0][0] <= from_seq:
+            i = from_seq - self._cache[0][0]
+            while i < len(self._cache) and len(out) < max_records:
+                entry = self._cache[i]
+                if out and total + len(entry[1]) > max_bytes:
+                    break
+                out.append(entry)
+                total += len(entry[1])
+                i += 1
+            return out
+        for seq, payload in self._read_files(from_seq):
+            if out and (len(out) >= max_records or total + len(payload) > max_bytes):
+                break
+            out.append((seq, payload))
+            total += len(payload)
+            if len(out) >= max_records:
+                break
+        return out
+
+    def _read_files(self, from_seq: int) -> Iterator[tuple[int, bytes]]:
+        cursor = self._cursor
+        start_index = 0
+        offset = 0
+        if cursor is not None and cursor[2] <= from_seq and cursor[0] in self.segments:
+            start_index = self.segments.index(cursor[0])
+            offset = cursor[1]
+        else:
+            for i, seg in enumerate(self.segments):
+                if seg.first_seq <= from_seq:
+                    start_index = i
+        for seg in self.segments[start_index:]:
+            if seg.last_seq < from_seq:
+                offset = 0
+                continue
+            fd = seg.reader_fd()
+            for _off, seq, payload, nxt in scan(fd, offset, seg.size, self.warn, str(seg.path)):
+                self._cursor = (seg, nxt, seq + 1)
+                if seq >= from_seq:
+                    yield seq, payload
+            offset = 0
+
+    # --- closing --------------------------------------------------------------
+
+    def close(self) -> None:
+        for seg in self.segments:
+            seg.close()
+        for fd in self._unsynced:
+            os.close(fd)
+        self._unsynced = []
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def remove(self) -> None:
+        """Delete the task's directory (everything delivered)."""
+        for seg in self.segments:
+            seg.close()
+            seg.path.unlink(missing_ok=True)
+        self.segments = []
+        for name in ("acked", "acked.tmp", "task.json", "task.json.tmp"):
+            (self.dir / name).unlink(missing_ok=True)
+        (self.dir / "lock").unlink(missing_ok=True)
+        self.close()
+        try:
+            self.dir.rmdir()
+        except OSError as exc:
+            self.warn(f"spool {self.dir}: could not remove the directory: {exc}")
+
+
+def spooled_tasks(root: Path) -> list[str]:
+    """Task ids that have a spool directory under `root`."""
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "task.json").exists())

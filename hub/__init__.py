@@ -1,0 +1,1 @@
+"""keruta-hub: the web service that stores and serves task logs."""

@@ -1,0 +1,130 @@
+"""`keruta-hub`: parse flags (with environment fallbacks) and run the hub."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import trio
+
+from hub.config import HubConfig
+
+DESCRIPTION = """\
+Run the keruta hub: receives log records from keruta-agent over WebSocket
+(/api/v1/ws) and REST, stores them (SQLite by default, PostgreSQL for
+production and for several hubs sharing one database), and serves them over
+REST, WebSocket subscriptions and a web viewer.
+"""
+
+EPILOG = """\
+environment fallbacks: KERUTA_HOST, KERUTA_PORT, KERUTA_DB, KERUTA_AGENT_TOKEN,
+KERUTA_VIEWER_TOKEN. Flags win over the environment.
+
+The hub refuses to listen on a non-loopback address unless a token is set.
+SIGTERM or Ctrl-C: stop accepting, commit and acknowledge what was received,
+close WebSockets with 1001, exit 0.
+"""
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SystemExit(f"keruta-hub: {name}={raw!r} is not an integer") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="keruta-hub", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--host", default=os.environ.get("KERUTA_HOST", "127.0.0.1"),
+                   help="address to listen on (default 127.0.0.1; env KERUTA_HOST)")
+    p.add_argument("--port", type=int, default=_env_int("KERUTA_PORT", 8080),
+                   help="port to listen on; 0 picks a free one (default 8080; env KERUTA_PORT)")
+    p.add_argument("--db", default=os.environ.get("KERUTA_DB", "sqlite:///keruta.db"),
+                   help="store URL: sqlite:///PATH (default sqlite:///keruta.db) or "
+                        "postgresql://USER@HOST:PORT/DB (env KERUTA_DB)")
+    p.add_argument("--agent-token", default=os.environ.get("KERUTA_AGENT_TOKEN") or None,
+                   help="token that may write and read (env KERUTA_AGENT_TOKEN)")
+    p.add_argument("--viewer-token", default=os.environ.get("KERUTA_VIEWER_TOKEN") or None,
+                   help="token that may only read (env KERUTA_VIEWER_TOKEN)")
+    p.add_argument("--retention-days", type=float, default=None,
+                   help="delete records older than this many days (default: keep everything)")
+    p.add_argument("--retention-interval", type=float, default=3600.0,
+                   help="seconds between retention passes (default 3600)")
+    p.add_argument("--rate-limit", type=float, default=0.0,
+                   help="records per second per task on ingest; WebSocket senders are slowed, "
+                        "REST gets 429 with Retry-After; 0 = unlimited (default)")
+    p.add_argument("--rate-burst", type=int, default=5000,
+                   help="records a task may send at once above the rate (default 5000)")
+    p.add_argument("--subscriber-queue", type=int, default=256,
+                   help="frames queued per WebSocket before a slow subscriber is told "
+                        "SLOW_CONSUMER and closed (default 256)")
+    p.add_argument("--max-page-size", type=int, default=1000,
+                   help="largest `size` GET /logs accepts (default 1000)")
+    p.add_argument("--write-batch-size", type=int, default=2000,
+                   help="most records committed in one transaction (default 2000)")
+    p.add_argument("--write-flush-interval", type=float, default=0.0,
+                   help="seconds the writer waits for more records before committing; "
+                        "0 commits as soon as it is idle (default 0)")
+    p.add_argument("--log-level", default="WARNING", help="hub's own log level (default WARNING)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> HubConfig:
+    return HubConfig(
+        host=args.host, port=args.port, db=args.db,
+        agent_token=args.agent_token, viewer_token=args.viewer_token,
+        retention_days=args.retention_days, retention_interval=args.retention_interval,
+        rate_limit=args.rate_limit, rate_burst=args.rate_burst,
+        subscriber_queue=args.subscriber_queue, max_page_size=args.max_page_size,
+        write_batch_size=args.write_batch_size, write_flush_interval=args.write_flush_interval,
+    )
+
+
+def check_config(config: HubConfig) -> str | None:
+    """A reason the hub must not start, or None."""
+    if not config.is_loopback() and not config.auth_enabled:
+        return (
+            f"refusing to listen on {config.host} without tokens: anyone who can reach it could "
+            "read and write logs. Set --agent-token (and --viewer-token), or listen on 127.0.0.1."
+        )
+    if not 0 <= config.port <= 65535:
+        return f"--port {config.port} is not a port number"
+    if config.subscriber_queue < 1 or config.max_page_size < 1 or config.write_batch_size < 1:
+        return "--subscriber-queue, --max-page-size and --write-batch-size must be >= 1"
+    if config.retention_days is not None and config.retention_days <= 0:
+        return "--retention-days must be > 0"
+    if not config.db.startswith(("sqlite://", "postgresql://", "postgres://")):
+        return f"--db {config.db!r}: use sqlite:///PATH or postgresql://USER@HOST:PORT/DB"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = config_from_args(args)
+    problem = check_config(config)
+    if problem:
+        print(f"keruta-hub: {problem}", file=sys.stderr)
+        return 2
+    from hub.server import serve
+
+    try:
+        trio.run(serve, config)
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        print(f"keruta-hub: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

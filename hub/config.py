@@ -1,0 +1,44 @@
+"""The hub's settings: CLI flags, their environment fallbacks and defaults."""
+
+from __future__ import annotations
+
+import attrs
+
+from keruta.limits import DEFAULT_LIMITS, Limits
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@attrs.frozen
+class HubConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    db: str = "sqlite:///keruta.db"
+    agent_token: str | None = None
+    viewer_token: str | None = None
+    retention_days: float | None = None
+    retention_interval: float = 3600.0
+    # Records per second per task on ingest; 0 is unlimited (the seed's RateLimiter).
+    rate_limit: float = 0.0
+    rate_burst: int = 5000
+    # Frames queued per subscriber before it is told SLOW_CONSUMER.
+    subscriber_queue: int = 256
+    max_page_size: int = 1000
+    # The writer commits whatever is waiting, up to this many records a transaction
+    # (the seed's batchSize/bufferSize) ...
+    write_batch_size: int = 2000
+    # ... and, when it is above zero, waits this long for more before a commit
+    # (the seed's flushInterval). Zero commits as soon as the writer is idle.
+    write_flush_interval: float = 0.0
+    # Frames waiting for the writer across all connections; a full inbox slows senders.
+    writer_inbox: int = 64
+    ping_interval: float = 20.0
+    shutdown_timeout: float = 10.0
+    limits: Limits = DEFAULT_LIMITS
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.agent_token or self.viewer_token)
+
+    def is_loopback(self) -> bool:
+        return self.host in LOOPBACK_HOSTS or self.host.startswith("127.")

@@ -1,0 +1,129 @@
+"""The hub process: one nursery tree owning the store, the actors and the server.
+
+    serve()
+      ├─ writer        (commits batches, acks, feeds the broadcaster)
+      ├─ retention     (with --retention-days)
+      ├─ signals       (SIGTERM/SIGINT start a graceful shutdown)
+      └─ http          (hypercorn: REST + one Connection per WebSocket)
+
+Shutdown: connections stop reading, wait for their writes to commit, send the
+acks, close with 1001; hypercorn returns; the writer's inbox is closed and the
+writer drains it; the store is closed last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import signal
+import sys
+from collections.abc import AsyncIterator
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from hub.app import create_app
+from hub.config import HubConfig
+from hub.retention import run_retention
+from hub.state import Hub
+from hub.store import open_store_from_url
+from hub.store.base import Store, StoreUnavailable
+from hub.writer import Writer, WriteRequest
+from keruta.backoff import Backoff
+
+log = logging.getLogger("keruta.hub")
+
+
+@contextlib.asynccontextmanager
+async def _event_loop_for(url: str) -> AsyncIterator[None]:
+    """PostgreSQL goes through asyncpg, which needs one asyncio loop for the hub's life."""
+    if url.startswith(("postgresql://", "postgres://")):
+        import trio_asyncio
+
+        async with trio_asyncio.open_loop():
+            yield
+    else:
+        yield
+
+
+async def _open_store(store: Store) -> None:
+    backoff = Backoff(initial=0.5, cap=10.0)
+    attempt = 0
+    while True:
+        try:
+            await store.open()
+            return
+        except StoreUnavailable as exc:
+            wait = backoff.delay(attempt, random.random())
+            log.warning("store %s unavailable (%s); retrying in %.1fs", store.url, exc, wait)
+            attempt += 1
+            await trio.sleep(wait)
+
+
+def _hypercorn_config(config: HubConfig) -> HypercornConfig:
+    hc = HypercornConfig()
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    hc.bind = [f"{host}:{config.port}"]
+    # Frames up to twice the limit reach us and get a TOO_LARGE error frame;
+    # beyond that hypercorn closes the connection (1009) without reading them.
+    hc.websocket_max_message_size = 2 * config.limits.max_frame_bytes
+    # Pings let hypercorn notice a peer that vanished without a close.
+    hc.websocket_ping_interval = config.ping_interval
+    hc.graceful_timeout = config.shutdown_timeout + 2
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("hypercorn.error")
+    return hc
+
+
+async def serve(config: HubConfig, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+    store = open_store_from_url(config.db)
+    async with _event_loop_for(config.db):
+        await _open_store(store)
+        try:
+            await _serve_with(store, config, task_status)
+        finally:
+            with trio.CancelScope(shield=True):
+                await store.close()
+
+
+async def _serve_with(store: Store, config: HubConfig, task_status: trio.TaskStatus[list[str]]) -> None:
+    inbox_send, inbox_recv = trio.open_memory_channel[WriteRequest](config.writer_inbox)
+    hub = Hub(config=config, store=store, writer_inbox=inbox_send)
+    writer = Writer(
+        store, hub.broadcaster, hub.metrics,
+        batch_size=config.write_batch_size, flush_interval=config.write_flush_interval,
+    )
+    hub.writer = writer
+    app = create_app(hub)
+    async with trio.open_nursery() as services:
+        if config.retention_days:
+            services.start_soon(run_retention, store, config.retention_days, config.retention_interval)
+        services.start_soon(_watch_signals, hub)
+        async with trio.open_nursery() as core:
+            core.start_soon(writer.run, inbox_recv)
+
+            async def http(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+                with inbox_send:
+                    await hypercorn_serve(
+                        app, _hypercorn_config(config),  # type: ignore[arg-type]
+                        shutdown_trigger=hub.shutting_down.wait, task_status=task_status,
+                    )
+                # No connection is left; the writer drains its inbox, within a deadline.
+                core.cancel_scope.deadline = trio.current_time() + config.shutdown_timeout
+
+            binds = await core.start(http)
+            for bind in binds:
+                print(f"keruta-hub: listening on {bind}", file=sys.stderr, flush=True)
+            task_status.started(binds)
+        services.cancel_scope.cancel()
+
+
+async def _watch_signals(hub: Hub) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.warning("received %s: shutting down", signal.Signals(signum).name)
+            print(f"keruta-hub: {signal.Signals(signum).name}, shutting down", file=sys.stderr, flush=True)
+            hub.shutting_down.set()
+            return

@@ -1,0 +1,23 @@
+"""Stores behind one interface: SQLite (embedded default) and PostgreSQL."""
+
+from __future__ import annotations
+
+from hub.store.base import AppendResult, Incoming, LogQuery, LogStats, Page, Store
+
+
+def open_store_from_url(url: str) -> Store:
+    """Build (not yet open) the store a `--db` URL names."""
+    if url.startswith("sqlite://"):
+        from hub.store.sqlite import SQLiteStore
+
+        return SQLiteStore.from_url(url)
+    if url.startswith(("postgresql://", "postgres://")):
+        from hub.store.postgres import PostgresStore
+
+        return PostgresStore.from_url(url)
+    raise ValueError(
+        f"unsupported --db URL {url!r}: use sqlite:///PATH or postgresql://USER@HOST:PORT/DB"
+    )
+
+
+__all__ = ["AppendResult", "Incoming", "LogQuery", "LogStats", "Page", "Store", "open_store_from_url"]

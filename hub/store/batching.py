@@ -1,0 +1,140 @@
+"""What both stores do to a batch besides I/O: seqs, de-duplication, tallies.
+
+Plain functions over plain data, so the SQLite and PostgreSQL stores agree on
+every rule and tests can drive the rules without a database.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import TypeVar
+
+import attrs
+import orjson
+
+from hub.store.base import Incoming, record_id
+from keruta.records import LogRecord
+
+T = TypeVar("T")
+
+# Far above any seq a producer will reach; "up to the end" for range reads.
+SEQ_MAX = 2**62
+
+
+@attrs.define
+class TaskProgress:
+    """A task's row as the running append transaction sees it, plus what the
+    batch adds to it."""
+
+    max_seq: int  # highest seq ever stored (kept through deletes)
+    durable_seq: int
+    exists: bool = True
+    batch_max: int = 0
+    seen: set[int] = attrs.field(factory=set)
+    # Over the rows this batch actually inserts:
+    count: int = 0
+    first_ts: str | None = None
+    last_ts: str | None = None
+    inserted_max: int = 0
+    touches_durable: bool = False  # inserted durable_seq + 1, so the watermark may move
+    counts: dict[tuple[str, str], int] = attrs.field(factory=lambda: defaultdict(int))
+
+
+@attrs.define
+class Plan:
+    records: list[LogRecord]  # one per item, in input order
+    fresh: list[LogRecord]  # the first of each key in the batch
+    maybe_stored: list[LogRecord]  # fresh records whose seq may already be stored
+
+
+def plan_batch(items: Sequence[Incoming], progress: dict[str, TaskProgress]) -> Plan:
+    """Give every item its seq and id, and find which could be new.
+
+    `progress` holds every task of the batch. A `None` seq gets one more than
+    the highest seq stored or seen earlier in the batch. Raises InvalidField
+    for a record that breaks the contract.
+    """
+    records: list[LogRecord] = []
+    fresh: list[LogRecord] = []
+    maybe_stored: list[LogRecord] = []
+    for item in items:
+        task = progress[item.task_id]
+        seq = item.seq
+        if seq is None:
+            seq = max(task.max_seq, task.batch_max) + 1
+        record = LogRecord(
+            task_id=item.task_id,
+            seq=seq,
+            timestamp=item.timestamp,
+            source=item.source,
+            level=item.level,
+            message=item.message,
+            line_number=item.line_number,
+            metadata=item.metadata,
+            partial=item.partial,
+            id=record_id(item.task_id, seq),
+        )
+        records.append(record)
+        task.batch_max = max(task.batch_max, seq)
+        if seq in task.seen:
+            continue
+        task.seen.add(seq)
+        fresh.append(record)
+        if seq <= task.max_seq:
+            maybe_stored.append(record)
+    return Plan(records=records, fresh=fresh, maybe_stored=maybe_stored)
+
+
+def tally(inserted: Iterable[LogRecord], progress: dict[str, TaskProgress]) -> None:
+    for r in inserted:
+        task = progress[r.task_id]
+        task.count += 1
+        task.counts[(r.source, r.level)] += 1
+        if task.first_ts is None or r.timestamp < task.first_ts:
+            task.first_ts = r.timestamp
+        if task.last_ts is None or r.timestamp > task.last_ts:
+            task.last_ts = r.timestamp
+        if r.seq > task.inserted_max:
+            task.inserted_max = r.seq
+        if r.seq == task.durable_seq + 1:
+            task.touches_durable = True
+
+
+def advance(durable: int, seqs: Iterable[int]) -> tuple[int, bool]:
+    """Step `durable` through ascending `seqs` while they follow on; return the
+    new value and whether the run went on to the end of `seqs`."""
+    for seq in seqs:
+        if seq != durable + 1:
+            return durable, False
+        durable = seq
+    return durable, True
+
+
+def metadata_json(metadata: dict) -> str | None:
+    return orjson.dumps(metadata).decode() if metadata else None
+
+
+def metadata_from_json(text: str | None) -> dict:
+    return orjson.loads(text) if text else {}
+
+
+async def iter_by_range(
+    read_range: Callable[[str, int, int, int], Awaitable[list[LogRecord]]],
+    task_id: str,
+    chunk: int,
+) -> AsyncIterator[list[LogRecord]]:
+    after = 0
+    while True:
+        records = await read_range(task_id, after, SEQ_MAX, chunk)
+        if not records:
+            return
+        yield records
+        if len(records) < chunk:
+            return
+        after = records[-1].seq
+
+
+def chunks(values: Sequence[T], size: int) -> Iterable[Sequence[T]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]

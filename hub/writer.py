@@ -1,0 +1,176 @@
+"""The writer actor: commits ingested records in batches, then acknowledges.
+
+Everything that changes the store on behalf of a producer passes through one
+inbox, so a task's `status` is applied after the records sent before it, and
+an acknowledgement is only ever sent from here, after the commit returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+
+import attrs
+import trio
+
+from hub.broadcaster import Broadcaster
+from hub.metrics import Metrics
+from hub.store.base import Incoming, Store, StoreUnavailable
+from keruta.backoff import Backoff
+from keruta.records import LogRecord, TaskInfo
+
+log = logging.getLogger("keruta.hub.writer")
+
+
+@attrs.frozen
+class StatusChange:
+    task_id: str
+    state: str
+    exit_code: int | None
+
+
+@attrs.frozen
+class WriteOutcome:
+    records: list[LogRecord] = attrs.field(factory=list)
+    durable: dict[str, int] = attrs.field(factory=dict)
+    task: TaskInfo | None = None
+    error: Exception | None = None
+
+
+@attrs.define(eq=False)
+class WriteRequest:
+    """Records or a status change, and whom to tell once it is committed.
+
+    `done` is called synchronously from the writer task; it must not block.
+    """
+
+    done: Callable[[WriteOutcome], None]
+    items: Sequence[Incoming] = ()
+    status: StatusChange | None = None
+
+
+class Writer:
+    def __init__(
+        self,
+        store: Store,
+        broadcaster: Broadcaster,
+        metrics: Metrics,
+        *,
+        batch_size: int = 2000,
+        flush_interval: float = 0.0,
+        retry: Backoff = Backoff(initial=0.2, cap=5.0),
+    ) -> None:
+        self.store = store
+        self.broadcaster = broadcaster
+        self.metrics = metrics
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.retry = retry
+        self.available = trio.Event()
+        self.available.set()
+
+    async def run(self, inbox: trio.MemoryReceiveChannel[WriteRequest]) -> None:
+        """Serve until the inbox is closed and drained."""
+        async for first in inbox:
+            if first.status is not None:
+                await self._apply_status(first)
+                continue
+            batch, status = await self._gather(inbox, first)
+            await self._commit(batch)
+            if status is not None:
+                await self._apply_status(status)
+
+    async def _gather(
+        self, inbox: trio.MemoryReceiveChannel[WriteRequest], first: WriteRequest
+    ) -> tuple[list[WriteRequest], WriteRequest | None]:
+        """Group requests for one transaction: what is waiting now (group commit),
+        up to batch_size records, and for up to flush_interval when it is set.
+
+        A status request ends the batch; it is returned to be applied after it.
+        """
+        batch = [first]
+        count = len(first.items)
+        deadline = trio.current_time() + self.flush_interval
+        while count < self.batch_size:
+            nxt = self._receive_now(inbox)
+            if nxt is None and self.flush_interval > 0:
+                with trio.move_on_at(deadline):
+                    try:
+                        nxt = await inbox.receive()
+                    except trio.EndOfChannel:
+                        pass
+            if nxt is None:
+                break
+            if nxt.status is not None:
+                return batch, nxt
+            batch.append(nxt)
+            count += len(nxt.items)
+        return batch, None
+
+    @staticmethod
+    def _receive_now(inbox: trio.MemoryReceiveChannel[WriteRequest]) -> WriteRequest | None:
+        try:
+            return inbox.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return None
+
+    async def _with_retry(self, what: str, operation: Callable[[], object]) -> object:
+        """Run a store operation, retrying while the store is unavailable.
+
+        The batch is held meanwhile: acks pause, the inbox fills and producers
+        slow down, and nothing is lost.
+        """
+        attempt = 0
+        while True:
+            try:
+                return await operation()  # type: ignore[misc]
+            except StoreUnavailable as exc:
+                self.metrics.store_failures += 1
+                self.available = trio.Event() if self.available.is_set() else self.available
+                wait = self.retry.delay(attempt, random.random())
+                log.warning("store unavailable during %s (%s); retrying in %.1fs", what, exc, wait)
+                attempt += 1
+                await trio.sleep(wait)
+            else:
+                if not self.available.is_set():
+                    log.warning("store is back")
+                    self.available.set()
+
+    async def _commit(self, batch: list[WriteRequest]) -> None:
+        items = [item for req in batch for item in req.items]
+        started = trio.current_time()
+        try:
+            result = await self._with_retry("append", lambda: self.store.append(items))
+        except Exception as exc:
+            log.exception("append of %d records failed", len(items))
+            self.metrics.error("STORE_ERROR")
+            for req in batch:
+                req.done(WriteOutcome(error=exc))
+            return
+        self.metrics.write_batch.observe(trio.current_time() - started)
+        self.metrics.records_ingested += len(result.inserted)  # type: ignore[attr-defined]
+        self.metrics.records_duplicate += len(items) - len(result.inserted)  # type: ignore[attr-defined]
+        offset = 0
+        for req in batch:
+            mine = result.records[offset : offset + len(req.items)]  # type: ignore[attr-defined]
+            offset += len(req.items)
+            durable = {t: result.durable[t] for t in {r.task_id for r in mine}}  # type: ignore[attr-defined]
+            req.done(WriteOutcome(records=mine, durable=durable))
+        self.broadcaster.publish_records(result.inserted, result.durable)  # type: ignore[attr-defined]
+
+    async def _apply_status(self, req: WriteRequest) -> None:
+        change = req.status
+        assert change is not None
+        try:
+            task = await self._with_retry(
+                "set_state",
+                lambda: self.store.set_state(change.task_id, change.state, change.exit_code),
+            )
+        except Exception as exc:
+            log.exception("status change of %s failed", change.task_id)
+            self.metrics.error("STORE_ERROR")
+            req.done(WriteOutcome(error=exc))
+            return
+        req.done(WriteOutcome(task=task))  # type: ignore[arg-type]
+        self.broadcaster.publish_status(task)  # type: ignore[arg-type]

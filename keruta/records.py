@@ -1,0 +1,106 @@
+"""A record is one line of output; `(task_id, seq)` is its identity everywhere."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import attrs
+
+from keruta.levels import LEVELS
+
+SOURCES = ("stdout", "stderr", "agent")
+TASK_STATES = ("pending", "running", "succeeded", "failed")
+TASK_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class InvalidField(ValueError):
+    """A value broke the contract; `field` is its wire (camelCase) name."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.reason = message
+
+
+def valid_task_id(value: object) -> bool:
+    return isinstance(value, str) and TASK_ID_RE.fullmatch(value) is not None
+
+
+def _task_id(_inst: object, _attr: attrs.Attribute, value: object) -> None:
+    if not valid_task_id(value):
+        raise InvalidField("taskId", "must be 1-128 characters of [A-Za-z0-9._:-]")
+
+
+def _seq(_inst: object, attr: attrs.Attribute, value: object) -> None:
+    if type(value) is not int or value < 1:
+        # `seq` or `fromSeq`: name the wire field that was wrong
+        wire_name = re.sub(r"_([a-z])", lambda m: m.group(1).upper(), attr.name)
+        raise InvalidField(wire_name, "must be an integer >= 1")
+
+
+def _optional_seq(inst: object, attr: attrs.Attribute, value: object) -> None:
+    if value is not None:
+        _seq(inst, attr, value)
+
+
+def _source(_inst: object, _attr: attrs.Attribute, value: object) -> None:
+    if value not in SOURCES:
+        raise InvalidField("source", f"must be one of {', '.join(SOURCES)}")
+
+
+def _level(_inst: object, _attr: attrs.Attribute, value: object) -> None:
+    if value not in LEVELS:
+        raise InvalidField("level", f"must be one of {', '.join(LEVELS)}")
+
+
+def _line_number(_inst: object, _attr: attrs.Attribute, value: object) -> None:
+    if value is not None and (type(value) is not int or value < 0):
+        raise InvalidField("lineNumber", "must be an integer >= 0")
+
+
+@attrs.frozen(slots=True)
+class LogRecord:
+    """One line. `id` is assigned by the hub; producers leave it None."""
+
+    task_id: str = attrs.field(validator=_task_id)
+    seq: int = attrs.field(validator=_seq)
+    timestamp: str
+    source: str = attrs.field(validator=_source)
+    level: str = attrs.field(validator=_level)
+    message: str
+    line_number: int | None = attrs.field(default=None, validator=_line_number)
+    metadata: dict[str, Any] = attrs.field(factory=dict)
+    partial: bool = False
+    id: str | None = None
+
+
+@attrs.frozen(slots=True)
+class LogRequest:
+    """A REST POST body item: the hub fills in what the producer left out."""
+
+    message: str
+    source: str = attrs.field(default="stdout", validator=_source)
+    level: str | None = attrs.field(default=None)
+    line_number: int | None = attrs.field(default=None, validator=_line_number)
+    metadata: dict[str, Any] = attrs.field(factory=dict)
+    seq: int | None = attrs.field(default=None, validator=_optional_seq)
+    timestamp: str | None = None
+    partial: bool = False
+
+    @level.validator
+    def _check_level(self, attr: attrs.Attribute, value: object) -> None:
+        if value is not None:
+            _level(self, attr, value)
+
+
+@attrs.frozen(slots=True)
+class TaskInfo:
+    task_id: str
+    state: str
+    exit_code: int | None = None
+    first_timestamp: str | None = None
+    last_timestamp: str | None = None
+    total_logs: int = 0
+    durable_seq: int = 0
+    updated_at: str | None = None

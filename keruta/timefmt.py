@@ -1,0 +1,35 @@
+"""RFC 3339 timestamps in one canonical form, so string order is time order."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+UTC = dt.UTC
+
+
+def format_ts(moment: dt.datetime) -> str:
+    """`2026-11-28T14:09:55.123456Z`: UTC, always six fractional digits."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def now_ts() -> str:
+    return format_ts(dt.datetime.now(UTC))
+
+
+def parse_ts(text: str) -> dt.datetime:
+    """Parse an RFC 3339 timestamp; a value without offset is taken as UTC.
+
+    Raises ValueError for anything that is not a timestamp.
+    """
+    if not isinstance(text, str) or not 10 <= len(text) <= 40:
+        raise ValueError("not an RFC 3339 timestamp")
+    moment = dt.datetime.fromisoformat(text.strip())
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
+def canonical_ts(text: str) -> str:
+    return format_ts(parse_ts(text))

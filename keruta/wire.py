@@ -1,0 +1,332 @@
+"""WebSocket frames and the one JSON converter for the wire (camelCase).
+
+Every inbound frame goes through `decode_client_frame`, which either returns a
+typed frame or raises `FrameError` whose message names the offending field.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar
+
+import attrs
+import cattrs
+import orjson
+from cattrs.errors import AttributeValidationNote, IterableValidationNote
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
+
+from keruta.limits import DEFAULT_LIMITS, Limits
+from keruta.records import (
+    TASK_STATES,
+    InvalidField,
+    LogRecord,
+    LogRequest,
+    TaskInfo,
+    _optional_seq,
+    _task_id,
+)
+
+
+class FrameError(ValueError):
+    """An inbound frame was refused; `code` is the wire error code."""
+
+    def __init__(self, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+
+
+def _state(_inst: object, _attr: attrs.Attribute, value: object) -> None:
+    if value not in TASK_STATES:
+        raise InvalidField("state", f"must be one of {', '.join(TASK_STATES)}")
+
+
+def _exit_code(_inst: object, _attr: attrs.Attribute, value: object) -> None:
+    if value is not None and type(value) is not int:
+        raise InvalidField("exitCode", "must be an integer")
+
+
+# --- frames a client sends -------------------------------------------------
+
+
+@attrs.frozen
+class LogFrame:
+    TYPE: ClassVar[str] = "log"
+    record: LogRecord
+
+
+@attrs.frozen
+class LogsFrame:
+    """A batch of records; the agent's normal frame and the hub's live frame."""
+
+    TYPE: ClassVar[str] = "logs"
+    task_id: str = attrs.field(validator=_task_id)
+    records: list[LogRecord]
+
+
+@attrs.frozen
+class StatusFrame:
+    TYPE: ClassVar[str] = "status"
+    task_id: str = attrs.field(validator=_task_id)
+    state: str = attrs.field(validator=_state)
+    exit_code: int | None = attrs.field(default=None, validator=_exit_code)
+
+
+@attrs.frozen
+class SubscribeFrame:
+    TYPE: ClassVar[str] = "subscribe"
+    task_id: str = attrs.field(validator=_task_id)
+    from_seq: int | None = attrs.field(default=None, validator=_optional_seq)
+    source: str | None = None
+    level: str | None = None
+
+
+@attrs.frozen
+class UnsubscribeFrame:
+    TYPE: ClassVar[str] = "unsubscribe"
+    task_id: str = attrs.field(validator=_task_id)
+
+
+@attrs.frozen
+class PingFrame:
+    TYPE: ClassVar[str] = "ping"
+
+
+# --- frames the hub sends --------------------------------------------------
+
+
+@attrs.frozen
+class SubscribedFrame:
+    TYPE: ClassVar[str] = "subscribed"
+    task_id: str
+    timestamp: str
+
+
+@attrs.frozen
+class AckFrame:
+    TYPE: ClassVar[str] = "ack"
+    task_id: str
+    seq: int
+
+
+@attrs.frozen
+class PongFrame:
+    TYPE: ClassVar[str] = "pong"
+
+
+@attrs.frozen
+class ErrorFrame:
+    TYPE: ClassVar[str] = "error"
+    code: str
+    message: str
+    resume_from: int | None = None
+
+
+ClientFrame = LogFrame | LogsFrame | StatusFrame | SubscribeFrame | UnsubscribeFrame | PingFrame
+HubFrame = SubscribedFrame | LogsFrame | AckFrame | StatusFrame | PongFrame | ErrorFrame
+CLIENT_FRAMES: dict[str, type] = {
+    c.TYPE: c
+    for c in (LogFrame, LogsFrame, StatusFrame, SubscribeFrame, UnsubscribeFrame, PingFrame)
+}
+HUB_FRAMES: dict[str, type] = {
+    c.TYPE: c
+    for c in (SubscribedFrame, LogsFrame, AckFrame, StatusFrame, PongFrame, ErrorFrame)
+}
+
+# --- the converter ----------------------------------------------------------
+
+_CAMEL = re.compile(r"_([a-z])")
+
+
+def camel(name: str) -> str:
+    return _CAMEL.sub(lambda m: m.group(1).upper(), name)
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=False, omit_if_default=False)
+
+    def strict(kind: type) -> Any:
+        def check(value: Any, _t: Any) -> Any:
+            if type(value) is not kind:
+                raise TypeError(f"expected {kind.__name__}")
+            return value
+
+        return check
+
+    # JSON gives us exact types; refuse "1" for an int and 1 for a string.
+    conv.register_structure_hook(str, strict(str))
+    conv.register_structure_hook(int, strict(int))
+    conv.register_structure_hook(bool, strict(bool))
+
+    def struct_dict(value: Any, _t: Any) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise TypeError("expected object")
+        return value
+
+    conv.register_structure_hook_func(
+        lambda t: t == dict[str, Any], struct_dict
+    )
+
+    omit_none = {"partial", "id", "line_number", "exit_code", "from_seq", "source", "level", "resume_from"}
+    for cls in (LogRecord, LogRequest, TaskInfo, *CLIENT_FRAMES.values(), *HUB_FRAMES.values()):
+        if cls is LogFrame:
+            continue
+        overrides = {}
+        for a in attrs.fields(cls):
+            overrides[a.name] = override(
+                rename=camel(a.name),
+                omit_if_default=(a.name in omit_none and cls is not TaskInfo),
+            )
+        conv.register_unstructure_hook(
+            cls, make_dict_unstructure_fn(cls, conv, **overrides)
+        )
+        conv.register_structure_hook(
+            cls, make_dict_structure_fn(cls, conv, _cattrs_detailed_validation=True, **overrides)
+        )
+    return conv
+
+
+converter = _make_converter()
+
+
+def _field_of(exc: BaseException) -> tuple[str | None, str]:
+    """Find the first wire field path and reason inside a cattrs error tree."""
+    if isinstance(exc, InvalidField):
+        return exc.field, exc.reason
+    if isinstance(exc, KeyError):
+        return None, "is required"
+    if isinstance(exc, BaseExceptionGroup):
+        sub = exc.exceptions[0]
+        field, reason = _field_of(sub)
+        for note in getattr(sub, "__notes__", ()):
+            if isinstance(note, IterableValidationNote):
+                step = f"[{note.index}]"
+            elif isinstance(note, AttributeValidationNote):
+                step = camel(str(note.name))
+            else:
+                continue
+            if field is None:
+                return step, reason
+            return (f"{step}{field}" if field.startswith("[") else f"{step}.{field}"), reason
+        return field, reason
+    if isinstance(exc, TypeError) and exc.args and str(exc.args[0]).startswith("expected"):
+        return None, str(exc.args[0])
+    return None, str(exc)
+
+
+def structure(data: Any, cls: type, what: str | None = None) -> Any:
+    """Structure `data` as `cls` or raise FrameError naming the field."""
+    try:
+        return converter.structure(data, cls)
+    except Exception as exc:  # cattrs raises a tree of many kinds
+        field, reason = _field_of(exc)
+        where = f"{what}.{field}" if what and field else (field or what or "frame")
+        raise FrameError("INVALID_MESSAGE_FORMAT", f"invalid field '{where}': {reason}", where) from None
+
+
+def loads(text: str | bytes) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise FrameError("INVALID_MESSAGE_FORMAT", f"not valid JSON: {exc}") from None
+
+
+def dumps(frame: Any) -> str:
+    return encode_bytes(frame).decode()
+
+
+def encode_bytes(frame: Any) -> bytes:
+    body = converter.unstructure(frame)
+    if isinstance(frame, LogFrame):
+        body = converter.unstructure(frame.record)
+    tag = getattr(type(frame), "TYPE", None)
+    if tag is not None:
+        body = {"type": tag, **body}
+    return orjson.dumps(body)
+
+
+def check_record_limits(record: LogRecord, limits: Limits, where: str) -> None:
+    # A character is 1-4 UTF-8 bytes: encode only when the length alone can't tell.
+    chars = len(record.message)
+    if chars > limits.max_line_bytes or (
+        chars * 4 > limits.max_line_bytes
+        and len(record.message.encode("utf-8", "surrogatepass")) > limits.max_line_bytes
+    ):
+        raise FrameError(
+            "TOO_LARGE",
+            f"{where}.message is longer than {limits.max_line_bytes} bytes; split it into partial records",
+            f"{where}.message",
+        )
+    if record.metadata and len(orjson.dumps(record.metadata)) > limits.max_metadata_bytes:
+        raise FrameError(
+            "TOO_LARGE",
+            f"{where}.metadata is larger than {limits.max_metadata_bytes} bytes",
+            f"{where}.metadata",
+        )
+
+
+def decode_client_frame(text: str | bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
+    """Parse and validate one inbound frame."""
+    size = len(text) if isinstance(text, bytes) else len(text.encode("utf-8", "surrogatepass"))
+    if size > limits.max_frame_bytes:
+        raise FrameError("TOO_LARGE", f"frame is larger than {limits.max_frame_bytes} bytes")
+    data = loads(text)
+    if not isinstance(data, dict):
+        raise FrameError("INVALID_MESSAGE_FORMAT", "a frame must be a JSON object", "type")
+    kind = data.get("type")
+    cls = CLIENT_FRAMES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise FrameError(
+            "INVALID_MESSAGE_FORMAT",
+            f"invalid field 'type': unknown frame type {kind!r}; expected one of "
+            + ", ".join(CLIENT_FRAMES),
+            "type",
+        )
+    if cls is LogFrame:
+        record = structure(data, LogRecord)
+        check_record_limits(record, limits, "record")
+        return LogFrame(record)
+    if cls is LogsFrame:
+        records = data.get("records")
+        if "records" in data and not isinstance(records, list):
+            # cattrs would iterate a string or an object and report a confusing field
+            raise FrameError(
+                "INVALID_MESSAGE_FORMAT", "invalid field 'records': expected array", "records"
+            )
+        if isinstance(records, list) and len(records) > limits.max_records_per_batch:
+            raise FrameError(
+                "TOO_LARGE",
+                f"records holds {len(records)} records; at most {limits.max_records_per_batch}",
+                "records",
+            )
+    frame = structure(data, cls)
+    if isinstance(frame, LogsFrame):
+        for i, rec in enumerate(frame.records):
+            if rec.task_id != frame.task_id:
+                raise FrameError(
+                    "INVALID_MESSAGE_FORMAT",
+                    f"invalid field 'records[{i}].taskId': differs from the frame's taskId",
+                    f"records[{i}].taskId",
+                )
+            check_record_limits(rec, limits, f"records[{i}]")
+    return frame
+
+
+def decode_hub_frame(text: str | bytes) -> Any:
+    """Parse a frame from the hub (for clients: agent, tail, tests)."""
+    data = loads(text)
+    if not isinstance(data, dict):
+        raise FrameError("INVALID_MESSAGE_FORMAT", "a frame must be a JSON object", "type")
+    cls = HUB_FRAMES.get(data.get("type"))  # type: ignore[arg-type]
+    if cls is None:
+        raise FrameError("INVALID_MESSAGE_FORMAT", f"unknown frame type {data.get('type')!r}", "type")
+    return structure(data, cls)
+
+
+def record_to_wire(record: LogRecord) -> dict[str, Any]:
+    return converter.unstructure(record)
+
+
+def records_from_wire(data: Any) -> list[LogRecord]:
+    return structure(data, list[LogRecord])

@@ -1,0 +1,338 @@
+"""Clients and fixtures for integration tests against a real hub process.
+
+Everything here talks to a real `python -m hub` child over real sockets and
+reads its real SQLite file; nothing is mocked. Import the fixtures into a test
+module with `hub, hub_factory = hubclient.hub, hubclient.hub_factory`.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import sqlite3
+import urllib.parse
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    open_websocket_url,
+    wrap_client_stream,
+)
+
+from keruta.records import LogRecord
+from keruta.timefmt import now_ts
+from keruta.wire import LogsFrame, decode_hub_frame, encode_bytes
+from tests.support import HubProcess, sqlite_url
+
+# The canonical wire form of a timestamp: UTC, six fractional digits, `Z`.
+CANONICAL_TS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
+# Replay frames can be large; trio-websocket's 1 MiB default would cut us off.
+MAX_WS_MESSAGE = 64 * 1024 * 1024
+# Hang guard for waits on the hub: not a performance assertion, only a way to
+# turn "the hub never answered" into a failure instead of a stuck suite.
+PATIENCE = 60.0
+
+
+class SqliteHub(HubProcess):
+    """A hub child on its own SQLite file, with async helpers for trio tests."""
+
+    def __init__(self, db_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        super().__init__(sqlite_url(db_path), *args, env=env)
+        self.db_path = db_path
+
+    async def astart(self) -> SqliteHub:
+        # Starting blocks until the child prints its address: keep it off the trio loop.
+        return await trio.to_thread.run_sync(self.start)
+
+    async def arestart(self) -> SqliteHub:
+        return await trio.to_thread.run_sync(self.restart)
+
+    async def aterminate(self, timeout: float = 30.0) -> int:
+        return await trio.to_thread.run_sync(lambda: self.terminate(timeout))
+
+    def http(self, token: str | None = None, **kwargs: Any) -> httpx.AsyncClient:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=30.0, **kwargs)
+
+    def ws(self, token: str | None = None, query_token: str | None = None, **kwargs: Any) -> Any:
+        url = self.ws_url
+        if query_token is not None:
+            url += "?" + urllib.parse.urlencode({"token": query_token})
+        return ws_connect(url, token=token, **kwargs)
+
+    @property
+    def stderr_text(self) -> str:
+        return "".join(self.output)
+
+
+class HubFactory:
+    """Starts hubs on fresh SQLite files under tmp_path; stops them all at teardown."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.hubs: list[SqliteHub] = []
+
+    def make(self, *args: str, db_path: Path | None = None, env: dict[str, str] | None = None) -> SqliteHub:
+        path = db_path or self.tmp_path / f"keruta-{len(self.hubs)}.db"
+        hub = SqliteHub(path, *args, env=env)
+        self.hubs.append(hub)
+        return hub
+
+    def start(self, *args: str, db_path: Path | None = None, env: dict[str, str] | None = None) -> SqliteHub:
+        return self.make(*args, db_path=db_path, env=env).start()
+
+    async def astart(self, *args: str, db_path: Path | None = None, env: dict[str, str] | None = None) -> SqliteHub:
+        return await self.make(*args, db_path=db_path, env=env).astart()
+
+    def close(self) -> None:
+        for hub in self.hubs:
+            hub.stop()
+            # Shown by pytest only when the test failed: the hub's own account.
+            print(f"--- hub on {hub.db_path} stderr ---\n{hub.stderr_text}")
+
+
+@pytest.fixture
+def hub_factory(tmp_path: Path) -> Iterator[HubFactory]:
+    factory = HubFactory(tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture
+def hub(hub_factory: HubFactory) -> SqliteHub:
+    """A hub on a fresh SQLite file, default settings, no tokens."""
+    return hub_factory.start()
+
+
+# --- records and frames ------------------------------------------------------
+
+
+def make_record(
+    task_id: str,
+    seq: int,
+    message: str | None = None,
+    *,
+    source: str = "stdout",
+    level: str = "INFO",
+    timestamp: str | None = None,
+    line_number: int | None = None,
+    metadata: dict[str, Any] | None = None,
+    partial: bool = False,
+) -> LogRecord:
+    return LogRecord(
+        task_id=task_id,
+        seq=seq,
+        timestamp=timestamp or now_ts(),
+        source=source,
+        level=level,
+        message=f"line {seq}" if message is None else message,
+        line_number=seq if line_number is None else line_number,
+        metadata=metadata or {},
+        partial=partial,
+    )
+
+
+def logs_frame(task_id: str, records: Iterable[LogRecord]) -> str:
+    return encode_bytes(LogsFrame(task_id, list(records))).decode()
+
+
+def batch_frames(task_id: str, first: int, last: int, batch: int, **kw: Any) -> Iterator[str]:
+    """`logs` frames carrying seq first..last, `batch` records each."""
+    for start in range(first, last + 1, batch):
+        stop = min(start + batch - 1, last)
+        yield logs_frame(task_id, (make_record(task_id, s, **kw) for s in range(start, stop + 1)))
+
+
+# --- WebSocket --------------------------------------------------------------
+
+
+class HubError(AssertionError):
+    """The hub sent an `error` frame where the test expected none."""
+
+
+class Ws:
+    """A WebSocket client that speaks the contract's JSON frames."""
+
+    def __init__(self, conn: WebSocketConnection) -> None:
+        self.conn = conn
+        self.acked: dict[str, int] = {}
+
+    async def send(self, frame: Any) -> None:
+        if isinstance(frame, str):
+            text = frame
+        elif isinstance(frame, dict | list):
+            text = orjson.dumps(frame).decode()
+        else:
+            text = encode_bytes(frame).decode()
+        await self.conn.send_message(text)
+
+    async def recv(self) -> dict[str, Any]:
+        """The next frame, checked against the contract's hub frames."""
+        message = await self.conn.get_message()
+        assert isinstance(message, str), f"hub sent a binary frame: {message[:200]!r}"
+        data = orjson.loads(message)
+        decode_hub_frame(message)  # raises if the frame breaks the contract
+        if data["type"] == "ack":
+            previous = self.acked.get(data["taskId"], 0)
+            self.acked[data["taskId"]] = max(previous, data["seq"])
+        return data
+
+    async def recv_type(self, kind: str, skip: tuple[str, ...] = ("ack",)) -> dict[str, Any]:
+        """The next frame of `kind`, skipping only frames whose type is in `skip`."""
+        while True:
+            frame = await self.recv()
+            if frame["type"] == kind:
+                return frame
+            if frame["type"] not in skip:
+                raise HubError(f"expected a {kind!r} frame, got {frame}")
+
+    async def wait_ack(self, task_id: str, seq: int) -> None:
+        """Read until an ack for task_id covers seq; any `error` frame fails."""
+        while self.acked.get(task_id, 0) < seq:
+            frame = await self.recv()
+            if frame["type"] == "error":
+                raise HubError(f"error frame while waiting for ack {seq}: {frame}")
+
+    async def subscribe(self, task_id: str, from_seq: int | None = None, **filters: str) -> dict[str, Any]:
+        frame: dict[str, Any] = {"type": "subscribe", "taskId": task_id}
+        if from_seq is not None:
+            frame["fromSeq"] = from_seq
+        frame.update(filters)
+        await self.send(frame)
+        return await self.recv_type("subscribed")
+
+    async def collect(self, task_id: str, last_seq: int) -> list[int]:
+        """Seqs from `logs` frames until last_seq arrives; `status`/`ack` ignored."""
+        seqs: list[int] = []
+        while not seqs or seqs[-1] < last_seq:
+            frame = await self.recv()
+            if frame["type"] == "logs":
+                assert frame["taskId"] == task_id
+                seqs.extend(r["seq"] for r in frame["records"])
+            elif frame["type"] == "error":
+                raise HubError(f"subscriber got an error frame after {len(seqs)} records: {frame}")
+        return seqs
+
+
+@asynccontextmanager
+async def ws_connect(url: str, token: str | None = None, **kwargs: Any) -> AsyncIterator[Ws]:
+    headers = [(b"Authorization", f"Bearer {token}".encode())] if token else None
+    kwargs.setdefault("max_message_size", MAX_WS_MESSAGE)
+    kwargs.setdefault("receive_buffer_size", 64 * 1024)
+    async with open_websocket_url(url, extra_headers=headers, **kwargs) as conn:
+        yield Ws(conn)
+
+
+@asynccontextmanager
+async def open_stalled_ws(url: str) -> AsyncIterator[Ws]:
+    """A client whose socket holds almost nothing, so not reading stalls the hub's sends.
+
+    trio-websocket reads in the background; with a one-message queue and a tiny
+    kernel receive buffer, a client that stops calling recv() stops the flow
+    after a few KiB instead of after megabytes of kernel buffering.
+    """
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    resource = parts.path + (f"?{parts.query}" if parts.query else "")
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect((host, port))
+    stream = trio.SocketStream(sock)
+    async with trio.open_nursery() as nursery:
+        conn = await wrap_client_stream(
+            nursery,
+            stream,
+            f"{host}:{port}",
+            resource,
+            message_queue_size=1,
+            max_message_size=MAX_WS_MESSAGE,
+            receive_buffer_size=4096,
+        )
+        try:
+            yield Ws(conn)
+        finally:
+            nursery.cancel_scope.cancel()
+            await trio.aclose_forcefully(stream)
+
+
+async def drain_until_closed(ws: Ws) -> tuple[list[dict[str, Any]], int | None]:
+    """Every frame until the hub closes the connection, and the close code."""
+    frames: list[dict[str, Any]] = []
+    try:
+        while True:
+            frames.append(await ws.recv())
+    except ConnectionClosed as closed:
+        return frames, closed.reason.code if closed.reason else None
+
+
+# --- REST -------------------------------------------------------------------
+
+
+def logs_path(task_id: str, suffix: str = "") -> str:
+    return f"/api/v1/tasks/{task_id}/logs{suffix}"
+
+
+async def fetch_all(client: httpx.AsyncClient, task_id: str, **params: Any) -> list[dict[str, Any]]:
+    """Every record of a task (matching params), following the afterSeq cursor."""
+    out: list[dict[str, Any]] = []
+    after = 0
+    while True:
+        resp = await client.get(logs_path(task_id), params={**params, "afterSeq": after, "size": 1000})
+        assert resp.status_code == 200, resp.text
+        content = resp.json()["content"]
+        if not content:
+            return out
+        out.extend(content)
+        after = content[-1]["seq"]
+
+
+def assert_error(resp: httpx.Response, status: int, code: str, mentions: str | None = None) -> dict[str, Any]:
+    """The response is the contract's JSON error with this status and code."""
+    assert resp.status_code == status, (
+        f"{resp.request.method} {resp.request.url}: expected {status} {code}, "
+        f"got {resp.status_code}: {resp.text[:500]}"
+    )
+    body = resp.json()
+    assert body.get("error") == code, body
+    assert isinstance(body.get("message"), str) and body["message"], body
+    if mentions is not None:
+        assert mentions in body["message"], f"error message should name {mentions!r}: {body}"
+    return body
+
+
+_METRIC = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})?\s+(\S+)")
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text → {series name: value summed over labels}."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _METRIC.match(line)
+        if m:
+            values[m.group(1)] = values.get(m.group(1), 0.0) + float(m.group(2))
+    return values
+
+
+# --- the SQLite file itself ---------------------------------------------------
+
+
+def sqlite_seqs(db_path: Path, task_id: str) -> list[int]:
+    """The seqs stored for a task, read straight from the file (hub stopped or not)."""
+    conn = sqlite3.connect(db_path, timeout=30)
+    try:
+        rows = conn.execute("SELECT seq FROM logs WHERE task_id = ? ORDER BY seq", (task_id,)).fetchall()
+    finally:
+        conn.close()
+    return [row[0] for row in rows]

@@ -1,0 +1,79 @@
+"""Running a real hub process for tests: start, wait until it listens, stop, kill."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+_LISTENING = re.compile(r"keruta-hub: listening on (http://\S+)")
+
+
+class HubProcess:
+    """A `python -m hub` child. `url` is its http://host:port once it listens."""
+
+    def __init__(self, db: str, *args: str, port: int = 0, env: dict[str, str] | None = None) -> None:
+        self.db = db
+        self.args = list(args)
+        self.port = port
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[str] | None = None
+        self.url = ""
+        self.output: list[str] = []
+
+    def start(self, timeout: float = 30.0) -> HubProcess:
+        cmd = [sys.executable, "-m", "hub", "--host", "127.0.0.1", "--port", str(self.port), "--db", self.db, *self.args]
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=self.env
+        )
+        found = threading.Event()
+
+        def pump() -> None:
+            assert self.proc is not None and self.proc.stderr is not None
+            for line in self.proc.stderr:
+                self.output.append(line)
+                m = _LISTENING.search(line)
+                if m and not found.is_set():
+                    self.url = m.group(1)
+                    found.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not found.wait(0.05):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("hub did not start:\n" + "".join(self.output))
+        # Keep the port so a restart listens where clients reconnect to.
+        self.port = int(self.url.rsplit(":", 1)[1])
+        return self
+
+    @property
+    def ws_url(self) -> str:
+        return self.url.replace("http://", "ws://") + "/api/v1/ws"
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def restart(self) -> HubProcess:
+        """Start again on the same port and database (after kill or terminate)."""
+        return self.start()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"

@@ -1,0 +1,50 @@
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from keruta.levels import LEVELS, determine_level
+
+
+@pytest.mark.parametrize(
+    "line,level",
+    [
+        ("ERROR: disk full", "ERROR"),
+        ("something failed with error code 3", "ERROR"),
+        ("FATAL crash", "ERROR"),
+        ("Traceback (most recent call last):", "ERROR"),
+        ("panic: runtime error", "ERROR"),
+        ("java.lang.NullPointerException", "INFO"),  # no word boundary before "Exception"
+        ("Unhandled exception in worker", "ERROR"),
+        ("critical section entered", "ERROR"),
+        ("WARNING: low memory", "WARN"),
+        ("warn: retrying", "WARN"),
+        ("this API is deprecated", "WARN"),
+        ("[DEBUG] value=3", "DEBUG"),
+        ("trace id 42", "DEBUG"),
+        ("hello world", "INFO"),
+        ("", "INFO"),
+        ("terror and debugger and warnings", "INFO"),  # word-bounded
+        ("error-prone", "ERROR"),
+    ],
+)
+def test_examples(line: str, level: str) -> None:
+    assert determine_level(line) == level
+
+
+def test_strongest_level_wins() -> None:
+    assert determine_level("debug: warning: error") == "ERROR"
+    assert determine_level("DEBUG then WARN") == "WARN"
+
+
+def test_case_insensitive() -> None:
+    assert determine_level("Error") == determine_level("eRrOr") == "ERROR"
+
+
+def test_only_the_head_of_a_long_line_counts() -> None:
+    assert determine_level("x " * 300 + "error") == "INFO"
+    assert determine_level("error " + "x " * 10_000) == "ERROR"
+
+
+@given(st.text())
+def test_always_a_known_level(line: str) -> None:
+    assert determine_level(line) in LEVELS
