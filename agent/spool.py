@@ -82,71 +82,71 @@ class Segment:
         self.fd = self.read_fd = None
 
 
+class _Window:
+    """Buffered positional reads of one file region [0, end)."""
+
+    def __init__(self, fd: int, end: int) -> None:
+        self.fd = fd
+        self.end = end
+        self.buf = b""
+        self.at = 0
+
+    def get(self, pos: int, n: int) -> bytes | None:
+        if pos + n > self.end:
+            return None
+        if not (self.at <= pos and pos + n <= self.at + len(self.buf)):
+            self.at = pos
+            self.buf = os.pread(self.fd, min(max(n, READ_CHUNK), self.end - pos), pos)
+            if len(self.buf) < n:
+                return None
+        i = pos - self.at
+        return self.buf[i : i + n]
+
+    def find(self, needle: bytes, start: int) -> int:
+        """Position of the next `needle` at or after `start`, or `end`."""
+        while start < self.end:
+            chunk = self.get(start, min(READ_CHUNK, self.end - start))
+            if not chunk:
+                break
+            i = chunk.find(needle)
+            if i != -1:
+                return start + i
+            start += max(1, len(chunk) - len(needle) + 1)
+        return self.end
+
+
 def scan(
     fd: int, offset: int, end: int, warn: Warn | None = None, where: str = ""
 ) -> Iterator[tuple[int, int, bytes, int]]:
-    """Valid frames from `offset` to `end`: (frame offset, seq, payload, next offset).
+    """Valid frames in [offset, end): (frame offset, seq, payload, next offset).
 
-    A frame that does not check out is skipped by looking for the next MAGIC
-    that starts a valid frame. Stops at a frame that runs past `end`.
+    A frame that does not check out (bad magic, length or checksum, or running
+    past `end`) is skipped by searching for the next MAGIC that starts a
+    valid frame; a skipped run followed by a valid frame is reported through
+    `warn`. A bad run at the very end is not reported here: the caller sees
+    that the last frame ends before `end` (a torn tail).
     """
-    buf = b""
-    buf_at = offset  # file position of buf[0]
+    window = _Window(fd, end)
     pos = offset
     bad_since: int | None = None
-
-    def fill(upto: int) -> bool:
-        nonlocal buf, buf_at
-        if upto <= buf_at + len(buf):
-            return True
-        if upto > end:
-            return False
-        keep = buf[pos - buf_at :]
-        want = max(READ_CHUNK, upto - pos)
-        more = os.pread(fd, min(want, end - (pos + len(keep))), pos + len(keep))
-        buf = keep + more
-        buf_at = pos
-        return upto <= buf_at + len(buf)
-
-    while pos < end:
-        if not fill(pos + HEADER.size):
+    while pos + HEADER.size <= end:
+        header = window.get(pos, HEADER.size)
+        if header is None:
             break
-        i = pos - buf_at
-        magic, seq, length, crc = HEADER.unpack_from(buf, i)
-        ok = magic == MAGIC and length <= MAX_PAYLOAD
-        if ok and not fill(pos + HEADER.size + length):
-            if bad_since is None:
-                break  # a torn frame at the end: the caller decides
-            ok = False
-        if ok:
-            i = pos - buf_at
-            payload = buf[i + HEADER.size : i + HEADER.size + length]
-            ok = _check(seq, payload, crc)
-        if ok:
-            if bad_since is not None:
-                if warn:
+        magic, seq, length, crc = HEADER.unpack(header)
+        if magic == MAGIC and length <= MAX_PAYLOAD:
+            payload = window.get(pos + HEADER.size, length)
+            if payload is not None and _check(seq, payload, crc):
+                if bad_since is not None and warn is not None:
                     warn(f"spool {where}: skipped {pos - bad_since} corrupt bytes at offset {bad_since}")
                 bad_since = None
-            nxt = pos + HEADER.size + length
-            yield pos, seq, payload, nxt
-            pos = nxt
-            continue
+                nxt = pos + HEADER.size + length
+                yield pos, seq, payload, nxt
+                pos = nxt
+                continue
         if bad_since is None:
             bad_since = pos
-        # Resynchronise on the next MAGIC.
-        i = pos - buf_at
-        found = buf.find(MAGIC, i + 1)
-        while found == -1:
-            pos = buf_at + len(buf) - 1
-            if not fill(pos + READ_CHUNK) and buf_at + len(buf) <= pos + 1:
-                pos = end
-                break
-            found = buf.find(MAGIC, pos - buf_at)
-        if found == -1:
-            break
-        pos = buf_at + found
-    if bad_since is not None and warn:
-        warn(f"spool {where}: skipped {end - bad_since} corrupt bytes at offset {bad_since}")
+        pos = window.find(MAGIC, pos + 1)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -273,16 +273,13 @@ class Spool:
             except ValueError:
                 continue
             seg = Segment(path, first)
-            self._recover(seg, is_last=False)
+            self._recover(seg)
             self.segments.append(seg)
-        if self.segments:
-            # Only the last segment can have been mid-write when a process died.
-            self._recover(self.segments[-1], is_last=True)
         for seg in self.segments:
             self.last_seq = max(self.last_seq, seg.last_seq)
         self._delete_acked_segments()
 
-    def _recover(self, seg: Segment, is_last: bool) -> None:
+    def _recover(self, seg: Segment) -> None:
         size = seg.path.stat().st_size
         fd = os.open(seg.path, os.O_RDONLY)
         good_end = 0
@@ -295,7 +292,7 @@ class Spool:
             os.close(fd)
         seg.last_seq = last
         seg.size = size
-        if is_last and good_end < size:
+        if good_end < size:
             self.warn(
                 f"spool {seg.path}: cut off {size - good_end} bytes of a torn or corrupt "
                 "record at its end (written when a previous agent stopped mid-write)"
@@ -478,8 +475,8 @@ class Spool:
                 offset = 0
                 continue
             fd = seg.reader_fd()
-            for _off, seq, payload, nxt in scan(fd, offset, seg.size, self.warn, str(seg.path)):
-                self._cursor = (seg, nxt, seq + 1)
+            for off, seq, payload, _nxt in scan(fd, offset, seg.size, self.warn, str(seg.path)):
+                self._cursor = (seg, off, seq)
                 if seq >= from_seq:
                     yield seq, payload
             offset = 0

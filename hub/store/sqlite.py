@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import sqlite3
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import attrs
-import orjson
 import trio
 
 from hub.store.base import (
@@ -31,7 +29,16 @@ from hub.store.base import (
     LogStats,
     Page,
     StoreUnavailable,
-    record_id,
+)
+from hub.store.batching import (
+    TaskProgress,
+    advance,
+    chunks,
+    iter_by_range,
+    metadata_from_json,
+    metadata_json,
+    plan_batch,
+    tally,
 )
 from keruta.records import TASK_STATES, InvalidField, LogRecord, TaskInfo
 from keruta.timefmt import now_ts
@@ -173,7 +180,7 @@ def _record(row: tuple[Any, ...]) -> LogRecord:
         level=level,
         message=message,
         line_number=line_number,
-        metadata=orjson.loads(metadata) if metadata else {},
+        metadata=metadata_from_json(metadata),
         partial=bool(partial),
         id=id_,
     )
@@ -193,99 +200,49 @@ def _task(row: tuple[Any, ...]) -> TaskInfo:
     )
 
 
-def _chunks(values: Sequence[T], size: int) -> Iterable[Sequence[T]]:
-    for start in range(0, len(values), size):
-        yield values[start : start + size]
-
-
-@attrs.define
-class _TaskProgress:
-    """A task's row as the running append transaction sees it."""
-
-    exists: bool
-    max_seq: int
-    durable_seq: int
-    batch_max: int = 0
-    seen: set[int] = attrs.field(factory=set)
-    # Accumulated over the rows this batch actually inserts.
-    count: int = 0
-    first_ts: str | None = None
-    last_ts: str | None = None
-    inserted_max: int = 0
-    durable_touched: bool = False
-    counts: dict[tuple[str, str], int] = attrs.field(factory=lambda: defaultdict(int))
-
-
-def _load_progress(conn: sqlite3.Connection, task_id: str) -> _TaskProgress:
+def _load_progress(conn: sqlite3.Connection, task_id: str) -> TaskProgress:
     row = conn.execute(
         "SELECT max_seq, durable_seq FROM tasks WHERE task_id = ?", (task_id,)
     ).fetchone()
     if row is None:
-        return _TaskProgress(exists=False, max_seq=0, durable_seq=0)
-    return _TaskProgress(exists=True, max_seq=row[0], durable_seq=row[1])
+        return TaskProgress(max_seq=0, durable_seq=0, exists=False)
+    return TaskProgress(max_seq=row[0], durable_seq=row[1])
 
 
 def _walk_durable(conn: sqlite3.Connection, task_id: str, durable: int) -> int:
     """The highest seq reachable from `durable` through consecutive stored seqs."""
     while True:
-        seqs = conn.execute(
+        rows = conn.execute(
             "SELECT seq FROM logs WHERE task_id = ? AND seq > ? ORDER BY seq LIMIT ?",
             (task_id, durable, _WALK_CHUNK),
         ).fetchall()
-        for (seq,) in seqs:
-            if seq != durable + 1:
-                return durable
-            durable = seq
-        if len(seqs) < _WALK_CHUNK:
+        durable, run_on = advance(durable, (seq for (seq,) in rows))
+        if not run_on or len(rows) < _WALK_CHUNK:
             return durable
 
 
 def _append_tx(conn: sqlite3.Connection, items: Sequence[Incoming]) -> AppendResult:
-    progress: dict[str, _TaskProgress] = {}
-    records: list[LogRecord] = []
-    fresh: list[LogRecord] = []  # first occurrence in this batch of each key
-    maybe_stored: dict[str, list[int]] = defaultdict(list)
-    for item in items:
-        task = progress.get(item.task_id)
-        if task is None:
-            task = progress[item.task_id] = _load_progress(conn, item.task_id)
-        seq = item.seq
-        if seq is None:
-            seq = max(task.max_seq, task.batch_max) + 1
-        record = LogRecord(
-            task_id=item.task_id,
-            seq=seq,
-            timestamp=item.timestamp,
-            source=item.source,
-            level=item.level,
-            message=item.message,
-            line_number=item.line_number,
-            metadata=item.metadata,
-            partial=item.partial,
-            id=record_id(item.task_id, seq),
-        )
-        records.append(record)
-        task.batch_max = max(task.batch_max, seq)
-        if seq in task.seen:
-            continue
-        task.seen.add(seq)
-        fresh.append(record)
-        if seq <= task.max_seq:
-            maybe_stored[item.task_id].append(seq)
+    progress = {tid: _load_progress(conn, tid) for tid in dict.fromkeys(i.task_id for i in items)}
+    plan = plan_batch(items, progress)
 
+    # Under BEGIN IMMEDIATE nobody else writes, so what is not stored now is new.
     stored: set[tuple[str, int]] = set()
-    for task_id, seqs in maybe_stored.items():
-        for chunk in _chunks(seqs, _IN_CHUNK):
+    by_task: dict[str, list[int]] = defaultdict(list)
+    for r in plan.maybe_stored:
+        by_task[r.task_id].append(r.seq)
+    for task_id, seqs in by_task.items():
+        for chunk in chunks(seqs, _IN_CHUNK):
             marks = ",".join("?" * len(chunk))
             rows = conn.execute(
                 f"SELECT seq FROM logs WHERE task_id = ? AND seq IN ({marks})", (task_id, *chunk)
             )
             stored.update((task_id, seq) for (seq,) in rows)
-    inserted = [r for r in fresh if (r.task_id, r.seq) not in stored] if stored else fresh
-
-    rows = []
-    for r in inserted:
-        rows.append(
+    inserted = [r for r in plan.fresh if (r.task_id, r.seq) not in stored] if stored else plan.fresh
+    tally(inserted, progress)
+    # Plain INSERT: a conflict here would be a bug, and rolls everything back.
+    conn.executemany(
+        f"INSERT INTO logs ({_LOG_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+        [
             (
                 r.task_id,
                 r.seq,
@@ -295,29 +252,18 @@ def _append_tx(conn: sqlite3.Connection, items: Sequence[Incoming]) -> AppendRes
                 r.level,
                 r.message,
                 r.line_number,
-                orjson.dumps(r.metadata).decode() if r.metadata else None,
+                metadata_json(r.metadata),
                 1 if r.partial else 0,
             )
-        )
-        task = progress[r.task_id]
-        task.count += 1
-        task.counts[(r.source, r.level)] += 1
-        if task.first_ts is None or r.timestamp < task.first_ts:
-            task.first_ts = r.timestamp
-        if task.last_ts is None or r.timestamp > task.last_ts:
-            task.last_ts = r.timestamp
-        task.inserted_max = max(task.inserted_max, r.seq)
-        if r.seq == task.durable_seq + 1:
-            task.durable_touched = True
-    # Plain INSERT: under BEGIN IMMEDIATE nobody else writes, and the rows are
-    # known to be new; a conflict here would be a bug and rolls everything back.
-    conn.executemany(f"INSERT INTO logs ({_LOG_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+            for r in inserted
+        ],
+    )
 
     now = now_ts()
     durable: dict[str, int] = {}
     count_rows = []
     for task_id, task in progress.items():
-        if task.durable_touched:
+        if task.touches_durable:
             task.durable_seq = _walk_durable(conn, task_id, task.durable_seq)
         durable[task_id] = task.durable_seq
         if not task.count:
@@ -367,7 +313,7 @@ def _append_tx(conn: sqlite3.Connection, items: Sequence[Incoming]) -> AppendRes
         """,
         count_rows,
     )
-    return AppendResult(records=records, inserted=inserted, durable=durable)
+    return AppendResult(records=plan.records, inserted=inserted, durable=durable)
 
 
 def _in_write_tx(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
@@ -683,16 +629,8 @@ class SQLiteStore:
             lambda conn: _read_range(conn, task_id, after_seq, through_seq, limit, source, level)
         )
 
-    async def iter_task(self, task_id: str, chunk: int = 1000) -> AsyncIterator[list[LogRecord]]:
-        after = 0
-        while True:
-            records = await self.read_range(task_id, after, 2**62, chunk)
-            if not records:
-                return
-            yield records
-            if len(records) < chunk:
-                return
-            after = records[-1].seq
+    def iter_task(self, task_id: str, chunk: int = 1000) -> AsyncIterator[list[LogRecord]]:
+        return iter_by_range(self.read_range, task_id, chunk)
 
     async def stats(self, task_id: str) -> LogStats:
         return await self._read(lambda conn: _stats(conn, task_id))
