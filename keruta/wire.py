@@ -168,7 +168,7 @@ def _make_converter() -> cattrs.Converter:
         lambda t: t == dict[str, Any], struct_dict
     )
 
-    omit_none = {"partial", "id", "line_number", "exit_code", "from_seq", "source", "level", "resume_from"}
+    omit_none = {"partial", "id", "exit_code", "from_seq", "source", "level", "resume_from"}
     for cls in (LogRecord, LogRequest, TaskInfo, *CLIENT_FRAMES.values(), *HUB_FRAMES.values()):
         if cls is LogFrame:
             continue
