@@ -107,6 +107,20 @@ def create_app(hub: Hub) -> QuartTrio:
         if write and not r.can_write:
             raise ApiError(403, "FORBIDDEN", "the viewer token may only read")
 
+    @app.before_request
+    async def read_body_first() -> None:
+        # An answer given before the body is read would leave the body on a
+        # keep-alive connection and wedge the next request on it.
+        if request.method in ("POST", "PUT", "PATCH", "DELETE"):
+            await request.get_data()
+
+    @app.after_request
+    async def close_after_oversized(response: Response) -> Response:
+        if response.status_code == 413:
+            # The rest of an oversized body is never read: end the connection.
+            response.headers["Connection"] = "close"
+        return response
+
     @app.errorhandler(ApiError)
     async def api_error(exc: ApiError) -> Response:
         hub.metrics.error(exc.code)
@@ -298,6 +312,11 @@ def create_app(hub: Hub) -> QuartTrio:
             hub.metrics.error("UNAUTHORIZED")
             await websocket.send(dumps(ErrorFrame("UNAUTHORIZED", "a valid token is required (Authorization: Bearer TOKEN or ?token=)")))
             await websocket.close(CLOSE_POLICY, "unauthorized")
+            # Stay until the client answers the close (then we are cancelled), so
+            # frames it already sent are read, not reset, and it sees 1008.
+            with trio.move_on_after(2):
+                while True:
+                    await websocket.receive()
             return
         await Connection(hub, websocket._get_current_object(), r).run()
 

@@ -94,12 +94,14 @@ class Connection:
         timeout = self.hub.config.shutdown_timeout
         if self.closing == "SLOW_CONSUMER":
             self._abandon_queue = True
-            resume = {t: s.delivered + 1 for t, s in self.subs.items()}
-            for sub in list(self.subs.values()):
+            subs = list(self.subs.values())
+            for sub in subs:
                 self._drop(sub)
             self._send_nowait(_WAKE)
             with trio.move_on_after(timeout) as waited:
                 await self._sender_done.wait()
+                # Only now is `delivered` final: a frame the sender was blocked on has gone out.
+                resume = {s.task_id: s.delivered + 1 for s in subs}
                 for task_id, resume_from in resume.items():
                     message = f"subscriber of {task_id} fell behind; resubscribe with fromSeq={resume_from}"
                     await self.ws.send(dumps(ErrorFrame("SLOW_CONSUMER", message, resume_from)))

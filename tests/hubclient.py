@@ -11,7 +11,7 @@ import re
 import socket
 import sqlite3
 import urllib.parse
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from trio_websocket import (
 
 from keruta.records import LogRecord
 from keruta.timefmt import now_ts
-from keruta.wire import LogsFrame, decode_hub_frame, encode_bytes
+from keruta.wire import LogsFrame, decode_hub_frame, encode_bytes, record_to_wire
 from tests.support import HubProcess, sqlite_url
 
 # The canonical wire form of a timestamp: UTC, six fractional digits, `Z`.
@@ -60,7 +60,8 @@ class SqliteHub(HubProcess):
 
     def http(self, token: str | None = None, **kwargs: Any) -> httpx.AsyncClient:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=30.0, **kwargs)
+        kwargs.setdefault("timeout", 30.0)
+        return httpx.AsyncClient(base_url=self.url, headers=headers, **kwargs)
 
     def ws(self, token: str | None = None, query_token: str | None = None, **kwargs: Any) -> Any:
         url = self.ws_url
@@ -146,11 +147,17 @@ def logs_frame(task_id: str, records: Iterable[LogRecord]) -> str:
     return encode_bytes(LogsFrame(task_id, list(records))).decode()
 
 
-def batch_frames(task_id: str, first: int, last: int, batch: int, **kw: Any) -> Iterator[str]:
-    """`logs` frames carrying seq first..last, `batch` records each."""
+def encode_record(record: LogRecord) -> dict[str, Any]:
+    return record_to_wire(record)
+
+
+def batch_frames(
+    task_id: str, first: int, last: int, batch: int, make: Callable[[str, int], LogRecord] = make_record
+) -> Iterator[str]:
+    """`logs` frames carrying seq first..last, `batch` records each, made by `make`."""
     for start in range(first, last + 1, batch):
         stop = min(start + batch - 1, last)
-        yield logs_frame(task_id, (make_record(task_id, s, **kw) for s in range(start, stop + 1)))
+        yield logs_frame(task_id, (make(task_id, s) for s in range(start, stop + 1)))
 
 
 # --- WebSocket --------------------------------------------------------------

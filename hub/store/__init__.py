@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from hub.store.base import AppendResult, Incoming, LogQuery, LogStats, Page, Store
+from hub.store.base import (
+    AppendResult,
+    Incoming,
+    LogQuery,
+    LogStats,
+    Page,
+    Store,
+    StoreUnavailable,
+)
 
 
 def open_store_from_url(url: str) -> Store:
@@ -20,4 +28,13 @@ def open_store_from_url(url: str) -> Store:
     )
 
 
-__all__ = ["AppendResult", "Incoming", "LogQuery", "LogStats", "Page", "Store", "open_store_from_url"]
+__all__ = [
+    "AppendResult",
+    "Incoming",
+    "LogQuery",
+    "LogStats",
+    "Page",
+    "Store",
+    "StoreUnavailable",
+    "open_store_from_url",
+]

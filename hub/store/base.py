@@ -31,7 +31,9 @@ def record_id(task_id: str, seq: int) -> str:
     Equal to `str(uuid.uuid5(_ID_NAMESPACE, f"{task_id}\\x00{seq}"))`, computed
     directly because it runs for every record of every batch (3x faster).
     """
-    digest = bytearray(hashlib.sha1(_ID_NAMESPACE_BYTES + f"{task_id}\x00{seq}".encode()).digest()[:16])
+    digest = bytearray(
+        hashlib.sha1(_ID_NAMESPACE_BYTES + f"{task_id}\x00{seq}".encode()).digest()[:16]
+    )
     digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
     digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
     x = digest.hex()

@@ -13,8 +13,8 @@ from typing import TypeVar
 import attrs
 import orjson
 
-from hub.store.base import Incoming, record_id
-from keruta.records import LogRecord
+from hub.store.base import Incoming, LogQuery, record_id
+from keruta.records import InvalidField, LogRecord
 
 T = TypeVar("T")
 
@@ -36,9 +36,26 @@ class TaskProgress:
     count: int = 0
     first_ts: str | None = None
     last_ts: str | None = None
-    inserted_max: int = 0
-    touches_durable: bool = False  # inserted durable_seq + 1, so the watermark may move
+    inserted_seqs: list[int] = attrs.field(factory=list)
     counts: dict[tuple[str, str], int] = attrs.field(factory=lambda: defaultdict(int))
+
+    @property
+    def inserted_max(self) -> int:
+        return max(self.inserted_seqs, default=0)
+
+    def durable_through_batch(self) -> tuple[int, bool]:
+        """Advance the watermark through the seqs this batch inserted.
+
+        Returns the new value and whether stored rows may carry it further
+        (the store then walks on from there). After a commit `durable_seq + 1`
+        is never stored, so a batch that did not insert it moves nothing; and
+        nothing is stored above the highest seq ever stored.
+        """
+        seqs = sorted(s for s in self.inserted_seqs if s > self.durable_seq)
+        if not seqs or seqs[0] != self.durable_seq + 1:
+            return self.durable_seq, False
+        durable, _ = advance(self.durable_seq, seqs)
+        return durable, durable < max(self.max_seq, seqs[-1])
 
 
 @attrs.define
@@ -95,10 +112,7 @@ def tally(inserted: Iterable[LogRecord], progress: dict[str, TaskProgress]) -> N
             task.first_ts = r.timestamp
         if task.last_ts is None or r.timestamp > task.last_ts:
             task.last_ts = r.timestamp
-        if r.seq > task.inserted_max:
-            task.inserted_max = r.seq
-        if r.seq == task.durable_seq + 1:
-            task.touches_durable = True
+        task.inserted_seqs.append(r.seq)
 
 
 def advance(durable: int, seqs: Iterable[int]) -> tuple[int, bool]:
@@ -138,3 +152,10 @@ async def iter_by_range(
 def chunks(values: Sequence[T], size: int) -> Iterable[Sequence[T]]:
     for start in range(0, len(values), size):
         yield values[start : start + size]
+
+
+def check_page(query: LogQuery) -> None:
+    if type(query.page) is not int or query.page < 0:
+        raise InvalidField("page", "must be an integer >= 0")
+    if type(query.size) is not int or query.size < 1:
+        raise InvalidField("size", "must be an integer >= 1")

@@ -33,6 +33,7 @@ from hub.store.base import (
 from hub.store.batching import (
     TaskProgress,
     advance,
+    check_page,
     chunks,
     iter_by_range,
     metadata_from_json,
@@ -261,9 +262,10 @@ def _append_tx(conn: sqlite3.Connection, items: Sequence[Incoming]) -> AppendRes
 
     now = now_ts()
     durable: dict[str, int] = {}
-    count_rows = []
+    count_rows: list[tuple[str, str, str, int]] = []
     for task_id, task in progress.items():
-        if task.touches_durable:
+        task.durable_seq, walk_on = task.durable_through_batch()
+        if walk_on:
             task.durable_seq = _walk_durable(conn, task_id, task.durable_seq)
         durable[task_id] = task.durable_seq
         if not task.count:
@@ -612,6 +614,7 @@ class SQLiteStore:
         return await self._read(work)
 
     async def query(self, query: LogQuery) -> Page:
+        check_page(query)
         return await self._read(lambda conn: _query(conn, query))
 
     async def read_range(
