@@ -17,7 +17,7 @@ from hub.connection import CLOSE_POLICY, Connection
 from hub.ingest import from_requests
 from hub.openapi import openapi_document
 from hub.state import Hub
-from hub.store.base import LogQuery
+from hub.store.base import LogQuery, StoreUnavailable
 from hub.writer import WriteOutcome, WriteRequest
 from keruta.levels import LEVELS
 from keruta.records import SOURCES, LogRequest, TaskInfo, valid_task_id
@@ -135,6 +135,11 @@ def create_app(hub: Hub) -> QuartTrio:
             message = f"request body is larger than {limits.max_frame_bytes} bytes"
         hub.metrics.error(code)
         return json_response({"error": code, "message": message}, status)
+
+    @app.errorhandler(StoreUnavailable)
+    async def store_unavailable(exc: StoreUnavailable) -> Response:
+        hub.metrics.error("STORE_UNAVAILABLE")
+        return json_response({"error": "STORE_UNAVAILABLE", "message": "the store is unavailable; retry"}, 503, {"Retry-After": "1"})
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Response:

@@ -101,6 +101,10 @@ async def _serve_with(store: Store, config: HubConfig, task_status: trio.TaskSta
         if config.retention_days:
             services.start_soon(run_retention, store, config.retention_days, config.retention_interval)
         services.start_soon(_watch_signals, hub)
+        if hasattr(store, "listen"):
+            from hub.notifier import run_notifier
+
+            services.start_soon(run_notifier, store, hub.broadcaster)
         async with trio.open_nursery() as core:
             core.start_soon(writer.run, inbox_recv)
 

@@ -1,9 +1,10 @@
 """Shared fixtures.
 
-Stores: `store` is an open, empty store, once on SQLite and once on PostgreSQL
-(skipped unless KERUTA_TEST_PG_DSN names a server, e.g.
-postgresql://postgres@127.0.0.1:5432/test). Each PostgreSQL test gets a new
-database, dropped afterwards.
+Stores: `store` is an open, empty store, once on SQLite and once on PostgreSQL;
+`pg_url` is the URL of a fresh PostgreSQL database (with the test's one
+trio-asyncio loop running). PostgreSQL needs KERUTA_TEST_PG_DSN, e.g.
+postgresql://postgres@127.0.0.1:5432/test; tests marked `pg` are skipped
+without it. Each PostgreSQL test gets a new database, dropped afterwards.
 """
 
 from __future__ import annotations
@@ -48,20 +49,47 @@ async def fresh_pg_database(dsn: str) -> AsyncIterator[str]:
                 await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-STORE_KINDS = [
-    "sqlite",
-    pytest.param(
-        "postgres",
-        marks=[pytest.mark.pg, pytest.mark.skipif(pg_dsn() is None, reason=f"needs {PG_DSN_ENV}")],
-    ),
-]
+def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def]
+    """Tests marked `pg` (and the PostgreSQL `store` param) need a server."""
+    if pg_dsn() is not None:
+        return
+    skip = pytest.mark.skip(reason=f"needs {PG_DSN_ENV}")
+    for item in items:
+        if "pg" in item.keywords:
+            item.add_marker(skip)
+
+
+STORE_KINDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.pg)]
+
+
+@asynccontextmanager
+async def pg_test_database() -> AsyncIterator[str]:
+    """The test's one trio-asyncio loop, and a fresh database inside it.
+
+    pytest-trio runs fixtures as concurrent tasks sharing one contextvars
+    context, and two loops would fight over it: a test uses either `store`
+    (PostgreSQL param) or `pg_url`, never both.
+    """
+    import trio_asyncio
+
+    dsn = pg_dsn()
+    if dsn is None:
+        pytest.skip(f"needs {PG_DSN_ENV}")
+    async with trio_asyncio.open_loop():
+        async with fresh_pg_database(dsn) as url:
+            yield url
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    """URL of a fresh PostgreSQL database, with a trio-asyncio loop running."""
+    async with pg_test_database() as url:
+        yield url
 
 
 @pytest.fixture(params=STORE_KINDS)
 async def store(request, tmp_path):  # type: ignore[no-untyped-def]
-    """An open, empty store. The PostgreSQL one runs inside the test's single
-    trio-asyncio loop, opened here: pytest-trio runs fixtures as concurrent
-    tasks sharing one contextvars context, and two loops would fight over it."""
+    """An open, empty store: SQLite in tmp_path, or PostgreSQL in a fresh database."""
     if request.param == "sqlite":
         from hub.store.sqlite import SQLiteStore
 
@@ -73,16 +101,12 @@ async def store(request, tmp_path):  # type: ignore[no-untyped-def]
             await sqlite_store.close()
         return
 
-    dsn = pg_dsn()
-    assert dsn is not None
-    import trio_asyncio
     from hub.store.postgres import PostgresStore
 
-    async with trio_asyncio.open_loop():
-        async with fresh_pg_database(dsn) as url:
-            pg_store = PostgresStore.from_url(url)
-            await pg_store.open()
-            try:
-                yield pg_store
-            finally:
-                await pg_store.close()
+    async with pg_test_database() as url:
+        pg_store = PostgresStore.from_url(url)
+        await pg_store.open()
+        try:
+            yield pg_store
+        finally:
+            await pg_store.close()

@@ -5,12 +5,16 @@ from __future__ import annotations
 import datetime as dt
 import random
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 import trio
 
 from hub.store import open_store_from_url
 from hub.store.base import Incoming, LogQuery, StoreUnavailable, record_id
+from hub.store.batching import TaskProgress, advance, plan_batch
+from hub.store.postgres import parse_notice
 from hub.store.sqlite import SQLiteStore
 from keruta.records import InvalidField
 from keruta.timefmt import format_ts
@@ -143,6 +147,20 @@ async def test_q_is_a_literal_case_sensitive_substring(store):
     assert await all_seqs(store, q="zzz") == []
     assert await all_seqs(store, q="") == list(range(1, 9))
     assert await all_seqs(store, q="done", after_seq=1) == [2]
+
+
+async def test_nul_in_a_line_is_stored_and_what_is_stored_is_returned(store):
+    result = await store.append([rec(1, "bin\x00ary"), rec(2, "plain")])
+    stored = (await store.query(LogQuery(task_id="t1"))).content
+    assert [r.message for r in stored] == [r.message for r in result.records]
+    assert stored[0].message in ("bin\x00ary", "bin\ufffdary")  # PostgreSQL text cannot hold NUL
+    assert await all_seqs(store, q=stored[0].message[3]) == [1]
+
+
+async def test_bad_page_or_size_is_invalid_field(store):
+    for page, size in [(-1, 10), (0, 0), (0, -5)]:
+        with pytest.raises(InvalidField):
+            await store.query(LogQuery(task_id="t1", page=page, size=size))
 
 
 async def test_after_seq_is_a_cursor(store):
@@ -530,3 +548,263 @@ async def test_sqlite_settings_make_commits_durable(tmp_path):
     finally:
         await store.close()
     await store.close()  # closing twice is harmless
+
+
+# The batch rules, without a database
+
+
+def test_plan_batch_assigns_seqs_and_finds_what_may_be_stored():
+    progress = {
+        "t1": TaskProgress(max_seq=5, durable_seq=3),
+        "t2": TaskProgress(max_seq=0, durable_seq=0),
+    }
+    plan = plan_batch(
+        [rec(None), rec(4), rec(None, task="t2"), rec(9), rec(None), rec(4)], progress
+    )
+    assert [(r.task_id, r.seq) for r in plan.records] == [
+        ("t1", 6),
+        ("t1", 4),
+        ("t2", 1),
+        ("t1", 9),
+        ("t1", 10),
+        ("t1", 4),
+    ]
+    assert [(r.task_id, r.seq) for r in plan.fresh] == [
+        ("t1", 6),
+        ("t1", 4),
+        ("t2", 1),
+        ("t1", 9),
+        ("t1", 10),
+    ]
+    assert [(r.task_id, r.seq) for r in plan.maybe_stored] == [("t1", 4)]
+    assert all(r.id == record_id(r.task_id, r.seq) for r in plan.records)
+
+
+def test_advance_and_durable_through_batch():
+    assert advance(3, [4, 5, 7]) == (5, False)
+    assert advance(3, [4, 5]) == (5, True)
+    assert advance(3, []) == (3, True)
+
+    def through(durable: int, max_seq: int, inserted: list[int]) -> tuple[int, bool]:
+        task = TaskProgress(max_seq=max_seq, durable_seq=durable)
+        task.inserted_seqs.extend(inserted)
+        return task.durable_through_batch()
+
+    assert through(0, 0, [1, 2, 3]) == (3, False)  # the newest rows: nothing above to look at
+    assert through(2, 9, [3, 4]) == (4, True)  # rows up to 9 are stored: look further
+    assert through(2, 9, [5, 6]) == (2, False)  # 3 still missing
+    assert through(2, 2, [4, 3]) == (4, False)
+    assert through(5, 5, [1, 2]) == (5, False)  # re-stored after a delete: no effect
+
+
+def test_parse_notice():
+    assert parse_notice("task-1 42") == ("task-1", 42)
+    assert parse_notice("a:b.c 1") == ("a:b.c", 1)
+    assert parse_notice("nonsense") is None
+    assert parse_notice("t x") is None
+    assert parse_notice(" 5") is None
+
+
+# PostgreSQL only (each test runs its own trio-asyncio loop through `pg_url`)
+
+
+@pytest.mark.pg
+@pytest.mark.parametrize("method", ["copy", "unnest"])
+async def test_pg_insert_methods_report_exactly_what_they_inserted(pg_url, method):
+    from hub.store.postgres import PostgresStore
+
+    store = PostgresStore(pg_url, insert_method=method)
+    await store.open()
+    try:
+        result = await store.append([rec(s) for s in range(1, 301)])
+        assert len(result.inserted) == 300
+        result = await store.append([rec(s) for s in range(250, 551)])
+        assert [r.seq for r in result.inserted] == list(range(301, 551))
+        assert result.durable == {"t1": 550}
+        result = await store.append([rec(5), rec(600), rec(5), rec(None)])
+        assert [r.seq for r in result.inserted] == [600, 601]
+        assert (await store.stats("t1")).total_logs == 552
+    finally:
+        await store.close()
+
+
+@pytest.mark.pg
+async def test_pg_notices_tell_other_hubs_of_durable_progress(pg_url):
+    from hub.store.postgres import PostgresStore
+
+    listener, writer = PostgresStore(pg_url), PostgresStore(pg_url)
+    await listener.open()
+    await writer.open()
+    try:
+        async with listener.listen() as notices:
+            with trio.fail_after(30):
+                await writer.append([rec(1), rec(2)])
+                assert await anext(notices) == ("t1", 2)
+                await writer.append([rec(4)])  # the watermark stays: no notice
+                await writer.append([rec(3)])
+                assert await anext(notices) == ("t1", 4)
+                await writer.set_state("t1", "succeeded", 0)
+                await writer.notify("t9", 7)
+                assert await anext(notices) == ("t9", 7)
+    finally:
+        await listener.close()
+        await writer.close()
+
+
+@pytest.mark.pg
+async def test_pg_notices_overflow_is_reported(pg_url):
+    from hub.store.postgres import PostgresStore
+
+    store = PostgresStore(pg_url)
+    await store.open()
+    try:
+        async with store.listen(buffer=2) as notices:
+            for seq in range(1, 6):
+                await store.append([rec(seq)])
+            # A round trip on the listening connection: notices committed
+            # before it are delivered before its answer.
+            await notices._conn.fetchval("SELECT 1")
+            with trio.fail_after(30):
+                assert [await anext(notices) for _ in range(3)] == [("t1", 1), ("t1", 2), None]
+                await store.append([rec(6)])
+                assert await anext(notices) == ("t1", 6)
+    finally:
+        await store.close()
+
+
+@pytest.mark.pg
+async def test_pg_lost_listen_connection_raises_store_unavailable(pg_url):
+    from hub.store.postgres import PostgresStore
+
+    store = PostgresStore(pg_url)
+    await store.open()
+    try:
+        async with store.listen() as notices:
+            pid = await notices._conn.fetchval("SELECT pg_backend_pid()")
+            async with store._connection() as conn:
+                await conn.execute("SELECT pg_terminate_backend($1)", pid)
+            with trio.fail_after(30), pytest.raises(StoreUnavailable):
+                await anext(notices)
+    finally:
+        await store.close()
+
+
+@pytest.mark.pg
+async def test_pg_lost_connections_surface_as_store_unavailable_then_recover(pg_url):
+    from hub.store.postgres import PostgresStore
+
+    store = PostgresStore(pg_url)
+    await store.open()
+    try:
+        await store.append([rec(1)])
+        with pytest.raises(StoreUnavailable):
+            async with store._connection() as conn:
+                await conn.execute(
+                    """
+                    SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                    WHERE datname = current_database() AND pid <> pg_backend_pid()
+                    """
+                )
+                await conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+        failures = 0
+        for _ in range(5):
+            try:
+                await store.append([rec(2)])
+                break
+            except StoreUnavailable:
+                failures += 1
+        assert failures < 5
+        assert await all_seqs(store) == [1, 2]
+    finally:
+        await store.close()
+
+
+@pytest.mark.pg
+async def test_pg_unreachable_server_is_store_unavailable(pg_url):
+    from hub.store.postgres import PostgresStore
+
+    with pytest.raises(StoreUnavailable):
+        await PostgresStore("postgresql://postgres@127.0.0.1:1/nothing", connect_timeout=5).open()
+
+
+@pytest.mark.pg
+async def test_pg_hubs_starting_together_create_the_schema_once(pg_url):
+    from hub.store.postgres import PostgresStore
+
+    stores = [PostgresStore(pg_url) for _ in range(4)]
+    async with trio.open_nursery() as nursery:
+        for s in stores:
+            nursery.start_soon(s.open)
+    try:
+        await stores[0].append([rec(1)])
+        assert await all_seqs(stores[3]) == [1]
+        async with stores[0]._connection() as conn:
+            assert await conn.fetch("SELECT version FROM keruta_schema") == [(1,)]
+    finally:
+        for s in stores:
+            await s.close()
+
+
+@pytest.mark.pg
+async def test_pg_newer_schema_is_refused(pg_url):
+    from hub.store.postgres import PostgresStore
+
+    store = PostgresStore(pg_url)
+    await store.open()
+    async with store._connection() as conn:
+        await conn.execute("UPDATE keruta_schema SET version = 99")
+    await store.close()
+    with pytest.raises(RuntimeError, match="schema version 99"):
+        await PostgresStore(pg_url).open()
+
+
+_KILLED_WRITER = """
+import sys, trio
+from hub.store.base import Incoming
+from hub.store.sqlite import SQLiteStore
+
+async def main():
+    store = SQLiteStore(sys.argv[1])
+    await store.open()
+    seq = 0
+    while True:
+        batch = [Incoming("t1", seq + i, "2026-01-01T00:00:00.000000Z", "stdout", "INFO", "x" * 100)
+                 for i in range(1, 51)]
+        result = await store.append(batch)
+        seq += 50
+        print(result.durable["t1"], flush=True)
+
+trio.run(main)
+"""
+
+
+async def test_sqlite_acknowledged_appends_survive_sigkill(tmp_path):
+    path = tmp_path / "k.db"
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-c", _KILLED_WRITER, str(path)], stdout=subprocess.PIPE
+    )
+    acked = 0
+    buffer = b""
+    try:
+        assert proc.stdout is not None
+        with trio.fail_after(60):
+            while acked < 2000:
+                chunk = await proc.stdout.receive_some()
+                assert chunk, "the writer died"
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                if lines:
+                    acked = int(lines[-1])
+    finally:
+        proc.kill()  # SIGKILL, in the middle of later appends
+        await proc.wait()
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        durable = await store.durable_seq("t1")
+        assert durable >= acked
+        assert durable % 50 == 0  # whole batches only
+        assert await all_seqs(store) == list(range(1, durable + 1))
+        assert (await store.stats("t1")).total_logs == durable
+    finally:
+        await store.close()

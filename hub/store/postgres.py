@@ -50,6 +50,8 @@ from keruta.timefmt import now_ts
 
 SCHEMA_VERSION = 1
 NOTIFY_CHANNEL = "keruta_durable"
+# A notice with this seq means "the task's state changed", not a watermark.
+STATUS_NOTICE = -1
 # pg_advisory_xact_lock key for schema changes ("keruta" in ASCII).
 _SCHEMA_LOCK = 0x6B6572757461
 
@@ -456,6 +458,11 @@ class PostgresStore:
                 exit_code,
                 now_ts(),
             )
+            if self._notify:
+                # Other hubs' subscribers learn the new state; seq STATUS_NOTICE says "read it".
+                await conn.execute(
+                    "SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, f"{task_id} {STATUS_NOTICE}"
+                )
         return _task(row)
 
     async def delete(self, task_id: str, before: str | None) -> int:
