@@ -20,8 +20,12 @@ log = logging.getLogger("keruta.hub.notifier")
 
 
 async def _catch_up_all(store: PostgresStore, broadcaster: Broadcaster) -> None:
+    """Re-read what notices may have said meanwhile: watermarks and states."""
     for task_id in list(broadcaster.subs):
-        broadcaster.notify_durable(task_id, await store.durable_seq(task_id))
+        task = await store.task(task_id)
+        if task is not None:
+            broadcaster.notify_durable(task_id, task.durable_seq)
+            broadcaster.publish_status(task)
 
 
 async def _listen_session(store: PostgresStore, broadcaster: Broadcaster) -> None:

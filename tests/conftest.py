@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -53,6 +54,10 @@ def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def
     """Tests marked `pg` (and the PostgreSQL `store` param) need a server."""
     if pg_dsn() is not None:
         return
+    if os.environ.get("KERUTA_REQUIRE_PG"):
+        raise pytest.UsageError(
+            f"KERUTA_REQUIRE_PG is set but {PG_DSN_ENV} is not: the PostgreSQL tests would be skipped"
+        )
     skip = pytest.mark.skip(reason=f"needs {PG_DSN_ENV}")
     for item in items:
         if "pg" in item.keywords:
@@ -110,3 +115,41 @@ async def store(request, tmp_path):  # type: ignore[no-untyped-def]
             yield pg_store
         finally:
             await pg_store.close()
+
+
+def _admin_sync(dsn: str, statement: str) -> None:
+    """Run one admin statement with plain asyncio (outside any trio loop)."""
+    import asyncio
+
+    import asyncpg
+
+    async def run() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+@pytest.fixture
+def fresh_pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database's URL, for hub processes (no loop needed here)."""
+    dsn = pg_dsn()
+    if dsn is None:
+        pytest.skip(f"needs {PG_DSN_ENV}")
+    name = "keruta_t_" + secrets.token_hex(6)
+    _admin_sync(dsn, f'CREATE DATABASE "{name}"')
+    try:
+        yield _with_database(dsn, name)
+    finally:
+        _admin_sync(dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=STORE_KINDS)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A `--db` URL for a hub process: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'hub.db'}"
+    return request.getfixturevalue("fresh_pg_url")  # type: ignore[no-any-return]

@@ -1,0 +1,137 @@
+"""Several hubs on one PostgreSQL database, and the database going away.
+
+Real hub processes, a real agent process, real PostgreSQL (KERUTA_TEST_PG_DSN).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from trio_websocket import open_websocket_url
+
+from keruta.wire import LogsFrame, StatusFrame, SubscribeFrame, decode_hub_frame, dumps
+from tests.conftest import _admin_sync, pg_dsn
+from tests.support import HubProcess
+
+pytestmark = pytest.mark.pg
+
+
+@pytest.fixture
+def two_hubs(fresh_pg_url: str) -> Iterator[tuple[HubProcess, HubProcess]]:
+    a = HubProcess(fresh_pg_url).start()
+    b = HubProcess(fresh_pg_url).start()
+    try:
+        yield a, b
+    finally:
+        a.stop()
+        b.stop()
+
+
+def agent_cmd(hub: HubProcess, task_id: str, spool: str, program: str) -> list[str]:
+    return [
+        sys.executable, "-m", "agent", "run", "--hub", hub.url, "--task-id", task_id,
+        "--spool-dir", spool, "--quiet", "--", sys.executable, "-c", program,
+    ]
+
+
+async def follow(hub: HubProcess, task_id: str, into: list[Any], ready: trio.Event) -> None:
+    """Subscribe on `hub` from seq 1 and collect records until the task is finished."""
+    async with open_websocket_url(hub.ws_url, max_message_size=64 * 1024 * 1024) as ws:
+        await ws.send_message(dumps(SubscribeFrame(task_id, from_seq=1)))
+        ready.set()
+        while True:
+            frame = decode_hub_frame(await ws.get_message())
+            if isinstance(frame, LogsFrame):
+                into.extend(frame.records)
+            elif isinstance(frame, StatusFrame) and frame.state in ("succeeded", "failed"):
+                return
+
+
+async def rest_all(hub: HubProcess, task_id: str) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    async with httpx.AsyncClient(base_url=hub.url, timeout=30) as client:
+        after = 0
+        while True:
+            resp = await client.get(f"/api/v1/tasks/{task_id}/logs", params={"afterSeq": after, "size": 1000})
+            resp.raise_for_status()
+            page = resp.json()["content"]
+            if not page:
+                return out
+            out.extend(page)
+            after = page[-1]["seq"]
+
+
+async def test_agent_through_hub_a_reaches_subscriber_on_hub_b(
+    two_hubs: tuple[HubProcess, HubProcess], tmp_path: Any
+) -> None:
+    a, b = two_hubs
+    n = 10_000
+    program = f"for i in range({n}): print('line', i)"
+    live: list[Any] = []
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            ready = trio.Event()
+            nursery.start_soon(follow, b, "multi", live, ready)
+            await ready.wait()
+            result = await trio.run_process(agent_cmd(a, "multi", str(tmp_path / "spool"), program), check=False)
+            assert result.returncode == 0
+    assert [r.seq for r in live] == list(range(1, n + 1)), "hub B's subscriber missed or doubled records"
+    assert [r.message for r in live] == [f"line {i}" for i in range(n)]
+    stored = await rest_all(b, "multi")
+    assert [r["seq"] for r in stored] == list(range(1, n + 1))
+    async with httpx.AsyncClient(base_url=b.url) as client:
+        task = (await client.get("/api/v1/tasks/multi")).json()
+    assert task["state"] == "succeeded" and task["exitCode"] == 0 and task["totalLogs"] == n
+
+
+def _cut_connections(database: str) -> None:
+    dsn = pg_dsn()
+    assert dsn is not None
+    _admin_sync(
+        dsn,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        f"WHERE datname = '{database}' AND pid <> pg_backend_pid()",
+    )
+
+
+async def test_database_connections_cut_mid_stream_lose_and_double_nothing(
+    two_hubs: tuple[HubProcess, HubProcess], fresh_pg_url: str, tmp_path: Any
+) -> None:
+    a, b = two_hubs
+    database = fresh_pg_url.rsplit("/", 1)[1]
+    n = 20_000
+    # About four seconds of output, so the cuts land mid-stream.
+    program = (
+        "import time\n"
+        f"for i in range({n}):\n"
+        "    print('line', i)\n"
+        "    if i % 500 == 0: time.sleep(0.1)\n"
+    )
+    live: list[Any] = []
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            ready = trio.Event()
+            nursery.start_soon(follow, b, "cut", live, ready)
+            await ready.wait()
+
+            async def cutter() -> None:
+                for _ in range(4):
+                    await trio.sleep(0.7)
+                    await trio.to_thread.run_sync(_cut_connections, database)
+
+            nursery.start_soon(cutter)
+            env = {**os.environ}
+            result = await trio.run_process(
+                agent_cmd(a, "cut", str(tmp_path / "spool"), program), check=False, env=env
+            )
+            assert result.returncode == 0
+    stored = await rest_all(a, "cut")
+    assert [r["seq"] for r in stored] == list(range(1, n + 1)), "records lost or doubled in the store"
+    assert [r["message"] for r in stored] == [f"line {i}" for i in range(n)]
+    assert [r.seq for r in live] == list(range(1, n + 1)), "hub B's subscriber missed or doubled records"
