@@ -323,6 +323,6 @@ def create_app(hub: Hub) -> QuartTrio:
                 while True:
                     await websocket.receive()
             return
-        await Connection(hub, websocket._get_current_object(), r).run()
+        await Connection(hub, websocket._get_current_object(), r).run()  # type: ignore[attr-defined]
 
     return app

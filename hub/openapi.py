@@ -64,7 +64,7 @@ def openapi_document() -> dict[str, Any]:
             "totalLogs": {"type": "integer"},
         },
     }
-    auth = [{"bearer": []}, {"queryToken": []}]
+    auth: list[dict[str, list[str]]] = [{"bearer": []}, {"queryToken": []}]
     return {
         "openapi": "3.1.0",
         "info": {"title": "keruta hub", "version": __version__},

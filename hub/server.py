@@ -104,7 +104,7 @@ async def _serve_with(store: Store, config: HubConfig, task_status: trio.TaskSta
         if hasattr(store, "listen"):
             from hub.notifier import run_notifier
 
-            services.start_soon(run_notifier, store, hub.broadcaster)
+            services.start_soon(run_notifier, store, hub.broadcaster)  # type: ignore[arg-type]
         async with trio.open_nursery() as core:
             core.start_soon(writer.run, inbox_recv)
 

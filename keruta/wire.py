@@ -179,10 +179,10 @@ def _make_converter() -> cattrs.Converter:
                 omit_if_default=(a.name in omit_none and cls is not TaskInfo),
             )
         conv.register_unstructure_hook(
-            cls, make_dict_unstructure_fn(cls, conv, **overrides)
+            cls, make_dict_unstructure_fn(cls, conv, **overrides)  # type: ignore[arg-type]
         )
         conv.register_structure_hook(
-            cls, make_dict_structure_fn(cls, conv, _cattrs_detailed_validation=True, **overrides)
+            cls, make_dict_structure_fn(cls, conv, _cattrs_detailed_validation=True, **overrides)  # type: ignore[arg-type]
         )
     return conv
 
