@@ -32,7 +32,10 @@ class HubConfig:
     write_flush_interval: float = 0.0
     # Frames waiting for the writer across all connections; a full inbox slows senders.
     writer_inbox: int = 64
-    ping_interval: float = 20.0
+    # Hypercorn pings each WebSocket this often, so a vanished peer is noticed on
+    # the write; a closed socket's ping task lingers this long, which bounds how
+    # long a shutdown waits for it.
+    ping_interval: float = 5.0
     shutdown_timeout: float = 10.0
     limits: Limits = DEFAULT_LIMITS
 

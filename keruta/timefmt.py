@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 UTC = dt.UTC
 
@@ -31,5 +32,13 @@ def parse_ts(text: str) -> dt.datetime:
     return moment.astimezone(UTC)
 
 
+_CANONICAL = re.compile(r"\d{4}-[01]\d-[0-3]\dT[0-2]\d:[0-5]\d:[0-6]\d\.\d{6}Z")
+
+
 def canonical_ts(text: str) -> str:
+    # The agent already sends the canonical form: skip the reformatting, but
+    # still parse, so an impossible date (month 13) is refused.
+    if isinstance(text, str) and _CANONICAL.fullmatch(text):
+        dt.datetime.fromisoformat(text)
+        return text
     return format_ts(parse_ts(text))
