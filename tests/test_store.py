@@ -630,7 +630,7 @@ async def test_pg_insert_methods_report_exactly_what_they_inserted(pg_url, metho
 
 @pytest.mark.pg
 async def test_pg_notices_tell_other_hubs_of_durable_progress(pg_url):
-    from hub.store.postgres import PostgresStore
+    from hub.store.postgres import STATUS_NOTICE, PostgresStore
 
     listener, writer = PostgresStore(pg_url), PostgresStore(pg_url)
     await listener.open()
@@ -644,6 +644,8 @@ async def test_pg_notices_tell_other_hubs_of_durable_progress(pg_url):
                 await writer.append([rec(3)])
                 assert await anext(notices) == ("t1", 4)
                 await writer.set_state("t1", "succeeded", 0)
+                # A state change is announced too, so other hubs' subscribers see it.
+                assert await anext(notices) == ("t1", STATUS_NOTICE)
                 await writer.notify("t9", 7)
                 assert await anext(notices) == ("t9", 7)
     finally:
