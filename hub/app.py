@@ -167,6 +167,10 @@ def create_app(hub: Hub) -> QuartTrio:
             raise ApiError(400, "INVALID_REQUEST", "the array is empty")
         if not array and not isinstance(data, dict):
             raise ApiError(400, "INVALID_REQUEST", "body must be a LogRequest object or an array of them")
+        if array:
+            for i, item in enumerate(data):
+                if not isinstance(item, dict):
+                    raise ApiError(400, "INVALID_REQUEST", f"invalid field '[{i}]': expected a LogRequest object")
         try:
             reqs = structure(data, list[LogRequest]) if array else [structure(data, LogRequest)]
             for i, r in enumerate(reqs):

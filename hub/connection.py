@@ -18,6 +18,7 @@ from hub.broadcaster import FRAME_RECORDS, Outgoing, Subscription, encode_chunks
 from hub.ingest import from_records
 from hub.state import Hub
 from hub.writer import StatusChange, WriteOutcome, WriteRequest
+from hub.wsbuffer import OVERSIZED
 from keruta.levels import LEVELS
 from keruta.records import SOURCES
 from keruta.timefmt import now_ts
@@ -202,6 +203,9 @@ class Connection:
         while True:
             data = await self.ws.receive()
             self.hub.metrics.frames_received += 1
+            if data is OVERSIZED or data == OVERSIZED:
+                await self._error("TOO_LARGE", f"frame is larger than {limits.max_frame_bytes} bytes")
+                continue
             try:
                 frame = decode_client_frame(data, limits)
                 await self._handle(frame)

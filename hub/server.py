@@ -24,6 +24,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from hub import wsbuffer
 from hub.app import create_app
 from hub.config import HubConfig
 from hub.retention import run_retention
@@ -66,9 +67,10 @@ def _hypercorn_config(config: HubConfig) -> HypercornConfig:
     hc = HypercornConfig()
     host = f"[{config.host}]" if ":" in config.host else config.host
     hc.bind = [f"{host}:{config.port}"]
-    # Frames up to twice the limit reach us and get a TOO_LARGE error frame;
-    # beyond that hypercorn closes the connection (1009) without reading them.
-    hc.websocket_max_message_size = 2 * config.limits.max_frame_bytes
+    # Beyond this a message is discarded as it arrives and answered TOO_LARGE
+    # (hub/wsbuffer.py); up to it, decode_client_frame applies the exact limit.
+    wsbuffer.install()
+    hc.websocket_max_message_size = config.limits.max_frame_bytes + 1024
     # Pings let hypercorn notice a peer that vanished without a close.
     hc.websocket_ping_interval = config.ping_interval
     hc.graceful_timeout = config.shutdown_timeout + 2

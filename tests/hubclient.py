@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import socket
 import sqlite3
+import threading
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
@@ -39,6 +40,8 @@ MAX_WS_MESSAGE = 64 * 1024 * 1024
 # Hang guard for waits on the hub: not a performance assertion, only a way to
 # turn "the hub never answered" into a failure instead of a stuck suite.
 PATIENCE = 60.0
+# After this long a test's hubs are killed (see HubFactory).
+TEST_DEADLINE = 180.0
 
 
 class SqliteHub(HubProcess):
@@ -75,11 +78,26 @@ class SqliteHub(HubProcess):
 
 
 class HubFactory:
-    """Starts hubs on fresh SQLite files under tmp_path; stops them all at teardown."""
+    """Starts hubs on fresh SQLite files under tmp_path; stops them all at teardown.
+
+    A watchdog kills the test's hubs after TEST_DEADLINE seconds, so a test
+    stuck waiting on a hub fails (its connections break) instead of hanging
+    the suite.
+    """
 
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
         self.hubs: list[SqliteHub] = []
+        self.expired = False
+        self._watchdog = threading.Timer(TEST_DEADLINE, self._expire)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def _expire(self) -> None:
+        self.expired = True
+        for hub in self.hubs:
+            if hub.proc is not None and hub.proc.poll() is None:
+                hub.proc.kill()
 
     def make(self, *args: str, db_path: Path | None = None, env: dict[str, str] | None = None) -> SqliteHub:
         path = db_path or self.tmp_path / f"keruta-{len(self.hubs)}.db"
@@ -94,6 +112,9 @@ class HubFactory:
         return await self.make(*args, db_path=db_path, env=env).astart()
 
     def close(self) -> None:
+        self._watchdog.cancel()
+        if self.expired:
+            print(f"--- the watchdog killed this test's hubs after {TEST_DEADLINE} s: the test was stuck ---")
         for hub in self.hubs:
             hub.stop()
             # Shown by pytest only when the test failed: the hub's own account.

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import orjson
 import trio
-from trio_websocket import ConnectionClosed
+from trio_websocket import ConnectionClosed, DisconnectionTimeout
 
 from tests import hubclient
 from tests.hubclient import (
@@ -246,16 +246,27 @@ async def test_ws_bad_frames_get_error_frames_and_the_connection_carries_on(hub:
 
 async def test_frame_beyond_what_the_server_reads_closes_only_that_connection(hub: SqliteHub) -> None:
     """A frame so large the hub will not even read it may cost the sender its connection,
-    never the hub: others carry on."""
+    never the hub: others carry on, and the refused connection really ends."""
+    huge = logs_frame(TASK, [make_record(TASK, s, "q" * 60_000) for s in range(1, 200)])  # ~12 MB
     async with hub.ws() as other:
-        async with hub.ws() as ws:
-            with trio.fail_after(PATIENCE):
-                try:
-                    await ws.send(logs_frame(TASK, [make_record(TASK, s, "q" * 60_000) for s in range(1, 200)]))
-                    reply = await ws.recv()
-                    assert reply["type"] == "error" and reply["code"] == "TOO_LARGE", reply
-                except ConnectionClosed as exc:
-                    assert exc.reason is not None and exc.reason.code == 1009, exc.reason
+        outcome = "nothing"
+        with trio.move_on_after(15) as stuck:
+            try:
+                async with hub.ws(disconnect_timeout=5) as ws:
+                    try:
+                        await ws.send(huge)
+                        reply = await ws.recv()
+                        outcome = f"frame {reply}"
+                        assert reply["type"] == "error" and reply["code"] == "TOO_LARGE", reply
+                    except ConnectionClosed as exc:
+                        outcome = f"close {exc.reason}"
+                        assert exc.reason is not None and exc.reason.code == 1009, exc.reason
+            except DisconnectionTimeout:
+                stuck.cancel()
+        assert not stuck.cancelled_caught, (
+            f"after {outcome} the connection was never torn down: the closing handshake did not "
+            "finish and the hub kept the TCP connection open"
+        )
         with trio.fail_after(PATIENCE):
             await other.send({"type": "ping"})
             assert await other.recv() == {"type": "pong"}

@@ -144,6 +144,8 @@ async def test_sigterm_commits_acks_closes_1001_and_exits_0(hub: SqliteHub) -> N
     print(f"acked {acked} of {total}, stored {len(stored)}")
     assert not missing(range(1, acked + 1), stored), f"acked through {acked}, some are not stored"
     assert stored == sorted(set(stored))
+    # The writer was still connected: whatever got committed was also acknowledged to it.
+    assert stored == list(range(1, acked + 1)), f"stored {len(stored)} records but acked only {acked}"
     assert "Traceback" not in hub.stderr_text, hub.stderr_text
 
     # And it starts again on the same file with everything it acknowledged.
