@@ -83,6 +83,9 @@ class Broadcaster:
         self.subs: dict[str, set[Subscription]] = {}
         # The durable seq of each subscribed task as of the last publish here.
         self.known: dict[str, int] = {}
+        # The last status frame published per subscribed task: the same state
+        # arriving again (a re-read after a lost notice) is not news.
+        self.last_status: dict[str, str] = {}
 
     @property
     def count(self) -> int:
@@ -98,6 +101,7 @@ class Broadcaster:
             if not subs:
                 del self.subs[sub.task_id]
                 self.known.pop(sub.task_id, None)
+                self.last_status.pop(sub.task_id, None)
 
     def publish_records(self, inserted: Iterable[LogRecord], durable: dict[str, int]) -> None:
         """After a commit: `inserted` are the new records, `durable` the new watermarks."""
@@ -148,6 +152,9 @@ class Broadcaster:
 
     def publish_status(self, task: TaskInfo) -> None:
         payload = status_payload(task)
+        if task.task_id not in self.subs or self.last_status.get(task.task_id) == payload:
+            return
+        self.last_status[task.task_id] = payload
         for sub in list(self.subs.get(task.task_id, ())):
             if sub.live:
                 sub.offer(Outgoing(payload))

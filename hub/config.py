@@ -23,6 +23,9 @@ class HubConfig:
     rate_burst: int = 5000
     # Frames queued per subscriber before it is told SLOW_CONSUMER.
     subscriber_queue: int = 256
+    # A subscriber catching up from the store whose queue stays full this long
+    # is a slow consumer too.
+    slow_consumer_after: float = 10.0
     max_page_size: int = 1000
     # The writer commits whatever is waiting, up to this many records a transaction
     # (the seed's batchSize/bufferSize) ...

@@ -174,6 +174,15 @@ class Connection:
             self.hub.broadcaster.remove(sub)
         self._read_scope.cancel()
 
+    async def _send_catching_up(self, item: Outgoing) -> None:
+        """History waits for room, but not forever: a client that stops reading
+        is a slow consumer whether it is catching up or live."""
+        with trio.move_on_after(self.hub.config.slow_consumer_after):
+            await self.outbox.send(item)
+            return
+        self._slow()
+        await trio.sleep_forever()  # the connection is closing; _close cancels us
+
     async def _send(self, payload: str) -> None:
         await self.outbox.send(Outgoing(payload))
 
@@ -302,7 +311,7 @@ class Connection:
                         )
                         through = records[-1].seq if len(records) == FRAME_RECORDS else target
                         for payload, last in encode_chunks(sub.task_id, records, through):
-                            await self.outbox.send(Outgoing(payload, sub, last))
+                            await self._send_catching_up(Outgoing(payload, sub, last))
                         sub.cursor = through
                     # No await between this check and going live: the broadcaster
                     # pushes every commit after it.

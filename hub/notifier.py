@@ -29,7 +29,9 @@ async def _catch_up_all(store: PostgresStore, broadcaster: Broadcaster) -> None:
 
 
 async def _listen_session(store: PostgresStore, broadcaster: Broadcaster) -> None:
-    async with store.listen() as notices:
+    # Our own commits reach our subscribers through the writer; only other
+    # hubs' notices matter here.
+    async with store.listen(ignore_own=True) as notices:
         await _catch_up_all(store, broadcaster)
         async for notice in notices:
             if notice is None:

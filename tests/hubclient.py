@@ -1,13 +1,18 @@
 """Clients and fixtures for integration tests against a real hub process.
 
 Everything here talks to a real `python -m hub` child over real sockets and
-reads its real SQLite file; nothing is mocked. Import the fixtures into a test
-module with `hub, hub_factory = hubclient.hub, hubclient.hub_factory`.
+reads its real database (SQLite file or PostgreSQL); nothing is mocked. The
+`hub_factory` and `hub` fixtures run each test once per store; the PostgreSQL
+half needs KERUTA_TEST_PG_DSN and gives every test its own database. Import
+the fixtures into a test module with
+`hub, hub_factory = hubclient.hub, hubclient.hub_factory`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
+import secrets
 import socket
 import sqlite3
 import threading
@@ -31,6 +36,9 @@ from trio_websocket import (
 from keruta.records import LogRecord
 from keruta.timefmt import now_ts
 from keruta.wire import LogsFrame, decode_hub_frame, encode_bytes, record_to_wire
+from tests.conftest import STORE_KINDS, pg_dsn
+from tests.conftest import _admin_sync as pg_admin
+from tests.conftest import _with_database as with_database
 from tests.support import HubProcess, sqlite_url
 
 # The canonical wire form of a timestamp: UTC, six fractional digits, `Z`.
@@ -44,18 +52,37 @@ PATIENCE = 60.0
 TEST_DEADLINE = 180.0
 
 
-class SqliteHub(HubProcess):
-    """A hub child on its own SQLite file, with async helpers for trio tests."""
+class TestHub(HubProcess):
+    """A hub child on its own database (SQLite file or PostgreSQL), with async helpers for trio tests."""
 
-    def __init__(self, db_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        super().__init__(sqlite_url(db_path), *args, env=env)
-        self.db_path = db_path
+    __test__ = False  # a helper, not a test class, though test modules import it
 
-    async def astart(self) -> SqliteHub:
+    def __init__(self, db: str, *args: str, env: dict[str, str] | None = None) -> None:
+        super().__init__(db, *args, env=env)
+
+    @property
+    def store(self) -> str:
+        """Which store this hub's `--db` selects: "sqlite" or "postgres"."""
+        return "sqlite" if self.db.startswith("sqlite://") else "postgres"
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite file (only for hubs on SQLite)."""
+        assert self.store == "sqlite", f"{self.db} is not a SQLite file"
+        return Path(self.db.removeprefix("sqlite:///"))
+
+    def start(self, timeout: float = 30.0) -> TestHub:
+        super().start(timeout)
+        return self
+
+    def restart(self) -> TestHub:
+        return self.start()
+
+    async def astart(self) -> TestHub:
         # Starting blocks until the child prints its address: keep it off the trio loop.
         return await trio.to_thread.run_sync(self.start)
 
-    async def arestart(self) -> SqliteHub:
+    async def arestart(self) -> TestHub:
         return await trio.to_thread.run_sync(self.restart)
 
     async def aterminate(self, timeout: float = 30.0) -> int:
@@ -77,17 +104,57 @@ class SqliteHub(HubProcess):
         return "".join(self.output)
 
 
-class HubFactory:
-    """Starts hubs on fresh SQLite files under tmp_path; stops them all at teardown.
+class SqliteFiles:
+    """New databases for one test: a fresh SQLite file each, under tmp_path."""
 
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.made = 0
+
+    def __call__(self) -> str:
+        path = self.tmp_path / f"keruta-{self.made}.db"
+        self.made += 1
+        return sqlite_url(path)
+
+    def drop(self) -> None:
+        pass  # tmp_path is pytest's to clean
+
+
+class PgDatabases:
+    """New databases for one test: the test's fresh PostgreSQL database first,
+    then one more per call, created on the same server and dropped at teardown."""
+
+    def __init__(self, first_url: str, admin_dsn: str) -> None:
+        self.first_url: str | None = first_url
+        self.admin_dsn = admin_dsn
+        self.created: list[str] = []
+
+    def __call__(self) -> str:
+        if self.first_url is not None:
+            url, self.first_url = self.first_url, None
+            return url
+        name = "keruta_t_" + secrets.token_hex(6)
+        pg_admin(self.admin_dsn, f'CREATE DATABASE "{name}"')
+        self.created.append(name)
+        return with_database(self.admin_dsn, name)
+
+    def drop(self) -> None:
+        for name in self.created:
+            pg_admin(self.admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class HubFactory:
+    """Starts hubs, each on a new database from `new_db`; stops them all at teardown.
+
+    `make(db=other.db)` starts a hub on an existing hub's database instead.
     A watchdog kills the test's hubs after TEST_DEADLINE seconds, so a test
     stuck waiting on a hub fails (its connections break) instead of hanging
     the suite.
     """
 
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.hubs: list[SqliteHub] = []
+    def __init__(self, new_db: Callable[[], str]) -> None:
+        self.new_db = new_db
+        self.hubs: list[TestHub] = []
         self.expired = False
         self._watchdog = threading.Timer(TEST_DEADLINE, self._expire)
         self._watchdog.daemon = True
@@ -99,17 +166,16 @@ class HubFactory:
             if hub.proc is not None and hub.proc.poll() is None:
                 hub.proc.kill()
 
-    def make(self, *args: str, db_path: Path | None = None, env: dict[str, str] | None = None) -> SqliteHub:
-        path = db_path or self.tmp_path / f"keruta-{len(self.hubs)}.db"
-        hub = SqliteHub(path, *args, env=env)
+    def make(self, *args: str, db: str | None = None, env: dict[str, str] | None = None) -> TestHub:
+        hub = TestHub(db or self.new_db(), *args, env=env)
         self.hubs.append(hub)
         return hub
 
-    def start(self, *args: str, db_path: Path | None = None, env: dict[str, str] | None = None) -> SqliteHub:
-        return self.make(*args, db_path=db_path, env=env).start()
+    def start(self, *args: str, db: str | None = None, env: dict[str, str] | None = None) -> TestHub:
+        return self.make(*args, db=db, env=env).start()
 
-    async def astart(self, *args: str, db_path: Path | None = None, env: dict[str, str] | None = None) -> SqliteHub:
-        return await self.make(*args, db_path=db_path, env=env).astart()
+    async def astart(self, *args: str, db: str | None = None, env: dict[str, str] | None = None) -> TestHub:
+        return await self.make(*args, db=db, env=env).astart()
 
     def close(self) -> None:
         self._watchdog.cancel()
@@ -118,21 +184,32 @@ class HubFactory:
         for hub in self.hubs:
             hub.stop()
             # Shown by pytest only when the test failed: the hub's own account.
-            print(f"--- hub on {hub.db_path} stderr ---\n{hub.stderr_text}")
+            print(f"--- hub on {hub.db} stderr ---\n{hub.stderr_text}")
 
 
-@pytest.fixture
-def hub_factory(tmp_path: Path) -> Iterator[HubFactory]:
-    factory = HubFactory(tmp_path)
+@pytest.fixture(params=STORE_KINDS)
+def hub_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[HubFactory]:
+    """Hubs for one test, once on SQLite and once on PostgreSQL (with KERUTA_TEST_PG_DSN)."""
+    databases: SqliteFiles | PgDatabases
+    if request.param == "sqlite":
+        databases = SqliteFiles(tmp_path)
+    else:
+        # Asked for only here, so a SQLite run never needs a PostgreSQL server.
+        first = request.getfixturevalue("fresh_pg_url")
+        admin_dsn = pg_dsn()
+        assert admin_dsn is not None  # fresh_pg_url skips without it
+        databases = PgDatabases(first, admin_dsn)
+    factory = HubFactory(databases)
     try:
         yield factory
     finally:
         factory.close()
+        databases.drop()
 
 
 @pytest.fixture
-def hub(hub_factory: HubFactory) -> SqliteHub:
-    """A hub on a fresh SQLite file, default settings, no tokens."""
+def hub(hub_factory: HubFactory) -> TestHub:
+    """A hub on a fresh database of the test's store, default settings, no tokens."""
     return hub_factory.start()
 
 
@@ -276,21 +353,25 @@ async def open_stalled_ws(url: str) -> AsyncIterator[Ws]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     await sock.connect((host, port))
     stream = trio.SocketStream(sock)
-    async with trio.open_nursery() as nursery:
-        conn = await wrap_client_stream(
-            nursery,
-            stream,
-            f"{host}:{port}",
-            resource,
-            message_queue_size=1,
-            max_message_size=MAX_WS_MESSAGE,
-            receive_buffer_size=4096,
-        )
-        try:
-            yield Ws(conn)
-        finally:
-            nursery.cancel_scope.cancel()
-            await trio.aclose_forcefully(stream)
+    try:
+        async with trio.open_nursery() as nursery:
+            conn = await wrap_client_stream(
+                nursery,
+                stream,
+                f"{host}:{port}",
+                resource,
+                message_queue_size=1,
+                max_message_size=MAX_WS_MESSAGE,
+                receive_buffer_size=4096,
+            )
+            try:
+                yield Ws(conn)
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        # Closed outside the cancelled nursery: a checkpoint inside it would raise
+        # a Cancelled that the nursery swallows, and the test's own error with it.
+        await trio.aclose_forcefully(stream)
 
 
 async def drain_until_closed(ws: Ws) -> tuple[list[dict[str, Any]], int | None]:
@@ -353,14 +434,33 @@ def parse_metrics(text: str) -> dict[str, float]:
     return values
 
 
-# --- the SQLite file itself ---------------------------------------------------
+# --- the database itself ----------------------------------------------------
 
 
-def sqlite_seqs(db_path: Path, task_id: str) -> list[int]:
-    """The seqs stored for a task, read straight from the file (hub stopped or not)."""
-    conn = sqlite3.connect(db_path, timeout=30)
-    try:
-        rows = conn.execute("SELECT seq FROM logs WHERE task_id = ? ORDER BY seq", (task_id,)).fetchall()
-    finally:
-        conn.close()
-    return [row[0] for row in rows]
+def read_stored_seqs(db: str, task_id: str) -> list[int]:
+    """The seqs stored for a task, read straight from the database (hub stopped or not)."""
+    if db.startswith("sqlite://"):
+        conn = sqlite3.connect(db.removeprefix("sqlite:///"), timeout=30)
+        try:
+            rows = conn.execute("SELECT seq FROM logs WHERE task_id = ? ORDER BY seq", (task_id,)).fetchall()
+        finally:
+            conn.close()
+        return [row[0] for row in rows]
+
+    import asyncpg
+
+    async def query() -> list[int]:
+        conn = await asyncpg.connect(db)
+        try:
+            rows = await conn.fetch("SELECT seq FROM keruta_logs WHERE task_id = $1 ORDER BY seq", task_id)
+        finally:
+            await conn.close()
+        return [row["seq"] for row in rows]
+
+    # Plain asyncio, in a worker thread: no trio-asyncio loop needed in the test.
+    return asyncio.run(query())
+
+
+async def stored_seqs(hub: TestHub, task_id: str) -> list[int]:
+    """The seqs the hub's database holds for a task, read without the hub."""
+    return await trio.to_thread.run_sync(read_stored_seqs, hub.db, task_id)

@@ -17,7 +17,7 @@ from tests import hubclient
 from tests.hubclient import (
     PATIENCE,
     HubFactory,
-    SqliteHub,
+    TestHub,
     assert_error,
     drain_until_closed,
     fetch_all,
@@ -34,11 +34,11 @@ TASK = "guarded"
 
 
 @pytest.fixture
-def guarded(hub_factory: HubFactory) -> SqliteHub:
+def guarded(hub_factory: HubFactory) -> TestHub:
     return hub_factory.start("--agent-token", AGENT, "--viewer-token", VIEWER)
 
 
-async def test_rest_tokens(guarded: SqliteHub) -> None:
+async def test_rest_tokens(guarded: TestHub) -> None:
     body = {"message": "hello"}
     async with guarded.http() as anon, guarded.http(AGENT) as agent, guarded.http(VIEWER) as viewer, \
             guarded.http("wrong") as wrong:
@@ -105,7 +105,7 @@ async def refused(ws_cm: Any, eager: bool) -> tuple[list[dict[str, Any]], int | 
         ) from None
 
 
-async def test_ws_without_a_valid_token_gets_unauthorized_and_1008(guarded: SqliteHub) -> None:
+async def test_ws_without_a_valid_token_gets_unauthorized_and_1008(guarded: TestHub) -> None:
     outcomes: list[str] = []
     with trio.fail_after(PATIENCE):
         for name, connect in (
@@ -127,7 +127,7 @@ async def test_ws_without_a_valid_token_gets_unauthorized_and_1008(guarded: Sqli
         assert await fetch_all(client, TASK) == [], "a refused connection stored records"
 
 
-async def test_ws_tokens(guarded: SqliteHub) -> None:
+async def test_ws_tokens(guarded: TestHub) -> None:
     with trio.fail_after(PATIENCE):
         async with guarded.ws(token=VIEWER) as viewer, guarded.ws(query_token=VIEWER) as watcher, \
                 guarded.ws(query_token=AGENT) as agent:
@@ -171,6 +171,8 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
+# SQLite only, on purpose: the hub refuses in check_config, before it opens any
+# store, so the store cannot change the outcome (the hub never touches the file).
 def run_hub(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "hub", "--port", "0", "--db", sqlite_url(tmp_path / "open.db"), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=env or clean_env())

@@ -16,7 +16,7 @@ from trio_websocket import ConnectionClosed, DisconnectionTimeout
 from tests import hubclient
 from tests.hubclient import (
     PATIENCE,
-    SqliteHub,
+    TestHub,
     fetch_all,
     logs_frame,
     logs_path,
@@ -99,7 +99,7 @@ def check(failures: list[str], what: str, resp: Any, status: int, code: str, men
         failures.append(f"{what}: got a {resp.status_code}")
 
 
-async def test_rest_bad_input(hub: SqliteHub) -> None:
+async def test_rest_bad_input(hub: TestHub) -> None:
     failures: list[str] = []
     previous = "nothing"
 
@@ -206,7 +206,7 @@ BAD_FRAMES: list[tuple[str, Any, str, str | None]] = [
 ]
 
 
-async def test_ws_bad_frames_get_error_frames_and_the_connection_carries_on(hub: SqliteHub) -> None:
+async def test_ws_bad_frames_get_error_frames_and_the_connection_carries_on(hub: TestHub) -> None:
     failures: list[str] = []
     async with hub.ws() as ws, hub.ws() as bystander:
         await bystander.subscribe(TASK, from_seq=1)
@@ -244,7 +244,7 @@ async def test_ws_bad_frames_get_error_frames_and_the_connection_carries_on(hub:
     assert "Traceback" not in hub.stderr_text, hub.stderr_text
 
 
-async def test_frame_beyond_what_the_server_reads_closes_only_that_connection(hub: SqliteHub) -> None:
+async def test_frame_beyond_what_the_server_reads_closes_only_that_connection(hub: TestHub) -> None:
     """A frame so large the hub will not even read it may cost the sender its connection,
     never the hub: others carry on, and the refused connection really ends."""
     huge = logs_frame(TASK, [make_record(TASK, s, "q" * 60_000) for s in range(1, 200)])  # ~12 MB
@@ -274,7 +274,7 @@ async def test_frame_beyond_what_the_server_reads_closes_only_that_connection(hu
         assert await fetch_all(client, TASK) == []
 
 
-async def test_keep_alive_connection_survives_rejected_posts(hub: SqliteHub) -> None:
+async def test_keep_alive_connection_survives_rejected_posts(hub: TestHub) -> None:
     """A client reusing its connection after a rejected POST gets its next answer.
 
     The hub may answer before reading the body (bad task id, body too large);

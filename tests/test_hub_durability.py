@@ -14,13 +14,13 @@ from tests import hubclient
 from tests.hubclient import (
     PATIENCE,
     HubFactory,
-    SqliteHub,
+    TestHub,
     Ws,
     batch_frames,
     drain_until_closed,
     fetch_all,
     logs_path,
-    sqlite_seqs,
+    stored_seqs,
 )
 
 hub, hub_factory = hubclient.hub, hubclient.hub_factory  # fixtures
@@ -33,7 +33,7 @@ def missing(expected: range, stored: list[int]) -> list[int]:
     return sorted(set(expected) - set(stored))
 
 
-async def test_sigkill_mid_stream_loses_no_acked_record_and_serves_on(hub: SqliteHub) -> None:
+async def test_sigkill_mid_stream_loses_no_acked_record_and_serves_on(hub: TestHub) -> None:
     ws_task, rest_task = "killed-ws", "killed-rest"
     total, batch, kill_at = 60_000, 500, 10_000
     frames = list(batch_frames(ws_task, 1, total, batch))
@@ -83,17 +83,17 @@ async def test_sigkill_mid_stream_loses_no_acked_record_and_serves_on(hub: Sqlit
     acked = ws.acked[ws_task]
     assert acked >= kill_at
 
-    # Straight from the file, with the hub dead: every acknowledged record is there, once.
-    stored = sqlite_seqs(hub.db_path, ws_task)
+    # Straight from the database, with the hub dead: every acknowledged record is there, once.
+    stored = await stored_seqs(hub, ws_task)
     print(f"acked {acked}, stored {len(stored)} of {total} sent; REST answered through {rest_answered}")
     assert stored == sorted(set(stored)), "a seq is stored twice"
     assert not missing(range(1, acked + 1), stored), (
         f"acked through {acked} but missing {missing(range(1, acked + 1), stored)[:10]}"
     )
-    rest_stored = sqlite_seqs(hub.db_path, rest_task)
+    rest_stored = await stored_seqs(hub, rest_task)
     assert not missing(range(1, rest_answered + 1), rest_stored)
 
-    # Restarted on the same file it serves what it stored, and takes the rest exactly once.
+    # Restarted on the same database it serves what it stored, and takes the rest exactly once.
     await hub.arestart()
     async with hub.http() as client:
         assert [r["seq"] for r in await fetch_all(client, ws_task)] == stored
@@ -105,10 +105,10 @@ async def test_sigkill_mid_stream_loses_no_acked_record_and_serves_on(hub: Sqlit
         assert [r["seq"] for r in await fetch_all(client, ws_task)] == list(range(1, total + 1))
         resp = await client.get(logs_path(ws_task, "/stats"))
         assert resp.json()["totalLogs"] == total
-    assert sqlite_seqs(hub.db_path, ws_task) == list(range(1, total + 1))
+    assert await stored_seqs(hub, ws_task) == list(range(1, total + 1))
 
 
-async def test_sigterm_commits_acks_closes_1001_and_exits_0(hub: SqliteHub) -> None:
+async def test_sigterm_commits_acks_closes_1001_and_exits_0(hub: TestHub) -> None:
     task = "terminated"
     total = 20_000
     frames = list(batch_frames(task, 1, total, 500))
@@ -140,7 +140,7 @@ async def test_sigterm_commits_acks_closes_1001_and_exits_0(hub: SqliteHub) -> N
     assert close_codes == {"writer": 1001, "watcher": 1001, "idle": 1001}
     assert [f for f in writer_frames if f["type"] == "error"] == []
     acked = writer.acked[task]
-    stored = sqlite_seqs(hub.db_path, task)
+    stored = await stored_seqs(hub, task)
     print(f"acked {acked} of {total}, stored {len(stored)}")
     assert not missing(range(1, acked + 1), stored), f"acked through {acked}, some are not stored"
     assert stored == sorted(set(stored))
@@ -148,7 +148,7 @@ async def test_sigterm_commits_acks_closes_1001_and_exits_0(hub: SqliteHub) -> N
     assert stored == list(range(1, acked + 1)), f"stored {len(stored)} records but acked only {acked}"
     assert "Traceback" not in hub.stderr_text, hub.stderr_text
 
-    # And it starts again on the same file with everything it acknowledged.
+    # And it starts again on the same database with everything it acknowledged.
     await hub.arestart()
     async with hub.http() as client:
         assert [r["seq"] for r in await fetch_all(client, task)] == stored

@@ -13,7 +13,7 @@ from tests.hubclient import (
     CANONICAL_TS,
     PATIENCE,
     HubFactory,
-    SqliteHub,
+    TestHub,
     assert_error,
     fetch_all,
     logs_frame,
@@ -45,7 +45,7 @@ async def post(client: Any, task_id: str, body: Any) -> Any:
     return resp.json()
 
 
-async def test_ws_and_rest_records_come_back_in_seq_order(hub: SqliteHub) -> None:
+async def test_ws_and_rest_records_come_back_in_seq_order(hub: TestHub) -> None:
     task = "build-1"
     async with hub.ws() as ws, hub.http() as client:
         # Over the socket, out of order across frames: the store keeps seq order.
@@ -101,7 +101,7 @@ async def test_ws_and_rest_records_come_back_in_seq_order(hub: SqliteHub) -> Non
     assert by_seq[13]["timestamp"] == "2024-01-02T03:00:00.500000Z"
 
 
-async def test_paging(hub: SqliteHub) -> None:
+async def test_paging(hub: TestHub) -> None:
     task = "paged"
     async with hub.http() as client:
         await post(client, task, [item(s) for s in range(1, 251)])
@@ -156,7 +156,7 @@ def filter_fixture() -> list[dict[str, Any]]:
     ]
 
 
-async def test_filters_q_and_after_seq(hub: SqliteHub) -> None:
+async def test_filters_q_and_after_seq(hub: TestHub) -> None:
     task = "filtered"
     items = filter_fixture()
 
@@ -213,7 +213,7 @@ async def test_filters_q_and_after_seq(hub: SqliteHub) -> None:
         assert [r["seq"] for r in body["content"]] == stdout[5:10]
 
 
-async def test_stats(hub: SqliteHub) -> None:
+async def test_stats(hub: TestHub) -> None:
     task = "stats"
     async with hub.http() as client:
         await post(
@@ -246,7 +246,7 @@ async def test_stats(hub: SqliteHub) -> None:
         assert_error(await client.get(logs_path("unknown-task", "/stats")), 404, "NOT_FOUND")
 
 
-async def test_delete_before_and_all(hub: SqliteHub) -> None:
+async def test_delete_before_and_all(hub: TestHub) -> None:
     task = "deleting"
     async with hub.http() as client:
         await post(client, task, [item(s) for s in range(1, 11)])
@@ -279,7 +279,7 @@ async def wait_for_state(client: Any, task_id: str, state: str) -> dict[str, Any
             await trio.sleep(0.05)
 
 
-async def test_task_list_and_state(hub: SqliteHub) -> None:
+async def test_task_list_and_state(hub: TestHub) -> None:
     async with hub.http() as client, hub.ws() as ws:
         assert (await client.get("/api/v1/tasks")).json() == {"tasks": []}
         assert_error(await client.get("/api/v1/tasks/task-a"), 404, "NOT_FOUND")
@@ -316,7 +316,7 @@ async def test_task_list_and_state(hub: SqliteHub) -> None:
             assert TASK_KEYS <= set(t), t
 
 
-async def test_raw_download(hub: SqliteHub) -> None:
+async def test_raw_download(hub: TestHub) -> None:
     task = "raw"
     # Blank lines are lines too.
     messages = ["" if s % 7 == 0 else f"line {s} héllo ✓" for s in range(1, 3001)]
@@ -333,7 +333,7 @@ async def test_raw_download(hub: SqliteHub) -> None:
         assert lines == messages
 
 
-async def test_rest_post_twice_is_stored_once(hub: SqliteHub) -> None:
+async def test_rest_post_twice_is_stored_once(hub: TestHub) -> None:
     task = "twice"
     async with hub.http() as client:
         first = await post(client, task, {"message": "only once", "seq": 5})
@@ -361,7 +361,7 @@ async def test_rest_post_twice_is_stored_once(hub: SqliteHub) -> None:
         assert records[4]["id"] == first["id"]
 
 
-async def test_healthz_metrics_openapi(hub: SqliteHub) -> None:
+async def test_healthz_metrics_openapi(hub: TestHub) -> None:
     async with hub.http() as client:
         resp = await client.get("/healthz")
         assert resp.status_code == 200 and resp.json()["status"] == "ok", resp.text

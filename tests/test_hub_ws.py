@@ -11,7 +11,7 @@ from tests.hubclient import (
     CANONICAL_TS,
     PATIENCE,
     HubFactory,
-    SqliteHub,
+    TestHub,
     Ws,
     batch_frames,
     drain_until_closed,
@@ -19,13 +19,13 @@ from tests.hubclient import (
     logs_frame,
     make_record,
     open_stalled_ws,
-    sqlite_seqs,
+    stored_seqs,
 )
 
 hub, hub_factory = hubclient.hub, hubclient.hub_factory  # fixtures
 
 
-async def test_log_frame_ping_and_ack(hub: SqliteHub) -> None:
+async def test_log_frame_ping_and_ack(hub: TestHub) -> None:
     task = "single"
     async with hub.ws() as ws, hub.http() as client:
         await ws.send({"type": "ping"})
@@ -39,7 +39,7 @@ async def test_log_frame_ping_and_ack(hub: SqliteHub) -> None:
         assert stored["timestamp"] == record.timestamp
 
 
-async def test_acks_are_contiguous_watermarks(hub: SqliteHub) -> None:
+async def test_acks_are_contiguous_watermarks(hub: TestHub) -> None:
     task = "watermark"
     async with hub.ws() as ws:
         # seq 1..5 and 8..10 are stored, 6..7 missing: the watermark stops at 5.
@@ -55,7 +55,7 @@ async def test_acks_are_contiguous_watermarks(hub: SqliteHub) -> None:
         assert ws.acked[task] == 10
 
 
-async def test_frame_sent_twice_is_stored_once(hub: SqliteHub) -> None:
+async def test_frame_sent_twice_is_stored_once(hub: TestHub) -> None:
     task = "dup-ws"
     frame = logs_frame(task, [make_record(task, s) for s in range(1, 101)])
     async with hub.ws() as ws, hub.http() as client:
@@ -72,10 +72,10 @@ async def test_frame_sent_twice_is_stored_once(hub: SqliteHub) -> None:
             await ws.recv_type("pong")
         records = await fetch_all(client, task)
     assert [r["seq"] for r in records] == list(range(1, 151))
-    assert sqlite_seqs(hub.db_path, task) == list(range(1, 151))
+    assert await stored_seqs(hub, task) == list(range(1, 151))
 
 
-async def test_live_subscriber_gets_only_new_records(hub: SqliteHub) -> None:
+async def test_live_subscriber_gets_only_new_records(hub: TestHub) -> None:
     task = "live"
     async with hub.http() as client:
         resp = await client.post(
@@ -117,7 +117,7 @@ async def collect_records(ws: Ws, task_id: str, last_seq: int) -> list[dict[str,
     return records
 
 
-async def test_status_on_subscribe_and_broadcast(hub: SqliteHub) -> None:
+async def test_status_on_subscribe_and_broadcast(hub: TestHub) -> None:
     task = "stateful"
     async with hub.ws() as agent, hub.ws() as early:
         await early.subscribe(task)
@@ -137,7 +137,7 @@ async def test_status_on_subscribe_and_broadcast(hub: SqliteHub) -> None:
                 assert frame == {"type": "status", "taskId": task, "state": "failed", "exitCode": 2}
 
 
-async def test_unsubscribe_stops_delivery(hub: SqliteHub) -> None:
+async def test_unsubscribe_stops_delivery(hub: TestHub) -> None:
     task = "unsub"
     async with hub.ws() as watcher, hub.ws() as writer:
         await watcher.subscribe(task)
@@ -180,7 +180,7 @@ async def write_windowed(
         event.set()
 
 
-async def test_from_seq_replay_then_live_has_no_gap_or_duplicate(hub: SqliteHub) -> None:
+async def test_from_seq_replay_then_live_has_no_gap_or_duplicate(hub: TestHub) -> None:
     task = "replay"
     total = 20_000
     milestones = {at: trio.Event() for at in (2_000, 5_000, 10_000, 15_000)}

@@ -598,8 +598,9 @@ def test_advance_and_durable_through_batch():
 
 
 def test_parse_notice():
-    assert parse_notice("task-1 42") == ("task-1", 42)
-    assert parse_notice("a:b.c 1") == ("a:b.c", 1)
+    assert parse_notice("task-1 42") == ("task-1", 42, "")
+    assert parse_notice("a:b.c 1") == ("a:b.c", 1, "")
+    assert parse_notice("t 7 hubA") == ("t", 7, "hubA")
     assert parse_notice("nonsense") is None
     assert parse_notice("t x") is None
     assert parse_notice(" 5") is None

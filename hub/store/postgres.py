@@ -17,6 +17,7 @@ timestamps order as strings, and task ids order byte-wise as in SQLite.
 
 from __future__ import annotations
 
+import secrets
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -205,11 +206,16 @@ def _storable(item: Incoming) -> Incoming:
     return item
 
 
-def parse_notice(payload: str) -> tuple[str, int] | None:
-    """`"TASK_ID SEQ"` -> (task_id, seq); None for anything else."""
-    task_id, _, seq = payload.rpartition(" ")
+def parse_notice(payload: str) -> tuple[str, int, str] | None:
+    """`"TASK_ID SEQ [ORIGIN]"` -> (task_id, seq, origin); None for anything else.
+
+    A task id has no spaces; ORIGIN names the store instance (hub) that sent it.
+    """
+    parts = payload.split(" ")
+    if len(parts) not in (2, 3) or not parts[0]:
+        return None
     try:
-        return (task_id, int(seq)) if task_id else None
+        return parts[0], int(parts[1]), parts[2] if len(parts) == 3 else ""
     except ValueError:
         return None
 
@@ -301,6 +307,8 @@ class PostgresStore:
         self._connect_timeout = connect_timeout
         self._insert_method = insert_method
         self._notify = notify
+        # Names this store instance in its notices, so a hub can skip its own.
+        self.origin = secrets.token_hex(6)
         self._pool: Any = None
 
     @classmethod
@@ -408,7 +416,7 @@ class PostgresStore:
             durable[task_id] = task.durable_seq
             if task.count:
                 await _update_task(
-                    conn, task_id, task, now, self._notify and task.durable_seq > before
+                    conn, task_id, task, now, self._notify and task.durable_seq > before, self.origin
                 )
         return AppendResult(records=plan.records, inserted=inserted, durable=durable)
 
@@ -461,7 +469,7 @@ class PostgresStore:
             if self._notify:
                 # Other hubs' subscribers learn the new state; seq STATUS_NOTICE says "read it".
                 await conn.execute(
-                    "SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, f"{task_id} {STATUS_NOTICE}"
+                    "SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, f"{task_id} {STATUS_NOTICE} {self.origin}"
                 )
         return _task(row)
 
@@ -488,12 +496,12 @@ class PostgresStore:
         """Tell every listening hub that `task_id` is durable up to `durable_seq`."""
         async with self._connection() as conn:
             await conn.execute(
-                "SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, f"{task_id} {durable_seq}"
+                "SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, f"{task_id} {durable_seq} {self.origin}"
             )
 
     @asynccontextmanager
     async def listen(
-        self, *, buffer: int = 1024, ping_interval: float = 15.0
+        self, *, buffer: int = 1024, ping_interval: float = 15.0, ignore_own: bool = False
     ) -> AsyncIterator[DurableNotices]:
         """LISTEN for durable-watermark notices on a dedicated connection.
 
@@ -508,9 +516,10 @@ class PostgresStore:
 
         def on_notify(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
             nonlocal overflowed
-            notice = parse_notice(payload)
-            if notice is None:
+            parsed = parse_notice(payload)
+            if parsed is None or (ignore_own and parsed[2] == self.origin):
                 return
+            notice = parsed[:2]
             if send.statistics().current_buffer_used >= buffer:
                 if not overflowed:
                     overflowed = True
@@ -705,7 +714,9 @@ async def _walk_durable(conn: Any, task_id: str, durable: int) -> int:
             return durable
 
 
-async def _update_task(conn: Any, task_id: str, task: TaskProgress, now: str, notify: bool) -> None:
+async def _update_task(
+    conn: Any, task_id: str, task: TaskProgress, now: str, notify: bool, origin: str
+) -> None:
     """The task row, its counts and (when the watermark moved) the NOTIFY, in one round trip."""
     sources, levels, ns = [], [], []
     for (source, level), n in task.counts.items():
@@ -728,7 +739,7 @@ async def _update_task(conn: Any, task_id: str, task: TaskProgress, now: str, no
             SELECT $1, s, l, c FROM unnest($8::text[], $9::text[], $10::bigint[]) AS x(s, l, c)
             ON CONFLICT (task_id, source, level) DO UPDATE SET n = keruta_counts.n + excluded.n
         )
-        SELECT CASE WHEN $11 THEN pg_notify($12, $1 || ' ' || $3::text) END
+        SELECT CASE WHEN $11 THEN pg_notify($12, $1 || ' ' || $3::text || ' ' || $13) END
         """,
         task_id,
         task.inserted_max,
@@ -742,6 +753,7 @@ async def _update_task(conn: Any, task_id: str, task: TaskProgress, now: str, no
         ns,
         notify,
         NOTIFY_CHANNEL,
+        origin,
     )
 
 
