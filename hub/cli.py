@@ -120,10 +120,26 @@ def main(argv: list[str] | None = None) -> int:
         trio.run(serve, config)
     except KeyboardInterrupt:
         return 130
-    except OSError as exc:
-        print(f"keruta-hub: {exc}", file=sys.stderr)
+    except (OSError, BaseExceptionGroup) as exc:
+        # Port taken, database unreachable at start...: one clear line, no traceback.
+        problem = _first_os_error(exc)
+        if problem is None:
+            raise
+        where = f" ({config.host}:{config.port})" if isinstance(problem, OSError) and problem.errno else ""
+        print(f"keruta-hub: cannot start{where}: {problem}", file=sys.stderr)
         return 1
     return 0
+
+
+def _first_os_error(exc: BaseException) -> OSError | None:
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            found = _first_os_error(sub)
+            if found is not None:
+                return found
+    return None
 
 
 if __name__ == "__main__":

@@ -274,12 +274,14 @@ class Connection:
         store = self.hub.store
         start = frame.from_seq - 1 if frame.from_seq is not None else await store.durable_seq(frame.task_id)
         sub = Subscription(frame.task_id, frame.source, frame.level, cursor=start, offer=self._offer, delivered=start)
-        task = await store.task(frame.task_id)
-        if task is not None:
-            sub.pending_status = status_payload(task)
+        # Registered before the state is read: a status committed meanwhile is
+        # then either in what we read or published to the subscription.
         self.subs[frame.task_id] = sub
         self.hub.broadcaster.add(sub)
         self.hub.metrics.subscribers += 1
+        task = await store.task(frame.task_id)
+        if task is not None and sub.pending_status is None:
+            sub.pending_status = status_payload(task)
         await self._send(dumps(SubscribedFrame(frame.task_id, now_ts())))
         scope = trio.CancelScope()
         self._catch_up_scopes[sub] = scope
