@@ -91,12 +91,13 @@ class LineSplitter:
         """The last line, when the stream ended without a newline."""
         lines: list[Line] = []
         if self._pending:
-            self._emit_line(self._pending, lines)
+            # No newline came, so a final "\r" is content, not a line ending.
+            self._emit_line(self._pending, lines, ending=False)
             self._pending = bytearray()
         return lines
 
-    def _emit_line(self, raw: bytes | bytearray, out: list[Line]) -> None:
-        end = len(raw) - 1 if raw[-1:] == b"\r" else len(raw)
+    def _emit_line(self, raw: bytes | bytearray, out: list[Line], ending: bool = True) -> None:
+        end = len(raw) - 1 if ending and raw[-1:] == b"\r" else len(raw)
         limit = self.max_line_bytes
         if end <= limit // 3:
             # Even all-invalid bytes (3 encoded bytes each) fit: the common case.

@@ -138,7 +138,9 @@ def scan(
             payload = window.get(pos + HEADER.size, length)
             if payload is not None and _check(seq, payload, crc):
                 if bad_since is not None and warn is not None:
-                    warn(f"spool {where}: skipped {pos - bad_since} corrupt bytes at offset {bad_since}")
+                    warn(
+                        f"spool {where}: skipped {pos - bad_since} corrupt bytes at offset {bad_since}"
+                    )
                 bad_since = None
                 nxt = pos + HEADER.size + length
                 yield pos, seq, payload, nxt
@@ -205,6 +207,7 @@ class Spool:
         self._dirty = False
         self._saved_ack = 0
         self._lock_fd: int | None = None
+        self._used = 0  # bytes in segment files
 
     # --- opening ------------------------------------------------------------
 
@@ -218,20 +221,28 @@ class Spool:
         create: bool = True,
         **kwargs: Any,
     ) -> Spool:
+        """Open (`create`: or make) a task's spool and lock it for this process.
+
+        Without `create` (flush), a directory that is not a complete spool --
+        e.g. one its agent is removing right now -- is FileNotFoundError.
+        """
         directory = Path(root) / task_id
         if create:
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         spool = cls(directory, **kwargs)
-        spool._lock()
+        spool._lock(create)
         try:
+            if not create and not (directory / "task.json").exists():
+                raise FileNotFoundError(f"{directory} holds no spooled task")
             spool._load(task_id, hub_url)
         except BaseException:
             spool.close()
             raise
         return spool
 
-    def _lock(self) -> None:
-        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    def _lock(self, create: bool = True) -> None:
+        flags = os.O_RDWR | (os.O_CREAT if create else 0)
+        fd = os.open(self.dir / "lock", flags, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -277,6 +288,7 @@ class Spool:
             self.segments.append(seg)
         for seg in self.segments:
             self.last_seq = max(self.last_seq, seg.last_seq)
+            self._used += seg.size
         self._delete_acked_segments()
 
     def _recover(self, seg: Segment) -> None:
@@ -304,7 +316,7 @@ class Spool:
 
     @property
     def used_bytes(self) -> int:
-        return sum(s.size for s in self.segments)
+        return self._used
 
     def frame_size(self, payload_len: int) -> int:
         return HEADER.size + payload_len
@@ -326,14 +338,25 @@ class Spool:
         data = b"".join(parts)
         seg = self._active(len(data), entries[0][0])
         assert seg.fd is not None
-        _write_all(seg.fd, data)
+        try:
+            _write_all(seg.fd, data)
+        except OSError:
+            # Leave no half frame behind (e.g. the disk filled up mid-write).
+            try:
+                os.ftruncate(seg.fd, seg.size)
+            except OSError:
+                pass
+            raise
         seg.size += len(data)
+        self._used += len(data)
         seg.last_seq = entries[-1][0]
         self.last_seq = seg.last_seq
         self._dirty = True
-        for entry in entries:
-            self._cache.append(entry)
-            self._cache_size += len(entry[1])
+        for seq, payload in entries:
+            # A tight copy: orjson's bytes keep a 4 KiB allocation behind a
+            # 200-byte record, which would make the cache 20 times its budget.
+            self._cache.append((seq, bytes(memoryview(payload))))
+            self._cache_size += len(payload)
         while self._cache_size > self.cache_bytes and self._cache:
             self._cache_size -= len(self._cache.popleft()[1])
 
@@ -369,7 +392,10 @@ class Spool:
             self._save_meta()
 
     def _save_meta(self) -> None:
-        write_atomically(self.dir / "task.json", orjson.dumps(self.meta), durable=True)
+        try:
+            write_atomically(self.dir / "task.json", orjson.dumps(self.meta), durable=True)
+        except OSError as exc:
+            self.warn(f"spool {self.dir}: cannot save task.json: {exc}")
 
     async def sync(self) -> None:
         """fsync what was written since the last call, in a worker thread."""
@@ -377,15 +403,20 @@ class Spool:
             return
         fds = self._unsynced
         self._unsynced = []
-        if self.segments and self.segments[-1].fd is not None:
-            fds.append(os.dup(self.segments[-1].fd))
-        fds.append(os.open(self.dir, os.O_RDONLY))  # new segment names
         self._dirty = False
+        try:
+            if self.segments and self.segments[-1].fd is not None:
+                fds.append(os.dup(self.segments[-1].fd))
+            fds.append(os.open(self.dir, os.O_RDONLY))  # new segment names
+        except OSError as exc:
+            self.warn(f"spool {self.dir}: cannot fsync: {exc}")
 
         def work() -> None:
             for fd in fds:
                 try:
                     os.fsync(fd)
+                except OSError as exc:
+                    self.warn(f"spool {self.dir}: fsync failed: {exc}")
                 finally:
                     os.close(fd)
 
@@ -416,6 +447,7 @@ class Spool:
             if done and (not is_active or seg.size >= self.segment_bytes // 4 or seg.size == 0):
                 if self._cursor is not None and self._cursor[0] is seg:
                     self._cursor = None
+                self._used -= seg.size
                 seg.close()
                 try:
                     seg.path.unlink()
@@ -428,7 +460,11 @@ class Spool:
     def save_watermark(self) -> None:
         """Persist the ack watermark (not fsynced: a stale one only means resending)."""
         if self.acked_seq != self._saved_ack:
-            write_atomically(self.dir / "acked", f"{self.acked_seq}\n".encode())
+            try:
+                write_atomically(self.dir / "acked", f"{self.acked_seq}\n".encode())
+            except OSError as exc:
+                self.warn(f"spool {self.dir}: cannot save the ack watermark: {exc}")
+                return
             self._saved_ack = self.acked_seq
 
     # --- reading --------------------------------------------------------------
@@ -495,10 +531,13 @@ class Spool:
 
     def remove(self) -> None:
         """Delete the task's directory (everything delivered)."""
+        # task.json first: without it the directory is no longer a task to flush.
+        (self.dir / "task.json").unlink(missing_ok=True)
         for seg in self.segments:
             seg.close()
             seg.path.unlink(missing_ok=True)
         self.segments = []
+        self._used = 0
         for name in ("acked", "acked.tmp", "task.json", "task.json.tmp"):
             (self.dir / name).unlink(missing_ok=True)
         (self.dir / "lock").unlink(missing_ok=True)

@@ -30,7 +30,16 @@ async def stream(ws_url: str, task_id: str, total: int, batch: int, window: int)
     frames = []
     for start in range(1, total + 1, batch):
         recs = [
-            LogRecord(task_id, s, ts, "stdout", "INFO", f"line {s} of the benchmark output, some text here", s, {"processId": 1})
+            LogRecord(
+                task_id,
+                s,
+                ts,
+                "stdout",
+                "INFO",
+                f"line {s} of the benchmark output, some text here",
+                s,
+                {"processId": 1},
+            )
             for s in range(start, min(total, start + batch - 1) + 1)
         ]
         frames.append(dumps(LogsFrame(task_id, recs)))
@@ -70,10 +79,14 @@ def main() -> None:
         db = args.db or f"sqlite:///{tmp}/bench.db"
         hub = HubProcess(db).start()
         try:
-            rate = trio.run(stream, hub.ws_url, f"bench-{os.getpid()}", args.records, args.batch, args.window)
+            rate = trio.run(
+                stream, hub.ws_url, f"bench-{os.getpid()}", args.records, args.batch, args.window
+            )
         finally:
             hub.stop()
-    print(f"ws_ingest: {args.records} records in batches of {args.batch}: {rate:,.0f} records/s stored ({db.split(':')[0]})")
+    print(
+        f"ws_ingest: {args.records} records in batches of {args.batch}: {rate:,.0f} records/s stored ({db.split(':')[0]})"
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,314 @@
+"""`keruta-agent run | tail | flush`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from agent.hubaddr import BadHubUrl, http_base
+from agent.spool import default_root
+from keruta.records import valid_task_id
+
+DEFAULT_HUB = "http://127.0.0.1:8080"
+
+RUN_EPILOG = """\
+Every line COMMAND writes is masked, written to a local spool, mirrored to
+this process's stdout/stderr, and streamed to the hub, which stores it
+exactly once. The hub being down never slows COMMAND: lines wait in the spool
+and are sent when it is back (reconnecting with backoff up to 30 s). The exit
+status is COMMAND's (128+N if it died of signal N). SIGINT and SIGTERM are
+passed on to COMMAND.
+
+Masked (replaced by ***) everywhere, including the spool and the mirror:
+--mask values, and values (4+ characters) of environment variables whose
+names contain TOKEN, SECRET, PASSWORD or KEY.
+
+If the spool is full (--spool-max-bytes) because the hub has been away for
+long, lines are dropped, the agent says so on stderr, and an `agent` record
+in the task marks where and how many.
+
+example:
+  keruta-agent run --hub http://127.0.0.1:8080 --task-id build-42 -- make test
+"""
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value else default
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def _task_id(text: str) -> str:
+    if not valid_task_id(text):
+        raise argparse.ArgumentTypeError("a task id is 1-128 characters of [A-Za-z0-9._:-]")
+    return text
+
+
+def _size(text: str) -> int:
+    """Bytes, with an optional K/M/G suffix (powers of 1024)."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    factor = 1
+    if t and t[-1] in units:
+        factor = units[t[-1]]
+        t = t[:-1]
+    try:
+        value = int(float(t) * factor)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500M, 1G)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def _hub_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--hub",
+        metavar="URL",
+        help=f"the hub's base URL (env KERUTA_HUB_URL; default {DEFAULT_HUB})",
+    )
+    p.add_argument("--token", metavar="T", help="bearer token for the hub (env KERUTA_TOKEN)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="keruta-agent",
+        description="Run a command and stream every line of its output to a keruta hub; "
+        "follow a task's output; deliver what an earlier run left in the spool.",
+    )
+    sub = parser.add_subparsers(dest="subcommand", metavar="{run,tail,flush}")
+    sub.required = True
+
+    run = sub.add_parser(
+        "run",
+        help="run COMMAND and stream its output",
+        usage="keruta-agent run [options] -- COMMAND [ARG...]",
+        description="Run COMMAND and stream every line of its stdout and stderr to the hub.",
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _hub_args(run)
+    run.add_argument(
+        "--task-id",
+        metavar="ID",
+        type=_task_id,
+        help="the task's id (env KERUTA_TASK_ID; default: a new UUID, printed to stderr)",
+    )
+    run.add_argument(
+        "--spool-dir",
+        metavar="DIR",
+        type=Path,
+        help="where unacknowledged records are kept (env KERUTA_SPOOL_DIR; "
+        "default ~/.local/share/keruta/spool)",
+    )
+    run.add_argument(
+        "--spool-max-bytes",
+        metavar="SIZE",
+        type=_size,
+        default=1 << 30,
+        help="disk budget of the task's spool, e.g. 500M (default 1G); "
+        "past it lines are dropped and counted",
+    )
+    run.add_argument(
+        "--batch-size",
+        metavar="N",
+        type=_positive_int,
+        default=500,
+        help="most records in one frame under load (default 500, at most 1000)",
+    )
+    run.add_argument(
+        "--flush-interval",
+        metavar="SECONDS",
+        type=_non_negative_float,
+        default=0.2,
+        help="longest a record waits for a batch to fill under load (default 0.2); "
+        "when the link is idle a line goes out at once",
+    )
+    run.add_argument(
+        "--rate-limit",
+        metavar="LINES_PER_SECOND",
+        type=_non_negative_float,
+        default=None,
+        help="send at most this many records per second; the rest wait in the spool "
+        "(default: unlimited)",
+    )
+    run.add_argument(
+        "--mask",
+        metavar="VALUE",
+        action="append",
+        default=[],
+        help="a secret to replace by *** (repeatable)",
+    )
+    run.add_argument(
+        "--pty",
+        action="store_true",
+        help="run COMMAND under a pseudo-terminal (stdout and stderr both arrive as stdout), "
+        "for programs that buffer when piped",
+    )
+    run.add_argument(
+        "--drain-timeout",
+        metavar="SECONDS",
+        type=_non_negative_float,
+        default=30.0,
+        help="after COMMAND exits, how long to wait for the hub's acknowledgements (default 30)",
+    )
+    run.add_argument("--quiet", action="store_true", help="do not mirror COMMAND's output")
+    run.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND", help=argparse.SUPPRESS)
+
+    tail = sub.add_parser(
+        "tail",
+        help="print a task's output, then follow it live",
+        description="Print a task's stored output, then follow it live without gap or "
+        "duplicate until the task finishes; exit with the task's exit code "
+        "(130 on Ctrl-C). With --no-follow: print what is stored and exit 0.",
+    )
+    tail.add_argument("task_id", metavar="TASK_ID", type=_task_id)
+    _hub_args(tail)
+    tail.add_argument(
+        "--from-seq",
+        metavar="N",
+        type=_positive_int,
+        default=1,
+        help="first seq to print (default 1)",
+    )
+    tail.add_argument("--source", choices=("stdout", "stderr", "agent"), help="only this source")
+    tail.add_argument("--level", choices=("DEBUG", "INFO", "WARN", "ERROR"), help="only this level")
+    tail.add_argument("--no-follow", action="store_true", help="print the stored history and exit")
+
+    flush = sub.add_parser(
+        "flush",
+        help="deliver what earlier runs left in the spool",
+        description="Deliver every task left in the spool (records the hub had not acknowledged "
+        "and final states) and remove it. Exits 0 when everything was delivered, 1 otherwise.",
+    )
+    flush.add_argument(
+        "--spool-dir",
+        metavar="DIR",
+        type=Path,
+        help="the spool (env KERUTA_SPOOL_DIR; default ~/.local/share/keruta/spool)",
+    )
+    _hub_args(flush)
+    return parser
+
+
+def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """`run [options] -- COMMAND...`: everything after the first `--` is COMMAND."""
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1 :]
+    return argv, None
+
+
+def _resolve_hub(parser: argparse.ArgumentParser, value: str | None) -> str:
+    hub = value or _env("KERUTA_HUB_URL", DEFAULT_HUB)
+    assert hub is not None
+    try:
+        http_base(hub)
+    except BadHubUrl as exc:
+        parser.error(str(exc))
+    return hub
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    command: list[str] | None = None
+    if args_list[:1] == ["run"]:
+        head, command = _split_command(args_list)
+        args_list = head
+    args = parser.parse_args(args_list)
+    # The agent reports reconnects itself, once and then once a minute.
+    logging.getLogger("keruta.supervisor").setLevel(logging.CRITICAL)
+    token = args.token or _env("KERUTA_TOKEN")
+
+    if args.subcommand == "run":
+        from agent.run import RunSettings, run, say
+
+        command = command if command is not None else args.command
+        if command and command[0] == "--":
+            command = command[1:]
+        if not command:
+            parser.error("run: give the command after --, e.g. keruta-agent run -- make test")
+        hub = _resolve_hub(parser, args.hub)
+        task_id = args.task_id or _env("KERUTA_TASK_ID")
+        if task_id is not None and not valid_task_id(task_id):
+            parser.error("KERUTA_TASK_ID: a task id is 1-128 characters of [A-Za-z0-9._:-]")
+        if task_id is None:
+            task_id = str(uuid.uuid4())
+            say(f"task id {task_id}")
+        settings = RunSettings(
+            command=command,
+            hub_url=hub,
+            task_id=task_id,
+            token=token,
+            spool_root=args.spool_dir or default_root(),
+            spool_max_bytes=args.spool_max_bytes,
+            batch_size=args.batch_size,
+            flush_interval=args.flush_interval,
+            rate_limit=args.rate_limit or None,
+            masks=args.mask,
+            pty=args.pty,
+            drain_timeout=args.drain_timeout,
+            quiet=args.quiet,
+        )
+        result = trio.run(run, settings)
+        return result.exit_code
+
+    if args.subcommand == "tail":
+        from agent.tail import TailSettings, tail
+
+        hub = _resolve_hub(parser, args.hub)
+        try:
+            return trio.run(
+                tail,
+                TailSettings(
+                    hub_url=hub,
+                    task_id=args.task_id,
+                    token=token,
+                    from_seq=args.from_seq,
+                    source=args.source,
+                    level=args.level,
+                    follow=not args.no_follow,
+                ),
+            )
+        except KeyboardInterrupt:
+            return 130
+
+    if args.subcommand == "flush":
+        from agent.flush import FlushSettings, flush
+
+        return trio.run(
+            flush,
+            FlushSettings(
+                spool_root=args.spool_dir or default_root(),
+                hub_url=args.hub or None,
+                fallback_hub_url=_env("KERUTA_HUB_URL", DEFAULT_HUB) or DEFAULT_HUB,
+                token=token,
+            ),
+        )
+    parser.error(f"unknown subcommand {args.subcommand}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""`keruta-agent run`: one task = one nursery.
+
+    ┌ task nursery ─────────────────────────────────────────────────────────┐
+    │ uplink (supervised, restarts with backoff)   spool syncer (1 s timer) │
+    │ signal forwarder                                                      │
+    │ ┌ capture nursery ──────────────┐                                     │
+    │ │ capture stdout  capture stderr│ ─► Recorder ─► Spool ─► uplink wakes│
+    │ └───────────────────────────────┘                                     │
+    └───────────────────────────────────────────────────────────────────────┘
+
+After the command exits and its pipes are drained the final state is written
+to the spool and given to the uplink; the agent then waits up to
+`drain_timeout` for the hub to acknowledge everything, and leaves what is
+left in the spool for `keruta-agent flush`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import attrs
+import trio
+
+from agent import process
+from agent.capture import Mirror, Recorder, capture
+from agent.livemask import LiveMasker
+from agent.spool import Spool, SpoolLocked
+from agent.uplink import Uplink, UplinkSettings
+from keruta.limits import DEFAULT_LIMITS, Limits
+from keruta.masking import Masker
+
+SYNC_INTERVAL = 1.0
+# After the command exits, its pipes may still be held open by a background
+# process it started; stop reading once they have been quiet this long.
+PIPE_GRACE = 1.0
+
+
+def say(message: str) -> None:
+    """The agent's own voice, on stderr."""
+    try:
+        sys.stderr.write(f"keruta-agent: {message}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+@attrs.define
+class RunSettings:
+    command: list[str]
+    hub_url: str
+    task_id: str
+    spool_root: Path
+    token: str | None = None
+    spool_max_bytes: int = 1 << 30
+    batch_size: int = 500
+    flush_interval: float = 0.2
+    rate_limit: float | None = None
+    masks: list[str] = attrs.field(factory=list)
+    pty: bool = False
+    drain_timeout: float = 30.0
+    quiet: bool = False
+    environ: Mapping[str, str] = attrs.field(factory=lambda: dict(os.environ))
+    limits: Limits = DEFAULT_LIMITS
+
+
+@attrs.define
+class RunResult:
+    exit_code: int
+    delivered: bool
+    unacked: int
+    records: int
+    dropped: int
+
+
+async def run(settings: RunSettings, say: Callable[[str], None] = say) -> RunResult:
+    masker = Masker.from_env(settings.environ, settings.masks)
+    try:
+        spool = Spool.open(
+            settings.spool_root,
+            settings.task_id,
+            hub_url=settings.hub_url,
+            max_bytes=settings.spool_max_bytes,
+            warn=say,
+        )
+    except SpoolLocked as exc:
+        say(f"{exc}; is task {settings.task_id} already running here?")
+        return RunResult(1, False, 0, 0, 0)
+    except OSError as exc:
+        # Not worth failing the command for: spool somewhere we can write.
+        fallback = Path(tempfile.gettempdir()) / f"keruta-spool-{os.getuid()}"
+        say(f"cannot use the spool directory {settings.spool_root} ({exc}); using {fallback}")
+        spool = Spool.open(
+            fallback,
+            settings.task_id,
+            hub_url=settings.hub_url,
+            max_bytes=settings.spool_max_bytes,
+            warn=say,
+        )
+    uplink = Uplink(
+        spool,
+        UplinkSettings(
+            hub_url=settings.hub_url,
+            task_id=settings.task_id,
+            token=settings.token,
+            batch_size=settings.batch_size,
+            flush_interval=settings.flush_interval,
+            rate_limit=settings.rate_limit,
+            limits=settings.limits,
+        ),
+        say=say,
+    )
+    recorder = Recorder(spool, settings.task_id, on_written=uplink.records_written, say=say)
+    code = 1
+    try:
+        with trio.open_signal_receiver(*process.FORWARDED_SIGNALS) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(uplink.run)
+                nursery.start_soon(_sync_loop, spool)
+                router = SignalRouter()
+                nursery.start_soon(router.run, signals)
+                code = await _run_command(settings, masker, recorder, router, say)
+                recorder.finish()
+                state = "succeeded" if code == 0 else "failed"
+                spool.set_final(state, code)
+                uplink.finish(state, code)
+                await _drain(uplink, router, settings.drain_timeout)
+                nursery.cancel_scope.cancel()
+    finally:
+        spool.save_watermark()
+        with trio.CancelScope(shield=True):
+            await spool.sync()
+    delivered = uplink.delivered.is_set()
+    unacked = spool.unacked
+    if delivered:
+        spool.remove()
+    else:
+        spool.close()
+        what = f"{unacked} records" if unacked else "the final status"
+        say(
+            f"the hub has not acknowledged {what} of task {settings.task_id} "
+            f"(waited {settings.drain_timeout:g} s); they are kept in {spool.dir}. "
+            "Run `keruta-agent flush` to deliver them."
+        )
+    if recorder.dropped_total:
+        say(f"{recorder.dropped_total} output records were DROPPED because the spool was full")
+    return RunResult(code, delivered, unacked, recorder.written, recorder.dropped_total)
+
+
+async def _run_command(
+    settings: RunSettings,
+    masker: Masker,
+    recorder: Recorder,
+    router: SignalRouter,
+    say: Callable[[str], None],
+) -> int:
+    env = process.child_env(settings.environ)
+    try:
+        child = await process.start(settings.command, env, use_pty=settings.pty)
+    except OSError as exc:
+        code = 126 if isinstance(exc, PermissionError) else 127
+        message = f"cannot run {settings.command[0]!r}: {exc.strerror or exc}"
+        say(message)
+        recorder.write_agent(f"keruta-agent: {message}")
+        return code
+    recorder.metadata = {"processId": child.pid}
+    router.child = child
+    last_read = [trio.current_time()]
+    async with trio.open_nursery() as captures:
+        for source, stream in child.outputs:
+            mirror = None
+            if not settings.quiet:
+                mirror = Mirror(1 if source == "stdout" else 2, say)
+            captures.start_soon(
+                functools.partial(
+                    capture,
+                    stream,
+                    source,
+                    recorder,
+                    LiveMasker(masker),
+                    mirror,
+                    settings.limits,
+                    on_read=lambda: last_read.__setitem__(0, trio.current_time()),
+                )
+            )
+        returncode = await child.process.wait()
+        exited = trio.current_time()
+        # Pipes end when the command (and whatever it left running) closes them.
+        while captures.child_tasks:
+            if trio.current_time() - max(last_read[0], exited) >= PIPE_GRACE:
+                say(
+                    "the command exited but something it started still holds its output open; "
+                    "not waiting for it"
+                )
+                captures.cancel_scope.cancel()
+                break
+            await trio.sleep(0.05)
+    router.child = None
+    for _source, stream in child.outputs:
+        await stream.aclose()
+    return process.exit_code(returncode)
+
+
+class SignalRouter:
+    """The agent's SIGINT/SIGTERM: passed to the command while it runs; after
+    it has exited, they cut the wait for the hub short."""
+
+    def __init__(self) -> None:
+        self.child: process.Child | None = None
+        self.drain: trio.CancelScope | None = None
+        self.after_exit = 0
+
+    async def run(self, signals: object) -> None:
+        async for signum in signals:  # type: ignore[attr-defined]
+            if self.child is not None:
+                process.forward(self.child, signum)
+            else:
+                self.after_exit += 1
+                if self.drain is not None:
+                    self.drain.cancel()
+
+
+async def _drain(uplink: Uplink, router: SignalRouter, timeout: float) -> None:
+    """Wait for the hub's acks, up to `timeout`; a signal cuts the wait short."""
+    with trio.move_on_after(timeout) as scope:
+        router.drain = scope
+        if router.after_exit:
+            scope.cancel()
+        await uplink.delivered.wait()
+
+
+async def _sync_loop(spool: Spool) -> None:
+    while True:
+        await trio.sleep(SYNC_INTERVAL)
+        await spool.sync()
+        spool.save_watermark()

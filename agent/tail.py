@@ -1,0 +1,267 @@
+"""`keruta-agent tail`: a task's history, then live, without gap or duplicate.
+
+Following subscribes with `fromSeq`; the hub sends stored records first, then
+live ones, then (after everything stored so far) the task's state. A dropped
+connection or a SLOW_CONSUMER error resubscribes from the seq after the last
+one printed, so nothing is skipped or printed twice. The hub publishes a
+task's final `status` only after the records before it, and the agent sends
+it only once all its records are stored: when it arrives, all is printed.
+
+`--no-follow` pages through the REST API instead and stops at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from collections.abc import Callable
+from typing import BinaryIO
+
+import attrs
+import trio
+from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError, open_websocket_url
+
+from agent import http
+from agent.hubaddr import auth_headers, http_base, ws_url
+from keruta.backoff import Backoff
+from keruta.records import LogRecord
+from keruta.wire import (
+    ErrorFrame,
+    FrameError,
+    LogsFrame,
+    StatusFrame,
+    SubscribeFrame,
+    decode_hub_frame,
+    encode_bytes,
+    records_from_wire,
+)
+
+FINAL_STATES = ("succeeded", "failed")
+PAGE_SIZE = 1000
+MAX_MESSAGE = 64 * 1024 * 1024
+# With no frame for this long, ask the REST API whether the task has ended.
+IDLE_CHECK = 5.0
+RECONNECT = Backoff(initial=0.5, factor=2.0, cap=10.0, jitter=0.3)
+
+RESET = b"\x1b[0m"
+COLOURS = {
+    "ERROR": b"\x1b[1;31m",
+    "WARN": b"\x1b[33m",
+    "DEBUG": b"\x1b[2m",
+}
+STDERR_COLOUR = b"\x1b[31m"
+AGENT_COLOUR = b"\x1b[36m"
+
+
+@attrs.define
+class TailSettings:
+    hub_url: str
+    task_id: str
+    token: str | None = None
+    from_seq: int = 1
+    source: str | None = None
+    level: str | None = None
+    follow: bool = True
+
+
+class Fatal(Exception):
+    """Retrying will not help (bad token, bad request)."""
+
+
+class Printer:
+    def __init__(self, out: BinaryIO, colour: bool) -> None:
+        self.out = out
+        self.colour = colour
+        self.next_seq = 1
+        self.printed = 0
+
+    def records(self, records: list[LogRecord]) -> None:
+        parts = []
+        for r in records:
+            if r.seq < self.next_seq:
+                continue  # already printed (a resend after a reconnect)
+            self.next_seq = r.seq + 1
+            self.printed += 1
+            text = r.message.encode("utf-8", "replace")
+            end = b"" if r.partial else b"\n"
+            colour = self._colour(r) if self.colour else None
+            parts.append(colour + text + RESET + end if colour else text + end)
+        if parts:
+            self.out.write(b"".join(parts))
+            self.out.flush()
+
+    @staticmethod
+    def _colour(r: LogRecord) -> bytes | None:
+        if r.level in COLOURS:
+            return COLOURS[r.level]
+        if r.source == "stderr":
+            return STDERR_COLOUR
+        if r.source == "agent":
+            return AGENT_COLOUR
+        return None
+
+
+def _stdout() -> BinaryIO:
+    return sys.stdout.buffer
+
+
+def _say(message: str) -> None:
+    sys.stderr.write(f"keruta-agent tail: {message}\n")
+    sys.stderr.flush()
+
+
+async def tail(
+    settings: TailSettings,
+    out: BinaryIO | None = None,
+    say: Callable[[str], None] = _say,
+) -> int:
+    out = out or _stdout()
+    colour = out.isatty() and not os.environ.get("NO_COLOR")
+    printer = Printer(out, colour)
+    printer.next_seq = settings.from_seq
+    try:
+        if not settings.follow:
+            await _history(settings, printer)
+            return 0
+        return await _follow(settings, printer, say)
+    except Fatal as exc:
+        say(str(exc))
+        return 2
+
+
+async def _history(settings: TailSettings, printer: Printer) -> None:
+    url = f"{http_base(settings.hub_url)}/api/v1/tasks/{settings.task_id}/logs"
+    while True:
+        try:
+            page = await http.get_json(
+                url,
+                {
+                    "afterSeq": printer.next_seq - 1,
+                    "size": PAGE_SIZE,
+                    "source": settings.source,
+                    "level": settings.level,
+                },
+                settings.token,
+            )
+        except http.HttpError as exc:
+            raise Fatal(f"{url}: {exc}") from None
+        except OSError as exc:
+            raise Fatal(
+                f"cannot reach the hub at {settings.hub_url}: {exc.strerror or exc}"
+            ) from None
+        assert isinstance(page, dict)
+        content = records_from_wire(page.get("content", []))
+        if not content:
+            return
+        printer.records(content)
+
+
+async def _follow(settings: TailSettings, printer: Printer, say: Callable[[str], None]) -> int:
+    url = ws_url(settings.hub_url)
+    rng = random.Random()
+    failures = 0
+    ever_connected = False
+    while True:
+        try:
+            async with open_websocket_url(
+                url,
+                extra_headers=auth_headers(settings.token),
+                max_message_size=MAX_MESSAGE,
+                connect_timeout=10.0,
+                disconnect_timeout=1.0,
+            ) as ws:
+                if failures and ever_connected:
+                    say("reconnected")
+                ever_connected = True
+                failures = 0
+                code = await _session(ws, settings, printer)
+                if code is not None:
+                    return code
+        except ConnectionRejected as exc:
+            if exc.status_code in (401, 403):
+                raise Fatal(
+                    f"the hub refused the connection (HTTP {exc.status_code}); check --token"
+                ) from None
+            error: BaseException = exc
+        except (OSError, HandshakeError, ConnectionClosed, trio.BrokenResourceError) as exc:
+            error = exc
+        except _Resubscribe:
+            say(f"fell behind the hub; resuming from seq {printer.next_seq}")
+            continue
+        if not ever_connected:
+            raise Fatal(f"cannot reach the hub at {settings.hub_url}: {_reason(error)}")
+        if failures == 0:
+            say(f"connection lost ({_reason(error)}); reconnecting from seq {printer.next_seq}")
+        await trio.sleep(RECONNECT.delay(failures, rng.random()))
+        failures += 1
+
+
+class _Resubscribe(Exception):
+    pass
+
+
+async def _session(ws: object, settings: TailSettings, printer: Printer) -> int | None:
+    """Subscribe and print until the task ends (its exit code) or the link breaks."""
+    subscribe = SubscribeFrame(
+        settings.task_id, from_seq=printer.next_seq, source=settings.source, level=settings.level
+    )
+    await ws.send_message(encode_bytes(subscribe).decode())  # type: ignore[attr-defined]
+    while True:
+        with trio.move_on_after(IDLE_CHECK) as idle:
+            message = await ws.get_message()  # type: ignore[attr-defined]
+        if idle.cancelled_caught:
+            code = await _ended_meanwhile(settings, printer)
+            if code is not None:
+                return code
+            continue
+        try:
+            frame = decode_hub_frame(message)
+        except FrameError:
+            continue
+        if isinstance(frame, LogsFrame):
+            if frame.task_id == settings.task_id:
+                printer.records(frame.records)
+        elif isinstance(frame, StatusFrame):
+            if frame.task_id == settings.task_id and frame.state in FINAL_STATES:
+                return _exit_code(frame.state, frame.exit_code)
+        elif isinstance(frame, ErrorFrame):
+            if frame.code == "SLOW_CONSUMER":
+                # Everything before printer.next_seq is printed; pick up from there.
+                raise _Resubscribe()
+            if frame.code in ("UNAUTHORIZED", "FORBIDDEN", "INVALID_MESSAGE_FORMAT"):
+                raise Fatal(f"the hub said {frame.code}: {frame.message}")
+
+
+async def _ended_meanwhile(settings: TailSettings, printer: Printer) -> int | None:
+    """When the link has been quiet for a while: has the task ended without
+    its `status` reaching us? Then print the rest from the REST API and
+    return its exit code. (Belt and braces: the hub sends the status.)"""
+    url = f"{http_base(settings.hub_url)}/api/v1/tasks/{settings.task_id}"
+    try:
+        task = await http.get_json(url, token=settings.token)
+    except (http.HttpError, OSError, ValueError):
+        return None
+    if not isinstance(task, dict) or task.get("state") not in FINAL_STATES:
+        return None
+    try:
+        await _history(settings, printer)
+    except Fatal:
+        return None
+    return _exit_code(task.get("state"), task.get("exitCode"))
+
+
+def _exit_code(state: object, exit_code: object) -> int:
+    if isinstance(exit_code, int):
+        return exit_code
+    return 0 if state == "succeeded" else 1
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, ConnectionRejected):
+        return f"HTTP {error.status_code}"
+    if isinstance(error, HandshakeError) and error.__cause__ is not None:
+        return _reason(error.__cause__)
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error) or type(error).__name__

@@ -1,0 +1,120 @@
+"""The batcher's decisions, on made-up time: no I/O, no clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.batcher import Batcher, Send, Wait
+
+
+def test_idle_link_sends_a_single_record_at_once() -> None:
+    b = Batcher(batch_size=500, flush_interval=0.2)
+    assert b.decide(now=0.0) == Wait(None)
+    b.added(1, now=10.0)
+    assert b.decide(now=10.0) == Send(1)
+
+
+def test_records_gather_while_a_frame_is_in_flight() -> None:
+    b = Batcher(batch_size=500, flush_interval=0.2)
+    b.added(1, now=0.0)
+    b.sent(1, now=0.0)
+    b.added(3, now=0.01)
+    # Not yet: the ack may come first, or the interval runs out.
+    assert b.decide(now=0.01) == Wait(pytest.approx(0.21))
+    b.added(5, now=0.05)
+    assert b.decide(now=0.05) == Wait(pytest.approx(0.21))
+    assert b.decide(now=0.2101) == Send(8)
+
+
+def test_ack_releases_what_gathered() -> None:
+    b = Batcher(batch_size=500, flush_interval=0.2)
+    b.added(1, now=0.0)
+    b.sent(1, now=0.0)
+    b.added(40, now=0.001)
+    assert isinstance(b.decide(now=0.002), Wait)
+    b.acked(1)
+    assert b.decide(now=0.003) == Send(40)
+
+
+def test_full_batch_goes_without_waiting() -> None:
+    b = Batcher(batch_size=100, flush_interval=0.2)
+    b.added(1, now=0.0)
+    b.sent(1, now=0.0)
+    b.added(250, now=0.01)
+    assert b.decide(now=0.01) == Send(100)
+    b.sent(100, now=0.01)
+    assert b.decide(now=0.01) == Send(100)
+    b.sent(100, now=0.01)
+    # 50 left: a partial batch waits for the interval (counted from the last send).
+    assert b.decide(now=0.01) == Wait(pytest.approx(0.21))
+
+
+def test_window_of_frames_in_flight_is_bounded() -> None:
+    b = Batcher(batch_size=10, flush_interval=0.0, max_in_flight=3)
+    b.added(100, now=0.0)
+    for _ in range(3):
+        assert b.decide(now=0.0) == Send(10)
+        b.sent(10, now=0.0)
+    assert b.decide(now=5.0) == Wait(None)
+    b.acked(2)
+    assert b.decide(now=5.0) == Send(10)
+
+
+def test_zero_interval_sends_whatever_is_there() -> None:
+    b = Batcher(batch_size=500, flush_interval=0.0)
+    b.added(1, now=0.0)
+    b.sent(1, now=0.0)
+    b.added(2, now=0.0)
+    assert b.decide(now=0.0) == Send(2)
+
+
+def test_batch_size_is_capped_by_the_frame_record_limit() -> None:
+    assert Batcher(batch_size=5000).batch_size == 1000
+
+
+def test_reset_for_a_new_connection_resends_everything_pending() -> None:
+    b = Batcher(batch_size=500, flush_interval=0.2)
+    b.added(10, now=0.0)
+    b.sent(10, now=0.0)
+    b.reset(pending=10, now=1.0)
+    assert b.in_flight == 0
+    assert b.decide(now=1.0) == Send(10)
+
+
+def test_bookkeeping_errors_are_loud() -> None:
+    b = Batcher()
+    with pytest.raises(ValueError):
+        b.sent(1, now=0.0)
+    with pytest.raises(ValueError):
+        b.acked(1)
+    with pytest.raises(ValueError):
+        Batcher(batch_size=0)
+
+
+def test_decisions_over_a_simulated_burst() -> None:
+    """A burst of 10 000 records arriving 1 per ms while acks take 5 ms: the
+    records go in a few large frames, none waits longer than the interval."""
+    b = Batcher(batch_size=500, flush_interval=0.2, max_in_flight=8)
+    frames: list[int] = []
+    acks_due: list[tuple[float, int]] = []
+    arrival: list[float] = []
+    sent_upto = 0
+    worst_wait = 0.0
+    now = 0.0
+    for i in range(12000):
+        now = i * 0.001
+        while acks_due and acks_due[0][0] <= now:
+            acks_due.pop(0)
+            b.acked(1)
+        if i < 10000:
+            b.added(1, now)
+            arrival.append(now)
+        while isinstance(decision := b.decide(now), Send):
+            b.sent(decision.count, now)
+            frames.append(decision.count)
+            worst_wait = max(worst_wait, now - arrival[sent_upto])
+            sent_upto += decision.count
+            acks_due.append((now + 0.005, decision.count))
+    assert sent_upto == 10000
+    assert worst_wait <= 0.2 + 1e-9
+    assert len(frames) < 10000 / 4  # batched, not one frame per record

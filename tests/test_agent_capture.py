@@ -1,0 +1,170 @@
+"""Recorder (seq, lineNumber, spool budget) and the uplink's frame encoding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+
+from agent.capture import LineNumbering, Recorder, encode_line, encode_record
+from agent.linesplit import Line
+from agent.spool import Spool
+from agent.uplink import fill_gaps, logs_frame
+from keruta.limits import DEFAULT_LIMITS
+from keruta.records import LogRecord
+from keruta.wire import LogsFrame, decode_client_frame, encode_bytes
+
+
+def read_all(spool: Spool) -> list[dict]:
+    return [orjson.loads(p) for _, p in spool.read(1, 100_000, 1 << 30)]
+
+
+def test_one_seq_counter_across_sources_and_line_numbers_per_source(tmp_path: Path) -> None:
+    spool = Spool.open(tmp_path, "t")
+    written: list[int] = []
+    rec = Recorder(spool, "t", on_written=written.append, clock=lambda: 0.0)
+    out, err = LineNumbering(), LineNumbering()
+    rec.write("stdout", out.number([Line("a"), Line("b")]), "2026-01-01T00:00:00.000000Z")
+    rec.write("stderr", err.number([Line("error: x")]))
+    rec.write("stdout", out.number([Line("long-", True), Line("line")]))
+    records = read_all(spool)
+    assert [r["seq"] for r in records] == [1, 2, 3, 4, 5]
+    assert [(r["source"], r["lineNumber"]) for r in records] == [
+        ("stdout", 1),
+        ("stdout", 2),
+        ("stderr", 1),
+        ("stdout", 3),
+        ("stdout", 3),
+    ]
+    assert records[2]["level"] == "ERROR"
+    assert records[3]["partial"] is True and "partial" not in records[4]
+    assert written == [2, 1, 2]
+    spool.close()
+
+
+def test_seq_continues_after_what_the_spool_holds(tmp_path: Path) -> None:
+    spool = Spool.open(tmp_path, "t")
+    Recorder(spool, "t").write("stdout", [(Line("x"), 1)])
+    spool.close()
+    spool = Spool.open(tmp_path, "t")
+    rec = Recorder(spool, "t")
+    assert rec.next_seq == 2
+    spool.close()
+
+
+def test_full_spool_drops_counts_and_records_the_gap(tmp_path: Path) -> None:
+    spool = Spool.open(tmp_path, "t", max_bytes=4096)
+    said: list[str] = []
+    rec = Recorder(spool, "t", say=said.append, clock=lambda: 0.0)
+    numbering = LineNumbering()
+    for i in range(100):
+        rec.write("stdout", numbering.number([Line(f"line {i} " + "x" * 40)]))
+    assert rec.dropped_total > 0
+    assert any("SPOOL FULL" in s for s in said)
+    kept = rec.written
+    # The hub catches up: space comes back, the next line is preceded by a notice.
+    spool.release(spool.last_seq)
+    rec.write("stdout", numbering.number([Line("after")]))
+    records = read_all(spool)
+    notice, after = records[-2], records[-1]
+    assert notice["source"] == "agent"
+    assert f"{rec.dropped_total} output records were dropped" in notice["message"]
+    assert after["message"] == "after" and after["lineNumber"] == 101
+    assert [r["seq"] for r in records] == list(range(records[0]["seq"], kept + 3))
+    spool.close()
+
+
+def test_finish_records_a_gap_even_when_still_full(tmp_path: Path) -> None:
+    spool = Spool.open(tmp_path, "t", max_bytes=4096)
+    rec = Recorder(spool, "t", clock=lambda: 0.0)
+    for i in range(100):
+        rec.write("stderr", [(Line("y" * 60), i + 1)])
+    rec.finish()
+    last = read_all(spool)[-1]
+    assert last["source"] == "agent" and "dropped" in last["message"]
+    spool.close()
+
+
+def test_logs_frame_matches_the_wire_encoder() -> None:
+    records = [
+        LogRecord(
+            "t-1",
+            1,
+            "2026-01-01T00:00:00.000000Z",
+            "stdout",
+            "INFO",
+            'héllo "q" \u0000',
+            1,
+            {"processId": 7},
+        ),
+        LogRecord(
+            "t-1",
+            2,
+            "2026-01-01T00:00:00.000001Z",
+            "stderr",
+            "ERROR",
+            "x" * 100,
+            1,
+            {},
+            partial=True,
+        ),
+    ]
+    ours = logs_frame("t-1", [encode_record(r) for r in records])
+    assert ours == encode_bytes(LogsFrame("t-1", records))
+    assert decode_client_frame(ours, DEFAULT_LIMITS) == LogsFrame("t-1", records)
+
+
+def test_fast_line_encoding_equals_the_record_encoding() -> None:
+    for partial in (False, True):
+        for metadata in ({}, {"processId": 12}):
+            record = LogRecord(
+                "t.1:x",
+                7,
+                "2026-01-01T00:00:00.000001Z",
+                "stderr",
+                "WARN",
+                'm\u00e9 "\\',
+                3,
+                metadata,
+                partial,
+            )
+            fast = encode_line(
+                "t.1:x",
+                7,
+                "2026-01-01T00:00:00.000001Z",
+                "stderr",
+                "WARN",
+                'm\u00e9 "\\',
+                3,
+                metadata,
+                partial,
+            )
+            assert fast == encode_record(record)
+
+
+def test_gaps_in_what_the_spool_returns_get_placeholders() -> None:
+    def rec(seq: int) -> tuple[int, bytes]:
+        return seq, b'{"seq":%d}' % seq
+
+    got = fill_gaps("t", 3, [rec(3), rec(5), rec(8)], 10, 20)
+    assert [s for s, _ in got] == [3, 4, 5, 6, 7, 8]
+    assert got[0] == rec(3) and got[2] == rec(5) and got[5] == rec(8)
+    lost = orjson.loads(got[1][1])
+    assert lost["seq"] == 4 and lost["source"] == "agent" and "lost" in lost["message"]
+    # A limit applies to placeholders too; nothing at all read: fill up to last_seq.
+    assert [s for s, _ in fill_gaps("t", 3, [rec(9)], 4, 20)] == [3, 4, 5, 6]
+    assert [s for s, _ in fill_gaps("t", 3, [], 10, 5)] == [3, 4, 5]
+    assert fill_gaps("t", 3, [rec(3), rec(4)], 10, 20) == [rec(3), rec(4)]
+
+
+def test_a_failing_disk_drops_lines_instead_of_stopping(tmp_path: Path) -> None:
+    """The spool's segment is /dev/full: every write fails with ENOSPC."""
+    spool = Spool.open(tmp_path, "t")
+    (tmp_path / "t" / "00000000000000000001.seg").symlink_to("/dev/full")
+    said: list[str] = []
+    rec = Recorder(spool, "t", say=said.append, clock=lambda: 0.0)
+    rec.write("stdout", [(Line("a"), 1), (Line("b"), 2)])
+    rec.write("stdout", [(Line("c"), 3)])
+    assert rec.dropped_total == 3 and rec.written == 0 and rec.next_seq == 1
+    assert any("cannot write to the spool" in s and "DROPPING" in s for s in said)
+    spool.close()
