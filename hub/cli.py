@@ -122,11 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (OSError, BaseExceptionGroup) as exc:
         # Port taken, database unreachable at start...: one clear line, no traceback.
-        problem = _first_os_error(exc)
-        if problem is None:
+        failure = _first_os_error(exc)
+        if failure is None:
             raise
-        where = f" ({config.host}:{config.port})" if isinstance(problem, OSError) and problem.errno else ""
-        print(f"keruta-hub: cannot start{where}: {problem}", file=sys.stderr)
+        where = f" ({config.host}:{config.port})" if failure.errno else ""
+        print(f"keruta-hub: cannot start{where}: {failure}", file=sys.stderr)
         return 1
     return 0
 
