@@ -1,7 +1,7 @@
 """Capture: one actor per pipe turns the command's bytes into spooled records.
 
-    pipe ─► LiveMasker ─┬─► mirror (the agent's own stdout/stderr)
-                        └─► LineSplitter ─► Recorder ─► spool ─► (uplink wakes up)
+    pipe ─► StreamMasker ─┬─► mirror (the agent's own stdout/stderr)
+                          └─► LineSplitter ─► Recorder ─► spool ─► (uplink wakes up)
 
 The Recorder is shared by both capture actors and is synchronous: a record
 gets its `seq` and is written to the spool in one step with no checkpoint in
@@ -19,10 +19,10 @@ import orjson
 import trio
 
 from agent.linesplit import Line, LineSplitter
-from agent.livemask import LiveMasker
 from agent.spool import Spool
 from keruta.levels import determine_level
 from keruta.limits import DEFAULT_LIMITS, Limits
+from keruta.masking import StreamMasker
 from keruta.records import LogRecord
 from keruta.timefmt import now_ts
 from keruta.wire import record_to_wire
@@ -244,7 +244,7 @@ async def capture(
     stream: trio.abc.ReceiveStream,
     source: str,
     recorder: Recorder,
-    masker: LiveMasker,
+    masker: StreamMasker,
     mirror: Mirror | None,
     limits: Limits = DEFAULT_LIMITS,
     on_read: Callable[[], None] | None = None,

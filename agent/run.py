@@ -28,7 +28,6 @@ import trio
 
 from agent import process
 from agent.capture import Mirror, Recorder, capture
-from agent.livemask import LiveMasker
 from agent.spool import Spool, SpoolLocked
 from agent.uplink import Uplink, UplinkSettings
 from keruta.limits import DEFAULT_LIMITS, Limits
@@ -181,7 +180,7 @@ async def _run_command(
                     stream,
                     source,
                     recorder,
-                    LiveMasker(masker),
+                    masker.stream(),
                     mirror,
                     settings.limits,
                     on_read=lambda: last_read.__setitem__(0, trio.current_time()),

@@ -119,22 +119,41 @@ class Masker:
         return StreamMasker(self)
 
 
+def _open_prefix_start(data: bytes, secrets: tuple[bytes, ...]) -> int:
+    """Start of the longest suffix of `data` that is a proper prefix of a secret
+    (so could still become one), or len(data) when there is none."""
+    start = len(data)
+    for secret in secrets:
+        first = secret[:1]
+        i = data.find(first, max(0, len(data) - len(secret) + 1))
+        while i != -1 and i < start:
+            if secret.startswith(data[i:]):
+                start = i
+                break
+            i = data.find(first, i + 1)
+    return start
+
+
 class StreamMasker:
     """Masks a byte stream that arrives in arbitrary chunks (a pipe's reads).
 
-    `feed` returns what is safe to emit and holds back at most
-    `longest secret - 1` bytes in case a secret straddles two reads; `flush`
-    at EOF returns the rest. Concatenated, the output equals
-    `masker.mask_bytes(whole input)`.
+    `feed` returns at once everything that cannot become part of a secret and
+    holds back only a tail that still could: a suffix that is a proper prefix
+    of some secret. A short last line ("done\\n") before the command goes quiet
+    is therefore never delayed. `flush` at EOF returns the rest. Concatenated
+    over any chunking, the output equals `masker.mask_bytes(whole input)`,
+    including a run of touching or overlapping secrets becoming one `***`
+    across reads.
     """
 
     def __init__(self, masker: Masker) -> None:
         self.masker = masker
-        self._hold = max(0, masker.longest_bytes - 1)
+        self._keep = max(0, masker.longest_bytes - 1)
         self._held = b""
         # The last raw bytes already emitted: a secret starting there and still
-        # going on must keep being masked.
+        # going on must keep being masked (as part of the same ***).
         self._context = b""
+        # The emitted output ends in a *** that a secret starting right after extends.
         self._ended_masked = False
 
     @property
@@ -155,24 +174,25 @@ class StreamMasker:
         return out
 
     def _emit(self, pending: bytes, final: bool) -> bytes:
+        m = self.masker
         window = self._context + pending
         begin = len(self._context)
-        cut = len(window) if final else len(window) - self._hold
-        if cut <= begin:
-            self._held = pending
-            return b""
-        m = self.masker
+        cut = len(window) if final else _open_prefix_start(window, m.secrets_bytes)
         if m._search_b.search(window) is None:
             intervals: list[list[int]] = []
         else:
             intervals = _intervals(m._finder_b, window)
         end = cut
         for start, stop in intervals:
-            # A secret that starts in the safe part is fully known; emit all of it.
+            # A run that starts before the cut is fully known (it cannot start
+            # inside a possible prefix): emit all of it, masked.
             if start < cut < stop:
-                end = stop
+                end = max(end, stop)
+        if end <= begin:
+            self._held = pending
+            return b""
         out = _replace(window, intervals, MASK_BYTES, begin, end, self._ended_masked)
         self._ended_masked = any(start < end <= stop for start, stop in intervals)
-        self._context = window[max(0, end - self._hold) : end]
+        self._context = window[max(0, end - self._keep) : end]
         self._held = window[end:]
         return out

@@ -87,16 +87,61 @@ def test_bytes_use_utf8() -> None:
     assert masker.mask("is pässwörd") == "is ***"
 
 
+def feed_all(stream: StreamMasker, chunks: list[bytes]) -> bytes:
+    return b"".join(stream.feed(c) for c in chunks) + stream.flush()
+
+
 def test_stream_holds_back_only_what_might_be_a_secret() -> None:
     stream = StreamMasker(Masker(["secret"]))
-    assert stream.feed(b"hello sec") == b"hell"
-    assert stream.held == 5
-    assert stream.feed(b"ret and more") == b"o *** and"
-    assert stream.held <= 5
-    assert stream.flush() == b" more"
+    assert stream.feed(b"hello sec") == b"hello "
+    assert stream.held == 3
+    assert stream.feed(b"ret and more") == b"*** and more"
+    assert stream.held == 0
+    assert stream.flush() == b""
     # flushing an incomplete prefix emits it as is
     assert stream.feed(b"sec") == b""
     assert stream.flush() == b"sec"
+
+
+def test_nothing_is_held_without_a_possible_secret() -> None:
+    """A short last line goes out at once, not when the command next writes."""
+    stream = Masker(["hunter22-long-secret"]).stream()
+    assert stream.feed(b"done\n") == b"done\n"
+    assert stream.held == 0
+
+
+def test_only_a_possible_secret_prefix_is_held() -> None:
+    stream = Masker(["hunter22"]).stream()
+    assert stream.feed(b"password: hun") == b"password: "
+    assert stream.held == 3
+    assert stream.feed(b"ter22!\n") == b"***!\n"
+    assert stream.feed(b"hunt") == b""
+    assert stream.feed(b"ing\n") == b"hunting\n"
+
+
+def test_secret_straddling_reads_byte_by_byte() -> None:
+    masker = Masker(["s3cr3t-value"])
+    data = b"a s3cr3t-value b s3cr3t-valu c\n"
+    out = feed_all(masker.stream(), [bytes([b]) for b in data])
+    assert out == b"a *** b s3cr3t-valu c\n"
+
+
+def test_touching_secrets_across_reads_become_one_mask() -> None:
+    masker = Masker(["abc", "def"])
+    stream = masker.stream()
+    assert stream.feed(b"xabc") == b"x***"  # complete, and nothing can extend "abc"
+    assert stream.feed(b"def!") == b"!"  # touches the previous *** and joins it
+    assert stream.flush() == b""
+    assert masker.mask_bytes(b"xabcdef!") == b"x***!"
+
+
+def test_overlap_chain_holds_a_bounded_tail() -> None:
+    """An endless chain of overlapping secrets goes out as it is known."""
+    masker = Masker(["abab"])
+    stream = masker.stream()
+    out = b"".join(stream.feed(b"ab") for _ in range(1000))
+    assert stream.held <= 3
+    assert out + stream.feed(b"!") + stream.flush() == b"***!"
 
 
 def test_stream_long_chunk_without_newline() -> None:
@@ -136,10 +181,42 @@ def test_stream_equals_whole_for_any_chunking(
     for a, b in zip(bounds, bounds[1:], strict=False):
         out += stream.feed(data[a:b])
         assert stream.held <= masker.longest_bytes - 1
+        if stream.held:
+            # Held only while the held bytes could still become (part of) a secret.
+            assert any(
+                s.startswith(data[p:b]) and len(s) > b - p
+                for s in secrets
+                for p in range(b - stream.held + 1)
+            )
     out += stream.flush()
     assert out == reference_mask(data, secrets)
     for s in secrets:
         assert s not in out
+
+
+unicode_secrets = st.lists(
+    st.text(alphabet="abcx€", min_size=1, max_size=6), min_size=1, max_size=3
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    secrets=unicode_secrets,
+    parts=st.lists(st.sampled_from(["a", "b", "c", "x", "€", "\n", " ", "abc", "xx"]), max_size=60),
+    cuts=st.lists(st.integers(1, 7), max_size=30),
+)
+def test_stream_of_utf8_text_equals_masking_the_whole(
+    secrets: list[str], parts: list[str], cuts: list[int]
+) -> None:
+    masker = Masker(secrets)
+    data = "".join(parts).encode()
+    chunks = []
+    pos = 0
+    for c in cuts:
+        chunks.append(data[pos : pos + c])
+        pos += c
+    chunks.append(data[pos:])
+    assert feed_all(masker.stream(), chunks) == masker.mask_bytes(data)
 
 
 @given(
