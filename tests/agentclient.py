@@ -7,16 +7,14 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 
 from keruta.levels import determine_level
-from tests.hubclient import HubFactory, SqliteFiles, TestHub
 
 # Hang guard only (never a performance assertion).
 PATIENCE = 60.0
@@ -76,21 +74,6 @@ def lines_of(data: bytes) -> list[str]:
     if parts[-1]:
         lines.append(parts[-1].decode("utf-8", "replace"))
     return lines
-
-
-@pytest.fixture
-def sqlite_hub_factory(tmp_path: Path) -> Iterator[HubFactory]:
-    """Hubs on SQLite only: for agent tests where the hub's store plays no part."""
-    factory = HubFactory(SqliteFiles(tmp_path))
-    try:
-        yield factory
-    finally:
-        factory.close()
-
-
-@pytest.fixture
-def sqlite_hub(sqlite_hub_factory: HubFactory) -> TestHub:
-    return sqlite_hub_factory.start()
 
 
 def free_port() -> int:

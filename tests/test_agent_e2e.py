@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests import agentclient, hubclient
+from tests import hubclient
 from tests.agentclient import (
     agent,
     check_records,
@@ -23,8 +23,7 @@ from tests.agentclient import (
 )
 
 # The hub's store plays no part in these: SQLite only (the fault tests run on both).
-hub, hub_factory = agentclient.sqlite_hub, agentclient.sqlite_hub_factory
-sqlite_hub_factory = agentclient.sqlite_hub_factory
+hub, hub_factory = hubclient.hub, hubclient.hub_factory
 pytestmark = pytest.mark.slow
 
 

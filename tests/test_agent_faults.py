@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests import agentclient, hubclient
+from tests import hubclient
 from tests.agentclient import (
     PATIENCE,
     agent,
@@ -26,7 +26,6 @@ from tests.agentclient import (
 # Hub crashes and cut connections run on both stores; what concerns only the
 # agent (its signals, its spool) on SQLite.
 hub, hub_factory = hubclient.hub, hubclient.hub_factory
-sqlite_hub, sqlite_hub_factory = agentclient.sqlite_hub, agentclient.sqlite_hub_factory
 pytestmark = pytest.mark.slow
 
 
@@ -80,7 +79,7 @@ async def test_hub_killed_mid_stream_and_restarted(hub: hubclient.TestHub, tmp_p
 
 
 async def test_hub_not_running_at_start_and_coming_up_later(
-    sqlite_hub_factory: hubclient.HubFactory, tmp_path: Path
+    hub_factory: hubclient.HubFactory, tmp_path: Path
 ) -> None:
     n = 2000
     port = free_port()
@@ -91,7 +90,7 @@ async def test_hub_not_running_at_start_and_coming_up_later(
         with trio.fail_after(PATIENCE):
             while bytes(a.stdout) != want["stdout"]:
                 await trio.sleep(0.05)
-        hub = sqlite_hub_factory.make()
+        hub = hub_factory.make()
         hub.port = port
         await hub.astart()
         assert await a.wait() == 0
@@ -170,23 +169,23 @@ async def test_connection_cut_mid_frame_by_a_proxy(hub: hubclient.TestHub, tmp_p
 
 
 async def test_agent_sigterm_is_passed_to_the_command(
-    sqlite_hub: hubclient.TestHub, tmp_path: Path
+    hub: hubclient.TestHub, tmp_path: Path
 ) -> None:
     """The command dies of the forwarded SIGTERM; everything it wrote is stored."""
     n = 100_000
     cmd = program(n, seed=24, pause_every=100, pause=0.02)
-    async with agent(run_args(sqlite_hub.url, "term-1", tmp_path / "spool", "--quiet") + cmd) as a:
-        await wait_stored(sqlite_hub, "term-1", 300)
+    async with agent(run_args(hub.url, "term-1", tmp_path / "spool", "--quiet") + cmd) as a:
+        await wait_stored(hub, "term-1", 300)
         a.signal(signal.SIGTERM)
         assert await a.wait() == 128 + signal.SIGTERM
-    records = await stored(sqlite_hub, "term-1")
+    records = await stored(hub, "term-1")
     assert_prefix_of_expected(records, expected_streams(n, seed=24))
-    state = await task_state(sqlite_hub, "term-1")
+    state = await task_state(hub, "term-1")
     assert (state["state"], state["exitCode"]) == ("failed", 143)
 
 
 async def test_agent_sigterm_with_a_command_that_handles_it(
-    sqlite_hub: hubclient.TestHub, tmp_path: Path
+    hub: hubclient.TestHub, tmp_path: Path
 ) -> None:
     code = (
         "import signal, sys, time\n"
@@ -198,38 +197,38 @@ async def test_agent_sigterm_with_a_command_that_handles_it(
         "time.sleep(60)\n"
     )
     async with agent(
-        run_args(sqlite_hub.url, "term-2", tmp_path / "spool") + [sys.executable, "-c", code]
+        run_args(hub.url, "term-2", tmp_path / "spool") + [sys.executable, "-c", code]
     ) as a:
         await a.wait_for_output(b"ready")
         a.signal(signal.SIGTERM)
         assert await a.wait() == 0
-    assert [r["message"] for r in await stored(sqlite_hub, "term-2")] == [
+    assert [r["message"] for r in await stored(hub, "term-2")] == [
         "ready",
         f"got signal {int(signal.SIGTERM)}",
     ]
-    assert (await task_state(sqlite_hub, "term-2"))["state"] == "succeeded"
+    assert (await task_state(hub, "term-2"))["state"] == "succeeded"
 
 
 async def test_agent_sigkilled_then_flush_delivers_the_rest(
-    sqlite_hub: hubclient.TestHub, tmp_path: Path
+    hub: hubclient.TestHub, tmp_path: Path
 ) -> None:
     n = 100_000
     spool = tmp_path / "spool"
     want = expected_streams(n, seed=25)
     cmd = program(n, seed=25, pause_every=100, pause=0.01)
     # A slow link (rate limit) keeps records unacknowledged in the spool.
-    args = run_args(sqlite_hub.url, "kill-1", spool, "--rate-limit", "300", "--batch-size", "50")
+    args = run_args(hub.url, "kill-1", spool, "--rate-limit", "300", "--batch-size", "50")
     async with agent(args + cmd) as a:
-        await wait_stored(sqlite_hub, "kill-1", 100)
+        await wait_stored(hub, "kill-1", 100)
         await a.wait_for_output(b"line 1000 ")
         a.signal(signal.SIGKILL)
         assert await a.wait() == -signal.SIGKILL
     mirrored = bytes(a.stdout)
     assert (spool / "kill-1").exists()
-    before = len(await stored(sqlite_hub, "kill-1"))
-    async with agent(["flush", "--spool-dir", str(spool), "--hub", sqlite_hub.url]) as f:
+    before = len(await stored(hub, "kill-1"))
+    async with agent(["flush", "--spool-dir", str(spool), "--hub", hub.url]) as f:
         assert await f.wait() == 0
-    records = await stored(sqlite_hub, "kill-1")
+    records = await stored(hub, "kill-1")
     assert len(records) > before
     notice = records[-1]
     assert (
@@ -239,7 +238,7 @@ async def test_agent_sigkilled_then_flush_delivers_the_rest(
     # Every line the agent had mirrored was spooled first, so it is stored.
     complete = mirrored[: mirrored.rfind(b"\n") + 1]
     assert joined_lines(records, "stdout")[: len(lines_of(complete))] == lines_of(complete)
-    state = await task_state(sqlite_hub, "kill-1")
+    state = await task_state(hub, "kill-1")
     assert (state["state"], state["exitCode"]) == ("failed", None)
     assert not (spool / "kill-1").exists()
     # Nothing left: flushing again is a no-op.
@@ -261,7 +260,7 @@ async def test_flush_with_the_hub_down_fails_and_keeps_the_spool(tmp_path: Path)
 
 
 async def test_flush_after_spool_corruption_fills_the_hole(
-    sqlite_hub_factory: hubclient.HubFactory, tmp_path: Path
+    hub_factory: hubclient.HubFactory, tmp_path: Path
 ) -> None:
     """A record damaged on disk is skipped with a warning and replaced by an
     explicit "lost" record, so that the hub's ack watermark can pass it."""
@@ -274,7 +273,7 @@ async def test_flush_after_spool_corruption_fills_the_hole(
     data = bytearray(segment.read_bytes())
     data[len(data) // 2] ^= 0x55
     segment.write_bytes(bytes(data))
-    hub = sqlite_hub_factory.make()
+    hub = hub_factory.make()
     hub.port = port
     await hub.astart()
     async with agent(["flush", "--spool-dir", str(spool)]) as f:
