@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import attrs
 import orjson
 
 from hub.store.base import Incoming, LogQuery, record_id
-from keruta.records import InvalidField, LogRecord
+from keruta.records import InvalidField, LogRecord, TaskInfo
 
 T = TypeVar("T")
 
@@ -131,6 +131,39 @@ def metadata_json(metadata: dict) -> str | None:
 
 def metadata_from_json(text: str | None) -> dict:
     return orjson.loads(text) if text else {}
+
+
+def record_from_row(row: Sequence[Any]) -> LogRecord:
+    """A record from a row in both stores' column order:
+    task_id, seq, id, ts, source, level, message, line_number, metadata, partial."""
+    task_id, seq, id_, ts, source, level, message, line_number, metadata, partial = row
+    return LogRecord(
+        task_id=task_id,
+        seq=seq,
+        timestamp=ts,
+        source=source,
+        level=level,
+        message=message,
+        line_number=line_number,
+        metadata=metadata_from_json(metadata),
+        partial=bool(partial),
+        id=id_,
+    )
+
+
+def task_from_row(row: Sequence[Any]) -> TaskInfo:
+    """Task info from: task_id, state, exit_code, first_ts, last_ts, total, durable, updated_at."""
+    task_id, state, exit_code, first_ts, last_ts, total, durable, updated_at = row
+    return TaskInfo(
+        task_id=task_id,
+        state=state,
+        exit_code=exit_code,
+        first_timestamp=first_ts,
+        last_timestamp=last_ts,
+        total_logs=total,
+        durable_seq=durable,
+        updated_at=updated_at,
+    )
 
 
 async def iter_by_range(

@@ -41,10 +41,11 @@ from hub.store.batching import (
     advance,
     check_page,
     iter_by_range,
-    metadata_from_json,
     metadata_json,
     plan_batch,
+    record_from_row,
     tally,
+    task_from_row,
 )
 from keruta.records import TASK_STATES, InvalidField, LogRecord, TaskInfo
 from keruta.timefmt import now_ts
@@ -147,32 +148,6 @@ def _unavailable_as_store_error() -> Iterator[None]:
         raise
 
 
-def _record(row: Any) -> LogRecord:
-    return LogRecord(
-        task_id=row[0],
-        seq=row[1],
-        id=row[2],
-        timestamp=row[3],
-        source=row[4],
-        level=row[5],
-        message=row[6],
-        line_number=row[7],
-        metadata=metadata_from_json(row[8]),
-        partial=row[9],
-    )
-
-
-def _task(row: Any) -> TaskInfo:
-    return TaskInfo(
-        task_id=row[0],
-        state=row[1],
-        exit_code=row[2],
-        first_timestamp=row[3],
-        last_timestamp=row[4],
-        total_logs=row[5],
-        durable_seq=row[6],
-        updated_at=row[7],
-    )
 
 
 def _row(r: LogRecord) -> tuple[Any, ...]:
@@ -471,7 +446,7 @@ class PostgresStore:
                 await conn.execute(
                     "SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, f"{task_id} {STATUS_NOTICE} {self.origin}"
                 )
-        return _task(row)
+        return task_from_row(row)
 
     async def delete(self, task_id: str, before: str | None) -> int:
         total = 0
@@ -557,12 +532,12 @@ class PostgresStore:
             row = await conn.fetchrow(
                 f"SELECT {_TASK_SELECT} FROM keruta_tasks WHERE task_id = $1", task_id
             )
-        return _task(row) if row else None
+        return task_from_row(row) if row else None
 
     async def tasks(self) -> list[TaskInfo]:
         async with self._connection() as conn:
             rows = await conn.fetch(f"SELECT {_TASK_SELECT} FROM keruta_tasks ORDER BY task_id")
-        return [_task(r) for r in rows]
+        return [task_from_row(r) for r in rows]
 
     async def durable_seq(self, task_id: str) -> int:
         async with self._connection() as conn:
@@ -591,7 +566,7 @@ class PostgresStore:
                         f"SELECT count(*) FROM keruta_logs WHERE {where}", *params
                     )
         return Page(
-            content=[_record(r) for r in rows],
+            content=[record_from_row(r) for r in rows],
             total_elements=total or 0,
             number=query.page,
             size=query.size,
@@ -620,7 +595,7 @@ class PostgresStore:
         sql += f" ORDER BY seq LIMIT ${len(params)}"
         async with self._connection() as conn:
             rows = await conn.fetch(sql, *params)
-        return [_record(r) for r in rows]
+        return [record_from_row(r) for r in rows]
 
     def iter_task(self, task_id: str, chunk: int = 1000) -> AsyncIterator[list[LogRecord]]:
         return iter_by_range(self.read_range, task_id, chunk)

@@ -36,10 +36,11 @@ from hub.store.batching import (
     check_page,
     chunks,
     iter_by_range,
-    metadata_from_json,
     metadata_json,
     plan_batch,
+    record_from_row,
     tally,
+    task_from_row,
 )
 from keruta.records import TASK_STATES, InvalidField, LogRecord, TaskInfo
 from keruta.timefmt import now_ts
@@ -171,34 +172,6 @@ def _create_schema(conn: sqlite3.Connection) -> None:
         raise
 
 
-def _record(row: tuple[Any, ...]) -> LogRecord:
-    task_id, seq, id_, ts, source, level, message, line_number, metadata, partial = row
-    return LogRecord(
-        task_id=task_id,
-        seq=seq,
-        timestamp=ts,
-        source=source,
-        level=level,
-        message=message,
-        line_number=line_number,
-        metadata=metadata_from_json(metadata),
-        partial=bool(partial),
-        id=id_,
-    )
-
-
-def _task(row: tuple[Any, ...]) -> TaskInfo:
-    task_id, state, exit_code, first_ts, last_ts, total, durable, updated_at = row
-    return TaskInfo(
-        task_id=task_id,
-        state=state,
-        exit_code=exit_code,
-        first_timestamp=first_ts,
-        last_timestamp=last_ts,
-        total_logs=total,
-        durable_seq=durable,
-        updated_at=updated_at,
-    )
 
 
 def _load_progress(conn: sqlite3.Connection, task_id: str) -> TaskProgress:
@@ -344,7 +317,7 @@ def _set_state(
     row = conn.execute(
         f"SELECT {_TASK_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,)
     ).fetchone()
-    return _task(row)
+    return task_from_row(row)
 
 
 def _delete_chunk(conn: sqlite3.Connection, task_id: str, before: str | None) -> tuple[int, bool]:
@@ -431,7 +404,7 @@ def _query(conn: sqlite3.Connection, query: LogQuery) -> Page:
     finally:
         conn.execute("COMMIT")
     return Page(
-        content=[_record(r) for r in rows], total_elements=total, number=query.page, size=query.size
+        content=[record_from_row(r) for r in rows], total_elements=total, number=query.page, size=query.size
     )
 
 
@@ -454,7 +427,7 @@ def _read_range(
         params.append(level)
     sql += " ORDER BY seq LIMIT ?"
     params.append(limit)
-    return [_record(r) for r in conn.execute(sql, params)]
+    return [record_from_row(r) for r in conn.execute(sql, params)]
 
 
 def _stats(conn: sqlite3.Connection, task_id: str) -> LogStats:
@@ -591,14 +564,14 @@ class SQLiteStore:
             row = conn.execute(
                 f"SELECT {_TASK_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,)
             ).fetchone()
-            return _task(row) if row else None
+            return task_from_row(row) if row else None
 
         return await self._read(work)
 
     async def tasks(self) -> list[TaskInfo]:
         def work(conn: sqlite3.Connection) -> list[TaskInfo]:
             return [
-                _task(r)
+                task_from_row(r)
                 for r in conn.execute(f"SELECT {_TASK_COLUMNS} FROM tasks ORDER BY task_id")
             ]
 
