@@ -179,7 +179,7 @@ def create_app(hub: Hub) -> QuartTrio:
         except FrameError as exc:
             if exc.code == "TOO_LARGE":
                 raise ApiError(413, "TOO_LARGE", exc.message) from None
-            raise ApiError(400, "INVALID_REQUEST", exc.message.replace("invalid field '", "invalid field '")) from None
+            raise ApiError(400, "INVALID_REQUEST", exc.message) from None
         wait = hub.limiter(task_id).retry_after(len(items))
         if wait > 0:
             seconds = max(1, int(wait + 0.999))

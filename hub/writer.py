@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import attrs
 import trio
@@ -21,6 +22,8 @@ from keruta.backoff import Backoff
 from keruta.records import LogRecord, TaskInfo
 
 log = logging.getLogger("keruta.hub.writer")
+
+T = TypeVar("T")
 
 
 @attrs.frozen
@@ -115,7 +118,7 @@ class Writer:
         except (trio.WouldBlock, trio.EndOfChannel):
             return None
 
-    async def _with_retry(self, what: str, operation: Callable[[], object]) -> object:
+    async def _with_retry(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
         """Run a store operation, retrying while the store is unavailable.
 
         The batch is held meanwhile: acks pause, the inbox fills and producers
@@ -124,7 +127,7 @@ class Writer:
         attempt = 0
         while True:
             try:
-                return await operation()  # type: ignore[misc]
+                return await operation()
             except StoreUnavailable as exc:
                 self.metrics.store_failures += 1
                 self.available = trio.Event() if self.available.is_set() else self.available
@@ -149,15 +152,15 @@ class Writer:
                 req.done(WriteOutcome(error=exc))
             return
         self.metrics.write_batch.observe(trio.current_time() - started)
-        self.metrics.records_ingested += len(result.inserted)  # type: ignore[attr-defined]
-        self.metrics.records_duplicate += len(items) - len(result.inserted)  # type: ignore[attr-defined]
+        self.metrics.records_ingested += len(result.inserted)
+        self.metrics.records_duplicate += len(items) - len(result.inserted)
         offset = 0
         for req in batch:
-            mine = result.records[offset : offset + len(req.items)]  # type: ignore[attr-defined]
+            mine = result.records[offset : offset + len(req.items)]
             offset += len(req.items)
-            durable = {t: result.durable[t] for t in {r.task_id for r in mine}}  # type: ignore[attr-defined]
+            durable = {t: result.durable[t] for t in {r.task_id for r in mine}}
             req.done(WriteOutcome(records=mine, durable=durable))
-        self.broadcaster.publish_records(result.inserted, result.durable)  # type: ignore[attr-defined]
+        self.broadcaster.publish_records(result.inserted, result.durable)
 
     async def _apply_status(self, req: WriteRequest) -> None:
         change = req.status
@@ -172,5 +175,5 @@ class Writer:
             self.metrics.error("STORE_ERROR")
             req.done(WriteOutcome(error=exc))
             return
-        req.done(WriteOutcome(task=task))  # type: ignore[arg-type]
-        self.broadcaster.publish_status(task)  # type: ignore[arg-type]
+        req.done(WriteOutcome(task=task))
+        self.broadcaster.publish_status(task)
