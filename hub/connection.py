@@ -9,7 +9,10 @@ SLOW_CONSUMER), and acks are coalesced per task so they are never dropped.
 from __future__ import annotations
 
 import logging
-from typing import Any
+import random
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any, TypeVar
 
 import trio
 
@@ -17,8 +20,10 @@ from hub.auth import Role
 from hub.broadcaster import FRAME_RECORDS, Outgoing, Subscription, encode_chunks, status_payload
 from hub.ingest import from_records
 from hub.state import Hub
+from hub.store.base import StoreUnavailable
 from hub.writer import StatusChange, WriteOutcome, WriteRequest
 from hub.wsbuffer import OVERSIZED
+from keruta.backoff import Backoff
 from keruta.levels import LEVELS
 from keruta.records import SOURCES
 from keruta.timefmt import now_ts
@@ -39,6 +44,11 @@ from keruta.wire import (
 )
 
 log = logging.getLogger("keruta.hub.ws")
+
+T = TypeVar("T")
+STORE_RETRY = Backoff(initial=0.2, cap=5.0)
+# About a minute of retries before the connection gives up on the store.
+STORE_RETRIES = 15
 
 # Tells the sender that acks are waiting.
 _WAKE = Outgoing("")
@@ -272,14 +282,18 @@ class Connection:
         if old is not None:
             self._drop(old)
         store = self.hub.store
-        start = frame.from_seq - 1 if frame.from_seq is not None else await store.durable_seq(frame.task_id)
+        start = (
+            frame.from_seq - 1
+            if frame.from_seq is not None
+            else await self._read(lambda: store.durable_seq(frame.task_id))
+        )
         sub = Subscription(frame.task_id, frame.source, frame.level, cursor=start, offer=self._offer, delivered=start)
         # Registered before the state is read: a status committed meanwhile is
         # then either in what we read or published to the subscription.
         self.subs[frame.task_id] = sub
         self.hub.broadcaster.add(sub)
         self.hub.metrics.subscribers += 1
-        task = await store.task(frame.task_id)
+        task = await self._read(lambda: store.task(frame.task_id))
         if task is not None and sub.pending_status is None:
             sub.pending_status = status_payload(task)
         await self._send(dumps(SubscribedFrame(frame.task_id, now_ts())))
@@ -288,6 +302,19 @@ class Connection:
         assert self._nursery is not None
         self._nursery.start_soon(self._catch_up, sub, scope)
         sub.go_catch_up()
+
+    async def _read(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """A store read for this connection, waiting out a short store outage
+        (a database restart) instead of dropping the subscriber."""
+        attempt = 0
+        while True:
+            try:
+                return await operation()
+            except StoreUnavailable:
+                if attempt >= STORE_RETRIES:
+                    raise
+                await trio.sleep(STORE_RETRY.delay(attempt, random.random()))
+                attempt += 1
 
     def _drop(self, sub: Subscription) -> None:
         if self.subs.get(sub.task_id) is sub:
@@ -306,10 +333,13 @@ class Connection:
                 await sub.wake.wait()
                 sub.wake = trio.Event()
                 while not sub.live:
-                    target = await store.durable_seq(sub.task_id)
+                    target = await self._read(lambda: store.durable_seq(sub.task_id))
                     while sub.cursor < target:
-                        records = await store.read_range(
-                            sub.task_id, sub.cursor, target, FRAME_RECORDS, sub.source, sub.level
+                        records = await self._read(
+                            partial(
+                                store.read_range,
+                                sub.task_id, sub.cursor, target, FRAME_RECORDS, sub.source, sub.level,
+                            )
                         )
                         through = records[-1].seq if len(records) == FRAME_RECORDS else target
                         for payload, last in encode_chunks(sub.task_id, records, through):

@@ -126,6 +126,9 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InsufficientResourcesError,  # 53xxx: too many connections, disk full
     asyncpg.exceptions.TransactionRollbackError,  # 40xxx: serialization failure, deadlock
     asyncpg.exceptions.ReadOnlySQLTransactionError,  # a standby during failover
+    # A connection left mid-operation by a cut or a cancellation ("another
+    # operation is in progress"); it is terminated, and a retry gets a fresh one.
+    asyncpg.InternalClientError,
 )
 
 
@@ -339,7 +342,13 @@ class PostgresStore:
     async def _connection(self) -> AsyncIterator[Any]:
         with _unavailable_as_store_error():
             async with self._require_pool().acquire() as conn:
-                yield conn
+                try:
+                    yield conn
+                except BaseException:
+                    # An operation that failed or was cancelled midway can leave
+                    # the connection mid-protocol: never hand it out again.
+                    conn.terminate()
+                    raise
 
     @asynccontextmanager
     async def _write_transaction(self) -> AsyncIterator[Any]:
