@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import attrs
 import orjson
 
-from hub.store.base import Incoming, LogQuery, record_id
+from hub.store.base import Incoming, LogQuery, LogStats, record_id
 from keruta.records import InvalidField, LogRecord, TaskInfo
 
 T = TypeVar("T")
@@ -148,6 +148,30 @@ def record_from_row(row: Sequence[Any]) -> LogRecord:
         metadata=metadata_from_json(metadata),
         partial=bool(partial),
         id=id_,
+    )
+
+
+def stats_from_rows(
+    task_id: str,
+    task_row: Sequence[Any] | None,
+    counts: Iterable[tuple[str, str, int]],
+) -> LogStats:
+    """Stats from the task row (total, first_ts, last_ts, updated_at) and the
+    per (source, level) counts, as both stores keep them."""
+    by_source: dict[str, int] = defaultdict(int)
+    by_level: dict[str, int] = defaultdict(int)
+    for source, level, n in counts:
+        by_source[source] += n
+        by_level[level] += n
+    total, first, last, updated = task_row if task_row else (0, None, None, None)
+    return LogStats(
+        task_id=task_id,
+        total_logs=total,
+        log_counts=dict(by_source),
+        level_counts=dict(by_level),
+        start=first,
+        end=last,
+        last_updated=updated or last,
     )
 
 

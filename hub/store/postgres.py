@@ -18,7 +18,6 @@ timestamps order as strings, and task ids order byte-wise as in SQLite.
 from __future__ import annotations
 
 import secrets
-from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
@@ -44,6 +43,7 @@ from hub.store.batching import (
     metadata_json,
     plan_batch,
     record_from_row,
+    stats_from_rows,
     tally,
     task_from_row,
 )
@@ -619,24 +619,9 @@ class PostgresStore:
                 """,
                 task_id,
             )
-        by_source: dict[str, int] = defaultdict(int)
-        by_level: dict[str, int] = defaultdict(int)
-        for row in rows:
-            if row[4] is not None:
-                by_source[row[4]] += row[6]
-                by_level[row[5]] += row[6]
-        total, first, last, updated = (
-            (rows[0][0], rows[0][1], rows[0][2], rows[0][3]) if rows else (0, None, None, None)
-        )
-        return LogStats(
-            task_id=task_id,
-            total_logs=total,
-            log_counts=dict(by_source),
-            level_counts=dict(by_level),
-            start=first,
-            end=last,
-            last_updated=updated or last,
-        )
+        task_row = rows[0][:4] if rows else None
+        counts = [(r[4], r[5], r[6]) for r in rows if r[4] is not None]
+        return stats_from_rows(task_id, task_row, counts)
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

@@ -39,6 +39,7 @@ from hub.store.batching import (
     metadata_json,
     plan_batch,
     record_from_row,
+    stats_from_rows,
     tally,
     task_from_row,
 )
@@ -442,21 +443,7 @@ def _stats(conn: sqlite3.Connection, task_id: str) -> LogStats:
         ).fetchall()
     finally:
         conn.execute("COMMIT")
-    by_source: dict[str, int] = defaultdict(int)
-    by_level: dict[str, int] = defaultdict(int)
-    for source, level, n in counts:
-        by_source[source] += n
-        by_level[level] += n
-    total, first, last, updated = row if row else (0, None, None, None)
-    return LogStats(
-        task_id=task_id,
-        total_logs=total,
-        log_counts=dict(by_source),
-        level_counts=dict(by_level),
-        start=first,
-        end=last,
-        last_updated=updated or last,
-    )
+    return stats_from_rows(task_id, row, counts)
 
 
 class SQLiteStore:
