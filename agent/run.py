@@ -100,6 +100,18 @@ async def run(settings: RunSettings, say: Callable[[str], None] = say) -> RunRes
             max_bytes=settings.spool_max_bytes,
             warn=say,
         )
+    final = spool.meta.get("final")
+    if final is not None and final.get("delivered") and spool.unacked == 0:
+        # A previous run of this task id, delivered but not yet cleaned up (its
+        # agent stopped just before): this run starts a spool, and a producer, of its own.
+        spool.remove()
+        spool = Spool.open(
+            spool.dir.parent,
+            settings.task_id,
+            hub_url=settings.hub_url,
+            max_bytes=settings.spool_max_bytes,
+            warn=say,
+        )
     uplink = Uplink(
         spool,
         UplinkSettings(

@@ -3,7 +3,7 @@ and kept until the hub has acknowledged it.
 
 Layout, one directory per task under the spool root::
 
-    ROOT/TASK_ID/task.json      taskId, hub URL, final state once known
+    ROOT/TASK_ID/task.json      taskId, hub URL, producer id, final state once known
     ROOT/TASK_ID/acked          the ack watermark: every seq <= it is stored by the hub
     ROOT/TASK_ID/lock           held (flock) by the one process using this spool
     ROOT/TASK_ID/SEQ.seg        segments, named by their first seq, append-only
@@ -14,6 +14,12 @@ payload. Reading checks every frame; a torn tail (a crash mid-write) is cut
 off when the spool is opened, and a corrupt frame is skipped with a warning
 by searching forward for the next valid one, so damage never turns into a
 crash loop. Segments whose records are all acknowledged are deleted.
+
+The seqs are the producer's own (docs/identity.md): `producer` in task.json
+names this spool's run to the hub, which gives each record its task seq. So
+that a seq is never used twice for different lines, the `acked` file is made
+durable before any segment it covers is deleted: on reopen the highest seq is
+the larger of it and the segments' last.
 
 Writes are plain `write(2)` calls, so a record survives the agent being
 killed as soon as `append` returns; `sync` (called on a timer by the agent)
@@ -27,6 +33,7 @@ import collections
 import fcntl
 import os
 import struct
+import uuid
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -206,6 +213,7 @@ class Spool:
         self._unsynced: list[int] = []  # dup'ed fds written since the last sync
         self._dirty = False
         self._saved_ack = 0
+        self._ack_durable = True
         self._lock_fd: int | None = None
         self._used = 0  # bytes in segment files
 
@@ -267,6 +275,10 @@ class Spool:
             changed = True
         self.meta.setdefault("createdAt", now_ts())
         self.meta.setdefault("final", None)
+        if not isinstance(self.meta.get("producer"), str):
+            # One run of the agent to the hub; a spool from before producers existed gets one too.
+            self.meta["producer"] = uuid.uuid4().hex
+            changed = True
         if changed or not meta_path.exists():
             self._save_meta()
         try:
@@ -437,14 +449,26 @@ class Spool:
             self._cache_size -= len(self._cache.popleft()[1])
         self._delete_acked_segments()
 
+    @property
+    def producer(self) -> str:
+        return str(self.meta["producer"])
+
     def _delete_acked_segments(self) -> None:
         keep = []
+        persisted = False
         for i, seg in enumerate(self.segments):
             is_active = i == len(self.segments) - 1
             done = seg.last_seq <= self.acked_seq
             # The active segment goes too once it is worth it: a fresh one starts
             # at the next append.
             if done and (not is_active or seg.size >= self.segment_bytes // 4 or seg.size == 0):
+                if not persisted:
+                    # The watermark must outlive the segments: it is all that
+                    # remembers their seqs were used.
+                    if not self._persist_watermark():
+                        keep.extend(self.segments[i:])
+                        break
+                    persisted = True
                 if self._cursor is not None and self._cursor[0] is seg:
                     self._cursor = None
                 self._used -= seg.size
@@ -457,6 +481,24 @@ class Spool:
                 keep.append(seg)
         self.segments = keep
 
+    def _persist_watermark(self) -> bool:
+        """Write the ack watermark and fsync it and its directory; False if that failed."""
+        if self._saved_ack == self.acked_seq and self._ack_durable:
+            return True
+        try:
+            write_atomically(self.dir / "acked", f"{self.acked_seq}\n".encode(), durable=True)
+            fd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self.warn(f"spool {self.dir}: cannot save the ack watermark: {exc}")
+            return False
+        self._saved_ack = self.acked_seq
+        self._ack_durable = True
+        return True
+
     def save_watermark(self) -> None:
         """Persist the ack watermark (not fsynced: a stale one only means resending)."""
         if self.acked_seq != self._saved_ack:
@@ -466,6 +508,7 @@ class Spool:
                 self.warn(f"spool {self.dir}: cannot save the ack watermark: {exc}")
                 return
             self._saved_ack = self.acked_seq
+            self._ack_durable = False
 
     # --- reading --------------------------------------------------------------
 

@@ -39,7 +39,6 @@ from keruta.wire import (
     FrameError,
     PingFrame,
     StatusFrame,
-    SubscribeFrame,
     decode_hub_frame,
     encode_bytes,
 )
@@ -53,11 +52,11 @@ class HubRefused(Exception):
     """The hub answered with an error frame (bad token, refused frame...)."""
 
 
-def logs_frame(task_id: str, payloads: list[bytes]) -> bytes:
+def logs_frame(task_id: str, payloads: list[bytes], producer: str | None = None) -> bytes:
     """A `logs` frame from records already encoded for the spool.
 
-    Byte for byte what `encode_bytes(LogsFrame(task_id, records))` gives
-    (a test holds it to that), without decoding and re-encoding each record.
+    Byte for byte what `encode_bytes(LogsFrame(task_id, records, producer))`
+    gives (a test holds it to that), without decoding and re-encoding each record.
     """
     return b"".join(
         (
@@ -65,7 +64,9 @@ def logs_frame(task_id: str, payloads: list[bytes]) -> bytes:
             orjson.dumps(task_id),
             b',"records":[',
             b",".join(payloads),
-            b"]}",
+            b"]",
+            b',"producer":' + orjson.dumps(producer) if producer is not None else b"",
+            b"}",
         )
     )
 
@@ -111,7 +112,6 @@ class Uplink:
         self.frames_sent = 0
         self.records_sent = 0
         self._wakeup = trio.Event()
-        self.warned_reused = False
         self._failing_since: float | None = None
         self._last_complaint: float | None = None
 
@@ -183,6 +183,7 @@ class _Session:
         self.ws = ws
         self.spool = uplink.spool
         self.task_id = uplink.settings.task_id
+        self.producer = self.spool.producer
         self.cursor = self.spool.acked_seq + 1  # the next seq to send
         self.in_flight: collections.deque[int] = collections.deque()  # last seq of each frame
         self.last_heard = trio.current_time()
@@ -198,7 +199,7 @@ class _Session:
         up = self.up
         up.batcher.reset(self.spool.last_seq - self.cursor + 1, trio.current_time())
         if up.final is None:
-            await self.send(encode_bytes(StatusFrame(self.task_id, "running")))
+            await self.send(encode_bytes(StatusFrame(self.task_id, "running", producer=self.producer)))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.receive_loop)
             nursery.start_soon(self.ping_loop)
@@ -230,7 +231,7 @@ class _Session:
                     self._skip_to(self.spool.last_seq + 1)
                     continue
                 await up.limiter.acquire(len(records))
-                await self.send(logs_frame(self.task_id, [p for _, p in records]))
+                await self.send(logs_frame(self.task_id, [p for _, p in records], self.producer))
                 last = records[-1][0]
                 covered = last + 1 - self.cursor
                 self.cursor = last + 1
@@ -263,14 +264,9 @@ class _Session:
         assert up.final is not None
         if not self.status_sent:
             state, code = up.final
-            # The hub publishes a task's status to its subscribers after storing
-            # it. Subscribing first (no records to replay: all are acknowledged)
-            # means the subscription exists before the status is stored, so
-            # that publication cannot be missed.
-            await self.send(
-                encode_bytes(SubscribeFrame(self.task_id, from_seq=self.spool.last_seq + 1))
-            )
-            await self.send(encode_bytes(StatusFrame(self.task_id, state, code)))
+            # The hub answers a run's status with that run's stored state, on
+            # this connection, once it is committed.
+            await self.send(encode_bytes(StatusFrame(self.task_id, state, code, self.producer)))
             self.status_sent = True
         if self.confirmed.is_set():
             self.spool.mark_final_delivered()
@@ -290,11 +286,12 @@ class _Session:
                 up.say(f"ignoring a frame from the hub that does not parse: {exc}")
                 continue
             if isinstance(frame, AckFrame):
-                if frame.task_id == self.task_id:
+                if frame.task_id == self.task_id and frame.producer == self.producer:
                     self.on_ack(frame.seq)
             elif isinstance(frame, StatusFrame):
                 if (
                     frame.task_id == self.task_id
+                    and frame.producer == self.producer
                     and up.final is not None
                     and (frame.state, frame.exit_code) == up.final
                 ):
@@ -304,14 +301,6 @@ class _Session:
                 raise HubRefused(f"{frame.code}: {frame.message}")
 
     def on_ack(self, seq: int) -> None:
-        if seq > self.spool.last_seq and not self.up.warned_reused:
-            self.up.warned_reused = True
-            self.up.say(
-                f"the hub already holds records of task {self.task_id} up to seq {seq}, more "
-                f"than this agent wrote ({self.spool.last_seq}): the task id was used before, "
-                "and lines sent now under seqs the hub already has are taken as duplicates. "
-                "Use a new task id for each run."
-            )
         self.spool.release(seq)
         done = 0
         while self.in_flight and self.in_flight[0] <= seq:

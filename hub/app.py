@@ -195,7 +195,10 @@ def create_app(hub: Hub) -> QuartTrio:
         await done.wait()
         if outcome[0].error is not None:
             raise ApiError(503, "STORE_ERROR", "the records could not be stored; retry")
-        ids = [r.id for r in outcome[0].records]
+        if outcome[0].refusals:
+            others = " (the other records of the array were stored)" if array and len(items) > 1 else ""
+            raise ApiError(409, outcome[0].refusals[0].code, outcome[0].refusals[0].message + others)
+        ids = [r.id for r in outcome[0].records if r is not None]
         return json_response({"ids": ids} if array else {"id": ids[0]})
 
     @app.get("/api/v1/tasks/<task_id>/logs")

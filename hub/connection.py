@@ -63,7 +63,12 @@ class Connection:
         self.ws = ws
         self.role = role
         self.outbox, self._outbox_recv = trio.open_memory_channel[Outgoing](hub.config.subscriber_queue)
-        self.acks: dict[str, int] = {}
+        # (task_id, producer or None) -> seq to acknowledge; coalesced, never dropped.
+        self.acks: dict[tuple[str, str | None], int] = {}
+        # Acks never reach past a record this connection sent that was refused.
+        self.ack_caps: dict[tuple[str, str | None], int] = {}
+        # Frames answering this connection's writes (SEQ_CONFLICT, a run's status), sent before acks.
+        self.replies: list[str] = []
         self._ack_wake_pending = False
         self.subs: dict[str, Subscription] = {}
         self._catch_up_scopes: dict[Subscription, trio.CancelScope] = {}
@@ -152,9 +157,12 @@ class Connection:
             self._sender_done.set()
 
     async def _flush_acks(self) -> None:
+        while self.replies:
+            await self.ws.send(self.replies.pop(0))
+            self.hub.metrics.frames_sent += 1
         while self.acks:
-            task_id, seq = self.acks.popitem()
-            await self.ws.send(dumps(AckFrame(task_id, seq)))
+            (task_id, producer), seq = self.acks.popitem()
+            await self.ws.send(dumps(AckFrame(task_id, seq, producer)))
             self.hub.metrics.frames_sent += 1
 
     def _send_nowait(self, item: Outgoing) -> bool:
@@ -208,10 +216,25 @@ class Connection:
         if outcome.error is not None:
             self._send_nowait(Outgoing(dumps(ErrorFrame("STORE_ERROR", "the hub could not store the records; resend them"))))
             return
-        for task_id, seq in outcome.durable.items():
-            if seq > self.acks.get(task_id, 0):
-                self.acks[task_id] = seq
-        if outcome.durable and not self._ack_wake_pending:
+        for refusal in outcome.refusals:
+            self.hub.metrics.error(refusal.code)
+            # Bounded: at most a few per write request, and requests in flight are bounded.
+            self.replies.append(dumps(ErrorFrame(refusal.code, refusal.message, refusal.resume_from)))
+            if refusal.key is not None:
+                self.ack_caps[refusal.key] = min(self.ack_caps.get(refusal.key, refusal.cap), refusal.cap)
+        acks: list[tuple[tuple[str, str | None], int]] = [
+            *(((task_id, None), seq) for task_id, seq in outcome.durable.items()),
+            *outcome.producers.items(),
+        ]
+        for key, seq in acks:
+            seq = min(seq, self.ack_caps.get(key, seq))
+            if seq > self.acks.get(key, 0):
+                self.acks[key] = seq
+        if outcome.task is not None and outcome.run_state is not None:
+            # The run's own state, to that run: how an agent knows its final status is stored.
+            producer, state, code = outcome.run_state
+            self.replies.append(dumps(StatusFrame(outcome.task.task_id, state, code, producer)))
+        if (outcome.durable or outcome.producers or self.replies) and not self._ack_wake_pending:
             # If the outbox is full the sender is busy and flushes acks before its next frame.
             self._ack_wake_pending = self._send_nowait(_WAKE)
 
@@ -239,7 +262,8 @@ class Connection:
             where = "records" if isinstance(frame, LogsFrame) else "record"
             if not self._may_write():
                 return await self._error("FORBIDDEN", "the viewer token may not write")
-            items = from_records(records, where)
+            producer = frame.producer if isinstance(frame, LogsFrame) else None
+            items = from_records(records, where, producer)
             if not items:
                 return
             await self.hub.limiter(items[0].task_id).acquire(len(items))
@@ -248,7 +272,7 @@ class Connection:
             if not self._may_write():
                 return await self._error("FORBIDDEN", "the viewer token may not write")
             await self._submit(
-                WriteRequest(self._on_written, status=StatusChange(frame.task_id, frame.state, frame.exit_code))
+                WriteRequest(self._on_written, status=StatusChange(frame.task_id, frame.state, frame.exit_code, frame.producer))
             )
         elif isinstance(frame, SubscribeFrame):
             await self._subscribe(frame)

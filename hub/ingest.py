@@ -20,7 +20,9 @@ def _timestamp(value: str | None, where: str, code: str) -> str:
         raise FrameError(code, f"invalid field '{where}': not an RFC 3339 timestamp", where) from None
 
 
-def from_records(records: Sequence[LogRecord], where: str = "records") -> list[Incoming]:
+def from_records(
+    records: Sequence[LogRecord], where: str = "records", producer: str | None = None
+) -> list[Incoming]:
     return [
         Incoming(
             task_id=r.task_id,
@@ -32,6 +34,7 @@ def from_records(records: Sequence[LogRecord], where: str = "records") -> list[I
             line_number=r.line_number,
             metadata=r.metadata,
             partial=r.partial,
+            producer=producer,
         )
         for i, r in enumerate(records)
     ]

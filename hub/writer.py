@@ -17,7 +17,7 @@ import trio
 
 from hub.broadcaster import Broadcaster
 from hub.metrics import Metrics
-from hub.store.base import Incoming, Store, StoreUnavailable
+from hub.store.base import CONFLICT, GAP, AppendResult, Incoming, Store, StoreUnavailable
 from keruta.backoff import Backoff
 from keruta.records import LogRecord, TaskInfo
 
@@ -31,14 +31,88 @@ class StatusChange:
     task_id: str
     state: str
     exit_code: int | None
+    producer: str | None = None
+
+
+@attrs.frozen
+class Refusal:
+    """Records of one request the store would not take (never acknowledged)."""
+
+    code: str  # SEQ_CONFLICT or SEQ_GAP
+    message: str
+    resume_from: int | None = None
+    # SEQ_CONFLICT: the identity whose acknowledgements stop at `cap` for good.
+    key: tuple[str, str | None] | None = None
+    cap: int = 0
 
 
 @attrs.frozen
 class WriteOutcome:
-    records: list[LogRecord] = attrs.field(factory=list)
+    records: list[LogRecord | None] = attrs.field(factory=list)
+    # What may be acknowledged: task_id -> seq (records without producer) and
+    # (task_id, producer) -> the producer's seq; both capped below a refused record.
     durable: dict[str, int] = attrs.field(factory=dict)
+    producers: dict[tuple[str, str], int] = attrs.field(factory=dict)
+    refusals: list[Refusal] = attrs.field(factory=list)
     task: TaskInfo | None = None
+    # After a status change with a producer: (producer, its stored state, exit code).
+    run_state: tuple[str, str, int | None] | None = None
     error: Exception | None = None
+
+
+def settle(items: Sequence[Incoming], result: AppendResult, offset: int) -> WriteOutcome:
+    """One request's share of a committed batch: what to acknowledge, what to refuse.
+
+    A refused record caps its identity's acknowledgement just below it, so an
+    ack never covers a record that was not stored.
+    """
+    records = result.records[offset : offset + len(items)]
+    status = result.status[offset : offset + len(items)]
+    durable: dict[str, int] = {}
+    producers: dict[tuple[str, str], int] = {}
+    for item in items:
+        if item.producer is None:
+            durable[item.task_id] = result.durable[item.task_id]
+        else:
+            producers[(item.task_id, item.producer)] = result.producers[(item.task_id, item.producer)]
+    refusals: list[Refusal] = []
+    for i, (item, record, state) in enumerate(zip(items, records, status, strict=True)):
+        if state == CONFLICT:
+            seq = record.seq if record is not None else item.seq
+            if item.producer is None:
+                assert record is not None
+                durable[item.task_id] = min(durable[item.task_id], record.seq - 1)
+                what = f"seq {record.seq}"
+            else:
+                assert item.seq is not None
+                run = (item.task_id, item.producer)
+                producers[run] = min(producers[run], item.seq - 1)
+                what = f"producer {item.producer} seq {item.seq} (task seq {seq})"
+            key: tuple[str, str | None] = (item.task_id, item.producer)
+            refusals.append(
+                Refusal(
+                    "SEQ_CONFLICT",
+                    f"record [{i}]: task {item.task_id} already holds a different record under {what}; "
+                    "it was not stored",
+                    key=key,
+                    cap=(record.seq if item.producer is None and record is not None else item.seq or 1) - 1,
+                )
+            )
+        elif state == GAP:
+            assert item.producer is not None and item.seq is not None
+            key = (item.task_id, item.producer)
+            resume = producers[key] + 1
+            if not any(r.code == "SEQ_GAP" for r in refusals):
+                refusals.append(
+                    Refusal(
+                        "SEQ_GAP",
+                        f"record [{i}]: producer {item.producer} of task {item.task_id} sent seq "
+                        f"{item.seq} but the hub holds its records only up to {resume - 1}; "
+                        f"resend from {resume}",
+                        resume,
+                    )
+                )
+    return WriteOutcome(records=records, durable=durable, producers=producers, refusals=refusals)
 
 
 @attrs.define(eq=False)
@@ -156,10 +230,8 @@ class Writer:
         self.metrics.records_duplicate += len(items) - len(result.inserted)
         offset = 0
         for req in batch:
-            mine = result.records[offset : offset + len(req.items)]
+            req.done(settle(req.items, result, offset))
             offset += len(req.items)
-            durable = {t: result.durable[t] for t in {r.task_id for r in mine}}
-            req.done(WriteOutcome(records=mine, durable=durable))
         self.broadcaster.publish_records(result.inserted, result.durable)
 
     async def _apply_status(self, req: WriteRequest) -> None:
@@ -168,12 +240,22 @@ class Writer:
         try:
             task = await self._with_retry(
                 "set_state",
-                lambda: self.store.set_state(change.task_id, change.state, change.exit_code),
+                lambda: self.store.set_state(
+                    change.task_id, change.state, change.exit_code, change.producer
+                ),
             )
+            run_state = None
+            if change.producer is not None:
+                producer = change.producer
+                stored = await self._with_retry(
+                    "run_state", lambda: self.store.run_state(change.task_id, producer)
+                )
+                if stored is not None:
+                    run_state = (producer, *stored)
         except Exception as exc:
             log.exception("status change of %s failed", change.task_id)
             self.metrics.error("STORE_ERROR")
             req.done(WriteOutcome(error=exc))
             return
-        req.done(WriteOutcome(task=task))
+        req.done(WriteOutcome(task=task, run_state=run_state))
         self.broadcaster.publish_status(task)

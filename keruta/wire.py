@@ -56,13 +56,27 @@ class LogFrame:
     record: LogRecord
 
 
+_PRODUCER_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def _producer(_inst: object, _attr: attrs.Attribute, value: object) -> None:
+    if value is not None and not (isinstance(value, str) and _PRODUCER_RE.fullmatch(value)):
+        raise InvalidField("producer", "must be 1-64 characters of [A-Za-z0-9._:-]")
+
+
 @attrs.frozen
 class LogsFrame:
-    """A batch of records; the agent's normal frame and the hub's live frame."""
+    """A batch of records; the agent's normal frame and the hub's live frame.
+
+    With `producer` (an agent run's id), the records' `seq` are the producer's
+    own and the hub assigns the task seqs (docs/identity.md); the hub's own
+    `logs` frames never carry it.
+    """
 
     TYPE: ClassVar[str] = "logs"
     task_id: str = attrs.field(validator=_task_id)
     records: list[LogRecord]
+    producer: str | None = attrs.field(default=None, validator=_producer)
 
 
 @attrs.frozen
@@ -71,6 +85,9 @@ class StatusFrame:
     task_id: str = attrs.field(validator=_task_id)
     state: str = attrs.field(validator=_state)
     exit_code: int | None = attrs.field(default=None, validator=_exit_code)
+    # From an agent: the run whose state this is. From the hub: only on the
+    # reply to that run's own status frame, with the run's stored state.
+    producer: str | None = attrs.field(default=None, validator=_producer)
 
 
 @attrs.frozen
@@ -108,6 +125,8 @@ class AckFrame:
     TYPE: ClassVar[str] = "ack"
     task_id: str
     seq: int
+    # Set: `seq` is that producer's own seq, every one of its records up to it is stored.
+    producer: str | None = None
 
 
 @attrs.frozen
@@ -168,7 +187,7 @@ def _make_converter() -> cattrs.Converter:
         lambda t: t == dict[str, Any], struct_dict
     )
 
-    omit_none = {"partial", "id", "exit_code", "from_seq", "source", "level", "resume_from"}
+    omit_none = {"partial", "id", "exit_code", "from_seq", "source", "level", "resume_from", "producer"}
     for cls in (LogRecord, LogRequest, TaskInfo, *CLIENT_FRAMES.values(), *HUB_FRAMES.values()):
         if cls is LogFrame:
             continue

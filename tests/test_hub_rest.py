@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+import attrs
 import trio
 
 from keruta.timefmt import format_ts
@@ -352,8 +353,17 @@ async def test_rest_post_twice_is_stored_once(hub: TestHub) -> None:
         assert {r["seq"]: r["id"] for r in records}[5] == first["id"]
 
     async with hub.ws() as ws, hub.http() as client:
-        # The same identity over the socket is the same record too.
-        await ws.send(logs_frame(task, [make_record(task, s) for s in range(1, 7)]))
+        # The same identity and content over the socket is the same record too.
+        same = {5: "only once"}
+        await ws.send(
+            logs_frame(
+                task,
+                [
+                    attrs.evolve(make_record(task, s, same.get(s, f"line {s}")), line_number=None)
+                    for s in range(1, 7)
+                ],
+            )
+        )
         with trio.fail_after(PATIENCE):
             await ws.wait_ack(task, 6)
         records = await fetch_all(client, task)

@@ -42,7 +42,14 @@ def record_id(task_id: str, seq: int) -> str:
 
 @attrs.frozen(slots=True)
 class Incoming:
-    """A record on its way into the store; `seq` None means "assign the next"."""
+    """A record on its way into the store.
+
+    Three ways to say which record it is (docs/identity.md):
+    - `producer` set: `seq` is the producer's own counter (1, 2, 3... per run);
+      the hub assigns the task seq and de-duplicates on (task, producer, seq).
+    - `producer` None, `seq` set: the task seq itself, chosen by the client.
+    - both None: the hub assigns the next task seq.
+    """
 
     task_id: str
     seq: int | None
@@ -53,16 +60,29 @@ class Incoming:
     line_number: int | None = None
     metadata: dict[str, Any] = attrs.field(factory=dict)
     partial: bool = False
+    producer: str | None = None
+
+
+# What an append did with each item (AppendResult.status).
+INSERTED = "inserted"
+DUPLICATE = "duplicate"  # that record was stored before (it may have been deleted since)
+CONFLICT = "conflict"  # its identity holds a different record: not stored, never acked
+GAP = "gap"  # a producer record that does not follow the producer's last stored one
 
 
 @attrs.frozen
 class AppendResult:
-    # One per input item, in input order, with seq and id filled in.
-    records: list[LogRecord]
+    # One per input item, in input order, with seq and id filled in (None for
+    # a producer record that was not stored and has no task seq).
+    records: list[LogRecord | None]
     # Only the records that were not stored before, in input order.
     inserted: list[LogRecord]
     # task_id -> durable_seq after this commit, for every task in the batch.
     durable: dict[str, int]
+    # One per input item: INSERTED, DUPLICATE, CONFLICT or GAP.
+    status: list[str] = attrs.field(factory=list)
+    # (task_id, producer) -> the producer's highest seq stored, every one below it too.
+    producers: dict[tuple[str, str], int] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -113,8 +133,19 @@ class Store(Protocol):
         """Store a batch in one transaction; return only after it committed."""
         ...
 
-    async def set_state(self, task_id: str, state: str, exit_code: int | None) -> TaskInfo:
-        """Record a task's state (creating the task if new) and return it."""
+    async def set_state(
+        self, task_id: str, state: str, exit_code: int | None, producer: str | None = None
+    ) -> TaskInfo:
+        """Record a task's state (creating the task if new) and return it.
+
+        Monotonic (batching.next_state): a final state is never followed by
+        `running` or `pending`. With `producer`, the change is the state of that
+        run; the task shows the state of its newest run.
+        """
+        ...
+
+    async def run_state(self, task_id: str, producer: str) -> tuple[str, int | None] | None:
+        """The stored state of one run of a task (None: never heard of it)."""
         ...
 
     async def task(self, task_id: str) -> TaskInfo | None: ...

@@ -13,13 +13,22 @@ from typing import Any, TypeVar
 import attrs
 import orjson
 
-from hub.store.base import Incoming, LogQuery, LogStats, record_id
+from hub.store.base import (
+    CONFLICT,
+    DUPLICATE,
+    GAP,
+    INSERTED,
+    Incoming,
+    LogQuery,
+    LogStats,
+    record_id,
+)
 from keruta.records import InvalidField, LogRecord, TaskInfo
 
 T = TypeVar("T")
 
-# Far above any seq a producer will reach; "up to the end" for range reads.
-SEQ_MAX = 2**62
+# "Up to the end" for range reads: the largest seq either store can hold.
+SEQ_MAX = 2**63 - 1
 
 
 @attrs.define
@@ -59,48 +68,203 @@ class TaskProgress:
 
 
 @attrs.define
+class ProducerProgress:
+    """A producer (one agent run) of a task, as the append transaction sees it."""
+
+    high: int  # its highest seq stored; every one of its seqs below is stored too
+    exists: bool = True
+    # Ranges this batch adds: [first producer seq, last producer seq, first task seq].
+    new_ranges: list[list[int]] = attrs.field(factory=list)
+
+    def range_of(self, pseq: int, stored: Sequence[Sequence[int]]) -> int | None:
+        """The task seq the producer's record `pseq` was stored under, if known."""
+        for first, last, seq_first in (*stored, *self.new_ranges):
+            if first <= pseq <= last:
+                return seq_first + pseq - first
+        return None
+
+
+@attrs.define
 class Plan:
-    records: list[LogRecord]  # one per item, in input order
-    fresh: list[LogRecord]  # the first of each key in the batch
-    maybe_stored: list[LogRecord]  # fresh records whose seq may already be stored
+    records: list[LogRecord | None]  # one per item, in input order
+    status: list[str]  # one per item; PENDING until `resolve`
+    # Items whose fate depends on what is stored: (item index, task seq) for a
+    # client-chosen seq at or below the task's highest; (item index, None) for a
+    # producer record the producer already sent.
+    lookups: list[int] = attrs.field(factory=list)
+    # (task_id, producer) -> (lowest, highest) producer seq among the lookups.
+    producer_lookups: dict[tuple[str, str], list[int]] = attrs.field(factory=dict)
+    items: Sequence[Incoming] = ()
+
+    def inserted(self) -> list[LogRecord]:
+        return [r for r, s in zip(self.records, self.status, strict=True) if s == INSERTED and r is not None]
+
+    def seqs_to_read(
+        self, ranges: dict[tuple[str, str], list[Sequence[int]]], producers: dict[tuple[str, str], ProducerProgress]
+    ) -> dict[str, list[int]]:
+        """task_id -> stored seqs `resolve` must compare with, given the producers' ranges."""
+        wanted: dict[str, set[int]] = defaultdict(set)
+        for i in self.lookups:
+            item = self.items[i]
+            record = self.records[i]
+            if item.producer is None:
+                assert record is not None
+                wanted[item.task_id].add(record.seq)
+                continue
+            assert item.seq is not None
+            key = (item.task_id, item.producer)
+            seq = producers[key].range_of(item.seq, ranges.get(key, ()))
+            if seq is not None:
+                wanted[item.task_id].add(seq)
+        return {task_id: sorted(seqs) for task_id, seqs in wanted.items()}
 
 
-def plan_batch(items: Sequence[Incoming], progress: dict[str, TaskProgress]) -> Plan:
-    """Give every item its seq and id, and find which could be new.
+PENDING = "pending"
 
-    `progress` holds every task of the batch. A `None` seq gets one more than
-    the highest seq stored or seen earlier in the batch. Raises InvalidField
-    for a record that breaks the contract.
+
+def same_record(a: LogRecord, b: LogRecord) -> bool:
+    """Whether a resent record is the one stored. The timestamp is left out: the
+    hub stamps a REST record that has none, so a retried POST differs there."""
+    return (
+        a.message == b.message
+        and a.source == b.source
+        and a.level == b.level
+        and a.line_number == b.line_number
+        and a.partial == b.partial
+        and a.metadata == b.metadata
+    )
+
+
+def _record(item: Incoming, seq: int) -> LogRecord:
+    return LogRecord(
+        task_id=item.task_id,
+        seq=seq,
+        timestamp=item.timestamp,
+        source=item.source,
+        level=item.level,
+        message=item.message,
+        line_number=item.line_number,
+        metadata=item.metadata,
+        partial=item.partial,
+        id=record_id(item.task_id, seq),
+    )
+
+
+def plan_batch(
+    items: Sequence[Incoming],
+    progress: dict[str, TaskProgress],
+    producers: dict[tuple[str, str], ProducerProgress] | None = None,
+) -> Plan:
+    """Give every item its seq and id, and decide what can be decided without
+    reading rows; the rest is in `lookups`, for `resolve`.
+
+    `progress` holds every task of the batch, `producers` every (task,
+    producer) pair. Without a seq, a record gets one more than the highest seq
+    stored or given earlier in the batch; so does a producer's record that
+    follows its last stored one. Raises InvalidField for a record that breaks
+    the contract.
     """
-    records: list[LogRecord] = []
-    fresh: list[LogRecord] = []
-    maybe_stored: list[LogRecord] = []
-    for item in items:
+    producers = producers if producers is not None else {}
+    plan = Plan(records=[], status=[], items=items)
+    first_in_batch: dict[tuple[str, int], LogRecord] = {}
+    for index, item in enumerate(items):
         task = progress[item.task_id]
-        seq = item.seq
-        if seq is None:
+        if item.producer is not None:
+            assert item.seq is not None
+            key = (item.task_id, item.producer)
+            run = producers[key]
+            pseq = item.seq
+            if not run.exists and run.high == 0 and not run.new_ranges:
+                # A run's first record starts its count, whatever it is: a spool
+                # written before producers existed resumes above 1.
+                run.high = pseq - 1
+            if pseq <= run.high:
+                plan.records.append(None)
+                plan.status.append(PENDING)
+                plan.lookups.append(index)
+                bounds = plan.producer_lookups.setdefault(key, [pseq, pseq])
+                bounds[0] = min(bounds[0], pseq)
+                bounds[1] = max(bounds[1], pseq)
+                continue
+            if pseq != run.high + 1:
+                plan.records.append(None)
+                plan.status.append(GAP)
+                continue
             seq = max(task.max_seq, task.batch_max) + 1
-        record = LogRecord(
-            task_id=item.task_id,
-            seq=seq,
-            timestamp=item.timestamp,
-            source=item.source,
-            level=item.level,
-            message=item.message,
-            line_number=item.line_number,
-            metadata=item.metadata,
-            partial=item.partial,
-            id=record_id(item.task_id, seq),
-        )
-        records.append(record)
-        task.batch_max = max(task.batch_max, seq)
-        if seq in task.seen:
+            record = _record(item, seq)
+            task.batch_max = seq
+            task.seen.add(seq)
+            run.high = pseq
+            last = run.new_ranges[-1] if run.new_ranges else None
+            if last is not None and last[1] + 1 == pseq and last[2] + (pseq - last[0]) == seq:
+                last[1] = pseq
+            else:
+                run.new_ranges.append([pseq, pseq, seq])
+            first_in_batch[(item.task_id, seq)] = record
+            plan.records.append(record)
+            plan.status.append(INSERTED)
             continue
+        seq = item.seq if item.seq is not None else max(task.max_seq, task.batch_max) + 1
+        record = _record(item, seq)
+        plan.records.append(record)
+        task.batch_max = max(task.batch_max, seq)
+        earlier = first_in_batch.get((item.task_id, seq))
+        if earlier is not None:
+            plan.status.append(DUPLICATE if same_record(earlier, record) else CONFLICT)
+            continue
+        first_in_batch[(item.task_id, seq)] = record
         task.seen.add(seq)
-        fresh.append(record)
         if seq <= task.max_seq:
-            maybe_stored.append(record)
-    return Plan(records=records, fresh=fresh, maybe_stored=maybe_stored)
+            plan.status.append(PENDING)
+            plan.lookups.append(index)
+        else:
+            plan.status.append(INSERTED)
+    return plan
+
+
+def resolve(
+    plan: Plan,
+    progress: dict[str, TaskProgress],
+    producers: dict[tuple[str, str], ProducerProgress],
+    ranges: dict[tuple[str, str], list[Sequence[int]]],
+    stored: dict[tuple[str, int], LogRecord],
+) -> None:
+    """Decide the looked-up items from the rows stored under their seqs.
+
+    A record whose identity holds the same record is a DUPLICATE; a different
+    one is a CONFLICT. Nothing stored there: a client-chosen seq at or below
+    the task's durable watermark was stored once and deleted since, so it is a
+    DUPLICATE and is not stored again (docs/identity.md); above it, it is new.
+    """
+    in_batch = {
+        (r.task_id, r.seq): r
+        for r, s in zip(plan.records, plan.status, strict=True)
+        if s == INSERTED and r is not None
+    }
+    for i in plan.lookups:
+        item = plan.items[i]
+        if item.producer is None:
+            record = plan.records[i]
+            assert record is not None
+            held = stored.get((item.task_id, record.seq))
+            if held is not None:
+                plan.status[i] = DUPLICATE if same_record(held, record) else CONFLICT
+            elif record.seq <= progress[item.task_id].durable_seq:
+                plan.status[i] = DUPLICATE
+            else:
+                plan.status[i] = INSERTED
+            continue
+        assert item.seq is not None
+        key = (item.task_id, item.producer)
+        seq = producers[key].range_of(item.seq, ranges.get(key, ()))
+        if seq is None:
+            plan.status[i] = DUPLICATE
+            continue
+        candidate = _record(item, seq)
+        # Stored before, or earlier in this batch; neither: stored once and deleted since.
+        held = stored.get((item.task_id, seq)) or in_batch.get((item.task_id, seq))
+        plan.records[i] = held or candidate
+        plan.status[i] = DUPLICATE if held is None or same_record(held, candidate) else CONFLICT
 
 
 def tally(inserted: Iterable[LogRecord], progress: dict[str, TaskProgress]) -> None:
@@ -216,3 +380,53 @@ def check_page(query: LogQuery) -> None:
         raise InvalidField("page", "must be an integer >= 0")
     if type(query.size) is not int or query.size < 1:
         raise InvalidField("size", "must be an integer >= 1")
+
+
+FINAL_STATES = ("succeeded", "failed")
+_STATE_RANK = {"pending": 0, "running": 1, "succeeded": 2, "failed": 2}
+
+
+def next_state(
+    current: str | None, current_exit: int | None, state: str, exit_code: int | None
+) -> tuple[str, int | None] | None:
+    """The state after a status change, or None when it changes nothing.
+
+    States only move forward: pending, running, then succeeded or failed. A
+    stale `running` committed late (another hub, a resent frame) never
+    overwrites a final state; one final state may replace another.
+    """
+    if current is not None and _STATE_RANK[state] < _STATE_RANK[current]:
+        return None
+    if (current, current_exit) == (state, exit_code):
+        return None
+    return state, exit_code
+
+
+@attrs.frozen
+class StateDecision:
+    run: tuple[str, int | None] | None  # the run's new (state, exit code); None: unchanged
+    task: tuple[str, int | None] | None  # the task's new (state, exit code); None: unchanged
+
+
+def decide_state(
+    task: Sequence[Any] | None,
+    run: Sequence[Any] | None,
+    state: str,
+    exit_code: int | None,
+) -> StateDecision:
+    """What a status change does to a run and to its task.
+
+    `task` is the task's (state, exit_code, run_no) or None when new; `run` the
+    producer's (state, exit_code, run_no) -- a new producer's with the run_no it
+    is about to get -- or None for a status without producer. A task shows the
+    state of its newest run, so a late status of an older run (a retry's
+    predecessor) changes only that run.
+    """
+    if run is None:
+        if task is None:
+            return StateDecision(None, (state, exit_code))
+        return StateDecision(None, next_state(task[0], task[1], state, exit_code))
+    run_change = next_state(run[0], run[1], state, exit_code)
+    if run_change is None or (task is not None and run[2] < task[2]):
+        return StateDecision(run_change, None)
+    return StateDecision(run_change, run_change)

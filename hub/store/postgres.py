@@ -36,13 +36,16 @@ from hub.store.base import (
     StoreUnavailable,
 )
 from hub.store.batching import (
+    ProducerProgress,
     TaskProgress,
     advance,
     check_page,
+    decide_state,
     iter_by_range,
     metadata_json,
     plan_batch,
     record_from_row,
+    resolve,
     stats_from_rows,
     tally,
     task_from_row,
@@ -50,14 +53,14 @@ from hub.store.batching import (
 from keruta.records import TASK_STATES, InvalidField, LogRecord, TaskInfo
 from keruta.timefmt import now_ts
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 NOTIFY_CHANNEL = "keruta_durable"
 # A notice with this seq means "the task's state changed", not a watermark.
 STATUS_NOTICE = -1
 # pg_advisory_xact_lock key for schema changes ("keruta" in ASCII).
 _SCHEMA_LOCK = 0x6B6572757461
 
-_SCHEMA = (
+_SCHEMA_V1 = (
     """
     CREATE TABLE IF NOT EXISTS keruta_logs (
         task_id text COLLATE "C" NOT NULL,
@@ -99,6 +102,33 @@ _SCHEMA = (
     )
     """,
 )
+# Producers (docs/identity.md): one row per agent run, its highest own seq stored
+# and its state; ranges map its seqs to task seqs.
+_SCHEMA_V2 = (
+    "ALTER TABLE keruta_tasks ADD COLUMN IF NOT EXISTS run_no bigint NOT NULL DEFAULT 0",
+    """
+    CREATE TABLE IF NOT EXISTS keruta_producers (
+        task_id text COLLATE "C" NOT NULL,
+        producer text COLLATE "C" NOT NULL,
+        run_no bigint NOT NULL,
+        high bigint NOT NULL DEFAULT 0,
+        state text,
+        exit_code integer,
+        PRIMARY KEY (task_id, producer)
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS keruta_producer_ranges (
+        task_id text COLLATE "C" NOT NULL,
+        producer text COLLATE "C" NOT NULL,
+        pseq_first bigint NOT NULL,
+        pseq_last bigint NOT NULL,
+        seq_first bigint NOT NULL,
+        PRIMARY KEY (task_id, producer, pseq_first)
+    )
+    """,
+)
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
 
 _LOG_COLUMNS = (
     "task_id",
@@ -387,8 +417,25 @@ class PostgresStore:
             )
             rows = await _lock_tasks(conn, task_ids)
         progress = {r[0]: TaskProgress(max_seq=r[1], durable_seq=r[2]) for r in rows}
-        plan = plan_batch(items, progress)
-        inserted = await self._insert(conn, plan.fresh)
+        producers = await _load_producers(conn, items)
+        plan = plan_batch(items, progress, producers)
+        ranges = {
+            key: await _load_ranges(conn, *key, low, high)
+            for key, (low, high) in plan.producer_lookups.items()
+        }
+        # Under the task rows' locks nobody else appends to these tasks.
+        stored: dict[tuple[str, int], LogRecord] = {}
+        for task_id, seqs in plan.seqs_to_read(ranges, producers).items():
+            found = await conn.fetch(
+                f"SELECT {_LOG_SELECT} FROM keruta_logs WHERE task_id = $1 AND seq = ANY($2::bigint[])",
+                task_id,
+                seqs,
+            )
+            for row in found:
+                record = record_from_row(row)
+                stored[(task_id, record.seq)] = record
+        resolve(plan, progress, producers, ranges, stored)
+        inserted = await self._insert(conn, plan.inserted())
         tally(inserted, progress)
 
         durable: dict[str, int] = {}
@@ -402,7 +449,14 @@ class PostgresStore:
                 await _update_task(
                     conn, task_id, task, now, self._notify and task.durable_seq > before, self.origin
                 )
-        return AppendResult(records=plan.records, inserted=inserted, durable=durable)
+        await _save_producers(conn, producers)
+        return AppendResult(
+            records=plan.records,
+            inserted=inserted,
+            durable=durable,
+            status=plan.status,
+            producers={key: run.high for key, run in producers.items()},
+        )
 
     async def _insert(self, conn: Any, fresh: list[LogRecord]) -> list[LogRecord]:
         """Insert what is not stored yet; return exactly the inserted records."""
@@ -434,21 +488,63 @@ class PostgresStore:
         stored = {(k[0], k[1]) for k in keys}
         return [r for r in fresh if (r.task_id, r.seq) in stored]
 
-    async def set_state(self, task_id: str, state: str, exit_code: int | None) -> TaskInfo:
+    async def set_state(
+        self, task_id: str, state: str, exit_code: int | None, producer: str | None = None
+    ) -> TaskInfo:
         if state not in TASK_STATES:
             raise InvalidField("state", f"must be one of {', '.join(TASK_STATES)}")
         async with self._write_transaction() as conn:
-            row = await conn.fetchrow(
-                f"""
+            # The task row's lock orders this against appends and other hubs.
+            await conn.execute(
+                """
                 INSERT INTO keruta_tasks (task_id, state, exit_code, updated_at) VALUES ($1, $2, $3, $4)
-                ON CONFLICT (task_id) DO UPDATE SET
-                    state = excluded.state, exit_code = excluded.exit_code, updated_at = excluded.updated_at
-                RETURNING {_TASK_SELECT}
+                ON CONFLICT (task_id) DO NOTHING
                 """,
                 task_id,
                 state,
                 exit_code,
                 now_ts(),
+            )
+            task = await conn.fetchrow(
+                "SELECT state, exit_code, run_no FROM keruta_tasks WHERE task_id = $1 FOR UPDATE",
+                task_id,
+            )
+            run = None
+            if producer is not None:
+                run = await conn.fetchrow(
+                    "SELECT state, exit_code, run_no FROM keruta_producers WHERE task_id = $1 AND producer = $2",
+                    task_id,
+                    producer,
+                )
+                if run is None:
+                    next_run = await conn.fetchval(
+                        """
+                        INSERT INTO keruta_producers (task_id, producer, run_no)
+                        SELECT $1, $2, coalesce(max(run_no), 0) + 1 FROM keruta_producers WHERE task_id = $1
+                        RETURNING run_no
+                        """,
+                        task_id,
+                        producer,
+                    )
+                    run = (None, None, next_run)
+            decision = decide_state(task, run, state, exit_code)
+            if decision.run is not None:
+                await conn.execute(
+                    "UPDATE keruta_producers SET state = $3, exit_code = $4 WHERE task_id = $1 AND producer = $2",
+                    task_id,
+                    producer,
+                    *decision.run,
+                )
+            if decision.task is not None:
+                await conn.execute(
+                    "UPDATE keruta_tasks SET state = $2, exit_code = $3, updated_at = $4, run_no = $5 WHERE task_id = $1",
+                    task_id,
+                    *decision.task,
+                    now_ts(),
+                    run[2] if run else task[2],
+                )
+            row = await conn.fetchrow(
+                f"SELECT {_TASK_SELECT} FROM keruta_tasks WHERE task_id = $1", task_id
             )
             if self._notify:
                 # Other hubs' subscribers learn the new state; seq STATUS_NOTICE says "read it".
@@ -456,6 +552,15 @@ class PostgresStore:
                     "SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, f"{task_id} {STATUS_NOTICE} {self.origin}"
                 )
         return task_from_row(row)
+
+    async def run_state(self, task_id: str, producer: str) -> tuple[str, int | None] | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                "SELECT state, exit_code FROM keruta_producers WHERE task_id = $1 AND producer = $2",
+                task_id,
+                producer,
+            )
+        return None if row is None or row[0] is None else (row[0], row[1])
 
     async def delete(self, task_id: str, before: str | None) -> int:
         total = 0
@@ -653,11 +758,69 @@ async def _migrate(conn: Any) -> None:
             raise RuntimeError(
                 f"the database has schema version {version}; this hub knows up to {SCHEMA_VERSION}"
             )
-        if version < SCHEMA_VERSION:
-            for statement in _SCHEMA:
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[step]:
                 await conn.execute(statement)
+        if version < SCHEMA_VERSION:
             await conn.execute("DELETE FROM keruta_schema")
             await conn.execute("INSERT INTO keruta_schema (version) VALUES ($1)", SCHEMA_VERSION)
+
+
+async def _load_producers(
+    conn: Any, items: Sequence[Incoming]
+) -> dict[tuple[str, str], ProducerProgress]:
+    keys = list(dict.fromkeys((i.task_id, i.producer) for i in items if i.producer is not None))
+    if not keys:
+        return {}
+    rows = await conn.fetch(
+        """
+        SELECT p.task_id, p.producer, p.high FROM keruta_producers p
+        JOIN unnest($1::text[], $2::text[]) AS k(t, p) ON p.task_id = k.t AND p.producer = k.p
+        """,
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+    )
+    known = {(r[0], r[1]): r[2] for r in rows}
+    return {
+        key: ProducerProgress(high=known[key]) if key in known else ProducerProgress(high=0, exists=False)
+        for key in keys  # type: ignore[misc]
+    }
+
+
+async def _load_ranges(conn: Any, task_id: str, producer: str, low: int, high: int) -> list[Any]:
+    return await conn.fetch(
+        """
+        SELECT pseq_first, pseq_last, seq_first FROM keruta_producer_ranges
+        WHERE task_id = $1 AND producer = $2 AND pseq_first <= $3 AND pseq_last >= $4
+        """,
+        task_id,
+        producer,
+        high,
+        low,
+    )
+
+
+async def _save_producers(conn: Any, producers: dict[tuple[str, str], ProducerProgress]) -> None:
+    for (task_id, producer), run in producers.items():
+        if not run.new_ranges:
+            continue
+        await conn.execute(
+            """
+            WITH run AS (
+                INSERT INTO keruta_producers (task_id, producer, run_no, high)
+                SELECT $1, $2, coalesce(max(run_no), 0) + 1, $3 FROM keruta_producers WHERE task_id = $1
+                ON CONFLICT (task_id, producer) DO UPDATE SET high = excluded.high
+            )
+            INSERT INTO keruta_producer_ranges (task_id, producer, pseq_first, pseq_last, seq_first)
+            SELECT $1, $2, f, l, s FROM unnest($4::bigint[], $5::bigint[], $6::bigint[]) AS r(f, l, s)
+            """,
+            task_id,
+            producer,
+            run.high,
+            [r[0] for r in run.new_ranges],
+            [r[1] for r in run.new_ranges],
+            [r[2] for r in run.new_ranges],
+        )
 
 
 async def _lock_tasks(conn: Any, task_ids: list[str]) -> list[Any]:

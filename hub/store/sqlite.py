@@ -31,14 +31,17 @@ from hub.store.base import (
     StoreUnavailable,
 )
 from hub.store.batching import (
+    ProducerProgress,
     TaskProgress,
     advance,
     check_page,
     chunks,
+    decide_state,
     iter_by_range,
     metadata_json,
     plan_batch,
     record_from_row,
+    resolve,
     stats_from_rows,
     tally,
     task_from_row,
@@ -48,9 +51,9 @@ from keruta.timefmt import now_ts
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-_SCHEMA = (
+_SCHEMA_V1 = (
     """
     CREATE TABLE IF NOT EXISTS logs (
         task_id TEXT NOT NULL,
@@ -92,6 +95,34 @@ _SCHEMA = (
     ) WITHOUT ROWID
     """,
 )
+# Producers (docs/identity.md): one row per run of an agent, with the highest of
+# its own seqs stored and its state; `producer_ranges` maps its seqs to task seqs
+# (one row per run of consecutive seqs, so a few rows per batch at most).
+_SCHEMA_V2 = (
+    "ALTER TABLE tasks ADD COLUMN run_no INTEGER NOT NULL DEFAULT 0",
+    """
+    CREATE TABLE IF NOT EXISTS producers (
+        task_id TEXT NOT NULL,
+        producer TEXT NOT NULL,
+        run_no INTEGER NOT NULL,
+        high INTEGER NOT NULL DEFAULT 0,
+        state TEXT,
+        exit_code INTEGER,
+        PRIMARY KEY (task_id, producer)
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS producer_ranges (
+        task_id TEXT NOT NULL,
+        producer TEXT NOT NULL,
+        pseq_first INTEGER NOT NULL,
+        pseq_last INTEGER NOT NULL,
+        seq_first INTEGER NOT NULL,
+        PRIMARY KEY (task_id, producer, pseq_first)
+    ) WITHOUT ROWID
+    """,
+)
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
 
 _LOG_COLUMNS = "task_id, seq, id, ts, source, level, message, line_number, metadata, partial"
 _TASK_COLUMNS = "task_id, state, exit_code, first_ts, last_ts, total_logs, durable_seq, updated_at"
@@ -162,9 +193,10 @@ def _create_schema(conn: sqlite3.Connection) -> None:
             raise RuntimeError(
                 f"the database has schema version {version}; this hub knows up to {SCHEMA_VERSION}"
             )
-        if version < SCHEMA_VERSION:
-            for statement in _SCHEMA:
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[step]:
                 conn.execute(statement)
+        if version < SCHEMA_VERSION:
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
@@ -196,23 +228,75 @@ def _walk_durable(conn: sqlite3.Connection, task_id: str, durable: int) -> int:
             return durable
 
 
+def _load_producer(conn: sqlite3.Connection, task_id: str, producer: str) -> ProducerProgress:
+    row = conn.execute(
+        "SELECT high FROM producers WHERE task_id = ? AND producer = ?", (task_id, producer)
+    ).fetchone()
+    return ProducerProgress(high=0, exists=False) if row is None else ProducerProgress(high=row[0])
+
+
+def _load_ranges(
+    conn: sqlite3.Connection, task_id: str, producer: str, low: int, high: int
+) -> list[Sequence[int]]:
+    return conn.execute(
+        """
+        SELECT pseq_first, pseq_last, seq_first FROM producer_ranges
+        WHERE task_id = ? AND producer = ? AND pseq_first <= ? AND pseq_last >= ?
+        """,
+        (task_id, producer, high, low),
+    ).fetchall()
+
+
+def _save_producers(
+    conn: sqlite3.Connection, producers: dict[tuple[str, str], ProducerProgress]
+) -> None:
+    for (task_id, producer), run in producers.items():
+        if not run.new_ranges:
+            continue
+        if run.exists:
+            conn.execute(
+                "UPDATE producers SET high = ? WHERE task_id = ? AND producer = ?",
+                (run.high, task_id, producer),
+            )
+        else:
+            conn.execute(
+                """
+                INSERT INTO producers (task_id, producer, run_no, high)
+                SELECT ?, ?, coalesce(max(run_no), 0) + 1, ? FROM producers WHERE task_id = ?
+                """,
+                (task_id, producer, run.high, task_id),
+            )
+        conn.executemany(
+            "INSERT INTO producer_ranges (task_id, producer, pseq_first, pseq_last, seq_first) VALUES (?,?,?,?,?)",
+            [(task_id, producer, *r) for r in run.new_ranges],
+        )
+
+
 def _append_tx(conn: sqlite3.Connection, items: Sequence[Incoming]) -> AppendResult:
     progress = {tid: _load_progress(conn, tid) for tid in dict.fromkeys(i.task_id for i in items)}
-    plan = plan_batch(items, progress)
-
+    producers = {
+        key: _load_producer(conn, *key)
+        for key in dict.fromkeys((i.task_id, i.producer) for i in items if i.producer is not None)
+    }
+    plan = plan_batch(items, progress, producers)
+    ranges = {
+        key: _load_ranges(conn, *key, low, high)
+        for key, (low, high) in plan.producer_lookups.items()
+    }
     # Under BEGIN IMMEDIATE nobody else writes, so what is not stored now is new.
-    stored: set[tuple[str, int]] = set()
-    by_task: dict[str, list[int]] = defaultdict(list)
-    for r in plan.maybe_stored:
-        by_task[r.task_id].append(r.seq)
-    for task_id, seqs in by_task.items():
+    stored: dict[tuple[str, int], LogRecord] = {}
+    for task_id, seqs in plan.seqs_to_read(ranges, producers).items():
         for chunk in chunks(seqs, _IN_CHUNK):
             marks = ",".join("?" * len(chunk))
             rows = conn.execute(
-                f"SELECT seq FROM logs WHERE task_id = ? AND seq IN ({marks})", (task_id, *chunk)
+                f"SELECT {_LOG_COLUMNS} FROM logs WHERE task_id = ? AND seq IN ({marks})",
+                (task_id, *chunk),
             )
-            stored.update((task_id, seq) for (seq,) in rows)
-    inserted = [r for r in plan.fresh if (r.task_id, r.seq) not in stored] if stored else plan.fresh
+            for row in rows:
+                record = record_from_row(row)
+                stored[(task_id, record.seq)] = record
+    resolve(plan, progress, producers, ranges, stored)
+    inserted = plan.inserted()
     tally(inserted, progress)
     # Plain INSERT: a conflict here would be a bug, and rolls everything back.
     conn.executemany(
@@ -289,7 +373,14 @@ def _append_tx(conn: sqlite3.Connection, items: Sequence[Incoming]) -> AppendRes
         """,
         count_rows,
     )
-    return AppendResult(records=plan.records, inserted=inserted, durable=durable)
+    _save_producers(conn, producers)
+    return AppendResult(
+        records=plan.records,
+        inserted=inserted,
+        durable=durable,
+        status=plan.status,
+        producers={key: run.high for key, run in producers.items()},
+    )
 
 
 def _in_write_tx(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
@@ -305,16 +396,42 @@ def _in_write_tx(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], 
 
 
 def _set_state(
-    conn: sqlite3.Connection, task_id: str, state: str, exit_code: int | None
+    conn: sqlite3.Connection, task_id: str, state: str, exit_code: int | None, producer: str | None
 ) -> TaskInfo:
-    conn.execute(
-        """
-        INSERT INTO tasks (task_id, state, exit_code, updated_at) VALUES (?,?,?,?)
-        ON CONFLICT (task_id) DO UPDATE SET
-            state = excluded.state, exit_code = excluded.exit_code, updated_at = excluded.updated_at
-        """,
-        (task_id, state, exit_code, now_ts()),
-    )
+    task = conn.execute(
+        "SELECT state, exit_code, run_no FROM tasks WHERE task_id = ?", (task_id,)
+    ).fetchone()
+    run = None
+    if producer is not None:
+        run = conn.execute(
+            "SELECT state, exit_code, run_no FROM producers WHERE task_id = ? AND producer = ?",
+            (task_id, producer),
+        ).fetchone()
+        if run is None:
+            next_run = conn.execute(
+                "SELECT coalesce(max(run_no), 0) + 1 FROM producers WHERE task_id = ?", (task_id,)
+            ).fetchone()[0]
+            conn.execute(
+                "INSERT INTO producers (task_id, producer, run_no) VALUES (?,?,?)",
+                (task_id, producer, next_run),
+            )
+            run = (None, None, next_run)
+    decision = decide_state(task, run, state, exit_code)
+    if decision.run is not None:
+        conn.execute(
+            "UPDATE producers SET state = ?, exit_code = ? WHERE task_id = ? AND producer = ?",
+            (*decision.run, task_id, producer),
+        )
+    if decision.task is not None:
+        conn.execute(
+            """
+            INSERT INTO tasks (task_id, state, exit_code, updated_at, run_no) VALUES (?,?,?,?,?)
+            ON CONFLICT (task_id) DO UPDATE SET
+                state = excluded.state, exit_code = excluded.exit_code,
+                updated_at = excluded.updated_at, run_no = excluded.run_no
+            """,
+            (task_id, *decision.task, now_ts(), run[2] if run else (task[2] if task else 0)),
+        )
     row = conn.execute(
         f"SELECT {_TASK_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,)
     ).fetchone()
@@ -541,10 +658,22 @@ class SQLiteStore:
             return AppendResult(records=[], inserted=[], durable={})
         return await self._write(lambda conn: _append_tx(conn, items))
 
-    async def set_state(self, task_id: str, state: str, exit_code: int | None) -> TaskInfo:
+    async def set_state(
+        self, task_id: str, state: str, exit_code: int | None, producer: str | None = None
+    ) -> TaskInfo:
         if state not in TASK_STATES:
             raise InvalidField("state", f"must be one of {', '.join(TASK_STATES)}")
-        return await self._write(lambda conn: _set_state(conn, task_id, state, exit_code))
+        return await self._write(lambda conn: _set_state(conn, task_id, state, exit_code, producer))
+
+    async def run_state(self, task_id: str, producer: str) -> tuple[str, int | None] | None:
+        def work(conn: sqlite3.Connection) -> tuple[str, int | None] | None:
+            row = conn.execute(
+                "SELECT state, exit_code FROM producers WHERE task_id = ? AND producer = ?",
+                (task_id, producer),
+            ).fetchone()
+            return None if row is None or row[0] is None else (row[0], row[1])
+
+        return await self._read(work)
 
     async def task(self, task_id: str) -> TaskInfo | None:
         def work(conn: sqlite3.Connection) -> TaskInfo | None:
