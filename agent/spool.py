@@ -260,6 +260,7 @@ class Spool:
 
     def _load(self, task_id: str, hub_url: str | None) -> None:
         meta_path = self.dir / "task.json"
+        new = not meta_path.exists()
         if meta_path.exists():
             try:
                 self.meta = orjson.loads(meta_path.read_bytes())
@@ -275,8 +276,10 @@ class Spool:
             changed = True
         self.meta.setdefault("createdAt", now_ts())
         self.meta.setdefault("final", None)
-        if not isinstance(self.meta.get("producer"), str):
-            # One run of the agent to the hub; a spool from before producers existed gets one too.
+        if new:
+            # This run, to the hub. A spool written before producers existed
+            # has none and is delivered under the old (taskId, seq) identity:
+            # some of it may be stored under those seqs already.
             self.meta["producer"] = uuid.uuid4().hex
             changed = True
         if changed or not meta_path.exists():
@@ -450,8 +453,9 @@ class Spool:
         self._delete_acked_segments()
 
     @property
-    def producer(self) -> str:
-        return str(self.meta["producer"])
+    def producer(self) -> str | None:
+        producer = self.meta.get("producer")
+        return producer if isinstance(producer, str) else None
 
     def _delete_acked_segments(self) -> None:
         keep = []

@@ -39,6 +39,7 @@ from keruta.wire import (
     FrameError,
     PingFrame,
     StatusFrame,
+    SubscribeFrame,
     decode_hub_frame,
     encode_bytes,
 )
@@ -265,7 +266,14 @@ class _Session:
         if not self.status_sent:
             state, code = up.final
             # The hub answers a run's status with that run's stored state, on
-            # this connection, once it is committed.
+            # this connection, once it is committed. A spool from before
+            # producers has none: then the task's status, published to its
+            # subscribers after the commit, confirms it; subscribing first
+            # means that publication cannot be missed.
+            if self.producer is None:
+                await self.send(
+                    encode_bytes(SubscribeFrame(self.task_id, from_seq=self.spool.last_seq + 1))
+                )
             await self.send(encode_bytes(StatusFrame(self.task_id, state, code, self.producer)))
             self.status_sent = True
         if self.confirmed.is_set():

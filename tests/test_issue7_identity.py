@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import attrs
+import orjson
 import pytest
 import trio
 
@@ -274,3 +275,37 @@ async def test_item05_an_agent_resending_after_delete_stores_nothing_again(hub: 
                 assert f["type"] != "error", f
     async with hub.http() as client:
         assert await fetch_all(client, task) == []
+
+
+async def test_a_producers_count_starts_at_one(store):
+    result = await store.append([inc(3, producer="late")])
+    assert result.status == [GAP]
+    assert result.producers == {("t1", "late"): 0}
+    assert await messages(store) == []
+
+
+async def test_a_spool_from_before_producers_is_flushed_under_its_own_seqs(
+    hub: TestHub, tmp_path: Path
+) -> None:
+    from agent.capture import encode_line
+    from agent.spool import write_atomically
+
+    spool = Spool.open(tmp_path, "legacy-1", hub_url=hub.url)
+    spool.append(
+        [(s, encode_line("legacy-1", s, TS, "stdout", "INFO", f"old {s}", s, {}, False)) for s in (1, 2, 3)]
+    )
+    spool.set_final("succeeded", 0)
+    del spool.meta["producer"]
+    write_atomically(spool.dir / "task.json", orjson.dumps(spool.meta))
+    spool.close()
+    # Part of it reached the hub before (its ack was lost): under the old identity.
+    async with hub.http() as client:
+        resp = await client.post(logs_path("legacy-1"), json={"message": "old 1", "seq": 1, "lineNumber": 1, "timestamp": TS})
+        assert resp.status_code == 200, resp.text
+    async with agent(["flush", "--spool-dir", str(tmp_path), "--hub", hub.url]) as f:
+        assert await f.wait() == 0
+    async with hub.http() as client:
+        stored = await fetch_all(client, "legacy-1")
+        task = (await client.get("/api/v1/tasks/legacy-1")).json()
+    assert [(r["seq"], r["message"]) for r in stored] == [(1, "old 1"), (2, "old 2"), (3, "old 3")]
+    assert task["state"] == "succeeded"

@@ -174,10 +174,6 @@ def plan_batch(
             key = (item.task_id, item.producer)
             run = producers[key]
             pseq = item.seq
-            if not run.exists and run.high == 0 and not run.new_ranges:
-                # A run's first record starts its count, whatever it is: a spool
-                # written before producers existed resumes above 1.
-                run.high = pseq - 1
             if pseq <= run.high:
                 plan.records.append(None)
                 plan.status.append(PENDING)
