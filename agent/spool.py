@@ -252,13 +252,15 @@ class Spool:
         path = self.dir / "lock"
         flags = os.O_RDWR | (os.O_CREAT if create else 0)
         while True:
-            if create:
-                self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             try:
-                fd = os.open(path, flags, 0o600)
-            except FileNotFoundError:
                 if create:
-                    continue  # the directory was removed between mkdir and open
+                    self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+                fd = os.open(path, flags, 0o600)
+            except (FileNotFoundError, FileExistsError) as exc:
+                # The directory was removed between mkdir and open, or between
+                # mkdir's EEXIST and its check that the name is a directory.
+                if create and not (isinstance(exc, FileExistsError) and self.dir.exists() and not self.dir.is_dir()):
+                    continue
                 raise
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
