@@ -10,6 +10,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -100,7 +101,11 @@ async def test_item20_cross_origin_websocket_is_refused(hub: TestHub) -> None:
                     await ws.send(hubclient.logs_frame(TASK, [make_record(TASK, 2, "injected")]))
                 except Exception:  # noqa: BLE001 - the hub may close before we finish sending
                     pass
-                frames, code = await drain_until_closed(ws)
+                frames: list[dict[str, Any]] = []
+                code: int | None = None
+                with trio.move_on_after(10) as waited:
+                    frames, code = await drain_until_closed(ws)
+                assert not waited.cancelled_caught, f"the hub kept a WebSocket from {origin} open"
             assert [f.get("code") for f in frames] == ["FORBIDDEN_ORIGIN"], frames
             assert code == 1008
 
