@@ -87,7 +87,10 @@ def _hub_args(p: argparse.ArgumentParser) -> None:
         metavar="URL",
         help=f"the hub's base URL (env KERUTA_HUB_URL; default {DEFAULT_HUB})",
     )
-    p.add_argument("--token", metavar="T", help="bearer token for the hub (env KERUTA_TOKEN)")
+    p.add_argument(
+        "--token", metavar="T",
+        help="bearer token for the hub (env KERUTA_TOKEN); `run` never passes it on to COMMAND",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,8 +31,25 @@ class Child:
         return self.process.pid
 
 
-def child_env(environ: Mapping[str, str]) -> dict[str, str]:
-    return {**environ, "PYTHONUNBUFFERED": "1"}
+# The agent's own credential: the command must not be able to write (or, with
+# an old hub, delete) as the agent.
+AGENT_CREDENTIALS = ("KERUTA_TOKEN",)
+
+
+def child_env(environ: Mapping[str, str], token: str | None = None) -> dict[str, str]:
+    """The command's environment: ours without the agent's credentials.
+
+    Besides KERUTA_TOKEN, no KERUTA_* variable may carry the token the agent
+    uses (given with --token, it may also sit in e.g. KERUTA_AGENT_TOKEN).
+    Variables under other names are the user's own business and are kept.
+    """
+    env = {
+        name: value
+        for name, value in environ.items()
+        if name not in AGENT_CREDENTIALS and not (token and name.startswith("KERUTA_") and value == token)
+    }
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
 
 
 def exit_code(returncode: int) -> int:

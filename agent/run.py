@@ -169,7 +169,7 @@ async def _run_command(
     router: SignalRouter,
     say: Callable[[str], None],
 ) -> int:
-    env = process.child_env(settings.environ)
+    env = process.child_env(settings.environ, settings.token)
     try:
         child = await process.start(settings.command, env, use_pty=settings.pty)
     except OSError as exc:

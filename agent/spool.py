@@ -5,7 +5,8 @@ Layout, one directory per task under the spool root::
 
     ROOT/TASK_ID/task.json      taskId, hub URL, producer id, final state once known
     ROOT/TASK_ID/acked          the ack watermark: every seq <= it is stored by the hub
-    ROOT/TASK_ID/lock           held (flock) by the one process using this spool
+    ROOT/TASK_ID/lock           held (flock) by the one process using this spool; the
+                                lock is the inode linked there now (see `_lock`)
     ROOT/TASK_ID/SEQ.seg        segments, named by their first seq, append-only
 
 A segment is a sequence of frames ``MAGIC(2) | seq(8) | length(4) | crc32(4) |
@@ -30,6 +31,7 @@ interval.
 from __future__ import annotations
 
 import collections
+import errno
 import fcntl
 import os
 import struct
@@ -235,8 +237,6 @@ class Spool:
         e.g. one its agent is removing right now -- is FileNotFoundError.
         """
         directory = Path(root) / task_id
-        if create:
-            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         spool = cls(directory, **kwargs)
         spool._lock(create)
         try:
@@ -249,14 +249,43 @@ class Spool:
         return spool
 
     def _lock(self, create: bool = True) -> None:
+        """Own the spool: an flock on the `lock` file linked in the directory.
+
+        `remove` unlinks `lock` (last) while holding it, so a process that
+        opened it before then can get the flock of a file no longer linked:
+        it owns nothing and must start again, on a new file (and, if the
+        directory went too, a new directory). The inode check makes that
+        race safe: whoever holds the flock of the linked `lock` is the owner.
+        """
+        path = self.dir / "lock"
         flags = os.O_RDWR | (os.O_CREAT if create else 0)
-        fd = os.open(self.dir / "lock", flags, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        while True:
+            try:
+                if create:
+                    self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+                fd = os.open(path, flags, 0o600)
+            except (FileNotFoundError, FileExistsError) as exc:
+                # The directory was removed between mkdir and open, or between
+                # mkdir's EEXIST and its check that the name is a directory.
+                if create and not (isinstance(exc, FileExistsError) and self.dir.exists() and not self.dir.is_dir()):
+                    continue
+                raise
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise SpoolLocked(f"{self.dir} is in use by another keruta-agent") from None
+            try:
+                linked = os.stat(path)
+            except FileNotFoundError:
+                linked = None
+            held = os.fstat(fd)
+            if linked is not None and (linked.st_dev, linked.st_ino) == (held.st_dev, held.st_ino):
+                self._lock_fd = fd
+                return
             os.close(fd)
-            raise SpoolLocked(f"{self.dir} is in use by another keruta-agent") from None
-        self._lock_fd = fd
+            if not create:
+                raise FileNotFoundError(f"{self.dir} was removed by its agent")
 
     def _load(self, task_id: str, hub_url: str | None) -> None:
         meta_path = self.dir / "task.json"
@@ -577,7 +606,13 @@ class Spool:
             self._lock_fd = None
 
     def remove(self) -> None:
-        """Delete the task's directory (everything delivered)."""
+        """Delete the task's directory (everything delivered).
+
+        Everything but `lock` goes while we hold it, then `lock` itself, still
+        held: from then on another process may create a new `lock` and own a
+        new spool here, so nothing else is unlinked after it; the directory
+        goes only if it is still empty.
+        """
         # task.json first: without it the directory is no longer a task to flush.
         (self.dir / "task.json").unlink(missing_ok=True)
         for seg in self.segments:
@@ -588,11 +623,16 @@ class Spool:
         for name in ("acked", "acked.tmp", "task.json", "task.json.tmp"):
             (self.dir / name).unlink(missing_ok=True)
         (self.dir / "lock").unlink(missing_ok=True)
-        self.close()
         try:
             self.dir.rmdir()
+        except FileNotFoundError:
+            pass
         except OSError as exc:
-            self.warn(f"spool {self.dir}: could not remove the directory: {exc}")
+            if exc.errno != errno.ENOTEMPTY:
+                self.warn(f"spool {self.dir}: could not remove the directory: {exc}")
+            # Not empty: another run of the task has started here; it is its spool now.
+        finally:
+            self.close()
 
 
 def spooled_tasks(root: Path) -> list[str]:

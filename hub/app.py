@@ -16,6 +16,7 @@ from hub.auth import Role, bearer_token
 from hub.connection import CLOSE_POLICY, Connection
 from hub.ingest import from_requests
 from hub.openapi import openapi_document
+from hub.origin import OriginPolicy
 from hub.state import Hub
 from hub.store.base import LogQuery, StoreUnavailable
 from hub.writer import WriteOutcome, WriteRequest
@@ -107,12 +108,35 @@ def create_app(hub: Hub) -> QuartTrio:
         if write and not r.can_write:
             raise ApiError(403, "FORBIDDEN", "the viewer token may only read")
 
+    def need_admin() -> None:
+        need(write=False)
+        if not role().can_delete:
+            raise ApiError(403, "FORBIDDEN", "deleting logs needs the admin token (--admin-token)")
+
+    origins = OriginPolicy(hub.config.allow_origins)
+
+    def origin_refusal(origin: str) -> str:
+        return (
+            f"requests from a page on {origin} may not change anything here or open a WebSocket; "
+            "start the hub with --allow-origin to permit that origin"
+        )
+
     @app.before_request
     async def read_body_first() -> None:
         # An answer given before the body is read would leave the body on a
         # keep-alive connection and wedge the next request on it.
         if request.method in ("POST", "PUT", "PATCH", "DELETE"):
             await request.get_data()
+
+    @app.before_request
+    async def check_origin() -> None:
+        # Registered after read_body_first, so a refusal never leaves a body unread.
+        # Reads are not refused: without CORS headers the page cannot see the answer.
+        if request.method in ("GET", "HEAD", "OPTIONS"):
+            return
+        origin = request.headers.get("Origin")
+        if not origins.permits(origin, request.scheme, request.host):
+            raise ApiError(403, "FORBIDDEN_ORIGIN", origin_refusal(str(origin)))
 
     @app.after_request
     async def close_after_oversized(response: Response) -> Response:
@@ -247,7 +271,7 @@ def create_app(hub: Hub) -> QuartTrio:
 
     @app.delete("/api/v1/tasks/<task_id>/logs")
     async def delete_logs(task_id: str) -> Response:
-        need(write=True)
+        need_admin()
         _check_task_id(task_id)
         count = await hub.store.delete(task_id, _time_param("before"))
         return json_response({"deletedCount": count})
@@ -319,11 +343,19 @@ def create_app(hub: Hub) -> QuartTrio:
     async def ws_endpoint() -> None:
         token = bearer_token(websocket.headers.get("Authorization"), websocket.args.get("token"))
         r = hub.authorizer.role(token)
+        origin = websocket.headers.get("Origin")
+        # Refused like a missing token (accepted, one error frame, close 1008),
+        # so a client sees why; nothing it sends is read as a frame.
+        refusal: ErrorFrame | None = None
+        if not origins.permits(origin, websocket.scheme, websocket.host):
+            refusal = ErrorFrame("FORBIDDEN_ORIGIN", origin_refusal(str(origin)))
+        elif r is Role.NONE:
+            refusal = ErrorFrame("UNAUTHORIZED", "a valid token is required (Authorization: Bearer TOKEN or ?token=)")
         await websocket.accept()
-        if r is Role.NONE:
-            hub.metrics.error("UNAUTHORIZED")
-            await websocket.send(dumps(ErrorFrame("UNAUTHORIZED", "a valid token is required (Authorization: Bearer TOKEN or ?token=)")))
-            await websocket.close(CLOSE_POLICY, "unauthorized")
+        if refusal is not None:
+            hub.metrics.error(refusal.code)
+            await websocket.send(dumps(refusal))
+            await websocket.close(CLOSE_POLICY, refusal.code.lower())
             # Stay until the client answers the close (then we are cancelled), so
             # frames it already sent are read, not reset, and it sees 1008.
             with trio.move_on_after(2):

@@ -1,4 +1,5 @@
-"""Who may do what: the agent token writes and reads, the viewer token reads."""
+"""Who may do what: the admin token also deletes, the agent token writes and
+reads, the viewer token reads."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ class Role(Enum):
     NONE = 0
     VIEWER = 1
     AGENT = 2
+    ADMIN = 3
 
     @property
     def can_read(self) -> bool:
@@ -17,7 +19,13 @@ class Role(Enum):
 
     @property
     def can_write(self) -> bool:
-        return self is Role.AGENT
+        return self in (Role.AGENT, Role.ADMIN)
+
+    @property
+    def can_delete(self) -> bool:
+        # Apart from the agent's: the token a job's command might get hold of
+        # must not be able to erase other tasks' history.
+        return self is Role.ADMIN
 
 
 def bearer_token(authorization: str | None, query_token: str | None) -> str | None:
@@ -29,20 +37,25 @@ def bearer_token(authorization: str | None, query_token: str | None) -> str | No
 
 
 class Authorizer:
-    def __init__(self, agent_token: str | None, viewer_token: str | None) -> None:
+    def __init__(
+        self, agent_token: str | None, viewer_token: str | None, admin_token: str | None = None
+    ) -> None:
         self.agent_token = agent_token
         self.viewer_token = viewer_token
+        self.admin_token = admin_token
 
     @property
     def open(self) -> bool:
-        return not (self.agent_token or self.viewer_token)
+        return not (self.agent_token or self.viewer_token or self.admin_token)
 
     def role(self, token: str | None) -> Role:
         if self.open:
-            return Role.AGENT
+            return Role.ADMIN
         if token is None:
             return Role.NONE
         # Constant-time comparisons, so a wrong token leaks nothing by timing.
+        if self.admin_token and hmac.compare_digest(token.encode(), self.admin_token.encode()):
+            return Role.ADMIN
         if self.agent_token and hmac.compare_digest(token.encode(), self.agent_token.encode()):
             return Role.AGENT
         if self.viewer_token and hmac.compare_digest(token.encode(), self.viewer_token.encode()):

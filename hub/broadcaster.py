@@ -9,9 +9,11 @@ broadcaster never waits on a subscriber: a full queue means SLOW_CONSUMER.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import attrs
+import orjson
 import trio
 
 from keruta.records import LogRecord, TaskInfo
@@ -20,6 +22,8 @@ from keruta.wire import LogsFrame, StatusFrame, dumps
 # Keep a live or history frame well below the frame limit whatever the lines hold.
 FRAME_RECORDS = 500
 FRAME_BYTES = 1024 * 1024
+# A record's fields but message and metadata, keys included, with a 128-character taskId.
+RECORD_FIELDS_BYTES = 400
 
 
 @attrs.frozen
@@ -29,6 +33,8 @@ class Outgoing:
     payload: str
     sub: Subscription | None = None
     through: int = 0
+    # The memory the frame holds while it waits: what a connection's byte bound counts.
+    size: int = attrs.field(init=False, default=attrs.Factory(lambda self: sys.getsizeof(self.payload), takes_self=True))
 
 
 @attrs.define(eq=False)
@@ -60,6 +66,15 @@ def status_payload(task: TaskInfo) -> str:
     return dumps(StatusFrame(task.task_id, task.state, task.exit_code))
 
 
+def encoded_size(record: LogRecord) -> int:
+    """About the bytes a record takes in a frame, never much less: escaping
+    (a control character is six bytes) and metadata are measured, not guessed."""
+    size = len(orjson.dumps(record.message)) + RECORD_FIELDS_BYTES
+    if record.metadata:
+        size += len(orjson.dumps(record.metadata))
+    return size
+
+
 def encode_chunks(task_id: str, records: Sequence[LogRecord], through: int) -> Iterator[tuple[str, int]]:
     """`logs` frames for records, each with the seq it covers through.
 
@@ -70,8 +85,11 @@ def encode_chunks(task_id: str, records: Sequence[LogRecord], through: int) -> I
     while start < len(records):
         end = start
         size = 0
-        while end < len(records) and end - start < FRAME_RECORDS and size < FRAME_BYTES:
-            size += len(records[end].message) + 200
+        while end < len(records) and end - start < FRAME_RECORDS:
+            cost = encoded_size(records[end])
+            if end > start and size + cost > FRAME_BYTES:
+                break
+            size += cost
             end += 1
         last = records[end - 1].seq if end < len(records) else through
         yield dumps(LogsFrame(task_id, list(records[start:end]))), last

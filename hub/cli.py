@@ -10,6 +10,7 @@ import sys
 import trio
 
 from hub.config import HubConfig
+from hub.origin import normalize_origin
 
 DESCRIPTION = """\
 Run the keruta hub: receives log records from keruta-agent over WebSocket
@@ -20,9 +21,13 @@ REST, WebSocket subscriptions and a web viewer.
 
 EPILOG = """\
 environment fallbacks: KERUTA_HOST, KERUTA_PORT, KERUTA_DB, KERUTA_AGENT_TOKEN,
-KERUTA_VIEWER_TOKEN. Flags win over the environment.
+KERUTA_VIEWER_TOKEN, KERUTA_ADMIN_TOKEN. Flags win over the environment.
 
 The hub refuses to listen on a non-loopback address unless a token is set.
+Without tokens (loopback only) anyone on this machine may read, write and
+delete. A browser page from another origin (an Origin header that is neither
+the hub's own nor given with --allow-origin) may not open a WebSocket nor
+POST/PUT/PATCH/DELETE: 403 FORBIDDEN_ORIGIN.
 SIGTERM or Ctrl-C: stop accepting, commit and acknowledge what was received,
 close WebSockets with 1001, exit 0.
 """
@@ -54,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token that may write and read (env KERUTA_AGENT_TOKEN)")
     p.add_argument("--viewer-token", default=os.environ.get("KERUTA_VIEWER_TOKEN") or None,
                    help="token that may only read (env KERUTA_VIEWER_TOKEN)")
+    p.add_argument("--admin-token", default=os.environ.get("KERUTA_ADMIN_TOKEN") or None,
+                   help="token that may read, write and delete logs; with tokens set, DELETE "
+                        "needs it (env KERUTA_ADMIN_TOKEN)")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="URL",
+                   help="a browser origin (scheme://host[:port]) besides the hub's own whose "
+                        "pages may open WebSockets and send POST/DELETE; repeatable")
     p.add_argument("--retention-days", type=float, default=None,
                    help="delete records older than this many days (default: keep everything)")
     p.add_argument("--retention-interval", type=float, default=3600.0,
@@ -66,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subscriber-queue", type=int, default=256,
                    help="frames queued per WebSocket before a slow subscriber is told "
                         "SLOW_CONSUMER and closed (default 256)")
+    p.add_argument("--subscriber-queue-bytes", type=int, default=16 * 1024 * 1024,
+                   help="bytes of frames queued per WebSocket before a slow subscriber is told "
+                        "SLOW_CONSUMER and closed (default 16 MiB)")
+    p.add_argument("--max-subscriptions", type=int, default=100,
+                   help="subscriptions one WebSocket may hold; past it a subscribe gets "
+                        "TOO_MANY_SUBSCRIPTIONS (default 100)")
     p.add_argument("--max-page-size", type=int, default=1000,
                    help="largest `size` GET /logs accepts (default 1000)")
     p.add_argument("--write-batch-size", type=int, default=2000,
@@ -80,10 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> HubConfig:
     return HubConfig(
         host=args.host, port=args.port, db=args.db,
-        agent_token=args.agent_token, viewer_token=args.viewer_token,
+        agent_token=args.agent_token, viewer_token=args.viewer_token, admin_token=args.admin_token,
+        allow_origins=tuple(args.allow_origin),
         retention_days=args.retention_days, retention_interval=args.retention_interval,
         rate_limit=args.rate_limit, rate_burst=args.rate_burst,
         subscriber_queue=args.subscriber_queue, max_page_size=args.max_page_size,
+        subscriber_queue_bytes=args.subscriber_queue_bytes, max_subscriptions=args.max_subscriptions,
         write_batch_size=args.write_batch_size, write_flush_interval=args.write_flush_interval,
     )
 
@@ -93,8 +112,14 @@ def check_config(config: HubConfig) -> str | None:
     if not config.is_loopback() and not config.auth_enabled:
         return (
             f"refusing to listen on {config.host} without tokens: anyone who can reach it could "
-            "read and write logs. Set --agent-token (and --viewer-token), or listen on 127.0.0.1."
+            "read and write logs. Set --agent-token (and --viewer-token, --admin-token), or "
+            "listen on 127.0.0.1."
         )
+    for origin in config.allow_origins:
+        if normalize_origin(origin) is None:
+            return f"--allow-origin {origin!r}: give an origin, scheme://host[:port] (http or https)"
+    if config.subscriber_queue_bytes < 1 or config.max_subscriptions < 1:
+        return "--subscriber-queue-bytes and --max-subscriptions must be >= 1"
     if not 0 <= config.port <= 65535:
         return f"--port {config.port} is not a port number"
     if config.subscriber_queue < 1 or config.max_page_size < 1 or config.write_batch_size < 1:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import attrs
 
 from keruta.limits import DEFAULT_LIMITS, Limits
-
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 @attrs.frozen
@@ -16,6 +16,10 @@ class HubConfig:
     db: str = "sqlite:///keruta.db"
     agent_token: str | None = None
     viewer_token: str | None = None
+    admin_token: str | None = None
+    # Origins (scheme://host[:port]) besides the hub's own whose browser pages
+    # may open a WebSocket or change something.
+    allow_origins: tuple[str, ...] = ()
     retention_days: float | None = None
     retention_interval: float = 3600.0
     # Records per second per task on ingest; 0 is unlimited (the seed's RateLimiter).
@@ -23,6 +27,11 @@ class HubConfig:
     rate_burst: int = 5000
     # Frames queued per subscriber before it is told SLOW_CONSUMER.
     subscriber_queue: int = 256
+    # ... and bytes: frames can be megabytes each (escaping, metadata), so a
+    # frame count alone does not bound a subscriber's memory.
+    subscriber_queue_bytes: int = 16 * 1024 * 1024
+    # Subscriptions one connection may hold.
+    max_subscriptions: int = 100
     # A subscriber catching up from the store whose queue stays full this long
     # is a slow consumer too.
     slow_consumer_after: float = 10.0
@@ -44,7 +53,27 @@ class HubConfig:
 
     @property
     def auth_enabled(self) -> bool:
-        return bool(self.agent_token or self.viewer_token)
+        return bool(self.agent_token or self.viewer_token or self.admin_token)
 
     def is_loopback(self) -> bool:
-        return self.host in LOOPBACK_HOSTS or self.host.startswith("127.")
+        return is_loopback_host(self.host)
+
+
+def is_loopback_host(host: str) -> bool:
+    """An address only this machine can reach: 127.0.0.0/8, ::1 or `localhost`.
+
+    Parsed, not prefix-matched: `127.example.com` is a name anyone's DNS may
+    point anywhere.
+    """
+    host = host.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback

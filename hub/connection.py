@@ -4,6 +4,9 @@ Only the sender task writes to the socket. Everything else hands it frames
 through one bounded outbox: the reader awaits room (a client that does not
 read stops being read), the broadcaster never waits (a full outbox is
 SLOW_CONSUMER), and acks are coalesced per task so they are never dropped.
+The outbox is bounded twice: in frames by the channel, and in bytes by
+`queued_bytes` (a frame of escaped lines can be megabytes), which counts a
+frame from the moment it is queued until the sender has written it.
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ class Connection:
         self.ws = ws
         self.role = role
         self.outbox, self._outbox_recv = trio.open_memory_channel[Outgoing](hub.config.subscriber_queue)
+        self.queued_bytes = 0
+        self._room = trio.Event()
         # (task_id, producer or None) -> seq to acknowledge; coalesced, never dropped.
         self.acks: dict[tuple[str, str | None], int] = {}
         # Acks never reach past a record this connection sent that was refused.
@@ -148,8 +153,10 @@ class Connection:
                     self._ack_wake_pending = False
                 await self._flush_acks()
                 if item is _WAKE:
+                    self._unqueued(item)
                     continue
                 await self.ws.send(item.payload)
+                self._unqueued(item)
                 self.hub.metrics.frames_sent += 1
                 if item.sub is not None and item.through > item.sub.delivered:
                     item.sub.delivered = item.through
@@ -165,17 +172,37 @@ class Connection:
             await self.ws.send(dumps(AckFrame(task_id, seq, producer)))
             self.hub.metrics.frames_sent += 1
 
+    def _queued(self, item: Outgoing) -> None:
+        self.queued_bytes += item.size
+        metrics = self.hub.metrics
+        metrics.subscriber_queue_bytes_peak = max(metrics.subscriber_queue_bytes_peak, self.queued_bytes)
+
+    def _unqueued(self, item: Outgoing) -> None:
+        self.queued_bytes -= item.size
+        self._room.set()
+
+    def _has_room_for(self, item: Outgoing) -> bool:
+        # One frame larger than the whole bound still goes through an empty queue.
+        return self.queued_bytes == 0 or self.queued_bytes + item.size <= self.hub.config.subscriber_queue_bytes
+
+    def _put_nowait(self, item: Outgoing) -> None:
+        self.outbox.send_nowait(item)
+        self._queued(item)
+
     def _send_nowait(self, item: Outgoing) -> bool:
         try:
-            self.outbox.send_nowait(item)
+            self._put_nowait(item)
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
             return False
         return True
 
     def _offer(self, item: Outgoing) -> bool:
         """The broadcaster's way in: never waits; a full outbox is a slow consumer."""
+        if not self._has_room_for(item):
+            self._slow()
+            return False
         try:
-            self.outbox.send_nowait(item)
+            self._put_nowait(item)
         except trio.WouldBlock:
             self._slow()
             return False
@@ -196,13 +223,29 @@ class Connection:
         """History waits for room, but not forever: a client that stops reading
         is a slow consumer whether it is catching up or live."""
         with trio.move_on_after(self.hub.config.slow_consumer_after):
-            await self.outbox.send(item)
+            while not self._has_room_for(item):
+                # Every waiter shares the one unset event the sender sets next.
+                if self._room.is_set():
+                    self._room = trio.Event()
+                await self._room.wait()
+            await self._put(item)
             return
         self._slow()
         await trio.sleep_forever()  # the connection is closing; _close cancels us
 
+    async def _put(self, item: Outgoing) -> None:
+        # Counted before the wait: the sender may take it out the moment it is in.
+        self._queued(item)
+        try:
+            await self.outbox.send(item)
+        except BaseException:
+            self.queued_bytes -= item.size
+            raise
+
     async def _send(self, payload: str) -> None:
-        await self.outbox.send(Outgoing(payload))
+        # Replies to the client's own frames (pong, subscribed, errors) are
+        # small; the frame bound alone keeps them in check.
+        await self._put(Outgoing(payload))
 
     async def _error(self, code: str, message: str, resume_from: int | None = None) -> None:
         self.hub.metrics.error(code)
@@ -303,6 +346,12 @@ class Connection:
         if frame.level is not None and frame.level not in LEVELS:
             raise FrameError("INVALID_MESSAGE_FORMAT", f"invalid field 'level': must be one of {', '.join(LEVELS)}", "level")
         old = self.subs.get(frame.task_id)
+        if old is None and len(self.subs) >= self.hub.config.max_subscriptions:
+            raise FrameError(
+                "TOO_MANY_SUBSCRIPTIONS",
+                f"this connection already holds {len(self.subs)} subscriptions, the most allowed; "
+                "unsubscribe from one first",
+            )
         if old is not None:
             self._drop(old)
         store = self.hub.store

@@ -42,6 +42,8 @@ class Metrics:
     subscribers: int = 0
     connections: int = 0
     slow_consumers: int = 0
+    # The most bytes any one connection has held queued for sending.
+    subscriber_queue_bytes_peak: int = 0
     write_batch: Histogram = attrs.field(factory=Histogram)
     store_failures: int = 0
 
@@ -64,6 +66,8 @@ class Metrics:
             f"keruta_websocket_connections {self.connections}",
             "# TYPE keruta_slow_consumers_total counter",
             f"keruta_slow_consumers_total {self.slow_consumers}",
+            "# TYPE keruta_subscriber_queue_bytes_peak gauge",
+            f"keruta_subscriber_queue_bytes_peak {self.subscriber_queue_bytes_peak}",
             "# TYPE keruta_store_failures_total counter",
             f"keruta_store_failures_total {self.store_failures}",
             "# TYPE keruta_errors_total counter",

@@ -27,7 +27,7 @@ class Hub:
     writer: Writer | None = None
 
     def __attrs_post_init__(self) -> None:
-        self.authorizer = Authorizer(self.config.agent_token, self.config.viewer_token)
+        self.authorizer = Authorizer(self.config.agent_token, self.config.viewer_token, self.config.admin_token)
 
     def writer_available(self) -> bool:
         return self.writer is None or self.writer.available.is_set()

@@ -29,13 +29,13 @@ from tests.support import sqlite_url
 
 hub, hub_factory = hubclient.hub, hubclient.hub_factory  # fixtures
 
-AGENT, VIEWER = "agent-secret-1", "viewer-secret-2"
+AGENT, VIEWER, ADMIN = "agent-secret-1", "viewer-secret-2", "admin-secret-3"
 TASK = "guarded"
 
 
 @pytest.fixture
 def guarded(hub_factory: HubFactory) -> TestHub:
-    return hub_factory.start("--agent-token", AGENT, "--viewer-token", VIEWER)
+    return hub_factory.start("--agent-token", AGENT, "--viewer-token", VIEWER, "--admin-token", ADMIN)
 
 
 async def test_rest_tokens(guarded: TestHub) -> None:
@@ -77,7 +77,10 @@ async def test_rest_tokens(guarded: TestHub) -> None:
         assert_error(await viewer.delete(logs_path(TASK)), 403, "FORBIDDEN")
         assert [r["seq"] for r in await fetch_all(agent, TASK)] == [1, 2, 3, 4]
 
-        resp = await agent.delete(logs_path(TASK))
+        # Deleting takes the admin token (issue 7 item 21), not the agent's.
+        assert_error(await agent.delete(logs_path(TASK)), 403, "FORBIDDEN", mentions="admin token")
+        async with guarded.http(ADMIN) as admin:
+            resp = await admin.delete(logs_path(TASK))
         assert resp.status_code == 200 and resp.json() == {"deletedCount": 4}
 
         # Health stays open for load balancers and probes.
