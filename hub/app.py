@@ -128,9 +128,21 @@ def create_app(hub: Hub) -> QuartTrio:
         if request.method in ("POST", "PUT", "PATCH", "DELETE"):
             await request.get_data()
 
+    def host_refusal(host: str) -> str | None:
+        if not hub.authorizer.open or origins.host_permitted(host):
+            return None
+        return (
+            f"this hub has no tokens and answers only requests addressed to it by a loopback "
+            f"name (localhost, 127.0.0.1, [::1]), not {host!r}; start it with --allow-origin "
+            "for another name"
+        )
+
     @app.before_request
     async def check_origin() -> None:
         # Registered after read_body_first, so a refusal never leaves a body unread.
+        refusal = host_refusal(request.host)
+        if refusal is not None:
+            raise ApiError(403, "FORBIDDEN_HOST", refusal)
         # Reads are not refused: without CORS headers the page cannot see the answer.
         if request.method in ("GET", "HEAD", "OPTIONS"):
             return
@@ -347,7 +359,10 @@ def create_app(hub: Hub) -> QuartTrio:
         # Refused like a missing token (accepted, one error frame, close 1008),
         # so a client sees why; nothing it sends is read as a frame.
         refusal: ErrorFrame | None = None
-        if not origins.permits(origin, websocket.scheme, websocket.host):
+        bad_host = host_refusal(websocket.host)
+        if bad_host is not None:
+            refusal = ErrorFrame("FORBIDDEN_HOST", bad_host)
+        elif not origins.permits(origin, websocket.scheme, websocket.host):
             refusal = ErrorFrame("FORBIDDEN_ORIGIN", origin_refusal(str(origin)))
         elif r is Role.NONE:
             refusal = ErrorFrame("UNAUTHORIZED", "a valid token is required (Authorization: Bearer TOKEN or ?token=)")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import urllib.parse
 from collections.abc import Iterable
 
+from hub.config import is_loopback_host
+
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # The WebSocket schemes a browser's page origin corresponds to.
 _HTTP_SCHEME = {"http": "http", "ws": "http", "https": "https", "wss": "https"}
@@ -47,9 +49,26 @@ def own_origin(scheme: str, host_header: str) -> str | None:
     return normalize_origin(f"{http_scheme}://{host_header}")
 
 
+def host_name(host_header: str) -> str | None:
+    """The name in a Host header (`name`, `name:port`, `[::1]:port`), lower-case."""
+    try:
+        return urllib.parse.urlsplit(f"http://{host_header.strip()}").hostname
+    except ValueError:
+        return None
+
+
 class OriginPolicy:
     def __init__(self, allowed: Iterable[str]) -> None:
         self.allowed = frozenset(o for o in (normalize_origin(a) for a in allowed) if o is not None)
+        self.allowed_hosts = frozenset(host_name(o.split("://", 1)[1]) for o in self.allowed)
+
+    def host_permitted(self, host_header: str) -> bool:
+        """For a hub without tokens (loopback only): is the request addressed to
+        this machine by a loopback name? A page whose own name its DNS points at
+        127.0.0.1 (DNS rebinding) is "same origin" with the hub in the browser's
+        eyes and could read everything; its Host header gives it away."""
+        name = host_name(host_header)
+        return name is not None and (is_loopback_host(name) or name in self.allowed_hosts)
 
     def permits(self, origin: str | None, scheme: str, host_header: str) -> bool:
         if origin is None:

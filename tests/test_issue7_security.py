@@ -307,3 +307,45 @@ def test_item22_concurrent_runs_of_one_task_never_share_or_lose_the_spool(tmp_pa
     assert shared == 0, f"{shared} times two processes owned the spool at once"
     assert lost == 0, f"{lost} times an owner's task.json was removed under it"
     assert not (root / "same-task").exists() or not any((root / "same-task").iterdir())
+
+
+async def test_item20_dns_rebinding_is_refused_by_an_open_hub(hub_factory: HubFactory) -> None:
+    """A page on evil.example whose DNS now says 127.0.0.1 is same-origin with
+    the hub to the browser (Origin and Host agree), and could read every log.
+    A hub without tokens answers only requests addressed to a loopback name."""
+    hub = await hub_factory.astart("--allow-origin", FRIEND)
+    port = hub.url.rsplit(":", 1)[1]
+    async with hub.http() as client:
+        for host in (f"evil.example:{port}", "evil.example", f"127.example.com:{port}"):
+            resp = await client.get(logs_path(TASK), headers={"Host": host})
+            assert_error(resp, 403, "FORBIDDEN_HOST")
+            resp = await client.post(
+                logs_path(TASK), json={"message": "x"}, headers={"Host": host, "Origin": f"http://{host}"}
+            )
+            assert_error(resp, 403, "FORBIDDEN_HOST")
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"LOCALHOST:{port}", "dashboard.example:3000"):
+            resp = await client.get("/api/v1/tasks", headers={"Host": host})
+            assert resp.status_code == 200, (host, resp.text)
+    # The WebSocket upgrade, by hand: client libraries write Host from the URL.
+    upgrade = (
+        f"GET /api/v1/ws HTTP/1.1\r\nHost: evil.example:{port}\r\nOrigin: http://evil.example:{port}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    received = b""
+    with trio.fail_after(PATIENCE):
+        stream = await trio.open_tcp_stream("127.0.0.1", int(port))
+        async with stream:
+            await stream.send_all(upgrade.encode())
+            while b"FORBIDDEN_HOST" not in received and b"\x88" not in received.partition(b"\r\n\r\n")[2]:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                received += chunk
+    assert b"FORBIDDEN_HOST" in received, received
+    assert b"secret" not in received
+    # A hub with tokens is reached by any name: the token is what guards it.
+    guarded = await hub_factory.astart("--agent-token", "a-token-1234")
+    async with guarded.http(token="a-token-1234") as client:
+        resp = await client.get("/api/v1/tasks", headers={"Host": "logs.example.org"})
+        assert resp.status_code == 200, resp.text
