@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -76,42 +77,51 @@ def settle(items: Sequence[Incoming], result: AppendResult, offset: int) -> Writ
         else:
             producers[(item.task_id, item.producer)] = result.producers[(item.task_id, item.producer)]
     refusals: list[Refusal] = []
+    # One refusal per identity and kind, whatever the number of records: the
+    # first names the record, the count says how many.
+    first_conflict: dict[tuple[str, str | None], tuple[int, str, int]] = {}
+    conflicts: dict[tuple[str, str | None], int] = defaultdict(int)
+    gap: Refusal | None = None
     for i, (item, record, state) in enumerate(zip(items, records, status, strict=True)):
+        key: tuple[str, str | None] = (item.task_id, item.producer)
         if state == CONFLICT:
-            seq = record.seq if record is not None else item.seq
             if item.producer is None:
                 assert record is not None
-                durable[item.task_id] = min(durable[item.task_id], record.seq - 1)
+                cap = record.seq - 1
+                durable[item.task_id] = min(durable[item.task_id], cap)
                 what = f"seq {record.seq}"
             else:
                 assert item.seq is not None
-                run = (item.task_id, item.producer)
-                producers[run] = min(producers[run], item.seq - 1)
-                what = f"producer {item.producer} seq {item.seq} (task seq {seq})"
-            key: tuple[str, str | None] = (item.task_id, item.producer)
-            refusals.append(
-                Refusal(
-                    "SEQ_CONFLICT",
-                    f"record [{i}]: task {item.task_id} already holds a different record under {what}; "
-                    "it was not stored",
-                    key=key,
-                    cap=(record.seq if item.producer is None and record is not None else item.seq or 1) - 1,
-                )
-            )
-        elif state == GAP:
+                cap = item.seq - 1
+                producers[(item.task_id, item.producer)] = min(producers[(item.task_id, item.producer)], cap)
+                task_seq = f" (task seq {record.seq})" if record is not None else ""
+                what = f"producer {item.producer} seq {item.seq}{task_seq}"
+            conflicts[key] += 1
+            if key not in first_conflict or cap < first_conflict[key][2]:
+                first_conflict[key] = (i, what, cap)
+        elif state == GAP and gap is None:
             assert item.producer is not None and item.seq is not None
-            key = (item.task_id, item.producer)
-            resume = producers[key] + 1
-            if not any(r.code == "SEQ_GAP" for r in refusals):
-                refusals.append(
-                    Refusal(
-                        "SEQ_GAP",
-                        f"record [{i}]: producer {item.producer} of task {item.task_id} sent seq "
-                        f"{item.seq} but the hub holds its records only up to {resume - 1}; "
-                        f"resend from {resume}",
-                        resume,
-                    )
-                )
+            resume = producers[(item.task_id, item.producer)] + 1
+            gap = Refusal(
+                "SEQ_GAP",
+                f"record [{i}]: producer {item.producer} of task {item.task_id} sent seq "
+                f"{item.seq} but the hub holds its records only up to {resume - 1}; "
+                f"resend from {resume}",
+                resume,
+            )
+    for key, (i, what, cap) in first_conflict.items():
+        more = f" ({conflicts[key] - 1} more records of this request too)" if conflicts[key] > 1 else ""
+        refusals.append(
+            Refusal(
+                "SEQ_CONFLICT",
+                f"record [{i}]: task {key[0]} already holds a different record under {what}; "
+                f"it was not stored{more}",
+                key=key,
+                cap=cap,
+            )
+        )
+    if gap is not None:
+        refusals.append(gap)
     return WriteOutcome(records=records, durable=durable, producers=producers, refusals=refusals)
 
 

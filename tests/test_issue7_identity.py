@@ -309,3 +309,27 @@ async def test_a_spool_from_before_producers_is_flushed_under_its_own_seqs(
         task = (await client.get("/api/v1/tasks/legacy-1")).json()
     assert [(r["seq"], r["message"]) for r in stored] == [(1, "old 1"), (2, "old 2"), (3, "old 3")]
     assert task["state"] == "succeeded"
+
+
+def test_settle_caps_acks_below_a_conflict_and_refuses_once_per_identity() -> None:
+    from hub.store.base import AppendResult
+    from hub.writer import settle
+
+    items = [inc(s, producer="run") for s in range(1, 6)] + [inc(7), inc(8)]
+    records = [attrs.evolve(make_record("t1", s), id="x") for s in range(1, 8)]
+    result = AppendResult(
+        records=list(records),
+        inserted=[],
+        durable={"t1": 9},
+        status=[DUPLICATE, CONFLICT, CONFLICT, CONFLICT, INSERTED, CONFLICT, INSERTED],
+        producers={("t1", "run"): 5},
+    )
+    outcome = settle(items, result, 0)
+    # The producer's acks stop below its first conflicting seq; the task's below 6.
+    assert outcome.producers == {("t1", "run"): 1}
+    assert outcome.durable == {"t1": 5}
+    assert [(r.code, r.key, r.cap) for r in outcome.refusals] == [
+        ("SEQ_CONFLICT", ("t1", "run"), 1),
+        ("SEQ_CONFLICT", ("t1", None), 5),
+    ]
+    assert "2 more records" in outcome.refusals[0].message
