@@ -1,0 +1,351 @@
+"""Issue 7, liveness (items 14-18): nothing hangs, nothing dies of a recoverable fault.
+
+In-process tests drive the real writer on a real SQLite store with trio's
+autojump clock (asyncpg's timeouts run on the same clock, so PostgreSQL cannot
+share it); an outage is injected by `Outage`, a switch in front of the store.
+On PostgreSQL the same behaviour is tested for real: hub processes against a
+database that refuses connections (ALTER DATABASE ... ALLOW_CONNECTIONS false).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+import trio
+
+from hub.broadcaster import Broadcaster
+from hub.metrics import Metrics
+from hub.store.base import AppendResult, Incoming, LogQuery, StoreUnavailable
+from hub.store.postgres import _transient
+from hub.store.sqlite import SQLiteStore
+from hub.writer import Writer, WriteRequest, write_within
+from keruta.timefmt import now_ts
+from tests.conftest import _admin_sync, pg_dsn
+from tests.support import HubProcess
+
+
+class Outage:
+    """A real store behind a switch: `down` makes appends fail as in an outage;
+    `gate`, while set to an unset Event, holds appends mid-attempt."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.down = False
+        self.gate: trio.Event | None = None
+        self.attempts = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    async def append(self, items: Sequence[Incoming]) -> AppendResult:
+        self.attempts += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.down:
+            raise StoreUnavailable("injected outage")
+        return await self.store.append(items)  # type: ignore[no-any-return]
+
+
+def line(task_id: str, message: str, seq: int | None = None) -> Incoming:
+    return Incoming(task_id=task_id, seq=seq, timestamp=now_ts(), source="stdout", level="INFO", message=message)
+
+
+async def messages(store: Any, task_id: str) -> list[str]:
+    page = await store.query(LogQuery(task_id=task_id, size=1000))
+    return [r.message for r in page.content]
+
+
+@pytest.fixture
+async def writer_on(tmp_path: Path) -> Any:
+    """(outage, inbox, writer) with the writer running on a real SQLite store."""
+    store = SQLiteStore(tmp_path / "keruta.db")
+    await store.open()
+    outage = Outage(store)
+    send, recv = trio.open_memory_channel[WriteRequest](64)
+    writer = Writer(outage, Broadcaster(), Metrics())  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.run, recv)
+        yield outage, send, writer
+        send.close()
+    await store.close()
+
+
+# --- item 14: every failure to reach the database is an outage -----------------
+
+
+def _pg_error(cls: type[asyncpg.PostgresError], message: str) -> asyncpg.PostgresError:
+    return cls(message)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        _pg_error(asyncpg.exceptions.ObjectNotInPrerequisiteStateError, 'database "x" is not currently accepting connections'),
+        _pg_error(asyncpg.exceptions.CannotConnectNowError, "the database system is starting up"),
+        _pg_error(asyncpg.exceptions.TooManyConnectionsError, "sorry, too many clients already"),
+        _pg_error(asyncpg.exceptions.AdminShutdownError, "terminating connection due to administrator command"),
+        _pg_error(asyncpg.exceptions.InvalidAuthorizationSpecificationError, "could not connect to the auth server"),
+        _pg_error(asyncpg.exceptions.ConnectionFailureError, "connection failure"),
+        _pg_error(asyncpg.exceptions.SerializationError, "could not serialize access"),
+        _pg_error(asyncpg.exceptions.DiskFullError, "no space left on device"),
+        _pg_error(asyncpg.exceptions.ReadOnlySQLTransactionError, "read-only transaction"),
+        ConnectionRefusedError(111, "Connection refused"),
+        TimeoutError(),
+    ],
+    ids=type,
+)
+def test_item14_every_failure_to_reach_the_database_is_transient(error: BaseException) -> None:
+    assert _transient(error)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        _pg_error(asyncpg.exceptions.UndefinedTableError, 'relation "keruta_logs" does not exist'),
+        _pg_error(asyncpg.exceptions.PostgresSyntaxError, "syntax error"),
+        _pg_error(asyncpg.exceptions.UniqueViolationError, "duplicate key"),
+        _pg_error(asyncpg.exceptions.NumericValueOutOfRangeError, "bigint out of range"),
+        TypeError("a bug"),
+    ],
+    ids=type,
+)
+def test_item14_programming_errors_are_not_transient(error: BaseException) -> None:
+    assert not _transient(error)
+
+
+# --- item 15: the store is available again after an outage --------------------
+
+
+async def test_item15_writer_available_again_after_outage(writer_on: Any, autojump_clock: trio.abc.Clock) -> None:
+    outage, inbox, writer = writer_on
+    outage.down = True
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write_within, inbox, [line("t15", "during")], 1000.0)
+        while outage.attempts < 2:
+            await trio.sleep(0.1)
+        assert not writer.available.is_set()
+        outage.down = False
+    assert writer.available.is_set(), "the store answered again but the hub still says unavailable"
+    assert await messages(outage.store, "t15") == ["during"]
+
+
+# --- item 16: a POST answers in time, and a 503 means "not stored" ------------
+
+
+async def test_item16_post_out_of_time_is_withdrawn_not_stored(writer_on: Any, autojump_clock: trio.abc.Clock) -> None:
+    outage, inbox, writer = writer_on
+    outage.down = True
+    started = trio.current_time()
+    assert await write_within(inbox, [line("t16", "first try")], 8.0) is None
+    assert trio.current_time() - started <= 10.0
+    outage.down = False
+    # The client retries after the 503: stored once, the withdrawn attempt never.
+    outcome = await write_within(inbox, [line("t16", "first try")], 8.0)
+    assert outcome is not None and outcome.error is None
+    await trio.sleep(30)  # the writer has long retried whatever it still held
+    assert await messages(outage.store, "t16") == ["first try"]
+
+
+async def test_item16_post_waits_for_the_commit_in_flight(writer_on: Any, autojump_clock: trio.abc.Clock) -> None:
+    outage, inbox, _writer = writer_on
+    outage.gate = trio.Event()
+    result: list[Any] = []
+
+    async def post() -> None:
+        result.append(await write_within(inbox, [line("t16b", "in flight")], 8.0))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(post)
+        await trio.sleep(9.0)  # past the POST's deadline, the attempt still under way
+        assert result == [], "a POST whose commit is under way must wait for its outcome"
+        outage.gate.set()
+    assert result[0] is not None and [r.message for r in result[0].records] == ["in flight"]
+    assert await messages(outage.store, "t16b") == ["in flight"]
+
+
+async def test_item16_post_whose_attempt_fails_after_deadline_is_not_stored(
+    writer_on: Any, autojump_clock: trio.abc.Clock
+) -> None:
+    outage, inbox, _writer = writer_on
+    outage.gate = trio.Event()
+    outage.down = True
+    result: list[Any] = []
+
+    async def post() -> None:
+        result.append(await write_within(inbox, [line("t16c", "lost attempt")], 8.0))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(post)
+        await trio.sleep(9.0)
+        outage.gate.set()  # the attempt fails (store still down)
+    assert result == [None]
+    outage.gate = None
+    outage.down = False
+    outcome = await write_within(inbox, [line("t16c", "next")], 8.0)
+    assert outcome is not None and outcome.error is None
+    assert await messages(outage.store, "t16c") == ["next"]
+
+
+# --- PostgreSQL refusing connections: real hub processes ----------------------
+
+
+def _refuse_connections(database: str, refuse: bool) -> None:
+    """Make the database refuse new connections (and cut the open ones), or accept them again."""
+    dsn = pg_dsn()
+    assert dsn is not None
+    _admin_sync(dsn, f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS {"false" if refuse else "true"}')
+    if refuse:
+        _admin_sync(
+            dsn,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            f"WHERE datname = '{database}' AND pid <> pg_backend_pid()",
+        )
+
+
+async def refuse_connections(database: str, refuse: bool) -> None:
+    await trio.to_thread.run_sync(_refuse_connections, database, refuse)
+
+
+@pytest.fixture
+def pg_hub(fresh_pg_url: str) -> Iterator[HubProcess]:
+    # Retention every 0.2 s: a pass runs while the database refuses connections.
+    hub = HubProcess(fresh_pg_url, "--retention-days", "1", "--retention-interval", "0.2").start()
+    try:
+        yield hub
+    finally:
+        _refuse_connections(fresh_pg_url.rsplit("/", 1)[1], False)
+        hub.stop()
+
+
+async def post_line(client: httpx.AsyncClient, task_id: str, message: str) -> tuple[httpx.Response, float]:
+    started = trio.current_time()
+    resp = await client.post(f"/api/v1/tasks/{task_id}/logs", json={"source": "stdout", "message": message})
+    return resp, trio.current_time() - started
+
+
+async def healthz(client: httpx.AsyncClient) -> str:
+    resp = await client.get("/healthz")
+    assert resp.status_code == 200
+    return resp.json()["store"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.pg
+async def test_item14_hub_waits_out_a_database_refusing_connections(pg_hub: HubProcess, fresh_pg_url: str) -> None:
+    database = fresh_pg_url.rsplit("/", 1)[1]
+    assert pg_hub.proc is not None
+    async with httpx.AsyncClient(base_url=pg_hub.url, timeout=30) as client:
+        resp, _ = await post_line(client, "t14", "before")
+        assert resp.status_code == 200
+        await refuse_connections(database, True)
+        # The notifier's LISTEN connection and retention both meet the refusal.
+        await trio.sleep(5)
+        assert pg_hub.proc.poll() is None, "the hub exited:\n" + "".join(pg_hub.output)
+        resp, took = await post_line(client, "t14", "during")
+        assert resp.status_code == 503 and "Retry-After" in resp.headers, resp.text
+        assert took <= 10.0, f"the POST took {took:.1f} s"
+        assert await healthz(client) == "unavailable"
+        await refuse_connections(database, False)
+        with trio.fail_after(30):
+            while True:
+                resp, took = await post_line(client, "t14", "after")
+                assert took <= 10.0
+                if resp.status_code == 200:
+                    break
+                assert resp.status_code == 503, resp.text
+                await trio.sleep(0.5)
+        assert await healthz(client) == "ok", "the store is back but /healthz says unavailable"
+        page = (await client.get("/api/v1/tasks/t14/logs")).json()["content"]
+        assert [r["message"] for r in page] == ["before", "after"], "a POST answered 503 was stored"
+    assert pg_hub.proc.poll() is None, "the hub exited:\n" + "".join(pg_hub.output)
+
+
+@pytest.mark.pg
+async def test_item14_outage_refusing_connections_mid_stream(
+    pg_hub: HubProcess, fresh_pg_url: str, tmp_path: Path
+) -> None:
+    """The issue's "done when": an agent streaming and REST POSTs made while the
+    database refuses connections for five seconds. Every line is stored once,
+    every POST is answered in time (200, or 503 and then retried), the hub
+    stays up and /healthz is healthy afterwards."""
+    database = fresh_pg_url.rsplit("/", 1)[1]
+    assert pg_hub.proc is not None
+    n = 4000
+    # About eight seconds of output, so the outage lands mid-stream.
+    program = (
+        "import time\n"
+        f"for i in range({n}):\n"
+        "    print('line', i, flush=True)\n"
+        "    if i % 250 == 0: time.sleep(0.5)\n"
+    )
+    agent = [
+        sys.executable, "-m", "agent", "run", "--hub", pg_hub.url, "--task-id", "outage",
+        "--spool-dir", str(tmp_path / "spool"), "--quiet", "--drain-timeout", "90",
+        "--", sys.executable, "-c", program,
+    ]
+    posted: list[str] = []
+    answers: list[tuple[int, float]] = []
+
+    async with httpx.AsyncClient(base_url=pg_hub.url, timeout=30) as client:
+
+        async def poster(i: int) -> None:
+            for k in range(3):
+                message = f"post {i}.{k}"
+                while True:
+                    resp, took = await post_line(client, "outage-rest", message)
+                    answers.append((resp.status_code, took))
+                    if resp.status_code == 200:
+                        posted.append(message)
+                        break
+                    assert resp.status_code == 503 and "Retry-After" in resp.headers, resp.text
+                    await trio.sleep(0.5)
+                await trio.sleep(1.0)
+
+        with trio.fail_after(150):
+            async with trio.open_nursery() as nursery:
+                result: list[subprocess.CompletedProcess[bytes]] = []
+
+                async def run_agent() -> None:
+                    result.append(await trio.run_process(agent, check=False, capture_stderr=True))
+
+                nursery.start_soon(run_agent)
+                while True:
+                    resp = await client.get("/api/v1/tasks/outage")
+                    if resp.status_code == 200 and resp.json()["totalLogs"] >= 300:
+                        break
+                    await trio.sleep(0.05)
+                await refuse_connections(database, True)
+                for i in range(4):
+                    nursery.start_soon(poster, i)
+                await trio.sleep(5)
+                assert pg_hub.proc.poll() is None, "the hub exited:\n" + "".join(pg_hub.output)
+                await refuse_connections(database, False)
+        assert result[0].returncode == 0, result[0].stderr.decode()
+        assert all(took <= 10.0 for _, took in answers), f"slow POST answers: {answers}"
+        assert any(took >= 1.0 for _, took in answers), "no POST met the outage"
+        stored = await rest_all(client, "outage")
+        assert [r["seq"] for r in stored] == list(range(1, n + 1)), "agent lines lost or doubled"
+        assert [r["message"] for r in stored] == [f"line {i}" for i in range(n)]
+        rest = [r["message"] for r in await rest_all(client, "outage-rest")]
+        assert sorted(rest) == sorted(posted) and len(rest) == 12, f"POSTed lines lost or doubled: {rest}"
+        assert await healthz(client) == "ok"
+    assert pg_hub.proc.poll() is None, "the hub exited:\n" + "".join(pg_hub.output)
+
+
+async def rest_all(client: httpx.AsyncClient, task_id: str) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    after = 0
+    while True:
+        resp = await client.get(f"/api/v1/tasks/{task_id}/logs", params={"afterSeq": after, "size": 1000})
+        resp.raise_for_status()
+        page = resp.json()["content"]
+        if not page:
+            return out
+        out.extend(page)
+        after = page[-1]["seq"]
