@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import attrs
+import trio
 
 from agent.capture import Recorder
 from agent.spool import Spool, SpoolLocked, spooled_tasks
@@ -35,6 +36,9 @@ class FlushSettings:
     fallback_hub_url: str = "http://127.0.0.1:8080"
     token: str | None = None
     retries: int = 3
+    # Per task: a hub that answers pings but never acknowledges (its store is
+    # down) would otherwise keep flush waiting forever.
+    timeout: float = 60.0
 
 
 def _say(message: str) -> None:
@@ -94,11 +98,18 @@ async def flush_task(settings: FlushSettings, task_id: str, say: Callable[[str],
         )
         uplink.finish(final["state"], final.get("exitCode"))
         try:
-            await uplink.run(max_restarts=settings.retries)
+            with trio.move_on_after(settings.timeout) as waited:
+                await uplink.run(max_restarts=settings.retries)
         except GaveUp as exc:
             say(
                 f"task {task_id}: could not deliver to {hub} ({describe(exc.last_error)}); "
                 f"{spool.unacked} records stay in {spool.dir}"
+            )
+            return False
+        if waited.cancelled_caught:
+            say(
+                f"task {task_id}: gave up after {settings.timeout:g} s (--timeout): {hub} has not "
+                f"acknowledged everything; {spool.unacked} records stay in {spool.dir}"
             )
             return False
         spool.remove()

@@ -27,6 +27,7 @@ from hub.store.postgres import _transient
 from hub.store.sqlite import SQLiteStore
 from hub.writer import Writer, WriteRequest, write_within
 from keruta.timefmt import now_ts
+from tests.agentclient import free_port
 from tests.conftest import _admin_sync, pg_dsn
 from tests.support import HubProcess
 
@@ -349,3 +350,37 @@ async def rest_all(client: httpx.AsyncClient, task_id: str) -> list[dict[str, An
             return out
         out.extend(page)
         after = page[-1]["seq"]
+
+
+@pytest.mark.pg
+async def test_item16_flush_gives_up_after_its_timeout_and_keeps_the_spool(
+    pg_hub: HubProcess, fresh_pg_url: str, tmp_path: Path
+) -> None:
+    database = fresh_pg_url.rsplit("/", 1)[1]
+    spool = tmp_path / "spool"
+    # No hub listens there: the record stays in the spool.
+    left = await trio.run_process(
+        [sys.executable, "-m", "agent", "run", "--hub", f"http://127.0.0.1:{free_port()}",
+         "--task-id", "t16f", "--spool-dir", str(spool), "--quiet", "--drain-timeout", "0",
+         "--", sys.executable, "-c", "print('kept')"],
+        check=False, capture_stderr=True,
+    )
+    assert left.returncode == 0 and (spool / "t16f").exists(), left.stderr.decode()
+    flush = [sys.executable, "-m", "agent", "flush", "--spool-dir", str(spool), "--hub", pg_hub.url]
+    # The hub answers pings but cannot store anything, so it never acknowledges.
+    await refuse_connections(database, True)
+    started = trio.current_time()
+    with trio.fail_after(60):
+        gave_up = await trio.run_process(flush + ["--timeout", "3"], check=False, capture_stderr=True)
+    took = trio.current_time() - started
+    stderr = gave_up.stderr.decode()
+    assert gave_up.returncode == 1, stderr
+    assert "gave up after 3 s" in stderr and "t16f" in stderr, stderr
+    assert took < 20, f"flush took {took:.1f} s with --timeout 3"
+    assert (spool / "t16f").exists(), "flush dropped the spool it could not deliver"
+    await refuse_connections(database, False)
+    with trio.fail_after(60):
+        done = await trio.run_process(flush, check=False, capture_stderr=True)
+    assert done.returncode == 0, done.stderr.decode()
+    async with httpx.AsyncClient(base_url=pg_hub.url, timeout=30) as client:
+        assert [r["message"] for r in await rest_all(client, "t16f")][:1] == ["kept"]
