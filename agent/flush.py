@@ -12,6 +12,7 @@ A directory locked by a live agent is left alone.
 from __future__ import annotations
 
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import trio
 
 from agent.capture import Recorder
 from agent.spool import Spool, SpoolLocked, spooled_tasks
-from agent.uplink import Uplink, UplinkSettings, describe
+from agent.uplink import Uplink, UplinkFailed, UplinkSettings, describe
 from keruta.backoff import Backoff
 from keruta.supervisor import GaveUp
 
@@ -105,6 +106,11 @@ async def flush_task(settings: FlushSettings, task_id: str, say: Callable[[str],
                 f"task {task_id}: could not deliver to {hub} ({describe(exc.last_error)}); "
                 f"{spool.unacked} records stay in {spool.dir}"
             )
+            return False
+        except UplinkFailed as exc:
+            say(f"task {task_id}: ERROR: {exc}; {spool.unacked} records stay in {spool.dir}")
+            if exc.internal:
+                say("".join(traceback.format_exception(exc.__cause__ or exc)).rstrip())
             return False
         if waited.cancelled_caught:
             say(

@@ -9,6 +9,7 @@ database that refuses connections (ALTER DATABASE ... ALLOW_CONNECTIONS false).
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -20,6 +21,9 @@ import httpx
 import pytest
 import trio
 
+from agent.capture import encode_line
+from agent.spool import Spool
+from agent.uplink import Uplink, UplinkFailed, UplinkSettings, fit_frame, logs_frame
 from hub.broadcaster import Broadcaster
 from hub.metrics import Metrics
 from hub.store.base import AppendResult, Incoming, LogQuery, StoreUnavailable
@@ -384,3 +388,117 @@ async def test_item16_flush_gives_up_after_its_timeout_and_keeps_the_spool(
     assert done.returncode == 0, done.stderr.decode()
     async with httpx.AsyncClient(base_url=pg_hub.url, timeout=30) as client:
         assert [r["message"] for r in await rest_all(client, "t16f")][:1] == ["kept"]
+
+
+# --- item 17: permanent refusals end delivery loudly; frames are measured -----
+
+
+@pytest.fixture
+def hub_proc(tmp_path: Path) -> Iterator[Any]:
+    """Start hub processes on SQLite in tmp_path: `hub_proc(*args)`."""
+    started: list[HubProcess] = []
+
+    def start(*args: str) -> HubProcess:
+        hub = HubProcess(f"sqlite:///{tmp_path / f'hub{len(started)}.db'}", *args).start()
+        started.append(hub)
+        return hub
+
+    try:
+        yield start
+    finally:
+        for hub in started:
+            hub.stop()
+
+
+def test_item17_fit_frame_never_exceeds_the_limit() -> None:
+    rng = random.Random(17)
+    for _ in range(200):
+        payloads = [b"x" * rng.randint(1, 5000) for _ in range(rng.randint(1, 300))]
+        limit = rng.randint(5000, 200_000)
+        frame, count = fit_frame(lambda p: logs_frame("t" * 128, p), payloads, limit)
+        assert frame == logs_frame("t" * 128, payloads[:count])
+        assert len(frame) <= limit or count == 1
+        assert count == len(payloads) or len(logs_frame("t" * 128, payloads[: count + 1])) > limit
+
+
+async def test_item17_records_that_fill_a_frame_are_sent_in_frames_that_fit(hub_proc: Any, tmp_path: Path) -> None:
+    """1000 records of ~4.19 KB under a 128-character task id: the spool's
+    payload budget (frame size less a fixed estimate) is met, the frame with
+    its commas and envelope is not. Measured frames get everything through."""
+    hub = await trio.to_thread.run_sync(hub_proc)
+    task_id = "t" * 128
+    spool = Spool.open(tmp_path / "spool", task_id, hub_url=hub.url)
+    ts = now_ts()
+    entries = []
+    for seq in range(1, 1001):
+        target = 4193 if seq < 1000 else 4400
+        base = len(encode_line(task_id, seq, ts, "stdout", "INFO", "", seq, {}, False))
+        message = "x" * (target - base)
+        entries.append((seq, encode_line(task_id, seq, ts, "stdout", "INFO", message, seq, {}, False)))
+    spool.append(entries)
+    said: list[str] = []
+    uplink = Uplink(spool, UplinkSettings(hub_url=hub.url, task_id=task_id, batch_size=1000), say=said.append)
+    uplink.finish("succeeded", 0)
+    uplink.records_written(1000)
+    with trio.fail_after(60):
+        await uplink.run()
+    spool.close()
+    async with httpx.AsyncClient(base_url=hub.url, timeout=30) as client:
+        stored = await rest_all(client, task_id)
+    assert [r["seq"] for r in stored] == list(range(1, 1001)), said
+
+
+async def test_item17_a_bug_in_the_uplink_ends_it_instead_of_looping(
+    hub_proc: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = await trio.to_thread.run_sync(hub_proc)
+    spool = Spool.open(tmp_path / "spool", "t17bug", hub_url=hub.url)
+    spool.append([(1, encode_line("t17bug", 1, now_ts(), "stdout", "INFO", "hello", 1, {}, False))])
+
+    def broken(*_args: Any) -> Any:
+        raise TypeError("a bug")
+
+    monkeypatch.setattr("agent.uplink.fill_gaps", broken)
+    uplink = Uplink(spool, UplinkSettings(hub_url=hub.url, task_id="t17bug"))
+    uplink.records_written(1)
+    with trio.fail_after(30), pytest.raises(UplinkFailed) as failed:
+        await uplink.run()
+    assert failed.value.internal and "TypeError: a bug" in str(failed.value)
+    assert spool.unacked == 1, "the records must stay in the spool"
+    spool.close()
+
+
+async def test_item17_a_permanent_refusal_ends_delivery_loudly_and_keeps_the_spool(
+    hub_proc: Any, tmp_path: Path
+) -> None:
+    hub = await trio.to_thread.run_sync(hub_proc, "--agent-token", "right")
+    spool = tmp_path / "spool"
+    started = trio.current_time()
+    with trio.fail_after(60):
+        ran = await trio.run_process(
+            [sys.executable, "-m", "agent", "run", "--hub", hub.url, "--token", "wrong",
+             "--task-id", "t17", "--spool-dir", str(spool), "--quiet", "--drain-timeout", "60",
+             "--", sys.executable, "-c", "print('hello'); raise SystemExit(3)"],
+            check=False, capture_stderr=True,
+        )
+    stderr = ran.stderr.decode()
+    assert ran.returncode == 3, stderr  # COMMAND's exit code, whatever delivery did
+    assert trio.current_time() - started < 30, "run waited out its drain timeout for a hub that refuses"
+    assert "ERROR" in stderr and "UNAUTHORIZED" in stderr, stderr
+    assert (spool / "t17").exists()
+    with trio.fail_after(60):
+        flushed = await trio.run_process(
+            [sys.executable, "-m", "agent", "flush", "--hub", hub.url, "--token", "wrong", "--spool-dir", str(spool)],
+            check=False, capture_stderr=True,
+        )
+    assert flushed.returncode == 1
+    assert "UNAUTHORIZED" in flushed.stderr.decode(), flushed.stderr.decode()
+    assert (spool / "t17").exists()
+    # With the right token, flush delivers what was kept.
+    with trio.fail_after(60):
+        flushed = await trio.run_process(
+            [sys.executable, "-m", "agent", "flush", "--hub", hub.url, "--token", "right", "--spool-dir", str(spool)],
+            check=False, capture_stderr=True,
+        )
+    assert flushed.returncode == 0, flushed.stderr.decode()
+    assert not (spool / "t17").exists()
