@@ -9,6 +9,8 @@ database that refuses connections (ALTER DATABASE ... ALLOW_CONNECTIONS false).
 
 from __future__ import annotations
 
+import functools
+import io
 import random
 import subprocess
 import sys
@@ -23,6 +25,7 @@ import trio
 
 from agent.capture import encode_line
 from agent.spool import Spool
+from agent.tail import TailSettings, tail
 from agent.uplink import Uplink, UplinkFailed, UplinkSettings, fit_frame, logs_frame
 from hub.broadcaster import Broadcaster
 from hub.metrics import Metrics
@@ -502,3 +505,26 @@ async def test_item17_a_permanent_refusal_ends_delivery_loudly_and_keeps_the_spo
         )
     assert flushed.returncode == 0, flushed.stderr.decode()
     assert not (spool / "t17").exists()
+
+
+# --- item 18: no hangs in tail; pings answered while throttled; limiter map; shutdown; STORE_ERROR ---
+
+
+async def test_item18a_tail_gives_up_on_a_hub_that_never_answers(autojump_clock: trio.abc.Clock) -> None:
+    async def silent(stream: trio.SocketStream) -> None:
+        async with stream:
+            await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        said: list[str] = []
+        started = trio.current_time()
+        with trio.fail_after(300):
+            code = await tail(
+                TailSettings(hub_url=f"http://127.0.0.1:{port}", task_id="t18", follow=False),
+                out=io.BytesIO(), say=said.append,
+            )
+        assert code == 2 and "within" in " ".join(said), said
+        assert trio.current_time() - started <= 31
+        nursery.cancel_scope.cancel()
