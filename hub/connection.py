@@ -4,6 +4,12 @@ Only the sender task writes to the socket. Everything else hands it frames
 through one bounded outbox: the reader awaits room (a client that does not
 read stops being read), the broadcaster never waits (a full outbox is
 SLOW_CONSUMER), and acks are coalesced per task so they are never dropped.
+
+Writes (`log`, `logs`, `status`) go from the reader to an ingest task through
+a small queue, bounded in frames and bytes; the ingest task waits for the
+task's rate limiter and the writer. So a throttled producer is slowed (the
+reader stops once the queue is full), yet a ping sent while a frame waits for
+its tokens is answered at once.
 """
 
 from __future__ import annotations
@@ -52,6 +58,10 @@ STORE_RETRIES = 15
 
 # Tells the sender that acks are waiting.
 _WAKE = Outgoing("")
+# Write frames read but not yet handed to the writer, per connection; beyond
+# either bound (one frame is always let in) the reader waits. An agent has at
+# most 8 frames unacknowledged, so its pings never queue behind its writes.
+INGEST_FRAMES = 8
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_TRY_AGAIN_LATER = 1013
@@ -75,6 +85,11 @@ class Connection:
         self._sender_done = trio.Event()
         self._abandon_queue = False
         self._nursery: trio.Nursery | None = None
+        self._writes, self._writes_recv = trio.open_memory_channel[tuple[Any, int]](INGEST_FRAMES)
+        self._queued_frames = 0
+        self._queued_bytes = 0
+        self._room = trio.Event()
+        self._ingest_scope = trio.CancelScope()
 
     # --- lifecycle -------------------------------------------------------
 
@@ -86,8 +101,12 @@ class Connection:
                 self._nursery = nursery
                 nursery.start_soon(self._send_loop)
                 nursery.start_soon(self._watch_shutdown)
+                nursery.start_soon(self._ingest_loop)
                 with self._read_scope:
                     await self._read_loop()
+                # Writes not yet handed to the writer are dropped unacknowledged
+                # (the producer resends them), as when the reader held them.
+                self._ingest_scope.cancel()
                 await self._close()
                 nursery.cancel_scope.cancel()
         finally:
@@ -227,9 +246,35 @@ class Connection:
                 continue
             try:
                 frame = decode_client_frame(data, limits)
-                await self._handle(frame)
+                if isinstance(frame, LogsFrame | LogFrame | StatusFrame):
+                    await self._queue_write(frame, len(data))
+                else:
+                    await self._handle(frame)
             except FrameError as exc:
                 await self._error(exc.code, exc.message)
+
+    async def _queue_write(self, frame: Any, size: int) -> None:
+        limit = self.hub.config.limits.max_frame_bytes
+        while self._queued_frames and (
+            self._queued_frames >= INGEST_FRAMES or self._queued_bytes + size > limit
+        ):
+            self._room = trio.Event()
+            await self._room.wait()
+        self._queued_frames += 1
+        self._queued_bytes += size
+        self._writes.send_nowait((frame, size))
+
+    async def _ingest_loop(self) -> None:
+        with self._ingest_scope:
+            async for frame, size in self._writes_recv:
+                try:
+                    await self._handle(frame)
+                except FrameError as exc:
+                    await self._error(exc.code, exc.message)
+                finally:
+                    self._queued_frames -= 1
+                    self._queued_bytes -= size
+                    self._room.set()
 
     async def _handle(self, frame: Any) -> None:
         if isinstance(frame, PingFrame):

@@ -13,7 +13,7 @@ from hub.store.base import Store
 from hub.writer import Writer, WriteRequest
 from keruta.ratelimit import RateLimiter
 
-# Rate limiters kept for tasks that have been idle long enough to be forgotten.
+# Past this many tasks' rate limiters, idle ones are forgotten (see _evict_idle_limiters).
 MAX_LIMITERS = 10_000
 _UNLIMITED = RateLimiter(None)
 

@@ -22,6 +22,7 @@ import asyncpg
 import httpx
 import pytest
 import trio
+from trio_websocket import open_websocket_url
 
 from agent.capture import encode_line
 from agent.spool import Spool
@@ -38,6 +39,8 @@ from hub.writer import Writer, WriteRequest, write_within
 from keruta.timefmt import now_ts
 from tests.agentclient import free_port
 from tests.conftest import _admin_sync, pg_dsn
+from tests.hubclient import Ws, make_record
+from tests.hubclient import logs_frame as hc_logs_frame
 from tests.support import HubProcess
 
 
@@ -547,3 +550,21 @@ async def test_item18c_cycling_task_ids_neither_bypasses_the_limit_nor_grows_mem
         await trio.sleep(0.001)
     # Idle buckets were forgotten; what stays is what wrote in the last ~0.1 s.
     assert len(hub.limiters) <= 10_000 + 200
+
+
+async def test_item18b_pings_are_answered_while_a_producer_is_throttled(hub_proc: Any) -> None:
+    hub = await trio.to_thread.run_sync(hub_proc, "--rate-limit", "10", "--rate-burst", "10")
+    async with open_websocket_url(hub.ws_url, max_message_size=64 * 1024 * 1024) as conn:
+        ws = Ws(conn)
+        # 60 records at 10 a second with a burst of 10: about five seconds of waiting.
+        await ws.send(hc_logs_frame("t18b", (make_record("t18b", s) for s in range(1, 61))))
+        sent = trio.current_time()
+        await ws.send({"type": "ping"})
+        with trio.fail_after(2):
+            pong = await ws.recv()
+        assert pong["type"] == "pong", f"expected the pong first, got {pong}"
+        assert trio.current_time() - sent < 2, "the ping waited behind the throttled frame"
+        with trio.fail_after(30):
+            await ws.wait_ack("t18b", 60)
+        # Throttled, not dropped: slowed to the rate.
+        assert trio.current_time() - sent >= 4
