@@ -140,10 +140,21 @@ class Connection:
                 log.warning("slow consumer did not take its close frame; dropping the connection")
             return
         # Shutdown: everything already handed to the writer is committed and acked first.
-        with trio.move_on_after(timeout):
+        deadline = trio.current_time() + timeout
+        with trio.move_on_at(deadline):
             await self.settled.wait()
-            self.outbox.close()
+        # Subscribers resubscribe elsewhere; a catch-up still sending into the
+        # outbox would fail once it is closed and take the close down with it.
+        for sub in list(self.subs.values()):
+            self._drop(sub)
+        self.outbox.close()
+        with trio.move_on_at(deadline) as waited:
             await self._sender_done.wait()
+        if waited.cancelled_caught:
+            log.warning("client did not take its last frames in time; dropping the connection")
+            return
+        # Within hypercorn's graceful timeout (shutdown_timeout + 2).
+        with trio.move_on_after(1.0):
             await self.ws.close(CLOSE_GOING_AWAY, "hub shutting down")
 
     # --- sending ----------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import io
 import random
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -22,7 +23,7 @@ import asyncpg
 import httpx
 import pytest
 import trio
-from trio_websocket import open_websocket_url
+from trio_websocket import ConnectionClosed, open_websocket_url
 
 from agent.capture import encode_line
 from agent.spool import Spool
@@ -568,3 +569,34 @@ async def test_item18b_pings_are_answered_while_a_producer_is_throttled(hub_proc
             await ws.wait_ack("t18b", 60)
         # Throttled, not dropped: slowed to the rate.
         assert trio.current_time() - sent >= 4
+
+
+async def test_item18d_shutdown_sends_the_last_ack_and_closes_1001_while_a_subscriber_catches_up(
+    hub_proc: Any,
+) -> None:
+    # An outbox of one frame: a subscriber that reads nothing blocks its catch-up at once.
+    hub = await trio.to_thread.run_sync(hub_proc, "--subscriber-queue", "1")
+    big = "x" * 10_000
+    async with open_websocket_url(hub.ws_url, max_message_size=64 * 1024 * 1024) as conn:
+        writer = Ws(conn)
+        for start in range(1, 2001, 100):
+            await writer.send(hc_logs_frame("t18d-src", (make_record("t18d-src", s, big) for s in range(start, start + 100))))
+        with trio.fail_after(60):
+            await writer.wait_ack("t18d-src", 2000)
+    async with open_websocket_url(hub.ws_url, max_message_size=64 * 1024 * 1024) as conn:
+        ws = Ws(conn)
+        await ws.subscribe("t18d-src", from_seq=1)
+        await ws.send(hc_logs_frame("t18d-own", (make_record("t18d-own", s) for s in range(1, 6))))
+        await trio.sleep(1.0)  # the write commits; the catch-up is stuck on the full outbox
+        assert hub.proc is not None
+        hub.proc.send_signal(signal.SIGTERM)
+        await trio.sleep(0.5)
+        code = None
+        with trio.fail_after(30):
+            try:
+                while True:
+                    await ws.recv()
+            except ConnectionClosed as exc:
+                code = exc.reason.code if exc.reason is not None else None
+        assert ws.acked.get("t18d-own") == 5, "the hub closed without its last ack"
+        assert code == 1001, f"closed with {code}, not 1001 (going away)"
