@@ -74,6 +74,9 @@ class Connection:
         self.role = role
         self.outbox, self._outbox_recv = trio.open_memory_channel[Outgoing](hub.config.subscriber_queue)
         self.acks: dict[str, int] = {}
+        # Error frames about this connection's writes, coalesced like acks (one
+        # per key) so that a full outbox delays them instead of dropping them.
+        self.write_errors: dict[str, str] = {}
         self._ack_wake_pending = False
         self.subs: dict[str, Subscription] = {}
         self._catch_up_scopes: dict[Subscription, trio.CancelScope] = {}
@@ -182,6 +185,10 @@ class Connection:
             self._sender_done.set()
 
     async def _flush_acks(self) -> None:
+        while self.write_errors:
+            _key, payload = self.write_errors.popitem()
+            await self.ws.send(payload)
+            self.hub.metrics.frames_sent += 1
         while self.acks:
             task_id, seq = self.acks.popitem()
             await self.ws.send(dumps(AckFrame(task_id, seq)))
@@ -236,7 +243,9 @@ class Connection:
         if self.inflight == 0:
             self.settled.set()
         if outcome.error is not None:
-            self._send_nowait(Outgoing(dumps(ErrorFrame("STORE_ERROR", "the hub could not store the records; resend them"))))
+            self.write_errors["STORE_ERROR"] = dumps(ErrorFrame("STORE_ERROR", "the hub could not store the records; resend them"))
+            if not self._ack_wake_pending:
+                self._ack_wake_pending = self._send_nowait(_WAKE)
             return
         for task_id, seq in outcome.durable.items():
             if seq > self.acks.get(task_id, 0):

@@ -13,6 +13,7 @@ import functools
 import io
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -600,3 +601,47 @@ async def test_item18d_shutdown_sends_the_last_ack_and_closes_1001_while_a_subsc
                 code = exc.reason.code if exc.reason is not None else None
         assert ws.acked.get("t18d-own") == 5, "the hub closed without its last ack"
         assert code == 1001, f"closed with {code}, not 1001 (going away)"
+
+
+def _rename_logs_table(db_url: str, away: bool) -> None:
+    """A fault the store cannot wait out (the table is gone): the commit fails for good."""
+    table = "logs" if db_url.startswith("sqlite:///") else "keruta_logs"
+    old, new = (table, f"{table}_away") if away else (f"{table}_away", table)
+    statement = f"ALTER TABLE {old} RENAME TO {new}"
+    if db_url.startswith("sqlite:///"):
+        conn = sqlite3.connect(db_url.removeprefix("sqlite:///"), timeout=30, isolation_level=None)
+        try:
+            conn.execute(statement)
+        finally:
+            conn.close()
+    else:
+        _admin_sync(db_url, statement)
+
+
+async def test_item18e_store_error_reaches_the_producer_when_its_outbox_is_full(db_url: str) -> None:
+    hub = HubProcess(db_url, "--subscriber-queue", "1")
+    await trio.to_thread.run_sync(hub.start)
+    try:
+        big = "x" * 10_000
+        async with open_websocket_url(hub.ws_url, max_message_size=64 * 1024 * 1024) as conn:
+            writer = Ws(conn)
+            for start in range(1, 2001, 100):
+                await writer.send(hc_logs_frame("t18e-src", (make_record("t18e-src", s, big) for s in range(start, start + 100))))
+            with trio.fail_after(60):
+                await writer.wait_ack("t18e-src", 2000)
+        async with open_websocket_url(hub.ws_url, max_message_size=64 * 1024 * 1024) as conn:
+            ws = Ws(conn)
+            await ws.subscribe("t18e-src", from_seq=1)
+            await trio.sleep(1.0)  # the catch-up fills the one-frame outbox and waits
+            await trio.to_thread.run_sync(_rename_logs_table, db_url, True)
+            await ws.send(hc_logs_frame("t18e", (make_record("t18e", s) for s in range(1, 6))))
+            await trio.sleep(1.0)  # the commit has failed
+            await trio.to_thread.run_sync(_rename_logs_table, db_url, False)
+            with trio.fail_after(30):
+                while True:
+                    frame = await ws.recv()
+                    if frame["type"] == "error":
+                        break
+            assert frame["code"] == "STORE_ERROR", frame
+    finally:
+        hub.stop()
