@@ -152,8 +152,9 @@ class UplinkSettings:
     rate_limit: float | None = None
     max_in_flight: int = 8
     ping_interval: float = 5.0
-    # The hub answers pings from the same reader that takes our frames, so a
-    # hub busy retrying its database answers late: be patient before giving up.
+    # The hub answers pings while our frames wait for its rate limiter, but a
+    # hub whose writer is backed up (its database is away) stops reading once
+    # a few of our frames are queued, and answers late: be patient.
     ping_timeout: float = 20.0
     connect_timeout: float = 10.0
     limits: Limits = DEFAULT_LIMITS
