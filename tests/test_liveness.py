@@ -251,6 +251,7 @@ async def healthz(client: httpx.AsyncClient) -> str:
     return resp.json()["store"]  # type: ignore[no-any-return]
 
 
+@pytest.mark.slow
 @pytest.mark.pg
 async def test_item14_hub_waits_out_a_database_refusing_connections(pg_hub: HubProcess, fresh_pg_url: str) -> None:
     database = fresh_pg_url.rsplit("/", 1)[1]
@@ -281,6 +282,7 @@ async def test_item14_hub_waits_out_a_database_refusing_connections(pg_hub: HubP
     assert pg_hub.proc.poll() is None, "the hub exited:\n" + "".join(pg_hub.output)
 
 
+@pytest.mark.slow
 @pytest.mark.pg
 async def test_item14_outage_refusing_connections_mid_stream(
     pg_hub: HubProcess, fresh_pg_url: str, tmp_path: Path
@@ -366,6 +368,7 @@ async def rest_all(client: httpx.AsyncClient, task_id: str) -> list[dict[str, An
         after = page[-1]["seq"]
 
 
+@pytest.mark.slow
 @pytest.mark.pg
 async def test_item16_flush_gives_up_after_its_timeout_and_keeps_the_spool(
     pg_hub: HubProcess, fresh_pg_url: str, tmp_path: Path
@@ -431,6 +434,7 @@ def test_item17_fit_frame_never_exceeds_the_limit() -> None:
         assert count == len(payloads) or len(logs_frame("t" * 128, payloads[: count + 1])) > limit
 
 
+@pytest.mark.slow
 async def test_item17_records_that_fill_a_frame_are_sent_in_frames_that_fit(hub_proc: Any, tmp_path: Path) -> None:
     """1000 records of ~4.19 KB under a 128-character task id: the spool's
     payload budget (frame size less a fixed estimate) is met, the frame with
@@ -458,6 +462,7 @@ async def test_item17_records_that_fill_a_frame_are_sent_in_frames_that_fit(hub_
     assert [r["seq"] for r in stored] == list(range(1, 1001)), said
 
 
+@pytest.mark.slow
 async def test_item17_a_bug_in_the_uplink_ends_it_instead_of_looping(
     hub_proc: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -478,6 +483,7 @@ async def test_item17_a_bug_in_the_uplink_ends_it_instead_of_looping(
     spool.close()
 
 
+@pytest.mark.slow
 async def test_item17_a_permanent_refusal_ends_delivery_loudly_and_keeps_the_spool(
     hub_proc: Any, tmp_path: Path
 ) -> None:
@@ -554,6 +560,7 @@ async def test_item18c_cycling_task_ids_neither_bypasses_the_limit_nor_grows_mem
     assert len(hub.limiters) <= 10_000 + 200
 
 
+@pytest.mark.slow
 async def test_item18b_pings_are_answered_while_a_producer_is_throttled(hub_proc: Any) -> None:
     hub = await trio.to_thread.run_sync(hub_proc, "--rate-limit", "10", "--rate-burst", "10")
     async with open_websocket_url(hub.ws_url, max_message_size=64 * 1024 * 1024) as conn:
@@ -572,6 +579,7 @@ async def test_item18b_pings_are_answered_while_a_producer_is_throttled(hub_proc
         assert trio.current_time() - sent >= 4
 
 
+@pytest.mark.slow
 async def test_item18d_shutdown_sends_the_last_ack_and_closes_1001_while_a_subscriber_catches_up(
     hub_proc: Any,
 ) -> None:
@@ -618,6 +626,7 @@ def _rename_logs_table(db_url: str, away: bool) -> None:
         _admin_sync(db_url, statement)
 
 
+@pytest.mark.slow
 async def test_item18e_store_error_reaches_the_producer_when_its_outbox_is_full(db_url: str) -> None:
     hub = HubProcess(db_url, "--subscriber-queue", "1")
     await trio.to_thread.run_sync(hub.start)
