@@ -102,11 +102,13 @@ def is_transient(error: BaseException) -> bool:
 
 
 def _first_permanent(error: BaseException) -> BaseException:
-    if isinstance(error, BaseExceptionGroup):
-        for e in error.exceptions:
-            if not is_transient(e):
-                return _first_permanent(e)
-    return error
+    """The error that ended delivery; the hub's own words first (its error
+    frame and the close that follows it can both be in the group)."""
+    if not isinstance(error, BaseExceptionGroup):
+        return error
+    leaves = [_first_permanent(e) for e in error.exceptions]
+    permanent = [e for e in leaves if not is_transient(e)] or leaves
+    return next((e for e in permanent if isinstance(e, HubRefused)), permanent[0])
 
 
 def fit_frame(build: Callable[[list[bytes]], bytes], payloads: list[bytes], max_bytes: int) -> tuple[bytes, int]:
@@ -473,7 +475,8 @@ def describe(error: BaseException) -> str:
         reason = error.reason
         if reason is None:
             return "connection closed"
-        return f"connection closed ({reason.code} {reason.reason or ''})".replace(" )", ")")
+        hint = " (check --token / KERUTA_TOKEN)" if reason.code == CLOSE_POLICY else ""
+        return f"connection closed ({reason.code} {reason.reason or ''})".replace(" )", ")") + hint
     if isinstance(error, OSError):
         return error.strerror or str(error)
     text = str(error)

@@ -500,7 +500,8 @@ async def test_item17_a_permanent_refusal_ends_delivery_loudly_and_keeps_the_spo
     stderr = ran.stderr.decode()
     assert ran.returncode == 3, stderr  # COMMAND's exit code, whatever delivery did
     assert trio.current_time() - started < 30, "run waited out its drain timeout for a hub that refuses"
-    assert "ERROR" in stderr and "UNAUTHORIZED" in stderr, stderr
+    # The hub's UNAUTHORIZED frame, or its close (1008 unauthorized) if that is read first.
+    assert "ERROR" in stderr and "unauthorized" in stderr.lower(), stderr
     assert (spool / "t17").exists()
     with trio.fail_after(60):
         flushed = await trio.run_process(
@@ -508,7 +509,7 @@ async def test_item17_a_permanent_refusal_ends_delivery_loudly_and_keeps_the_spo
             check=False, capture_stderr=True,
         )
     assert flushed.returncode == 1
-    assert "UNAUTHORIZED" in flushed.stderr.decode(), flushed.stderr.decode()
+    assert "unauthorized" in flushed.stderr.decode().lower(), flushed.stderr.decode()
     assert (spool / "t17").exists()
     # With the right token, flush delivers what was kept.
     with trio.fail_after(60):
