@@ -58,6 +58,13 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
 def _task_id(text: str) -> str:
     if not valid_task_id(text):
         raise argparse.ArgumentTypeError("a task id is 1-128 characters of [A-Za-z0-9._:-]")
@@ -211,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the spool (env KERUTA_SPOOL_DIR; default ~/.local/share/keruta/spool)",
     )
     _hub_args(flush)
+    flush.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=_positive_float,
+        default=60.0,
+        help="give up on a task the hub has not fully acknowledged after this long; its "
+        "records stay in the spool and flush exits 1 (default 60)",
+    )
     return parser
 
 
@@ -307,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 hub_url=args.hub or None,
                 fallback_hub_url=_env("KERUTA_HUB_URL", DEFAULT_HUB) or DEFAULT_HUB,
                 token=token,
+                timeout=args.timeout,
             ),
         )
     parser.error(f"unknown subcommand {args.subcommand}")

@@ -12,14 +12,16 @@ A directory locked by a live agent is left alone.
 from __future__ import annotations
 
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 import attrs
+import trio
 
 from agent.capture import Recorder
 from agent.spool import Spool, SpoolLocked, spooled_tasks
-from agent.uplink import Uplink, UplinkSettings, describe
+from agent.uplink import Uplink, UplinkFailed, UplinkSettings, describe
 from keruta.backoff import Backoff
 from keruta.supervisor import GaveUp
 
@@ -35,6 +37,9 @@ class FlushSettings:
     fallback_hub_url: str = "http://127.0.0.1:8080"
     token: str | None = None
     retries: int = 3
+    # Per task: a hub that answers pings but never acknowledges (its store is
+    # down) would otherwise keep flush waiting forever.
+    timeout: float = 60.0
 
 
 def _say(message: str) -> None:
@@ -94,11 +99,23 @@ async def flush_task(settings: FlushSettings, task_id: str, say: Callable[[str],
         )
         uplink.finish(final["state"], final.get("exitCode"))
         try:
-            await uplink.run(max_restarts=settings.retries)
+            with trio.move_on_after(settings.timeout) as waited:
+                await uplink.run(max_restarts=settings.retries)
         except GaveUp as exc:
             say(
                 f"task {task_id}: could not deliver to {hub} ({describe(exc.last_error)}); "
                 f"{spool.unacked} records stay in {spool.dir}"
+            )
+            return False
+        except UplinkFailed as exc:
+            say(f"task {task_id}: ERROR: {exc}; {spool.unacked} records stay in {spool.dir}")
+            if exc.internal:
+                say("".join(traceback.format_exception(exc.__cause__ or exc)).rstrip())
+            return False
+        if waited.cancelled_caught:
+            say(
+                f"task {task_id}: gave up after {settings.timeout:g} s (--timeout): {hub} has not "
+                f"acknowledged everything; {spool.unacked} records stay in {spool.dir}"
             )
             return False
         spool.remove()

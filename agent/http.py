@@ -13,6 +13,9 @@ import orjson
 import trio
 
 MAX_BODY = 64 * 1024 * 1024
+# A whole request, connect to last byte: a hub that accepts and never answers
+# (or a half-open connection) must not hang `tail`.
+TIMEOUT = 30.0
 
 
 class HttpError(Exception):
@@ -26,8 +29,20 @@ class HttpError(Exception):
         self.body = body
 
 
-async def get(url: str, params: dict[str, object] | None = None, token: str | None = None) -> bytes:
-    """GET `url`; the body of a 2xx answer, or HttpError."""
+async def get(
+    url: str,
+    params: dict[str, object] | None = None,
+    token: str | None = None,
+    timeout: float = TIMEOUT,
+) -> bytes:
+    """GET `url`; the body of a 2xx answer, or HttpError; TimeoutError (an
+    OSError, like every other failure to reach the hub) after `timeout`."""
+    with trio.move_on_after(timeout):
+        return await _get(url, params, token)
+    raise TimeoutError(f"no complete answer from {urlsplit(url).netloc} within {timeout:g} s")
+
+
+async def _get(url: str, params: dict[str, object] | None, token: str | None) -> bytes:
     parts = urlsplit(url)
     secure = parts.scheme == "https"
     host = parts.hostname or "localhost"
@@ -93,9 +108,12 @@ def _headers(lines: list[bytes]) -> dict[bytes, bytes]:
 
 
 async def get_json(
-    url: str, params: dict[str, object] | None = None, token: str | None = None
+    url: str,
+    params: dict[str, object] | None = None,
+    token: str | None = None,
+    timeout: float = TIMEOUT,
 ) -> object:
-    return orjson.loads(await get(url, params, token))
+    return orjson.loads(await get(url, params, token, timeout))
 
 
 def parse_response(data: bytes) -> tuple[int, bytes]:

@@ -20,6 +20,7 @@ import functools
 import os
 import sys
 import tempfile
+import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import trio
 from agent import process
 from agent.capture import Mirror, Recorder, capture
 from agent.spool import Spool, SpoolLocked
-from agent.uplink import Uplink, UplinkSettings
+from agent.uplink import Uplink, UplinkFailed, UplinkSettings
 from keruta.limits import DEFAULT_LIMITS, Limits
 from keruta.masking import Masker
 
@@ -130,7 +131,8 @@ async def run(settings: RunSettings, say: Callable[[str], None] = say) -> RunRes
     try:
         with trio.open_signal_receiver(*process.FORWARDED_SIGNALS) as signals:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(uplink.run)
+                failure: list[UplinkFailed] = []
+                nursery.start_soon(_deliver, uplink, failure, say)
                 nursery.start_soon(_sync_loop, spool)
                 router = SignalRouter()
                 nursery.start_soon(router.run, signals)
@@ -152,11 +154,17 @@ async def run(settings: RunSettings, say: Callable[[str], None] = say) -> RunRes
     else:
         spool.close()
         what = f"{unacked} records" if unacked else "the final status"
-        say(
-            f"the hub has not acknowledged {what} of task {settings.task_id} "
-            f"(waited {settings.drain_timeout:g} s); they are kept in {spool.dir}. "
-            "Run `keruta-agent flush` to deliver them."
-        )
+        if failure:
+            say(
+                f"ERROR: {what} of task {settings.task_id} were NOT delivered ({failure[0]}); "
+                f"they are kept in {spool.dir}. Fix the cause, then run `keruta-agent flush`."
+            )
+        else:
+            say(
+                f"the hub has not acknowledged {what} of task {settings.task_id} "
+                f"(waited {settings.drain_timeout:g} s); they are kept in {spool.dir}. "
+                "Run `keruta-agent flush` to deliver them."
+            )
     if recorder.dropped_total:
         say(f"{recorder.dropped_total} output records were DROPPED because the spool was full")
     return RunResult(code, delivered, unacked, recorder.written, recorder.dropped_total)
@@ -235,13 +243,28 @@ class SignalRouter:
                     self.drain.cancel()
 
 
+async def _deliver(uplink: Uplink, failure: list[UplinkFailed], say: Callable[[str], None]) -> None:
+    """The uplink, which never ends the run: COMMAND goes on and the agent
+    exits with its code whatever happens to delivery."""
+    try:
+        await uplink.run()
+    except UplinkFailed as exc:
+        failure.append(exc)
+        say(f"ERROR: delivery to the hub stopped: {exc}. Output is still spooled, not sent.")
+        if exc.internal:
+            say("".join(traceback.format_exception(exc.__cause__ or exc)).rstrip())
+    finally:
+        uplink.stopped.set()
+
+
 async def _drain(uplink: Uplink, router: SignalRouter, timeout: float) -> None:
-    """Wait for the hub's acks, up to `timeout`; a signal cuts the wait short."""
+    """Wait for the hub's acks, up to `timeout`; a signal cuts the wait short,
+    and so does the uplink stopping (delivered, or failed for good)."""
     with trio.move_on_after(timeout) as scope:
         router.drain = scope
         if router.after_exit:
             scope.cancel()
-        await uplink.delivered.wait()
+        await uplink.stopped.wait()
 
 
 async def _sync_loop(spool: Spool) -> None:

@@ -9,8 +9,11 @@ final status and waits until the hub confirms it is stored (the hub does not
 ack a status, so the session watches its own task and waits for the hub's
 `status` frame, which the hub publishes only after the commit).
 
-Any failure (no hub, a cut connection, a peer that stops answering pings)
-ends the session; the supervisor starts a new one after a backoff. The
+A transient failure (no hub, a cut connection, a peer that stops answering
+pings, a hub whose store is down) ends the session; the supervisor starts a
+new one after a backoff. A permanent one (the hub refuses a frame it will
+refuse however often it is resent, or a bug here) ends the uplink with
+`UplinkFailed`: the records stay in the spool for `flush` after a fix. The
 command never waits for any of this: it only ever writes to the spool.
 """
 
@@ -31,7 +34,7 @@ from agent.spool import Spool
 from keruta.backoff import Backoff
 from keruta.limits import DEFAULT_LIMITS, Limits
 from keruta.ratelimit import RateLimiter
-from keruta.supervisor import supervise
+from keruta.supervisor import GaveUp, supervise
 from keruta.timefmt import now_ts
 from keruta.wire import (
     AckFrame,
@@ -44,13 +47,92 @@ from keruta.wire import (
     encode_bytes,
 )
 
-# Room for the frame's envelope around the records.
+# Room for the frame's envelope around the records, when reading the spool;
+# the frame itself is measured before it is sent (fit_frame).
 FRAME_OVERHEAD = 1024
 RECONNECT = Backoff(initial=0.5, factor=2.0, cap=30.0, jitter=0.3)
+
+# Error codes the hub repeats however often the same frame is resent.
+# Anything else (STORE_ERROR, STORE_UNAVAILABLE, SLOW_CONSUMER, RATE_LIMITED,
+# a code this agent does not know) is retried after a backoff.
+PERMANENT_CODES = frozenset(
+    {
+        "TOO_LARGE",
+        "INVALID_MESSAGE_FORMAT",
+        "FORBIDDEN",
+        "FORBIDDEN_ORIGIN",
+        "FORBIDDEN_HOST",
+        "UNAUTHORIZED",
+        "SEQ_CONFLICT",
+    }
+)
+# The hub closes with 1008 (policy) after UNAUTHORIZED.
+CLOSE_POLICY = 1008
 
 
 class HubRefused(Exception):
     """The hub answered with an error frame (bad token, refused frame...)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.permanent = code in PERMANENT_CODES
+
+
+class UplinkFailed(Exception):
+    """Delivery stopped for good: retrying as it is cannot succeed.
+    Raised `from` the error; the records are still in the spool."""
+
+    def __init__(self, reason: str, internal: bool) -> None:
+        super().__init__(reason)
+        self.internal = internal
+
+
+_TRANSIENT = (
+    OSError,  # refused, reset, timeouts
+    HandshakeError,
+    ConnectionClosed,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    trio.TooSlowError,
+)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Worth another session after a backoff (see PERMANENT_CODES)?"""
+    if isinstance(error, HubRefused):
+        return not error.permanent
+    if isinstance(error, ConnectionRejected):
+        return error.status_code not in (401, 403)
+    if isinstance(error, ConnectionClosed):
+        return error.reason is None or error.reason.code != CLOSE_POLICY
+    return isinstance(error, _TRANSIENT)
+
+
+def _first_permanent(error: BaseException) -> BaseException:
+    """The error that ended delivery; the hub's own words first (its error
+    frame and the close that follows it can both be in the group)."""
+    if not isinstance(error, BaseExceptionGroup):
+        return error
+    leaves = [_first_permanent(e) for e in error.exceptions]
+    permanent = [e for e in leaves if not is_transient(e)] or leaves
+    return next((e for e in permanent if isinstance(e, HubRefused)), permanent[0])
+
+
+def fit_frame(build: Callable[[list[bytes]], bytes], payloads: list[bytes], max_bytes: int) -> tuple[bytes, int]:
+    """The frame `build` makes of the longest prefix of `payloads` that fits in
+    `max_bytes`, measured, and how many payloads it holds (at least one: a
+    record too large on its own is sent and refused, not dropped here)."""
+    count = len(payloads)
+    frame = build(payloads)
+    while len(frame) > max_bytes and count > 1:
+        excess = len(frame) - max_bytes
+        # Each payload beyond the first costs its bytes and a comma.
+        while excess > 0 and count > 1:
+            count -= 1
+            excess -= len(payloads[count]) + 1
+        frame = build(payloads[:count])
+    return frame, count
 
 
 def logs_frame(task_id: str, payloads: list[bytes], producer: str | None = None) -> bytes:
@@ -82,8 +164,9 @@ class UplinkSettings:
     rate_limit: float | None = None
     max_in_flight: int = 8
     ping_interval: float = 5.0
-    # The hub answers pings from the same reader that takes our frames, so a
-    # hub busy retrying its database answers late: be patient before giving up.
+    # The hub answers pings while our frames wait for its rate limiter, but a
+    # hub whose writer is backed up (its database is away) stops reading once
+    # a few of our frames are queued, and answers late: be patient.
     ping_timeout: float = 20.0
     connect_timeout: float = 10.0
     limits: Limits = DEFAULT_LIMITS
@@ -108,6 +191,8 @@ class Uplink:
         self.final: tuple[str, int | None] | None = None
         # Set once every record is acknowledged and the final status is stored.
         self.delivered = trio.Event()
+        # Set by whoever runs the uplink when it has ended, delivered or not.
+        self.stopped = trio.Event()
         self.sessions = 0
         self.failures = 0
         self.frames_sent = 0
@@ -130,16 +215,27 @@ class Uplink:
     # --- running ------------------------------------------------------------
 
     async def run(self, max_restarts: int | None = None) -> None:
-        """Sessions until everything is delivered; never gives up by default."""
-        await supervise(
-            self.session,
-            name="uplink",
-            backoff=self.backoff,
-            max_restarts=max_restarts,
-            recoverable=(Exception,),
-            on_restart=self._on_restart,
-            healthy_after=10.0,
-        )
+        """Sessions until everything is delivered; never gives up on transient
+        failures by default. A permanent one raises UplinkFailed."""
+        try:
+            await supervise(
+                self.session,
+                name="uplink",
+                backoff=self.backoff,
+                max_restarts=max_restarts,
+                recoverable=is_transient,
+                on_restart=self._on_restart,
+                healthy_after=10.0,
+            )
+        except GaveUp:
+            raise
+        except Exception as exc:
+            cause = _first_permanent(exc)
+            if isinstance(cause, HubRefused):
+                raise UplinkFailed(f"the hub refused a frame: {cause}", internal=False) from cause
+            if isinstance(cause, ConnectionRejected | ConnectionClosed):
+                raise UplinkFailed(f"the hub {describe(cause)}", internal=False) from cause
+            raise UplinkFailed(f"internal error in the uplink: {describe(cause)}", internal=True) from cause
 
     def _on_restart(self, failures: int, error: BaseException, delay: float) -> None:
         self.failures += 1
@@ -231,8 +327,14 @@ class _Session:
                 if not records:
                     self._skip_to(self.spool.last_seq + 1)
                     continue
+                frame, fitted = fit_frame(
+                    lambda payloads: logs_frame(self.task_id, payloads, self.producer),
+                    [p for _, p in records],
+                    limits.max_frame_bytes,
+                )
+                records = records[:fitted]
                 await up.limiter.acquire(len(records))
-                await self.send(logs_frame(self.task_id, [p for _, p in records], self.producer))
+                await self.send(frame)
                 last = records[-1][0]
                 covered = last + 1 - self.cursor
                 self.cursor = last + 1
@@ -306,7 +408,7 @@ class _Session:
                     self.confirmed.set()
                     up._wakeup.set()
             elif isinstance(frame, ErrorFrame):
-                raise HubRefused(f"{frame.code}: {frame.message}")
+                raise HubRefused(frame.code, frame.message)
 
     def on_ack(self, seq: int) -> None:
         self.spool.release(seq)
@@ -378,7 +480,8 @@ def describe(error: BaseException) -> str:
         reason = error.reason
         if reason is None:
             return "connection closed"
-        return f"connection closed ({reason.code} {reason.reason or ''})".replace(" )", ")")
+        hint = " (check --token / KERUTA_TOKEN)" if reason.code == CLOSE_POLICY else ""
+        return f"connection closed ({reason.code} {reason.reason or ''})".replace(" )", ")") + hint
     if isinstance(error, OSError):
         return error.strerror or str(error)
     text = str(error)

@@ -19,7 +19,7 @@ from hub.openapi import openapi_document
 from hub.origin import OriginPolicy
 from hub.state import Hub
 from hub.store.base import LogQuery, StoreUnavailable
-from hub.writer import WriteOutcome, WriteRequest
+from hub.writer import write_within
 from keruta.levels import LEVELS
 from keruta.records import SOURCES, LogRequest, TaskInfo, valid_task_id
 from keruta.timefmt import canonical_ts
@@ -220,21 +220,19 @@ def create_app(hub: Hub) -> QuartTrio:
         if wait > 0:
             seconds = max(1, int(wait + 0.999))
             raise ApiError(429, "RATE_LIMITED", f"task {task_id} is over its rate limit; retry in {seconds}s", {"Retry-After": str(seconds)})
-        done = trio.Event()
-        outcome: list[WriteOutcome] = []
-
-        def finished(result: WriteOutcome) -> None:
-            outcome.append(result)
-            done.set()
-
-        await hub.writer_inbox.send(WriteRequest(finished, items=items))
-        await done.wait()
-        if outcome[0].error is not None:
-            raise ApiError(503, "STORE_ERROR", "the records could not be stored; retry")
-        if outcome[0].refusals:
+        outcome = await write_within(hub.writer_inbox, items, hub.config.post_timeout)
+        if outcome is None:
+            raise ApiError(
+                503, "STORE_UNAVAILABLE",
+                "the store is unavailable; the records were NOT stored: retry later",
+                {"Retry-After": "5"},
+            )
+        if outcome.error is not None:
+            raise ApiError(503, "STORE_ERROR", "the records could not be stored; retry", {"Retry-After": "1"})
+        if outcome.refusals:
             others = " (the other records of the array were stored)" if array and len(items) > 1 else ""
-            raise ApiError(409, outcome[0].refusals[0].code, outcome[0].refusals[0].message + others)
-        ids = [r.id for r in outcome[0].records if r is not None]
+            raise ApiError(409, outcome.refusals[0].code, outcome.refusals[0].message + others)
+        ids = [r.id for r in outcome.records if r is not None]
         return json_response({"ids": ids} if array else {"id": ids[0]})
 
     @app.get("/api/v1/tasks/<task_id>/logs")

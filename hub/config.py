@@ -49,6 +49,10 @@ class HubConfig:
     # long a shutdown waits for it.
     ping_interval: float = 5.0
     shutdown_timeout: float = 10.0
+    # A REST POST not committed after this long is withdrawn and answered 503
+    # (not stored; safe to retry), so it answers within 10 s even while the
+    # store is down. See hub/writer.py write_within.
+    post_timeout: float = 8.0
     limits: Limits = DEFAULT_LIMITS
 
     @property

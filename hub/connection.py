@@ -7,6 +7,12 @@ SLOW_CONSUMER), and acks are coalesced per task so they are never dropped.
 The outbox is bounded twice: in frames by the channel, and in bytes by
 `queued_bytes` (a frame of escaped lines can be megabytes), which counts a
 frame from the moment it is queued until the sender has written it.
+
+Writes (`log`, `logs`, `status`) go from the reader to an ingest task through
+a small queue, bounded in frames and bytes; the ingest task waits for the
+task's rate limiter and the writer. So a throttled producer is slowed (the
+reader stops once the queue is full), yet a ping sent while a frame waits for
+its tokens is answered at once.
 """
 
 from __future__ import annotations
@@ -55,6 +61,10 @@ STORE_RETRIES = 15
 
 # Tells the sender that acks are waiting.
 _WAKE = Outgoing("")
+# Write frames read but not yet handed to the writer, per connection; beyond
+# either bound (one frame is always let in) the reader waits. An agent has at
+# most 8 frames unacknowledged, so its pings never queue behind its writes.
+INGEST_FRAMES = 8
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_TRY_AGAIN_LATER = 1013
@@ -72,7 +82,11 @@ class Connection:
         self.acks: dict[tuple[str, str | None], int] = {}
         # Acks never reach past a record this connection sent that was refused.
         self.ack_caps: dict[tuple[str, str | None], int] = {}
-        # Frames answering this connection's writes (SEQ_CONFLICT, a run's status), sent before acks.
+        # Error frames about this connection's writes, coalesced like acks (one
+        # per key) so that a full outbox delays them instead of dropping them.
+        self.write_errors: dict[str, str] = {}
+        # Frames answering this connection's writes (SEQ_CONFLICT, SEQ_GAP, a
+        # run's status), sent before acks; at most a few per write in flight.
         self.replies: list[str] = []
         self._ack_wake_pending = False
         self.subs: dict[str, Subscription] = {}
@@ -85,6 +99,11 @@ class Connection:
         self._sender_done = trio.Event()
         self._abandon_queue = False
         self._nursery: trio.Nursery | None = None
+        self._writes, self._writes_recv = trio.open_memory_channel[tuple[Any, int]](INGEST_FRAMES)
+        self._queued_frames = 0
+        self._queued_bytes = 0
+        self._room = trio.Event()
+        self._ingest_scope = trio.CancelScope()
 
     # --- lifecycle -------------------------------------------------------
 
@@ -96,8 +115,12 @@ class Connection:
                 self._nursery = nursery
                 nursery.start_soon(self._send_loop)
                 nursery.start_soon(self._watch_shutdown)
+                nursery.start_soon(self._ingest_loop)
                 with self._read_scope:
                     await self._read_loop()
+                # Writes not yet handed to the writer are dropped unacknowledged
+                # (the producer resends them), as when the reader held them.
+                self._ingest_scope.cancel()
                 await self._close()
                 nursery.cancel_scope.cancel()
         finally:
@@ -131,10 +154,21 @@ class Connection:
                 log.warning("slow consumer did not take its close frame; dropping the connection")
             return
         # Shutdown: everything already handed to the writer is committed and acked first.
-        with trio.move_on_after(timeout):
+        deadline = trio.current_time() + timeout
+        with trio.move_on_at(deadline):
             await self.settled.wait()
-            self.outbox.close()
+        # Subscribers resubscribe elsewhere; a catch-up still sending into the
+        # outbox would fail once it is closed and take the close down with it.
+        for sub in list(self.subs.values()):
+            self._drop(sub)
+        self.outbox.close()
+        with trio.move_on_at(deadline) as waited:
             await self._sender_done.wait()
+        if waited.cancelled_caught:
+            log.warning("client did not take its last frames in time; dropping the connection")
+            return
+        # Within hypercorn's graceful timeout (shutdown_timeout + 2).
+        with trio.move_on_after(1.0):
             await self.ws.close(CLOSE_GOING_AWAY, "hub shutting down")
 
     # --- sending ----------------------------------------------------------
@@ -164,6 +198,10 @@ class Connection:
             self._sender_done.set()
 
     async def _flush_acks(self) -> None:
+        while self.write_errors:
+            _key, payload = self.write_errors.popitem()
+            await self.ws.send(payload)
+            self.hub.metrics.frames_sent += 1
         while self.replies:
             await self.ws.send(self.replies.pop(0))
             self.hub.metrics.frames_sent += 1
@@ -257,7 +295,9 @@ class Connection:
         if self.inflight == 0:
             self.settled.set()
         if outcome.error is not None:
-            self._send_nowait(Outgoing(dumps(ErrorFrame("STORE_ERROR", "the hub could not store the records; resend them"))))
+            self.write_errors["STORE_ERROR"] = dumps(ErrorFrame("STORE_ERROR", "the hub could not store the records; resend them"))
+            if not self._ack_wake_pending:
+                self._ack_wake_pending = self._send_nowait(_WAKE)
             return
         for refusal in outcome.refusals:
             self.hub.metrics.error(refusal.code)
@@ -293,9 +333,35 @@ class Connection:
                 continue
             try:
                 frame = decode_client_frame(data, limits)
-                await self._handle(frame)
+                if isinstance(frame, LogsFrame | LogFrame | StatusFrame):
+                    await self._queue_write(frame, len(data))
+                else:
+                    await self._handle(frame)
             except FrameError as exc:
                 await self._error(exc.code, exc.message)
+
+    async def _queue_write(self, frame: Any, size: int) -> None:
+        limit = self.hub.config.limits.max_frame_bytes
+        while self._queued_frames and (
+            self._queued_frames >= INGEST_FRAMES or self._queued_bytes + size > limit
+        ):
+            self._room = trio.Event()
+            await self._room.wait()
+        self._queued_frames += 1
+        self._queued_bytes += size
+        self._writes.send_nowait((frame, size))
+
+    async def _ingest_loop(self) -> None:
+        with self._ingest_scope:
+            async for frame, size in self._writes_recv:
+                try:
+                    await self._handle(frame)
+                except FrameError as exc:
+                    await self._error(exc.code, exc.message)
+                finally:
+                    self._queued_frames -= 1
+                    self._queued_bytes -= size
+                    self._room.set()
 
     async def _handle(self, frame: Any) -> None:
         if isinstance(frame, PingFrame):

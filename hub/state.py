@@ -13,6 +13,10 @@ from hub.store.base import Store
 from hub.writer import Writer, WriteRequest
 from keruta.ratelimit import RateLimiter
 
+# Past this many tasks' rate limiters, idle ones are forgotten (see _evict_idle_limiters).
+MAX_LIMITERS = 10_000
+_UNLIMITED = RateLimiter(None)
+
 
 @attrs.define(eq=False)
 class Hub:
@@ -34,12 +38,24 @@ class Hub:
 
     def limiter(self, task_id: str) -> RateLimiter:
         """The task's ingest rate limiter (the seed's RateLimiter, server side)."""
-        limiter = self.limiters.get(task_id)
+        if not self.config.rate_limit:
+            return _UNLIMITED
+        limiter = self.limiters.pop(task_id, None)
         if limiter is None:
-            if len(self.limiters) > 10_000:
-                # Bounded memory: forget idle buckets; a fresh one starts full.
-                self.limiters.clear()
-            limiter = self.limiters[task_id] = RateLimiter(
-                self.config.rate_limit or None, self.config.rate_burst
-            )
+            self._evict_idle_limiters()
+            limiter = RateLimiter(self.config.rate_limit, self.config.rate_burst)
+        # Most recently used last: the map is ordered by idle time.
+        self.limiters[task_id] = limiter
         return limiter
+
+    def _evict_idle_limiters(self) -> None:
+        """Bounded memory without a way around the limit: only a full bucket is
+        forgotten (a fresh one starts full, so nothing is lost), longest idle
+        first. A bucket that is not full yet (its task is being limited) stays;
+        every bucket refills within (burst + debt) / rate seconds, so the
+        map holds at most MAX_LIMITERS plus the tasks that wrote that recently."""
+        while len(self.limiters) >= MAX_LIMITERS:
+            task_id, oldest = next(iter(self.limiters.items()))
+            if not oldest.is_full():
+                return
+            del self.limiters[task_id]

@@ -135,6 +135,56 @@ class WriteRequest:
     done: Callable[[WriteOutcome], None]
     items: Sequence[Incoming] = ()
     status: StatusChange | None = None
+    # While True, a commit holding these records is under way: its outcome is
+    # unknown until it returns, so the request can no longer be withdrawn.
+    attempting: bool = False
+    withdrawn: bool = False
+
+    def withdraw(self) -> bool:
+        """Give up on this request (a REST POST out of time).
+
+        True: it is not stored and never will be (the writer drops it before
+        its next attempt). False: a commit holding it is under way; `done`
+        reports that attempt's outcome (records if it committed, `Withdrawn`
+        if it did not).
+        """
+        self.withdrawn = True
+        return not self.attempting
+
+
+class Withdrawn(Exception):
+    """The request was withdrawn before a commit stored it."""
+
+
+async def write_within(
+    inbox: trio.MemorySendChannel[WriteRequest], items: Sequence[Incoming], timeout: float
+) -> WriteOutcome | None:
+    """Hand `items` to the writer and wait up to `timeout` for their commit.
+
+    None means "not stored": the request was withdrawn, so resending the same
+    records later cannot store them twice. If a commit attempt holding them is
+    under way at the deadline, its outcome is awaited (bounded by the store's
+    own connect and command timeouts), because only it can say which is true.
+    """
+    outcome: list[WriteOutcome] = []
+    done = trio.Event()
+
+    def finished(result: WriteOutcome) -> None:
+        outcome.append(result)
+        done.set()
+
+    request = WriteRequest(finished, items=items)
+    with trio.move_on_after(timeout):
+        # A cancelled send is guaranteed not to have been delivered.
+        await inbox.send(request)
+        await done.wait()
+    if not done.is_set():
+        if request.withdraw():
+            return None
+        await done.wait()
+    if isinstance(outcome[0].error, Withdrawn):
+        return None
+    return outcome[0]
 
 
 class Writer:
@@ -211,7 +261,7 @@ class Writer:
         attempt = 0
         while True:
             try:
-                return await operation()
+                result = await operation()
             except StoreUnavailable as exc:
                 self.metrics.store_failures += 1
                 self.available = trio.Event() if self.available.is_set() else self.available
@@ -219,22 +269,45 @@ class Writer:
                 log.warning("store unavailable during %s (%s); retrying in %.1fs", what, exc, wait)
                 attempt += 1
                 await trio.sleep(wait)
+                continue
+            # None: the operation had nothing left to do and did not ask the store.
+            if result is not None and not self.available.is_set():
+                log.warning("store is back")
+                self.available.set()
+            return result
+
+    async def _append(self, batch: list[WriteRequest]) -> AppendResult | None:
+        """One attempt at committing `batch`, less what was withdrawn meanwhile."""
+        kept = []
+        for req in batch:
+            if req.withdrawn:
+                req.done(WriteOutcome(error=Withdrawn("withdrawn before it was stored")))
             else:
-                if not self.available.is_set():
-                    log.warning("store is back")
-                    self.available.set()
+                kept.append(req)
+        batch[:] = kept
+        if not batch:
+            return None
+        for req in batch:
+            req.attempting = True
+        try:
+            return await self.store.append([item for req in batch for item in req.items])
+        finally:
+            for req in batch:
+                req.attempting = False
 
     async def _commit(self, batch: list[WriteRequest]) -> None:
-        items = [item for req in batch for item in req.items]
         started = trio.current_time()
         try:
-            result = await self._with_retry("append", lambda: self.store.append(items))
+            result = await self._with_retry("append", lambda: self._append(batch))
         except Exception as exc:
-            log.exception("append of %d records failed", len(items))
+            log.exception("append of %d records failed", sum(len(req.items) for req in batch))
             self.metrics.error("STORE_ERROR")
             for req in batch:
                 req.done(WriteOutcome(error=exc))
             return
+        if result is None:
+            return
+        items = [item for req in batch for item in req.items]
         self.metrics.write_batch.observe(trio.current_time() - started)
         self.metrics.records_ingested += len(result.inserted)
         self.metrics.records_duplicate += len(items) - len(result.inserted)

@@ -65,6 +65,11 @@ class TokenBucket:
             return 0.0
         return (needed - self.tokens) / self.rate
 
+    def full(self, now: float) -> bool:
+        """Holding `burst` tokens (none reserved): as good as a fresh bucket."""
+        self._refill(now)
+        return self.tokens >= self.burst
+
     def refund(self, n: float) -> None:
         """Give back tokens a caller reserved but will not use (e.g. it was cancelled)."""
         self.tokens = min(self.burst, self.tokens + n)
@@ -106,6 +111,10 @@ class RateLimiter:
         except BaseException:
             self.bucket.refund(n)
             raise
+
+    def is_full(self) -> bool:
+        """Idle long enough that a fresh limiter would behave the same."""
+        return self.bucket is None or self.bucket.full(self._clock())
 
     def retry_after(self, n: float = 1) -> float:
         """0.0: allowed now and the tokens are taken; otherwise seconds to wait, nothing taken."""

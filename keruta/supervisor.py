@@ -34,17 +34,27 @@ class GaveUp(Exception):
         self.last_error = last_error
 
 
-def is_recoverable(exc: BaseException, recoverable: tuple[type[BaseException], ...]) -> bool:
-    """True if `exc`, or every leaf of an exception group, is recoverable.
+Recoverable = tuple[type[BaseException], ...] | Callable[[BaseException], bool]
+
+
+def is_recoverable(exc: BaseException, recoverable: Recoverable) -> bool:
+    """True if `exc`, or every leaf of an exception group, is recoverable:
+    an instance of one of the `recoverable` types, or one the `recoverable`
+    predicate accepts (for errors told apart by more than their type).
 
     Cancellation never is, so it always propagates.
     """
+    accepts: Callable[[BaseException], bool]
+    if isinstance(recoverable, tuple):
+        types = recoverable
+        accepts = lambda e: isinstance(e, types)  # noqa: E731
+    else:
+        accepts = recoverable
+
     if isinstance(exc, BaseExceptionGroup):
-        match, rest = exc.split(
-            lambda e: isinstance(e, recoverable) and not isinstance(e, trio.Cancelled)
-        )
+        match, rest = exc.split(lambda e: accepts(e) and not isinstance(e, trio.Cancelled))
         return match is not None and rest is None
-    return isinstance(exc, recoverable) and not isinstance(exc, trio.Cancelled)
+    return accepts(exc) and not isinstance(exc, trio.Cancelled)
 
 
 async def supervise(
@@ -54,7 +64,7 @@ async def supervise(
     backoff: Backoff = Backoff(),
     max_restarts: int | None = 10,
     healthy_after: float = 30.0,
-    recoverable: tuple[type[BaseException], ...] = RECOVERABLE,
+    recoverable: Recoverable = RECOVERABLE,
     on_restart: Callable[[int, BaseException, float], None] | None = None,
     rng: random.Random | None = None,
 ) -> None:

@@ -148,23 +148,35 @@ _STAGE_TABLE = "keruta_logs_stage"
 _WALK_CHUNK = 1000
 _DELETE_CHUNK = 5000
 
-# Errors that mean "the database is not reachable or not usable right now".
+# Errors that mean "the database is not reachable or not usable right now":
+# an outage the hub waits out. Everything else (SQL the server does not
+# understand, a constraint, a type our code got wrong) is a bug and ends the
+# operation. The server's errors are told apart by their SQLSTATE class.
 _TRANSIENT: tuple[type[BaseException], ...] = (
     OSError,  # refused, reset, timeouts (TimeoutError is an OSError)
     asyncpg.PostgresConnectionError,  # 08xxx, connection lost mid-query
-    asyncpg.exceptions.OperatorInterventionError,  # 57xxx: shutdown, restart, cancel
-    asyncpg.exceptions.InsufficientResourcesError,  # 53xxx: too many connections, disk full
-    asyncpg.exceptions.TransactionRollbackError,  # 40xxx: serialization failure, deadlock
-    asyncpg.exceptions.ReadOnlySQLTransactionError,  # a standby during failover
     # A connection left mid-operation by a cut or a cancellation ("another
     # operation is in progress"); it is terminated, and a retry gets a fresh one.
     asyncpg.InternalClientError,
 )
+_TRANSIENT_SQLSTATE_CLASSES = (
+    "08",  # connection exception
+    "28",  # authorization: an auth server or pg_hba.conf mid-change refusing us
+    "40",  # transaction rollback: serialization failure, deadlock
+    "53",  # insufficient resources: too many connections, disk full, out of memory
+    "55",  # not in prerequisite state: "database does not allow connections", lock not available
+    "57",  # operator intervention: admin shutdown, crash shutdown, cannot connect now (57P03)
+    "58",  # system error: I/O error on the server
+)
+_TRANSIENT_SQLSTATES = ("25006",)  # read-only transaction: a standby during failover
 
 
 def _transient(exc: BaseException) -> bool:
     if isinstance(exc, _TRANSIENT):
         return True
+    if isinstance(exc, asyncpg.PostgresError):
+        state = getattr(exc, "sqlstate", None) or ""
+        return state[:2] in _TRANSIENT_SQLSTATE_CLASSES or state in _TRANSIENT_SQLSTATES
     # asyncpg says "connection is closed" as a plain InterfaceError.
     return isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc)
 
