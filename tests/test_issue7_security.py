@@ -345,7 +345,8 @@ async def test_item20_dns_rebinding_is_refused_by_an_open_hub(hub_factory: HubFa
     assert b"FORBIDDEN_HOST" in received, received
     assert b"secret" not in received
     # A hub with tokens is reached by any name: the token is what guards it.
-    guarded = await hub_factory.astart("--agent-token", "a-token-1234")
+    hub.stop()
+    guarded = await hub_factory.astart("--agent-token", "a-token-1234", db=hub.db)
     async with guarded.http(token="a-token-1234") as client:
         resp = await client.get("/api/v1/tasks", headers={"Host": "logs.example.org"})
         assert resp.status_code == 200, resp.text
