@@ -417,6 +417,8 @@
       for (const [k, v] of keep) rowCache.set(k, v);
       // Only the rows around the viewport are in the DOM.
       rowsEl.replaceChildren(...frag);
+      const last = recAt(end - 1);
+      if (last) rowsEl.style.setProperty("--digits", Math.max(4, String(last.seq).length));
       const y = scroller.scrollTop + (start - fr) * ROW_H;
       rowsEl.style.transform = "translateY(" + Math.max(0, y) + "px)";
       liveBtn.hidden = following;
