@@ -220,6 +220,7 @@
       inflight.clear();
       failedAt.clear();
       current = -1;
+      pendingMove = 0;
       deco++;
       if (!following) scroller.scrollTop = 0;
       startSnapshot();
@@ -302,6 +303,7 @@
           for (const rec of pending) append(rec);
           pending = [];
           if (target !== null) goToTarget();
+          if (pendingMove) { const d = pendingMove; pendingMove = 0; moveMatch(d); }
           scheduleRender();
           return;
         }
@@ -549,8 +551,11 @@
 
     // --- search: next / previous match ------------------------------------------
 
+    let pendingMove = 0;         // Enter pressed before the search's snapshot came in
+
     function moveMatch(delta) {
-      if (!filter.q || !ready || total === 0) return;
+      if (filter.q && !ready) { pendingMove = delta; return; }
+      if (!filter.q || total === 0) return;
       if (current < 0) current = delta > 0 ? Math.floor(firstRow()) : Math.min(total - 1, Math.floor(firstRow() + viewRows()) - 1);
       else current = Math.max(0, Math.min(total - 1, current + delta));
       deco++;
