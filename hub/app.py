@@ -12,13 +12,14 @@ from quart import Response, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from hub.auth import Role, bearer_token
+from hub.auth import WS_SUBPROTOCOL, Role, bearer_token, subprotocol_token
 from hub.connection import CLOSE_POLICY, Connection
 from hub.ingest import from_requests
 from hub.openapi import openapi_document
 from hub.origin import OriginPolicy
 from hub.state import Hub
 from hub.store.base import LogQuery, StoreUnavailable
+from hub.viewer import VIEWER_HEADERS, viewer_asset, viewer_html
 from hub.writer import write_within
 from keruta.levels import LEVELS
 from keruta.records import SOURCES, LogRequest, TaskInfo, valid_task_id
@@ -343,15 +344,24 @@ def create_app(hub: Hub) -> QuartTrio:
         return await viewer_page()
 
     async def viewer_page() -> Response:
-        from hub.viewer import viewer_html
+        return Response(viewer_html(), content_type="text/html; charset=utf-8", headers=VIEWER_HEADERS)
 
-        return Response(viewer_html(), content_type="text/html; charset=utf-8")
+    @app.get("/static/<name>")
+    async def static_file(name: str) -> Response:
+        found = viewer_asset(name)
+        if found is None:
+            raise ApiError(404, "NOT_FOUND", f"no file {name}")
+        body, content_type = found
+        return Response(body, content_type=content_type, headers=VIEWER_HEADERS)
 
     # --- WebSocket ----------------------------------------------------------
 
     @app.websocket("/api/v1/ws")
     async def ws_endpoint() -> None:
-        token = bearer_token(websocket.headers.get("Authorization"), websocket.args.get("token"))
+        offered = websocket.requested_subprotocols
+        token = bearer_token(
+            websocket.headers.get("Authorization"), subprotocol_token(offered) or websocket.args.get("token")
+        )
         r = hub.authorizer.role(token)
         origin = websocket.headers.get("Origin")
         # Refused like a missing token (accepted, one error frame, close 1008),
@@ -364,7 +374,8 @@ def create_app(hub: Hub) -> QuartTrio:
             refusal = ErrorFrame("FORBIDDEN_ORIGIN", origin_refusal(str(origin)))
         elif r is Role.NONE:
             refusal = ErrorFrame("UNAUTHORIZED", "a valid token is required (Authorization: Bearer TOKEN or ?token=)")
-        await websocket.accept()
+        # A browser that offered subprotocols drops a connection accepted with none.
+        await websocket.accept(subprotocol=WS_SUBPROTOCOL if WS_SUBPROTOCOL in offered else None)
         if refusal is not None:
             hub.metrics.error(refusal.code)
             await websocket.send(dumps(refusal))

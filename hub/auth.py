@@ -3,6 +3,8 @@ reads, the viewer token reads."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 from enum import Enum
 
@@ -61,3 +63,22 @@ class Authorizer:
         if self.viewer_token and hmac.compare_digest(token.encode(), self.viewer_token.encode()):
             return Role.VIEWER
         return Role.NONE
+
+
+# A browser cannot set headers on a WebSocket, and a token in the URL ends up in
+# logs and history; it can offer subprotocols, so the viewer offers
+# "keruta" and "bearer.<token as unpadded base64url>" (base64url because a
+# subprotocol may only hold RFC 7230 token characters).
+WS_SUBPROTOCOL = "keruta"
+_BEARER_PREFIX = "bearer."
+
+
+def subprotocol_token(offered: list[str]) -> str | None:
+    for protocol in offered:
+        if protocol.startswith(_BEARER_PREFIX):
+            encoded = protocol[len(_BEARER_PREFIX):]
+            try:
+                return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode("utf-8") or None
+            except (binascii.Error, ValueError):
+                return None
+    return None

@@ -119,11 +119,12 @@ def openapi_document() -> dict[str, Any]:
             },
             "/api/v1/tasks": {"get": {"summary": "All tasks", "responses": {**_ok({"type": "object", "properties": {"tasks": {"type": "array", "items": {"$ref": "#/components/schemas/Task"}}}}), **_errors(401)}}},
             "/api/v1/tasks/{taskId}": {"parameters": [_TASK_ID], "get": {"summary": "One task's state", "responses": {**_ok({"$ref": "#/components/schemas/Task"}), **_errors(400, 401, 404)}}},
-            "/api/v1/ws": {"get": {"summary": "WebSocket: log, logs, status, subscribe, unsubscribe, ping (see CONTRACT)", "responses": {"101": {"description": "switching protocols"}}}},
+            "/api/v1/ws": {"get": {"summary": "WebSocket: log, logs, status, subscribe, unsubscribe, ping (see CONTRACT); the token may come as the subprotocol bearer.<base64url token> beside keruta", "responses": {"101": {"description": "switching protocols"}}}},
             "/healthz": {"get": {"summary": "Liveness", "security": [], "responses": _ok({"type": "object"})}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": _ok({"type": "string"}, "text/plain")}},
             "/openapi.json": {"get": {"summary": "This document", "security": [], "responses": _ok({"type": "object"})}},
             "/": {"get": {"summary": "The web viewer", "security": [], "responses": _ok({"type": "string"}, "text/html")}},
             "/tasks/{taskId}": {"parameters": [_TASK_ID], "get": {"summary": "The web viewer for one task", "security": [], "responses": _ok({"type": "string"}, "text/html")}},
+            "/static/{name}": {"parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}], "get": {"summary": "The web viewer's files (hub/static/)", "security": [], "responses": {**_ok({"type": "string"}, "text/javascript"), **_errors(404)}}},
         },
     }

@@ -11,10 +11,15 @@ LEVELS = ("DEBUG", "INFO", "WARN", "ERROR")
 _ERROR = re.compile(r"\b(error|fatal|critical|panic|exception|traceback)\b", re.IGNORECASE)
 _WARN = re.compile(r"\b(warn|warning|deprecated)\b", re.IGNORECASE)
 _DEBUG = re.compile(r"\b(debug|trace)\b", re.IGNORECASE)
+# Terminal escapes (colours, cursor moves) before a word would join it to their
+# final letter ("\x1b[31mERROR" reads "mERROR"): each counts as a space.
+_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|.)")
 
 
 def determine_level(message: str) -> str:
     head = message[:512]
+    if "\x1b" in head:
+        head = _ESCAPE.sub(" ", head)
     if _ERROR.search(head):
         return "ERROR"
     if _WARN.search(head):
