@@ -18,8 +18,8 @@ from keruta.records import InvalidField, LogRecord, TaskInfo
 
 T = TypeVar("T")
 
-# Far above any seq a producer will reach; "up to the end" for range reads.
-SEQ_MAX = 2**62
+# "Up to the end" for range reads: every seq the stores can hold (int64).
+SEQ_MAX = 2**63 - 1
 
 
 @attrs.define
