@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import uuid
@@ -14,7 +15,8 @@ import trio
 
 from agent.hubaddr import BadHubUrl, http_base
 from agent.spool import default_root
-from keruta.records import valid_task_id
+from keruta.limits import MAX_SEQ
+from keruta.records import TASK_ID_RULE, valid_task_id
 
 DEFAULT_HUB = "http://127.0.0.1:8080"
 
@@ -51,23 +53,37 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative_float(text: str) -> float:
+def _seq(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= MAX_SEQ:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_SEQ}")
+    return value
+
+
+def _finite(text: str) -> float:
     value = float(text)
-    if not value >= 0:
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
         raise argparse.ArgumentTypeError("must be >= 0")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
+    value = _finite(text)
+    if value <= 0:
         raise argparse.ArgumentTypeError("must be > 0")
     return value
 
 
 def _task_id(text: str) -> str:
     if not valid_task_id(text):
-        raise argparse.ArgumentTypeError("a task id is 1-128 characters of [A-Za-z0-9._:-]")
+        raise argparse.ArgumentTypeError(f"a task id is {TASK_ID_RULE}")
     return text
 
 
@@ -157,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--rate-limit",
         metavar="LINES_PER_SECOND",
-        type=_non_negative_float,
+        type=_positive_float,
         default=None,
         help="send at most this many records per second; the rest wait in the spool "
         "(default: unlimited)",
@@ -197,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument(
         "--from-seq",
         metavar="N",
-        type=_positive_int,
+        type=_seq,
         default=1,
         help="first seq to print (default 1)",
     )
@@ -270,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         hub = _resolve_hub(parser, args.hub)
         task_id = args.task_id or _env("KERUTA_TASK_ID")
         if task_id is not None and not valid_task_id(task_id):
-            parser.error("KERUTA_TASK_ID: a task id is 1-128 characters of [A-Za-z0-9._:-]")
+            parser.error(f"KERUTA_TASK_ID: a task id is {TASK_ID_RULE}")
         if task_id is None:
             task_id = str(uuid.uuid4())
             say(f"task id {task_id}")

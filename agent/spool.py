@@ -236,6 +236,10 @@ class Spool:
         Without `create` (flush), a directory that is not a complete spool --
         e.g. one its agent is removing right now -- is FileNotFoundError.
         """
+        if task_id in ("", ".", "..") or "/" in task_id or os.sep in task_id or "\x00" in task_id:
+            # Not a directory of its own under root: writing there would put the
+            # spool into (or above) the root, where `flush` never looks.
+            raise ValueError(f"task id {task_id!r} cannot name a spool directory")
         directory = Path(root) / task_id
         spool = cls(directory, **kwargs)
         spool._lock(create)

@@ -22,7 +22,8 @@ from hub.store.base import LogQuery, StoreUnavailable
 from hub.viewer import VIEWER_HEADERS, viewer_asset, viewer_html
 from hub.writer import write_within
 from keruta.levels import LEVELS
-from keruta.records import SOURCES, LogRequest, TaskInfo, valid_task_id
+from keruta.limits import INT64_MAX
+from keruta.records import SOURCES, TASK_ID_RULE, LogRequest, TaskInfo, valid_task_id
 from keruta.timefmt import canonical_ts
 from keruta.wire import ErrorFrame, FrameError, check_record_limits, converter, dumps, structure
 
@@ -57,7 +58,7 @@ def task_json(task: TaskInfo) -> dict[str, Any]:
 
 def _check_task_id(task_id: str) -> None:
     if not valid_task_id(task_id):
-        raise ApiError(400, "INVALID_TASK_ID", "taskId must be 1-128 characters of [A-Za-z0-9._:-]")
+        raise ApiError(400, "INVALID_TASK_ID", f"taskId must be {TASK_ID_RULE}")
 
 
 def _int_param(name: str, default: int | None, low: int, high: int | None = None) -> int | None:
@@ -247,7 +248,7 @@ def create_app(hub: Hub) -> QuartTrio:
             start=_time_param("from"),
             end=_time_param("to"),
             q=request.args.get("q") or None,
-            after_seq=_int_param("afterSeq", None, 0),
+            after_seq=_int_param("afterSeq", None, 0, INT64_MAX),
             page=_int_param("page", 0, 0, 10_000_000) or 0,
             size=_int_param("size", 100, 1, hub.config.max_page_size) or 100,
         )
@@ -330,7 +331,7 @@ def create_app(hub: Hub) -> QuartTrio:
 
     @app.get("/openapi.json")
     async def openapi() -> Response:
-        return json_response(openapi_document())
+        return json_response(openapi_document(hub.config.max_page_size))
 
     # --- viewer -----------------------------------------------------------
 

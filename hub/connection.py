@@ -328,6 +328,9 @@ class Connection:
         while True:
             data = await self.ws.receive()
             self.hub.metrics.frames_received += 1
+            if data is None:
+                # Quart passes an empty binary message on as None (`bytes or text`).
+                data = b""
             if data is OVERSIZED or data == OVERSIZED:
                 await self._error("TOO_LARGE", f"frame is larger than {limits.max_frame_bytes} bytes")
                 continue

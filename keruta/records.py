@@ -8,6 +8,7 @@ from typing import Any
 import attrs
 
 from keruta.levels import LEVELS
+from keruta.limits import INT64_MAX, MAX_SEQ
 
 SOURCES = ("stdout", "stderr", "agent")
 TASK_STATES = ("pending", "running", "succeeded", "failed")
@@ -23,20 +24,36 @@ class InvalidField(ValueError):
         self.reason = message
 
 
+TASK_ID_RULE = "1-128 characters of [A-Za-z0-9._:-], not '.' or '..'"
+
+
 def valid_task_id(value: object) -> bool:
-    return isinstance(value, str) and TASK_ID_RE.fullmatch(value) is not None
+    # "." and ".." are path components: the agent's spool directory would be
+    # the spool root itself or its parent.
+    return isinstance(value, str) and TASK_ID_RE.fullmatch(value) is not None and value not in (".", "..")
 
 
 def _task_id(_inst: object, _attr: attrs.Attribute, value: object) -> None:
     if not valid_task_id(value):
-        raise InvalidField("taskId", "must be 1-128 characters of [A-Za-z0-9._:-]")
+        raise InvalidField("taskId", f"must be {TASK_ID_RULE}")
+
+
+def _wire_name(attr: attrs.Attribute) -> str:
+    return re.sub(r"_([a-z])", lambda m: m.group(1).upper(), attr.name)
 
 
 def _seq(_inst: object, attr: attrs.Attribute, value: object) -> None:
-    if type(value) is not int or value < 1:
-        # `seq` or `fromSeq`: name the wire field that was wrong
-        wire_name = re.sub(r"_([a-z])", lambda m: m.group(1).upper(), attr.name)
-        raise InvalidField(wire_name, "must be an integer >= 1")
+    # `seq` or `fromSeq` as a producer may give it.
+    if type(value) is not int or not 1 <= value <= MAX_SEQ:
+        raise InvalidField(_wire_name(attr), f"must be an integer between 1 and {MAX_SEQ}")
+
+
+def _stored_seq(_inst: object, attr: attrs.Attribute, value: object) -> None:
+    # A record's seq may be one the hub assigned (max + 1), so only what the
+    # stores hold bounds it here; producers' seqs are held to MAX_SEQ by
+    # `check_record_limits`.
+    if type(value) is not int or not 1 <= value <= INT64_MAX:
+        raise InvalidField(_wire_name(attr), f"must be an integer between 1 and {MAX_SEQ}")
 
 
 def _optional_seq(inst: object, attr: attrs.Attribute, value: object) -> None:
@@ -55,8 +72,8 @@ def _level(_inst: object, _attr: attrs.Attribute, value: object) -> None:
 
 
 def _line_number(_inst: object, _attr: attrs.Attribute, value: object) -> None:
-    if value is not None and (type(value) is not int or value < 0):
-        raise InvalidField("lineNumber", "must be an integer >= 0")
+    if value is not None and (type(value) is not int or not 0 <= value <= MAX_SEQ):
+        raise InvalidField("lineNumber", f"must be an integer between 0 and {MAX_SEQ}")
 
 
 @attrs.frozen(slots=True)
@@ -64,7 +81,7 @@ class LogRecord:
     """One line. `id` is assigned by the hub; producers leave it None."""
 
     task_id: str = attrs.field(validator=_task_id)
-    seq: int = attrs.field(validator=_seq)
+    seq: int = attrs.field(validator=_stored_seq)
     timestamp: str
     source: str = attrs.field(validator=_source)
     level: str = attrs.field(validator=_level)

@@ -12,7 +12,12 @@ def format_ts(moment: dt.datetime) -> str:
     """`2026-11-28T14:09:55.123456Z`: UTC, always six fractional digits."""
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    m = moment.astimezone(UTC)
+    # Not strftime: its %Y writes year 999 as "999", which sorts after "2026".
+    return (
+        f"{m.year:04d}-{m.month:02d}-{m.day:02d}T"
+        f"{m.hour:02d}:{m.minute:02d}:{m.second:02d}.{m.microsecond:06d}Z"
+    )
 
 
 def now_ts() -> str:
@@ -29,7 +34,11 @@ def parse_ts(text: str) -> dt.datetime:
     moment = dt.datetime.fromisoformat(text.strip())
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        # 0001-01-01T00:00:00+01:00 is a valid string whose UTC is year 0.
+        raise ValueError("timestamp is outside years 1-9999 in UTC") from None
 
 
 _CANONICAL = re.compile(r"\d{4}-[01]\d-[0-3]\dT[0-2]\d:[0-5]\d:[0-6]\d\.\d{6}Z")

@@ -15,7 +15,7 @@ import orjson
 from cattrs.errors import AttributeValidationNote, IterableValidationNote
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
-from keruta.limits import DEFAULT_LIMITS, Limits
+from keruta.limits import DEFAULT_LIMITS, INT32_MAX, INT32_MIN, MAX_SEQ, Limits
 from keruta.records import (
     TASK_STATES,
     InvalidField,
@@ -43,8 +43,9 @@ def _state(_inst: object, _attr: attrs.Attribute, value: object) -> None:
 
 
 def _exit_code(_inst: object, _attr: attrs.Attribute, value: object) -> None:
-    if value is not None and type(value) is not int:
-        raise InvalidField("exitCode", "must be an integer")
+    # The stores keep an exit code as a 32-bit integer, as processes report it.
+    if value is not None and (type(value) is not int or not INT32_MIN <= value <= INT32_MAX):
+        raise InvalidField("exitCode", f"must be an integer between {INT32_MIN} and {INT32_MAX}")
 
 
 # --- frames a client sends -------------------------------------------------
@@ -265,7 +266,29 @@ def encode_bytes(frame: Any) -> bytes:
     return orjson.dumps(body)
 
 
-def check_record_limits(record: LogRecord, limits: Limits, where: str) -> None:
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether JSON `value` nests objects/arrays more than `limit` levels ({} is 1)."""
+    level = [value]
+    for _ in range(limit):
+        below: list[Any] = []
+        for v in level:
+            children = v.values() if isinstance(v, dict) else v
+            below.extend(c for c in children if isinstance(c, dict | list))
+        if not below:
+            return False
+        level = below
+    return True
+
+
+def check_record_limits(record: LogRecord | LogRequest, limits: Limits, where: str) -> None:
+    """What a producer's record must meet beyond its types: sizes, and what
+    the stores and the hub's own frames can hold."""
+    if record.seq is not None and record.seq > MAX_SEQ:
+        raise FrameError(
+            "INVALID_MESSAGE_FORMAT",
+            f"invalid field '{where}.seq': must be an integer between 1 and {MAX_SEQ}",
+            f"{where}.seq",
+        )
     # A character is 1-4 UTF-8 bytes: encode only when the length alone can't tell.
     chars = len(record.message)
     if chars > limits.max_line_bytes or (
@@ -277,7 +300,16 @@ def check_record_limits(record: LogRecord, limits: Limits, where: str) -> None:
             f"{where}.message is longer than {limits.max_line_bytes} bytes; split it into partial records",
             f"{where}.message",
         )
-    if record.metadata and len(orjson.dumps(record.metadata)) > limits.max_metadata_bytes:
+    if not record.metadata:
+        return
+    # Checked before encoding: orjson reads deeper JSON than it can write.
+    if _deeper_than(record.metadata, limits.max_metadata_depth):
+        raise FrameError(
+            "INVALID_MESSAGE_FORMAT",
+            f"invalid field '{where}.metadata': nested deeper than {limits.max_metadata_depth} levels",
+            f"{where}.metadata",
+        )
+    if len(orjson.dumps(record.metadata)) > limits.max_metadata_bytes:
         raise FrameError(
             "TOO_LARGE",
             f"{where}.metadata is larger than {limits.max_metadata_bytes} bytes",
@@ -319,6 +351,16 @@ def decode_client_frame(text: str | bytes, limits: Limits = DEFAULT_LIMITS) -> A
                 f"records holds {len(records)} records; at most {limits.max_records_per_batch}",
                 "records",
             )
+        if isinstance(records, list):
+            # A record takes the frame's taskId; one that names it anyway must agree.
+            task_id = data.get("taskId")
+            data = {
+                **data,
+                "records": [
+                    {"taskId": task_id, **r} if isinstance(r, dict) and "taskId" not in r else r
+                    for r in records
+                ],
+            }
     frame = structure(data, cls)
     if isinstance(frame, LogsFrame):
         for i, rec in enumerate(frame.records):

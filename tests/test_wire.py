@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from keruta.limits import Limits
+from keruta.limits import MAX_SEQ, Limits
 from keruta.records import LogRecord
 from keruta.wire import (
     AckFrame,
@@ -325,8 +325,8 @@ text_no_surrogates = st.text(st.characters(blacklist_categories=("Cs",)), max_si
 
 records_strategy = st.builds(
     LogRecord,
-    task_id=st.from_regex(r"[A-Za-z0-9._:-]{1,128}", fullmatch=True),
-    seq=st.integers(1, 2**62),
+    task_id=st.from_regex(r"[A-Za-z0-9._:-]{1,128}", fullmatch=True).filter(lambda t: t not in (".", "..")),
+    seq=st.integers(1, MAX_SEQ),
     timestamp=st.just(TS),
     source=st.sampled_from(["stdout", "stderr", "agent"]),
     level=st.sampled_from(["DEBUG", "INFO", "WARN", "ERROR"]),

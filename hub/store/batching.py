@@ -27,7 +27,7 @@ from keruta.records import InvalidField, LogRecord, TaskInfo
 
 T = TypeVar("T")
 
-# "Up to the end" for range reads: the largest seq either store can hold.
+# "Up to the end" for range reads: every seq the stores can hold (int64).
 SEQ_MAX = 2**63 - 1
 
 
