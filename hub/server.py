@@ -24,7 +24,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from hub import wsbuffer
+from hub import sendlock, wsbuffer
 from hub.app import create_app
 from hub.config import HubConfig
 from hub.retention import run_retention
@@ -80,7 +80,9 @@ def _hypercorn_config(config: HubConfig) -> HypercornConfig:
     # (hub/wsbuffer.py); up to it, decode_client_frame applies the exact limit.
     wsbuffer.install()
     hc.websocket_max_message_size = config.limits.max_frame_bytes + 1024
-    # Pings let hypercorn notice a peer that vanished without a close.
+    # Pings let hypercorn notice a peer that vanished without a close; their
+    # sends must not race a connection's close (hub/sendlock.py).
+    sendlock.install()
     hc.websocket_ping_interval = config.ping_interval
     hc.graceful_timeout = config.shutdown_timeout + 2
     hc.accesslog = None

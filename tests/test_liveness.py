@@ -420,7 +420,10 @@ def hub_proc(tmp_path: Path) -> Iterator[Any]:
         yield start
     finally:
         for hub in started:
+            alive = hub.proc is not None and hub.proc.poll() is None
             hub.stop()
+            # Shown by pytest only when the test failed: the hub's own account.
+            print(f"--- hub on {hub.db} ({'running' if alive else 'EXITED'}) ---\n{''.join(hub.output)}")
 
 
 def test_item17_fit_frame_never_exceeds_the_limit() -> None:
