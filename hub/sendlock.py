@@ -1,4 +1,8 @@
-"""A connection's close must not race its own sends, or the whole hub exits.
+"""One connection's trouble must never end the hub.
+
+Two guards around hypercorn's trio TCP server (installed by hub/server.py).
+
+A connection's close must not race its own sends.
 
 Hypercorn's trio TCP server sends every chunk under `send_lock`, except the
 half-close in `_close` (`send_eof`). When a connection closes while its
@@ -8,17 +12,26 @@ in the server's task group, so that error ends every connection and the hub
 (seen: a client refused with close 1008 at the moment of a ping). Here
 `_close` takes the same lock, so the two take turns; the send that comes
 second finds the socket closed, which hypercorn already handles.
+
+And whatever else goes wrong in one connection's handler: hypercorn runs
+each under `trio.serve_listeners`, where an exception ends the listener and
+so the hub. It is logged with its traceback (it is a bug to fix) and only that
+connection ends.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 from hypercorn.trio.tcp_server import TCPServer
 
+log = logging.getLogger("keruta.hub.http")
+
 _original_close: Callable[[Any], Awaitable[None]] = TCPServer._close
+_original_run: Callable[[Any], Awaitable[None]] = TCPServer.run
 
 
 async def _close_under_send_lock(self: Any) -> None:
@@ -33,6 +46,15 @@ async def _close_under_send_lock(self: Any) -> None:
             await _original_close(self)
 
 
+async def _run_isolated(self: Any) -> None:
+    try:
+        await _original_run(self)
+    except Exception:
+        log.exception("a connection's handler failed; that connection is closed, the hub serves on")
+
+
 def install() -> None:
     if TCPServer._close is not _close_under_send_lock:  # type: ignore[comparison-overlap]
         TCPServer._close = _close_under_send_lock  # type: ignore[method-assign]
+    if TCPServer.run is not _run_isolated:  # type: ignore[comparison-overlap]
+        TCPServer.run = _run_isolated  # type: ignore[method-assign]
