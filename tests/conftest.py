@@ -52,6 +52,13 @@ async def fresh_pg_database(dsn: str) -> AsyncIterator[str]:
 
 def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def]
     """Tests marked `pg` (and the PostgreSQL `store` param) need a server."""
+    if os.environ.get("KERUTA_REQUIRE_BROWSER") and not all(
+        os.path.exists(p) for p in ("/usr/bin/chromium", "/usr/bin/chromedriver")
+    ):
+        raise pytest.UsageError(
+            "KERUTA_REQUIRE_BROWSER is set but Chromium or chromedriver is missing: "
+            "the browser tests would be skipped"
+        )
     if pg_dsn() is not None:
         return
     if os.environ.get("KERUTA_REQUIRE_PG"):
