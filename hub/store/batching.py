@@ -18,6 +18,7 @@ from hub.store.base import (
     DUPLICATE,
     GAP,
     INSERTED,
+    AppendResult,
     Incoming,
     LogQuery,
     LogStats,
@@ -95,6 +96,20 @@ class Plan:
     # (task_id, producer) -> (lowest, highest) producer seq among the lookups.
     producer_lookups: dict[tuple[str, str], list[int]] = attrs.field(factory=dict)
     items: Sequence[Incoming] = ()
+
+    def result(
+        self,
+        inserted: list[LogRecord],
+        durable: dict[str, int],
+        producers: dict[tuple[str, str], ProducerProgress],
+    ) -> AppendResult:
+        return AppendResult(
+            records=self.records,
+            inserted=inserted,
+            durable=durable,
+            status=self.status,
+            producers={key: run.high for key, run in producers.items()},
+        )
 
     def inserted(self) -> list[LogRecord]:
         return [r for r, s in zip(self.records, self.status, strict=True) if s == INSERTED and r is not None]

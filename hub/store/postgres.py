@@ -462,13 +462,7 @@ class PostgresStore:
                     conn, task_id, task, now, self._notify and task.durable_seq > before, self.origin
                 )
         await _save_producers(conn, producers)
-        return AppendResult(
-            records=plan.records,
-            inserted=inserted,
-            durable=durable,
-            status=plan.status,
-            producers={key: run.high for key, run in producers.items()},
-        )
+        return plan.result(inserted, durable, producers)
 
     async def _insert(self, conn: Any, fresh: list[LogRecord]) -> list[LogRecord]:
         """Insert what is not stored yet; return exactly the inserted records."""

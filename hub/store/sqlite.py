@@ -374,13 +374,7 @@ def _append_tx(conn: sqlite3.Connection, items: Sequence[Incoming]) -> AppendRes
         count_rows,
     )
     _save_producers(conn, producers)
-    return AppendResult(
-        records=plan.records,
-        inserted=inserted,
-        durable=durable,
-        status=plan.status,
-        producers={key: run.high for key, run in producers.items()},
-    )
+    return plan.result(inserted, durable, producers)
 
 
 def _in_write_tx(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
