@@ -123,15 +123,15 @@ def format_table(figs: Sequence[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def check_delivery(
-    counts: Sequence[int], expect: int, dups: int = 0, gaps: int = 0
-) -> str | None:
+def check_delivery(counts: Sequence[int], expect: int, dups: int = 0, gaps: int = 0) -> str | None:
     """None when every viewer got `expect` lines with no duplicate or gap;
     otherwise what went wrong, for the figure's notes."""
     problems = []
     short = [c for c in counts if c < expect]
     if short:
-        problems.append(f"{len(short)}/{len(counts)} viewers short, lost {sum(expect - c for c in short)} lines")
+        problems.append(
+            f"{len(short)}/{len(counts)} viewers short, lost {sum(expect - c for c in short)} lines"
+        )
     if dups:
         problems.append(f"{dups} duplicate records")
     if gaps:
@@ -159,7 +159,9 @@ def start(cmd: list[str], log_path: str, **kw: Any) -> subprocess.Popen[bytes]:
         log.close()
 
 
-def stop(proc: subprocess.Popen[bytes] | None, grace: float = 5.0, sig: int = signal.SIGTERM) -> None:
+def stop(
+    proc: subprocess.Popen[bytes] | None, grace: float = 5.0, sig: int = signal.SIGTERM
+) -> None:
     """Stop a process we started and its whole group: sig, then SIGKILL after grace."""
     if proc is None:
         return

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import sys
 import time
 import uuid
 
@@ -83,7 +82,7 @@ async def run(a: argparse.Namespace) -> dict[str, object]:
                 break
         try:
             await asyncio.wait_for(rd, a.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             error = f"timeout: {acked} of {a.lines} acknowledged"
         elapsed = time.perf_counter() - began
     return {
@@ -113,4 +112,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -27,6 +27,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -62,13 +63,13 @@ STORE_BENCH = str(HERE / "store_bench.py")
 
 SIZES = {
     # name: (quick, full)
-    "e2e_lines": (100_000, 1_000_000),
-    "fan10_lines": (30_000, 200_000),
-    "fan100_lines": (3_000, 20_000),
+    "e2e_lines": (200_000, 1_000_000),
+    "fan10_lines": (50_000, 200_000),
+    "fan100_lines": (5_000, 20_000),
     "lat_lines": (300, 500),
-    "agent_mem_lines": (200_000, 2_000_000),
-    "stall_lines": (30_000, 200_000),
-    "ingest_lines": (20_000, 100_000),
+    "agent_mem_lines": (500_000, 2_000_000),
+    "stall_lines": (100_000, 200_000),
+    "ingest_lines": (50_000, 100_000),
     "query_rows": (200_000, 1_000_000),
 }
 SCENARIOS = ["e2e", "fanout", "latency", "memory", "ingest", "store"]
@@ -97,7 +98,9 @@ class Bench:
         quick, full = SIZES[key]
         return quick if self.quick else full
 
-    def add(self, name: str, value: float | None, unit: str, params: dict[str, Any], **kw: Any) -> None:
+    def add(
+        self, name: str, value: float | None, unit: str, params: dict[str, Any], **kw: Any
+    ) -> None:
         fig = figure(name, value, unit, params, date=self.date, commit=self.commit, **kw)
         self.figures.append(fig)
         print(json_line(fig), flush=True)
@@ -140,9 +143,21 @@ class Bench:
                 prod += ["--interval-ms", "10", "--start-delay", "1"]
             began = time.monotonic()
             agent = start(
-                [self.agent_bin, "run", "--hub", f"http://127.0.0.1:{port}", "--task-id", task,
-                 "--quiet", "--spool-dir", str(d / "spool"), "--drain-timeout", str(int(timeout)),
-                 "--", *prod],
+                [
+                    self.agent_bin,
+                    "run",
+                    "--hub",
+                    f"http://127.0.0.1:{port}",
+                    "--task-id",
+                    task,
+                    "--quiet",
+                    "--spool-dir",
+                    str(d / "spool"),
+                    "--drain-timeout",
+                    str(int(timeout)),
+                    "--",
+                    *prod,
+                ],
                 str(d / "agent.log"),
                 env=self.env,
                 cwd=d,
@@ -165,12 +180,14 @@ class Bench:
         res = summarize(results, lines)
         res.update(hub_rss=hub_rss, agent_rss=agent_rss, stored=stored, agent_rc=agent_rc)
         if stored != lines:
-            res["problem"] = ((res.get("problem") + "; ") if res.get("problem") else "") + (
-                f"hub stored {stored} of {lines} lines"
+            res["problem"] = "; ".join(
+                filter(None, [res.get("problem"), f"hub stored {stored} of {lines} lines"])
             )
         return res
 
-    def websocketd_stream(self, viewers: int, lines: int, *, lat: bool = False, timeout: float = 300.0) -> dict[str, Any]:
+    def websocketd_stream(
+        self, viewers: int, lines: int, *, lat: bool = False, timeout: float = 300.0
+    ) -> dict[str, Any]:
         if not self.websocketd:
             raise Missing(f"websocketd not installed ({self.wsd_missing})")
         d = self.tmp("websocketd")
@@ -184,13 +201,22 @@ class Bench:
             # websocketd runs one producer per connection: its fan-out is K
             # copies of the command, not K viewers of one stream
             wsd = start(
-                [self.websocketd, "--address=127.0.0.1", f"--port={port}", "--loglevel=fatal", "--", *prod],
+                [
+                    self.websocketd,
+                    "--address=127.0.0.1",
+                    f"--port={port}",
+                    "--loglevel=fatal",
+                    "--",
+                    *prod,
+                ],
                 str(d / "websocketd.log"),
                 cwd=d,
             )
             if not wait_port(port, wsd):
                 raise RuntimeError("websocketd did not listen within 20 s")
-            vprocs = self.start_viewers(d, f"ws://127.0.0.1:{port}/", "raw", viewers, lines, lat, 0, None, timeout)
+            vprocs = self.start_viewers(
+                d, f"ws://127.0.0.1:{port}/", "raw", viewers, lines, lat, 0, None, timeout
+            )
             results = self.wait_viewers(vprocs, timeout)
             rss = peak_rss_mib(wsd.pid)
         finally:
@@ -202,16 +228,40 @@ class Bench:
         return res
 
     def start_viewers(
-        self, d: Path, url: str, proto: str, viewers: int, lines: int, lat: bool, stall: int,
-        task: str | None, timeout: float,
+        self,
+        d: Path,
+        url: str,
+        proto: str,
+        viewers: int,
+        lines: int,
+        lat: bool,
+        stall: int,
+        task: str | None,
+        timeout: float,
     ) -> list[tuple[subprocess.Popen[bytes], str, str]]:
         nprocs = 1 if viewers == 1 else 2  # 2 cores: split fan-out viewers over 2 processes
         out = []
         for i in range(nprocs):
             k = viewers // nprocs + (1 if i < viewers % nprocs else 0)
             ready, res = str(d / f"viewer{i}.ready"), str(d / f"viewer{i}.json")
-            cmd = [PY, VIEWER, "--url", url, "--proto", proto, "--viewers", str(k), "--expect", str(lines),
-                   "--timeout", str(timeout), "--ready", ready, "--out", res]
+            cmd = [
+                PY,
+                VIEWER,
+                "--url",
+                url,
+                "--proto",
+                proto,
+                "--viewers",
+                str(k),
+                "--expect",
+                str(lines),
+                "--timeout",
+                str(timeout),
+                "--ready",
+                ready,
+                "--out",
+                res,
+            ]
             if task:
                 cmd += ["--task", task]
             if lat:
@@ -228,7 +278,9 @@ class Bench:
                 raise RuntimeError(f"{failed} viewers could not connect")
         return out
 
-    def wait_viewers(self, vprocs: list[tuple[subprocess.Popen[bytes], str, str]], timeout: float) -> list[dict[str, Any]]:
+    def wait_viewers(
+        self, vprocs: list[tuple[subprocess.Popen[bytes], str, str]], timeout: float
+    ) -> list[dict[str, Any]]:
         end = time.monotonic() + timeout + 30
         results: list[dict[str, Any]] = []
         for p, _, res in vprocs:
@@ -271,44 +323,75 @@ class Bench:
 
             def one(store: str = store) -> dict[str, Any]:
                 if store == "sqlite":
-                    return self.keruta_stream(f"sqlite:///{self.tmp('db')}/keruta.db", 1, n, timeout=timeout)
+                    return self.keruta_stream(
+                        f"sqlite:///{self.tmp('db')}/keruta.db", 1, n, timeout=timeout
+                    )
                 with self.pg_database() as url:
                     return self.keruta_stream(url, 1, n, timeout=timeout)
 
             res = self.guarded(one)
-            k = self.add_rate(f"keruta end to end, persisted in {label}, 1 viewer", res, params, hub=True)
-            self.add("ratio keruta/websocketd" + f" ({label}, 1 viewer)", ratio(k, wsd_rate), "x",
-                     params, missing=_why(res, wsd))
+            k = self.add_rate(
+                f"keruta end to end, persisted in {label}, 1 viewer", res, params, hub=True
+            )
+            self.add(
+                "ratio keruta/websocketd" + f" ({label}, 1 viewer)",
+                ratio(k, wsd_rate),
+                "x",
+                params,
+                missing=_why(res, wsd),
+            )
 
     def scenario_fanout(self) -> None:
         for viewers, key in ((10, "fan10_lines"), (100, "fan100_lines")):
             n = self.size(key)
-            params = {"viewers": viewers, "lines_per_viewer": n, "client_procs": 2, "reps": self.reps}
+            params = {
+                "viewers": viewers,
+                "lines_per_viewer": n,
+                "client_procs": 2,
+                "reps": self.reps,
+            }
             timeout = 60 + viewers * n / 5000
-            wsd = self.guarded(lambda: self.websocketd_stream(viewers, n, timeout=timeout))
-            w = self.add_rate(f"websocketd {viewers} viewers aggregate (one producer per viewer)", wsd, params)
-            res = self.guarded(
-                lambda: self.keruta_stream(f"sqlite:///{self.tmp('db')}/keruta.db", viewers, n, timeout=timeout)
+            wsd = self.guarded(partial(self.websocketd_stream, viewers, n, timeout=timeout))
+            w = self.add_rate(
+                f"websocketd {viewers} viewers aggregate (one producer per viewer)", wsd, params
             )
-            k = self.add_rate(f"keruta {viewers} viewers aggregate (one task, SQLite)", res, params, hub=True)
-            self.add(f"ratio keruta/websocketd ({viewers} viewers)", ratio(k, w), "x", params, missing=_why(res, wsd))
+            res = self.guarded(
+                lambda v=viewers, n=n, t=timeout: self.keruta_stream(  # type: ignore[misc]
+                    f"sqlite:///{self.tmp('db')}/keruta.db", v, n, timeout=t
+                )
+            )
+            k = self.add_rate(
+                f"keruta {viewers} viewers aggregate (one task, SQLite)", res, params, hub=True
+            )
+            self.add(
+                f"ratio keruta/websocketd ({viewers} viewers)",
+                ratio(k, w),
+                "x",
+                params,
+                missing=_why(res, wsd),
+            )
 
     def scenario_latency(self) -> None:
         n = self.size("lat_lines")
         params = {"lines": n, "interval_ms": 10, "reps": self.reps}
         for who in ("websocketd", "keruta"):
             if who == "websocketd":
-                reps = self.guarded(lambda: self.websocketd_stream(1, n, lat=True, timeout=60 + n / 50))
+                reps = self.guarded(
+                    lambda: self.websocketd_stream(1, n, lat=True, timeout=60 + n / 50)
+                )
             else:
                 reps = self.guarded(
-                    lambda: self.keruta_stream(f"sqlite:///{self.tmp('db')}/keruta.db", 1, n, lat=True,
-                                               timeout=60 + n / 50)
+                    lambda: self.keruta_stream(
+                        f"sqlite:///{self.tmp('db')}/keruta.db", 1, n, lat=True, timeout=60 + n / 50
+                    )
                 )
             for q in (50, 99):
                 vals = [percentile(r["lat_us"], q) for r in reps.get("reps", [])]
                 ms = median([v / 1000 for v in vals if v is not None])
                 p = dict(params, delivery=reps.get("problem") or "ok")
-                self.add(f"{who} latency p{q} (write -> viewer)", ms, "ms", p, missing=reps.get("error"))
+                self.add(
+                    f"{who} latency p{q} (write -> viewer)", ms, "ms", p, missing=reps.get("error")
+                )
 
     def scenario_memory(self) -> None:
         n = self.size("agent_mem_lines")
@@ -327,21 +410,44 @@ class Bench:
         n = self.size("stall_lines")
         params = {"viewers": 10, "stalled_viewers": 1, "lines": n, "reps": self.reps}
         res = self.guarded(
-            lambda: self.keruta_stream(f"sqlite:///{self.tmp('db')}/keruta.db", 10, n, stall=1,
-                                       timeout=60 + 10 * n / 5000)
+            lambda: self.keruta_stream(
+                f"sqlite:///{self.tmp('db')}/keruta.db", 10, n, stall=1, timeout=60 + 10 * n / 5000
+            )
         )
         val = median([r["hub_rss"] for r in res.get("reps", [])])
-        self.add("hub peak RSS, fan-out with 1 stalled viewer", val, "MiB",
-                 dict(params, delivery=res.get("problem") or "ok"), missing=res.get("error"))
+        self.add(
+            "hub peak RSS, fan-out with 1 stalled viewer",
+            val,
+            "MiB",
+            dict(params, delivery=res.get("problem") or "ok"),
+            missing=res.get("error"),
+        )
 
     def agent_hub_down(self, n: int) -> float:
         d = self.tmp("agent-mem")
         port = free_port()  # nothing listens there: the hub is down throughout
         agent = start(
-            [self.agent_bin, "run", "--hub", f"http://127.0.0.1:{port}", "--task-id", "bench-mem",
-             "--quiet", "--spool-dir", str(d / "spool"), "--drain-timeout", "1",
-             "--", PY, PRODUCER, "--lines", str(n)],
-            str(d / "agent.log"), env=self.env, cwd=d,
+            [
+                self.agent_bin,
+                "run",
+                "--hub",
+                f"http://127.0.0.1:{port}",
+                "--task-id",
+                "bench-mem",
+                "--quiet",
+                "--spool-dir",
+                str(d / "spool"),
+                "--drain-timeout",
+                "1",
+                "--",
+                PY,
+                PRODUCER,
+                "--lines",
+                str(n),
+            ],
+            str(d / "agent.log"),
+            env=self.env,
+            cwd=d,
         )
         peak = 0.0
         end = time.monotonic() + 60 + n / 5000
@@ -367,8 +473,10 @@ class Bench:
     def scenario_ingest(self) -> None:
         n = self.size("ingest_lines")
         out: dict[str, float | None] = {}
-        for mode, label in (("seed", "seed design: one `log` frame per line, waiting for nothing"),
-                            ("batched", "keruta frames: `logs` of 500 records with a producer id")):
+        for mode, label in (
+            ("seed", "seed design: one `log` frame per line, waiting for nothing"),
+            ("batched", "keruta frames: `logs` of 500 records with a producer id"),
+        ):
             params = {"lines": n, "store": "SQLite", "reps": self.reps}
             vals, err = [], None
             for _ in range(self.reps):
@@ -378,22 +486,55 @@ class Bench:
                     err = describe(e)
             out[mode] = median(vals)
             self.add(f"hub ingest, {label}, committed", out[mode], "lines/s", params, missing=err)
-        self.add("ratio batched/seed ingest", ratio(out["batched"], out["seed"]), "x", {"lines": n},
-                 missing="a side is missing" if None in out.values() else None)
+        self.add(
+            "ratio batched/seed ingest",
+            ratio(out["batched"], out["seed"]),
+            "x",
+            {"lines": n},
+            missing="a side is missing" if None in out.values() else None,
+        )
 
     def ingest_once(self, mode: str, n: int) -> float:
         d = self.tmp("ingest")
         port = free_port()
         hub = client = None
         try:
-            hub = start([self.hub_bin, "--host", "127.0.0.1", "--port", str(port),
-                         "--db", f"sqlite:///{d}/keruta.db"], str(d / "hub.log"), env=self.env, cwd=d)
+            hub = start(
+                [
+                    self.hub_bin,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--db",
+                    f"sqlite:///{d}/keruta.db",
+                ],
+                str(d / "hub.log"),
+                env=self.env,
+                cwd=d,
+            )
             if not wait_healthz(port, hub):
                 raise RuntimeError("keruta-hub not healthy within 30 s")
             timeout = 60 + n / 1000
-            client = start([PY, INGEST, "--url", f"ws://127.0.0.1:{port}/api/v1/ws", "--task", f"ingest-{mode}",
-                            "--lines", str(n), "--mode", mode, "--timeout", str(timeout),
-                            "--out", str(d / "ingest.json")], str(d / "ingest.log"))
+            client = start(
+                [
+                    PY,
+                    INGEST,
+                    "--url",
+                    f"ws://127.0.0.1:{port}/api/v1/ws",
+                    "--task",
+                    f"ingest-{mode}",
+                    "--lines",
+                    str(n),
+                    "--mode",
+                    mode,
+                    "--timeout",
+                    str(timeout),
+                    "--out",
+                    str(d / "ingest.json"),
+                ],
+                str(d / "ingest.log"),
+            )
             client.wait(timeout + 30)
             with open(d / "ingest.json") as f:
                 res = json.load(f)
@@ -421,13 +562,21 @@ class Bench:
                 done = {f["name"] for f in self.figures}
                 for name in names:
                     if name not in done:
-                        self.add(name, None, "ms" if "query" in name else "rows/s", {"rows": rows},
-                                 missing=describe(e))
+                        self.add(
+                            name,
+                            None,
+                            "ms" if "query" in name else "rows/s",
+                            {"rows": rows},
+                            missing=describe(e),
+                        )
 
     def store_and_queries(self, db: str, label: str, rows: int) -> None:
         d = self.tmp("store")
         out = d / "store.json"
-        p = start([PY, STORE_BENCH, "--db", db, "--rows", str(rows), "--out", str(out)], str(d / "store.log"))
+        p = start(
+            [PY, STORE_BENCH, "--db", db, "--rows", str(rows), "--out", str(out)],
+            str(d / "store.log"),
+        )
         try:
             rc = p.wait(120 + rows / 2000)
         finally:
@@ -435,11 +584,19 @@ class Bench:
         if rc != 0 or not out.exists():
             raise RuntimeError(f"store_bench exited {rc}: {tail(d / 'store.log')}")
         res = json.loads(out.read_text())
-        self.add(f"{label} store.append ceiling (batches of 500, no network)", res["rows_per_s"], "rows/s",
-                 {"rows": rows, "batch": 500, "producer": "one producer id", "reps": 1})
+        self.add(
+            f"{label} store.append ceiling (batches of 500, no network)",
+            res["rows_per_s"],
+            "rows/s",
+            {"rows": rows, "batch": 500, "producer": "one producer id", "reps": 1},
+        )
         port = free_port()
-        hub = start([self.hub_bin, "--host", "127.0.0.1", "--port", str(port), "--db", db],
-                    str(d / "hub.log"), env=self.env, cwd=d)
+        hub = start(
+            [self.hub_bin, "--host", "127.0.0.1", "--port", str(port), "--db", db],
+            str(d / "hub.log"),
+            env=self.env,
+            cwd=d,
+        )
         try:
             if not wait_healthz(port, hub):
                 raise RuntimeError("keruta-hub not healthy within 30 s")
@@ -458,8 +615,13 @@ class Bench:
                         break
                     if i:
                         times.append(ms)
-                self.add(f"{label} query: {name}", median(times) if not err else None, "ms",
-                         {"rows": rows, "requests": len(times), "via": "REST, keep-alive"}, missing=err)
+                self.add(
+                    f"{label} query: {name}",
+                    median(times) if not err else None,
+                    "ms",
+                    {"rows": rows, "requests": len(times), "via": "REST, keep-alive"},
+                    missing=err,
+                )
             conn.close()
         finally:
             stop(hub, grace=15)
@@ -480,22 +642,28 @@ class Bench:
             "problem": "; ".join(problems) or None,
         }
 
-    def add_rate(self, name: str, res: dict[str, Any], params: dict[str, Any], hub: bool = False) -> float | None:
+    def add_rate(
+        self, name: str, res: dict[str, Any], params: dict[str, Any], hub: bool = False
+    ) -> float | None:
         value = median([r.get("rate") for r in res["reps"]])
         p = dict(params, delivery=res.get("problem") or "ok")
         if hub:
             rss = median([r.get("hub_rss") for r in res["reps"]])
             if rss is not None:
                 p["hub_peak_rss_mib"] = round(rss, 1)
-        missing = res.get("error") or ("no rate (too few lines received)" if value is None else None)
+        missing = res.get("error") or (
+            "no rate (too few lines received)" if value is None else None
+        )
         self.add(name, value, "lines/s", p, missing=missing)
         return value
 
     def run(self) -> int:
         load = os.getloadavg()
-        header = (f"keruta bench {'--quick' if self.quick else 'full'} {self.date} commit {self.commit}; "
-                  f"{os.cpu_count()} cores; load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
-                  f"websocketd: {websocketd_version(self.websocketd) if self.websocketd else self.wsd_missing}")
+        header = (
+            f"keruta bench {'--quick' if self.quick else 'full'} {self.date} commit {self.commit}; "
+            f"{os.cpu_count()} cores; load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
+            f"websocketd: {websocketd_version(self.websocketd) if self.websocketd else self.wsd_missing}"
+        )
         print(header, flush=True)
         self.add("load average (1 min) at start", round(load[0], 2), "load", {})
         only = self.args.only.split(",") if self.args.only else SCENARIOS
@@ -518,7 +686,9 @@ class Bench:
         results = Path(self.args.results_dir)
         results.mkdir(parents=True, exist_ok=True)
         stamp = self.date.replace(":", "")
-        (results / f"bench-{stamp}.jsonl").write_text("".join(json_line(f) + "\n" for f in self.figures))
+        (results / f"bench-{stamp}.jsonl").write_text(
+            "".join(json_line(f) + "\n" for f in self.figures)
+        )
         (results / f"bench-{stamp}.md").write_text(header + "\n\n" + table + "\n\n" + footer + "\n")
         print(f"results: {results}/bench-{stamp}.jsonl and .md", flush=True)
         if not self.args.keep:
@@ -587,8 +757,15 @@ def _which(name: str, bindir: Path) -> str:
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip() or "?"
+        return (
+            subprocess.run(
+                ["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+            or "?"
+        )
     except (OSError, subprocess.TimeoutExpired):
         return "?"
 
@@ -599,7 +776,9 @@ def ensure_websocketd() -> str | None:
     if not apt:
         return "no websocketd and no apt-get to install it"
     try:
-        r = subprocess.run([apt, "install", "-y", "websocketd"], capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [apt, "install", "-y", "websocketd"], capture_output=True, text=True, timeout=300
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"apt-get install websocketd failed: {e}"
     if r.returncode != 0 or not shutil.which("websocketd"):
@@ -609,8 +788,12 @@ def ensure_websocketd() -> str | None:
 
 def websocketd_version(path: str | None) -> str:
     try:
-        out = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "websocketd"],
-                             capture_output=True, text=True, timeout=10).stdout.strip()
+        out = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Version}", "websocketd"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return f"{path} (Debian {out})" if out else str(path)
     except (OSError, subprocess.TimeoutExpired):
         return str(path)
@@ -628,21 +811,33 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -
 
 
 def psql(dsn: str, sql: str) -> None:
-    r = subprocess.run(["psql", dsn, "-v", "ON_ERROR_STOP=1", "-qc", sql],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["psql", dsn, "-v", "ON_ERROR_STOP=1", "-qc", sql],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if r.returncode != 0:
         raise RuntimeError(f"psql: {r.stderr.strip()[:200]}")
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="one rep, smaller sizes (under 5 minutes)")
-    ap.add_argument("--reps", type=int, default=3, help="repetitions in full mode (median reported)")
+    ap.add_argument(
+        "--reps", type=int, default=3, help="repetitions in full mode (median reported)"
+    )
     ap.add_argument("--only", help="comma-separated subset of: " + ",".join(SCENARIOS))
-    ap.add_argument("--pg-dsn", help="PostgreSQL server to create scratch databases on "
-                    "(default: KERUTA_TEST_PG_DSN)")
+    ap.add_argument(
+        "--pg-dsn",
+        help="PostgreSQL server to create scratch databases on (default: KERUTA_TEST_PG_DSN)",
+    )
     ap.add_argument("--results-dir", default=str(HERE / "results"))
-    ap.add_argument("--keep", action="store_true", help="keep the temp dirs (logs, databases, spools)")
+    ap.add_argument(
+        "--keep", action="store_true", help="keep the temp dirs (logs, databases, spools)"
+    )
     args = ap.parse_args()
     if args.only and not set(args.only.split(",")) <= set(SCENARIOS):
         ap.error(f"--only takes {','.join(SCENARIOS)}")

@@ -66,7 +66,9 @@ async def load(db: str, task: str, rows: int, size: int) -> dict[str, object]:
                 elapsed += time.perf_counter() - began
                 timed_rows += len(items)
             if len(res.inserted) != len(items):
-                raise RuntimeError(f"batch at {start}: {len(res.inserted)} of {len(items)} inserted")
+                raise RuntimeError(
+                    f"batch at {start}: {len(res.inserted)} of {len(items)} inserted"
+                )
         durable = await store.durable_seq(task)
     finally:
         await store.close()

@@ -28,12 +28,12 @@ import asyncio
 import json
 import os
 import re
-import sys
 import time
+from functools import partial
 from typing import Any
 
 from websockets.client import ClientProtocol
-from websockets.frames import Opcode
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
@@ -105,16 +105,18 @@ class Viewer(asyncio.Protocol):
                     self.finish("handshake-failed")
                     return
                 if self.a.proto == "keruta":
-                    self.ws.send_text(json.dumps({"type": "subscribe", "taskId": self.a.task}).encode())
+                    self.ws.send_text(
+                        json.dumps({"type": "subscribe", "taskId": self.a.task}).encode()
+                    )
                 else:
                     self.mark_ready()
                 continue
-            if ev.opcode is not Opcode.TEXT and ev.opcode is not Opcode.BINARY:
+            if not isinstance(ev, Frame) or ev.opcode not in (Opcode.TEXT, Opcode.BINARY):
                 continue  # ping/pong/close: ClientProtocol answers them
             if self.a.proto == "keruta":
-                self.keruta_frame(ev.data, t)
+                self.keruta_frame(bytes(ev.data), t)
             else:
-                self.raw_line(ev.data, t)
+                self.raw_line(bytes(ev.data), t)
             if self.done.done():
                 return
         self.flush()
@@ -203,6 +205,10 @@ class Viewer(asyncio.Protocol):
         }
 
 
+def _same(v: Viewer) -> Viewer:
+    return v
+
+
 async def run(a: argparse.Namespace) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     wsuri = parse_uri(a.url)
@@ -218,9 +224,11 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
     for i in range(total):
         v = Viewer(i, a, i >= a.viewers, on_ready)
         try:
-            await asyncio.wait_for(loop.create_connection(lambda v=v: v, wsuri.host, wsuri.port), 15)
+            await asyncio.wait_for(
+                loop.create_connection(partial(_same, v), wsuri.host, wsuri.port), 15
+            )
             viewers.append(v)
-        except (OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, OSError) as e:
             failed.append({"idx": i, "count": 0, "end": "connect-failed", "error": repr(e)[:200]})
     deadline = time.monotonic() + a.timeout
     while ready < len(viewers) and time.monotonic() < deadline:
@@ -276,4 +284,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
