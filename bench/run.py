@@ -388,7 +388,7 @@ class Bench:
             for q in (50, 99):
                 vals = [percentile(r["lat_us"], q) for r in reps.get("reps", [])]
                 ms = median([v / 1000 for v in vals if v is not None])
-                p = dict(params, delivery=reps.get("problem") or "ok")
+                p = dict(params, **delivery(reps))
                 self.add(
                     f"{who} latency p{q} (write -> viewer)", ms, "ms", p, missing=reps.get("error")
                 )
@@ -419,7 +419,7 @@ class Bench:
             "hub peak RSS, fan-out with 1 stalled viewer",
             val,
             "MiB",
-            dict(params, delivery=res.get("problem") or "ok"),
+            dict(params, **delivery(res)),
             missing=res.get("error"),
         )
 
@@ -646,7 +646,7 @@ class Bench:
         self, name: str, res: dict[str, Any], params: dict[str, Any], hub: bool = False
     ) -> float | None:
         value = median([r.get("rate") for r in res["reps"]])
-        p = dict(params, delivery=res.get("problem") or "ok")
+        p = dict(params, **delivery(res))
         if hub:
             rss = median([r.get("hub_rss") for r in res["reps"]])
             if rss is not None:
@@ -728,6 +728,11 @@ def query_list(rows: int) -> list[tuple[str, str]]:
         ("stats", "/logs/stats"),
         ("q (rare term), first page", "/logs?q=needle&size=100"),
     ]
+
+
+def delivery(res: dict[str, Any]) -> dict[str, str]:
+    """The delivery check of the reps that ran (none when no rep ran)."""
+    return {"delivery": res.get("problem") or "ok"} if res.get("reps") else {}
 
 
 def _why(a: dict[str, Any], b: dict[str, Any]) -> str | None:
