@@ -142,6 +142,7 @@ class Bench:
                 # line's way, not the agent's start-up
                 prod += ["--interval-ms", "10", "--start-delay", "1"]
             began = time.monotonic()
+            began_wall = time.time()
             agent = start(
                 [
                     self.agent_bin,
@@ -179,6 +180,9 @@ class Bench:
             stop(hub, grace=15)
         res = summarize(results, lines)
         res.update(hub_rss=hub_rss, agent_rss=agent_rss, stored=stored, agent_rc=agent_rc)
+        if res.get("last") is not None:
+            # the whole way, agent start-up included: a check on the first->last rate
+            res["start_to_last_s"] = res["last"] - began_wall
         if stored != lines:
             res["problem"] = "; ".join(
                 filter(None, [res.get("problem"), f"hub stored {stored} of {lines} lines"])
@@ -651,6 +655,9 @@ class Bench:
             rss = median([r.get("hub_rss") for r in res["reps"]])
             if rss is not None:
                 p["hub_peak_rss_mib"] = round(rss, 1)
+            span = median([r.get("start_to_last_s") for r in res["reps"]])
+            if span is not None:
+                p["agent_start_to_last_line_s"] = round(span, 2)
         missing = res.get("error") or (
             "no rate (too few lines received)" if value is None else None
         )
@@ -717,7 +724,13 @@ def summarize(results: list[dict[str, Any]], lines: int) -> dict[str, Any]:
     if errors:
         problem = ((problem + "; ") if problem else "") + "; ".join(sorted(errors))[:300]
     lat = [x for r in counting for x in r.get("lat_us", [])]
-    return {"rate": rate(total, first, last), "problem": problem, "lat_us": lat, "received": total}
+    return {
+        "rate": rate(total, first, last),
+        "problem": problem,
+        "lat_us": lat,
+        "received": total,
+        "last": last,
+    }
 
 
 def query_list(rows: int) -> list[tuple[str, str]]:

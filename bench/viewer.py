@@ -221,7 +221,8 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
     viewers: list[Viewer] = []
     failed: list[dict[str, Any]] = []
     total = a.viewers + a.stall
-    for i in range(total):
+
+    async def open_one(i: int) -> None:
         v = Viewer(i, a, i >= a.viewers, on_ready)
         try:
             await asyncio.wait_for(
@@ -230,6 +231,11 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
             viewers.append(v)
         except (TimeoutError, OSError) as e:
             failed.append({"idx": i, "count": 0, "end": "connect-failed", "error": repr(e)[:200]})
+
+    # 20 at a time: all viewers start close together (websocketd starts a
+    # producer per connection) without a stampede on the server's accept queue
+    for b in range(0, total, 20):
+        await asyncio.gather(*(open_one(i) for i in range(b, min(b + 20, total))))
     deadline = time.monotonic() + a.timeout
     while ready < len(viewers) and time.monotonic() < deadline:
         if all(v.done.done() for v in viewers):
