@@ -100,7 +100,11 @@ async def bench_bare_insert(dsn: str, method: str, rows: int, batch: int) -> flo
         await store.open()
         try:
             work = batches("bench", rows, batch)
-            plans = [plan_batch(items, {"bench": TaskProgress(0, 0)}).fresh for items in work]
+            # every record is new: the plan's records are exactly what gets inserted
+            plans = [
+                [r for r in plan_batch(items, {"bench": TaskProgress(0, 0)}).records if r is not None]
+                for items in work
+            ]
             elapsed = 0.0
             async with store._connection() as conn:
                 for n, fresh in enumerate(plans):

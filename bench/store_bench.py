@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""The store's own ceiling: records written straight into a store, no network.
+
+    store_bench.py --db sqlite:///PATH | postgresql://... --rows N [--batch 500] --out F
+
+Appends N producer-style records (one producer id, its seqs 1..N, as an agent
+run sends them; docs/identity.md) to task --task with `store.append` in
+batches of --batch, and reports rows/s over all but the first batch (which
+warms caches and prepared statements). The task it leaves behind is the one
+the query figures read: levels INFO / WARN (1 in 7) / ERROR (1 in 100),
+stderr 1 line in 5, and the rare term "needle" in 1 line in 50,000.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hub.store import Incoming, open_store_from_url  # noqa: E402
+
+TS = "2026-11-28T12:00:00.000Z"
+RARE = "needle"
+
+
+def message(i: int) -> str:
+    word = RARE if i % 50_000 == 25_000 else "item"
+    return f"{i:09d} worker-{i % 16} processed {word} {i} in {i * 7 % 1000} ms ".ljust(79, "x")
+
+
+def batch(task: str, producer: str, start: int, end: int) -> list[Incoming]:
+    return [
+        Incoming(
+            task_id=task,
+            seq=i,
+            timestamp=TS,
+            source="stderr" if i % 5 == 0 else "stdout",
+            level="ERROR" if i % 100 == 0 else "WARN" if i % 7 == 0 else "INFO",
+            message=message(i),
+            line_number=i,
+            producer=producer,
+        )
+        for i in range(start, end)
+    ]
+
+
+async def load(db: str, task: str, rows: int, size: int) -> dict[str, object]:
+    store = open_store_from_url(db)
+    await store.open()
+    try:
+        producer = "bench-ceiling-0001"
+        elapsed = 0.0
+        timed_rows = 0
+        for n, start in enumerate(range(1, rows + 1, size)):
+            items = batch(task, producer, start, min(start + size, rows + 1))
+            began = time.perf_counter()
+            res = await store.append(items)
+            if n:
+                elapsed += time.perf_counter() - began
+                timed_rows += len(items)
+            if len(res.inserted) != len(items):
+                raise RuntimeError(
+                    f"batch at {start}: {len(res.inserted)} of {len(items)} inserted"
+                )
+        durable = await store.durable_seq(task)
+    finally:
+        await store.close()
+    return {
+        "rows": rows,
+        "durable": durable,
+        "rows_per_s": timed_rows / elapsed if elapsed else None,
+        "seconds": elapsed,
+    }
+
+
+async def main_async(a: argparse.Namespace) -> dict[str, object]:
+    if a.db.startswith("postgres"):
+        import trio_asyncio
+
+        async with trio_asyncio.open_loop():
+            return await load(a.db, a.task, a.rows, a.batch)
+    return await load(a.db, a.task, a.rows, a.batch)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--db", required=True)
+    ap.add_argument("--rows", type=int, required=True)
+    ap.add_argument("--batch", type=int, default=500)
+    ap.add_argument("--task", default="bench-query")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    res = trio.run(main_async, a)
+    with open(a.out + ".tmp", "w") as f:
+        json.dump(res, f)
+    os.replace(a.out + ".tmp", a.out)
+
+
+if __name__ == "__main__":
+    main()
