@@ -31,7 +31,7 @@ from agent.messages import (
     Started,
 )
 from agent.spool import Spool
-from keruta.levels import determine_level
+from keruta.levels import LEVELS, determine_level
 from keruta.records import LogRecord
 from keruta.timefmt import now_ts
 from keruta.wire import record_to_wire
@@ -99,6 +99,36 @@ def encode_line(
     return orjson.dumps(body)
 
 
+class LineEncoder:
+    """`encode_line` for the lines of one batch, which share task, timestamp,
+    source and metadata: those parts are encoded once per batch (per line,
+    building and dumping a dict was a sixth of the agent's CPU). A test holds
+    it to encode_line's bytes."""
+
+    _LEVELS = {level: level.encode() for level in LEVELS}
+
+    def __init__(self, task_id: str, ts: str, source: str, metadata: dict[str, Any]) -> None:
+        self.head = b'{"taskId":' + orjson.dumps(task_id) + b',"seq":'
+        self.mid = b',"timestamp":' + orjson.dumps(ts) + b',"source":' + orjson.dumps(source) + b',"level":"'
+        meta = orjson.dumps(metadata)
+        self.tail = b',"metadata":' + meta + b"}"
+        self.tail_partial = b',"metadata":' + meta + b',"partial":true}'
+
+    def encode(self, seq: int, level: str, message: str, line_number: int, partial: bool) -> bytes:
+        return b"".join(
+            (
+                self.head,
+                b"%d" % seq,
+                self.mid,
+                self._LEVELS[level],
+                b'","message":',
+                orjson.dumps(message),
+                b',"lineNumber":%d' % line_number,
+                self.tail_partial if partial else self.tail,
+            )
+        )
+
+
 class Recorder:
     """Gives lines their seq and writes them to the spool.
 
@@ -155,8 +185,10 @@ class Recorder:
         size = 0
         if self._unreported:
             self._write_drop_notice(ts, force=False)
+        encoder = LineEncoder(self.task_id, ts, source, self.metadata)
         for line, number in lines:
-            payload = self._record(source, line.text, number, ts, line.partial)
+            text = line.text
+            payload = encoder.encode(self.next_seq, determine_level(text), text, number, line.partial)
             frame = self.spool.frame_size(len(payload))
             if self._unreported or not self.spool.has_room(size + frame):
                 # Once dropping, keep dropping until the notice itself fits,
