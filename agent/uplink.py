@@ -21,8 +21,9 @@ from typing import Any
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError, open_websocket_url
+from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
+from agent.failures import UplinkFailed, describe, first_permanent, is_transient
 from agent.frames import LOST_RECORD, fill_gaps, fit_frame, logs_frame
 from agent.hubaddr import auth_headers, ws_url
 from agent.messages import RecordBatch, SpooledMessage
@@ -47,50 +48,6 @@ __all__ = [
 ]
 
 RECONNECT = Backoff(initial=0.5, factor=2.0, cap=30.0, jitter=0.3)
-
-# The hub closes with 1008 (policy) after UNAUTHORIZED.
-CLOSE_POLICY = 1008
-
-
-class UplinkFailed(Exception):
-    """Delivery stopped for good: retrying as it is cannot succeed.
-    Raised `from` the error; the records are still in the spool."""
-
-    def __init__(self, reason: str, internal: bool) -> None:
-        super().__init__(reason)
-        self.internal = internal
-
-
-_TRANSIENT = (
-    OSError,  # refused, reset, timeouts
-    HandshakeError,
-    ConnectionClosed,
-    trio.BrokenResourceError,
-    trio.ClosedResourceError,
-    trio.TooSlowError,
-)
-
-
-def is_transient(error: BaseException) -> bool:
-    """Worth another session after a backoff (see PERMANENT_CODES)?"""
-    if isinstance(error, HubRefused):
-        return not error.permanent
-    if isinstance(error, ConnectionRejected):
-        return error.status_code not in (401, 403)
-    if isinstance(error, ConnectionClosed):
-        return error.reason is None or error.reason.code != CLOSE_POLICY
-    return isinstance(error, _TRANSIENT)
-
-
-def _first_permanent(error: BaseException) -> BaseException:
-    """The error that ended delivery; the hub's own words first (its error
-    frame and the close that follows it can both be in the group)."""
-    if not isinstance(error, BaseExceptionGroup):
-        return error
-    leaves = [_first_permanent(e) for e in error.exceptions]
-    permanent = [e for e in leaves if not is_transient(e)] or leaves
-    return next((e for e in permanent if isinstance(e, HubRefused)), permanent[0])
-
 
 @attrs.define
 class UplinkSettings:
@@ -194,7 +151,7 @@ class Uplink:
         except GaveUp:
             raise
         except Exception as exc:
-            cause = _first_permanent(exc)
+            cause = first_permanent(exc)
             if isinstance(cause, HubRefused):
                 raise UplinkFailed(f"the hub refused a frame: {cause}", internal=False) from cause
             if isinstance(cause, ConnectionRejected | ConnectionClosed):
@@ -308,24 +265,3 @@ class _Session:
             if silent > s.ping_timeout:
                 raise TimeoutError(f"the hub has not answered for {silent:.0f} s")
             await self.send(ping)
-
-def describe(error: BaseException) -> str:
-    """A one-line reason for a failed session, for humans."""
-    if isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
-        return describe(error.exceptions[0])
-    if isinstance(error, ConnectionRejected):
-        hint = " (check --token / KERUTA_TOKEN)" if error.status_code in (401, 403) else ""
-        return f"refused the connection: HTTP {error.status_code}{hint}"
-    if isinstance(error, HandshakeError):
-        cause = error.__cause__ or error.__context__
-        return f"cannot connect ({describe(cause) if cause else type(error).__name__})"
-    if isinstance(error, ConnectionClosed):
-        reason = error.reason
-        if reason is None:
-            return "connection closed"
-        hint = " (check --token / KERUTA_TOKEN)" if reason.code == CLOSE_POLICY else ""
-        return f"connection closed ({reason.code} {reason.reason or ''})".replace(" )", ")") + hint
-    if isinstance(error, OSError):
-        return error.strerror or str(error)
-    text = str(error)
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
