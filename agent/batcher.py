@@ -99,3 +99,14 @@ class Batcher:
         self.in_flight = 0
         self.pending = max(0, pending)
         self.waiting_since = now if self.pending else None
+
+    def set_pending(self, pending: int, now: float) -> None:
+        """The owner's count of records waiting moved (records arrived, or an
+        ack covered some that were never sent on this connection)."""
+        if pending == self.pending:
+            return
+        if pending > 0 and (self.pending == 0 or self.waiting_since is None):
+            self.waiting_since = now
+        self.pending = max(0, pending)
+        if self.pending == 0:
+            self.waiting_since = None

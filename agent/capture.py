@@ -1,226 +1,76 @@
-"""Capture: one actor per pipe turns the command's bytes into spooled records.
+"""Capture: one actor per pipe turns the command's bytes into batches of lines.
 
     pipe ─► StreamMasker ─┬─► mirror (the agent's own stdout/stderr)
-                          └─► LineSplitter ─► Recorder ─► spool ─► (uplink wakes up)
+                          └─► LineSplitter ─► LineNumbering ─► LineBatch ─► recorder
 
-The Recorder is shared by both capture actors and is synchronous: a record
-gets its `seq` and is written to the spool in one step with no checkpoint in
-between, so seq order is spool order is send order.
+One read of the pipe makes one LineBatch; the recorder (agent/recorder.py)
+gives the lines their seqs and spools them. The pipes are trio's non-blocking
+fd streams (no thread per read).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Callable
-from typing import Any
 
-import orjson
 import trio
 
 from agent.linesplit import Line, LineSplitter
-from agent.spool import Spool
-from keruta.levels import determine_level
+from agent.messages import CaptureMessage, LineBatch
+from agent.recorder import Recorder, encode_line, encode_record
 from keruta.limits import DEFAULT_LIMITS, Limits
 from keruta.masking import StreamMasker
-from keruta.records import LogRecord
 from keruta.timefmt import now_ts
-from keruta.wire import record_to_wire
+
+# Kept importable from here: tests and older callers know them as capture's.
+__all__ = ["Mirror", "Recorder", "capture", "encode_line", "encode_record", "LineNumbering"]
 
 READ_SIZE = 64 * 1024
-# How often the "spool full" warning repeats while lines are being dropped.
-FULL_WARNING_EVERY = 10.0
 
 Say = Callable[[str], None]
-
-
-def encode_record(record: LogRecord) -> bytes:
-    return orjson.dumps(record_to_wire(record))
-
-
-def encode_line(
-    task_id: str,
-    seq: int,
-    timestamp: str,
-    source: str,
-    level: str,
-    message: str,
-    line_number: int,
-    metadata: dict[str, Any],
-    partial: bool,
-) -> bytes:
-    """`encode_record(LogRecord(...))` without building the LogRecord: this runs
-    once per line, and every field is valid by construction (a test holds the
-    two to the same bytes)."""
-    body: dict[str, Any] = {
-        "taskId": task_id,
-        "seq": seq,
-        "timestamp": timestamp,
-        "source": source,
-        "level": level,
-        "message": message,
-        "lineNumber": line_number,
-        "metadata": metadata,
-    }
-    if partial:
-        body["partial"] = True
-    return orjson.dumps(body)
-
-
-class Recorder:
-    """Gives lines their seq and writes them to the spool.
-
-    When the spool is full (the hub has been away long enough for its disk
-    budget to fill up), a line is dropped rather than blocking the command;
-    drops are counted, announced on stderr, and recorded as an `agent`
-    record as soon as there is room again (or at the end, regardless).
-    """
-
-    def __init__(
-        self,
-        spool: Spool,
-        task_id: str,
-        *,
-        metadata: dict[str, Any] | None = None,
-        on_written: Callable[[int], None] = lambda _n: None,
-        say: Say = lambda _m: None,
-        clock: Callable[[], float] = trio.current_time,
-    ) -> None:
-        self.spool = spool
-        self.task_id = task_id
-        self.metadata = metadata or {}
-        self.on_written = on_written
-        self.say = say
-        self.clock = clock
-        self.next_seq = spool.last_seq + 1
-        self.agent_lines = 0
-        self.written = 0
-        self.dropped: dict[str, int] = {}
-        self.dropped_total = 0
-        self._unreported = 0
-        self._last_warning: float | None = None
-        self._write_error = ""
-
-    def _record(self, source: str, text: str, line_number: int, ts: str, partial: bool) -> bytes:
-        return encode_line(
-            self.task_id,
-            self.next_seq,
-            ts,
-            source,
-            determine_level(text),
-            text,
-            line_number,
-            self.metadata,
-            partial,
-        )
-
-    def write(self, source: str, lines: list[tuple[Line, int]], ts: str | None = None) -> None:
-        """Spool `lines` (each with its line number) read from `source` at `ts`."""
-        if not lines:
-            return
-        ts = ts or now_ts()
-        entries: list[tuple[int, bytes]] = []
-        size = 0
-        if self._unreported:
-            self._write_drop_notice(ts, force=False)
-        for line, number in lines:
-            payload = self._record(source, line.text, number, ts, line.partial)
-            frame = self.spool.frame_size(len(payload))
-            if self._unreported or not self.spool.has_room(size + frame):
-                # Once dropping, keep dropping until the notice itself fits,
-                # so that the notice sits where the gap is.
-                self._drop(source)
-                continue
-            entries.append((self.next_seq, payload))
-            self.next_seq += 1
-            size += frame
-        if not self._append(entries):
-            for _ in entries:
-                self._drop(source, self._write_error)
-
-    def write_agent(self, text: str, ts: str | None = None) -> None:
-        """An `agent`-source record (always written, even past the spool budget)."""
-        self.agent_lines += 1
-        payload = self._record("agent", text, self.agent_lines, ts or now_ts(), False)
-        self.next_seq += 1
-        self._append([(self.next_seq - 1, payload)])
-
-    def _append(self, entries: list[tuple[int, bytes]]) -> bool:
-        if not entries:
-            return True
-        try:
-            self.spool.append(entries)
-        except OSError as exc:
-            # The disk is full or failing: the command must not stop for that.
-            # These seqs were not used; the drop is counted like a full spool.
-            self.next_seq = entries[0][0]
-            self._write_error = f"cannot write to the spool in {self.spool.dir}: {exc}"
-            return False
-        self.written += len(entries)
-        self.on_written(len(entries))
-        return True
-
-    def _drop(self, source: str, why: str | None = None) -> None:
-        self.dropped[source] = self.dropped.get(source, 0) + 1
-        self.dropped_total += 1
-        self._unreported += 1
-        now = self.clock()
-        if self._last_warning is None or now - self._last_warning >= FULL_WARNING_EVERY:
-            self._last_warning = now
-            reason = why or (
-                f"SPOOL FULL: {self.spool.used_bytes} bytes in {self.spool.dir} "
-                f"(--spool-max-bytes {self.spool.max_bytes}) and the hub has not acknowledged "
-                "them"
-            )
-            self.say(
-                f"{reason}; DROPPING output lines until this changes "
-                f"({self.dropped_total} dropped so far). The command keeps running."
-            )
-
-    def _drop_notice(self) -> str:
-        detail = ", ".join(f"{src}: {n}" for src, n in sorted(self.dropped.items()))
-        return (
-            f"keruta-agent: the spool was full; {self._unreported} output records were dropped "
-            f"here ({detail} in total so far)"
-        )
-
-    def _write_drop_notice(self, ts: str, force: bool) -> None:
-        text = self._drop_notice()
-        payload_len = len(text) + 400
-        if not force and not self.spool.has_room(self.spool.frame_size(payload_len)):
-            return
-        self._unreported = 0
-        self.write_agent(text, ts)
-        if not force:
-            self.say(text.removeprefix("keruta-agent: ") + "; there is room again")
-
-    def finish(self) -> None:
-        """At the end: make sure a gap is recorded even if the spool is still full."""
-        if self._unreported:
-            self._write_drop_notice(now_ts(), force=True)
 
 
 class Mirror:
     """Writes the (masked) output to one of the agent's own file descriptors.
 
-    The write happens in a worker thread: our stdout may be a slow pipe, and
-    making fd 1 non-blocking would change it for everyone sharing it.
+    To a pipe or a terminal the write happens in a worker thread: our stdout
+    may be slow, and making fd 1 non-blocking would change it for everyone
+    sharing it. A regular file or /dev/null cannot hold us up, and is written
+    directly: a thread hop per read was a tenth of the agent's CPU.
     """
 
     def __init__(self, fd: int, say: Say) -> None:
         self.fd = fd
         self.say = say
         self.broken = False
+        self.direct = _never_blocks(fd)
 
     async def write(self, data: bytes) -> None:
         if self.broken or not data:
             return
         try:
-            await trio.to_thread.run_sync(_write_all, self.fd, data)
+            if self.direct:
+                _write_all(self.fd, data)
+            else:
+                await trio.to_thread.run_sync(_write_all, self.fd, data)
         except OSError as exc:
             self.broken = True
             if exc.errno != errno.EPIPE:
                 self.say(f"cannot mirror output to fd {self.fd} any more: {exc}")
+
+
+def _never_blocks(fd: int) -> bool:
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            return True
+        if stat.S_ISCHR(st.st_mode):
+            return st.st_rdev == os.stat(os.devnull).st_rdev
+    except OSError:
+        pass
+    return False
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -243,36 +93,41 @@ async def receive_or_eof(stream: trio.abc.ReceiveStream) -> bytes:
 async def capture(
     stream: trio.abc.ReceiveStream,
     source: str,
-    recorder: Recorder,
+    recorder: trio.MemorySendChannel[CaptureMessage],
     masker: StreamMasker,
     mirror: Mirror | None,
     limits: Limits = DEFAULT_LIMITS,
     on_read: Callable[[], None] | None = None,
 ) -> None:
     """Read `stream` to its end; every line goes to the recorder, every byte
-    (masked) to the mirror. Cancelled, it still records what it had buffered."""
+    (masked) to the mirror. Cancelled, it still records what it had buffered.
+    Closes its send end to the recorder when it ends."""
     splitter = LineSplitter(limits.max_line_bytes)
     numbering = LineNumbering()
-    try:
-        while True:
-            chunk = await receive_or_eof(stream)
-            ts = now_ts()
-            if not chunk:
-                break
-            if on_read is not None:
-                on_read()
-            data = masker.feed(chunk)
-            recorder.write(source, numbering.number(splitter.feed(data)), ts)
-            if mirror is not None:
-                await mirror.write(data)
-    finally:
-        # Also when the read was cancelled: what was buffered is recorded and shown.
-        data = masker.flush()
-        lines = splitter.feed(data) + splitter.finish()
-        recorder.write(source, numbering.number(lines), now_ts())
-        if mirror is not None and data:
+    with recorder:
+        try:
+            while True:
+                chunk = await receive_or_eof(stream)
+                ts = now_ts()
+                if not chunk:
+                    break
+                if on_read is not None:
+                    on_read()
+                data = masker.feed(chunk)
+                lines = numbering.number(splitter.feed(data))
+                if lines:
+                    await recorder.send(LineBatch(source, ts, lines))
+                if mirror is not None:
+                    await mirror.write(data)
+        finally:
+            # Also when the read was cancelled: what was buffered is recorded and shown.
+            data = masker.flush()
+            lines = numbering.number(splitter.feed(data) + splitter.finish())
             with trio.CancelScope(shield=True):
-                await mirror.write(data)
+                if lines:
+                    await recorder.send(LineBatch(source, now_ts(), lines))
+                if mirror is not None and data:
+                    await mirror.write(data)
 
 
 class LineNumbering:

@@ -67,7 +67,15 @@ class LineSplitter:
             return lines
         buf = self._pending
         start = 0
-        newline = data.find(b"\n")
+        if buf:
+            newline = data.find(b"\n")
+            if newline != -1:
+                buf += data[:newline]
+                self._emit_line(buf, lines)
+                buf.clear()
+                start = newline + 1
+        start = self._feed_short_lines(data, start, lines)
+        newline = data.find(b"\n", start)
         while newline != -1:
             if buf:
                 buf += data[start:newline]
@@ -86,6 +94,22 @@ class LineSplitter:
             lines.append(Line(buf[:cut].decode("utf-8", "replace"), partial=True))
             del buf[:cut]
         return lines
+
+    def _feed_short_lines(self, data: bytes, start: int, out: list[Line]) -> int:
+        """The common case in one go: complete lines from `start`, none long,
+        no `\r`. Returns how far `data` was consumed (`start`: not this case).
+
+        Decoding the lines together gives what decoding each gives: `\n` is
+        ASCII, so no invalid run reaches across it. A decoded line of at most
+        limit // 4 characters is at most `max_line_bytes` in UTF-8."""
+        last = data.rfind(b"\n", start)
+        if last == -1 or data.find(b"\r", start, last) != -1:
+            return start
+        texts = data[start:last].decode("utf-8", "replace").split("\n")
+        if max(map(len, texts)) > self.max_line_bytes // 4:
+            return start
+        out.extend([Line(text) for text in texts])
+        return last + 1
 
     def finish(self) -> list[Line]:
         """The last line, when the stream ended without a newline."""

@@ -1,17 +1,22 @@
-"""`keruta-agent run`: one task = one nursery.
+"""`keruta-agent run`: one task = one nursery, its actors joined by bounded channels.
 
-    ┌ task nursery ─────────────────────────────────────────────────────────┐
-    │ uplink (supervised, restarts with backoff)   spool syncer (1 s timer) │
-    │ signal forwarder                                                      │
-    │ ┌ capture nursery ──────────────┐                                     │
-    │ │ capture stdout  capture stderr│ ─► Recorder ─► Spool ─► uplink wakes│
-    │ └───────────────────────────────┘                                     │
-    └───────────────────────────────────────────────────────────────────────┘
+    ┌ task nursery ──────────────────────────────────────────────────────────────────┐
+    │ ┌ pipeline nursery ───────────────────────┐                                    │
+    │ │ capture stdout ─┐                        │                                    │
+    │ │ capture stderr ─┼─LineBatch─► recorder ──┼─RecordBatch─► limiter ─RecordBatch─► uplink
+    │ │ run (Started,  ─┘             (spool)    │                        (protocol +  │
+    │ │  AgentLine, Finished)                    │                         sessions)   │
+    │ └──────────────────────────────────────────┘                                    │
+    │ spool syncer (1 s timer)   signal router                                        │
+    └────────────────────────────────────────────────────────────────────────────────┘
 
-After the command exits and its pipes are drained the final state is written
-to the spool and given to the uplink; the agent then waits up to
-`drain_timeout` for the hub to acknowledge everything, and leaves what is
-left in the spool for `keruta-agent flush`.
+Each actor owns the receive end of its input channel and closes its output
+when its input ends: after the command exits and its pipes are drained, the
+run sends Finished and closes its end, and the close travels down the
+pipeline. The pipeline nursery ends when the recorder has spooled the last
+line and the final state; the run then waits up to `drain_timeout` for the
+uplink to be delivered, and leaves what is left in the spool for
+`keruta-agent flush`.
 """
 
 from __future__ import annotations
@@ -28,13 +33,20 @@ import attrs
 import trio
 
 from agent import process
-from agent.capture import Mirror, Recorder, capture
+from agent.capture import Mirror, capture
+from agent.limiter import limit
+from agent.messages import AgentLine, CaptureMessage, Finished, SpooledMessage, Started
+from agent.recorder import Recorder, record
 from agent.spool import Spool, SpoolLocked
 from agent.uplink import Uplink, UplinkFailed, UplinkSettings
 from keruta.limits import DEFAULT_LIMITS, Limits
 from keruta.masking import Masker
 
 SYNC_INTERVAL = 1.0
+# Channel capacities, in batches: a LineBatch is at most one pipe read (64 KiB
+# of lines); a RecordBatch is a seq range.
+CAPTURE_QUEUE = 16
+SPOOLED_QUEUE = 64
 # After the command exits, its pipes may still be held open by a background
 # process it started; stop reading once they have been quiet this long.
 PIPE_GRACE = 1.0
@@ -121,26 +133,31 @@ async def run(settings: RunSettings, say: Callable[[str], None] = say) -> RunRes
             token=settings.token,
             batch_size=settings.batch_size,
             flush_interval=settings.flush_interval,
-            rate_limit=settings.rate_limit,
             limits=settings.limits,
         ),
         say=say,
     )
-    recorder = Recorder(spool, settings.task_id, on_written=uplink.records_written, say=say)
+    recorder = Recorder(spool, settings.task_id, say=say)
     code = 1
+    failure: list[UplinkFailed] = []
     try:
         with trio.open_signal_receiver(*process.FORWARDED_SIGNALS) as signals:
             async with trio.open_nursery() as nursery:
-                failure: list[UplinkFailed] = []
+                to_limiter, limiter_inbox = trio.open_memory_channel[SpooledMessage](SPOOLED_QUEUE)
+                to_uplink, uplink_inbox = trio.open_memory_channel[SpooledMessage](SPOOLED_QUEUE)
+                nursery.start_soon(uplink.consume, uplink_inbox)
                 nursery.start_soon(_deliver, uplink, failure, say)
+                nursery.start_soon(limit, limiter_inbox, to_uplink, settings.rate_limit)
                 nursery.start_soon(_sync_loop, spool)
                 router = SignalRouter()
                 nursery.start_soon(router.run, signals)
-                code = await _run_command(settings, masker, recorder, router, say)
-                recorder.finish()
-                state = "succeeded" if code == 0 else "failed"
-                spool.set_final(state, code)
-                uplink.finish(state, code)
+                async with trio.open_nursery() as pipeline:
+                    to_recorder, recorder_inbox = trio.open_memory_channel[CaptureMessage](CAPTURE_QUEUE)
+                    pipeline.start_soon(record, recorder_inbox, recorder, to_limiter)
+                    with to_recorder:
+                        code = await _run_command(settings, masker, to_recorder, router, say)
+                        await to_recorder.send(Finished("succeeded" if code == 0 else "failed", code))
+                # Everything, the final state included, is in the spool now.
                 await _drain(uplink, router, settings.drain_timeout)
                 nursery.cancel_scope.cancel()
     finally:
@@ -173,7 +190,7 @@ async def run(settings: RunSettings, say: Callable[[str], None] = say) -> RunRes
 async def _run_command(
     settings: RunSettings,
     masker: Masker,
-    recorder: Recorder,
+    recorder: trio.MemorySendChannel[CaptureMessage],
     router: SignalRouter,
     say: Callable[[str], None],
 ) -> int:
@@ -184,9 +201,9 @@ async def _run_command(
         code = 126 if isinstance(exc, PermissionError) else 127
         message = f"cannot run {settings.command[0]!r}: {exc.strerror or exc}"
         say(message)
-        recorder.write_agent(f"keruta-agent: {message}")
+        await recorder.send(AgentLine(f"keruta-agent: {message}"))
         return code
-    recorder.metadata = {"processId": child.pid}
+    await recorder.send(Started(child.pid))
     router.child = child
     last_read = [trio.current_time()]
     async with trio.open_nursery() as captures:
@@ -199,7 +216,7 @@ async def _run_command(
                     capture,
                     stream,
                     source,
-                    recorder,
+                    recorder.clone(),
                     masker.stream(),
                     mirror,
                     settings.limits,

@@ -1,13 +1,10 @@
-"""The uplink: one WebSocket session at a time, sending the spool to the hub.
+"""The uplink: the I/O around UplinkProtocol (agent/protocol.py), one WebSocket session at a time.
 
-A session connects, says the task is `running`, and sends from the spool's
-ack watermark on: everything unacknowledged is (re)sent, in seq order, in
-frames the Batcher sizes, at most `max_in_flight` frames unacknowledged, and
-no faster than the rate limiter allows. Acks release records from the spool.
-When the command has finished and every record is acknowledged, it sends the
-final status and waits until the hub confirms it is stored (the hub does not
-ack a status, so the session watches its own task and waits for the hub's
-`status` frame, which the hub publishes only after the commit).
+The uplink actor owns the receive end of the rate limiter's output: a
+RecordBatch makes its records sendable, Finished gives the final state. The
+sessions (supervised, restarted with a backoff) connect, feed the protocol
+what the hub says, and do what it answers: send a frame, read records from
+the spool for a `logs` frame, wait. Acks release records from the spool.
 
 A transient failure (no hub, a cut connection, a peer that stops answering
 pings, a hub whose store is down) ends the session; the supervisor starts a
@@ -19,140 +16,38 @@ command never waits for any of this: it only ever writes to the spool.
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Callable
+from typing import Any
 
 import attrs
-import orjson
 import trio
-from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError, open_websocket_url
+from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
-from agent.batcher import Batcher, Send
-from agent.capture import encode_line
+from agent.failures import UplinkFailed, describe, first_permanent, is_transient
+from agent.frames import LOST_RECORD, fill_gaps, fit_frame, logs_frame
 from agent.hubaddr import auth_headers, ws_url
+from agent.messages import RecordBatch, SpooledMessage
+from agent.protocol import (
+    PERMANENT_CODES,
+    Delivered,
+    HubRefused,
+    ReadRecords,
+    SendFrame,
+    UplinkProtocol,
+)
 from agent.spool import Spool
 from keruta.backoff import Backoff
 from keruta.limits import DEFAULT_LIMITS, Limits
-from keruta.ratelimit import RateLimiter
 from keruta.supervisor import GaveUp, supervise
-from keruta.timefmt import now_ts
-from keruta.wire import (
-    AckFrame,
-    ErrorFrame,
-    FrameError,
-    PingFrame,
-    StatusFrame,
-    SubscribeFrame,
-    decode_hub_frame,
-    encode_bytes,
-)
+from keruta.wire import FrameError, PingFrame, decode_hub_frame, encode_bytes
 
-# Room for the frame's envelope around the records, when reading the spool;
-# the frame itself is measured before it is sent (fit_frame).
-FRAME_OVERHEAD = 1024
+# Kept importable from here (tests, flush).
+__all__ = [
+    "LOST_RECORD", "PERMANENT_CODES", "HubRefused", "Uplink", "UplinkFailed", "UplinkSettings",
+    "describe", "fill_gaps", "fit_frame", "is_transient", "logs_frame",
+]
+
 RECONNECT = Backoff(initial=0.5, factor=2.0, cap=30.0, jitter=0.3)
-
-# Error codes the hub repeats however often the same frame is resent.
-# Anything else (STORE_ERROR, STORE_UNAVAILABLE, SLOW_CONSUMER, RATE_LIMITED,
-# a code this agent does not know) is retried after a backoff.
-PERMANENT_CODES = frozenset(
-    {
-        "TOO_LARGE",
-        "INVALID_MESSAGE_FORMAT",
-        "FORBIDDEN",
-        "FORBIDDEN_ORIGIN",
-        "FORBIDDEN_HOST",
-        "UNAUTHORIZED",
-        "SEQ_CONFLICT",
-    }
-)
-# The hub closes with 1008 (policy) after UNAUTHORIZED.
-CLOSE_POLICY = 1008
-
-
-class HubRefused(Exception):
-    """The hub answered with an error frame (bad token, refused frame...)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.permanent = code in PERMANENT_CODES
-
-
-class UplinkFailed(Exception):
-    """Delivery stopped for good: retrying as it is cannot succeed.
-    Raised `from` the error; the records are still in the spool."""
-
-    def __init__(self, reason: str, internal: bool) -> None:
-        super().__init__(reason)
-        self.internal = internal
-
-
-_TRANSIENT = (
-    OSError,  # refused, reset, timeouts
-    HandshakeError,
-    ConnectionClosed,
-    trio.BrokenResourceError,
-    trio.ClosedResourceError,
-    trio.TooSlowError,
-)
-
-
-def is_transient(error: BaseException) -> bool:
-    """Worth another session after a backoff (see PERMANENT_CODES)?"""
-    if isinstance(error, HubRefused):
-        return not error.permanent
-    if isinstance(error, ConnectionRejected):
-        return error.status_code not in (401, 403)
-    if isinstance(error, ConnectionClosed):
-        return error.reason is None or error.reason.code != CLOSE_POLICY
-    return isinstance(error, _TRANSIENT)
-
-
-def _first_permanent(error: BaseException) -> BaseException:
-    """The error that ended delivery; the hub's own words first (its error
-    frame and the close that follows it can both be in the group)."""
-    if not isinstance(error, BaseExceptionGroup):
-        return error
-    leaves = [_first_permanent(e) for e in error.exceptions]
-    permanent = [e for e in leaves if not is_transient(e)] or leaves
-    return next((e for e in permanent if isinstance(e, HubRefused)), permanent[0])
-
-
-def fit_frame(build: Callable[[list[bytes]], bytes], payloads: list[bytes], max_bytes: int) -> tuple[bytes, int]:
-    """The frame `build` makes of the longest prefix of `payloads` that fits in
-    `max_bytes`, measured, and how many payloads it holds (at least one: a
-    record too large on its own is sent and refused, not dropped here)."""
-    count = len(payloads)
-    frame = build(payloads)
-    while len(frame) > max_bytes and count > 1:
-        excess = len(frame) - max_bytes
-        # Each payload beyond the first costs its bytes and a comma.
-        while excess > 0 and count > 1:
-            count -= 1
-            excess -= len(payloads[count]) + 1
-        frame = build(payloads[:count])
-    return frame, count
-
-
-def logs_frame(task_id: str, payloads: list[bytes], producer: str | None = None) -> bytes:
-    """A `logs` frame from records already encoded for the spool.
-
-    Byte for byte what `encode_bytes(LogsFrame(task_id, records, producer))`
-    gives (a test holds it to that), without decoding and re-encoding each record.
-    """
-    return b"".join(
-        (
-            b'{"type":"logs","taskId":',
-            orjson.dumps(task_id),
-            b',"records":[',
-            b",".join(payloads),
-            b"]",
-            b',"producer":' + orjson.dumps(producer) if producer is not None else b"",
-            b"}",
-        )
-    )
-
 
 @attrs.define
 class UplinkSettings:
@@ -161,7 +56,6 @@ class UplinkSettings:
     token: str | None = None
     batch_size: int = 500
     flush_interval: float = 0.2
-    rate_limit: float | None = None
     max_in_flight: int = 8
     ping_interval: float = 5.0
     # The hub answers pings while our frames wait for its rate limiter, but a
@@ -186,31 +80,58 @@ class Uplink:
         self.say = say
         self.backoff = backoff
         self.url = ws_url(settings.hub_url)
-        self.batcher = Batcher(settings.batch_size, settings.flush_interval, settings.max_in_flight)
-        self.limiter = RateLimiter(settings.rate_limit)
-        self.final: tuple[str, int | None] | None = None
+        # What an earlier run left in the spool is sendable from the start.
+        self.protocol = UplinkProtocol(
+            settings.task_id,
+            spool.producer,
+            acked_seq=spool.acked_seq,
+            available_seq=spool.last_seq,
+            batch_size=settings.batch_size,
+            flush_interval=settings.flush_interval,
+            max_in_flight=settings.max_in_flight,
+            limits=settings.limits,
+        )
         # Set once every record is acknowledged and the final status is stored.
         self.delivered = trio.Event()
         # Set by whoever runs the uplink when it has ended, delivered or not.
         self.stopped = trio.Event()
         self.sessions = 0
         self.failures = 0
-        self.frames_sent = 0
-        self.records_sent = 0
-        self._wakeup = trio.Event()
+        # The session's sender parks here while the protocol says wait.
+        self._news = trio.lowlevel.ParkingLot()
         self._failing_since: float | None = None
         self._last_complaint: float | None = None
 
-    # --- what the rest of the agent calls (synchronous) -----------------------
+    @property
+    def frames_sent(self) -> int:
+        return self.protocol.frames_sent
+
+    @property
+    def records_sent(self) -> int:
+        return self.protocol.records_sent
+
+    # --- input -----------------------------------------------------------------
+
+    async def consume(self, inbox: trio.MemoryReceiveChannel[SpooledMessage]) -> None:
+        """The uplink actor's input: what the rate limiter lets through. It
+        only updates the protocol, so it never holds the pipeline up."""
+        with inbox:
+            async for message in inbox:
+                if isinstance(message, RecordBatch):
+                    self.protocol.records_available(message.last_seq, trio.current_time())
+                else:
+                    self.protocol.finish(message.state, message.exit_code)
+                self._news.unpark_all()
 
     def records_written(self, count: int) -> None:
-        self.batcher.added(count, trio.current_time())
-        self._wakeup.set()
+        """Without a pipeline (tests, flush): the spool grew by `count` records."""
+        self.protocol.records_available(self.spool.last_seq, trio.current_time())
+        self._news.unpark_all()
 
     def finish(self, state: str, exit_code: int | None) -> None:
-        """The command is done: after the last ack, report `state`."""
-        self.final = (state, exit_code)
-        self._wakeup.set()
+        """Without a pipeline: the command is done; after the last ack, report `state`."""
+        self.protocol.finish(state, exit_code)
+        self._news.unpark_all()
 
     # --- running ------------------------------------------------------------
 
@@ -230,7 +151,7 @@ class Uplink:
         except GaveUp:
             raise
         except Exception as exc:
-            cause = _first_permanent(exc)
+            cause = first_permanent(exc)
             if isinstance(cause, HubRefused):
                 raise UplinkFailed(f"the hub refused a frame: {cause}", internal=False) from cause
             if isinstance(cause, ConnectionRejected | ConnectionClosed):
@@ -268,35 +189,27 @@ class Uplink:
                 )
                 self._failing_since = None
                 self._last_complaint = None
-            session = _Session(self, ws)
-            await session.run()
+            try:
+                await _Session(self, ws).run()
+            finally:
+                self.protocol.on_disconnected()
 
 
 class _Session:
-    """State that lives exactly as long as one connection."""
+    """The I/O of one connection; its state lives in the protocol."""
 
-    def __init__(self, uplink: Uplink, ws: object) -> None:
+    def __init__(self, uplink: Uplink, ws: Any) -> None:
         self.up = uplink
         self.ws = ws
-        self.spool = uplink.spool
-        self.task_id = uplink.settings.task_id
-        self.producer = self.spool.producer
-        self.cursor = self.spool.acked_seq + 1  # the next seq to send
-        self.in_flight: collections.deque[int] = collections.deque()  # last seq of each frame
+        self.proto = uplink.protocol
         self.last_heard = trio.current_time()
-        self.status_sent = False
-        self.confirmed = trio.Event()
-        max_frame = uplink.settings.limits.max_frame_bytes
-        self.max_payload = max_frame - FRAME_OVERHEAD
 
     async def send(self, data: bytes) -> None:
-        await self.ws.send_message(data.decode())  # type: ignore[attr-defined]
+        await self.ws.send_message(data.decode())
 
     async def run(self) -> None:
-        up = self.up
-        up.batcher.reset(self.spool.last_seq - self.cursor + 1, trio.current_time())
-        if up.final is None:
-            await self.send(encode_bytes(StatusFrame(self.task_id, "running", producer=self.producer)))
+        for frame in self.proto.on_connected(trio.current_time()):
+            await self.send(frame)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.receive_loop)
             nursery.start_soon(self.ping_loop)
@@ -304,121 +217,44 @@ class _Session:
             nursery.cancel_scope.cancel()
 
     async def send_loop(self) -> None:
-        up = self.up
-        batcher = up.batcher
-        limits = up.settings.limits
+        up, proto, spool = self.up, self.proto, self.up.spool
         while True:
-            up._wakeup = trio.Event()
-            self._catch_up_with_acks()
-            if up.final is not None and self.spool.acked_seq >= self.spool.last_seq:
-                if await self.deliver_final():
-                    return
-                continue
-            decision = batcher.decide(trio.current_time())
-            if isinstance(decision, Send):
-                count = min(decision.count, limits.max_records_per_batch)
+            action = proto.next_frame(trio.current_time())
+            if isinstance(action, SendFrame):
+                await self.send(action.data)
+            elif isinstance(action, ReadRecords):
                 records = fill_gaps(
-                    self.task_id,
-                    self.cursor,
-                    self.spool.read(self.cursor, count, self.max_payload),
-                    count,
-                    self.spool.last_seq,
+                    proto.task_id,
+                    action.start,
+                    spool.read(action.start, action.count, action.max_bytes),
+                    action.count,
+                    proto.available,
                 )
-                if not records:
-                    self._skip_to(self.spool.last_seq + 1)
-                    continue
-                frame, fitted = fit_frame(
-                    lambda payloads: logs_frame(self.task_id, payloads, self.producer),
-                    [p for _, p in records],
-                    limits.max_frame_bytes,
-                )
-                records = records[:fitted]
-                await up.limiter.acquire(len(records))
-                await self.send(frame)
-                last = records[-1][0]
-                covered = last + 1 - self.cursor
-                self.cursor = last + 1
-                self.in_flight.append(last)
-                batcher.sent(min(covered, batcher.pending), trio.current_time())
-                up.frames_sent += 1
-                up.records_sent += len(records)
-                continue
-            with trio.move_on_at(decision.until if decision.until is not None else float("inf")):
-                await up._wakeup.wait()
-
-    def _catch_up_with_acks(self) -> None:
-        """Keep the cursor and the batcher's counts in step with the spool."""
-        if self.spool.acked_seq >= self.cursor:
-            self._skip_to(self.spool.acked_seq + 1)
-        pending = max(0, self.spool.last_seq - self.cursor + 1)
-        if pending != self.up.batcher.pending:
-            self.up.batcher.pending = pending
-            if pending == 0:
-                self.up.batcher.waiting_since = None
-            elif self.up.batcher.waiting_since is None:
-                self.up.batcher.waiting_since = trio.current_time()
-
-    def _skip_to(self, seq: int) -> None:
-        self.cursor = max(self.cursor, seq)
-
-    async def deliver_final(self) -> bool:
-        """Send the final status once per session; True once the hub has stored it."""
-        up = self.up
-        assert up.final is not None
-        if not self.status_sent:
-            state, code = up.final
-            # The hub answers a run's status with that run's stored state, on
-            # this connection, once it is committed. A spool from before
-            # producers has none: then the task's status, published to its
-            # subscribers after the commit, confirms it; subscribing first
-            # means that publication cannot be missed.
-            if self.producer is None:
-                await self.send(
-                    encode_bytes(SubscribeFrame(self.task_id, from_seq=self.spool.last_seq + 1))
-                )
-            await self.send(encode_bytes(StatusFrame(self.task_id, state, code, self.producer)))
-            self.status_sent = True
-        if self.confirmed.is_set():
-            self.spool.mark_final_delivered()
-            up.delivered.set()
-            return True
-        await up._wakeup.wait()
-        return False
+                frame = proto.logs_frame(records, trio.current_time())
+                if frame is not None:
+                    await self.send(frame)
+            elif isinstance(action, Delivered):
+                spool.mark_final_delivered()
+                up.delivered.set()
+                return
+            else:
+                with trio.move_on_at(action.until if action.until is not None else float("inf")):
+                    await up._news.park()
 
     async def receive_loop(self) -> None:
-        up = self.up
+        up, proto = self.up, self.proto
         while True:
-            message = await self.ws.get_message()  # type: ignore[attr-defined]
+            message = await self.ws.get_message()
             self.last_heard = trio.current_time()
             try:
                 frame = decode_hub_frame(message)
             except FrameError as exc:
                 up.say(f"ignoring a frame from the hub that does not parse: {exc}")
                 continue
-            if isinstance(frame, AckFrame):
-                if frame.task_id == self.task_id and frame.producer == self.producer:
-                    self.on_ack(frame.seq)
-            elif isinstance(frame, StatusFrame):
-                if (
-                    frame.task_id == self.task_id
-                    and frame.producer == self.producer
-                    and up.final is not None
-                    and (frame.state, frame.exit_code) == up.final
-                ):
-                    self.confirmed.set()
-                    up._wakeup.set()
-            elif isinstance(frame, ErrorFrame):
-                raise HubRefused(frame.code, frame.message)
-
-    def on_ack(self, seq: int) -> None:
-        self.spool.release(seq)
-        done = 0
-        while self.in_flight and self.in_flight[0] <= seq:
-            self.in_flight.popleft()
-            done += 1
-        if done:
-            self.up.batcher.acked(done)
-        self.up._wakeup.set()
+            released = proto.on_frame(frame, self.last_heard)
+            if released is not None:
+                up.spool.release(released)
+            up._news.unpark_all()
 
     async def ping_loop(self) -> None:
         s = self.up.settings
@@ -429,60 +265,3 @@ class _Session:
             if silent > s.ping_timeout:
                 raise TimeoutError(f"the hub has not answered for {silent:.0f} s")
             await self.send(ping)
-
-
-LOST_RECORD = "keruta-agent: this record was lost (its spool entry was corrupt)"
-
-
-def fill_gaps(
-    task_id: str,
-    start: int,
-    records: list[tuple[int, bytes]],
-    limit: int,
-    last_seq: int,
-) -> list[tuple[int, bytes]]:
-    """`records` from `start` on, with a placeholder for every seq missing
-    (skipped as corrupt when the spool was read back). The hub acknowledges a
-    task only up to its first missing seq, so a hole would stall delivery
-    forever; an explicit "lost" record says what happened instead."""
-    out: list[tuple[int, bytes]] = []
-    expected = start
-    end = records[-1][0] if records else min(last_seq, start + limit - 1)
-    pending = iter(records)
-    current = next(pending, None)
-    while expected <= end and len(out) < limit:
-        if current is not None and current[0] == expected:
-            out.append(current)
-            current = next(pending, None)
-        elif current is not None and current[0] < expected:
-            current = next(pending, None)
-            continue
-        else:
-            placeholder = encode_line(
-                task_id, expected, now_ts(), "agent", "ERROR", LOST_RECORD, 0, {}, False
-            )
-            out.append((expected, placeholder))
-        expected += 1
-    return out
-
-
-def describe(error: BaseException) -> str:
-    """A one-line reason for a failed session, for humans."""
-    if isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
-        return describe(error.exceptions[0])
-    if isinstance(error, ConnectionRejected):
-        hint = " (check --token / KERUTA_TOKEN)" if error.status_code in (401, 403) else ""
-        return f"refused the connection: HTTP {error.status_code}{hint}"
-    if isinstance(error, HandshakeError):
-        cause = error.__cause__ or error.__context__
-        return f"cannot connect ({describe(cause) if cause else type(error).__name__})"
-    if isinstance(error, ConnectionClosed):
-        reason = error.reason
-        if reason is None:
-            return "connection closed"
-        hint = " (check --token / KERUTA_TOKEN)" if reason.code == CLOSE_POLICY else ""
-        return f"connection closed ({reason.code} {reason.reason or ''})".replace(" )", ")") + hint
-    if isinstance(error, OSError):
-        return error.strerror or str(error)
-    text = str(error)
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -118,3 +118,13 @@ def test_decisions_over_a_simulated_burst() -> None:
     assert sent_upto == 10000
     assert worst_wait <= 0.2 + 1e-9
     assert len(frames) < 10000 / 4  # batched, not one frame per record
+
+
+def test_set_pending_starts_and_ends_the_wait() -> None:
+    b = Batcher(batch_size=10, flush_interval=0.5, max_in_flight=2)
+    b.set_pending(3, now=1.0)
+    assert (b.pending, b.waiting_since) == (3, 1.0)
+    b.set_pending(5, now=2.0)
+    assert b.waiting_since == 1.0, "the oldest record's wait goes on"
+    b.set_pending(0, now=3.0)
+    assert (b.pending, b.waiting_since) == (0, None)

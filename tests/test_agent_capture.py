@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent.capture import LineNumbering, Recorder, encode_line, encode_record
 from agent.linesplit import Line
+from agent.recorder import LineEncoder
 from agent.spool import Spool
 from agent.uplink import fill_gaps, logs_frame
 from keruta.limits import DEFAULT_LIMITS
@@ -168,3 +171,22 @@ def test_a_failing_disk_drops_lines_instead_of_stopping(tmp_path: Path) -> None:
     assert rec.dropped_total == 3 and rec.written == 0 and rec.next_seq == 1
     assert any("cannot write to the spool" in s and "DROPPING" in s for s in said)
     spool.close()
+
+
+@given(
+    seq=st.integers(1, 2**63 - 1),
+    level=st.sampled_from(["DEBUG", "INFO", "WARN", "ERROR"]),
+    message=st.text(),
+    line_number=st.integers(0, 2**31),
+    partial=st.booleans(),
+    source=st.sampled_from(["stdout", "stderr", "agent"]),
+    metadata=st.sampled_from([{}, {"processId": 4242}]),
+)
+def test_agent_line_encoder_gives_encode_lines_bytes(
+    seq: int, level: str, message: str, line_number: int, partial: bool, source: str, metadata: dict
+) -> None:
+    ts = "2026-01-01T00:00:00.000001Z"
+    encoder = LineEncoder("t.1:\u00e9x", ts, source, metadata)
+    assert encoder.encode(seq, level, message, line_number, partial) == encode_line(
+        "t.1:\u00e9x", seq, ts, source, level, message, line_number, metadata, partial
+    )

@@ -175,3 +175,31 @@ def test_arbitrary_bytes(data: bytes, cuts: list[int], limit: int) -> None:
     pieces = split_all(data, cuts, limit)
     assert join_pieces(pieces) == reference_lines(data)
     assert all(len(p.text.encode("utf-8")) <= limit for p in pieces)
+
+
+class _LineByLine(LineSplitter):
+    """The splitter without its many-lines-at-once path: the oracle."""
+
+    def _feed_short_lines(self, data: bytes, start: int, out: list[Line]) -> int:
+        return start
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    parts=st.lists(fragments | st.sampled_from([b"\n", b"ok\n", b"\r\n", b"x" * 30 + b"\n"]), max_size=80),
+    cuts=st.lists(st.integers(1, 60), max_size=20),
+    limit=st.integers(4, 64),
+)
+def test_agent_linesplit_fast_path_gives_what_the_line_by_line_path_gives(
+    parts: list[bytes], cuts: list[int], limit: int
+) -> None:
+    data = b"".join(parts)
+    fast, slow = LineSplitter(limit), _LineByLine(limit)
+    got: list[list[Line]] = [[], []]
+    pos = 0
+    for cut in [*cuts, len(data)]:
+        chunk = data[pos : pos + cut]
+        pos += cut
+        got[0] += fast.feed(chunk)
+        got[1] += slow.feed(chunk)
+    assert got[0] + fast.finish() == got[1] + slow.finish()

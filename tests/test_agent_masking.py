@@ -10,6 +10,8 @@ import trio
 import trio.testing
 
 from agent.capture import Mirror, Recorder, capture
+from agent.messages import Started
+from agent.recorder import record
 from agent.spool import Spool
 from keruta.masking import Masker
 
@@ -20,7 +22,9 @@ async def test_capture_masks_lines_spool_and_mirror(tmp_path: Path) -> None:
     secret = "tok-0123456789"
     masker = Masker.from_env({"API_TOKEN": secret})
     spool = Spool.open(tmp_path, "t", hub_url="http://h")
-    recorder = Recorder(spool, "t", metadata={"processId": 42})
+    recorder = Recorder(spool, "t")
+    to_recorder, recorder_inbox = trio.open_memory_channel[object](16)
+    spooled, spooled_inbox = trio.open_memory_channel[object](16)
     send, receive = trio.testing.memory_stream_one_way_pair()
     mirrored: list[bytes] = []
 
@@ -35,8 +39,10 @@ async def test_capture_masks_lines_spool_and_mirror(tmp_path: Path) -> None:
         b"no newline",
     ]
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(record, recorder_inbox, recorder, spooled)
+        await to_recorder.send(Started(42))
         nursery.start_soon(
-            capture, receive, "stdout", recorder, masker.stream(), ListMirror(1, print)
+            capture, receive, "stdout", to_recorder, masker.stream(), ListMirror(1, print)
         )
         for chunk in chunks:
             await send.send_all(chunk)

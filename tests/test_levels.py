@@ -56,3 +56,25 @@ def test_issue9_coloured_level_words_are_detected() -> None:
     assert determine_level("\x1b[33mwarning:\x1b[0m slow") == "WARN"
     assert determine_level("\x1b]0;title\x07\x1b[2mdebug\x1b[0m x") == "DEBUG"
     assert determine_level("\x1b[32mterror\x1b[0m") == "INFO"
+
+
+def _three_regexes(message: str) -> str:
+    """The detection as it was before the per-line fast path: the oracle."""
+    from keruta.levels import _ESCAPE, _by_regexes
+
+    head = message[:512]
+    if "\x1b" in head:
+        head = _ESCAPE.sub(" ", head)
+    return _by_regexes(head)
+
+
+_WORDS = st.sampled_from(
+    ["error", "ERROR", "Fatal", "critical", "panic", "exception", "traceback", "warn", "WARNING",
+     "deprecated", "debug", "Trace", "terror", "debugger", "errors", "xerror", "tracer", "ı", "K",
+     "İ", "ſ", "\x1b[31m", " ", ":", "-", "_", "é", "x", "\n"]
+)
+
+
+@given(st.lists(_WORDS, max_size=30).map("".join) | st.text())
+def test_agent_level_fast_path_agrees_with_three_regexes(line: str) -> None:
+    assert determine_level(line) == _three_regexes(line)

@@ -1,0 +1,59 @@
+"""The capture actor's output and the uplink actor's input (agent/capture.py,
+agent/uplink.py); the whole pipeline runs in test_agent_e2e.py."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import trio
+import trio.testing
+
+from agent.capture import Mirror, capture
+from agent.messages import Finished, LineBatch, RecordBatch
+from agent.spool import Spool
+from agent.uplink import Uplink, UplinkSettings
+from keruta.masking import Masker
+
+
+async def test_capture_actor_sends_one_batch_per_read_and_closes_its_end() -> None:
+    send, receive = trio.testing.memory_stream_one_way_pair()
+    out, inbox = trio.open_memory_channel[object](16)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(capture, receive, "stderr", out, Masker.from_env({}).stream(), None)
+        await send.send_all(b"".join(b"line %d\n" % i for i in range(1, 101)) + b"tail")
+        await trio.testing.wait_all_tasks_blocked()
+        await send.aclose()
+        got = [m async for m in inbox]  # ends: capture closed its send end
+    assert all(isinstance(m, LineBatch) and m.source == "stderr" for m in got)
+    assert len(got) == 2, "the 100 lines of one read travel as one batch; the unterminated tail at EOF"
+    lines = [(line.text, n) for m in got for line, n in m.lines]  # type: ignore[attr-defined]
+    assert lines == [(f"line {i}", i) for i in range(1, 101)] + [("tail", 101)]
+
+
+def test_mirror_writes_files_and_devnull_directly_and_pipes_through_a_thread(tmp_path: Path) -> None:
+    with open(tmp_path / "out", "wb") as f:
+        assert Mirror(f.fileno(), print).direct
+    with open(os.devnull, "wb") as f:
+        assert Mirror(f.fileno(), print).direct
+    r, w = os.pipe()
+    try:
+        assert not Mirror(w, print).direct
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+async def test_uplink_actor_input_makes_records_sendable_and_ends_with_its_channel(tmp_path: Path) -> None:
+    spool = Spool.open(tmp_path, "t", hub_url="http://127.0.0.1:9")
+    uplink = Uplink(spool, UplinkSettings(hub_url="http://127.0.0.1:9", task_id="t"))
+    to_uplink, inbox = trio.open_memory_channel[object](4)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(uplink.consume, inbox)
+        with to_uplink:
+            await to_uplink.send(RecordBatch(1, 7))
+            await to_uplink.send(RecordBatch(8, 9))
+            await to_uplink.send(Finished("succeeded", 0))
+    assert uplink.protocol.available == 9
+    assert uplink.protocol.final == ("succeeded", 0)
+    spool.close()
