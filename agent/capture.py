@@ -90,6 +90,10 @@ async def receive_or_eof(stream: trio.abc.ReceiveStream) -> bytes:
         raise
 
 
+# At the end of a capture, how long its last lines wait to be spooled before they are shown anyway.
+SPOOLED_WAIT = 5.0
+
+
 async def capture(
     stream: trio.abc.ReceiveStream,
     source: str,
@@ -115,17 +119,29 @@ async def capture(
                     on_read()
                 data = masker.feed(chunk)
                 lines = numbering.number(splitter.feed(data))
+                if mirror is None:
+                    if lines:
+                        await recorder.send(LineBatch(source, ts, lines))
+                    continue
                 if lines:
-                    await recorder.send(LineBatch(source, ts, lines))
-                if mirror is not None:
-                    await mirror.write(data)
+                    # Shown only once spooled: a line on the user's screen is never
+                    # one that a SIGKILL of the agent could lose.
+                    spooled = trio.Event()
+                    await recorder.send(LineBatch(source, ts, lines, spooled))
+                    await spooled.wait()
+                await mirror.write(data)
         finally:
             # Also when the read was cancelled: what was buffered is recorded and shown.
             data = masker.flush()
             lines = numbering.number(splitter.feed(data) + splitter.finish())
             with trio.CancelScope(shield=True):
                 if lines:
-                    await recorder.send(LineBatch(source, now_ts(), lines))
+                    spooled = trio.Event()
+                    await recorder.send(LineBatch(source, now_ts(), lines, spooled))
+                    if mirror is not None:
+                        # Bounded: a recorder already gone must not hold the shutdown.
+                        with trio.move_on_after(SPOOLED_WAIT):
+                            await spooled.wait()
                 if mirror is not None and data:
                     await mirror.write(data)
 

@@ -12,17 +12,24 @@ after a reconnect.
 from __future__ import annotations
 
 import attrs
+import trio
 
 from agent.linesplit import Line
 
 
 @attrs.frozen
 class LineBatch:
-    """Lines one capture actor read from `source` at `ts`, each with its line number."""
+    """Lines one capture actor read from `source` at `ts`, each with its line number.
+
+    `spooled`, when given, is set by the recorder once the lines are in the
+    spool (or counted as dropped): the capture shows a line on the agent's own
+    output only after that, so a line the user saw is never one a SIGKILL lost.
+    """
 
     source: str
     ts: str
     lines: list[tuple[Line, int]]
+    spooled: trio.Event | None = attrs.field(default=None, eq=False)
 
 
 @attrs.frozen

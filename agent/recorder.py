@@ -53,6 +53,8 @@ async def record(
             first = recorder.next_seq
             if isinstance(message, LineBatch):
                 recorder.write(message.source, message.lines, message.ts)
+                if message.spooled is not None:
+                    message.spooled.set()
             elif isinstance(message, AgentLine):
                 recorder.write_agent(message.text)
             elif isinstance(message, Started):

@@ -57,3 +57,24 @@ async def test_uplink_actor_input_makes_records_sendable_and_ends_with_its_chann
     assert uplink.protocol.available == 9
     assert uplink.protocol.final == ("succeeded", 0)
     spool.close()
+
+
+async def test_capture_shows_a_line_only_after_the_recorder_spooled_it(tmp_path: Path) -> None:
+    """A line on the user's screen must never be one a SIGKILL of the agent loses."""
+    send, receive = trio.testing.memory_stream_one_way_pair()
+    out, inbox = trio.open_memory_channel[object](16)
+    with open(tmp_path / "mirror", "wb") as shown:
+        mirror = Mirror(shown.fileno(), print)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(capture, receive, "stdout", out, Masker.from_env({}).stream(), mirror)
+            await send.send_all(b"seen only once stored\n")
+            batch = await inbox.receive()
+            await trio.testing.wait_all_tasks_blocked()
+            assert isinstance(batch, LineBatch) and batch.spooled is not None
+            assert (tmp_path / "mirror").read_bytes() == b"", "shown before it was spooled"
+            batch.spooled.set()  # what the recorder does after Spool.append
+            await trio.testing.wait_all_tasks_blocked()
+            assert (tmp_path / "mirror").read_bytes() == b"seen only once stored\n"
+            await send.aclose()
+            async for _ in inbox:
+                pass
