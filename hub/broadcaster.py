@@ -17,7 +17,7 @@ import orjson
 import trio
 
 from keruta.records import LogRecord, TaskInfo
-from keruta.wire import LogsFrame, StatusFrame, dumps
+from keruta.wire import StatusFrame, dumps, logs_frame_text
 
 # Keep a live or history frame well below the frame limit whatever the lines hold.
 FRAME_RECORDS = 500
@@ -75,6 +75,14 @@ def encoded_size(record: LogRecord) -> int:
     return size
 
 
+def _size_bound(record: LogRecord) -> int:
+    """Never less than `encoded_size`: a character is at most six bytes escaped."""
+    size = 6 * len(record.message) + 2 + RECORD_FIELDS_BYTES
+    if record.metadata:
+        size += len(orjson.dumps(record.metadata))
+    return size
+
+
 def encode_chunks(task_id: str, records: Sequence[LogRecord], through: int) -> Iterator[tuple[str, int]]:
     """`logs` frames for records, each with the seq it covers through.
 
@@ -83,16 +91,19 @@ def encode_chunks(task_id: str, records: Sequence[LogRecord], through: int) -> I
     """
     start = 0
     while start < len(records):
-        end = start
-        size = 0
-        while end < len(records) and end - start < FRAME_RECORDS:
-            cost = encoded_size(records[end])
-            if end > start and size + cost > FRAME_BYTES:
-                break
-            size += cost
-            end += 1
+        end = min(len(records), start + FRAME_RECORDS)
+        # Measuring every record is only needed when the frame may be too big.
+        if sum(_size_bound(r) for r in records[start:end]) > FRAME_BYTES:
+            end = start
+            size = 0
+            while end < len(records) and end - start < FRAME_RECORDS:
+                cost = encoded_size(records[end])
+                if end > start and size + cost > FRAME_BYTES:
+                    break
+                size += cost
+                end += 1
         last = records[end - 1].seq if end < len(records) else through
-        yield dumps(LogsFrame(task_id, list(records[start:end]))), last
+        yield logs_frame_text(task_id, records[start:end]), last
         start = end
 
 

@@ -7,6 +7,7 @@ typed frame or raises `FrameError` whose message names the offending field.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import attrs
@@ -445,6 +446,33 @@ def decode_hub_frame(text: str | bytes) -> Any:
     if cls is None:
         raise FrameError("INVALID_MESSAGE_FORMAT", f"unknown frame type {data.get('type')!r}", "type")
     return structure(data, cls)
+
+
+def _record_body(r: LogRecord) -> dict[str, Any]:
+    # What the converter makes of a LogRecord (partial and id only when set),
+    # by hand: the hub does it for every record it sends live or from history.
+    body = {
+        "taskId": r.task_id,
+        "seq": r.seq,
+        "timestamp": r.timestamp,
+        "source": r.source,
+        "level": r.level,
+        "message": r.message,
+        "lineNumber": r.line_number,
+        "metadata": r.metadata,
+    }
+    if r.partial is not False:
+        body["partial"] = r.partial
+    if r.id is not None:
+        body["id"] = r.id
+    return body
+
+
+def logs_frame_text(task_id: str, records: Sequence[LogRecord]) -> str:
+    """`dumps(LogsFrame(task_id, records))`, the hub's own `logs` frame (no producer)."""
+    return orjson.dumps(
+        {"type": LogsFrame.TYPE, "taskId": task_id, "records": [_record_body(r) for r in records]}
+    ).decode()
 
 
 def record_to_wire(record: LogRecord) -> dict[str, Any]:
