@@ -61,7 +61,7 @@ def one(a: argparse.Namespace, tmp: Path, rep: int) -> dict[str, object]:
         if a.pyspy:
             spy = subprocess.Popen(
                 [str(Path(sys.executable).parent / "py-spy"), "record", "-o", a.pyspy, "--pid", str(pid),
-                 "-r", "200", "-f", a.pyspy_format], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                 "-r", "200", "-f", a.pyspy_format, *(["--gil"] if a.pyspy_gil else [])], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
             time.sleep(1.0)
         before = cpu_seconds(pid)
@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--pyspy")
     ap.add_argument("--pyspy-format", default="flamegraph")
+    ap.add_argument("--pyspy-gil", action="store_true", help="sample only the thread holding the GIL")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         runs = [one(a, Path(d), rep) for rep in range(a.reps)]
