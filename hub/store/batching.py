@@ -151,17 +151,18 @@ def same_record(a: LogRecord, b: LogRecord) -> bool:
 
 
 def _record(item: Incoming, seq: int) -> LogRecord:
+    # Positional: this runs for every record stored, and keywords cost more.
     return LogRecord(
-        task_id=item.task_id,
-        seq=seq,
-        timestamp=item.timestamp,
-        source=item.source,
-        level=item.level,
-        message=item.message,
-        line_number=item.line_number,
-        metadata=item.metadata,
-        partial=item.partial,
-        id=record_id(item.task_id, seq),
+        item.task_id,
+        seq,
+        item.timestamp,
+        item.source,
+        item.level,
+        item.message,
+        item.line_number,
+        item.metadata,
+        item.partial,
+        record_id(item.task_id, seq),
     )
 
 
@@ -247,6 +248,8 @@ def resolve(
     the task's durable watermark was stored once and deleted since, so it is a
     DUPLICATE and is not stored again (docs/identity.md); above it, it is new.
     """
+    if not plan.lookups:
+        return
     in_batch = {
         (r.task_id, r.seq): r
         for r, s in zip(plan.records, plan.status, strict=True)
