@@ -321,6 +321,20 @@ def check_record_limits(record: LogRecord | LogRequest, limits: Limits, where: s
         )
 
 
+def _small_metadata(metadata: dict[str, Any], limits: Limits) -> bool:
+    """Whether `check_record_limits` would pass this metadata, told from one
+    encoding: it nests no deeper than it holds objects and arrays. False
+    means "ask check_record_limits"."""
+    try:
+        encoded = orjson.dumps(metadata)
+    except orjson.JSONEncodeError:
+        return False
+    return (
+        len(encoded) <= limits.max_metadata_bytes
+        and encoded.count(b"{") + encoded.count(b"[") <= limits.max_metadata_depth
+    )
+
+
 def _fast_logs_frame(data: dict[str, Any], limits: Limits) -> LogsFrame | None:
     """The frame a well-formed `logs` frame structures to, checked and built
     without cattrs (the hub's hot path: an agent sends hundreds of records a
@@ -368,7 +382,7 @@ def _fast_logs_frame(data: dict[str, Any], limits: Limits) -> LogsFrame | None:
             and (id_ is None or type(id_) is str)
         ):
             return None
-        if metadata or len(message) * 4 > limits.max_line_bytes:
+        if len(message) * 4 > limits.max_line_bytes or (metadata and not _small_metadata(metadata, limits)):
             check.append(i)
         out.append(LogRecord(task_id, seq, timestamp, source, level, message, line_number, metadata, partial, id_))
     # As the general path: sizes only once every record is well-formed, in order.
