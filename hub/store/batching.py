@@ -315,17 +315,18 @@ def record_from_row(row: Sequence[Any]) -> LogRecord:
     """A record from a row in both stores' column order:
     task_id, seq, id, ts, source, level, message, line_number, metadata, partial."""
     task_id, seq, id_, ts, source, level, message, line_number, metadata, partial = row
+    # Positional and inline: a subscriber catching up reads every record this way.
     return LogRecord(
-        task_id=task_id,
-        seq=seq,
-        timestamp=ts,
-        source=source,
-        level=level,
-        message=message,
-        line_number=line_number,
-        metadata=metadata_from_json(metadata),
-        partial=bool(partial),
-        id=id_,
+        task_id,
+        seq,
+        ts,
+        source,
+        level,
+        message,
+        line_number,
+        orjson.loads(metadata) if metadata else {},
+        bool(partial),
+        id_,
     )
 
 
