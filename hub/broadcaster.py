@@ -154,6 +154,9 @@ class Broadcaster:
             return
         self.known[task_id] = through
         records.sort(key=lambda r: r.seq)
+        if prev is None:
+            self._first_advance(task_id, subs, through, records)
+            return
         window = [r for r in records if prev is not None and prev < r.seq <= through]
         # The commit holds the whole range (prev, through] only when nothing
         # else (a gap filled late, another hub) contributed to it.
@@ -174,6 +177,24 @@ class Broadcaster:
             else:
                 wanted = [r for r in window if r.seq > sub.cursor and sub.wants(r)]
                 frames = list(encode_chunks(task_id, wanted, through))
+            sub.cursor = through
+            for payload, last in frames:
+                if not sub.offer(Outgoing(payload, sub, last)):
+                    break
+
+    @staticmethod
+    def _first_advance(task_id: str, subs: set[Subscription], through: int, records: list[LogRecord]) -> None:
+        """The first commit published for a task since it has subscribers: with
+        no watermark to compare with, a live subscription takes it live only
+        if it holds everything past the subscription's cursor."""
+        for sub in list(subs):
+            if not sub.live or sub.cursor >= through:
+                continue
+            after = [r for r in records if sub.cursor < r.seq <= through]
+            if len(after) != through - sub.cursor:
+                sub.go_catch_up()
+                continue
+            frames = list(encode_chunks(task_id, [r for r in after if sub.wants(r)], through))
             sub.cursor = through
             for payload, last in frames:
                 if not sub.offer(Outgoing(payload, sub, last)):

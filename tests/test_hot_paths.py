@@ -18,6 +18,7 @@ import orjson
 import pytest
 
 from hub import broadcaster
+from hub.broadcaster import Broadcaster, Outgoing, Subscription
 from hub.store.base import _ID_NAMESPACE, record_id
 from keruta import wire
 from keruta.limits import DEFAULT_LIMITS, Limits
@@ -123,3 +124,47 @@ def test_record_id_is_uuid5_of_task_and_seq() -> None:
     for task in tasks:
         for seq in [*range(1, 300), 2**53 - 1, 2**63 - 1, rnd.randrange(1, 2**63)]:
             assert record_id(task, seq) == str(uuid.uuid5(_ID_NAMESPACE, f"{task}\x00{seq}"))
+
+
+def _live_sub(cursor: int, offered: list[Outgoing], source: str | None = None) -> Subscription:
+    sub = Subscription("t1", source, None, cursor=cursor, offer=lambda o: offered.append(o) or True)
+    sub.live = True
+    return sub
+
+
+def _records(seqs: range) -> list[LogRecord]:
+    return [
+        LogRecord("t1", s, "2026-11-28T12:00:00.000000Z", "stderr" if s % 2 else "stdout", "INFO", f"m{s}")
+        for s in seqs
+    ]
+
+
+async def test_first_commit_published_for_a_task_goes_live_when_it_holds_all_past_the_cursor() -> None:
+    hub = Broadcaster()
+    offered: list[Outgoing] = []
+    filtered: list[Outgoing] = []
+    sub, stderr_only = _live_sub(2, offered), _live_sub(2, filtered, "stderr")
+    hub.add(sub)
+    hub.add(stderr_only)
+    hub.publish_records(_records(range(3, 6)), {"t1": 5})
+    assert sub.live and stderr_only.live and sub.cursor == stderr_only.cursor == 5
+    assert [(orjson.loads(o.payload)["records"], o.through) for o in offered] == [
+        ([wire.record_to_wire(r) for r in _records(range(3, 6))], 5)
+    ]
+    assert [[r["seq"] for r in orjson.loads(o.payload)["records"]] for o in filtered] == [[3, 5]]
+    # The next commit takes the usual way, from the watermark just set.
+    hub.publish_records(_records(range(6, 8)), {"t1": 7})
+    assert [[r["seq"] for r in orjson.loads(o.payload)["records"]] for o in offered[1:]] == [[6, 7]]
+
+
+async def test_first_commit_published_for_a_task_sends_a_subscriber_missing_records_to_the_store() -> None:
+    hub = Broadcaster()
+    offered: list[Outgoing] = []
+    behind, ahead = _live_sub(1, offered), _live_sub(9, offered)
+    hub.add(behind)
+    hub.add(ahead)
+    # Seq 2 was committed before anyone subscribed; this commit does not hold it.
+    hub.publish_records(_records(range(3, 6)), {"t1": 5})
+    assert not behind.live and behind.cursor == 1
+    assert ahead.live and ahead.cursor == 9
+    assert offered == []
