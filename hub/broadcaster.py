@@ -17,7 +17,7 @@ import orjson
 import trio
 
 from keruta.records import LogRecord, TaskInfo
-from keruta.wire import LogsFrame, StatusFrame, dumps
+from keruta.wire import StatusFrame, dumps, logs_frame_text
 
 # Keep a live or history frame well below the frame limit whatever the lines hold.
 FRAME_RECORDS = 500
@@ -75,6 +75,14 @@ def encoded_size(record: LogRecord) -> int:
     return size
 
 
+def _size_bound(record: LogRecord) -> int:
+    """Never less than `encoded_size`: a character is at most six bytes escaped."""
+    size = 6 * len(record.message) + 2 + RECORD_FIELDS_BYTES
+    if record.metadata:
+        size += len(orjson.dumps(record.metadata))
+    return size
+
+
 def encode_chunks(task_id: str, records: Sequence[LogRecord], through: int) -> Iterator[tuple[str, int]]:
     """`logs` frames for records, each with the seq it covers through.
 
@@ -83,16 +91,19 @@ def encode_chunks(task_id: str, records: Sequence[LogRecord], through: int) -> I
     """
     start = 0
     while start < len(records):
-        end = start
-        size = 0
-        while end < len(records) and end - start < FRAME_RECORDS:
-            cost = encoded_size(records[end])
-            if end > start and size + cost > FRAME_BYTES:
-                break
-            size += cost
-            end += 1
+        end = min(len(records), start + FRAME_RECORDS)
+        # Measuring every record is only needed when the frame may be too big.
+        if sum(_size_bound(r) for r in records[start:end]) > FRAME_BYTES:
+            end = start
+            size = 0
+            while end < len(records) and end - start < FRAME_RECORDS:
+                cost = encoded_size(records[end])
+                if end > start and size + cost > FRAME_BYTES:
+                    break
+                size += cost
+                end += 1
         last = records[end - 1].seq if end < len(records) else through
-        yield dumps(LogsFrame(task_id, list(records[start:end]))), last
+        yield logs_frame_text(task_id, records[start:end]), last
         start = end
 
 
@@ -143,6 +154,9 @@ class Broadcaster:
             return
         self.known[task_id] = through
         records.sort(key=lambda r: r.seq)
+        if prev is None:
+            self._first_advance(task_id, subs, through, records)
+            return
         window = [r for r in records if prev is not None and prev < r.seq <= through]
         # The commit holds the whole range (prev, through] only when nothing
         # else (a gap filled late, another hub) contributed to it.
@@ -163,6 +177,24 @@ class Broadcaster:
             else:
                 wanted = [r for r in window if r.seq > sub.cursor and sub.wants(r)]
                 frames = list(encode_chunks(task_id, wanted, through))
+            sub.cursor = through
+            for payload, last in frames:
+                if not sub.offer(Outgoing(payload, sub, last)):
+                    break
+
+    @staticmethod
+    def _first_advance(task_id: str, subs: set[Subscription], through: int, records: list[LogRecord]) -> None:
+        """The first commit published for a task since it has subscribers: with
+        no watermark to compare with, a live subscription takes it live only
+        if it holds everything past the subscription's cursor."""
+        for sub in list(subs):
+            if not sub.live or sub.cursor >= through:
+                continue
+            after = [r for r in records if sub.cursor < r.seq <= through]
+            if len(after) != through - sub.cursor:
+                sub.go_catch_up()
+                continue
+            frames = list(encode_chunks(task_id, [r for r in after if sub.wants(r)], through))
             sub.cursor = through
             for payload, last in frames:
                 if not sub.offer(Outgoing(payload, sub, last)):

@@ -23,21 +23,26 @@ def _timestamp(value: str | None, where: str, code: str) -> str:
 def from_records(
     records: Sequence[LogRecord], where: str = "records", producer: str | None = None
 ) -> list[Incoming]:
-    return [
-        Incoming(
-            task_id=r.task_id,
-            seq=r.seq,
-            timestamp=_timestamp(r.timestamp, f"{where}[{i}].timestamp", "INVALID_MESSAGE_FORMAT"),
-            source=r.source,
-            level=r.level,
-            message=r.message,
-            line_number=r.line_number,
-            metadata=r.metadata,
-            partial=r.partial,
-            producer=producer,
+    out = []
+    # Records read in one go share their timestamp: check each distinct one once.
+    last: str | None = None
+    stamp = ""
+    for i, r in enumerate(records):
+        if r.timestamp is None or r.timestamp != last:
+            try:
+                stamp = now_ts() if r.timestamp is None else canonical_ts(r.timestamp)
+            except (ValueError, TypeError):
+                field = f"{where}[{i}].timestamp"
+                raise FrameError(
+                    "INVALID_MESSAGE_FORMAT", f"invalid field '{field}': not an RFC 3339 timestamp", field
+                ) from None
+            last = r.timestamp
+        out.append(
+            Incoming(
+                r.task_id, r.seq, stamp, r.source, r.level, r.message, r.line_number, r.metadata, r.partial, producer
+            )
         )
-        for i, r in enumerate(records)
-    ]
+    return out
 
 
 def from_requests(task_id: str, requests: Sequence[LogRequest], array: bool) -> list[Incoming]:

@@ -27,10 +27,25 @@ class InvalidField(ValueError):
 TASK_ID_RULE = "1-128 characters of [A-Za-z0-9._:-], not '.' or '..'"
 
 
+# Task ids already found valid: every record of a batch names the same one, and
+# a LogRecord is built several times on its way into the store. Bounded: it is
+# emptied when full.
+_VALID_TASK_IDS: set[str] = set()
+_VALID_TASK_IDS_MAX = 4096
+
+
 def valid_task_id(value: object) -> bool:
+    if type(value) is str and value in _VALID_TASK_IDS:
+        return True
     # "." and ".." are path components: the agent's spool directory would be
     # the spool root itself or its parent.
-    return isinstance(value, str) and TASK_ID_RE.fullmatch(value) is not None and value not in (".", "..")
+    if isinstance(value, str) and TASK_ID_RE.fullmatch(value) is not None and value not in (".", ".."):
+        if type(value) is str:
+            if len(_VALID_TASK_IDS) >= _VALID_TASK_IDS_MAX:
+                _VALID_TASK_IDS.clear()
+            _VALID_TASK_IDS.add(value)
+        return True
+    return False
 
 
 def _task_id(_inst: object, _attr: attrs.Attribute, value: object) -> None:

@@ -7,6 +7,7 @@ typed frame or raises `FrameError` whose message names the offending field.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import attrs
@@ -15,8 +16,10 @@ import orjson
 from cattrs.errors import AttributeValidationNote, IterableValidationNote
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
+from keruta.levels import LEVELS
 from keruta.limits import DEFAULT_LIMITS, INT32_MAX, INT32_MIN, MAX_SEQ, Limits
 from keruta.records import (
+    SOURCES,
     TASK_STATES,
     InvalidField,
     LogRecord,
@@ -24,6 +27,7 @@ from keruta.records import (
     TaskInfo,
     _optional_seq,
     _task_id,
+    valid_task_id,
 )
 
 
@@ -317,6 +321,76 @@ def check_record_limits(record: LogRecord | LogRequest, limits: Limits, where: s
         )
 
 
+def _small_metadata(metadata: dict[str, Any], limits: Limits) -> bool:
+    """Whether `check_record_limits` would pass this metadata, told from one
+    encoding: it nests no deeper than it holds objects and arrays. False
+    means "ask check_record_limits"."""
+    try:
+        encoded = orjson.dumps(metadata)
+    except orjson.JSONEncodeError:
+        return False
+    return (
+        len(encoded) <= limits.max_metadata_bytes
+        and encoded.count(b"{") + encoded.count(b"[") <= limits.max_metadata_depth
+    )
+
+
+def _fast_logs_frame(data: dict[str, Any], limits: Limits) -> LogsFrame | None:
+    """The frame a well-formed `logs` frame structures to, checked and built
+    without cattrs (the hub's hot path: an agent sends hundreds of records a
+    frame). None for anything this does not accept outright; the general path
+    then finds the same frame or names the error, so errors read the same.
+    The checks are those of the converter and the attrs validators."""
+    task_id = data.get("taskId")
+    producer = data.get("producer")
+    records = data.get("records")
+    if not (
+        type(records) is list
+        and isinstance(task_id, str)
+        and valid_task_id(task_id)
+        and (producer is None or (type(producer) is str and _PRODUCER_RE.fullmatch(producer)))
+    ):
+        return None
+    out = []
+    check = []
+    for i, r in enumerate(records):
+        if type(r) is not dict:
+            return None
+        seq = r.get("seq")
+        timestamp = r.get("timestamp")
+        source = r.get("source")
+        level = r.get("level")
+        message = r.get("message")
+        line_number = r.get("lineNumber")
+        metadata = r["metadata"] if "metadata" in r else {}
+        partial = r.get("partial", False)
+        id_ = r.get("id")
+        if not (
+            # A record that names a taskId must name the frame's.
+            r.get("taskId", task_id) == task_id
+            and type(seq) is int
+            and 1 <= seq <= MAX_SEQ
+            and type(timestamp) is str
+            and type(source) is str
+            and source in SOURCES
+            and type(level) is str
+            and level in LEVELS
+            and type(message) is str
+            and (line_number is None or (type(line_number) is int and 0 <= line_number <= MAX_SEQ))
+            and type(metadata) is dict
+            and type(partial) is bool
+            and (id_ is None or type(id_) is str)
+        ):
+            return None
+        if len(message) * 4 > limits.max_line_bytes or (metadata and not _small_metadata(metadata, limits)):
+            check.append(i)
+        out.append(LogRecord(task_id, seq, timestamp, source, level, message, line_number, metadata, partial, id_))
+    # As the general path: sizes only once every record is well-formed, in order.
+    for i in check:
+        check_record_limits(out[i], limits, f"records[{i}]")
+    return LogsFrame(task_id, out, producer)
+
+
 def decode_client_frame(text: str | bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
     """Parse and validate one inbound frame."""
     size = len(text) if isinstance(text, bytes) else len(text.encode("utf-8", "surrogatepass"))
@@ -351,6 +425,9 @@ def decode_client_frame(text: str | bytes, limits: Limits = DEFAULT_LIMITS) -> A
                 f"records holds {len(records)} records; at most {limits.max_records_per_batch}",
                 "records",
             )
+        fast = _fast_logs_frame(data, limits)
+        if fast is not None:
+            return fast
         if isinstance(records, list):
             # A record takes the frame's taskId; one that names it anyway must agree.
             task_id = data.get("taskId")
@@ -383,6 +460,33 @@ def decode_hub_frame(text: str | bytes) -> Any:
     if cls is None:
         raise FrameError("INVALID_MESSAGE_FORMAT", f"unknown frame type {data.get('type')!r}", "type")
     return structure(data, cls)
+
+
+def _record_body(r: LogRecord) -> dict[str, Any]:
+    # What the converter makes of a LogRecord (partial and id only when set),
+    # by hand: the hub does it for every record it sends live or from history.
+    body = {
+        "taskId": r.task_id,
+        "seq": r.seq,
+        "timestamp": r.timestamp,
+        "source": r.source,
+        "level": r.level,
+        "message": r.message,
+        "lineNumber": r.line_number,
+        "metadata": r.metadata,
+    }
+    if r.partial is not False:
+        body["partial"] = r.partial
+    if r.id is not None:
+        body["id"] = r.id
+    return body
+
+
+def logs_frame_text(task_id: str, records: Sequence[LogRecord]) -> str:
+    """`dumps(LogsFrame(task_id, records))`, the hub's own `logs` frame (no producer)."""
+    return orjson.dumps(
+        {"type": LogsFrame.TYPE, "taskId": task_id, "records": [_record_body(r) for r in records]}
+    ).decode()
 
 
 def record_to_wire(record: LogRecord) -> dict[str, Any]:

@@ -25,19 +25,30 @@ class StoreUnavailable(ConnectionError):
     """The database cannot be reached or used right now; retrying later may work."""
 
 
+# sha1 state after the namespace and "task_id\x00", per task: a batch's ids
+# share it. Bounded: emptied when full.
+_ID_PREFIXES: dict[str, Any] = {}
+_ID_PREFIXES_MAX = 1024
+# The RFC 4122 variant bits over the 17th hex digit.
+_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
+
+
 def record_id(task_id: str, seq: int) -> str:
     """Deterministic, so a duplicate of a stored record gets the same id.
 
     Equal to `str(uuid.uuid5(_ID_NAMESPACE, f"{task_id}\\x00{seq}"))`, computed
-    directly because it runs for every record of every batch (3x faster).
+    directly because it runs for every record of every batch.
     """
-    digest = bytearray(
-        hashlib.sha1(_ID_NAMESPACE_BYTES + f"{task_id}\x00{seq}".encode()).digest()[:16]
-    )
-    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
-    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
-    x = digest.hex()
-    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
+    prefix = _ID_PREFIXES.get(task_id)
+    if prefix is None:
+        if len(_ID_PREFIXES) >= _ID_PREFIXES_MAX:
+            _ID_PREFIXES.clear()
+        prefix = _ID_PREFIXES[task_id] = hashlib.sha1(_ID_NAMESPACE_BYTES + f"{task_id}\x00".encode())
+    digest = prefix.copy()
+    digest.update(f"{seq}".encode())
+    x = digest.hexdigest()
+    # Version 5 in the 13th hex digit, the variant in the 17th.
+    return f"{x[:8]}-{x[8:12]}-5{x[13:16]}-{_VARIANT[x[16]]}{x[17:20]}-{x[20:32]}"
 
 
 @attrs.frozen(slots=True)

@@ -151,17 +151,18 @@ def same_record(a: LogRecord, b: LogRecord) -> bool:
 
 
 def _record(item: Incoming, seq: int) -> LogRecord:
+    # Positional: this runs for every record stored, and keywords cost more.
     return LogRecord(
-        task_id=item.task_id,
-        seq=seq,
-        timestamp=item.timestamp,
-        source=item.source,
-        level=item.level,
-        message=item.message,
-        line_number=item.line_number,
-        metadata=item.metadata,
-        partial=item.partial,
-        id=record_id(item.task_id, seq),
+        item.task_id,
+        seq,
+        item.timestamp,
+        item.source,
+        item.level,
+        item.message,
+        item.line_number,
+        item.metadata,
+        item.partial,
+        record_id(item.task_id, seq),
     )
 
 
@@ -247,6 +248,8 @@ def resolve(
     the task's durable watermark was stored once and deleted since, so it is a
     DUPLICATE and is not stored again (docs/identity.md); above it, it is new.
     """
+    if not plan.lookups:
+        return
     in_batch = {
         (r.task_id, r.seq): r
         for r, s in zip(plan.records, plan.status, strict=True)
@@ -312,17 +315,18 @@ def record_from_row(row: Sequence[Any]) -> LogRecord:
     """A record from a row in both stores' column order:
     task_id, seq, id, ts, source, level, message, line_number, metadata, partial."""
     task_id, seq, id_, ts, source, level, message, line_number, metadata, partial = row
+    # Positional and inline: a subscriber catching up reads every record this way.
     return LogRecord(
-        task_id=task_id,
-        seq=seq,
-        timestamp=ts,
-        source=source,
-        level=level,
-        message=message,
-        line_number=line_number,
-        metadata=metadata_from_json(metadata),
-        partial=bool(partial),
-        id=id_,
+        task_id,
+        seq,
+        ts,
+        source,
+        level,
+        message,
+        line_number,
+        orjson.loads(metadata) if metadata else {},
+        bool(partial),
+        id_,
     )
 
 
