@@ -806,3 +806,36 @@ async def test_sqlite_acknowledged_appends_survive_sigkill(tmp_path):
         assert (await store.stats("t1")).total_logs == durable
     finally:
         await store.close()
+
+
+async def test_filtered_totals_from_the_counts_are_exact_also_after_a_delete(store):
+    sources = ["stdout", "stderr"]
+    levels = ["INFO", "WARN", "ERROR"]
+    await store.append(
+        [rec(s, source=sources[s % 2], level=levels[s % 3], at=s) for s in range(1, 301)]
+    )
+
+    async def totals() -> dict[tuple[str | None, str | None], int]:
+        out = {}
+        for source in (None, *sources):
+            for level in (None, *levels):
+                # size 10, page 0: a full page, so the total is not read off the page itself
+                page = await store.query(LogQuery(task_id="t1", source=source, level=level, size=10))
+                assert type(page.total_elements) is int  # JSON-encodable, not a Decimal
+                out[(source, level)] = page.total_elements
+        return out
+
+    def expected(seqs: range) -> dict[tuple[str | None, str | None], int]:
+        return {
+            (source, level): sum(
+                1
+                for s in seqs
+                if (source is None or sources[s % 2] == source) and (level is None or levels[s % 3] == level)
+            )
+            for source in (None, *sources)
+            for level in (None, *levels)
+        }
+
+    assert await totals() == expected(range(1, 301))
+    await store.delete("t1", ts(101))
+    assert await totals() == expected(range(101, 301))

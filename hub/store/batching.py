@@ -390,6 +390,15 @@ def chunks(values: Sequence[T], size: int) -> Iterable[Sequence[T]]:
         yield values[start : start + size]
 
 
+def counted_filters(query: LogQuery) -> list[tuple[str, str]] | None:
+    """The (column, value) filters of a query whose total the per (source,
+    level) counts answer exactly, or None when it needs counting rows."""
+    if query.start is not None or query.end is not None or query.q or query.after_seq is not None:
+        return None
+    filters = [("source", query.source), ("level", query.level)]
+    return [(column, value) for column, value in filters if value is not None]
+
+
 def check_page(query: LogQuery) -> None:
     if type(query.page) is not int or query.page < 0:
         raise InvalidField("page", "must be an integer >= 0")

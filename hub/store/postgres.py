@@ -40,6 +40,7 @@ from hub.store.batching import (
     TaskProgress,
     advance,
     check_page,
+    counted_filters,
     decide_state,
     iter_by_range,
     metadata_json,
@@ -681,6 +682,11 @@ class PostgresStore:
                     )
                 elif len(rows) < query.size and (rows or query.page == 0):
                     total = query.page * query.size + len(rows)
+                elif (counted := counted_filters(query)) is not None:
+                    # Kept in the same transactions as the rows: exact, without a scan.
+                    sql = "SELECT coalesce(sum(n), 0)::bigint FROM keruta_counts WHERE task_id = $1"
+                    sql += "".join(f" AND {column} = ${i + 2}" for i, (column, _) in enumerate(counted))
+                    total = await conn.fetchval(sql, query.task_id, *(v for _, v in counted))
                 else:
                     total = await conn.fetchval(
                         f"SELECT count(*) FROM keruta_logs WHERE {where}", *params

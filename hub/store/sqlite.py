@@ -36,6 +36,7 @@ from hub.store.batching import (
     advance,
     check_page,
     chunks,
+    counted_filters,
     decide_state,
     iter_by_range,
     metadata_json,
@@ -511,6 +512,11 @@ def _query(conn: sqlite3.Connection, query: LogQuery) -> Page:
             total = row[0] if row else 0
         elif len(rows) < query.size and (rows or query.page == 0):
             total = query.page * query.size + len(rows)
+        elif (counted := counted_filters(query)) is not None:
+            # Kept in the same transactions as the rows: exact, without a scan.
+            sql = "SELECT coalesce(sum(n), 0) FROM counts WHERE task_id = ?"
+            sql += "".join(f" AND {column} = ?" for column, _ in counted)
+            total = conn.execute(sql, (query.task_id, *(v for _, v in counted))).fetchone()[0]
         else:
             total = conn.execute(f"SELECT count(*) FROM logs WHERE {where}", params).fetchone()[0]
     finally:
