@@ -77,6 +77,7 @@ class Connection:
         self.role = role
         self.outbox, self._outbox_recv = trio.open_memory_channel[Outgoing](hub.config.subscriber_queue)
         self.queued_bytes = 0
+        # Set by the sender after each frame: room in the outbox's byte bound.
         self._room = trio.Event()
         # (task_id, producer or None) -> seq to acknowledge; coalesced, never dropped.
         self.acks: dict[tuple[str, str | None], int] = {}
@@ -100,9 +101,11 @@ class Connection:
         self._abandon_queue = False
         self._nursery: trio.Nursery | None = None
         self._writes, self._writes_recv = trio.open_memory_channel[tuple[Any, int]](INGEST_FRAMES)
-        self._queued_frames = 0
-        self._queued_bytes = 0
-        self._room = trio.Event()
+        # The ingest queue's own bounds and wake-up, apart from the outbox's:
+        # one event shared by both let each side orphan the other's waiter.
+        self._ingest_frames = 0
+        self._ingest_bytes = 0
+        self._ingest_room = trio.Event()
         self._ingest_scope = trio.CancelScope()
 
     # --- lifecycle -------------------------------------------------------
@@ -345,13 +348,13 @@ class Connection:
 
     async def _queue_write(self, frame: Any, size: int) -> None:
         limit = self.hub.config.limits.max_frame_bytes
-        while self._queued_frames and (
-            self._queued_frames >= INGEST_FRAMES or self._queued_bytes + size > limit
+        while self._ingest_frames and (
+            self._ingest_frames >= INGEST_FRAMES or self._ingest_bytes + size > limit
         ):
-            self._room = trio.Event()
-            await self._room.wait()
-        self._queued_frames += 1
-        self._queued_bytes += size
+            self._ingest_room = trio.Event()
+            await self._ingest_room.wait()
+        self._ingest_frames += 1
+        self._ingest_bytes += size
         self._writes.send_nowait((frame, size))
 
     async def _ingest_loop(self) -> None:
@@ -362,9 +365,9 @@ class Connection:
                 except FrameError as exc:
                     await self._error(exc.code, exc.message)
                 finally:
-                    self._queued_frames -= 1
-                    self._queued_bytes -= size
-                    self._room.set()
+                    self._ingest_frames -= 1
+                    self._ingest_bytes -= size
+                    self._ingest_room.set()
 
     async def _handle(self, frame: Any) -> None:
         if isinstance(frame, PingFrame):
