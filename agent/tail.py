@@ -25,7 +25,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError,
 from agent import http
 from agent.hubaddr import auth_headers, http_base, ws_url
 from keruta.backoff import Backoff
-from keruta.records import LogRecord
+from keruta.records import FINAL_STATES, LogRecord
 from keruta.wire import (
     ErrorFrame,
     FrameError,
@@ -37,7 +37,6 @@ from keruta.wire import (
     records_from_wire,
 )
 
-FINAL_STATES = ("succeeded", "failed")
 PAGE_SIZE = 1000
 MAX_MESSAGE = 64 * 1024 * 1024
 # With no frame for this long, ask the REST API whether the task has ended.

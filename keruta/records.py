@@ -12,6 +12,7 @@ from keruta.limits import INT64_MAX, MAX_SEQ
 
 SOURCES = ("stdout", "stderr", "agent")
 TASK_STATES = ("pending", "running", "succeeded", "failed")
+FINAL_STATES = ("succeeded", "failed")
 TASK_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 

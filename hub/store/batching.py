@@ -41,7 +41,6 @@ class TaskProgress:
     durable_seq: int
     exists: bool = True
     batch_max: int = 0
-    seen: set[int] = attrs.field(factory=set)
     # Over the rows this batch actually inserts:
     count: int = 0
     first_ts: str | None = None
@@ -89,9 +88,8 @@ class ProducerProgress:
 class Plan:
     records: list[LogRecord | None]  # one per item, in input order
     status: list[str]  # one per item; PENDING until `resolve`
-    # Items whose fate depends on what is stored: (item index, task seq) for a
-    # client-chosen seq at or below the task's highest; (item index, None) for a
-    # producer record the producer already sent.
+    # Indexes of the items whose fate depends on what is stored: a client-chosen
+    # seq at or below the task's highest, or a producer record already sent.
     lookups: list[int] = attrs.field(factory=list)
     # (task_id, producer) -> (lowest, highest) producer seq among the lookups.
     producer_lookups: dict[tuple[str, str], list[int]] = attrs.field(factory=dict)
@@ -205,7 +203,6 @@ def plan_batch(
             seq = max(task.max_seq, task.batch_max) + 1
             record = _record(item, seq)
             task.batch_max = seq
-            task.seen.add(seq)
             run.high = pseq
             last = run.new_ranges[-1] if run.new_ranges else None
             if last is not None and last[1] + 1 == pseq and last[2] + (pseq - last[0]) == seq:
@@ -225,7 +222,6 @@ def plan_batch(
             plan.status.append(DUPLICATE if same_record(earlier, record) else CONFLICT)
             continue
         first_in_batch[(item.task_id, seq)] = record
-        task.seen.add(seq)
         if seq <= task.max_seq:
             plan.status.append(PENDING)
             plan.lookups.append(index)
@@ -306,9 +302,6 @@ def advance(durable: int, seqs: Iterable[int]) -> tuple[int, bool]:
 def metadata_json(metadata: dict) -> str | None:
     return orjson.dumps(metadata).decode() if metadata else None
 
-
-def metadata_from_json(text: str | None) -> dict:
-    return orjson.loads(text) if text else {}
 
 
 def record_from_row(row: Sequence[Any]) -> LogRecord:
@@ -406,7 +399,6 @@ def check_page(query: LogQuery) -> None:
         raise InvalidField("size", "must be an integer >= 1")
 
 
-FINAL_STATES = ("succeeded", "failed")
 _STATE_RANK = {"pending": 0, "running": 1, "succeeded": 2, "failed": 2}
 
 
