@@ -91,14 +91,15 @@ class RunResult:
 
 async def run(settings: RunSettings, say: Callable[[str], None] = say) -> RunResult:
     masker = Masker.from_env(settings.environ, settings.masks)
+    open_spool = functools.partial(
+        Spool.open,
+        task_id=settings.task_id,
+        hub_url=settings.hub_url,
+        max_bytes=settings.spool_max_bytes,
+        warn=say,
+    )
     try:
-        spool = Spool.open(
-            settings.spool_root,
-            settings.task_id,
-            hub_url=settings.hub_url,
-            max_bytes=settings.spool_max_bytes,
-            warn=say,
-        )
+        spool = open_spool(settings.spool_root)
     except SpoolLocked as exc:
         say(f"{exc}; is task {settings.task_id} already running here?")
         return RunResult(1, False, 0, 0, 0)
@@ -106,25 +107,13 @@ async def run(settings: RunSettings, say: Callable[[str], None] = say) -> RunRes
         # Not worth failing the command for: spool somewhere we can write.
         fallback = Path(tempfile.gettempdir()) / f"keruta-spool-{os.getuid()}"
         say(f"cannot use the spool directory {settings.spool_root} ({exc}); using {fallback}")
-        spool = Spool.open(
-            fallback,
-            settings.task_id,
-            hub_url=settings.hub_url,
-            max_bytes=settings.spool_max_bytes,
-            warn=say,
-        )
+        spool = open_spool(fallback)
     final = spool.meta.get("final")
     if final is not None and final.get("delivered") and spool.unacked == 0:
         # A previous run of this task id, delivered but not yet cleaned up (its
         # agent stopped just before): this run starts a spool, and a producer, of its own.
         spool.remove()
-        spool = Spool.open(
-            spool.dir.parent,
-            settings.task_id,
-            hub_url=settings.hub_url,
-            max_bytes=settings.spool_max_bytes,
-            warn=say,
-        )
+        spool = open_spool(spool.dir.parent)
     uplink = Uplink(
         spool,
         UplinkSettings(
