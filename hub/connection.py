@@ -1,7 +1,7 @@
 """One WebSocket connection: the Trio driver of its reader, sender and catch-ups.
 
 Only the sender task writes to the socket. Everything else hands it frames
-through one bounded outbox (hub/outbox.py): the reader awaits room (a client
+through one bounded outbox (hub/queues.py): the reader awaits room (a client
 that does not read stops being read), the broadcaster never waits (a full
 outbox is SLOW_CONSUMER), and acks are coalesced (hub/acks.py) so they are
 never dropped. What a subscription sends when is decided by its sans-IO state
@@ -26,7 +26,7 @@ import trio
 from hub.acks import Replies
 from hub.auth import Role
 from hub.ingest import from_records
-from hub.outbox import WAKE, Outbox
+from hub.queues import WAKE, Outbox, WriteQueue
 from hub.state import Hub
 from hub.store.base import StoreUnavailable
 from hub.subscription import (
@@ -90,12 +90,7 @@ class Connection:
         self._sender_done = trio.Event()
         self._abandon_queue = False
         self._nursery: trio.Nursery | None = None
-        self._writes, self._writes_recv = trio.open_memory_channel[tuple[Any, int]](INGEST_FRAMES)
-        # The ingest queue's own bounds and wake-up, apart from the outbox's:
-        # one event shared by both let each side orphan the other's waiter.
-        self._ingest_frames = 0
-        self._ingest_bytes = 0
-        self._ingest_room = trio.Event()
+        self._writes = WriteQueue(INGEST_FRAMES, hub.config.limits.max_frame_bytes)
         self._ingest_scope = trio.CancelScope()
 
     # --- lifecycle -------------------------------------------------------
@@ -250,34 +245,21 @@ class Connection:
             try:
                 frame = decode_client_frame(data, limits)
                 if isinstance(frame, LogsFrame | LogFrame | StatusFrame):
-                    await self._queue_write(frame, len(data))
+                    await self._writes.put(frame, len(data))
                 else:
                     await self._handle(frame)
             except FrameError as exc:
                 await self._error(exc.code, exc.message)
 
-    async def _queue_write(self, frame: Any, size: int) -> None:
-        limit = self.hub.config.limits.max_frame_bytes
-        while self._ingest_frames and (
-            self._ingest_frames >= INGEST_FRAMES or self._ingest_bytes + size > limit
-        ):
-            self._ingest_room = trio.Event()
-            await self._ingest_room.wait()
-        self._ingest_frames += 1
-        self._ingest_bytes += size
-        self._writes.send_nowait((frame, size))
-
     async def _ingest_loop(self) -> None:
         with self._ingest_scope:
-            async for frame, size in self._writes_recv:
+            async for frame, size in self._writes:
                 try:
                     await self._handle(frame)
                 except FrameError as exc:
                     await self._error(exc.code, exc.message)
                 finally:
-                    self._ingest_frames -= 1
-                    self._ingest_bytes -= size
-                    self._ingest_room.set()
+                    self._writes.done(size)
 
     async def _handle(self, frame: Any) -> None:
         if isinstance(frame, PingFrame):

@@ -1,6 +1,6 @@
-"""A connection's outbox: the one queue to its sender, bounded twice.
+"""A connection's two bounded queues: its outbox and its write queue.
 
-In frames by the channel, and in bytes by `queued_bytes` (a frame of escaped
+The outbox is the one queue to the sender, bounded in frames by the channel, and in bytes by `queued_bytes` (a frame of escaped
 lines can be megabytes), which counts a frame from the moment it is queued
 until the sender has written it (`taken`). Three ways in: `offer` never waits
 (the broadcaster: full means SLOW_CONSUMER), `put` waits for frame room (the
@@ -10,7 +10,8 @@ bounds, up to a patience (history).
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import AsyncIterator
+from typing import Any, Literal
 
 import trio
 
@@ -94,3 +95,35 @@ class Outbox:
             await self.put(item)
             return True
         return False
+
+
+class WriteQueue:
+    """Write frames read but not yet handed to the writer, bounded in frames
+    and bytes (one frame is always let in): beyond either the reader waits."""
+
+    def __init__(self, frames: int, max_bytes: int) -> None:
+        self._send, self._recv = trio.open_memory_channel[tuple[Any, int]](frames)
+        self.max_frames = frames
+        self.max_bytes = max_bytes
+        self.frames = 0
+        self.bytes = 0
+        # Its own wake-up, apart from the outbox's: one event shared by both
+        # let each side orphan the other's waiter.
+        self._room = trio.Event()
+
+    async def put(self, frame: Any, size: int) -> None:
+        while self.frames and (self.frames >= self.max_frames or self.bytes + size > self.max_bytes):
+            self._room = trio.Event()
+            await self._room.wait()
+        self.frames += 1
+        self.bytes += size
+        self._send.send_nowait((frame, size))
+
+    def __aiter__(self) -> AsyncIterator[tuple[Any, int]]:
+        """(frame, size) pairs; call `done(size)` once a frame is handled."""
+        return self._recv
+
+    def done(self, size: int) -> None:
+        self.frames -= 1
+        self.bytes -= size
+        self._room.set()
