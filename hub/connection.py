@@ -255,7 +255,7 @@ class Connection:
         with self._ingest_scope:
             async for frame, size in self._writes:
                 try:
-                    await self._handle(frame)
+                    await self._write(frame)
                 except FrameError as exc:
                     await self._error(exc.code, exc.message)
                 finally:
@@ -264,23 +264,6 @@ class Connection:
     async def _handle(self, frame: Any) -> None:
         if isinstance(frame, PingFrame):
             await self._send(dumps(PongFrame()))
-        elif isinstance(frame, LogsFrame | LogFrame):
-            records = frame.records if isinstance(frame, LogsFrame) else [frame.record]
-            where = "records" if isinstance(frame, LogsFrame) else "record"
-            if not self._may_write():
-                return await self._error("FORBIDDEN", "the viewer token may not write")
-            producer = frame.producer if isinstance(frame, LogsFrame) else None
-            items = from_records(records, where, producer)
-            if not items:
-                return
-            await self.hub.limiter(items[0].task_id).acquire(len(items))
-            await self._submit(WriteRequest(self._on_written, items=items))
-        elif isinstance(frame, StatusFrame):
-            if not self._may_write():
-                return await self._error("FORBIDDEN", "the viewer token may not write")
-            await self._submit(
-                WriteRequest(self._on_written, status=StatusChange(frame.task_id, frame.state, frame.exit_code, frame.producer))
-            )
         elif isinstance(frame, SubscribeFrame):
             await self._subscribe(frame)
         elif isinstance(frame, UnsubscribeFrame):
@@ -288,8 +271,19 @@ class Connection:
             if sub is not None:
                 self._drop(sub)
 
-    def _may_write(self) -> bool:
-        return self.role.can_write
+    async def _write(self, frame: LogsFrame | LogFrame | StatusFrame) -> None:
+        if not self.role.can_write:
+            raise FrameError("FORBIDDEN", "the viewer token may not write")
+        if isinstance(frame, StatusFrame):
+            status = StatusChange(frame.task_id, frame.state, frame.exit_code, frame.producer)
+            return await self._submit(WriteRequest(self._on_written, status=status))
+        if isinstance(frame, LogsFrame):
+            items = from_records(frame.records, "records", frame.producer)
+        else:
+            items = from_records([frame.record], "record")
+        if items:
+            await self.hub.limiter(items[0].task_id).acquire(len(items))
+            await self._submit(WriteRequest(self._on_written, items=items))
 
     async def _submit(self, request: WriteRequest) -> None:
         self.inflight += 1
