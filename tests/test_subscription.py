@@ -103,6 +103,20 @@ def test_a_commit_during_catch_up_is_read_from_the_store_with_no_gap_and_no_dupl
     assert client.seqs() == list(range(1, 10))
 
 
+def test_history_read_ahead_of_the_broadcaster_is_not_sent_twice() -> None:
+    broadcaster, client = Broadcaster(), Client()
+    store = _records(range(1, 8))
+    sub = Subscription("t1", None, None, cursor=0, offer=client.offer)
+    broadcaster.add(sub)
+    broadcaster.publish_records(store[:5], {"t1": 5})
+    # 6..7 are committed (the store says 7) but not yet published here.
+    _catch_up(sub, store, 7, broadcaster, client)
+    assert sub.live and sub.cursor == 7
+    broadcaster.publish_records(store[5:], {"t1": 7})
+    broadcaster.publish_records(_records(range(8, 9)), {"t1": 8})
+    assert client.seqs() == list(range(1, 9))
+
+
 def test_a_filter_that_matches_nothing_still_moves_the_cursor_and_goes_live() -> None:
     broadcaster, client = Broadcaster(), Client()
     store = _records(range(1, 11))  # all INFO
