@@ -68,10 +68,6 @@ async def record(
                 await outbox.send(message)
 
 
-def encode_record(record: LogRecord) -> bytes:
-    return orjson.dumps(record_to_wire(record))
-
-
 def encode_line(
     task_id: str,
     seq: int,
@@ -83,7 +79,7 @@ def encode_line(
     metadata: dict[str, Any],
     partial: bool,
 ) -> bytes:
-    """`encode_record(LogRecord(...))` without building the LogRecord: this runs
+    """`orjson.dumps(record_to_wire(LogRecord(...)))` without building the LogRecord: this runs
     once per line, and every field is valid by construction (a test holds the
     two to the same bytes)."""
     body: dict[str, Any] = {

@@ -147,7 +147,6 @@ class ErrorFrame:
     resume_from: int | None = None
 
 
-ClientFrame = LogFrame | LogsFrame | StatusFrame | SubscribeFrame | UnsubscribeFrame | PingFrame
 HubFrame = SubscribedFrame | LogsFrame | AckFrame | StatusFrame | PongFrame | ErrorFrame
 CLIENT_FRAMES: dict[str, type] = {
     c.TYPE: c
