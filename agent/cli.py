@@ -16,8 +16,8 @@ import trio
 
 from agent.hubaddr import BadHubUrl, http_base
 from agent.spool import default_root
-from keruta.limits import MAX_SEQ
 from keruta.levels import LEVELS
+from keruta.limits import MAX_SEQ
 from keruta.records import SOURCES, TASK_ID_RULE, valid_task_id
 
 DEFAULT_HUB = "http://127.0.0.1:8080"

@@ -32,9 +32,7 @@ from agent.messages import (
 )
 from agent.spool import Spool
 from keruta.levels import LEVELS, determine_level
-from keruta.records import LogRecord
 from keruta.timefmt import now_ts
-from keruta.wire import record_to_wire
 
 # How often the "spool full" warning repeats while lines are being dropped.
 FULL_WARNING_EVERY = 10.0

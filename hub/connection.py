@@ -18,7 +18,6 @@ its tokens is answered at once.
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, TypeVar
@@ -35,6 +34,7 @@ from hub.wsbuffer import OVERSIZED
 from keruta.backoff import Backoff
 from keruta.levels import LEVELS
 from keruta.records import SOURCES
+from keruta.retry import retry
 from keruta.timefmt import now_ts
 from keruta.wire import (
     AckFrame,
@@ -451,15 +451,7 @@ class Connection:
     async def _read(self, operation: Callable[[], Awaitable[T]]) -> T:
         """A store read for this connection, waiting out a short store outage
         (a database restart) instead of dropping the subscriber."""
-        attempt = 0
-        while True:
-            try:
-                return await operation()
-            except StoreUnavailable:
-                if attempt >= STORE_RETRIES:
-                    raise
-                await trio.sleep(STORE_RETRY.delay(attempt, random.random()))
-                attempt += 1
+        return await retry(operation, backoff=STORE_RETRY, retryable=(StoreUnavailable,), retries=STORE_RETRIES)
 
     def _drop(self, sub: Subscription) -> None:
         if self.subs.get(sub.task_id) is sub:
