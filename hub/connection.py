@@ -337,6 +337,7 @@ class Connection:
             if data is OVERSIZED or data == OVERSIZED:
                 await self._error("TOO_LARGE", f"frame is larger than {limits.max_frame_bytes} bytes")
                 continue
+            self.hub.metrics.frame_bytes.observe(len(data))
             try:
                 frame = decode_client_frame(data, limits)
                 if isinstance(frame, LogsFrame | LogFrame | StatusFrame):
