@@ -166,6 +166,15 @@ def camel(name: str) -> str:
     return _CAMEL.sub(lambda m: m.group(1).upper(), name)
 
 
+# Optional fields left out of the JSON while they hold their default (a task
+# always names them all).
+_OMIT_IF_DEFAULT = {"partial", "id", "exit_code", "from_seq", "source", "level", "resume_from", "producer"}
+
+
+def omitted_if_default(cls: type, name: str) -> bool:
+    return name in _OMIT_IF_DEFAULT and cls is not TaskInfo
+
+
 def _make_converter() -> cattrs.Converter:
     conv = cattrs.Converter(forbid_extra_keys=False, omit_if_default=False)
 
@@ -191,7 +200,6 @@ def _make_converter() -> cattrs.Converter:
         lambda t: t == dict[str, Any], struct_dict
     )
 
-    omit_none = {"partial", "id", "exit_code", "from_seq", "source", "level", "resume_from", "producer"}
     for cls in (LogRecord, LogRequest, TaskInfo, *CLIENT_FRAMES.values(), *HUB_FRAMES.values()):
         if cls is LogFrame:
             continue
@@ -199,7 +207,7 @@ def _make_converter() -> cattrs.Converter:
         for a in attrs.fields(cls):
             overrides[a.name] = override(
                 rename=camel(a.name),
-                omit_if_default=(a.name in omit_none and cls is not TaskInfo),
+                omit_if_default=omitted_if_default(cls, a.name),
             )
         conv.register_unstructure_hook(
             cls, make_dict_unstructure_fn(cls, conv, **overrides)  # type: ignore[arg-type]
