@@ -113,6 +113,12 @@ def _level(_inst: object, _attr: attrs.Attribute, value: object) -> None:
         raise InvalidField("level", f"must be one of {', '.join(LEVELS)}")
 
 
+@json_schema(enum=list(SOURCES))
+def _optional_source(inst: object, attr: attrs.Attribute, value: object) -> None:
+    if value is not None:
+        _source(inst, attr, value)
+
+
 @json_schema(enum=list(LEVELS))
 def _optional_level(inst: object, attr: attrs.Attribute, value: object) -> None:
     if value is not None:

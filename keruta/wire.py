@@ -25,7 +25,9 @@ from keruta.records import (
     LogRecord,
     LogRequest,
     TaskInfo,
+    _optional_level,
     _optional_seq,
+    _optional_source,
     _task_id,
     valid_task_id,
 )
@@ -100,8 +102,8 @@ class SubscribeFrame:
     TYPE: ClassVar[str] = "subscribe"
     task_id: str = attrs.field(validator=_task_id)
     from_seq: int | None = attrs.field(default=None, validator=_optional_seq)
-    source: str | None = None
-    level: str | None = None
+    source: str | None = attrs.field(default=None, validator=_optional_source)
+    level: str | None = attrs.field(default=None, validator=_optional_level)
 
 
 @attrs.frozen
