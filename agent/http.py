@@ -59,7 +59,9 @@ async def _get(url: str, params: dict[str, object] | None, token: str | None) ->
     query = {k: str(v) for k, v in (params or {}).items() if v is not None}
     # The system's CA store, as the WebSocket side uses.
     async with httpx.AsyncClient(verify=ssl.create_default_context(), timeout=None) as client:
-        async with client.stream("GET", url, params=query, headers=headers) as response:
+        # Merged: `params=` would replace a query the URL already has.
+        target = httpx.URL(url).copy_merge_params(query)
+        async with client.stream("GET", target, headers=headers) as response:
             body = bytearray()
             async for chunk in response.aiter_bytes():
                 body += chunk
