@@ -18,16 +18,6 @@ import attrs
 from keruta.limits import DEFAULT_LIMITS
 
 
-def _positive(_inst: object, attr: attrs.Attribute, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{attr.name} must be > 0, got {value!r}")
-
-
-def _non_negative(_inst: object, attr: attrs.Attribute, value: float) -> None:
-    if not value >= 0:
-        raise ValueError(f"{attr.name} must be >= 0, got {value!r}")
-
-
 @attrs.frozen
 class Send:
     """Send up to `count` records now (the frame may carry fewer: byte limit)."""
@@ -47,10 +37,10 @@ Decision = Send | Wait
 
 @attrs.define
 class Batcher:
-    batch_size: int = attrs.field(default=500, validator=_positive)
-    flush_interval: float = attrs.field(default=0.2, validator=_non_negative)
-    max_in_flight: int = attrs.field(default=8, validator=_positive)
-    eager_frames: int = attrs.field(default=1, validator=_positive)
+    batch_size: int = attrs.field(default=500, validator=attrs.validators.gt(0))
+    flush_interval: float = attrs.field(default=0.2, validator=attrs.validators.ge(0))
+    max_in_flight: int = attrs.field(default=8, validator=attrs.validators.gt(0))
+    eager_frames: int = attrs.field(default=1, validator=attrs.validators.gt(0))
     # Records written to the spool but not yet sent.
     pending: int = 0
     # Frames sent and not yet acknowledged.

@@ -19,13 +19,13 @@ import trio
 
 from agent.linesplit import Line, LineSplitter
 from agent.messages import CaptureMessage, LineBatch
-from agent.recorder import Recorder, encode_line, encode_record
+from agent.recorder import Recorder, encode_line
 from keruta.limits import DEFAULT_LIMITS, Limits
 from keruta.masking import StreamMasker
 from keruta.timefmt import now_ts
 
 # Kept importable from here: tests and older callers know them as capture's.
-__all__ = ["Mirror", "Recorder", "capture", "encode_line", "encode_record", "LineNumbering"]
+__all__ = ["Mirror", "Recorder", "capture", "encode_line", "LineNumbering"]
 
 READ_SIZE = 64 * 1024
 

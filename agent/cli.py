@@ -6,6 +6,7 @@ import argparse
 import logging
 import math
 import os
+import re
 import sys
 import uuid
 from collections.abc import Sequence
@@ -15,8 +16,9 @@ import trio
 
 from agent.hubaddr import BadHubUrl, http_base
 from agent.spool import default_root
+from keruta.levels import LEVELS
 from keruta.limits import MAX_SEQ
-from keruta.records import TASK_ID_RULE, valid_task_id
+from keruta.records import SOURCES, TASK_ID_RULE, valid_task_id
 
 DEFAULT_HUB = "http://127.0.0.1:8080"
 
@@ -87,18 +89,16 @@ def _task_id(text: str) -> str:
     return text
 
 
+# Bytes, with an optional K/M/G suffix (powers of 1024) and an optional "B"/"iB".
+_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmg]?)(?:i?b)?", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
 def _size(text: str) -> int:
-    """Bytes, with an optional K/M/G suffix (powers of 1024)."""
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    factor = 1
-    if t and t[-1] in units:
-        factor = units[t[-1]]
-        t = t[:-1]
-    try:
-        value = int(float(t) * factor)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500M, 1G)") from None
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500M, 1G)")
+    value = int(float(match[1]) * _UNITS[match[2].lower()])
     if value < 1:
         raise argparse.ArgumentTypeError("must be > 0")
     return value
@@ -217,8 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="first seq to print (default 1)",
     )
-    tail.add_argument("--source", choices=("stdout", "stderr", "agent"), help="only this source")
-    tail.add_argument("--level", choices=("DEBUG", "INFO", "WARN", "ERROR"), help="only this level")
+    tail.add_argument("--source", choices=SOURCES, help="only this source")
+    tail.add_argument("--level", choices=LEVELS, help="only this level")
     tail.add_argument("--no-follow", action="store_true", help="print the stored history and exit")
 
     flush = sub.add_parser(

@@ -123,7 +123,6 @@ class UplinkProtocol:
         self.confirmed = False
         self.delivered = False
         self.frames_sent = 0
-        self.records_sent = 0
         self.max_payload = limits.max_frame_bytes - FRAME_OVERHEAD
 
     # --- what happened -------------------------------------------------------
@@ -254,5 +253,4 @@ class UplinkProtocol:
         self.in_flight.append(last)
         self.batcher.sent(min(covered, self.batcher.pending), now)
         self.frames_sent += 1
-        self.records_sent += fitted
         return frame

@@ -32,9 +32,7 @@ from agent.messages import (
 )
 from agent.spool import Spool
 from keruta.levels import LEVELS, determine_level
-from keruta.records import LogRecord
 from keruta.timefmt import now_ts
-from keruta.wire import record_to_wire
 
 # How often the "spool full" warning repeats while lines are being dropped.
 FULL_WARNING_EVERY = 10.0
@@ -68,10 +66,6 @@ async def record(
                 await outbox.send(message)
 
 
-def encode_record(record: LogRecord) -> bytes:
-    return orjson.dumps(record_to_wire(record))
-
-
 def encode_line(
     task_id: str,
     seq: int,
@@ -83,7 +77,7 @@ def encode_line(
     metadata: dict[str, Any],
     partial: bool,
 ) -> bytes:
-    """`encode_record(LogRecord(...))` without building the LogRecord: this runs
+    """`orjson.dumps(record_to_wire(LogRecord(...)))` without building the LogRecord: this runs
     once per line, and every field is valid by construction (a test holds the
     two to the same bytes)."""
     body: dict[str, Any] = {

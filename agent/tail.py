@@ -13,7 +13,6 @@ it only once all its records are stored: when it arrives, all is printed.
 from __future__ import annotations
 
 import os
-import random
 import sys
 from collections.abc import Callable
 from typing import BinaryIO
@@ -26,6 +25,7 @@ from agent import http
 from agent.hubaddr import auth_headers, http_base, ws_url
 from keruta.backoff import Backoff
 from keruta.records import FINAL_STATES, LogRecord
+from keruta.retry import Failures, retry
 from keruta.wire import (
     ErrorFrame,
     FrameError,
@@ -158,42 +158,49 @@ async def _history(settings: TailSettings, printer: Printer) -> None:
 
 async def _follow(settings: TailSettings, printer: Printer, say: Callable[[str], None]) -> int:
     url = ws_url(settings.hub_url)
-    rng = random.Random()
-    failures = 0
+    failures = Failures()
     ever_connected = False
-    while True:
-        try:
-            async with open_websocket_url(
-                url,
-                extra_headers=auth_headers(settings.token),
-                max_message_size=MAX_MESSAGE,
-                connect_timeout=10.0,
-                disconnect_timeout=1.0,
-            ) as ws:
-                if failures and ever_connected:
-                    say("reconnected")
-                ever_connected = True
-                failures = 0
-                code = await _session(ws, settings, printer)
-                if code is not None:
-                    return code
-        except ConnectionRejected as exc:
-            if exc.status_code in (401, 403):
-                raise Fatal(
-                    f"the hub refused the connection (HTTP {exc.status_code}); check --token"
-                ) from None
-            error: BaseException = exc
-        except (OSError, HandshakeError, ConnectionClosed, trio.BrokenResourceError) as exc:
-            error = exc
-        except _Resubscribe:
-            say(f"fell behind the hub; resuming from seq {printer.next_seq}")
-            continue
+
+    async def connection() -> int:
+        nonlocal ever_connected
+        while True:
+            try:
+                async with open_websocket_url(
+                    url,
+                    extra_headers=auth_headers(settings.token),
+                    max_message_size=MAX_MESSAGE,
+                    connect_timeout=10.0,
+                    disconnect_timeout=1.0,
+                ) as ws:
+                    if failures.count and ever_connected:
+                        say("reconnected")
+                    ever_connected = True
+                    failures.reset()
+                    code = await _session(ws, settings, printer)
+                    if code is not None:
+                        return code
+            except ConnectionRejected as exc:
+                if exc.status_code in (401, 403):
+                    raise Fatal(
+                        f"the hub refused the connection (HTTP {exc.status_code}); check --token"
+                    ) from None
+                raise
+            except _Resubscribe:
+                say(f"fell behind the hub; resuming from seq {printer.next_seq}")
+
+    def lost(count: int, error: BaseException, _delay: float) -> None:
         if not ever_connected:
             raise Fatal(f"cannot reach the hub at {settings.hub_url}: {_reason(error)}")
-        if failures == 0:
+        if count == 1:
             say(f"connection lost ({_reason(error)}); reconnecting from seq {printer.next_seq}")
-        await trio.sleep(RECONNECT.delay(failures, rng.random()))
-        failures += 1
+
+    return await retry(
+        connection, backoff=RECONNECT, retryable=_LINK_ERRORS, on_failure=lost, failures=failures
+    )
+
+
+# What ends a connection but not the tail: reconnect after a backoff.
+_LINK_ERRORS = (OSError, HandshakeError, ConnectionClosed, ConnectionRejected, trio.BrokenResourceError)
 
 
 class _Resubscribe(Exception):

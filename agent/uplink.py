@@ -98,7 +98,6 @@ class Uplink:
         self.delivered = trio.Event()
         # Set by whoever runs the uplink when it has ended, delivered or not.
         self.stopped = trio.Event()
-        self.sessions = 0
         self.failures = 0
         # The session's sender parks here while the protocol says wait.
         self._news = trio.lowlevel.ParkingLot()
@@ -108,10 +107,6 @@ class Uplink:
     @property
     def frames_sent(self) -> int:
         return self.protocol.frames_sent
-
-    @property
-    def records_sent(self) -> int:
-        return self.protocol.records_sent
 
     # --- input -----------------------------------------------------------------
 
@@ -178,7 +173,6 @@ class Uplink:
         if self.delivered.is_set():
             return
         s = self.settings
-        self.sessions += 1
         async with open_websocket_url(
             self.url,
             extra_headers=auth_headers(s.token),

@@ -16,10 +16,6 @@ class Role(Enum):
     ADMIN = 3
 
     @property
-    def can_read(self) -> bool:
-        return self is not Role.NONE
-
-    @property
     def can_write(self) -> bool:
         return self in (Role.AGENT, Role.ADMIN)
 

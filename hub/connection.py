@@ -17,7 +17,6 @@ its tokens is answered at once.
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -39,6 +38,7 @@ from hub.subscription import (
 from hub.writer import StatusChange, WriteOutcome, WriteRequest
 from hub.wsbuffer import OVERSIZED
 from keruta.backoff import Backoff
+from keruta.retry import retry
 from keruta.timefmt import now_ts
 from keruta.wire import (
     ErrorFrame,
@@ -242,6 +242,7 @@ class Connection:
             if data is OVERSIZED or data == OVERSIZED:
                 await self._error("TOO_LARGE", f"frame is larger than {limits.max_frame_bytes} bytes")
                 continue
+            self.hub.metrics.frame_bytes.observe(len(data))
             try:
                 frame = decode_client_frame(data, limits)
                 if isinstance(frame, LogsFrame | LogFrame | StatusFrame):
@@ -325,15 +326,7 @@ class Connection:
     async def _read(self, operation: Callable[[], Awaitable[T]]) -> T:
         """A store read for this connection, waiting out a short store outage
         (a database restart) instead of dropping the subscriber."""
-        attempt = 0
-        while True:
-            try:
-                return await operation()
-            except StoreUnavailable:
-                if attempt >= STORE_RETRIES:
-                    raise
-                await trio.sleep(STORE_RETRY.delay(attempt, random.random()))
-                attempt += 1
+        return await retry(operation, backoff=STORE_RETRY, retryable=(StoreUnavailable,), retries=STORE_RETRIES)
 
     def _drop(self, sub: Subscription) -> None:
         if self.subs.get(sub.task_id) is sub:

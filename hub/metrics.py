@@ -1,40 +1,45 @@
-"""Counters the hub exposes at /metrics, in Prometheus text format."""
+"""What the hub exposes at /metrics, in prometheus_client's exposition format.
+
+The counts are plain attributes the hub's actors bump on their hot paths
+(`metrics.frames_sent += 1`); a collector reads them at scrape time. The
+histograms are prometheus_client's own. Each hub has its own registry, so
+several hubs in one process (tests) keep apart.
+"""
 
 from __future__ import annotations
 
-import bisect
+from collections.abc import Iterator
 
 import attrs
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# Inbound WebSocket frames: a single record is a few hundred bytes, a full
+# batch up to the frame limit (4 MiB).
+_FRAME_BUCKETS = tuple(float(4**n) for n in range(4, 12))  # 256 B .. 4 MiB
+
+# (attribute, metric name without _total, kind, help)
+_SCALARS = (
+    ("records_ingested", "keruta_records_ingested", "counter", "Records newly stored (duplicates not counted)"),
+    ("records_duplicate", "keruta_records_duplicate", "counter", "Records received again and not stored twice"),
+    ("frames_received", "keruta_frames_received", "counter", "WebSocket frames received"),
+    ("frames_sent", "keruta_frames_sent", "counter", "WebSocket frames sent"),
+    ("subscribers", "keruta_subscribers", "gauge", "Live subscriptions"),
+    ("connections", "keruta_websocket_connections", "gauge", "Open WebSocket connections"),
+    ("slow_consumers", "keruta_slow_consumers", "counter", "Subscribers cut off as SLOW_CONSUMER"),
+    ("subscriber_queue_bytes_peak", "keruta_subscriber_queue_bytes_peak", "gauge",
+     "The most bytes any one connection has held queued for sending"),
+    ("store_failures", "keruta_store_failures", "counter", "Store operations that found the store unavailable"),
+)
 
 
-@attrs.define
-class Histogram:
-    counts: list[int] = attrs.field(factory=lambda: [0] * (len(_BUCKETS) + 1))
-    total: float = 0.0
-    n: int = 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(_BUCKETS, value)] += 1
-        self.total += value
-        self.n += 1
-
-    def render(self, name: str) -> list[str]:
-        lines = [f"# TYPE {name} histogram"]
-        running = 0
-        for bound, count in zip(_BUCKETS, self.counts, strict=False):
-            running += count
-            lines.append(f'{name}_bucket{{le="{bound}"}} {running}')
-        lines.append(f'{name}_bucket{{le="+Inf"}} {self.n}')
-        lines.append(f"{name}_sum {self.total:.6f}")
-        lines.append(f"{name}_count {self.n}")
-        return lines
-
-
-@attrs.define
+@attrs.define(eq=False)
 class Metrics:
-    records_ingested: int = 0  # newly stored (duplicates not counted)
+    records_ingested: int = 0
     records_duplicate: int = 0
     frames_received: int = 0
     frames_sent: int = 0
@@ -42,39 +47,40 @@ class Metrics:
     subscribers: int = 0
     connections: int = 0
     slow_consumers: int = 0
-    # The most bytes any one connection has held queued for sending.
     subscriber_queue_bytes_peak: int = 0
-    write_batch: Histogram = attrs.field(factory=Histogram)
     store_failures: int = 0
+    registry: CollectorRegistry = attrs.field(factory=lambda: CollectorRegistry(auto_describe=True))
+    write_batch: Histogram = attrs.field(init=False)
+    frame_bytes: Histogram = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.write_batch = Histogram(
+            "keruta_write_batch_seconds", "Time to commit one write batch to the store",
+            registry=self.registry, buckets=_LATENCY_BUCKETS,
+        )
+        self.frame_bytes = Histogram(
+            "keruta_frame_bytes", "Size of the WebSocket frames received",
+            registry=self.registry, buckets=_FRAME_BUCKETS,
+        )
+        self.registry.register(_Counts(self))
 
     def error(self, code: str) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
 
     def render(self) -> str:
-        out = [
-            "# TYPE keruta_records_ingested_total counter",
-            f"keruta_records_ingested_total {self.records_ingested}",
-            "# TYPE keruta_records_duplicate_total counter",
-            f"keruta_records_duplicate_total {self.records_duplicate}",
-            "# TYPE keruta_frames_received_total counter",
-            f"keruta_frames_received_total {self.frames_received}",
-            "# TYPE keruta_frames_sent_total counter",
-            f"keruta_frames_sent_total {self.frames_sent}",
-            "# TYPE keruta_subscribers gauge",
-            f"keruta_subscribers {self.subscribers}",
-            "# TYPE keruta_websocket_connections gauge",
-            f"keruta_websocket_connections {self.connections}",
-            "# TYPE keruta_slow_consumers_total counter",
-            f"keruta_slow_consumers_total {self.slow_consumers}",
-            "# TYPE keruta_subscriber_queue_bytes_peak gauge",
-            f"keruta_subscriber_queue_bytes_peak {self.subscriber_queue_bytes_peak}",
-            "# TYPE keruta_store_failures_total counter",
-            f"keruta_store_failures_total {self.store_failures}",
-            "# TYPE keruta_errors_total counter",
-        ]
-        if not self.errors:
-            out.append('keruta_errors_total{code="none"} 0')
-        for code, n in sorted(self.errors.items()):
-            out.append(f'keruta_errors_total{{code="{code}"}} {n}')
-        out += self.write_batch.render("keruta_write_batch_seconds")
-        return "\n".join(out) + "\n"
+        return generate_latest(self.registry).decode()
+
+
+class _Counts(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        for attribute, name, kind, documentation in _SCALARS:
+            value = getattr(self.metrics, attribute)
+            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            yield family(name, documentation, value=value)
+        errors = CounterMetricFamily("keruta_errors", "Error answers and frames, by code", labels=["code"])
+        for code, n in sorted((self.metrics.errors or {"none": 0}).items()):
+            errors.add_metric([code], n)
+        yield errors

@@ -1,111 +1,199 @@
-"""The OpenAPI description served at /openapi.json."""
+"""The OpenAPI document served at /openapi.json, generated.
+
+The component schemas come from the attrs models the wire uses
+(keruta.records, hub/answers.py): their fields and types, the converter's
+camelCase names and omitted defaults, and what their validators accept. A
+model that changes changes the document; tests hold the hub's real answers
+to it. The paths are a table.
+"""
 
 from __future__ import annotations
 
+import types
+import typing
 from typing import Any
 
+import attrs
+from attrs import validators as v
+
+from hub import answers
 from keruta import __version__
 from keruta.levels import LEVELS
-from keruta.limits import INT32_MAX, INT32_MIN, INT64_MAX, MAX_SEQ
-from keruta.records import SOURCES, TASK_STATES
+from keruta.limits import DEFAULT_LIMITS, INT64_MAX
+from keruta.records import SOURCES, TASK_ID_PATTERN, LogRecord, LogRequest, TaskInfo
+from keruta.wire import camel, omitted_if_default
 
-_ERROR = {"$ref": "#/components/schemas/Error"}
-# valid_task_id: the charset, but never the path components "." and "..".
-TASK_ID_PATTERN = r"^(?!\.\.?$)[A-Za-z0-9._:-]{1,128}$"
+# Producers' bodies: a field with a default may be left out. Every other
+# model is an answer: it names every field the converter does not omit.
+REQUESTS = (LogRequest,)
+MODELS: dict[str, type] = {
+    "LogRecord": LogRecord,
+    "LogRequest": LogRequest,
+    "Task": TaskInfo,
+    **{cls.__name__: cls for cls in answers.ANSWERS},
+}
+_NAMES = {cls: name for name, cls in MODELS.items()}
+_SCALARS: dict[Any, dict[str, Any]] = {
+    str: {"type": "string"},
+    int: {"type": "integer"},
+    bool: {"type": "boolean"},
+    float: {"type": "number"},
+    Any: {},
+}
+_BOUNDS = {">=": "minimum", "<=": "maximum", ">": "exclusiveMinimum", "<": "exclusiveMaximum"}
+
+
+def type_schema(tp: Any) -> dict[str, Any]:
+    """JSON Schema for a field's type: scalars, `X | None`, list, dict, attrs models."""
+    if tp in _SCALARS:
+        return dict(_SCALARS[tp])
+    if tp in _NAMES:
+        return {"$ref": f"#/components/schemas/{_NAMES[tp]}"}
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (types.UnionType, typing.Union) and type(None) in args:
+        (inner,) = (a for a in args if a is not type(None))
+        schema = type_schema(inner)
+        if "type" in schema:
+            return {**schema, "type": [schema["type"], "null"]}
+        return {"oneOf": [schema, {"type": "null"}]}
+    if origin is list:
+        return {"type": "array", "items": type_schema(args[0])}
+    if origin is dict:
+        return {"type": "object"} if args[1] is Any else {"type": "object", "additionalProperties": type_schema(args[1])}
+    raise TypeError(f"no JSON Schema for {tp!r}")
+
+
+def validator_schema(check: Any) -> dict[str, Any]:
+    """What a validator accepts: attrs' own (bounds, `in_`, `and_`,
+    `optional`) or one marked with keruta.records.json_schema."""
+    if check is None:
+        return {}
+    if isinstance(check, list | tuple):
+        return {k: val for c in check for k, val in validator_schema(c).items()}
+    marked = getattr(check, "json_schema", None)
+    if marked is not None:
+        return dict(marked)
+    kind = type(check)
+    if kind is type(v.ge(0)):
+        return {_BOUNDS[check.compare_op]: check.bound}
+    if kind is type(v.in_(())):
+        return {"enum": list(check.options)}
+    if kind is type(v.and_()):
+        return validator_schema(list(check._validators))
+    if kind is type(v.optional(v.ge(0))):
+        return validator_schema(check.validator)
+    raise TypeError(f"no JSON Schema for the validator {check!r}")
+
+
+def model_schema(cls: type) -> dict[str, Any]:
+    fields = attrs.fields(attrs.resolve_types(cls))
+    properties: dict[str, Any] = {}
+    required = []
+    for a in fields:
+        schema = type_schema(a.type)
+        schema.update(validator_schema(a.validator))
+        schema.update(a.metadata.get("json_schema", {}))
+        if "enum" in schema and isinstance(schema.get("type"), list):
+            schema["enum"] = [*schema["enum"], None]  # `X | None`: null is allowed too
+        if cls in REQUESTS and a.default is not attrs.NOTHING:
+            if a.default is not None and not isinstance(a.default, attrs.Factory):  # type: ignore[arg-type]
+                schema["default"] = a.default
+        elif a.default is attrs.NOTHING or not omitted_if_default(cls, a.name):
+            required.append(camel(a.name))
+        properties[camel(a.name)] = schema
+    # Answers name exactly these fields; the hub ignores what a producer adds.
+    extra = {} if cls in REQUESTS else {"additionalProperties": False}
+    return {"type": "object", "required": required, "properties": properties, **extra}
+
+
+def component_schemas() -> dict[str, Any]:
+    return {name: model_schema(cls) for name, cls in MODELS.items()}
+
+
+# --- paths ----------------------------------------------------------------------
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
 _TASK_ID = {"name": "taskId", "in": "path", "required": True, "schema": {"type": "string", "pattern": TASK_ID_PATTERN}}
-_SOURCE = {"type": "string", "enum": list(SOURCES)}
-_LEVEL = {"type": "string", "enum": list(LEVELS)}
-_NULLABLE_TS = {"type": ["string", "null"], "format": "date-time"}
-_COUNT = {"type": "integer", "minimum": 0}
+_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+_TIME = {"type": "string", "format": "date-time"}
+_READ = (400, 401, 403, 503)
 
 
-def _q(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
 
 
-def _errors(*codes: int) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for c in codes:
-        out[str(c)] = {"description": "error", "content": {"application/json": {"schema": _ERROR}}}
-        if c in (429, 503):
-            out[str(c)]["headers"] = {"Retry-After": {"schema": {"type": "string"}, "description": "seconds"}}
-    return out
+def _operation(summary: str, answer: dict[str, Any] | None, errors: tuple[int, ...] = (),
+               kind: str = "application/json", public: bool = False, **more: Any) -> dict[str, Any]:
+    responses: dict[str, Any] = {}
+    if answer is None:  # the WebSocket upgrade
+        responses["101"] = {"description": "switching protocols"}
+    else:
+        responses["200"] = {"description": "ok", "content": {kind: {"schema": answer}}}
+    for code in errors:
+        responses[str(code)] = {"description": "error", "content": {"application/json": {"schema": _ref("Error")}}}
+        if code in (429, 503):
+            responses[str(code)]["headers"] = {"Retry-After": {"schema": {"type": "string"}, "description": "seconds"}}
+    return {"summary": summary, "responses": responses, **({"security": []} if public else {}), **more}
 
 
-def _ok(schema: dict[str, Any], kind: str = "application/json") -> dict[str, Any]:
-    return {"200": {"description": "ok", "content": {kind: {"schema": schema}}}}
+def _paths(max_page_size: int, max_batch: int) -> dict[str, Any]:
+    text = {"type": "string"}
+    post_body = {"oneOf": [_ref("LogRequest"), {"type": "array", "items": _ref("LogRequest"), "minItems": 1, "maxItems": max_batch}]}
+    logs_query = [
+        _query("source", {"type": "string", "enum": list(SOURCES)}, "only this source"),
+        _query("level", {"type": "string", "enum": list(LEVELS)}, "only this level"),
+        _query("page", {"type": "integer", "minimum": 0, "maximum": 10_000_000, "default": 0}, "page number"),
+        _query("size", {"type": "integer", "minimum": 1, "maximum": max_page_size, "default": 100}, "page size"),
+        _query("from", _TIME, "timestamp >= from"),
+        _query("to", _TIME, "timestamp <= to"),
+        _query("afterSeq", {"type": "integer", "minimum": 0, "maximum": INT64_MAX}, "cursor: seq > afterSeq"),
+        _query("q", text, "substring of message (case-sensitive)"),
+    ]
+    return {
+        "/api/v1/tasks/{taskId}/logs": {
+            "parameters": [_TASK_ID],
+            "post": _operation(
+                "Store one LogRequest or an array of them", {"oneOf": [_ref("StoredId"), _ref("StoredIds")]},
+                (400, 401, 403, 409, 413, 429, 503),
+                requestBody={"required": True, "content": {"application/json": {"schema": post_body}}},
+            ),
+            "get": _operation("A page of the task's records in seq order", _ref("LogPage"), _READ, parameters=logs_query),
+            "delete": _operation(
+                "Delete the task's records older than `before` (all without it)", _ref("Deleted"), _READ,
+                parameters=[_query("before", _TIME, "delete records older than this")],
+            ),
+        },
+        "/api/v1/tasks/{taskId}/logs/stats": {
+            "parameters": [_TASK_ID],
+            "get": _operation("Counts by source and level, time range", _ref("LogStats"), (*_READ, 404)),
+        },
+        "/api/v1/tasks/{taskId}/logs/raw": {
+            "parameters": [_TASK_ID],
+            "get": _operation("The whole log as text, streamed", text, _READ, kind="text/plain"),
+        },
+        "/api/v1/tasks": {"get": _operation("All tasks", _ref("TaskList"), (401, 403, 503))},
+        "/api/v1/tasks/{taskId}": {"parameters": [_TASK_ID], "get": _operation("One task's state", _ref("Task"), (*_READ, 404))},
+        # A plain HTTP GET (no Upgrade) is a 400.
+        "/api/v1/ws": {"get": _operation(
+            "WebSocket: log, logs, status, subscribe, unsubscribe, ping (see CONTRACT); the token "
+            "may come as the subprotocol bearer.<base64url token> beside keruta", None, (400, 401, 403),
+        )},
+        "/healthz": {"get": _operation("Liveness", _ref("Health"), public=True)},
+        "/metrics": {"get": _operation("Prometheus metrics", text, (401, 403), kind="text/plain")},
+        "/openapi.json": {"get": _operation("This document", {"type": "object"}, public=True)},
+        "/": {"get": _operation("The web viewer", text, kind="text/html", public=True)},
+        "/tasks/{taskId}": {"parameters": [_TASK_ID], "get": _operation("The web viewer for one task", text, (400,), kind="text/html", public=True)},
+        "/static/{name}": {"parameters": [_NAME], "get": _operation("The web viewer's files (hub/static/)", text, (404,), kind="text/javascript", public=True)},
+    }
 
 
-def _obj(properties: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
-    # Every answer names all its fields: required defaults to all of them.
-    return {"type": "object", "required": list(properties) if required is None else required, "properties": properties}
-
-
-def openapi_document(max_page_size: int = 1000) -> dict[str, Any]:
+def openapi_document(max_page_size: int = 1000, max_batch: int = DEFAULT_LIMITS.max_records_per_batch) -> dict[str, Any]:
     """The description of what the hub answers; tests run schemathesis
-    against it, so a response that drifts from it fails the suite."""
-    record = _obj(
-        {
-            "id": {"type": "string"},
-            "taskId": {"type": "string", "pattern": TASK_ID_PATTERN},
-            "seq": {"type": "integer", "minimum": 1, "maximum": INT64_MAX},
-            "timestamp": {"type": "string", "format": "date-time"},
-            "source": _SOURCE,
-            "level": _LEVEL,
-            "message": {"type": "string"},
-            "lineNumber": {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_SEQ},
-            "metadata": {"type": "object"},
-            "partial": {"type": "boolean"},
-        },
-        ["id", "taskId", "seq", "timestamp", "source", "level", "message", "metadata"],
-    )
-    log_request = _obj(
-        {
-            "message": {"type": "string"},
-            "source": {**_SOURCE, "default": "stdout"},
-            "level": _LEVEL,
-            "lineNumber": {"type": "integer", "minimum": 0, "maximum": MAX_SEQ},
-            "metadata": {"type": "object"},
-            "seq": {"type": "integer", "minimum": 1, "maximum": MAX_SEQ},
-            "timestamp": {"type": "string", "format": "date-time"},
-            "partial": {"type": "boolean"},
-        },
-        ["message"],
-    )
-    task = _obj(
-        {
-            "taskId": {"type": "string", "pattern": TASK_ID_PATTERN},
-            "state": {"type": "string", "enum": list(TASK_STATES)},
-            "exitCode": {"type": ["integer", "null"], "minimum": INT32_MIN, "maximum": INT32_MAX},
-            "firstTimestamp": _NULLABLE_TS,
-            "lastTimestamp": _NULLABLE_TS,
-            "totalLogs": _COUNT,
-            "durableSeq": {"type": "integer", "minimum": 0},
-            "updatedAt": _NULLABLE_TS,
-        }
-    )
-    page = _obj(
-        {
-            "content": {"type": "array", "items": {"$ref": "#/components/schemas/LogRecord"}},
-            "totalElements": _COUNT,
-            "totalPages": _COUNT,
-            "number": _COUNT,
-            "size": {"type": "integer", "minimum": 1},
-        }
-    )
-    counts = {"type": "object", "additionalProperties": _COUNT}
-    stats = _obj(
-        {
-            "taskId": {"type": "string"},
-            "totalLogs": _COUNT,
-            "logCounts": counts,
-            "levelCounts": counts,
-            "timeRange": _obj({"start": _NULLABLE_TS, "end": _NULLABLE_TS}),
-            "lastUpdated": _NULLABLE_TS,
-        }
-    )
-    ids = {"oneOf": [_obj({"id": {"type": "string"}}), _obj({"ids": {"type": "array", "items": {"type": "string"}}})]}
-    auth: list[dict[str, list[str]]] = [{"bearer": []}, {"queryToken": []}]
+    against it and validate real answers with its schemas."""
     return {
         "openapi": "3.1.0",
         "info": {"title": "keruta hub", "version": __version__},
@@ -114,61 +202,9 @@ def openapi_document(max_page_size: int = 1000) -> dict[str, Any]:
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "queryToken": {"type": "apiKey", "in": "query", "name": "token"},
             },
-            "schemas": {
-                "Error": _obj({"error": {"type": "string"}, "message": {"type": "string"}}),
-                "LogRecord": record,
-                "LogRequest": log_request,
-                "Task": task,
-                "LogPage": page,
-                "LogStats": stats,
-            },
+            "schemas": component_schemas(),
         },
-        "security": auth,
-        "paths": {
-            "/api/v1/tasks/{taskId}/logs": {
-                "parameters": [_TASK_ID],
-                "post": {
-                    "summary": "Store one LogRequest or an array of them",
-                    "requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [{"$ref": "#/components/schemas/LogRequest"}, {"type": "array", "items": {"$ref": "#/components/schemas/LogRequest"}, "minItems": 1, "maxItems": 1000}]}}}},
-                    "responses": {**_ok(ids), **_errors(400, 401, 403, 409, 413, 429, 503)},
-                },
-                "get": {
-                    "summary": "A page of the task's records in seq order",
-                    "parameters": [
-                        _q("source", _SOURCE, "only this source"),
-                        _q("level", _LEVEL, "only this level"),
-                        _q("page", {"type": "integer", "minimum": 0, "maximum": 10_000_000, "default": 0}, "page number"),
-                        _q("size", {"type": "integer", "minimum": 1, "maximum": max_page_size, "default": 100}, "page size"),
-                        _q("from", {"type": "string", "format": "date-time"}, "timestamp >= from"),
-                        _q("to", {"type": "string", "format": "date-time"}, "timestamp <= to"),
-                        _q("afterSeq", {"type": "integer", "minimum": 0, "maximum": INT64_MAX}, "cursor: seq > afterSeq"),
-                        _q("q", {"type": "string"}, "substring of message (case-sensitive)"),
-                    ],
-                    "responses": {**_ok({"$ref": "#/components/schemas/LogPage"}), **_errors(400, 401, 403, 503)},
-                },
-                "delete": {
-                    "summary": "Delete the task's records older than `before` (all without it)",
-                    "parameters": [_q("before", {"type": "string", "format": "date-time"}, "delete records older than this")],
-                    "responses": {**_ok(_obj({"deletedCount": _COUNT})), **_errors(400, 401, 403, 503)},
-                },
-            },
-            "/api/v1/tasks/{taskId}/logs/stats": {
-                "parameters": [_TASK_ID],
-                "get": {"summary": "Counts by source and level, time range", "responses": {**_ok({"$ref": "#/components/schemas/LogStats"}), **_errors(400, 401, 403, 404, 503)}},
-            },
-            "/api/v1/tasks/{taskId}/logs/raw": {
-                "parameters": [_TASK_ID],
-                "get": {"summary": "The whole log as text, streamed", "responses": {**_ok({"type": "string"}, "text/plain"), **_errors(400, 401, 403, 503)}},
-            },
-            "/api/v1/tasks": {"get": {"summary": "All tasks", "responses": {**_ok(_obj({"tasks": {"type": "array", "items": {"$ref": "#/components/schemas/Task"}}})), **_errors(401, 403, 503)}}},
-            "/api/v1/tasks/{taskId}": {"parameters": [_TASK_ID], "get": {"summary": "One task's state", "responses": {**_ok({"$ref": "#/components/schemas/Task"}), **_errors(400, 401, 403, 404, 503)}}},
-            # A plain HTTP GET (no Upgrade) is a 400.
-            "/api/v1/ws": {"get": {"summary": "WebSocket: log, logs, status, subscribe, unsubscribe, ping (see CONTRACT); the token may come as the subprotocol bearer.<base64url token> beside keruta", "responses": {"101": {"description": "switching protocols"}, **_errors(400, 401, 403)}}},
-            "/healthz": {"get": {"summary": "Liveness", "security": [], "responses": _ok(_obj({"status": {"type": "string", "enum": ["ok"]}, "store": {"type": "string", "enum": ["ok", "unavailable"]}}))}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {**_ok({"type": "string"}, "text/plain"), **_errors(401, 403)}}},
-            "/openapi.json": {"get": {"summary": "This document", "security": [], "responses": _ok({"type": "object"})}},
-            "/": {"get": {"summary": "The web viewer", "security": [], "responses": _ok({"type": "string"}, "text/html")}},
-            "/tasks/{taskId}": {"parameters": [_TASK_ID], "get": {"summary": "The web viewer for one task", "security": [], "responses": {**_ok({"type": "string"}, "text/html"), **_errors(400)}}},
-            "/static/{name}": {"parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}], "get": {"summary": "The web viewer's files (hub/static/)", "security": [], "responses": {**_ok({"type": "string"}, "text/javascript"), **_errors(404)}}},
-        },
+        "security": [{"bearer": []}, {"queryToken": []}],
+        "paths": _paths(max_page_size, max_batch),
     }
+

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -33,6 +32,7 @@ from hub.store import open_store_from_url
 from hub.store.base import Store, StoreUnavailable
 from hub.writer import Writer, WriteRequest
 from keruta.backoff import Backoff
+from keruta.retry import retry
 
 log = logging.getLogger("keruta.hub")
 
@@ -59,17 +59,10 @@ def _log_asyncio_error(_loop: object, context: dict[str, object]) -> None:
 
 
 async def _open_store(store: Store) -> None:
-    backoff = Backoff(initial=0.5, cap=10.0)
-    attempt = 0
-    while True:
-        try:
-            await store.open()
-            return
-        except StoreUnavailable as exc:
-            wait = backoff.delay(attempt, random.random())
-            log.warning("store %s unavailable (%s); retrying in %.1fs", store.url, exc, wait)
-            attempt += 1
-            await trio.sleep(wait)
+    def failed(_n: int, exc: BaseException, wait: float) -> None:
+        log.warning("store %s unavailable (%s); retrying in %.1fs", store.url, exc, wait)
+
+    await retry(store.open, backoff=Backoff(initial=0.5, cap=10.0), retryable=(StoreUnavailable,), on_failure=failed)
 
 
 def _hypercorn_config(config: HubConfig) -> HypercornConfig:

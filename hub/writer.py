@@ -9,7 +9,6 @@ through the syncer, which gives them once the commit is durable.
 from __future__ import annotations
 
 import logging
-import random
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
@@ -24,6 +23,7 @@ from hub.store.base import CONFLICT, GAP, AppendResult, Incoming, Store, StoreUn
 from hub.syncer import SYNC_QUEUE, Settled, run_syncer
 from keruta.backoff import Backoff
 from keruta.records import LogRecord, TaskInfo
+from keruta.retry import retry
 
 log = logging.getLogger("keruta.hub.writer")
 
@@ -272,23 +272,18 @@ class Writer:
         The batch is held meanwhile: acks pause, the inbox fills and producers
         slow down, and nothing is lost.
         """
-        attempt = 0
-        while True:
-            try:
-                result = await operation()
-            except StoreUnavailable as exc:
-                self.metrics.store_failures += 1
-                self.available = trio.Event() if self.available.is_set() else self.available
-                wait = self.retry.delay(attempt, random.random())
-                log.warning("store unavailable during %s (%s); retrying in %.1fs", what, exc, wait)
-                attempt += 1
-                await trio.sleep(wait)
-                continue
-            # None: the operation had nothing left to do and did not ask the store.
-            if result is not None and not self.available.is_set():
-                log.warning("store is back")
-                self.available.set()
-            return result
+
+        def failed(_n: int, exc: BaseException, wait: float) -> None:
+            self.metrics.store_failures += 1
+            self.available = trio.Event() if self.available.is_set() else self.available
+            log.warning("store unavailable during %s (%s); retrying in %.1fs", what, exc, wait)
+
+        result = await retry(operation, backoff=self.retry, retryable=(StoreUnavailable,), on_failure=failed)
+        # None: the operation had nothing left to do and did not ask the store.
+        if result is not None and not self.available.is_set():
+            log.warning("store is back")
+            self.available.set()
+        return result
 
     async def _append(self, batch: list[WriteRequest]) -> AppendResult | None:
         """One attempt at committing `batch`, less what was withdrawn meanwhile."""

@@ -25,7 +25,6 @@ class Limits:
     # orjson writes at most 254 levels and the hub wraps metadata in a frame:
     # deeper metadata could be read but never sent back.
     max_metadata_depth: int = 32
-    max_task_id_chars: int = 128
 
 
 DEFAULT_LIMITS = Limits()

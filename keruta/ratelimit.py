@@ -14,11 +14,6 @@ import attrs
 import trio
 
 
-def _positive(_inst: object, attr: attrs.Attribute, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{attr.name} must be > 0, got {value!r}")
-
-
 @attrs.define
 class TokenBucket:
     """`rate` tokens per second, holding at most `burst`; starts full.
@@ -27,8 +22,8 @@ class TokenBucket:
     callers have been promised. `now` is any monotonic clock in seconds.
     """
 
-    rate: float = attrs.field(validator=_positive)
-    burst: float = attrs.field(validator=_positive)
+    rate: float = attrs.field(validator=attrs.validators.gt(0))
+    burst: float = attrs.field(validator=attrs.validators.gt(0))
     tokens: float = attrs.field(default=attrs.Factory(lambda self: self.burst, takes_self=True))
     _last: float | None = attrs.field(default=None, alias="last")
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import attrs
 
 from keruta.levels import LEVELS
-from keruta.limits import INT64_MAX, MAX_SEQ
+from keruta.limits import INT32_MAX, INT32_MIN, INT64_MAX, MAX_SEQ
 
 SOURCES = ("stdout", "stderr", "agent")
 TASK_STATES = ("pending", "running", "succeeded", "failed")
@@ -26,6 +27,25 @@ class InvalidField(ValueError):
 
 
 TASK_ID_RULE = "1-128 characters of [A-Za-z0-9._:-], not '.' or '..'"
+TASK_ID_PATTERN = rf"^(?!\.\.?$){TASK_ID_RE.pattern}$"
+
+F = TypeVar("F", bound=Callable[..., None])
+
+
+def json_schema(**schema: Any) -> Callable[[F], F]:
+    """What a validator accepts, in JSON Schema terms, kept on the validator:
+    hub/openapi.py builds the API's schemas from it, so they say what the
+    check does (attrs' own validators it reads directly)."""
+
+    def mark(check: F) -> F:
+        setattr(check, "json_schema", schema)  # noqa: B010
+        return check
+
+    return mark
+
+
+# The wire's timestamps: RFC 3339 (keruta.timefmt).
+TIMESTAMP = {"json_schema": {"format": "date-time"}}
 
 
 # Task ids already found valid: every record of a batch names the same one, and
@@ -49,6 +69,7 @@ def valid_task_id(value: object) -> bool:
     return False
 
 
+@json_schema(pattern=TASK_ID_PATTERN)
 def _task_id(_inst: object, _attr: attrs.Attribute, value: object) -> None:
     if not valid_task_id(value):
         raise InvalidField("taskId", f"must be {TASK_ID_RULE}")
@@ -58,12 +79,14 @@ def _wire_name(attr: attrs.Attribute) -> str:
     return re.sub(r"_([a-z])", lambda m: m.group(1).upper(), attr.name)
 
 
+@json_schema(minimum=1, maximum=MAX_SEQ)
 def _seq(_inst: object, attr: attrs.Attribute, value: object) -> None:
     # `seq` or `fromSeq` as a producer may give it.
     if type(value) is not int or not 1 <= value <= MAX_SEQ:
         raise InvalidField(_wire_name(attr), f"must be an integer between 1 and {MAX_SEQ}")
 
 
+@json_schema(minimum=1, maximum=INT64_MAX)
 def _stored_seq(_inst: object, attr: attrs.Attribute, value: object) -> None:
     # A record's seq may be one the hub assigned (max + 1), so only what the
     # stores hold bounds it here; producers' seqs are held to MAX_SEQ by
@@ -72,21 +95,37 @@ def _stored_seq(_inst: object, attr: attrs.Attribute, value: object) -> None:
         raise InvalidField(_wire_name(attr), f"must be an integer between 1 and {MAX_SEQ}")
 
 
+@json_schema(minimum=1, maximum=MAX_SEQ)
 def _optional_seq(inst: object, attr: attrs.Attribute, value: object) -> None:
     if value is not None:
         _seq(inst, attr, value)
 
 
+@json_schema(enum=list(SOURCES))
 def _source(_inst: object, _attr: attrs.Attribute, value: object) -> None:
     if value not in SOURCES:
         raise InvalidField("source", f"must be one of {', '.join(SOURCES)}")
 
 
+@json_schema(enum=list(LEVELS))
 def _level(_inst: object, _attr: attrs.Attribute, value: object) -> None:
     if value not in LEVELS:
         raise InvalidField("level", f"must be one of {', '.join(LEVELS)}")
 
 
+@json_schema(enum=list(SOURCES))
+def _optional_source(inst: object, attr: attrs.Attribute, value: object) -> None:
+    if value is not None:
+        _source(inst, attr, value)
+
+
+@json_schema(enum=list(LEVELS))
+def _optional_level(inst: object, attr: attrs.Attribute, value: object) -> None:
+    if value is not None:
+        _level(inst, attr, value)
+
+
+@json_schema(minimum=0, maximum=MAX_SEQ)
 def _line_number(_inst: object, _attr: attrs.Attribute, value: object) -> None:
     if value is not None and (type(value) is not int or not 0 <= value <= MAX_SEQ):
         raise InvalidField("lineNumber", f"must be an integer between 0 and {MAX_SEQ}")
@@ -98,7 +137,7 @@ class LogRecord:
 
     task_id: str = attrs.field(validator=_task_id)
     seq: int = attrs.field(validator=_stored_seq)
-    timestamp: str
+    timestamp: str = attrs.field(metadata=TIMESTAMP)
     source: str = attrs.field(validator=_source)
     level: str = attrs.field(validator=_level)
     message: str
@@ -114,26 +153,26 @@ class LogRequest:
 
     message: str
     source: str = attrs.field(default="stdout", validator=_source)
-    level: str | None = attrs.field(default=None)
+    level: str | None = attrs.field(default=None, validator=_optional_level)
     line_number: int | None = attrs.field(default=None, validator=_line_number)
     metadata: dict[str, Any] = attrs.field(factory=dict)
     seq: int | None = attrs.field(default=None, validator=_optional_seq)
-    timestamp: str | None = None
+    timestamp: str | None = attrs.field(default=None, metadata=TIMESTAMP)
     partial: bool = False
-
-    @level.validator
-    def _check_level(self, attr: attrs.Attribute, value: object) -> None:
-        if value is not None:
-            _level(self, attr, value)
 
 
 @attrs.frozen(slots=True)
 class TaskInfo:
-    task_id: str
-    state: str
-    exit_code: int | None = None
-    first_timestamp: str | None = None
-    last_timestamp: str | None = None
-    total_logs: int = 0
-    durable_seq: int = 0
-    updated_at: str | None = None
+    """A task as the hub answers it. Built from the stores' rows, so checked
+    there; the metadata only describes it (hub/openapi.py)."""
+
+    task_id: str = attrs.field(metadata={"json_schema": {"pattern": TASK_ID_PATTERN}})
+    state: str = attrs.field(metadata={"json_schema": {"enum": list(TASK_STATES)}})
+    exit_code: int | None = attrs.field(
+        default=None, metadata={"json_schema": {"minimum": INT32_MIN, "maximum": INT32_MAX}}
+    )
+    first_timestamp: str | None = attrs.field(default=None, metadata=TIMESTAMP)
+    last_timestamp: str | None = attrs.field(default=None, metadata=TIMESTAMP)
+    total_logs: int = attrs.field(default=0, metadata={"json_schema": {"minimum": 0}})
+    durable_seq: int = attrs.field(default=0, metadata={"json_schema": {"minimum": 0}})
+    updated_at: str | None = attrs.field(default=None, metadata=TIMESTAMP)

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from keruta.backoff import Backoff
+from keruta.retry import Failures, Retryable, is_retryable, retry
 
 log = logging.getLogger("keruta.supervisor")
 
@@ -34,27 +35,13 @@ class GaveUp(Exception):
         self.last_error = last_error
 
 
-Recoverable = tuple[type[BaseException], ...] | Callable[[BaseException], bool]
+Recoverable = Retryable
 
 
 def is_recoverable(exc: BaseException, recoverable: Recoverable) -> bool:
-    """True if `exc`, or every leaf of an exception group, is recoverable:
-    an instance of one of the `recoverable` types, or one the `recoverable`
-    predicate accepts (for errors told apart by more than their type).
-
-    Cancellation never is, so it always propagates.
-    """
-    accepts: Callable[[BaseException], bool]
-    if isinstance(recoverable, tuple):
-        types = recoverable
-        accepts = lambda e: isinstance(e, types)  # noqa: E731
-    else:
-        accepts = recoverable
-
-    if isinstance(exc, BaseExceptionGroup):
-        match, rest = exc.split(lambda e: accepts(e) and not isinstance(e, trio.Cancelled))
-        return match is not None and rest is None
-    return accepts(exc) and not isinstance(exc, trio.Cancelled)
+    """True if `exc`, or every leaf of an exception group, is recoverable
+    (see `keruta.retry.is_retryable`); cancellation never is."""
+    return is_retryable(exc, recoverable)
 
 
 async def supervise(
@@ -76,33 +63,32 @@ async def supervise(
     give up) raise `GaveUp`. Anything not recoverable propagates at once.
     `on_restart(failures, error, delay)` is called before each wait.
     """
-    rng = rng or random.Random()
-    failures = 0
-    while True:
+    failures = Failures()
+
+    async def run() -> None:
         started = trio.current_time()
         try:
             await actor()
-            return
-        except BaseException as exc:
-            if not is_recoverable(exc, recoverable):
-                raise
-            error = exc
-        if trio.current_time() - started >= healthy_after:
-            failures = 0
-        failures += 1
-        if max_restarts is not None and failures > max_restarts:
-            log.error("%s: giving up after %d consecutive failures: %r", name, failures, error)
-            raise GaveUp(name, failures, error) from error
-        delay = backoff.delay(failures - 1, rng.random())
+        except BaseException:
+            if trio.current_time() - started >= healthy_after:
+                failures.reset()
+            raise
+
+    def failed(count: int, error: BaseException, delay: float) -> None:
+        if max_restarts is not None and count > max_restarts:
+            log.error("%s: giving up after %d consecutive failures: %r", name, count, error)
+            raise GaveUp(name, count, error) from error
         log.warning(
             "%s failed (%d in a row): %s: %s; restarting in %.2f s",
             name,
-            failures,
+            count,
             type(error).__name__,
             error,
             delay,
         )
         if on_restart is not None:
-            on_restart(failures, error, delay)
-        del error  # don't keep the traceback (and its frames) alive while sleeping
-        await trio.sleep(delay)
+            on_restart(count, error, delay)
+
+    await retry(
+        run, backoff=backoff, retryable=recoverable, on_failure=failed, failures=failures, rng=rng
+    )

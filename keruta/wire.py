@@ -25,7 +25,9 @@ from keruta.records import (
     LogRecord,
     LogRequest,
     TaskInfo,
+    _optional_level,
     _optional_seq,
+    _optional_source,
     _task_id,
     valid_task_id,
 )
@@ -100,8 +102,8 @@ class SubscribeFrame:
     TYPE: ClassVar[str] = "subscribe"
     task_id: str = attrs.field(validator=_task_id)
     from_seq: int | None = attrs.field(default=None, validator=_optional_seq)
-    source: str | None = None
-    level: str | None = None
+    source: str | None = attrs.field(default=None, validator=_optional_source)
+    level: str | None = attrs.field(default=None, validator=_optional_level)
 
 
 @attrs.frozen
@@ -147,7 +149,6 @@ class ErrorFrame:
     resume_from: int | None = None
 
 
-ClientFrame = LogFrame | LogsFrame | StatusFrame | SubscribeFrame | UnsubscribeFrame | PingFrame
 HubFrame = SubscribedFrame | LogsFrame | AckFrame | StatusFrame | PongFrame | ErrorFrame
 CLIENT_FRAMES: dict[str, type] = {
     c.TYPE: c
@@ -165,6 +166,15 @@ _CAMEL = re.compile(r"_([a-z])")
 
 def camel(name: str) -> str:
     return _CAMEL.sub(lambda m: m.group(1).upper(), name)
+
+
+# Optional fields left out of the JSON while they hold their default (a task
+# always names them all).
+_OMIT_IF_DEFAULT = {"partial", "id", "exit_code", "from_seq", "source", "level", "resume_from", "producer"}
+
+
+def omitted_if_default(cls: type, name: str) -> bool:
+    return name in _OMIT_IF_DEFAULT and cls is not TaskInfo
 
 
 def _make_converter() -> cattrs.Converter:
@@ -192,7 +202,6 @@ def _make_converter() -> cattrs.Converter:
         lambda t: t == dict[str, Any], struct_dict
     )
 
-    omit_none = {"partial", "id", "exit_code", "from_seq", "source", "level", "resume_from", "producer"}
     for cls in (LogRecord, LogRequest, TaskInfo, *CLIENT_FRAMES.values(), *HUB_FRAMES.values()):
         if cls is LogFrame:
             continue
@@ -200,7 +209,7 @@ def _make_converter() -> cattrs.Converter:
         for a in attrs.fields(cls):
             overrides[a.name] = override(
                 rename=camel(a.name),
-                omit_if_default=(a.name in omit_none and cls is not TaskInfo),
+                omit_if_default=omitted_if_default(cls, a.name),
             )
         conv.register_unstructure_hook(
             cls, make_dict_unstructure_fn(cls, conv, **overrides)  # type: ignore[arg-type]

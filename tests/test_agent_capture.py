@@ -8,14 +8,19 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.capture import LineNumbering, Recorder, encode_line, encode_record
+from agent.capture import LineNumbering, Recorder, encode_line
 from agent.linesplit import Line
 from agent.recorder import LineEncoder
 from agent.spool import Spool
 from agent.uplink import fill_gaps, logs_frame
 from keruta.limits import DEFAULT_LIMITS
 from keruta.records import LogRecord
-from keruta.wire import LogsFrame, decode_client_frame, encode_bytes
+from keruta.wire import LogsFrame, decode_client_frame, encode_bytes, record_to_wire
+
+
+def encode_record(record: LogRecord) -> bytes:
+    """The reference encoding `encode_line` must equal."""
+    return orjson.dumps(record_to_wire(record))
 
 
 def read_all(spool: Spool) -> list[dict]:

@@ -7,6 +7,7 @@ from typing import Any
 
 import attrs
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from keruta.timefmt import format_ts
 from tests import hubclient
@@ -443,3 +444,43 @@ async def test_rate_limit_answers_429_and_drops_nothing_silently(hub_factory: Hu
             await ws.wait_ack(ws_task, 6)
     async with hub.http() as client:
         assert [r["seq"] for r in await fetch_all(client, ws_task)] == [1, 2, 3, 4, 5, 6]
+
+
+async def test_metrics_parse_with_prometheus_clients_own_parser(hub: TestHub) -> None:
+    """/metrics is the exposition format: prometheus_client's parser reads all
+    of it, with the documented names, counters, gauges and both histograms."""
+    async with hub.http() as client:
+        await post(client, "parsed", [item(s) for s in range(1, 11)])
+        async with hub.ws() as ws:
+            await ws.send(logs_frame("parsed", [make_record("parsed", s) for s in range(11, 21)]))
+            with trio.fail_after(PATIENCE):
+                await ws.wait_ack("parsed", 20)
+            resp = await client.get("/metrics")
+        await client.get("/api/v1/tasks/nonesuch")  # a 404: counted by its code
+        again = (await client.get("/metrics")).text
+    assert resp.status_code == 200
+    families = {f.name: f for f in text_string_to_metric_families(resp.text)}
+    kinds = {name: f.type for name, f in families.items()}
+    for name in ("keruta_records_ingested", "keruta_records_duplicate", "keruta_frames_received",
+                 "keruta_frames_sent", "keruta_slow_consumers", "keruta_store_failures", "keruta_errors"):
+        assert kinds.get(name) == "counter", (name, kinds)
+    for name in ("keruta_subscribers", "keruta_websocket_connections", "keruta_subscriber_queue_bytes_peak"):
+        assert kinds.get(name) == "gauge", (name, kinds)
+    assert kinds.get("keruta_write_batch_seconds") == "histogram", kinds
+    assert kinds.get("keruta_frame_bytes") == "histogram", kinds
+
+    def value(family: str, sample: str, **labels: str) -> float:
+        return next(s.value for s in families[family].samples if s.name == sample and s.labels == labels)
+
+    assert value("keruta_records_ingested", "keruta_records_ingested_total") >= 20
+    assert value("keruta_websocket_connections", "keruta_websocket_connections") >= 1
+    assert value("keruta_write_batch_seconds", "keruta_write_batch_seconds_count") >= 1
+    assert value("keruta_frame_bytes", "keruta_frame_bytes_count") >= 1
+    # The logs frame of ten records was more than 256 bytes.
+    assert value("keruta_frame_bytes", "keruta_frame_bytes_bucket", le="256.0") < value(
+        "keruta_frame_bytes", "keruta_frame_bytes_bucket", le="+Inf"
+    )
+    errors = {s.labels["code"]: s.value for s in next(
+        f for f in text_string_to_metric_families(again) if f.name == "keruta_errors").samples
+        if s.name == "keruta_errors_total"}
+    assert errors.get("NOT_FOUND", 0) >= 1, errors

@@ -627,7 +627,7 @@ async def test_pg_insert_methods_report_exactly_what_they_inserted(pg_url, metho
 
 @pytest.mark.pg
 async def test_pg_notices_tell_other_hubs_of_durable_progress(pg_url):
-    from hub.store.postgres import STATUS_NOTICE, PostgresStore
+    from hub.store.postgres import NOTIFY_CHANNEL, STATUS_NOTICE, PostgresStore
 
     listener, writer = PostgresStore(pg_url), PostgresStore(pg_url)
     await listener.open()
@@ -643,7 +643,9 @@ async def test_pg_notices_tell_other_hubs_of_durable_progress(pg_url):
                 await writer.set_state("t1", "succeeded", 0)
                 # A state change is announced too, so other hubs' subscribers see it.
                 assert await anext(notices) == ("t1", STATUS_NOTICE)
-                await writer.notify("t9", 7)
+                # A notice as another hub's commit sends it.
+                async with writer._connection() as conn:
+                    await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, f"t9 7 {writer.origin}")
                 assert await anext(notices) == ("t9", 7)
     finally:
         await listener.close()

@@ -591,13 +591,6 @@ class PostgresStore:
             total += await self.delete(row[0], before)
         return total
 
-    async def notify(self, task_id: str, durable_seq: int) -> None:
-        """Tell every listening hub that `task_id` is durable up to `durable_seq`."""
-        async with self._connection() as conn:
-            await conn.execute(
-                "SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, f"{task_id} {durable_seq} {self.origin}"
-            )
-
     @asynccontextmanager
     async def listen(
         self, *, buffer: int = 1024, ping_interval: float = 15.0, ignore_own: bool = False
