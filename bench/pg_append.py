@@ -93,7 +93,7 @@ async def bench_store_append(dsn: str, method: str, rows: int, batch: int) -> fl
 
 async def bench_bare_insert(dsn: str, method: str, rows: int, batch: int) -> float:
     """Only the insert statement(s) of a method, each batch its own transaction."""
-    from hub.store.batching import TaskProgress, plan_batch
+    from hub.store.rules import TaskProgress, plan_batch
 
     async with scratch_database(dsn) as url:
         store = PostgresStore(url, insert_method=method)

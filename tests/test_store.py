@@ -13,7 +13,7 @@ import trio
 
 from hub.store import open_store_from_url
 from hub.store.base import DUPLICATE, INSERTED, Incoming, LogQuery, StoreUnavailable, record_id
-from hub.store.batching import PENDING, TaskProgress, advance, plan_batch
+from hub.store.rules import PENDING, TaskProgress, advance, plan_batch
 from hub.store.postgres import parse_notice
 from hub.store.sqlite import SQLiteStore
 from keruta.records import InvalidField
