@@ -237,29 +237,18 @@ def durable_seq(d: Dialect, task_id: str) -> Steps[int]:
 
 def where(d: Dialect, query: LogQuery) -> tuple[str, list[Any]]:
     """The filters of a query as SQL (`?` parameters) and its arguments."""
-    clauses = ["task_id = ?"]
-    params: list[Any] = [query.task_id]
-    if query.source is not None:
-        clauses.append("source = ?")
-        params.append(query.source)
-    if query.level is not None:
-        clauses.append("level = ?")
-        params.append(query.level)
-    if query.start is not None:
-        clauses.append("ts >= ?")
-        params.append(query.start)
-    if query.end is not None:
-        clauses.append("ts <= ?")
-        params.append(query.end)
-    if query.q:
+    filters = (
+        ("source = ?", query.source),
+        ("level = ?", query.level),
+        ("ts >= ?", query.start),
+        ("ts <= ?", query.end),
         # A function, not LIKE: LIKE treats % and _ as wildcards (and is
         # case-insensitive in SQLite).
-        clauses.append("{contains}(message, ?) > 0")
-        params.append(d.text(query.q))
-    if query.after_seq is not None:
-        clauses.append("seq > ?")
-        params.append(query.after_seq)
-    return " AND ".join(clauses), params
+        ("{contains}(message, ?) > 0", d.text(query.q) if query.q else None),
+        ("seq > ?", query.after_seq),
+    )
+    clauses = ["task_id = ?"] + [sql for sql, value in filters if value is not None]
+    return " AND ".join(clauses), [query.task_id] + [v for _, v in filters if v is not None]
 
 
 def query(d: Dialect, query: LogQuery) -> Steps[Page]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeVar
 
 import trio
@@ -159,7 +159,8 @@ class PostgresStore(SqlStore):
         async with self._connection() as conn:
             with trio.CancelScope(shield=True), unavailable_as_store_error():
                 async with conn.transaction():
-                    return await drive(steps, lambda op: _do(conn, op))
+                    result = await drive(steps, lambda op: _do(conn, op))
+        return result
 
     # -- notices ----------------------------------------------------------------
 
@@ -172,7 +173,7 @@ class PostgresStore(SqlStore):
 
     def listen(
         self, *, buffer: int = 1024, ping_interval: float = 15.0, ignore_own: bool = False
-    ) -> Any:
+    ) -> AbstractAsyncContextManager[DurableNotices]:
         """LISTEN for durable-watermark notices on a dedicated connection.
 
             async with store.listen() as notices:
