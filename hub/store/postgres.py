@@ -115,6 +115,9 @@ class PostgresStore(SqlStore):
             raise
         self._pool = pool
 
+    async def sync(self) -> None:
+        """Nothing to do: every commit is synchronous (synchronous_commit=on)."""
+
     async def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is None:
@@ -152,7 +155,8 @@ class PostgresStore(SqlStore):
                 result = await drive(steps, lambda op: _do(conn, op))
         return result
 
-    async def _write(self, steps: Steps[T]) -> T:
+    async def _write(self, steps: Steps[T], *, sync: bool = True) -> T:
+        # `sync` changes nothing: every commit is synchronous (synchronous_commit=on).
         # Waiting for a connection may be cancelled; a started transaction is
         # shielded so it commits or rolls back entirely (bounded by
         # command_timeout) and a commit's outcome is never left unknown.

@@ -2,8 +2,12 @@
 
 One writer connection, used by one thread at a time (a trio.Lock), and a small
 pool of reader connections; WAL lets the readers run while the writer commits.
-`synchronous=FULL` makes a commit durable before `append` returns, so an ack
-that follows it survives a SIGKILL or a power cut.
+The writer runs `synchronous=NORMAL`: a commit is in the WAL file (visible to
+every reader, and it survives the hub process being killed) when `append`
+returns, and `sync` fsyncs the WAL, after which it also survives a power cut.
+Every other write syncs before it returns; `append` leaves it to the caller,
+so live viewers get records without waiting for the disk while acks still do
+(docs/durability.md).
 
 Per task, the `tasks` row carries what must be cheap to read: state, the
 durable watermark, the highest seq ever stored (for assigning seqs, and so a
@@ -18,6 +22,7 @@ and the driver that runs an algorithm in one worker thread.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +30,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from hub.store.base import StoreUnavailable
+from hub.store.base import DurabilityLost, StoreUnavailable
 from hub.store.sqlite_schema import SCHEMA_VERSION, create_schema
 from hub.store.sqlstore import SqlStore
 from hub.store.steps import EXEC, FETCH, MANY, ROW, Dialect, Op, Steps, drive_sync
@@ -78,8 +83,9 @@ def _connect(path: str, *, readonly: bool) -> sqlite3.Connection:
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise StoreUnavailable(f"SQLite at {path} refused WAL mode (got {mode!r})")
-        # FULL: a commit has reached the disk (WAL fsync) before it returns.
-        conn.execute("PRAGMA synchronous = FULL")
+        # NORMAL: a commit does not wait for the disk; `sync` (an fsync of the
+        # WAL) does that, off the live path (docs/durability.md).
+        conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = OFF")
     except BaseException:
         conn.close()
@@ -141,6 +147,7 @@ class SQLiteStore(SqlStore):
         self._write_lock = trio.Lock()
         self._readers: list[sqlite3.Connection] = []
         self._reader_slots = trio.Semaphore(readers)
+        self._wal_dir_synced = False
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteStore:
@@ -186,14 +193,47 @@ class SQLiteStore(SqlStore):
                     for _ in range(self._reader_count):
                         self._reader_slots.release()
 
-    async def _write(self, steps: Steps[T]) -> T:
+    async def _write(self, steps: Steps[T], *, sync: bool = True) -> T:
         async with self._write_lock:
             conn = self._writer
             if conn is None:
                 raise RuntimeError("the store is not open")
             # Not abandonable on cancel (the default): the transaction either
             # commits or rolls back entirely before control comes back here.
-            return await trio.to_thread.run_sync(self._guarded, _in_write_tx, conn, _runner(steps))
+            result = await trio.to_thread.run_sync(self._guarded, _in_write_tx, conn, _runner(steps))
+        if sync:
+            await self.sync()
+        return result
+
+    async def sync(self) -> None:
+        """Make every commit so far survive a power cut: fsync the WAL.
+
+        No lock: an fsync covers everything written to the file before it
+        started, and a checkpoint syncs the WAL and the database itself.
+        """
+        await trio.to_thread.run_sync(self._fsync_wal)
+
+    def _fsync_wal(self) -> None:
+        try:
+            fd = os.open(self.path + "-wal", os.O_RDONLY)
+        except FileNotFoundError:
+            return  # no WAL: everything is in the database file, synced at checkpoint
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            # After a failed fsync the kernel may have dropped the pages: what
+            # was committed may be gone, so no ack can be trusted (fsyncgate).
+            raise DurabilityLost(f"fsync of {self.path}-wal failed: {exc}") from exc
+        finally:
+            os.close(fd)
+        if not self._wal_dir_synced:
+            # The WAL file's directory entry must be durable too, once.
+            dfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+            self._wal_dir_synced = True
 
     async def _read(self, steps: Steps[T], *, snapshot: bool = False) -> T:
         async with self._reader_slots:

@@ -2,7 +2,8 @@
 
 A store subclass says how to run them: `_read` on a connection of its own
 (`snapshot`: all statements see one state of the database) and `_write` in a
-transaction that commits, or rolls back entirely, before it returns.
+transaction that commits, or rolls back entirely, before it returns (`sync`:
+and is durable against a power cut; False leaves that to `Store.sync`).
 """
 
 from __future__ import annotations
@@ -27,14 +28,17 @@ class SqlStore:
     async def _read(self, steps: Steps[T], *, snapshot: bool = False) -> T:
         raise NotImplementedError
 
-    async def _write(self, steps: Steps[T]) -> T:
+    async def _write(self, steps: Steps[T], *, sync: bool = True) -> T:
+        raise NotImplementedError
+
+    async def sync(self) -> None:
         raise NotImplementedError
 
     async def append(self, items: Sequence[Incoming]) -> AppendResult:
         if not items:
             return AppendResult(records=[], inserted=[], durable={})
         items = [self._dialect.storable(i) for i in items]
-        return await self._write(core.append(self._dialect, items))
+        return await self._write(core.append(self._dialect, items), sync=False)
 
     async def set_state(
         self, task_id: str, state: str, exit_code: int | None, producer: str | None = None
