@@ -36,6 +36,8 @@ from keruta.timefmt import now_ts
 
 # Rows walked per query while advancing the durable watermark.
 WALK_CHUNK = 1000
+# A notice with this seq means "the task's state changed", not a watermark.
+STATUS_NOTICE = -1
 # The run number a new producer of a task gets.
 _NEXT_RUN_NO = "SELECT ?, ?, coalesce(max(run_no), 0) + 1"
 _TASK_STATE = "SELECT state, exit_code, run_no FROM {tasks} WHERE task_id = ?{lock}"
@@ -206,10 +208,6 @@ def set_state(d: Dialect, task_id: str, state: str, exit_code: int | None, produ
         # Other hubs' subscribers learn the new state; seq STATUS_NOTICE says "read it".
         yield notice
     return task_from_row(row)
-
-
-# A notice with this seq means "the task's state changed", not a watermark.
-STATUS_NOTICE = -1
 
 
 def run_state(d: Dialect, task_id: str, producer: str) -> Steps[tuple[str, int | None] | None]:
