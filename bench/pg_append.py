@@ -93,7 +93,7 @@ async def bench_store_append(dsn: str, method: str, rows: int, batch: int) -> fl
 
 async def bench_bare_insert(dsn: str, method: str, rows: int, batch: int) -> float:
     """Only the insert statement(s) of a method, each batch its own transaction."""
-    from hub.store.batching import TaskProgress, plan_batch
+    from hub.store.rules import TaskProgress, plan_batch
 
     async with scratch_database(dsn) as url:
         store = PostgresStore(url, insert_method=method)
@@ -106,14 +106,12 @@ async def bench_bare_insert(dsn: str, method: str, rows: int, batch: int) -> flo
                 for items in work
             ]
             elapsed = 0.0
-            async with store._connection() as conn:
-                for n, fresh in enumerate(plans):
-                    started = time.perf_counter()
-                    async with conn.transaction():
-                        inserted = await store._insert(conn, fresh)
-                    if n:
-                        elapsed += time.perf_counter() - started
-                    assert len(inserted) == len(fresh)
+            for n, fresh in enumerate(plans):
+                started = time.perf_counter()
+                inserted = await store._write(store._dialect.insert(fresh))
+                if n:
+                    elapsed += time.perf_counter() - started
+                assert len(inserted) == len(fresh)
         finally:
             await store.close()
     return (rows - len(plans[0])) / elapsed

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 import orjson
@@ -222,13 +224,41 @@ def test_final_state_and_listing(tmp_path: Path) -> None:
     assert not (tmp_path / "task-1").exists()
 
 
-async def test_sync_fsyncs_in_a_thread(tmp_path: Path) -> None:
-    spool = open_spool(tmp_path, segment_bytes=4096, max_bytes=1 << 20)
+async def test_sync_fsyncs_in_a_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A spy around the real fsync: which files, from which thread.
+    fsynced: list[tuple[str, int]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        fsynced.append((os.readlink(f"/proc/self/fd/{fd}"), threading.get_ident()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    warnings: list[str] = []
+    spool = open_spool(tmp_path, warnings, segment_bytes=4096, max_bytes=1 << 20)
     fill(spool, 1, 300)  # several segments, some retired
+    segments = {str(p) for p in (tmp_path / "task-1").glob("*.seg")}
+    assert len(segments) > 1
+    open_fds = len(os.listdir("/proc/self/fd"))
+    fsynced.clear()  # task.json's, on opening
     await spool.sync()
+    # Every segment written since the last sync (retired ones too) and the
+    # directory holding their names, none on the event loop's thread.
+    assert {path for path, _ in fsynced} == segments | {str(tmp_path / "task-1")}
+    assert threading.get_ident() not in {thread for _, thread in fsynced}
+    synced_fds = len(os.listdir("/proc/self/fd"))
+    assert synced_fds < open_fds  # the retired segments' dup'ed fds are closed
+    fsynced.clear()
     await spool.sync()  # nothing new: a no-op
+    assert fsynced == []
     fill(spool, 301, 302)
     await spool.sync()
+    assert {path for path, _ in fsynced} == {
+        str(spool.segments[-1].path),
+        str(tmp_path / "task-1"),
+    }
+    assert len(os.listdir("/proc/self/fd")) == synced_fds  # nothing leaks
+    assert warnings == []
     spool.close()
 
 

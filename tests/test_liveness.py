@@ -35,7 +35,7 @@ from hub.config import HubConfig
 from hub.metrics import Metrics
 from hub.state import Hub
 from hub.store.base import AppendResult, Incoming, LogQuery, StoreUnavailable
-from hub.store.postgres import _transient
+from hub.store.pg_errors import transient as _transient
 from hub.store.sqlite import SQLiteStore
 from hub.writer import Writer, WriteRequest, write_within
 from keruta.timefmt import now_ts

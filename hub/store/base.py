@@ -168,7 +168,7 @@ class Store(Protocol):
     ) -> TaskInfo:
         """Record a task's state (creating the task if new) and return it.
 
-        Monotonic (batching.next_state): a final state is never followed by
+        Monotonic (rules.next_state): a final state is never followed by
         `running` or `pending`. With `producer`, the change is the state of that
         run; the task shows the state of its newest run.
         """

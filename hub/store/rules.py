@@ -1,4 +1,4 @@
-"""What both stores do to a batch besides I/O: seqs, de-duplication, tallies.
+"""The rules both stores share: seqs, de-duplication, tallies, states, pages.
 
 Plain functions over plain data, so the SQLite and PostgreSQL stores agree on
 every rule and tests can drive the rules without a database.
@@ -7,11 +7,10 @@ every rule and tests can drive the rules without a database.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
 import attrs
-import orjson
 
 from hub.store.base import (
     CONFLICT,
@@ -21,15 +20,11 @@ from hub.store.base import (
     AppendResult,
     Incoming,
     LogQuery,
-    LogStats,
     record_id,
 )
-from keruta.records import InvalidField, LogRecord, TaskInfo
+from keruta.records import InvalidField, LogRecord
 
 T = TypeVar("T")
-
-# "Up to the end" for range reads: every seq the stores can hold (int64).
-SEQ_MAX = 2**63 - 1
 
 
 @attrs.define
@@ -297,90 +292,6 @@ def advance(durable: int, seqs: Iterable[int]) -> tuple[int, bool]:
             return durable, False
         durable = seq
     return durable, True
-
-
-def metadata_json(metadata: dict) -> str | None:
-    return orjson.dumps(metadata).decode() if metadata else None
-
-
-
-def record_from_row(row: Sequence[Any]) -> LogRecord:
-    """A record from a row in both stores' column order:
-    task_id, seq, id, ts, source, level, message, line_number, metadata, partial."""
-    task_id, seq, id_, ts, source, level, message, line_number, metadata, partial = row
-    # Positional and inline: a subscriber catching up reads every record this way.
-    return LogRecord(
-        task_id,
-        seq,
-        ts,
-        source,
-        level,
-        message,
-        line_number,
-        orjson.loads(metadata) if metadata else {},
-        bool(partial),
-        id_,
-    )
-
-
-def stats_from_rows(
-    task_id: str,
-    task_row: Sequence[Any] | None,
-    counts: Iterable[tuple[str, str, int]],
-) -> LogStats:
-    """Stats from the task row (total, first_ts, last_ts, updated_at) and the
-    per (source, level) counts, as both stores keep them."""
-    by_source: dict[str, int] = defaultdict(int)
-    by_level: dict[str, int] = defaultdict(int)
-    for source, level, n in counts:
-        by_source[source] += n
-        by_level[level] += n
-    total, first, last, updated = task_row if task_row else (0, None, None, None)
-    return LogStats(
-        task_id=task_id,
-        total_logs=total,
-        log_counts=dict(by_source),
-        level_counts=dict(by_level),
-        start=first,
-        end=last,
-        last_updated=updated or last,
-    )
-
-
-def task_from_row(row: Sequence[Any]) -> TaskInfo:
-    """Task info from: task_id, state, exit_code, first_ts, last_ts, total, durable, updated_at."""
-    task_id, state, exit_code, first_ts, last_ts, total, durable, updated_at = row
-    return TaskInfo(
-        task_id=task_id,
-        state=state,
-        exit_code=exit_code,
-        first_timestamp=first_ts,
-        last_timestamp=last_ts,
-        total_logs=total,
-        durable_seq=durable,
-        updated_at=updated_at,
-    )
-
-
-async def iter_by_range(
-    read_range: Callable[[str, int, int, int], Awaitable[list[LogRecord]]],
-    task_id: str,
-    chunk: int,
-) -> AsyncIterator[list[LogRecord]]:
-    after = 0
-    while True:
-        records = await read_range(task_id, after, SEQ_MAX, chunk)
-        if not records:
-            return
-        yield records
-        if len(records) < chunk:
-            return
-        after = records[-1].seq
-
-
-def chunks(values: Sequence[T], size: int) -> Iterable[Sequence[T]]:
-    for start in range(0, len(values), size):
-        yield values[start : start + size]
 
 
 def counted_filters(query: LogQuery) -> list[tuple[str, str]] | None:

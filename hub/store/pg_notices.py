@@ -1,0 +1,112 @@
+"""Durable-watermark notices between hubs sharing one PostgreSQL database.
+
+Each append that moves a task's watermark sends `NOTIFY keruta_durable,
+'TASK_ID SEQ ORIGIN'` inside its transaction, so other hubs hear of it exactly
+when it is committed; a state change sends seq STATUS_NOTICE.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+import triopg
+
+from hub.store.base import StoreUnavailable
+from hub.store.core import STATUS_NOTICE
+from hub.store.pg_errors import unavailable_as_store_error
+
+NOTIFY_CHANNEL = "keruta_durable"
+
+__all__ = ["NOTIFY_CHANNEL", "STATUS_NOTICE", "DurableNotices", "listen", "parse_notice"]
+
+
+def parse_notice(payload: str) -> tuple[str, int, str] | None:
+    """`"TASK_ID SEQ [ORIGIN]"` -> (task_id, seq, origin); None for anything else.
+
+    A task id has no spaces; ORIGIN names the store instance (hub) that sent it.
+    """
+    parts = payload.split(" ")
+    if len(parts) not in (2, 3) or not parts[0]:
+        return None
+    try:
+        return parts[0], int(parts[1]), parts[2] if len(parts) == 3 else ""
+    except ValueError:
+        return None
+
+
+@attrs.define
+class DurableNotices:
+    """The async iterator `PostgresStore.listen` yields.
+
+    Each item is `(task_id, durable_seq)`, or None when notices were dropped
+    because the consumer fell behind (re-read the watermarks you care about).
+    Raises StoreUnavailable when the LISTEN connection is lost: notices sent
+    meanwhile are gone, so after reconnecting re-read the watermarks too.
+    """
+
+    _receive: trio.MemoryReceiveChannel[tuple[str, int] | None]
+    _conn: Any
+    _ping_interval: float
+
+    def __aiter__(self) -> DurableNotices:
+        return self
+
+    async def __anext__(self) -> tuple[str, int] | None:
+        while True:
+            with trio.move_on_after(self._ping_interval):
+                try:
+                    return await self._receive.receive()
+                except (trio.EndOfChannel, trio.ClosedResourceError):
+                    raise StoreUnavailable("PostgreSQL: the LISTEN connection was lost") from None
+            # Quiet for a while: make sure the connection is still there.
+            with unavailable_as_store_error():
+                await self._conn.fetchval("SELECT 1", timeout=self._ping_interval)
+
+
+@asynccontextmanager
+async def listen(
+    dsn: str, connect_timeout: float, origin: str | None, *, buffer: int, ping_interval: float
+) -> AsyncIterator[DurableNotices]:
+    """LISTEN on a dedicated connection; skip notices from `origin` (None: keep all)."""
+    send, receive = trio.open_memory_channel[tuple[str, int] | None](buffer + 1)
+    overflowed = False
+
+    def on_notify(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        nonlocal overflowed
+        parsed = parse_notice(payload)
+        if parsed is None or (origin is not None and parsed[2] == origin):
+            return
+        notice = parsed[:2]
+        if send.statistics().current_buffer_used >= buffer:
+            if not overflowed:
+                overflowed = True
+                send.send_nowait(None)  # the spare slot
+            return
+        overflowed = False
+        send.send_nowait(notice)
+
+    def on_termination(_conn: Any) -> None:
+        send.close()
+
+    with send, receive:
+        with unavailable_as_store_error():
+            conn = await triopg.connect(
+                dsn,
+                timeout=connect_timeout,
+                server_settings={"application_name": "keruta-hub-listen"},
+            ).__aenter__()
+        try:
+            with unavailable_as_store_error():
+                conn.add_termination_listener(on_termination)
+                await conn.add_listener(NOTIFY_CHANNEL, on_notify)
+            yield DurableNotices(receive, conn, ping_interval)
+        finally:
+            with trio.CancelScope(shield=True):
+                try:
+                    await conn.close()
+                except Exception:
+                    conn.terminate()

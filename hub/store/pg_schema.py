@@ -1,0 +1,124 @@
+"""The PostgreSQL schema, its migrations, and the connection setup they need.
+
+Text columns that are compared or ordered use COLLATE "C": canonical
+timestamps order as strings, and task ids order byte-wise as in SQLite.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+SCHEMA_VERSION = 2
+# pg_advisory_xact_lock key for schema changes ("keruta" in ASCII).
+_SCHEMA_LOCK = 0x6B6572757461
+# Per connection, for inserting with COPY (hub/store/pg_dialect.py).
+STAGE_TABLE = "keruta_logs_stage"
+
+_SCHEMA_V1 = (
+    """
+    CREATE TABLE IF NOT EXISTS keruta_logs (
+        task_id text COLLATE "C" NOT NULL,
+        seq bigint NOT NULL,
+        id text NOT NULL,
+        ts text COLLATE "C" NOT NULL,
+        source text NOT NULL,
+        level text NOT NULL,
+        message text NOT NULL,
+        line_number bigint,
+        metadata text,
+        partial boolean NOT NULL DEFAULT false,
+        PRIMARY KEY (task_id, seq)
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS keruta_logs_task_ts ON keruta_logs (task_id, ts)",
+    "CREATE INDEX IF NOT EXISTS keruta_logs_task_level ON keruta_logs (task_id, level, seq)",
+    "CREATE INDEX IF NOT EXISTS keruta_logs_task_source ON keruta_logs (task_id, source, seq)",
+    """
+    CREATE TABLE IF NOT EXISTS keruta_tasks (
+        task_id text COLLATE "C" PRIMARY KEY,
+        state text NOT NULL,
+        exit_code integer,
+        durable_seq bigint NOT NULL DEFAULT 0,
+        max_seq bigint NOT NULL DEFAULT 0,
+        first_ts text COLLATE "C",
+        last_ts text COLLATE "C",
+        total_logs bigint NOT NULL DEFAULT 0,
+        updated_at text
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS keruta_counts (
+        task_id text COLLATE "C" NOT NULL,
+        source text NOT NULL,
+        level text NOT NULL,
+        n bigint NOT NULL,
+        PRIMARY KEY (task_id, source, level)
+    )
+    """,
+)
+# Producers (docs/identity.md): one row per agent run, its highest own seq stored
+# and its state; ranges map its seqs to task seqs.
+_SCHEMA_V2 = (
+    "ALTER TABLE keruta_tasks ADD COLUMN IF NOT EXISTS run_no bigint NOT NULL DEFAULT 0",
+    """
+    CREATE TABLE IF NOT EXISTS keruta_producers (
+        task_id text COLLATE "C" NOT NULL,
+        producer text COLLATE "C" NOT NULL,
+        run_no bigint NOT NULL,
+        high bigint NOT NULL DEFAULT 0,
+        state text,
+        exit_code integer,
+        PRIMARY KEY (task_id, producer)
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS keruta_producer_ranges (
+        task_id text COLLATE "C" NOT NULL,
+        producer text COLLATE "C" NOT NULL,
+        pseq_first bigint NOT NULL,
+        pseq_last bigint NOT NULL,
+        seq_first bigint NOT NULL,
+        PRIMARY KEY (task_id, producer, pseq_first)
+    )
+    """,
+)
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+
+
+async def migrate(conn: Any) -> None:
+    async with conn.transaction():
+        # Two hubs starting at once: the second waits here, then finds the schema.
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
+        await conn.execute("CREATE TABLE IF NOT EXISTS keruta_schema (version integer NOT NULL)")
+        version = await conn.fetchval("SELECT max(version) FROM keruta_schema") or 0
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"the database has schema version {version}; this hub knows up to {SCHEMA_VERSION}"
+            )
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[step]:
+                await conn.execute(statement)
+        if version < SCHEMA_VERSION:
+            await conn.execute("DELETE FROM keruta_schema")
+            await conn.execute("INSERT INTO keruta_schema (version) VALUES ($1)", SCHEMA_VERSION)
+
+
+async def init_connection(conn: asyncpg.Connection) -> None:
+    """Per new pooled connection (asyncio side): the staging table for COPY."""
+    await conn.execute(
+        f"""
+        CREATE TEMPORARY TABLE IF NOT EXISTS {STAGE_TABLE} (
+            task_id text, seq bigint, id text, ts text, source text, level text,
+            message text, line_number bigint, metadata text, partial boolean
+        ) ON COMMIT DELETE ROWS
+        """
+    )
+
+
+async def keep_session(conn: asyncpg.Connection) -> None:
+    """Pool reset on release (asyncio side). asyncpg still rolls back an open
+    transaction; its default reset would also run RESET ALL, UNLISTEN *, ... on
+    every release, a round trip per call for session state we never change
+    (LISTEN has its own connection)."""

@@ -1,0 +1,92 @@
+"""The SQLite schema and its migrations (`PRAGMA user_version` counts them)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+SCHEMA_VERSION = 2
+
+_SCHEMA_V1 = (
+    """
+    CREATE TABLE IF NOT EXISTS logs (
+        task_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        id TEXT NOT NULL,
+        ts TEXT NOT NULL,
+        source TEXT NOT NULL,
+        level TEXT NOT NULL,
+        message TEXT NOT NULL,
+        line_number INTEGER,
+        metadata TEXT,
+        partial INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (task_id, seq)
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX IF NOT EXISTS logs_task_ts ON logs (task_id, ts)",
+    "CREATE INDEX IF NOT EXISTS logs_task_level ON logs (task_id, level, seq)",
+    "CREATE INDEX IF NOT EXISTS logs_task_source ON logs (task_id, source, seq)",
+    """
+    CREATE TABLE IF NOT EXISTS tasks (
+        task_id TEXT PRIMARY KEY,
+        state TEXT NOT NULL,
+        exit_code INTEGER,
+        durable_seq INTEGER NOT NULL DEFAULT 0,
+        max_seq INTEGER NOT NULL DEFAULT 0,
+        first_ts TEXT,
+        last_ts TEXT,
+        total_logs INTEGER NOT NULL DEFAULT 0,
+        updated_at TEXT
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS counts (
+        task_id TEXT NOT NULL,
+        source TEXT NOT NULL,
+        level TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        PRIMARY KEY (task_id, source, level)
+    ) WITHOUT ROWID
+    """,
+)
+# Producers (docs/identity.md): one row per run of an agent, with the highest of
+# its own seqs stored and its state; `producer_ranges` maps its seqs to task seqs
+# (one row per run of consecutive seqs, so a few rows per batch at most).
+_SCHEMA_V2 = (
+    "ALTER TABLE tasks ADD COLUMN run_no INTEGER NOT NULL DEFAULT 0",
+    """
+    CREATE TABLE IF NOT EXISTS producers (
+        task_id TEXT NOT NULL,
+        producer TEXT NOT NULL,
+        run_no INTEGER NOT NULL,
+        high INTEGER NOT NULL DEFAULT 0,
+        state TEXT,
+        exit_code INTEGER,
+        PRIMARY KEY (task_id, producer)
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS producer_ranges (
+        task_id TEXT NOT NULL,
+        producer TEXT NOT NULL,
+        pseq_first INTEGER NOT NULL,
+        pseq_last INTEGER NOT NULL,
+        seq_first INTEGER NOT NULL,
+        PRIMARY KEY (task_id, producer, pseq_first)
+    ) WITHOUT ROWID
+    """,
+)
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+
+
+def create_schema(conn: sqlite3.Connection) -> None:
+    """Create or migrate the schema; run inside a write transaction."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"the database has schema version {version}; this hub knows up to {SCHEMA_VERSION}"
+        )
+    for step in range(version + 1, SCHEMA_VERSION + 1):
+        for statement in _MIGRATIONS[step]:
+            conn.execute(statement)
+    if version < SCHEMA_VERSION:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

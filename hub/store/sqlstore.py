@@ -1,0 +1,101 @@
+"""The `Store` interface written once over the algorithms of hub/store/core.py.
+
+A store subclass says how to run them: `_read` on a connection of its own
+(`snapshot`: all statements see one state of the database) and `_write` in a
+transaction that commits, or rolls back entirely, before it returns (`sync`:
+and is durable against a power cut; False leaves that to `Store.sync`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import TypeVar
+
+from hub.store import core
+from hub.store.base import AppendResult, Incoming, LogQuery, LogStats, Page
+from hub.store.rows import iter_by_range
+from hub.store.rules import check_page
+from hub.store.steps import Dialect, Steps
+from keruta.records import TASK_STATES, InvalidField, LogRecord, TaskInfo
+
+T = TypeVar("T")
+
+
+class SqlStore:
+    url: str
+    _dialect: Dialect
+
+    async def _read(self, steps: Steps[T], *, snapshot: bool = False) -> T:
+        raise NotImplementedError
+
+    async def _write(self, steps: Steps[T], *, sync: bool = True) -> T:
+        raise NotImplementedError
+
+    async def sync(self) -> None:
+        raise NotImplementedError
+
+    async def append(self, items: Sequence[Incoming]) -> AppendResult:
+        if not items:
+            return AppendResult(records=[], inserted=[], durable={})
+        items = [self._dialect.storable(i) for i in items]
+        return await self._write(core.append(self._dialect, items), sync=False)
+
+    async def set_state(
+        self, task_id: str, state: str, exit_code: int | None, producer: str | None = None
+    ) -> TaskInfo:
+        if state not in TASK_STATES:
+            raise InvalidField("state", f"must be one of {', '.join(TASK_STATES)}")
+        return await self._write(core.set_state(self._dialect, task_id, state, exit_code, producer))
+
+    async def run_state(self, task_id: str, producer: str) -> tuple[str, int | None] | None:
+        return await self._read(core.run_state(self._dialect, task_id, producer))
+
+    async def task(self, task_id: str) -> TaskInfo | None:
+        return await self._read(core.task(self._dialect, task_id))
+
+    async def tasks(self) -> list[TaskInfo]:
+        return await self._read(core.tasks(self._dialect))
+
+    async def durable_seq(self, task_id: str) -> int:
+        return await self._read(core.durable_seq(self._dialect, task_id))
+
+    async def query(self, query: LogQuery) -> Page:
+        check_page(query)
+        # One snapshot for the page and its count.
+        return await self._read(core.query(self._dialect, query), snapshot=True)
+
+    async def read_range(
+        self,
+        task_id: str,
+        after_seq: int,
+        through_seq: int,
+        limit: int,
+        source: str | None = None,
+        level: str | None = None,
+    ) -> list[LogRecord]:
+        if limit <= 0 or through_seq <= after_seq:
+            return []
+        return await self._read(
+            core.read_range(self._dialect, task_id, after_seq, through_seq, limit, source, level)
+        )
+
+    def iter_task(self, task_id: str, chunk: int = 1000) -> AsyncIterator[list[LogRecord]]:
+        return iter_by_range(self.read_range, task_id, chunk)
+
+    async def stats(self, task_id: str) -> LogStats:
+        return await self._read(core.stats(self._dialect, task_id))
+
+    async def delete(self, task_id: str, before: str | None) -> int:
+        # A transaction per chunk, so a big delete never holds the writer for long.
+        total = 0
+        while True:
+            deleted, more = await self._write(core.delete_chunk(self._dialect, task_id, before))
+            total += deleted
+            if not more:
+                return total
+
+    async def delete_older_than(self, before: str) -> int:
+        total = 0
+        for task_id in await self._read(core.old_tasks(self._dialect, before)):
+            total += await self.delete(task_id, before)
+        return total
