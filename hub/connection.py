@@ -27,8 +27,8 @@ import trio
 
 from hub.auth import Role
 from hub.broadcaster import FRAME_RECORDS, Outgoing, Subscription, encode_chunks, status_payload
+from hub.deps import ConnectionDeps
 from hub.ingest import from_records
-from hub.state import Hub
 from hub.store.base import StoreUnavailable
 from hub.writer import StatusChange, WriteOutcome, WriteRequest
 from hub.wsbuffer import OVERSIZED
@@ -71,7 +71,7 @@ CLOSE_TRY_AGAIN_LATER = 1013
 
 
 class Connection:
-    def __init__(self, hub: Hub, ws: Any, role: Role) -> None:
+    def __init__(self, hub: ConnectionDeps, ws: Any, role: Role) -> None:
         self.hub = hub
         self.ws = ws
         self.role = role
