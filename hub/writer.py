@@ -1,8 +1,9 @@
 """The writer actor: commits ingested records in batches, then acknowledges.
 
 Everything that changes the store on behalf of a producer passes through one
-inbox, so a task's `status` is applied after the records sent before it, and
-an acknowledgement is only ever sent from here, after the commit returned.
+inbox, so a task's `status` is applied after the records sent before it. A
+commit goes to live viewers at once; its answers (acks, POST replies) go
+through the syncer, which gives them once the commit is durable.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import random
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import TypeVar
 
 import attrs
@@ -19,6 +21,7 @@ import trio
 from hub.broadcaster import Broadcaster
 from hub.metrics import Metrics
 from hub.store.base import CONFLICT, GAP, AppendResult, Incoming, Store, StoreUnavailable
+from hub.syncer import SYNC_QUEUE, Settled, run_syncer
 from keruta.backoff import Backoff
 from keruta.records import LogRecord, TaskInfo
 
@@ -144,9 +147,9 @@ class WriteRequest:
         """Give up on this request (a REST POST out of time).
 
         True: it is not stored and never will be (the writer drops it before
-        its next attempt). False: a commit holding it is under way; `done`
-        reports that attempt's outcome (records if it committed, `Withdrawn`
-        if it did not).
+        its next attempt). False: a commit holding it is under way or done;
+        `done` reports that attempt's outcome (records if it committed, once
+        synced; `Withdrawn` if it did not).
         """
         self.withdrawn = True
         return not self.attempting
@@ -206,17 +209,28 @@ class Writer:
         self.retry = retry
         self.available = trio.Event()
         self.available.set()
+        self._synced: trio.MemorySendChannel[Settled] | None = None
 
     async def run(self, inbox: trio.MemoryReceiveChannel[WriteRequest]) -> None:
-        """Serve until the inbox is closed and drained."""
-        async for first in inbox:
-            if first.status is not None:
-                await self._apply_status(first)
-                continue
-            batch, status = await self._gather(inbox, first)
-            await self._commit(batch)
-            if status is not None:
-                await self._apply_status(status)
+        """Serve until the inbox is closed and drained, then let the syncer drain."""
+        synced, to_sync = trio.open_memory_channel[Settled](SYNC_QUEUE)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_syncer, self.store, to_sync)
+            with synced:
+                self._synced = synced
+                async for first in inbox:
+                    if first.status is not None:
+                        await self._apply_status(first)
+                        continue
+                    batch, status = await self._gather(inbox, first)
+                    await self._commit(batch)
+                    if status is not None:
+                        await self._apply_status(status)
+
+    async def _answer(self, answers: list[tuple[WriteRequest, WriteOutcome]]) -> None:
+        """Answer once durable, in commit order (failures too, to keep the order)."""
+        assert self._synced is not None, "answers are given only while run() serves"
+        await self._synced.send(Settled([partial(req.done, outcome) for req, outcome in answers]))
 
     async def _gather(
         self, inbox: trio.MemoryReceiveChannel[WriteRequest], first: WriteRequest
@@ -291,9 +305,12 @@ class Writer:
             req.attempting = True
         try:
             return await self.store.append([item for req in batch for item in req.items])
-        finally:
+        except BaseException:
             for req in batch:
                 req.attempting = False
+            raise
+        # Committed: `attempting` stays set, so a POST out of time now waits
+        # for its answer (given after the sync) instead of calling it lost.
 
     async def _commit(self, batch: list[WriteRequest]) -> None:
         started = trio.current_time()
@@ -302,8 +319,7 @@ class Writer:
         except Exception as exc:
             log.exception("append of %d records failed", sum(len(req.items) for req in batch))
             self.metrics.error("STORE_ERROR")
-            for req in batch:
-                req.done(WriteOutcome(error=exc))
+            await self._answer([(req, WriteOutcome(error=exc)) for req in batch])
             return
         if result is None:
             return
@@ -311,11 +327,14 @@ class Writer:
         self.metrics.write_batch.observe(trio.current_time() - started)
         self.metrics.records_ingested += len(result.inserted)
         self.metrics.records_duplicate += len(items) - len(result.inserted)
+        # Committed is enough for viewers: it survives the hub being killed.
+        self.broadcaster.publish_records(result.inserted, result.durable)
+        answers = []
         offset = 0
         for req in batch:
-            req.done(settle(req.items, result, offset))
+            answers.append((req, settle(req.items, result, offset)))
             offset += len(req.items)
-        self.broadcaster.publish_records(result.inserted, result.durable)
+        await self._answer(answers)
 
     async def _apply_status(self, req: WriteRequest) -> None:
         change = req.status
@@ -338,7 +357,7 @@ class Writer:
         except Exception as exc:
             log.exception("status change of %s failed", change.task_id)
             self.metrics.error("STORE_ERROR")
-            req.done(WriteOutcome(error=exc))
+            await self._answer([(req, WriteOutcome(error=exc))])
             return
-        req.done(WriteOutcome(task=task, run_state=run_state))
         self.broadcaster.publish_status(task)
+        await self._answer([(req, WriteOutcome(task=task, run_state=run_state))])

@@ -26,6 +26,14 @@ class StoreUnavailable(ConnectionError):
     """The database cannot be reached or used right now; retrying later may work."""
 
 
+class DurabilityLost(RuntimeError):
+    """The disk refused an fsync: commits since the last sync may be gone.
+
+    Not an outage to wait out: a retried fsync can succeed over pages the
+    kernel dropped, so the hub stops rather than acknowledge them.
+    """
+
+
 # sha1 state after the namespace and "task_id\x00", per task: a batch's ids
 # share it. Bounded: emptied when full.
 _ID_PREFIXES: dict[str, Any] = {}
@@ -142,8 +150,19 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
     async def append(self, items: Sequence[Incoming]) -> AppendResult:
-        """Store a batch in one transaction; return only after it committed."""
+        """Store a batch in one transaction; return only after it committed.
+
+        Committed means visible to every reader and kept if the hub process
+        dies; it survives a power cut only after the next `sync`.
+        """
         ...
+
+    async def sync(self) -> None:
+        """Make every commit so far durable against a power cut.
+
+        Raises DurabilityLost when the disk refused (nothing committed since
+        the last sync can be trusted).
+        """
 
     async def set_state(
         self, task_id: str, state: str, exit_code: int | None, producer: str | None = None

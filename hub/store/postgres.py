@@ -364,6 +364,9 @@ class PostgresStore:
             raise
         self._pool = pool
 
+    async def sync(self) -> None:
+        """Nothing to do: every commit is synchronous (synchronous_commit=on)."""
+
     async def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is None:

@@ -1,0 +1,48 @@
+"""The syncer actor: answers writers once what they wrote is durable.
+
+The writer commits a batch, hands it to live viewers, and passes whom to tell
+here. The syncer makes everything committed so far survive a power cut with
+one `Store.sync` for all that is waiting (group fsync), then answers them, in
+commit order. So the disk is out of the live path (viewers see a committed
+record at once) but never out of an acknowledgement's (docs/durability.md),
+and the writer commits the next batch while the disk catches up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import attrs
+import trio
+
+from hub.store.base import Store
+
+# Committed batches waiting for their sync; past this the writer waits, and
+# with it everything upstream.
+SYNC_QUEUE = 64
+
+
+@attrs.frozen
+class Settled:
+    """The answers of one committed batch, to give once it is durable."""
+
+    answers: list[Callable[[], None]]
+
+
+async def run_syncer(store: Store, inbox: trio.MemoryReceiveChannel[Settled]) -> None:
+    """Serve until the inbox is closed and drained.
+
+    Store.sync's DurabilityLost is not caught: after a failed fsync nothing
+    committed since the last good one may be acknowledged, so the hub stops.
+    """
+    async for first in inbox:
+        waiting = [first]
+        while True:
+            try:
+                waiting.append(inbox.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+        await store.sync()
+        for settled in waiting:
+            for answer in settled.answers:
+                answer()
