@@ -24,9 +24,9 @@ import trio
 
 from hub.acks import Replies
 from hub.auth import Role
+from hub.deps import ConnectionDeps
 from hub.ingest import from_records
 from hub.queues import WAKE, Outbox, WriteQueue
-from hub.state import Hub
 from hub.store.base import StoreUnavailable
 from hub.subscription import (
     Outgoing,
@@ -72,7 +72,7 @@ CLOSE_TRY_AGAIN_LATER = 1013
 
 
 class Connection:
-    def __init__(self, hub: Hub, ws: Any, role: Role) -> None:
+    def __init__(self, hub: ConnectionDeps, ws: Any, role: Role) -> None:
         self.hub = hub
         self.ws = ws
         self.role = role

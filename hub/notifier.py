@@ -11,15 +11,15 @@ from __future__ import annotations
 import logging
 
 from hub.broadcaster import Broadcaster
-from hub.store.base import StoreUnavailable
-from hub.store.postgres import STATUS_NOTICE, PostgresStore
+from hub.store.base import Listens, StoreUnavailable
+from hub.store.postgres import STATUS_NOTICE
 from keruta.backoff import Backoff
 from keruta.supervisor import supervise
 
 log = logging.getLogger("keruta.hub.notifier")
 
 
-async def _catch_up_all(store: PostgresStore, broadcaster: Broadcaster) -> None:
+async def _catch_up_all(store: Listens, broadcaster: Broadcaster) -> None:
     """Re-read what notices may have said meanwhile: watermarks and states."""
     for task_id in list(broadcaster.subs):
         task = await store.task(task_id)
@@ -28,7 +28,7 @@ async def _catch_up_all(store: PostgresStore, broadcaster: Broadcaster) -> None:
             broadcaster.publish_status(task)
 
 
-async def _listen_session(store: PostgresStore, broadcaster: Broadcaster) -> None:
+async def _listen_session(store: Listens, broadcaster: Broadcaster) -> None:
     # Our own commits reach our subscribers through the writer; only other
     # hubs' notices matter here.
     async with store.listen(ignore_own=True) as notices:
@@ -48,7 +48,7 @@ async def _listen_session(store: PostgresStore, broadcaster: Broadcaster) -> Non
                 broadcaster.notify_durable(task_id, seq)
 
 
-async def run_notifier(store: PostgresStore, broadcaster: Broadcaster) -> None:
+async def run_notifier(store: Listens, broadcaster: Broadcaster) -> None:
     await supervise(
         lambda: _listen_session(store, broadcaster),
         name="notifier",

@@ -25,11 +25,14 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from hub import sendlock, wsbuffer
 from hub.app import create_app
+from hub.broadcaster import Broadcaster
 from hub.config import HubConfig
+from hub.deps import ConnectionDeps
+from hub.limiters import Limiters
+from hub.metrics import Metrics
 from hub.retention import run_retention
-from hub.state import Hub
 from hub.store import open_store_from_url
-from hub.store.base import Store, StoreUnavailable
+from hub.store.base import Listens, Store, StoreUnavailable
 from hub.writer import Writer, WriteRequest
 from keruta.backoff import Backoff
 from keruta.retry import retry
@@ -65,17 +68,31 @@ async def _open_store(store: Store) -> None:
     await retry(store.open, backoff=Backoff(initial=0.5, cap=10.0), retryable=(StoreUnavailable,), on_failure=failed)
 
 
+def install_hypercorn_guards() -> None:
+    """Replace two hypercorn internals, process-wide; idempotent. serve() calls
+    it before hypercorn starts, and so must anything else serving this app
+    with hypercorn. Hypercorn has no hook for either:
+
+    - hub/wsbuffer.py: a WebSocket message over the size limit is discarded as
+      it arrives and answered TOO_LARGE, instead of hypercorn's close 1009
+      that leaves the TCP connection open for good;
+    - hub/sendlock.py: a connection's close takes the send lock its pings
+      take (the race ended the hub), and an exception in one connection's
+      handler ends only that connection.
+    """
+    wsbuffer.install()
+    sendlock.install()
+
+
 def _hypercorn_config(config: HubConfig) -> HypercornConfig:
     hc = HypercornConfig()
     host = f"[{config.host}]" if ":" in config.host else config.host
     hc.bind = [f"{host}:{config.port}"]
     # Beyond this a message is discarded as it arrives and answered TOO_LARGE
     # (hub/wsbuffer.py); up to it, decode_client_frame applies the exact limit.
-    wsbuffer.install()
     hc.websocket_max_message_size = config.limits.max_frame_bytes + 1024
     # Pings let hypercorn notice a peer that vanished without a close; their
     # sends must not race a connection's close (hub/sendlock.py).
-    sendlock.install()
     hc.websocket_ping_interval = config.ping_interval
     hc.graceful_timeout = config.shutdown_timeout + 2
     hc.accesslog = None
@@ -84,6 +101,7 @@ def _hypercorn_config(config: HubConfig) -> HypercornConfig:
 
 
 async def serve(config: HubConfig, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+    install_hypercorn_guards()
     store = open_store_from_url(config.db)
     async with _event_loop_for(config.db):
         await _open_store(store)
@@ -96,21 +114,27 @@ async def serve(config: HubConfig, *, task_status: trio.TaskStatus[list[str]] = 
 
 async def _serve_with(store: Store, config: HubConfig, task_status: trio.TaskStatus[list[str]]) -> None:
     inbox_send, inbox_recv = trio.open_memory_channel[WriteRequest](config.writer_inbox)
-    hub = Hub(config=config, store=store, writer_inbox=inbox_send)
+    broadcaster = Broadcaster()
+    metrics = Metrics()
+    shutting_down = trio.Event()
+    deps = ConnectionDeps(
+        config=config, store=store, writer_inbox=inbox_send, broadcaster=broadcaster, metrics=metrics,
+        limiter=Limiters(config.rate_limit, config.rate_burst).limiter, shutting_down=shutting_down,
+    )
     writer = Writer(
-        store, hub.broadcaster, hub.metrics,
+        store, broadcaster, metrics,
         batch_size=config.write_batch_size, flush_interval=config.write_flush_interval,
     )
-    hub.writer = writer
-    app = create_app(hub)
+    # A lambda: the writer replaces its `available` event when the store goes away.
+    app = create_app(deps, store_available=lambda: writer.available.is_set())
     async with trio.open_nursery() as services:
         if config.retention_days:
             services.start_soon(run_retention, store, config.retention_days, config.retention_interval)
-        services.start_soon(_watch_signals, hub)
-        if hasattr(store, "listen"):
-            from hub.notifier import run_notifier
+        services.start_soon(_watch_signals, shutting_down)
+        if isinstance(store, Listens):
+            from hub.notifier import run_notifier  # PostgreSQL only: not loaded for SQLite
 
-            services.start_soon(run_notifier, store, hub.broadcaster)  # type: ignore[arg-type]
+            services.start_soon(run_notifier, store, broadcaster)
         async with trio.open_nursery() as core:
             core.start_soon(writer.run, inbox_recv)
 
@@ -118,7 +142,7 @@ async def _serve_with(store: Store, config: HubConfig, task_status: trio.TaskSta
                 with inbox_send:
                     await hypercorn_serve(
                         app, _hypercorn_config(config),  # type: ignore[arg-type]
-                        shutdown_trigger=hub.shutting_down.wait, task_status=task_status,
+                        shutdown_trigger=shutting_down.wait, task_status=task_status,
                     )
                 # No connection is left; the writer drains its inbox, within a deadline.
                 core.cancel_scope.deadline = trio.current_time() + config.shutdown_timeout
@@ -130,10 +154,10 @@ async def _serve_with(store: Store, config: HubConfig, task_status: trio.TaskSta
         services.cancel_scope.cancel()
 
 
-async def _watch_signals(hub: Hub) -> None:
+async def _watch_signals(shutting_down: trio.Event) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.warning("received %s: shutting down", signal.Signals(signum).name)
             print(f"keruta-hub: {signal.Signals(signum).name}, shutting down", file=sys.stderr, flush=True)
-            hub.shutting_down.set()
+            shutting_down.set()
             return

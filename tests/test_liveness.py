@@ -31,9 +31,8 @@ from agent.spool import Spool
 from agent.tail import TailSettings, tail
 from agent.uplink import Uplink, UplinkFailed, UplinkSettings, fit_frame, logs_frame
 from hub.broadcaster import Broadcaster
-from hub.config import HubConfig
+from hub.limiters import Limiters
 from hub.metrics import Metrics
-from hub.state import Hub
 from hub.store.base import AppendResult, Incoming, LogQuery, StoreUnavailable
 from hub.store.pg_errors import transient as _transient
 from hub.store.sqlite import SQLiteStore
@@ -550,18 +549,18 @@ async def test_item18a_tail_gives_up_on_a_hub_that_never_answers(autojump_clock:
 async def test_item18c_cycling_task_ids_neither_bypasses_the_limit_nor_grows_memory(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    hub = Hub(config=HubConfig(rate_limit=10, rate_burst=10), store=None, writer_inbox=None)  # type: ignore[arg-type]
-    assert hub.limiter("victim").retry_after(10) == 0
-    assert hub.limiter("victim").retry_after(10) > 0
+    limiters = Limiters(rate=10, burst=10)
+    assert limiters.limiter("victim").retry_after(10) == 0
+    assert limiters.limiter("victim").retry_after(10) > 0
     for i in range(10_050):
-        hub.limiter(f"other-{i}").retry_after(10)
-    assert hub.limiter("victim").retry_after(10) > 0, "cycling task ids reset the victim's limit"
+        limiters.limiter(f"other-{i}").retry_after(10)
+    assert limiters.limiter("victim").retry_after(10) > 0, "cycling task ids reset the victim's limit"
     await trio.sleep(5)  # every bucket is full again: idle
     for i in range(30_000):
-        hub.limiter(f"new-{i}").retry_after(1)
+        limiters.limiter(f"new-{i}").retry_after(1)
         await trio.sleep(0.001)
     # Idle buckets were forgotten; what stays is what wrote in the last ~0.1 s.
-    assert len(hub.limiters) <= 10_000 + 200
+    assert len(limiters.buckets) <= 10_000 + 200
 
 
 @pytest.mark.slow

@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, Protocol
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
@@ -212,4 +213,16 @@ class Store(Protocol):
 
     async def delete_older_than(self, before: str) -> int:
         """Retention: delete every task's records older than `before`."""
+        ...
+
+
+@runtime_checkable
+class Listens(Store, Protocol):
+    """A store several hubs share, which tells each of the others' commits
+    (PostgreSQL LISTEN/NOTIFY; hub/notifier.py). `isinstance(store, Listens)`
+    decides whether the hub runs a notifier."""
+
+    def listen(self, *, ignore_own: bool = False) -> AbstractAsyncContextManager[AsyncIterator[tuple[str, int] | None]]:
+        """Notices `(task_id, durable_seq or STATUS_NOTICE)`, None after an overflow;
+        StoreUnavailable when the notices are lost."""
         ...

@@ -1,0 +1,30 @@
+"""What one WebSocket connection uses of the hub, passed to it explicitly."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import attrs
+import trio
+
+from hub.broadcaster import Broadcaster
+from hub.config import HubConfig
+from hub.metrics import Metrics
+from hub.store.base import Store
+from hub.writer import WriteRequest
+from keruta.ratelimit import RateLimiter
+
+
+@attrs.frozen(eq=False)
+class ConnectionDeps:
+    config: HubConfig
+    # Subscriptions' catch-up reads.
+    store: Store
+    # Writes go to the writer actor, never to the store directly.
+    writer_inbox: trio.MemorySendChannel[WriteRequest]
+    broadcaster: Broadcaster
+    metrics: Metrics
+    # The task's ingest rate limiter (hub/limiters.py Limiters.limiter).
+    limiter: Callable[[str], RateLimiter]
+    # Set once when the hub starts its graceful shutdown.
+    shutting_down: trio.Event

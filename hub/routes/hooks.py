@@ -1,0 +1,71 @@
+"""App-wide request hooks (body first, Origin/Host checks) and errors as JSON."""
+
+from __future__ import annotations
+
+import logging
+
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from hub.metrics import Metrics
+from hub.routes.access import Access, origin_refusal
+from hub.routes.common import ApiError, json_response
+from hub.store.base import StoreUnavailable
+
+log = logging.getLogger("keruta.hub.app")
+
+
+def install(app: QuartTrio, *, access: Access, metrics: Metrics, max_frame_bytes: int) -> None:
+    @app.before_request
+    async def read_body_first() -> None:
+        # An answer given before the body is read would leave the body on a
+        # keep-alive connection and wedge the next request on it.
+        if request.method in ("POST", "PUT", "PATCH", "DELETE"):
+            await request.get_data()
+
+    @app.before_request
+    async def check_origin() -> None:
+        # Registered after read_body_first, so a refusal never leaves a body unread.
+        refusal = access.host_refusal(request.host)
+        if refusal is not None:
+            raise ApiError(403, "FORBIDDEN_HOST", refusal)
+        # Reads are not refused: without CORS headers the page cannot see the answer.
+        if request.method in ("GET", "HEAD", "OPTIONS"):
+            return
+        origin = request.headers.get("Origin")
+        if not access.origins.permits(origin, request.scheme, request.host):
+            raise ApiError(403, "FORBIDDEN_ORIGIN", origin_refusal(str(origin)))
+
+    @app.after_request
+    async def close_after_oversized(response: Response) -> Response:
+        if response.status_code == 413:
+            # The rest of an oversized body is never read: end the connection.
+            response.headers["Connection"] = "close"
+        return response
+
+    @app.errorhandler(ApiError)
+    async def api_error(exc: ApiError) -> Response:
+        metrics.error(exc.code)
+        return json_response({"error": exc.code, "message": exc.message}, exc.status, exc.headers)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "TOO_LARGE"}.get(status, "BAD_REQUEST")
+        message = exc.description or exc.name
+        if status == 413:
+            message = f"request body is larger than {max_frame_bytes} bytes"
+        metrics.error(code)
+        return json_response({"error": code, "message": message}, status)
+
+    @app.errorhandler(StoreUnavailable)
+    async def store_unavailable(exc: StoreUnavailable) -> Response:
+        metrics.error("STORE_UNAVAILABLE")
+        return json_response({"error": "STORE_UNAVAILABLE", "message": "the store is unavailable; retry"}, 503, {"Retry-After": "1"})
+
+    @app.errorhandler(Exception)
+    async def unexpected(exc: Exception) -> Response:
+        log.exception("unexpected error serving %s %s", request.method, request.path)
+        metrics.error("INTERNAL")
+        return json_response({"error": "INTERNAL", "message": "internal error; see the hub's log"}, 500)

@@ -1,0 +1,157 @@
+"""/api/v1/tasks/<task_id>/logs: write (POST), page (GET), stats, raw download, delete."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import orjson
+import trio
+from quart import Blueprint, Response, request
+
+from hub.config import HubConfig
+from hub.ingest import from_requests
+from hub.routes.access import Access
+from hub.routes.common import (
+    ApiError,
+    check_task_id,
+    choice_param,
+    int_param,
+    json_response,
+    time_param,
+)
+from hub.store.base import LogQuery, Store
+from hub.writer import WriteRequest, write_within
+from keruta.levels import LEVELS
+from keruta.limits import INT64_MAX
+from keruta.ratelimit import RateLimiter
+from keruta.records import SOURCES, LogRequest
+from keruta.wire import FrameError, check_record_limits, converter, structure
+
+
+def blueprint(
+    *,
+    access: Access,
+    store: Store,
+    writer_inbox: trio.MemorySendChannel[WriteRequest],
+    limiter: Callable[[str], RateLimiter],
+    config: HubConfig,
+) -> Blueprint:
+    bp = Blueprint("logs", __name__)
+    limits = config.limits
+
+    @bp.post("/api/v1/tasks/<task_id>/logs")
+    async def post_logs(task_id: str) -> Response:
+        access.need(write=True)
+        check_task_id(task_id)
+        body = await request.get_data()
+        if len(body) > limits.max_frame_bytes:
+            raise ApiError(413, "TOO_LARGE", f"request body is larger than {limits.max_frame_bytes} bytes")
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise ApiError(400, "INVALID_REQUEST", f"body is not valid JSON: {exc}") from None
+        array = isinstance(data, list)
+        if array and len(data) > limits.max_records_per_batch:
+            raise ApiError(413, "TOO_LARGE", f"the array holds {len(data)} items; at most {limits.max_records_per_batch}")
+        if array and not data:
+            raise ApiError(400, "INVALID_REQUEST", "the array is empty")
+        if not array and not isinstance(data, dict):
+            raise ApiError(400, "INVALID_REQUEST", "body must be a LogRequest object or an array of them")
+        if array:
+            for i, item in enumerate(data):
+                if not isinstance(item, dict):
+                    raise ApiError(400, "INVALID_REQUEST", f"invalid field '[{i}]': expected a LogRequest object")
+        try:
+            reqs = structure(data, list[LogRequest]) if array else [structure(data, LogRequest)]
+            for i, r in enumerate(reqs):
+                check_record_limits(r, limits, f"[{i}]" if array else "body")  # type: ignore[arg-type]
+            items = from_requests(task_id, reqs, array)
+        except FrameError as exc:
+            if exc.code == "TOO_LARGE":
+                raise ApiError(413, "TOO_LARGE", exc.message) from None
+            raise ApiError(400, "INVALID_REQUEST", exc.message) from None
+        wait = limiter(task_id).retry_after(len(items))
+        if wait > 0:
+            seconds = max(1, int(wait + 0.999))
+            raise ApiError(429, "RATE_LIMITED", f"task {task_id} is over its rate limit; retry in {seconds}s", {"Retry-After": str(seconds)})
+        outcome = await write_within(writer_inbox, items, config.post_timeout)
+        if outcome is None:
+            raise ApiError(
+                503, "STORE_UNAVAILABLE",
+                "the store is unavailable; the records were NOT stored: retry later",
+                {"Retry-After": "5"},
+            )
+        if outcome.error is not None:
+            raise ApiError(503, "STORE_ERROR", "the records could not be stored; retry", {"Retry-After": "1"})
+        if outcome.refusals:
+            others = " (the other records of the array were stored)" if array and len(items) > 1 else ""
+            raise ApiError(409, outcome.refusals[0].code, outcome.refusals[0].message + others)
+        ids = [r.id for r in outcome.records if r is not None]
+        return json_response({"ids": ids} if array else {"id": ids[0]})
+
+    @bp.get("/api/v1/tasks/<task_id>/logs")
+    async def get_logs(task_id: str) -> Response:
+        access.need(write=False)
+        check_task_id(task_id)
+        query = LogQuery(
+            task_id=task_id,
+            source=choice_param("source", SOURCES),
+            level=choice_param("level", LEVELS),
+            start=time_param("from"),
+            end=time_param("to"),
+            q=request.args.get("q") or None,
+            after_seq=int_param("afterSeq", None, 0, INT64_MAX),
+            page=int_param("page", 0, 0, 10_000_000) or 0,
+            size=int_param("size", 100, 1, config.max_page_size) or 100,
+        )
+        page = await store.query(query)
+        return json_response(
+            {
+                "content": [converter.unstructure(r) for r in page.content],
+                "totalElements": page.total_elements,
+                "totalPages": page.total_pages,
+                "number": page.number,
+                "size": page.size,
+            }
+        )
+
+    @bp.get("/api/v1/tasks/<task_id>/logs/stats")
+    async def get_stats(task_id: str) -> Response:
+        access.need(write=False)
+        check_task_id(task_id)
+        if await store.task(task_id) is None:
+            raise ApiError(404, "NOT_FOUND", f"no task {task_id}")
+        stats = await store.stats(task_id)
+        return json_response(
+            {
+                "taskId": stats.task_id,
+                "totalLogs": stats.total_logs,
+                "logCounts": stats.log_counts,
+                "levelCounts": stats.level_counts,
+                "timeRange": {"start": stats.start, "end": stats.end},
+                "lastUpdated": stats.last_updated,
+            }
+        )
+
+    @bp.delete("/api/v1/tasks/<task_id>/logs")
+    async def delete_logs(task_id: str) -> Response:
+        access.need_admin()
+        check_task_id(task_id)
+        count = await store.delete(task_id, time_param("before"))
+        return json_response({"deletedCount": count})
+
+    @bp.get("/api/v1/tasks/<task_id>/logs/raw")
+    async def raw_logs(task_id: str) -> Response:
+        access.need(write=False)
+        check_task_id(task_id)
+
+        async def lines() -> AsyncIterator[bytes]:
+            async for chunk in store.iter_task(task_id):
+                parts = []
+                for r in chunk:
+                    parts.append(r.message if r.partial else r.message + "\n")
+                yield "".join(parts).encode("utf-8", "surrogatepass")
+
+        return Response(lines(), content_type="text/plain; charset=utf-8")
+
+    return bp

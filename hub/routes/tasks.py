@@ -1,0 +1,29 @@
+"""/api/v1/tasks: every task, and one task's state."""
+
+from __future__ import annotations
+
+from quart import Blueprint, Response
+
+from hub.routes.access import Access
+from hub.routes.common import ApiError, check_task_id, json_response, task_json
+from hub.store.base import Store
+
+
+def blueprint(*, access: Access, store: Store) -> Blueprint:
+    bp = Blueprint("tasks", __name__)
+
+    @bp.get("/api/v1/tasks")
+    async def list_tasks() -> Response:
+        access.need(write=False)
+        return json_response({"tasks": [task_json(t) for t in await store.tasks()]})
+
+    @bp.get("/api/v1/tasks/<task_id>")
+    async def get_task(task_id: str) -> Response:
+        access.need(write=False)
+        check_task_id(task_id)
+        task = await store.task(task_id)
+        if task is None:
+            raise ApiError(404, "NOT_FOUND", f"no task {task_id}")
+        return json_response(task_json(task))
+
+    return bp
