@@ -136,6 +136,33 @@ async def test_after_seq_is_a_cursor(store):
     assert ([r.seq for r in page.content], page.total_elements) == ([6, 7, 8], 8)
 
 
+async def test_after_seq_totals_with_and_without_holes(store):
+    """The total of an afterSeq page is arithmetic while seqs are unbroken,
+    and must stay exact once client-chosen seqs or a delete leave holes."""
+    await store.append([rec(s) for s in range(1, 301)])
+    for after, expected in ((0, 300), (149, 151), (299, 1), (300, 0), (1000, 0)):
+        page = await store.query(LogQuery(task_id="t1", after_seq=after, size=2))
+        assert page.total_elements == expected, after
+    await store.append([rec(s) for s in range(400, 411)])  # a hole: 301..399
+    for after, expected in ((0, 311), (300, 11), (350, 11), (405, 5)):
+        page = await store.query(LogQuery(task_id="t1", after_seq=after, size=2))
+        assert page.total_elements == expected, after
+    await store.append([rec(s, task="t2", at=10.0 + s) for s in range(1, 11)])
+    await store.delete("t2", ts(13.5))  # deletes seqs 1..3: the rest is unbroken again
+    page = await store.query(LogQuery(task_id="t2", after_seq=5, size=2))
+    assert page.total_elements == 5
+    page = await store.query(LogQuery(task_id="t2", after_seq=0, size=2))
+    assert page.total_elements == 7
+    # A delete by time can cut a hole in the middle (timestamps are the producers').
+    await store.append([rec(s, task="t3", at=1.0 if s == 5 else 20.0) for s in range(1, 11)])
+    await store.delete("t3", ts(5.0))
+    for after, expected in ((0, 9), (3, 6), (4, 5), (5, 5)):
+        page = await store.query(LogQuery(task_id="t3", after_seq=after, size=2))
+        assert page.total_elements == expected, after
+    page = await store.query(LogQuery(task_id="nothing", after_seq=0, size=2))
+    assert page.total_elements == 0
+
+
 async def test_duplicates_are_ignored_and_keep_their_id(store):
     first = await store.append([rec(1, "one"), rec(2, "two"), rec(2, "two again")])
     assert [r.seq for r in first.inserted] == [1, 2]

@@ -262,6 +262,8 @@ def query(d: Dialect, query: LogQuery) -> Steps[Page]:
         row = yield d.row("SELECT total_logs FROM {tasks} WHERE task_id = ?", query.task_id)
     elif len(rows) < query.size and (rows or query.page == 0):
         row = (query.page * query.size + len(rows),)
+    elif len(params) == 2 and query.after_seq is not None:
+        row = yield from _count_after(d, query.task_id, query.after_seq, filters, params)
     elif (counted := counted_filters(query)) is not None:
         # Kept in the same transactions as the rows: exact, without a scan.
         sql = "SELECT CAST(coalesce(sum(n), 0) AS BIGINT) FROM {counts} WHERE task_id = ?"
@@ -275,6 +277,26 @@ def query(d: Dialect, query: LogQuery) -> Steps[Page]:
         number=query.page,
         size=query.size,
     )
+
+
+def _count_after(d: Dialect, task_id: str, after_seq: int, filters: str, params: list[Any]) -> Steps[tuple[int]]:
+    """How many records come after `after_seq`: arithmetic when the task's
+    seqs are one unbroken run (the usual case: no client-chosen seqs left
+    holes, no delete cut one), else a count."""
+    row = yield d.row(
+        "SELECT total_logs, (SELECT min(seq) FROM {logs} WHERE task_id = ?),"
+        " (SELECT max(seq) FROM {logs} WHERE task_id = ?) FROM {tasks} WHERE task_id = ?",
+        task_id,
+        task_id,
+        task_id,
+    )
+    if row is None or row[1] is None:
+        return (0,)
+    total, low, high = row
+    if total == high - low + 1:
+        return (max(0, high - max(after_seq, low - 1)),)
+    counted = yield d.row(f"SELECT count(*) FROM {{logs}} WHERE {filters}", *params)
+    return (counted[0] if counted else 0,)
 
 
 def read_range(
