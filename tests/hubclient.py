@@ -225,6 +225,13 @@ async def hub_factory(hub_databases: SqliteFiles | PgDatabases) -> AsyncIterator
 
 
 @pytest.fixture
+async def sqlite_hub_factory(tmp_path: Path) -> AsyncIterator[InProcessHubFactory]:
+    """In-process hubs on SQLite only, for tests about the hub's edges rather than its store."""
+    async with in_process_hubs(SqliteFiles(tmp_path), TEST_DEADLINE) as factory:
+        yield factory
+
+
+@pytest.fixture
 async def hub(hub_factory: InProcessHubFactory) -> InProcessHub:
     """An in-process hub on a fresh database of the test's store, default settings, no tokens."""
     return await hub_factory.astart()
