@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import orjson
@@ -222,13 +223,28 @@ def test_final_state_and_listing(tmp_path: Path) -> None:
     assert not (tmp_path / "task-1").exists()
 
 
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
 async def test_sync_fsyncs_in_a_thread(tmp_path: Path) -> None:
-    spool = open_spool(tmp_path, segment_bytes=4096, max_bytes=1 << 20)
+    warnings: list[str] = []
+    spool = open_spool(tmp_path, warnings, segment_bytes=4096, max_bytes=1 << 20)
     fill(spool, 1, 300)  # several segments, some retired
+    assert len(list((tmp_path / "task-1").glob("*"))) > 3, "the fill spans several segments"
+    fds = open_fds()
     await spool.sync()
+    # The descriptors it duplicated or opened to fsync are closed again.
+    assert open_fds() <= fds
+    assert not spool._dirty and spool._unsynced == []
     await spool.sync()  # nothing new: a no-op
+    assert open_fds() <= fds
     fill(spool, 301, 302)
+    assert spool._dirty
     await spool.sync()
+    assert not spool._dirty
+    assert warnings == [], "no fsync failed"
+    assert seqs(spool.read(1, 1000, 1 << 20)) == list(range(1, 303))
     spool.close()
 
 
