@@ -1,10 +1,13 @@
 """When to send the next frame, and how big: decisions only, no I/O, no clock.
 
-Adaptive, in the manner of Nagle: while nothing is in flight a record goes out
-at once (live latency is one round trip); while frames are in flight new
+Adaptive, in the manner of Nagle: while fewer than `eager_frames` frames are
+in flight a record goes out at once (live latency is one trip); past that new
 records gather, and go when `batch_size` of them are waiting, when the oldest
-has waited `flush_interval`, or when the in-flight frames are acknowledged,
+has waited `flush_interval`, or when in-flight frames are acknowledged,
 whichever comes first. At most `max_in_flight` frames are unacknowledged.
+The agent runs with `eager_frames=2`: an ack waits for the hub's fsync, which
+now and then takes longer than the gap between two quiet lines; a second
+frame in flight keeps that wait off the next line.
 The records themselves live in the spool; the batcher only counts them.
 """
 
@@ -47,6 +50,7 @@ class Batcher:
     batch_size: int = attrs.field(default=500, validator=_positive)
     flush_interval: float = attrs.field(default=0.2, validator=_non_negative)
     max_in_flight: int = attrs.field(default=8, validator=_positive)
+    eager_frames: int = attrs.field(default=1, validator=_positive)
     # Records written to the spool but not yet sent.
     pending: int = 0
     # Frames sent and not yet acknowledged.
@@ -70,7 +74,7 @@ class Batcher:
         if self.in_flight >= self.max_in_flight:
             return Wait(None)
         count = min(self.pending, self.batch_size)
-        if self.in_flight == 0 or self.pending >= self.batch_size:
+        if self.in_flight < self.eager_frames or self.pending >= self.batch_size:
             return Send(count)
         assert self.waiting_since is not None
         due = self.waiting_since + self.flush_interval

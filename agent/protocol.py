@@ -104,6 +104,7 @@ class UplinkProtocol:
         batch_size: int = 500,
         flush_interval: float = 0.2,
         max_in_flight: int = 8,
+        eager_frames: int = 1,
         limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.task_id = task_id
@@ -113,7 +114,7 @@ class UplinkProtocol:
         # Records up to here are spooled and let through (rate limit): sendable.
         self.available = max(available_seq, acked_seq)
         self.final: tuple[str, int | None] | None = None
-        self.batcher = Batcher(batch_size, flush_interval, max_in_flight)
+        self.batcher = Batcher(batch_size, flush_interval, max_in_flight, eager_frames)
         self.connected = False
         self.cursor = acked_seq + 1
         self.in_flight: collections.deque[int] = collections.deque()  # last seq of each frame

@@ -6,15 +6,12 @@ Layout, one directory per task under the spool root::
     ROOT/TASK_ID/task.json      taskId, hub URL, producer id, final state once known
     ROOT/TASK_ID/acked          the ack watermark: every seq <= it is stored by the hub
     ROOT/TASK_ID/lock           held (flock) by the one process using this spool; the
-                                lock is the inode linked there now (see `_lock`)
+                                lock is the inode linked there now (see spoollock.py)
     ROOT/TASK_ID/SEQ.seg        segments, named by their first seq, append-only
 
-A segment is a sequence of frames ``MAGIC(2) | seq(8) | length(4) | crc32(4) |
-payload``, payload being the record's wire JSON, crc32 covering seq and
-payload. Reading checks every frame; a torn tail (a crash mid-write) is cut
-off when the spool is opened, and a corrupt frame is skipped with a warning
-by searching forward for the next valid one, so damage never turns into a
-crash loop. Segments whose records are all acknowledged are deleted.
+Segments hold checksummed frames (agent/segment.py): a torn tail is cut off
+when the spool is opened, a corrupt frame is skipped with a warning. Segments
+whose records are all acknowledged are deleted. The lock: agent/spoollock.py.
 
 The seqs are the producer's own (docs/identity.md): `producer` in task.json
 names this spool's run to the hub, which gives each record its task seq. So
@@ -30,154 +27,32 @@ interval.
 
 from __future__ import annotations
 
-import collections
 import errno
-import fcntl
 import os
-import struct
 import uuid
-import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import trio
 
+from agent.recent import RecentRecords
+from agent.segment import (
+    HEADER,
+    SEGMENT_SUFFIX,
+    Segment,
+    Warn,
+    encode_frame,
+    recover,
+    scan,
+    write_all,
+    write_atomically,
+)
+from agent.spoollock import SpoolLocked, lock_directory
 from keruta.timefmt import now_ts
 
-MAGIC = b"\xabK"
-HEADER = struct.Struct(">2sQII")  # magic, seq, payload length, crc32(seq + payload)
-# A record's JSON is at most a 64 KiB line escaped (up to 6x) plus fields.
-MAX_PAYLOAD = 8 * 1024 * 1024
-READ_CHUNK = 1024 * 1024
-SEGMENT_SUFFIX = ".seg"
-
-Warn = Callable[[str], None]
-
-
-class SpoolLocked(Exception):
-    """Another live process owns this task's spool."""
-
-
-def encode_frame(seq: int, payload: bytes) -> bytes:
-    seq_bytes = seq.to_bytes(8, "big")
-    crc = zlib.crc32(payload, zlib.crc32(seq_bytes))
-    return HEADER.pack(MAGIC, seq, len(payload), crc) + payload
-
-
-def _check(header_seq: int, payload: bytes, crc: int) -> bool:
-    return zlib.crc32(payload, zlib.crc32(header_seq.to_bytes(8, "big"))) == crc
-
-
-class Segment:
-    def __init__(self, path: Path, first_seq: int) -> None:
-        self.path = path
-        self.first_seq = first_seq
-        self.last_seq = first_seq - 1  # nothing yet
-        self.size = 0
-        self.fd: int | None = None  # open for appending (the active segment only)
-        self.read_fd: int | None = None
-
-    def reader_fd(self) -> int:
-        if self.read_fd is None:
-            self.read_fd = os.open(self.path, os.O_RDONLY)
-        return self.read_fd
-
-    def close(self) -> None:
-        for fd in (self.fd, self.read_fd):
-            if fd is not None:
-                os.close(fd)
-        self.fd = self.read_fd = None
-
-
-class _Window:
-    """Buffered positional reads of one file region [0, end)."""
-
-    def __init__(self, fd: int, end: int) -> None:
-        self.fd = fd
-        self.end = end
-        self.buf = b""
-        self.at = 0
-
-    def get(self, pos: int, n: int) -> bytes | None:
-        if pos + n > self.end:
-            return None
-        if not (self.at <= pos and pos + n <= self.at + len(self.buf)):
-            self.at = pos
-            self.buf = os.pread(self.fd, min(max(n, READ_CHUNK), self.end - pos), pos)
-            if len(self.buf) < n:
-                return None
-        i = pos - self.at
-        return self.buf[i : i + n]
-
-    def find(self, needle: bytes, start: int) -> int:
-        """Position of the next `needle` at or after `start`, or `end`."""
-        while start < self.end:
-            chunk = self.get(start, min(READ_CHUNK, self.end - start))
-            if not chunk:
-                break
-            i = chunk.find(needle)
-            if i != -1:
-                return start + i
-            start += max(1, len(chunk) - len(needle) + 1)
-        return self.end
-
-
-def scan(
-    fd: int, offset: int, end: int, warn: Warn | None = None, where: str = ""
-) -> Iterator[tuple[int, int, bytes, int]]:
-    """Valid frames in [offset, end): (frame offset, seq, payload, next offset).
-
-    A frame that does not check out (bad magic, length or checksum, or running
-    past `end`) is skipped by searching for the next MAGIC that starts a
-    valid frame; a skipped run followed by a valid frame is reported through
-    `warn`. A bad run at the very end is not reported here: the caller sees
-    that the last frame ends before `end` (a torn tail).
-    """
-    window = _Window(fd, end)
-    pos = offset
-    bad_since: int | None = None
-    while pos + HEADER.size <= end:
-        header = window.get(pos, HEADER.size)
-        if header is None:
-            break
-        magic, seq, length, crc = HEADER.unpack(header)
-        if magic == MAGIC and length <= MAX_PAYLOAD:
-            payload = window.get(pos + HEADER.size, length)
-            if payload is not None and _check(seq, payload, crc):
-                if bad_since is not None and warn is not None:
-                    warn(
-                        f"spool {where}: skipped {pos - bad_since} corrupt bytes at offset {bad_since}"
-                    )
-                bad_since = None
-                nxt = pos + HEADER.size + length
-                yield pos, seq, payload, nxt
-                pos = nxt
-                continue
-        if bad_since is None:
-            bad_since = pos
-        pos = window.find(MAGIC, pos + 1)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-def write_atomically(path: Path, data: bytes, durable: bool = False) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        _write_all(fd, data)
-        if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
+__all__ = ["HEADER", "Spool", "SpoolLocked", "default_root", "encode_frame", "spooled_tasks", "write_atomically"]
 
 def default_root() -> Path:
     env = os.environ.get("KERUTA_SPOOL_DIR")
@@ -209,8 +84,7 @@ class Spool:
         self.acked_seq = 0
         self.last_seq = 0
         self.meta: dict[str, Any] = {}
-        self._cache: collections.deque[tuple[int, bytes]] = collections.deque()
-        self._cache_size = 0
+        self._recent = RecentRecords(cache_bytes)
         self._cursor: tuple[Segment, int, int] | None = None  # segment, offset, next seq
         self._unsynced: list[int] = []  # dup'ed fds written since the last sync
         self._dirty = False
@@ -242,7 +116,7 @@ class Spool:
             raise ValueError(f"task id {task_id!r} cannot name a spool directory")
         directory = Path(root) / task_id
         spool = cls(directory, **kwargs)
-        spool._lock(create)
+        spool._lock_fd = lock_directory(directory, create)
         try:
             if not create and not (directory / "task.json").exists():
                 raise FileNotFoundError(f"{directory} holds no spooled task")
@@ -251,45 +125,6 @@ class Spool:
             spool.close()
             raise
         return spool
-
-    def _lock(self, create: bool = True) -> None:
-        """Own the spool: an flock on the `lock` file linked in the directory.
-
-        `remove` unlinks `lock` (last) while holding it, so a process that
-        opened it before then can get the flock of a file no longer linked:
-        it owns nothing and must start again, on a new file (and, if the
-        directory went too, a new directory). The inode check makes that
-        race safe: whoever holds the flock of the linked `lock` is the owner.
-        """
-        path = self.dir / "lock"
-        flags = os.O_RDWR | (os.O_CREAT if create else 0)
-        while True:
-            try:
-                if create:
-                    self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-                fd = os.open(path, flags, 0o600)
-            except (FileNotFoundError, FileExistsError) as exc:
-                # The directory was removed between mkdir and open, or between
-                # mkdir's EEXIST and its check that the name is a directory.
-                if create and not (isinstance(exc, FileExistsError) and self.dir.exists() and not self.dir.is_dir()):
-                    continue
-                raise
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise SpoolLocked(f"{self.dir} is in use by another keruta-agent") from None
-            try:
-                linked = os.stat(path)
-            except FileNotFoundError:
-                linked = None
-            held = os.fstat(fd)
-            if linked is not None and (linked.st_dev, linked.st_ino) == (held.st_dev, held.st_ino):
-                self._lock_fd = fd
-                return
-            os.close(fd)
-            if not create:
-                raise FileNotFoundError(f"{self.dir} was removed by its agent")
 
     def _load(self, task_id: str, hub_url: str | None) -> None:
         meta_path = self.dir / "task.json"
@@ -332,33 +167,12 @@ class Spool:
             except ValueError:
                 continue
             seg = Segment(path, first)
-            self._recover(seg)
+            recover(seg, self.warn)
             self.segments.append(seg)
         for seg in self.segments:
             self.last_seq = max(self.last_seq, seg.last_seq)
             self._used += seg.size
         self._delete_acked_segments()
-
-    def _recover(self, seg: Segment) -> None:
-        size = seg.path.stat().st_size
-        fd = os.open(seg.path, os.O_RDONLY)
-        good_end = 0
-        last = seg.first_seq - 1
-        try:
-            for _off, seq, _payload, nxt in scan(fd, 0, size, self.warn, str(seg.path)):
-                good_end = nxt
-                last = max(last, seq)
-        finally:
-            os.close(fd)
-        seg.last_seq = last
-        seg.size = size
-        if good_end < size:
-            self.warn(
-                f"spool {seg.path}: cut off {size - good_end} bytes of a torn or corrupt "
-                "record at its end (written when a previous agent stopped mid-write)"
-            )
-            os.truncate(seg.path, good_end)
-            seg.size = good_end
 
     # --- writing ------------------------------------------------------------
 
@@ -387,7 +201,7 @@ class Spool:
         seg = self._active(len(data), entries[0][0])
         assert seg.fd is not None
         try:
-            _write_all(seg.fd, data)
+            write_all(seg.fd, data)
         except OSError:
             # Leave no half frame behind (e.g. the disk filled up mid-write).
             try:
@@ -400,13 +214,7 @@ class Spool:
         seg.last_seq = entries[-1][0]
         self.last_seq = seg.last_seq
         self._dirty = True
-        for seq, payload in entries:
-            # A tight copy: orjson's bytes keep a 4 KiB allocation behind a
-            # 200-byte record, which would make the cache 20 times its budget.
-            self._cache.append((seq, bytes(memoryview(payload))))
-            self._cache_size += len(payload)
-        while self._cache_size > self.cache_bytes and self._cache:
-            self._cache_size -= len(self._cache.popleft()[1])
+        self._recent.append(entries)
 
     def _active(self, incoming: int, first_seq: int) -> Segment:
         seg = self.segments[-1] if self.segments else None
@@ -481,8 +289,7 @@ class Spool:
         if seq <= self.acked_seq:
             return
         self.acked_seq = min(seq, self.last_seq) if seq > self.last_seq else seq
-        while self._cache and self._cache[0][0] <= self.acked_seq:
-            self._cache_size -= len(self._cache.popleft()[1])
+        self._recent.release(self.acked_seq)
         self._delete_acked_segments()
 
     @property
@@ -556,16 +363,9 @@ class Spool:
         if from_seq > self.last_seq or max_records <= 0:
             return out
         total = 0
-        if self._cache and self._cache[0][0] <= from_seq:
-            i = from_seq - self._cache[0][0]
-            while i < len(self._cache) and len(out) < max_records:
-                entry = self._cache[i]
-                if out and total + len(entry[1]) > max_bytes:
-                    break
-                out.append(entry)
-                total += len(entry[1])
-                i += 1
-            return out
+        recent = self._recent.read(from_seq, max_records, max_bytes)
+        if recent is not None:
+            return recent
         for seq, payload in self._read_files(from_seq):
             if out and (len(out) >= max_records or total + len(payload) > max_bytes):
                 break

@@ -57,6 +57,8 @@ class UplinkSettings:
     batch_size: int = 500
     flush_interval: float = 0.2
     max_in_flight: int = 8
+    # Frames in flight below which a record is sent at once (agent/batcher.py).
+    eager_frames: int = 2
     ping_interval: float = 5.0
     # The hub answers pings while our frames wait for its rate limiter, but a
     # hub whose writer is backed up (its database is away) stops reading once
@@ -89,6 +91,7 @@ class Uplink:
             batch_size=settings.batch_size,
             flush_interval=settings.flush_interval,
             max_in_flight=settings.max_in_flight,
+            eager_frames=min(settings.eager_frames, settings.max_in_flight),
             limits=settings.limits,
         )
         # Set once every record is acknowledged and the final status is stored.

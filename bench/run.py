@@ -14,306 +14,51 @@ the reason; the run goes on. See bench/README.md for what each figure means.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import http.client
 import json
 import os
-import secrets
 import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import (  # noqa: E402
-    check_delivery,
     children,
-    clean_env,
-    figure,
     format_table,
     free_port,
-    http_get,
     json_line,
     median,
     peak_rss_mib,
     percentile,
-    rate,
     ratio,
     start,
     stop,
-    wait_file,
     wait_healthz,
 )
-
-PY = sys.executable
-PRODUCER = str(HERE / "producer.py")
-VIEWER = str(HERE / "viewer.py")
-INGEST = str(HERE / "ingest.py")
-STORE_BENCH = str(HERE / "store_bench.py")
-
-SIZES = {
-    # name: (quick, full)
-    "e2e_lines": (200_000, 1_000_000),
-    "fan10_lines": (50_000, 200_000),
-    "fan100_lines": (5_000, 20_000),
-    "lat_lines": (300, 500),
-    "agent_mem_lines": (500_000, 2_000_000),
-    "stall_lines": (100_000, 200_000),
-    "ingest_lines": (50_000, 100_000),
-    "query_rows": (200_000, 1_000_000),
-}
-SCENARIOS = ["e2e", "fanout", "latency", "memory", "ingest", "store"]
+from harness import Harness  # noqa: E402
+from tools import (  # noqa: E402
+    INGEST,
+    PRODUCER,
+    PY,
+    SCENARIOS,
+    STORE_BENCH,
+    delivery,
+    describe,
+    missing_reason,
+    query_list,
+    tail,
+    websocketd_version,
+)
 
 
-class Bench:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.quick = args.quick
-        self.reps = 1 if args.quick else args.reps
-        self.date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        self.commit = git_commit()
-        self.figures: list[dict[str, Any]] = []
-        self.root = Path(tempfile.mkdtemp(prefix="keruta-bench-"))
-        bindir = Path(PY).parent
-        self.hub_bin = _which("keruta-hub", bindir)
-        self.agent_bin = _which("keruta-agent", bindir)
-        self.websocketd = shutil.which("websocketd")
-        self.wsd_missing = None if self.websocketd else ensure_websocketd()
-        if self.wsd_missing is None:
-            self.websocketd = shutil.which("websocketd")
-        self.pg_dsn = args.pg_dsn or os.environ.get("KERUTA_TEST_PG_DSN")
-        self.env = clean_env()
-
-    def size(self, key: str) -> int:
-        quick, full = SIZES[key]
-        return quick if self.quick else full
-
-    def add(
-        self, name: str, value: float | None, unit: str, params: dict[str, Any], **kw: Any
-    ) -> None:
-        fig = figure(name, value, unit, params, date=self.date, commit=self.commit, **kw)
-        self.figures.append(fig)
-        print(json_line(fig), flush=True)
-
-    def tmp(self, label: str) -> Path:
-        d = Path(tempfile.mkdtemp(prefix=label + "-", dir=self.root))
-        return d
-
-    # -- one keruta stream: hub + viewers + agent running the producer ------------
-    def keruta_stream(
-        self,
-        db: str,
-        viewers: int,
-        lines: int,
-        *,
-        lat: bool = False,
-        stall: int = 0,
-        timeout: float = 300.0,
-    ) -> dict[str, Any]:
-        d = self.tmp("keruta")
-        port = free_port()
-        hub = agent = None
-        vprocs: list[tuple[subprocess.Popen[bytes], str, str]] = []
-        try:
-            hub = start(
-                [self.hub_bin, "--host", "127.0.0.1", "--port", str(port), "--db", db],
-                str(d / "hub.log"),
-                env=self.env,
-                cwd=d,
-            )
-            if not wait_healthz(port, hub):
-                raise RuntimeError(f"keruta-hub not healthy within 30 s (see {d}/hub.log)")
-            task = "bench-" + secrets.token_hex(4)
-            url = f"ws://127.0.0.1:{port}/api/v1/ws"
-            vprocs = self.start_viewers(d, url, "keruta", viewers, lines, lat, stall, task, timeout)
-            prod = [PY, PRODUCER, "--lines", str(lines)]
-            if lat:
-                # the agent is connected before the first line: latency is the
-                # line's way, not the agent's start-up
-                prod += ["--interval-ms", "10", "--start-delay", "1"]
-            began = time.monotonic()
-            began_wall = time.time()
-            agent = start(
-                [
-                    self.agent_bin,
-                    "run",
-                    "--hub",
-                    f"http://127.0.0.1:{port}",
-                    "--task-id",
-                    task,
-                    "--quiet",
-                    "--spool-dir",
-                    str(d / "spool"),
-                    "--drain-timeout",
-                    str(int(timeout)),
-                    "--",
-                    *prod,
-                ],
-                str(d / "agent.log"),
-                env=self.env,
-                cwd=d,
-            )
-            results = self.wait_viewers(vprocs, timeout)
-            agent_rss = peak_rss_mib(agent.pid)
-            try:
-                agent.wait(max(5.0, timeout - (time.monotonic() - began)))
-            except subprocess.TimeoutExpired:
-                pass
-            agent_rc = agent.poll()
-            status, body = http_get(port, f"/api/v1/tasks/{task}/logs/stats")
-            stored = json.loads(body).get("logCounts", {}).get("stdout") if status == 200 else None
-            hub_rss = peak_rss_mib(hub.pid)
-        finally:
-            for p, _, _ in vprocs:
-                stop(p)
-            stop(agent)
-            stop(hub, grace=15)
-        res = summarize(results, lines)
-        res.update(hub_rss=hub_rss, agent_rss=agent_rss, stored=stored, agent_rc=agent_rc)
-        if res.get("last") is not None:
-            # the whole way, agent start-up included: a check on the first->last rate
-            res["start_to_last_s"] = res["last"] - began_wall
-        if stored != lines:
-            res["problem"] = "; ".join(
-                filter(None, [res.get("problem"), f"hub stored {stored} of {lines} lines"])
-            )
-        return res
-
-    def websocketd_stream(
-        self, viewers: int, lines: int, *, lat: bool = False, timeout: float = 300.0
-    ) -> dict[str, Any]:
-        if not self.websocketd:
-            raise Missing(f"websocketd not installed ({self.wsd_missing})")
-        d = self.tmp("websocketd")
-        port = free_port()
-        prod = [PY, PRODUCER, "--lines", str(lines)]
-        if lat:
-            prod += ["--interval-ms", "10"]
-        wsd = None
-        vprocs: list[tuple[subprocess.Popen[bytes], str, str]] = []
-        try:
-            # websocketd runs one producer per connection: its fan-out is K
-            # copies of the command, not K viewers of one stream
-            wsd = start(
-                [
-                    self.websocketd,
-                    "--address=127.0.0.1",
-                    f"--port={port}",
-                    "--loglevel=fatal",
-                    "--",
-                    *prod,
-                ],
-                str(d / "websocketd.log"),
-                cwd=d,
-            )
-            if not wait_port(port, wsd):
-                raise RuntimeError("websocketd did not listen within 20 s")
-            vprocs = self.start_viewers(
-                d, f"ws://127.0.0.1:{port}/", "raw", viewers, lines, lat, 0, None, timeout
-            )
-            results = self.wait_viewers(vprocs, timeout)
-            rss = peak_rss_mib(wsd.pid)
-        finally:
-            for p, _, _ in vprocs:
-                stop(p)
-            stop(wsd)
-        res = summarize(results, lines)
-        res["server_rss"] = rss
-        return res
-
-    def start_viewers(
-        self,
-        d: Path,
-        url: str,
-        proto: str,
-        viewers: int,
-        lines: int,
-        lat: bool,
-        stall: int,
-        task: str | None,
-        timeout: float,
-    ) -> list[tuple[subprocess.Popen[bytes], str, str]]:
-        nprocs = 1 if viewers == 1 else 2  # 2 cores: split fan-out viewers over 2 processes
-        out = []
-        for i in range(nprocs):
-            k = viewers // nprocs + (1 if i < viewers % nprocs else 0)
-            ready, res = str(d / f"viewer{i}.ready"), str(d / f"viewer{i}.json")
-            cmd = [
-                PY,
-                VIEWER,
-                "--url",
-                url,
-                "--proto",
-                proto,
-                "--viewers",
-                str(k),
-                "--expect",
-                str(lines),
-                "--timeout",
-                str(timeout),
-                "--ready",
-                ready,
-                "--out",
-                res,
-            ]
-            if task:
-                cmd += ["--task", task]
-            if lat:
-                cmd += ["--mode", "lat"]
-            if stall and i == 0:
-                cmd += ["--stall", str(stall)]
-            out.append((start(cmd, str(d / f"viewer{i}.log")), ready, res))
-        for p, ready, _ in out:
-            if not wait_file(ready, p, 60):
-                raise RuntimeError("viewers not ready within 60 s")
-            with open(ready) as f:
-                ok, failed = (int(x) for x in f.read().split())
-            if failed:
-                raise RuntimeError(f"{failed} viewers could not connect")
-        return out
-
-    def wait_viewers(
-        self, vprocs: list[tuple[subprocess.Popen[bytes], str, str]], timeout: float
-    ) -> list[dict[str, Any]]:
-        end = time.monotonic() + timeout + 30
-        results: list[dict[str, Any]] = []
-        for p, _, res in vprocs:
-            try:
-                p.wait(max(1.0, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                stop(p)
-            try:
-                with open(res) as f:
-                    results.extend(json.load(f)["viewers"])
-            except (OSError, ValueError) as e:
-                raise RuntimeError(f"a viewer process left no result ({e})") from e
-        return results
-
-    # -- PostgreSQL: a fresh database per use ------------------------------------
-    @contextlib.contextmanager
-    def pg_database(self) -> Iterator[str]:
-        if not self.pg_dsn:
-            raise Missing("no PostgreSQL: set KERUTA_TEST_PG_DSN or pass --pg-dsn")
-        name = "keruta_bench_" + secrets.token_hex(4)
-        psql(self.pg_dsn, f'CREATE DATABASE "{name}"')
-        try:
-            yield urlunsplit(urlsplit(self.pg_dsn)._replace(path="/" + name))
-        finally:
-            psql(self.pg_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-    # -- scenarios -----------------------------------------------------------------
-    def reps_of(self, fn: Callable[[], dict[str, Any]]) -> list[dict[str, Any]]:
-        return [fn() for _ in range(self.reps)]
+class Bench(Harness):
+    """The scenarios of issue 8, each adding its figures."""
 
     def scenario_e2e(self) -> None:
         n = self.size("e2e_lines")
@@ -342,7 +87,7 @@ class Bench:
                 ratio(k, wsd_rate),
                 "x",
                 params,
-                missing=_why(res, wsd),
+                missing=missing_reason(res, wsd),
             )
 
     def scenario_fanout(self) -> None:
@@ -372,7 +117,7 @@ class Bench:
                 ratio(k, w),
                 "x",
                 params,
-                missing=_why(res, wsd),
+                missing=missing_reason(res, wsd),
             )
 
     def scenario_latency(self) -> None:
@@ -630,40 +375,6 @@ class Bench:
         finally:
             stop(hub, grace=15)
 
-    # -- helpers -------------------------------------------------------------------
-    def guarded(self, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """Reps of one measurement; {'reps': [...], 'error': why any failed}."""
-        reps, errors = [], []
-        for _ in range(self.reps):
-            try:
-                reps.append(fn())
-            except Exception as e:  # noqa: BLE001 - reported as a missing figure
-                errors.append(describe(e))
-        problems = [r["problem"] for r in reps if r.get("problem")]
-        return {
-            "reps": reps,
-            "error": "; ".join(errors) or None,
-            "problem": "; ".join(problems) or None,
-        }
-
-    def add_rate(
-        self, name: str, res: dict[str, Any], params: dict[str, Any], hub: bool = False
-    ) -> float | None:
-        value = median([r.get("rate") for r in res["reps"]])
-        p = dict(params, **delivery(res))
-        if hub:
-            rss = median([r.get("hub_rss") for r in res["reps"]])
-            if rss is not None:
-                p["hub_peak_rss_mib"] = round(rss, 1)
-            span = median([r.get("start_to_last_s") for r in res["reps"]])
-            if span is not None:
-                p["agent_start_to_last_line_s"] = round(span, 2)
-        missing = res.get("error") or (
-            "no rate (too few lines received)" if value is None else None
-        )
-        self.add(name, value, "lines/s", p, missing=missing)
-        return value
-
     def run(self) -> int:
         load = os.getloadavg()
         header = (
@@ -703,140 +414,6 @@ class Bench:
         else:
             print(f"kept {self.root}")
         return 0
-
-
-class Missing(Exception):
-    """A figure cannot be measured here (not a failure of the thing measured)."""
-
-
-def summarize(results: list[dict[str, Any]], lines: int) -> dict[str, Any]:
-    counting = [r for r in results if not r.get("stalled")]
-    counts = [r["count"] for r in counting]
-    firsts = [r["t_first"] for r in counting if r.get("t_first")]
-    lasts = [r["t_last"] for r in counting if r.get("t_last")]
-    total = sum(counts)
-    first = min(firsts) / 1e9 if firsts else None
-    last = max(lasts) / 1e9 if lasts else None
-    dups = sum(r.get("dups", 0) for r in counting)
-    gaps = sum(r.get("gaps", 0) for r in counting)
-    problem = check_delivery(counts, lines, dups, gaps)
-    errors = {r["error"] for r in counting if r.get("error")}
-    if errors:
-        problem = ((problem + "; ") if problem else "") + "; ".join(sorted(errors))[:300]
-    lat = [x for r in counting for x in r.get("lat_us", [])]
-    return {
-        "rate": rate(total, first, last),
-        "problem": problem,
-        "lat_us": lat,
-        "received": total,
-        "last": last,
-    }
-
-
-def query_list(rows: int) -> list[tuple[str, str]]:
-    return [
-        ("page by afterSeq (middle), 100 rows", f"/logs?afterSeq={rows // 2}&size=100"),
-        ("first page level=ERROR", "/logs?level=ERROR&size=100"),
-        ("first page source=stderr", "/logs?source=stderr&size=100"),
-        ("stats", "/logs/stats"),
-        ("q (rare term), first page", "/logs?q=needle&size=100"),
-    ]
-
-
-def delivery(res: dict[str, Any]) -> dict[str, str]:
-    """The delivery check of the reps that ran (none when no rep ran)."""
-    return {"delivery": res.get("problem") or "ok"} if res.get("reps") else {}
-
-
-def _why(a: dict[str, Any], b: dict[str, Any]) -> str | None:
-    return a.get("error") or b.get("error") or None
-
-
-def describe(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"[:300] if not isinstance(e, Missing) else str(e)
-
-
-def tail(path: Path, n: int = 300) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:].replace("\n", " | ")
-    except OSError:
-        return "(no log)"
-
-
-def _which(name: str, bindir: Path) -> str:
-    cand = bindir / name
-    if cand.exists():
-        return str(cand)
-    found = shutil.which(name)
-    if not found:
-        raise SystemExit(f"{name} not found next to {PY} nor on PATH: install the project first")
-    return found
-
-
-def git_commit() -> str:
-    try:
-        return (
-            subprocess.run(
-                ["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-            ).stdout.strip()
-            or "?"
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-
-
-def ensure_websocketd() -> str | None:
-    """Install Debian's websocketd when missing; None when it is there, else why not."""
-    apt = shutil.which("apt-get")
-    if not apt:
-        return "no websocketd and no apt-get to install it"
-    try:
-        r = subprocess.run(
-            [apt, "install", "-y", "websocketd"], capture_output=True, text=True, timeout=300
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"apt-get install websocketd failed: {e}"
-    if r.returncode != 0 or not shutil.which("websocketd"):
-        return f"apt-get install websocketd failed (rc {r.returncode}): {r.stderr.strip()[-200:]}"
-    return None
-
-
-def websocketd_version(path: str | None) -> str:
-    try:
-        out = subprocess.run(
-            ["dpkg-query", "-W", "-f=${Version}", "websocketd"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        return f"{path} (Debian {out})" if out else str(path)
-    except (OSError, subprocess.TimeoutExpired):
-        return str(path)
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end and proc.poll() is None:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return True
-        except OSError:
-            time.sleep(0.05)
-    return False
-
-
-def psql(dsn: str, sql: str) -> None:
-    r = subprocess.run(
-        ["psql", dsn, "-v", "ON_ERROR_STOP=1", "-qc", sql],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if r.returncode != 0:
-        raise RuntimeError(f"psql: {r.stderr.strip()[:200]}")
 
 
 def main() -> int:

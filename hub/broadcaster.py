@@ -1,110 +1,31 @@
 """The broadcaster: delivers committed records to a task's live subscribers.
 
-A subscription is either *live* (the broadcaster pushes each committed range
-to it, encoded once and shared) or *catching up* (its connection reads from
-the store). It only goes live when it has everything up to the durable seq the
-broadcaster knows, so history and live meet with no gap and no duplicate. The
-broadcaster never waits on a subscriber: a full queue means SLOW_CONSUMER.
+A live subscription (hub/subscription.py) gets each committed range pushed,
+encoded once per filter and shared. A range the broadcaster cannot prove
+complete (a gap filled late, another hub's commit) sends the subscription
+back to catching up from the store. The broadcaster never waits on a
+subscriber: a full queue means SLOW_CONSUMER.
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable
 
-import attrs
-import orjson
-import trio
-
+from hub.frames import FRAME_BYTES, FRAME_RECORDS, encode_chunks, encoded_size, status_payload
+from hub.subscription import Outgoing, Subscription
 from keruta.records import LogRecord, TaskInfo
-from keruta.wire import StatusFrame, dumps, logs_frame_text
 
-# Keep a live or history frame well below the frame limit whatever the lines hold.
-FRAME_RECORDS = 500
-FRAME_BYTES = 1024 * 1024
-# A record's fields but message and metadata, keys included, with a 128-character taskId.
-RECORD_FIELDS_BYTES = 400
-
-
-@attrs.frozen
-class Outgoing:
-    """One text frame for a connection's sender; `sub`/`through` track delivery."""
-
-    payload: str
-    sub: Subscription | None = None
-    through: int = 0
-    # The memory the frame holds while it waits: what a connection's byte bound counts.
-    size: int = attrs.field(init=False, default=attrs.Factory(lambda self: sys.getsizeof(self.payload), takes_self=True))
-
-
-@attrs.define(eq=False)
-class Subscription:
-    task_id: str
-    source: str | None
-    level: str | None
-    # Every record with seq <= cursor has been queued for sending or filtered out.
-    cursor: int
-    # Called when the queue is full: the connection tells the client and closes.
-    offer: Callable[[Outgoing], bool]
-    # The highest seq the sender has actually written to the socket.
-    delivered: int = 0
-    live: bool = False
-    wake: trio.Event = attrs.field(factory=trio.Event)
-    pending_status: str | None = None
-
-    def wants(self, record: LogRecord) -> bool:
-        return (self.source is None or record.source == self.source) and (
-            self.level is None or record.level == self.level
-        )
-
-    def go_catch_up(self) -> None:
-        self.live = False
-        self.wake.set()
-
-
-def status_payload(task: TaskInfo) -> str:
-    return dumps(StatusFrame(task.task_id, task.state, task.exit_code))
-
-
-def encoded_size(record: LogRecord) -> int:
-    """About the bytes a record takes in a frame, never much less: escaping
-    (a control character is six bytes) and metadata are measured, not guessed."""
-    size = len(orjson.dumps(record.message)) + RECORD_FIELDS_BYTES
-    if record.metadata:
-        size += len(orjson.dumps(record.metadata))
-    return size
-
-
-def _size_bound(record: LogRecord) -> int:
-    """Never less than `encoded_size`: a character is at most six bytes escaped."""
-    size = 6 * len(record.message) + 2 + RECORD_FIELDS_BYTES
-    if record.metadata:
-        size += len(orjson.dumps(record.metadata))
-    return size
-
-
-def encode_chunks(task_id: str, records: Sequence[LogRecord], through: int) -> Iterator[tuple[str, int]]:
-    """`logs` frames for records, each with the seq it covers through.
-
-    The last frame covers through `through`, which may lie past its last
-    record when filters or a range end leave nothing more to send.
-    """
-    start = 0
-    while start < len(records):
-        end = min(len(records), start + FRAME_RECORDS)
-        # Measuring every record is only needed when the frame may be too big.
-        if sum(_size_bound(r) for r in records[start:end]) > FRAME_BYTES:
-            end = start
-            size = 0
-            while end < len(records) and end - start < FRAME_RECORDS:
-                cost = encoded_size(records[end])
-                if end > start and size + cost > FRAME_BYTES:
-                    break
-                size += cost
-                end += 1
-        last = records[end - 1].seq if end < len(records) else through
-        yield logs_frame_text(task_id, records[start:end]), last
-        start = end
+# Where they lived before hub/frames.py and hub/subscription.py.
+__all__ = [
+    "FRAME_BYTES",
+    "FRAME_RECORDS",
+    "Broadcaster",
+    "Outgoing",
+    "Subscription",
+    "encode_chunks",
+    "encoded_size",
+    "status_payload",
+]
 
 
 class Broadcaster:
@@ -132,6 +53,11 @@ class Broadcaster:
                 self.known.pop(sub.task_id, None)
                 self.last_status.pop(sub.task_id, None)
 
+    def known_seq(self, task_id: str) -> int:
+        """The durable seq published here for a subscribed task (0 if none yet):
+        a catching-up subscription at or past it may go live."""
+        return self.known.get(task_id, 0)
+
     def publish_records(self, inserted: Iterable[LogRecord], durable: dict[str, int]) -> None:
         """After a commit: `inserted` are the new records, `durable` the new watermarks."""
         by_task: dict[str, list[LogRecord]] = {}
@@ -157,15 +83,15 @@ class Broadcaster:
         if prev is None:
             self._first_advance(task_id, subs, through, records)
             return
-        window = [r for r in records if prev is not None and prev < r.seq <= through]
+        window = [r for r in records if prev < r.seq <= through]
         # The commit holds the whole range (prev, through] only when nothing
         # else (a gap filled late, another hub) contributed to it.
-        complete = prev is not None and len(window) == through - prev
+        complete = len(window) == through - prev
         shared: dict[tuple[str | None, str | None], list[tuple[str, int]]] = {}
         for sub in list(subs):
             if not sub.live or sub.cursor >= through:
                 continue
-            if not complete or sub.cursor < prev:  # type: ignore[operator]
+            if not complete or sub.cursor < prev:
                 sub.go_catch_up()
                 continue
             if sub.cursor == prev:
@@ -177,10 +103,7 @@ class Broadcaster:
             else:
                 wanted = [r for r in window if r.seq > sub.cursor and sub.wants(r)]
                 frames = list(encode_chunks(task_id, wanted, through))
-            sub.cursor = through
-            for payload, last in frames:
-                if not sub.offer(Outgoing(payload, sub, last)):
-                    break
+            sub.take_live(frames, through)
 
     @staticmethod
     def _first_advance(task_id: str, subs: set[Subscription], through: int, records: list[LogRecord]) -> None:
@@ -194,11 +117,7 @@ class Broadcaster:
             if len(after) != through - sub.cursor:
                 sub.go_catch_up()
                 continue
-            frames = list(encode_chunks(task_id, [r for r in after if sub.wants(r)], through))
-            sub.cursor = through
-            for payload, last in frames:
-                if not sub.offer(Outgoing(payload, sub, last)):
-                    break
+            sub.take_live(list(encode_chunks(task_id, [r for r in after if sub.wants(r)], through)), through)
 
     def publish_status(self, task: TaskInfo) -> None:
         payload = status_payload(task)
@@ -206,7 +125,4 @@ class Broadcaster:
             return
         self.last_status[task.task_id] = payload
         for sub in list(self.subs.get(task.task_id, ())):
-            if sub.live:
-                sub.offer(Outgoing(payload))
-            else:
-                sub.pending_status = payload
+            sub.on_status(payload)

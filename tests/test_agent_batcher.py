@@ -128,3 +128,15 @@ def test_set_pending_starts_and_ends_the_wait() -> None:
     assert b.waiting_since == 1.0, "the oldest record's wait goes on"
     b.set_pending(0, now=3.0)
     assert (b.pending, b.waiting_since) == (0, None)
+
+
+def test_eager_frames_let_a_second_record_go_before_the_first_ack() -> None:
+    b = Batcher(batch_size=500, flush_interval=0.2, eager_frames=2)
+    b.added(1, now=0.0)
+    assert b.decide(0.0) == Send(1)
+    b.sent(1, now=0.0)
+    b.added(1, now=0.01)
+    assert b.decide(0.01) == Send(1), "with one frame in flight the next line goes at once"
+    b.sent(1, now=0.01)
+    b.added(1, now=0.02)
+    assert b.decide(0.02) == Wait(0.22), "past eager_frames in flight, lines gather"

@@ -1,0 +1,167 @@
+"""Spool segment files: the frame format, reading it back, and recovery.
+
+A segment is a sequence of frames ``MAGIC(2) | seq(8) | length(4) | crc32(4) |
+payload``, payload being the record's wire JSON, crc32 covering seq and
+payload. Reading checks every frame; a torn tail (a crash mid-write) is cut
+off by `recover`, and a corrupt frame is skipped with a warning by searching
+forward for the next valid one, so damage never turns into a crash loop.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+MAGIC = b"\xabK"
+HEADER = struct.Struct(">2sQII")  # magic, seq, payload length, crc32(seq + payload)
+# A record's JSON is at most a 64 KiB line escaped (up to 6x) plus fields.
+MAX_PAYLOAD = 8 * 1024 * 1024
+READ_CHUNK = 1024 * 1024
+SEGMENT_SUFFIX = ".seg"
+
+Warn = Callable[[str], None]
+
+
+def encode_frame(seq: int, payload: bytes) -> bytes:
+    seq_bytes = seq.to_bytes(8, "big")
+    crc = zlib.crc32(payload, zlib.crc32(seq_bytes))
+    return HEADER.pack(MAGIC, seq, len(payload), crc) + payload
+
+
+def _check(header_seq: int, payload: bytes, crc: int) -> bool:
+    return zlib.crc32(payload, zlib.crc32(header_seq.to_bytes(8, "big"))) == crc
+
+
+class Segment:
+    def __init__(self, path: Path, first_seq: int) -> None:
+        self.path = path
+        self.first_seq = first_seq
+        self.last_seq = first_seq - 1  # nothing yet
+        self.size = 0
+        self.fd: int | None = None  # open for appending (the active segment only)
+        self.read_fd: int | None = None
+
+    def reader_fd(self) -> int:
+        if self.read_fd is None:
+            self.read_fd = os.open(self.path, os.O_RDONLY)
+        return self.read_fd
+
+    def close(self) -> None:
+        for fd in (self.fd, self.read_fd):
+            if fd is not None:
+                os.close(fd)
+        self.fd = self.read_fd = None
+
+
+class _Window:
+    """Buffered positional reads of one file region [0, end)."""
+
+    def __init__(self, fd: int, end: int) -> None:
+        self.fd = fd
+        self.end = end
+        self.buf = b""
+        self.at = 0
+
+    def get(self, pos: int, n: int) -> bytes | None:
+        if pos + n > self.end:
+            return None
+        if not (self.at <= pos and pos + n <= self.at + len(self.buf)):
+            self.at = pos
+            self.buf = os.pread(self.fd, min(max(n, READ_CHUNK), self.end - pos), pos)
+            if len(self.buf) < n:
+                return None
+        i = pos - self.at
+        return self.buf[i : i + n]
+
+    def find(self, needle: bytes, start: int) -> int:
+        """Position of the next `needle` at or after `start`, or `end`."""
+        while start < self.end:
+            chunk = self.get(start, min(READ_CHUNK, self.end - start))
+            if not chunk:
+                break
+            i = chunk.find(needle)
+            if i != -1:
+                return start + i
+            start += max(1, len(chunk) - len(needle) + 1)
+        return self.end
+
+
+def scan(
+    fd: int, offset: int, end: int, warn: Warn | None = None, where: str = ""
+) -> Iterator[tuple[int, int, bytes, int]]:
+    """Valid frames in [offset, end): (frame offset, seq, payload, next offset).
+
+    A frame that does not check out (bad magic, length or checksum, or running
+    past `end`) is skipped by searching for the next MAGIC that starts a
+    valid frame; a skipped run followed by a valid frame is reported through
+    `warn`. A bad run at the very end is not reported here: the caller sees
+    that the last frame ends before `end` (a torn tail).
+    """
+    window = _Window(fd, end)
+    pos = offset
+    bad_since: int | None = None
+    while pos + HEADER.size <= end:
+        header = window.get(pos, HEADER.size)
+        if header is None:
+            break
+        magic, seq, length, crc = HEADER.unpack(header)
+        if magic == MAGIC and length <= MAX_PAYLOAD:
+            payload = window.get(pos + HEADER.size, length)
+            if payload is not None and _check(seq, payload, crc):
+                if bad_since is not None and warn is not None:
+                    warn(
+                        f"spool {where}: skipped {pos - bad_since} corrupt bytes at offset {bad_since}"
+                    )
+                bad_since = None
+                nxt = pos + HEADER.size + length
+                yield pos, seq, payload, nxt
+                pos = nxt
+                continue
+        if bad_since is None:
+            bad_since = pos
+        pos = window.find(MAGIC, pos + 1)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def write_atomically(path: Path, data: bytes, durable: bool = False) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        write_all(fd, data)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def recover(seg: Segment, warn: Warn) -> None:
+    """Find a segment's last seq and size; cut a torn or corrupt tail off."""
+    size = seg.path.stat().st_size
+    fd = os.open(seg.path, os.O_RDONLY)
+    good_end = 0
+    last = seg.first_seq - 1
+    try:
+        for _off, seq, _payload, nxt in scan(fd, 0, size, warn, str(seg.path)):
+            good_end = nxt
+            last = max(last, seq)
+    finally:
+        os.close(fd)
+    seg.last_seq = last
+    seg.size = size
+    if good_end < size:
+        warn(
+            f"spool {seg.path}: cut off {size - good_end} bytes of a torn or corrupt "
+            "record at its end (written when a previous agent stopped mid-write)"
+        )
+        os.truncate(seg.path, good_end)
+        seg.size = good_end

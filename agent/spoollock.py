@@ -1,0 +1,50 @@
+"""Owning a task's spool directory: an flock on its `lock` file."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+
+class SpoolLocked(Exception):
+    """Another live process owns this task's spool."""
+
+
+def lock_directory(directory: Path, create: bool = True) -> int:
+    """Own the spool: an flock on the `lock` file linked in the directory.
+
+    `remove` unlinks `lock` (last) while holding it, so a process that
+    opened it before then can get the flock of a file no longer linked:
+    it owns nothing and must start again, on a new file (and, if the
+    directory went too, a new directory). The inode check makes that
+    race safe: whoever holds the flock of the linked `lock` is the owner.
+    """
+    path = directory / "lock"
+    flags = os.O_RDWR | (os.O_CREAT if create else 0)
+    while True:
+        try:
+            if create:
+                directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, flags, 0o600)
+        except (FileNotFoundError, FileExistsError) as exc:
+            # The directory was removed between mkdir and open, or between
+            # mkdir's EEXIST and its check that the name is a directory.
+            if create and not (isinstance(exc, FileExistsError) and directory.exists() and not directory.is_dir()):
+                continue
+            raise
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolLocked(f"{directory} is in use by another keruta-agent") from None
+        try:
+            linked = os.stat(path)
+        except FileNotFoundError:
+            linked = None
+        held = os.fstat(fd)
+        if linked is not None and (linked.st_dev, linked.st_ino) == (held.st_dev, held.st_ino):
+            return fd
+        os.close(fd)
+        if not create:
+            raise FileNotFoundError(f"{directory} was removed by its agent")

@@ -1,0 +1,62 @@
+"""The hub's own `logs` and `status` frames for subscribers: sized to stay
+well below the frame limit whatever the lines hold."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import orjson
+
+from keruta.records import LogRecord, TaskInfo
+from keruta.wire import StatusFrame, dumps, logs_frame_text
+
+# Keep a live or history frame well below the frame limit whatever the lines hold.
+FRAME_RECORDS = 500
+FRAME_BYTES = 1024 * 1024
+# A record's fields but message and metadata, keys included, with a 128-character taskId.
+RECORD_FIELDS_BYTES = 400
+
+
+def status_payload(task: TaskInfo) -> str:
+    return dumps(StatusFrame(task.task_id, task.state, task.exit_code))
+
+
+def encoded_size(record: LogRecord) -> int:
+    """About the bytes a record takes in a frame, never much less: escaping
+    (a control character is six bytes) and metadata are measured, not guessed."""
+    size = len(orjson.dumps(record.message)) + RECORD_FIELDS_BYTES
+    if record.metadata:
+        size += len(orjson.dumps(record.metadata))
+    return size
+
+
+def _size_bound(record: LogRecord) -> int:
+    """Never less than `encoded_size`: a character is at most six bytes escaped."""
+    size = 6 * len(record.message) + 2 + RECORD_FIELDS_BYTES
+    if record.metadata:
+        size += len(orjson.dumps(record.metadata))
+    return size
+
+
+def encode_chunks(task_id: str, records: Sequence[LogRecord], through: int) -> Iterator[tuple[str, int]]:
+    """`logs` frames for records, each with the seq it covers through.
+
+    The last frame covers through `through`, which may lie past its last
+    record when filters or a range end leave nothing more to send.
+    """
+    start = 0
+    while start < len(records):
+        end = min(len(records), start + FRAME_RECORDS)
+        # Measuring every record is only needed when the frame may be too big.
+        if sum(_size_bound(r) for r in records[start:end]) > FRAME_BYTES:
+            end = start
+            size = 0
+            while end < len(records) and end - start < FRAME_RECORDS:
+                cost = encoded_size(records[end])
+                if end > start and size + cost > FRAME_BYTES:
+                    break
+                size += cost
+                end += 1
+        last = records[end - 1].seq if end < len(records) else through
+        yield logs_frame_text(task_id, records[start:end]), last
+        start = end

@@ -1,0 +1,129 @@
+"""A connection's two bounded queues: its outbox and its write queue.
+
+The outbox is the one queue to the sender, bounded in frames by the channel, and in bytes by `queued_bytes` (a frame of escaped
+lines can be megabytes), which counts a frame from the moment it is queued
+until the sender has written it (`taken`). Three ways in: `offer` never waits
+(the broadcaster: full means SLOW_CONSUMER), `put` waits for frame room (the
+reader's own replies, which are small), `put_within` waits for room in both
+bounds, up to a patience (history).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+import trio
+
+from hub.metrics import Metrics
+from hub.subscription import Outgoing
+
+# Tells the sender to look at the connection's replies (acks, errors).
+WAKE = Outgoing("")
+
+
+class Outbox:
+    def __init__(self, frames: int, max_bytes: int, metrics: Metrics) -> None:
+        self._send, self._recv = trio.open_memory_channel[Outgoing](frames)
+        self.max_bytes = max_bytes
+        self.queued_bytes = 0
+        self._metrics = metrics
+        # Set by the sender after each frame: room in the byte bound.
+        self._room = trio.Event()
+
+    async def receive(self) -> Outgoing:
+        """The sender's next frame; EndOfChannel once closed and empty."""
+        return await self._recv.receive()
+
+    def taken(self, item: Outgoing) -> None:
+        """The sender is done with `item` (written, or a wake-up)."""
+        self.queued_bytes -= item.size
+        self._room.set()
+
+    def close(self) -> None:
+        self._send.close()
+
+    def has_room_for(self, item: Outgoing) -> bool:
+        # One frame larger than the whole bound still goes through an empty queue.
+        return self.queued_bytes == 0 or self.queued_bytes + item.size <= self.max_bytes
+
+    def _queued(self, item: Outgoing) -> None:
+        self.queued_bytes += item.size
+        self._metrics.subscriber_queue_bytes_peak = max(self._metrics.subscriber_queue_bytes_peak, self.queued_bytes)
+
+    def _put_nowait(self, item: Outgoing) -> None:
+        self._send.send_nowait(item)
+        self._queued(item)
+
+    def try_put(self, item: Outgoing) -> bool:
+        """Queues `item` if the channel has room, whatever the bytes (a wake-up, the close)."""
+        try:
+            self._put_nowait(item)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            return False
+        return True
+
+    def offer(self, item: Outgoing) -> Literal["queued", "full", "closed"]:
+        """Never waits: "full" past either bound."""
+        if not self.has_room_for(item):
+            return "full"
+        try:
+            self._put_nowait(item)
+        except trio.WouldBlock:
+            return "full"
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return "closed"
+        return "queued"
+
+    async def put(self, item: Outgoing) -> None:
+        # Counted before the wait: the sender may take it out the moment it is in.
+        self._queued(item)
+        try:
+            await self._send.send(item)
+        except BaseException:
+            self.queued_bytes -= item.size
+            raise
+
+    async def put_within(self, item: Outgoing, patience: float) -> bool:
+        """Waits for room in both bounds, up to `patience` seconds; False if it ran out."""
+        with trio.move_on_after(patience):
+            while not self.has_room_for(item):
+                # Every waiter shares the one unset event the sender sets next.
+                if self._room.is_set():
+                    self._room = trio.Event()
+                await self._room.wait()
+            await self.put(item)
+            return True
+        return False
+
+
+class WriteQueue:
+    """Write frames read but not yet handed to the writer, bounded in frames
+    and bytes (one frame is always let in): beyond either the reader waits."""
+
+    def __init__(self, frames: int, max_bytes: int) -> None:
+        self._send, self._recv = trio.open_memory_channel[tuple[Any, int]](frames)
+        self.max_frames = frames
+        self.max_bytes = max_bytes
+        self.frames = 0
+        self.bytes = 0
+        # Its own wake-up, apart from the outbox's: one event shared by both
+        # let each side orphan the other's waiter.
+        self._room = trio.Event()
+
+    async def put(self, frame: Any, size: int) -> None:
+        while self.frames and (self.frames >= self.max_frames or self.bytes + size > self.max_bytes):
+            self._room = trio.Event()
+            await self._room.wait()
+        self.frames += 1
+        self.bytes += size
+        self._send.send_nowait((frame, size))
+
+    def __aiter__(self) -> AsyncIterator[tuple[Any, int]]:
+        """(frame, size) pairs; call `done(size)` once a frame is handled."""
+        return self._recv
+
+    def done(self, size: int) -> None:
+        self.frames -= 1
+        self.bytes -= size
+        self._room.set()
