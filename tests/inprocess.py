@@ -12,17 +12,18 @@ stderr) is captured from the logging module for `stderr_text`.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import traceback
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from hub.cli import build_parser, check_config, config_from_args
+from hub.cli import build_parser, check_config, config_from_args, tune_gc
 from hub.config import HubConfig
 
 
@@ -181,9 +182,35 @@ class InProcessHubFactory:
         print(f"--- in-process hubs' log ---\n{''.join(self.log.lines)}")
 
 
+@contextmanager
+def hub_gc_settings() -> Iterator[None]:
+    """The collector as `keruta-hub` sets it (hub.cli.tune_gc), while hubs run here.
+
+    Without it an in-process hub pays for the test process's much larger heap
+    (pytest, hypothesis, schemathesis...) in every full collection, and is
+    slower than the hub it stands for.
+    """
+    threshold = gc.get_threshold()
+    tune_gc()
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
+
+
 @asynccontextmanager
 async def in_process_hubs(new_db: Callable[[], str], deadline: float) -> AsyncIterator[InProcessHubFactory]:
     root = logging.getLogger()
+    with hub_gc_settings():
+        async with _serving(new_db, deadline, root) as factory:
+            yield factory
+
+
+@asynccontextmanager
+async def _serving(
+    new_db: Callable[[], str], deadline: float, root: logging.Logger
+) -> AsyncIterator[InProcessHubFactory]:
     async with trio.open_nursery() as nursery:
         factory = InProcessHubFactory(new_db, nursery, deadline)
         root.addHandler(factory.log)
