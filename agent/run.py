@@ -194,8 +194,8 @@ async def _run_command(
         return code
     await recorder.send(Started(child.pid))
     router.child = child
-    last_read = [trio.current_time()]
     async with trio.open_nursery() as captures:
+        grace = PipeGrace(captures.cancel_scope)
         for source, stream in child.outputs:
             mirror = None
             if not settings.quiet:
@@ -209,25 +209,36 @@ async def _run_command(
                     masker.stream(),
                     mirror,
                     settings.limits,
-                    on_read=lambda: last_read.__setitem__(0, trio.current_time()),
+                    on_read=grace.read,
                 )
             )
         returncode = await child.process.wait()
-        exited = trio.current_time()
         # Pipes end when the command (and whatever it left running) closes them.
-        while captures.child_tasks:
-            if trio.current_time() - max(last_read[0], exited) >= PIPE_GRACE:
-                say(
-                    "the command exited but something it started still holds its output open; "
-                    "not waiting for it"
-                )
-                captures.cancel_scope.cancel()
-                break
-            await trio.sleep(0.05)
+        grace.exited()
+    if captures.cancel_scope.cancelled_caught:
+        say("the command exited but something it started still holds its output open; not waiting for it")
     router.child = None
     for _source, stream in child.outputs:
         await stream.aclose()
     return process.exit_code(returncode)
+
+
+class PipeGrace:
+    """After the command exits, its pipes get `grace` seconds of quiet, counted
+    from the last read, before the captures (under `scope`) are cancelled."""
+
+    def __init__(self, scope: trio.CancelScope, grace: float = PIPE_GRACE) -> None:
+        self.scope = scope
+        self.grace = grace
+        self.has_exited = False
+
+    def read(self) -> None:
+        if self.has_exited:
+            self.scope.deadline = trio.current_time() + self.grace
+
+    def exited(self) -> None:
+        self.has_exited = True
+        self.scope.deadline = trio.current_time() + self.grace
 
 
 class SignalRouter:

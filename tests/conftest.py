@@ -160,3 +160,24 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'hub.db'}"
     return request.getfixturevalue("fresh_pg_url")  # type: ignore[no-any-return]
+
+
+@pytest.fixture(params=STORE_KINDS)
+def hub_databases(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[object]:
+    """New databases for a test's hubs (tests/hubclient.py): SQLite files, or
+    PostgreSQL databases dropped at teardown. Parametrizes the test over both stores."""
+    from tests.hubclient import PgDatabases, SqliteFiles
+
+    databases: SqliteFiles | PgDatabases
+    if request.param == "sqlite":
+        databases = SqliteFiles(tmp_path)
+    else:
+        # Asked for only here, so a SQLite run never needs a PostgreSQL server.
+        first = request.getfixturevalue("fresh_pg_url")
+        admin_dsn = pg_dsn()
+        assert admin_dsn is not None  # fresh_pg_url skips without it
+        databases = PgDatabases(first, admin_dsn)
+    try:
+        yield databases
+    finally:
+        databases.drop()

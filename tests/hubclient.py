@@ -1,10 +1,12 @@
-"""Clients and fixtures for integration tests against a real hub process.
+"""Clients and fixtures for integration tests against a real hub.
 
-Everything here talks to a real `python -m hub` child over real sockets and
-reads its real database (SQLite file or PostgreSQL); nothing is mocked. The
-`hub_factory` and `hub` fixtures run each test once per store; the PostgreSQL
-half needs KERUTA_TEST_PG_DSN and gives every test its own database. Import
-the fixtures into a test module with
+Everything here talks to a real hub over real sockets and reads its real
+database (SQLite file or PostgreSQL); nothing is mocked. `hub_factory` and
+`hub` serve the hub inside the test's trio run (tests/inprocess.py);
+`hub_process_factory` and `hub_process` run `python -m hub` children, for tests
+where the process is the point (SIGKILL, signals, CLI flags, exit codes). All
+run each test once per store; the PostgreSQL half needs KERUTA_TEST_PG_DSN and
+gives every test its own database. Import the fixtures into a test module with
 `hub, hub_factory = hubclient.hub, hubclient.hub_factory`.
 """
 
@@ -36,9 +38,9 @@ from trio_websocket import (
 from keruta.records import LogRecord
 from keruta.timefmt import now_ts
 from keruta.wire import LogsFrame, decode_hub_frame, encode_bytes, record_to_wire
-from tests.conftest import STORE_KINDS, pg_dsn
 from tests.conftest import _admin_sync as pg_admin
 from tests.conftest import _with_database as with_database
+from tests.inprocess import InProcessHub, InProcessHubFactory, in_process_hubs
 from tests.support import HubProcess, sqlite_url
 
 # The canonical wire form of a timestamp: UTC, six fractional digits, `Z`.
@@ -89,19 +91,30 @@ class TestHub(HubProcess):
         return await trio.to_thread.run_sync(lambda: self.terminate(timeout))
 
     def http(self, token: str | None = None, **kwargs: Any) -> httpx.AsyncClient:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        kwargs.setdefault("timeout", 30.0)
-        return httpx.AsyncClient(base_url=self.url, headers=headers, **kwargs)
+        return http_client(self.url, token, **kwargs)
 
     def ws(self, token: str | None = None, query_token: str | None = None, **kwargs: Any) -> Any:
-        url = self.ws_url
-        if query_token is not None:
-            url += "?" + urllib.parse.urlencode({"token": query_token})
-        return ws_connect(url, token=token, **kwargs)
+        return ws_for(self.ws_url, token, query_token, **kwargs)
 
     @property
     def stderr_text(self) -> str:
         return "".join(self.output)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def http_client(url: str, token: str | None = None, **kwargs: Any) -> httpx.AsyncClient:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    kwargs.setdefault("timeout", 30.0)
+    return httpx.AsyncClient(base_url=url, headers=headers, **kwargs)
+
+
+def ws_for(ws_url: str, token: str | None = None, query_token: str | None = None, **kwargs: Any) -> Any:
+    if query_token is not None:
+        ws_url += "?" + urllib.parse.urlencode({"token": query_token})
+    return ws_connect(ws_url, token=token, **kwargs)
 
 
 class SqliteFiles:
@@ -187,30 +200,41 @@ class HubFactory:
             print(f"--- hub on {hub.db} stderr ---\n{hub.stderr_text}")
 
 
-@pytest.fixture(params=STORE_KINDS)
-def hub_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[HubFactory]:
-    """Hubs for one test, once on SQLite and once on PostgreSQL (with KERUTA_TEST_PG_DSN)."""
-    databases: SqliteFiles | PgDatabases
-    if request.param == "sqlite":
-        databases = SqliteFiles(tmp_path)
-    else:
-        # Asked for only here, so a SQLite run never needs a PostgreSQL server.
-        first = request.getfixturevalue("fresh_pg_url")
-        admin_dsn = pg_dsn()
-        assert admin_dsn is not None  # fresh_pg_url skips without it
-        databases = PgDatabases(first, admin_dsn)
-    factory = HubFactory(databases)
+@pytest.fixture
+def hub_process_factory(hub_databases: SqliteFiles | PgDatabases) -> Iterator[HubFactory]:
+    """Hub processes for one test, once per store: for tests where the process
+    is the point (signals, SIGKILL, CLI flags and environment, exit codes, stderr)."""
+    factory = HubFactory(hub_databases)
     try:
         yield factory
     finally:
         factory.close()
-        databases.drop()
 
 
 @pytest.fixture
-def hub(hub_factory: HubFactory) -> TestHub:
-    """A hub on a fresh database of the test's store, default settings, no tokens."""
-    return hub_factory.start()
+def hub_process(hub_process_factory: HubFactory) -> TestHub:
+    """A hub process on a fresh database of the test's store, default settings, no tokens."""
+    return hub_process_factory.start()
+
+
+@pytest.fixture
+async def hub_factory(hub_databases: SqliteFiles | PgDatabases) -> AsyncIterator[InProcessHubFactory]:
+    """In-process hubs for one test (tests/inprocess.py), once per store."""
+    async with in_process_hubs(hub_databases, TEST_DEADLINE) as factory:
+        yield factory
+
+
+@pytest.fixture
+async def sqlite_hub_factory(tmp_path: Path) -> AsyncIterator[InProcessHubFactory]:
+    """In-process hubs on SQLite only, for tests about the hub's edges rather than its store."""
+    async with in_process_hubs(SqliteFiles(tmp_path), TEST_DEADLINE) as factory:
+        yield factory
+
+
+@pytest.fixture
+async def hub(hub_factory: InProcessHubFactory) -> InProcessHub:
+    """An in-process hub on a fresh database of the test's store, default settings, no tokens."""
+    return await hub_factory.astart()
 
 
 # --- records and frames ------------------------------------------------------

@@ -24,6 +24,7 @@ from tests.agentclient import (
 
 # The hub's store plays no part in these: SQLite only (the fault tests run on both).
 hub, hub_factory = hubclient.hub, hubclient.hub_factory
+hub_process_factory = hubclient.hub_process_factory
 pytestmark = pytest.mark.slow
 
 
@@ -250,11 +251,14 @@ async def test_a_line_reaches_a_subscriber_while_the_command_runs(
 
 
 async def test_tail_resumes_without_gap_after_slow_consumer(
-    hub_factory: hubclient.HubFactory, tmp_path: Path
+    hub_process_factory: hubclient.HubFactory, tmp_path: Path
 ) -> None:
     """A tail that stops reading is cut off by the hub (SLOW_CONSUMER) and
     resubscribes from where it was: every line still printed exactly once."""
-    hub = await hub_factory.astart("--subscriber-queue", "2")
+    # A process: 20 000 records acked within the agent's 30 s drain timeout, with
+    # a tail evicted and resubscribing all along, needs the hub's own CPU on a
+    # loaded machine.
+    hub = await hub_process_factory.astart("--subscriber-queue", "2")
     n = 20000
     run = run_args(hub.url, "slow-1", tmp_path / "s", "--quiet", "--batch-size", "20") + program(
         n, seed=31, pause_every=2000, pause=0.05

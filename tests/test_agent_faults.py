@@ -26,6 +26,7 @@ from tests.agentclient import (
 # Hub crashes and cut connections run on both stores; what concerns only the
 # agent (its signals, its spool) on SQLite.
 hub, hub_factory = hubclient.hub, hubclient.hub_factory
+hub_process, hub_process_factory = hubclient.hub_process, hubclient.hub_process_factory  # fixtures
 pytestmark = pytest.mark.slow
 
 
@@ -64,7 +65,8 @@ def assert_prefix_of_expected(records: list[dict], expected: dict[str, bytes]) -
             assert want[len(got) - 1].startswith(got[-1])
 
 
-async def test_hub_killed_mid_stream_and_restarted(hub: hubclient.TestHub, tmp_path: Path) -> None:
+async def test_hub_killed_mid_stream_and_restarted(hub_process: hubclient.TestHub, tmp_path: Path) -> None:
+    hub = hub_process  # SIGKILL: a process
     n = 3000
     cmd = program(n, seed=21, pause_every=100, pause=0.05)
     async with agent(run_args(hub.url, "crash-1", tmp_path / "spool", "--quiet") + cmd) as a:
@@ -79,7 +81,7 @@ async def test_hub_killed_mid_stream_and_restarted(hub: hubclient.TestHub, tmp_p
 
 
 async def test_hub_not_running_at_start_and_coming_up_later(
-    hub_factory: hubclient.HubFactory, tmp_path: Path
+    hub_factory: hubclient.InProcessHubFactory, tmp_path: Path
 ) -> None:
     n = 2000
     port = free_port()

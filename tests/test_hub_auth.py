@@ -17,6 +17,8 @@ from tests import hubclient
 from tests.hubclient import (
     PATIENCE,
     HubFactory,
+    InProcessHub,
+    InProcessHubFactory,
     TestHub,
     assert_error,
     drain_until_closed,
@@ -28,14 +30,15 @@ from tests.hubclient import (
 from tests.support import sqlite_url
 
 hub, hub_factory = hubclient.hub, hubclient.hub_factory  # fixtures
+hub_process, hub_process_factory = hubclient.hub_process, hubclient.hub_process_factory  # fixtures
 
 AGENT, VIEWER, ADMIN = "agent-secret-1", "viewer-secret-2", "admin-secret-3"
 TASK = "guarded"
 
 
 @pytest.fixture
-def guarded(hub_factory: HubFactory) -> TestHub:
-    return hub_factory.start("--agent-token", AGENT, "--viewer-token", VIEWER, "--admin-token", ADMIN)
+async def guarded(hub_factory: InProcessHubFactory) -> InProcessHub:
+    return await hub_factory.astart("--agent-token", AGENT, "--viewer-token", VIEWER, "--admin-token", ADMIN)
 
 
 async def test_rest_tokens(guarded: TestHub) -> None:
@@ -160,8 +163,9 @@ async def test_ws_tokens(guarded: TestHub) -> None:
         assert (await client.get(f"/api/v1/tasks/{TASK}")).json()["state"] == "running"
 
 
-async def test_tokens_from_the_environment(hub_factory: HubFactory) -> None:
-    hub = await hub_factory.astart(env={"KERUTA_AGENT_TOKEN": "from-env", "KERUTA_VIEWER_TOKEN": "env-viewer"})
+async def test_tokens_from_the_environment(hub_process_factory: HubFactory) -> None:
+    # The CLI's environment fallbacks: a process.
+    hub = await hub_process_factory.astart(env={"KERUTA_AGENT_TOKEN": "from-env", "KERUTA_VIEWER_TOKEN": "env-viewer"})
     async with hub.http() as anon, hub.http("from-env") as agent, hub.http("env-viewer") as viewer:
         assert_error(await anon.get(logs_path(TASK)), 401, "UNAUTHORIZED")
         resp = await agent.post(logs_path(TASK), json={"message": "ok"})
@@ -200,9 +204,9 @@ def test_refuses_a_non_loopback_address_without_tokens(
     assert "listening" not in done.stderr
 
 
-def test_listens_on_a_non_loopback_address_with_tokens(hub_factory: HubFactory) -> None:
+def test_listens_on_a_non_loopback_address_with_tokens(hub_process_factory: HubFactory) -> None:
     # HubProcess passes --host 127.0.0.1 first; the later flag wins.
-    hub = hub_factory.start("--host", "0.0.0.0", "--agent-token", AGENT)
+    hub = hub_process_factory.start("--host", "0.0.0.0", "--agent-token", AGENT)
     port = hub.url.rsplit(":", 1)[1]
     resp = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
     assert resp.status_code == 200

@@ -155,7 +155,7 @@ async def test_rest_bad_input(hub: TestHub) -> None:
 
         # Nothing of it was stored, and the hub serves on.
         assert await fetch_all(client, TASK) == []
-        assert hub.proc is not None and hub.proc.poll() is None
+        assert hub.alive
         assert (await client.get("/healthz")).status_code == 200
         resp = await client.post(logs_path(TASK), json={"message": "fine", "seq": 1})
         assert resp.status_code == 200, resp.text

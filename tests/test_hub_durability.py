@@ -24,6 +24,7 @@ from tests.hubclient import (
 )
 
 hub, hub_factory = hubclient.hub, hubclient.hub_factory  # fixtures
+hub_process, hub_process_factory = hubclient.hub_process, hubclient.hub_process_factory  # fixtures
 
 # What a connection to a process that just died may raise.
 GONE = (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -33,7 +34,8 @@ def missing(expected: range, stored: list[int]) -> list[int]:
     return sorted(set(expected) - set(stored))
 
 
-async def test_sigkill_mid_stream_loses_no_acked_record_and_serves_on(hub: TestHub) -> None:
+async def test_sigkill_mid_stream_loses_no_acked_record_and_serves_on(hub_process: TestHub) -> None:
+    hub = hub_process  # SIGKILL: a process
     ws_task, rest_task = "killed-ws", "killed-rest"
     total, batch, kill_at = 60_000, 500, 10_000
     frames = list(batch_frames(ws_task, 1, total, batch))
@@ -108,7 +110,8 @@ async def test_sigkill_mid_stream_loses_no_acked_record_and_serves_on(hub: TestH
     assert await stored_seqs(hub, ws_task) == list(range(1, total + 1))
 
 
-async def test_sigterm_commits_acks_closes_1001_and_exits_0(hub: TestHub) -> None:
+async def test_sigterm_commits_acks_closes_1001_and_exits_0(hub_process: TestHub) -> None:
+    hub = hub_process  # SIGTERM and the exit code: a process
     task = "terminated"
     total = 20_000
     frames = list(batch_frames(task, 1, total, 500))

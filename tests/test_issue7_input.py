@@ -72,7 +72,7 @@ async def post(hub: TestHub, body: Any, task_id: str = TASK) -> Any:
 
 
 def assert_hub_healthy(hub: TestHub) -> None:
-    assert hub.proc is not None and hub.proc.poll() is None
+    assert hub.alive
     assert "Traceback" not in hub.stderr_text, hub.stderr_text
 
 

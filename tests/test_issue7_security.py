@@ -36,6 +36,7 @@ from tests.hubclient import (
 from tests.test_hub_auth import clean_env, run_hub
 
 hub, hub_factory = hubclient.hub, hubclient.hub_factory  # fixtures
+hub_process, hub_process_factory = hubclient.hub_process, hubclient.hub_process_factory  # fixtures
 
 TASK = "guarded"
 EVIL = "http://evil.example"
@@ -168,8 +169,9 @@ async def test_item21_delete_needs_the_admin_token(hub_factory: HubFactory) -> N
             await ws.wait_ack(TASK, 4)
 
 
-async def test_item21_admin_token_from_the_environment_and_alone(hub_factory: HubFactory) -> None:
-    hub = await hub_factory.astart(env={"KERUTA_ADMIN_TOKEN": "env-admin"})
+async def test_item21_admin_token_from_the_environment_and_alone(hub_process_factory: HubFactory) -> None:
+    # The CLI's environment fallback: a process.
+    hub = await hub_process_factory.astart(env={"KERUTA_ADMIN_TOKEN": "env-admin"})
     async with hub.http() as anon, hub.http("env-admin") as admin:
         # An admin token alone is a token: the hub is no longer open.
         assert_error(await anon.get(logs_path(TASK)), 401, "UNAUTHORIZED")
@@ -345,7 +347,7 @@ async def test_item20_dns_rebinding_is_refused_by_an_open_hub(hub_factory: HubFa
     assert b"FORBIDDEN_HOST" in received, received
     assert b"secret" not in received
     # A hub with tokens is reached by any name: the token is what guards it.
-    hub.stop()
+    await hub.astop()
     guarded = await hub_factory.astart("--agent-token", "a-token-1234", db=hub.db)
     async with guarded.http(token="a-token-1234") as client:
         resp = await client.get("/api/v1/tasks", headers={"Host": "logs.example.org"})

@@ -22,6 +22,7 @@ from tests import hubclient
 from tests.hubclient import PATIENCE, TestHub, Ws, encode_record, fetch_all, make_record
 
 hub, hub_factory = hubclient.hub, hubclient.hub_factory  # fixtures
+hub_process, hub_process_factory = hubclient.hub_process, hubclient.hub_process_factory  # fixtures
 
 GONE = (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 PRODUCER = "producer-ws"
@@ -42,10 +43,11 @@ def producer_frames(task_id: str, total: int, batch: int) -> list[dict[str, Any]
     ]
 
 
-async def test_a_line_a_viewer_saw_survives_a_hub_sigkill_unchanged(hub: TestHub) -> None:
+async def test_a_line_a_viewer_saw_survives_a_hub_sigkill_unchanged(hub_process: TestHub) -> None:
     """Two producers on one task (a WebSocket producer and REST POSTs), so after
     a restart the hub would hand out different seqs to what it resends: a line
     shown before its commit could come back under another seq or not at all."""
+    hub = hub_process  # SIGKILL: a process
     task = "seen-then-killed"
     total, batch, kill_at = 30_000, 100, 6_000
     frames = producer_frames(task, total, batch)

@@ -38,11 +38,14 @@ from hub.store.pg_errors import transient as _transient
 from hub.store.sqlite import SQLiteStore
 from hub.writer import Writer, WriteRequest, write_within
 from keruta.timefmt import now_ts
+from tests import hubclient
 from tests.agentclient import free_port
 from tests.conftest import _admin_sync, pg_dsn
-from tests.hubclient import Ws, make_record
+from tests.hubclient import InProcessHubFactory, Ws, make_record
 from tests.hubclient import logs_frame as hc_logs_frame
 from tests.support import HubProcess
+
+sqlite_hub_factory = hubclient.sqlite_hub_factory  # a fixture
 
 
 class Outage:
@@ -437,11 +440,13 @@ def test_item17_fit_frame_never_exceeds_the_limit() -> None:
 
 
 @pytest.mark.slow
-async def test_item17_records_that_fill_a_frame_are_sent_in_frames_that_fit(hub_proc: Any, tmp_path: Path) -> None:
+async def test_item17_records_that_fill_a_frame_are_sent_in_frames_that_fit(
+    sqlite_hub_factory: InProcessHubFactory, tmp_path: Path
+) -> None:
     """1000 records of ~4.19 KB under a 128-character task id: the spool's
     payload budget (frame size less a fixed estimate) is met, the frame with
     its commas and envelope is not. Measured frames get everything through."""
-    hub = await trio.to_thread.run_sync(hub_proc)
+    hub = await sqlite_hub_factory.astart()
     task_id = "t" * 128
     spool = Spool.open(tmp_path / "spool", task_id, hub_url=hub.url)
     ts = now_ts()
@@ -466,9 +471,9 @@ async def test_item17_records_that_fill_a_frame_are_sent_in_frames_that_fit(hub_
 
 @pytest.mark.slow
 async def test_item17_a_bug_in_the_uplink_ends_it_instead_of_looping(
-    hub_proc: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    sqlite_hub_factory: InProcessHubFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    hub = await trio.to_thread.run_sync(hub_proc)
+    hub = await sqlite_hub_factory.astart()
     spool = Spool.open(tmp_path / "spool", "t17bug", hub_url=hub.url)
     spool.append([(1, encode_line("t17bug", 1, now_ts(), "stdout", "INFO", "hello", 1, {}, False))])
 
@@ -487,9 +492,9 @@ async def test_item17_a_bug_in_the_uplink_ends_it_instead_of_looping(
 
 @pytest.mark.slow
 async def test_item17_a_permanent_refusal_ends_delivery_loudly_and_keeps_the_spool(
-    hub_proc: Any, tmp_path: Path
+    sqlite_hub_factory: InProcessHubFactory, tmp_path: Path
 ) -> None:
-    hub = await trio.to_thread.run_sync(hub_proc, "--agent-token", "right")
+    hub = await sqlite_hub_factory.astart("--agent-token", "right")
     spool = tmp_path / "spool"
     started = trio.current_time()
     with trio.fail_after(60):
@@ -564,8 +569,10 @@ async def test_item18c_cycling_task_ids_neither_bypasses_the_limit_nor_grows_mem
 
 
 @pytest.mark.slow
-async def test_item18b_pings_are_answered_while_a_producer_is_throttled(hub_proc: Any) -> None:
-    hub = await trio.to_thread.run_sync(hub_proc, "--rate-limit", "10", "--rate-burst", "10")
+async def test_item18b_pings_are_answered_while_a_producer_is_throttled(
+    sqlite_hub_factory: InProcessHubFactory,
+) -> None:
+    hub = await sqlite_hub_factory.astart("--rate-limit", "10", "--rate-burst", "10")
     async with open_websocket_url(hub.ws_url, max_message_size=64 * 1024 * 1024) as conn:
         ws = Ws(conn)
         # 60 records at 10 a second with a burst of 10: about five seconds of waiting.

@@ -10,7 +10,15 @@ import pytest
 from trio_websocket import open_websocket_url
 
 from tests import hubclient
-from tests.hubclient import HubFactory, TestHub, Ws, drain_until_closed, logs_frame, make_record
+from tests.hubclient import (
+    InProcessHub,
+    InProcessHubFactory,
+    TestHub,
+    Ws,
+    drain_until_closed,
+    logs_frame,
+    make_record,
+)
 
 hub, hub_factory = hubclient.hub, hubclient.hub_factory  # fixtures
 
@@ -57,8 +65,8 @@ def test_issue9_viewer_loads_nothing_from_elsewhere() -> None:
 
 
 @pytest.fixture
-def guarded(hub_factory: HubFactory) -> TestHub:
-    return hub_factory.start("--agent-token", AGENT, "--viewer-token", VIEWER)
+async def guarded(hub_factory: InProcessHubFactory) -> InProcessHub:
+    return await hub_factory.astart("--agent-token", AGENT, "--viewer-token", VIEWER)
 
 
 async def test_issue9_websocket_token_as_subprotocol(guarded: TestHub) -> None:

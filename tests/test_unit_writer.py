@@ -1,0 +1,256 @@
+"""hub/writer.py and hub/syncer.py on their own: batching (the flush interval on
+the autojump clock), what a commit acknowledges, withdrawing a REST POST out
+of time, and answers given only after the store's sync, in commit order.
+The store is a real SQLite file."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from hub.broadcaster import Broadcaster
+from hub.metrics import Metrics
+from hub.store.base import CONFLICT, DUPLICATE, INSERTED, AppendResult, Incoming
+from hub.store.sqlite import SQLiteStore
+from hub.syncer import Settled, run_syncer
+from hub.writer import StatusChange, WriteOutcome, Writer, WriteRequest, settle, write_within
+from keruta.records import LogRecord
+
+TS = "2026-01-01T00:00:00.000000Z"
+
+
+def item(task: str, seq: int | None, message: str = "", producer: str | None = None) -> Incoming:
+    return Incoming(task, seq, TS, "stdout", "INFO", message or f"line {seq}", producer=producer)
+
+
+def request(*items: Incoming, into: list[WriteOutcome] | None = None) -> WriteRequest:
+    return WriteRequest(done=(into.append if into is not None else lambda _o: None), items=list(items))
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    store = SQLiteStore(tmp_path / "writer.db")
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def writer_for(store: SQLiteStore | None = None, **kwargs: float) -> Writer:
+    return Writer(store, Broadcaster(), Metrics(), **kwargs)  # type: ignore[arg-type]
+
+
+# --- _gather: what goes in one transaction ----------------------------------------
+
+
+async def test_zero_flush_interval_takes_only_what_is_waiting(autojump_clock: trio.testing.MockClock) -> None:
+    send, inbox = trio.open_memory_channel[WriteRequest](10)
+    first, second = request(item("t", 1)), request(item("t", 2))
+    send.send_nowait(second)
+    start = trio.current_time()
+    batch, status = await writer_for()._gather(inbox, first)
+    assert batch == [first, second] and status is None
+    assert trio.current_time() == start
+
+
+async def test_flush_interval_waits_that_long_for_more(autojump_clock: trio.testing.MockClock) -> None:
+    send, inbox = trio.open_memory_channel[WriteRequest](10)
+    first, soon, late = request(item("t", 1)), request(item("t", 2)), request(item("t", 3))
+    got: list[list[WriteRequest]] = []
+
+    async def gather() -> None:
+        batch, _status = await writer_for(flush_interval=1.0)._gather(inbox, first)
+        got.append(batch)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gather)
+        await trio.sleep(0.3)
+        await send.send(soon)
+        await trio.sleep(1.0)
+        await send.send(late)
+    assert got == [[first, soon]], "the one sent after the interval waits for the next batch"
+    assert inbox.receive_nowait() is late
+
+
+async def test_flush_interval_deadline_counts_from_the_first_request(autojump_clock: trio.testing.MockClock) -> None:
+    send, inbox = trio.open_memory_channel[WriteRequest](10)
+    first = request(item("t", 1))
+    start = trio.current_time()
+    ended: list[float] = []
+
+    async def gather() -> None:
+        await writer_for(flush_interval=2.0)._gather(inbox, first)
+        ended.append(trio.current_time() - start)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gather)
+        for seq in range(2, 6):
+            await trio.sleep(0.5)
+            await send.send(request(item("t", seq)))
+    assert ended == [2.0], "more requests do not push the commit further out"
+
+
+async def test_batch_size_ends_the_batch(autojump_clock: trio.testing.MockClock) -> None:
+    send, inbox = trio.open_memory_channel[WriteRequest](10)
+    first = request(item("t", 1), item("t", 2))
+    second = request(item("t", 3), item("t", 4))
+    third = request(item("t", 5))
+    send.send_nowait(second)
+    send.send_nowait(third)
+    batch, _ = await writer_for(batch_size=4, flush_interval=5.0)._gather(inbox, first)
+    assert batch == [first, second]
+    assert inbox.receive_nowait() is third
+
+
+async def test_a_status_change_ends_the_batch_and_comes_back(autojump_clock: trio.testing.MockClock) -> None:
+    send, inbox = trio.open_memory_channel[WriteRequest](10)
+    first, after = request(item("t", 1)), request(item("t", 2))
+    status = WriteRequest(done=lambda _o: None, status=StatusChange("t", "succeeded", 0))
+    send.send_nowait(status)
+    send.send_nowait(after)
+    batch, returned = await writer_for(flush_interval=5.0)._gather(inbox, first)
+    assert batch == [first] and returned is status
+    assert inbox.receive_nowait() is after
+
+
+# --- settle: what one request may acknowledge --------------------------------------
+
+
+def record(task: str, seq: int) -> LogRecord:
+    return LogRecord(task_id=task, seq=seq, timestamp=TS, source="stdout", level="INFO", message=f"line {seq}")
+
+
+def test_settle_acknowledges_the_durable_watermark_per_task() -> None:
+    items = [item("a", 1), item("a", 2), item("b", 1)]
+    result = AppendResult(
+        records=[record("a", 1), record("a", 2), record("b", 1)],
+        inserted=[record("a", 1), record("b", 1)],
+        durable={"a": 2, "b": 1},
+        status=[INSERTED, DUPLICATE, INSERTED],
+    )
+    outcome = settle(items[:2], result, 0)
+    assert outcome.durable == {"a": 2} and outcome.refusals == []
+    assert settle(items[2:], result, 2).durable == {"b": 1}
+
+
+def test_settle_caps_the_ack_below_a_conflict_and_names_it_once() -> None:
+    items = [item("a", 1), item("a", 2, "other"), item("a", 3, "other")]
+    result = AppendResult(
+        records=[record("a", 1), record("a", 2), record("a", 3)],
+        inserted=[record("a", 1)],
+        durable={"a": 3},
+        status=[INSERTED, CONFLICT, CONFLICT],
+    )
+    outcome = settle(items, result, 0)
+    assert outcome.durable == {"a": 1}, "an ack never covers a record that was not stored"
+    [refusal] = outcome.refusals
+    assert refusal.code == "SEQ_CONFLICT" and refusal.cap == 1 and refusal.key == ("a", None)
+    assert "seq 2" in refusal.message and "1 more records" in refusal.message
+
+
+# --- write_within: a REST POST out of time -----------------------------------------
+
+
+async def test_write_within_withdraws_what_the_writer_never_took(autojump_clock: trio.testing.MockClock) -> None:
+    send, inbox = trio.open_memory_channel[WriteRequest](1)
+    start = trio.current_time()
+    assert await write_within(send, [item("t", 1)], 8.0) is None
+    assert trio.current_time() - start == 8.0
+    # Delivered to the inbox but withdrawn: the writer drops it without storing it.
+    withdrawn = inbox.receive_nowait()
+    assert withdrawn.withdrawn and not withdrawn.attempting
+
+
+async def test_write_within_returns_the_committed_outcome(sqlite_store: SQLiteStore) -> None:
+    send, inbox = trio.open_memory_channel[WriteRequest](4)
+    writer = writer_for(sqlite_store)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.run, inbox)
+        with send:
+            outcome = await write_within(send, [item("t", 1), item("t", 2)], 30.0)
+    assert outcome is not None and outcome.error is None
+    assert outcome.durable == {"t": 2}
+    assert await sqlite_store.durable_seq("t") == 2
+
+
+# --- Writer.run with a real store ---------------------------------------------------
+
+
+async def test_writer_commits_acknowledges_and_drops_withdrawn_requests(sqlite_store: SQLiteStore) -> None:
+    send, inbox = trio.open_memory_channel[WriteRequest](8)
+    writer = writer_for(sqlite_store)
+    outcomes: list[WriteOutcome] = []
+    withdrawn = request(item("w", 1), into=outcomes)
+    assert withdrawn.withdraw(), "not attempted yet: it can be withdrawn"
+    send.send_nowait(withdrawn)
+    send.send_nowait(request(item("t", 1), item("t", 2), into=outcomes))
+    done = trio.Event()
+    send.send_nowait(WriteRequest(done=lambda o: (outcomes.append(o), done.set()), status=StatusChange("t", "succeeded", 0)))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.run, inbox)
+        await done.wait()
+        send.close()
+    assert [type(o.error).__name__ for o in outcomes] == ["Withdrawn", "NoneType", "NoneType"]
+    assert outcomes[1].durable == {"t": 2}
+    assert outcomes[2].task is not None and outcomes[2].task.state == "succeeded"
+    assert await sqlite_store.durable_seq("w") == 0
+    assert writer.metrics.records_ingested == 2
+
+
+async def test_writer_publishes_commits_to_live_viewers(sqlite_store: SQLiteStore) -> None:
+    send, inbox = trio.open_memory_channel[WriteRequest](8)
+    writer = writer_for(sqlite_store)
+    published: list[tuple[list[int], dict[str, int]]] = []
+    writer.broadcaster.publish_records = lambda inserted, durable: published.append(  # type: ignore[method-assign]
+        ([r.seq for r in inserted], dict(durable))
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.run, inbox)
+        with send:
+            await write_within(send, [item("t", 1), item("t", 2)], 30.0)
+            await write_within(send, [item("t", 2), item("t", 3)], 30.0)
+    assert published == [([1, 2], {"t": 2}), ([3], {"t": 3})], "a duplicate is not published again"
+
+
+# --- the syncer ---------------------------------------------------------------------
+
+
+class CountingSyncs:
+    """A real SQLite store that counts its syncs and can hold one back."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.store = store
+        self.syncs = 0
+        self.release = trio.Event()
+        self.release.set()
+        self.syncing = trio.Event()
+
+    async def sync(self) -> None:
+        self.syncing.set()
+        await self.release.wait()
+        await self.store.sync()
+        self.syncs += 1
+
+
+async def test_syncer_answers_after_the_sync_in_commit_order(sqlite_store: SQLiteStore) -> None:
+    store = CountingSyncs(sqlite_store)
+    store.release = trio.Event()
+    send, inbox = trio.open_memory_channel[Settled](8)
+    answered: list[str] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_syncer, store, inbox)
+        await send.send(Settled([lambda: answered.append("a1"), lambda: answered.append("a2")]))
+        await store.syncing.wait()
+        # While the first sync runs, two more batches commit and wait.
+        await send.send(Settled([lambda: answered.append("b")]))
+        await send.send(Settled([lambda: answered.append("c")]))
+        assert answered == [], "nothing is answered before its sync"
+        store.release.set()
+        send.close()
+    assert answered == ["a1", "a2", "b", "c"]
+    assert store.syncs == 2, "the batches that waited share one sync (group fsync)"
