@@ -18,8 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 import attrs
 
 from hub.frames import FRAME_RECORDS, encode_chunks, status_payload
-from keruta.levels import LEVELS
-from keruta.records import SOURCES, LogRecord, TaskInfo
+from keruta.records import LogRecord, TaskInfo
 from keruta.wire import ErrorFrame, FrameError, SubscribeFrame, dumps
 
 
@@ -176,10 +175,6 @@ def slow_consumer_frames(subs: Iterable[Subscription]) -> list[str]:
 
 def check_subscribe(frame: SubscribeFrame, held: Mapping[str, Subscription], most: int) -> None:
     """Raises the FrameError a subscribe frame is answered with, if any."""
-    if frame.source is not None and frame.source not in SOURCES:
-        raise FrameError("INVALID_MESSAGE_FORMAT", f"invalid field 'source': must be one of {', '.join(SOURCES)}", "source")
-    if frame.level is not None and frame.level not in LEVELS:
-        raise FrameError("INVALID_MESSAGE_FORMAT", f"invalid field 'level': must be one of {', '.join(LEVELS)}", "level")
     if frame.task_id not in held and len(held) >= most:
         raise FrameError(
             "TOO_MANY_SUBSCRIPTIONS",
