@@ -19,9 +19,9 @@ from pathlib import Path
 import attrs
 import trio
 
-from agent.capture import Recorder
+from agent.pipeline.capture import Recorder
+from agent.pipeline.uplink import Uplink, UplinkFailed, UplinkSettings, describe
 from agent.spool import Spool, SpoolLocked, spooled_tasks
-from agent.uplink import Uplink, UplinkFailed, UplinkSettings, describe
 from keruta.backoff import Backoff
 from keruta.supervisor import GaveUp
 

@@ -4,7 +4,7 @@ Failures come out as the rest of the agent sees them: an HTTP error answer is
 `HttpError` (permanent: asking again gets the same answer); failing to reach
 the hub, a broken connection or no answer in time is an OSError
 (ConnectionError, TimeoutError), transient like every other network failure
-(agent/failures.py).
+(agent/link/failures.py).
 """
 
 from __future__ import annotations

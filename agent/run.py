@@ -33,12 +33,12 @@ import attrs
 import trio
 
 from agent import process
-from agent.capture import Mirror, capture
-from agent.limiter import limit
-from agent.messages import AgentLine, CaptureMessage, Finished, SpooledMessage, Started
-from agent.recorder import Recorder, record
+from agent.pipeline.capture import Mirror, capture
+from agent.pipeline.limiter import limit
+from agent.pipeline.messages import AgentLine, CaptureMessage, Finished, SpooledMessage, Started
+from agent.pipeline.recorder import Recorder, record
+from agent.pipeline.uplink import Uplink, UplinkFailed, UplinkSettings
 from agent.spool import Spool, SpoolLocked
-from agent.uplink import Uplink, UplinkFailed, UplinkSettings
 from keruta.limits import DEFAULT_LIMITS, Limits
 from keruta.masking import Masker
 

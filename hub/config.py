@@ -51,7 +51,7 @@ class HubConfig:
     shutdown_timeout: float = 10.0
     # A REST POST not committed after this long is withdrawn and answered 503
     # (not stored; safe to retry), so it answers within 10 s even while the
-    # store is down. See hub/writer.py write_within.
+    # store is down. See hub/actors/writer.py write_within.
     post_timeout: float = 8.0
     limits: Limits = DEFAULT_LIMITS
 

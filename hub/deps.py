@@ -7,11 +7,11 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from hub.broadcaster import Broadcaster
+from hub.actors.broadcaster import Broadcaster
+from hub.actors.writer import WriteRequest
 from hub.config import HubConfig
 from hub.metrics import Metrics
 from hub.store.base import Store
-from hub.writer import WriteRequest
 from keruta.ratelimit import RateLimiter
 
 

@@ -23,17 +23,18 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from hub import sendlock, wsbuffer
+from hub import sendlock
+from hub.actors.broadcaster import Broadcaster
+from hub.actors.retention import run_retention
+from hub.actors.writer import Writer, WriteRequest
 from hub.app import create_app
-from hub.broadcaster import Broadcaster
 from hub.config import HubConfig
 from hub.deps import ConnectionDeps
 from hub.limiters import Limiters
 from hub.metrics import Metrics
-from hub.retention import run_retention
 from hub.store import open_store_from_url
 from hub.store.base import Listens, Store, StoreUnavailable
-from hub.writer import Writer, WriteRequest
+from hub.ws import wsbuffer
 from keruta.backoff import Backoff
 from keruta.retry import retry
 
@@ -73,7 +74,7 @@ def install_hypercorn_guards() -> None:
     it before hypercorn starts, and so must anything else serving this app
     with hypercorn. Hypercorn has no hook for either:
 
-    - hub/wsbuffer.py: a WebSocket message over the size limit is discarded as
+    - hub/ws/wsbuffer.py: a WebSocket message over the size limit is discarded as
       it arrives and answered TOO_LARGE, instead of hypercorn's close 1009
       that leaves the TCP connection open for good;
     - hub/sendlock.py: a connection's close takes the send lock its pings
@@ -89,7 +90,7 @@ def _hypercorn_config(config: HubConfig) -> HypercornConfig:
     host = f"[{config.host}]" if ":" in config.host else config.host
     hc.bind = [f"{host}:{config.port}"]
     # Beyond this a message is discarded as it arrives and answered TOO_LARGE
-    # (hub/wsbuffer.py); up to it, decode_client_frame applies the exact limit.
+    # (hub/ws/wsbuffer.py); up to it, decode_client_frame applies the exact limit.
     hc.websocket_max_message_size = config.limits.max_frame_bytes + 1024
     # Pings let hypercorn notice a peer that vanished without a close; their
     # sends must not race a connection's close (hub/sendlock.py).
@@ -132,7 +133,7 @@ async def _serve_with(store: Store, config: HubConfig, task_status: trio.TaskSta
             services.start_soon(run_retention, store, config.retention_days, config.retention_interval)
         services.start_soon(_watch_signals, shutting_down)
         if isinstance(store, Listens):
-            from hub.notifier import run_notifier  # PostgreSQL only: not loaded for SQLite
+            from hub.actors.notifier import run_notifier  # PostgreSQL only: not loaded for SQLite
 
             services.start_soon(run_notifier, store, broadcaster)
         async with trio.open_nursery() as core:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.batcher import Batcher, Send, Wait
+from agent.link.batcher import Batcher, Send, Wait
 
 
 def test_idle_link_sends_a_single_record_at_once() -> None:

@@ -8,11 +8,11 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.capture import LineNumbering, Recorder, encode_line
-from agent.linesplit import Line
-from agent.recorder import LineEncoder
+from agent.pipeline.capture import LineNumbering, Recorder, encode_line
+from agent.pipeline.linesplit import Line
+from agent.pipeline.recorder import LineEncoder
+from agent.pipeline.uplink import fill_gaps, logs_frame
 from agent.spool import Spool
-from agent.uplink import fill_gaps, logs_frame
 from keruta.limits import DEFAULT_LIMITS
 from keruta.records import LogRecord
 from keruta.wire import LogsFrame, decode_client_frame, encode_bytes, record_to_wire

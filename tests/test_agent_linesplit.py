@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.linesplit import Line, LineSplitter, char_boundary
+from agent.pipeline.linesplit import Line, LineSplitter, char_boundary
 
 
 def split_all(data: bytes, chunks: list[int], max_line_bytes: int) -> list[Line]:

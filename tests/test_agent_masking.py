@@ -9,9 +9,9 @@ import orjson
 import trio
 import trio.testing
 
-from agent.capture import Mirror, Recorder, capture
-from agent.messages import Started
-from agent.recorder import record
+from agent.pipeline.capture import Mirror, Recorder, capture
+from agent.pipeline.messages import Started
+from agent.pipeline.recorder import record
 from agent.spool import Spool
 from keruta.masking import Masker
 

@@ -1,5 +1,5 @@
-"""The capture actor's output and the uplink actor's input (agent/capture.py,
-agent/uplink.py); the whole pipeline runs in test_agent_e2e.py."""
+"""The capture actor's output and the uplink actor's input (agent/pipeline/capture.py,
+agent/pipeline/uplink.py); the whole pipeline runs in test_agent_e2e.py."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import trio
 import trio.testing
 
-from agent.capture import Mirror, capture
-from agent.messages import Finished, LineBatch, RecordBatch
+from agent.pipeline.capture import Mirror, capture
+from agent.pipeline.messages import Finished, LineBatch, RecordBatch
+from agent.pipeline.uplink import Uplink, UplinkSettings
 from agent.spool import Spool
-from agent.uplink import Uplink, UplinkSettings
 from keruta.masking import Masker
 
 

@@ -1,4 +1,4 @@
-"""The uplink's sans-IO protocol core (agent/protocol.py), driven by plain calls: no sockets."""
+"""The uplink's sans-IO protocol core (agent/link/protocol.py), driven by plain calls: no sockets."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import attrs
 import orjson
 import pytest
 
-from agent.frames import fill_gaps
-from agent.protocol import Delivered, HubRefused, ReadRecords, SendFrame, UplinkProtocol, Wait
-from agent.recorder import encode_line
+from agent.link.frames import fill_gaps
+from agent.link.protocol import Delivered, HubRefused, ReadRecords, SendFrame, UplinkProtocol, Wait
+from agent.pipeline.recorder import encode_line
 from keruta.limits import DEFAULT_LIMITS
 from keruta.wire import AckFrame, ErrorFrame, StatusFrame
 

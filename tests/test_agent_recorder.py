@@ -1,4 +1,4 @@
-"""The recorder actor (agent/recorder.py): seqs, the spool, RecordBatches downstream."""
+"""The recorder actor (agent/pipeline/recorder.py): seqs, the spool, RecordBatches downstream."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 import orjson
 import trio
 
-from agent.linesplit import Line
-from agent.messages import AgentLine, Finished, LineBatch, RecordBatch, Started
-from agent.recorder import Recorder, record
+from agent.pipeline.linesplit import Line
+from agent.pipeline.messages import AgentLine, Finished, LineBatch, RecordBatch, Started
+from agent.pipeline.recorder import Recorder, record
 from agent.spool import Spool
 
 TS = "2026-01-01T00:00:00.000000Z"

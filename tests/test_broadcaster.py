@@ -9,11 +9,11 @@ import orjson
 import trio
 import trio.testing
 
-from hub.broadcaster import Broadcaster
-from hub.frames import FRAME_RECORDS
+from hub.actors.broadcaster import Broadcaster
 from hub.metrics import Metrics
-from hub.queues import WAKE, Outbox, WriteQueue
-from hub.subscription import Outgoing, Subscription
+from hub.ws.frames import FRAME_RECORDS
+from hub.ws.queues import WAKE, Outbox, WriteQueue
+from hub.ws.subscription import Outgoing, Subscription
 from keruta.records import LogRecord, TaskInfo
 
 

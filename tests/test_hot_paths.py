@@ -17,8 +17,8 @@ import attrs
 import orjson
 import pytest
 
-from hub import broadcaster
-from hub.broadcaster import Broadcaster, Outgoing, Subscription
+from hub.actors import broadcaster
+from hub.actors.broadcaster import Broadcaster, Outgoing, Subscription
 from hub.store.base import _ID_NAMESPACE, record_id
 from keruta import wire
 from keruta.limits import DEFAULT_LIMITS, Limits

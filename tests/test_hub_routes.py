@@ -17,8 +17,9 @@ import trio
 from quart import Blueprint
 from quart_trio import QuartTrio
 
+from hub.actors.broadcaster import Broadcaster
+from hub.actors.writer import Writer, WriteRequest
 from hub.app import create_app
-from hub.broadcaster import Broadcaster
 from hub.config import HubConfig
 from hub.deps import ConnectionDeps
 from hub.limiters import Limiters
@@ -28,7 +29,6 @@ from hub.routes.access import Access
 from hub.routes.common import ApiError, int_param, time_param
 from hub.store.base import Listens, StoreUnavailable
 from hub.store.sqlite import SQLiteStore
-from hub.writer import Writer, WriteRequest
 from keruta.limits import DEFAULT_LIMITS
 from tests.hubclient import logs_frame, make_record
 

@@ -287,7 +287,7 @@ async def test_a_producers_count_starts_at_one(store):
 async def test_a_spool_from_before_producers_is_flushed_under_its_own_seqs(
     hub: TestHub, tmp_path: Path
 ) -> None:
-    from agent.capture import encode_line
+    from agent.pipeline.capture import encode_line
     from agent.spool import write_atomically
 
     spool = Spool.open(tmp_path, "legacy-1", hub_url=hub.url)
@@ -312,8 +312,8 @@ async def test_a_spool_from_before_producers_is_flushed_under_its_own_seqs(
 
 
 def test_settle_caps_acks_below_a_conflict_and_refuses_once_per_identity() -> None:
+    from hub.actors.writer import settle
     from hub.store.base import AppendResult
-    from hub.writer import settle
 
     items = [inc(s, producer="run") for s in range(1, 6)] + [inc(7), inc(8)]
     records = [attrs.evolve(make_record("t1", s), id="x") for s in range(1, 8)]

@@ -12,11 +12,11 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from hub.broadcaster import Broadcaster, Outgoing, Subscription
+from hub.actors.broadcaster import Broadcaster, Outgoing, Subscription
+from hub.actors.writer import WriteOutcome, Writer, WriteRequest, write_within
 from hub.metrics import Metrics
 from hub.store.base import Incoming
 from hub.store.sqlite import SQLiteStore
-from hub.writer import WriteOutcome, Writer, WriteRequest, write_within
 from keruta.timefmt import now_ts
 from tests import hubclient
 from tests.hubclient import PATIENCE, TestHub, Ws, encode_record, fetch_all, make_record

@@ -26,17 +26,17 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from agent.capture import encode_line
+from agent.pipeline.capture import encode_line
+from agent.pipeline.uplink import Uplink, UplinkFailed, UplinkSettings, fit_frame, logs_frame
 from agent.spool import Spool
 from agent.tail import TailSettings, tail
-from agent.uplink import Uplink, UplinkFailed, UplinkSettings, fit_frame, logs_frame
-from hub.broadcaster import Broadcaster
+from hub.actors.broadcaster import Broadcaster
+from hub.actors.writer import Writer, WriteRequest, write_within
 from hub.limiters import Limiters
 from hub.metrics import Metrics
 from hub.store.base import AppendResult, Incoming, LogQuery, StoreUnavailable
 from hub.store.pg_errors import transient as _transient
 from hub.store.sqlite import SQLiteStore
-from hub.writer import Writer, WriteRequest, write_within
 from keruta.timefmt import now_ts
 from tests import hubclient
 from tests.agentclient import free_port
@@ -480,7 +480,7 @@ async def test_item17_a_bug_in_the_uplink_ends_it_instead_of_looping(
     def broken(*_args: Any) -> Any:
         raise TypeError("a bug")
 
-    monkeypatch.setattr("agent.uplink.fill_gaps", broken)
+    monkeypatch.setattr("agent.pipeline.uplink.fill_gaps", broken)
     uplink = Uplink(spool, UplinkSettings(hub_url=hub.url, task_id="t17bug"))
     uplink.records_written(1)
     with trio.fail_after(30), pytest.raises(UplinkFailed) as failed:

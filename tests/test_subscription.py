@@ -10,10 +10,11 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from hub.acks import Replies
-from hub.broadcaster import Broadcaster
-from hub.frames import FRAME_RECORDS
-from hub.subscription import (
+from hub.actors.broadcaster import Broadcaster
+from hub.actors.writer import Refusal, WriteOutcome
+from hub.ws.acks import Replies
+from hub.ws.frames import FRAME_RECORDS
+from hub.ws.subscription import (
     READ_DURABLE,
     Outgoing,
     ReadDurable,
@@ -22,7 +23,6 @@ from hub.subscription import (
     check_subscribe,
     slow_consumer_frames,
 )
-from hub.writer import Refusal, WriteOutcome
 from keruta.records import LogRecord, TaskInfo
 from keruta.wire import FrameError, SubscribeFrame, decode_client_frame
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import trio
 
 from agent.flush import FlushSettings, flush, flush_task
-from agent.recorder import Recorder
+from agent.pipeline.recorder import Recorder
 from agent.spool import Spool
 from tests import hubclient
 from tests.agentclient import free_port

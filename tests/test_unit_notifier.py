@@ -1,4 +1,4 @@
-"""hub/notifier.py on PostgreSQL: another hub's commits and state changes reach
+"""hub/actors/notifier.py on PostgreSQL: another hub's commits and state changes reach
 this hub's broadcaster through LISTEN, for the tasks it has subscribers of;
 its own commits do not come back that way (the writer already published them)."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import trio
 
-from hub.broadcaster import Broadcaster
-from hub.notifier import run_notifier
+from hub.actors.broadcaster import Broadcaster
+from hub.actors.notifier import run_notifier
 from hub.store.base import Incoming
 from hub.store.postgres import PostgresStore
 from keruta.records import TaskInfo

@@ -1,4 +1,4 @@
-"""hub/retention.py: the cutoff, periodic passes on the autojump clock, and a
+"""hub/actors/retention.py: the cutoff, periodic passes on the autojump clock, and a
 store outage waited out. The store is a real SQLite file."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import trio
 import trio.testing
 
-from hub.retention import cutoff, run_retention
+from hub.actors.retention import cutoff, run_retention
 from hub.store.base import Incoming, StoreUnavailable
 from hub.store.sqlite import SQLiteStore
 from keruta.timefmt import format_ts

@@ -1,4 +1,4 @@
-"""agent/uplink.py's ping timeout on the autojump clock: a hub that stops
+"""agent/pipeline/uplink.py's ping timeout on the autojump clock: a hub that stops
 answering is given up on after `ping_timeout` of silence, and one that answers
 is not. The WebSocket is a stand-in that records what is sent and hands out
 what the "hub" says; the spool is real."""
@@ -12,8 +12,8 @@ import pytest
 import trio
 import trio.testing
 
+from agent.pipeline.uplink import Uplink, UplinkSettings, _Session
 from agent.spool import Spool
-from agent.uplink import Uplink, UplinkSettings, _Session
 
 
 class FakeHubSocket:

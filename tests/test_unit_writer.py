@@ -1,4 +1,4 @@
-"""hub/writer.py and hub/syncer.py on their own: batching (the flush interval on
+"""hub/actors/writer.py and hub/actors/syncer.py on their own: batching (the flush interval on
 the autojump clock), what a commit acknowledges, withdrawing a REST POST out
 of time, and answers given only after the store's sync, in commit order.
 The store is a real SQLite file."""
@@ -12,12 +12,12 @@ import pytest
 import trio
 import trio.testing
 
-from hub.broadcaster import Broadcaster
+from hub.actors.broadcaster import Broadcaster
+from hub.actors.syncer import Settled, run_syncer
+from hub.actors.writer import StatusChange, WriteOutcome, Writer, WriteRequest, settle, write_within
 from hub.metrics import Metrics
 from hub.store.base import CONFLICT, DUPLICATE, INSERTED, AppendResult, Incoming
 from hub.store.sqlite import SQLiteStore
-from hub.syncer import Settled, run_syncer
-from hub.writer import StatusChange, WriteOutcome, Writer, WriteRequest, settle, write_within
 from keruta.records import LogRecord
 
 TS = "2026-01-01T00:00:00.000000Z"

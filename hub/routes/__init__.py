@@ -5,7 +5,7 @@
     hooks.py    before/after-request hooks and the errors-as-JSON handlers
     logs.py     /api/v1/tasks/<id>/logs (POST, GET, stats, raw, DELETE)
     tasks.py    /api/v1/tasks, /api/v1/tasks/<id>
-    ws.py       /api/v1/ws: refusals, then one hub.connection.Connection
+    ws.py       /api/v1/ws: refusals, then one hub.ws.connection.Connection
     viewer.py   the web viewer's page and static files
     ops.py      /healthz, /metrics, /openapi.json
 

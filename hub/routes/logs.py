@@ -8,6 +8,7 @@ import orjson
 import trio
 from quart import Blueprint, Response, request
 
+from hub.actors.writer import WriteRequest, write_within
 from hub.config import HubConfig
 from hub.ingest import from_requests
 from hub.routes.access import Access
@@ -20,7 +21,6 @@ from hub.routes.common import (
     time_param,
 )
 from hub.store.base import LogQuery, Store
-from hub.writer import WriteRequest, write_within
 from keruta.levels import LEVELS
 from keruta.limits import INT64_MAX
 from keruta.ratelimit import RateLimiter

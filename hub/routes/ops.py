@@ -15,7 +15,7 @@ from hub.routes.common import json_response
 def blueprint(
     *, access: Access, metrics: Metrics, store_available: Callable[[], bool], max_page_size: int
 ) -> Blueprint:
-    """`store_available`: whether the writer is committing (hub/writer.py Writer.available)."""
+    """`store_available`: whether the writer is committing (hub/actors/writer.py Writer.available)."""
     bp = Blueprint("ops", __name__)
 
     @bp.get("/healthz")

@@ -6,9 +6,9 @@ import trio
 from quart import Blueprint, websocket
 
 from hub.auth import WS_SUBPROTOCOL, Role, bearer_token, subprotocol_token
-from hub.connection import CLOSE_POLICY, Connection
 from hub.deps import ConnectionDeps
 from hub.routes.access import UNAUTHORIZED, Access, origin_refusal
+from hub.ws.connection import CLOSE_POLICY, Connection
 from keruta.wire import ErrorFrame, dumps
 
 

@@ -219,7 +219,7 @@ class Store(Protocol):
 @runtime_checkable
 class Listens(Store, Protocol):
     """A store several hubs share, which tells each of the others' commits
-    (PostgreSQL LISTEN/NOTIFY; hub/notifier.py). `isinstance(store, Listens)`
+    (PostgreSQL LISTEN/NOTIFY; hub/actors/notifier.py). `isinstance(store, Listens)`
     decides whether the hub runs a notifier."""
 
     def listen(self, *, ignore_own: bool = False) -> AbstractAsyncContextManager[AsyncIterator[tuple[str, int] | None]]:

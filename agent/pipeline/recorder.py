@@ -20,8 +20,8 @@ from typing import Any
 import orjson
 import trio
 
-from agent.linesplit import Line
-from agent.messages import (
+from agent.pipeline.linesplit import Line
+from agent.pipeline.messages import (
     AgentLine,
     CaptureMessage,
     Finished,

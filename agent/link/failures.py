@@ -7,7 +7,7 @@ from __future__ import annotations
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError
 
-from agent.protocol import HubRefused
+from agent.link.protocol import HubRefused
 
 # The hub closes with 1008 (policy) after UNAUTHORIZED.
 CLOSE_POLICY = 1008

@@ -1,6 +1,6 @@
 """The broadcaster: delivers committed records to a task's live subscribers.
 
-A live subscription (hub/subscription.py) gets each committed range pushed,
+A live subscription (hub/ws/subscription.py) gets each committed range pushed,
 encoded once per filter and shared. A range the broadcaster cannot prove
 complete (a gap filled late, another hub's commit) sends the subscription
 back to catching up from the store. The broadcaster never waits on a
@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from hub.frames import FRAME_BYTES, FRAME_RECORDS, encode_chunks, encoded_size, status_payload
-from hub.subscription import Outgoing, Subscription
+from hub.ws.frames import FRAME_BYTES, FRAME_RECORDS, encode_chunks, encoded_size, status_payload
+from hub.ws.subscription import Outgoing, Subscription
 from keruta.records import LogRecord, TaskInfo
 
-# Where they lived before hub/frames.py and hub/subscription.py.
+# Where they lived before hub/ws/frames.py and hub/ws/subscription.py.
 __all__ = [
     "FRAME_BYTES",
     "FRAME_RECORDS",

@@ -3,7 +3,7 @@
     pipe ─► StreamMasker ─┬─► mirror (the agent's own stdout/stderr)
                           └─► LineSplitter ─► LineNumbering ─► LineBatch ─► recorder
 
-One read of the pipe makes one LineBatch; the recorder (agent/recorder.py)
+One read of the pipe makes one LineBatch; the recorder (agent/pipeline/recorder.py)
 gives the lines their seqs and spools them. The pipes are trio's non-blocking
 fd streams (no thread per read).
 """
@@ -17,9 +17,9 @@ from collections.abc import Callable
 
 import trio
 
-from agent.linesplit import Line, LineSplitter
-from agent.messages import CaptureMessage, LineBatch
-from agent.recorder import Recorder, encode_line
+from agent.pipeline.linesplit import Line, LineSplitter
+from agent.pipeline.messages import CaptureMessage, LineBatch
+from agent.pipeline.recorder import Recorder, encode_line
 from keruta.limits import DEFAULT_LIMITS, Limits
 from keruta.masking import StreamMasker
 from keruta.timefmt import now_ts

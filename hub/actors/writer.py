@@ -17,10 +17,10 @@ from typing import TypeVar
 import attrs
 import trio
 
-from hub.broadcaster import Broadcaster
+from hub.actors.broadcaster import Broadcaster
+from hub.actors.syncer import SYNC_QUEUE, Settled, run_syncer
 from hub.metrics import Metrics
 from hub.store.base import CONFLICT, GAP, AppendResult, Incoming, Store, StoreUnavailable
-from hub.syncer import SYNC_QUEUE, Settled, run_syncer
 from keruta.backoff import Backoff
 from keruta.records import LogRecord, TaskInfo
 from keruta.retry import retry

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from hub.broadcaster import Broadcaster
+from hub.actors.broadcaster import Broadcaster
 from hub.store.base import Listens, StoreUnavailable
 from hub.store.postgres import STATUS_NOTICE
 from keruta.backoff import Backoff

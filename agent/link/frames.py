@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import orjson
 
-from agent.recorder import encode_line
+from agent.pipeline.recorder import encode_line
 from keruta.timefmt import now_ts
 
 

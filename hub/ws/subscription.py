@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import attrs
 
-from hub.frames import FRAME_RECORDS, encode_chunks, status_payload
+from hub.ws.frames import FRAME_RECORDS, encode_chunks, status_payload
 from keruta.records import LogRecord, TaskInfo
 from keruta.wire import ErrorFrame, FrameError, SubscribeFrame, dumps
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import attrs
 
-from hub.writer import WriteOutcome
+from hub.actors.writer import WriteOutcome
 from keruta.wire import AckFrame, ErrorFrame, StatusFrame, dumps
 
 Key = tuple[str, str | None]

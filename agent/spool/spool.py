@@ -9,9 +9,9 @@ Layout, one directory per task under the spool root::
                                 lock is the inode linked there now (see spoollock.py)
     ROOT/TASK_ID/SEQ.seg        segments, named by their first seq, append-only
 
-Segments hold checksummed frames (agent/segment.py): a torn tail is cut off
+Segments hold checksummed frames (agent/spool/segment.py): a torn tail is cut off
 when the spool is opened, a corrupt frame is skipped with a warning. Segments
-whose records are all acknowledged are deleted. The lock: agent/spoollock.py.
+whose records are all acknowledged are deleted. The lock: agent/spool/lock.py.
 
 The seqs are the producer's own (docs/identity.md): `producer` in task.json
 names this spool's run to the hub, which gives each record its task seq. So
@@ -37,8 +37,9 @@ from typing import Any
 import orjson
 import trio
 
-from agent.recent import RecentRecords
-from agent.segment import (
+from agent.spool.lock import SpoolLocked, lock_directory
+from agent.spool.recent import RecentRecords
+from agent.spool.segment import (
     HEADER,
     SEGMENT_SUFFIX,
     Segment,
@@ -49,7 +50,6 @@ from agent.segment import (
     write_all,
     write_atomically,
 )
-from agent.spoollock import SpoolLocked, lock_directory
 from keruta.timefmt import now_ts
 
 __all__ = ["HEADER", "Spool", "SpoolLocked", "default_root", "encode_frame", "spooled_tasks", "write_atomically"]

@@ -1,4 +1,4 @@
-"""The uplink: the I/O around UplinkProtocol (agent/protocol.py), one WebSocket session at a time.
+"""The uplink: the I/O around UplinkProtocol (agent/link/protocol.py), one WebSocket session at a time.
 
 The uplink actor owns the receive end of the rate limiter's output: a
 RecordBatch makes its records sendable, Finished gives the final state. The
@@ -23,11 +23,10 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
-from agent.failures import UplinkFailed, describe, first_permanent, is_transient
-from agent.frames import LOST_RECORD, fill_gaps, fit_frame, logs_frame
 from agent.hubaddr import auth_headers, ws_url
-from agent.messages import RecordBatch, SpooledMessage
-from agent.protocol import (
+from agent.link.failures import UplinkFailed, describe, first_permanent, is_transient
+from agent.link.frames import LOST_RECORD, fill_gaps, fit_frame, logs_frame
+from agent.link.protocol import (
     PERMANENT_CODES,
     Delivered,
     HubRefused,
@@ -35,6 +34,7 @@ from agent.protocol import (
     SendFrame,
     UplinkProtocol,
 )
+from agent.pipeline.messages import RecordBatch, SpooledMessage
 from agent.spool import Spool
 from keruta.backoff import Backoff
 from keruta.limits import DEFAULT_LIMITS, Limits
@@ -57,7 +57,7 @@ class UplinkSettings:
     batch_size: int = 500
     flush_interval: float = 0.2
     max_in_flight: int = 8
-    # Frames in flight below which a record is sent at once (agent/batcher.py).
+    # Frames in flight below which a record is sent at once (agent/link/batcher.py).
     eager_frames: int = 2
     ping_interval: float = 5.0
     # The hub answers pings while our frames wait for its rate limiter, but a

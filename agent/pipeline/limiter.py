@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import trio
 
-from agent.messages import Finished, RecordBatch, SpooledMessage
+from agent.pipeline.messages import Finished, RecordBatch, SpooledMessage
 from keruta.ratelimit import TokenBucket
 
 

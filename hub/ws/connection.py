@@ -1,11 +1,11 @@
 """One WebSocket connection: the Trio driver of its reader, sender and catch-ups.
 
 Only the sender task writes to the socket. Everything else hands it frames
-through one bounded outbox (hub/queues.py): the reader awaits room (a client
+through one bounded outbox (hub/ws/queues.py): the reader awaits room (a client
 that does not read stops being read), the broadcaster never waits (a full
-outbox is SLOW_CONSUMER), and acks are coalesced (hub/acks.py) so they are
+outbox is SLOW_CONSUMER), and acks are coalesced (hub/ws/acks.py) so they are
 never dropped. What a subscription sends when is decided by its sans-IO state
-(hub/subscription.py); this module only does the reads and sends it asks for.
+(hub/ws/subscription.py); this module only does the reads and sends it asks for.
 
 Writes (`log`, `logs`, `status`) go from the reader to an ingest task through
 a small queue, bounded in frames and bytes; the ingest task waits for the
@@ -22,21 +22,21 @@ from typing import Any, TypeVar
 
 import trio
 
-from hub.acks import Replies
+from hub.actors.writer import StatusChange, WriteOutcome, WriteRequest
 from hub.auth import Role
 from hub.deps import ConnectionDeps
 from hub.ingest import from_records
-from hub.queues import WAKE, Outbox, WriteQueue
 from hub.store.base import StoreUnavailable
-from hub.subscription import (
+from hub.ws.acks import Replies
+from hub.ws.queues import WAKE, Outbox, WriteQueue
+from hub.ws.subscription import (
     Outgoing,
     ReadRange,
     Subscription,
     check_subscribe,
     slow_consumer_frames,
 )
-from hub.writer import StatusChange, WriteOutcome, WriteRequest
-from hub.wsbuffer import OVERSIZED
+from hub.ws.wsbuffer import OVERSIZED
 from keruta.backoff import Backoff
 from keruta.retry import retry
 from keruta.timefmt import now_ts

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import trio
 
 from hub.metrics import Metrics
-from hub.subscription import Outgoing
+from hub.ws.subscription import Outgoing
 
 # Tells the sender to look at the connection's replies (acks, errors).
 WAKE = Outgoing("")

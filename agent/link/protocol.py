@@ -3,7 +3,7 @@
 `UplinkProtocol` holds the state of delivery to the hub: the ack watermark,
 the window of frames in flight, the cursor (next seq to send), the final
 status handshake. It never touches a socket, a clock or the spool: the I/O
-shell (agent/uplink.py) tells it what happened with plain method calls and
+shell (agent/pipeline/uplink.py) tells it what happened with plain method calls and
 does what it answers::
 
     on_connected(now)        -> frames to send first (the `running` status)
@@ -29,8 +29,8 @@ import collections
 
 import attrs
 
-from agent.batcher import Batcher, Send
-from agent.frames import fit_frame, logs_frame
+from agent.link.batcher import Batcher, Send
+from agent.link.frames import fit_frame, logs_frame
 from keruta.limits import DEFAULT_LIMITS, Limits
 from keruta.wire import AckFrame, ErrorFrame, HubFrame, StatusFrame, SubscribeFrame, encode_bytes
 

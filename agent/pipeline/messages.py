@@ -14,7 +14,7 @@ from __future__ import annotations
 import attrs
 import trio
 
-from agent.linesplit import Line
+from agent.pipeline.linesplit import Line
 
 
 @attrs.frozen

@@ -1,0 +1,1 @@
+"""The agent's pipeline of actors: capture -> recorder -> limiter -> uplink."""

@@ -1,0 +1,1 @@
+"""The hub's actors: the writer and its syncer, the broadcaster, and the supervised services."""

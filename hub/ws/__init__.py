@@ -1,0 +1,1 @@
+"""One WebSocket connection: the Trio driver (connection.py) and its sans-IO parts."""
