@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import errno
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,9 @@ import orjson
 import trio
 
 from agent.spool.lock import SpoolLocked, lock_directory
+from agent.spool.meta import read_meta
 from agent.spool.recent import RecentRecords
+from agent.spool.root import default_root, spooled_tasks
 from agent.spool.segment import (
     HEADER,
     SEGMENT_SUFFIX,
@@ -50,16 +51,8 @@ from agent.spool.segment import (
     write_all,
     write_atomically,
 )
-from keruta.timefmt import now_ts
 
 __all__ = ["HEADER", "Spool", "SpoolLocked", "default_root", "encode_frame", "spooled_tasks", "write_atomically"]
-
-def default_root() -> Path:
-    env = os.environ.get("KERUTA_SPOOL_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
-    return Path(base) / "keruta" / "spool"
 
 
 class Spool:
@@ -127,30 +120,8 @@ class Spool:
         return spool
 
     def _load(self, task_id: str, hub_url: str | None) -> None:
-        meta_path = self.dir / "task.json"
-        new = not meta_path.exists()
-        if meta_path.exists():
-            try:
-                self.meta = orjson.loads(meta_path.read_bytes())
-            except (orjson.JSONDecodeError, OSError) as exc:
-                self.warn(f"spool {self.dir}: unreadable task.json ({exc}); rewriting it")
-                self.meta = {}
-        changed = False
-        if self.meta.get("taskId") != task_id:
-            self.meta["taskId"] = task_id
-            changed = True
-        if hub_url and self.meta.get("hubUrl") != hub_url:
-            self.meta["hubUrl"] = hub_url
-            changed = True
-        self.meta.setdefault("createdAt", now_ts())
-        self.meta.setdefault("final", None)
-        if new:
-            # This run, to the hub. A spool written before producers existed
-            # has none and is delivered under the old (taskId, seq) identity:
-            # some of it may be stored under those seqs already.
-            self.meta["producer"] = uuid.uuid4().hex
-            changed = True
-        if changed or not meta_path.exists():
+        self.meta, changed = read_meta(self.dir / "task.json", task_id, hub_url, self.warn)
+        if changed:
             self._save_meta()
         try:
             self.acked_seq = int((self.dir / "acked").read_text().strip() or 0)
@@ -437,10 +408,3 @@ class Spool:
             # Not empty: another run of the task has started here; it is its spool now.
         finally:
             self.close()
-
-
-def spooled_tasks(root: Path) -> list[str]:
-    """Task ids that have a spool directory under `root`."""
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "task.json").exists())
