@@ -233,11 +233,15 @@ class SQLiteStore(SqlStore):
             os.close(fd)
         if not self._wal_dir_synced:
             # The WAL file's directory entry must be durable too, once.
-            dfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+            directory = os.path.dirname(os.path.abspath(self.path))
             try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+                dfd = os.open(directory, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+            except OSError as exc:
+                raise DurabilityLost(f"fsync of {directory} failed: {exc}") from exc
             self._wal_dir_synced = True
 
     async def _read(self, steps: Steps[T], *, snapshot: bool = False) -> T:
