@@ -16,6 +16,7 @@ import attrs
 import trio
 
 from hub.store.base import Store
+from keruta.channels import receive_now
 
 # Committed batches waiting for their sync; past this the writer waits, and
 # with it everything upstream.
@@ -37,11 +38,8 @@ async def run_syncer(store: Store, inbox: trio.MemoryReceiveChannel[Settled]) ->
     """
     async for first in inbox:
         waiting = [first]
-        while True:
-            try:
-                waiting.append(inbox.receive_nowait())
-            except (trio.WouldBlock, trio.EndOfChannel):
-                break
+        while (more := receive_now(inbox)) is not None:
+            waiting.append(more)
         await store.sync()
         for settled in waiting:
             for answer in settled.answers:

@@ -22,6 +22,7 @@ from hub.actors.syncer import SYNC_QUEUE, Settled, run_syncer
 from hub.metrics import Metrics
 from hub.store.base import CONFLICT, GAP, AppendResult, Incoming, Store, StoreUnavailable
 from keruta.backoff import Backoff
+from keruta.channels import receive_now
 from keruta.records import LogRecord, TaskInfo
 from keruta.retry import retry
 
@@ -244,7 +245,7 @@ class Writer:
         count = len(first.items)
         deadline = trio.current_time() + self.flush_interval
         while count < self.batch_size:
-            nxt = self._receive_now(inbox)
+            nxt = receive_now(inbox)
             if nxt is None and self.flush_interval > 0:
                 with trio.move_on_at(deadline):
                     try:
@@ -258,13 +259,6 @@ class Writer:
             batch.append(nxt)
             count += len(nxt.items)
         return batch, None
-
-    @staticmethod
-    def _receive_now(inbox: trio.MemoryReceiveChannel[WriteRequest]) -> WriteRequest | None:
-        try:
-            return inbox.receive_nowait()
-        except (trio.WouldBlock, trio.EndOfChannel):
-            return None
 
     async def _with_retry(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
         """Run a store operation, retrying while the store is unavailable.
