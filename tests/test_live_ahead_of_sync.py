@@ -13,7 +13,7 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from hub.actors.broadcaster import Broadcaster, Outgoing, Subscription
-from hub.actors.writer import WriteOutcome, Writer, WriteRequest, write_within
+from hub.actors.writer import StatusChange, WriteOutcome, Writer, WriteRequest, write_within
 from hub.metrics import Metrics
 from hub.store.base import Incoming
 from hub.store.sqlite import SQLiteStore
@@ -206,3 +206,33 @@ async def test_a_post_out_of_time_after_its_commit_waits_for_the_answer(
         assert result == []
         store.gate.set()
     assert result[0] is not None and [r.message for r in result[0].records] == ["stored late"]
+
+
+async def test_a_status_reaches_viewers_before_its_sync_and_its_answer_waits(
+    gated: Any, autojump_clock: trio.abc.Clock
+) -> None:
+    store, inbox, broadcaster = gated
+    live: list[str] = []
+    seen = trio.Event()
+
+    def offer(out: Outgoing) -> bool:
+        live.append(out.payload)
+        seen.set()
+        return True
+
+    broadcaster.add(Subscription("t3", None, None, cursor=0, offer=offer, live=True))
+    answered = trio.Event()
+    answers: list[WriteOutcome] = []
+
+    def answer(outcome: WriteOutcome) -> None:
+        answers.append(outcome)
+        answered.set()
+
+    await inbox.send(WriteRequest(answer, status=StatusChange("t3", "succeeded", 0, "p1")))
+    await seen.wait()  # the store runs in worker threads: wait on the event, not the clock
+    assert live and '"succeeded"' in live[0], "a committed status waits for the disk before viewers see it"
+    assert answers == [], "the status was answered before its commit was synced"
+    store.gate.set()
+    await answered.wait()
+    assert answers[0].task is not None and answers[0].task.state == "succeeded"
+    assert answers[0].run_state == ("p1", "succeeded", 0)

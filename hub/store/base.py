@@ -171,7 +171,8 @@ class Store(Protocol):
 
         Monotonic (rules.next_state): a final state is never followed by
         `running` or `pending`. With `producer`, the change is the state of that
-        run; the task shows the state of its newest run.
+        run; the task shows the state of its newest run. Committed, like
+        `append`, when it returns; it survives a power cut after the next `sync`.
         """
         ...
 

@@ -4,10 +4,11 @@ One writer connection, used by one thread at a time (a trio.Lock), and a small
 pool of reader connections; WAL lets the readers run while the writer commits.
 The writer runs `synchronous=NORMAL`: a commit is in the WAL file (visible to
 every reader, and it survives the hub process being killed) when `append`
-returns, and `sync` fsyncs the WAL, after which it also survives a power cut.
-Every other write syncs before it returns; `append` leaves it to the caller,
-so live viewers get records without waiting for the disk while acks still do
-(docs/durability.md).
+or `set_state` returns, and `sync` fsyncs the WAL, after which it also
+survives a power cut. Those two leave the sync to their caller (the writer's
+syncer), so live viewers get records and states without waiting for the disk
+while acks still do (docs/durability.md); every other write (deletes) syncs
+before it returns.
 
 Per task, the `tasks` row carries what must be cheap to read: state, the
 durable watermark, the highest seq ever stored (for assigning seqs, and so a

@@ -52,7 +52,8 @@ class SqlStore:
     ) -> TaskInfo:
         if state not in TASK_STATES:
             raise InvalidField("state", f"must be one of {', '.join(TASK_STATES)}")
-        return await self._write(core.set_state(self._dialect, task_id, state, exit_code, producer))
+        # The writer, its one caller, answers through the syncer, which syncs.
+        return await self._write(core.set_state(self._dialect, task_id, state, exit_code, producer), sync=False)
 
     async def run_state(self, task_id: str, producer: str) -> tuple[str, int | None] | None:
         return await self._read(core.run_state(self._dialect, task_id, producer))
