@@ -9,6 +9,7 @@ the hub, a broken connection or no answer in time is an OSError
 
 from __future__ import annotations
 
+import functools
 import ssl
 from urllib.parse import urlsplit
 
@@ -57,8 +58,7 @@ async def _get(url: str, params: dict[str, object] | None, token: str | None) ->
     if token:
         headers["Authorization"] = f"Bearer {token}"
     query = {k: str(v) for k, v in (params or {}).items() if v is not None}
-    # The system's CA store, as the WebSocket side uses.
-    async with httpx.AsyncClient(verify=ssl.create_default_context(), timeout=None) as client:
+    async with httpx.AsyncClient(verify=_system_tls(), timeout=None) as client:
         # Merged: `params=` would replace a query the URL already has.
         target = httpx.URL(url).copy_merge_params(query)
         async with client.stream("GET", target, headers=headers) as response:
@@ -70,6 +70,14 @@ async def _get(url: str, params: dict[str, object] | None, token: str | None) ->
     if not response.is_success:
         raise HttpError(response.status_code, bytes(body))
     return bytes(body)
+
+
+@functools.cache
+def _system_tls() -> ssl.SSLContext:
+    """The system's CA store, as the WebSocket side uses. Loading it costs
+    about 40 ms of CPU: once per process, not once per request (`tail` asks
+    for a page at a time)."""
+    return ssl.create_default_context()
 
 
 def _os_error(exc: httpx.TransportError) -> OSError:

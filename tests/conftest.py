@@ -4,19 +4,20 @@ Stores: `store` is an open, empty store, once on SQLite and once on PostgreSQL;
 `pg_url` is the URL of a fresh PostgreSQL database (with the test's one
 trio-asyncio loop running). PostgreSQL needs KERUTA_TEST_PG_DSN, e.g.
 postgresql://postgres@127.0.0.1:5432/test; tests marked `pg` are skipped
-without it. Each PostgreSQL test gets a new database, dropped afterwards.
+without it. Each PostgreSQL test gets an empty database of its own: new, or
+one an earlier test in the same worker gave back, emptied (tests/pgpool.py).
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+
+from tests import pgpool
 
 PG_DSN_ENV = "KERUTA_TEST_PG_DSN"
 
@@ -25,29 +26,26 @@ def pg_dsn() -> str | None:
     return os.environ.get(PG_DSN_ENV) or None
 
 
-def _with_database(dsn: str, database: str) -> str:
-    parts = urlsplit(dsn)
-    return urlunsplit(parts._replace(path="/" + database))
+_with_database = pgpool.with_database
 
 
 @asynccontextmanager
 async def fresh_pg_database(dsn: str) -> AsyncIterator[str]:
-    """Create a database for one test; yield its URL; drop it afterwards.
-
-    Needs a running trio-asyncio loop (see the `store` fixture).
-    """
+    """An empty database for one test; yield its URL; give it back afterwards."""
     import trio
-    import triopg
 
-    name = "keruta_t_" + secrets.token_hex(6)
-    async with triopg.connect(dsn) as admin:
-        await admin.execute(f'CREATE DATABASE "{name}"')
+    pool = pgpool.pool_for(dsn)
+    url = await trio.to_thread.run_sync(pool.acquire)
     try:
-        yield _with_database(dsn, name)
+        yield url
     finally:
         with trio.CancelScope(shield=True):
-            async with triopg.connect(dsn) as admin:
-                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await trio.to_thread.run_sync(pool.release, url)
+
+
+def pytest_sessionfinish(session, exitstatus):  # type: ignore[no-untyped-def]
+    """Drop the databases this process made (each xdist worker has its own)."""
+    pgpool.drop_all_pools()
 
 
 def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def]
@@ -125,33 +123,22 @@ async def store(request, tmp_path):  # type: ignore[no-untyped-def]
 
 
 def _admin_sync(dsn: str, statement: str) -> None:
-    """Run one admin statement with plain asyncio (outside any trio loop)."""
-    import asyncio
-
-    import asyncpg
-
-    async def run() -> None:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await conn.execute(statement)
-        finally:
-            await conn.close()
-
-    asyncio.run(run())
+    """Run one admin statement (from plain code or from inside a trio run)."""
+    pgpool.admin(dsn, statement)
 
 
 @pytest.fixture
 def fresh_pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database's URL, for hub processes (no loop needed here)."""
+    """An empty PostgreSQL database's URL, for hub processes (no loop needed here)."""
     dsn = pg_dsn()
     if dsn is None:
         pytest.skip(f"needs {PG_DSN_ENV}")
-    name = "keruta_t_" + secrets.token_hex(6)
-    _admin_sync(dsn, f'CREATE DATABASE "{name}"')
+    pool = pgpool.pool_for(dsn)
+    url = pool.acquire()
     try:
-        yield _with_database(dsn, name)
+        yield url
     finally:
-        _admin_sync(dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        pool.release(url)
 
 
 @pytest.fixture(params=STORE_KINDS)

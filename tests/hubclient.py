@@ -13,10 +13,11 @@ gives every test its own database. Import the fixtures into a test module with
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
-import secrets
 import socket
 import sqlite3
+import ssl
 import threading
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -38,8 +39,7 @@ from trio_websocket import (
 from keruta.records import LogRecord
 from keruta.timefmt import now_ts
 from keruta.wire import LogsFrame, decode_hub_frame, encode_bytes, record_to_wire
-from tests.conftest import _admin_sync as pg_admin
-from tests.conftest import _with_database as with_database
+from tests import pgpool
 from tests.inprocess import InProcessHub, InProcessHubFactory, in_process_hubs
 from tests.support import HubProcess, sqlite_url
 
@@ -105,9 +105,16 @@ class TestHub(HubProcess):
         return self.proc is not None and self.proc.poll() is None
 
 
+@functools.cache
+def system_tls() -> ssl.SSLContext:
+    # Made once: httpx would load the CA store again (~40 ms of CPU) for every client.
+    return ssl.create_default_context()
+
+
 def http_client(url: str, token: str | None = None, **kwargs: Any) -> httpx.AsyncClient:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     kwargs.setdefault("timeout", 30.0)
+    kwargs.setdefault("verify", system_tls())
     return httpx.AsyncClient(base_url=url, headers=headers, **kwargs)
 
 
@@ -134,26 +141,26 @@ class SqliteFiles:
 
 
 class PgDatabases:
-    """New databases for one test: the test's fresh PostgreSQL database first,
-    then one more per call, created on the same server and dropped at teardown."""
+    """Empty databases for one test: the test's own PostgreSQL database first,
+    then one more per call from the worker's pool (tests/pgpool.py), given
+    back at teardown."""
 
     def __init__(self, first_url: str, admin_dsn: str) -> None:
         self.first_url: str | None = first_url
-        self.admin_dsn = admin_dsn
-        self.created: list[str] = []
+        self.pool = pgpool.pool_for(admin_dsn)
+        self.taken: list[str] = []
 
     def __call__(self) -> str:
         if self.first_url is not None:
             url, self.first_url = self.first_url, None
             return url
-        name = "keruta_t_" + secrets.token_hex(6)
-        pg_admin(self.admin_dsn, f'CREATE DATABASE "{name}"')
-        self.created.append(name)
-        return with_database(self.admin_dsn, name)
+        url = self.pool.acquire()
+        self.taken.append(url)
+        return url
 
     def drop(self) -> None:
-        for name in self.created:
-            pg_admin(self.admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        for url in self.taken:
+            self.pool.release(url)
 
 
 class HubFactory:
