@@ -1,4 +1,5 @@
-"""Running a real hub process for tests: start, wait until it listens, stop, kill."""
+"""Running a real hub process for tests: start, wait until it listens, stop,
+kill; and how many examples the fuzz tests generate."""
 
 from __future__ import annotations
 
@@ -10,6 +11,15 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+# The fuzz tests' budget. The default keeps the suite (and `.ci/run`) bounded;
+# `KERUTA_FUZZ=deep` (`tox -e fuzz`) generates ten times as many examples.
+FUZZ_SCALE = 10 if os.environ.get("KERUTA_FUZZ") == "deep" else 1
+
+
+def fuzz_examples(default: int) -> int:
+    return default * FUZZ_SCALE
+
 
 _LISTENING = re.compile(r"keruta-hub: listening on (http://\S+)")
 

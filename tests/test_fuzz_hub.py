@@ -23,10 +23,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from tests.support import HubProcess, sqlite_url
+from tests.hubclient import system_tls
+from tests.support import HubProcess, fuzz_examples, sqlite_url
 
 EXAMPLES = settings(
-    max_examples=150,
+    max_examples=fuzz_examples(150),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
 )
@@ -255,7 +256,7 @@ def test_fuzz_rest_requests(
     fuzz_hub: HubProcess, task_id: str, body: bytes, params: dict[str, str], suffix: str, method: str
 ) -> None:
     path = f"/api/v1/tasks/{urllib.parse.quote(task_id, safe='')}{suffix}"
-    with httpx.Client(base_url=fuzz_hub.url, timeout=WAIT) as client:
+    with httpx.Client(base_url=fuzz_hub.url, timeout=WAIT, verify=system_tls()) as client:
         if method == "POST":
             resp = client.post(f"/api/v1/tasks/{urllib.parse.quote(task_id, safe='')}/logs", content=body,
                                headers={"content-type": "application/json"}, params=params)

@@ -24,7 +24,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from tests.support import HubProcess, sqlite_url
+from tests.support import HubProcess, fuzz_examples, sqlite_url
 
 CHECKS = [
     not_a_server_error,
@@ -33,8 +33,9 @@ CHECKS = [
     response_headers_conformance,
     response_schema_conformance,
 ]
-# Per operation; about a dozen operations, so the whole run stays well under a minute.
-EXAMPLES = 60
+# Per operation and about a dozen operations: some 350 requests by default;
+# `tox -e fuzz` (KERUTA_FUZZ=deep) makes it ten times as many.
+EXAMPLES = fuzz_examples(30)
 
 
 @pytest.fixture(scope="module")
