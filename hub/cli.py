@@ -125,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest wait, in seconds, between the writer's attempts to commit "
                         "while the store is unavailable; the waits grow from 0.2 s up to it "
                         "(default 5)")
+    p.add_argument("--ping-interval", type=_number(float, 0, strict=True), default=5.0,
+                   help="seconds between the pings sent on each WebSocket, which notice a "
+                        "peer that vanished without closing; a shutdown waits up to this "
+                        "long for the last ping of a closed connection (default 5)")
     p.add_argument("--log-level", default="WARNING", help="hub's own log level (default WARNING)")
     return p
 
@@ -140,6 +144,7 @@ def config_from_args(args: argparse.Namespace) -> HubConfig:
         subscriber_queue_bytes=args.subscriber_queue_bytes, max_subscriptions=args.max_subscriptions,
         write_batch_size=args.write_batch_size, write_flush_interval=args.write_flush_interval,
         post_timeout=args.post_timeout, store_retry_max=args.store_retry_max,
+        ping_interval=args.ping_interval,
     )
 
 
