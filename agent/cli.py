@@ -199,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="after COMMAND exits, how long to wait for the hub's acknowledgements (default 30)",
     )
     run.add_argument(
+        "--pipe-grace",
+        metavar="SECONDS",
+        type=_positive_float,
+        default=1.0,
+        help="after COMMAND exits, stop reading its output once it has been quiet this long "
+        "(something COMMAND started in the background may hold it open) (default 1)",
+    )
+    run.add_argument(
         "--reconnect-max",
         metavar="SECONDS",
         type=_positive_float,
@@ -320,6 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pty=args.pty,
             drain_timeout=args.drain_timeout,
             reconnect_max=args.reconnect_max,
+            pipe_grace=args.pipe_grace,
             quiet=args.quiet,
         )
         result = trio.run(run, settings)

@@ -77,6 +77,8 @@ class RunSettings:
     drain_timeout: float = 30.0
     # The longest wait between attempts to reach the hub (--reconnect-max).
     reconnect_max: float = RECONNECT.cap
+    # After COMMAND exits, how long its pipes may stay quiet (--pipe-grace).
+    pipe_grace: float = PIPE_GRACE
     quiet: bool = False
     environ: Mapping[str, str] = attrs.field(factory=lambda: dict(os.environ))
     limits: Limits = DEFAULT_LIMITS
@@ -198,7 +200,7 @@ async def _run_command(
     await recorder.send(Started(child.pid))
     router.child = child
     async with trio.open_nursery() as captures:
-        grace = PipeGrace(captures.cancel_scope)
+        grace = PipeGrace(captures.cancel_scope, settings.pipe_grace)
         for source, stream in child.outputs:
             mirror = None
             if not settings.quiet:
