@@ -69,9 +69,9 @@ async def test_hub_killed_mid_stream_and_restarted(hub_process: hubclient.TestHu
     hub = hub_process  # SIGKILL: a process
     n = 3000
     cmd = program(n, seed=21, pause_every=100, pause=0.05)
-    # Reconnecting every 0.5 s at most, the agent finds the restarted hub
+    # Reconnecting every 0.2 s at most, the agent finds the restarted hub
     # without waiting out a long backoff.
-    args = run_args(hub.url, "crash-1", tmp_path / "spool", "--quiet", "--reconnect-max", "0.5")
+    args = run_args(hub.url, "crash-1", tmp_path / "spool", "--quiet", "--reconnect-max", "0.2")
     async with agent(args + cmd) as a:
         await wait_stored(hub, "crash-1", 500)
         hub.kill()
@@ -168,9 +168,9 @@ async def test_connection_cut_mid_frame_by_a_proxy(hub: hubclient.TestHub, tmp_p
             "--quiet",
             "--batch-size",
             "100",
-            # Each cut is followed by a reconnect within 0.5 s, not a backoff growing to 2 s.
+            # Each cut is followed by a reconnect within 0.2 s, not a backoff growing to 2 s.
             "--reconnect-max",
-            "0.5",
+            "0.2",
         )
         async with agent(args + cmd) as a:
             assert await a.wait() == 0
