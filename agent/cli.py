@@ -26,9 +26,9 @@ RUN_EPILOG = """\
 Every line COMMAND writes is masked, written to a local spool, mirrored to
 this process's stdout/stderr, and streamed to the hub, which stores it
 exactly once. The hub being down never slows COMMAND: lines wait in the spool
-and are sent when it is back (reconnecting with backoff up to 30 s). The exit
-status is COMMAND's (128+N if it died of signal N). SIGINT and SIGTERM are
-passed on to COMMAND.
+and are sent when it is back (reconnecting with backoff up to 30 s,
+--reconnect-max). The exit status is COMMAND's (128+N if it died of signal
+N). SIGINT and SIGTERM are passed on to COMMAND.
 
 Masked (replaced by ***) everywhere, including the spool and the mirror:
 --mask values, and values (4+ characters) of environment variables whose
@@ -198,6 +198,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="after COMMAND exits, how long to wait for the hub's acknowledgements (default 30)",
     )
+    run.add_argument(
+        "--pipe-grace",
+        metavar="SECONDS",
+        type=_positive_float,
+        default=1.0,
+        help="after COMMAND exits, stop reading its output once it has been quiet this long "
+        "(something COMMAND started in the background may hold it open) (default 1)",
+    )
+    run.add_argument(
+        "--reconnect-max",
+        metavar="SECONDS",
+        type=_positive_float,
+        default=30.0,
+        help="longest wait between attempts to reach the hub; the waits grow from 0.5 s "
+        "up to it (default 30)",
+    )
     run.add_argument("--quiet", action="store_true", help="do not mirror COMMAND's output")
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND", help=argparse.SUPPRESS)
 
@@ -241,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="give up on a task the hub has not fully acknowledged after this long; its "
         "records stay in the spool and flush exits 1 (default 60)",
+    )
+    flush.add_argument(
+        "--reconnect-max",
+        metavar="SECONDS",
+        type=_positive_float,
+        default=5.0,
+        help="longest wait between attempts to reach the hub; the waits grow from 0.5 s "
+        "up to it, and flush gives up on a hub it could not reach 4 times in a row (default 5)",
     )
     return parser
 
@@ -303,6 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             masks=args.mask,
             pty=args.pty,
             drain_timeout=args.drain_timeout,
+            reconnect_max=args.reconnect_max,
+            pipe_grace=args.pipe_grace,
             quiet=args.quiet,
         )
         result = trio.run(run, settings)
@@ -339,6 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 fallback_hub_url=_env("KERUTA_HUB_URL", DEFAULT_HUB) or DEFAULT_HUB,
                 token=token,
                 timeout=args.timeout,
+                reconnect_max=args.reconnect_max,
             ),
         )
     parser.error(f"unknown subcommand {args.subcommand}")

@@ -20,7 +20,7 @@ import attrs
 import trio
 
 from agent.pipeline.capture import Recorder
-from agent.pipeline.uplink import Uplink, UplinkFailed, UplinkSettings, describe
+from agent.pipeline.uplink import Uplink, UplinkFailed, UplinkSettings, capped, describe
 from agent.spool import Spool, SpoolLocked, spooled_tasks
 from keruta.backoff import Backoff
 from keruta.supervisor import GaveUp
@@ -40,6 +40,8 @@ class FlushSettings:
     # Per task: a hub that answers pings but never acknowledges (its store is
     # down) would otherwise keep flush waiting forever.
     timeout: float = 60.0
+    # The longest wait between attempts to reach the hub (--reconnect-max).
+    reconnect_max: float = RETRY.cap
 
 
 def _say(message: str) -> None:
@@ -95,7 +97,7 @@ async def flush_task(settings: FlushSettings, task_id: str, say: Callable[[str],
                 flush_interval=0.05,
             ),
             say=say,
-            backoff=RETRY,
+            backoff=capped(RETRY, settings.reconnect_max),
         )
         uplink.finish(final["state"], final.get("exitCode"))
         try:

@@ -37,7 +37,7 @@ from agent.pipeline.capture import Mirror, capture
 from agent.pipeline.limiter import limit
 from agent.pipeline.messages import AgentLine, CaptureMessage, Finished, SpooledMessage, Started
 from agent.pipeline.recorder import Recorder, record
-from agent.pipeline.uplink import Uplink, UplinkFailed, UplinkSettings
+from agent.pipeline.uplink import RECONNECT, Uplink, UplinkFailed, UplinkSettings, capped
 from agent.spool import Spool, SpoolLocked
 from keruta.limits import DEFAULT_LIMITS, Limits
 from keruta.masking import Masker
@@ -75,6 +75,10 @@ class RunSettings:
     masks: list[str] = attrs.field(factory=list)
     pty: bool = False
     drain_timeout: float = 30.0
+    # The longest wait between attempts to reach the hub (--reconnect-max).
+    reconnect_max: float = RECONNECT.cap
+    # After COMMAND exits, how long its pipes may stay quiet (--pipe-grace).
+    pipe_grace: float = PIPE_GRACE
     quiet: bool = False
     environ: Mapping[str, str] = attrs.field(factory=lambda: dict(os.environ))
     limits: Limits = DEFAULT_LIMITS
@@ -125,6 +129,7 @@ async def run(settings: RunSettings, say: Callable[[str], None] = say) -> RunRes
             limits=settings.limits,
         ),
         say=say,
+        backoff=capped(RECONNECT, settings.reconnect_max),
     )
     recorder = Recorder(spool, settings.task_id, say=say)
     code = 1
@@ -195,7 +200,7 @@ async def _run_command(
     await recorder.send(Started(child.pid))
     router.child = child
     async with trio.open_nursery() as captures:
-        grace = PipeGrace(captures.cancel_scope)
+        grace = PipeGrace(captures.cancel_scope, settings.pipe_grace)
         for source, stream in child.outputs:
             mirror = None
             if not settings.quiet:

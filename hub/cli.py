@@ -118,6 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-flush-interval", type=_number(float, 0), default=0.0,
                    help="seconds the writer waits for more records before committing; "
                         "0 commits as soon as it is idle (default 0)")
+    p.add_argument("--post-timeout", type=_number(float, 0, strict=True), default=8.0,
+                   help="seconds a REST POST waits for its commit before it is withdrawn and "
+                        "answered 503 (not stored; safe to retry) (default 8)")
+    p.add_argument("--store-retry-max", type=_number(float, 0, strict=True), default=5.0,
+                   help="longest wait, in seconds, between the writer's attempts to commit "
+                        "while the store is unavailable; the waits grow from 0.2 s up to it "
+                        "(default 5)")
+    p.add_argument("--ping-interval", type=_number(float, 0, strict=True), default=5.0,
+                   help="seconds between the pings sent on each WebSocket, which notice a "
+                        "peer that vanished without closing; a shutdown waits up to this "
+                        "long for the last ping of a closed connection (default 5)")
     p.add_argument("--log-level", default="WARNING", help="hub's own log level (default WARNING)")
     return p
 
@@ -132,6 +143,8 @@ def config_from_args(args: argparse.Namespace) -> HubConfig:
         subscriber_queue=args.subscriber_queue, max_page_size=args.max_page_size,
         subscriber_queue_bytes=args.subscriber_queue_bytes, max_subscriptions=args.max_subscriptions,
         write_batch_size=args.write_batch_size, write_flush_interval=args.write_flush_interval,
+        post_timeout=args.post_timeout, store_retry_max=args.store_retry_max,
+        ping_interval=args.ping_interval,
     )
 
 

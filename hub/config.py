@@ -53,6 +53,10 @@ class HubConfig:
     # (not stored; safe to retry), so it answers within 10 s even while the
     # store is down. See hub/actors/writer.py write_within.
     post_timeout: float = 8.0
+    # While the store is unavailable the writer tries its commit again after
+    # waits growing from 0.2 s up to this: the longest a recovered store goes
+    # unnoticed.
+    store_retry_max: float = 5.0
     limits: Limits = DEFAULT_LIMITS
 
     @property

@@ -125,6 +125,7 @@ async def _serve_with(store: Store, config: HubConfig, task_status: trio.TaskSta
     writer = Writer(
         store, broadcaster, metrics,
         batch_size=config.write_batch_size, flush_interval=config.write_flush_interval,
+        retry=Backoff(initial=min(0.2, config.store_retry_max), cap=config.store_retry_max),
     )
     # A lambda: the writer replaces its `available` event when the store goes away.
     app = create_app(deps, store_available=lambda: writer.available.is_set())

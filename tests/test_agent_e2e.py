@@ -140,7 +140,7 @@ async def test_masked_secret_appears_nowhere(
     spool = tmp_path / "spool"
     env = agent_env(API_TOKEN=env_secret)
     args = run_args(
-        f"http://127.0.0.1:{port}", "mask-1", spool, "--mask", cli_secret, "--drain-timeout", "1"
+        f"http://127.0.0.1:{port}", "mask-1", spool, "--mask", cli_secret, "--drain-timeout", "0.2"
     )
     async with agent(args + [sys.executable, "-c", code], env=env) as a:
         assert await a.wait() == 0
@@ -290,8 +290,9 @@ async def test_quiet_command_before_exit_loses_nothing(
 ) -> None:
     """A command silent for longer than the pipe grace period just before it
     exits: its last line is still mirrored and stored."""
-    cmd = ["sh", "-c", "echo first; sleep 1.5; echo last; exit 1"]
-    async with agent(run_args(hub.url, "quiet-1", tmp_path / "s") + cmd) as a:
+    # Silent for 0.6 s, twice the grace it is given.
+    cmd = ["sh", "-c", "echo first; sleep 0.6; echo last; exit 1"]
+    async with agent(run_args(hub.url, "quiet-1", tmp_path / "s", "--pipe-grace", "0.3") + cmd) as a:
         assert await a.wait() == 1
     assert bytes(a.stdout) == b"first\nlast\n"
     assert [r["message"] for r in await stored(hub, "quiet-1")] == ["first", "last"]
@@ -302,7 +303,7 @@ async def test_background_process_holding_the_pipes_does_not_hold_the_agent(
     hub: hubclient.TestHub, tmp_path: Path
 ) -> None:
     cmd = ["sh", "-c", "echo start; (sleep 30; echo late) & echo parent done"]
-    async with agent(run_args(hub.url, "bg-1", tmp_path / "s") + cmd) as a:
+    async with agent(run_args(hub.url, "bg-1", tmp_path / "s", "--pipe-grace", "0.3") + cmd) as a:
         # Well before the background process would let go of the pipes.
         assert await a.wait(timeout=20) == 0
     assert "holds its output open" in a.stderr_text

@@ -69,10 +69,16 @@ async def test_hub_killed_mid_stream_and_restarted(hub_process: hubclient.TestHu
     hub = hub_process  # SIGKILL: a process
     n = 3000
     cmd = program(n, seed=21, pause_every=100, pause=0.05)
-    async with agent(run_args(hub.url, "crash-1", tmp_path / "spool", "--quiet") + cmd) as a:
+    # Reconnecting every 0.2 s at most, the agent finds the restarted hub
+    # without waiting out a long backoff.
+    args = run_args(hub.url, "crash-1", tmp_path / "spool", "--quiet", "--reconnect-max", "0.2")
+    async with agent(args + cmd) as a:
         await wait_stored(hub, "crash-1", 500)
         hub.kill()
-        await trio.sleep(1.0)
+        # The agent meets the dead hub before it is back.
+        with trio.fail_after(PATIENCE):
+            while b"; retrying in" not in a.stderr:
+                await trio.sleep(0.02)
         await hub.arestart()
         assert await a.wait() == 0
     check_records(await stored(hub, "crash-1"), expected_streams(n, seed=21))
@@ -162,6 +168,9 @@ async def test_connection_cut_mid_frame_by_a_proxy(hub: hubclient.TestHub, tmp_p
             "--quiet",
             "--batch-size",
             "100",
+            # Each cut is followed by a reconnect within 0.2 s, not a backoff growing to 2 s.
+            "--reconnect-max",
+            "0.2",
         )
         async with agent(args + cmd) as a:
             assert await a.wait() == 0
@@ -255,7 +264,8 @@ async def test_flush_with_the_hub_down_fails_and_keeps_the_spool(tmp_path: Path)
     async with agent(args + ["sh", "-c", "echo one; echo two"]) as a:
         assert await a.wait() == 0
     assert "keruta-agent flush" in a.stderr_text
-    async with agent(["flush", "--spool-dir", str(spool)]) as f:
+    # Its four attempts 0.5 s apart at most, not growing to 2 s.
+    async with agent(["flush", "--spool-dir", str(spool), "--reconnect-max", "0.5"]) as f:
         assert await f.wait() == 1
     assert "could not deliver" in f.stderr_text
     assert (spool / "down-1").exists()

@@ -210,7 +210,7 @@ async def test_history_waits_for_room_up_to_its_patience(autojump_clock: trio.te
     assert trio.current_time() - start == 13.0
 
 
-async def test_the_write_queue_lets_one_frame_in_whatever_its_size() -> None:
+async def test_the_write_queue_lets_one_frame_in_whatever_its_size(autojump_clock: trio.testing.MockClock) -> None:
     queue = WriteQueue(2, 100)
     await queue.put("big", 500)
     with trio.move_on_after(1) as blocked:
