@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -71,8 +71,19 @@ CLOSE_POLICY = 1008
 CLOSE_TRY_AGAIN_LATER = 1013
 
 
+class WebSocket(Protocol):
+    """What a Connection uses of its socket (Quart's `websocket` in the hub; an
+    in-memory stand-in in tests/test_unit_connection.py)."""
+
+    async def receive(self) -> str | bytes | None: ...
+
+    async def send(self, data: str) -> None: ...
+
+    async def close(self, code: int, reason: str = "") -> None: ...
+
+
 class Connection:
-    def __init__(self, hub: ConnectionDeps, ws: Any, role: Role) -> None:
+    def __init__(self, hub: ConnectionDeps, ws: WebSocket, role: Role) -> None:
         self.hub = hub
         self.ws = ws
         self.role = role
