@@ -37,7 +37,7 @@ def missing(expected: range, stored: list[int]) -> list[int]:
 async def test_sigkill_mid_stream_loses_no_acked_record_and_serves_on(hub_process: TestHub) -> None:
     hub = hub_process  # SIGKILL: a process
     ws_task, rest_task = "killed-ws", "killed-rest"
-    total, batch, kill_at = 60_000, 500, 10_000
+    total, batch, kill_at = 24_000, 500, 8_000
     frames = list(batch_frames(ws_task, 1, total, batch))
     rest_answered = 0  # highest seq of rest_task the hub answered 200 for
     killed = trio.Event()

@@ -105,13 +105,13 @@ async def test_database_connections_cut_mid_stream_lose_and_double_nothing(
 ) -> None:
     a, b = two_hubs
     database = fresh_pg_url.rsplit("/", 1)[1]
-    n = 20_000
+    n = 10_000
     # About four seconds of output, so the cuts land mid-stream.
     program = (
         "import time\n"
         f"for i in range({n}):\n"
         "    print('line', i)\n"
-        "    if i % 500 == 0: time.sleep(0.1)\n"
+        "    if i % 250 == 0: time.sleep(0.1)\n"
     )
     live: list[Any] = []
     with trio.fail_after(120):

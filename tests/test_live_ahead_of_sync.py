@@ -49,7 +49,7 @@ async def test_a_line_a_viewer_saw_survives_a_hub_sigkill_unchanged(hub_process:
     shown before its commit could come back under another seq or not at all."""
     hub = hub_process  # SIGKILL: a process
     task = "seen-then-killed"
-    total, batch, kill_at = 30_000, 100, 6_000
+    total, batch, kill_at = 15_000, 100, 6_000
     frames = producer_frames(task, total, batch)
     seen: dict[int, str] = {}
     posted: list[str] = []  # REST lines the hub answered 200 for
