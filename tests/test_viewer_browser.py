@@ -107,6 +107,16 @@ def js(driver: Any, script: str, *args: Any) -> Any:
     return driver.execute_script(script, *args)
 
 
+def settled(read: Callable[[], Any], pause: float = 0.2) -> Any:
+    """What `read` gives, if it gives the same again after `pause` (else None):
+    a view still filling in as its pages arrive is not yet the view."""
+    first = read()
+    if not first:
+        return None
+    time.sleep(pause)
+    return first if read() == first else None
+
+
 def rows(driver: Any) -> list[dict[str, Any]]:
     """The rows in the DOM: seq, classes, text, whether on screen."""
     return js(driver, """
@@ -329,7 +339,7 @@ def test_200k_lines_stay_virtual(page: Any, shared_hub: HubProcess) -> None:
     assert viewer(page, "following")
     # The middle: fetched in pages as it comes into view.
     js(page, "const s = document.getElementById('scroller'); s.scrollTop = (s.scrollHeight - s.clientHeight) / 2")
-    middle = wait_for(lambda: (lambda v: v if v and all(r["seq"] for r in rows(page)) else None)(visible_seqs(page)), "the middle")
+    middle = wait_for(lambda: settled(lambda: (lambda v: v if v and all(r["seq"] for r in rows(page)) else None)(visible_seqs(page))), "the middle")
     assert abs(middle[0] - n // 2) < 1000, middle[:3]
     assert middle == list(range(middle[0], middle[0] + len(middle)))
     assert all(r["text"] == f"line {r['seq']}" for r in rows(page))
