@@ -1,6 +1,7 @@
-"""One connection's trouble must never end the hub.
+"""One connection's trouble must never end the hub, nor hold it up.
 
-Two guards around hypercorn's trio TCP server (installed by hub/server.py).
+Three guards around hypercorn's trio TCP server and its WebSocket streams
+(installed by hub/server.py).
 
 A connection's close must not race its own sends.
 
@@ -17,6 +18,13 @@ And whatever else goes wrong in one connection's handler: hypercorn runs
 each under `trio.serve_listeners`, where an exception ends the listener and
 so the hub. It is logged with its traceback (it is a bug to fix) and only that
 connection ends.
+
+A closed WebSocket's ping task must end with it. Hypercorn's ping task loops
+`while not closed: ping; sleep(ping interval)`, in the connection's task
+group, which the connection's end waits for: a closed connection lingered
+for up to a ping interval (5 s), and a SIGTERM'd hub waited that long for its
+last viewers after closing them with 1001. Here the ping task runs in a
+cancel scope that the stream's StreamClosed event cancels.
 """
 
 from __future__ import annotations
@@ -26,12 +34,16 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
+from hypercorn.protocol.events import StreamClosed
+from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio.tcp_server import TCPServer
 
 log = logging.getLogger("keruta.hub.http")
 
 _original_close: Callable[[Any], Awaitable[None]] = TCPServer._close
 _original_run: Callable[[Any], Awaitable[None]] = TCPServer.run
+_original_send_pings: Callable[[Any], Awaitable[None]] = WSStream._send_pings
+_original_handle: Callable[[Any, Any], Awaitable[None]] = WSStream.handle
 
 
 async def _close_under_send_lock(self: Any) -> None:
@@ -53,8 +65,25 @@ async def _run_isolated(self: Any) -> None:
         log.exception("a connection's handler failed; that connection is closed, the hub serves on")
 
 
+async def _send_pings_until_closed(self: Any) -> None:
+    with trio.CancelScope() as self.keruta_pings:
+        await _original_send_pings(self)
+
+
+async def _handle_and_stop_pings(self: Any, event: Any) -> None:
+    await _original_handle(self, event)
+    if isinstance(event, StreamClosed):
+        pings: trio.CancelScope | None = getattr(self, "keruta_pings", None)
+        if pings is not None:
+            pings.cancel()
+
+
 def install() -> None:
     if TCPServer._close is not _close_under_send_lock:  # type: ignore[comparison-overlap]
         TCPServer._close = _close_under_send_lock  # type: ignore[method-assign]
     if TCPServer.run is not _run_isolated:  # type: ignore[comparison-overlap]
         TCPServer.run = _run_isolated  # type: ignore[method-assign]
+    if WSStream._send_pings is not _send_pings_until_closed:  # type: ignore[comparison-overlap]
+        WSStream._send_pings = _send_pings_until_closed  # type: ignore[method-assign]
+    if WSStream.handle is not _handle_and_stop_pings:  # type: ignore[comparison-overlap]
+        WSStream.handle = _handle_and_stop_pings  # type: ignore[method-assign]

@@ -78,8 +78,9 @@ def install_hypercorn_guards() -> None:
       it arrives and answered TOO_LARGE, instead of hypercorn's close 1009
       that leaves the TCP connection open for good;
     - hub/sendlock.py: a connection's close takes the send lock its pings
-      take (the race ended the hub), and an exception in one connection's
-      handler ends only that connection.
+      take (the race ended the hub), an exception in one connection's
+      handler ends only that connection, and a closed WebSocket's ping task
+      ends at once instead of after its next ping interval.
     """
     wsbuffer.install()
     sendlock.install()

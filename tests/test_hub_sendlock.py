@@ -7,6 +7,9 @@ from hypercorn.events import Closed, RawData
 from hypercorn.trio.tcp_server import TCPServer
 
 from hub import sendlock
+from tests import hubclient
+
+sqlite_hub_factory = hubclient.sqlite_hub_factory
 
 
 class _Protocol:
@@ -62,3 +65,30 @@ async def test_a_failing_connection_handler_ends_only_that_connection(caplog) ->
     server = TCPServer(None, Config(), None, None, object())  # type: ignore[arg-type]
     await server  # would raise, and end trio.serve_listeners and the hub with it
     assert any("serves on" in r.getMessage() for r in caplog.records)
+
+
+def _ping_tasks() -> list[str]:
+    """The WebSocket ping tasks alive in this trio run (the in-process hub's)."""
+    found: list[str] = []
+    todo = [trio.lowlevel.current_root_task()]
+    while todo:
+        task = todo.pop()
+        if "_send_pings" in task.name:
+            found.append(task.name)
+        todo.extend(child for nursery in task.child_nurseries for child in nursery.child_tasks)
+    return found
+
+
+async def test_a_websocket_the_hub_closed_leaves_no_ping_task_behind(sqlite_hub_factory) -> None:  # type: ignore[no-untyped-def]
+    # Pings an hour apart. Closed by the hub (here: 1008, no token), the
+    # connection's ping task must end with it; one that waited for its next
+    # ping to notice would outlive this test, and hold up a SIGTERM'd hub
+    # (closing its viewers with 1001) for a ping interval.
+    hub = await sqlite_hub_factory.astart("--agent-token", "agent-secret", "--ping-interval", "3600")
+    with trio.fail_after(10):
+        async with hub.ws() as refused:
+            frames, code = await hubclient.drain_until_closed(refused)
+    assert [f.get("code") for f in frames] == ["UNAUTHORIZED"] and code == 1008
+    with trio.fail_after(10):
+        while _ping_tasks():
+            await trio.sleep(0.01)
