@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
+import trio
 
 from hub.store.base import StoreUnavailable
 from hub.store.sqlite import SQLiteStore
@@ -63,3 +64,41 @@ async def test_sqlite_settings_make_commits_durable(tmp_path):
     finally:
         await store.close()
     await store.close()  # closing twice is harmless
+
+
+async def test_a_small_append_waits_for_another_writer_without_stopping_the_hub(tmp_path):
+    """Another process holds the write lock (a `sqlite3` shell left in a
+    transaction, say): a small append, otherwise committed on the event loop's
+    thread, waits for the lock in a worker thread while every other task of
+    the hub runs on. Here the other writer lets go only after the loop has
+    ticked on during the append; a commit waiting on the loop's own thread
+    would stop that, and fail after the busy timeout."""
+    store = SQLiteStore(tmp_path / "k.db")
+    await store.open()
+    other = sqlite3.connect(tmp_path / "k.db", isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        ticks = 0
+        appending = trio.Event()
+
+        async def tick() -> None:
+            nonlocal ticks
+            await appending.wait()
+            while other.in_transaction:
+                ticks += 1
+                if ticks == 5:
+                    other.execute("COMMIT")
+                await trio.sleep(0.01)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(tick)
+            appending.set()
+            with trio.fail_after(30):  # a hang guard
+                result = await store.append([rec(1)])
+        assert ticks >= 5
+        assert [r.seq for r in result.inserted] == [1]
+        # And with the lock free again, small appends commit as before.
+        assert [r.seq for r in (await store.append([rec(2)])).inserted] == [2]
+    finally:
+        other.close()
+        await store.close()

@@ -106,6 +106,36 @@ def _in_write_tx(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], 
     return result
 
 
+class WriterBusy(Exception):
+    """Another connection holds the database's write lock (seen without waiting)."""
+
+
+def _in_write_tx_unless_busy(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
+    """`_in_write_tx`, but WriterBusy at once where it would wait for the lock.
+
+    For commits run on the event loop's own thread: there the busy handler's
+    wait (up to the busy timeout) would stop every task of the hub, not only
+    the writer. Once BEGIN IMMEDIATE holds the lock nothing else waits for one
+    (a WAL commit's checkpoint is passive)."""
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if conn.in_transaction or "locked" not in str(exc).lower():
+            raise
+        raise WriterBusy(str(exc)) from exc
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+    try:
+        result = work(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return result
+
+
 def _in_snapshot(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
     conn.execute("BEGIN")  # deferred: the first read fixes what every later one sees
     try:
@@ -202,8 +232,13 @@ class SQLiteStore(SqlStore):
             if small:
                 # No thread hop: a few rows commit in tens of microseconds, as
                 # the commit does not wait for the disk (`sync` does, later).
-                result = self._guarded(_in_write_tx, conn, _runner(steps))
-            else:
+                # If another process holds the write lock, the wait for it
+                # happens in a thread like any large commit's.
+                try:
+                    result = self._guarded(_in_write_tx_unless_busy, conn, _runner(steps))
+                except WriterBusy:
+                    small = False
+            if not small:
                 # Not abandonable on cancel (the default): the transaction either
                 # commits or rolls back entirely before control comes back here.
                 result = await trio.to_thread.run_sync(self._guarded, _in_write_tx, conn, _runner(steps))
