@@ -127,8 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 5)")
     p.add_argument("--ping-interval", type=_number(float, 0, strict=True), default=5.0,
                    help="seconds between the pings sent on each WebSocket, which notice a "
-                        "peer that vanished without closing; a shutdown waits up to this "
-                        "long for the last ping of a closed connection (default 5)")
+                        "peer that vanished without closing (default 5)")
     p.add_argument("--log-level", default="WARNING", help="hub's own log level (default WARNING)")
     return p
 
