@@ -210,7 +210,9 @@ async def test_agent_sigterm_with_a_command_that_handles_it(
     async with agent(
         run_args(hub.url, "term-2", tmp_path / "spool") + [sys.executable, "-c", code]
     ) as a:
-        await a.wait_for_output(b"ready")
+        # The whole line: under PYTHONUNBUFFERED, print writes "ready" and
+        # "\n" apart, and a signal between them makes one line of two.
+        await a.wait_for_output(b"ready\n")
         a.signal(signal.SIGTERM)
         assert await a.wait() == 0
     assert [r["message"] for r in await stored(hub, "term-2")] == [
