@@ -58,7 +58,7 @@ async def _get(url: str, params: dict[str, object] | None, token: str | None) ->
     if token:
         headers["Authorization"] = f"Bearer {token}"
     query = {k: str(v) for k, v in (params or {}).items() if v is not None}
-    async with httpx.AsyncClient(verify=_system_tls(), timeout=None) as client:
+    async with httpx.AsyncClient(verify=system_tls(), timeout=None) as client:
         # Merged: `params=` would replace a query the URL already has.
         target = httpx.URL(url).copy_merge_params(query)
         async with client.stream("GET", target, headers=headers) as response:
@@ -73,7 +73,7 @@ async def _get(url: str, params: dict[str, object] | None, token: str | None) ->
 
 
 @functools.cache
-def _system_tls() -> ssl.SSLContext:
+def system_tls() -> ssl.SSLContext:
     """The system's CA store, as the WebSocket side uses. Loading it costs
     about 40 ms of CPU: once per process, not once per request (`tail` asks
     for a page at a time)."""

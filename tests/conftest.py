@@ -26,9 +26,6 @@ def pg_dsn() -> str | None:
     return os.environ.get(PG_DSN_ENV) or None
 
 
-_with_database = pgpool.with_database
-
-
 @asynccontextmanager
 async def fresh_pg_database(dsn: str) -> AsyncIterator[str]:
     """An empty database for one test; yield its URL; give it back afterwards."""
@@ -157,11 +154,6 @@ async def store(request, tmp_path):  # type: ignore[no-untyped-def]
             yield pg_store
         finally:
             await pg_store.close()
-
-
-def _admin_sync(dsn: str, statement: str) -> None:
-    """Run one admin statement (from plain code or from inside a trio run)."""
-    pgpool.admin(dsn, statement)
 
 
 @pytest.fixture

@@ -13,11 +13,9 @@ gives every test its own database. Import the fixtures into a test module with
 from __future__ import annotations
 
 import asyncio
-import functools
 import re
 import socket
 import sqlite3
-import ssl
 import threading
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -36,6 +34,7 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
+from agent.http import system_tls
 from keruta.records import LogRecord
 from keruta.timefmt import now_ts
 from keruta.wire import LogsFrame, decode_hub_frame, encode_bytes, record_to_wire
@@ -105,15 +104,10 @@ class TestHub(HubProcess):
         return self.proc is not None and self.proc.poll() is None
 
 
-@functools.cache
-def system_tls() -> ssl.SSLContext:
-    # Made once: httpx would load the CA store again (~40 ms of CPU) for every client.
-    return ssl.create_default_context()
-
-
 def http_client(url: str, token: str | None = None, **kwargs: Any) -> httpx.AsyncClient:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     kwargs.setdefault("timeout", 30.0)
+    # One CA store per process (agent/http.py): httpx would load it (~40 ms of CPU) per client.
     kwargs.setdefault("verify", system_tls())
     return httpx.AsyncClient(base_url=url, headers=headers, **kwargs)
 

@@ -64,6 +64,14 @@ def _in_own_thread(make: Callable[[], Awaitable[T]]) -> T:
     return outcome[0]
 
 
+def end_sessions(database: str) -> str:
+    """The statement that ends every other session on `database`."""
+    return (
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        f"WHERE datname = '{database}' AND pid <> pg_backend_pid()"
+    )
+
+
 def admin(dsn: str, *statements: str) -> None:
     """Run statements one by one on one connection to `dsn`."""
     import asyncpg
@@ -120,8 +128,7 @@ class DatabasePool:
         admin(
             self.admin_dsn,
             f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true',
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            f"WHERE datname = '{name}' AND pid <> pg_backend_pid()",
+            end_sessions(name),
         )
         admin(
             with_database(self.admin_dsn, name),

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from tests.hubclient import system_tls
+from agent.http import system_tls
 from tests.support import HubProcess, fuzz_examples, sqlite_url
 
 EXAMPLES = settings(

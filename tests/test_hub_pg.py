@@ -16,7 +16,8 @@ import trio
 from trio_websocket import open_websocket_url
 
 from keruta.wire import LogsFrame, StatusFrame, SubscribeFrame, decode_hub_frame, dumps
-from tests.conftest import _admin_sync, pg_dsn
+from tests import pgpool
+from tests.conftest import pg_dsn
 from tests.support import HubProcess
 
 pytestmark = pytest.mark.pg
@@ -93,11 +94,7 @@ async def test_agent_through_hub_a_reaches_subscriber_on_hub_b(
 def _cut_connections(database: str) -> None:
     dsn = pg_dsn()
     assert dsn is not None
-    _admin_sync(
-        dsn,
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-        f"WHERE datname = '{database}' AND pid <> pg_backend_pid()",
-    )
+    pgpool.admin(dsn, pgpool.end_sessions(database))
 
 
 async def test_database_connections_cut_mid_stream_lose_and_double_nothing(

@@ -38,9 +38,9 @@ from hub.store.base import AppendResult, Incoming, LogQuery, StoreUnavailable
 from hub.store.pg_errors import transient as _transient
 from hub.store.sqlite import SQLiteStore
 from keruta.timefmt import now_ts
-from tests import hubclient
+from tests import hubclient, pgpool
 from tests.agentclient import free_port
-from tests.conftest import _admin_sync, pg_dsn
+from tests.conftest import pg_dsn
 from tests.hubclient import InProcessHubFactory, Ws, make_record
 from tests.hubclient import logs_frame as hc_logs_frame
 from tests.support import HubProcess
@@ -217,13 +217,9 @@ def _refuse_connections(database: str, refuse: bool) -> None:
     """Make the database refuse new connections (and cut the open ones), or accept them again."""
     dsn = pg_dsn()
     assert dsn is not None
-    _admin_sync(dsn, f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS {"false" if refuse else "true"}')
+    pgpool.admin(dsn, f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS {"false" if refuse else "true"}')
     if refuse:
-        _admin_sync(
-            dsn,
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            f"WHERE datname = '{database}' AND pid <> pg_backend_pid()",
-        )
+        pgpool.admin(dsn, pgpool.end_sessions(database))
 
 
 async def refuse_connections(database: str, refuse: bool) -> None:
@@ -651,7 +647,7 @@ def _rename_logs_table(db_url: str, away: bool) -> None:
         finally:
             conn.close()
     else:
-        _admin_sync(db_url, statement)
+        pgpool.admin(db_url, statement)
 
 
 @pytest.mark.slow

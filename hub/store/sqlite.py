@@ -96,6 +96,11 @@ def _connect(path: str, *, readonly: bool) -> sqlite3.Connection:
 
 def _in_write_tx(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
     conn.execute("BEGIN IMMEDIATE")
+    return _commit_or_roll_back(conn, work)
+
+
+def _commit_or_roll_back(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
+    """Run `work` in the transaction begun on `conn`: committed, or rolled back on any error."""
     try:
         result = work(conn)
         conn.execute("COMMIT")
@@ -126,14 +131,7 @@ def _in_write_tx_unless_busy(conn: sqlite3.Connection, work: Callable[[sqlite3.C
         raise WriterBusy(str(exc)) from exc
     finally:
         conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-    try:
-        result = work(conn)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    return result
+    return _commit_or_roll_back(conn, work)
 
 
 def _in_snapshot(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
