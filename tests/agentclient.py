@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -15,6 +14,7 @@ from typing import Any
 import trio
 
 from keruta.levels import determine_level
+from tests.launch import Child, spawn
 
 # Hang guard only (never a performance assertion).
 PATIENCE = 60.0
@@ -91,7 +91,7 @@ def agent_env(**extra: str) -> dict[str, str]:
 class AgentProcess:
     """A running `python -m agent ...` child; stdout/stderr collected as bytes."""
 
-    def __init__(self, process: trio.Process) -> None:
+    def __init__(self, process: Child) -> None:
         self.process = process
         self.stdout = bytearray()
         self.stderr = bytearray()
@@ -116,7 +116,7 @@ class AgentProcess:
 
     async def wait(self, timeout: float = PATIENCE) -> int:
         with trio.fail_after(timeout):
-            code = await self.process.wait()
+            code = await self.process.exited()
             await self.done.wait()
         return code
 
@@ -137,27 +137,18 @@ class AgentProcess:
 async def agent(
     args: Sequence[str], env: dict[str, str] | None = None
 ) -> AsyncIterator[AgentProcess]:
-    cmd = [sys.executable, "-m", "agent", *args]
-    process = await trio.lowlevel.open_process(
-        cmd,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env if env is not None else agent_env(),
-    )
+    process = spawn("agent", args, env=env if env is not None else agent_env())
     child = AgentProcess(process)
     try:
         async with trio.open_nursery() as nursery:
-            assert process.stdout is not None and process.stderr is not None
-            nursery.start_soon(child._pump, process.stdout, child.stdout)
-            nursery.start_soon(child._pump, process.stderr, child.stderr)
+            nursery.start_soon(child._pump, process.stream("stdout"), child.stdout)
+            nursery.start_soon(child._pump, process.stream("stderr"), child.stderr)
             try:
                 yield child
             finally:
-                if process.returncode is None:
-                    process.kill()
+                process.kill()
                 with trio.CancelScope(shield=True):
-                    await process.wait()
+                    await process.exited()
     finally:
         if child.stderr:
             # Shown by pytest only when the test fails.

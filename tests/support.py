@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
+
+from tests.launch import DEVNULL, Child, spawn
 
 # The fuzz tests' budget. The default keeps the suite (and `.ci/run`) bounded;
 # `KERUTA_FUZZ=deep` (`tox -e fuzz`) generates ten times as many examples.
@@ -32,25 +32,24 @@ class HubProcess:
         self.args = list(args)
         self.port = port
         self.env = {**os.environ, **(env or {})}
-        self.proc: subprocess.Popen[str] | None = None
+        self.proc: Child | None = None
         self.url = ""
         self.output: list[str] = []
 
     def start(self, timeout: float = 30.0) -> HubProcess:
-        cmd = [sys.executable, "-m", "hub", "--host", "127.0.0.1", "--port", str(self.port), "--db", self.db, *self.args]
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=self.env
-        )
+        args = ["--host", "127.0.0.1", "--port", str(self.port), "--db", self.db, *self.args]
+        self.proc = spawn("hub", args, stdout=DEVNULL, env=self.env)
         found = threading.Event()
+        stderr = self.proc.file("stderr", text=True)
 
         def pump() -> None:
-            assert self.proc is not None and self.proc.stderr is not None
-            for line in self.proc.stderr:
-                self.output.append(line)
-                m = _LISTENING.search(line)
-                if m and not found.is_set():
-                    self.url = m.group(1)
-                    found.set()
+            with stderr:
+                for line in stderr:
+                    self.output.append(line)
+                    m = _LISTENING.search(line)
+                    if m and not found.is_set():
+                        self.url = m.group(1)
+                        found.set()
 
         threading.Thread(target=pump, daemon=True).start()
         deadline = time.monotonic() + timeout

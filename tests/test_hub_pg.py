@@ -5,7 +5,6 @@ Real hub processes, a real agent process, real PostgreSQL (KERUTA_TEST_PG_DSN).
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -18,6 +17,7 @@ from trio_websocket import open_websocket_url
 from keruta.wire import LogsFrame, StatusFrame, SubscribeFrame, decode_hub_frame, dumps
 from tests import pgpool
 from tests.conftest import pg_dsn
+from tests.launch import run_cli
 from tests.support import HubProcess
 
 pytestmark = pytest.mark.pg
@@ -34,9 +34,9 @@ def two_hubs(fresh_pg_url: str) -> Iterator[tuple[HubProcess, HubProcess]]:
         b.stop()
 
 
-def agent_cmd(hub: HubProcess, task_id: str, spool: str, program: str) -> list[str]:
+def agent_args(hub: HubProcess, task_id: str, spool: str, program: str) -> list[str]:
     return [
-        sys.executable, "-m", "agent", "run", "--hub", hub.url, "--task-id", task_id,
+        "run", "--hub", hub.url, "--task-id", task_id,
         "--spool-dir", spool, "--quiet", "--", sys.executable, "-c", program,
     ]
 
@@ -80,7 +80,7 @@ async def test_agent_through_hub_a_reaches_subscriber_on_hub_b(
             ready = trio.Event()
             nursery.start_soon(follow, b, "multi", live, ready)
             await ready.wait()
-            result = await trio.run_process(agent_cmd(a, "multi", str(tmp_path / "spool"), program), check=False)
+            result = await run_cli("agent", agent_args(a, "multi", str(tmp_path / "spool"), program))
             assert result.returncode == 0
     assert [r.seq for r in live] == list(range(1, n + 1)), "hub B's subscriber missed or doubled records"
     assert [r.message for r in live] == [f"line {i}" for i in range(n)]
@@ -123,10 +123,7 @@ async def test_database_connections_cut_mid_stream_lose_and_double_nothing(
                     await trio.to_thread.run_sync(_cut_connections, database)
 
             nursery.start_soon(cutter)
-            env = {**os.environ}
-            result = await trio.run_process(
-                agent_cmd(a, "cut", str(tmp_path / "spool"), program), check=False, env=env
-            )
+            result = await run_cli("agent", agent_args(a, "cut", str(tmp_path / "spool"), program))
             assert result.returncode == 0
     stored = await rest_all(a, "cut")
     assert [r["seq"] for r in stored] == list(range(1, n + 1)), "records lost or doubled in the store"

@@ -43,6 +43,7 @@ from tests.agentclient import free_port
 from tests.conftest import pg_dsn
 from tests.hubclient import InProcessHubFactory, Ws, make_record
 from tests.hubclient import logs_frame as hc_logs_frame
+from tests.launch import run_cli
 from tests.support import HubProcess
 
 sqlite_hub_factory = hubclient.sqlite_hub_factory  # a fixture
@@ -316,7 +317,7 @@ async def test_item14_outage_refusing_connections_mid_stream(
         "    if i % 250 == 0: time.sleep(0.5)\n"
     )
     agent = [
-        sys.executable, "-m", "agent", "run", "--hub", pg_hub.url, "--task-id", "outage",
+        "run", "--hub", pg_hub.url, "--task-id", "outage",
         "--spool-dir", str(tmp_path / "spool"), "--quiet", "--drain-timeout", "90",
         "--", sys.executable, "-c", program,
     ]
@@ -344,7 +345,7 @@ async def test_item14_outage_refusing_connections_mid_stream(
                 result: list[subprocess.CompletedProcess[bytes]] = []
 
                 async def run_agent() -> None:
-                    result.append(await trio.run_process(agent, check=False, capture_stderr=True))
+                    result.append(await run_cli("agent", agent, capture_stderr=True))
 
                 nursery.start_soon(run_agent)
                 while True:
@@ -391,19 +392,20 @@ async def test_item16_flush_gives_up_after_its_timeout_and_keeps_the_spool(
     database = fresh_pg_url.rsplit("/", 1)[1]
     spool = tmp_path / "spool"
     # No hub listens there: the record stays in the spool.
-    left = await trio.run_process(
-        [sys.executable, "-m", "agent", "run", "--hub", f"http://127.0.0.1:{free_port()}",
+    left = await run_cli(
+        "agent",
+        ["run", "--hub", f"http://127.0.0.1:{free_port()}",
          "--task-id", "t16f", "--spool-dir", str(spool), "--quiet", "--drain-timeout", "0",
          "--", sys.executable, "-c", "print('kept')"],
-        check=False, capture_stderr=True,
+        capture_stderr=True,
     )
     assert left.returncode == 0 and (spool / "t16f").exists(), left.stderr.decode()
-    flush = [sys.executable, "-m", "agent", "flush", "--spool-dir", str(spool), "--hub", pg_hub.url]
+    flush = ["flush", "--spool-dir", str(spool), "--hub", pg_hub.url]
     # The hub answers pings but cannot store anything, so it never acknowledges.
     await refuse_connections(database, True)
     started = trio.current_time()
     with trio.fail_after(60):
-        gave_up = await trio.run_process(flush + ["--timeout", "1.5"], check=False, capture_stderr=True)
+        gave_up = await run_cli("agent", flush + ["--timeout", "1.5"], capture_stderr=True)
     took = trio.current_time() - started
     stderr = gave_up.stderr.decode()
     assert gave_up.returncode == 1, stderr
@@ -412,7 +414,7 @@ async def test_item16_flush_gives_up_after_its_timeout_and_keeps_the_spool(
     assert (spool / "t16f").exists(), "flush dropped the spool it could not deliver"
     await refuse_connections(database, False)
     with trio.fail_after(60):
-        done = await trio.run_process(flush, check=False, capture_stderr=True)
+        done = await run_cli("agent", flush, capture_stderr=True)
     assert done.returncode == 0, done.stderr.decode()
     async with httpx.AsyncClient(base_url=pg_hub.url, timeout=30) as client:
         assert [r["message"] for r in await rest_all(client, "t16f")][:1] == ["kept"]
@@ -511,11 +513,12 @@ async def test_item17_a_permanent_refusal_ends_delivery_loudly_and_keeps_the_spo
     spool = tmp_path / "spool"
     started = trio.current_time()
     with trio.fail_after(60):
-        ran = await trio.run_process(
-            [sys.executable, "-m", "agent", "run", "--hub", hub.url, "--token", "wrong",
+        ran = await run_cli(
+            "agent",
+            ["run", "--hub", hub.url, "--token", "wrong",
              "--task-id", "t17", "--spool-dir", str(spool), "--quiet", "--drain-timeout", "60",
              "--", sys.executable, "-c", "print('hello'); raise SystemExit(3)"],
-            check=False, capture_stderr=True,
+            capture_stderr=True,
         )
     stderr = ran.stderr.decode()
     assert ran.returncode == 3, stderr  # COMMAND's exit code, whatever delivery did
@@ -524,18 +527,16 @@ async def test_item17_a_permanent_refusal_ends_delivery_loudly_and_keeps_the_spo
     assert "ERROR" in stderr and "unauthorized" in stderr.lower(), stderr
     assert (spool / "t17").exists()
     with trio.fail_after(60):
-        flushed = await trio.run_process(
-            [sys.executable, "-m", "agent", "flush", "--hub", hub.url, "--token", "wrong", "--spool-dir", str(spool)],
-            check=False, capture_stderr=True,
+        flushed = await run_cli(
+            "agent", ["flush", "--hub", hub.url, "--token", "wrong", "--spool-dir", str(spool)], capture_stderr=True
         )
     assert flushed.returncode == 1
     assert "unauthorized" in flushed.stderr.decode().lower(), flushed.stderr.decode()
     assert (spool / "t17").exists()
     # With the right token, flush delivers what was kept.
     with trio.fail_after(60):
-        flushed = await trio.run_process(
-            [sys.executable, "-m", "agent", "flush", "--hub", hub.url, "--token", "right", "--spool-dir", str(spool)],
-            check=False, capture_stderr=True,
+        flushed = await run_cli(
+            "agent", ["flush", "--hub", hub.url, "--token", "right", "--spool-dir", str(spool)], capture_stderr=True
         )
     assert flushed.returncode == 0, flushed.stderr.decode()
     assert not (spool / "t17").exists()

@@ -8,7 +8,6 @@ the task page of the agent run as a PNG (docs/viewer.png is made this way).
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ import trio
 
 from tests.agentclient import agent_env, run_args
 from tests.hubclient import batch_frames, ws_connect
+from tests.launch import DEVNULL, Child, spawn
 from tests.support import HubProcess, sqlite_url
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -182,9 +182,9 @@ def stored_total(hub: HubProcess, task_id: str) -> int:
     return int(resp.json()["totalLogs"]) if resp.status_code == 200 else 0
 
 
-def start_agent(hub: HubProcess, task_id: str, spool: Path, code: str, *args: str) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "agent", *run_args(hub.url, task_id, spool, "--quiet"), sys.executable, "-c", code, *args]
-    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=agent_env())
+def start_agent(hub: HubProcess, task_id: str, spool: Path, code: str, *args: str) -> Child:
+    args_ = [*run_args(hub.url, task_id, spool, "--quiet"), sys.executable, "-c", code, *args]
+    return spawn("agent", args_, stdout=DEVNULL, stderr=DEVNULL, env=agent_env())
 
 
 # A build as a person would watch it: colours in all three forms, bold and
