@@ -9,7 +9,10 @@ stdout and stderr on fds 0-2, its environment, working directory, argv and
 standard streams (buffered as the interpreter would buffer them), default
 signal handlers, then the module run as `__main__`. The child is a real
 process with its own pid; signals, SIGKILL and exit codes work as for any
-child. What it does not repeat is the interpreter's start-up and the imports.
+child. What it does not repeat is the interpreter's start-up and the imports:
+of the request's environment, the start-up's own variables (PYTHONPATH,
+PYTHONHASHSEED, LANG and LC_* for the locale...) have no effect, except
+PYTHONUNBUFFERED. tests/test_launch.py compares the two kinds of start.
 
 Protocol, over the SOCK_SEQPACKET socket given to `main` (one message per request):
 JSON {"module", "argv", "env", "cwd"} with four fds: a status socket, stdin,
@@ -119,10 +122,15 @@ def _become(request: dict, fds: list[int]) -> None:
         os.environ.clear()
         os.environ.update(request["env"])
         unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
-        sys.stdin = _stdio(0, "r", unbuffered)
-        sys.stdout = _stdio(1, "w", unbuffered)
-        sys.stderr = _stdio(2, "w", unbuffered, errors="backslashreplace", line_buffering=True)
+        streams = [_stdio(fd, unbuffered) for fd in (0, 1, 2)]
+        sys.stdin, sys.stdout, sys.stderr = sys.__stdin__, sys.__stdout__, sys.__stderr__ = streams  # type: ignore[misc]
+        if sys.path[0] == "":  # `-c`'s entry; `-m` puts the working directory there
+            sys.path[0] = os.getcwd()
         sys.argv = ["-m", *request["argv"]]
+        # The module runs in __main__'s namespace, as with `-m`: without what `-c` put there.
+        main_globals = vars(sys.modules["__main__"])
+        for name in [name for name in main_globals if not name.startswith("__")]:
+            del main_globals[name]
         gc.enable()
         code = _run(request["module"])
     finally:
@@ -130,19 +138,23 @@ def _become(request: dict, fds: list[int]) -> None:
 
 
 def _run(module: str) -> int:
+    """What the interpreter does for `-m MODULE` (Py_RunMain): run it as
+    __main__ through runpy's entry point for `-m`, report how it ended, then
+    finalize: join non-daemon threads, run atexit handlers, flush stdout and
+    stderr (a failure there makes the status 120), and die of SIGINT after an
+    uncaught KeyboardInterrupt."""
+    interrupted = False
     try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        runpy._run_module_as_main(module)  # type: ignore[attr-defined]
         code = 0
     except SystemExit as exc:
         code = _exit_code(exc.code)
-    except KeyboardInterrupt:
-        _flush()
-        # As the interpreter does: die of the signal, so the parent sees -SIGINT.
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
-        code = 130
-    except BaseException:
-        traceback.print_exc()
+    except BaseException as exc:
+        # The traceback `python -m` prints: from runpy's frames down, without this one.
+        if exc.__traceback__ is not None:
+            exc.__traceback__ = exc.__traceback__.tb_next
+        sys.excepthook(type(exc), exc, exc.__traceback__)
+        interrupted = isinstance(exc, KeyboardInterrupt)
         code = 1
     import threading
 
@@ -150,7 +162,13 @@ def _run(module: str) -> int:
     import atexit
 
     atexit._run_exitfuncs()
-    _flush()
+    if not _flush():
+        code = 120
+    if interrupted:
+        # As the interpreter does: die of the signal, so the parent sees -SIGINT.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        code = 130
     return code
 
 
@@ -163,25 +181,46 @@ def _exit_code(value: object) -> int:
     return 1
 
 
-def _flush() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
+def _flush() -> bool:
+    """Flush stdout and stderr as the interpreter does at exit: False if either fails."""
+    ok = True
+    try:
+        if not sys.stdout.closed:
+            sys.stdout.flush()
+    except Exception as exc:
+        ok = False
+        try:  # what sys.unraisablehook says (the exception came from C: no traceback)
+            print(f"Exception ignored in: {sys.stdout!r}", file=sys.stderr)
+            traceback.print_exception(type(exc), exc, None, file=sys.stderr)
+        except Exception:
             pass
+    try:
+        if not sys.stderr.closed:
+            sys.stderr.flush()
+    except Exception:
+        ok = False
+    return ok
 
 
-def _stdio(
-    fd: int, mode: str, unbuffered: bool, *, errors: str | None = None, line_buffering: bool = False
-) -> io.TextIOWrapper:
-    """A standard stream over `fd`, buffered the way the interpreter sets it up."""
-    like = {0: sys.__stdin__, 1: sys.__stdout__, 2: sys.__stderr__}[fd]
-    encoding = like.encoding if like is not None else "utf-8"
-    errors = errors or (like.errors if like is not None else "strict")
-    interactive = os.isatty(fd)
-    raw = io.FileIO(fd, mode, closefd=False)
-    if mode == "w" and unbuffered:
-        return io.TextIOWrapper(raw, encoding, errors, line_buffering=line_buffering or interactive, write_through=True)
-    buffered: Any = io.BufferedReader(raw) if mode == "r" else io.BufferedWriter(raw)
-    return io.TextIOWrapper(buffered, encoding, errors, line_buffering=line_buffering or interactive)
-
+def _stdio(fd: int, unbuffered: bool) -> io.TextIOWrapper:
+    """sys.stdin, stdout or stderr over `fd`, made as the interpreter makes them
+    (create_stdio in Python/pylifecycle.c): io.open's buffer (sized by the fd's
+    st_blksize; none for an unbuffered stdout/stderr), newline="\\n" (stdin does
+    not translate "\\r"), line buffering for a terminal and for stderr, its name
+    and mode."""
+    like = (sys.__stdin__, sys.__stdout__, sys.__stderr__)[fd]
+    write = fd != 0
+    buffering = 0 if unbuffered and write else -1
+    buffer: Any = open(fd, "wb" if write else "rb", buffering=buffering, closefd=False)
+    raw = buffer if buffering == 0 else buffer.raw
+    raw.name = ("<stdin>", "<stdout>", "<stderr>")[fd]
+    stream = io.TextIOWrapper(
+        buffer,
+        like.encoding if like is not None else "utf-8",
+        "backslashreplace" if fd == 2 else like.errors if like is not None else "strict",
+        newline="\n",
+        line_buffering=not unbuffered and (raw.isatty() or fd == 2),
+        write_through=unbuffered,
+    )
+    stream.mode = "w" if write else "r"  # type: ignore[misc]
+    return stream
