@@ -60,6 +60,27 @@ def pytest_configure(config):  # type: ignore[no-untyped-def]
         compileall.compile_dir(root / package, quiet=1)
 
 
+def _xdist_groups(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """What `--dist loadgroup` should do and, with pytest 9.2, does not.
+
+    xdist 3.8 puts a test's `xdist_group` into its node id (`...::test@group`,
+    which its scheduler reads) by setting `item._nodeid`; pytest 9.2 keeps
+    the id in `item._id` and ignores the other, so every group was split
+    across the workers (two Chromiums, two viewer hubs). Where xdist's own
+    suffix took, this does nothing.
+    """
+    if not (hasattr(config, "workerinput") and config.getvalue("loadgroup")):
+        return
+    for item in items:
+        groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                         for m in item.iter_markers("xdist_group")})
+        if not groups or "@" in item.nodeid:
+            continue
+        from _pytest.nodeid import NodeId
+
+        item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(groups)}")  # type: ignore[attr-defined]
+
+
 # The modules whose tests take longest (seconds each: processes, Chromium,
 # fuzzing), run first: handed out last, one of them would keep a worker busy
 # long after the other ran out of tests. Only the order changes.
@@ -84,6 +105,7 @@ def _longest_first(item: pytest.Item) -> int:
 def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def]
     """Tests marked `pg` (and the PostgreSQL `store` param) need a server."""
     items.sort(key=_longest_first)
+    _xdist_groups(config, items)
     if os.environ.get("KERUTA_REQUIRE_BROWSER") and not all(
         os.path.exists(p) for p in ("/usr/bin/chromium", "/usr/bin/chromedriver")
     ):

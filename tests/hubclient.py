@@ -277,10 +277,16 @@ def encode_record(record: LogRecord) -> dict[str, Any]:
 def batch_frames(
     task_id: str, first: int, last: int, batch: int, make: Callable[[str, int], LogRecord] = make_record
 ) -> Iterator[str]:
-    """`logs` frames carrying seq first..last, `batch` records each, made by `make`."""
+    """`logs` frames carrying seq first..last, `batch` records each, made by `make`
+    (by default one timestamp per frame, as a batch made at one moment has)."""
     for start in range(first, last + 1, batch):
         stop = min(start + batch - 1, last)
-        yield logs_frame(task_id, (make(task_id, s) for s in range(start, stop + 1)))
+        if make is make_record:
+            ts = now_ts()
+            records: Iterable[LogRecord] = (make_record(task_id, s, timestamp=ts) for s in range(start, stop + 1))
+        else:
+            records = (make(task_id, s) for s in range(start, stop + 1))
+        yield logs_frame(task_id, records)
 
 
 # --- WebSocket --------------------------------------------------------------

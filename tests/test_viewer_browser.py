@@ -47,7 +47,9 @@ MAX_ROWS_IN_DOM = 300
 # --- fixtures ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+# Session scope, not module: xdist interleaves these tests with other modules'
+# on their worker, and a module fixture would start Chromium again each time.
+@pytest.fixture(scope="session")
 def driver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     # Selenium Manager must never try to download a browser or driver.
     os.environ["SE_OFFLINE"] = "true"
@@ -69,7 +71,7 @@ def driver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         browser.quit()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def shared_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
     hub = HubProcess(sqlite_url(tmp_path_factory.mktemp("viewer") / "keruta.db")).start()
     try:
