@@ -62,6 +62,15 @@ class ForkServer:
                 cls._instance = cls()
             return cls._instance
 
+    @classmethod
+    def stop(cls) -> None:
+        """End the server (it kills what children are left) and wait for it."""
+        with cls._lock:
+            server, cls._instance = cls._instance, None
+        if server is not None:
+            server.control.close()
+            server.proc.wait(30)
+
     def fork(self, request: dict[str, Any], fds: Sequence[int]) -> tuple[int, socket.socket]:
         status, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with theirs:

@@ -380,6 +380,19 @@ async def test_create_app_wires_every_route_module(store: SQLiteStore, nursery: 
     assert (await client.options("/api/v1/tasks")).status_code == 200
 
 
+async def test_apps_built_one_after_another_build_their_own_urls(store: SQLiteStore, nursery: trio.Nursery) -> None:
+    # tests/inprocess.py shares werkzeug's compiled URL builders between the
+    # apps of one test process: each app's builders still use its own rules.
+    import tests.inprocess  # noqa: F401  (the sharing is installed on import)
+
+    apps = [create_app(deps_for(store, nursery), store_available=lambda: True) for _ in range(2)]
+    for app in apps:
+        urls = app.url_map.bind("hub.example")
+        assert urls.build("logs.get_logs", {"task_id": "a b", "page": 2}) == "/api/v1/tasks/a%20b/logs?page=2"
+        assert urls.build("viewer.static_file", {"name": "viewer.js"}) == "/static/viewer.js"
+        assert urls.build("ops.healthz", force_external=True) == "http://hub.example/healthz"
+
+
 async def test_only_a_postgresql_store_listens(store: SQLiteStore) -> None:
     # The hub runs a notifier only for a store that tells of other hubs' commits.
     from hub.store.postgres import PostgresStore
