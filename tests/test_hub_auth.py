@@ -13,6 +13,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected
 
+from agent.http import system_tls
 from tests import hubclient
 from tests.hubclient import (
     PATIENCE,
@@ -208,7 +209,7 @@ def test_listens_on_a_non_loopback_address_with_tokens(hub_process_factory: HubF
     # HubProcess passes --host 127.0.0.1 first; the later flag wins.
     hub = hub_process_factory.start("--host", "0.0.0.0", "--agent-token", AGENT)
     port = hub.url.rsplit(":", 1)[1]
-    resp = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
+    resp = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10, verify=system_tls())
     assert resp.status_code == 200
-    resp = httpx.get(f"http://127.0.0.1:{port}{logs_path(TASK)}", timeout=10)
+    resp = httpx.get(f"http://127.0.0.1:{port}{logs_path(TASK)}", timeout=10, verify=system_tls())
     assert resp.status_code == 401

@@ -14,6 +14,7 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
+from agent.http import system_tls
 from keruta.wire import LogsFrame, StatusFrame, SubscribeFrame, decode_hub_frame, dumps
 from tests import pgpool
 from tests.conftest import pg_dsn
@@ -56,7 +57,7 @@ async def follow(hub: HubProcess, task_id: str, into: list[Any], ready: trio.Eve
 
 async def rest_all(hub: HubProcess, task_id: str) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    async with httpx.AsyncClient(base_url=hub.url, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=hub.url, timeout=30, verify=system_tls()) as client:
         after = 0
         while True:
             resp = await client.get(f"/api/v1/tasks/{task_id}/logs", params={"afterSeq": after, "size": 1000})
@@ -86,7 +87,7 @@ async def test_agent_through_hub_a_reaches_subscriber_on_hub_b(
     assert [r.message for r in live] == [f"line {i}" for i in range(n)]
     stored = await rest_all(b, "multi")
     assert [r["seq"] for r in stored] == list(range(1, n + 1))
-    async with httpx.AsyncClient(base_url=b.url) as client:
+    async with httpx.AsyncClient(base_url=b.url, verify=system_tls()) as client:
         task = (await client.get("/api/v1/tasks/multi")).json()
     assert task["state"] == "succeeded" and task["exitCode"] == 0 and task["totalLogs"] == n
 

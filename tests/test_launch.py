@@ -32,6 +32,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from agent.http import system_tls
 from tests import launch
 from tests.launch import DEVNULL, PIPE, Child, ForkServer, run_cli, run_cli_sync, spawn
 from tests.support import HubProcess, sqlite_url
@@ -167,7 +168,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
 
 
 def task_state(hub: HubProcess, task_id: str) -> dict:
-    resp = httpx.get(f"{hub.url}/api/v1/tasks/{task_id}", timeout=TIMEOUT)
+    resp = httpx.get(f"{hub.url}/api/v1/tasks/{task_id}", timeout=TIMEOUT, verify=system_tls())
     assert resp.status_code == 200, resp.text
     return resp.json()  # type: ignore[no-any-return]
 
@@ -261,7 +262,7 @@ def test_hub_signals(tmp_path: Path, exec_: bool, signum: int, code: int) -> Non
     child, not the fork server's SIG_IGN): a clean shutdown, exit 0."""
     hub = Hub(tmp_path / "hub", exec_)
     try:
-        assert httpx.get(f"{hub.url}/api/v1/tasks", timeout=TIMEOUT).status_code == 200
+        assert httpx.get(f"{hub.url}/api/v1/tasks", timeout=TIMEOUT, verify=system_tls()).status_code == 200
         hub.child.send_signal(signum)
         assert hub.child.wait(TIMEOUT) == code
         said = re.sub(rb"(?m)^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", b"", hub.rest_of_stderr())

@@ -26,6 +26,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
+from agent.http import system_tls
 from agent.pipeline.capture import encode_line
 from agent.pipeline.uplink import Uplink, UplinkFailed, UplinkSettings, fit_frame, logs_frame
 from agent.spool import Spool
@@ -271,7 +272,7 @@ async def healthz(client: httpx.AsyncClient) -> str:
 async def test_item14_hub_waits_out_a_database_refusing_connections(pg_hub: HubProcess, fresh_pg_url: str) -> None:
     database = fresh_pg_url.rsplit("/", 1)[1]
     assert pg_hub.proc is not None
-    async with httpx.AsyncClient(base_url=pg_hub.url, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=pg_hub.url, timeout=30, verify=system_tls()) as client:
         resp, _ = await post_line(client, "t14", "before")
         assert resp.status_code == 200
         await refuse_connections(database, True)
@@ -324,7 +325,7 @@ async def test_item14_outage_refusing_connections_mid_stream(
     posted: list[str] = []
     answers: list[tuple[int, float]] = []
 
-    async with httpx.AsyncClient(base_url=pg_hub.url, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=pg_hub.url, timeout=30, verify=system_tls()) as client:
 
         async def poster(i: int) -> None:
             for k in range(3):
@@ -416,7 +417,7 @@ async def test_item16_flush_gives_up_after_its_timeout_and_keeps_the_spool(
     with trio.fail_after(60):
         done = await run_cli("agent", flush, capture_stderr=True)
     assert done.returncode == 0, done.stderr.decode()
-    async with httpx.AsyncClient(base_url=pg_hub.url, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=pg_hub.url, timeout=30, verify=system_tls()) as client:
         assert [r["message"] for r in await rest_all(client, "t16f")][:1] == ["kept"]
 
 
@@ -479,7 +480,7 @@ async def test_item17_records_that_fill_a_frame_are_sent_in_frames_that_fit(
     with trio.fail_after(60):
         await uplink.run()
     spool.close()
-    async with httpx.AsyncClient(base_url=hub.url, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=hub.url, timeout=30, verify=system_tls()) as client:
         stored = await rest_all(client, task_id)
     assert [r["seq"] for r in stored] == list(range(1, 1001)), said
 

@@ -19,6 +19,7 @@ import httpx
 import pytest
 import trio
 
+from agent.http import system_tls
 from tests.agentclient import agent_env, run_args
 from tests.hubclient import batch_frames, ws_connect
 from tests.launch import DEVNULL, Child, spawn
@@ -144,7 +145,7 @@ def viewer(driver: Any, name: str) -> Any:
 def post(hub: HubProcess, task_id: str, records: list[dict[str, Any]], token: str | None = None) -> None:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     for start in range(0, len(records), 1000):
-        resp = httpx.post(f"{hub.url}/api/v1/tasks/{task_id}/logs", json=records[start:start + 1000], headers=headers, timeout=30)
+        resp = httpx.post(f"{hub.url}/api/v1/tasks/{task_id}/logs", json=records[start:start + 1000], headers=headers, timeout=30, verify=system_tls())
         assert resp.status_code == 200, resp.text
 
 
@@ -180,7 +181,7 @@ def ws_send(hub: HubProcess, frames: list[str], task_id: str, last_seq: int) -> 
 
 
 def stored_total(hub: HubProcess, task_id: str) -> int:
-    resp = httpx.get(f"{hub.url}/api/v1/tasks/{task_id}", timeout=10)
+    resp = httpx.get(f"{hub.url}/api/v1/tasks/{task_id}", timeout=10, verify=system_tls())
     return int(resp.json()["totalLogs"]) if resp.status_code == 200 else 0
 
 
