@@ -266,8 +266,8 @@ async def test_flush_with_the_hub_down_fails_and_keeps_the_spool(tmp_path: Path)
     async with agent(args + ["sh", "-c", "echo one; echo two"]) as a:
         assert await a.wait() == 0
     assert "keruta-agent flush" in a.stderr_text
-    # Its four attempts 0.5 s apart at most, not growing to 2 s.
-    async with agent(["flush", "--spool-dir", str(spool), "--reconnect-max", "0.5"]) as f:
+    # Its four attempts 0.2 s apart at most, not growing to 2 s.
+    async with agent(["flush", "--spool-dir", str(spool), "--reconnect-max", "0.2"]) as f:
         assert await f.wait() == 1
     assert "could not deliver" in f.stderr_text
     assert (spool / "down-1").exists()

@@ -104,12 +104,13 @@ async def test_database_connections_cut_mid_stream_lose_and_double_nothing(
     a, b = two_hubs
     database = fresh_pg_url.rsplit("/", 1)[1]
     n = 10_000
-    # About four seconds of output, so the cuts land mid-stream.
+    # About 2.8 seconds of output; the four cuts come at 0.5 s intervals, so
+    # they land mid-stream.
     program = (
         "import time\n"
         f"for i in range({n}):\n"
         "    print('line', i)\n"
-        "    if i % 250 == 0: time.sleep(0.1)\n"
+        "    if i % 250 == 0: time.sleep(0.07)\n"
     )
     live: list[Any] = []
     with trio.fail_after(120):
@@ -120,7 +121,7 @@ async def test_database_connections_cut_mid_stream_lose_and_double_nothing(
 
             async def cutter() -> None:
                 for _ in range(4):
-                    await trio.sleep(0.7)
+                    await trio.sleep(0.5)
                     await trio.to_thread.run_sync(_cut_connections, database)
 
             nursery.start_soon(cutter)
