@@ -83,6 +83,18 @@ async def test_a_line_a_viewer_saw_survives_a_hub_sigkill_unchanged(hub_process:
         except GONE:
             pass
 
+    async def read_acks(ws: Ws) -> None:
+        # The producer reads its acks, as an agent does. Unread, they fill
+        # trio-websocket's one-message queue and its reader task waits on it
+        # for good: once the hub is killed with frames still unread (a reset),
+        # closing this connection fails on the close frame, never wakes that
+        # task, and the `async with` waits for it until the deadline.
+        try:
+            while True:
+                await ws.recv()
+        except GONE:
+            pass
+
     async def post() -> None:
         async with hub.http() as client:
             n = 0
@@ -100,6 +112,7 @@ async def test_a_line_a_viewer_saw_survives_a_hub_sigkill_unchanged(hub_process:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(view)
                 nursery.start_soon(stream, producer)
+                nursery.start_soon(read_acks, producer)
                 nursery.start_soon(post)
     assert killed.is_set() and len(seen) >= kill_at
 
