@@ -23,6 +23,7 @@ EOF on it (the test process is gone) kills what is left and ends the server.
 
 from __future__ import annotations
 
+import codecs
 import gc
 import io
 import json
@@ -41,6 +42,13 @@ PRELOAD = (
     "agent.cli", "agent.run", "agent.tail", "agent.flush",
 )
 STATUS = struct.Struct("!q")
+# Each signal's disposition as the interpreter left it at start-up, before the
+# preloaded modules: an extension may install a handler of its own from C
+# (Python 3.13's readline catches SIGWINCH), which a child must not inherit.
+STARTUP_HANDLERS = {
+    signum: handler for signum in signal.valid_signals()
+    if (handler := signal.getsignal(signum)) in (signal.SIG_DFL, signal.SIG_IGN)
+}
 MAX_REQUEST = 1 << 20
 
 
@@ -117,6 +125,11 @@ def _become(request: dict, fds: list[int]) -> None:
         for fd in fds:
             if fd > 2:
                 os.close(fd)
+        for signum, handler in STARTUP_HANDLERS.items():
+            try:
+                signal.signal(signum, handler)
+            except (OSError, ValueError):  # SIGKILL, SIGSTOP
+                pass
         signal.signal(signal.SIGINT, signal.default_int_handler)
         os.chdir(request["cwd"])
         os.environ.clear()
@@ -190,7 +203,10 @@ def _flush() -> bool:
     except Exception as exc:
         ok = False
         try:  # what sys.unraisablehook says (the exception came from C: no traceback)
-            print(f"Exception ignored in: {sys.stdout!r}", file=sys.stderr)
+            if sys.version_info >= (3, 13):
+                print("Exception ignored on flushing sys.stdout:", file=sys.stderr)
+            else:
+                print(f"Exception ignored in: {sys.stdout!r}", file=sys.stderr)
             traceback.print_exception(type(exc), exc, None, file=sys.stderr)
         except Exception:
             pass
@@ -202,13 +218,36 @@ def _flush() -> bool:
     return ok
 
 
+def _stdio_codec() -> tuple[str, str]:
+    """The standard streams' encoding and error handler for this (the
+    request's) environment, as the interpreter picks them: PYTHONIOENCODING's
+    "encoding[:errors]" (an encoding alone means strict), else the locale's
+    encoding, with surrogateescape under the C/POSIX locale (or its UTF-8
+    coercion target) or in UTF-8 mode, and strict otherwise. (tox sets
+    PYTHONIOENCODING=utf-8; the server itself may run under another.)"""
+    import locale
+
+    name = locale.setlocale(locale.LC_CTYPE, "")
+    utf8_mode = os.environ.get("PYTHONUTF8", "1" if sys.flags.utf8_mode else "") == "1"
+    lenient = utf8_mode or name in ("C", "POSIX", "C.UTF-8", "C.utf8", "UTF-8")
+    default = ("utf-8" if utf8_mode else locale.getpreferredencoding(False)) or "utf-8"
+    encoding, _, errors = os.environ.get("PYTHONIOENCODING", "").partition(":")
+    # The codec's own name, as the interpreter reports it ("UTF-8" is "utf-8").
+    encoding = codecs.lookup(encoding or default).name
+    if errors:
+        return encoding, errors
+    if os.environ.get("PYTHONIOENCODING", "").partition(":")[0]:
+        return encoding, "strict"
+    return encoding, "surrogateescape" if lenient else "strict"
+
+
 def _stdio(fd: int, unbuffered: bool) -> io.TextIOWrapper:
     """sys.stdin, stdout or stderr over `fd`, made as the interpreter makes them
     (create_stdio in Python/pylifecycle.c): io.open's buffer (sized by the fd's
     st_blksize; none for an unbuffered stdout/stderr), newline="\\n" (stdin does
     not translate "\\r"), line buffering for a terminal and for stderr, its name
     and mode."""
-    like = (sys.__stdin__, sys.__stdout__, sys.__stderr__)[fd]
+    encoding, errors = _stdio_codec()
     write = fd != 0
     buffering = 0 if unbuffered and write else -1
     buffer: Any = open(fd, "wb" if write else "rb", buffering=buffering, closefd=False)
@@ -216,8 +255,8 @@ def _stdio(fd: int, unbuffered: bool) -> io.TextIOWrapper:
     raw.name = ("<stdin>", "<stdout>", "<stderr>")[fd]
     stream = io.TextIOWrapper(
         buffer,
-        like.encoding if like is not None else "utf-8",
-        "backslashreplace" if fd == 2 else like.errors if like is not None else "strict",
+        encoding,
+        "backslashreplace" if fd == 2 else errors,
         newline="\n",
         line_buffering=not unbuffered and (raw.isatty() or fd == 2),
         write_through=unbuffered,

@@ -401,14 +401,25 @@ def probe(tmp_path: Path) -> str:
     return "launch_probe"
 
 
-@pytest.mark.parametrize("unbuffered", [True, False], ids=["PYTHONUNBUFFERED", "buffered"])
-def test_interpreter_state_is_that_of_python_m(probe: str, tmp_path: Path, unbuffered: bool) -> None:
-    """Standard streams (types, encodings, buffering observed through what is in
-    the pipe, newline handling of stdin), argv, sys.path[0], __main__, the env,
-    signal dispositions and mask, fds, umask, gc."""
-    env = env_without("PYTHONUNBUFFERED", LAUNCH_MARK="given")
+@pytest.mark.parametrize(
+    ("unbuffered", "io_encoding"),
+    [(True, None), (False, None), (False, "latin-1")],
+    ids=["PYTHONUNBUFFERED", "buffered", "PYTHONIOENCODING"],
+)
+def test_interpreter_state_is_that_of_python_m(
+    probe: str, tmp_path: Path, unbuffered: bool, io_encoding: str | None
+) -> None:
+    """Standard streams (types, encodings and error handlers, buffering observed
+    through what is in the pipe, newline handling of stdin), argv, sys.path[0],
+    __main__, the env, signal dispositions and mask, fds, umask, gc. The given
+    env decides the streams' codec (tox sets PYTHONIOENCODING=utf-8, under
+    which no interpreter decodes the probe's \\xff: it is left out but for the
+    case that sets its own)."""
+    env = env_without("PYTHONUNBUFFERED", "PYTHONIOENCODING", LAUNCH_MARK="given")
     if unbuffered:
         env["PYTHONUNBUFFERED"] = "1"
+    if io_encoding is not None:
+        env["PYTHONIOENCODING"] = io_encoding
     state = {}
     outcome = {}
     for exec_ in (False, True):
