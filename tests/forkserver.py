@@ -146,6 +146,9 @@ def _become(request: dict, fds: list[int]) -> None:
             del main_globals[name]
         gc.enable()
         code = _run(request["module"])
+    except BaseException:  # becoming the child failed (a cwd that is gone...): say so on its stderr
+        traceback.print_exc()
+        sys.stderr.flush()
     finally:
         os._exit(code)
 
