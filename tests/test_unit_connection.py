@@ -285,6 +285,17 @@ async def test_shutdown_acks_what_was_read_then_closes_going_away(sqlite_store: 
 SLOW = HubConfig(subscriber_queue=1000, subscriber_queue_bytes=40 * 1024)
 
 
+async def stalled_and_fast(hub: Hub) -> tuple[MemoryWebSocket, MemoryWebSocket]:
+    """Two viewers live on TASK: one that stops reading once two frames are
+    in its socket, and one that reads."""
+    stalled = hub.connect(Role.VIEWER, buffered=2)
+    fast = hub.connect(Role.VIEWER)
+    stalled.put({"type": "subscribe", "taskId": TASK})
+    await fast.subscribe(TASK)
+    await until(lambda: live(stalled, TASK)() and live(fast, TASK)())
+    return stalled, fast
+
+
 async def write_one_by_one(producer: MemoryWebSocket, last: int, batch: int) -> None:
     """One commit per frame: each live frame is small next to the byte bound."""
     for start in range(1, last + 1, batch):
@@ -305,11 +316,7 @@ async def test_a_live_subscriber_that_stops_reading_is_cut_off_by_the_byte_bound
 ) -> None:
     total = 500
     async with running(sqlite_store, SLOW) as hub:
-        stalled = hub.connect(Role.VIEWER, buffered=2)
-        fast = hub.connect(Role.VIEWER)
-        stalled.put({"type": "subscribe", "taskId": TASK})
-        await fast.subscribe(TASK)
-        await until(lambda: live(stalled, TASK)() and live(fast, TASK)())
+        stalled, fast = await stalled_and_fast(hub)
         got: list[list[int]] = []
         stalled_frames: list[Frame] = []
 
@@ -345,11 +352,7 @@ async def test_a_subscriber_that_never_reads_again_is_dropped_after_the_shutdown
     sqlite_store: SQLiteStore, autojump_clock: trio.testing.MockClock
 ) -> None:
     async with running(sqlite_store, SLOW) as hub:
-        stalled = hub.connect(Role.VIEWER, buffered=2)
-        fast = hub.connect(Role.VIEWER)
-        stalled.put({"type": "subscribe", "taskId": TASK})
-        await fast.subscribe(TASK)
-        await until(lambda: live(stalled, TASK)() and live(fast, TASK)())
+        stalled, fast = await stalled_and_fast(hub)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(write_one_by_one, hub.connect(), 400, 50)
             assert await fast.records(TASK, 400) == list(range(1, 401))
