@@ -14,6 +14,7 @@ SIGKILL and exit codes as for any child), with the test's ends of its pipes.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import select
@@ -161,11 +162,15 @@ class Child:
 
     # --- the test's ends of the pipes ---
 
-    def file(self, which: str, *, text: bool = False) -> IO[Any]:
-        """stdin/stdout/stderr as a blocking file object (it owns the fd)."""
-        fd = getattr(self, f"{which}_fd")
+    def _take(self, which: str) -> int:
+        fd: int | None = getattr(self, f"{which}_fd")
         assert fd is not None, f"{which} is not a pipe"
         setattr(self, f"{which}_fd", None)
+        return fd
+
+    def file(self, which: str, *, text: bool = False) -> IO[Any]:
+        """stdin/stdout/stderr as a blocking file object (it owns the fd)."""
+        fd = self._take(which)
         mode = "w" if which == "stdin" else "r"
         if text:
             return open(fd, mode, encoding="utf-8", errors="replace")
@@ -173,10 +178,47 @@ class Child:
 
     def stream(self, which: str) -> trio.lowlevel.FdStream:
         """stdin/stdout/stderr as a trio stream (it owns the fd)."""
-        fd = getattr(self, f"{which}_fd")
-        assert fd is not None, f"{which} is not a pipe"
-        setattr(self, f"{which}_fd", None)
-        return trio.lowlevel.FdStream(fd)
+        return trio.lowlevel.FdStream(self._take(which))
+
+    def communicate(
+        self, input: bytes | None = None, timeout: float | None = None, *, read_at_exit: bool = False
+    ) -> tuple[int, bytes, bytes]:
+        """`Popen.communicate` (blocking): feed stdin (if a pipe), read stdout and
+        stderr (those that are pipes) to EOF, wait; (exit status, stdout, stderr).
+        With `read_at_exit`, read only once it has ended (what it writes must fit
+        in the pipes), so that it sees in them what it wrote."""
+        out: dict[str, bytes] = {}
+
+        def read(which: str) -> None:
+            with self.file(which) as f:
+                out[which] = f.read()
+
+        readers = [
+            threading.Thread(target=read, args=(which,), daemon=True)
+            for which in ("stdout", "stderr")
+            if getattr(self, f"{which}_fd") is not None
+        ]
+        if not read_at_exit:
+            for t in readers:
+                t.start()
+        if self.stdin_fd is not None:
+            with self.file("stdin") as f:
+                try:
+                    f.write(input or b"")
+                except BrokenPipeError:
+                    pass
+        try:
+            code = self.wait(timeout)
+        finally:
+            self.kill()
+        if read_at_exit:
+            for t in readers:
+                t.start()
+        for t in readers:
+            t.join(timeout)
+            if t.is_alive():
+                raise TimeoutError(f"pid {self.pid}: its pipe stayed open after it ended")
+        return code, out.get("stdout", b""), out.get("stderr", b"")
 
 
 class ForkedChild(Child):
@@ -304,20 +346,10 @@ def run_cli_sync(
     module: str, args: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     """`subprocess.run(..., capture_output=True, text=True)` for `python -m MODULE ARGS`."""
-    child = spawn(module, args, env=env)
-    try:
-        out: dict[str, str] = {}
+    code, stdout, stderr = spawn(module, args, env=env).communicate(timeout=timeout)
+    return subprocess.CompletedProcess([module, *args], code, _text(stdout), _text(stderr))
 
-        def read(which: str) -> None:
-            with child.file(which, text=True) as f:
-                out[which] = f.read()
 
-        readers = [threading.Thread(target=read, args=(w,)) for w in ("stdout", "stderr")]
-        for t in readers:
-            t.start()
-        code = child.wait(timeout)
-        for t in readers:
-            t.join(timeout)
-    finally:
-        child.kill()
-    return subprocess.CompletedProcess([module, *args], code, out.get("stdout"), out.get("stderr"))
+def _text(data: bytes) -> str:
+    """What a text-mode read gives: UTF-8 with replacement, universal newlines."""
+    return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="replace").read()

@@ -53,40 +53,7 @@ class Outcome:
 def finish(
     child: Child, input: bytes | None = None, timeout: float = TIMEOUT, *, read_at_exit: bool = False
 ) -> Outcome:
-    """`Popen.communicate` for a Child: feed stdin (if a pipe), read stdout and
-    stderr to EOF. With `read_at_exit`, only once it has ended (what it writes
-    must fit in the pipes), so that it sees in them what it wrote."""
-    out: dict[str, bytes] = {}
-
-    def read(which: str) -> None:
-        with child.file(which) as f:
-            out[which] = f.read()
-
-    readers = [
-        threading.Thread(target=read, args=(which,), daemon=True)
-        for which in ("stdout", "stderr")
-        if getattr(child, f"{which}_fd") is not None
-    ]
-    if not read_at_exit:
-        for t in readers:
-            t.start()
-    if child.stdin_fd is not None:
-        with child.file("stdin") as f:
-            try:
-                f.write(input or b"")
-            except BrokenPipeError:
-                pass
-    try:
-        code = child.wait(timeout)
-    finally:
-        child.kill()
-    if read_at_exit:
-        for t in readers:
-            t.start()
-    for t in readers:
-        t.join(timeout)
-        assert not t.is_alive(), "the child's pipe stayed open after it ended"
-    return Outcome(code, out.get("stdout", b""), out.get("stderr", b""))
+    return Outcome(*child.communicate(input, timeout, read_at_exit=read_at_exit))
 
 
 def run(
