@@ -234,14 +234,12 @@ def _stdio_codec() -> tuple[str, str]:
     utf8_mode = os.environ.get("PYTHONUTF8", "1" if sys.flags.utf8_mode else "") == "1"
     lenient = utf8_mode or name in ("C", "POSIX", "C.UTF-8", "C.utf8", "UTF-8")
     default = ("utf-8" if utf8_mode else locale.getpreferredencoding(False)) or "utf-8"
-    encoding, _, errors = os.environ.get("PYTHONIOENCODING", "").partition(":")
+    given, _, errors = os.environ.get("PYTHONIOENCODING", "").partition(":")
     # The codec's own name, as the interpreter reports it ("UTF-8" is "utf-8").
-    encoding = codecs.lookup(encoding or default).name
+    encoding = codecs.lookup(given or default).name
     if errors:
         return encoding, errors
-    if os.environ.get("PYTHONIOENCODING", "").partition(":")[0]:
-        return encoding, "strict"
-    return encoding, "surrogateescape" if lenient else "strict"
+    return encoding, "surrogateescape" if lenient and not given else "strict"
 
 
 def _stdio(fd: int, unbuffered: bool) -> io.TextIOWrapper:
