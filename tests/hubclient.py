@@ -292,6 +292,19 @@ def batch_frames(
 # --- WebSocket --------------------------------------------------------------
 
 
+# What a connection to a hub that was killed or closed it raises.
+GONE = (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+async def send_until_gone(ws: Ws, frames: Iterable[Any]) -> None:
+    """Send `frames` in order; stop quietly where the connection is gone."""
+    try:
+        for frame in frames:
+            await ws.send(frame)
+    except GONE:
+        pass
+
+
 class HubError(AssertionError):
     """The hub sent an `error` frame where the test expected none."""
 

@@ -7,11 +7,11 @@ from typing import Any
 
 import httpx
 import trio
-from trio_websocket import ConnectionClosed
 
 from keruta.timefmt import format_ts
 from tests import hubclient
 from tests.hubclient import (
+    GONE,
     PATIENCE,
     HubFactory,
     TestHub,
@@ -20,6 +20,7 @@ from tests.hubclient import (
     drain_until_closed,
     fetch_all,
     logs_path,
+    send_until_gone,
     stored_seqs,
 )
 
@@ -27,7 +28,6 @@ hub, hub_factory = hubclient.hub, hubclient.hub_factory  # fixtures
 hub_process, hub_process_factory = hubclient.hub_process, hubclient.hub_process_factory  # fixtures
 
 # What a connection to a process that just died may raise.
-GONE = (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 def missing(expected: range, stored: list[int]) -> list[int]:
@@ -41,13 +41,6 @@ async def test_sigkill_mid_stream_loses_no_acked_record_and_serves_on(hub_proces
     frames = list(batch_frames(ws_task, 1, total, batch))
     rest_answered = 0  # highest seq of rest_task the hub answered 200 for
     killed = trio.Event()
-
-    async def stream(ws: Ws) -> None:
-        try:
-            for frame in frames:
-                await ws.send(frame)
-        except GONE:
-            pass
 
     async def watch_acks(ws: Ws) -> None:
         try:
@@ -78,7 +71,7 @@ async def test_sigkill_mid_stream_loses_no_acked_record_and_serves_on(hub_proces
     with trio.fail_after(PATIENCE):
         async with hub.ws() as ws:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(stream, ws)
+                nursery.start_soon(send_until_gone, ws, frames)
                 nursery.start_soon(watch_acks, ws)
                 nursery.start_soon(post_arrays)
     assert killed.is_set(), "the hub was never killed: no ack reached the mark"

@@ -10,7 +10,6 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from trio_websocket import ConnectionClosed
 
 from hub.actors.broadcaster import Broadcaster, Outgoing, Subscription
 from hub.actors.writer import StatusChange, WriteOutcome, Writer, WriteRequest, write_within
@@ -19,12 +18,20 @@ from hub.store.base import Incoming
 from hub.store.sqlite import SQLiteStore
 from keruta.timefmt import now_ts
 from tests import hubclient
-from tests.hubclient import PATIENCE, TestHub, Ws, encode_record, fetch_all, make_record
+from tests.hubclient import (
+    GONE,
+    PATIENCE,
+    TestHub,
+    Ws,
+    encode_record,
+    fetch_all,
+    make_record,
+    send_until_gone,
+)
 
 hub, hub_factory = hubclient.hub, hubclient.hub_factory  # fixtures
 hub_process, hub_process_factory = hubclient.hub_process, hubclient.hub_process_factory  # fixtures
 
-GONE = (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 PRODUCER = "producer-ws"
 
 
@@ -76,13 +83,6 @@ async def test_a_line_a_viewer_saw_survives_a_hub_sigkill_unchanged(hub_process:
             except GONE:
                 pass
 
-    async def stream(ws: Ws) -> None:
-        try:
-            for frame in frames:
-                await ws.send(frame)
-        except GONE:
-            pass
-
     async def read_acks(ws: Ws) -> None:
         # The producer reads its acks, as an agent does. Unread, they fill
         # trio-websocket's one-message queue and its reader task waits on it
@@ -111,7 +111,7 @@ async def test_a_line_a_viewer_saw_survives_a_hub_sigkill_unchanged(hub_process:
         async with hub.ws() as producer:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(view)
-                nursery.start_soon(stream, producer)
+                nursery.start_soon(send_until_gone, producer, frames)
                 nursery.start_soon(read_acks, producer)
                 nursery.start_soon(post)
     assert killed.is_set() and len(seen) >= kill_at
