@@ -20,7 +20,7 @@ import attrs
 import trio
 
 from agent.pipeline.capture import Recorder
-from agent.pipeline.uplink import Uplink, UplinkFailed, UplinkSettings, capped, describe
+from agent.pipeline.uplink import Uplink, UplinkFailed, UplinkSettings, describe
 from agent.spool import Spool, SpoolLocked, spooled_tasks
 from keruta.backoff import Backoff
 from keruta.supervisor import GaveUp
@@ -97,7 +97,7 @@ async def flush_task(settings: FlushSettings, task_id: str, say: Callable[[str],
                 flush_interval=0.05,
             ),
             say=say,
-            backoff=capped(RETRY, settings.reconnect_max),
+            backoff=RETRY.capped_at(settings.reconnect_max),
         )
         uplink.finish(final["state"], final.get("exitCode"))
         try:

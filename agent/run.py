@@ -37,7 +37,7 @@ from agent.pipeline.capture import Mirror, capture
 from agent.pipeline.limiter import limit
 from agent.pipeline.messages import AgentLine, CaptureMessage, Finished, SpooledMessage, Started
 from agent.pipeline.recorder import Recorder, record
-from agent.pipeline.uplink import RECONNECT, Uplink, UplinkFailed, UplinkSettings, capped
+from agent.pipeline.uplink import RECONNECT, Uplink, UplinkFailed, UplinkSettings
 from agent.spool import Spool, SpoolLocked
 from keruta.limits import DEFAULT_LIMITS, Limits
 from keruta.masking import Masker
@@ -129,7 +129,7 @@ async def run(settings: RunSettings, say: Callable[[str], None] = say) -> RunRes
             limits=settings.limits,
         ),
         say=say,
-        backoff=capped(RECONNECT, settings.reconnect_max),
+        backoff=RECONNECT.capped_at(settings.reconnect_max),
     )
     recorder = Recorder(spool, settings.task_id, say=say)
     code = 1

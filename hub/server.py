@@ -26,7 +26,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from hub import sendlock
 from hub.actors.broadcaster import Broadcaster
 from hub.actors.retention import run_retention
-from hub.actors.writer import Writer, WriteRequest
+from hub.actors.writer import STORE_RETRY, Writer, WriteRequest
 from hub.app import create_app
 from hub.config import HubConfig
 from hub.deps import ConnectionDeps
@@ -126,7 +126,7 @@ async def _serve_with(store: Store, config: HubConfig, task_status: trio.TaskSta
     writer = Writer(
         store, broadcaster, metrics,
         batch_size=config.write_batch_size, flush_interval=config.write_flush_interval,
-        retry=Backoff(initial=min(0.2, config.store_retry_max), cap=config.store_retry_max),
+        retry=STORE_RETRY.capped_at(config.store_retry_max),
     )
     # A lambda: the writer replaces its `available` event when the store goes away.
     app = create_app(deps, store_available=lambda: writer.available.is_set())

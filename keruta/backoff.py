@@ -27,6 +27,11 @@ class Backoff:
             return self.cap
         return min(self.cap, grown)
 
+    def capped_at(self, longest: float) -> Backoff:
+        """This backoff waiting at most `longest` (a --reconnect-max or
+        --store-retry-max): the cap, and the first wait if it was longer."""
+        return attrs.evolve(self, initial=min(self.initial, longest), cap=longest)
+
     def delay(self, attempt: int, rand: float) -> float:
         """`rand` in [0, 1) comes from the caller so this stays a pure function."""
         spread = 1.0 + self.jitter * (2.0 * rand - 1.0)

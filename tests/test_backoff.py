@@ -77,3 +77,12 @@ def test_delays_are_reproducible_and_capped() -> None:
     assert all(d <= 30.0 for d in first)
     assert 0.8 <= first[0] <= 1.2
     assert all(24.0 <= d <= 30.0 for d in first[10:])
+
+
+def test_capped_at_bounds_every_wait_and_keeps_the_rest() -> None:
+    backoff = Backoff(initial=0.5, factor=2.0, cap=30.0, jitter=0.3)
+    assert backoff.capped_at(4.0) == Backoff(initial=0.5, factor=2.0, cap=4.0, jitter=0.3)
+    # A bound below the first wait lowers that too: no wait is longer than it.
+    short = backoff.capped_at(0.2)
+    assert short.initial == 0.2 and short.cap == 0.2
+    assert all(short.delay(n, r) <= 0.2 for n in range(10) for r in (0.0, 0.5, 0.999))

@@ -50,10 +50,6 @@ __all__ = [
 RECONNECT = Backoff(initial=0.5, factor=2.0, cap=30.0, jitter=0.3)
 
 
-def capped(backoff: Backoff, longest: float) -> Backoff:
-    """`backoff` waiting at most `longest` seconds (--reconnect-max)."""
-    return attrs.evolve(backoff, initial=min(backoff.initial, longest), cap=longest)
-
 @attrs.define
 class UplinkSettings:
     hub_url: str

@@ -30,6 +30,9 @@ log = logging.getLogger("keruta.hub.writer")
 
 T = TypeVar("T")
 
+# Waits between commit attempts while the store is unavailable (--store-retry-max caps them).
+STORE_RETRY = Backoff(initial=0.2, cap=5.0)
+
 
 @attrs.frozen
 class StatusChange:
@@ -200,7 +203,7 @@ class Writer:
         *,
         batch_size: int = 2000,
         flush_interval: float = 0.0,
-        retry: Backoff = Backoff(initial=0.2, cap=5.0),
+        retry: Backoff = STORE_RETRY,
     ) -> None:
         self.store = store
         self.broadcaster = broadcaster
