@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from hub.store.base import Incoming
+from hub.store.base import ANONYMOUS, Incoming
 from keruta.levels import determine_level
 from keruta.records import LogRecord, LogRequest
 from keruta.timefmt import canonical_ts, now_ts
@@ -23,6 +23,9 @@ def _timestamp(value: str | None, where: str, code: str) -> str:
 def from_records(
     records: Sequence[LogRecord], where: str = "records", producer: str | None = None
 ) -> list[Incoming]:
+    """A WebSocket frame's records: their `seq` is their producer's own (the
+    anonymous producer's when the frame names none)."""
+    producer = ANONYMOUS if producer is None else producer
     out = []
     # Records read in one go share their timestamp: check each distinct one once.
     last: str | None = None
@@ -46,9 +49,19 @@ def from_records(
 
 
 def from_requests(task_id: str, requests: Sequence[LogRequest], array: bool) -> list[Incoming]:
+    """A POST's records. With `seq`, the identity is (producer or the
+    anonymous one, seq); without, the writer gives each one of its own
+    (hub/actors/writer.py HubNumbering), so only its own retries are safe."""
     out = []
     for i, r in enumerate(requests):
         where = f"[{i}].timestamp" if array else "timestamp"
+        if r.seq is None and r.producer is not None:
+            field = f"[{i}].seq" if array else "seq"
+            raise FrameError(
+                "INVALID_REQUEST",
+                f"invalid field '{field}': a record that names its producer needs its seq (the producer's own, from 1)",
+                field,
+            )
         out.append(
             Incoming(
                 task_id=task_id,
@@ -60,6 +73,7 @@ def from_requests(task_id: str, requests: Sequence[LogRequest], array: bool) -> 
                 line_number=r.line_number,
                 metadata=r.metadata,
                 partial=r.partial,
+                producer=r.producer or ANONYMOUS,
             )
         )
     return out

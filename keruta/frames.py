@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import re
 from typing import ClassVar
 
 import attrs
 
 from keruta.limits import INT32_MAX, INT32_MIN
-from keruta.records import (
+from keruta.records import (  # noqa: F401 - PRODUCER_RE re-exported for the wire
+    PRODUCER_RE,
     TASK_STATES,
     InvalidField,
     LogRecord,
     _optional_level,
     _optional_seq,
     _optional_source,
+    _producer,
     _task_id,
 )
 
@@ -49,12 +50,6 @@ class LogFrame:
     record: LogRecord
 
 
-PRODUCER_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-
-
-def _producer(_inst: object, _attr: attrs.Attribute, value: object) -> None:
-    if value is not None and not (isinstance(value, str) and PRODUCER_RE.fullmatch(value)):
-        raise InvalidField("producer", "must be 1-64 characters of [A-Za-z0-9._:-]")
 
 
 @attrs.frozen

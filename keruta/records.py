@@ -147,6 +147,15 @@ class LogRecord:
     id: str | None = None
 
 
+PRODUCER_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+@json_schema(pattern=rf"^{PRODUCER_RE.pattern}$")
+def _producer(_inst: object, _attr: attrs.Attribute, value: object) -> None:
+    if value is not None and not (isinstance(value, str) and PRODUCER_RE.fullmatch(value)):
+        raise InvalidField("producer", "must be 1-64 characters of [A-Za-z0-9._:-]")
+
+
 @attrs.frozen(slots=True)
 class LogRequest:
     """A REST POST body item: the hub fills in what the producer left out."""
@@ -156,9 +165,12 @@ class LogRequest:
     level: str | None = attrs.field(default=None, validator=_optional_level)
     line_number: int | None = attrs.field(default=None, validator=_line_number)
     metadata: dict[str, Any] = attrs.field(factory=dict)
+    # The producer's own seq (never a task seq): with `producer` (or the
+    # anonymous producer's, without), a retried POST is stored once.
     seq: int | None = attrs.field(default=None, validator=_optional_seq)
     timestamp: str | None = attrs.field(default=None, metadata=TIMESTAMP)
     partial: bool = False
+    producer: str | None = attrs.field(default=None, validator=_producer)
 
 
 @attrs.frozen(slots=True)

@@ -147,16 +147,6 @@ def test_protocol_final_status_is_sent_again_on_a_new_connection() -> None:
     assert step(p)["state"] == "failed"  # type: ignore[index]
 
 
-def test_protocol_final_status_without_producer_subscribes_first() -> None:
-    p = UplinkProtocol("t", None, acked_seq=4, available_seq=4)
-    p.finish("succeeded", 0)
-    p.on_connected(0.0)
-    assert step(p) == {"type": "subscribe", "taskId": "t", "fromSeq": 5}
-    assert step(p)["type"] == "status"  # type: ignore[index]
-    p.on_frame(StatusFrame("t", "succeeded", 0), 0.0)
-    assert step(p) == Delivered()
-
-
 def test_protocol_seq_gap_resends_from_resume_from() -> None:
     p = proto(batch_size=3, max_in_flight=4)
     p.on_connected(0.0)

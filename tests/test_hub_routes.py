@@ -27,7 +27,7 @@ from hub.metrics import Metrics
 from hub.routes import hooks, logs, ops, tasks, viewer, ws
 from hub.routes.access import Access
 from hub.routes.common import ApiError, int_param, time_param
-from hub.store.base import Listens, StoreUnavailable
+from hub.store.base import Listens, StoreUnavailable, record_id
 from hub.store.sqlite import SQLiteStore
 from keruta.limits import DEFAULT_LIMITS
 from tests.hubclient import logs_frame, make_record
@@ -143,9 +143,9 @@ async def test_logs_written_then_paged_counted_and_downloaded(store: SQLiteStore
 
     one = await client.post(path, json=line(1, level="WARN"))
     assert one.status_code == 200, await one.get_data()
-    assert set(await json_of(one)) == {"id"}
+    assert await json_of(one) == {"id": record_id(TASK, 1), "seq": 1}
     many = await client.post(path, json=[line(2, source="stderr"), line(3, "partial ", partial=True), line(4, "end")])
-    assert len((await json_of(many))["ids"]) == 3
+    assert (await json_of(many))["seqs"] == [2, 3, 4]
 
     page = await json_of(await client.get(path, query_string={"size": "2"}))
     assert [r["seq"] for r in page["content"]] == [1, 2]

@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import attrs
-import orjson
 import pytest
 import trio
 
@@ -27,7 +26,7 @@ hub, hub_factory = hubclient.hub, hubclient.hub_factory
 TS = "2026-01-02T03:04:05.000000Z"
 
 
-def inc(seq: int | None, message: str | None = None, *, producer: str | None = None, task: str = "t1") -> Incoming:
+def inc(seq: int, message: str | None = None, *, producer: str = "", task: str = "t1") -> Incoming:
     return Incoming(
         task_id=task,
         seq=seq,
@@ -63,9 +62,9 @@ async def test_item01_two_producers_of_one_task_are_both_stored_in_order(store):
     assert await messages(store) == [(1, "a1"), (2, "a2"), (3, "b1"), (4, "b2"), (5, "b3")]
 
 
-async def test_item02_hub_assigned_seqs_never_take_a_producers_record(store):
-    await store.append([inc(1, "agent 1", producer="run"), inc(None, "posted 1")])
-    await store.append([inc(None, "posted 2"), inc(2, "agent 2", producer="run")])
+async def test_item02_one_producers_seqs_never_take_anothers_records(store):
+    await store.append([inc(1, "agent 1", producer="run"), inc(1, "posted 1")])
+    await store.append([inc(2, "posted 2"), inc(2, "agent 2", producer="run")])
     await store.append([inc(3, "agent 3", producer="run")])
     assert await messages(store) == [
         (1, "agent 1"),
@@ -83,10 +82,10 @@ async def test_item03_a_different_record_under_a_stored_identity_is_a_conflict(s
     )
     assert result.status == [DUPLICATE, CONFLICT, DUPLICATE, CONFLICT]
     assert result.inserted == []
-    # Inside one batch too: the second, different record under seq 5 is refused.
-    result = await store.append([inc(5, "five"), inc(5, "FIVE")])
+    # Inside one batch too: the second, different record under seq 2 is refused.
+    result = await store.append([inc(2, "two"), inc(2, "TWO")])
     assert result.status == [INSERTED, CONFLICT]
-    assert await messages(store) == [(1, "one"), (2, "one"), (5, "five")]
+    assert await messages(store) == [(1, "one"), (2, "one"), (3, "two")]
 
 
 async def test_item03_a_producer_record_past_a_gap_is_not_stored(store):
@@ -103,10 +102,10 @@ async def test_item05_a_record_resent_after_delete_is_not_stored_again(store):
     # Stored once, deleted by the user: a resend is a duplicate (acked), not a new line.
     assert again.status == [DUPLICATE] * 5
     assert await messages(store) == []
-    # A seq above the durable watermark that was never stored is still new.
-    assert (await store.append([inc(9, "nine")])).status == [INSERTED]
-    after = await store.append([inc(None, "next")])
-    assert after.records[0] is not None and after.records[0].seq == 10
+    # The next record of a producer is new, and takes the next task seq (never a deleted one).
+    after = await store.append([inc(4, "four")])
+    assert after.status == [INSERTED]
+    assert after.records[0] is not None and after.records[0].seq == 6
 
 
 async def test_item06_states_only_move_forward(store):
@@ -284,33 +283,6 @@ async def test_a_producers_count_starts_at_one(store):
     assert await messages(store) == []
 
 
-async def test_a_spool_from_before_producers_is_flushed_under_its_own_seqs(
-    hub: TestHub, tmp_path: Path
-) -> None:
-    from agent.pipeline.capture import encode_line
-    from agent.spool import write_atomically
-
-    spool = Spool.open(tmp_path, "legacy-1", hub_url=hub.url)
-    spool.append(
-        [(s, encode_line("legacy-1", s, TS, "stdout", "INFO", f"old {s}", s, {}, False)) for s in (1, 2, 3)]
-    )
-    spool.set_final("succeeded", 0)
-    del spool.meta["producer"]
-    write_atomically(spool.dir / "task.json", orjson.dumps(spool.meta))
-    spool.close()
-    # Part of it reached the hub before (its ack was lost): under the old identity.
-    async with hub.http() as client:
-        resp = await client.post(logs_path("legacy-1"), json={"message": "old 1", "seq": 1, "lineNumber": 1, "timestamp": TS})
-        assert resp.status_code == 200, resp.text
-    async with agent(["flush", "--spool-dir", str(tmp_path), "--hub", hub.url]) as f:
-        assert await f.wait() == 0
-    async with hub.http() as client:
-        stored = await fetch_all(client, "legacy-1")
-        task = (await client.get("/api/v1/tasks/legacy-1")).json()
-    assert [(r["seq"], r["message"]) for r in stored] == [(1, "old 1"), (2, "old 2"), (3, "old 3")]
-    assert task["state"] == "succeeded"
-
-
 def test_settle_caps_acks_below_a_conflict_and_refuses_once_per_identity() -> None:
     from hub.actors.writer import settle
     from hub.store.base import AppendResult
@@ -322,14 +294,13 @@ def test_settle_caps_acks_below_a_conflict_and_refuses_once_per_identity() -> No
         inserted=[],
         durable={"t1": 9},
         status=[DUPLICATE, CONFLICT, CONFLICT, CONFLICT, INSERTED, CONFLICT, INSERTED],
-        producers={("t1", "run"): 5},
+        producers={("t1", "run"): 5, ("t1", ""): 8},
     )
     outcome = settle(items, result, 0)
-    # The producer's acks stop below its first conflicting seq; the task's below 6.
-    assert outcome.producers == {("t1", "run"): 1}
-    assert outcome.durable == {"t1": 5}
+    # Each producer's acks stop below its first conflicting seq (the anonymous one's too).
+    assert outcome.producers == {("t1", "run"): 1, ("t1", ""): 6}
     assert [(r.code, r.key, r.cap) for r in outcome.refusals] == [
         ("SEQ_CONFLICT", ("t1", "run"), 1),
-        ("SEQ_CONFLICT", ("t1", None), 5),
+        ("SEQ_CONFLICT", ("t1", ""), 6),
     ]
     assert "2 more records" in outcome.refusals[0].message

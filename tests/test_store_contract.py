@@ -9,15 +9,21 @@ import pytest
 import trio
 
 from hub.store import open_store_from_url
-from hub.store.base import LogQuery, record_id
+from hub.store.base import GAP, INSERTED, LogQuery, record_id
 from keruta.records import InvalidField
 from tests.storedata import all_seqs, rec, ts
 
 
 async def test_append_then_query_pages_in_seq_order(store):
-    seqs = list(range(1, 26))
-    random.Random(7).shuffle(seqs)
-    await store.append([rec(s) for s in seqs])
+    # Three producers interleaved: the task's seqs follow the order of commit.
+    order = [(p, n) for n in range(1, 10) for p in ("a", "b", "c")][:25]
+    random.Random(7).shuffle(order)
+    per: dict[str, int] = {}
+    items = []
+    for p, _ in order:
+        per[p] = per.get(p, 0) + 1
+        items.append(rec(per[p], f"line {len(items) + 1}", producer=p, at=len(items) + 1))
+    await store.append(items)
 
     pages = [await store.query(LogQuery(task_id="t1", page=n, size=10)) for n in range(4)]
     assert [p.total_elements for p in pages] == [25] * 4
@@ -138,13 +144,14 @@ async def test_after_seq_is_a_cursor(store):
 
 async def test_after_seq_totals_with_and_without_holes(store):
     """The total of an afterSeq page is arithmetic while seqs are unbroken,
-    and must stay exact once client-chosen seqs or a delete leave holes."""
+    and must stay exact once a delete leaves holes."""
     await store.append([rec(s) for s in range(1, 301)])
     for after, expected in ((0, 300), (149, 151), (299, 1), (300, 0), (1000, 0)):
         page = await store.query(LogQuery(task_id="t1", after_seq=after, size=2))
         assert page.total_elements == expected, after
-    await store.append([rec(s) for s in range(400, 411)])  # a hole: 301..399
-    for after, expected in ((0, 311), (300, 11), (350, 11), (405, 5)):
+    await store.append([rec(s) for s in range(400, 411)])  # ahead of the producer: not stored
+    await store.append([rec(s) for s in range(301, 312)])
+    for after, expected in ((0, 311), (300, 11), (305, 6), (1000, 0)):
         page = await store.query(LogQuery(task_id="t1", after_seq=after, size=2))
         assert page.total_elements == expected, after
     await store.append([rec(s, task="t2", at=10.0 + s) for s in range(1, 11)])
@@ -184,31 +191,32 @@ async def test_duplicates_are_ignored_and_keep_their_id(store):
     assert info is not None and info.total_logs == 3
 
 
-async def test_seq_none_gets_the_next_seq(store):
-    result = await store.append([rec(None, "a"), rec(None, "b"), rec(None, "c", task="t2")])
+async def test_each_producer_numbers_its_own_and_the_task_counts_on(store):
+    result = await store.append([rec(1, "a", producer="p"), rec(2, "b", producer="p"), rec(1, "c", task="t2", producer="p")])
     assert [(r.task_id, r.seq) for r in result.records] == [("t1", 1), ("t1", 2), ("t2", 1)]
     assert [r.id for r in result.records] == [
         record_id("t1", 1),
         record_id("t1", 2),
         record_id("t2", 1),
     ]
-    result = await store.append([rec(10), rec(None, "after ten"), rec(None, "next")])
-    assert [r.seq for r in result.records] == [10, 11, 12]
-    assert result.durable == {"t1": 2}
-    # A seq given later in the same batch that an assigned one already took is a duplicate.
-    result = await store.append([rec(None, "x"), rec(13, "dup")])
-    assert [r.seq for r in result.records] == [13, 13]
-    assert [r.message for r in result.inserted] == ["x"]
+    result = await store.append([rec(1, "q1", producer="q"), rec(3, "p3", producer="p"), rec(1, "anonymous")])
+    assert [r.seq for r in result.records] == [3, 4, 5]
+    assert result.durable == {"t1": 5}
+    assert result.producers == {("t1", "q"): 1, ("t1", "p"): 3, ("t1", ""): 1}
+    # One identity twice in a batch: the second is a duplicate of the first.
+    result = await store.append([rec(2, "q2", producer="q"), rec(2, "q2", producer="q")])
+    assert [r.seq for r in result.records] == [6, 6]
+    assert [r.message for r in result.inserted] == ["q2"]
     # Deleting never makes a seq reusable.
     await store.delete("t1", None)
-    result = await store.append([rec(None, "after delete")])
-    assert [r.seq for r in result.records] == [14]
+    result = await store.append([rec(3, "q3", producer="q")])
+    assert [r.seq for r in result.records] == [7]
 
 
-async def test_concurrent_seq_none_appends_never_share_a_seq(store):
+async def test_concurrent_appends_never_share_a_seq(store):
     async def writer(n: int) -> None:
-        for _ in range(5):
-            await store.append([rec(None, f"w{n}"), rec(None, f"w{n}")])
+        for k in range(5):
+            await store.append([rec(2 * k + 1, f"w{n}", producer=f"w{n}"), rec(2 * k + 2, f"w{n}", producer=f"w{n}")])
 
     async with trio.open_nursery() as nursery:
         for n in range(4):
@@ -217,27 +225,16 @@ async def test_concurrent_seq_none_appends_never_share_a_seq(store):
     assert await store.durable_seq("t1") == 40
 
 
-async def test_durable_seq_is_the_contiguous_prefix(store):
+async def test_durable_seq_is_the_highest_seq(store):
     assert await store.durable_seq("t1") == 0
-    result = await store.append(
-        [rec(1), rec(2), rec(4), rec(5), rec(1, task="t2"), rec(3, task="t3")]
-    )
-    assert result.durable == {"t1": 2, "t2": 1, "t3": 0}
+    result = await store.append([rec(1), rec(2), rec(4), rec(1, task="t2")])
+    assert result.status == [INSERTED, INSERTED, GAP, INSERTED]
+    assert result.durable == {"t1": 2, "t2": 1}
     assert await store.durable_seq("t1") == 2
-    assert (await store.append([rec(7)])).durable == {"t1": 2}
-    assert (await store.append([rec(3)])).durable == {"t1": 5}
-    assert (await store.append([rec(6)])).durable == {"t1": 7}
-    assert (await store.append([rec(6)])).durable == {"t1": 7}  # duplicate only
+    assert (await store.append([rec(3), rec(4)])).durable == {"t1": 4}
+    assert (await store.append([rec(4)])).durable == {"t1": 4}  # duplicate only
     info = await store.task("t1")
-    assert info is not None and info.durable_seq == 7
-    assert (await store.append([rec(1, task="t3"), rec(2, task="t3")])).durable == {"t3": 3}
-
-
-async def test_durable_seq_walks_a_long_run_filled_late(store):
-    for start in range(2, 3002, 500):
-        await store.append([rec(s) for s in range(start, min(start + 500, 3002))])
-    assert await store.durable_seq("t1") == 0
-    assert (await store.append([rec(1)])).durable == {"t1": 3001}
+    assert info is not None and info.durable_seq == 4
 
 
 async def test_durable_seq_never_goes_back_after_delete(store):
@@ -409,23 +406,23 @@ async def test_read_range_with_filters(store):
 
 
 async def test_reopening_keeps_everything(store):
-    await store.append([rec(1, "a"), rec(2, "b"), rec(4, "d", source="stderr")])
+    await store.append([rec(1, "a"), rec(2, "b"), rec(3, "d", source="stderr")])
     await store.set_state("t1", "failed", 2)
     await store.close()
     reopened = open_store_from_url(store.url)
     await reopened.open()
     try:
-        assert await all_seqs(reopened) == [1, 2, 4]
+        assert await all_seqs(reopened) == [1, 2, 3]
         info = await reopened.task("t1")
         assert info is not None
         assert (info.state, info.exit_code, info.durable_seq, info.total_logs) == (
             "failed",
             2,
-            2,
+            3,
             3,
         )
         assert (await reopened.stats("t1")).log_counts == {"stdout": 2, "stderr": 1}
-        assert (await reopened.append([rec(3, "c"), rec(None, "e")])).durable == {"t1": 5}
+        assert (await reopened.append([rec(3, "d", source="stderr"), rec(4, "e")])).durable == {"t1": 4}
     finally:
         await reopened.close()
 
@@ -451,8 +448,8 @@ async def test_two_stores_on_one_database_share_seq_assignment(store):
     try:
 
         async def writer(target, n):  # type: ignore[no-untyped-def]
-            for _ in range(5):
-                await target.append([rec(None, f"w{n}") for _ in range(3)])
+            for k in range(5):
+                await target.append([rec(3 * k + i, f"w{n}", producer=f"w{n}") for i in (1, 2, 3)])
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(writer, store, 1)

@@ -9,7 +9,7 @@ from hub.store import core
 from hub.store.base import LogQuery
 from hub.store.pg_dialect import PostgresDialect
 from hub.store.rows import LOG_COLUMNS
-from hub.store.steps import EXEC, FETCH, ROW, Dialect, Op, drive_sync
+from hub.store.steps import EXEC, ROW, Dialect, Op, drive_sync
 
 SQLITE = Dialect()
 PG = PostgresDialect("auto", notify=True, origin="hubA")
@@ -66,16 +66,6 @@ def test_page_totals_come_from_the_cheapest_place():
     asked, page = replay(core.query(SQLITE, LogQuery(task_id="t1", q="x", size=10)), [full, (13,)])
     assert asked[1].sql.startswith("SELECT count(*) FROM logs") and page.total_elements == 13
     assert [r.seq for r in page.content] == list(range(1, 11))
-
-
-def test_durable_walk_reads_on_while_chunks_are_full_and_consecutive():
-    first = [(s,) for s in range(11, 11 + core.WALK_CHUNK)]
-    last = 10 + core.WALK_CHUNK
-    second = [(last + 1,), (last + 2,), (last + 4,)]
-    asked, durable = replay(core.walk_durable(SQLITE, "t1", 10), [first, second])
-    assert durable == last + 2
-    assert [op.kind for op in asked] == [FETCH, FETCH]
-    assert asked[1].args == ("t1", last, core.WALK_CHUNK)
 
 
 def test_delete_of_an_unknown_task_stops_at_its_row():

@@ -35,8 +35,8 @@ async def test_pg_insert_methods_report_exactly_what_they_inserted(pg_url, metho
         result = await store.append([rec(s) for s in range(250, 551)])
         assert [r.seq for r in result.inserted] == list(range(301, 551))
         assert result.durable == {"t1": 550}
-        result = await store.append([rec(5), rec(600), rec(5), rec(None)])
-        assert [r.seq for r in result.inserted] == [600, 601]
+        result = await store.append([rec(5), rec(600), rec(5), rec(551), rec(1, producer="other")])
+        assert [r.seq for r in result.inserted] == [551, 552]
         assert (await store.stats("t1")).total_logs == 552
     finally:
         await store.close()
@@ -54,9 +54,9 @@ async def test_pg_notices_tell_other_hubs_of_durable_progress(pg_url):
             with trio.fail_after(30):
                 await writer.append([rec(1), rec(2)])
                 assert await anext(notices) == ("t1", 2)
-                await writer.append([rec(4)])  # the watermark stays: no notice
+                await writer.append([rec(4)])  # ahead of the producer: not stored, no notice
                 await writer.append([rec(3)])
-                assert await anext(notices) == ("t1", 4)
+                assert await anext(notices) == ("t1", 3)
                 await writer.set_state("t1", "succeeded", 0)
                 # A state change is announced too, so other hubs' subscribers see it.
                 assert await anext(notices) == ("t1", STATUS_NOTICE)
@@ -157,7 +157,7 @@ async def test_pg_hubs_starting_together_create_the_schema_once(pg_url):
         await stores[0].append([rec(1)])
         assert await all_seqs(stores[3]) == [1]
         async with stores[0]._connection() as conn:
-            assert await conn.fetch("SELECT version FROM keruta_schema") == [(2,)]
+            assert await conn.fetch("SELECT version FROM keruta_schema") == [(3,)]
     finally:
         for s in stores:
             await s.close()

@@ -273,9 +273,9 @@ def _drain(replies: Replies) -> list[dict[str, object]]:
 
 def test_acks_are_coalesced_per_task_and_producer() -> None:
     replies = Replies()
-    assert replies.on_written(WriteOutcome(durable={"t1": 3}, producers={("t1", "p"): 7}))
-    assert replies.on_written(WriteOutcome(durable={"t1": 5}, producers={("t1", "p"): 6}))
-    assert replies.on_written(WriteOutcome(durable={"t2": 1}))
+    assert replies.on_written(WriteOutcome(producers={("t1", ""): 3, ("t1", "p"): 7}))
+    assert replies.on_written(WriteOutcome(producers={("t1", ""): 5, ("t1", "p"): 6}))
+    assert replies.on_written(WriteOutcome(producers={("t2", ""): 1}))
     frames = _drain(replies)
     assert sorted(frames, key=str) == sorted(
         [
@@ -310,7 +310,7 @@ def test_a_conflict_caps_that_identity_for_good_and_comes_before_the_ack() -> No
 
 def test_store_errors_are_coalesced_and_sent_first() -> None:
     replies = Replies()
-    replies.on_written(WriteOutcome(durable={"t1": 1}))
+    replies.on_written(WriteOutcome(producers={("t1", ""): 1}))
     replies.on_written(WriteOutcome(refusals=[Refusal("SEQ_GAP", "gap", 3)], producers={("t1", "p"): 2}))
     for _ in range(3):
         assert replies.on_written(WriteOutcome(error=RuntimeError("disk")))

@@ -60,7 +60,7 @@ def test_requests_get_the_task_and_a_level_from_the_message() -> None:
         array=True,
     )
     assert [(r.task_id, r.level, r.seq, r.producer) for r in rows] == [
-        ("task-9", "ERROR", None, None), ("task-9", "DEBUG", 4, None)
+        ("task-9", "ERROR", None, ""), ("task-9", "DEBUG", 4, "")
     ]
     assert rows[0].source == "stdout"
 

@@ -23,7 +23,7 @@ from keruta.records import LogRecord
 TS = "2026-01-01T00:00:00.000000Z"
 
 
-def item(task: str, seq: int | None, message: str = "", producer: str | None = None) -> Incoming:
+def item(task: str, seq: int | None, message: str = "", producer: str = "") -> Incoming:
     return Incoming(task, seq, TS, "stdout", "INFO", message or f"line {seq}", producer=producer)
 
 
@@ -125,17 +125,27 @@ def record(task: str, seq: int) -> LogRecord:
     return LogRecord(task_id=task, seq=seq, timestamp=TS, source="stdout", level="INFO", message=f"line {seq}")
 
 
-def test_settle_acknowledges_the_durable_watermark_per_task() -> None:
-    items = [item("a", 1), item("a", 2), item("b", 1)]
+def test_settle_acknowledges_each_producer_in_its_own_seqs() -> None:
+    items = [item("a", 1), item("a", 2), item("b", 1, producer="run")]
     result = AppendResult(
         records=[record("a", 1), record("a", 2), record("b", 1)],
         inserted=[record("a", 1), record("b", 1)],
         durable={"a": 2, "b": 1},
         status=[INSERTED, DUPLICATE, INSERTED],
+        producers={("a", ""): 2, ("b", "run"): 1},
     )
     outcome = settle(items[:2], result, 0)
-    assert outcome.durable == {"a": 2} and outcome.refusals == []
-    assert settle(items[2:], result, 2).durable == {"b": 1}
+    assert outcome.producers == {("a", ""): 2} and outcome.refusals == []
+    assert settle(items[2:], result, 2).producers == {("b", "run"): 1}
+
+
+def test_settle_acknowledges_no_hub_made_producer() -> None:
+    items = [item("a", 1, producer="~writer")]
+    result = AppendResult(
+        records=[record("a", 1)], inserted=[record("a", 1)], durable={"a": 1},
+        status=[INSERTED], producers={("a", "~writer"): 1},
+    )
+    assert settle(items, result, 0).producers == {}
 
 
 def test_settle_caps_the_ack_below_a_conflict_and_names_it_once() -> None:
@@ -145,11 +155,12 @@ def test_settle_caps_the_ack_below_a_conflict_and_names_it_once() -> None:
         inserted=[record("a", 1)],
         durable={"a": 3},
         status=[INSERTED, CONFLICT, CONFLICT],
+        producers={("a", ""): 3},
     )
     outcome = settle(items, result, 0)
-    assert outcome.durable == {"a": 1}, "an ack never covers a record that was not stored"
+    assert outcome.producers == {("a", ""): 1}, "an ack never covers a record that was not stored"
     [refusal] = outcome.refusals
-    assert refusal.code == "SEQ_CONFLICT" and refusal.cap == 1 and refusal.key == ("a", None)
+    assert refusal.code == "SEQ_CONFLICT" and refusal.cap == 1 and refusal.key == ("a", "")
     assert "seq 2" in refusal.message and "1 more records" in refusal.message
 
 
@@ -174,7 +185,7 @@ async def test_write_within_returns_the_committed_outcome(sqlite_store: SQLiteSt
         with send:
             outcome = await write_within(send, [item("t", 1), item("t", 2)], 30.0)
     assert outcome is not None and outcome.error is None
-    assert outcome.durable == {"t": 2}
+    assert outcome.producers == {("t", ""): 2}
     assert await sqlite_store.durable_seq("t") == 2
 
 
@@ -196,7 +207,7 @@ async def test_writer_commits_acknowledges_and_drops_withdrawn_requests(sqlite_s
         await done.wait()
         send.close()
     assert [type(o.error).__name__ for o in outcomes] == ["Withdrawn", "NoneType", "NoneType"]
-    assert outcomes[1].durable == {"t": 2}
+    assert outcomes[1].producers == {("t", ""): 2}
     assert outcomes[2].task is not None and outcomes[2].task.state == "succeeded"
     assert await sqlite_store.durable_seq("w") == 0
     assert writer.metrics.records_ingested == 2

@@ -32,7 +32,7 @@ import attrs
 from agent.link.batcher import Batcher, Send
 from agent.link.frames import fit_frame, logs_frame
 from keruta.limits import DEFAULT_LIMITS, Limits
-from keruta.wire import AckFrame, ErrorFrame, HubFrame, StatusFrame, SubscribeFrame, encode_bytes
+from keruta.wire import AckFrame, ErrorFrame, HubFrame, StatusFrame, encode_bytes
 
 # Room for the frame's envelope around the records, when reading the spool;
 # the frame itself is measured before it is sent (fit_frame).
@@ -97,7 +97,7 @@ class UplinkProtocol:
     def __init__(
         self,
         task_id: str,
-        producer: str | None,
+        producer: str,
         *,
         acked_seq: int = 0,
         available_seq: int = 0,
@@ -226,12 +226,7 @@ class UplinkProtocol:
         assert self.final is not None
         state, code = self.final
         # The hub answers a run's status with that run's stored state once it
-        # is committed. A spool from before producers has none: then the
-        # task's status, published to its subscribers after the commit,
-        # confirms it; subscribing first means it cannot be missed.
-        if self.producer is None:
-            self.outbox.append(encode_bytes(StatusFrame(self.task_id, state, code, self.producer)))
-            return SendFrame(encode_bytes(SubscribeFrame(self.task_id, from_seq=self.available + 1)))
+        # is committed: that is how the agent knows its final state is stored.
         return SendFrame(encode_bytes(StatusFrame(self.task_id, state, code, self.producer)))
 
     def logs_frame(self, records: list[tuple[int, bytes]], now: float) -> bytes | None:

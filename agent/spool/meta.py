@@ -31,9 +31,8 @@ def read_meta(path: Path, task_id: str, hub_url: str | None, warn: Callable[[str
         changed = True
     meta.setdefault("createdAt", now_ts())
     meta.setdefault("final", None)
-    if new:
-        # This run, to the hub. A spool written before producers existed
-        # has none and is delivered under the old (taskId, seq) identity:
-        # some of it may be stored under those seqs already.
+    if new or not isinstance(meta.get("producer"), str):
+        # This run, to the hub: its records' seqs are this producer's own.
         meta["producer"] = uuid.uuid4().hex
+        changed = True
     return meta, changed

@@ -264,9 +264,10 @@ class Spool:
         self._delete_acked_segments()
 
     @property
-    def producer(self) -> str | None:
-        producer = self.meta.get("producer")
-        return producer if isinstance(producer, str) else None
+    def producer(self) -> str:
+        producer = self.meta["producer"]
+        assert isinstance(producer, str), "agent.spool.meta gives every spool a producer"
+        return producer
 
     def _delete_acked_segments(self) -> None:
         keep = []

@@ -9,6 +9,7 @@ through the syncer, which gives them once the commit is durable.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
@@ -20,7 +21,17 @@ import trio
 from hub.actors.broadcaster import Broadcaster
 from hub.actors.syncer import SYNC_QUEUE, Settled, run_syncer
 from hub.metrics import Metrics
-from hub.store.base import CONFLICT, GAP, AppendResult, Incoming, Store, StoreUnavailable
+from hub.store.base import (
+    ANONYMOUS,
+    CONFLICT,
+    GAP,
+    HUB_MADE,
+    AppendResult,
+    Incoming,
+    Store,
+    StoreUnavailable,
+    hub_made,
+)
 from keruta.backoff import Backoff
 from keruta.channels import receive_now
 from keruta.records import LogRecord, TaskInfo
@@ -50,22 +61,26 @@ class Refusal:
     message: str
     resume_from: int | None = None
     # SEQ_CONFLICT: the identity whose acknowledgements stop at `cap` for good.
-    key: tuple[str, str | None] | None = None
+    key: tuple[str, str] | None = None
     cap: int = 0
 
 
 @attrs.frozen
 class WriteOutcome:
     records: list[LogRecord | None] = attrs.field(factory=list)
-    # What may be acknowledged: task_id -> seq (records without producer) and
-    # (task_id, producer) -> the producer's seq; both capped below a refused record.
-    durable: dict[str, int] = attrs.field(factory=dict)
+    # What may be acknowledged: (task_id, producer) -> the producer's own seq,
+    # capped below a refused record. Hub-made producers are not acknowledged
+    # (their clients get the POST's answer).
     producers: dict[tuple[str, str], int] = attrs.field(factory=dict)
     refusals: list[Refusal] = attrs.field(factory=list)
     task: TaskInfo | None = None
     # After a status change with a producer: (producer, its stored state, exit code).
     run_state: tuple[str, str, int | None] | None = None
     error: Exception | None = None
+
+
+def _who(producer: str) -> str:
+    return "the anonymous producer" if producer == ANONYMOUS else f"producer {producer}"
 
 
 def settle(items: Sequence[Incoming], result: AppendResult, offset: int) -> WriteOutcome:
@@ -76,42 +91,32 @@ def settle(items: Sequence[Incoming], result: AppendResult, offset: int) -> Writ
     """
     records = result.records[offset : offset + len(items)]
     status = result.status[offset : offset + len(items)]
-    durable: dict[str, int] = {}
     producers: dict[tuple[str, str], int] = {}
     for item in items:
-        if item.producer is None:
-            durable[item.task_id] = result.durable[item.task_id]
-        else:
+        if not hub_made(item.producer):
             producers[(item.task_id, item.producer)] = result.producers[(item.task_id, item.producer)]
     refusals: list[Refusal] = []
     # One refusal per identity and kind, whatever the number of records: the
     # first names the record, the count says how many.
-    first_conflict: dict[tuple[str, str | None], tuple[int, str, int]] = {}
-    conflicts: dict[tuple[str, str | None], int] = defaultdict(int)
+    first_conflict: dict[tuple[str, str], tuple[int, str, int]] = {}
+    conflicts: dict[tuple[str, str], int] = defaultdict(int)
     gap: Refusal | None = None
     for i, (item, record, state) in enumerate(zip(items, records, status, strict=True)):
-        key: tuple[str, str | None] = (item.task_id, item.producer)
+        key = (item.task_id, item.producer)
         if state == CONFLICT:
-            if item.producer is None:
-                assert record is not None
-                cap = record.seq - 1
-                durable[item.task_id] = min(durable[item.task_id], cap)
-                what = f"seq {record.seq}"
-            else:
-                assert item.seq is not None
-                cap = item.seq - 1
-                producers[(item.task_id, item.producer)] = min(producers[(item.task_id, item.producer)], cap)
-                task_seq = f" (task seq {record.seq})" if record is not None else ""
-                what = f"producer {item.producer} seq {item.seq}{task_seq}"
+            assert item.seq is not None, "numbered before the commit"
+            cap = item.seq - 1
+            producers[key] = min(producers[key], cap)
+            task_seq = f" (task seq {record.seq})" if record is not None else ""
+            what = f"{_who(item.producer)}'s seq {item.seq}{task_seq}"
             conflicts[key] += 1
             if key not in first_conflict or cap < first_conflict[key][2]:
                 first_conflict[key] = (i, what, cap)
         elif state == GAP and gap is None:
-            assert item.producer is not None and item.seq is not None
-            resume = producers[(item.task_id, item.producer)] + 1
+            resume = producers[key] + 1
             gap = Refusal(
                 "SEQ_GAP",
-                f"record [{i}]: producer {item.producer} of task {item.task_id} sent seq "
+                f"record [{i}]: {_who(item.producer)} of task {item.task_id} sent seq "
                 f"{item.seq} but the hub holds its records only up to {resume - 1}; "
                 f"resend from {resume}",
                 resume,
@@ -129,7 +134,30 @@ def settle(items: Sequence[Incoming], result: AppendResult, offset: int) -> Writ
         )
     if gap is not None:
         refusals.append(gap)
-    return WriteOutcome(records=records, durable=durable, producers=producers, refusals=refusals)
+    return WriteOutcome(records=records, producers=producers, refusals=refusals)
+
+
+class HubNumbering:
+    """The identities a writer gives records a client sent without `seq`
+    (REST): its own producer id, made once per writer, and a counter that only
+    rises. Numbered before the first commit attempt and kept through retries,
+    so a retried commit whose first try did commit (its answer lost) finds
+    them stored: a duplicate, never a second copy."""
+
+    def __init__(self) -> None:
+        self.producer = HUB_MADE + uuid.uuid4().hex
+        self.last = 0
+
+    def number(self, items: Sequence[Incoming]) -> Sequence[Incoming]:
+        if all(item.seq is not None for item in items):
+            return items
+        out = []
+        for item in items:
+            if item.seq is None:
+                self.last += 1
+                item = attrs.evolve(item, producer=self.producer, seq=self.last)
+            out.append(item)
+        return out
 
 
 @attrs.define(eq=False)
@@ -146,6 +174,7 @@ class WriteRequest:
     # unknown until it returns, so the request can no longer be withdrawn.
     attempting: bool = False
     withdrawn: bool = False
+    numbered: bool = False
 
     def withdraw(self) -> bool:
         """Give up on this request (a REST POST out of time).
@@ -214,6 +243,7 @@ class Writer:
         self.available = trio.Event()
         self.available.set()
         self._synced: trio.MemorySendChannel[Settled] | None = None
+        self.numbering = HubNumbering()
 
     async def run(self, inbox: trio.MemoryReceiveChannel[WriteRequest]) -> None:
         """Serve until the inbox is closed and drained, then let the syncer drain."""
@@ -306,6 +336,10 @@ class Writer:
 
     async def _commit(self, batch: list[WriteRequest]) -> None:
         started = trio.current_time()
+        for req in batch:
+            if not req.numbered:
+                req.items = self.numbering.number(req.items)
+                req.numbered = True
         try:
             result = await self._with_retry("append", lambda: self._append(batch))
         except Exception as exc:

@@ -86,8 +86,10 @@ def blueprint(
         if outcome.refusals:
             others = " (the other records of the array were stored)" if array and len(items) > 1 else ""
             raise ApiError(409, outcome.refusals[0].code, outcome.refusals[0].message + others)
-        ids = [r.id for r in outcome.records if r is not None]
-        return json_response({"ids": ids} if array else {"id": ids[0]})
+        # A duplicate whose row was deleted since has no id nor seq left: null.
+        ids = [r.id if r is not None else None for r in outcome.records]
+        seqs = [r.seq if r is not None else None for r in outcome.records]
+        return json_response({"ids": ids, "seqs": seqs} if array else {"id": ids[0], "seq": seqs[0]})
 
     @bp.get("/api/v1/tasks/<task_id>/logs")
     async def get_logs(task_id: str) -> Response:

@@ -1,9 +1,11 @@
 """The store interface both SQLite and PostgreSQL implement.
 
-A store keeps records keyed by `(task_id, seq)`; appending a record whose key
-is already stored changes nothing (that is how every retry stays exactly-once).
-For each task it also keeps `durable_seq`: the highest seq such that every seq
-from 1 to it is stored. Acks and live delivery are driven by that watermark.
+Every record comes with an identity `(task_id, producer, producer seq)`
+(docs/identity.md); appending a record whose identity was stored before
+changes nothing (that is how every retry stays exactly-once). The store gives
+each new record the task's next seq, so a task's seqs run 1, 2, 3... with no
+gap, and `durable_seq` (every seq up to it is stored) is the task's highest.
+Acks and live delivery are driven by that watermark.
 """
 
 from __future__ import annotations
@@ -60,16 +62,25 @@ def record_id(task_id: str, seq: int) -> str:
     return f"{x[:8]}-{x[8:12]}-5{x[13:16]}-{_VARIANT[x[16]]}{x[17:20]}-{x[20:32]}"
 
 
+# The anonymous producer: a client that names none (docs/identity.md).
+ANONYMOUS = ""
+# Producers whose ids start with this are the hub's own (a writer numbering
+# the records a REST client sent without `seq`); clients' ids cannot.
+HUB_MADE = "~"
+
+
+def hub_made(producer: str) -> bool:
+    """Whether the hub numbered this producer's records itself: its seqs rise
+    but may skip (a withdrawn POST takes its numbers with it)."""
+    return producer.startswith(HUB_MADE)
+
+
 @attrs.frozen(slots=True)
 class Incoming:
-    """A record on its way into the store.
-
-    Three ways to say which record it is (docs/identity.md):
-    - `producer` set: `seq` is the producer's own counter (1, 2, 3... per run);
-      the hub assigns the task seq and de-duplicates on (task, producer, seq).
-    - `producer` None, `seq` set: the task seq itself, chosen by the client.
-    - both None: the hub assigns the next task seq.
-    """
+    """A record on its way into the store, with its identity: `seq` is the
+    producer's own (1, 2, 3... per producer), never a task seq; the store gives
+    the task seq (docs/identity.md). A record sent without `seq` (REST) is
+    given an identity by the writer before it reaches the store."""
 
     task_id: str
     seq: int | None
@@ -80,7 +91,7 @@ class Incoming:
     line_number: int | None = None
     metadata: dict[str, Any] = attrs.field(factory=dict)
     partial: bool = False
-    producer: str | None = None
+    producer: str = ANONYMOUS
 
 
 # What an append did with each item (AppendResult.status).
@@ -93,7 +104,7 @@ GAP = "gap"  # a producer record that does not follow the producer's last stored
 @attrs.frozen
 class AppendResult:
     # One per input item, in input order, with seq and id filled in (None for
-    # a producer record that was not stored and has no task seq).
+    # a record that was not stored and has no known task seq).
     records: list[LogRecord | None]
     # Only the records that were not stored before, in input order.
     inserted: list[LogRecord]
@@ -101,7 +112,8 @@ class AppendResult:
     durable: dict[str, int]
     # One per input item: INSERTED, DUPLICATE, CONFLICT or GAP.
     status: list[str] = attrs.field(factory=list)
-    # (task_id, producer) -> the producer's highest seq stored, every one below it too.
+    # (task_id, producer) -> the producer's highest seq stored, every one of
+    # its seqs below it too (for a hub-made producer: every one it sent).
     producers: dict[tuple[str, str], int] = attrs.field(factory=dict)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from hub.store.base import AppendResult, Incoming, LogQuery, LogStats, Page
 from hub.store.rows import (
     LOG_SELECT,
+    SEQ_MAX,
     TASK_SELECT,
     chunks,
     record_from_row,
@@ -23,7 +24,6 @@ from hub.store.rows import (
 from hub.store.rules import (
     ProducerProgress,
     TaskProgress,
-    advance,
     counted_filters,
     decide_state,
     plan_batch,
@@ -34,12 +34,8 @@ from hub.store.steps import Dialect, Steps
 from keruta.records import LogRecord, TaskInfo
 from keruta.timefmt import now_ts
 
-# Rows walked per query while advancing the durable watermark.
-WALK_CHUNK = 1000
 # A notice with this seq means "the task's state changed", not a watermark.
 STATUS_NOTICE = -1
-# The run number a new producer of a task gets.
-_NEXT_RUN_NO = "SELECT ?, ?, coalesce(max(run_no), 0) + 1"
 _TASK_STATE = "SELECT state, exit_code, run_no FROM {tasks} WHERE task_id = ?{lock}"
 
 
@@ -51,13 +47,14 @@ def append(d: Dialect, items: Sequence[Incoming]) -> Steps[AppendResult]:
 
     The task rows are read under the dialect's lock (SQLite: the writer's
     BEGIN IMMEDIATE; PostgreSQL: FOR UPDATE in task_id order), so nobody else
-    appends to these tasks meanwhile and what is not stored now is new.
+    appends to these tasks meanwhile: the task seqs given here are the next
+    ones, and what is not stored now is new.
     """
     task_ids = sorted(dict.fromkeys(i.task_id for i in items))
     now = now_ts()
     progress = yield from _lock_tasks(d, task_ids, now)
     producers: dict[tuple[str, str], ProducerProgress] = {}
-    for key in dict.fromkeys((i.task_id, i.producer) for i in items if i.producer is not None):
+    for key in dict.fromkeys((i.task_id, i.producer) for i in items):
         row = yield d.row("SELECT high FROM {producers} WHERE task_id = ? AND producer = ?", *key)
         producers[key] = ProducerProgress(high=0, exists=False) if row is None else ProducerProgress(high=row[0])
     plan = plan_batch(items, progress, producers)
@@ -80,7 +77,7 @@ def append(d: Dialect, items: Sequence[Incoming]) -> Steps[AppendResult]:
             for row in rows:
                 record = record_from_row(row)
                 stored[(task_id, record.seq)] = record
-    resolve(plan, progress, producers, ranges, stored)
+    resolve(plan, producers, ranges, stored)
     fresh = plan.inserted()
     inserted = (yield from d.insert(fresh)) if fresh else []
     tally(inserted, progress)
@@ -88,13 +85,11 @@ def append(d: Dialect, items: Sequence[Incoming]) -> Steps[AppendResult]:
     durable: dict[str, int] = {}
     for task_id, task in progress.items():
         before = task.durable_seq
-        task.durable_seq, walk_on = task.durable_through_batch()
-        if walk_on:
-            task.durable_seq = yield from walk_durable(d, task_id, task.durable_seq)
+        task.durable_seq = task.durable_after_batch()
         durable[task_id] = task.durable_seq
         if task.count:
             yield from d.save_task(task_id, task, now, task.durable_seq > before)
-    yield from _save_producers(d, producers)
+    yield from _save_producers(d, producers, now)
     return plan.result(inserted, durable, producers)
 
 
@@ -116,34 +111,21 @@ def _lock_tasks(d: Dialect, task_ids: list[str], now: str) -> Steps[dict[str, Ta
     return progress
 
 
-def walk_durable(d: Dialect, task_id: str, durable: int) -> Steps[int]:
-    """The highest seq reachable from `durable` through consecutive stored seqs."""
-    while True:
-        rows = yield d.fetch(
-            "SELECT seq FROM {logs} WHERE task_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-            task_id,
-            durable,
-            WALK_CHUNK,
-        )
-        durable, run_on = advance(durable, (r[0] for r in rows))
-        if not run_on or len(rows) < WALK_CHUNK:
-            return durable
-
-
-def _save_producers(d: Dialect, producers: dict[tuple[str, str], ProducerProgress]) -> Steps[None]:
+def _save_producers(d: Dialect, producers: dict[tuple[str, str], ProducerProgress], now: str) -> Steps[None]:
+    """A producer's high mark and its new ranges: one row each, found by key,
+    whatever the number of the task's producers."""
     for (task_id, producer), run in producers.items():
         if not run.new_ranges:
             continue
         yield d.exec(
-            f"""
-            INSERT INTO {{producers}} (task_id, producer, run_no, high)
-            {_NEXT_RUN_NO}, ? FROM {{producers}} WHERE task_id = ?
-            ON CONFLICT (task_id, producer) DO UPDATE SET high = excluded.high
+            """
+            INSERT INTO {producers} (task_id, producer, run_no, high, last_write) VALUES (?, ?, 0, ?, ?)
+            ON CONFLICT (task_id, producer) DO UPDATE SET high = excluded.high, last_write = excluded.last_write
             """,
             task_id,
             producer,
             run.high,
-            task_id,
+            now,
         )
         yield d.many(
             "INSERT INTO {ranges} (task_id, producer, pseq_first, pseq_last, seq_first) VALUES (?, ?, ?, ?, ?)",
@@ -174,18 +156,21 @@ def set_state(d: Dialect, task_id: str, state: str, exit_code: int | None, produ
         run = yield d.row(
             "SELECT state, exit_code, run_no FROM {producers} WHERE task_id = ? AND producer = ?", task_id, producer
         )
-        if run is None:
-            run_no = yield d.row(
-                f"""
-                INSERT INTO {{producers}} (task_id, producer, run_no)
-                {_NEXT_RUN_NO} FROM {{producers}} WHERE task_id = ?
-                RETURNING run_no
+        if run is None or run[2] == 0:
+            # A run is numbered at its first status, from the task's own
+            # counter: one row read, however many producers the task has had.
+            numbered = yield d.row("UPDATE {tasks} SET runs = runs + 1 WHERE task_id = ? RETURNING runs", task_id)
+            yield d.exec(
+                """
+                INSERT INTO {producers} (task_id, producer, run_no, last_write) VALUES (?, ?, ?, ?)
+                ON CONFLICT (task_id, producer) DO UPDATE SET run_no = excluded.run_no
                 """,
                 task_id,
                 producer,
-                task_id,
+                numbered[0],
+                now_ts(),
             )
-            run = (None, None, run_no[0])
+            run = (None, None, numbered[0]) if run is None else (run[0], run[1], numbered[0])
     decision = decide_state(task, run, state, exit_code)
     if decision.run is not None:
         yield d.exec(
@@ -352,6 +337,18 @@ def delete_chunk(d: Dialect, task_id: str, before: str | None) -> Steps[tuple[in
         [(n, task_id, s, lv) for (s, lv), n in counts.items()],
     )
     yield d.exec("DELETE FROM {counts} WHERE task_id = ? AND n <= 0", task_id)
+    # What identity keeps stays bounded by what is stored: a producer's ranges
+    # map its seqs to rows, so those wholly below the task's lowest row go
+    # (its high mark stays: a resent record is still a duplicate).
+    yield d.exec(
+        """
+        DELETE FROM {ranges} WHERE task_id = ?
+        AND seq_first + (pseq_last - pseq_first) < coalesce((SELECT min(seq) FROM {logs} WHERE task_id = ?), ?)
+        """,
+        task_id,
+        task_id,
+        SEQ_MAX,
+    )
     # durable_seq and max_seq stay: the watermark never goes backwards.
     yield d.exec(
         """
@@ -369,6 +366,22 @@ def delete_chunk(d: Dialect, task_id: str, before: str | None) -> Steps[tuple[in
         task_id,
     )
     return deleted, deleted == d.delete_chunk
+
+
+def prune_producers(d: Dialect, before: str) -> Steps[int]:
+    """Retention: forget producers that wrote nothing since `before`, and
+    their ranges (docs/identity.md: the identity horizon). Returns how many."""
+    yield d.exec(
+        """
+        DELETE FROM {ranges} WHERE EXISTS (
+            SELECT 1 FROM {producers} p
+            WHERE p.task_id = {ranges}.task_id AND p.producer = {ranges}.producer AND p.last_write < ?
+        )
+        """,
+        before,
+    )
+    rows = yield d.fetch("DELETE FROM {producers} WHERE last_write < ? RETURNING 1", before)
+    return len(rows)
 
 
 def old_tasks(d: Dialect, before: str) -> Steps[list[str]]:

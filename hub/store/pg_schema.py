@@ -10,7 +10,7 @@ from typing import Any
 
 import asyncpg
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # pg_advisory_xact_lock key for schema changes ("keruta" in ASCII).
 _SCHEMA_LOCK = 0x6B6572757461
 # Per connection, for inserting with COPY (hub/store/pg_dialect.py).
@@ -84,7 +84,25 @@ _SCHEMA_V2 = (
     )
     """,
 )
-_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+# One identity rule (docs/identity.md): the hub gives every task seq, so a
+# task's seqs have no holes and its watermark is its highest; a run is
+# numbered from the task's own counter (`runs`), not by scanning its
+# producers; `last_write` lets retention prune what identity keeps.
+_SCHEMA_V3 = (
+    "ALTER TABLE keruta_tasks ADD COLUMN IF NOT EXISTS runs bigint NOT NULL DEFAULT 0",
+    """
+    UPDATE keruta_tasks t SET runs = (SELECT coalesce(max(run_no), 0) FROM keruta_producers p
+                                      WHERE p.task_id = t.task_id)
+    """,
+    "UPDATE keruta_tasks SET durable_seq = max_seq",
+    'ALTER TABLE keruta_producers ADD COLUMN IF NOT EXISTS last_write text COLLATE "C"',
+    """
+    UPDATE keruta_producers
+    SET last_write = to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+    """,
+    "CREATE INDEX IF NOT EXISTS keruta_producers_last_write ON keruta_producers (last_write)",
+)
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
 
 
 async def migrate(conn: Any) -> None:

@@ -1,4 +1,4 @@
-"""The rules both stores share: seqs, de-duplication, tallies, states, pages.
+"""The rules both stores share: identities and seqs, tallies, states, pages.
 
 Plain functions over plain data, so the SQLite and PostgreSQL stores agree on
 every rule and tests can drive the rules without a database.
@@ -20,6 +20,7 @@ from hub.store.base import (
     AppendResult,
     Incoming,
     LogQuery,
+    hub_made,
     record_id,
 )
 from keruta.records import InvalidField, LogRecord
@@ -32,7 +33,7 @@ class TaskProgress:
     """A task's row as the running append transaction sees it, plus what the
     batch adds to it."""
 
-    max_seq: int  # highest seq ever stored (kept through deletes)
+    max_seq: int  # highest seq ever given (kept through deletes)
     durable_seq: int
     exists: bool = True
     batch_max: int = 0
@@ -47,24 +48,20 @@ class TaskProgress:
     def inserted_max(self) -> int:
         return max(self.inserted_seqs, default=0)
 
-    def durable_through_batch(self) -> tuple[int, bool]:
-        """Advance the watermark through the seqs this batch inserted.
+    def next_seq(self) -> int:
+        self.batch_max = max(self.max_seq, self.batch_max) + 1
+        return self.batch_max
 
-        Returns the new value and whether stored rows may carry it further
-        (the store then walks on from there). After a commit `durable_seq + 1`
-        is never stored, so a batch that did not insert it moves nothing; and
-        nothing is stored above the highest seq ever stored.
-        """
-        seqs = sorted(s for s in self.inserted_seqs if s > self.durable_seq)
-        if not seqs or seqs[0] != self.durable_seq + 1:
-            return self.durable_seq, False
-        durable, _ = advance(self.durable_seq, seqs)
-        return durable, durable < max(self.max_seq, seqs[-1])
+    def durable_after_batch(self) -> int:
+        """The watermark after the batch commits: the hub gives every seq
+        itself, in order and under the task's lock, so every seq up to the
+        highest given is stored."""
+        return max(self.durable_seq, self.max_seq, self.batch_max)
 
 
 @attrs.define
 class ProducerProgress:
-    """A producer (one agent run) of a task, as the append transaction sees it."""
+    """A producer of a task, as the append transaction sees it."""
 
     high: int  # its highest seq stored; every one of its seqs below is stored too
     exists: bool = True
@@ -78,13 +75,22 @@ class ProducerProgress:
                 return seq_first + pseq - first
         return None
 
+    def take(self, pseq: int, seq: int) -> None:
+        """Its record `pseq` is stored under task seq `seq` by this batch."""
+        self.high = pseq
+        last = self.new_ranges[-1] if self.new_ranges else None
+        if last is not None and last[1] + 1 == pseq and last[2] + (pseq - last[0]) == seq:
+            last[1] = pseq
+        else:
+            self.new_ranges.append([pseq, pseq, seq])
+
 
 @attrs.define
 class Plan:
     records: list[LogRecord | None]  # one per item, in input order
     status: list[str]  # one per item; PENDING until `resolve`
-    # Indexes of the items whose fate depends on what is stored: a client-chosen
-    # seq at or below the task's highest, or a producer record already sent.
+    # Indexes of the items whose fate depends on what is stored: records at or
+    # below their producer's high mark, sent before.
     lookups: list[int] = attrs.field(factory=list)
     # (task_id, producer) -> (lowest, highest) producer seq among the lookups.
     producer_lookups: dict[tuple[str, str], list[int]] = attrs.field(factory=dict)
@@ -114,13 +120,8 @@ class Plan:
         wanted: dict[str, set[int]] = defaultdict(set)
         for i in self.lookups:
             item = self.items[i]
-            record = self.records[i]
-            if item.producer is None:
-                assert record is not None
-                wanted[item.task_id].add(record.seq)
-                continue
-            assert item.seq is not None
             key = (item.task_id, item.producer)
+            assert item.seq is not None
             seq = producers[key].range_of(item.seq, ranges.get(key, ()))
             if seq is not None:
                 wanted[item.task_id].add(seq)
@@ -162,82 +163,58 @@ def _record(item: Incoming, seq: int) -> LogRecord:
 def plan_batch(
     items: Sequence[Incoming],
     progress: dict[str, TaskProgress],
-    producers: dict[tuple[str, str], ProducerProgress] | None = None,
+    producers: dict[tuple[str, str], ProducerProgress],
 ) -> Plan:
-    """Give every item its seq and id, and decide what can be decided without
-    reading rows; the rest is in `lookups`, for `resolve`.
+    """Give every new record the next task seq and its id, and decide what can
+    be decided without reading rows; the rest is in `lookups`, for `resolve`.
 
     `progress` holds every task of the batch, `producers` every (task,
-    producer) pair. Without a seq, a record gets one more than the highest seq
-    stored or given earlier in the batch; so does a producer's record that
-    follows its last stored one. Raises InvalidField for a record that breaks
-    the contract.
+    producer) pair. A producer's record is new when it is the one after the
+    producer's highest stored (a hub-made producer's: any above it); at or
+    below it, it was sent before (`resolve` tells a duplicate from a
+    conflict); further above, it is a GAP and is not stored. A client's seq
+    never becomes a task seq.
     """
-    producers = producers if producers is not None else {}
     plan = Plan(records=[], status=[], items=items)
-    first_in_batch: dict[tuple[str, int], LogRecord] = {}
     for index, item in enumerate(items):
-        task = progress[item.task_id]
-        if item.producer is not None:
-            assert item.seq is not None
-            key = (item.task_id, item.producer)
-            run = producers[key]
-            pseq = item.seq
-            if pseq <= run.high:
-                plan.records.append(None)
-                plan.status.append(PENDING)
-                plan.lookups.append(index)
-                bounds = plan.producer_lookups.setdefault(key, [pseq, pseq])
-                bounds[0] = min(bounds[0], pseq)
-                bounds[1] = max(bounds[1], pseq)
-                continue
-            if pseq != run.high + 1:
-                plan.records.append(None)
-                plan.status.append(GAP)
-                continue
-            seq = max(task.max_seq, task.batch_max) + 1
-            record = _record(item, seq)
-            task.batch_max = seq
-            run.high = pseq
-            last = run.new_ranges[-1] if run.new_ranges else None
-            if last is not None and last[1] + 1 == pseq and last[2] + (pseq - last[0]) == seq:
-                last[1] = pseq
-            else:
-                run.new_ranges.append([pseq, pseq, seq])
-            first_in_batch[(item.task_id, seq)] = record
-            plan.records.append(record)
-            plan.status.append(INSERTED)
-            continue
-        seq = item.seq if item.seq is not None else max(task.max_seq, task.batch_max) + 1
-        record = _record(item, seq)
-        plan.records.append(record)
-        task.batch_max = max(task.batch_max, seq)
-        earlier = first_in_batch.get((item.task_id, seq))
-        if earlier is not None:
-            plan.status.append(DUPLICATE if same_record(earlier, record) else CONFLICT)
-            continue
-        first_in_batch[(item.task_id, seq)] = record
-        if seq <= task.max_seq:
+        key = (item.task_id, item.producer)
+        run = producers[key]
+        pseq = item.seq
+        if pseq is None:
+            raise ValueError("a record reaches the store with its identity: the writer numbers seq-less ones")
+        if pseq < 1:
+            raise InvalidField("seq", "must be an integer >= 1 (the producer's own)")
+        if pseq <= run.high:
+            plan.records.append(None)
             plan.status.append(PENDING)
             plan.lookups.append(index)
-        else:
-            plan.status.append(INSERTED)
+            bounds = plan.producer_lookups.setdefault(key, [pseq, pseq])
+            bounds[0] = min(bounds[0], pseq)
+            bounds[1] = max(bounds[1], pseq)
+            continue
+        if pseq != run.high + 1 and not hub_made(item.producer):
+            plan.records.append(None)
+            plan.status.append(GAP)
+            continue
+        seq = progress[item.task_id].next_seq()
+        run.take(pseq, seq)
+        plan.records.append(_record(item, seq))
+        plan.status.append(INSERTED)
     return plan
 
 
 def resolve(
     plan: Plan,
-    progress: dict[str, TaskProgress],
     producers: dict[tuple[str, str], ProducerProgress],
     ranges: dict[tuple[str, str], list[Sequence[int]]],
     stored: dict[tuple[str, int], LogRecord],
 ) -> None:
-    """Decide the looked-up items from the rows stored under their seqs.
+    """Decide the looked-up items from the rows stored under their identities.
 
     A record whose identity holds the same record is a DUPLICATE; a different
-    one is a CONFLICT. Nothing stored there: a client-chosen seq at or below
-    the task's durable watermark was stored once and deleted since, so it is a
-    DUPLICATE and is not stored again (docs/identity.md); above it, it is new.
+    one is a CONFLICT. An identity at or below its producer's mark whose row is
+    gone (deleted since, or its range pruned) was stored once: a DUPLICATE,
+    never stored again (docs/identity.md).
     """
     if not plan.lookups:
         return
@@ -248,19 +225,8 @@ def resolve(
     }
     for i in plan.lookups:
         item = plan.items[i]
-        if item.producer is None:
-            record = plan.records[i]
-            assert record is not None
-            held = stored.get((item.task_id, record.seq))
-            if held is not None:
-                plan.status[i] = DUPLICATE if same_record(held, record) else CONFLICT
-            elif record.seq <= progress[item.task_id].durable_seq:
-                plan.status[i] = DUPLICATE
-            else:
-                plan.status[i] = INSERTED
-            continue
-        assert item.seq is not None
         key = (item.task_id, item.producer)
+        assert item.seq is not None
         seq = producers[key].range_of(item.seq, ranges.get(key, ()))
         if seq is None:
             plan.status[i] = DUPLICATE
@@ -282,16 +248,6 @@ def tally(inserted: Iterable[LogRecord], progress: dict[str, TaskProgress]) -> N
         if task.last_ts is None or r.timestamp > task.last_ts:
             task.last_ts = r.timestamp
         task.inserted_seqs.append(r.seq)
-
-
-def advance(durable: int, seqs: Iterable[int]) -> tuple[int, bool]:
-    """Step `durable` through ascending `seqs` while they follow on; return the
-    new value and whether the run went on to the end of `seqs`."""
-    for seq in seqs:
-        if seq != durable + 1:
-            return durable, False
-        durable = seq
-    return durable, True
 
 
 def counted_filters(query: LogQuery) -> list[tuple[str, str]] | None:

@@ -106,4 +106,5 @@ class SqlStore:
         total = 0
         for task_id in await self._read(core.old_tasks(self._dialect, before)):
             total += await self.delete(task_id, before)
+        await self._write(core.prune_producers(self._dialect, before))
         return total

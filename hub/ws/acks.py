@@ -15,12 +15,12 @@ import attrs
 from hub.actors.writer import WriteOutcome
 from keruta.wire import AckFrame, ErrorFrame, StatusFrame, dumps
 
-Key = tuple[str, str | None]
+Key = tuple[str, str]  # (task_id, producer); "" is the anonymous producer
 
 
 @attrs.define
 class Replies:
-    # (task_id, producer or None) -> seq to acknowledge.
+    # (task_id, producer) -> the producer's own seq to acknowledge.
     acks: dict[Key, int] = attrs.field(factory=dict)
     # Acks never reach past a record this connection sent that was refused.
     caps: dict[Key, int] = attrs.field(factory=dict)
@@ -38,11 +38,7 @@ class Replies:
             self.answers.append(dumps(ErrorFrame(refusal.code, refusal.message, refusal.resume_from)))
             if refusal.key is not None:
                 self.caps[refusal.key] = min(self.caps.get(refusal.key, refusal.cap), refusal.cap)
-        acks: list[tuple[Key, int]] = [
-            *(((task_id, None), seq) for task_id, seq in outcome.durable.items()),
-            *outcome.producers.items(),
-        ]
-        for key, seq in acks:
+        for key, seq in outcome.producers.items():
             seq = min(seq, self.caps.get(key, seq))
             if seq > self.acks.get(key, 0):
                 self.acks[key] = seq
@@ -50,7 +46,7 @@ class Replies:
             # The run's own state, to that run: how an agent knows its final status is stored.
             producer, state, code = outcome.run_state
             self.answers.append(dumps(StatusFrame(outcome.task.task_id, state, code, producer)))
-        return bool(outcome.durable or outcome.producers or self.answers)
+        return bool(outcome.producers or self.answers)
 
     def next_frame(self) -> str | None:
         """Errors first, then answers, then acks: a refusal arrives before the
@@ -61,5 +57,6 @@ class Replies:
             return self.answers.pop(0)
         if self.acks:
             (task_id, producer), seq = self.acks.popitem()
-            return dumps(AckFrame(task_id, seq, producer))
+            # The anonymous producer's acks name none, as the seed's clients expect.
+            return dumps(AckFrame(task_id, seq, producer or None))
         return None
