@@ -28,7 +28,9 @@ this process's stdout/stderr, and streamed to the hub, which stores it
 exactly once. The hub being down never slows COMMAND: lines wait in the spool
 and are sent when it is back (reconnecting with backoff up to 30 s,
 --reconnect-max). The exit status is COMMAND's (128+N if it died of signal
-N). SIGINT and SIGTERM are passed on to COMMAND.
+N). SIGINT and SIGTERM are passed on to COMMAND's process group (COMMAND
+and what it started); whatever of it still runs --kill-grace seconds later is
+killed with SIGKILL, so nothing outlives the agent.
 
 Masked (replaced by ***) everywhere, including the spool and the mirror:
 --mask values, and values (4+ characters) of environment variables whose
@@ -207,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(something COMMAND started in the background may hold it open) (default 1)",
     )
     run.add_argument(
+        "--kill-grace",
+        metavar="SECONDS",
+        type=_non_negative_float,
+        default=10.0,
+        help="after passing a SIGINT/SIGTERM on to COMMAND's process group, SIGKILL "
+        "whatever of the group still runs this long after (default 10)",
+    )
+    run.add_argument(
         "--reconnect-max",
         metavar="SECONDS",
         type=_positive_float,
@@ -329,6 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             drain_timeout=args.drain_timeout,
             reconnect_max=args.reconnect_max,
             pipe_grace=args.pipe_grace,
+            kill_grace=args.kill_grace,
             quiet=args.quiet,
         )
         result = trio.run(run, settings)

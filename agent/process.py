@@ -15,6 +15,17 @@ import attrs
 import trio
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# How long the command's process group has, after the first signal passed on
+# to it, to end before it is SIGKILLed (--kill-grace).
+KILL_GRACE = 10.0
+# After the SIGKILL, the longest wait for the group to be gone: a process in an
+# uninterruptible sleep (a hung NFS read) dies only when it wakes.
+KILL_WAIT = 5.0
+# Between looks at whether a group has ended: the first pause and the longest.
+GROUP_POLL = (0.01, 0.25)
+# Linux's process table says which processes are zombies; without it, a zombie
+# counts as a live member of its group.
+PROC_STAT = os.path.exists("/proc/self/stat")
 
 
 @attrs.define
@@ -22,8 +33,10 @@ class Child:
     process: trio.Process
     # (source, stream) pairs to capture; under --pty just one, "stdout".
     outputs: list[tuple[str, trio.abc.ReceiveStream]]
-    # Whether the command shares our process group (and so our terminal's
-    # Ctrl-C): then SIGINT from the terminal already reached it.
+    # Whether the command leads a process group of its own (its id is the
+    # command's pid): then the signals we pass on go to the whole group. If not,
+    # it shares ours, the terminal's foreground group, and the terminal's
+    # Ctrl-C already reached it and everything it started.
     own_group: bool
 
     @property
@@ -67,19 +80,21 @@ def _stdin_is_tty() -> bool:
 async def start(command: list[str], env: Mapping[str, str], use_pty: bool = False) -> Child:
     """Start `command` with its stdout/stderr captured.
 
-    Without a terminal on stdin the command gets its own process group, so a
-    signal meant for the agent reaches it once, through us. With one, it stays
-    in our (foreground) group so that it can still read the terminal.
+    The command leads a process group of its own, so that a signal meant for
+    the agent reaches it, and everything it started, once, through us (as a
+    terminal's Ctrl-C reaches a whole foreground job). Under a pty it leads a
+    session too, whose controlling terminal is the pty. Only with a terminal on
+    stdin and no pty does it stay in our (foreground) group, so that it can
+    still read that terminal and open /dev/tty.
     """
-    own_group = not _stdin_is_tty()
-    group = 0 if own_group else None
     if not use_pty:
+        own_group = not _stdin_is_tty()
         process = await trio.lowlevel.open_process(
             command,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=dict(env),
-            process_group=group,
+            process_group=0 if own_group else None,
         )
         assert process.stdout is not None and process.stderr is not None
         return Child(process, [("stdout", process.stdout), ("stderr", process.stderr)], own_group)
@@ -92,14 +107,30 @@ async def start(command: list[str], env: Mapping[str, str], use_pty: bool = Fals
         termios.tcsetattr(slave, termios.TCSANOW, mode)
         _copy_window_size(slave)
         process = await trio.lowlevel.open_process(
-            command, stdout=slave, stderr=slave, env=dict(env), process_group=group
+            command,
+            stdout=slave,
+            stderr=slave,
+            env=dict(env),
+            start_new_session=True,
+            preexec_fn=_take_the_terminal,
         )
     except BaseException:
         os.close(master)
         raise
     finally:
         os.close(slave)
-    return Child(process, [("stdout", trio.lowlevel.FdStream(master))], own_group)
+    return Child(process, [("stdout", trio.lowlevel.FdStream(master))], own_group=True)
+
+
+def _take_the_terminal() -> None:
+    """In the child, after its setsid() and before the exec: make the pty (on
+    fd 1 by then) its controlling terminal, and its group the pty's foreground
+    group, as a terminal emulator does. `subprocess` has no option for this,
+    hence the hook (kept to one system call: it runs between fork and exec)."""
+    try:
+        fcntl.ioctl(1, termios.TIOCSCTTY, 0)
+    except OSError:
+        pass  # the command still runs, without a controlling terminal
 
 
 def _copy_window_size(fd: int) -> None:
@@ -116,13 +147,76 @@ def _copy_window_size(fd: int) -> None:
 
 
 def forward(child: Child, signum: int) -> bool:
-    """Pass a signal the agent received on to the command; False if not passed."""
+    """Pass a signal the agent received on to the command, to its whole
+    process group when it has one; False if not passed."""
     if signum == signal.SIGINT and not child.own_group:
         return False  # the terminal sent it to the whole group, command included
-    if child.process.returncode is None:
-        try:
+    if child.process.returncode is not None:
+        return False
+    try:
+        if child.own_group:
+            os.killpg(child.pid, signum)
+        else:
             child.process.send_signal(signum)
-        except ProcessLookupError:
-            return False
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def stop(child: Child, grace: float) -> bool:
+    """After a signal was passed on: give the command (its whole group, when it
+    has one) `grace` seconds to end, then SIGKILL what is left of it and wait up
+    to KILL_WAIT for that to end. True if it had to be killed."""
+    with trio.move_on_after(grace):
+        await _ended(child)
+        return False
+    try:
+        if child.own_group:
+            os.killpg(child.pid, signal.SIGKILL)
+        else:
+            child.process.kill()
+    except ProcessLookupError:
+        pass
+    with trio.move_on_after(KILL_WAIT):
+        await _ended(child)
+    return True
+
+
+async def _ended(child: Child) -> None:
+    if not child.own_group:
+        await child.process.wait()
+        return
+    pause = GROUP_POLL[0]
+    # No event says a group has emptied: look, more rarely the longer it lives.
+    while await trio.to_thread.run_sync(group_alive, child.pid):
+        await trio.sleep(pause)
+        pause = min(pause * 2, GROUP_POLL[1])
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether process group `pgid` has a member that has not exited.
+
+    A zombie is not one: a process the command started and left behind is
+    adopted by PID 1 (or a subreaper), and in a container that PID 1 may never
+    collect it, which would keep the group "alive" for good."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # a member we may not signal is a member all the same
+    if not PROC_STAT:
         return True
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        # "pid (name) state ppid pgrp ...": the name may hold spaces and ")".
+        state, _ppid, pgrp = stat[stat.rindex(b")") + 2 :].split()[:3]
+        if int(pgrp) == pgid and state not in (b"Z", b"X"):
+            return True
     return False

@@ -7,7 +7,7 @@
     │ │ run (Started,  ─┘             (spool)    │                        (protocol +  │
     │ │  AgentLine, Finished)                    │                         sessions)   │
     │ └──────────────────────────────────────────┘                                    │
-    │ spool syncer (1 s timer)   signal router                                        │
+    │ spool syncer (1 s timer)   signal router (─► stopping COMMAND's process group) │
     └────────────────────────────────────────────────────────────────────────────────┘
 
 Each actor owns the receive end of its input channel and closes its output
@@ -16,7 +16,9 @@ run sends Finished and closes its end, and the close travels down the
 pipeline. The pipeline nursery ends when the recorder has spooled the last
 line and the final state; the run then waits up to `drain_timeout` for the
 uplink to be delivered, and leaves what is left in the spool for
-`keruta-agent flush`.
+`keruta-agent flush`. If a signal was passed on to the command, the run ends
+only once its process group has (SIGKILLed `kill_grace` seconds after the
+signal if need be): nothing the command started outlives the agent.
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ class RunSettings:
     reconnect_max: float = RECONNECT.cap
     # After COMMAND exits, how long its pipes may stay quiet (--pipe-grace).
     pipe_grace: float = PIPE_GRACE
+    # After a signal passed on to COMMAND's group, how long before SIGKILL (--kill-grace).
+    kill_grace: float = process.KILL_GRACE
     quiet: bool = False
     environ: Mapping[str, str] = attrs.field(factory=lambda: dict(os.environ))
     limits: Limits = DEFAULT_LIMITS
@@ -143,7 +147,7 @@ async def run(settings: RunSettings, say: Callable[[str], None] = say) -> RunRes
                 nursery.start_soon(_deliver, uplink, failure, say)
                 nursery.start_soon(limit, limiter_inbox, to_uplink, settings.rate_limit)
                 nursery.start_soon(_sync_loop, spool)
-                router = SignalRouter()
+                router = SignalRouter(settings.kill_grace, say)
                 nursery.start_soon(router.run, signals)
                 async with trio.open_nursery() as pipeline:
                     to_recorder, recorder_inbox = trio.open_memory_channel[CaptureMessage](CAPTURE_QUEUE)
@@ -153,6 +157,7 @@ async def run(settings: RunSettings, say: Callable[[str], None] = say) -> RunRes
                         await to_recorder.send(Finished("succeeded" if code == 0 else "failed", code))
                 # Everything, the final state included, is in the spool now.
                 await _drain(uplink, router, settings.drain_timeout)
+                await router.stopped()
                 nursery.cancel_scope.cancel()
     finally:
         spool.save_watermark()
@@ -247,22 +252,48 @@ class PipeGrace:
 
 
 class SignalRouter:
-    """The agent's SIGINT/SIGTERM: passed to the command while it runs; after
-    it has exited, they cut the wait for the hub short."""
+    """The agent's SIGINT/SIGTERM: passed to the command's process group while
+    the command runs, the first one starting the group's `kill_grace` (SIGKILL
+    for what is left of it then); after the command has exited, they cut the
+    wait for the hub short."""
 
-    def __init__(self) -> None:
+    def __init__(self, kill_grace: float = process.KILL_GRACE, say: Callable[[str], None] = say) -> None:
         self.child: process.Child | None = None
         self.drain: trio.CancelScope | None = None
         self.after_exit = 0
+        self.kill_grace = kill_grace
+        self.say = say
+        # Set once the group a passed-on signal is stopping has ended.
+        self._group_ended: trio.Event | None = None
 
     async def run(self, signals: object) -> None:
-        async for signum in signals:  # type: ignore[attr-defined]
-            if self.child is not None:
-                process.forward(self.child, signum)
-            else:
-                self.after_exit += 1
-                if self.drain is not None:
-                    self.drain.cancel()
+        async with trio.open_nursery() as nursery:
+            async for signum in signals:  # type: ignore[attr-defined]
+                if self.child is not None:
+                    if process.forward(self.child, signum) and self._group_ended is None:
+                        self._group_ended = trio.Event()
+                        nursery.start_soon(self._stop, self.child, self._group_ended)
+                else:
+                    self.after_exit += 1
+                    if self.drain is not None:
+                        self.drain.cancel()
+
+    async def _stop(self, child: process.Child, ended: trio.Event) -> None:
+        try:
+            if await process.stop(child, self.kill_grace):
+                what = "process group" if child.own_group else "process"
+                self.say(
+                    f"the command's {what} was still running {self.kill_grace:g} s "
+                    "after the signal passed on to it; killed it (SIGKILL)"
+                )
+        finally:
+            ended.set()
+
+    async def stopped(self) -> None:
+        """Wait until what a passed-on signal is stopping has ended: at most
+        `kill_grace`, then KILL_WAIT after the SIGKILL."""
+        if self._group_ended is not None:
+            await self._group_ended.wait()
 
 
 async def _deliver(uplink: Uplink, failure: list[UplinkFailed], say: Callable[[str], None]) -> None:
