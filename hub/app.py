@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from quart_trio import QuartTrio
 
+from hub.admission import Admission
 from hub.deps import ConnectionDeps
 from hub.routes import hooks, logs, ops, tasks, viewer, ws
 from hub.routes.access import Access
@@ -17,8 +18,12 @@ def create_app(deps: ConnectionDeps, store_available: Callable[[], bool]) -> Qua
     config = deps.config
     app = QuartTrio("keruta-hub")
     app.config["MAX_CONTENT_LENGTH"] = config.limits.max_frame_bytes
+    # An admitted request's body must have arrived within this (408).
+    app.config["BODY_TIMEOUT"] = config.body_timeout
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
     access = Access.for_config(config)
+    # A request that may carry a body proves its token before any of it is read.
+    app.asgi_app = Admission(app.asgi_app, access, deps.metrics)  # type: ignore[method-assign]
     hooks.install(app, access=access, metrics=deps.metrics, max_frame_bytes=config.limits.max_frame_bytes)
     app.register_blueprint(logs.blueprint(
         access=access, store=deps.store, writer_inbox=deps.writer_inbox, limiter=deps.limiter, config=config,

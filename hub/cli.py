@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--post-timeout", type=_number(float, 0, strict=True), default=8.0,
                    help="seconds a REST POST waits for its commit before it is withdrawn and "
                         "answered 503 (not stored; safe to retry) (default 8)")
+    p.add_argument("--body-timeout", type=_number(float, 0, strict=True), default=30.0,
+                   help="seconds a request body (after its token was checked) may take to "
+                        "arrive; then the request is answered 408 and its connection "
+                        "closed (default 30)")
     p.add_argument("--store-retry-max", type=_number(float, 0, strict=True), default=5.0,
                    help="longest wait, in seconds, between the writer's attempts to commit "
                         "while the store is unavailable; the waits grow from 0.2 s up to it "
@@ -142,7 +146,7 @@ def config_from_args(args: argparse.Namespace) -> HubConfig:
         subscriber_queue=args.subscriber_queue, max_page_size=args.max_page_size,
         subscriber_queue_bytes=args.subscriber_queue_bytes, max_subscriptions=args.max_subscriptions,
         write_batch_size=args.write_batch_size, write_flush_interval=args.write_flush_interval,
-        post_timeout=args.post_timeout, store_retry_max=args.store_retry_max,
+        post_timeout=args.post_timeout, body_timeout=args.body_timeout, store_retry_max=args.store_retry_max,
         ping_interval=args.ping_interval,
     )
 

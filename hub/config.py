@@ -53,6 +53,11 @@ class HubConfig:
     # (not stored; safe to retry), so it answers within 10 s even while the
     # store is down. See hub/actors/writer.py write_within.
     post_timeout: float = 8.0
+    # A request admitted on its token (hub/admission.py) whose body has not all
+    # arrived after this long is answered 408 and its connection closed: a
+    # client that stalls mid-body holds its buffer no longer. Generous enough
+    # for a 4 MiB body over a slow link.
+    body_timeout: float = 30.0
     # While the store is unavailable the writer tries its commit again after
     # waits growing from 0.2 s up to this: the longest a recovered store goes
     # unnoticed.

@@ -158,7 +158,7 @@ def _paths(max_page_size: int, max_batch: int) -> dict[str, Any]:
             "parameters": [_TASK_ID],
             "post": _operation(
                 "Store one LogRequest or an array of them", {"oneOf": [_ref("StoredId"), _ref("StoredIds")]},
-                (400, 401, 403, 409, 413, 429, 503),
+                (400, 401, 403, 408, 409, 413, 429, 503),
                 requestBody={"required": True, "content": {"application/json": {"schema": post_body}}},
             ),
             "get": _operation("A page of the task's records in seq order", _ref("LogPage"), _READ, parameters=logs_query),

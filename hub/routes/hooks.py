@@ -1,4 +1,4 @@
-"""App-wide request hooks (body first, Origin/Host checks) and errors as JSON."""
+"""App-wide request hooks (Origin/Host checks, body first) and errors as JSON."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from hub.metrics import Metrics
-from hub.routes.access import Access, origin_refusal
+from hub.routes.access import Access
 from hub.routes.common import ApiError, json_response
 from hub.store.base import StoreUnavailable
 
@@ -20,27 +20,25 @@ def install(app: QuartTrio, *, access: Access, metrics: Metrics, max_frame_bytes
     @app.before_request
     async def read_body_first() -> None:
         # An answer given before the body is read would leave the body on a
-        # keep-alive connection and wedge the next request on it.
+        # keep-alive connection and wedge the next request on it. Only an
+        # admitted request gets here (hub/admission.py); its read has a
+        # deadline (BODY_TIMEOUT: 408) and a size bound (413).
         if request.method in ("POST", "PUT", "PATCH", "DELETE"):
             await request.get_data()
 
     @app.before_request
-    async def check_origin() -> None:
-        # Registered after read_body_first, so a refusal never leaves a body unread.
-        refusal = access.host_refusal(request.host)
+    async def check_place() -> None:
+        # A request that may carry a body was judged on these before its body
+        # was read (hub/admission.py); this covers the rest. Registered after
+        # read_body_first, so a refusal never leaves a body unread.
+        refusal = access.place_refusal(request)
         if refusal is not None:
-            raise ApiError(403, "FORBIDDEN_HOST", refusal)
-        # Reads are not refused: without CORS headers the page cannot see the answer.
-        if request.method in ("GET", "HEAD", "OPTIONS"):
-            return
-        origin = request.headers.get("Origin")
-        if not access.origins.permits(origin, request.scheme, request.host):
-            raise ApiError(403, "FORBIDDEN_ORIGIN", origin_refusal(str(origin)))
+            raise refusal
 
     @app.after_request
     async def close_after_oversized(response: Response) -> Response:
-        if response.status_code == 413:
-            # The rest of an oversized body is never read: end the connection.
+        if response.status_code in (408, 413):
+            # The rest of a stalled or oversized body is never read: end the connection.
             response.headers["Connection"] = "close"
         return response
 
@@ -52,8 +50,12 @@ def install(app: QuartTrio, *, access: Access, metrics: Metrics, max_frame_bytes
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
-        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "TOO_LARGE"}.get(status, "BAD_REQUEST")
+        code = {
+            404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 408: "REQUEST_TIMEOUT", 413: "TOO_LARGE",
+        }.get(status, "BAD_REQUEST")
         message = exc.description or exc.name
+        if status == 408:
+            message = f"the request body did not arrive within {app.config['BODY_TIMEOUT']:g} s"
         if status == 413:
             message = f"request body is larger than {max_frame_bytes} bytes"
         metrics.error(code)

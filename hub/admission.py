@@ -1,0 +1,85 @@
+"""A request must prove its token before the hub reads its body (CONTRACT.md).
+
+An ASGI layer in front of the Quart app. Quart starts buffering a request's
+body as soon as the request arrives, concurrently with its handler, up to
+MAX_CONTENT_LENGTH (4 MiB) for as long as the client takes to send it; a
+refusal from a hook or a route came too late to save that. So a request that
+may carry a body is judged here on its head (method, URL, headers) first:
+Host, Origin and token, as hub/routes/access.py `Access.body_refusal` says.
+A refused one is answered at once with `Connection: close` and never passed
+to the app; the body that arrives meanwhile is dropped as it comes, and the
+connection closes after the answer. Only an admitted request is handed to
+Quart, whose body read has a deadline (`--body-timeout`, BODY_TIMEOUT: 408)
+and a size bound (MAX_CONTENT_LENGTH: 413).
+"""
+
+from __future__ import annotations
+
+import orjson
+import trio
+from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
+from werkzeug.datastructures import Headers
+from werkzeug.sansio.request import Request as RequestHead
+
+from hub.metrics import Metrics
+from hub.routes.access import READ_METHODS, Access
+from hub.routes.common import ApiError
+
+
+def head_of(scope: HTTPScope) -> RequestHead:
+    """The request's method, URL and headers as the app will see them (a Quart
+    Request is this class with a body): the same Host, token and Origin."""
+    headers = Headers([(name.decode("latin1").title(), value.decode("latin1")) for name, value in scope["headers"]])
+    return RequestHead(
+        scope["method"], scope["scheme"], scope.get("server"), scope.get("root_path", ""),
+        scope["path"], scope["query_string"], headers, None,
+    )
+
+
+def may_carry_body(head: RequestHead) -> bool:
+    # A read that declares no body has none (HTTP/1.1). Anything else may send
+    # one, declared or not (HTTP/2 needs no Content-Length).
+    return head.method not in READ_METHODS or bool(head.content_length) or "Transfer-Encoding" in head.headers
+
+
+class Admission:
+    """Wraps the app's ASGI callable (`app.asgi_app = Admission(app.asgi_app, ...)`)."""
+
+    def __init__(self, app: ASGIFramework, access: Access, metrics: Metrics) -> None:
+        self.app = app
+        self.access = access
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if scope["type"] == "http":
+            head = head_of(scope)
+            if may_carry_body(head):
+                refusal = self.access.body_refusal(head)
+                if refusal is not None:
+                    await self.refuse(refusal, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+    async def refuse(self, error: ApiError, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        self.metrics.error(error.code)
+        body = orjson.dumps({"error": error.code, "message": error.message})
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            # The body is not read: this connection can carry no other request.
+            (b"connection", b"close"),
+            *((name.lower().encode("latin1"), value.encode("latin1")) for name, value in error.headers.items()),
+        ]
+        async with trio.open_nursery() as nursery:
+            # Hypercorn queues what arrives for `receive` (a few chunks) and,
+            # once the queue is full, waits; its close after the answer waits
+            # on that queue too. What arrives is taken and dropped, never kept.
+            nursery.start_soon(_discard, receive)
+            await send({"type": "http.response.start", "status": error.status, "headers": headers})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+            nursery.cancel_scope.cancel()
+
+
+async def _discard(receive: ASGIReceiveCallable) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
