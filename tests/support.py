@@ -27,7 +27,9 @@ _LISTENING = re.compile(r"keruta-hub: listening on (http://\S+)")
 class HubProcess:
     """A `python -m hub` child. `url` is its http://host:port once it listens."""
 
-    def __init__(self, db: str, *args: str, port: int = 0, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, db: str, *args: str, port: int = 0, env: dict[str, str] | None = None, exec_: bool | None = None
+    ) -> None:
         self.db = db
         self.args = list(args)
         self.port = port
@@ -35,10 +37,12 @@ class HubProcess:
         self.proc: Child | None = None
         self.url = ""
         self.output: list[str] = []
+        # True: always a `python -m hub` start (tests/launch.py spawn), e.g. for an LD_PRELOAD.
+        self.exec_ = exec_
 
     def start(self, timeout: float = 30.0) -> HubProcess:
         args = ["--host", "127.0.0.1", "--port", str(self.port), "--db", self.db, *self.args]
-        self.proc = spawn("hub", args, stdout=DEVNULL, env=self.env)
+        self.proc = spawn("hub", args, stdout=DEVNULL, env=self.env, exec_=self.exec_)
         found = threading.Event()
         stderr = self.proc.file("stderr", text=True)
 

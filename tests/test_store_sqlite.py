@@ -9,7 +9,7 @@ import trio
 
 from hub.store.base import StoreUnavailable
 from hub.store.sqlite import SQLiteStore
-from tests.storedata import rec
+from tests.storedata import all_seqs, rec
 
 
 def test_sqlite_url_forms(tmp_path):
@@ -61,6 +61,8 @@ async def test_sqlite_settings_make_commits_durable(tmp_path):
         assert store._writer.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         # NORMAL: commits do not wait for the disk; Store.sync does (docs/durability.md).
         assert store._writer.execute("PRAGMA synchronous").fetchone()[0] == 1
+        # Nor for a checkpoint: Store.sync runs those too.
+        assert store._writer.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
     finally:
         await store.close()
     await store.close()  # closing twice is harmless
@@ -68,9 +70,8 @@ async def test_sqlite_settings_make_commits_durable(tmp_path):
 
 async def test_a_small_append_waits_for_another_writer_without_stopping_the_hub(tmp_path):
     """Another process holds the write lock (a `sqlite3` shell left in a
-    transaction, say): a small append, otherwise committed on the event loop's
-    thread, waits for the lock in a worker thread while every other task of
-    the hub runs on. Here the other writer lets go only after the loop has
+    transaction, say): a small append waits for the lock in a worker thread,
+    as every commit runs, while every other task of the hub runs on. Here the other writer lets go only after the loop has
     ticked on during the append; a commit waiting on the loop's own thread
     would stop that, and fail after the busy timeout."""
     store = SQLiteStore(tmp_path / "k.db")
@@ -101,4 +102,58 @@ async def test_a_small_append_waits_for_another_writer_without_stopping_the_hub(
         assert [r.seq for r in (await store.append([rec(2)])).inserted] == [2]
     finally:
         other.close()
+        await store.close()
+
+
+def wal_bytes(path) -> int:  # type: ignore[no-untyped-def]
+    wal = path.with_name(path.name + "-wal")
+    return wal.stat().st_size if wal.exists() else 0
+
+
+async def test_syncs_keep_the_wal_bounded(tmp_path):
+    """SQLite's own checkpoints are off (they fsync inside a commit); the
+    syncs that follow commits checkpoint instead, so a WAL written on and
+    on stays near `checkpoint_at` rather than growing with the data."""
+    path = tmp_path / "k.db"
+    store = SQLiteStore(path, checkpoint_at=256 * 1024)
+    await store.open()
+    try:
+        largest = 0
+        for n in range(100):  # about 5 MB of records
+            await store.append([rec(n * 10 + i, "x" * 5_000) for i in range(1, 11)])
+            await store.sync()
+            largest = max(largest, wal_bytes(path))
+        assert largest < 1024 * 1024, f"the WAL grew to {largest} bytes"
+        assert await all_seqs(store) == list(range(1, 1001))
+    finally:
+        await store.close()
+
+
+async def test_a_wal_an_old_reader_kept_growing_is_cut_back_once_it_lets_go(tmp_path):
+    """A reader that holds an old snapshot (a `sqlite3` shell left in a read
+    transaction, say) keeps every later commit in the WAL, past
+    `truncate_at`. Appends go on meanwhile; once the reader lets go, the next
+    sync checkpoints everything and cuts the file back to nothing."""
+    path = tmp_path / "k.db"
+    store = SQLiteStore(path, checkpoint_at=32 * 1024, truncate_at=256 * 1024)
+    await store.open()
+    reader = sqlite3.connect(path, isolation_level=None)
+    try:
+        await store.append([rec(1)])
+        await store.sync()
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT count(*) FROM logs").fetchone()[0] == 1
+        for n in range(1, 11):
+            await store.append([rec(n * 10 + i, "x" * 5_000) for i in range(1, 11)])
+            await store.sync()
+        assert wal_bytes(path) > 256 * 1024
+        reader.execute("COMMIT")
+        await store.append([rec(401)])
+        await store.sync()
+        assert wal_bytes(path) == 0
+        # And the store writes and reads on.
+        await store.append([rec(402)])
+        assert await all_seqs(store) == [1, *range(11, 111), 401, 402]
+    finally:
+        reader.close()
         await store.close()

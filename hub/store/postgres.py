@@ -155,7 +155,7 @@ class PostgresStore(SqlStore):
                 result = await drive(steps, lambda op: _do(conn, op))
         return result
 
-    async def _write(self, steps: Steps[T], *, sync: bool = True, small: bool = False) -> T:
+    async def _write(self, steps: Steps[T], *, sync: bool = True) -> T:
         # `sync` changes nothing: every commit is synchronous (synchronous_commit=on).
         # Waiting for a connection may be cancelled; a started transaction is
         # shielded so it commits or rolls back entirely (bounded by

@@ -1,14 +1,28 @@
 """The embedded store: SQLite in WAL mode, every call off the event loop.
 
-One writer connection, used by one thread at a time (a trio.Lock), and a small
-pool of reader connections; WAL lets the readers run while the writer commits.
+One writer connection, used by one thread at a time (a trio.Lock), a small
+pool of reader connections, and one connection for checkpoints; WAL lets the
+readers run while the writer commits. Every statement runs in a worker
+thread, commits included: a commit can fsync (SQLite syncs a new WAL header
+after each reset of the WAL) and a write can wait for the disk, and on the
+event loop's thread either would stop every task of the hub.
+
 The writer runs `synchronous=NORMAL`: a commit is in the WAL file (visible to
 every reader, and it survives the hub process being killed) when `append`
 or `set_state` returns, and `sync` fsyncs the WAL, after which it also
 survives a power cut. Those two leave the sync to their caller (the writer's
 syncer), so live viewers get records and states without waiting for the disk
 while acks still do (docs/durability.md); every other write (deletes) syncs
-before it returns.
+before it returns. FULL would fsync inside every commit, putting the disk
+back in the live path for nothing the sync does not already give.
+
+SQLite's automatic checkpoint is off (`wal_autocheckpoint=0`): it would run
+inside a commit, two fsyncs on the live path. `sync` checkpoints instead,
+once the WAL has grown past `checkpoint_at`, on its own connection beside the
+writer (PASSIVE: it never waits for the writer or a reader); a WAL that grew
+past `truncate_at` anyway (the writer never paused long enough for a passive
+checkpoint to finish, or a reader held an old snapshot) is checkpointed and
+truncated with the writer held back. So the WAL stays bounded.
 
 Per task, the `tasks` row carries what must be cheap to read: state, the
 durable watermark, the highest seq ever stored (for assigning seqs, and so a
@@ -20,9 +34,9 @@ The algorithms are hub/store/core.py's, in SQLite's SQL (hub/store/steps.py's
 Dialect); the schema is hub/store/sqlite_schema.py's. Here: the connections
 and the driver that runs an algorithm in one worker thread.
 """
-
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 from collections.abc import Callable
@@ -38,9 +52,18 @@ from hub.store.steps import EXEC, FETCH, MANY, ROW, Dialect, Op, Steps, drive_sy
 
 T = TypeVar("T")
 
+log = logging.getLogger("keruta.hub.store")
+
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
 _BUSY_TIMEOUT_MS = 10_000
+# `sync` checkpoints a WAL this large (SQLite's own default: 1000 pages)...
+CHECKPOINT_AT = 4 * 1024 * 1024
+# ...and truncates one this large, holding the writer back meanwhile.
+TRUNCATE_AT = 64 * 1024 * 1024
+# How long a truncating checkpoint waits for readers to leave old snapshots
+# (the writer waits as long); it tries again at a later sync.
+_TRUNCATE_BUSY_MS = 100
 _UNAVAILABLE_HINTS = (
     "locked",
     "busy",
@@ -72,7 +95,7 @@ def _unavailable(exc: sqlite3.Error) -> bool:
     return isinstance(exc, sqlite3.OperationalError) and any(h in text for h in _UNAVAILABLE_HINTS)
 
 
-def _connect(path: str, *, readonly: bool) -> sqlite3.Connection:
+def _connect(path: str, *, readonly: bool = False) -> sqlite3.Connection:
     conn = sqlite3.connect(
         path, isolation_level=None, check_same_thread=False, timeout=_BUSY_TIMEOUT_MS / 1000
     )
@@ -87,6 +110,8 @@ def _connect(path: str, *, readonly: bool) -> sqlite3.Connection:
         # NORMAL: a commit does not wait for the disk; `sync` (an fsync of the
         # WAL) does that, off the live path (docs/durability.md).
         conn.execute("PRAGMA synchronous = NORMAL")
+        # No checkpoint inside a commit: `sync` runs them (module docstring).
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
         conn.execute("PRAGMA foreign_keys = OFF")
     except BaseException:
         conn.close()
@@ -95,12 +120,8 @@ def _connect(path: str, *, readonly: bool) -> sqlite3.Connection:
 
 
 def _in_write_tx(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
+    """Run `work` in a write transaction: committed, or rolled back on any error."""
     conn.execute("BEGIN IMMEDIATE")
-    return _commit_or_roll_back(conn, work)
-
-
-def _commit_or_roll_back(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
-    """Run `work` in the transaction begun on `conn`: committed, or rolled back on any error."""
     try:
         result = work(conn)
         conn.execute("COMMIT")
@@ -109,29 +130,6 @@ def _commit_or_roll_back(conn: sqlite3.Connection, work: Callable[[sqlite3.Conne
             conn.execute("ROLLBACK")
         raise
     return result
-
-
-class WriterBusy(Exception):
-    """Another connection holds the database's write lock (seen without waiting)."""
-
-
-def _in_write_tx_unless_busy(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
-    """`_in_write_tx`, but WriterBusy at once where it would wait for the lock.
-
-    For commits run on the event loop's own thread: there the busy handler's
-    wait (up to the busy timeout) would stop every task of the hub, not only
-    the writer. Once BEGIN IMMEDIATE holds the lock nothing else waits for one
-    (a WAL commit's checkpoint is passive)."""
-    conn.execute("PRAGMA busy_timeout = 0")
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-    except sqlite3.OperationalError as exc:
-        if conn.in_transaction or "locked" not in str(exc).lower():
-            raise
-        raise WriterBusy(str(exc)) from exc
-    finally:
-        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-    return _commit_or_roll_back(conn, work)
 
 
 def _in_snapshot(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
@@ -144,6 +142,20 @@ def _in_snapshot(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], 
 
 def _call(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
     return work(conn)
+
+
+def _wal_checkpoint(conn: sqlite3.Connection, mode: str) -> None:
+    try:
+        conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+    except sqlite3.Error as exc:
+        # Nothing is lost: the WAL keeps every commit until a checkpoint has
+        # copied it, and a later sync tries again.
+        log.warning("SQLite checkpoint (%s) of the WAL failed: %s", mode, exc)
+
+
+def _close_all(conns: list[sqlite3.Connection]) -> None:
+    for conn in conns:
+        conn.close()
 
 
 def _runner(steps: Steps[T]) -> Callable[[sqlite3.Connection], T]:
@@ -167,15 +179,27 @@ def _do(conn: sqlite3.Connection, op: Op) -> Any:
 class SQLiteStore(SqlStore):
     """`Store` on one SQLite file (see the module docstring)."""
 
-    def __init__(self, path: str | Path, *, readers: int = 3, url: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        readers: int = 3,
+        url: str | None = None,
+        checkpoint_at: int = CHECKPOINT_AT,
+        truncate_at: int = TRUNCATE_AT,
+    ) -> None:
         self.path = str(path)
         self.url = url or f"sqlite:///{self.path}"
+        self.checkpoint_at = checkpoint_at
+        self.truncate_at = truncate_at
         self._dialect = Dialect()
         self._reader_count = readers
         self._writer: sqlite3.Connection | None = None
         self._write_lock = trio.Lock()
         self._readers: list[sqlite3.Connection] = []
         self._reader_slots = trio.Semaphore(readers)
+        self._checkpointer: sqlite3.Connection | None = None
+        self._checkpoint_lock = trio.Lock()
         self._wal_dir_synced = False
 
     @classmethod
@@ -188,76 +212,94 @@ class SQLiteStore(SqlStore):
         await trio.to_thread.run_sync(self._open_sync)
 
     def _open_sync(self) -> None:
+        opened: list[sqlite3.Connection] = []
         try:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            writer = _connect(self.path, readonly=False)
-            try:
-                _in_write_tx(writer, create_schema)
-                readers = [_connect(self.path, readonly=True) for _ in range(self._reader_count)]
-            except BaseException:
-                writer.close()
-                raise
-        except (sqlite3.Error, OSError) as exc:
-            raise StoreUnavailable(f"cannot open SQLite database {self.path}: {exc}") from exc
-        self._writer = writer
-        self._readers = readers
+            writer = _connect(self.path)
+            opened.append(writer)
+            _in_write_tx(writer, create_schema)
+            checkpointer = _connect(self.path)
+            opened.append(checkpointer)
+            # Only its truncating checkpoints wait (for readers), the writer held back meanwhile.
+            checkpointer.execute(f"PRAGMA busy_timeout = {_TRUNCATE_BUSY_MS}")
+            readers = []
+            for _ in range(self._reader_count):
+                readers.append(_connect(self.path, readonly=True))
+                opened.append(readers[-1])
+        except BaseException as exc:
+            _close_all(opened)
+            if isinstance(exc, sqlite3.Error | OSError):
+                raise StoreUnavailable(f"cannot open SQLite database {self.path}: {exc}") from exc
+            raise
+        self._writer, self._checkpointer, self._readers = writer, checkpointer, readers
 
     async def close(self) -> None:
         if self._writer is None:
             return
         # Shielded: in-flight calls finish (their threads cannot be abandoned),
         # then every connection closes even when the caller is being cancelled.
+        # A sync's checkpoint takes the write lock inside the checkpoint lock: same order here.
         with trio.CancelScope(shield=True):
-            async with self._write_lock:
+            async with self._checkpoint_lock, self._write_lock:
                 for _ in range(self._reader_count):
                     await self._reader_slots.acquire()
                 try:
-                    writer, readers = self._writer, self._readers
-                    self._writer, self._readers = None, []
-                    if writer is not None:
-                        writer.close()
-                    for conn in readers:
-                        conn.close()
+                    conns = [*self._readers, self._checkpointer, self._writer]
+                    self._writer, self._checkpointer, self._readers = None, None, []
+                    # In a thread: the last connection to close checkpoints
+                    # the WAL into the database, with its fsyncs.
+                    await trio.to_thread.run_sync(_close_all, [c for c in conns if c is not None])
                 finally:
                     for _ in range(self._reader_count):
                         self._reader_slots.release()
 
-    async def _write(self, steps: Steps[T], *, sync: bool = True, small: bool = False) -> T:
+    async def _write(self, steps: Steps[T], *, sync: bool = True) -> T:
         async with self._write_lock:
             conn = self._writer
             if conn is None:
                 raise RuntimeError("the store is not open")
-            if small:
-                # No thread hop: a few rows commit in tens of microseconds, as
-                # the commit does not wait for the disk (`sync` does, later).
-                # If another process holds the write lock, the wait for it
-                # happens in a thread like any large commit's.
-                try:
-                    result = self._guarded(_in_write_tx_unless_busy, conn, _runner(steps))
-                except WriterBusy:
-                    small = False
-            if not small:
-                # Not abandonable on cancel (the default): the transaction either
-                # commits or rolls back entirely before control comes back here.
-                result = await trio.to_thread.run_sync(self._guarded, _in_write_tx, conn, _runner(steps))
+            # In a thread however small (module docstring). Not abandonable on
+            # cancel (the default): the transaction either commits or rolls
+            # back entirely before control comes back here.
+            result = await trio.to_thread.run_sync(self._guarded, _in_write_tx, conn, _runner(steps))
         if sync:
             await self.sync()
         return result
 
     async def sync(self) -> None:
-        """Make every commit so far survive a power cut: fsync the WAL.
+        """Make every commit so far survive a power cut: fsync the WAL. Then
+        checkpoint it if it has grown past `checkpoint_at` (module docstring).
 
-        No lock: an fsync covers everything written to the file before it
-        started, and a checkpoint syncs the WAL and the database itself.
+        No lock for the fsync: it covers everything written to the file before
+        it started, and a checkpoint syncs the WAL and the database itself.
         """
-        await trio.to_thread.run_sync(self._fsync_wal)
+        wal_bytes = await trio.to_thread.run_sync(self._fsync_wal)
+        if wal_bytes >= self.checkpoint_at and not self._checkpoint_lock.locked():
+            async with self._checkpoint_lock:
+                await self._checkpoint(truncate=wal_bytes >= self.truncate_at)
 
-    def _fsync_wal(self) -> None:
+    async def _checkpoint(self, *, truncate: bool) -> None:
+        conn = self._checkpointer
+        if conn is None:
+            return  # closed meanwhile
+        # PASSIVE copies what no reader still needs, beside the writer; after
+        # it, the writer's next commit starts the WAL over if it copied all.
+        await trio.to_thread.run_sync(_wal_checkpoint, conn, "PASSIVE")
+        if truncate:
+            # The rest, and the file cut to nothing: with no commit meanwhile,
+            # so nothing keeps a WAL this large from being reset.
+            async with self._write_lock:
+                if self._checkpointer is not None:
+                    await trio.to_thread.run_sync(_wal_checkpoint, conn, "TRUNCATE")
+
+    def _fsync_wal(self) -> int:
+        """fsync the WAL; how many bytes it holds."""
         try:
             fd = os.open(self.path + "-wal", os.O_RDONLY)
         except FileNotFoundError:
-            return  # no WAL: everything is in the database file, synced at checkpoint
+            return 0  # no WAL: everything is in the database file, synced at checkpoint
         try:
+            size = os.fstat(fd).st_size
             os.fsync(fd)
         except OSError as exc:
             # After a failed fsync the kernel may have dropped the pages: what
@@ -277,6 +319,7 @@ class SQLiteStore(SqlStore):
             except OSError as exc:
                 raise DurabilityLost(f"fsync of {directory} failed: {exc}") from exc
             self._wal_dir_synced = True
+        return size
 
     async def _read(self, steps: Steps[T], *, snapshot: bool = False) -> T:
         async with self._reader_slots:

@@ -20,11 +20,6 @@ from keruta.records import TASK_STATES, InvalidField, LogRecord, TaskInfo
 
 T = TypeVar("T")
 
-# A batch this small commits in well under a millisecond (the commit does not
-# wait for the disk): a store may run it without a thread hop, which on a
-# quiet task is most of the latency between a line and its viewers.
-INLINE_RECORDS = 16
-
 
 class SqlStore:
     url: str
@@ -33,7 +28,7 @@ class SqlStore:
     async def _read(self, steps: Steps[T], *, snapshot: bool = False) -> T:
         raise NotImplementedError
 
-    async def _write(self, steps: Steps[T], *, sync: bool = True, small: bool = False) -> T:
+    async def _write(self, steps: Steps[T], *, sync: bool = True) -> T:
         raise NotImplementedError
 
     async def sync(self) -> None:
@@ -43,9 +38,7 @@ class SqlStore:
         if not items:
             return AppendResult(records=[], inserted=[], durable={})
         items = [self._dialect.storable(i) for i in items]
-        return await self._write(
-            core.append(self._dialect, items), sync=False, small=len(items) <= INLINE_RECORDS
-        )
+        return await self._write(core.append(self._dialect, items), sync=False)
 
     async def set_state(
         self, task_id: str, state: str, exit_code: int | None, producer: str | None = None
