@@ -129,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest wait, in seconds, between the writer's attempts to commit "
                         "while the store is unavailable; the waits grow from 0.2 s up to it "
                         "(default 5)")
+    p.add_argument("--db-timeout", type=_number(float, 0, strict=True), default=30.0,
+                   help="PostgreSQL: seconds the hub waits for the database to answer a command "
+                        "or a new connection; a connection silent for longer is judged dead and "
+                        "dropped (default 30)")
+    p.add_argument("--db-ping-interval", type=_number(float, 0, strict=True), default=15.0,
+                   help="PostgreSQL: seconds without a notice after which the hub checks that its "
+                        "LISTEN connection still answers (default 15)")
     p.add_argument("--ping-interval", type=_number(float, 0, strict=True), default=5.0,
                    help="seconds between the pings sent on each WebSocket, which notice a "
                         "peer that vanished without closing (default 5)")
@@ -147,6 +154,7 @@ def config_from_args(args: argparse.Namespace) -> HubConfig:
         subscriber_queue_bytes=args.subscriber_queue_bytes, max_subscriptions=args.max_subscriptions,
         write_batch_size=args.write_batch_size, write_flush_interval=args.write_flush_interval,
         post_timeout=args.post_timeout, body_timeout=args.body_timeout, store_retry_max=args.store_retry_max,
+        db_timeout=args.db_timeout, db_ping_interval=args.db_ping_interval,
         ping_interval=args.ping_interval,
     )
 

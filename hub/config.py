@@ -62,6 +62,12 @@ class HubConfig:
     # waits growing from 0.2 s up to this: the longest a recovered store goes
     # unnoticed.
     store_retry_max: float = 5.0
+    # PostgreSQL: the longest the hub waits for the database to answer (a
+    # command, a new connection); a connection that does not answer in time is
+    # judged dead and terminated. The LISTEN connection is pinged after this
+    # long without a notice (and must answer within the smaller of the two).
+    db_timeout: float = 30.0
+    db_ping_interval: float = 15.0
     limits: Limits = DEFAULT_LIMITS
 
     @property

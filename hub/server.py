@@ -104,7 +104,9 @@ def _hypercorn_config(config: HubConfig) -> HypercornConfig:
 
 async def serve(config: HubConfig, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
     install_hypercorn_guards()
-    store = open_store_from_url(config.db)
+    store = open_store_from_url(
+        config.db, db_timeout=config.db_timeout, db_ping_interval=config.db_ping_interval
+    )
     async with _event_loop_for(config.db):
         await _open_store(store)
         try:

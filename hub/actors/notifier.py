@@ -4,19 +4,31 @@ A notice only says "task T is durable up to S" (or "T's state changed"); the
 subscribers' catch-up reads the rows from the store, which stays the single
 source of truth. A lost or overflowed notice, or a lost LISTEN connection,
 costs latency, never data: after each we re-read the watermarks we follow.
+
+While the LISTEN connection is down, other hubs' records do not reach our
+viewers, so reconnecting is worth trying often: the waits stay short (up to
+LISTEN_RETRY's cap), and a session that is listening and caught up starts
+the count of failures over. The link being judged dead and coming back are
+logged once each; the attempts in between after 2, 4, 8... of them.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+
+import trio
 
 from hub.actors.broadcaster import Broadcaster
 from hub.store.base import Listens, StoreUnavailable
 from hub.store.postgres import STATUS_NOTICE
 from keruta.backoff import Backoff
-from keruta.supervisor import supervise
+from keruta.retry import Failures, retry
 
 log = logging.getLogger("keruta.hub.notifier")
+
+# Waits between attempts to listen again; a refused connection costs little.
+LISTEN_RETRY = Backoff(initial=0.1, cap=1.0)
 
 
 async def _catch_up_all(store: Listens, broadcaster: Broadcaster) -> None:
@@ -28,11 +40,12 @@ async def _catch_up_all(store: Listens, broadcaster: Broadcaster) -> None:
             broadcaster.publish_status(task)
 
 
-async def _listen_session(store: Listens, broadcaster: Broadcaster) -> None:
+async def _listen_session(store: Listens, broadcaster: Broadcaster, listening: Callable[[], None]) -> None:
     # Our own commits reach our subscribers through the writer; only other
     # hubs' notices matter here.
     async with store.listen(ignore_own=True) as notices:
         await _catch_up_all(store, broadcaster)
+        listening()
         async for notice in notices:
             if notice is None:
                 await _catch_up_all(store, broadcaster)
@@ -48,12 +61,42 @@ async def _listen_session(store: Listens, broadcaster: Broadcaster) -> None:
                 broadcaster.notify_durable(task_id, seq)
 
 
-async def run_notifier(store: Listens, broadcaster: Broadcaster) -> None:
-    await supervise(
-        lambda: _listen_session(store, broadcaster),
-        name="notifier",
-        backoff=Backoff(initial=0.5, cap=10.0),
-        max_restarts=None,
-        healthy_after=30.0,
-        recoverable=(StoreUnavailable, OSError),
+async def run_notifier(store: Listens, broadcaster: Broadcaster, *, backoff: Backoff = LISTEN_RETRY) -> None:
+    failures = Failures()
+    lost_at: float | None = None
+
+    def listening() -> None:
+        nonlocal lost_at
+        failures.reset()
+        if lost_at is not None:
+            log.warning(
+                "notifier: the LISTEN connection is back after %.1f s; viewers caught up",
+                trio.current_time() - lost_at,
+            )
+            lost_at = None
+
+    def failed(count: int, error: BaseException, wait: float) -> None:
+        nonlocal lost_at
+        if lost_at is None:
+            lost_at = trio.current_time()
+            log.warning(
+                "notifier: the LISTEN connection is judged dead (%s); other hubs' records "
+                "reach this hub's viewers again once it is back; reconnecting",
+                error,
+            )
+            return
+        # Tries come every second while the database is away: say so after
+        # 2, 4, 8... of them, not every time.
+        level = logging.WARNING if count & (count - 1) == 0 else logging.INFO
+        log.log(
+            level, "notifier failed (%d in a row): %s: %s; restarting in %.2f s",
+            count, type(error).__name__, error, wait,
+        )
+
+    await retry(
+        lambda: _listen_session(store, broadcaster, listening),
+        backoff=backoff,
+        retryable=(StoreUnavailable, OSError),
+        on_failure=failed,
+        failures=failures,
     )

@@ -13,8 +13,9 @@ from hub.store.base import (
 )
 
 
-def open_store_from_url(url: str) -> Store:
-    """Build (not yet open) the store a `--db` URL names."""
+def open_store_from_url(url: str, *, db_timeout: float = 30.0, db_ping_interval: float = 15.0) -> Store:
+    """Build (not yet open) the store a `--db` URL names; the PostgreSQL store
+    takes the hub's --db-timeout and --db-ping-interval."""
     if url.startswith("sqlite://"):
         from hub.store.sqlite import SQLiteStore
 
@@ -22,7 +23,12 @@ def open_store_from_url(url: str) -> Store:
     if url.startswith(("postgresql://", "postgres://")):
         from hub.store.postgres import PostgresStore
 
-        return PostgresStore.from_url(url)
+        return PostgresStore(
+            url,
+            command_timeout=db_timeout,
+            connect_timeout=min(PostgresStore.CONNECT_TIMEOUT, db_timeout),
+            ping_interval=db_ping_interval,
+        )
     raise ValueError(
         f"unsupported --db URL {url!r}: use sqlite:///PATH or postgresql://USER@HOST:PORT/DB"
     )

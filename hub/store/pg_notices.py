@@ -7,7 +7,7 @@ when it is committed; a state change sends seq STATUS_NOTICE.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -17,7 +17,8 @@ import triopg
 
 from hub.store.base import StoreUnavailable
 from hub.store.core import STATUS_NOTICE
-from hub.store.pg_errors import unavailable_as_store_error
+from hub.store.pg_errors import transient, unavailable_as_store_error
+from hub.store.pg_link import close_within
 
 NOTIFY_CHANNEL = "keruta_durable"
 
@@ -44,13 +45,17 @@ class DurableNotices:
 
     Each item is `(task_id, durable_seq)`, or None when notices were dropped
     because the consumer fell behind (re-read the watermarks you care about).
-    Raises StoreUnavailable when the LISTEN connection is lost: notices sent
-    meanwhile are gone, so after reconnecting re-read the watermarks too.
+    Raises StoreUnavailable when the LISTEN connection is lost, or judged
+    dead: quiet for `ping_interval`, it must answer a ping within
+    `ping_timeout`, else it is terminated. Notices sent meanwhile are gone,
+    so after reconnecting re-read the watermarks too.
     """
 
     _receive: trio.MemoryReceiveChannel[tuple[str, int] | None]
     _conn: Any
     _ping_interval: float
+    _ping_timeout: float
+    _on_dead: Callable[[], None]
 
     def __aiter__(self) -> DurableNotices:
         return self
@@ -63,15 +68,43 @@ class DurableNotices:
                 except (trio.EndOfChannel, trio.ClosedResourceError):
                     raise StoreUnavailable("PostgreSQL: the LISTEN connection was lost") from None
             # Quiet for a while: make sure the connection is still there.
-            with unavailable_as_store_error():
-                await self._conn.fetchval("SELECT 1", timeout=self._ping_interval)
+            await self._ping()
+
+    async def _ping(self) -> None:
+        answered = False
+        # asyncpg's own timeout bounds the query; trio's deadline bounds the
+        # rest (its cancellation request goes out on a connection of its own).
+        with trio.move_on_after(self._ping_timeout + 1.0):
+            try:
+                await self._conn.fetchval("SELECT 1", timeout=self._ping_timeout)
+                answered = True
+            except Exception as exc:
+                if not transient(exc):
+                    raise
+        if not answered:
+            self._conn.terminate()
+            self._on_dead()
+            raise StoreUnavailable(
+                f"PostgreSQL: the LISTEN connection did not answer a ping within {self._ping_timeout:g} s"
+            )
 
 
 @asynccontextmanager
 async def listen(
-    dsn: str, connect_timeout: float, origin: str | None, *, buffer: int, ping_interval: float
+    dsn: str,
+    connect_timeout: float,
+    origin: str | None,
+    *,
+    buffer: int,
+    ping_interval: float,
+    ping_timeout: float,
+    on_dead: Callable[[], None] = lambda: None,
 ) -> AsyncIterator[DurableNotices]:
-    """LISTEN on a dedicated connection; skip notices from `origin` (None: keep all)."""
+    """LISTEN on a dedicated connection; skip notices from `origin` (None: keep all).
+
+    `on_dead` is called when the connection is judged dead (it did not answer
+    a ping): connections opened over the same link may be silent too.
+    """
     send, receive = trio.open_memory_channel[tuple[str, int] | None](buffer + 1)
     overflowed = False
 
@@ -97,16 +130,19 @@ async def listen(
             conn = await triopg.connect(
                 dsn,
                 timeout=connect_timeout,
+                command_timeout=ping_timeout,
                 server_settings={"application_name": "keruta-hub-listen"},
             ).__aenter__()
         try:
             with unavailable_as_store_error():
                 conn.add_termination_listener(on_termination)
                 await conn.add_listener(NOTIFY_CHANNEL, on_notify)
-            yield DurableNotices(receive, conn, ping_interval)
+            yield DurableNotices(receive, conn, ping_interval, ping_timeout, on_dead)
+        except BaseException as exc:
+            # Lost, judged dead, or given up on after an error: not worth a
+            # goodbye that a silent server would never answer.
+            if not isinstance(exc, trio.Cancelled):
+                conn.terminate()
+            raise
         finally:
-            with trio.CancelScope(shield=True):
-                try:
-                    await conn.close()
-                except Exception:
-                    conn.terminate()
+            await close_within(conn, ping_timeout)

@@ -11,15 +11,23 @@ hand out one seq twice and the watermark only moves forward.
 
 The algorithms are hub/store/core.py's; the SQL is hub/store/pg_dialect.py's;
 the schema hub/store/pg_schema.py's; notices hub/store/pg_notices.py's; which
-errors are an outage hub/store/pg_errors.py's. Here: the pool, the
-transactions, and the driver that runs the algorithms on a connection.
+errors are an outage hub/store/pg_errors.py's; how a connection is ended
+within a deadline hub/store/pg_link.py's. Here: the pool, the transactions,
+and the driver that runs the algorithms on a connection.
+
+No await on the database outlives a deadline: every command has the
+command timeout (the hub's --db-timeout), and a pooled connection whose
+command runs out of it is judged dead: it is terminated, not returned, and
+the pool's idle connections are dropped with it, since a link that went
+silent (no FIN, no RST) silenced them too. Closing is bounded the same way.
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 
 import trio
@@ -27,6 +35,7 @@ import triopg
 
 from hub.store.pg_dialect import PostgresDialect
 from hub.store.pg_errors import unavailable_as_store_error
+from hub.store.pg_link import close_pool_within, drop_idle
 from hub.store.pg_notices import NOTIFY_CHANNEL, STATUS_NOTICE, DurableNotices, listen, parse_notice
 from hub.store.pg_schema import SCHEMA_VERSION, init_connection, keep_session, migrate
 from hub.store.rows import LOG_COLUMNS
@@ -34,6 +43,8 @@ from hub.store.sqlstore import SqlStore
 from hub.store.steps import COPY, EXEC, FETCH, MANY, ROW, Op, Steps, drive
 
 T = TypeVar("T")
+
+log = logging.getLogger("keruta.hub.store")
 
 __all__ = [
     "NOTIFY_CHANNEL",
@@ -59,6 +70,8 @@ class PostgresStore(SqlStore):
     """
 
     COPY_FROM = PostgresDialect.COPY_FROM
+    # Seconds a new connection may take, unless --db-timeout is shorter.
+    CONNECT_TIMEOUT = 10.0
 
     def __init__(
         self,
@@ -66,9 +79,10 @@ class PostgresStore(SqlStore):
         *,
         pool_size: int = 10,
         command_timeout: float = 30.0,
-        connect_timeout: float = 10.0,
+        connect_timeout: float = CONNECT_TIMEOUT,
         insert_method: str = "auto",
         notify: bool = True,
+        ping_interval: float = 15.0,
     ) -> None:
         if insert_method not in ("auto", "copy", "unnest"):
             raise ValueError(f"insert_method must be auto, copy or unnest, not {insert_method!r}")
@@ -78,6 +92,11 @@ class PostgresStore(SqlStore):
         self._command_timeout = command_timeout
         self._connect_timeout = connect_timeout
         self._insert_method = insert_method
+        # The LISTEN connection is pinged after this long without a notice,
+        # and must answer within the smaller of this and the command timeout.
+        self._ping_interval = ping_interval
+        # A pooled connection was judged dead and none has answered since.
+        self._silent = False
         # Names this store instance in its notices, so a hub can skip its own.
         self.origin = secrets.token_hex(6)
         self._dialect = PostgresDialect(insert_method, notify, self.origin)
@@ -122,13 +141,7 @@ class PostgresStore(SqlStore):
         pool, self._pool = self._pool, None
         if pool is None:
             return
-        with trio.CancelScope(shield=True), trio.move_on_after(self._command_timeout):
-            try:
-                await pool.close()
-                return
-            except Exception:
-                pass
-        pool.terminate()
+        await close_pool_within(pool, self._command_timeout)
 
     # -- running the algorithms ----------------------------------------------
 
@@ -140,19 +153,54 @@ class PostgresStore(SqlStore):
             async with self._pool.acquire() as conn:
                 try:
                     yield conn
-                except BaseException:
+                except BaseException as exc:
                     # An operation that failed or was cancelled midway can leave
                     # the connection mid-protocol: never hand it out again.
                     conn.terminate()
+                    if _timed_out(exc):
+                        self._judged_dead()
                     raise
+        if self._silent:
+            self._silent = False
+            log.warning("PostgreSQL answers again on the pool's new connections")
+
+    @contextmanager
+    def _dead_on_timeout(self, conn: Any) -> Iterator[None]:
+        """A command that ran out of time ends its connection here, before a
+        transaction's ROLLBACK would wait on it for another timeout."""
+        try:
+            yield
+        except TimeoutError:
+            conn.terminate()
+            self._judged_dead()
+            raise
+
+    def _judged_dead(self) -> None:
+        dropped = drop_idle(self._pool) if self._pool is not None else 0
+        if not self._silent:
+            self._silent = True
+            log.warning(
+                "PostgreSQL: a pooled connection did not answer within %g s: judged dead and "
+                "terminated, with the %d idle ones; new connections are made as needed",
+                self._command_timeout, dropped,
+            )
+
+    def _listen_judged_dead(self) -> None:
+        # The LISTEN connection stopped answering: pooled connections opened
+        # over the same link are likely silent too, and would each cost a
+        # request a command timeout to find out.
+        if self._pool is not None:
+            drop_idle(self._pool)
 
     async def _read(self, steps: Steps[T], *, snapshot: bool = False) -> T:
         async with self._connection() as conn:
             if snapshot:
                 async with conn.transaction(isolation="repeatable_read", readonly=True):
-                    result = await drive(steps, lambda op: _do(conn, op))
+                    with self._dead_on_timeout(conn):
+                        result = await drive(steps, lambda op: _do(conn, op))
             else:
-                result = await drive(steps, lambda op: _do(conn, op))
+                with self._dead_on_timeout(conn):
+                    result = await drive(steps, lambda op: _do(conn, op))
         return result
 
     async def _write(self, steps: Steps[T], *, sync: bool = True) -> T:
@@ -163,13 +211,14 @@ class PostgresStore(SqlStore):
         async with self._connection() as conn:
             with trio.CancelScope(shield=True), unavailable_as_store_error():
                 async with conn.transaction():
-                    result = await drive(steps, lambda op: _do(conn, op))
+                    with self._dead_on_timeout(conn):
+                        result = await drive(steps, lambda op: _do(conn, op))
         return result
 
     # -- notices ----------------------------------------------------------------
 
     def listen(
-        self, *, buffer: int = 1024, ping_interval: float = 15.0, ignore_own: bool = False
+        self, *, buffer: int = 1024, ping_interval: float | None = None, ignore_own: bool = False
     ) -> AbstractAsyncContextManager[DurableNotices]:
         """LISTEN for durable-watermark notices on a dedicated connection.
 
@@ -180,7 +229,24 @@ class PostgresStore(SqlStore):
         See DurableNotices for overflow and connection loss.
         """
         origin = self.origin if ignore_own else None
-        return listen(self._dsn, self._connect_timeout, origin, buffer=buffer, ping_interval=ping_interval)
+        if ping_interval is None:
+            ping_interval = self._ping_interval
+        return listen(
+            self._dsn, self._connect_timeout, origin, buffer=buffer, ping_interval=ping_interval,
+            ping_timeout=min(ping_interval, self._command_timeout), on_dead=self._listen_judged_dead,
+        )
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """A command ran out of its time: `exc`, or what it was raised from."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, TimeoutError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 async def _do(conn: Any, op: Op) -> Any:
