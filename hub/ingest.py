@@ -39,7 +39,17 @@ def from_records(
             last = r.timestamp
         out.append(
             Incoming(
-                r.task_id, r.seq, stamp, r.source, r.level, r.message, r.line_number, r.metadata, r.partial, producer
+                r.task_id,
+                r.seq,
+                stamp,
+                r.source,
+                r.level,
+                r.message,
+                r.line_number,
+                r.metadata,
+                r.partial,
+                producer,
+                r.kind,
             )
         )
     return out
@@ -60,6 +70,7 @@ def from_requests(task_id: str, requests: Sequence[LogRequest], array: bool) -> 
                 line_number=r.line_number,
                 metadata=r.metadata,
                 partial=r.partial,
+                kind=r.kind,
             )
         )
     return out

@@ -81,6 +81,7 @@ class Incoming:
     metadata: dict[str, Any] = attrs.field(factory=dict)
     partial: bool = False
     producer: str | None = None
+    kind: str | None = None  # keruta.records.KINDS; None for a line
 
 
 # What an append did with each item (AppendResult.status).

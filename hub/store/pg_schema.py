@@ -10,7 +10,7 @@ from typing import Any
 
 import asyncpg
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # pg_advisory_xact_lock key for schema changes ("keruta" in ASCII).
 _SCHEMA_LOCK = 0x6B6572757461
 # Per connection, for inserting with COPY (hub/store/pg_dialect.py).
@@ -84,7 +84,9 @@ _SCHEMA_V2 = (
     )
     """,
 )
-_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+# A record's kind (keruta.records.KINDS), NULL for a line.
+_SCHEMA_V3 = ("ALTER TABLE keruta_logs ADD COLUMN IF NOT EXISTS kind text",)
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
 
 
 async def migrate(conn: Any) -> None:
@@ -111,7 +113,7 @@ async def init_connection(conn: asyncpg.Connection) -> None:
         f"""
         CREATE TEMPORARY TABLE IF NOT EXISTS {STAGE_TABLE} (
             task_id text, seq bigint, id text, ts text, source text, level text,
-            message text, line_number bigint, metadata text, partial boolean
+            message text, line_number bigint, metadata text, partial boolean, kind text
         ) ON COMMIT DELETE ROWS
         """
     )

@@ -156,6 +156,7 @@ def _record(item: Incoming, seq: int) -> LogRecord:
         item.metadata,
         item.partial,
         record_id(item.task_id, seq),
+        item.kind,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA_V1 = (
     """
@@ -75,7 +75,9 @@ _SCHEMA_V2 = (
     ) WITHOUT ROWID
     """,
 )
-_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+# A record's kind (keruta.records.KINDS), NULL for a line.
+_SCHEMA_V3 = ("ALTER TABLE logs ADD COLUMN kind TEXT",)
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
 
 
 def create_schema(conn: sqlite3.Connection) -> None:
