@@ -37,8 +37,8 @@ Masked (replaced by ***) everywhere, including the spool and the mirror:
 names contain TOKEN, SECRET, PASSWORD or KEY.
 
 If the spool is full (--spool-max-bytes) because the hub has been away for
-long, lines are dropped, the agent says so on stderr, and an `agent` record
-in the task marks where and how many.
+long, lines are dropped, the agent says so on stderr, and one `gap` record
+in the task says where, how many lines and bytes, and why.
 
 example:
   keruta-agent run --hub http://127.0.0.1:8080 --task-id build-42 -- make test

@@ -182,7 +182,10 @@ async def run(settings: RunSettings, say: Callable[[str], None] = say) -> RunRes
                 "Run `keruta-agent flush` to deliver them."
             )
     if recorder.dropped_total:
-        say(f"{recorder.dropped_total} output records were DROPPED because the spool was full")
+        say(
+            f"{recorder.dropped_total:,} output lines ({recorder.dropped_bytes:,} bytes) were DROPPED "
+            "(the spool was full or could not be written); a gap record in the task's log says so"
+        )
     return RunResult(code, delivered, unacked, recorder.written, recorder.dropped_total)
 
 

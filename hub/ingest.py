@@ -42,7 +42,17 @@ def from_records(
             last = r.timestamp
         out.append(
             Incoming(
-                r.task_id, r.seq, stamp, r.source, r.level, r.message, r.line_number, r.metadata, r.partial, producer
+                r.task_id,
+                r.seq,
+                stamp,
+                r.source,
+                r.level,
+                r.message,
+                r.line_number,
+                r.metadata,
+                r.partial,
+                producer,
+                r.kind,
             )
         )
     return out
@@ -74,6 +84,7 @@ def from_requests(task_id: str, requests: Sequence[LogRequest], array: bool) -> 
                 metadata=r.metadata,
                 partial=r.partial,
                 producer=r.producer or ANONYMOUS,
+                kind=r.kind,
             )
         )
     return out

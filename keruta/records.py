@@ -12,6 +12,9 @@ from keruta.levels import LEVELS
 from keruta.limits import INT32_MAX, INT32_MIN, INT64_MAX, MAX_SEQ
 
 SOURCES = ("stdout", "stderr", "agent")
+# A record's `kind` (CONTRACT.md, Words): None for a line; `gap` says what was
+# knowingly not kept (docs/agent.md, "Spool full"); sections and redactions.
+KINDS = ("gap", "section_start", "section_end", "redaction")
 TASK_STATES = ("pending", "running", "succeeded", "failed")
 FINAL_STATES = ("succeeded", "failed")
 TASK_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -125,6 +128,12 @@ def _optional_level(inst: object, attr: attrs.Attribute, value: object) -> None:
         _level(inst, attr, value)
 
 
+@json_schema(enum=list(KINDS))
+def _kind(_inst: object, _attr: attrs.Attribute, value: object) -> None:
+    if value is not None and value not in KINDS:
+        raise InvalidField("kind", f"must be one of {', '.join(KINDS)}, or left out for a line")
+
+
 @json_schema(minimum=0, maximum=MAX_SEQ)
 def _line_number(_inst: object, _attr: attrs.Attribute, value: object) -> None:
     if value is not None and (type(value) is not int or not 0 <= value <= MAX_SEQ):
@@ -145,6 +154,8 @@ class LogRecord:
     metadata: dict[str, Any] = attrs.field(factory=dict)
     partial: bool = False
     id: str | None = None
+    # Last: the hot paths build records positionally, and a line has none.
+    kind: str | None = attrs.field(default=None, validator=_kind)
 
 
 PRODUCER_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -171,6 +182,7 @@ class LogRequest:
     timestamp: str | None = attrs.field(default=None, metadata=TIMESTAMP)
     partial: bool = False
     producer: str | None = attrs.field(default=None, validator=_producer)
+    kind: str | None = attrs.field(default=None, validator=_kind)
 
 
 @attrs.frozen(slots=True)

@@ -38,6 +38,7 @@ from keruta.frames import (  # noqa: F401 - re-exported: the wire module is wher
 from keruta.levels import LEVELS
 from keruta.limits import DEFAULT_LIMITS, MAX_SEQ, Limits
 from keruta.records import (
+    KINDS,
     SOURCES,
     InvalidField,
     LogRecord,
@@ -57,7 +58,7 @@ def camel(name: str) -> str:
 
 # Optional fields left out of the JSON while they hold their default (a task
 # always names them all).
-_OMIT_IF_DEFAULT = {"partial", "id", "exit_code", "from_seq", "source", "level", "resume_from", "producer"}
+_OMIT_IF_DEFAULT = {"partial", "id", "exit_code", "from_seq", "source", "level", "resume_from", "producer", "kind"}
 
 
 def omitted_if_default(cls: type, name: str) -> bool:
@@ -261,6 +262,7 @@ def _fast_logs_frame(data: dict[str, Any], limits: Limits) -> LogsFrame | None:
         metadata = r["metadata"] if "metadata" in r else {}
         partial = r.get("partial", False)
         id_ = r.get("id")
+        kind = r.get("kind")
         if not (
             # A record that names a taskId must name the frame's.
             r.get("taskId", task_id) == task_id
@@ -276,11 +278,14 @@ def _fast_logs_frame(data: dict[str, Any], limits: Limits) -> LogsFrame | None:
             and type(metadata) is dict
             and type(partial) is bool
             and (id_ is None or type(id_) is str)
+            and (kind is None or (type(kind) is str and kind in KINDS))
         ):
             return None
         if len(message) * 4 > limits.max_line_bytes or (metadata and not _small_metadata(metadata, limits)):
             check.append(i)
-        out.append(LogRecord(task_id, seq, timestamp, source, level, message, line_number, metadata, partial, id_))
+        out.append(
+            LogRecord(task_id, seq, timestamp, source, level, message, line_number, metadata, partial, id_, kind)
+        )
     # As the general path: sizes only once every record is well-formed, in order.
     for i in check:
         check_record_limits(out[i], limits, f"records[{i}]")
@@ -359,7 +364,7 @@ def decode_hub_frame(text: str | bytes) -> Any:
 
 
 def _record_body(r: LogRecord) -> dict[str, Any]:
-    # What the converter makes of a LogRecord (partial and id only when set),
+    # What the converter makes of a LogRecord (partial, id and kind only when set),
     # by hand: the hub does it for every record it sends live or from history.
     body = {
         "taskId": r.task_id,
@@ -375,6 +380,8 @@ def _record_body(r: LogRecord) -> dict[str, Any]:
         body["partial"] = r.partial
     if r.id is not None:
         body["id"] = r.id
+    if r.kind is not None:
+        body["kind"] = r.kind
     return body
 
 

@@ -70,13 +70,17 @@ def test_full_spool_drops_counts_and_records_the_gap(tmp_path: Path) -> None:
     assert rec.dropped_total > 0
     assert any("SPOOL FULL" in s for s in said)
     kept = rec.written
-    # The hub catches up: space comes back, the next line is preceded by a notice.
+    # The hub catches up: space comes back, the next line is preceded by the gap record.
     spool.release(spool.last_seq)
     rec.write("stdout", numbering.number([Line("after")]))
     records = read_all(spool)
     notice, after = records[-2], records[-1]
-    assert notice["source"] == "agent"
-    assert f"{rec.dropped_total} output records were dropped" in notice["message"]
+    assert (notice["source"], notice["kind"], notice["level"]) == ("agent", "gap", "WARN")
+    gap = notice["metadata"]["gap"]
+    assert (gap["reason"], gap["lines"]) == ("spool_full", rec.dropped_total)
+    assert gap["sources"]["stdout"]["lastLine"] == 100
+    assert f"{rec.dropped_total} lines (" in notice["message"]
+    assert any("room again" in s for s in said)
     assert after["message"] == "after" and after["lineNumber"] == 101
     assert [r["seq"] for r in records] == list(range(records[0]["seq"], kept + 3))
     spool.close()
@@ -89,7 +93,11 @@ def test_finish_records_a_gap_even_when_still_full(tmp_path: Path) -> None:
         rec.write("stderr", [(Line("y" * 60), i + 1)])
     rec.finish()
     last = read_all(spool)[-1]
-    assert last["source"] == "agent" and "dropped" in last["message"]
+    assert last["source"] == "agent" and last["kind"] == "gap"
+    assert last["metadata"]["gap"]["lines"] == rec.dropped_total
+    assert last["metadata"]["gap"]["bytes"] == 60 * rec.dropped_total
+    # The budget kept room for it.
+    assert spool.used_bytes <= 4096
     spool.close()
 
 

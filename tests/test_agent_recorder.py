@@ -58,6 +58,7 @@ async def test_recorder_actor_drops_past_the_spool_budget_and_never_blocks(tmp_p
     assert recorder.dropped_total > 0
     last = [m for m in got if isinstance(m, RecordBatch)][-1].last_seq
     notice = orjson.loads(spool.read(last, 1, 1 << 20)[0][1])
-    assert notice["source"] == "agent" and "dropped" in notice["message"]
+    assert notice["source"] == "agent" and notice["kind"] == "gap"
+    assert notice["metadata"]["gap"]["lines"] == recorder.dropped_total
     assert got[-1] == Finished("succeeded", 0)
     spool.close()

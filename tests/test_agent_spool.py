@@ -193,8 +193,11 @@ def test_garbage_file_never_crashes_opening(tmp_path: Path) -> None:
 def test_budget(tmp_path: Path) -> None:
     spool = open_spool(tmp_path, max_bytes=10_000)
     frame = spool.frame_size(len(payload(1)))
-    assert spool.has_room(10_000) and not spool.has_room(10_001)
-    n = 10_000 // frame
+    # The budget covers the whole directory: task.json is in it from the start.
+    meta = (tmp_path / "task-1" / "task.json").stat().st_size
+    assert spool.used_bytes == meta
+    assert spool.has_room(10_000 - meta) and not spool.has_room(10_001 - meta)
+    n = (10_000 - meta) // frame
     fill(spool, 1, n)
     assert not spool.has_room(frame)
     spool.release(n)

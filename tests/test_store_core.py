@@ -16,7 +16,7 @@ PG = PostgresDialect("auto", notify=True, origin="hubA")
 
 
 def log_row(seq: int) -> tuple[Any, ...]:
-    return ("t1", seq, f"id{seq}", "2026-01-01T00:00:00Z", "stdout", "INFO", "x", None, None, 0)
+    return ("t1", seq, f"id{seq}", "2026-01-01T00:00:00Z", "stdout", "INFO", "x", None, None, 0, None)
 
 
 def replay(steps: Any, answers: list[Any]) -> tuple[list[Op], Any]:
@@ -84,5 +84,5 @@ def test_a_state_change_is_announced_only_where_hubs_listen():
     assert "pg_notify" not in " ".join(op.sql for op in asked)
 
 
-def test_log_rows_have_ten_columns():
-    assert len(LOG_COLUMNS) == len(log_row(1)) == 10
+def test_log_rows_have_eleven_columns():
+    assert len(LOG_COLUMNS) == len(log_row(1)) == 11

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 import trio
 
+from agent.pipeline.gap import SPOOL_ERROR, SPOOL_FULL, Gap, text_bytes
 from agent.pipeline.linesplit import Line
 from agent.pipeline.messages import (
     AgentLine,
@@ -32,10 +33,19 @@ from agent.pipeline.messages import (
 )
 from agent.spool import Spool
 from keruta.levels import LEVELS, determine_level
+from keruta.limits import INT64_MAX
 from keruta.timefmt import now_ts
 
 # How often the "spool full" warning repeats while lines are being dropped.
 FULL_WARNING_EVERY = 10.0
+# Besides a gap record, what the spool's budget keeps free for task.json's
+# final state and the `acked` file.
+META_ROOM = 128
+# A gap ends once this share of the budget is free again (at most
+# RESUME_ROOM_MAX), so that a nearly full spool does not alternate between
+# one line kept and a gap record.
+RESUME_SHARE = 16
+RESUME_ROOM_MAX = 1 << 20
 
 Say = Callable[[str], None]
 
@@ -76,6 +86,7 @@ def encode_line(
     line_number: int,
     metadata: dict[str, Any],
     partial: bool,
+    kind: str | None = None,
 ) -> bytes:
     """`orjson.dumps(record_to_wire(LogRecord(...)))` without building the LogRecord: this runs
     once per line, and every field is valid by construction (a test holds the
@@ -92,6 +103,8 @@ def encode_line(
     }
     if partial:
         body["partial"] = True
+    if kind is not None:
+        body["kind"] = kind
     return orjson.dumps(body)
 
 
@@ -129,9 +142,12 @@ class Recorder:
     """Gives lines their seq and writes them to the spool.
 
     When the spool is full (the hub has been away long enough for its disk
-    budget to fill up), a line is dropped rather than blocking the command;
-    drops are counted, announced on stderr, and recorded as an `agent`
-    record as soon as there is room again (or at the end, regardless).
+    budget to fill up) or its disk fails, a line is dropped rather than
+    blocking the command. Dropped lines are counted, announced on stderr,
+    and written as ONE `gap` record (agent/pipeline/gap.py) where they were:
+    before the first line kept again, or at the end of the run. The budget
+    always keeps room for that record, so the spool never holds more than
+    `--spool-max-bytes` on disk, the gap included.
     """
 
     def __init__(
@@ -146,7 +162,6 @@ class Recorder:
     ) -> None:
         self.spool = spool
         self.task_id = task_id
-        self.metadata = metadata or {}
         self.on_written = on_written
         self.say = say
         self.clock = clock
@@ -155,9 +170,44 @@ class Recorder:
         self.written = 0
         self.dropped: dict[str, int] = {}
         self.dropped_total = 0
-        self._unreported = 0
+        self.dropped_bytes = 0
+        self._gap: Gap | None = None
         self._last_warning: float | None = None
         self._write_error = ""
+        self._resume_room = min(spool.max_bytes // RESUME_SHARE, RESUME_ROOM_MAX)
+        self.metadata = metadata or {}
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self._metadata
+
+    @metadata.setter
+    def metadata(self, value: dict[str, Any]) -> None:
+        # Every record carries it, the gap record too: the room kept for that
+        # record depends on it.
+        self._metadata = value
+        largest = Gap.largest(now_ts())
+        self._reserve = (
+            self.spool.frame_size(len(self._gap_payload(largest, INT64_MAX, INT64_MAX))) + META_ROOM
+        )
+
+    def _fits(self, nbytes: int) -> bool:
+        """Whether `nbytes` more leave room for a gap record in the budget."""
+        return self.spool.has_room(nbytes + self._reserve)
+
+    def _gap_payload(self, gap: Gap, seq: int, line_number: int | None = None) -> bytes:
+        return encode_line(
+            self.task_id,
+            seq,
+            gap.first_ts,
+            "agent",
+            "WARN",
+            gap.message(),
+            self.agent_lines + 1 if line_number is None else line_number,
+            {**self._metadata, **gap.metadata()},
+            False,
+            "gap",
+        )
 
     def _record(self, source: str, text: str, line_number: int, ts: str, partial: bool) -> bytes:
         return encode_line(
@@ -168,7 +218,7 @@ class Recorder:
             determine_level(text),
             text,
             line_number,
-            self.metadata,
+            self._metadata,
             partial,
         )
 
@@ -177,26 +227,48 @@ class Recorder:
         if not lines:
             return
         ts = ts or now_ts()
+        encoder = LineEncoder(self.task_id, ts, source, self._metadata)
+        frame = self.spool.frame_size
         entries: list[tuple[int, bytes]] = []
+        kept: list[tuple[Line, int]] = []
         size = 0
-        if self._unreported:
-            self._write_drop_notice(ts, force=False)
-        encoder = LineEncoder(self.task_id, ts, source, self.metadata)
-        for line, number in lines:
+        closing: Gap | None = None
+        dropped: list[tuple[Line, int]] = []
+        for i, (line, number) in enumerate(lines):
             text = line.text
-            payload = encoder.encode(self.next_seq, determine_level(text), text, number, line.partial)
-            frame = self.spool.frame_size(len(payload))
-            if self._unreported or not self.spool.has_room(size + frame):
-                # Once dropping, keep dropping until the notice itself fits,
-                # so that the notice sits where the gap is.
-                self._drop(source)
-                continue
+            level = determine_level(text)
+            payload = encoder.encode(self.next_seq, level, text, number, line.partial)
+            if self._gap is not None and closing is None:
+                # Room again (and some to spare): the gap record goes first,
+                # where the gap is.
+                gap_payload = self._gap_payload(self._gap, self.next_seq)
+                payload = encoder.encode(self.next_seq + 1, level, text, number, line.partial)
+                if not self._fits(frame(len(gap_payload)) + frame(len(payload)) + self._resume_room):
+                    dropped = lines[i:]
+                    break
+                closing = self._gap
+                entries.append((self.next_seq, gap_payload))
+                self.next_seq += 1
+                size += frame(len(gap_payload))
+            elif not self._fits(size + frame(len(payload))):
+                # The rest of this read goes too: a gap is one run of lines.
+                dropped = lines[i:]
+                break
             entries.append((self.next_seq, payload))
+            kept.append((line, number))
             self.next_seq += 1
-            size += frame
+            size += frame(len(payload))
+        reason = SPOOL_FULL
         if not self._append(entries):
-            for _ in entries:
-                self._drop(source, self._write_error)
+            dropped = kept + dropped
+            closing = None
+            reason = SPOOL_ERROR
+        elif closing is not None:
+            self.agent_lines += 1
+            self._gap = None
+            self.say(f"{closing.message()}; the spool has room again")
+        if dropped:
+            self._drop(source, dropped, ts, reason)
 
     def write_agent(self, text: str, ts: str | None = None) -> None:
         """An `agent`-source record (always written, even past the spool budget)."""
@@ -220,43 +292,38 @@ class Recorder:
         self.on_written(len(entries))
         return True
 
-    def _drop(self, source: str, why: str | None = None) -> None:
-        self.dropped[source] = self.dropped.get(source, 0) + 1
-        self.dropped_total += 1
-        self._unreported += 1
+    def _drop(self, source: str, lines: list[tuple[Line, int]], ts: str, reason: str) -> None:
+        gap = self._gap
+        if gap is None:
+            gap = self._gap = Gap(reason, ts)
+        for line, number in lines:
+            gap.add(source, number, text_bytes(line.text), ts)
+            self.dropped_bytes += text_bytes(line.text)
+        self.dropped[source] = self.dropped.get(source, 0) + len(lines)
+        self.dropped_total += len(lines)
         now = self.clock()
         if self._last_warning is None or now - self._last_warning >= FULL_WARNING_EVERY:
             self._last_warning = now
-            reason = why or (
-                f"SPOOL FULL: {self.spool.used_bytes} bytes in {self.spool.dir} "
-                f"(--spool-max-bytes {self.spool.max_bytes}) and the hub has not acknowledged "
+            why = self._write_error if reason == SPOOL_ERROR else (
+                # What the directory holds now, this read's lines included.
+                f"SPOOL FULL: {self.spool.used_bytes:,} bytes in {self.spool.dir} "
+                f"(--spool-max-bytes {self.spool.max_bytes:,}) and the hub has not acknowledged "
                 "them"
             )
             self.say(
-                f"{reason}; DROPPING output lines until this changes "
-                f"({self.dropped_total} dropped so far). The command keeps running."
+                f"{why}; DROPPING output lines until this changes ({self.dropped_total:,} lines, "
+                f"{self.dropped_bytes:,} bytes dropped so far). The command keeps running."
             )
 
-    def _drop_notice(self) -> str:
-        detail = ", ".join(f"{src}: {n}" for src, n in sorted(self.dropped.items()))
-        return (
-            f"keruta-agent: the spool was full; {self._unreported} output records were dropped "
-            f"here ({detail} in total so far)"
-        )
-
-    def _write_drop_notice(self, ts: str, force: bool) -> None:
-        text = self._drop_notice()
-        payload_len = len(text) + 400
-        if not force and not self.spool.has_room(self.spool.frame_size(payload_len)):
-            return
-        self._unreported = 0
-        self.write_agent(text, ts)
-        if not force:
-            self.say(text.removeprefix("keruta-agent: ") + "; there is room again")
-
     def finish(self) -> None:
-        """At the end: make sure a gap is recorded even if the spool is still full."""
-        if self._unreported:
-            self._write_drop_notice(now_ts(), force=True)
-
-
+        """At the end: the gap still open is recorded, even if the spool is
+        still full (the budget kept room for it)."""
+        gap = self._gap
+        if gap is None:
+            return
+        if self._append([(self.next_seq, self._gap_payload(gap, self.next_seq))]):
+            self.next_seq += 1
+            self.agent_lines += 1
+            self._gap = None
+        else:
+            self.say(f"{gap.message()}, and the gap record could not be written: {self._write_error}")

@@ -12,6 +12,8 @@ Layout, one directory per task under the spool root::
 Segments hold checksummed frames (agent/spool/segment.py): a torn tail is cut off
 when the spool is opened, a corrupt frame is skipped with a warning. Segments
 whose records are all acknowledged are deleted. The lock: agent/spool/lock.py.
+The disk budget (`max_bytes`, `used_bytes`) counts every file of the directory:
+segments with their frame headers, task.json and `acked`.
 
 The seqs are the producer's own (docs/identity.md): `producer` in task.json
 names this spool's run to the hub, which gives each record its task seq. So
@@ -85,6 +87,7 @@ class Spool:
         self._ack_durable = True
         self._lock_fd: int | None = None
         self._used = 0  # bytes in segment files
+        self._small: dict[str, int] = {}  # task.json and acked: their sizes
 
     # --- opening ------------------------------------------------------------
 
@@ -121,6 +124,11 @@ class Spool:
 
     def _load(self, task_id: str, hub_url: str | None) -> None:
         self.meta, changed = read_meta(self.dir / "task.json", task_id, hub_url, self.warn)
+        for name in ("task.json", "acked"):
+            try:
+                self._small[name] = (self.dir / name).stat().st_size
+            except OSError:
+                pass
         if changed:
             self._save_meta()
         try:
@@ -149,7 +157,9 @@ class Spool:
 
     @property
     def used_bytes(self) -> int:
-        return self._used
+        """The bytes in the spool's directory: its segments, task.json and
+        the ack watermark. What `max_bytes` bounds."""
+        return self._used + sum(self._small.values())
 
     def frame_size(self, payload_len: int) -> int:
         return HEADER.size + payload_len
@@ -220,7 +230,7 @@ class Spool:
 
     def _save_meta(self) -> None:
         try:
-            write_atomically(self.dir / "task.json", orjson.dumps(self.meta), durable=True)
+            self._write_small("task.json", orjson.dumps(self.meta), durable=True)
         except OSError as exc:
             self.warn(f"spool {self.dir}: cannot save task.json: {exc}")
 
@@ -302,7 +312,7 @@ class Spool:
         if self._saved_ack == self.acked_seq and self._ack_durable:
             return True
         try:
-            write_atomically(self.dir / "acked", f"{self.acked_seq}\n".encode(), durable=True)
+            self._write_small("acked", f"{self.acked_seq}\n".encode(), durable=True)
             fd = os.open(self.dir, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -315,11 +325,15 @@ class Spool:
         self._ack_durable = True
         return True
 
+    def _write_small(self, name: str, data: bytes, durable: bool = False) -> None:
+        write_atomically(self.dir / name, data, durable=durable)
+        self._small[name] = len(data)
+
     def save_watermark(self) -> None:
         """Persist the ack watermark (not fsynced: a stale one only means resending)."""
         if self.acked_seq != self._saved_ack:
             try:
-                write_atomically(self.dir / "acked", f"{self.acked_seq}\n".encode())
+                self._write_small("acked", f"{self.acked_seq}\n".encode())
             except OSError as exc:
                 self.warn(f"spool {self.dir}: cannot save the ack watermark: {exc}")
                 return
@@ -396,6 +410,7 @@ class Spool:
             seg.path.unlink(missing_ok=True)
         self.segments = []
         self._used = 0
+        self._small = {}
         for name in ("acked", "acked.tmp", "task.json", "task.json.tmp"):
             (self.dir / name).unlink(missing_ok=True)
         (self.dir / "lock").unlink(missing_ok=True)

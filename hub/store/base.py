@@ -92,6 +92,7 @@ class Incoming:
     metadata: dict[str, Any] = attrs.field(factory=dict)
     partial: bool = False
     producer: str = ANONYMOUS
+    kind: str | None = None  # keruta.records.KINDS; None for a line
 
 
 # What an append did with each item (AppendResult.status).

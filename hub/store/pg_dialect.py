@@ -101,7 +101,8 @@ class PostgresDialect(Dialect):
                 f"""
                 INSERT INTO {{logs}} ({LOG_SELECT})
                 SELECT * FROM unnest(?::text[], ?::bigint[], ?::text[], ?::text[], ?::text[],
-                                     ?::text[], ?::text[], ?::bigint[], ?::text[], ?::boolean[])
+                                     ?::text[], ?::text[], ?::bigint[], ?::text[], ?::boolean[],
+                                     ?::text[])
                 ON CONFLICT (task_id, seq) DO NOTHING RETURNING task_id, seq
                 """,
                 *[list(column) for column in zip(*rows, strict=True)],

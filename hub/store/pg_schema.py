@@ -87,7 +87,8 @@ _SCHEMA_V2 = (
 # One identity rule (docs/identity.md): the hub gives every task seq, so a
 # task's seqs have no holes and its watermark is its highest; a run is
 # numbered from the task's own counter (`runs`), not by scanning its
-# producers; `last_write` lets retention prune what identity keeps.
+# producers; `last_write` lets retention prune what identity keeps. And a
+# record's kind (keruta.records.KINDS), NULL for a line.
 _SCHEMA_V3 = (
     "ALTER TABLE keruta_tasks ADD COLUMN IF NOT EXISTS runs bigint NOT NULL DEFAULT 0",
     """
@@ -101,6 +102,7 @@ _SCHEMA_V3 = (
     SET last_write = to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
     """,
     "CREATE INDEX IF NOT EXISTS keruta_producers_last_write ON keruta_producers (last_write)",
+    "ALTER TABLE keruta_logs ADD COLUMN IF NOT EXISTS kind text",
 )
 _MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
 
@@ -129,7 +131,7 @@ async def init_connection(conn: asyncpg.Connection) -> None:
         f"""
         CREATE TEMPORARY TABLE IF NOT EXISTS {STAGE_TABLE} (
             task_id text, seq bigint, id text, ts text, source text, level text,
-            message text, line_number bigint, metadata text, partial boolean
+            message text, line_number bigint, metadata text, partial boolean, kind text
         ) ON COMMIT DELETE ROWS
         """
     )

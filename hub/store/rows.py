@@ -1,7 +1,7 @@
 """Rows to records and back, in the column order both stores share.
 
 Logs: task_id, seq, id, ts, source, level, message, line_number, metadata,
-partial. Tasks: task_id, state, exit_code, first_ts, last_ts, total_logs,
+partial, kind. Tasks: task_id, state, exit_code, first_ts, last_ts, total_logs,
 durable_seq, updated_at.
 """
 
@@ -20,7 +20,7 @@ T = TypeVar("T")
 
 # "Up to the end" for range reads: every seq the stores can hold (int64).
 SEQ_MAX = 2**63 - 1
-LOG_COLUMNS = ("task_id", "seq", "id", "ts", "source", "level", "message", "line_number", "metadata", "partial")
+LOG_COLUMNS = ("task_id", "seq", "id", "ts", "source", "level", "message", "line_number", "metadata", "partial", "kind")
 LOG_SELECT = ", ".join(LOG_COLUMNS)
 TASK_SELECT = "task_id, state, exit_code, first_ts, last_ts, total_logs, durable_seq, updated_at"
 
@@ -38,6 +38,7 @@ def log_values(r: LogRecord, partial: Any) -> tuple[Any, ...]:
         r.line_number,
         metadata_json(r.metadata),
         partial,
+        r.kind,
     )
 
 
@@ -48,8 +49,8 @@ def metadata_json(metadata: dict) -> str | None:
 
 def record_from_row(row: Sequence[Any]) -> LogRecord:
     """A record from a row in both stores' column order:
-    task_id, seq, id, ts, source, level, message, line_number, metadata, partial."""
-    task_id, seq, id_, ts, source, level, message, line_number, metadata, partial = row
+    task_id, seq, id, ts, source, level, message, line_number, metadata, partial, kind."""
+    task_id, seq, id_, ts, source, level, message, line_number, metadata, partial, kind = row
     # Positional and inline: a subscriber catching up reads every record this way.
     return LogRecord(
         task_id,
@@ -62,6 +63,7 @@ def record_from_row(row: Sequence[Any]) -> LogRecord:
         orjson.loads(metadata) if metadata else {},
         bool(partial),
         id_,
+        kind,
     )
 
 

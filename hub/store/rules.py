@@ -141,6 +141,7 @@ def same_record(a: LogRecord, b: LogRecord) -> bool:
         and a.line_number == b.line_number
         and a.partial == b.partial
         and a.metadata == b.metadata
+        and a.kind == b.kind
     )
 
 
@@ -157,6 +158,7 @@ def _record(item: Incoming, seq: int) -> LogRecord:
         item.metadata,
         item.partial,
         record_id(item.task_id, seq),
+        item.kind,
     )
 
 

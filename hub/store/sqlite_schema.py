@@ -78,7 +78,8 @@ _SCHEMA_V2 = (
 # One identity rule (docs/identity.md): the hub gives every task seq, so a
 # task's seqs have no holes and its watermark is its highest; a run is
 # numbered from the task's own counter (`runs`), not by scanning its
-# producers; `last_write` lets retention prune what identity keeps.
+# producers; `last_write` lets retention prune what identity keeps. And a
+# record's kind (keruta.records.KINDS), NULL for a line.
 _SCHEMA_V3 = (
     "ALTER TABLE tasks ADD COLUMN runs INTEGER NOT NULL DEFAULT 0",
     "UPDATE tasks SET runs = (SELECT coalesce(max(run_no), 0) FROM producers p WHERE p.task_id = tasks.task_id)",
@@ -86,6 +87,7 @@ _SCHEMA_V3 = (
     "ALTER TABLE producers ADD COLUMN last_write TEXT",
     "UPDATE producers SET last_write = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
     "CREATE INDEX IF NOT EXISTS producers_last_write ON producers (last_write)",
+    "ALTER TABLE logs ADD COLUMN kind TEXT",
 )
 _MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
 
