@@ -51,16 +51,19 @@ class TaskList:
 
 @attrs.frozen
 class StoredId:
-    """A POST of one LogRequest: the stored record's id."""
+    """A POST of one LogRequest: the stored record's id and task seq (null
+    for a resent record whose row was deleted since: not stored again)."""
 
-    id: str
+    id: str | None
+    seq: int | None
 
 
 @attrs.frozen
 class StoredIds:
-    """A POST of an array: the ids in the array's order."""
+    """A POST of an array: the ids and task seqs in the array's order."""
 
-    ids: list[str]
+    ids: list[str | None]
+    seqs: list[int | None]
 
 
 @attrs.frozen

@@ -218,19 +218,17 @@ class Soak:
         return "; ".join(slots + writers)
 
     async def rest_seq_is_producers(self) -> bool:
-        """Whether the hub follows issue 16's rule for a REST `seq` (the
-        producer's own) or still takes it for a task seq: two producers each
-        post their seq 1 to one task; the old rule refuses the second (409)."""
+        """The one identity rule (docs/identity.md), checked before the soak
+        relies on it: two producers each post their seq 1 to one task, and
+        both are stored (a REST `seq` is the producer's own)."""
         async with httpx.AsyncClient(base_url=self.url, timeout=30) as client:
             answers = []
             for producer in ("probe-a", "probe-b"):
                 body = {"message": f"{producer} 1", "producer": producer, "seq": 1}
                 resp = await client.post(logs_path("soak-probe"), json=body)
                 answers.append(resp.status_code)
-        if answers == [200, 200]:
-            return True
-        assert answers == [200, 409], f"the identity probe got {answers}"
-        return False
+        assert answers == [200, 200], f"the identity probe got {answers}: a REST seq must be the producer's own"
+        return True
 
     # --- REST writers -------------------------------------------------------
 
