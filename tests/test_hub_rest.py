@@ -50,17 +50,18 @@ async def post(client: Any, task_id: str, body: Any) -> Any:
 async def test_ws_and_rest_records_come_back_in_seq_order(hub: TestHub) -> None:
     task = "build-1"
     async with hub.ws() as ws, hub.http() as client:
-        # Over the socket, out of order across frames: the store keeps seq order.
+        # Over the socket, the anonymous producer's seqs 1..10 in two frames.
         late = [make_record(task, s, source="stderr" if s % 2 else "stdout") for s in range(6, 11)]
         early = [make_record(task, s, metadata={"processId": 42}) for s in range(1, 6)]
         early[2] = make_record(task, 3, "a piece of a long line", partial=True)
-        await ws.send(logs_frame(task, late))
         await ws.send(logs_frame(task, early))
+        await ws.send(logs_frame(task, late))
         with trio.fail_after(PATIENCE):
             await ws.wait_ack(task, 10)
         assert ws.acked[task] == 10
 
-        # Over REST: an array without seq gets the next seqs, then one object with a seq.
+        # Over REST: an array without seq gets the next seqs, then one object of
+        # another producer (its seq is its own: the task's next seq is 14).
         body = await post(
             client,
             task,
@@ -70,13 +71,13 @@ async def test_ws_and_rest_records_come_back_in_seq_order(hub: TestHub) -> None:
                 {"message": "warned", "level": "WARN", "timestamp": "2024-01-02T12:00:00.5+09:00"},
             ],
         )
-        assert set(body) == {"ids"} and len(body["ids"]) == 3 and len(set(body["ids"])) == 3
-        single = await post(client, task, {"message": "explicit", "seq": 20, "lineNumber": 7})
-        assert set(single) == {"id"} and isinstance(single["id"], str)
+        assert set(body) == {"ids", "seqs"} and body["seqs"] == [11, 12, 13] and len(set(body["ids"])) == 3
+        single = await post(client, task, {"message": "explicit", "producer": "p", "seq": 1, "lineNumber": 7})
+        assert set(single) == {"id", "seq"} and isinstance(single["id"], str) and single["seq"] == 14
 
         records = await fetch_all(client, task)
 
-    assert [r["seq"] for r in records] == [*range(1, 14), 20]
+    assert [r["seq"] for r in records] == list(range(1, 15))
     for r in records:
         # lineNumber may be left out only where the producer gave none (REST posts 11-13).
         expected_keys = RECORD_KEYS | ({"partial"} if r["seq"] == 3 else set())
@@ -93,7 +94,7 @@ async def test_ws_and_rest_records_come_back_in_seq_order(hub: TestHub) -> None:
     assert by_seq[1]["metadata"] == {"processId": 42}
     assert by_seq[7]["source"] == "stderr" and by_seq[8]["source"] == "stdout"
     assert [by_seq[s]["id"] for s in (11, 12, 13)] == body["ids"]
-    assert by_seq[20]["id"] == single["id"] and by_seq[20]["lineNumber"] == 7
+    assert by_seq[14]["id"] == single["id"] and by_seq[14]["lineNumber"] == 7
     # Missing level is detected from the text; missing source is stdout.
     assert (by_seq[11]["level"], by_seq[11]["source"]) == ("ERROR", "stdout")
     assert (by_seq[12]["level"], by_seq[12]["source"]) == ("INFO", "stderr")
@@ -227,7 +228,7 @@ async def test_stats(hub: TestHub) -> None:
                 item(3, source="stderr", level="ERROR"),
                 item(4, source="stderr", level="WARN"),
                 item(5, source="agent", level="INFO"),
-                item(9, source="stdout", level="DEBUG"),
+                item(6, source="stdout", level="DEBUG"),
             ],
         )
         resp = await client.get(logs_path(task, "/stats"))
@@ -242,7 +243,7 @@ async def test_stats(hub: TestHub) -> None:
             "WARN": 1,
             "DEBUG": 1,
         }
-        assert stats["timeRange"] == {"start": ts(1), "end": ts(9)}
+        assert stats["timeRange"] == {"start": ts(1), "end": ts(6)}
         assert isinstance(stats["lastUpdated"], str) and CANONICAL_TS.fullmatch(stats["lastUpdated"])
 
         assert_error(await client.get(logs_path("unknown-task", "/stats")), 404, "NOT_FOUND")
@@ -323,8 +324,8 @@ async def test_raw_download(hub: TestHub) -> None:
     # Blank lines are lines too.
     messages = ["" if s % 7 == 0 else f"line {s} héllo ✓" for s in range(1, 3001)]
     async with hub.http() as client:
-        # Posted out of order (at most 1000 per array): the download is in seq order.
-        for first in (2001, 1001, 1):
+        # At most 1000 per array: the download is the whole log in seq order.
+        for first in (1, 1001, 2001):
             await post(client, task, [item(s, messages[s - 1]) for s in range(first, first + 1000)])
         resp = await client.get(logs_path(task, "/raw"))
         assert resp.status_code == 200, resp.text[:500]
@@ -338,16 +339,15 @@ async def test_raw_download(hub: TestHub) -> None:
 async def test_rest_post_twice_is_stored_once(hub: TestHub) -> None:
     task = "twice"
     async with hub.http() as client:
-        first = await post(client, task, {"message": "only once", "seq": 5})
-        again = await post(client, task, {"message": "only once", "seq": 5})
-        assert first == again and set(first) == {"id"}
-
         batch = [item(1), item(2), item(3)]
         ids = (await post(client, task, batch))["ids"]
         assert (await post(client, task, batch))["ids"] == ids
         # A retried batch overlapping what is stored, and a duplicate inside one array.
         ids2 = (await post(client, task, [item(3), item(4), item(4)]))["ids"]
         assert ids2[0] == ids[2] and ids2[1] == ids2[2]
+        first = await post(client, task, {"message": "only once", "seq": 5})
+        again = await post(client, task, {"message": "only once", "seq": 5})
+        assert first == again and first["seq"] == 5
 
         records = await fetch_all(client, task)
         assert [r["seq"] for r in records] == [1, 2, 3, 4, 5]

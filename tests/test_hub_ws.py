@@ -40,17 +40,19 @@ async def test_log_frame_ping_and_ack(hub: TestHub) -> None:
         assert stored["timestamp"] == record.timestamp
 
 
-async def test_acks_are_contiguous_watermarks(hub: TestHub) -> None:
+async def test_acks_stop_before_a_gap_and_resume_from_it(hub: TestHub) -> None:
     task = "watermark"
     async with hub.ws() as ws:
-        # seq 1..5 and 8..10 are stored, 6..7 missing: the watermark stops at 5.
+        # seq 1..5 then 8..10: a producer's records are taken in order, so 8..10
+        # are refused (SEQ_GAP, resume from 6) and the ack stops at 5.
         await ws.send(logs_frame(task, [make_record(task, s) for s in (1, 2, 3, 4, 5, 8, 9, 10)]))
         with trio.fail_after(PATIENCE):
-            await ws.wait_ack(task, 5)
+            error = await ws.recv_type("error")
+            assert (error["code"], error["resumeFrom"]) == ("SEQ_GAP", 6)
             await ws.send({"type": "ping"})
             await ws.recv_type("pong")
         assert ws.acked[task] == 5
-        await ws.send(logs_frame(task, [make_record(task, s) for s in (6, 7)]))
+        await ws.send(logs_frame(task, [make_record(task, s) for s in range(6, 11)]))
         with trio.fail_after(PATIENCE):
             await ws.wait_ack(task, 10)
         assert ws.acked[task] == 10

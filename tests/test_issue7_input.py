@@ -179,15 +179,15 @@ async def test_item09_other_integer_fields_are_bounded(hub: TestHub) -> None:
     assert_hub_healthy(hub)
 
 
-async def test_item09_top_seq_is_stored_and_the_hub_counts_on_past_it(hub: TestHub) -> None:
-    assert (await post(hub, {"message": "top", "seq": MAX_SEQ})).status_code == 200
-    # The hub's own next seq (max + 1) is beyond what producers may give, but
-    # still a seq the stores hold: stored, and read back to the end.
+async def test_item09_a_top_producer_seq_never_becomes_a_task_seq(hub: TestHub) -> None:
+    # The anonymous producer's first record is its seq 1: the top seq is
+    # refused (SEQ_GAP), and the task's seqs stay the hub's own, from 1.
+    assert (await post(hub, {"message": "top", "seq": MAX_SEQ})).status_code == 409
     assert (await post(hub, {"message": "after"})).status_code == 200
     async with hub.http() as client:
-        assert [r["seq"] for r in await fetch_all(client, TASK)] == [MAX_SEQ, MAX_SEQ + 1]
+        assert [r["seq"] for r in await fetch_all(client, TASK)] == [1]
         raw = await client.get(logs_path(TASK, "/raw"))
-    assert raw.text == "top\nafter\n"
+    assert raw.text == "after\n"
     assert_hub_healthy(hub)
 
 
