@@ -106,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frames queued per WebSocket before a slow subscriber is told "
                         "SLOW_CONSUMER and closed (default 256)")
     p.add_argument("--subscriber-queue-bytes", type=_number(int, 1), default=16 * 1024 * 1024,
-                   help="bytes of frames queued per WebSocket before a slow subscriber is told "
-                        "SLOW_CONSUMER and closed (default 16 MiB)")
+                   help="bytes of frames queued per WebSocket, replies to its writes included, "
+                        "before a slow subscriber is told SLOW_CONSUMER and closed (default 16 MiB)")
     p.add_argument("--max-subscriptions", type=_number(int, 1), default=100,
                    help="subscriptions one WebSocket may hold; past it a subscribe gets "
                         "TOO_MANY_SUBSCRIPTIONS (default 100)")

@@ -10,7 +10,9 @@ import trio
 import trio.testing
 
 from hub.actors.broadcaster import Broadcaster
+from hub.actors.writer import Refusal, WriteOutcome
 from hub.metrics import Metrics
+from hub.ws.acks import Replies
 from hub.ws.frames import FRAME_RECORDS
 from hub.ws.queues import WAKE, Outbox, WriteQueue
 from hub.ws.subscription import Outgoing, Subscription
@@ -208,6 +210,36 @@ async def test_history_waits_for_room_up_to_its_patience(autojump_clock: trio.te
         nursery.start_soon(sender)
         assert await outbox.put_within(Outgoing("y" * 900), 10.0)
     assert trio.current_time() - start == 13.0
+
+
+async def test_replies_and_the_room_held_for_them_count_against_the_byte_bound(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    metrics, replies = Metrics(), Replies()
+    outbox = Outbox(8, 2000, metrics, replies)
+    # Room held for a write's replies, then its answer (a SEQ_GAP) in place of it.
+    assert await outbox.reserve_within(1000, 10.0) and outbox.bytes == 1000
+    replies.on_written(WriteOutcome(refusals=[Refusal("SEQ_GAP", "g" * 700, 1)]))
+    outbox.release(1000)
+    held = outbox.bytes
+    assert 700 < held < 1000 and outbox.offer(Outgoing("x" * 1500)) == "full"
+    # Another write waits for room until the sender has taken the answer, or its patience runs out.
+    start = trio.current_time()
+    assert not await outbox.reserve_within(1500, 10.0)
+    assert trio.current_time() - start == 10.0
+    assert outbox.try_put(WAKE)
+
+    async def sender() -> None:
+        await trio.sleep(3)
+        item = await outbox.receive()
+        assert replies.next_frame() is not None and replies.next_frame() is None
+        outbox.taken(item)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender)
+        assert await outbox.reserve_within(1500, 10.0)
+    assert trio.current_time() - start == 13.0
+    assert outbox.bytes == metrics.subscriber_queue_bytes_peak == 1500
 
 
 async def test_the_write_queue_lets_one_frame_in_whatever_its_size(autojump_clock: trio.testing.MockClock) -> None:

@@ -26,7 +26,7 @@ from hub.metrics import Metrics
 from hub.store.sqlite import SQLiteStore
 from hub.ws.connection import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER, Connection
 from hub.ws.wsbuffer import OVERSIZED
-from tests.hubclient import batch_frames, logs_frame, make_record
+from tests.hubclient import batch_frames, encode_record, logs_frame, make_record
 
 TASK = "t"
 Frame = dict[str, Any]
@@ -73,6 +73,10 @@ class MemoryWebSocket:
 
     def put(self, frame: Frame | str | bytes | None) -> None:
         self._to_hub.send_nowait(orjson.dumps(frame).decode() if isinstance(frame, dict) else frame)
+
+    def unread_frames(self) -> int:
+        """Frames this client sent that the hub has not read yet."""
+        return self._from_client.statistics().current_buffer_used
 
     async def recv(self) -> Frame:
         frame: Frame = orjson.loads(await self._from_hub.receive())
@@ -394,3 +398,55 @@ async def test_a_subscriber_catching_up_that_stops_reading_is_cut_off_after_its_
     assert 0 < len(seqs) < total and seqs == list(range(1, len(seqs) + 1))
     assert error["code"] == "SLOW_CONSUMER" and error["resumeFrom"] == len(seqs) + 1, error
     assert stalled.close_code == CLOSE_TRY_AGAIN_LATER
+
+
+# --- replies to a client that never reads them, on the autojump clock -----------
+
+# Room for a few dozen answers (a SEQ_GAP error, a run's status: ~0.25 KiB each).
+SMALL_BOUND = HubConfig(subscriber_queue_bytes=16 * 1024)
+REFUSED = 2000
+RUN = "run-1"
+
+
+def answered(kind: str, n: int) -> Frame:
+    """A write the hub answers with a frame of its own, whatever came before."""
+    if kind == "SEQ_GAP":
+        # The run's seq 1 never came: every frame of it is refused with SEQ_GAP.
+        record = encode_record(make_record(TASK, 2 + n))
+        return {"type": "logs", "taskId": TASK, "producer": RUN, "records": [record]}
+    # A run's status is answered with its stored status, how an agent knows it is kept.
+    return {"type": "status", "taskId": TASK, "producer": RUN, "state": "running"}
+
+
+@pytest.mark.parametrize("kind", ["SEQ_GAP", "status"])
+async def test_a_writer_that_never_reads_its_answers_stops_being_read_and_is_cut_off(
+    sqlite_store: SQLiteStore, autojump_clock: trio.testing.MockClock, kind: str
+) -> None:
+    async with running(sqlite_store, SMALL_BOUND) as hub:
+        # Its first answer is taken, then it reads nothing more.
+        client = hub.connect(buffered=1)
+        connection = client.connection
+        assert connection is not None
+        for n in range(REFUSED):
+            client.put(answered(kind, n))
+
+        def all_read_and_answered() -> bool:
+            assert connection is not None
+            return client.unread_frames() == 0 and connection.inflight == 0
+
+        await until(lambda: connection.closing is not None or all_read_and_answered())
+        # Its answers count against the connection's byte bound: once they
+        # fill it the hub stops reading that client, and cuts it off as it
+        # cuts off a subscriber that does not read.
+        assert connection.closing == "SLOW_CONSUMER", "the hub read every frame and queued every answer"
+        assert client.unread_frames() > REFUSED // 2, "the hub read on past its byte bound"
+        assert hub.deps.metrics.subscriber_queue_bytes_peak <= SMALL_BOUND.subscriber_queue_bytes
+        assert hub.deps.metrics.slow_consumers == 1
+
+        # Reading again, it gets what its socket held, why it was cut off, and the close.
+        frames = await client.drain()
+        assert len(frames) <= 3, frames
+        assert frames[-1]["type"] == "error" and frames[-1]["code"] == "SLOW_CONSUMER", frames
+        assert client.close_code == CLOSE_TRY_AGAIN_LATER
+        await client.ended.wait()
+        assert hub.deps.metrics.connections == 0

@@ -4,8 +4,13 @@ Only the sender task writes to the socket. Everything else hands it frames
 through one bounded outbox (hub/ws/queues.py): the reader awaits room (a client
 that does not read stops being read), the broadcaster never waits (a full
 outbox is SLOW_CONSUMER), and acks are coalesced (hub/ws/acks.py) so they are
-never dropped. What a subscription sends when is decided by its sans-IO state
-(hub/ws/subscription.py); this module only does the reads and sends it asks for.
+never dropped. Replies to writes (acks, SEQ_GAP and the like, a run's status)
+count against the same byte bound: each write holds room for its replies
+before it goes to the writer, so a client that never reads them stops being
+read once they fill the bound, and after `slow_consumer_after` is cut off as a
+slow consumer (a SLOW_CONSUMER error, close 1013). What a subscription sends
+when is decided by its sans-IO state (hub/ws/subscription.py); this module
+only does the reads and sends it asks for.
 
 Writes (`log`, `logs`, `status`) go from the reader to an ingest task through
 a small queue, bounded in frames and bytes; the ingest task waits for the
@@ -27,7 +32,7 @@ from hub.auth import Role
 from hub.deps import ConnectionDeps
 from hub.ingest import from_records
 from hub.store.base import StoreUnavailable
-from hub.ws.acks import Replies
+from hub.ws.acks import WRITE_REPLY_BYTES, Replies
 from hub.ws.queues import WAKE, Outbox, WriteQueue
 from hub.ws.subscription import (
     Outgoing,
@@ -87,8 +92,8 @@ class Connection:
         self.hub = hub
         self.ws = ws
         self.role = role
-        self.outbox = Outbox(hub.config.subscriber_queue, hub.config.subscriber_queue_bytes, hub.metrics)
         self.replies = Replies()
+        self.outbox = Outbox(hub.config.subscriber_queue, hub.config.subscriber_queue_bytes, hub.metrics, self.replies)
         # A WAKE is in the outbox: the sender will flush the replies anyway.
         self._wake_pending = False
         self.subs: dict[str, Subscription] = {}
@@ -208,6 +213,7 @@ class Connection:
             return
         self.closing = "SLOW_CONSUMER"
         self.hub.metrics.slow_consumers += 1
+        self.replies.abandon()
         for sub in self.subs.values():
             self.hub.broadcaster.remove(sub)
         self._read_scope.cancel()
@@ -233,12 +239,16 @@ class Connection:
         self.inflight -= 1
         if self.inflight == 0:
             self.settled.set()
+        self.outbox.release(WRITE_REPLY_BYTES)
         if outcome.error is None:
             for refusal in outcome.refusals:
                 self.hub.metrics.error(refusal.code)
+        if self.closing == "SLOW_CONSUMER":
+            return  # cut off: nothing more is sent
         if self.replies.on_written(outcome) and not self._wake_pending:
             # If the outbox is full the sender is busy and flushes replies before its next frame.
             self._wake_pending = self.outbox.try_put(WAKE)
+        self.outbox.record_peak()
 
     # --- reading ----------------------------------------------------------
 
@@ -298,6 +308,12 @@ class Connection:
             await self._submit(WriteRequest(self._on_written, items=items))
 
     async def _submit(self, request: WriteRequest) -> None:
+        # Room for its replies first: while there is none, the write queue
+        # fills and the reader stops; a client that does not read its replies
+        # is a slow consumer as a subscriber that does not read its records is.
+        if not await self.outbox.reserve_within(WRITE_REPLY_BYTES, self.hub.config.slow_consumer_after):
+            self._slow()
+            await trio.sleep_forever()  # the connection is closing; run() cancels us
         self.inflight += 1
         self.settled = trio.Event() if self.settled.is_set() else self.settled
         try:
@@ -306,6 +322,7 @@ class Connection:
             self.inflight -= 1
             if self.inflight == 0:
                 self.settled.set()
+            self.outbox.release(WRITE_REPLY_BYTES)
             raise
 
     # --- subscriptions ----------------------------------------------------

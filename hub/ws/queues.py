@@ -1,11 +1,15 @@
 """A connection's two bounded queues: its outbox and its write queue.
 
-The outbox is the one queue to the sender, bounded in frames by the channel, and in bytes by `queued_bytes` (a frame of escaped
-lines can be megabytes), which counts a frame from the moment it is queued
-until the sender has written it (`taken`). Three ways in: `offer` never waits
-(the broadcaster: full means SLOW_CONSUMER), `put` waits for frame room (the
-reader's own replies, which are small), `put_within` waits for room in both
-bounds, up to a patience (history).
+The outbox is the one queue to the sender, bounded in frames by the channel,
+and in bytes (a frame of escaped lines can be megabytes). Its `bytes` are all
+that the connection holds for its client: each queued frame from the moment it
+is queued until the sender has written it (`taken`), the replies to its writes
+(hub/ws/acks.py), and room reserved for the replies of writes not yet
+committed. Four ways in: `offer` never waits (the broadcaster: full means
+SLOW_CONSUMER), `put` waits for frame room (the reader's own replies, which
+are small), `put_within` waits for room in both bounds, up to a patience
+(history), and `reserve_within` waits the same way for room for a write's
+replies before the write goes to the writer (`release` once it is committed).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any, Literal
 import trio
 
 from hub.metrics import Metrics
+from hub.ws.acks import Replies
 from hub.ws.subscription import Outgoing
 
 # Tells the sender to look at the connection's replies (acks, errors).
@@ -23,10 +28,14 @@ WAKE = Outgoing("")
 
 
 class Outbox:
-    def __init__(self, frames: int, max_bytes: int, metrics: Metrics) -> None:
+    def __init__(self, frames: int, max_bytes: int, metrics: Metrics, replies: Replies | None = None) -> None:
         self._send, self._recv = trio.open_memory_channel[Outgoing](frames)
         self.max_bytes = max_bytes
         self.queued_bytes = 0
+        # The sender takes these before its next frame; they count against the bound too.
+        self.replies = Replies() if replies is None else replies
+        # Held for the replies of writes handed to the writer and not yet committed.
+        self.reserved = 0
         self._metrics = metrics
         # Set by the sender after each frame: room in the byte bound.
         self._room = trio.Event()
@@ -35,21 +44,30 @@ class Outbox:
         """The sender's next frame; EndOfChannel once closed and empty."""
         return await self._recv.receive()
 
+    @property
+    def bytes(self) -> int:
+        """What the connection holds for its client, against `max_bytes`."""
+        return self.queued_bytes + self.replies.bytes + self.reserved
+
     def taken(self, item: Outgoing) -> None:
-        """The sender is done with `item` (written, or a wake-up)."""
+        """The sender is done with `item` (written, or a wake-up), and with the replies before it."""
         self.queued_bytes -= item.size
         self._room.set()
 
     def close(self) -> None:
         self._send.close()
 
-    def has_room_for(self, item: Outgoing) -> bool:
+    def has_room_for(self, size: int) -> bool:
         # One frame larger than the whole bound still goes through an empty queue.
-        return self.queued_bytes == 0 or self.queued_bytes + item.size <= self.max_bytes
+        held = self.bytes
+        return held == 0 or held + size <= self.max_bytes
+
+    def record_peak(self) -> None:
+        self._metrics.subscriber_queue_bytes_peak = max(self._metrics.subscriber_queue_bytes_peak, self.bytes)
 
     def _queued(self, item: Outgoing) -> None:
         self.queued_bytes += item.size
-        self._metrics.subscriber_queue_bytes_peak = max(self._metrics.subscriber_queue_bytes_peak, self.queued_bytes)
+        self.record_peak()
 
     def _put_nowait(self, item: Outgoing) -> None:
         self._send.send_nowait(item)
@@ -65,7 +83,7 @@ class Outbox:
 
     def offer(self, item: Outgoing) -> Literal["queued", "full", "closed"]:
         """Never waits: "full" past either bound."""
-        if not self.has_room_for(item):
+        if not self.has_room_for(item.size):
             return "full"
         try:
             self._put_nowait(item)
@@ -87,14 +105,32 @@ class Outbox:
     async def put_within(self, item: Outgoing, patience: float) -> bool:
         """Waits for room in both bounds, up to `patience` seconds; False if it ran out."""
         with trio.move_on_after(patience):
-            while not self.has_room_for(item):
-                # Every waiter shares the one unset event the sender sets next.
-                if self._room.is_set():
-                    self._room = trio.Event()
-                await self._room.wait()
+            await self._room_for(item.size)
             await self.put(item)
             return True
         return False
+
+    async def reserve_within(self, size: int, patience: float) -> bool:
+        """Holds `size` bytes for a write's replies once the byte bound has
+        room, waiting up to `patience` seconds; False if it ran out."""
+        with trio.move_on_after(patience):
+            await self._room_for(size)
+            self.reserved += size
+            self.record_peak()
+            return True
+        return False
+
+    def release(self, size: int) -> None:
+        """A reservation's write is committed (its replies are in) or withdrawn."""
+        self.reserved -= size
+        self._room.set()
+
+    async def _room_for(self, size: int) -> None:
+        while not self.has_room_for(size):
+            # Every waiter shares the one unset event the sender sets next.
+            if self._room.is_set():
+                self._room = trio.Event()
+            await self._room.wait()
 
 
 class WriteQueue:

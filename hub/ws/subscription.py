@@ -161,8 +161,13 @@ class Subscription:
 
 def slow_consumer_frames(subs: Iterable[Subscription]) -> list[str]:
     """The SLOW_CONSUMER error frames once the sender has stopped: only then
-    is `delivered` final (a frame the sender was blocked on has gone out)."""
+    is `delivered` final (a frame the sender was blocked on has gone out).
+    A connection without subscriptions was cut off for the replies to its
+    writes it did not read: one frame, with nothing to resume from."""
     resume = {s.task_id: s.resume_from for s in subs}
+    if not resume:
+        message = "the client did not read the replies to its writes; reconnect and resend what was not acknowledged"
+        return [dumps(ErrorFrame("SLOW_CONSUMER", message))]
     return [
         dumps(
             ErrorFrame(
