@@ -193,7 +193,7 @@ async def test_a_database_from_before_kind_is_migrated(tmp_path: Path) -> None:
     store = SQLiteStore(path)
     await store.open()
     try:
-        await store.append([Incoming("t1", None, TS, "agent", "WARN", "gap", kind="gap")])
+        await store.append([Incoming("t1", 1, TS, "agent", "WARN", "gap", kind="gap")])
         page = await store.query(LogQuery(task_id="t1"))
     finally:
         await store.close()
@@ -209,8 +209,8 @@ async def test_postgres_stores_kind_by_either_insert(pg_url: str, method: str) -
     await store.open()
     try:
         await store.append([
-            Incoming("t1", None, TS, "stdout", "INFO", "line"),
-            Incoming("t1", None, TS, "agent", "WARN", "gap", kind="gap"),
+            Incoming("t1", 1, TS, "stdout", "INFO", "line"),
+            Incoming("t1", 2, TS, "agent", "WARN", "gap", kind="gap"),
         ])
         page = await store.query(LogQuery(task_id="t1"))
     finally:

@@ -143,17 +143,17 @@ async def test_a_wal_an_old_reader_kept_growing_is_cut_back_once_it_lets_go(tmp_
         await store.sync()
         reader.execute("BEGIN")
         assert reader.execute("SELECT count(*) FROM logs").fetchone()[0] == 1
-        for n in range(1, 11):
-            await store.append([rec(n * 10 + i, "x" * 5_000) for i in range(1, 11)])
+        for n in range(10):
+            await store.append([rec(n * 10 + i, "x" * 5_000) for i in range(2, 12)])
             await store.sync()
         assert wal_bytes(path) > 256 * 1024
         reader.execute("COMMIT")
-        await store.append([rec(401)])
+        await store.append([rec(102)])
         await store.sync()
         assert wal_bytes(path) == 0
         # And the store writes and reads on.
-        await store.append([rec(402)])
-        assert await all_seqs(store) == [1, *range(11, 111), 401, 402]
+        await store.append([rec(103)])
+        assert await all_seqs(store) == list(range(1, 104))
     finally:
         reader.close()
         await store.close()
