@@ -66,6 +66,11 @@ def test_every_answer_matches_the_openapi_document(api_hub: HubProcess) -> None:
         @given(case=strategy)
         def check(case: schemathesis.Case) -> None:
             calls[case.operation.label] = calls.get(case.operation.label, 0) + 1
+            # A generated Transfer-Encoding the HTTP layer does not know is
+            # answered 501 by h11 before the hub sees the request, as RFC 9112
+            # (6.1) asks of a server: not the hub's answer to judge here.
+            for name in [n for n in (case.headers or {}) if n.lower() == "transfer-encoding"]:
+                del case.headers[name]
             case.call_and_validate(checks=CHECKS, timeout=10)
 
         try:

@@ -2,45 +2,53 @@
 
 from __future__ import annotations
 
-from hub.store.base import DUPLICATE, INSERTED, record_id
-from hub.store.rules import PENDING, TaskProgress, advance, plan_batch
+import pytest
+
+from hub.store.base import GAP, INSERTED, record_id
+from hub.store.rules import PENDING, ProducerProgress, TaskProgress, plan_batch
+from keruta.records import InvalidField
 from tests.storedata import rec
 
 
-def test_plan_batch_assigns_seqs_and_finds_what_may_be_stored():
+def test_plan_batch_gives_the_next_task_seqs_and_finds_what_may_be_stored():
     progress = {
-        "t1": TaskProgress(max_seq=5, durable_seq=3),
+        "t1": TaskProgress(max_seq=5, durable_seq=5),
         "t2": TaskProgress(max_seq=0, durable_seq=0),
     }
-    plan = plan_batch(
-        [rec(None), rec(4), rec(None, task="t2"), rec(9), rec(None), rec(4)], progress
-    )
-    assert [(r.task_id, r.seq) for r in plan.records] == [
+    producers = {
+        ("t1", ""): ProducerProgress(high=3),
+        ("t1", "p"): ProducerProgress(high=0, exists=False),
+        ("t2", ""): ProducerProgress(high=0, exists=False),
+    }
+    items = [rec(4), rec(2), rec(1, task="t2"), rec(1, producer="p"), rec(7), rec(4)]
+    plan = plan_batch(items, progress, producers)
+    # New records take the task's next seqs in order, whatever their own seq.
+    assert [(r.task_id, r.seq) if r else None for r in plan.records] == [
         ("t1", 6),
-        ("t1", 4),
+        None,
         ("t2", 1),
-        ("t1", 9),
-        ("t1", 10),
-        ("t1", 4),
+        ("t1", 7),
+        None,
+        None,
     ]
-    # 4 may be stored (at or below max_seq): looked up; the second 4 is the same record.
-    assert plan.status == [INSERTED, PENDING, INSERTED, INSERTED, INSERTED, DUPLICATE]
-    assert plan.lookups == [1]
-    assert all(r.id == record_id(r.task_id, r.seq) for r in plan.records)
+    # 2 was sent before (looked up); 7 is past a gap; the second 4 too, for now.
+    assert plan.status == [INSERTED, PENDING, INSERTED, INSERTED, GAP, PENDING]
+    assert plan.lookups == [1, 5]
+    assert all(r.id == record_id(r.task_id, r.seq) for r in plan.records if r)
+    assert progress["t1"].durable_after_batch() == 7
+    assert producers[("t1", "")].high == 4 and producers[("t1", "")].new_ranges == [[4, 4, 6]]
 
 
-def test_advance_and_durable_through_batch():
-    assert advance(3, [4, 5, 7]) == (5, False)
-    assert advance(3, [4, 5]) == (5, True)
-    assert advance(3, []) == (3, True)
+def test_a_hub_made_producer_may_skip_but_never_goes_back():
+    progress = {"t1": TaskProgress(max_seq=0, durable_seq=0)}
+    producers = {("t1", "~w"): ProducerProgress(high=3)}
+    plan = plan_batch([rec(7, producer="~w"), rec(9, producer="~w")], progress, producers)
+    assert plan.status == [INSERTED, INSERTED]
+    assert producers[("t1", "~w")].new_ranges == [[7, 7, 1], [9, 9, 2]]
 
-    def through(durable: int, max_seq: int, inserted: list[int]) -> tuple[int, bool]:
-        task = TaskProgress(max_seq=max_seq, durable_seq=durable)
-        task.inserted_seqs.extend(inserted)
-        return task.durable_through_batch()
 
-    assert through(0, 0, [1, 2, 3]) == (3, False)  # the newest rows: nothing above to look at
-    assert through(2, 9, [3, 4]) == (4, True)  # rows up to 9 are stored: look further
-    assert through(2, 9, [5, 6]) == (2, False)  # 3 still missing
-    assert through(2, 2, [4, 3]) == (4, False)
-    assert through(5, 5, [1, 2]) == (5, False)  # re-stored after a delete: no effect
+def test_a_producer_seq_below_one_is_refused():
+    progress = {"t1": TaskProgress(max_seq=0, durable_seq=0)}
+    with pytest.raises(InvalidField):
+        plan_batch([rec(0)], progress, {("t1", ""): ProducerProgress(high=0)})
+
