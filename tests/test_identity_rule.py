@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from hub.store import core
-from hub.store.base import Incoming
+from hub.store.base import GAP, INSERTED, Incoming
 from hub.store.sqlite_schema import create_schema
 from hub.store.steps import EXEC, FETCH, MANY, ROW, Dialect, Op, drive_sync
 from keruta.limits import MAX_SEQ
@@ -302,3 +302,17 @@ async def test_delete_and_retention_keep_identity_in_bounded_space(sqlite_hub_fa
     finally:
         await store.close()
     assert _rows(db, "producers") == 1
+
+
+async def test_retention_forgets_idle_producers_but_not_a_run_still_under_way(store) -> None:
+    def line(producer: str, seq: int) -> Incoming:
+        return Incoming("t", seq, "2026-01-02T03:04:05.000000Z", "stdout", "INFO", f"{producer} {seq}", producer=producer)
+
+    await store.append([line("quiet-run", 1), line("done-run", 1)])
+    await store.set_state("t", "running", None, "quiet-run")
+    await store.set_state("t", "succeeded", 0, "done-run")
+    # A horizon past every write: both are idle, only the finished run may go.
+    await store.delete_older_than("9999-01-01T00:00:00.000000Z")
+    # The quiet run's next record follows on; the forgotten run counts from 1 again.
+    assert (await store.append([line("quiet-run", 2)])).status == [INSERTED]
+    assert (await store.append([line("done-run", 2)])).status == [GAP]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hub.store.base import GAP, INSERTED, record_id
-from hub.store.rules import PENDING, ProducerProgress, TaskProgress, plan_batch
+from hub.store.rules import PENDING, ProducerProgress, TaskProgress, plan_batch, tally
 from keruta.records import InvalidField
 from tests.storedata import rec
 
@@ -17,8 +17,8 @@ def test_plan_batch_gives_the_next_task_seqs_and_finds_what_may_be_stored():
     }
     producers = {
         ("t1", ""): ProducerProgress(high=3),
-        ("t1", "p"): ProducerProgress(high=0, exists=False),
-        ("t2", ""): ProducerProgress(high=0, exists=False),
+        ("t1", "p"): ProducerProgress(high=0),
+        ("t2", ""): ProducerProgress(high=0),
     }
     items = [rec(4), rec(2), rec(1, task="t2"), rec(1, producer="p"), rec(7), rec(4)]
     plan = plan_batch(items, progress, producers)
@@ -35,6 +35,7 @@ def test_plan_batch_gives_the_next_task_seqs_and_finds_what_may_be_stored():
     assert plan.status == [INSERTED, PENDING, INSERTED, INSERTED, GAP, PENDING]
     assert plan.lookups == [1, 5]
     assert all(r.id == record_id(r.task_id, r.seq) for r in plan.records if r)
+    tally(plan.inserted(), progress)  # what the insert reported stored
     assert progress["t1"].durable_after_batch() == 7
     assert producers[("t1", "")].high == 4 and producers[("t1", "")].new_ranges == [[4, 4, 6]]
 

@@ -56,7 +56,7 @@ def append(d: Dialect, items: Sequence[Incoming]) -> Steps[AppendResult]:
     producers: dict[tuple[str, str], ProducerProgress] = {}
     for key in dict.fromkeys((i.task_id, i.producer) for i in items):
         row = yield d.row("SELECT high FROM {producers} WHERE task_id = ? AND producer = ?", *key)
-        producers[key] = ProducerProgress(high=0, exists=False) if row is None else ProducerProgress(high=row[0])
+        producers[key] = ProducerProgress(high=0 if row is None else row[0])
     plan = plan_batch(items, progress, producers)
     ranges: dict[tuple[str, str], list[Sequence[int]]] = {}
     for key, (low, high) in plan.producer_lookups.items():
@@ -368,19 +368,21 @@ def delete_chunk(d: Dialect, task_id: str, before: str | None) -> Steps[tuple[in
     return deleted, deleted == d.delete_chunk
 
 
+# Producers retention may forget: idle past the horizon and not a run still
+# under way (a quiet agent that is still running resends above its mark, which
+# a forgotten mark would answer with SEQ_GAP from 1: records its spool no
+# longer holds).
+_PRUNABLE = "last_write < ? AND coalesce(state, 'succeeded') NOT IN ('pending', 'running')"
+
+
 def prune_producers(d: Dialect, before: str) -> Steps[int]:
     """Retention: forget producers that wrote nothing since `before`, and
     their ranges (docs/identity.md: the identity horizon). Returns how many."""
     yield d.exec(
-        """
-        DELETE FROM {ranges} WHERE EXISTS (
-            SELECT 1 FROM {producers} p
-            WHERE p.task_id = {ranges}.task_id AND p.producer = {ranges}.producer AND p.last_write < ?
-        )
-        """,
+        f"DELETE FROM {{ranges}} WHERE (task_id, producer) IN (SELECT task_id, producer FROM {{producers}} WHERE {_PRUNABLE})",
         before,
     )
-    rows = yield d.fetch("DELETE FROM {producers} WHERE last_write < ? RETURNING 1", before)
+    rows = yield d.fetch(f"DELETE FROM {{producers}} WHERE {_PRUNABLE} RETURNING 1", before)
     return len(rows)
 
 

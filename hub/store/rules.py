@@ -41,12 +41,8 @@ class TaskProgress:
     count: int = 0
     first_ts: str | None = None
     last_ts: str | None = None
-    inserted_seqs: list[int] = attrs.field(factory=list)
+    inserted_max: int = 0
     counts: dict[tuple[str, str], int] = attrs.field(factory=lambda: defaultdict(int))
-
-    @property
-    def inserted_max(self) -> int:
-        return max(self.inserted_seqs, default=0)
 
     def next_seq(self) -> int:
         self.batch_max = max(self.max_seq, self.batch_max) + 1
@@ -55,8 +51,8 @@ class TaskProgress:
     def durable_after_batch(self) -> int:
         """The watermark after the batch commits: the hub gives every seq
         itself, in order and under the task's lock, so every seq up to the
-        highest given is stored."""
-        return max(self.durable_seq, self.max_seq, self.batch_max)
+        highest stored is stored."""
+        return max(self.durable_seq, self.max_seq, self.inserted_max)
 
 
 @attrs.define
@@ -64,7 +60,6 @@ class ProducerProgress:
     """A producer of a task, as the append transaction sees it."""
 
     high: int  # its highest seq stored; every one of its seqs below is stored too
-    exists: bool = True
     # Ranges this batch adds: [first producer seq, last producer seq, first task seq].
     new_ranges: list[list[int]] = attrs.field(factory=list)
 
@@ -249,7 +244,7 @@ def tally(inserted: Iterable[LogRecord], progress: dict[str, TaskProgress]) -> N
             task.first_ts = r.timestamp
         if task.last_ts is None or r.timestamp > task.last_ts:
             task.last_ts = r.timestamp
-        task.inserted_seqs.append(r.seq)
+        task.inserted_max = max(task.inserted_max, r.seq)
 
 
 def counted_filters(query: LogQuery) -> list[tuple[str, str]] | None:
