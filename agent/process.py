@@ -153,6 +153,12 @@ def forward(child: Child, signum: int) -> bool:
         return False  # the terminal sent it to the whole group, command included
     if child.process.returncode is not None:
         return False
+    return _signal(child, signum)
+
+
+def _signal(child: Child, signum: int) -> bool:
+    """Send `signum` to the command's group when it leads one, else to the
+    command alone; False if there was nobody left to get it."""
     try:
         if child.own_group:
             os.killpg(child.pid, signum)
@@ -170,13 +176,7 @@ async def stop(child: Child, grace: float) -> bool:
     with trio.move_on_after(grace):
         await _ended(child)
         return False
-    try:
-        if child.own_group:
-            os.killpg(child.pid, signal.SIGKILL)
-        else:
-            child.process.kill()
-    except ProcessLookupError:
-        pass
+    _signal(child, signal.SIGKILL)
     with trio.move_on_after(KILL_WAIT):
         await _ended(child)
     return True

@@ -297,8 +297,9 @@ class Recorder:
         if gap is None:
             gap = self._gap = Gap(reason, ts)
         for line, number in lines:
-            gap.add(source, number, text_bytes(line.text), ts)
-            self.dropped_bytes += text_bytes(line.text)
+            nbytes = text_bytes(line.text)
+            gap.add(source, number, nbytes, ts)
+            self.dropped_bytes += nbytes
         self.dropped[source] = self.dropped.get(source, 0) + len(lines)
         self.dropped_total += len(lines)
         now = self.clock()

@@ -149,6 +149,8 @@ class HubNumbering:
         self.last = 0
 
     def number(self, items: Sequence[Incoming]) -> Sequence[Incoming]:
+        """`items` with an identity for each record sent without `seq`; the
+        same items when every one has its own."""
         if all(item.seq is not None for item in items):
             return items
         out = []
@@ -174,7 +176,6 @@ class WriteRequest:
     # unknown until it returns, so the request can no longer be withdrawn.
     attempting: bool = False
     withdrawn: bool = False
-    numbered: bool = False
 
     def withdraw(self) -> bool:
         """Give up on this request (a REST POST out of time).
@@ -337,9 +338,8 @@ class Writer:
     async def _commit(self, batch: list[WriteRequest]) -> None:
         started = trio.current_time()
         for req in batch:
-            if not req.numbered:
-                req.items = self.numbering.number(req.items)
-                req.numbered = True
+            # Once numbered, a request's items are left as they are.
+            req.items = self.numbering.number(req.items)
         try:
             result = await self._with_retry("append", lambda: self._append(batch))
         except Exception as exc:
