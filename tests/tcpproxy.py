@@ -7,6 +7,9 @@ ways networks do.
 - `thaw()`: frozen flows forward again (what they held goes through).
 - `refuse()`: an ordinary outage: every open flow is cut and new connections
   are closed as soon as they are accepted, until `restore()`.
+- `cut_after_commit()`: the next COMMIT a client sends reaches the server,
+  whose answer never comes back: the flow is cut first. The server committed;
+  the client cannot know.
 
 Each flow is two pumps (client to server, server to client) in the proxy's
 own nursery; `aclose` ends them all.
@@ -27,6 +30,8 @@ class Flow:
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     # Set while the flow forwards; cleared while it is frozen.
     forwarding: trio.Event = attrs.field(factory=trio.Event)
+    # Once set, nothing more goes from the server to the client.
+    answers_held: bool = False
 
 
 class TcpProxy:
@@ -36,6 +41,8 @@ class TcpProxy:
         self._target = target
         self.flows: set[Flow] = set()
         self.refusing = False
+        self.commit_cut_armed = False
+        self.commits_cut = 0
 
     @property
     def port(self) -> int:
@@ -70,6 +77,10 @@ class TcpProxy:
     def restore(self) -> None:
         self.refusing = False
 
+    def cut_after_commit(self) -> None:
+        """Arm the cut of the flow that sends the next COMMIT (module docstring)."""
+        self.commit_cut_armed = True
+
     async def _serve(self) -> None:
         while True:
             client = await self._listener.accept()
@@ -91,13 +102,14 @@ class TcpProxy:
                 try:
                     with flow.scope:
                         async with trio.open_nursery() as pumps:
-                            pumps.start_soon(self._pump, flow, client, server, pumps.cancel_scope)
-                            pumps.start_soon(self._pump, flow, server, client, pumps.cancel_scope)
+                            pumps.start_soon(self._pump, flow, client, server, pumps.cancel_scope, True)
+                            pumps.start_soon(self._pump, flow, server, client, pumps.cancel_scope, False)
                 finally:
                     self.flows.discard(flow)
 
-    @staticmethod
-    async def _pump(flow: Flow, source: trio.SocketStream, sink: trio.SocketStream, both: trio.CancelScope) -> None:
+    async def _pump(
+        self, flow: Flow, source: trio.SocketStream, sink: trio.SocketStream, both: trio.CancelScope, upstream: bool
+    ) -> None:
         try:
             while True:
                 data = await source.receive_some(65536)
@@ -106,7 +118,18 @@ class TcpProxy:
                     await flow.forwarding.wait()
                 if not data:
                     break
+                if not upstream and flow.answers_held:
+                    break
+                cut = upstream and self.commit_cut_armed and b"COMMIT" in data
+                if cut:
+                    # Held before the COMMIT goes: its answer cannot slip through.
+                    self.commit_cut_armed = False
+                    flow.answers_held = True
                 await sink.send_all(data)
+                if cut:
+                    self.commits_cut += 1
+                    await trio.sleep(0.3)  # the server reads it and commits
+                    break
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         both.cancel()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import trio
@@ -23,6 +22,7 @@ from keruta.limits import MAX_SEQ
 from tests import hubclient
 from tests.hubclient import assert_error, fetch_all, logs_path
 from tests.inprocess import InProcessHubFactory
+from tests.tcpproxy import target_of, tcp_proxy
 
 hub, hub_factory, sqlite_hub_factory = hubclient.hub, hubclient.hub_factory, hubclient.sqlite_hub_factory
 
@@ -145,70 +145,26 @@ async def test_a_retried_post_with_producer_and_seq_is_stored_once(hub) -> None:
 # --- a commit whose answer was lost -------------------------------------------
 
 
-class CommitCutter:
-    """A TCP proxy to PostgreSQL that, once armed, forwards the next COMMIT
-    and then drops both sides before the server's answer can come back: the
-    server committed, the client cannot know."""
-
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
-        self.armed = False
-        self.cuts = 0
-        self.port = 0
-
-    async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        task_status.started()
-        await trio.serve_listeners(self._pair, listeners)
-
-    async def _pair(self, client: trio.SocketStream) -> None:
-        server = await trio.open_tcp_stream(*self.upstream)
-        async with client, server, trio.open_nursery() as nursery:
-            nursery.start_soon(self._pump, server, client, nursery.cancel_scope, False)
-            await self._pump(client, server, nursery.cancel_scope, True)
-
-    async def _pump(self, src: trio.SocketStream, dst: trio.SocketStream, scope: trio.CancelScope, up: bool) -> None:
-        try:
-            while data := await src.receive_some(65536):
-                await dst.send_all(data)
-                if up and self.armed and b"COMMIT" in data:
-                    self.armed = False
-                    self.cuts += 1
-                    # Let the server read and commit it, then vanish.
-                    await trio.sleep(0.3)
-                    break
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        scope.cancel()
-
-
 async def test_a_commit_whose_answer_is_lost_stores_each_record_once(
     pg_url: str, sqlite_hub_factory: InProcessHubFactory
 ) -> None:
-    parts = urlsplit(pg_url)
-    cutter = CommitCutter((parts.hostname or "127.0.0.1", parts.port or 5432))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(cutter.serve)
-        netloc = f"{parts.username}@127.0.0.1:{cutter.port}" if parts.username else f"127.0.0.1:{cutter.port}"
-        proxied = urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
-        hub = await sqlite_hub_factory.astart("--store-retry-max", "0.2", db=proxied)
+    async with tcp_proxy(*target_of(pg_url)) as proxy:
+        hub = await sqlite_hub_factory.astart("--store-retry-max", "0.2", db=proxy.url_for(pg_url))
         async with hub.http() as client:
             resp = await client.post(logs_path("t"), json={"message": "before"})
             assert resp.status_code == 200, resp.text
             # No seq: the writer gives these records identities of its own.
-            cutter.armed = True
+            proxy.cut_after_commit()
             resp = await client.post(logs_path("t"), json=[{"message": "once a"}, {"message": "once b"}])
-            assert cutter.cuts == 1
+            assert proxy.commits_cut == 1
             assert resp.status_code == 200, resp.text
-            assert resp.json()["seqs"] == [2, 3]
             # A read may meet the pool's other connection to the cut one: 503, retry.
             with trio.fail_after(PATIENCE):
                 while (page := await client.get(logs_path("t"))).status_code == 503:
                     await trio.sleep(0.1)
             stored = page.json()["content"]
         assert [(r["seq"], r["message"]) for r in stored] == [(1, "before"), (2, "once a"), (3, "once b")]
-        nursery.cancel_scope.cancel()
+        assert resp.json()["seqs"] == [2, 3]
 
 
 # --- what identity keeps is bounded ------------------------------------------------
