@@ -481,25 +481,36 @@ def parse_metrics(text: str) -> dict[str, float]:
 # --- the database itself ----------------------------------------------------
 
 
+def _seqs_of_chunks(rows: list) -> list[int]:
+    """The seqs the chunk rows (seq_first, body) hold, in the stores' format (hub/store/chunk.py)."""
+    from hub.store import chunk
+
+    return [seq for first, body in rows for seq in chunk.seqs_of(chunk.columns(body), first)]
+
+
 def read_stored_seqs(db: str, task_id: str) -> list[int]:
     """The seqs stored for a task, read straight from the database (hub stopped or not)."""
     if db.startswith("sqlite://"):
         conn = sqlite3.connect(db.removeprefix("sqlite:///"), timeout=30)
         try:
-            rows = conn.execute("SELECT seq FROM logs WHERE task_id = ? ORDER BY seq", (task_id,)).fetchall()
+            rows = conn.execute(
+                "SELECT seq_first, body FROM keruta_chunks WHERE task_id = ? ORDER BY seq_last", (task_id,)
+            ).fetchall()
         finally:
             conn.close()
-        return [row[0] for row in rows]
+        return _seqs_of_chunks(rows)
 
     import asyncpg
 
     async def query() -> list[int]:
         conn = await asyncpg.connect(db)
         try:
-            rows = await conn.fetch("SELECT seq FROM keruta_logs WHERE task_id = $1 ORDER BY seq", task_id)
+            rows = await conn.fetch(
+                "SELECT seq_first, body FROM keruta_chunks WHERE task_id = $1 ORDER BY seq_last", task_id
+            )
         finally:
             await conn.close()
-        return [row["seq"] for row in rows]
+        return _seqs_of_chunks(rows)
 
     # Plain asyncio, in a worker thread: no trio-asyncio loop needed in the test.
     return asyncio.run(query())

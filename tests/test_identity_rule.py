@@ -17,7 +17,8 @@ import trio
 from hub.store import core
 from hub.store.base import GAP, INSERTED, Incoming
 from hub.store.sqlite_schema import create_schema
-from hub.store.steps import EXEC, FETCH, MANY, ROW, Dialect, Op, drive_sync
+from hub.store.sqlite_sql import SQLiteSql
+from hub.store.steps import EXEC, FETCH, MANY, ROW, Op, drive_sync
 from keruta.limits import MAX_SEQ
 from tests import hubclient
 from tests.hubclient import assert_error, fetch_all, logs_path
@@ -202,8 +203,8 @@ def _steps_to_register(conn: sqlite3.Connection, producer: str) -> int:
 
     conn.set_progress_handler(count, 1)
     item = Incoming("t", 1, "2026-01-02T03:04:05.000000Z", "stdout", "INFO", "x", producer=producer)
-    _run_on(conn, core.append(Dialect(), [item]))
-    _run_on(conn, core.set_state(Dialect(), "t", "running", None, producer))
+    _run_on(conn, core.append(SQLiteSql(), [item]))
+    _run_on(conn, core.set_state(SQLiteSql(), "t", "running", None, producer))
     conn.set_progress_handler(None, 1)
     return steps
 
@@ -218,8 +219,8 @@ def test_registering_a_producer_costs_the_same_however_many_the_task_has(tmp_pat
     few = _steps_to_register(conn, "at-50")
     for n in range(5000):
         item = Incoming("t", 1, "2026-01-02T03:04:05.000000Z", "stdout", "INFO", "x", producer=f"p{n}")
-        _run_on(conn, core.append(Dialect(), [item]))
-        _run_on(conn, core.set_state(Dialect(), "t", "running", None, f"p{n}"))
+        _run_on(conn, core.append(SQLiteSql(), [item]))
+        _run_on(conn, core.set_state(SQLiteSql(), "t", "running", None, f"p{n}"))
     many = _steps_to_register(conn, "at-5050")
     # A scan of the task's producers would cost thousands of steps more.
     assert many < few * 1.5 + 200, (few, many)
@@ -237,18 +238,18 @@ async def test_delete_and_retention_keep_identity_in_bounded_space(sqlite_hub_fa
         for batch in range(20):
             body = [{"message": f"m{batch}", "producer": f"p{batch % 4}", "seq": batch // 4 + 1}]
             assert (await client.post(logs_path("t"), json=body)).status_code == 200
-        ranges_before = _rows(db, "producer_ranges")
-        assert ranges_before > 0 and _rows(db, "producers") == 4
+        ranges_before = _rows(db, "keruta_producer_ranges")
+        assert ranges_before > 0 and _rows(db, "keruta_producers") == 4
         assert (await client.delete(logs_path("t"))).json() == {"deletedCount": 20}
         # The ranges went with the rows; the high marks stay, so a resend is a duplicate.
-        assert _rows(db, "producer_ranges") == 0 and _rows(db, "producers") == 4
+        assert _rows(db, "keruta_producer_ranges") == 0 and _rows(db, "keruta_producers") == 4
         resp = await client.post(logs_path("t"), json=[{"message": "m0", "producer": "p0", "seq": 1}])
         assert resp.json() == {"ids": [None], "seqs": [None]}
         assert await fetch_all(client, "t") == []
     await hub.astop()
     # A retention pass forgets producers that wrote nothing within its horizon.
     with sqlite3.connect(db) as conn:
-        conn.execute("UPDATE producers SET last_write = '2000-01-01T00:00:00.000000Z' WHERE producer != 'p3'")
+        conn.execute("UPDATE keruta_producers SET last_write = '2000-01-01T00:00:00.000000Z' WHERE producer != 'p3'")
     from hub.store.sqlite import SQLiteStore
 
     store = SQLiteStore(db)
@@ -257,7 +258,7 @@ async def test_delete_and_retention_keep_identity_in_bounded_space(sqlite_hub_fa
         await store.delete_older_than("2001-01-01T00:00:00.000000Z")
     finally:
         await store.close()
-    assert _rows(db, "producers") == 1
+    assert _rows(db, "keruta_producers") == 1
 
 
 async def test_retention_forgets_idle_producers_but_not_a_run_still_under_way(store) -> None:

@@ -640,7 +640,7 @@ async def test_item18d_shutdown_sends_the_last_ack_and_closes_1001_while_a_subsc
 
 def _rename_logs_table(db_url: str, away: bool) -> None:
     """A fault the store cannot wait out (the table is gone): the commit fails for good."""
-    table = "logs" if db_url.startswith("sqlite:///") else "keruta_logs"
+    table = "keruta_chunks"
     old, new = (table, f"{table}_away") if away else (f"{table}_away", table)
     statement = f"ALTER TABLE {old} RENAME TO {new}"
     if db_url.startswith("sqlite:///"):

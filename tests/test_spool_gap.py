@@ -201,11 +201,10 @@ async def test_a_database_from_before_kind_is_migrated(tmp_path: Path) -> None:
 
 
 @pytest.mark.pg
-@pytest.mark.parametrize("method", ["copy", "unnest"])
-async def test_postgres_stores_kind_by_either_insert(pg_url: str, method: str) -> None:
+async def test_postgres_stores_kind(pg_url: str) -> None:
     from hub.store.postgres import PostgresStore
 
-    store = PostgresStore(pg_url, insert_method=method)
+    store = PostgresStore(pg_url)
     await store.open()
     try:
         await store.append([

@@ -148,11 +148,8 @@ def blueprint(
         check_task_id(task_id)
 
         async def lines() -> AsyncIterator[bytes]:
-            async for chunk in store.iter_task(task_id):
-                parts = []
-                for r in chunk:
-                    parts.append(r.message if r.partial else r.message + "\n")
-                yield "".join(parts).encode("utf-8", "surrogatepass")
+            async for text in store.iter_raw(task_id):
+                yield text.encode("utf-8", "surrogatepass")
 
         return Response(lines(), content_type="text/plain; charset=utf-8")
 

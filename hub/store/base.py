@@ -219,6 +219,11 @@ class Store(Protocol):
         """The whole log of a task in seq order, chunk by chunk (for raw download)."""
         ...
 
+    def iter_raw(self, task_id: str) -> AsyncIterator[str]:
+        """The whole log of a task as text, each line's message and its newline
+        (none after a partial line), a few chunks at a time."""
+        ...
+
     async def stats(self, task_id: str) -> LogStats: ...
 
     async def delete(self, task_id: str, before: str | None) -> int:

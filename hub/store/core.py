@@ -1,26 +1,26 @@
 """The store algorithms, written once for SQLite and PostgreSQL.
 
 Each is a generator of `Op`s (hub/store/steps.py) that a driver runs inside
-the transaction the store chose; the rules they apply are in
-hub/store/rules.py. Nothing here does I/O.
+the transaction the store chose; the statements are the dialect's
+(hub/store/sqlite_sql.py, hub/store/pg_sql.py), the rules hub/store/rules.py's,
+the chunk format hub/store/chunk.py's. Nothing here does I/O.
+
+A task's records are stored in chunks (hub/store/chunk.py): a reader asks for
+the chunks by seq and time range, skips those whose per (source, level) tally
+says nothing matches, and opens only the rest.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
+
+from hub.store import chunk
 from hub.store.base import AppendResult, Incoming, LogQuery, LogStats, Page
-from hub.store.rows import (
-    LOG_SELECT,
-    SEQ_MAX,
-    TASK_SELECT,
-    chunks,
-    record_from_row,
-    stats_from_rows,
-    task_from_row,
-)
+from hub.store.rows import SEQ_MAX, stats_from_rows, task_from_row
 from hub.store.rules import (
     ProducerProgress,
     TaskProgress,
@@ -30,13 +30,18 @@ from hub.store.rules import (
     resolve,
     tally,
 )
-from hub.store.steps import Dialect, Steps
+from hub.store.steps import TS_HIGH, TS_LOW, Dialect, Steps
 from keruta.records import LogRecord, TaskInfo
 from keruta.timefmt import now_ts
 
 # A notice with this seq means "the task's state changed", not a watermark.
 STATUS_NOTICE = -1
-_TASK_STATE = "SELECT state, exit_code, run_no FROM {tasks} WHERE task_id = ?{lock}"
+# Chunks read per statement: heads (no body) when tallies may let a reader
+# skip them, whole chunks when every one must be opened.
+_HEADS_PER_READ = 1000
+_CHUNKS_PER_READ = 16
+# Wanted seqs closer than this are read with one statement.
+_LOOKUP_SPAN = 4 * chunk.CHUNK_RECORDS
 
 
 # -- appending -----------------------------------------------------------------
@@ -48,39 +53,32 @@ def append(d: Dialect, items: Sequence[Incoming]) -> Steps[AppendResult]:
     The task rows are read under the dialect's lock (SQLite: the writer's
     BEGIN IMMEDIATE; PostgreSQL: FOR UPDATE in task_id order), so nobody else
     appends to these tasks meanwhile: the task seqs given here are the next
-    ones, and what is not stored now is new.
+    ones, and what is not stored now is new. The new records of each task go
+    in as chunks of consecutive seqs.
     """
     task_ids = sorted(dict.fromkeys(i.task_id for i in items))
     now = now_ts()
     progress = yield from _lock_tasks(d, task_ids, now)
     producers: dict[tuple[str, str], ProducerProgress] = {}
     for key in dict.fromkeys((i.task_id, i.producer) for i in items):
-        row = yield d.row("SELECT high FROM {producers} WHERE task_id = ? AND producer = ?", *key)
+        row = yield d.row(d.PRODUCER_HIGH, *key)
         producers[key] = ProducerProgress(high=0 if row is None else row[0])
     plan = plan_batch(items, progress, producers)
     ranges: dict[tuple[str, str], list[Sequence[int]]] = {}
     for key, (low, high) in plan.producer_lookups.items():
-        ranges[key] = yield d.fetch(
-            """
-            SELECT pseq_first, pseq_last, seq_first FROM {ranges}
-            WHERE task_id = ? AND producer = ? AND pseq_first <= ? AND pseq_last >= ?
-            """,
-            *key,
-            high,
-            low,
-        )
+        ranges[key] = yield d.fetch(d.PRODUCER_RANGES, *key, high, low)
     stored: dict[tuple[str, int], LogRecord] = {}
     for task_id, seqs in plan.seqs_to_read(ranges, producers).items():
-        for chunk in chunks(seqs, d.in_chunk):
-            where, args = d.in_list("seq", chunk, "bigint")
-            rows = yield d.fetch(f"SELECT {LOG_SELECT} FROM {{logs}} WHERE task_id = ? AND {where}", task_id, *args)
-            for row in rows:
-                record = record_from_row(row)
-                stored[(task_id, record.seq)] = record
+        for record in (yield from _records_at(d, task_id, seqs)):
+            stored[(task_id, record.seq)] = record
     resolve(plan, producers, ranges, stored)
     fresh = plan.inserted()
-    inserted = (yield from d.insert(fresh)) if fresh else []
-    tally(inserted, progress)
+    if fresh:
+        by_task: dict[str, list[LogRecord]] = {}
+        for r in fresh:
+            by_task.setdefault(r.task_id, []).append(r)
+        yield d.insert_chunks([chunk.encode(part) for records in by_task.values() for part in chunk.split(records)])
+    tally(fresh, progress)
 
     durable: dict[str, int] = {}
     for task_id, task in progress.items():
@@ -90,17 +88,13 @@ def append(d: Dialect, items: Sequence[Incoming]) -> Steps[AppendResult]:
         if task.count:
             yield from d.save_task(task_id, task, now, task.durable_seq > before)
     yield from _save_producers(d, producers, now)
-    return plan.result(inserted, durable, producers)
+    return plan.result(fresh, durable, producers)
 
 
 def _lock_tasks(d: Dialect, task_ids: list[str], now: str) -> Steps[dict[str, TaskProgress]]:
     rows: list[Any] = []
-    for chunk in chunks(task_ids, d.in_chunk):
-        where, args = d.in_list("task_id", chunk, "text")
-        rows += yield d.fetch(
-            f"SELECT task_id, max_seq, durable_seq FROM {{tasks}} WHERE {where} ORDER BY task_id{{lock}}",
-            *args,
-        )
+    for start in range(0, len(task_ids), d.in_chunk):
+        rows += yield d.lock_tasks(task_ids[start : start + d.in_chunk])
     create = d.create_tasks(task_ids, now) if len(rows) < len(task_ids) else None
     if create is not None:
         # Created rows are locked by this transaction; take them all again in order.
@@ -111,26 +105,29 @@ def _lock_tasks(d: Dialect, task_ids: list[str], now: str) -> Steps[dict[str, Ta
     return progress
 
 
+def _records_at(d: Dialect, task_id: str, seqs: list[int]) -> Steps[list[LogRecord]]:
+    """The stored records with these seqs (sorted), from the chunks holding them."""
+    found: list[LogRecord] = []
+    wanted = set(seqs)
+    i = 0
+    while i < len(seqs):
+        low = high = seqs[i]
+        while i < len(seqs) and seqs[i] - low <= _LOOKUP_SPAN:
+            high = seqs[i]
+            i += 1
+        for row in (yield d.fetch(d.CHUNKS_COVERING, task_id, low, high)):
+            found += [r for r in d.cache.records(task_id, row) if r.seq in wanted]
+    return found
+
+
 def _save_producers(d: Dialect, producers: dict[tuple[str, str], ProducerProgress], now: str) -> Steps[None]:
     """A producer's high mark and its new ranges: one row each, found by key,
     whatever the number of the task's producers."""
     for (task_id, producer), run in producers.items():
         if not run.new_ranges:
             continue
-        yield d.exec(
-            """
-            INSERT INTO {producers} (task_id, producer, run_no, high, last_write) VALUES (?, ?, 0, ?, ?)
-            ON CONFLICT (task_id, producer) DO UPDATE SET high = excluded.high, last_write = excluded.last_write
-            """,
-            task_id,
-            producer,
-            run.high,
-            now,
-        )
-        yield d.many(
-            "INSERT INTO {ranges} (task_id, producer, pseq_first, pseq_last, seq_first) VALUES (?, ?, ?, ?, ?)",
-            [(task_id, producer, *r) for r in run.new_ranges],
-        )
+        yield d.exec(d.SAVE_PRODUCER, task_id, producer, run.high, now)
+        yield d.many(d.INSERT_RANGES, [(task_id, producer, *r) for r in run.new_ranges])
 
 
 # -- states ----------------------------------------------------------------------
@@ -140,54 +137,23 @@ def set_state(d: Dialect, task_id: str, state: str, exit_code: int | None, produ
     """Record a task's (or run's) state; run inside a write transaction."""
     # A new task starts in the state given; its row's lock then orders this
     # against appends and other hubs.
-    yield d.exec(
-        """
-        INSERT INTO {tasks} (task_id, state, exit_code, updated_at) VALUES (?, ?, ?, ?)
-        ON CONFLICT (task_id) DO NOTHING
-        """,
-        task_id,
-        state,
-        exit_code,
-        now_ts(),
-    )
-    task = yield d.row(_TASK_STATE, task_id)
+    yield d.exec(d.ENSURE_TASK, task_id, state, exit_code, now_ts())
+    task = yield d.row(d.TASK_STATE, task_id)
     run = None
     if producer is not None:
-        run = yield d.row(
-            "SELECT state, exit_code, run_no FROM {producers} WHERE task_id = ? AND producer = ?", task_id, producer
-        )
+        run = yield d.row(d.RUN_STATE, task_id, producer)
         if run is None or run[2] == 0:
             # A run is numbered at its first status, from the task's own
             # counter: one row read, however many producers the task has had.
-            numbered = yield d.row("UPDATE {tasks} SET runs = runs + 1 WHERE task_id = ? RETURNING runs", task_id)
-            yield d.exec(
-                """
-                INSERT INTO {producers} (task_id, producer, run_no, last_write) VALUES (?, ?, ?, ?)
-                ON CONFLICT (task_id, producer) DO UPDATE SET run_no = excluded.run_no
-                """,
-                task_id,
-                producer,
-                numbered[0],
-                now_ts(),
-            )
+            numbered = yield d.row(d.NUMBER_RUN, task_id)
+            yield d.exec(d.NEW_RUN, task_id, producer, numbered[0], now_ts())
             run = (None, None, numbered[0]) if run is None else (run[0], run[1], numbered[0])
     decision = decide_state(task, run, state, exit_code)
     if decision.run is not None:
-        yield d.exec(
-            "UPDATE {producers} SET state = ?, exit_code = ? WHERE task_id = ? AND producer = ?",
-            *decision.run,
-            task_id,
-            producer,
-        )
+        yield d.exec(d.SET_RUN_STATE, *decision.run, task_id, producer)
     if decision.task is not None:
-        yield d.exec(
-            "UPDATE {tasks} SET state = ?, exit_code = ?, updated_at = ?, run_no = ? WHERE task_id = ?",
-            *decision.task,
-            now_ts(),
-            run[2] if run else task[2],
-            task_id,
-        )
-    row = yield d.row(f"SELECT {TASK_SELECT} FROM {{tasks}} WHERE task_id = ?", task_id)
+        yield d.exec(d.SET_TASK_STATE, *decision.task, now_ts(), run[2] if run else task[2], task_id)
+    row = yield d.row(d.TASK, task_id)
     notice = d.notice(task_id, STATUS_NOTICE)
     if notice is not None:
         # Other hubs' subscribers learn the new state; seq STATUS_NOTICE says "read it".
@@ -196,7 +162,7 @@ def set_state(d: Dialect, task_id: str, state: str, exit_code: int | None, produ
 
 
 def run_state(d: Dialect, task_id: str, producer: str) -> Steps[tuple[str, int | None] | None]:
-    row = yield d.row("SELECT state, exit_code FROM {producers} WHERE task_id = ? AND producer = ?", task_id, producer)
+    row = yield d.row(d.RUN_STATE, task_id, producer)
     return None if row is None or row[0] is None else (row[0], row[1])
 
 
@@ -204,110 +170,169 @@ def run_state(d: Dialect, task_id: str, producer: str) -> Steps[tuple[str, int |
 
 
 def task(d: Dialect, task_id: str) -> Steps[TaskInfo | None]:
-    row = yield d.row(f"SELECT {TASK_SELECT} FROM {{tasks}} WHERE task_id = ?", task_id)
+    row = yield d.row(d.TASK, task_id)
     return task_from_row(row) if row else None
 
 
 def tasks(d: Dialect) -> Steps[list[TaskInfo]]:
-    rows = yield d.fetch(f"SELECT {TASK_SELECT} FROM {{tasks}} ORDER BY task_id")
+    rows = yield d.fetch(d.TASKS)
     return [task_from_row(r) for r in rows]
 
 
 def durable_seq(d: Dialect, task_id: str) -> Steps[int]:
-    row = yield d.row("SELECT durable_seq FROM {tasks} WHERE task_id = ?", task_id)
+    row = yield d.row(d.DURABLE_SEQ, task_id)
     return row[0] if row else 0
 
 
-def where(d: Dialect, query: LogQuery) -> tuple[str, list[Any]]:
-    """The filters of a query as SQL (`?` parameters) and its arguments."""
-    filters = (
-        ("source = ?", query.source),
-        ("level = ?", query.level),
-        ("ts >= ?", query.start),
-        ("ts <= ?", query.end),
-        # A function, not LIKE: LIKE treats % and _ as wildcards (and is
-        # case-insensitive in SQLite).
-        ("{contains}(message, ?) > 0", d.text(query.q) if query.q else None),
-        ("seq > ?", query.after_seq),
+def _tally_count(tally_json: str, n: int, source: str | None, level: str | None) -> int:
+    if source is None and level is None:
+        return n
+    return sum(
+        k for s, lv, k in orjson.loads(tally_json) if (source is None or s == source) and (level is None or lv == level)
     )
-    clauses = ["task_id = ?"] + [sql for sql, value in filters if value is not None]
-    return " AND ".join(clauses), [query.task_id] + [v for _, v in filters if v is not None]
 
 
 def query(d: Dialect, query: LogQuery) -> Steps[Page]:
     """A page and its total; run inside one read snapshot."""
-    filters, params = where(d, query)
-    rows = yield d.fetch(
-        f"SELECT {LOG_SELECT} FROM {{logs}} WHERE {filters} ORDER BY seq LIMIT ? OFFSET ?",
-        *params,
-        query.size,
-        query.page * query.size,
+    filtered = any(
+        v is not None for v in (query.source, query.level, query.start, query.end, query.q, query.after_seq)
     )
-    if len(params) == 1:
-        row = yield d.row("SELECT total_logs FROM {tasks} WHERE task_id = ?", query.task_id)
-    elif len(rows) < query.size and (rows or query.page == 0):
-        row = (query.page * query.size + len(rows),)
-    elif len(params) == 2 and query.after_seq is not None:
-        row = yield from _count_after(d, query.task_id, query.after_seq, filters, params)
-    elif (counted := counted_filters(query)) is not None:
-        # Kept in the same transactions as the rows: exact, without a scan.
-        sql = "SELECT CAST(coalesce(sum(n), 0) AS BIGINT) FROM {counts} WHERE task_id = ?"
-        sql += "".join(f" AND {column} = ?" for column, _ in counted)
-        row = yield d.row(sql, query.task_id, *(v for _, v in counted))
+    only_after = query.after_seq is not None and all(
+        v is None for v in (query.source, query.level, query.start, query.end, query.q)
+    )
+    counted = counted_filters(query)
+    # The total from a row when one holds it; else counted while paging.
+    count_all = filtered and counted is None and not only_after
+    content, matched = yield from _scan(d, query, count_all)
+    if not filtered:
+        row = yield d.row(d.TOTAL_LOGS, query.task_id)
+        total = row[0] if row else 0
+    elif count_all:
+        total = matched
+    elif len(content) < query.size and (content or query.page == 0):
+        total = query.page * query.size + len(content)
+    elif only_after:
+        assert query.after_seq is not None
+        total = yield from _count_after(d, query.task_id, query.after_seq)
     else:
-        row = yield d.row(f"SELECT count(*) FROM {{logs}} WHERE {filters}", *params)
-    return Page(
-        content=[record_from_row(r) for r in rows],
-        total_elements=(row[0] if row else 0) or 0,
-        number=query.page,
-        size=query.size,
+        row = yield d.row(d.COUNTED, query.task_id, query.source, query.level)
+        total = row[0] if row else 0
+    return Page(content=content, total_elements=total or 0, number=query.page, size=query.size)
+
+
+def _scan(d: Dialect, query: LogQuery, count_all: bool) -> Steps[tuple[list[LogRecord], int]]:
+    """The records of the page, in seq order, and how many records matched
+    the filters: all of them when `count_all`, else those seen until the page
+    was full."""
+    skip = query.page * query.size
+    content: list[LogRecord] = []
+    matched = 0
+    after = query.after_seq or 0
+    cursor = after
+    # Without a time or text filter, a chunk's tally says how many records it
+    # holds of a source and level: whole chunks are skipped unopened.
+    by_heads = query.q is None and query.start is None and query.end is None
+    needle = orjson.dumps(query.q)[1:-1] if query.q else None
+    low, high = query.start or TS_LOW, query.end or TS_HIGH
+    while True:
+        if by_heads:
+            rows = yield d.fetch(d.CHUNK_HEADS_AFTER, query.task_id, cursor, low, high, _HEADS_PER_READ)
+        else:
+            rows = yield d.fetch(d.CHUNKS_AFTER, query.task_id, cursor, low, high, _CHUNKS_PER_READ)
+        if not rows:
+            return content, matched
+        for row in rows:
+            full = len(content) >= query.size
+            if full and not count_all:
+                return content, matched
+            seq_first, seq_last, n, _, _, tally_json = row[:6]
+            if by_heads and seq_first > after:
+                m = _tally_count(tally_json, n, query.source, query.level)
+                if full or skip >= m:
+                    matched += m
+                    skip -= 0 if full else m
+                    continue
+            if by_heads:
+                row = yield d.row(d.CHUNKS_BETWEEN, query.task_id, seq_first - 1, seq_last, 1)
+            elif needle is not None and needle not in chunk.body_json(row[6]):
+                continue
+            hits = [r for r in d.cache.records(query.task_id, row) if _matches(r, query, after)]
+            matched += len(hits)
+            if full:
+                continue
+            if skip >= len(hits):
+                skip -= len(hits)
+                continue
+            content += hits[skip : skip + query.size - len(content)]
+            skip = 0
+        if len(rows) < (_HEADS_PER_READ if by_heads else _CHUNKS_PER_READ):
+            return content, matched
+        if len(content) >= query.size and not count_all:
+            return content, matched
+        cursor = rows[-1][1]
+
+
+def _matches(r: LogRecord, query: LogQuery, after: int) -> bool:
+    return (
+        r.seq > after
+        and (query.source is None or r.source == query.source)
+        and (query.level is None or r.level == query.level)
+        and (query.start is None or r.timestamp >= query.start)
+        and (query.end is None or r.timestamp <= query.end)
+        and (query.q is None or query.q in r.message)
     )
 
 
-def _count_after(d: Dialect, task_id: str, after_seq: int, filters: str, params: list[Any]) -> Steps[tuple[int]]:
+def _count_after(d: Dialect, task_id: str, after_seq: int) -> Steps[int]:
     """How many records come after `after_seq`: arithmetic when the task's
-    seqs are one unbroken run (the usual case: no client-chosen seqs left
-    holes, no delete cut one), else a count."""
-    row = yield d.row(
-        "SELECT total_logs, (SELECT min(seq) FROM {logs} WHERE task_id = ?),"
-        " (SELECT max(seq) FROM {logs} WHERE task_id = ?) FROM {tasks} WHERE task_id = ?",
-        task_id,
-        task_id,
-        task_id,
-    )
+    seqs are one unbroken run (no delete cut one), else counted from the
+    chunks' heads."""
+    row = yield d.row(d.SEQ_BOUNDS, task_id)
     if row is None or row[1] is None:
-        return (0,)
+        return 0
     total, low, high = row
     if total == high - low + 1:
-        return (max(0, high - max(after_seq, low - 1)),)
-    counted = yield d.row(f"SELECT count(*) FROM {{logs}} WHERE {filters}", *params)
-    return (counted[0] if counted else 0,)
+        return max(0, high - max(after_seq, low - 1))
+    _, matched = yield from _scan(d, LogQuery(task_id, after_seq=after_seq, size=0), True)
+    return matched
 
 
 def read_range(
     d: Dialect, task_id: str, after_seq: int, through_seq: int, limit: int, source: str | None, level: str | None
 ) -> Steps[list[LogRecord]]:
-    sql = f"SELECT {LOG_SELECT} FROM {{logs}} WHERE task_id = ? AND seq > ? AND seq <= ?"
-    params: list[Any] = [task_id, after_seq, through_seq]
-    if source is not None:
-        sql += " AND source = ?"
-        params.append(source)
-    if level is not None:
-        sql += " AND level = ?"
-        params.append(level)
-    rows = yield d.fetch(sql + " ORDER BY seq LIMIT ?", *params, limit)
-    return [record_from_row(r) for r in rows]
+    content: list[LogRecord] = []
+    cursor = after_seq
+    while len(content) < limit:
+        # Enough chunks for what is still wanted when every record matches.
+        per_read = min(_CHUNKS_PER_READ, (limit - len(content)) // chunk.CHUNK_RECORDS + 2)
+        rows = yield d.fetch(d.CHUNKS_BETWEEN, task_id, cursor, through_seq, per_read)
+        for row in rows:
+            if _tally_count(row[5], row[2], source, level) == 0:
+                continue
+            content += [
+                r
+                for r in d.cache.records(task_id, row)
+                if after_seq < r.seq <= through_seq
+                and (source is None or r.source == source)
+                and (level is None or r.level == level)
+            ]
+            if len(content) >= limit:
+                return content[:limit]
+        if len(rows) < per_read:
+            return content
+        cursor = rows[-1][1]
+    return content[:limit]
+
+
+def raw_after(d: Dialect, task_id: str, after_seq: int) -> Steps[tuple[str, int]]:
+    """The raw text of the next few chunks after `after_seq`, and the last
+    seq they hold (`after_seq`: none left)."""
+    rows = yield d.fetch(d.CHUNKS_BETWEEN, task_id, after_seq, SEQ_MAX, _CHUNKS_PER_READ)
+    return "".join(chunk.raw_text(row[6]) for row in rows), (rows[-1][1] if rows else after_seq)
 
 
 def stats(d: Dialect, task_id: str) -> Steps[LogStats]:
-    rows = yield d.fetch(
-        """
-        SELECT t.total_logs, t.first_ts, t.last_ts, t.updated_at, c.source, c.level, c.n
-        FROM {tasks} t LEFT JOIN {counts} c ON c.task_id = t.task_id
-        WHERE t.task_id = ?
-        """,
-        task_id,
-    )
+    rows = yield d.fetch(d.STATS, task_id)
     task_row = rows[0][:4] if rows else None
     counts = [(r[4], r[5], r[6]) for r in rows if r[4] is not None]
     return stats_from_rows(task_id, task_row, counts)
@@ -317,76 +342,56 @@ def stats(d: Dialect, task_id: str) -> Steps[LogStats]:
 
 
 def delete_chunk(d: Dialect, task_id: str, before: str | None) -> Steps[tuple[int, bool]]:
-    """Delete up to one chunk of a task's records under its row lock; return
-    (deleted, more may remain). Run inside a write transaction."""
-    locked = yield d.row("SELECT 1 FROM {tasks} WHERE task_id = ?{lock}", task_id)
+    """Delete a task's records older than `before` (all when None) from up to
+    `d.delete_chunks` chunks, under its row lock; return (deleted, more may
+    remain). Run inside a write transaction.
+
+    A chunk wholly older goes; one that holds records on both sides of
+    `before` is rewritten with the newer ones (its seqs then skip).
+    """
+    locked = yield d.row(d.LOCK_TASK, task_id)
     if not locked:
         return 0, False
-    older = "" if before is None else " AND ts < ?"
-    delete = f"DELETE FROM {{logs}} WHERE task_id = ? AND seq IN (SELECT seq FROM {{logs}} WHERE task_id = ?{older} LIMIT ?)"
-    args = [task_id, task_id] + ([] if before is None else [before]) + [d.delete_chunk]
-    rows = yield d.fetch(d.delete_returning.replace("{delete}", delete), *args)
-    counts: dict[tuple[str, str], int] = defaultdict(int)
-    for source, level, n in rows:
-        counts[(source, level)] += n
-    deleted = sum(counts.values())
-    if not deleted:
+    rows = yield d.fetch(d.CHUNKS_BEFORE, task_id, before or TS_HIGH, d.delete_chunks)
+    if not rows:
         return 0, False
-    yield d.many(
-        "UPDATE {counts} SET n = n - ? WHERE task_id = ? AND source = ? AND level = ?",
-        [(n, task_id, s, lv) for (s, lv), n in counts.items()],
-    )
-    yield d.exec("DELETE FROM {counts} WHERE task_id = ? AND n <= 0", task_id)
+    gone: Counter[tuple[str, str]] = Counter()
+    for seq_first, seq_last, _, _, ts_last, tally_json, body in rows:
+        if before is None or ts_last < before:
+            yield d.exec(d.DELETE_CHUNK, task_id, seq_last)
+            for s, lv, k in orjson.loads(tally_json):
+                gone[(s, lv)] += k
+            continue
+        records = chunk.decode(task_id, seq_first, body)
+        kept = [r for r in records if r.timestamp >= before]
+        gone.update((r.source, r.level) for r in records if r.timestamp < before)
+        if kept:
+            yield d.exec(d.REPLACE_CHUNK, *chunk.encode(kept).values(), seq_last)
+        else:
+            yield d.exec(d.DELETE_CHUNK, task_id, seq_last)
+    deleted = sum(gone.values())
+    yield d.many(d.SUBTRACT_COUNTS, [(k, task_id, s, lv) for (s, lv), k in gone.items()])
+    yield d.exec(d.DROP_EMPTY_COUNTS, task_id)
     # What identity keeps stays bounded by what is stored: a producer's ranges
-    # map its seqs to rows, so those wholly below the task's lowest row go
-    # (its high mark stays: a resent record is still a duplicate).
-    yield d.exec(
-        """
-        DELETE FROM {ranges} WHERE task_id = ?
-        AND seq_first + (pseq_last - pseq_first) < coalesce((SELECT min(seq) FROM {logs} WHERE task_id = ?), ?)
-        """,
-        task_id,
-        task_id,
-        SEQ_MAX,
-    )
+    # map its seqs to stored records, so those wholly below the task's lowest
+    # go (its high mark stays: a resent record is still a duplicate).
+    yield d.exec(d.PRUNE_RANGES, task_id)
     # durable_seq and max_seq stay: the watermark never goes backwards.
-    yield d.exec(
-        """
-        UPDATE {tasks} SET
-            total_logs = {greatest}(total_logs - ?, 0),
-            first_ts = (SELECT min(ts) FROM {logs} WHERE task_id = ?),
-            last_ts = (SELECT max(ts) FROM {logs} WHERE task_id = ?),
-            updated_at = ?
-        WHERE task_id = ?
-        """,
-        deleted,
-        task_id,
-        task_id,
-        now_ts(),
-        task_id,
-    )
-    return deleted, deleted == d.delete_chunk
-
-
-# Producers retention may forget: idle past the horizon and not a run still
-# under way (a quiet agent that is still running resends above its mark, which
-# a forgotten mark would answer with SEQ_GAP from 1: records its spool no
-# longer holds).
-_PRUNABLE = "last_write < ? AND coalesce(state, 'succeeded') NOT IN ('pending', 'running')"
+    yield d.exec(d.AFTER_DELETE, deleted, now_ts(), task_id)
+    return deleted, len(rows) == d.delete_chunks
 
 
 def prune_producers(d: Dialect, before: str) -> Steps[int]:
-    """Retention: forget producers that wrote nothing since `before`, and
-    their ranges (docs/identity.md: the identity horizon). Returns how many."""
-    yield d.exec(
-        f"DELETE FROM {{ranges}} WHERE (task_id, producer) IN (SELECT task_id, producer FROM {{producers}} WHERE {_PRUNABLE})",
-        before,
-    )
-    rows = yield d.fetch(f"DELETE FROM {{producers}} WHERE {_PRUNABLE} RETURNING 1", before)
+    """Retention: forget producers that wrote nothing since `before` and are
+    not a run still under way, with their ranges (docs/identity.md: the
+    identity horizon; a quiet agent still running resends above its mark,
+    which a forgotten mark would answer with SEQ_GAP from 1). Returns how many."""
+    yield d.exec(d.PRUNE_IDLE_RANGES, before)
+    rows = yield d.fetch(d.PRUNE_IDLE_PRODUCERS, before)
     return len(rows)
 
 
 def old_tasks(d: Dialect, before: str) -> Steps[list[str]]:
     """Tasks with records older than `before` (for retention)."""
-    rows = yield d.fetch("SELECT task_id FROM {tasks} WHERE first_ts < ? ORDER BY task_id", before)
+    rows = yield d.fetch(d.OLD_TASKS, before)
     return [r[0] for r in rows]

@@ -10,11 +10,11 @@ from typing import Any
 
 import asyncpg
 
-SCHEMA_VERSION = 3
+from hub.store.to_chunks import OLD_COLUMNS, chunks_from_rows
+
+SCHEMA_VERSION = 4
 # pg_advisory_xact_lock key for schema changes ("keruta" in ASCII).
 _SCHEMA_LOCK = 0x6B6572757461
-# Per connection, for inserting with COPY (hub/store/pg_dialect.py).
-STAGE_TABLE = "keruta_logs_stage"
 
 _SCHEMA_V1 = (
     """
@@ -104,7 +104,52 @@ _SCHEMA_V3 = (
     "CREATE INDEX IF NOT EXISTS keruta_producers_last_write ON keruta_producers (last_write)",
     "ALTER TABLE keruta_logs ADD COLUMN IF NOT EXISTS kind text",
 )
-_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
+
+
+async def _logs_to_chunks(conn: Any) -> None:
+    after: tuple[str, int] = ("", 0)
+    while True:
+        rows = await conn.fetch(
+            f"SELECT {OLD_COLUMNS} FROM keruta_logs WHERE (task_id, seq) > ($1, $2) ORDER BY task_id, seq LIMIT 20000",
+            *after,
+        )
+        if not rows:
+            return
+        # Whole tasks per round where it can, so no chunk is cut at its end.
+        if len(rows) == 20000 and rows[0][0] != rows[-1][0]:
+            last_task = rows[-1][0]
+            rows = [r for r in rows if r[0] != last_task]
+        chunks = [c.values() for c in chunks_from_rows(rows)]
+        await conn.executemany(
+            "INSERT INTO keruta_chunks (task_id, seq_first, seq_last, n, ts_first, ts_last, tally, body)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            chunks,
+        )
+        after = (rows[-1][0], rows[-1][1])
+
+
+# Chunked storage (hub/store/chunk.py): a task's records in chunks of up to
+# 500, one row each, instead of a row per line with three indexes.
+_SCHEMA_V4: tuple[Any, ...] = (
+    """
+    CREATE TABLE keruta_chunks (
+        task_id text COLLATE "C" NOT NULL,
+        seq_first bigint NOT NULL,
+        seq_last bigint NOT NULL,
+        n integer NOT NULL,
+        ts_first text COLLATE "C" NOT NULL,
+        ts_last text COLLATE "C" NOT NULL,
+        tally text NOT NULL,
+        body bytea NOT NULL,
+        PRIMARY KEY (task_id, seq_last)
+    )
+    """,
+    # The body is compressed already: no second try at compressing it.
+    "ALTER TABLE keruta_chunks ALTER COLUMN body SET STORAGE EXTERNAL",
+    _logs_to_chunks,
+    "DROP TABLE keruta_logs",
+)
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4}
 
 
 async def migrate(conn: Any) -> None:
@@ -119,22 +164,13 @@ async def migrate(conn: Any) -> None:
             )
         for step in range(version + 1, SCHEMA_VERSION + 1):
             for statement in _MIGRATIONS[step]:
-                await conn.execute(statement)
+                if callable(statement):
+                    await statement(conn)
+                else:
+                    await conn.execute(statement)
         if version < SCHEMA_VERSION:
             await conn.execute("DELETE FROM keruta_schema")
             await conn.execute("INSERT INTO keruta_schema (version) VALUES ($1)", SCHEMA_VERSION)
-
-
-async def init_connection(conn: asyncpg.Connection) -> None:
-    """Per new pooled connection (asyncio side): the staging table for COPY."""
-    await conn.execute(
-        f"""
-        CREATE TEMPORARY TABLE IF NOT EXISTS {STAGE_TABLE} (
-            task_id text, seq bigint, id text, ts text, source text, level text,
-            message text, line_number bigint, metadata text, partial boolean, kind text
-        ) ON COMMIT DELETE ROWS
-        """
-    )
 
 
 async def keep_session(conn: asyncpg.Connection) -> None:

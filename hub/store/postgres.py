@@ -9,7 +9,7 @@ Several hubs may share one database. Everything an append decides per task
 lock (`SELECT ... FOR UPDATE`, rows taken in task_id order), so two hubs never
 hand out one seq twice and the watermark only moves forward.
 
-The algorithms are hub/store/core.py's; the SQL is hub/store/pg_dialect.py's;
+The algorithms are hub/store/core.py's; the SQL is hub/store/pg_sql.py's;
 the schema hub/store/pg_schema.py's; notices hub/store/pg_notices.py's; which
 errors are an outage hub/store/pg_errors.py's; how a connection is ended
 within a deadline hub/store/pg_link.py's. Here: the pool, the transactions,
@@ -33,14 +33,13 @@ from typing import Any, TypeVar
 import trio
 import triopg
 
-from hub.store.pg_dialect import PostgresDialect
 from hub.store.pg_errors import unavailable_as_store_error
 from hub.store.pg_link import close_pool_within, drop_idle
 from hub.store.pg_notices import NOTIFY_CHANNEL, STATUS_NOTICE, DurableNotices, listen, parse_notice
-from hub.store.pg_schema import SCHEMA_VERSION, init_connection, keep_session, migrate
-from hub.store.rows import LOG_COLUMNS
+from hub.store.pg_schema import SCHEMA_VERSION, keep_session, migrate
+from hub.store.pg_sql import PostgresSql
 from hub.store.sqlstore import SqlStore
-from hub.store.steps import COPY, EXEC, FETCH, MANY, ROW, Op, Steps, drive
+from hub.store.steps import EXEC, FETCH, MANY, ROW, Op, Steps, drive
 
 T = TypeVar("T")
 
@@ -57,19 +56,8 @@ __all__ = [
 
 
 class PostgresStore(SqlStore):
-    """`Store` on PostgreSQL (see the module docstring).
+    """`Store` on PostgreSQL (see the module docstring)."""
 
-    `insert_method` says how new rows go in; every way reports exactly the
-    rows it inserted (ON CONFLICT DO NOTHING RETURNING):
-    - "unnest": one INSERT ... SELECT FROM unnest(column arrays); one round trip.
-    - "copy": COPY into a temporary staging table, then INSERT ... SELECT; a
-      round trip more, but cheaper per row.
-    - "auto" (default): "copy" from COPY_FROM rows up, else "unnest". Measured
-      with bench/pg_append.py: unnest is ~15-20% faster for batches of 20,
-      copy ~8-13% faster for batches of 500-1000.
-    """
-
-    COPY_FROM = PostgresDialect.COPY_FROM
     # Seconds a new connection may take, unless --db-timeout is shorter.
     CONNECT_TIMEOUT = 10.0
 
@@ -80,18 +68,14 @@ class PostgresStore(SqlStore):
         pool_size: int = 10,
         command_timeout: float = 30.0,
         connect_timeout: float = CONNECT_TIMEOUT,
-        insert_method: str = "auto",
         notify: bool = True,
         ping_interval: float = 15.0,
     ) -> None:
-        if insert_method not in ("auto", "copy", "unnest"):
-            raise ValueError(f"insert_method must be auto, copy or unnest, not {insert_method!r}")
         self.url = dsn
         self._dsn = dsn
         self._pool_size = pool_size
         self._command_timeout = command_timeout
         self._connect_timeout = connect_timeout
-        self._insert_method = insert_method
         # The LISTEN connection is pinged after this long without a notice,
         # and must answer within the smaller of this and the command timeout.
         self._ping_interval = ping_interval
@@ -99,7 +83,7 @@ class PostgresStore(SqlStore):
         self._silent = False
         # Names this store instance in its notices, so a hub can skip its own.
         self.origin = secrets.token_hex(6)
-        self._dialect = PostgresDialect(insert_method, notify, self.origin)
+        self._dialect = PostgresSql(notify, self.origin)
         self._pool: Any = None
 
     @classmethod
@@ -117,7 +101,6 @@ class PostgresStore(SqlStore):
             max_size=self._pool_size,
             command_timeout=self._command_timeout,
             timeout=self._connect_timeout,
-            init=None if self._insert_method == "unnest" else init_connection,
             reset=keep_session,
             # Acknowledged means durable, whatever the server's default.
             server_settings={"synchronous_commit": "on", "application_name": "keruta-hub"},
@@ -259,6 +242,4 @@ async def _do(conn: Any, op: Op) -> Any:
         return await conn.execute(sql, *args)
     if kind == MANY:
         return await conn.executemany(sql, args) if args else None
-    if kind == COPY:
-        return await conn.copy_records_to_table(sql, records=args, columns=LOG_COLUMNS)
     raise ValueError(f"unknown op {kind!r}")

@@ -1,8 +1,7 @@
-"""Rows to records and back, in the column order both stores share.
+"""Rows to answers, in the column order both stores share.
 
-Logs: task_id, seq, id, ts, source, level, message, line_number, metadata,
-partial, kind. Tasks: task_id, state, exit_code, first_ts, last_ts, total_logs,
-durable_seq, updated_at.
+Tasks: task_id, state, exit_code, first_ts, last_ts, total_logs, durable_seq,
+updated_at (hub/store/steps.py TASK_SELECT).
 """
 
 from __future__ import annotations
@@ -11,8 +10,6 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-import orjson
-
 from hub.store.base import LogStats
 from keruta.records import LogRecord, TaskInfo
 
@@ -20,51 +17,6 @@ T = TypeVar("T")
 
 # "Up to the end" for range reads: every seq the stores can hold (int64).
 SEQ_MAX = 2**63 - 1
-LOG_COLUMNS = ("task_id", "seq", "id", "ts", "source", "level", "message", "line_number", "metadata", "partial", "kind")
-LOG_SELECT = ", ".join(LOG_COLUMNS)
-TASK_SELECT = "task_id, state, exit_code, first_ts, last_ts, total_logs, durable_seq, updated_at"
-
-
-def log_values(r: LogRecord, partial: Any) -> tuple[Any, ...]:
-    """A record as the values of a logs row; `partial` as the store spells it."""
-    return (
-        r.task_id,
-        r.seq,
-        r.id,
-        r.timestamp,
-        r.source,
-        r.level,
-        r.message,
-        r.line_number,
-        metadata_json(r.metadata),
-        partial,
-        r.kind,
-    )
-
-
-def metadata_json(metadata: dict) -> str | None:
-    return orjson.dumps(metadata).decode() if metadata else None
-
-
-
-def record_from_row(row: Sequence[Any]) -> LogRecord:
-    """A record from a row in both stores' column order:
-    task_id, seq, id, ts, source, level, message, line_number, metadata, partial, kind."""
-    task_id, seq, id_, ts, source, level, message, line_number, metadata, partial, kind = row
-    # Positional and inline: a subscriber catching up reads every record this way.
-    return LogRecord(
-        task_id,
-        seq,
-        ts,
-        source,
-        level,
-        message,
-        line_number,
-        orjson.loads(metadata) if metadata else {},
-        bool(partial),
-        id_,
-        kind,
-    )
 
 
 def stats_from_rows(

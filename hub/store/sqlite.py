@@ -24,14 +24,15 @@ past `truncate_at` anyway (the writer never paused long enough for a passive
 checkpoint to finish, or a reader held an old snapshot) is checkpointed and
 truncated with the writer held back. So the WAL stays bounded.
 
-Per task, the `tasks` row carries what must be cheap to read: state, the
+A task's records are stored in chunks (hub/store/chunk.py), one row each in
+`keruta_chunks`. Per task, the `keruta_tasks` row carries what must be cheap to read: state, the
 durable watermark, the highest seq ever stored (for assigning seqs, and so a
 delete never makes a seq reusable), first/last timestamp and the count; the
 `counts` table carries the per (source, level) counts for stats. All of them
 change in the same transaction as the rows they describe.
 
-The algorithms are hub/store/core.py's, in SQLite's SQL (hub/store/steps.py's
-Dialect); the schema is hub/store/sqlite_schema.py's. Here: the connections
+The algorithms are hub/store/core.py's, in SQLite's SQL (hub/store/sqlite_sql.py);
+the schema is hub/store/sqlite_schema.py's. Here: the connections
 and the driver that runs an algorithm in one worker thread.
 """
 from __future__ import annotations
@@ -47,8 +48,9 @@ import trio
 
 from hub.store.base import DurabilityLost, StoreUnavailable
 from hub.store.sqlite_schema import SCHEMA_VERSION, create_schema
+from hub.store.sqlite_sql import SQLiteSql
 from hub.store.sqlstore import SqlStore
-from hub.store.steps import EXEC, FETCH, MANY, ROW, Dialect, Op, Steps, drive_sync
+from hub.store.steps import EXEC, FETCH, MANY, ROW, Op, Steps, drive_sync
 
 T = TypeVar("T")
 
@@ -192,7 +194,7 @@ class SQLiteStore(SqlStore):
         self.url = url or f"sqlite:///{self.path}"
         self.checkpoint_at = checkpoint_at
         self.truncate_at = truncate_at
-        self._dialect = Dialect()
+        self._dialect = SQLiteSql()
         self._reader_count = readers
         self._writer: sqlite3.Connection | None = None
         self._write_lock = trio.Lock()

@@ -13,7 +13,7 @@ from typing import TypeVar
 
 from hub.store import core
 from hub.store.base import AppendResult, Incoming, LogQuery, LogStats, Page
-from hub.store.rows import iter_by_range
+from hub.store.rows import SEQ_MAX, iter_by_range
 from hub.store.rules import check_page
 from hub.store.steps import Dialect, Steps
 from keruta.records import TASK_STATES, InvalidField, LogRecord, TaskInfo
@@ -37,7 +37,6 @@ class SqlStore:
     async def append(self, items: Sequence[Incoming]) -> AppendResult:
         if not items:
             return AppendResult(records=[], inserted=[], durable={})
-        items = [self._dialect.storable(i) for i in items]
         return await self._write(core.append(self._dialect, items), sync=False)
 
     async def set_state(
@@ -82,6 +81,18 @@ class SqlStore:
 
     def iter_task(self, task_id: str, chunk: int = 1000) -> AsyncIterator[list[LogRecord]]:
         return iter_by_range(self.read_range, task_id, chunk)
+
+    async def iter_raw(self, task_id: str) -> AsyncIterator[str]:
+        """The whole log of a task as a raw download shows it, a few chunks at a time."""
+        after = 0
+        while True:
+            text, after_next = await self._read(core.raw_after(self._dialect, task_id, after))
+            if after_next == after:
+                return
+            yield text
+            after = after_next
+            if after >= SEQ_MAX:
+                return
 
     async def stats(self, task_id: str) -> LogStats:
         return await self._read(core.stats(self._dialect, task_id))

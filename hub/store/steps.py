@@ -1,26 +1,24 @@
 """How the store algorithms talk to a database without doing I/O.
 
-An algorithm (hub/store/core.py) is a generator: it yields an `Op` -- SQL and
-its arguments -- and is sent the answer. A driver runs it: SQLite's runs the
-whole generator in one worker thread (one thread hop per transaction),
-PostgreSQL's awaits each op on a triopg connection. A `Dialect` turns SQL
-templates into its database's text and holds the few steps whose SQL differs
-in shape, not just in spelling.
+An algorithm (hub/store/core.py) is a generator: it yields an `Op` -- a
+statement and its arguments -- and is sent the answer. A driver runs it:
+SQLite's runs the whole generator in one worker thread (one thread hop per
+transaction), PostgreSQL's awaits each op on a triopg connection.
 
-Templates name tables `{logs}`, `{tasks}`, `{counts}`, `{producers}`,
-`{ranges}` and write parameters as `?`; `{greatest}`, `{contains}` and
-`{lock}` stand for what the two databases spell differently.
+A `Dialect` is one database's SQL: every statement an algorithm runs is a
+named attribute, written out in full in that database's module
+(hub/store/sqlite_sql.py, hub/store/pg_sql.py), plus the few steps whose
+shape differs (how many ids one statement takes, how a batch of rows goes
+in). The statements' names and arguments are declared here, once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Generator, Sequence
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
-from hub.store.base import Incoming
-from hub.store.rows import LOG_COLUMNS, LOG_SELECT, log_values
+from hub.store.chunk import ChunkCache, ChunkRow
 from hub.store.rules import TaskProgress
-from keruta.records import LogRecord
 
 T = TypeVar("T")
 
@@ -28,7 +26,6 @@ FETCH = "fetch"  # -> list of rows
 ROW = "row"  # -> one row or None
 EXEC = "exec"  # -> nothing useful
 MANY = "many"  # args: a list of argument tuples -> nothing useful
-COPY = "copy"  # PostgreSQL only: sql is the table, args the rows (LOG_COLUMNS)
 
 
 class Op(NamedTuple):
@@ -38,6 +35,15 @@ class Op(NamedTuple):
 
 
 Steps = Generator[Op, Any, T]
+
+# The columns of a chunk as the statements below answer them, in this order.
+CHUNK_HEAD = "seq_first, seq_last, n, ts_first, ts_last, tally"
+CHUNK_FULL = CHUNK_HEAD + ", body"
+TASK_SELECT = "task_id, state, exit_code, first_ts, last_ts, total_logs, durable_seq, updated_at"
+# Bounds that hold every canonical timestamp ("2026-...Z"): a statement with a
+# time filter runs without one too.
+TS_LOW = ""
+TS_HIGH = "~"
 
 
 def drive_sync(steps: Steps[T], do: Callable[[Op], Any]) -> T:
@@ -61,123 +67,116 @@ async def drive(steps: Steps[T], do: Callable[[Op], Awaitable[Any]]) -> T:
 
 
 class Dialect:
-    """One database's SQL text. The base spells SQLite."""
+    """One database's statements. Each is named for what it does; its
+    arguments, in order, follow its name here."""
 
-    names = {
-        "logs": "logs",
-        "tasks": "tasks",
-        "counts": "counts",
-        "producers": "producers",
-        "ranges": "producer_ranges",
-        "greatest": "max",
-        "contains": "instr",
-        "lock": "",
-    }
-    # Most values in one `IN (...)` (SQLite's host-parameter limit is 32766).
-    in_chunk = 500
-    # Rows deleted per transaction, so a big delete never holds the writer for long.
-    delete_chunk = 2000
-    # Wraps `DELETE ... WHERE ...` into a statement answering (source, level, n) rows.
-    delete_returning = "{delete} RETURNING source, level, 1"
+    # -- appending
+    # (task_id, producer) -> (high,)
+    PRODUCER_HIGH: ClassVar[str]
+    # (task_id, producer, highest pseq, lowest pseq) -> [(pseq_first, pseq_last, seq_first)]
+    PRODUCER_RANGES: ClassVar[str]
+    # (task_id, lowest seq, highest seq) -> [CHUNK_FULL] of the chunks holding any of them
+    CHUNKS_COVERING: ClassVar[str]
+    # (task_id, producer, high, now)
+    SAVE_PRODUCER: ClassVar[str]
+    # many (task_id, producer, pseq_first, pseq_last, seq_first)
+    INSERT_RANGES: ClassVar[str]
+    # -- states
+    # (task_id, state, exit_code, now): create the task if new
+    ENSURE_TASK: ClassVar[str]
+    # (task_id) -> (state, exit_code, run_no), the row locked
+    TASK_STATE: ClassVar[str]
+    # (task_id, producer) -> (state, exit_code, run_no)
+    RUN_STATE: ClassVar[str]
+    # (task_id) -> (runs,) after counting one more
+    NUMBER_RUN: ClassVar[str]
+    # (task_id, producer, run_no, now)
+    NEW_RUN: ClassVar[str]
+    # (state, exit_code, task_id, producer)
+    SET_RUN_STATE: ClassVar[str]
+    # (state, exit_code, now, run_no, task_id)
+    SET_TASK_STATE: ClassVar[str]
+    # -- reading
+    # (task_id) -> TASK_SELECT
+    TASK: ClassVar[str]
+    # () -> [TASK_SELECT]
+    TASKS: ClassVar[str]
+    # (task_id) -> (durable_seq,)
+    DURABLE_SEQ: ClassVar[str]
+    # (task_id) -> (total_logs,)
+    TOTAL_LOGS: ClassVar[str]
+    # (task_id) -> (total_logs, lowest seq stored, highest seq stored)
+    SEQ_BOUNDS: ClassVar[str]
+    # (task_id, source or None, level or None) -> (records with them,)
+    COUNTED: ClassVar[str]
+    # (task_id, after seq, ts low, ts high, limit) -> [CHUNK_FULL] by seq
+    CHUNKS_AFTER: ClassVar[str]
+    # (task_id, after seq, ts low, ts high, limit) -> [CHUNK_HEAD] by seq
+    CHUNK_HEADS_AFTER: ClassVar[str]
+    # (task_id, after seq, through seq, limit) -> [CHUNK_FULL] by seq
+    CHUNKS_BETWEEN: ClassVar[str]
+    # (task_id) -> [(total, first_ts, last_ts, updated_at, source, level, n)]
+    STATS: ClassVar[str]
+    # -- deleting
+    # (task_id) -> (1,), the row locked
+    LOCK_TASK: ClassVar[str]
+    # (task_id, before, limit) -> [CHUNK_FULL] of chunks holding records older than `before`
+    CHUNKS_BEFORE: ClassVar[str]
+    # (task_id, seq_last)
+    DELETE_CHUNK: ClassVar[str]
+    # (task_id, seq_first, seq_last, n, ts_first, ts_last, tally, body, old seq_last)
+    REPLACE_CHUNK: ClassVar[str]
+    # many (n, task_id, source, level)
+    SUBTRACT_COUNTS: ClassVar[str]
+    # (task_id)
+    DROP_EMPTY_COUNTS: ClassVar[str]
+    # (task_id): the producer ranges wholly below the task's lowest stored seq
+    PRUNE_RANGES: ClassVar[str]
+    # (deleted, now, task_id)
+    AFTER_DELETE: ClassVar[str]
+    # (before): retention forgets idle producers' ranges, then the producers -> [(1,)]
+    PRUNE_IDLE_RANGES: ClassVar[str]
+    PRUNE_IDLE_PRODUCERS: ClassVar[str]
+    # (before) -> [(task_id,)]
+    OLD_TASKS: ClassVar[str]
+
+    # Most task ids one LOCK_TASKS statement takes.
+    in_chunk: ClassVar[int] = 500
+    # Chunks deleted per transaction, so a big delete never holds the writer for long.
+    delete_chunks: ClassVar[int] = 20
 
     def __init__(self) -> None:
-        self._texts: dict[str, str] = {}
+        # Decoded chunks, for the algorithms' reads (a store has one dialect).
+        self.cache = ChunkCache()
 
-    def sql(self, template: str) -> str:
-        text = self._texts.get(template)
-        if text is None:
-            text = self._texts[template] = self.number(template.format(**self.names))
-        return text
+    def fetch(self, sql: str, *args: Any) -> Op:
+        return Op(FETCH, sql, args)
 
-    def number(self, sql: str) -> str:
-        """Parameters as the driver wants them (SQLite takes `?` as it is)."""
-        return sql
+    def row(self, sql: str, *args: Any) -> Op:
+        return Op(ROW, sql, args)
 
-    def fetch(self, template: str, *args: Any) -> Op:
-        return Op(FETCH, self.sql(template), args)
+    def exec(self, sql: str, *args: Any) -> Op:
+        return Op(EXEC, sql, args)
 
-    def row(self, template: str, *args: Any) -> Op:
-        return Op(ROW, self.sql(template), args)
+    def many(self, sql: str, args: list[tuple[Any, ...]]) -> Op:
+        return Op(MANY, sql, args)
 
-    def exec(self, template: str, *args: Any) -> Op:
-        return Op(EXEC, self.sql(template), args)
+    # -- the steps whose shape differs ------------------------------------------
 
-    def many(self, template: str, args: list[tuple[Any, ...]]) -> Op:
-        return Op(MANY, self.sql(template), args)
-
-    def in_list(self, column: str, values: Sequence[Any], cast: str) -> tuple[str, list[Any]]:
-        """`column` is one of `values`: the SQL and its arguments."""
-        return f"{column} IN ({','.join('?' * len(values))})", list(values)
-
-    def text(self, value: str) -> str:
-        """A string as the database can hold it."""
-        return value
-
-    def storable(self, item: Incoming) -> Incoming:
-        """An incoming record as the database can hold it."""
-        return item
-
-    # -- the steps of an append whose SQL differs in shape ---------------------
+    def lock_tasks(self, task_ids: Sequence[str]) -> Op:
+        """-> [(task_id, max_seq, durable_seq)] of those that exist, locked, in task_id order."""
+        raise NotImplementedError
 
     def create_tasks(self, task_ids: list[str], now: str) -> Op | None:
         """Create missing task rows before locking them (None: not needed)."""
         return None
 
-    def insert(self, records: list[LogRecord]) -> Steps[list[LogRecord]]:
-        """Insert records not stored yet; return the ones inserted."""
-        # Plain INSERT: under BEGIN IMMEDIATE nobody else writes, so a conflict
-        # here would be a bug, and rolls everything back.
-        yield self.many(
-            f"INSERT INTO {{logs}} ({LOG_SELECT}) VALUES ({','.join('?' * len(LOG_COLUMNS))})",
-            [log_values(r, 1 if r.partial else 0) for r in records],
-        )
-        return records
+    def insert_chunks(self, rows: list[ChunkRow]) -> Op:
+        raise NotImplementedError
 
     def save_task(self, task_id: str, task: TaskProgress, now: str, moved: bool) -> Steps[None]:
         """The task row and its counts after an append that stored records."""
-        if task.exists:
-            yield self.exec(
-                """
-                UPDATE {tasks} SET
-                    max_seq = max(max_seq, ?),
-                    durable_seq = ?,
-                    total_logs = total_logs + ?,
-                    first_ts = CASE WHEN first_ts IS NULL OR first_ts > ? THEN ? ELSE first_ts END,
-                    last_ts = CASE WHEN last_ts IS NULL OR last_ts < ? THEN ? ELSE last_ts END,
-                    updated_at = ?
-                WHERE task_id = ?
-                """,
-                task.inserted_max,
-                task.durable_seq,
-                task.count,
-                task.first_ts,
-                task.first_ts,
-                task.last_ts,
-                task.last_ts,
-                now,
-                task_id,
-            )
-        else:
-            yield self.exec(
-                """
-                INSERT INTO {tasks} (task_id, state, first_ts, last_ts, total_logs, durable_seq, updated_at, max_seq)
-                VALUES (?, 'running', ?, ?, ?, ?, ?, ?)
-                """,
-                task_id,
-                task.first_ts,
-                task.last_ts,
-                task.count,
-                task.durable_seq,
-                now,
-                task.inserted_max,
-            )
-        yield self.many(
-            """
-            INSERT INTO {counts} (task_id, source, level, n) VALUES (?, ?, ?, ?)
-            ON CONFLICT (task_id, source, level) DO UPDATE SET n = n + excluded.n
-            """,
-            [(task_id, s, lv, n) for (s, lv), n in task.counts.items()],
-        )
+        raise NotImplementedError
 
     def notice(self, task_id: str, seq: int) -> Op | None:
         """Tell other hubs about a task (None: nobody to tell)."""

@@ -1,0 +1,241 @@
+"""A chunk: up to CHUNK_RECORDS consecutive records of one task, stored as one row.
+
+The row carries what lets a reader skip a chunk without opening it -- the
+seq range, the time range, how many records it holds per (source, level) --
+and the records themselves, encoded once and compressed (`body`). Nothing
+here does I/O: the stores write and read the rows (docs/architecture.md, "The
+store"), and the algorithms in hub/store/core.py decide which to open.
+
+The body is zstd over the JSON of the records' columns (columns compress far
+better than rows: a task's timestamps, sources and levels repeat):
+
+    {"t": [timestamps], "s": [sources] or one source, "l": [levels] or one,
+     "m": [messages], "n": [line numbers] or one,
+     "x": [metadata or null] (absent: none has any), "p": [partial] (absent: none),
+     "k": [kinds] (absent: all lines), "q": [seqs] (absent: seq_first, +1, ...)}
+
+A chunk is written once per batch and rewritten only when a delete cuts
+inside it (`without`); its seqs are then no longer consecutive and "q" says
+which they are.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import attrs
+import orjson
+import zstandard
+
+from hub.store.base import record_id
+from keruta.records import LogRecord
+
+# At most this many records, and about this many bytes of messages, per chunk:
+# a page or a resumed subscriber opens one or two chunks, not dozens, and a
+# lookup of one record decodes at most this much.
+CHUNK_RECORDS = 500
+CHUNK_BYTES = 64 * 1024
+# Level 1: most of the ratio of the higher levels (the columns repeat), at a
+# cost per row far below the rest of an append.
+_LEVEL = 1
+
+_compressor = zstandard.ZstdCompressor(level=_LEVEL)
+_decompressor = zstandard.ZstdDecompressor()
+
+
+@attrs.frozen(slots=True)
+class ChunkRow:
+    """One chunk as its row holds it (the column order of both stores)."""
+
+    task_id: str
+    seq_first: int
+    seq_last: int
+    n: int
+    ts_first: str
+    ts_last: str
+    tally: str  # JSON [[source, level, n], ...]
+    body: bytes
+
+    def values(self) -> tuple[Any, ...]:
+        return (self.task_id, self.seq_first, self.seq_last, self.n, self.ts_first, self.ts_last, self.tally, self.body)
+
+
+@attrs.frozen(slots=True)
+class ChunkHead:
+    """What a reader knows of a chunk before opening it."""
+
+    seq_first: int
+    seq_last: int
+    n: int
+    ts_first: str
+    ts_last: str
+    tally: str
+    body: bytes | None = None  # None: not read
+
+    def count(self, source: str | None, level: str | None) -> int:
+        """How many of its records have this source and level (None: any)."""
+        if source is None and level is None:
+            return self.n
+        return sum(
+            n for s, lv, n in orjson.loads(self.tally) if (source is None or s == source) and (level is None or lv == level)
+        )
+
+
+def split(records: Sequence[LogRecord]) -> Iterator[Sequence[LogRecord]]:
+    """A task's new records (in seq order) in chunks of at most CHUNK_RECORDS
+    records and about CHUNK_BYTES of messages."""
+    start = 0
+    size = 0
+    for i, r in enumerate(records):
+        size += len(r.message) + 16
+        if i - start >= CHUNK_RECORDS or (size > CHUNK_BYTES and i > start):
+            yield records[start:i]
+            start, size = i, len(r.message) + 16
+    if start < len(records):
+        yield records[start:]
+
+
+def _column(values: list[Any]) -> Any:
+    """One value when all are equal (a task's source, level...), else the list."""
+    first = values[0]
+    for v in values:
+        if v != first:
+            return values
+    return first
+
+
+def encode(records: Sequence[LogRecord]) -> ChunkRow:
+    """A chunk of one task's records, in seq order."""
+    first = records[0]
+    seqs = [r.seq for r in records]
+    timestamps = [r.timestamp for r in records]
+    sources = [r.source for r in records]
+    levels = [r.level for r in records]
+    columns: dict[str, Any] = {
+        "t": timestamps,
+        "s": _column(sources),
+        "l": _column(levels),
+        "m": [r.message for r in records],
+        "n": _column([r.line_number for r in records]),
+    }
+    if any(r.metadata for r in records):
+        columns["x"] = [r.metadata or None for r in records]
+    if any(r.partial for r in records):
+        columns["p"] = [r.partial for r in records]
+    if any(r.kind is not None for r in records):
+        columns["k"] = [r.kind for r in records]
+    if seqs[-1] - seqs[0] + 1 != len(seqs):
+        columns["q"] = seqs
+    tally = Counter(zip(sources, levels, strict=True))
+    return ChunkRow(
+        task_id=first.task_id,
+        seq_first=seqs[0],
+        seq_last=seqs[-1],
+        n=len(records),
+        ts_first=min(timestamps),
+        ts_last=max(timestamps),
+        tally=orjson.dumps([[s, lv, n] for (s, lv), n in tally.items()]).decode(),
+        body=_compressor.compress(orjson.dumps(columns)),
+    )
+
+
+def body_json(body: bytes) -> bytes:
+    """The chunk's column JSON (for a substring test before decoding it)."""
+    return _decompressor.decompress(body)
+
+
+def columns(body: bytes | bytearray | memoryview) -> dict[str, Any]:
+    return orjson.loads(_decompressor.decompress(bytes(body)))  # type: ignore[no-any-return]
+
+
+def _expand(value: Any, n: int) -> list[Any]:
+    return value if isinstance(value, list) else [value] * n
+
+
+def seqs_of(cols: dict[str, Any], seq_first: int) -> list[int] | range:
+    n = len(cols["m"])
+    q = cols.get("q")
+    return q if q is not None else range(seq_first, seq_first + n)
+
+
+def decode(task_id: str, seq_first: int, body: bytes | bytearray | memoryview) -> list[LogRecord]:
+    """The records of a chunk, in seq order."""
+    return records_of(task_id, seq_first, columns(body))
+
+
+def records_of(task_id: str, seq_first: int, cols: dict[str, Any]) -> list[LogRecord]:
+    """The records of decoded columns."""
+    messages = cols["m"]
+    n = len(messages)
+    seqs = seqs_of(cols, seq_first)
+    timestamps = cols["t"]
+    sources = _expand(cols["s"], n)
+    levels = _expand(cols["l"], n)
+    numbers = _expand(cols["n"], n)
+    metadata = cols.get("x") or [None] * n
+    partial = cols.get("p") or [False] * n
+    kinds = cols.get("k") or [None] * n
+    # Positional, inline: a catching-up subscriber and every page read this way.
+    return [
+        LogRecord(
+            task_id,
+            seqs[i],
+            timestamps[i],
+            sources[i],
+            levels[i],
+            messages[i],
+            numbers[i],
+            metadata[i] or {},
+            partial[i],
+            record_id(task_id, seqs[i]),
+            kinds[i],
+        )
+        for i in range(n)
+    ]
+
+
+def raw_text(body: bytes | bytearray | memoryview) -> str:
+    """The chunk's lines as a raw download shows them: each message, with a
+    newline unless it is a partial line."""
+    cols = columns(body)
+    messages = cols["m"]
+    partial = cols.get("p")
+    if partial is None:
+        return "\n".join(messages) + "\n"
+    return "".join(m if p else m + "\n" for m, p in zip(messages, partial, strict=True))
+
+
+class ChunkCache:
+    """The records of the chunks read last, decoded once.
+
+    A catching-up subscriber reads a few records at a time, and pages read
+    the chunks around each other: without this, every read would decompress
+    and rebuild the whole chunk. Keyed by (task, seq_first, seq_last, n): a
+    chunk's content never changes under one key (seqs are never given twice,
+    and a delete that rewrites a chunk removes records, so `n` changes). Only
+    what was read from the database goes in, never what a transaction that
+    may still roll back wrote. Shared by reader threads, hence the lock.
+    """
+
+    def __init__(self, chunks: int = 64) -> None:
+        self._chunks = chunks
+        self._items: OrderedDict[tuple[str, int, int, int], list[LogRecord]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def records(self, task_id: str, row: Sequence[Any]) -> list[LogRecord]:
+        """The records of a chunk row (seq_first, seq_last, n, ..., body last)."""
+        key = (task_id, row[0], row[1], row[2])
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+                return hit
+        records = decode(task_id, row[0], row[-1])
+        with self._lock:
+            self._items[key] = records
+            while len(self._items) > self._chunks:
+                self._items.popitem(last=False)
+        return records

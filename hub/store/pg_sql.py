@@ -1,0 +1,204 @@
+"""PostgreSQL's statements for the store algorithms (hub/store/core.py).
+
+Parameters are `$n`. Several hubs may share the database: an append, a state
+change or a delete holds its tasks' rows (`FOR UPDATE`, taken in task_id
+order) until it commits, so two hubs never give one seq twice. Here too the
+steps PostgreSQL does in fewer round trips: a batch's chunks in one INSERT
+from arrays, and the task row, its counts and the NOTIFY of a moved watermark
+in one statement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from hub.store.chunk import ChunkRow
+from hub.store.pg_notices import NOTIFY_CHANNEL
+from hub.store.rules import TaskProgress
+from hub.store.steps import CHUNK_FULL, CHUNK_HEAD, TASK_SELECT, Dialect, Op, Steps
+
+
+class PostgresSql(Dialect):
+    """`origin` names the store in its notices; `notify`: send them at all."""
+
+    PRODUCER_HIGH = "SELECT high FROM keruta_producers WHERE task_id = $1 AND producer = $2"
+    PRODUCER_RANGES = """
+        SELECT pseq_first, pseq_last, seq_first FROM keruta_producer_ranges
+        WHERE task_id = $1 AND producer = $2 AND pseq_first <= $3 AND pseq_last >= $4
+    """
+    CHUNKS_COVERING = f"""
+        SELECT {CHUNK_FULL} FROM keruta_chunks
+        WHERE task_id = $1 AND seq_last >= $2 AND seq_first <= $3 ORDER BY seq_last
+    """
+    SAVE_PRODUCER = """
+        INSERT INTO keruta_producers (task_id, producer, run_no, high, last_write) VALUES ($1, $2, 0, $3, $4)
+        ON CONFLICT (task_id, producer) DO UPDATE SET high = excluded.high, last_write = excluded.last_write
+    """
+    INSERT_RANGES = """
+        INSERT INTO keruta_producer_ranges (task_id, producer, pseq_first, pseq_last, seq_first)
+        VALUES ($1, $2, $3, $4, $5)
+    """
+    ENSURE_TASK = """
+        INSERT INTO keruta_tasks (task_id, state, exit_code, updated_at) VALUES ($1, $2, $3, $4)
+        ON CONFLICT (task_id) DO NOTHING
+    """
+    TASK_STATE = "SELECT state, exit_code, run_no FROM keruta_tasks WHERE task_id = $1 FOR UPDATE"
+    RUN_STATE = "SELECT state, exit_code, run_no FROM keruta_producers WHERE task_id = $1 AND producer = $2"
+    NUMBER_RUN = "UPDATE keruta_tasks SET runs = runs + 1 WHERE task_id = $1 RETURNING runs"
+    NEW_RUN = """
+        INSERT INTO keruta_producers (task_id, producer, run_no, last_write) VALUES ($1, $2, $3, $4)
+        ON CONFLICT (task_id, producer) DO UPDATE SET run_no = excluded.run_no
+    """
+    SET_RUN_STATE = "UPDATE keruta_producers SET state = $1, exit_code = $2 WHERE task_id = $3 AND producer = $4"
+    SET_TASK_STATE = (
+        "UPDATE keruta_tasks SET state = $1, exit_code = $2, updated_at = $3, run_no = $4 WHERE task_id = $5"
+    )
+    TASK = f"SELECT {TASK_SELECT} FROM keruta_tasks WHERE task_id = $1"
+    TASKS = f"SELECT {TASK_SELECT} FROM keruta_tasks ORDER BY task_id"
+    DURABLE_SEQ = "SELECT durable_seq FROM keruta_tasks WHERE task_id = $1"
+    TOTAL_LOGS = "SELECT total_logs FROM keruta_tasks WHERE task_id = $1"
+    SEQ_BOUNDS = """
+        SELECT total_logs,
+            (SELECT seq_first FROM keruta_chunks WHERE task_id = $1 ORDER BY seq_last LIMIT 1),
+            (SELECT max(seq_last) FROM keruta_chunks WHERE task_id = $1)
+        FROM keruta_tasks WHERE task_id = $1
+    """
+    COUNTED = """
+        SELECT CAST(coalesce(sum(n), 0) AS BIGINT) FROM keruta_counts
+        WHERE task_id = $1 AND ($2::text IS NULL OR source = $2) AND ($3::text IS NULL OR level = $3)
+    """
+    CHUNKS_AFTER = f"""
+        SELECT {CHUNK_FULL} FROM keruta_chunks
+        WHERE task_id = $1 AND seq_last > $2 AND ts_last >= $3 AND ts_first <= $4 ORDER BY seq_last LIMIT $5
+    """
+    CHUNK_HEADS_AFTER = f"""
+        SELECT {CHUNK_HEAD} FROM keruta_chunks
+        WHERE task_id = $1 AND seq_last > $2 AND ts_last >= $3 AND ts_first <= $4 ORDER BY seq_last LIMIT $5
+    """
+    CHUNKS_BETWEEN = f"""
+        SELECT {CHUNK_FULL} FROM keruta_chunks
+        WHERE task_id = $1 AND seq_last > $2 AND seq_first <= $3 ORDER BY seq_last LIMIT $4
+    """
+    STATS = """
+        SELECT t.total_logs, t.first_ts, t.last_ts, t.updated_at, c.source, c.level, c.n
+        FROM keruta_tasks t LEFT JOIN keruta_counts c ON c.task_id = t.task_id
+        WHERE t.task_id = $1
+    """
+    LOCK_TASK = "SELECT 1 FROM keruta_tasks WHERE task_id = $1 FOR UPDATE"
+    CHUNKS_BEFORE = f"""
+        SELECT {CHUNK_FULL} FROM keruta_chunks WHERE task_id = $1 AND ts_first < $2 ORDER BY seq_last LIMIT $3
+    """
+    DELETE_CHUNK = "DELETE FROM keruta_chunks WHERE task_id = $1 AND seq_last = $2"
+    REPLACE_CHUNK = """
+        UPDATE keruta_chunks SET seq_first = $2, seq_last = $3, n = $4, ts_first = $5, ts_last = $6,
+            tally = $7, body = $8
+        WHERE task_id = $1 AND seq_last = $9
+    """
+    SUBTRACT_COUNTS = "UPDATE keruta_counts SET n = n - $1 WHERE task_id = $2 AND source = $3 AND level = $4"
+    DROP_EMPTY_COUNTS = "DELETE FROM keruta_counts WHERE task_id = $1 AND n <= 0"
+    PRUNE_RANGES = """
+        DELETE FROM keruta_producer_ranges WHERE task_id = $1
+        AND seq_first + (pseq_last - pseq_first) < coalesce(
+            (SELECT seq_first FROM keruta_chunks WHERE task_id = $1 ORDER BY seq_last LIMIT 1),
+            9223372036854775807)
+    """
+    AFTER_DELETE = """
+        UPDATE keruta_tasks SET
+            total_logs = GREATEST(total_logs - $1, 0),
+            first_ts = (SELECT min(ts_first) FROM keruta_chunks WHERE task_id = $3),
+            last_ts = (SELECT max(ts_last) FROM keruta_chunks WHERE task_id = $3),
+            updated_at = $2
+        WHERE task_id = $3
+    """
+    PRUNE_IDLE_RANGES = """
+        DELETE FROM keruta_producer_ranges WHERE (task_id, producer) IN (
+            SELECT task_id, producer FROM keruta_producers
+            WHERE last_write < $1 AND coalesce(state, 'succeeded') NOT IN ('pending', 'running'))
+    """
+    PRUNE_IDLE_PRODUCERS = """
+        DELETE FROM keruta_producers
+        WHERE last_write < $1 AND coalesce(state, 'succeeded') NOT IN ('pending', 'running') RETURNING 1
+    """
+    OLD_TASKS = "SELECT task_id FROM keruta_tasks WHERE first_ts < $1 ORDER BY task_id"
+
+    in_chunk = 1 << 30  # one array parameter, whatever its length
+    delete_chunks = 50
+
+    def __init__(self, notify: bool, origin: str) -> None:
+        super().__init__()
+        self.notify = notify
+        self.origin = origin
+
+    def lock_tasks(self, task_ids: Sequence[str]) -> Op:
+        return self.fetch(
+            """
+            SELECT task_id, max_seq, durable_seq FROM keruta_tasks
+            WHERE task_id = ANY($1::text[]) ORDER BY task_id FOR UPDATE
+            """,
+            list(task_ids),
+        )
+
+    def create_tasks(self, task_ids: list[str], now: str) -> Op | None:
+        return self.exec(
+            """
+            INSERT INTO keruta_tasks (task_id, state, updated_at)
+            SELECT t, 'running', $1 FROM unnest($2::text[]) AS t ORDER BY t
+            ON CONFLICT (task_id) DO NOTHING
+            """,
+            now,
+            task_ids,
+        )
+
+    def insert_chunks(self, rows: list[ChunkRow]) -> Op:
+        # Plain INSERT: the seqs were given under the tasks' row locks, so a
+        # conflict would be a bug, and rolls everything back.
+        columns = list(zip(*(r.values() for r in rows), strict=True))
+        return self.exec(
+            """
+            INSERT INTO keruta_chunks (task_id, seq_first, seq_last, n, ts_first, ts_last, tally, body)
+            SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::integer[], $5::text[],
+                                 $6::text[], $7::text[], $8::bytea[])
+            """,
+            *[list(c) for c in columns],
+        )
+
+    def save_task(self, task_id: str, task: TaskProgress, now: str, moved: bool) -> Steps[None]:
+        """The row exists: `create_tasks` made it before the lock."""
+        counts = list(task.counts.items())
+        yield self.exec(
+            """
+            WITH task AS (
+                UPDATE keruta_tasks SET
+                    max_seq = GREATEST(max_seq, $2),
+                    durable_seq = $3,
+                    total_logs = total_logs + $4,
+                    first_ts = LEAST(first_ts, $5),
+                    last_ts = GREATEST(last_ts, $6),
+                    updated_at = $7
+                WHERE task_id = $1
+            ), counts AS (
+                INSERT INTO keruta_counts (task_id, source, level, n)
+                SELECT $1, s, l, c FROM unnest($8::text[], $9::text[], $10::bigint[]) AS x(s, l, c)
+                ON CONFLICT (task_id, source, level) DO UPDATE SET n = keruta_counts.n + excluded.n
+            )
+            SELECT CASE WHEN $11 THEN pg_notify($12, $1 || ' ' || $3::text || ' ' || $13) END
+            """,
+            task_id,
+            task.inserted_max,
+            task.durable_seq,
+            task.count,
+            task.first_ts,
+            task.last_ts,
+            now,
+            [s for (s, _), _ in counts],
+            [lv for (_, lv), _ in counts],
+            [n for _, n in counts],
+            self.notify and moved,
+            NOTIFY_CHANNEL,
+            self.origin,
+        )
+
+    def notice(self, task_id: str, seq: int) -> Op | None:
+        if not self.notify:
+            return None
+        return self.exec("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, f"{task_id} {seq} {self.origin}")

@@ -1,0 +1,178 @@
+"""SQLite's statements for the store algorithms (hub/store/core.py).
+
+Parameters are `?`. The writer's BEGIN IMMEDIATE is the lock every append,
+state change and delete needs: nobody else writes meanwhile, so no statement
+here locks rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from hub.store.chunk import ChunkRow
+from hub.store.rules import TaskProgress
+from hub.store.steps import CHUNK_FULL, CHUNK_HEAD, TASK_SELECT, Dialect, Op, Steps
+
+
+class SQLiteSql(Dialect):
+    PRODUCER_HIGH = "SELECT high FROM keruta_producers WHERE task_id = ? AND producer = ?"
+    PRODUCER_RANGES = """
+        SELECT pseq_first, pseq_last, seq_first FROM keruta_producer_ranges
+        WHERE task_id = ? AND producer = ? AND pseq_first <= ? AND pseq_last >= ?
+    """
+    CHUNKS_COVERING = f"""
+        SELECT {CHUNK_FULL} FROM keruta_chunks
+        WHERE task_id = ?1 AND seq_last >= ?2 AND seq_first <= ?3 ORDER BY seq_last
+    """
+    SAVE_PRODUCER = """
+        INSERT INTO keruta_producers (task_id, producer, run_no, high, last_write) VALUES (?, ?, 0, ?, ?)
+        ON CONFLICT (task_id, producer) DO UPDATE SET high = excluded.high, last_write = excluded.last_write
+    """
+    INSERT_RANGES = """
+        INSERT INTO keruta_producer_ranges (task_id, producer, pseq_first, pseq_last, seq_first)
+        VALUES (?, ?, ?, ?, ?)
+    """
+    ENSURE_TASK = """
+        INSERT INTO keruta_tasks (task_id, state, exit_code, updated_at) VALUES (?, ?, ?, ?)
+        ON CONFLICT (task_id) DO NOTHING
+    """
+    TASK_STATE = "SELECT state, exit_code, run_no FROM keruta_tasks WHERE task_id = ?"
+    RUN_STATE = "SELECT state, exit_code, run_no FROM keruta_producers WHERE task_id = ? AND producer = ?"
+    NUMBER_RUN = "UPDATE keruta_tasks SET runs = runs + 1 WHERE task_id = ? RETURNING runs"
+    NEW_RUN = """
+        INSERT INTO keruta_producers (task_id, producer, run_no, last_write) VALUES (?, ?, ?, ?)
+        ON CONFLICT (task_id, producer) DO UPDATE SET run_no = excluded.run_no
+    """
+    SET_RUN_STATE = "UPDATE keruta_producers SET state = ?, exit_code = ? WHERE task_id = ? AND producer = ?"
+    SET_TASK_STATE = "UPDATE keruta_tasks SET state = ?, exit_code = ?, updated_at = ?, run_no = ? WHERE task_id = ?"
+    TASK = f"SELECT {TASK_SELECT} FROM keruta_tasks WHERE task_id = ?"
+    TASKS = f"SELECT {TASK_SELECT} FROM keruta_tasks ORDER BY task_id"
+    DURABLE_SEQ = "SELECT durable_seq FROM keruta_tasks WHERE task_id = ?"
+    TOTAL_LOGS = "SELECT total_logs FROM keruta_tasks WHERE task_id = ?"
+    SEQ_BOUNDS = """
+        SELECT total_logs,
+            (SELECT seq_first FROM keruta_chunks WHERE task_id = ?1 ORDER BY seq_last LIMIT 1),
+            (SELECT max(seq_last) FROM keruta_chunks WHERE task_id = ?1)
+        FROM keruta_tasks WHERE task_id = ?1
+    """
+    COUNTED = """
+        SELECT coalesce(sum(n), 0) FROM keruta_counts
+        WHERE task_id = ?1 AND (?2 IS NULL OR source = ?2) AND (?3 IS NULL OR level = ?3)
+    """
+    CHUNKS_AFTER = f"""
+        SELECT {CHUNK_FULL} FROM keruta_chunks
+        WHERE task_id = ? AND seq_last > ? AND ts_last >= ? AND ts_first <= ? ORDER BY seq_last LIMIT ?
+    """
+    CHUNK_HEADS_AFTER = f"""
+        SELECT {CHUNK_HEAD} FROM keruta_chunks
+        WHERE task_id = ? AND seq_last > ? AND ts_last >= ? AND ts_first <= ? ORDER BY seq_last LIMIT ?
+    """
+    CHUNKS_BETWEEN = f"""
+        SELECT {CHUNK_FULL} FROM keruta_chunks
+        WHERE task_id = ? AND seq_last > ? AND seq_first <= ? ORDER BY seq_last LIMIT ?
+    """
+    STATS = """
+        SELECT t.total_logs, t.first_ts, t.last_ts, t.updated_at, c.source, c.level, c.n
+        FROM keruta_tasks t LEFT JOIN keruta_counts c ON c.task_id = t.task_id
+        WHERE t.task_id = ?
+    """
+    LOCK_TASK = "SELECT 1 FROM keruta_tasks WHERE task_id = ?"
+    CHUNKS_BEFORE = f"""
+        SELECT {CHUNK_FULL} FROM keruta_chunks WHERE task_id = ? AND ts_first < ? ORDER BY seq_last LIMIT ?
+    """
+    DELETE_CHUNK = "DELETE FROM keruta_chunks WHERE task_id = ? AND seq_last = ?"
+    REPLACE_CHUNK = """
+        UPDATE keruta_chunks SET seq_first = ?2, seq_last = ?3, n = ?4, ts_first = ?5, ts_last = ?6,
+            tally = ?7, body = ?8
+        WHERE task_id = ?1 AND seq_last = ?9
+    """
+    SUBTRACT_COUNTS = "UPDATE keruta_counts SET n = n - ? WHERE task_id = ? AND source = ? AND level = ?"
+    DROP_EMPTY_COUNTS = "DELETE FROM keruta_counts WHERE task_id = ? AND n <= 0"
+    PRUNE_RANGES = """
+        DELETE FROM keruta_producer_ranges WHERE task_id = ?1
+        AND seq_first + (pseq_last - pseq_first) < coalesce(
+            (SELECT seq_first FROM keruta_chunks WHERE task_id = ?1 ORDER BY seq_last LIMIT 1),
+            9223372036854775807)
+    """
+    AFTER_DELETE = """
+        UPDATE keruta_tasks SET
+            total_logs = max(total_logs - ?1, 0),
+            first_ts = (SELECT min(ts_first) FROM keruta_chunks WHERE task_id = ?3),
+            last_ts = (SELECT max(ts_last) FROM keruta_chunks WHERE task_id = ?3),
+            updated_at = ?2
+        WHERE task_id = ?3
+    """
+    PRUNE_IDLE_RANGES = """
+        DELETE FROM keruta_producer_ranges WHERE (task_id, producer) IN (
+            SELECT task_id, producer FROM keruta_producers
+            WHERE last_write < ? AND coalesce(state, 'succeeded') NOT IN ('pending', 'running'))
+    """
+    PRUNE_IDLE_PRODUCERS = """
+        DELETE FROM keruta_producers
+        WHERE last_write < ? AND coalesce(state, 'succeeded') NOT IN ('pending', 'running') RETURNING 1
+    """
+    OLD_TASKS = "SELECT task_id FROM keruta_tasks WHERE first_ts < ? ORDER BY task_id"
+
+    # SQLite's host-parameter limit is 32766.
+    in_chunk = 500
+
+    def lock_tasks(self, task_ids: Sequence[str]) -> Op:
+        marks = ",".join("?" * len(task_ids))
+        return self.fetch(
+            f"SELECT task_id, max_seq, durable_seq FROM keruta_tasks WHERE task_id IN ({marks}) ORDER BY task_id",
+            *task_ids,
+        )
+
+    def insert_chunks(self, rows: list[ChunkRow]) -> Op:
+        # Plain INSERT: under BEGIN IMMEDIATE nobody else writes, so a conflict
+        # here would be a bug, and rolls everything back.
+        return self.many(
+            """
+            INSERT INTO keruta_chunks (task_id, seq_first, seq_last, n, ts_first, ts_last, tally, body)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+            """,
+            [r.values() for r in rows],
+        )
+
+    def save_task(self, task_id: str, task: TaskProgress, now: str, moved: bool) -> Steps[None]:
+        if task.exists:
+            yield self.exec(
+                """
+                UPDATE keruta_tasks SET
+                    max_seq = max(max_seq, ?2),
+                    durable_seq = ?3,
+                    total_logs = total_logs + ?4,
+                    first_ts = CASE WHEN first_ts IS NULL OR first_ts > ?5 THEN ?5 ELSE first_ts END,
+                    last_ts = CASE WHEN last_ts IS NULL OR last_ts < ?6 THEN ?6 ELSE last_ts END,
+                    updated_at = ?7
+                WHERE task_id = ?1
+                """,
+                task_id,
+                task.inserted_max,
+                task.durable_seq,
+                task.count,
+                task.first_ts,
+                task.last_ts,
+                now,
+            )
+        else:
+            yield self.exec(
+                """
+                INSERT INTO keruta_tasks (task_id, state, first_ts, last_ts, total_logs, durable_seq, updated_at, max_seq)
+                VALUES (?, 'running', ?, ?, ?, ?, ?, ?)
+                """,
+                task_id,
+                task.first_ts,
+                task.last_ts,
+                task.count,
+                task.durable_seq,
+                now,
+                task.inserted_max,
+            )
+        yield self.many(
+            """
+            INSERT INTO keruta_counts (task_id, source, level, n) VALUES (?, ?, ?, ?)
+            ON CONFLICT (task_id, source, level) DO UPDATE SET n = n + excluded.n
+            """,
+            [(task_id, s, lv, n) for (s, lv), n in task.counts.items()],
+        )

@@ -1,0 +1,207 @@
+"""Chunked storage: the chunk format (hub/store/chunk.py) and the migration of
+a database from before chunks (schema v3, one row per line) on both stores."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hub.store import chunk
+from hub.store.base import DUPLICATE, INSERTED, LogQuery, record_id
+from hub.store.sqlite import SQLiteStore
+from keruta.levels import LEVELS
+from keruta.limits import MAX_SEQ
+from keruta.records import KINDS, SOURCES, LogRecord
+from tests.storedata import rec, ts
+
+# -- the format ------------------------------------------------------------------
+
+_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
+# The hub refuses metadata JSON cannot hold as int64 (keruta/wire.py), so no store sees it.
+_metadata = st.dictionaries(st.text(max_size=5), st.one_of(st.integers(-(2**63), 2**63 - 1), _text, st.none()), max_size=3)
+
+
+@st.composite
+def _chunk_records(draw: Any) -> list[LogRecord]:
+    first = draw(st.integers(1, 2**62))
+    n = draw(st.integers(1, 30))
+    gaps = draw(st.lists(st.integers(0, 3), min_size=n, max_size=n))
+    seqs, seq = [], first
+    for gap in gaps:
+        seqs.append(seq)
+        seq += 1 + gap
+    return [
+        LogRecord(
+            "task-1",
+            s,
+            ts(draw(st.integers(0, 10**6))),
+            draw(st.sampled_from(SOURCES)),
+            draw(st.sampled_from(LEVELS)),
+            draw(_text),
+            draw(st.one_of(st.none(), st.integers(0, MAX_SEQ))),
+            draw(_metadata),
+            draw(st.booleans()),
+            record_id("task-1", s),
+            draw(st.one_of(st.none(), st.sampled_from(KINDS))),
+        )
+        for s in seqs
+    ]
+
+
+@given(_chunk_records())
+@settings(max_examples=100, deadline=None)
+def test_a_chunk_gives_back_exactly_the_records_it_was_made_of(records: list[LogRecord]) -> None:
+    row = chunk.encode(records)
+    assert chunk.decode("task-1", row.seq_first, row.body) == records
+    assert (row.seq_first, row.seq_last, row.n) == (records[0].seq, records[-1].seq, len(records))
+    assert row.ts_first == min(r.timestamp for r in records) and row.ts_last == max(r.timestamp for r in records)
+    head = chunk.ChunkHead(row.seq_first, row.seq_last, row.n, row.ts_first, row.ts_last, row.tally)
+    for source in SOURCES:
+        assert head.count(source, None) == sum(r.source == source for r in records)
+    assert head.count(None, "ERROR") == sum(r.level == "ERROR" for r in records)
+    expected = "".join(r.message if r.partial else r.message + "\n" for r in records)
+    assert chunk.raw_text(row.body) == expected
+
+
+def test_a_chunk_holds_at_most_its_records_and_about_its_bytes() -> None:
+    many = [LogRecord("t", s, ts(s), "stdout", "INFO", "x") for s in range(1, 1201)]
+    assert [len(part) for part in chunk.split(many)] == [500, 500, 200]
+    big = [LogRecord("t", s, ts(s), "stdout", "INFO", "y" * 10_000) for s in range(1, 21)]
+    parts = list(chunk.split(big))
+    assert all(sum(len(r.message) for r in part) <= chunk.CHUNK_BYTES for part in parts)
+    assert [r for part in parts for r in part] == big
+    # One line larger than a chunk's bytes is a chunk of its own.
+    assert [len(p) for p in chunk.split([LogRecord("t", 1, ts(1), "stdout", "INFO", "z" * 100_000)])] == [1]
+
+
+def test_the_bench_workload_takes_few_bytes_per_line() -> None:
+    """The format's part of the disk target (issue 17: 25 bytes a line, both
+    stores, measured by `tox -e bench`): the body alone stays well under it."""
+    lines = [
+        LogRecord("t", s, ts(s / 1000), "stdout", "INFO", f"{s:09d} worker-{s % 16} processed item {s} in {s * 7 % 1000} ms ".ljust(79, "x"), s)
+        for s in range(1, 501)
+    ]
+    row = chunk.encode(lines)
+    assert len(row.body) / 500 < 15, len(row.body) / 500
+
+
+# -- a database from before chunks -----------------------------------------------------
+
+OLD_ROWS = 1200
+DELETED = range(600, 611)  # a hole a v3 delete left
+
+
+def _old_rows() -> list[tuple[Any, ...]]:
+    rows = []
+    for s in range(1, OLD_ROWS + 1):
+        if s in DELETED:
+            continue
+        level = "ERROR" if s % 100 == 0 else "INFO"
+        rows.append(("old", s, record_id("old", s), ts(s), "stdout", level, f"old line {s}", s, None, False, None))
+    return rows
+
+
+def _old_task_rows(rows: list[tuple[Any, ...]]) -> dict[str, list[tuple[Any, ...]]]:
+    errors = sum(r[5] == "ERROR" for r in rows)
+    return {
+        "tasks": [("old", "running", None, OLD_ROWS, OLD_ROWS, ts(1), ts(OLD_ROWS), len(rows), ts(OLD_ROWS), 1, 1)],
+        "counts": [("old", "stdout", "INFO", len(rows) - errors), ("old", "stdout", "ERROR", errors)],
+        "producers": [("old", "agent-1", 1, OLD_ROWS, "running", None, ts(OLD_ROWS))],
+        "ranges": [("old", "agent-1", 1, OLD_ROWS, 1)],
+    }
+
+
+async def _check_migrated(store: Any) -> None:
+    rows = _old_rows()
+    page = await store.query(LogQuery(task_id="old", size=2000))
+    assert [(r.seq, r.message, r.id) for r in page.content] == [(r[1], r[6], r[2]) for r in rows]
+    assert page.total_elements == len(rows)
+    errors = await store.query(LogQuery(task_id="old", level="ERROR", size=100))
+    assert [r.seq for r in errors.content] == [s for s in range(100, OLD_ROWS + 1, 100) if s not in DELETED]
+    stats = await store.stats("old")
+    assert stats.total_logs == len(rows) and stats.level_counts == {"INFO": len(rows) - 11, "ERROR": 11}
+    # Identity came through: a resend is a duplicate, the next record follows on.
+    result = await store.append([rec(5, "old line 5", task="old", producer="agent-1", line_number=5),
+                                 rec(OLD_ROWS + 1, "new", task="old", producer="agent-1")])
+    assert result.status == [DUPLICATE, INSERTED]
+    assert result.records[1] is not None and result.records[1].seq == OLD_ROWS + 1
+    assert await store.delete("old", ts(300.5)) == 300
+
+
+async def test_a_sqlite_database_from_before_chunks_is_migrated_in_place(tmp_path: Path) -> None:
+    from hub.store import sqlite_schema
+
+    path = tmp_path / "v3.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for step in (1, 2, 3):
+        for statement in sqlite_schema._MIGRATIONS[step]:
+            assert isinstance(statement, str)
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = 3")
+    rows = _old_rows()
+    conn.executemany(f"INSERT INTO logs ({', '.join(COLUMNS)}) VALUES ({','.join('?' * 11)})", rows)
+    for table, values in _old_task_rows(rows).items():
+        conn.executemany(f"INSERT INTO {TABLES[table][0]} ({TABLES[table][1]}) VALUES ({','.join('?' * len(values[0]))})", values)
+    conn.close()
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        await _check_migrated(store)
+    finally:
+        await store.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
+    assert not conn.execute("SELECT name FROM sqlite_master WHERE name = 'logs'").fetchall()
+    conn.close()
+
+
+@pytest.mark.pg
+async def test_a_postgresql_database_from_before_chunks_is_migrated_in_place(pg_url: str) -> None:
+    from hub.store import pg_schema
+    from hub.store.postgres import PostgresStore
+    from tests import pgpool
+
+    statements = [s for step in (1, 2, 3) for s in pg_schema._MIGRATIONS[step]]
+    assert all(isinstance(s, str) for s in statements)
+    statements.append("CREATE TABLE keruta_schema (version integer NOT NULL)")
+    statements.append("INSERT INTO keruta_schema VALUES (3)")
+    rows = _old_rows()
+
+    def literal(v: Any) -> str:
+        if v is None:
+            return "NULL"
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int):
+            return str(v)
+        return "'" + str(v).replace("'", "''") + "'"
+
+    def insert(table: str, columns: str, values: list[tuple[Any, ...]]) -> str:
+        return f"INSERT INTO {table} ({columns}) VALUES " + ",".join(
+            "(" + ",".join(literal(v) for v in row) + ")" for row in values
+        )
+
+    statements.append(insert("keruta_logs", ", ".join(COLUMNS), rows))
+    for table, values in _old_task_rows(rows).items():
+        statements.append(insert("keruta_" + TABLES[table][0], TABLES[table][1], values))
+    pgpool.admin(pg_url, *statements)
+    store = PostgresStore(pg_url)
+    await store.open()
+    try:
+        await _check_migrated(store)
+    finally:
+        await store.close()
+
+
+COLUMNS = ("task_id", "seq", "id", "ts", "source", "level", "message", "line_number", "metadata", "partial", "kind")
+TABLES = {
+    "tasks": ("tasks", "task_id, state, exit_code, durable_seq, max_seq, first_ts, last_ts, total_logs, updated_at, run_no, runs"),
+    "counts": ("counts", "task_id, source, level, n"),
+    "producers": ("producers", "task_id, producer, run_no, high, state, exit_code, last_write"),
+    "ranges": ("producer_ranges", "task_id, producer, pseq_first, pseq_last, seq_first"),
+}
