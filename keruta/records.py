@@ -140,7 +140,11 @@ def _line_number(_inst: object, _attr: attrs.Attribute, value: object) -> None:
         raise InvalidField("lineNumber", f"must be an integer between 0 and {MAX_SEQ}")
 
 
-@attrs.frozen(slots=True)
+# Not frozen, though nothing changes a record once built: a frozen attrs
+# class's __init__ sets each field through object.__setattr__, which made
+# building a record 4-6x dearer (3.9 vs 0.6 us here), and every line is built
+# at least once on the hub.
+@attrs.define(slots=True, on_setattr=attrs.setters.NO_OP)
 class LogRecord:
     """One line. `id` is assigned by the hub; producers leave it None."""
 
@@ -156,6 +160,40 @@ class LogRecord:
     id: str | None = None
     # Last: the hot paths build records positionally, and a line has none.
     kind: str | None = attrs.field(default=None, validator=_kind)
+
+
+_new = object.__new__
+
+
+def trusted_record(
+    task_id: str,
+    seq: int,
+    timestamp: str,
+    source: str,
+    level: str,
+    message: str,
+    line_number: int | None,
+    metadata: dict[str, Any],
+    partial: bool,
+    id: str | None,  # noqa: A002 - the field's name
+    kind: str | None,
+) -> LogRecord:
+    """A record from values already checked -- the store's own chunks, a
+    record checked on its way in -- built without running the validators again
+    (a third of what building a record costs)."""
+    r = _new(LogRecord)
+    r.task_id = task_id
+    r.seq = seq
+    r.timestamp = timestamp
+    r.source = source
+    r.level = level
+    r.message = message
+    r.line_number = line_number
+    r.metadata = metadata
+    r.partial = partial
+    r.id = id
+    r.kind = kind
+    return r
 
 
 PRODUCER_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")

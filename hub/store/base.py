@@ -62,6 +62,22 @@ def record_id(task_id: str, seq: int) -> str:
     return f"{x[:8]}-{x[8:12]}-5{x[13:16]}-{_VARIANT[x[16]]}{x[17:20]}-{x[20:32]}"
 
 
+def record_ids(task_id: str, first: int, count: int) -> list[str]:
+    """`record_id` of seqs first, first + 1, ... (one call per batch)."""
+    prefix = _ID_PREFIXES.get(task_id)
+    if prefix is None:
+        record_id(task_id, first)
+        prefix = _ID_PREFIXES[task_id]
+    ids = []
+    variant = _VARIANT
+    for seq in range(first, first + count):
+        digest = prefix.copy()
+        digest.update(b"%d" % seq)
+        x = digest.hexdigest()
+        ids.append(f"{x[:8]}-{x[8:12]}-5{x[13:16]}-{variant[x[16]]}{x[17:20]}-{x[20:32]}")
+    return ids
+
+
 # The anonymous producer: a client that names none (docs/identity.md).
 ANONYMOUS = ""
 # Producers whose ids start with this are the hub's own (a writer numbering
@@ -75,7 +91,7 @@ def hub_made(producer: str) -> bool:
     return producer.startswith(HUB_MADE)
 
 
-@attrs.frozen(slots=True)
+@attrs.define(slots=True, on_setattr=attrs.setters.NO_OP)  # not frozen: see keruta.records.LogRecord
 class Incoming:
     """A record on its way into the store, with its identity: `seq` is the
     producer's own (1, 2, 3... per producer), never a task seq; the store gives

@@ -31,7 +31,7 @@ import orjson
 import zstandard
 
 from hub.store.base import record_id
-from keruta.records import LogRecord
+from keruta.records import LogRecord, trusted_record
 
 # At most this many records, and about this many bytes of messages, per chunk:
 # a page or a resumed subscriber opens one or two chunks, not dozens, and a
@@ -180,7 +180,7 @@ def records_of(task_id: str, seq_first: int, cols: dict[str, Any]) -> list[LogRe
     kinds = cols.get("k") or [None] * n
     # Positional, inline: a catching-up subscriber and every page read this way.
     return [
-        LogRecord(
+        trusted_record(
             task_id,
             seqs[i],
             timestamps[i],

@@ -6,8 +6,8 @@ every rule and tests can drive the rules without a database.
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import attrs
@@ -22,8 +22,19 @@ from hub.store.base import (
     LogQuery,
     hub_made,
     record_id,
+    record_ids,
 )
-from keruta.records import InvalidField, LogRecord
+from keruta.levels import LEVELS
+from keruta.limits import MAX_SEQ
+from keruta.records import (
+    KINDS,
+    SOURCES,
+    TASK_ID_RULE,
+    InvalidField,
+    LogRecord,
+    trusted_record,
+    valid_task_id,
+)
 
 T = TypeVar("T")
 
@@ -69,6 +80,12 @@ class ProducerProgress:
             if first <= pseq <= last:
                 return seq_first + pseq - first
         return None
+
+    def take_run(self, first: int, last: int, seq: int) -> None:
+        """Its records `first`..`last` are stored under task seqs from `seq` on by this batch."""
+        self.take(first, seq)
+        self.high = last
+        self.new_ranges[-1][1] = last
 
     def take(self, pseq: int, seq: int) -> None:
         """Its record `pseq` is stored under task seq `seq` by this batch."""
@@ -142,7 +159,7 @@ def same_record(a: LogRecord, b: LogRecord) -> bool:
 
 def _record(item: Incoming, seq: int) -> LogRecord:
     # Positional: this runs for every record stored, and keywords cost more.
-    return LogRecord(
+    return trusted_record(
         item.task_id,
         seq,
         item.timestamp,
@@ -172,8 +189,12 @@ def plan_batch(
     conflict); further above, it is a GAP and is not stored. A client's seq
     never becomes a task seq.
     """
+    check_items(items)
     plan = Plan(records=[], status=[], items=items)
+    skip_to = 0
     for index, item in enumerate(items):
+        if index < skip_to:
+            continue
         key = (item.task_id, item.producer)
         run = producers[key]
         pseq = item.seq
@@ -193,11 +214,81 @@ def plan_batch(
             plan.records.append(None)
             plan.status.append(GAP)
             continue
+        # The usual batch is runs of one producer's next seqs: each run is
+        # given its task seqs and its range at once.
+        end = _run_end(items, index)
+        if end > index + 1:
+            count = end - index
+            task = progress[item.task_id]
+            first = task.next_seq()
+            task.batch_max = first + count - 1
+            run.take_run(pseq, pseq + count - 1, first)
+            plan.records.extend(_records(items[index:end], first))
+            plan.status.extend([INSERTED] * count)
+            skip_to = end
+            continue
         seq = progress[item.task_id].next_seq()
         run.take(pseq, seq)
         plan.records.append(_record(item, seq))
         plan.status.append(INSERTED)
     return plan
+
+
+_SOURCES = frozenset(SOURCES)
+_LEVELS = frozenset(LEVELS)
+_KINDS = frozenset((None, *KINDS))
+
+
+def check_items(items: Sequence[Incoming]) -> None:
+    """What a stored record must be (keruta.records' validators), checked
+    once per batch: the store builds its records without running them again,
+    and a bad item rolls the whole batch back."""
+    for item in items:
+        if item.source not in _SOURCES or item.level not in _LEVELS or item.kind not in _KINDS:
+            # The validators say which field, and how.
+            LogRecord(item.task_id, 1, item.timestamp, item.source, item.level, "", None, {}, False, None, item.kind)
+        line = item.line_number
+        if line is not None and (type(line) is not int or not 0 <= line <= MAX_SEQ):
+            raise InvalidField("lineNumber", f"must be an integer between 0 and {MAX_SEQ}")
+    for task_id in {item.task_id for item in items}:
+        if not valid_task_id(task_id):
+            raise InvalidField("taskId", f"must be {TASK_ID_RULE}")
+
+
+def _run_end(items: Sequence[Incoming], start: int) -> int:
+    """Where the run of one producer's consecutive seqs that starts at `start` ends."""
+    first = items[start]
+    task_id, producer, pseq = first.task_id, first.producer, first.seq
+    end = start + 1
+    for item in items[start + 1 :]:
+        assert pseq is not None
+        pseq += 1
+        if item.seq != pseq or item.producer != producer or item.task_id != task_id:
+            break
+        end += 1
+    return end
+
+
+def _records(items: Sequence[Incoming], first: int) -> list[LogRecord]:
+    """Records for a run of items of one task, given seqs from `first` on."""
+    task_id = items[0].task_id
+    ids = record_ids(task_id, first, len(items))
+    return [
+        trusted_record(
+            task_id,
+            first + k,
+            item.timestamp,
+            item.source,
+            item.level,
+            item.message,
+            item.line_number,
+            item.metadata,
+            item.partial,
+            ids[k],
+            item.kind,
+        )
+        for k, item in enumerate(items)
+    ]
 
 
 def resolve(
@@ -235,16 +326,22 @@ def resolve(
         plan.status[i] = DUPLICATE if held is None or same_record(held, candidate) else CONFLICT
 
 
-def tally(inserted: Iterable[LogRecord], progress: dict[str, TaskProgress]) -> None:
+def tally(inserted: Sequence[LogRecord], progress: dict[str, TaskProgress]) -> None:
+    by_task: dict[str, list[LogRecord]] = {}
     for r in inserted:
-        task = progress[r.task_id]
-        task.count += 1
-        task.counts[(r.source, r.level)] += 1
-        if task.first_ts is None or r.timestamp < task.first_ts:
-            task.first_ts = r.timestamp
-        if task.last_ts is None or r.timestamp > task.last_ts:
-            task.last_ts = r.timestamp
-        task.inserted_max = max(task.inserted_max, r.seq)
+        by_task.setdefault(r.task_id, []).append(r)
+    for task_id, records in by_task.items():
+        task = progress[task_id]
+        task.count += len(records)
+        for key, n in Counter([(r.source, r.level) for r in records]).items():
+            task.counts[key] += n
+        timestamps = [r.timestamp for r in records]
+        low, high = min(timestamps), max(timestamps)
+        if task.first_ts is None or low < task.first_ts:
+            task.first_ts = low
+        if task.last_ts is None or high > task.last_ts:
+            task.last_ts = high
+        task.inserted_max = max(task.inserted_max, max(r.seq for r in records))
 
 
 def counted_filters(query: LogQuery) -> list[tuple[str, str]] | None:
