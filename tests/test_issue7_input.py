@@ -22,7 +22,7 @@ from keruta.timefmt import UTC, canonical_ts, format_ts
 from keruta.wire import FrameError, LogsFrame, decode_client_frame
 from tests import hubclient
 from tests.hubclient import TestHub, Ws, assert_error, fetch_all, logs_path, make_record
-from tests.launch import run_cli_sync
+from tests.support import python_m
 
 hub, hub_factory = hubclient.hub, hubclient.hub_factory  # fixtures
 
@@ -274,7 +274,10 @@ def test_item11_agent_refuses_dot_task_ids(tmp_path: Path, bad: str) -> None:
         (["run", "--spool-dir", str(spool), "--", "true"], {"KERUTA_TASK_ID": bad}),
         (["tail", bad, "--no-follow"], {}),
     ):
-        proc = run_cli_sync("agent", args, env={**os.environ, "KERUTA_HUB_URL": "http://127.0.0.1:9", **env})
+        proc = subprocess.run(
+            python_m("agent", *args), capture_output=True, text=True, timeout=60,
+            env={**os.environ, "KERUTA_HUB_URL": "http://127.0.0.1:9", **env},
+        )
         assert proc.returncode == 2, proc
         assert "'.' or '..'" in proc.stderr, proc.stderr
     assert not spool.exists() or list(spool.iterdir()) == []
