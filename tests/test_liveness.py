@@ -1,4 +1,4 @@
-"""Issue 7, liveness (items 14-18): nothing hangs, nothing dies of a recoverable fault.
+"""Liveness: nothing hangs, nothing dies of a recoverable fault.
 
 In-process tests drive the real writer on a real SQLite store with trio's
 autojump clock (asyncpg's timeouts run on the same clock, so PostgreSQL cannot
@@ -97,7 +97,7 @@ async def writer_on(tmp_path: Path) -> Any:
     await store.close()
 
 
-# --- item 14: every failure to reach the database is an outage -----------------
+# --- every failure to reach the database is an outage -----------------
 
 
 def _pg_error(cls: type[asyncpg.PostgresError], message: str) -> asyncpg.PostgresError:
@@ -121,7 +121,7 @@ def _pg_error(cls: type[asyncpg.PostgresError], message: str) -> asyncpg.Postgre
     ],
     ids=type,
 )
-def test_item14_every_failure_to_reach_the_database_is_transient(error: BaseException) -> None:
+def test_every_failure_to_reach_the_database_is_transient(error: BaseException) -> None:
     assert _transient(error)
 
 
@@ -136,14 +136,14 @@ def test_item14_every_failure_to_reach_the_database_is_transient(error: BaseExce
     ],
     ids=type,
 )
-def test_item14_programming_errors_are_not_transient(error: BaseException) -> None:
+def test_programming_errors_are_not_transient(error: BaseException) -> None:
     assert not _transient(error)
 
 
-# --- item 15: the store is available again after an outage --------------------
+# --- the store is available again after an outage --------------------
 
 
-async def test_item15_writer_available_again_after_outage(writer_on: Any, autojump_clock: trio.abc.Clock) -> None:
+async def test_writer_available_again_after_outage(writer_on: Any, autojump_clock: trio.abc.Clock) -> None:
     outage, inbox, writer = writer_on
     outage.down = True
     async with trio.open_nursery() as nursery:
@@ -156,10 +156,10 @@ async def test_item15_writer_available_again_after_outage(writer_on: Any, autoju
     assert await messages(outage.store, "t15") == ["during"]
 
 
-# --- item 16: a POST answers in time, and a 503 means "not stored" ------------
+# --- a POST answers in time, and a 503 means "not stored" ------------
 
 
-async def test_item16_post_out_of_time_is_withdrawn_not_stored(writer_on: Any, autojump_clock: trio.abc.Clock) -> None:
+async def test_post_out_of_time_is_withdrawn_not_stored(writer_on: Any, autojump_clock: trio.abc.Clock) -> None:
     outage, inbox, writer = writer_on
     outage.down = True
     started = trio.current_time()
@@ -173,7 +173,7 @@ async def test_item16_post_out_of_time_is_withdrawn_not_stored(writer_on: Any, a
     assert await messages(outage.store, "t16") == ["first try"]
 
 
-async def test_item16_post_waits_for_the_commit_in_flight(writer_on: Any, autojump_clock: trio.abc.Clock) -> None:
+async def test_post_waits_for_the_commit_in_flight(writer_on: Any, autojump_clock: trio.abc.Clock) -> None:
     outage, inbox, _writer = writer_on
     outage.gate = trio.Event()
     result: list[Any] = []
@@ -190,7 +190,7 @@ async def test_item16_post_waits_for_the_commit_in_flight(writer_on: Any, autoju
     assert await messages(outage.store, "t16b") == ["in flight"]
 
 
-async def test_item16_post_whose_attempt_fails_after_deadline_is_not_stored(
+async def test_post_whose_attempt_fails_after_deadline_is_not_stored(
     writer_on: Any, autojump_clock: trio.abc.Clock
 ) -> None:
     outage, inbox, _writer = writer_on
@@ -213,7 +213,7 @@ async def test_item16_post_whose_attempt_fails_after_deadline_is_not_stored(
     assert await messages(outage.store, "t16c") == ["next"]
 
 
-# --- PostgreSQL refusing connections: real hub processes ----------------------
+# --- PostgreSQL refusing connections: a real database, agent processes ----------
 
 
 def _refuse_connections(database: str, refuse: bool) -> None:
@@ -235,7 +235,7 @@ async def pg_hub(fresh_pg_url: str) -> AsyncIterator[InProcessHub]:
     # The writer tries its commit at least every 0.5 s, so the store's return
     # is noticed within that instead of the default's 5 s; a POST the outage
     # holds is answered 503 after 2 s instead of the default's 8 (which
-    # test_a_post_out_of_time_is_withdrawn_not_stored holds to 10 s).
+    # test_post_out_of_time_is_withdrawn_not_stored holds to 10 s).
     async with in_process_hubs(lambda: fresh_pg_url, hubclient.TEST_DEADLINE) as hubs:
         try:
             yield await hubs.astart(
@@ -268,7 +268,7 @@ async def healthz(client: httpx.AsyncClient) -> str:
 
 @pytest.mark.slow
 @pytest.mark.pg
-async def test_item14_hub_waits_out_a_database_refusing_connections(pg_hub: InProcessHub, fresh_pg_url: str) -> None:
+async def test_hub_waits_out_a_database_refusing_connections(pg_hub: InProcessHub, fresh_pg_url: str) -> None:
     database = fresh_pg_url.rsplit("/", 1)[1]
     async with httpx.AsyncClient(base_url=pg_hub.url, timeout=30, verify=system_tls()) as client:
         resp, _ = await post_line(client, "t14", "before")
@@ -298,7 +298,7 @@ async def test_item14_hub_waits_out_a_database_refusing_connections(pg_hub: InPr
 
 @pytest.mark.slow
 @pytest.mark.pg
-async def test_item14_outage_refusing_connections_mid_stream(
+async def test_outage_refusing_connections_mid_stream(
     pg_hub: InProcessHub, fresh_pg_url: str, tmp_path: Path
 ) -> None:
     """The issue's "done when": an agent streaming and REST POSTs made while the
@@ -385,7 +385,7 @@ async def rest_all(client: httpx.AsyncClient, task_id: str) -> list[dict[str, An
 
 @pytest.mark.slow
 @pytest.mark.pg
-async def test_item16_flush_gives_up_after_its_timeout_and_keeps_the_spool(
+async def test_flush_gives_up_after_its_timeout_and_keeps_the_spool(
     pg_hub: InProcessHub, fresh_pg_url: str, tmp_path: Path
 ) -> None:
     database = fresh_pg_url.rsplit("/", 1)[1]
@@ -418,7 +418,7 @@ async def test_item16_flush_gives_up_after_its_timeout_and_keeps_the_spool(
         assert [r["message"] for r in await rest_all(client, "t16f")][:1] == ["kept"]
 
 
-# --- item 17: permanent refusals end delivery loudly; frames are measured -----
+# --- permanent refusals end delivery loudly; frames are measured -----
 
 
 @pytest.fixture
@@ -441,7 +441,7 @@ def hub_proc(tmp_path: Path) -> Iterator[Any]:
             print(f"--- hub on {hub.db} ({'running' if alive else 'EXITED'}) ---\n{''.join(hub.output)}")
 
 
-def test_item17_fit_frame_never_exceeds_the_limit() -> None:
+def test_fit_frame_never_exceeds_the_limit() -> None:
     rng = random.Random(17)
     for _ in range(200):
         payloads = [b"x" * rng.randint(1, 5000) for _ in range(rng.randint(1, 300))]
@@ -453,7 +453,7 @@ def test_item17_fit_frame_never_exceeds_the_limit() -> None:
 
 
 @pytest.mark.slow
-async def test_item17_records_that_fill_a_frame_are_sent_in_frames_that_fit(
+async def test_records_that_fill_a_frame_are_sent_in_frames_that_fit(
     sqlite_hub_factory: InProcessHubFactory, tmp_path: Path
 ) -> None:
     """1000 records of ~4.19 KB under a 128-character task id: the spool's
@@ -483,7 +483,7 @@ async def test_item17_records_that_fill_a_frame_are_sent_in_frames_that_fit(
 
 
 @pytest.mark.slow
-async def test_item17_a_bug_in_the_uplink_ends_it_instead_of_looping(
+async def test_a_bug_in_the_uplink_ends_it_instead_of_looping(
     sqlite_hub_factory: InProcessHubFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     hub = await sqlite_hub_factory.astart()
@@ -504,7 +504,7 @@ async def test_item17_a_bug_in_the_uplink_ends_it_instead_of_looping(
 
 
 @pytest.mark.slow
-async def test_item17_a_permanent_refusal_ends_delivery_loudly_and_keeps_the_spool(
+async def test_a_permanent_refusal_ends_delivery_loudly_and_keeps_the_spool(
     sqlite_hub_factory: InProcessHubFactory, tmp_path: Path
 ) -> None:
     hub = await sqlite_hub_factory.astart("--agent-token", "right")
@@ -539,10 +539,10 @@ async def test_item17_a_permanent_refusal_ends_delivery_loudly_and_keeps_the_spo
     assert not (spool / "t17").exists()
 
 
-# --- item 18: no hangs in tail; pings answered while throttled; limiter map; shutdown; STORE_ERROR ---
+# --- no hangs in tail; pings answered while throttled; limiter map; shutdown; STORE_ERROR ---
 
 
-async def test_item18a_tail_gives_up_on_a_hub_that_never_answers(autojump_clock: trio.abc.Clock) -> None:
+async def test_tail_gives_up_on_a_hub_that_never_answers(autojump_clock: trio.abc.Clock) -> None:
     async def silent(stream: trio.SocketStream) -> None:
         async with stream:
             await trio.sleep_forever()
@@ -562,7 +562,7 @@ async def test_item18a_tail_gives_up_on_a_hub_that_never_answers(autojump_clock:
         nursery.cancel_scope.cancel()
 
 
-async def test_item18c_cycling_task_ids_neither_bypasses_the_limit_nor_grows_memory(
+async def test_cycling_task_ids_neither_bypasses_the_limit_nor_grows_memory(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     limiters = Limiters(rate=10, burst=10)
@@ -580,7 +580,7 @@ async def test_item18c_cycling_task_ids_neither_bypasses_the_limit_nor_grows_mem
 
 
 @pytest.mark.slow
-async def test_item18b_pings_are_answered_while_a_producer_is_throttled(
+async def test_pings_are_answered_while_a_producer_is_throttled(
     sqlite_hub_factory: InProcessHubFactory,
 ) -> None:
     hub = await sqlite_hub_factory.astart("--rate-limit", "40", "--rate-burst", "10")
@@ -602,7 +602,7 @@ async def test_item18b_pings_are_answered_while_a_producer_is_throttled(
 
 
 @pytest.mark.slow
-async def test_item18d_shutdown_sends_the_last_ack_and_closes_1001_while_a_subscriber_catches_up(
+async def test_shutdown_sends_the_last_ack_and_closes_1001_while_a_subscriber_catches_up(
     hub_proc: Any,
 ) -> None:
     # An outbox of one frame: a subscriber that reads nothing blocks its catch-up at once.
@@ -649,7 +649,7 @@ def _rename_logs_table(db_url: str, away: bool) -> None:
 
 
 @pytest.mark.slow
-async def test_item18e_store_error_reaches_the_producer_when_its_outbox_is_full(
+async def test_store_error_reaches_the_producer_when_its_outbox_is_full(
     hub_factory: InProcessHubFactory,
 ) -> None:
     hub = await hub_factory.astart("--subscriber-queue", "1")
