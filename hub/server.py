@@ -23,7 +23,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from hub import sendlock
+from hub import hypercorn_patches
 from hub.actors.broadcaster import Broadcaster
 from hub.actors.retention import run_retention
 from hub.actors.writer import STORE_RETRY, Writer, WriteRequest
@@ -34,7 +34,6 @@ from hub.limiters import Limiters
 from hub.metrics import Metrics
 from hub.store import open_store_from_url
 from hub.store.base import Listens, Store, StoreUnavailable
-from hub.ws import wsbuffer
 from keruta.backoff import Backoff
 from keruta.retry import retry
 
@@ -69,32 +68,15 @@ async def _open_store(store: Store) -> None:
     await retry(store.open, backoff=Backoff(initial=0.5, cap=10.0), retryable=(StoreUnavailable,), on_failure=failed)
 
 
-def install_hypercorn_guards() -> None:
-    """Replace two hypercorn internals, process-wide; idempotent. serve() calls
-    it before hypercorn starts, and so must anything else serving this app
-    with hypercorn. Hypercorn has no hook for either:
-
-    - hub/ws/wsbuffer.py: a WebSocket message over the size limit is discarded as
-      it arrives and answered TOO_LARGE, instead of hypercorn's close 1009
-      that leaves the TCP connection open for good;
-    - hub/sendlock.py: a connection's close takes the send lock its pings
-      take (the race ended the hub), an exception in one connection's
-      handler ends only that connection, and a closed WebSocket's ping task
-      ends at once instead of after its next ping interval.
-    """
-    wsbuffer.install()
-    sendlock.install()
-
-
 def _hypercorn_config(config: HubConfig) -> HypercornConfig:
     hc = HypercornConfig()
     host = f"[{config.host}]" if ":" in config.host else config.host
     hc.bind = [f"{host}:{config.port}"]
     # Beyond this a message is discarded as it arrives and answered TOO_LARGE
-    # (hub/ws/wsbuffer.py); up to it, decode_client_frame applies the exact limit.
+    # (hub/hypercorn_patches.py); up to it, decode_client_frame applies the exact limit.
     hc.websocket_max_message_size = config.limits.max_frame_bytes + 1024
     # Pings let hypercorn notice a peer that vanished without a close; their
-    # sends must not race a connection's close (hub/sendlock.py).
+    # sends must not race a connection's close (hub/hypercorn_patches.py).
     hc.websocket_ping_interval = config.ping_interval
     hc.graceful_timeout = config.shutdown_timeout + 2
     hc.accesslog = None
@@ -103,7 +85,9 @@ def _hypercorn_config(config: HubConfig) -> HypercornConfig:
 
 
 async def serve(config: HubConfig, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-    install_hypercorn_guards()
+    # Hypercorn has no hook for what these change (docs/hypercorn-patches.md);
+    # they refuse a hypercorn release they were not written for.
+    hypercorn_patches.install()
     store = open_store_from_url(
         config.db, db_timeout=config.db_timeout, db_ping_interval=config.db_ping_interval
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -14,7 +15,7 @@ from typing import Any
 import trio
 
 from keruta.levels import determine_level
-from tests.launch import Child, spawn
+from tests.support import python_m
 
 # Hang guard only (never a performance assertion).
 PATIENCE = 60.0
@@ -91,7 +92,7 @@ def agent_env(**extra: str) -> dict[str, str]:
 class AgentProcess:
     """A running `python -m agent ...` child; stdout/stderr collected as bytes."""
 
-    def __init__(self, process: Child) -> None:
+    def __init__(self, process: trio.Process) -> None:
         self.process = process
         self.stdout = bytearray()
         self.stderr = bytearray()
@@ -116,7 +117,7 @@ class AgentProcess:
 
     async def wait(self, timeout: float = PATIENCE) -> int:
         with trio.fail_after(timeout):
-            code = await self.process.exited()
+            code = await self.process.wait()
             await self.done.wait()
         return code
 
@@ -137,22 +138,36 @@ class AgentProcess:
 async def agent(
     args: Sequence[str], env: dict[str, str] | None = None
 ) -> AsyncIterator[AgentProcess]:
-    process = spawn("agent", args, env=env if env is not None else agent_env())
+    process = await trio.lowlevel.open_process(
+        python_m("agent", *args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=env if env is not None else agent_env(),
+    )
+    assert process.stdout is not None and process.stderr is not None
     child = AgentProcess(process)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(child._pump, process.stream("stdout"), child.stdout)
-            nursery.start_soon(child._pump, process.stream("stderr"), child.stderr)
+            nursery.start_soon(child._pump, process.stdout, child.stdout)
+            nursery.start_soon(child._pump, process.stderr, child.stderr)
             try:
                 yield child
             finally:
                 process.kill()
                 with trio.CancelScope(shield=True):
-                    await process.exited()
+                    await process.wait()
     finally:
         if child.stderr:
             # Shown by pytest only when the test fails.
             print(f"--- agent {' '.join(args[:6])} stderr ---\n{child.stderr_text[-5000:]}")
+
+
+async def run_agent(
+    args: Sequence[str], *, capture_stderr: bool = False, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """`python -m agent ARGS` to its end (trio.run_process, exit status not checked)."""
+    return await trio.run_process(
+        python_m("agent", *args), check=False, capture_stderr=capture_stderr,
+        env=env if env is not None else agent_env(),
+    )
 
 
 def run_args(hub_url: str, task_id: str, spool: Path, *extra: str) -> list[str]:

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from tests import pgpool
-from tests.launch import ForkServer
 
 PG_DSN_ENV = "KERUTA_TEST_PG_DSN"
 
@@ -42,10 +41,8 @@ async def fresh_pg_database(dsn: str) -> AsyncIterator[str]:
 
 
 def pytest_sessionfinish(session, exitstatus):  # type: ignore[no-untyped-def]
-    """Drop the databases this process made (each xdist worker has its own),
-    and end its fork server (tests/launch.py)."""
+    """Drop the databases this process made (each xdist worker has its own)."""
     pgpool.drop_all_pools()
-    ForkServer.stop()
 
 
 def pytest_configure(config):  # type: ignore[no-untyped-def]

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
 import sys
 from collections import deque
 from collections.abc import Callable
@@ -49,7 +50,6 @@ from agent.spool.root import spooled_tasks
 from agent.spool.segment import SEGMENT_SUFFIX, scan
 from tests import pgpool
 from tests.hubclient import fetch_all, logs_path
-from tests.launch import DEVNULL, PIPE, Child, spawn
 from tests.soakcheck import (
     PROGRAM,
     AgentRun,
@@ -59,7 +59,7 @@ from tests.soakcheck import (
     percentile,
     rest_message,
 )
-from tests.support import HubProcess
+from tests.support import HubProcess, python_m
 
 DEFAULT_SECONDS = 60.0
 WARMUP = 2.0
@@ -151,7 +151,7 @@ class Slot:
     task_id: str
     runs: int = 0
     run: AgentRun | None = None
-    proc: Child | None = None
+    proc: trio.Process | None = None
     started: float = 0.0
     fault: Fault | None = None
     doing: str = "starting"
@@ -308,13 +308,13 @@ class Soak:
         root = self.spool_root(run)
         command = [sys.executable, "-c", PROGRAM, run.tag, str(run.lines), str(LINE_RATE), str(run.seed)]
         args = ["run", "--hub", self.url, "--task-id", run.task_id, "--spool-dir", str(root), *AGENT_ARGS, "--", *command]
-        proc = spawn("agent", args, env=agent_env(), stdout=DEVNULL, stderr=PIPE)
+        proc = await start_agent(args)
         slot.run, slot.proc, slot.started, slot.fault = run, proc, trio.current_time(), None
         slot.doing = f"running {run.tag}"
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.keep_stderr, proc, run.tag)
-                run.exit_code = await proc.exited()
+                run.exit_code = await proc.wait()
         finally:
             proc.kill()  # only if the soak was cut short
         slot.proc = None
@@ -329,9 +329,10 @@ class Soak:
         if run.delivered:
             fault.flushed = trio.current_time()
 
-    async def keep_stderr(self, proc: Child, tag: str) -> None:
+    async def keep_stderr(self, proc: trio.Process, tag: str) -> None:
         lines = self.agent_stderr[tag] = deque(maxlen=40)
-        async with proc.stream("stderr") as stream:
+        assert proc.stderr is not None
+        async with proc.stderr as stream:
             pending = b""
             while chunk := await stream.receive_some(65536):
                 *done, pending = (pending + chunk).split(b"\n")
@@ -348,14 +349,11 @@ class Soak:
                 attempts += 1
                 if slot is not None:
                     slot.doing = f"flushing {run.tag} (attempt {attempts})"
-                proc = spawn(
-                    "agent", ["flush", "--spool-dir", str(root), "--hub", self.url, "--timeout", "30"],
-                    env=agent_env(), stdout=DEVNULL, stderr=PIPE,
-                )
+                proc = await start_agent(["flush", "--spool-dir", str(root), "--hub", self.url, "--timeout", "30"])
                 try:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self.keep_stderr, proc, f"{run.tag} flush")
-                        await proc.exited()
+                        await proc.wait()
                 finally:
                     proc.kill()
                 if spooled_tasks(root):
@@ -515,6 +513,14 @@ class Soak:
 
 def agent_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("KERUTA_")}
+
+
+async def start_agent(args: list[str]) -> trio.Process:
+    """`python -m agent ARGS`, its stderr a pipe the soak reads (keep_stderr)."""
+    return await trio.lowlevel.open_process(
+        python_m("agent", *args), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, env=agent_env(),
+    )
 
 
 def spooled_lines(root: Path) -> dict[str, int]:

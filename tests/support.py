@@ -1,16 +1,25 @@
-"""Running a real hub process for tests: start, wait until it listens, stop,
-kill; and how many examples the fuzz tests generate."""
+"""Running real `python -m hub` and `python -m agent` processes for tests
+(start, wait until the hub listens, stop, kill), and how many examples the
+fuzz tests generate.
+
+A process is started as a user's shell would start it: `sys.executable -m
+MODULE`, through subprocess (sync) or trio (async). Only tests where the
+process is the point start one; the others serve the hub in their own trio
+run (tests/inprocess.py).
+"""
 
 from __future__ import annotations
 
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
-from tests.launch import DEVNULL, Child, spawn
+import trio
 
 # The fuzz tests' budget. The default keeps the suite (and `.ci/run`) bounded;
 # `KERUTA_FUZZ=deep` (`tox -e fuzz`) generates ten times as many examples.
@@ -21,30 +30,40 @@ def fuzz_examples(default: int) -> int:
     return default * FUZZ_SCALE
 
 
+def python_m(module: str, *args: str) -> list[str]:
+    """The command line that starts `python -m MODULE ARGS` with this interpreter."""
+    return [sys.executable, "-m", module, *args]
+
+
+async def exited(proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> int:
+    """Wait in trio for a subprocess.Popen child to end; its exit status."""
+    return await trio.to_thread.run_sync(proc.wait, abandon_on_cancel=True)
+
+
 _LISTENING = re.compile(r"keruta-hub: listening on (http://\S+)")
 
 
 class HubProcess:
     """A `python -m hub` child. `url` is its http://host:port once it listens."""
 
-    def __init__(
-        self, db: str, *args: str, port: int = 0, env: dict[str, str] | None = None, exec_: bool | None = None
-    ) -> None:
+    def __init__(self, db: str, *args: str, port: int = 0, env: dict[str, str] | None = None) -> None:
         self.db = db
         self.args = list(args)
         self.port = port
         self.env = {**os.environ, **(env or {})}
-        self.proc: Child | None = None
+        self.proc: subprocess.Popen[str] | None = None
         self.url = ""
         self.output: list[str] = []
-        # True: always a `python -m hub` start (tests/launch.py spawn), e.g. for an LD_PRELOAD.
-        self.exec_ = exec_
 
     def start(self, timeout: float = 30.0) -> HubProcess:
         args = ["--host", "127.0.0.1", "--port", str(self.port), "--db", self.db, *self.args]
-        self.proc = spawn("hub", args, stdout=DEVNULL, env=self.env, exec_=self.exec_)
+        self.proc = subprocess.Popen(
+            python_m("hub", *args), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, env=self.env, encoding="utf-8", errors="replace",
+        )
         found = threading.Event()
-        stderr = self.proc.file("stderr", text=True)
+        stderr = self.proc.stderr
+        assert stderr is not None
 
         def pump() -> None:
             with stderr:

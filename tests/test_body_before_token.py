@@ -1,4 +1,4 @@
-"""Issue 16, item 3: a request proves its token before the hub reads its body
+"""A request proves its token before the hub reads its body
 (CONTRACT.md, the hub), and an admitted body has a deadline.
 
 Raw sockets, so a test controls exactly which bytes of a request have been sent
@@ -164,7 +164,7 @@ def memory_kib(pid: int) -> dict[str, int]:
 
 
 @pytest.mark.slow
-async def test_b_forty_unauthenticated_4mib_bodies_do_not_grow_the_hub(sqlite_hub_processes: HubFactory) -> None:
+async def test_forty_unauthenticated_4mib_bodies_do_not_grow_the_hub(sqlite_hub_processes: HubFactory) -> None:
     # A process: its memory is what is measured.
     hub = await sqlite_hub_processes.astart(*TOKENS)
     assert hub.proc is not None
@@ -217,7 +217,7 @@ async def test_b_forty_unauthenticated_4mib_bodies_do_not_grow_the_hub(sqlite_hu
 
 
 @pytest.mark.parametrize(("flags", "deadline"), [((), BODY_TIMEOUT), (("--body-timeout", "5"), 5.0)])
-async def test_c_an_authenticated_body_that_stalls_is_dropped_at_the_deadline(
+async def test_an_authenticated_body_that_stalls_is_dropped_at_the_deadline(
     sqlite_hub_factory: InProcessHubFactory, autojump_clock: trio.abc.Clock, flags: tuple[str, ...], deadline: float
 ) -> None:
     hub = await sqlite_hub_factory.astart(*TOKENS, *flags)
@@ -231,7 +231,7 @@ async def test_c_an_authenticated_body_that_stalls_is_dropped_at_the_deadline(
     assert deadline <= waited < deadline + 1, waited
 
 
-async def test_c_a_body_trickled_in_is_dropped_at_the_deadline_too(
+async def test_a_body_trickled_in_is_dropped_at_the_deadline_too(
     sqlite_hub_factory: InProcessHubFactory, autojump_clock: trio.abc.Clock
 ) -> None:
     # The deadline is for the whole body, not between its bytes.
@@ -257,7 +257,7 @@ async def test_c_a_body_trickled_in_is_dropped_at_the_deadline_too(
 # --- (d) what has a valid token still works -----------------------------------
 
 
-async def test_d_valid_requests_with_bodies_still_work(sqlite_hub_factory: InProcessHubFactory) -> None:
+async def test_valid_requests_with_bodies_still_work(sqlite_hub_factory: InProcessHubFactory) -> None:
     hub = await sqlite_hub_factory.astart(*TOKENS)
     async with hub.http(AGENT) as agent, hub.http(ADMIN) as admin, hub.http() as anon:
         # Several on one keep-alive connection, by header and by ?token=.
@@ -285,7 +285,7 @@ async def test_d_valid_requests_with_bodies_still_work(sqlite_hub_factory: InPro
         assert resp.status_code == 200 and resp.json() == {"deletedCount": 4}, resp.text
 
 
-async def test_d_an_open_hub_takes_bodies_without_a_token(sqlite_hub_factory: InProcessHubFactory) -> None:
+async def test_an_open_hub_takes_bodies_without_a_token(sqlite_hub_factory: InProcessHubFactory) -> None:
     hub = await sqlite_hub_factory.astart()
     async with hub.http() as client:
         assert (await client.post(logs_path(TASK), json={"message": "open", "seq": 1})).status_code == 200

@@ -106,7 +106,7 @@ async def test_sigkill_mid_stream_loses_no_acked_record_and_serves_on(hub_proces
 async def test_sigterm_commits_acks_closes_1001_and_exits_0(hub_process_factory: HubFactory) -> None:
     # SIGTERM and the exit code: a process. At the default 5 s ping interval:
     # the shutdown no longer waits for closed WebSockets' ping tasks to wake
-    # (hub/sendlock.py).
+    # (hub/hypercorn_patches.py).
     hub = await hub_process_factory.astart()
     task = "terminated"
     total = 20_000

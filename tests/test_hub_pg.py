@@ -1,12 +1,13 @@
 """Several hubs on one PostgreSQL database, and the database going away.
 
-Real hub processes, a real agent process, real PostgreSQL (KERUTA_TEST_PG_DSN).
+Two hubs served in the test's trio run (tests/inprocess.py), a real agent
+process, real PostgreSQL (KERUTA_TEST_PG_DSN).
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -18,31 +19,31 @@ from agent.http import system_tls
 from keruta.wire import LogsFrame, StatusFrame, SubscribeFrame, decode_hub_frame, dumps
 from tests import pgpool
 from tests.conftest import pg_dsn
-from tests.launch import run_cli
-from tests.support import HubProcess
+from tests.hubclient import TEST_DEADLINE
+from tests.inprocess import InProcessHub, in_process_hubs
+from tests.support import python_m
 
 pytestmark = pytest.mark.pg
 
 
 @pytest.fixture
-def two_hubs(fresh_pg_url: str) -> Iterator[tuple[HubProcess, HubProcess]]:
-    a = HubProcess(fresh_pg_url).start()
-    b = HubProcess(fresh_pg_url).start()
-    try:
-        yield a, b
-    finally:
-        a.stop()
-        b.stop()
+async def two_hubs(fresh_pg_url: str) -> AsyncIterator[tuple[InProcessHub, InProcessHub]]:
+    async with in_process_hubs(lambda: fresh_pg_url, TEST_DEADLINE) as hubs:
+        yield await hubs.astart(), await hubs.astart()
 
 
-def agent_args(hub: HubProcess, task_id: str, spool: str, program: str) -> list[str]:
+async def run_agent(args: list[str]) -> int:
+    return (await trio.run_process(python_m("agent", *args), check=False)).returncode
+
+
+def agent_args(hub: InProcessHub, task_id: str, spool: str, program: str) -> list[str]:
     return [
         "run", "--hub", hub.url, "--task-id", task_id,
         "--spool-dir", spool, "--quiet", "--", sys.executable, "-c", program,
     ]
 
 
-async def follow(hub: HubProcess, task_id: str, into: list[Any], ready: trio.Event) -> None:
+async def follow(hub: InProcessHub, task_id: str, into: list[Any], ready: trio.Event) -> None:
     """Subscribe on `hub` from seq 1 and collect records until the task is finished."""
     async with open_websocket_url(hub.ws_url, max_message_size=64 * 1024 * 1024) as ws:
         await ws.send_message(dumps(SubscribeFrame(task_id, from_seq=1)))
@@ -55,7 +56,7 @@ async def follow(hub: HubProcess, task_id: str, into: list[Any], ready: trio.Eve
                 return
 
 
-async def rest_all(hub: HubProcess, task_id: str) -> list[dict[str, Any]]:
+async def rest_all(hub: InProcessHub, task_id: str) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     async with httpx.AsyncClient(base_url=hub.url, timeout=30, verify=system_tls()) as client:
         after = 0
@@ -70,7 +71,7 @@ async def rest_all(hub: HubProcess, task_id: str) -> list[dict[str, Any]]:
 
 
 async def test_agent_through_hub_a_reaches_subscriber_on_hub_b(
-    two_hubs: tuple[HubProcess, HubProcess], tmp_path: Any
+    two_hubs: tuple[InProcessHub, InProcessHub], tmp_path: Any
 ) -> None:
     a, b = two_hubs
     n = 10_000
@@ -81,8 +82,7 @@ async def test_agent_through_hub_a_reaches_subscriber_on_hub_b(
             ready = trio.Event()
             nursery.start_soon(follow, b, "multi", live, ready)
             await ready.wait()
-            result = await run_cli("agent", agent_args(a, "multi", str(tmp_path / "spool"), program))
-            assert result.returncode == 0
+            assert await run_agent(agent_args(a, "multi", str(tmp_path / "spool"), program)) == 0
     assert [r.seq for r in live] == list(range(1, n + 1)), "hub B's subscriber missed or doubled records"
     assert [r.message for r in live] == [f"line {i}" for i in range(n)]
     stored = await rest_all(b, "multi")
@@ -99,7 +99,7 @@ def _cut_connections(database: str) -> None:
 
 
 async def test_database_connections_cut_mid_stream_lose_and_double_nothing(
-    two_hubs: tuple[HubProcess, HubProcess], fresh_pg_url: str, tmp_path: Any
+    two_hubs: tuple[InProcessHub, InProcessHub], fresh_pg_url: str, tmp_path: Any
 ) -> None:
     a, b = two_hubs
     database = fresh_pg_url.rsplit("/", 1)[1]
@@ -125,8 +125,7 @@ async def test_database_connections_cut_mid_stream_lose_and_double_nothing(
                     await trio.to_thread.run_sync(_cut_connections, database)
 
             nursery.start_soon(cutter)
-            result = await run_cli("agent", agent_args(a, "cut", str(tmp_path / "spool"), program))
-            assert result.returncode == 0
+            assert await run_agent(agent_args(a, "cut", str(tmp_path / "spool"), program)) == 0
     stored = await rest_all(a, "cut")
     assert [r["seq"] for r in stored] == list(range(1, n + 1)), "records lost or doubled in the store"
     assert [r["message"] for r in stored] == [f"line {i}" for i in range(n)]

@@ -50,7 +50,7 @@ def test_always_a_known_level(line: str) -> None:
     assert determine_level(line) in LEVELS
 
 
-def test_issue9_coloured_level_words_are_detected() -> None:
+def test_coloured_level_words_are_detected() -> None:
     # A coloured word is glued to its escape's final letter ("\x1b[31mERROR").
     assert determine_level("\x1b[31;1mERROR\x1b[0m tests failed") == "ERROR"
     assert determine_level("\x1b[33mwarning:\x1b[0m slow") == "WARN"

@@ -1,10 +1,11 @@
-"""Issue 7, liveness (items 14-18): nothing hangs, nothing dies of a recoverable fault.
+"""Liveness: nothing hangs, nothing dies of a recoverable fault.
 
 In-process tests drive the real writer on a real SQLite store with trio's
 autojump clock (asyncpg's timeouts run on the same clock, so PostgreSQL cannot
 share it); an outage is injected by `Outage`, a switch in front of the store.
-On PostgreSQL the same behaviour is tested for real: hub processes against a
-database that refuses connections (ALTER DATABASE ... ALLOW_CONNECTIONS false).
+On PostgreSQL the same behaviour is tested for real: a hub (served in the
+test's trio run) against a database that refuses connections (ALTER DATABASE
+... ALLOW_CONNECTIONS false), with real agent processes.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +41,14 @@ from hub.store.pg_errors import transient as _transient
 from hub.store.sqlite import SQLiteStore
 from keruta.timefmt import now_ts
 from tests import hubclient, pgpool
-from tests.agentclient import free_port
+from tests.agentclient import free_port, run_agent
 from tests.conftest import pg_dsn
 from tests.hubclient import InProcessHubFactory, Ws, make_record
 from tests.hubclient import logs_frame as hc_logs_frame
-from tests.launch import run_cli
+from tests.inprocess import InProcessHub, in_process_hubs
 from tests.support import HubProcess
 
-sqlite_hub_factory = hubclient.sqlite_hub_factory  # a fixture
+sqlite_hub_factory, hub_factory = hubclient.sqlite_hub_factory, hubclient.hub_factory  # fixtures
 
 
 class Outage:
@@ -96,7 +97,7 @@ async def writer_on(tmp_path: Path) -> Any:
     await store.close()
 
 
-# --- item 14: every failure to reach the database is an outage -----------------
+# --- every failure to reach the database is an outage -----------------
 
 
 def _pg_error(cls: type[asyncpg.PostgresError], message: str) -> asyncpg.PostgresError:
@@ -120,7 +121,7 @@ def _pg_error(cls: type[asyncpg.PostgresError], message: str) -> asyncpg.Postgre
     ],
     ids=type,
 )
-def test_item14_every_failure_to_reach_the_database_is_transient(error: BaseException) -> None:
+def test_every_failure_to_reach_the_database_is_transient(error: BaseException) -> None:
     assert _transient(error)
 
 
@@ -135,14 +136,14 @@ def test_item14_every_failure_to_reach_the_database_is_transient(error: BaseExce
     ],
     ids=type,
 )
-def test_item14_programming_errors_are_not_transient(error: BaseException) -> None:
+def test_programming_errors_are_not_transient(error: BaseException) -> None:
     assert not _transient(error)
 
 
-# --- item 15: the store is available again after an outage --------------------
+# --- the store is available again after an outage --------------------
 
 
-async def test_item15_writer_available_again_after_outage(writer_on: Any, autojump_clock: trio.abc.Clock) -> None:
+async def test_writer_available_again_after_outage(writer_on: Any, autojump_clock: trio.abc.Clock) -> None:
     outage, inbox, writer = writer_on
     outage.down = True
     async with trio.open_nursery() as nursery:
@@ -155,10 +156,10 @@ async def test_item15_writer_available_again_after_outage(writer_on: Any, autoju
     assert await messages(outage.store, "t15") == ["during"]
 
 
-# --- item 16: a POST answers in time, and a 503 means "not stored" ------------
+# --- a POST answers in time, and a 503 means "not stored" ------------
 
 
-async def test_item16_post_out_of_time_is_withdrawn_not_stored(writer_on: Any, autojump_clock: trio.abc.Clock) -> None:
+async def test_post_out_of_time_is_withdrawn_not_stored(writer_on: Any, autojump_clock: trio.abc.Clock) -> None:
     outage, inbox, writer = writer_on
     outage.down = True
     started = trio.current_time()
@@ -172,7 +173,7 @@ async def test_item16_post_out_of_time_is_withdrawn_not_stored(writer_on: Any, a
     assert await messages(outage.store, "t16") == ["first try"]
 
 
-async def test_item16_post_waits_for_the_commit_in_flight(writer_on: Any, autojump_clock: trio.abc.Clock) -> None:
+async def test_post_waits_for_the_commit_in_flight(writer_on: Any, autojump_clock: trio.abc.Clock) -> None:
     outage, inbox, _writer = writer_on
     outage.gate = trio.Event()
     result: list[Any] = []
@@ -189,7 +190,7 @@ async def test_item16_post_waits_for_the_commit_in_flight(writer_on: Any, autoju
     assert await messages(outage.store, "t16b") == ["in flight"]
 
 
-async def test_item16_post_whose_attempt_fails_after_deadline_is_not_stored(
+async def test_post_whose_attempt_fails_after_deadline_is_not_stored(
     writer_on: Any, autojump_clock: trio.abc.Clock
 ) -> None:
     outage, inbox, _writer = writer_on
@@ -212,7 +213,7 @@ async def test_item16_post_whose_attempt_fails_after_deadline_is_not_stored(
     assert await messages(outage.store, "t16c") == ["next"]
 
 
-# --- PostgreSQL refusing connections: real hub processes ----------------------
+# --- PostgreSQL refusing connections: a real database, agent processes ----------
 
 
 def _refuse_connections(database: str, refuse: bool) -> None:
@@ -229,21 +230,20 @@ async def refuse_connections(database: str, refuse: bool) -> None:
 
 
 @pytest.fixture
-def pg_hub(fresh_pg_url: str) -> Iterator[HubProcess]:
+async def pg_hub(fresh_pg_url: str) -> AsyncIterator[InProcessHub]:
     # Retention every 0.2 s: a pass runs while the database refuses connections.
     # The writer tries its commit at least every 0.5 s, so the store's return
     # is noticed within that instead of the default's 5 s; a POST the outage
     # holds is answered 503 after 2 s instead of the default's 8 (which
-    # test_item16_post_out_of_time_is_withdrawn_not_stored holds to 10 s).
-    hub = HubProcess(
-        fresh_pg_url, "--retention-days", "1", "--retention-interval", "0.2",
-        "--store-retry-max", "0.5", "--post-timeout", "2",
-    ).start()
-    try:
-        yield hub
-    finally:
-        _refuse_connections(fresh_pg_url.rsplit("/", 1)[1], False)
-        hub.stop()
+    # test_post_out_of_time_is_withdrawn_not_stored holds to 10 s).
+    async with in_process_hubs(lambda: fresh_pg_url, hubclient.TEST_DEADLINE) as hubs:
+        try:
+            yield await hubs.astart(
+                "--retention-days", "1", "--retention-interval", "0.2",
+                "--store-retry-max", "0.5", "--post-timeout", "2",
+            )
+        finally:
+            await refuse_connections(fresh_pg_url.rsplit("/", 1)[1], False)
 
 
 async def post_line(client: httpx.AsyncClient, task_id: str, message: str) -> tuple[httpx.Response, float]:
@@ -252,12 +252,11 @@ async def post_line(client: httpx.AsyncClient, task_id: str, message: str) -> tu
     return resp, trio.current_time() - started
 
 
-async def restarted_twice(hub: HubProcess, *actors: str) -> None:
+async def restarted_twice(hub: InProcessHub, *actors: str) -> None:
     """Wait until each actor has failed twice in a row on the outage (it was
     restarted once and failed again), as the hub's log says."""
     with trio.fail_after(30):
-        while not all(f"{actor} failed (2 in a row)" in "".join(hub.output) for actor in actors):
-            assert hub.proc is not None and hub.proc.poll() is None, "the hub exited:\n" + "".join(hub.output)
+        while not all(f"{actor} failed (2 in a row)" in hub.stderr_text for actor in actors):
             await trio.sleep(0.05)
 
 
@@ -269,16 +268,15 @@ async def healthz(client: httpx.AsyncClient) -> str:
 
 @pytest.mark.slow
 @pytest.mark.pg
-async def test_item14_hub_waits_out_a_database_refusing_connections(pg_hub: HubProcess, fresh_pg_url: str) -> None:
+async def test_hub_waits_out_a_database_refusing_connections(pg_hub: InProcessHub, fresh_pg_url: str) -> None:
     database = fresh_pg_url.rsplit("/", 1)[1]
-    assert pg_hub.proc is not None
     async with httpx.AsyncClient(base_url=pg_hub.url, timeout=30, verify=system_tls()) as client:
         resp, _ = await post_line(client, "t14", "before")
         assert resp.status_code == 200
         await refuse_connections(database, True)
         # The notifier's LISTEN connection and retention both meet the refusal.
         await restarted_twice(pg_hub, "notifier", "retention")
-        assert pg_hub.proc.poll() is None, "the hub exited:\n" + "".join(pg_hub.output)
+        assert pg_hub.alive
         resp, took = await post_line(client, "t14", "during")
         assert resp.status_code == 503 and "Retry-After" in resp.headers, resp.text
         assert took <= 10.0, f"the POST took {took:.1f} s"
@@ -295,20 +293,19 @@ async def test_item14_hub_waits_out_a_database_refusing_connections(pg_hub: HubP
         assert await healthz(client) == "ok", "the store is back but /healthz says unavailable"
         page = (await client.get("/api/v1/tasks/t14/logs")).json()["content"]
         assert [r["message"] for r in page] == ["before", "after"], "a POST answered 503 was stored"
-    assert pg_hub.proc.poll() is None, "the hub exited:\n" + "".join(pg_hub.output)
+    assert pg_hub.alive
 
 
 @pytest.mark.slow
 @pytest.mark.pg
-async def test_item14_outage_refusing_connections_mid_stream(
-    pg_hub: HubProcess, fresh_pg_url: str, tmp_path: Path
+async def test_outage_refusing_connections_mid_stream(
+    pg_hub: InProcessHub, fresh_pg_url: str, tmp_path: Path
 ) -> None:
     """The issue's "done when": an agent streaming and REST POSTs made while the
     database refuses connections for five seconds. Every line is stored once,
     every POST is answered in time (200, or 503 and then retried), the hub
     stays up and /healthz is healthy afterwards."""
     database = fresh_pg_url.rsplit("/", 1)[1]
-    assert pg_hub.proc is not None
     n = 4000
     # About 6.4 seconds of output: the five-second outage starts about half a
     # second in, so the stream runs before, through and after it.
@@ -346,10 +343,10 @@ async def test_item14_outage_refusing_connections_mid_stream(
             async with trio.open_nursery() as nursery:
                 result: list[subprocess.CompletedProcess[bytes]] = []
 
-                async def run_agent() -> None:
-                    result.append(await run_cli("agent", agent, capture_stderr=True))
+                async def stream() -> None:
+                    result.append(await run_agent(agent, capture_stderr=True))
 
-                nursery.start_soon(run_agent)
+                nursery.start_soon(stream)
                 while True:
                     resp = await client.get("/api/v1/tasks/outage")
                     if resp.status_code == 200 and resp.json()["totalLogs"] >= 200:
@@ -359,7 +356,7 @@ async def test_item14_outage_refusing_connections_mid_stream(
                 for i in range(4):
                     nursery.start_soon(poster, i)
                 await trio.sleep(5)
-                assert pg_hub.proc.poll() is None, "the hub exited:\n" + "".join(pg_hub.output)
+                assert pg_hub.alive
                 await refuse_connections(database, False)
         assert result[0].returncode == 0, result[0].stderr.decode()
         assert all(took <= 10.0 for _, took in answers), f"slow POST answers: {answers}"
@@ -370,7 +367,7 @@ async def test_item14_outage_refusing_connections_mid_stream(
         rest = [r["message"] for r in await rest_all(client, "outage-rest")]
         assert sorted(rest) == sorted(posted) and len(rest) == 12, f"POSTed lines lost or doubled: {rest}"
         assert await healthz(client) == "ok"
-    assert pg_hub.proc.poll() is None, "the hub exited:\n" + "".join(pg_hub.output)
+    assert pg_hub.alive
 
 
 async def rest_all(client: httpx.AsyncClient, task_id: str) -> list[dict[str, Any]]:
@@ -388,14 +385,13 @@ async def rest_all(client: httpx.AsyncClient, task_id: str) -> list[dict[str, An
 
 @pytest.mark.slow
 @pytest.mark.pg
-async def test_item16_flush_gives_up_after_its_timeout_and_keeps_the_spool(
-    pg_hub: HubProcess, fresh_pg_url: str, tmp_path: Path
+async def test_flush_gives_up_after_its_timeout_and_keeps_the_spool(
+    pg_hub: InProcessHub, fresh_pg_url: str, tmp_path: Path
 ) -> None:
     database = fresh_pg_url.rsplit("/", 1)[1]
     spool = tmp_path / "spool"
     # No hub listens there: the record stays in the spool.
-    left = await run_cli(
-        "agent",
+    left = await run_agent(
         ["run", "--hub", f"http://127.0.0.1:{free_port()}",
          "--task-id", "t16f", "--spool-dir", str(spool), "--quiet", "--drain-timeout", "0",
          "--", sys.executable, "-c", "print('kept')"],
@@ -407,7 +403,7 @@ async def test_item16_flush_gives_up_after_its_timeout_and_keeps_the_spool(
     await refuse_connections(database, True)
     started = trio.current_time()
     with trio.fail_after(60):
-        gave_up = await run_cli("agent", flush + ["--timeout", "1.5"], capture_stderr=True)
+        gave_up = await run_agent(flush + ["--timeout", "1.5"], capture_stderr=True)
     took = trio.current_time() - started
     stderr = gave_up.stderr.decode()
     assert gave_up.returncode == 1, stderr
@@ -416,13 +412,13 @@ async def test_item16_flush_gives_up_after_its_timeout_and_keeps_the_spool(
     assert (spool / "t16f").exists(), "flush dropped the spool it could not deliver"
     await refuse_connections(database, False)
     with trio.fail_after(60):
-        done = await run_cli("agent", flush, capture_stderr=True)
+        done = await run_agent(flush, capture_stderr=True)
     assert done.returncode == 0, done.stderr.decode()
     async with httpx.AsyncClient(base_url=pg_hub.url, timeout=30, verify=system_tls()) as client:
         assert [r["message"] for r in await rest_all(client, "t16f")][:1] == ["kept"]
 
 
-# --- item 17: permanent refusals end delivery loudly; frames are measured -----
+# --- permanent refusals end delivery loudly; frames are measured -----
 
 
 @pytest.fixture
@@ -445,7 +441,7 @@ def hub_proc(tmp_path: Path) -> Iterator[Any]:
             print(f"--- hub on {hub.db} ({'running' if alive else 'EXITED'}) ---\n{''.join(hub.output)}")
 
 
-def test_item17_fit_frame_never_exceeds_the_limit() -> None:
+def test_fit_frame_never_exceeds_the_limit() -> None:
     rng = random.Random(17)
     for _ in range(200):
         payloads = [b"x" * rng.randint(1, 5000) for _ in range(rng.randint(1, 300))]
@@ -457,7 +453,7 @@ def test_item17_fit_frame_never_exceeds_the_limit() -> None:
 
 
 @pytest.mark.slow
-async def test_item17_records_that_fill_a_frame_are_sent_in_frames_that_fit(
+async def test_records_that_fill_a_frame_are_sent_in_frames_that_fit(
     sqlite_hub_factory: InProcessHubFactory, tmp_path: Path
 ) -> None:
     """1000 records of ~4.19 KB under a 128-character task id: the spool's
@@ -487,7 +483,7 @@ async def test_item17_records_that_fill_a_frame_are_sent_in_frames_that_fit(
 
 
 @pytest.mark.slow
-async def test_item17_a_bug_in_the_uplink_ends_it_instead_of_looping(
+async def test_a_bug_in_the_uplink_ends_it_instead_of_looping(
     sqlite_hub_factory: InProcessHubFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     hub = await sqlite_hub_factory.astart()
@@ -508,15 +504,14 @@ async def test_item17_a_bug_in_the_uplink_ends_it_instead_of_looping(
 
 
 @pytest.mark.slow
-async def test_item17_a_permanent_refusal_ends_delivery_loudly_and_keeps_the_spool(
+async def test_a_permanent_refusal_ends_delivery_loudly_and_keeps_the_spool(
     sqlite_hub_factory: InProcessHubFactory, tmp_path: Path
 ) -> None:
     hub = await sqlite_hub_factory.astart("--agent-token", "right")
     spool = tmp_path / "spool"
     started = trio.current_time()
     with trio.fail_after(60):
-        ran = await run_cli(
-            "agent",
+        ran = await run_agent(
             ["run", "--hub", hub.url, "--token", "wrong",
              "--task-id", "t17", "--spool-dir", str(spool), "--quiet", "--drain-timeout", "60",
              "--", sys.executable, "-c", "print('hello'); raise SystemExit(3)"],
@@ -529,25 +524,25 @@ async def test_item17_a_permanent_refusal_ends_delivery_loudly_and_keeps_the_spo
     assert "ERROR" in stderr and "unauthorized" in stderr.lower(), stderr
     assert (spool / "t17").exists()
     with trio.fail_after(60):
-        flushed = await run_cli(
-            "agent", ["flush", "--hub", hub.url, "--token", "wrong", "--spool-dir", str(spool)], capture_stderr=True
+        flushed = await run_agent(
+            ["flush", "--hub", hub.url, "--token", "wrong", "--spool-dir", str(spool)], capture_stderr=True
         )
     assert flushed.returncode == 1
     assert "unauthorized" in flushed.stderr.decode().lower(), flushed.stderr.decode()
     assert (spool / "t17").exists()
     # With the right token, flush delivers what was kept.
     with trio.fail_after(60):
-        flushed = await run_cli(
-            "agent", ["flush", "--hub", hub.url, "--token", "right", "--spool-dir", str(spool)], capture_stderr=True
+        flushed = await run_agent(
+            ["flush", "--hub", hub.url, "--token", "right", "--spool-dir", str(spool)], capture_stderr=True
         )
     assert flushed.returncode == 0, flushed.stderr.decode()
     assert not (spool / "t17").exists()
 
 
-# --- item 18: no hangs in tail; pings answered while throttled; limiter map; shutdown; STORE_ERROR ---
+# --- no hangs in tail; pings answered while throttled; limiter map; shutdown; STORE_ERROR ---
 
 
-async def test_item18a_tail_gives_up_on_a_hub_that_never_answers(autojump_clock: trio.abc.Clock) -> None:
+async def test_tail_gives_up_on_a_hub_that_never_answers(autojump_clock: trio.abc.Clock) -> None:
     async def silent(stream: trio.SocketStream) -> None:
         async with stream:
             await trio.sleep_forever()
@@ -567,7 +562,7 @@ async def test_item18a_tail_gives_up_on_a_hub_that_never_answers(autojump_clock:
         nursery.cancel_scope.cancel()
 
 
-async def test_item18c_cycling_task_ids_neither_bypasses_the_limit_nor_grows_memory(
+async def test_cycling_task_ids_neither_bypasses_the_limit_nor_grows_memory(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     limiters = Limiters(rate=10, burst=10)
@@ -585,7 +580,7 @@ async def test_item18c_cycling_task_ids_neither_bypasses_the_limit_nor_grows_mem
 
 
 @pytest.mark.slow
-async def test_item18b_pings_are_answered_while_a_producer_is_throttled(
+async def test_pings_are_answered_while_a_producer_is_throttled(
     sqlite_hub_factory: InProcessHubFactory,
 ) -> None:
     hub = await sqlite_hub_factory.astart("--rate-limit", "40", "--rate-burst", "10")
@@ -607,7 +602,7 @@ async def test_item18b_pings_are_answered_while_a_producer_is_throttled(
 
 
 @pytest.mark.slow
-async def test_item18d_shutdown_sends_the_last_ack_and_closes_1001_while_a_subscriber_catches_up(
+async def test_shutdown_sends_the_last_ack_and_closes_1001_while_a_subscriber_catches_up(
     hub_proc: Any,
 ) -> None:
     # An outbox of one frame: a subscriber that reads nothing blocks its catch-up at once.
@@ -654,32 +649,31 @@ def _rename_logs_table(db_url: str, away: bool) -> None:
 
 
 @pytest.mark.slow
-async def test_item18e_store_error_reaches_the_producer_when_its_outbox_is_full(db_url: str) -> None:
-    hub = HubProcess(db_url, "--subscriber-queue", "1")
-    await trio.to_thread.run_sync(hub.start)
-    try:
-        big = "x" * 10_000
-        async with open_websocket_url(hub.ws_url, max_message_size=64 * 1024 * 1024) as conn:
-            writer = Ws(conn)
-            for start in range(1, 2001, 100):
-                await writer.send(hc_logs_frame("t18e-src", (make_record("t18e-src", s, big) for s in range(start, start + 100))))
-            with trio.fail_after(60):
-                await writer.wait_ack("t18e-src", 2000)
-        async with open_websocket_url(hub.ws_url, max_message_size=64 * 1024 * 1024) as conn:
-            ws = Ws(conn)
-            await ws.subscribe("t18e-src", from_seq=1)
-            await trio.sleep(1.0)  # the catch-up fills the one-frame outbox and waits
-            await trio.to_thread.run_sync(_rename_logs_table, db_url, True)
-            await ws.send(hc_logs_frame("t18e", (make_record("t18e", s) for s in range(1, 6))))
-            with trio.fail_after(30):  # the commit has failed
-                while "append of 5 records failed" not in "".join(hub.output):
-                    await trio.sleep(0.02)
-            await trio.to_thread.run_sync(_rename_logs_table, db_url, False)
-            with trio.fail_after(30):
-                while True:
-                    frame = await ws.recv()
-                    if frame["type"] == "error":
-                        break
-            assert frame["code"] == "STORE_ERROR", frame
-    finally:
-        hub.stop()
+async def test_store_error_reaches_the_producer_when_its_outbox_is_full(
+    hub_factory: InProcessHubFactory,
+) -> None:
+    hub = await hub_factory.astart("--subscriber-queue", "1")
+    db_url = hub.db
+    big = "x" * 10_000
+    async with open_websocket_url(hub.ws_url, max_message_size=64 * 1024 * 1024) as conn:
+        writer = Ws(conn)
+        for start in range(1, 2001, 100):
+            await writer.send(hc_logs_frame("t18e-src", (make_record("t18e-src", s, big) for s in range(start, start + 100))))
+        with trio.fail_after(60):
+            await writer.wait_ack("t18e-src", 2000)
+    async with open_websocket_url(hub.ws_url, max_message_size=64 * 1024 * 1024) as conn:
+        ws = Ws(conn)
+        await ws.subscribe("t18e-src", from_seq=1)
+        await trio.sleep(1.0)  # the catch-up fills the one-frame outbox and waits
+        await trio.to_thread.run_sync(_rename_logs_table, db_url, True)
+        await ws.send(hc_logs_frame("t18e", (make_record("t18e", s) for s in range(1, 6))))
+        with trio.fail_after(30):  # the commit has failed
+            while "append of 5 records failed" not in hub.stderr_text:
+                await trio.sleep(0.02)
+        await trio.to_thread.run_sync(_rename_logs_table, db_url, False)
+        with trio.fail_after(30):
+            while True:
+                frame = await ws.recv()
+                if frame["type"] == "error":
+                    break
+        assert frame["code"] == "STORE_ERROR", frame

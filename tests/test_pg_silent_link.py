@@ -28,6 +28,7 @@ import trio
 from tests import pgpool
 from tests.hubclient import PATIENCE, TEST_DEADLINE, TestHub, Ws, logs_path
 from tests.inprocess import InProcessHub, InProcessHubFactory, in_process_hubs
+from tests.support import exited
 from tests.tcpproxy import TcpProxy, target_of, tcp_proxy
 
 pytestmark = pytest.mark.pg
@@ -180,7 +181,7 @@ async def test_sigterm_stops_a_hub_whose_database_link_is_frozen(fresh_pg_url: s
             # hub's shutdown timeout), then for the database only as long as
             # --db-timeout: not for a server that will never answer.
             with trio.move_on_after(10.0 + 4 * TIMEOUT + 10.0):
-                code = await hub.proc.exited()
+                code = await exited(hub.proc)
                 assert code == 0, hub.stderr_text
                 return
             pytest.fail("the hub did not exit after SIGTERM:\n" + hub.stderr_text)

@@ -102,8 +102,8 @@ async def test_a_slow_fsync_never_stops_the_event_loop(tmp_path: Path, slow_sync
     (the last connection's close checkpoints) keeps off the loop too."""
     log = tmp_path / "syncs.log"
     env = {"LD_PRELOAD": str(slow_sync_shim), "SLOW_SYNC_LOG": str(log), "SLOW_SYNC_MS": str(SLOW_SYNC_MS)}
-    # A preload takes effect only when an interpreter starts, not in a fork.
-    hub = HubProcess(sqlite_url(tmp_path / "slow.db"), env=env, exec_=True)
+    # A preload takes effect only when an interpreter starts: a hub process.
+    hub = HubProcess(sqlite_url(tmp_path / "slow.db"), env=env)
     await trio.to_thread.run_sync(hub.start)
     task, total, per_frame = "slow-disk", 2_400, 16
     message = "x" * 3_000

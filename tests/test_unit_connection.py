@@ -21,11 +21,11 @@ from hub.actors.writer import Writer, WriteRequest
 from hub.auth import Role
 from hub.config import HubConfig
 from hub.deps import ConnectionDeps
+from hub.hypercorn_patches import OVERSIZED
 from hub.limiters import Limiters
 from hub.metrics import Metrics
 from hub.store.sqlite import SQLiteStore
 from hub.ws.connection import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER, Connection
-from hub.ws.wsbuffer import OVERSIZED
 from tests.hubclient import batch_frames, encode_record, logs_frame, make_record
 
 TASK = "t"
@@ -242,7 +242,7 @@ async def test_bad_frames_get_error_frames_and_the_connection_serves_on(sqlite_s
         bad: list[tuple[Frame | str | None, str]] = [
             ("{not json", "INVALID_MESSAGE_FORMAT"),
             ({"type": "launch"}, "INVALID_MESSAGE_FORMAT"),
-            (OVERSIZED, "TOO_LARGE"),  # what hub/ws/wsbuffer.py hands on for a frame over the limit
+            (OVERSIZED, "TOO_LARGE"),  # what hub/hypercorn_patches.py hands on for a frame over the limit
             (None, "INVALID_MESSAGE_FORMAT"),  # an empty binary message, as Quart passes it on
             (logs_frame(TASK, [make_record(TASK, 1)]), "FORBIDDEN"),  # a viewer may not write
         ]

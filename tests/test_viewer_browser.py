@@ -8,6 +8,7 @@ the task page of the agent run as a PNG (docs/viewer.png is made this way).
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -22,8 +23,7 @@ import trio
 from agent.http import system_tls
 from tests.agentclient import agent_env, run_args
 from tests.hubclient import batch_frames, ws_connect
-from tests.launch import DEVNULL, Child, spawn
-from tests.support import HubProcess, sqlite_url
+from tests.support import HubProcess, python_m, sqlite_url
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -185,9 +185,12 @@ def stored_total(hub: HubProcess, task_id: str) -> int:
     return int(resp.json()["totalLogs"]) if resp.status_code == 200 else 0
 
 
-def start_agent(hub: HubProcess, task_id: str, spool: Path, code: str, *args: str) -> Child:
+def start_agent(hub: HubProcess, task_id: str, spool: Path, code: str, *args: str) -> subprocess.Popen[bytes]:
     args_ = [*run_args(hub.url, task_id, spool, "--quiet"), sys.executable, "-c", code, *args]
-    return spawn("agent", args_, stdout=DEVNULL, stderr=DEVNULL, env=agent_env())
+    return subprocess.Popen(
+        python_m("agent", *args_), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, env=agent_env(),
+    )
 
 
 # A build as a person would watch it: colours in all three forms, bold and

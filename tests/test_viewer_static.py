@@ -29,7 +29,7 @@ def bearer_protocol(token: str) -> str:
     return "bearer." + base64.urlsafe_b64encode(token.encode()).decode().rstrip("=")
 
 
-async def test_issue9_viewer_files_are_served_with_their_types(hub: TestHub) -> None:
+async def test_viewer_files_are_served_with_their_types(hub: TestHub) -> None:
     async with hub.http() as client:
         for path in ("/", "/tasks/some-task"):
             resp = await client.get(path)
@@ -55,7 +55,7 @@ async def test_issue9_viewer_files_are_served_with_their_types(hub: TestHub) -> 
             assert "import" not in resp.text
 
 
-def test_issue9_viewer_loads_nothing_from_elsewhere() -> None:
+def test_viewer_loads_nothing_from_elsewhere() -> None:
     static = files("hub") / "static"
     for entry in static.iterdir():
         text = entry.read_text(encoding="utf-8")
@@ -69,7 +69,7 @@ async def guarded(hub_factory: InProcessHubFactory) -> InProcessHub:
     return await hub_factory.astart("--agent-token", AGENT, "--viewer-token", VIEWER)
 
 
-async def test_issue9_websocket_token_as_subprotocol(guarded: TestHub) -> None:
+async def test_websocket_token_as_subprotocol(guarded: TestHub) -> None:
     async with hubclient.ws_connect(guarded.ws_url, token=AGENT) as writer:
         await writer.send(logs_frame("t", [make_record("t", 1)]))
         await writer.wait_ack("t", 1)

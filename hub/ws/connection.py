@@ -30,6 +30,7 @@ import trio
 from hub.actors.writer import StatusChange, WriteOutcome, WriteRequest
 from hub.auth import Role
 from hub.deps import ConnectionDeps
+from hub.hypercorn_patches import OVERSIZED
 from hub.ingest import from_records
 from hub.store.base import StoreUnavailable
 from hub.ws.acks import WRITE_REPLY_BYTES, Replies
@@ -41,7 +42,6 @@ from hub.ws.subscription import (
     check_subscribe,
     slow_consumer_frames,
 )
-from hub.ws.wsbuffer import OVERSIZED
 from keruta.backoff import Backoff
 from keruta.retry import retry
 from keruta.timefmt import now_ts

@@ -1,4 +1,4 @@
-"""Who owns a task's seq space (issue 7, items 1-6; docs/identity.md).
+"""Who owns a task's seq space (docs/identity.md).
 
 The hub does: an agent run is a producer with its own counter, and the hub
 gives each of its records the next task seq. Every acked line is a stored line,
@@ -46,7 +46,7 @@ async def messages(store, task: str = "t1") -> list[tuple[int, str]]:  # type: i
 # --- the store --------------------------------------------------------------
 
 
-async def test_item01_two_producers_of_one_task_are_both_stored_in_order(store):
+async def test_two_producers_of_one_task_are_both_stored_in_order(store):
     first = await store.append([inc(1, "a1", producer="run-a"), inc(2, "a2", producer="run-a")])
     assert first.status == [INSERTED, INSERTED]
     assert first.producers == {("t1", "run-a"): 2}
@@ -62,7 +62,7 @@ async def test_item01_two_producers_of_one_task_are_both_stored_in_order(store):
     assert await messages(store) == [(1, "a1"), (2, "a2"), (3, "b1"), (4, "b2"), (5, "b3")]
 
 
-async def test_item02_one_producers_seqs_never_take_anothers_records(store):
+async def test_one_producers_seqs_never_take_anothers_records(store):
     await store.append([inc(1, "agent 1", producer="run"), inc(1, "posted 1")])
     await store.append([inc(2, "posted 2"), inc(2, "agent 2", producer="run")])
     await store.append([inc(3, "agent 3", producer="run")])
@@ -75,7 +75,7 @@ async def test_item02_one_producers_seqs_never_take_anothers_records(store):
     ]
 
 
-async def test_item03_a_different_record_under_a_stored_identity_is_a_conflict(store):
+async def test_a_different_record_under_a_stored_identity_is_a_conflict(store):
     await store.append([inc(1, "one"), inc(1, "one", producer="run")])
     result = await store.append(
         [inc(1, "one"), inc(1, "not one"), inc(1, "one", producer="run"), inc(1, "other", producer="run")]
@@ -88,14 +88,14 @@ async def test_item03_a_different_record_under_a_stored_identity_is_a_conflict(s
     assert await messages(store) == [(1, "one"), (2, "one"), (3, "two")]
 
 
-async def test_item03_a_producer_record_past_a_gap_is_not_stored(store):
+async def test_a_producer_record_past_a_gap_is_not_stored(store):
     await store.append([inc(1, producer="run")])
     result = await store.append([inc(3, producer="run"), inc(2, producer="run")])
     assert result.status == [GAP, INSERTED]
     assert result.producers == {("t1", "run"): 2}
 
 
-async def test_item05_a_record_resent_after_delete_is_not_stored_again(store):
+async def test_a_record_resent_after_delete_is_not_stored_again(store):
     await store.append([inc(s) for s in (1, 2, 3)] + [inc(s, f"p{s}", producer="run") for s in (1, 2)])
     assert await store.delete("t1", None) == 5
     again = await store.append([inc(s) for s in (1, 2, 3)] + [inc(s, f"p{s}", producer="run") for s in (1, 2)])
@@ -108,7 +108,7 @@ async def test_item05_a_record_resent_after_delete_is_not_stored_again(store):
     assert after.records[0] is not None and after.records[0].seq == 6
 
 
-async def test_item06_states_only_move_forward(store):
+async def test_states_only_move_forward(store):
     await store.set_state("t1", "running", None, "run-a")
     await store.set_state("t1", "failed", 2, "run-a")
     # A stale `running` of the same run, committed late (another hub, a resend).
@@ -131,7 +131,7 @@ async def test_item06_states_only_move_forward(store):
 
 
 @pytest.mark.pg
-async def test_item06_two_hubs_a_stale_running_never_overwrites_a_final_state(pg_url):
+async def test_two_hubs_a_stale_running_never_overwrites_a_final_state(pg_url):
     from hub.store.postgres import PostgresStore
 
     hub_a, hub_b = PostgresStore(pg_url), PostgresStore(pg_url)
@@ -152,7 +152,7 @@ async def test_item06_two_hubs_a_stale_running_never_overwrites_a_final_state(pg
 # --- the spool --------------------------------------------------------------
 
 
-def test_item04_the_spool_keeps_its_highest_seq_when_its_segments_go(tmp_path: Path) -> None:
+def test_the_spool_keeps_its_highest_seq_when_its_segments_go(tmp_path: Path) -> None:
     spool = Spool.open(tmp_path, "t1", max_bytes=64 * 1024)
     producer = spool.producer
     payload = b"x" * 200
@@ -179,7 +179,7 @@ def producer_frame(task: str, producer: str, seqs: range, text: str = "line") ->
     return encode_bytes(LogsFrame(task, records, producer)).decode()
 
 
-async def test_item03_hub_answers_seq_conflict_and_never_acks_it(hub: TestHub) -> None:
+async def test_hub_answers_seq_conflict_and_never_acks_it(hub: TestHub) -> None:
     task = "conflict"
     async with hub.ws() as ws:
         await ws.send(hubclient.logs_frame(task, [make_record(task, 1, "one")]))
@@ -221,7 +221,7 @@ async def test_item03_hub_answers_seq_conflict_and_never_acks_it(hub: TestHub) -
     ]
 
 
-async def test_item01_item06_a_task_id_used_again_keeps_both_runs(hub: TestHub, tmp_path: Path) -> None:
+async def test_a_task_id_used_again_keeps_both_runs(hub: TestHub, tmp_path: Path) -> None:
     spool = tmp_path / "spool"
     script = "for i in 1 2 3; do echo {run}-$i; done; exit {code}"
     async with agent(run_args(hub.url, "retry-1", spool) + ["sh", "-c", script.format(run="first", code=1)]) as a:
@@ -238,7 +238,7 @@ async def test_item01_item06_a_task_id_used_again_keeps_both_runs(hub: TestHub, 
     assert (task["state"], task["exitCode"]) == ("succeeded", 0)
 
 
-async def test_item02_rest_posts_during_an_agent_run_are_all_stored(hub: TestHub, tmp_path: Path) -> None:
+async def test_rest_posts_during_an_agent_run_are_all_stored(hub: TestHub, tmp_path: Path) -> None:
     n = 3000
     code = f"import time\nfor i in range({n}):\n    print(f'agent line {{i}}', flush=True)\n    i % 100 == 0 and time.sleep(0.01)\n"
     async with agent(run_args(hub.url, "mixed-1", tmp_path / "spool") + ["python3", "-c", code]) as a:
@@ -257,7 +257,7 @@ async def test_item02_rest_posts_during_an_agent_run_are_all_stored(hub: TestHub
     assert posted == [f"posted {k}" for k in range(50)]
 
 
-async def test_item05_an_agent_resending_after_delete_stores_nothing_again(hub: TestHub) -> None:
+async def test_an_agent_resending_after_delete_stores_nothing_again(hub: TestHub) -> None:
     task = "deleted"
     async with hub.ws() as ws:
         await ws.send(producer_frame(task, "run", range(1, 4)))

@@ -1,56 +1,60 @@
-"""A connection closing while its ping task sends must not end the hub (hub/sendlock.py)."""
+"""keruta's patches to hypercorn's internals (hub/hypercorn_patches.py):
+the version they were written for, a close that waits for the send in
+progress, one connection's failure ending only that connection, and ping
+tasks that end with their WebSocket."""
 
 from __future__ import annotations
 
+import socket
+
+import pytest
 import trio
-from hypercorn.events import Closed, RawData
+import trio.testing
+from hypercorn.config import Config
 from hypercorn.trio.tcp_server import TCPServer
 
-from hub import sendlock
+from hub import hypercorn_patches
 from tests import hubclient
 
 sqlite_hub_factory = hubclient.sqlite_hub_factory
 
 
-class _Protocol:
-    """What TCPServer.protocol_send tells when a send finds the socket closed."""
-
-    def __init__(self) -> None:
-        self.closed = 0
-
-    async def handle(self, event: object) -> None:
-        if isinstance(event, Closed):
-            self.closed += 1
+def test_the_patches_refuse_a_hypercorn_they_were_not_written_for() -> None:
+    hypercorn_patches.check_version()  # the installed one: the pinned release
+    for other in ("0.17.3", "0.18.1", "1.0.0"):
+        with pytest.raises(hypercorn_patches.UnsupportedHypercorn, match=f"hypercorn {other} is installed"):
+            hypercorn_patches.check_version(other)
 
 
-def _server(stream: trio.SocketStream) -> TCPServer:
-    # The parts of a TCPServer that _close and protocol_send use, on a real socket.
-    server = TCPServer.__new__(TCPServer)
-    server.stream = stream
-    server.send_lock = trio.Lock()
-    server.protocol = _Protocol()  # type: ignore[assignment]
-    return server
+def _server(ours: socket.socket) -> TCPServer:
+    """A TCPServer on a real socket, not run: only its send lock, protocol_send
+    and _close are used here."""
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+    return TCPServer(None, Config(), None, None, stream)  # type: ignore[arg-type]
 
 
-async def test_a_send_that_starts_while_the_connection_closes_is_not_an_error() -> None:
-    sendlock.install()
-    # Trio runs ready tasks in a shuffled order: many rounds meet the race
-    # (the send starting while send_eof waits at its checkpoint) many times.
-    for _ in range(50):
-        ours, theirs = trio.socket.socketpair()
-        server = _server(trio.SocketStream(ours))
-        try:
-            async with trio.open_nursery() as nursery:
+async def test_a_close_waits_for_the_send_in_progress() -> None:
+    # A WebSocket ping being sent holds the send lock; without the patch the
+    # close's send_eof ran beside it, and a send that started during send_eof
+    # raised BusyResourceError, which ended the hub.
+    hypercorn_patches.install()
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    server = _server(ours)
+    with theirs:
+        async with trio.open_nursery() as nursery:
+            async with server.send_lock:  # a send in progress
                 nursery.start_soon(server._close)
-                nursery.start_soon(server.protocol_send, RawData(b"\x89\x00"))
-        finally:
-            theirs.close()
+                await trio.testing.wait_all_tasks_blocked()
+                with pytest.raises(BlockingIOError):
+                    theirs.recv(1)  # no end of stream yet: the close waits
+        assert theirs.recv(1) == b"", "the close never happened"
 
 
 async def test_closing_from_inside_a_failed_send_does_not_deadlock() -> None:
-    sendlock.install()
-    ours, theirs = trio.socket.socketpair()
-    server = _server(trio.SocketStream(ours))
+    hypercorn_patches.install()
+    ours, theirs = socket.socketpair()
+    server = _server(ours)
     theirs.close()
     with trio.fail_after(5):
         async with server.send_lock:
@@ -58,9 +62,7 @@ async def test_closing_from_inside_a_failed_send_does_not_deadlock() -> None:
 
 
 async def test_a_failing_connection_handler_ends_only_that_connection(caplog) -> None:  # type: ignore[no-untyped-def]
-    from hypercorn.config import Config
-
-    sendlock.install()
+    hypercorn_patches.install()
     # A stream hypercorn cannot use at all: its handler raises AttributeError.
     server = TCPServer(None, Config(), None, None, object())  # type: ignore[arg-type]
     await server  # would raise, and end trio.serve_listeners and the hub with it

@@ -1,4 +1,4 @@
-"""Issue 7, items 20-22: Origin checks, the admin token, the command's
+"""Origin checks, the admin token, the command's
 environment, the loopback check and the spool lock, on real hubs, real agent
 processes and real spool directories."""
 
@@ -55,10 +55,10 @@ def own_origin(hub: TestHub) -> str:
     return hub.url  # http://127.0.0.1:PORT, what a page the hub served sends
 
 
-# --- item 20: Origin ----------------------------------------------------------
+# --- Origin ----------------------------------------------------------
 
 
-async def test_item20_cross_origin_writes_and_deletes_are_refused(hub: TestHub) -> None:
+async def test_cross_origin_writes_and_deletes_are_refused(hub: TestHub) -> None:
     async with hub.http() as client:
         resp = await client.post(logs_path(TASK), json={"message": "mine", "seq": 1})
         assert resp.status_code == 200, resp.text
@@ -89,7 +89,7 @@ async def test_item20_cross_origin_writes_and_deletes_are_refused(hub: TestHub) 
         assert resp.json() == {"deletedCount": 2}
 
 
-async def test_item20_cross_origin_websocket_is_refused(hub: TestHub) -> None:
+async def test_cross_origin_websocket_is_refused(hub: TestHub) -> None:
     with trio.fail_after(PATIENCE):
         async with hub.ws() as writer:
             await writer.send(hubclient.logs_frame(TASK, [make_record(TASK, 1, "secret")]))
@@ -120,7 +120,7 @@ async def test_item20_cross_origin_websocket_is_refused(hub: TestHub) -> None:
         assert [r["message"] for r in await fetch_all(client, TASK)] == ["secret"]
 
 
-async def test_item20_allow_origin(hub_factory: HubFactory) -> None:
+async def test_allow_origin(hub_factory: HubFactory) -> None:
     hub = await hub_factory.astart("--allow-origin", FRIEND, "--allow-origin", "https://ops.example/")
     async with hub.http() as client:
         for origin in (FRIEND, "HTTP://Dashboard.Example:3000", "https://ops.example", "https://ops.example:443"):
@@ -135,18 +135,18 @@ async def test_item20_allow_origin(hub_factory: HubFactory) -> None:
             assert await ws.recv() == {"type": "pong"}
 
 
-def test_item20_bad_allow_origin_is_refused_at_start(tmp_path: Path) -> None:
+def test_bad_allow_origin_is_refused_at_start(tmp_path: Path) -> None:
     done = run_hub(tmp_path, "--allow-origin", "evil.example/path")
     assert done.returncode == 2, done.stderr
     assert "--allow-origin" in done.stderr and "listening" not in done.stderr
 
 
-# --- item 21: the admin token and the command's environment ---------------------
+# --- the admin token and the command's environment ---------------------
 
 AGENT, VIEWER, ADMIN = "agent-secret-1", "viewer-secret-2", "admin-secret-3"
 
 
-async def test_item21_delete_needs_the_admin_token(hub_factory: HubFactory) -> None:
+async def test_delete_needs_the_admin_token(hub_factory: HubFactory) -> None:
     hub = await hub_factory.astart("--agent-token", AGENT, "--viewer-token", VIEWER, "--admin-token", ADMIN)
     async with hub.http(AGENT) as agent_client, hub.http(VIEWER) as viewer, hub.http(ADMIN) as admin, \
             hub.http() as anon:
@@ -169,7 +169,7 @@ async def test_item21_delete_needs_the_admin_token(hub_factory: HubFactory) -> N
             await ws.wait_ack(TASK, 4)
 
 
-async def test_item21_admin_token_from_the_environment_and_alone(hub_process_factory: HubFactory) -> None:
+async def test_admin_token_from_the_environment_and_alone(hub_process_factory: HubFactory) -> None:
     # The CLI's environment fallback: a process.
     hub = await hub_process_factory.astart(env={"KERUTA_ADMIN_TOKEN": "env-admin"})
     async with hub.http() as anon, hub.http("env-admin") as admin:
@@ -179,13 +179,13 @@ async def test_item21_admin_token_from_the_environment_and_alone(hub_process_fac
         assert (await admin.delete(logs_path(TASK))).json() == {"deletedCount": 1}
 
 
-async def test_item21_open_hub_still_deletes_without_a_token(hub: TestHub) -> None:
+async def test_open_hub_still_deletes_without_a_token(hub: TestHub) -> None:
     async with hub.http() as client:
         assert (await client.post(logs_path(TASK), json={"message": "x"})).status_code == 200
         assert (await client.delete(logs_path(TASK))).json() == {"deletedCount": 1}
 
 
-def test_item21_admin_token_alone_allows_a_non_loopback_address() -> None:
+def test_admin_token_alone_allows_a_non_loopback_address() -> None:
     args = build_parser().parse_args(["--host", "0.0.0.0", "--admin-token", "a"])
     assert check_config(config_from_args(args)) is None
     args = build_parser().parse_args(["--host", "0.0.0.0"])
@@ -200,7 +200,7 @@ DUMP_ENV = (
 
 
 @pytest.mark.parametrize("via", ["env", "flag"])
-async def test_item21_command_does_not_inherit_the_agent_token(
+async def test_command_does_not_inherit_the_agent_token(
     hub_factory: HubFactory, tmp_path: Path, via: str
 ) -> None:
     hub = await hub_factory.astart("--agent-token", AGENT)
@@ -229,7 +229,7 @@ async def test_item21_command_does_not_inherit_the_agent_token(
         assert [r["message"] for r in await fetch_all(client, "env-task")] == ["env dumped"]
 
 
-# --- item 22: loopback and the spool lock ------------------------------------------
+# --- loopback and the spool lock ------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -241,11 +241,11 @@ async def test_item21_command_does_not_inherit_the_agent_token(
         ("0.0.0.0", False), ("::", False), ("192.0.2.10", False), ("128.0.0.1", False),
     ],
 )
-def test_item22_is_loopback_parses_the_address(host: str, loopback: bool) -> None:
+def test_is_loopback_parses_the_address(host: str, loopback: bool) -> None:
     assert HubConfig(host=host).is_loopback() is loopback
 
 
-def test_item22_hub_refuses_a_name_that_only_looks_like_loopback(tmp_path: Path) -> None:
+def test_hub_refuses_a_name_that_only_looks_like_loopback(tmp_path: Path) -> None:
     done = run_hub(tmp_path, "--host", "127.example.com", env=clean_env())
     assert done.returncode == 2, (done.returncode, done.stderr)
     assert "token" in done.stderr.lower() and "listening" not in done.stderr
@@ -282,7 +282,7 @@ print(owned, lost, shared)
 """
 
 
-def test_item22_concurrent_runs_of_one_task_never_share_or_lose_the_spool(tmp_path: Path) -> None:
+def test_concurrent_runs_of_one_task_never_share_or_lose_the_spool(tmp_path: Path) -> None:
     """Processes open, write and remove the same task's spool as fast as they can:
     at any time at most one owns it, and an owner's task.json is never taken away."""
     root = tmp_path / "spool"
@@ -311,7 +311,7 @@ def test_item22_concurrent_runs_of_one_task_never_share_or_lose_the_spool(tmp_pa
     assert not (root / "same-task").exists() or not any((root / "same-task").iterdir())
 
 
-async def test_item20_dns_rebinding_is_refused_by_an_open_hub(hub_factory: HubFactory) -> None:
+async def test_dns_rebinding_is_refused_by_an_open_hub(hub_factory: HubFactory) -> None:
     """A page on evil.example whose DNS now says 127.0.0.1 is same-origin with
     the hub to the browser (Origin and Host agree), and could read every log.
     A hub without tokens answers only requests addressed to a loopback name."""

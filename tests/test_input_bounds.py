@@ -1,5 +1,6 @@
-"""Issue 7, bad input (items 7-13, 23, 24): a 4xx or an error frame, never a
-500, a dead connection or someone else's failure."""
+"""Input at and past its bounds (timestamps, nesting, integers, task ids,
+flags, frames without task ids): a 4xx or an error frame, never a 500, a dead
+connection or someone else's failure."""
 
 from __future__ import annotations
 
@@ -22,11 +23,11 @@ from keruta.timefmt import UTC, canonical_ts, format_ts
 from keruta.wire import FrameError, LogsFrame, decode_client_frame
 from tests import hubclient
 from tests.hubclient import TestHub, Ws, assert_error, fetch_all, logs_path, make_record
-from tests.launch import run_cli_sync
+from tests.support import python_m
 
 hub, hub_factory = hubclient.hub, hubclient.hub_factory  # fixtures
 
-TASK = "issue7-input"
+TASK = "bad-input"
 # Every answer here is immediate: a short hang guard keeps a failing run short.
 WAIT = 10.0
 OVERFLOWING_TIMES = ("0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00")
@@ -77,16 +78,16 @@ def assert_hub_healthy(hub: TestHub) -> None:
     assert "Traceback" not in hub.stderr_text, hub.stderr_text
 
 
-# --- item 7 -------------------------------------------------------------------
+# --- timestamps that overflow -------------------------------------------------
 
 
 @pytest.mark.parametrize("moment", OVERFLOWING_TIMES)
-def test_item07_overflowing_offsets_are_value_errors(moment: str) -> None:
+def test_overflowing_offsets_are_value_errors(moment: str) -> None:
     with pytest.raises(ValueError, match="outside"):
         canonical_ts(moment)
 
 
-async def test_item07_overflowing_timestamps_are_400_and_error_frames(hub: TestHub) -> None:
+async def test_overflowing_timestamps_are_400_and_error_frames(hub: TestHub) -> None:
     async with hub.http() as client:
         for moment in OVERFLOWING_TIMES:
             for name in ("from", "to"):
@@ -107,10 +108,10 @@ async def test_item07_overflowing_timestamps_are_400_and_error_frames(hub: TestH
     assert_hub_healthy(hub)
 
 
-# --- item 8 -------------------------------------------------------------------
+# --- nesting ------------------------------------------------------------------
 
 
-async def test_item08_deeply_nested_metadata_is_refused_by_name(hub: TestHub) -> None:
+async def test_deeply_nested_metadata_is_refused_by_name(hub: TestHub) -> None:
     for depth in (40, 300):
         resp = await post(hub, {"message": "m", "metadata": nested(depth)})
         assert_error(resp, 400, "INVALID_REQUEST", "metadata")
@@ -130,10 +131,10 @@ async def test_item08_deeply_nested_metadata_is_refused_by_name(hub: TestHub) ->
     assert_hub_healthy(hub)
 
 
-# --- item 9 -------------------------------------------------------------------
+# --- integers -----------------------------------------------------------------
 
 
-async def test_item09_query_integers_beyond_int64_are_400(hub: TestHub) -> None:
+async def test_query_integers_beyond_int64_are_400(hub: TestHub) -> None:
     async with hub.http() as client:
         for name, value in (("afterSeq", 2**63), ("afterSeq", 2**64 + 5), ("page", 2**63), ("size", 2**63)):
             resp = await client.get(logs_path(TASK), params={name: value})
@@ -147,7 +148,7 @@ async def test_item09_query_integers_beyond_int64_are_400(hub: TestHub) -> None:
     ("field", "value"),
     [("seq", 2**63), ("seq", 2**62 + 1), ("seq", MAX_SEQ + 1), ("lineNumber", 2**63), ("lineNumber", MAX_SEQ + 1)],
 )
-async def test_item09_seq_beyond_max_seq_is_refused(hub: TestHub, field: str, value: int) -> None:
+async def test_seq_beyond_max_seq_is_refused(hub: TestHub, field: str, value: int) -> None:
     resp = await post(hub, {"message": "m", field: value})
     assert_error(resp, 400, "INVALID_REQUEST", field)
     async with hub.ws() as ws:
@@ -157,7 +158,7 @@ async def test_item09_seq_beyond_max_seq_is_refused(hub: TestHub, field: str, va
     assert_hub_healthy(hub)
 
 
-async def test_item09_other_integer_fields_are_bounded(hub: TestHub) -> None:
+async def test_other_integer_fields_are_bounded(hub: TestHub) -> None:
     async with hub.ws() as ws:
         for code in (2**31, -(2**31) - 1, 2**63):
             await refused(ws, {"type": "status", "taskId": TASK, "state": "failed", "exitCode": code},
@@ -179,7 +180,7 @@ async def test_item09_other_integer_fields_are_bounded(hub: TestHub) -> None:
     assert_hub_healthy(hub)
 
 
-async def test_item09_a_top_producer_seq_never_becomes_a_task_seq(hub: TestHub) -> None:
+async def test_a_top_producer_seq_never_becomes_a_task_seq(hub: TestHub) -> None:
     # The anonymous producer's first record is its seq 1: the top seq is
     # refused (SEQ_GAP), and the task's seqs stay the hub's own, from 1.
     assert (await post(hub, {"message": "top", "seq": MAX_SEQ})).status_code == 409
@@ -191,7 +192,7 @@ async def test_item09_a_top_producer_seq_never_becomes_a_task_seq(hub: TestHub) 
     assert_hub_healthy(hub)
 
 
-async def test_item09_a_bad_integer_never_fails_another_producers_commit(hub_factory: Any) -> None:
+async def test_a_bad_integer_never_fails_another_producers_commit(hub_factory: Any) -> None:
     # The writer waits for company, so both producers' records share one commit.
     hub = await hub_factory.astart("--write-flush-interval", "0.3")
     async with hub.ws() as good, hub.ws() as bad:
@@ -208,10 +209,10 @@ async def test_item09_a_bad_integer_never_fails_another_producers_commit(hub_fac
     assert_hub_healthy(hub)
 
 
-# --- item 10 ------------------------------------------------------------------
+# --- old timestamps -----------------------------------------------------------
 
 
-def test_item10_years_before_1000_have_four_digits() -> None:
+def test_years_before_1000_have_four_digits() -> None:
     assert format_ts(dt.datetime(999, 6, 1, 2, 3, 4, 5, tzinfo=UTC)) == "0999-06-01T02:03:04.000005Z"
     assert format_ts(dt.datetime(1, 1, 1, tzinfo=UTC)) == "0001-01-01T00:00:00.000000Z"
     assert canonical_ts("0999-06-01T00:00:00+00:00") == "0999-06-01T00:00:00.000000Z"
@@ -219,7 +220,7 @@ def test_item10_years_before_1000_have_four_digits() -> None:
     assert sorted(canonical_ts(m) for m in moments) == [canonical_ts(m) for m in sorted(moments)]
 
 
-async def test_item10_old_timestamps_keep_time_order_in_queries(hub: TestHub) -> None:
+async def test_old_timestamps_keep_time_order_in_queries(hub: TestHub) -> None:
     body = [
         {"message": "ancient", "timestamp": "0999-06-01T00:00:00Z"},
         {"message": "recent", "timestamp": "2026-06-01T00:00:00Z"},
@@ -238,15 +239,15 @@ async def test_item10_old_timestamps_keep_time_order_in_queries(hub: TestHub) ->
     assert_hub_healthy(hub)
 
 
-# --- item 11 ------------------------------------------------------------------
+# --- task ids "." and ".." ----------------------------------------------------
 
 
-def test_item11_dot_task_ids_are_invalid() -> None:
+def test_dot_task_ids_are_invalid() -> None:
     assert not valid_task_id(".") and not valid_task_id("..")
     assert valid_task_id("...") and valid_task_id(".hidden") and valid_task_id("a..b")
 
 
-async def test_item11_dot_task_ids_are_refused_by_the_hub(hub: TestHub) -> None:
+async def test_dot_task_ids_are_refused_by_the_hub(hub: TestHub) -> None:
     async with hub.http() as client:
         for bad in ("%2E", "%2E%2E"):
             for method, suffix in (("POST", "/logs"), ("GET", "/logs"), ("GET", "/logs/stats"),
@@ -267,14 +268,17 @@ async def test_item11_dot_task_ids_are_refused_by_the_hub(hub: TestHub) -> None:
 
 
 @pytest.mark.parametrize("bad", [".", ".."])
-def test_item11_agent_refuses_dot_task_ids(tmp_path: Path, bad: str) -> None:
+def test_agent_refuses_dot_task_ids(tmp_path: Path, bad: str) -> None:
     spool = tmp_path / "spool"
     for args, env in (
         (["run", "--task-id", bad, "--spool-dir", str(spool), "--", "true"], {}),
         (["run", "--spool-dir", str(spool), "--", "true"], {"KERUTA_TASK_ID": bad}),
         (["tail", bad, "--no-follow"], {}),
     ):
-        proc = run_cli_sync("agent", args, env={**os.environ, "KERUTA_HUB_URL": "http://127.0.0.1:9", **env})
+        proc = subprocess.run(
+            python_m("agent", *args), capture_output=True, text=True, timeout=60,
+            env={**os.environ, "KERUTA_HUB_URL": "http://127.0.0.1:9", **env},
+        )
         assert proc.returncode == 2, proc
         assert "'.' or '..'" in proc.stderr, proc.stderr
     assert not spool.exists() or list(spool.iterdir()) == []
@@ -282,17 +286,17 @@ def test_item11_agent_refuses_dot_task_ids(tmp_path: Path, bad: str) -> None:
 
 
 @pytest.mark.parametrize("bad", [".", "..", "", "a/b", "../x"])
-def test_item11_spool_refuses_a_task_id_that_is_not_a_directory_name(tmp_path: Path, bad: str) -> None:
+def test_spool_refuses_a_task_id_that_is_not_a_directory_name(tmp_path: Path, bad: str) -> None:
     root = tmp_path / "spool"
     with pytest.raises(ValueError, match="spool directory"):
         Spool.open(root, bad)
     assert list(tmp_path.iterdir()) == []
 
 
-# --- item 12 ------------------------------------------------------------------
+# --- a connection serves on after a refused frame -----------------------------
 
 
-async def test_item12_the_connection_serves_on_after_every_refused_frame(hub: TestHub) -> None:
+async def test_the_connection_serves_on_after_every_refused_frame(hub: TestHub) -> None:
     cases: list[tuple[Any, str]] = [
         (logs([wire_record(1, timestamp=OVERFLOWING_TIMES[0])]), "timestamp"),
         (logs([wire_record(1, metadata=nested(300))]), "metadata"),
@@ -325,7 +329,7 @@ async def test_item12_the_connection_serves_on_after_every_refused_frame(hub: Te
     assert_hub_healthy(hub)
 
 
-# --- item 13 ------------------------------------------------------------------
+# --- numbers given at start ---------------------------------------------------
 
 
 HUB_BAD_FLAGS = [
@@ -337,7 +341,7 @@ HUB_BAD_FLAGS = [
 
 
 @pytest.mark.parametrize(("flag", "value"), HUB_BAD_FLAGS)
-def test_item13_hub_refuses_bad_numbers_at_start(flag: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_hub_refuses_bad_numbers_at_start(flag: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
     from hub.cli import main
 
     with pytest.raises(SystemExit) as exited:
@@ -346,14 +350,14 @@ def test_item13_hub_refuses_bad_numbers_at_start(flag: str, value: str, capsys: 
     assert flag in capsys.readouterr().err
 
 
-def test_item13_hub_rate_limit_zero_still_means_off() -> None:
+def test_hub_rate_limit_zero_still_means_off() -> None:
     from hub.cli import build_parser, check_config, config_from_args
 
     args = build_parser().parse_args(["--rate-limit", "0"])
     assert args.rate_limit == 0 and check_config(config_from_args(args)) is None
 
 
-def test_item13_hub_process_exits_2_with_a_clear_message(tmp_path: Path) -> None:
+def test_hub_process_exits_2_with_a_clear_message(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "hub", "--port", "0", "--db", f"sqlite:///{tmp_path / 'h.db'}", "--rate-burst", "-3"],
         capture_output=True, text=True, timeout=60,
@@ -370,7 +374,7 @@ AGENT_BAD_FLAGS = [
 
 
 @pytest.mark.parametrize(("flag", "value"), AGENT_BAD_FLAGS)
-def test_item13_agent_refuses_bad_numbers_at_start(
+def test_agent_refuses_bad_numbers_at_start(
     flag: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from agent.cli import main
@@ -381,7 +385,7 @@ def test_item13_agent_refuses_bad_numbers_at_start(
     assert flag in capsys.readouterr().err
 
 
-def test_item13_agent_tail_from_seq_is_bounded(capsys: pytest.CaptureFixture[str]) -> None:
+def test_agent_tail_from_seq_is_bounded(capsys: pytest.CaptureFixture[str]) -> None:
     from agent.cli import main
 
     with pytest.raises(SystemExit) as exited:
@@ -390,10 +394,10 @@ def test_item13_agent_tail_from_seq_is_bounded(capsys: pytest.CaptureFixture[str
     assert "--from-seq" in capsys.readouterr().err
 
 
-# --- item 23 ------------------------------------------------------------------
+# --- records take their frame's task id ---------------------------------------
 
 
-def test_item23_records_take_the_frames_task_id() -> None:
+def test_records_take_the_frames_task_id() -> None:
     record = wire_record(1)
     del record["taskId"]
     frame = decode_client_frame(orjson.dumps(logs([record, wire_record(2)])))
@@ -403,7 +407,7 @@ def test_item23_records_take_the_frames_task_id() -> None:
         decode_client_frame(orjson.dumps(logs([record, wire_record(2, taskId="other")])))
 
 
-async def test_item23_logs_frame_without_record_task_ids_is_stored(hub: TestHub) -> None:
+async def test_logs_frame_without_record_task_ids_is_stored(hub: TestHub) -> None:
     records = []
     for seq in (1, 2, 3):
         record = wire_record(seq)
@@ -426,7 +430,7 @@ async def hub_task_ids(hub: TestHub) -> list[str]:
         return [t["taskId"] for t in (await client.get("/api/v1/tasks")).json()["tasks"]]
 
 
-# --- item 24 ------------------------------------------------------------------
+# --- the OpenAPI document names every field -----------------------------------
 
 
 def _resolve(spec: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
@@ -452,7 +456,7 @@ def _undocumented(spec: dict[str, Any], schema: dict[str, Any], value: Any, wher
     return out
 
 
-async def test_item24_openapi_names_every_field_the_hub_answers(hub: TestHub) -> None:
+async def test_openapi_names_every_field_the_hub_answers(hub: TestHub) -> None:
     async with hub.ws() as ws:
         await ws.send(hubclient.logs_frame(TASK, [make_record(TASK, 1, metadata={"processId": 7})]))
         await ws.send({"type": "status", "taskId": TASK, "state": "failed", "exitCode": 3})

@@ -1,4 +1,4 @@
-"""Issue 7, item 19: a subscriber's queue is bounded in bytes, and a connection's
+"""A subscriber's queue is bounded in bytes, and a connection's
 subscriptions in number, against a real hub on both stores."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ async def records_until(ws: Ws, task_id: str, last_seq: int, seqs: list[int]) ->
             raise hubclient.HubError(f"fast subscriber got an error after {len(seqs)} records: {frame}")
 
 
-async def test_item19_stalled_subscriber_of_big_frames_is_cut_off_at_the_byte_bound(
+async def test_stalled_subscriber_of_big_frames_is_cut_off_at_the_byte_bound(
     hub_process_factory: HubFactory,
 ) -> None:
     # A process: the stalled client and the hub must not share a thread; in-process,
@@ -97,7 +97,7 @@ async def test_item19_stalled_subscriber_of_big_frames_is_cut_off_at_the_byte_bo
     assert 0 < peak <= QUEUE_BYTES, f"a connection held {peak} bytes queued; the bound is {QUEUE_BYTES}"
 
 
-async def test_item19_subscriptions_per_connection_are_bounded(hub_factory: HubFactory) -> None:
+async def test_subscriptions_per_connection_are_bounded(hub_factory: HubFactory) -> None:
     hub = await hub_factory.astart("--max-subscriptions", "3")
     with trio.fail_after(PATIENCE):
         async with hub.ws() as watcher, hub.ws() as writer:
