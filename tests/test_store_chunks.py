@@ -205,3 +205,27 @@ TABLES = {
     "producers": ("producers", "task_id, producer, run_no, high, state, exit_code, last_write"),
     "ranges": ("producer_ranges", "task_id, producer, pseq_first, pseq_last, seq_first"),
 }
+
+
+# -- a delete that cuts inside a chunk -------------------------------------------------
+
+
+async def test_a_delete_before_a_time_inside_a_chunk_keeps_its_newer_records(store: Any) -> None:
+    await store.append([rec(s) for s in range(1, 101)])  # one chunk
+    assert await store.delete("t1", ts(40.5)) == 40
+    page = await store.query(LogQuery(task_id="t1", size=1000))
+    assert [r.seq for r in page.content] == list(range(41, 101)) and page.total_elements == 60
+    after = await store.query(LogQuery(task_id="t1", after_seq=90, size=5))
+    assert [r.seq for r in after.content] == [91, 92, 93, 94, 95] and after.total_elements == 10
+    # Timestamps a producer gave out of order: the delete leaves a hole inside the chunk.
+    await store.append([rec(101, at=1000), rec(102, at=5), rec(103, at=1001)])
+    assert await store.delete("t1", ts(500)) == 1
+    after = await store.query(LogQuery(task_id="t1", after_seq=99, size=2))
+    assert [r.seq for r in after.content] == [100, 101] and after.total_elements == 3
+    assert [r.seq for r in await store.read_range("t1", 100, 200, 10)] == [101, 103]
+    raw = "".join([text async for text in store.iter_raw("t1")])
+    assert raw.splitlines() == [f"line {s}" for s in [*range(41, 102), 103]]
+    stats = await store.stats("t1")
+    assert stats.total_logs == 62 and stats.start == ts(41) and stats.end == ts(1001)
+    assert await store.delete("t1", None) == 62
+    assert (await store.query(LogQuery(task_id="t1"))).content == []
