@@ -293,7 +293,8 @@ def read_records(
             except orjson.JSONEncodeError:
                 check.append(i)
             else:
-                if len(encoded) > max_meta or encoded.count(b"{") + encoded.count(b"[") > max_depth:
+                size = len(encoded)
+                if size > max_meta or (size > max_depth and encoded.count(b"{") + encoded.count(b"[") > max_depth):
                     check.append(i)
         append(make(task_id, seq, timestamp, source, level, message, line_number, metadata, partial, tenth, kind))
     # As the general path: sizes only once every record is well-formed, in order.
