@@ -9,7 +9,8 @@ hold the two to the same bytes and the same values (tests/test_recordjson.py):
   `logs_frame` to put records already encoded into a `logs` frame (the
   agent's spool payloads, the hub's live and history frames) as bytes;
 - reading: `read_records`, a `logs` frame's records checked and built in one
-  pass, into a LogRecord or whatever else a caller stores (the hub's rows).
+  pass, into a LogRecord or whatever else a caller stores (the hub's rows);
+  `read_requests`, a REST POST's LogRequests.
   It answers None for anything it does not accept outright: the converter's
   general path then finds the same records or names the error, so errors
   read the same whichever path a frame took.
@@ -28,7 +29,7 @@ import orjson
 from keruta.frames import FrameError
 from keruta.levels import LEVELS
 from keruta.limits import MAX_SEQ, Limits
-from keruta.records import KINDS, SOURCES, LogRecord
+from keruta.records import KINDS, PRODUCER_RE, SOURCES, LogRecord, LogRequest
 from keruta.timefmt import canonical_ts
 
 T = TypeVar("T")
@@ -320,3 +321,48 @@ def byte_length(text: str | bytes) -> int:
     if isinstance(text, bytes) or text.isascii():
         return len(text)
     return len(text.encode("utf-8", "surrogatepass"))
+
+
+
+def read_requests(items: list[Any], limits: Limits, where: Callable[[int], str]) -> list[LogRequest] | None:
+    """REST POST items (LogRequest JSON objects as orjson read them), checked
+    as the converter and LogRequest's validators check them; `where(i)` names
+    item i in a size error. None as `read_records` answers it."""
+    out: list[LogRequest] = []
+    append = out.append
+    check: list[int] = []
+    max_chars = limits.max_line_bytes // 4
+    for i, r in enumerate(items):
+        if type(r) is not dict or "message" not in r:
+            return None
+        message = r["message"]
+        source = r.get("source", "stdout")
+        level = r.get("level")
+        line_number = r.get("lineNumber")
+        metadata = r["metadata"] if "metadata" in r else {}
+        seq = r.get("seq")
+        timestamp = r.get("timestamp")
+        partial = r.get("partial", False)
+        producer = r.get("producer")
+        kind = r.get("kind")
+        if not (
+            type(message) is str
+            and type(source) is str
+            and source in _SOURCES
+            and (level is None or (type(level) is str and level in _LEVELS))
+            and (line_number is None or (type(line_number) is int and 0 <= line_number <= MAX_SEQ))
+            and type(metadata) is dict
+            and (seq is None or (type(seq) is int and 1 <= seq <= MAX_SEQ))
+            and (timestamp is None or type(timestamp) is str)
+            and type(partial) is bool
+            and (producer is None or (type(producer) is str and PRODUCER_RE.fullmatch(producer) is not None))
+            and (kind is None or (type(kind) is str and kind in _KINDS))
+        ):
+            return None
+        if len(message) > max_chars or metadata:
+            check.append(i)
+        append(LogRequest(message, source, level, line_number, metadata, seq, timestamp, partial, producer, kind))
+    # As the general path: sizes only once every item is well-formed, in order.
+    for i in check:
+        check_record_limits(out[i], limits, where(i))
+    return out

@@ -40,6 +40,7 @@ from keruta.recordjson import (  # noqa: F401 - check_record_limits re-exported
     byte_length,
     check_record_limits,
     read_records,
+    read_requests,
     record_body,
     records_frame,
 )
@@ -264,6 +265,29 @@ def logs_frame_by_converter(data: dict[str, Any], limits: Limits) -> LogsFrame:
             )
         check_record_limits(rec, limits, f"records[{i}]")
     return frame  # type: ignore[no-any-return]
+
+
+def decode_requests(data: Any, array: bool, limits: Limits) -> list[LogRequest]:
+    """A REST POST body's LogRequests (one object, or an array of objects),
+    checked for types, then sizes: by `read_requests` when it can, by the
+    converter otherwise, so refusals read the same."""
+    items = data if array else [data]
+
+    def where(i: int) -> str:
+        return f"[{i}]" if array else "body"
+
+    fast = read_requests(items, limits, where)
+    if fast is not None:
+        return fast
+    return requests_by_converter(data, array, limits)
+
+
+def requests_by_converter(data: Any, array: bool, limits: Limits) -> list[LogRequest]:
+    """`decode_requests` by the converter alone."""
+    reqs = structure(data, list[LogRequest]) if array else [structure(data, LogRequest)]
+    for i, r in enumerate(reqs):
+        check_record_limits(r, limits, f"[{i}]" if array else "body")
+    return reqs
 
 
 def decode_hub_frame(text: str | bytes) -> Any:

@@ -22,7 +22,7 @@ from hub.ingest import RowsFrame, decode_frame, from_records
 from hub.store.base import Incoming
 from keruta import recordjson
 from keruta.limits import DEFAULT_LIMITS, MAX_SEQ, Limits
-from keruta.records import KINDS, LogRecord
+from keruta.records import KINDS, LogRecord, LogRequest
 from keruta.wire import (
     FrameError,
     LogFrame,
@@ -30,8 +30,10 @@ from keruta.wire import (
     client_frame_data,
     converter,
     decode_client_frame,
+    decode_requests,
     encode_bytes,
     logs_frame_by_converter,
+    requests_by_converter,
     structure,
 )
 
@@ -234,3 +236,86 @@ def test_every_single_odd_field_is_read_the_same_by_either_path() -> None:
         for text in cases:
             assert outcome(decode_client_frame, text, limits) == outcome(general_decode, text, limits), text
             assert outcome(hub_rows, text, limits) == outcome(hub_rows_by_converter, text, limits), text
+
+
+# --- REST POST items (LogRequest) ---------------------------------------------------
+
+requests = st.builds(
+    LogRequest,
+    message=text,
+    source=st.sampled_from(["stdout", "stderr", "agent"]),
+    level=st.none() | st.sampled_from(["DEBUG", "INFO", "WARN", "ERROR"]),
+    line_number=st.none() | st.integers(0, MAX_SEQ),
+    metadata=st.dictionaries(st.text(max_size=8), json_values, max_size=4),
+    seq=st.none() | st.integers(1, MAX_SEQ),
+    timestamp=st.none() | st.sampled_from(TIMESTAMPS),
+    partial=st.booleans(),
+    producer=st.none() | st.from_regex(r"[A-Za-z0-9._:-]{1,64}", fullmatch=True),
+    kind=st.none() | st.sampled_from(KINDS),
+)
+
+
+@given(batch=st.lists(requests, min_size=1, max_size=4))
+def test_a_request_written_by_the_converter_is_read_as_the_same_value(batch: list[LogRequest]) -> None:
+    bodies = [converter.unstructure(r) for r in batch]
+    assert decode_requests(bodies, True, DEFAULT_LIMITS) == batch
+    assert decode_requests(bodies[0], False, DEFAULT_LIMITS) == batch[:1]
+    # Left out, a field takes its default.
+    assert decode_requests({"message": "x"}, False, DEFAULT_LIMITS) == [LogRequest("x")]
+
+
+REQUEST_ODD: dict[str, list[Any]] = {
+    **{k: v for k, v in ODD.items() if k not in ("taskId", "id")},
+    "seq": [*ODD["seq"], KeyError],
+    "producer": ["p1", "p:1", "", "x" * 65, 1, None],
+}
+
+
+def request_json(seq: int) -> dict[str, Any]:
+    # Metadata on odd seqs only: a record without any has its message measured alone.
+    body = {"message": f"m{seq}", "seq": seq, "producer": "p1", "timestamp": TS}
+    return {**body, "metadata": {"processId": 7}} if seq % 2 else body
+
+
+def posted(decode: Any, data: Any, array: bool, limits: Limits) -> tuple[Any, ...]:
+    try:
+        return ("ok", decode(data, array, limits))
+    except FrameError as exc:
+        return ("error", exc.code, exc.message, exc.field)
+
+
+def test_every_single_odd_request_field_is_read_the_same_by_either_path() -> None:
+    for key, values in REQUEST_ODD.items():
+        for value in [*values, KeyError]:
+            for array in (True, False):
+                items: list[Any] = [request_json(1), request_json(2)]
+                if value is KeyError:
+                    items[1].pop(key, None)
+                else:
+                    items[1][key] = copy.deepcopy(value)
+                data = items if array else items[1]
+                for limits in LIMITS:
+                    fast = posted(decode_requests, data, array, limits)
+                    assert fast == posted(requests_by_converter, data, array, limits), (key, value, array, limits)
+
+
+@st.composite
+def odd_posts(draw: st.DrawFn) -> list[Any]:
+    items: list[Any] = [request_json(i + 1) for i in range(draw(st.integers(1, 4)))]
+    for _ in range(draw(st.integers(1, 3))):
+        item = items[draw(st.integers(0, len(items) - 1))]
+        key = draw(st.sampled_from(sorted(REQUEST_ODD)))
+        value = copy.deepcopy(draw(st.sampled_from(REQUEST_ODD[key]) if draw(st.integers(0, 4)) else json_values))
+        if value is KeyError or draw(st.integers(0, 5)) == 0:
+            item.pop(key, None)
+        else:
+            item[key] = value
+    return items
+
+
+@pytest.mark.parametrize("limits", LIMITS)
+@settings(max_examples=200)
+@given(items=odd_posts())
+def test_any_post_is_read_the_same_by_either_path(limits: Limits, items: list[Any]) -> None:
+    for data, array in ((items, True), (items[0], False)):
+        assert posted(decode_requests, data, array, limits) == posted(requests_by_converter, data, array, limits)
