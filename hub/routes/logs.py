@@ -24,8 +24,9 @@ from hub.store.base import LogQuery, Store
 from keruta.levels import LEVELS
 from keruta.limits import INT64_MAX
 from keruta.ratelimit import RateLimiter
+from keruta.recordjson import record_body
 from keruta.records import SOURCES
-from keruta.wire import FrameError, converter, decode_requests
+from keruta.wire import FrameError, decode_requests
 
 
 def blueprint(
@@ -106,7 +107,7 @@ def blueprint(
         page = await store.query(query)
         return json_response(
             {
-                "content": [converter.unstructure(r) for r in page.content],
+                "content": [record_body(r) for r in page.content],
                 "totalElements": page.total_elements,
                 "totalPages": page.total_pages,
                 "number": page.number,
