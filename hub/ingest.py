@@ -3,12 +3,43 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
+
+import attrs
 
 from hub.store.base import ANONYMOUS, Incoming
 from keruta.levels import determine_level
+from keruta.limits import Limits
+from keruta.recordjson import read_records
 from keruta.records import LogRecord, LogRequest
 from keruta.timefmt import canonical_ts, now_ts
-from keruta.wire import FrameError
+from keruta.wire import FrameError, LogsFrame, client_frame, client_frame_data, logs_head
+
+
+@attrs.frozen
+class RowsFrame:
+    """A `logs` frame read straight into the rows the store takes (no
+    LogRecord in between): timestamps canonical, the producer on each row."""
+
+    items: list[Incoming]
+
+
+def decode_frame(text: str | bytes, limits: Limits) -> Any:
+    """`decode_client_frame`, with a well-formed `logs` frame read into a
+    RowsFrame. Any other frame, and a `logs` frame that is refused or whose
+    timestamps need a closer look, comes as `decode_client_frame` gives it:
+    `from_records` then finds the same rows or names the error."""
+    cls, data = client_frame_data(text, limits)
+    if cls is LogsFrame:
+        head = logs_head(data, limits)
+        if head is not None:
+            task_id, records, producer = head
+            rows = read_records(
+                task_id, records, limits, Incoming, tenth=ANONYMOUS if producer is None else producer, canonical=True
+            )
+            if rows is not None:
+                return RowsFrame(rows)
+    return client_frame(cls, data, limits)
 
 
 def _timestamp(value: str | None, where: str, code: str) -> str:

@@ -35,11 +35,16 @@ from keruta.frames import (  # noqa: F401 - re-exported: the wire module is wher
     SubscribeFrame,
     UnsubscribeFrame,
 )
-from keruta.levels import LEVELS
-from keruta.limits import DEFAULT_LIMITS, MAX_SEQ, Limits
+from keruta.limits import DEFAULT_LIMITS, Limits
+from keruta.recordjson import (  # noqa: F401 - check_record_limits re-exported
+    byte_length,
+    check_record_limits,
+    read_records,
+    read_requests,
+    record_body,
+    records_frame,
+)
 from keruta.records import (
-    KINDS,
-    SOURCES,
     InvalidField,
     LogRecord,
     LogRequest,
@@ -167,135 +172,35 @@ def encode_bytes(frame: Any) -> bytes:
     return orjson.dumps(body)
 
 
-def _deeper_than(value: Any, limit: int) -> bool:
-    """Whether JSON `value` nests objects/arrays more than `limit` levels ({} is 1)."""
-    level = [value]
-    for _ in range(limit):
-        below: list[Any] = []
-        for v in level:
-            children = v.values() if isinstance(v, dict) else v
-            below.extend(c for c in children if isinstance(c, dict | list))
-        if not below:
-            return False
-        level = below
-    return True
-
-
-def check_record_limits(record: LogRecord | LogRequest, limits: Limits, where: str) -> None:
-    """What a producer's record must meet beyond its types: sizes, and what
-    the stores and the hub's own frames can hold."""
-    if record.seq is not None and record.seq > MAX_SEQ:
-        raise FrameError(
-            "INVALID_MESSAGE_FORMAT",
-            f"invalid field '{where}.seq': must be an integer between 1 and {MAX_SEQ}",
-            f"{where}.seq",
-        )
-    # A character is 1-4 UTF-8 bytes: encode only when the length alone can't tell.
-    chars = len(record.message)
-    if chars > limits.max_line_bytes or (
-        chars * 4 > limits.max_line_bytes
-        and len(record.message.encode("utf-8", "surrogatepass")) > limits.max_line_bytes
-    ):
+def logs_head(data: dict[str, Any], limits: Limits) -> tuple[str, list[Any], str | None] | None:
+    """A `logs` frame's taskId, records and producer when they are
+    well-formed, for `read_records`; None when the general path must look.
+    Raises what a records array refuses whatever it holds."""
+    records = data.get("records")
+    if "records" in data and not isinstance(records, list):
+        # cattrs would iterate a string or an object and report a confusing field
+        raise FrameError("INVALID_MESSAGE_FORMAT", "invalid field 'records': expected array", "records")
+    if isinstance(records, list) and len(records) > limits.max_records_per_batch:
         raise FrameError(
             "TOO_LARGE",
-            f"{where}.message is longer than {limits.max_line_bytes} bytes; split it into partial records",
-            f"{where}.message",
+            f"records holds {len(records)} records; at most {limits.max_records_per_batch}",
+            "records",
         )
-    if not record.metadata:
-        return
-    # Checked before encoding: orjson reads deeper JSON than it can write.
-    if _deeper_than(record.metadata, limits.max_metadata_depth):
-        raise FrameError(
-            "INVALID_MESSAGE_FORMAT",
-            f"invalid field '{where}.metadata': nested deeper than {limits.max_metadata_depth} levels",
-            f"{where}.metadata",
-        )
-    if len(orjson.dumps(record.metadata)) > limits.max_metadata_bytes:
-        raise FrameError(
-            "TOO_LARGE",
-            f"{where}.metadata is larger than {limits.max_metadata_bytes} bytes",
-            f"{where}.metadata",
-        )
-
-
-def _small_metadata(metadata: dict[str, Any], limits: Limits) -> bool:
-    """Whether `check_record_limits` would pass this metadata, told from one
-    encoding: it nests no deeper than it holds objects and arrays. False
-    means "ask check_record_limits"."""
-    try:
-        encoded = orjson.dumps(metadata)
-    except orjson.JSONEncodeError:
-        return False
-    return (
-        len(encoded) <= limits.max_metadata_bytes
-        and encoded.count(b"{") + encoded.count(b"[") <= limits.max_metadata_depth
-    )
-
-
-def _fast_logs_frame(data: dict[str, Any], limits: Limits) -> LogsFrame | None:
-    """The frame a well-formed `logs` frame structures to, checked and built
-    without cattrs (the hub's hot path: an agent sends hundreds of records a
-    frame). None for anything this does not accept outright; the general path
-    then finds the same frame or names the error, so errors read the same.
-    The checks are those of the converter and the attrs validators."""
     task_id = data.get("taskId")
     producer = data.get("producer")
-    records = data.get("records")
-    if not (
+    if (
         type(records) is list
         and isinstance(task_id, str)
         and valid_task_id(task_id)
         and (producer is None or (type(producer) is str and PRODUCER_RE.fullmatch(producer)))
     ):
-        return None
-    out = []
-    check = []
-    for i, r in enumerate(records):
-        if type(r) is not dict:
-            return None
-        seq = r.get("seq")
-        timestamp = r.get("timestamp")
-        source = r.get("source")
-        level = r.get("level")
-        message = r.get("message")
-        line_number = r.get("lineNumber")
-        metadata = r["metadata"] if "metadata" in r else {}
-        partial = r.get("partial", False)
-        id_ = r.get("id")
-        kind = r.get("kind")
-        if not (
-            # A record that names a taskId must name the frame's.
-            r.get("taskId", task_id) == task_id
-            and type(seq) is int
-            and 1 <= seq <= MAX_SEQ
-            and type(timestamp) is str
-            and type(source) is str
-            and source in SOURCES
-            and type(level) is str
-            and level in LEVELS
-            and type(message) is str
-            and (line_number is None or (type(line_number) is int and 0 <= line_number <= MAX_SEQ))
-            and type(metadata) is dict
-            and type(partial) is bool
-            and (id_ is None or type(id_) is str)
-            and (kind is None or (type(kind) is str and kind in KINDS))
-        ):
-            return None
-        if len(message) * 4 > limits.max_line_bytes or (metadata and not _small_metadata(metadata, limits)):
-            check.append(i)
-        out.append(
-            LogRecord(task_id, seq, timestamp, source, level, message, line_number, metadata, partial, id_, kind)
-        )
-    # As the general path: sizes only once every record is well-formed, in order.
-    for i in check:
-        check_record_limits(out[i], limits, f"records[{i}]")
-    return LogsFrame(task_id, out, producer)
+        return task_id, records, producer
+    return None
 
 
-def decode_client_frame(text: str | bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
-    """Parse and validate one inbound frame."""
-    size = len(text) if isinstance(text, bytes) else len(text.encode("utf-8", "surrogatepass"))
-    if size > limits.max_frame_bytes:
+def client_frame_data(text: str | bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[type, dict[str, Any]]:
+    """An inbound frame's class and JSON object: what every frame is checked for first."""
+    if byte_length(text) > limits.max_frame_bytes:
         raise FrameError("TOO_LARGE", f"frame is larger than {limits.max_frame_bytes} bytes")
     data = loads(text)
     if not isinstance(data, dict):
@@ -309,47 +214,80 @@ def decode_client_frame(text: str | bytes, limits: Limits = DEFAULT_LIMITS) -> A
             + ", ".join(CLIENT_FRAMES),
             "type",
         )
+    return cls, data
+
+
+def decode_client_frame(text: str | bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
+    """Parse and validate one inbound frame."""
+    cls, data = client_frame_data(text, limits)
+    return client_frame(cls, data, limits)
+
+
+def client_frame(cls: type, data: dict[str, Any], limits: Limits) -> Any:
+    """The frame `client_frame_data` found, checked and built: a `logs`
+    frame by `read_records` when it can, by the converter otherwise."""
     if cls is LogFrame:
         record = structure(data, LogRecord)
         check_record_limits(record, limits, "record")
         return LogFrame(record)
     if cls is LogsFrame:
-        records = data.get("records")
-        if "records" in data and not isinstance(records, list):
-            # cattrs would iterate a string or an object and report a confusing field
+        head = logs_head(data, limits)
+        if head is not None:
+            records: list[LogRecord] | None = read_records(head[0], head[1], limits)
+            if records is not None:
+                return LogsFrame(head[0], records, head[2])
+        return logs_frame_by_converter(data, limits)
+    return structure(data, cls)
+
+
+def logs_frame_by_converter(data: dict[str, Any], limits: Limits) -> LogsFrame:
+    """A `logs` frame (JSON as orjson read it) by the converter alone: what
+    `read_records` is held to, and the errors it leaves to this path."""
+    logs_head(data, limits)
+    records = data.get("records")
+    if isinstance(records, list):
+        # A record takes the frame's taskId; one that names it anyway must agree.
+        task_id = data.get("taskId")
+        data = {
+            **data,
+            "records": [
+                {"taskId": task_id, **r} if isinstance(r, dict) and "taskId" not in r else r
+                for r in records
+            ],
+        }
+    frame = structure(data, LogsFrame)
+    for i, rec in enumerate(frame.records):
+        if rec.task_id != frame.task_id:
             raise FrameError(
-                "INVALID_MESSAGE_FORMAT", "invalid field 'records': expected array", "records"
+                "INVALID_MESSAGE_FORMAT",
+                f"invalid field 'records[{i}].taskId': differs from the frame's taskId",
+                f"records[{i}].taskId",
             )
-        if isinstance(records, list) and len(records) > limits.max_records_per_batch:
-            raise FrameError(
-                "TOO_LARGE",
-                f"records holds {len(records)} records; at most {limits.max_records_per_batch}",
-                "records",
-            )
-        fast = _fast_logs_frame(data, limits)
-        if fast is not None:
-            return fast
-        if isinstance(records, list):
-            # A record takes the frame's taskId; one that names it anyway must agree.
-            task_id = data.get("taskId")
-            data = {
-                **data,
-                "records": [
-                    {"taskId": task_id, **r} if isinstance(r, dict) and "taskId" not in r else r
-                    for r in records
-                ],
-            }
-    frame = structure(data, cls)
-    if isinstance(frame, LogsFrame):
-        for i, rec in enumerate(frame.records):
-            if rec.task_id != frame.task_id:
-                raise FrameError(
-                    "INVALID_MESSAGE_FORMAT",
-                    f"invalid field 'records[{i}].taskId': differs from the frame's taskId",
-                    f"records[{i}].taskId",
-                )
-            check_record_limits(rec, limits, f"records[{i}]")
-    return frame
+        check_record_limits(rec, limits, f"records[{i}]")
+    return frame  # type: ignore[no-any-return]
+
+
+def decode_requests(data: Any, array: bool, limits: Limits) -> list[LogRequest]:
+    """A REST POST body's LogRequests (one object, or an array of objects),
+    checked for types, then sizes: by `read_requests` when it can, by the
+    converter otherwise, so refusals read the same."""
+    items = data if array else [data]
+
+    def where(i: int) -> str:
+        return f"[{i}]" if array else "body"
+
+    fast = read_requests(items, limits, where)
+    if fast is not None:
+        return fast
+    return requests_by_converter(data, array, limits)
+
+
+def requests_by_converter(data: Any, array: bool, limits: Limits) -> list[LogRequest]:
+    """`decode_requests` by the converter alone."""
+    reqs = structure(data, list[LogRequest]) if array else [structure(data, LogRequest)]
+    for i, r in enumerate(reqs):
+        check_record_limits(r, limits, f"[{i}]" if array else "body")
+    return reqs
 
 
 def decode_hub_frame(text: str | bytes) -> Any:
@@ -363,37 +301,13 @@ def decode_hub_frame(text: str | bytes) -> Any:
     return structure(data, cls)
 
 
-def _record_body(r: LogRecord) -> dict[str, Any]:
-    # What the converter makes of a LogRecord (partial, id and kind only when set),
-    # by hand: the hub does it for every record it sends live or from history.
-    body = {
-        "taskId": r.task_id,
-        "seq": r.seq,
-        "timestamp": r.timestamp,
-        "source": r.source,
-        "level": r.level,
-        "message": r.message,
-        "lineNumber": r.line_number,
-        "metadata": r.metadata,
-    }
-    if r.partial is not False:
-        body["partial"] = r.partial
-    if r.id is not None:
-        body["id"] = r.id
-    if r.kind is not None:
-        body["kind"] = r.kind
-    return body
-
-
 def logs_frame_text(task_id: str, records: Sequence[LogRecord]) -> str:
     """`dumps(LogsFrame(task_id, records))`, the hub's own `logs` frame (no producer)."""
-    return orjson.dumps(
-        {"type": LogsFrame.TYPE, "taskId": task_id, "records": [_record_body(r) for r in records]}
-    ).decode()
+    return records_frame(task_id, records).decode()
 
 
 def record_to_wire(record: LogRecord) -> dict[str, Any]:
-    return converter.unstructure(record)
+    return record_body(record)
 
 
 def records_from_wire(data: Any) -> list[LogRecord]:

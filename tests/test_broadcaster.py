@@ -64,6 +64,24 @@ def test_subscriptions_with_one_filter_share_one_encoding() -> None:
     assert all(s.cursor == 6 for s in subs)
 
 
+def test_the_first_commit_and_subscriptions_ahead_share_one_encoding_too() -> None:
+    broadcaster = Broadcaster()
+    a: list[Outgoing] = []
+    b: list[Outgoing] = []
+    c: list[Outgoing] = []
+    subs = [_live(0, a), _live(0, b), _live(0, c, "stderr")]
+    for sub in subs:
+        broadcaster.add(sub)
+    broadcaster.publish_records(_records(range(1, 5)), {"t1": 4})
+    assert a[0].payload is b[0].payload and _seqs(a) == [[1, 2, 3, 4]] and _seqs(c) == [[1, 3]]
+    # Two that read 5..6 from the store before going live, one that did not.
+    subs[0].cursor = subs[1].cursor = 6
+    del a[:], b[:], c[:]
+    broadcaster.publish_records(_records(range(5, 9)), {"t1": 8})
+    assert a[0].payload is b[0].payload and _seqs(a) == [[7, 8]]
+    assert _seqs(c) == [[5, 7]]
+
+
 def test_a_subscription_ahead_within_the_commit_gets_only_what_is_past_its_cursor() -> None:
     broadcaster = Broadcaster()
     offered: list[Outgoing] = []

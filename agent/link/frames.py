@@ -1,15 +1,15 @@
-"""Frames built from spooled records, without decoding them: `logs_frame`,
-`fit_frame` (the longest prefix that fits the hub's frame limit) and
-`fill_gaps` (an explicit "lost" record where the spool lost one)."""
+"""Frames built from spooled records, without decoding them: `logs_frame`
+(keruta/recordjson.py), `fit_frame` (the longest prefix that fits the hub's
+frame limit) and `fill_gaps` (an explicit "lost" record where the spool lost one)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import orjson
-
-from agent.pipeline.recorder import encode_line
+from keruta.recordjson import encode_line, logs_frame
 from keruta.timefmt import now_ts
+
+__all__ = ["LOST_RECORD", "fill_gaps", "fit_frame", "logs_frame"]
 
 
 def fit_frame(build: Callable[[list[bytes]], bytes], payloads: list[bytes], max_bytes: int) -> tuple[bytes, int]:
@@ -26,25 +26,6 @@ def fit_frame(build: Callable[[list[bytes]], bytes], payloads: list[bytes], max_
             excess -= len(payloads[count]) + 1
         frame = build(payloads[:count])
     return frame, count
-
-
-def logs_frame(task_id: str, payloads: list[bytes], producer: str | None = None) -> bytes:
-    """A `logs` frame from records already encoded for the spool.
-
-    Byte for byte what `encode_bytes(LogsFrame(task_id, records, producer))`
-    gives (a test holds it to that), without decoding and re-encoding each record.
-    """
-    return b"".join(
-        (
-            b'{"type":"logs","taskId":',
-            orjson.dumps(task_id),
-            b',"records":[',
-            b",".join(payloads),
-            b"]",
-            b',"producer":' + orjson.dumps(producer) if producer is not None else b"",
-            b"}",
-        )
-    )
 
 
 LOST_RECORD = "keruta-agent: this record was lost (its spool entry was corrupt)"

@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import orjson
 import trio
 
 from agent.pipeline.gap import SPOOL_ERROR, SPOOL_FULL, Gap, text_bytes
@@ -32,8 +31,9 @@ from agent.pipeline.messages import (
     Started,
 )
 from agent.spool import Spool
-from keruta.levels import LEVELS, determine_level
+from keruta.levels import determine_level
 from keruta.limits import INT64_MAX
+from keruta.recordjson import LineEncoder, encode_line
 from keruta.timefmt import now_ts
 
 # How often the "spool full" warning repeats while lines are being dropped.
@@ -74,68 +74,6 @@ async def record(
                 await outbox.send(RecordBatch(first, recorder.next_seq - 1))
             if isinstance(message, Finished):
                 await outbox.send(message)
-
-
-def encode_line(
-    task_id: str,
-    seq: int,
-    timestamp: str,
-    source: str,
-    level: str,
-    message: str,
-    line_number: int,
-    metadata: dict[str, Any],
-    partial: bool,
-    kind: str | None = None,
-) -> bytes:
-    """`orjson.dumps(record_to_wire(LogRecord(...)))` without building the LogRecord: this runs
-    once per line, and every field is valid by construction (a test holds the
-    two to the same bytes)."""
-    body: dict[str, Any] = {
-        "taskId": task_id,
-        "seq": seq,
-        "timestamp": timestamp,
-        "source": source,
-        "level": level,
-        "message": message,
-        "lineNumber": line_number,
-        "metadata": metadata,
-    }
-    if partial:
-        body["partial"] = True
-    if kind is not None:
-        body["kind"] = kind
-    return orjson.dumps(body)
-
-
-class LineEncoder:
-    """`encode_line` for the lines of one batch, which share task, timestamp,
-    source and metadata: those parts are encoded once per batch (per line,
-    building and dumping a dict was a sixth of the agent's CPU). A test holds
-    it to encode_line's bytes."""
-
-    _LEVELS = {level: level.encode() for level in LEVELS}
-
-    def __init__(self, task_id: str, ts: str, source: str, metadata: dict[str, Any]) -> None:
-        self.head = b'{"taskId":' + orjson.dumps(task_id) + b',"seq":'
-        self.mid = b',"timestamp":' + orjson.dumps(ts) + b',"source":' + orjson.dumps(source) + b',"level":"'
-        meta = orjson.dumps(metadata)
-        self.tail = b',"metadata":' + meta + b"}"
-        self.tail_partial = b',"metadata":' + meta + b',"partial":true}'
-
-    def encode(self, seq: int, level: str, message: str, line_number: int, partial: bool) -> bytes:
-        return b"".join(
-            (
-                self.head,
-                b"%d" % seq,
-                self.mid,
-                self._LEVELS[level],
-                b'","message":',
-                orjson.dumps(message),
-                b',"lineNumber":%d' % line_number,
-                self.tail_partial if partial else self.tail,
-            )
-        )
 
 
 class Recorder:

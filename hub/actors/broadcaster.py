@@ -1,9 +1,10 @@
 """The broadcaster: delivers committed records to a task's live subscribers.
 
 A live subscription (hub/ws/subscription.py) gets each committed range pushed,
-encoded once per filter and shared. A range the broadcaster cannot prove
-complete (a gap filled late, another hub's commit) sends the subscription
-back to catching up from the store. The broadcaster never waits on a
+encoded once per filter and cursor and shared (_SharedFrames): the same
+payload str goes to every subscriber that is sent those records. A range the
+broadcaster cannot prove complete (a gap filled late, another hub's commit)
+sends the subscription back to catching up from the store. The broadcaster never waits on a
 subscriber: a full queue means SLOW_CONSUMER.
 """
 
@@ -87,37 +88,29 @@ class Broadcaster:
         # The commit holds the whole range (prev, through] only when nothing
         # else (a gap filled late, another hub) contributed to it.
         complete = len(window) == through - prev
-        shared: dict[tuple[str | None, str | None], list[tuple[str, int]]] = {}
+        frames = _SharedFrames(task_id, window, through)
         for sub in list(subs):
             if not sub.live or sub.cursor >= through:
                 continue
             if not complete or sub.cursor < prev:
                 sub.go_catch_up()
                 continue
-            if sub.cursor == prev:
-                key = (sub.source, sub.level)
-                frames = shared.get(key)
-                if frames is None:
-                    wanted = [r for r in window if sub.wants(r)]
-                    frames = shared[key] = list(encode_chunks(task_id, wanted, through))
-            else:
-                wanted = [r for r in window if r.seq > sub.cursor and sub.wants(r)]
-                frames = list(encode_chunks(task_id, wanted, through))
-            sub.take_live(frames, through)
+            sub.take_live(frames.after(sub), through)
 
     @staticmethod
     def _first_advance(task_id: str, subs: set[Subscription], through: int, records: list[LogRecord]) -> None:
         """The first commit published for a task since it has subscribers: with
         no watermark to compare with, a live subscription takes it live only
         if it holds everything past the subscription's cursor."""
+        window = [r for r in records if r.seq <= through]
+        frames = _SharedFrames(task_id, window, through)
         for sub in list(subs):
             if not sub.live or sub.cursor >= through:
                 continue
-            after = [r for r in records if sub.cursor < r.seq <= through]
-            if len(after) != through - sub.cursor:
+            if sum(1 for r in window if r.seq > sub.cursor) != through - sub.cursor:
                 sub.go_catch_up()
                 continue
-            sub.take_live(list(encode_chunks(task_id, [r for r in after if sub.wants(r)], through)), through)
+            sub.take_live(frames.after(sub), through)
 
     def publish_status(self, task: TaskInfo) -> None:
         payload = status_payload(task)
@@ -126,3 +119,24 @@ class Broadcaster:
         self.last_status[task.task_id] = payload
         for sub in list(self.subs.get(task.task_id, ())):
             sub.on_status(payload)
+
+
+class _SharedFrames:
+    """The `logs` frames of one commit, encoded once for every subscription
+    that is sent the same records: those with the same cursor and filter
+    (most often all of them at the commit's start) share the very same
+    payloads."""
+
+    def __init__(self, task_id: str, records: list[LogRecord], through: int) -> None:
+        self.task_id = task_id
+        self.records = records
+        self.through = through
+        self.encoded: dict[tuple[int, str | None, str | None], list[tuple[str, int]]] = {}
+
+    def after(self, sub: Subscription) -> list[tuple[str, int]]:
+        key = (sub.cursor, sub.source, sub.level)
+        frames = self.encoded.get(key)
+        if frames is None:
+            wanted = [r for r in self.records if r.seq > sub.cursor and sub.wants(r)]
+            frames = self.encoded[key] = list(encode_chunks(self.task_id, wanted, self.through))
+        return frames

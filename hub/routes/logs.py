@@ -24,8 +24,9 @@ from hub.store.base import LogQuery, Store
 from keruta.levels import LEVELS
 from keruta.limits import INT64_MAX
 from keruta.ratelimit import RateLimiter
-from keruta.records import SOURCES, LogRequest
-from keruta.wire import FrameError, check_record_limits, converter, structure
+from keruta.recordjson import record_body
+from keruta.records import SOURCES
+from keruta.wire import FrameError, decode_requests
 
 
 def blueprint(
@@ -62,10 +63,7 @@ def blueprint(
                 if not isinstance(item, dict):
                     raise ApiError(400, "INVALID_REQUEST", f"invalid field '[{i}]': expected a LogRequest object")
         try:
-            reqs = structure(data, list[LogRequest]) if array else [structure(data, LogRequest)]
-            for i, r in enumerate(reqs):
-                check_record_limits(r, limits, f"[{i}]" if array else "body")  # type: ignore[arg-type]
-            items = from_requests(task_id, reqs, array)
+            items = from_requests(task_id, decode_requests(data, array, limits), array)
         except FrameError as exc:
             if exc.code == "TOO_LARGE":
                 raise ApiError(413, "TOO_LARGE", exc.message) from None
@@ -109,7 +107,7 @@ def blueprint(
         page = await store.query(query)
         return json_response(
             {
-                "content": [converter.unstructure(r) for r in page.content],
+                "content": [record_body(r) for r in page.content],
                 "totalElements": page.total_elements,
                 "totalPages": page.total_pages,
                 "number": page.number,

@@ -31,7 +31,7 @@ from hub.actors.writer import StatusChange, WriteOutcome, WriteRequest
 from hub.auth import Role
 from hub.deps import ConnectionDeps
 from hub.hypercorn_patches import OVERSIZED
-from hub.ingest import from_records
+from hub.ingest import RowsFrame, decode_frame, from_records
 from hub.store.base import StoreUnavailable
 from hub.ws.acks import WRITE_REPLY_BYTES, Replies
 from hub.ws.queues import WAKE, Outbox, WriteQueue
@@ -56,7 +56,6 @@ from keruta.wire import (
     SubscribedFrame,
     SubscribeFrame,
     UnsubscribeFrame,
-    decode_client_frame,
     dumps,
 )
 
@@ -265,8 +264,8 @@ class Connection:
                 continue
             self.hub.metrics.frame_bytes.observe(len(data))
             try:
-                frame = decode_client_frame(data, limits)
-                if isinstance(frame, LogsFrame | LogFrame | StatusFrame):
+                frame = decode_frame(data, limits)
+                if isinstance(frame, RowsFrame | LogsFrame | LogFrame | StatusFrame):
                     await self._writes.put(frame, len(data))
                 else:
                     await self._handle(frame)
@@ -293,13 +292,15 @@ class Connection:
             if sub is not None:
                 self._drop(sub)
 
-    async def _write(self, frame: LogsFrame | LogFrame | StatusFrame) -> None:
+    async def _write(self, frame: RowsFrame | LogsFrame | LogFrame | StatusFrame) -> None:
         if not self.role.can_write:
             raise FrameError("FORBIDDEN", "the viewer token may not write")
         if isinstance(frame, StatusFrame):
             status = StatusChange(frame.task_id, frame.state, frame.exit_code, frame.producer)
             return await self._submit(WriteRequest(self._on_written, status=status))
-        if isinstance(frame, LogsFrame):
+        if isinstance(frame, RowsFrame):
+            items = frame.items
+        elif isinstance(frame, LogsFrame):
             items = from_records(frame.records, "records", frame.producer)
         else:
             items = from_records([frame.record], "record")

@@ -7,8 +7,9 @@ from collections.abc import Iterator, Sequence
 
 import orjson
 
+from keruta.recordjson import records_frame
 from keruta.records import LogRecord, TaskInfo
-from keruta.wire import StatusFrame, dumps, logs_frame_text
+from keruta.wire import StatusFrame, dumps
 
 # Keep a live or history frame well below the frame limit whatever the lines hold.
 FRAME_RECORDS = 500
@@ -58,5 +59,7 @@ def encode_chunks(task_id: str, records: Sequence[LogRecord], through: int) -> I
                 size += cost
                 end += 1
         last = records[end - 1].seq if end < len(records) else through
-        yield logs_frame_text(task_id, records[start:end]), last
+        # Encoded as bytes, made the str a text frame is sent as once: the
+        # broadcaster hands this same str to every subscriber it suits.
+        yield records_frame(task_id, records[start:end]).decode(), last
         start = end
