@@ -149,6 +149,11 @@ def blueprint(
             async for text in store.iter_raw(task_id):
                 yield text.encode("utf-8", "surrogatepass")
 
-        return Response(lines(), content_type="text/plain; charset=utf-8")
+        response = Response(lines(), content_type="text/plain; charset=utf-8")
+        # Quart cuts a response off after RESPONSE_TIMEOUT (60 s), which would
+        # end a big task's download early and silently; the client's reading
+        # paces it instead.
+        response.timeout = None
+        return response
 
     return bp
