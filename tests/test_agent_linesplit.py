@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.pipeline.linesplit import Line, LineSplitter, char_boundary
+from agent.pipeline.linesplit import Block, Line, LineSplitter, char_boundary
 
 
 def split_all(data: bytes, chunks: list[int], max_line_bytes: int) -> list[Line]:
@@ -180,7 +180,7 @@ def test_arbitrary_bytes(data: bytes, cuts: list[int], limit: int) -> None:
 class _LineByLine(LineSplitter):
     """The splitter without its many-lines-at-once path: the oracle."""
 
-    def _feed_short_lines(self, data: bytes, start: int, out: list[Line]) -> int:
+    def _feed_short_lines(self, data: bytes, start: int, out: list[Line | Block]) -> int:
         return start
 
 

@@ -14,14 +14,14 @@ actor, that is, on the local spool.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
 import trio
 
 from agent.pipeline.gap import SPOOL_ERROR, SPOOL_FULL, Gap, text_bytes
-from agent.pipeline.linesplit import Line
+from agent.pipeline.linesplit import Block, Line, each_line
 from agent.pipeline.messages import (
     AgentLine,
     CaptureMessage,
@@ -108,11 +108,27 @@ def encode_line(
     return orjson.dumps(body)
 
 
+# Bytes that a JSON string holds as they are (orjson escapes `"`, `\\` and
+# controls only), plus the `\n` that separates a Block's lines: what is left
+# of a Block after deleting these needs escaping.
+_VERBATIM = bytes(b for b in range(256) if (b >= 0x20 and b not in b'"\\') or b == 0x0A)
+# Lowered, every word a level looks for holds one of these ("trace" covers
+# "traceback", "warn" covers "warning").
+_LEVEL_HINTS = (b"error", b"fatal", b"critical", b"panic", b"exception", b"trace", b"warn", b"deprecated", b"debug")
+# Past this many lines with a hint in a Block, every line's level is looked at.
+_HINTED_LINES_MAX = 64
+
+
 class LineEncoder:
     """`encode_line` for the lines of one batch, which share task, timestamp,
     source and metadata: those parts are encoded once per batch (per line,
-    building and dumping a dict was a sixth of the agent's CPU). A test holds
-    it to encode_line's bytes."""
+    building and dumping a dict was a sixth of the agent's CPU), and a Block
+    is encoded with no Python code run per line (`encode_block`). A test
+    holds both to encode_line's bytes.
+
+    Kept to this module (not the hub's record encoder): the recorder's hot
+    path is the one place that gets the record's fields separately and one
+    line's work must be a few C calls."""
 
     _LEVELS = {level: level.encode() for level in LEVELS}
 
@@ -122,6 +138,11 @@ class LineEncoder:
         meta = orjson.dumps(metadata)
         self.tail = b',"metadata":' + meta + b"}"
         self.tail_partial = b',"metadata":' + meta + b',"partial":true}'
+        # One line of a Block, level INFO: seq, message, lineNumber; the rest
+        # fixed (its own `%` doubled, a task id or metadata may hold one).
+        head, mid, tail = (part.replace(b"%", b"%%") for part in (self.head, self.mid, self.tail))
+        self._info_verbatim = head + b"%d" + mid + b'INFO","message":"%b","lineNumber":%d' + tail
+        self._info_escaped = head + b"%d" + mid + b'INFO","message":%b,"lineNumber":%d' + tail
 
     def encode(self, seq: int, level: str, message: str, line_number: int, partial: bool) -> bytes:
         return b"".join(
@@ -136,6 +157,52 @@ class LineEncoder:
                 self.tail_partial if partial else self.tail,
             )
         )
+
+    def encode_block(self, seq: int, block: Block, line_number: int) -> list[bytes]:
+        """The records of `block`'s lines, from `seq` and `line_number` on."""
+        raws = block.lines
+        count = len(raws)
+        seqs = range(seq, seq + count)
+        numbers = range(line_number, line_number + count)
+        if block.data.translate(None, _VERBATIM):
+            # Quotes, backslashes or control characters: orjson escapes each line.
+            messages = map(orjson.dumps, map(bytes.decode, raws))
+            records = list(map(self._info_escaped.__mod__, zip(seqs, messages, numbers, strict=True)))
+        else:
+            records = list(map(self._info_verbatim.__mod__, zip(seqs, raws, numbers, strict=True)))
+        for i in _maybe_not_info(block):
+            text = raws[i].decode()
+            level = determine_level(text)
+            if level != "INFO":
+                records[i] = self.encode(seq + i, level, text, line_number + i, False)
+        return records
+
+
+def _maybe_not_info(block: Block) -> Iterable[int]:
+    """The indexes of `block`'s lines whose level may not be INFO: those that
+    hold a level's word in ASCII letters of any case, and those that are not
+    ASCII (determine_level matches case-insensitively beyond ASCII there)."""
+    data = block.data
+    low = data.lower()
+    hits = []
+    for hint in _LEVEL_HINTS:
+        at = low.find(hint)
+        while at != -1:
+            hits.append(at)
+            if len(hits) > _HINTED_LINES_MAX:
+                return range(len(block.lines))
+            at = low.find(hint, at + len(hint))
+    lines: set[int] = set()
+    if hits:
+        hits.sort()
+        line, counted = 0, 0
+        for at in hits:
+            line += data.count(b"\n", counted, at)
+            counted = at
+            lines.add(line)
+    if not data.isascii():
+        lines.update(i for i, raw in enumerate(block.lines) if not raw.isascii())
+    return sorted(lines)
 
 
 class Recorder:
@@ -222,19 +289,41 @@ class Recorder:
             partial,
         )
 
-    def write(self, source: str, lines: list[tuple[Line, int]], ts: str | None = None) -> None:
-        """Spool `lines` (each with its line number) read from `source` at `ts`."""
+    def write(self, source: str, lines: list[tuple[Line | Block, int]], ts: str | None = None) -> None:
+        """Spool `lines` (each with its line number; a Block with its first
+        line's) read from `source` at `ts`."""
         if not lines:
             return
         ts = ts or now_ts()
         encoder = LineEncoder(self.task_id, ts, source, self._metadata)
         frame = self.spool.frame_size
-        entries: list[tuple[int, bytes]] = []
-        kept: list[tuple[Line, int]] = []
+        first = self.next_seq
+        payloads: list[bytes] = []
+        kept: list[tuple[Line | Block, int]] = []
+        # Bytes the payloads take in the spool, counted as frames of their own
+        # (a run frame takes less: what is checked against the budget is never short).
         size = 0
         closing: Gap | None = None
-        dropped: list[tuple[Line, int]] = []
-        for i, (line, number) in enumerate(lines):
+        dropped: list[tuple[Line | Block, int]] = []
+        items = list(lines)
+        i = 0
+        while i < len(items):
+            item, number = items[i]
+            if isinstance(item, Block):
+                if self._gap is None or closing is not None:
+                    block = encoder.encode_block(self.next_seq, item, number)
+                    block_size = sum(map(len, block)) + len(block) * frame(0)
+                    if self._fits(size + block_size):
+                        payloads += block
+                        kept.append((item, number))
+                        self.next_seq += len(block)
+                        size += block_size
+                        i += 1
+                        continue
+                # A gap to close first, or not all of it fits: line by line.
+                items[i : i + 1] = [(line, number + k) for k, line in enumerate(item.texts())]
+                continue
+            line = item
             text = line.text
             level = determine_level(text)
             payload = encoder.encode(self.next_seq, level, text, number, line.partial)
@@ -244,22 +333,23 @@ class Recorder:
                 gap_payload = self._gap_payload(self._gap, self.next_seq)
                 payload = encoder.encode(self.next_seq + 1, level, text, number, line.partial)
                 if not self._fits(frame(len(gap_payload)) + frame(len(payload)) + self._resume_room):
-                    dropped = lines[i:]
+                    dropped = items[i:]
                     break
                 closing = self._gap
-                entries.append((self.next_seq, gap_payload))
+                payloads.append(gap_payload)
                 self.next_seq += 1
                 size += frame(len(gap_payload))
             elif not self._fits(size + frame(len(payload))):
                 # The rest of this read goes too: a gap is one run of lines.
-                dropped = lines[i:]
+                dropped = items[i:]
                 break
-            entries.append((self.next_seq, payload))
+            payloads.append(payload)
             kept.append((line, number))
             self.next_seq += 1
             size += frame(len(payload))
+            i += 1
         reason = SPOOL_FULL
-        if not self._append(entries):
+        if not self._append(first, payloads):
             dropped = kept + dropped
             closing = None
             reason = SPOOL_ERROR
@@ -275,27 +365,28 @@ class Recorder:
         self.agent_lines += 1
         payload = self._record("agent", text, self.agent_lines, ts or now_ts(), False)
         self.next_seq += 1
-        self._append([(self.next_seq - 1, payload)])
+        self._append(self.next_seq - 1, [payload])
 
-    def _append(self, entries: list[tuple[int, bytes]]) -> bool:
-        if not entries:
+    def _append(self, first: int, payloads: list[bytes]) -> bool:
+        if not payloads:
             return True
         try:
-            self.spool.append(entries)
+            self.spool.append_run(first, payloads)
         except OSError as exc:
             # The disk is full or failing: the command must not stop for that.
             # These seqs were not used; the drop is counted like a full spool.
-            self.next_seq = entries[0][0]
+            self.next_seq = first
             self._write_error = f"cannot write to the spool in {self.spool.dir}: {exc}"
             return False
-        self.written += len(entries)
-        self.on_written(len(entries))
+        self.written += len(payloads)
+        self.on_written(len(payloads))
         return True
 
-    def _drop(self, source: str, lines: list[tuple[Line, int]], ts: str, reason: str) -> None:
+    def _drop(self, source: str, items: list[tuple[Line | Block, int]], ts: str, reason: str) -> None:
         gap = self._gap
         if gap is None:
             gap = self._gap = Gap(reason, ts)
+        lines = each_line(items)
         for line, number in lines:
             nbytes = text_bytes(line.text)
             gap.add(source, number, nbytes, ts)
@@ -322,7 +413,7 @@ class Recorder:
         gap = self._gap
         if gap is None:
             return
-        if self._append([(self.next_seq, self._gap_payload(gap, self.next_seq))]):
+        if self._append(self.next_seq, [self._gap_payload(gap, self.next_seq)]):
             self.next_seq += 1
             self.agent_lines += 1
             self._gap = None

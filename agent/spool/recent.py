@@ -22,6 +22,16 @@ class RecentRecords:
             # 200-byte record, which would make the cache 20 times its budget.
             self._entries.append((seq, bytes(memoryview(payload))))
             self._size += len(payload)
+        self._trim()
+
+    def append_run(self, first_seq: int, payloads: list[bytes]) -> None:
+        """Records `first_seq`, `first_seq + 1`, ... whose bytes are already
+        tight (built by formatting or joining, not orjson's spare room)."""
+        self._entries.extend(zip(range(first_seq, first_seq + len(payloads)), payloads, strict=True))
+        self._size += sum(map(len, payloads))
+        self._trim()
+
+    def _trim(self) -> None:
         while self._size > self.budget and self._entries:
             self._size -= len(self._entries.popleft()[1])
 

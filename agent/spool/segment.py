@@ -2,7 +2,10 @@
 
 A segment is a sequence of frames ``MAGIC(2) | seq(8) | length(4) | crc32(4) |
 payload``, payload being the record's wire JSON, crc32 covering seq and
-payload. Reading checks every frame; a torn tail (a crash mid-write) is cut
+payload. A run frame (BATCH_MAGIC, same header) holds the records
+`seq`, `seq + 1`, ... of one recorder write, their JSON joined by ``\n``
+(which JSON never holds unescaped): one checksum and one header per pipe read
+instead of per line. A run frame that does not check out is lost as a whole. Reading checks every frame; a torn tail (a crash mid-write) is cut
 off by `recover`, and a corrupt frame is skipped with a warning by searching
 forward for the next valid one, so damage never turns into a crash loop.
 """
@@ -16,9 +19,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 MAGIC = b"\xabK"
+BATCH_MAGIC = b"\xabR"
 HEADER = struct.Struct(">2sQII")  # magic, seq, payload length, crc32(seq + payload)
-# A record's JSON is at most a 64 KiB line escaped (up to 6x) plus fields.
+# A record's JSON is at most a 64 KiB line escaped (up to 6x) plus fields;
+# a run frame is cut before it would pass RUN_BYTES.
 MAX_PAYLOAD = 8 * 1024 * 1024
+RUN_BYTES = 1024 * 1024
 READ_CHUNK = 1024 * 1024
 SEGMENT_SUFFIX = ".seg"
 
@@ -29,6 +35,20 @@ def encode_frame(seq: int, payload: bytes) -> bytes:
     seq_bytes = seq.to_bytes(8, "big")
     crc = zlib.crc32(payload, zlib.crc32(seq_bytes))
     return HEADER.pack(MAGIC, seq, len(payload), crc) + payload
+
+
+def encode_run(first_seq: int, payloads: list[bytes]) -> bytes:
+    """One run frame for the records `first_seq`, `first_seq + 1`, ..."""
+    data = b"\n".join(payloads)
+    if data.count(b"\n") != len(payloads) - 1:
+        raise ValueError("a spooled record's JSON holds a raw newline")
+    crc = zlib.crc32(data, zlib.crc32(first_seq.to_bytes(8, "big")))
+    return HEADER.pack(BATCH_MAGIC, first_seq, len(data), crc) + data
+
+
+def run_size(payloads: list[bytes]) -> int:
+    """The bytes `encode_run(_, payloads)` takes."""
+    return HEADER.size + sum(map(len, payloads)) + len(payloads) - 1
 
 
 def _check(header_seq: int, payload: bytes, crc: int) -> bool:
@@ -108,7 +128,7 @@ def scan(
         if header is None:
             break
         magic, seq, length, crc = HEADER.unpack(header)
-        if magic == MAGIC and length <= MAX_PAYLOAD:
+        if (magic == MAGIC or magic == BATCH_MAGIC) and length <= MAX_PAYLOAD:
             payload = window.get(pos + HEADER.size, length)
             if payload is not None and _check(seq, payload, crc):
                 if bad_since is not None and warn is not None:
@@ -117,12 +137,18 @@ def scan(
                     )
                 bad_since = None
                 nxt = pos + HEADER.size + length
-                yield pos, seq, payload, nxt
+                if magic == MAGIC:
+                    yield pos, seq, payload, nxt
+                else:
+                    # Every record of a run frame is found at the frame's offset.
+                    for i, record in enumerate(payload.split(b"\n")):
+                        yield pos, seq + i, record, nxt
                 pos = nxt
                 continue
         if bad_since is None:
             bad_since = pos
-        pos = window.find(MAGIC, pos + 1)
+        # Either kind of frame: both magics start with this byte.
+        pos = window.find(MAGIC[:1], pos + 1)
 
 
 def write_all(fd: int, data: bytes) -> None:

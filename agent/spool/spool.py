@@ -44,10 +44,12 @@ from agent.spool.recent import RecentRecords
 from agent.spool.root import default_root, spooled_tasks
 from agent.spool.segment import (
     HEADER,
+    RUN_BYTES,
     SEGMENT_SUFFIX,
     Segment,
     Warn,
     encode_frame,
+    encode_run,
     recover,
     scan,
     write_all,
@@ -168,7 +170,7 @@ class Spool:
         return self.used_bytes + nbytes <= self.max_bytes
 
     def append(self, entries: list[tuple[int, bytes]]) -> None:
-        """Write records; their seqs must continue `last_seq` one by one."""
+        """Write records, a frame each; their seqs must continue `last_seq` one by one."""
         if not entries:
             return
         expected = self.last_seq + 1
@@ -178,8 +180,33 @@ class Spool:
                 raise ValueError(f"spool append out of order: seq {seq}, expected {expected}")
             expected += 1
             parts.append(encode_frame(seq, payload))
-        data = b"".join(parts)
-        seg = self._active(len(data), entries[0][0])
+        self._write(b"".join(parts), entries[0][0], entries[-1][0])
+        self._recent.append(entries)
+
+    def append_run(self, first_seq: int, payloads: list[bytes]) -> None:
+        """Write the records `first_seq`, `first_seq + 1`, ... (continuing
+        `last_seq`) in one write(2), as run frames (one per RUN_BYTES): the
+        recorder's path, with no work per record but joining and one checksum."""
+        if not payloads:
+            return
+        if first_seq != self.last_seq + 1:
+            raise ValueError(f"spool append out of order: seq {first_seq}, expected {self.last_seq + 1}")
+        parts = []
+        if sum(map(len, payloads)) + len(payloads) <= RUN_BYTES:
+            parts.append(encode_run(first_seq, payloads))
+        else:
+            start, size = 0, 0
+            for i, payload in enumerate(payloads):
+                if i > start and size + len(payload) + 1 > RUN_BYTES:
+                    parts.append(encode_run(first_seq + start, payloads[start:i]))
+                    start, size = i, 0
+                size += len(payload) + 1
+            parts.append(encode_run(first_seq + start, payloads[start:]))
+        self._write(b"".join(parts), first_seq, first_seq + len(payloads) - 1)
+        self._recent.append_run(first_seq, payloads)
+
+    def _write(self, data: bytes, first_seq: int, last_seq: int) -> None:
+        seg = self._active(len(data), first_seq)
         assert seg.fd is not None
         try:
             write_all(seg.fd, data)
@@ -192,10 +219,9 @@ class Spool:
             raise
         seg.size += len(data)
         self._used += len(data)
-        seg.last_seq = entries[-1][0]
-        self.last_seq = seg.last_seq
+        seg.last_seq = last_seq
+        self.last_seq = last_seq
         self._dirty = True
-        self._recent.append(entries)
 
     def _active(self, incoming: int, first_seq: int) -> Segment:
         seg = self.segments[-1] if self.segments else None
