@@ -16,7 +16,9 @@ run sends Finished and closes its end, and the close travels down the
 pipeline. The pipeline nursery ends when the recorder has spooled the last
 line and the final state; the run then waits up to `drain_timeout` for the
 uplink to be delivered, and leaves what is left in the spool for
-`keruta-agent flush`. If a signal was passed on to the command, the run ends
+`keruta-agent flush`. With `no_wait` it does not wait: what is not yet
+acknowledged is handed to a background `keruta-agent flush --task-id ID`
+(`flush --wait` at the job's end waits for it). If a signal was passed on to the command, the run ends
 only once its process group has (SIGKILLed `kill_grace` seconds after the
 signal if need be): nothing the command started outlives the agent.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
 import sys
 import tempfile
 import traceback
@@ -84,6 +87,10 @@ class RunSettings:
     # After a signal passed on to COMMAND's group, how long before SIGKILL (--kill-grace).
     kill_grace: float = process.KILL_GRACE
     quiet: bool = False
+    # --no-wait: exit once the command has; a background flush delivers the rest.
+    no_wait: bool = False
+    # --max-in-flight-bytes: records sent and not yet acknowledged, at most.
+    max_in_flight_bytes: int = 4 << 20
     environ: Mapping[str, str] = attrs.field(factory=lambda: dict(os.environ))
     limits: Limits = DEFAULT_LIMITS
 
@@ -130,6 +137,7 @@ async def run(settings: RunSettings, say: Callable[[str], None] = say) -> RunRes
             token=settings.token,
             batch_size=settings.batch_size,
             flush_interval=settings.flush_interval,
+            max_in_flight_bytes=settings.max_in_flight_bytes,
             limits=settings.limits,
         ),
         say=say,
@@ -156,7 +164,8 @@ async def run(settings: RunSettings, say: Callable[[str], None] = say) -> RunRes
                         code = await _run_command(settings, masker, to_recorder, router, say)
                         await to_recorder.send(Finished("succeeded" if code == 0 else "failed", code))
                 # Everything, the final state included, is in the spool now.
-                await _drain(uplink, router, settings.drain_timeout)
+                if not settings.no_wait:
+                    await _drain(uplink, router, settings.drain_timeout)
                 await router.stopped()
                 nursery.cancel_scope.cancel()
     finally:
@@ -170,7 +179,15 @@ async def run(settings: RunSettings, say: Callable[[str], None] = say) -> RunRes
     else:
         spool.close()
         what = f"{unacked} records" if unacked else "the final status"
-        if failure:
+        if settings.no_wait and not failure:
+            pid = _deliver_in_background(settings, spool.dir.parent, say)
+            if pid is not None:
+                say(
+                    f"{what} of task {settings.task_id} are delivered in the background "
+                    f"(pid {pid}); `keruta-agent flush --wait` waits for that and says what "
+                    "was not stored"
+                )
+        elif failure:
             say(
                 f"ERROR: {what} of task {settings.task_id} were NOT delivered ({failure[0]}); "
                 f"they are kept in {spool.dir}. Fix the cause, then run `keruta-agent flush`."
@@ -187,6 +204,45 @@ async def run(settings: RunSettings, say: Callable[[str], None] = say) -> RunRes
             "(the spool was full or could not be written); a gap record in the task's log says so"
         )
     return RunResult(code, delivered, unacked, recorder.written, recorder.dropped_total)
+
+
+# How long a background delivery (--no-wait) keeps trying before it leaves
+# the task to a later `flush`.
+BACKGROUND_TIMEOUT = 600.0
+
+
+def _deliver_in_background(settings: RunSettings, spool_root: Path, say: Callable[[str], None]) -> int | None:
+    """Start `keruta-agent flush --task-id ID` detached from this process
+    (its own session: it outlives the step) to deliver the spool this run
+    leaves; its pid, or None if it could not be started. Its output goes
+    nowhere: `flush --wait` at the job's end reports what it did not deliver.
+    The token goes in its environment, not on its command line."""
+    env = {k: v for k, v in settings.environ.items() if k != "KERUTA_TOKEN"}
+    if settings.token:
+        env["KERUTA_TOKEN"] = settings.token
+    command = [
+        sys.executable, "-m", "agent", "flush",
+        "--task-id", settings.task_id,
+        "--spool-dir", str(spool_root),
+        "--hub", settings.hub_url,
+        "--timeout", f"{BACKGROUND_TIMEOUT:g}",
+        "--reconnect-max", f"{min(settings.reconnect_max, 5.0):g}",
+    ]
+    try:
+        child = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        say(f"cannot start the background delivery ({exc}); run `keruta-agent flush` to deliver")
+        return None
+    # Not waited for: it is reparented when this process exits.
+    child.returncode = 0
+    return child.pid
 
 
 async def _run_command(

@@ -27,7 +27,9 @@ from keruta.timefmt import now_ts
 # Kept importable from here: tests and older callers know them as capture's.
 __all__ = ["Mirror", "Recorder", "capture", "encode_line", "LineNumbering"]
 
-READ_SIZE = 64 * 1024
+# One read (and so one LineBatch, one spool write) at most: large enough that
+# the work per read is small beside the work per line.
+READ_SIZE = 256 * 1024
 
 Say = Callable[[str], None]
 

@@ -57,7 +57,8 @@ class UplinkSettings:
     token: str | None = None
     batch_size: int = 500
     flush_interval: float = 0.2
-    max_in_flight: int = 8
+    # Bytes of records sent and not yet acknowledged (agent/link/batcher.py).
+    max_in_flight_bytes: int = 4 << 20
     # Frames in flight below which a record is sent at once (agent/link/batcher.py).
     eager_frames: int = 2
     ping_interval: float = 5.0
@@ -91,8 +92,8 @@ class Uplink:
             available_seq=spool.last_seq,
             batch_size=settings.batch_size,
             flush_interval=settings.flush_interval,
-            max_in_flight=settings.max_in_flight,
-            eager_frames=min(settings.eager_frames, settings.max_in_flight),
+            max_in_flight_bytes=settings.max_in_flight_bytes,
+            eager_frames=settings.eager_frames,
             limits=settings.limits,
         )
         # Set once every record is acknowledged and the final status is stored.

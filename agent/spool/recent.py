@@ -4,54 +4,89 @@ from __future__ import annotations
 
 import collections
 
+import attrs
+
+
+@attrs.define
+class _Run:
+    """Records `first_seq`, `first_seq + 1`, ... as appended together."""
+
+    first_seq: int
+    payloads: list[bytes]
+    size: int
+
+    @property
+    def end_seq(self) -> int:
+        return self.first_seq + len(self.payloads)
+
 
 class RecentRecords:
     """The last records appended, up to `budget` bytes of payload, oldest first.
 
-    Consecutive seqs: the record with seq s sits at index s - first seq.
+    Kept as the runs they were appended in (a pipe read's records), so that
+    appending and forgetting cost the same for a run of 800 records as for
+    one: at a million lines a second, work per record here was a tenth of
+    the agent's CPU. Consecutive seqs throughout.
     """
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
-        self._entries: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._runs: collections.deque[_Run] = collections.deque()
         self._size = 0
 
     def append(self, entries: list[tuple[int, bytes]]) -> None:
-        for seq, payload in entries:
-            # A tight copy: orjson's bytes keep a 4 KiB allocation behind a
-            # 200-byte record, which would make the cache 20 times its budget.
-            self._entries.append((seq, bytes(memoryview(payload))))
-            self._size += len(payload)
-        self._trim()
+        # A tight copy: orjson's bytes keep a 4 KiB allocation behind a
+        # 200-byte record, which would make the cache 20 times its budget.
+        if entries:
+            self.append_run(entries[0][0], [bytes(memoryview(payload)) for _, payload in entries])
 
     def append_run(self, first_seq: int, payloads: list[bytes]) -> None:
         """Records `first_seq`, `first_seq + 1`, ... whose bytes are already
         tight (built by formatting or joining, not orjson's spare room)."""
-        self._entries.extend(zip(range(first_seq, first_seq + len(payloads)), payloads, strict=True))
-        self._size += sum(map(len, payloads))
-        self._trim()
-
-    def _trim(self) -> None:
-        while self._size > self.budget and self._entries:
-            self._size -= len(self._entries.popleft()[1])
+        if not payloads:
+            return
+        if self._runs and self._runs[-1].end_seq != first_seq:
+            # Not consecutive (a new spool's numbering): start over.
+            self._runs.clear()
+            self._size = 0
+        size = sum(map(len, payloads))
+        self._runs.append(_Run(first_seq, payloads, size))
+        self._size += size
+        while self._size > self.budget and self._runs:
+            self._size -= self._runs.popleft().size
 
     def release(self, through: int) -> None:
         """Forget records with seq <= `through` (the hub stored them)."""
-        while self._entries and self._entries[0][0] <= through:
-            self._size -= len(self._entries.popleft()[1])
+        runs = self._runs
+        while runs and runs[0].first_seq <= through:
+            run = runs[0]
+            if run.end_seq - 1 <= through:
+                self._size -= runs.popleft().size
+            else:
+                cut = through + 1 - run.first_seq
+                gone = run.payloads[:cut]
+                self._size -= sum(map(len, gone))
+                run.size -= sum(map(len, gone))
+                run.payloads = run.payloads[cut:]
+                run.first_seq = through + 1
 
     def read(self, from_seq: int, max_records: int, max_bytes: int) -> list[tuple[int, bytes]] | None:
         """Like Spool.read, or None when `from_seq` is older than what is kept."""
-        if not self._entries or self._entries[0][0] > from_seq:
+        if not self._runs or self._runs[0].first_seq > from_seq:
             return None
         out: list[tuple[int, bytes]] = []
         total = 0
-        i = from_seq - self._entries[0][0]
-        while i < len(self._entries) and len(out) < max_records:
-            entry = self._entries[i]
-            if out and total + len(entry[1]) > max_bytes:
+        for run in self._runs:
+            if run.end_seq <= from_seq:
+                continue
+            i = max(0, from_seq - run.first_seq)
+            while i < len(run.payloads) and len(out) < max_records:
+                payload = run.payloads[i]
+                if out and total + len(payload) > max_bytes:
+                    return out
+                out.append((run.first_seq + i, payload))
+                total += len(payload)
+                i += 1
+            if len(out) >= max_records:
                 break
-            out.append(entry)
-            total += len(entry[1])
-            i += 1
         return out

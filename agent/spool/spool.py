@@ -52,8 +52,8 @@ from agent.spool.segment import (
     encode_run,
     recover,
     scan,
-    write_all,
     write_atomically,
+    writev_all,
 )
 
 __all__ = ["HEADER", "Spool", "SpoolLocked", "default_root", "encode_frame", "spooled_tasks", "write_atomically"]
@@ -180,7 +180,7 @@ class Spool:
                 raise ValueError(f"spool append out of order: seq {seq}, expected {expected}")
             expected += 1
             parts.append(encode_frame(seq, payload))
-        self._write(b"".join(parts), entries[0][0], entries[-1][0])
+        self._write([b"".join(parts)], entries[0][0], entries[-1][0])
         self._recent.append(entries)
 
     def append_run(self, first_seq: int, payloads: list[bytes]) -> None:
@@ -191,25 +191,26 @@ class Spool:
             return
         if first_seq != self.last_seq + 1:
             raise ValueError(f"spool append out of order: seq {first_seq}, expected {self.last_seq + 1}")
-        parts = []
+        parts: list[bytes] = []
         if sum(map(len, payloads)) + len(payloads) <= RUN_BYTES:
-            parts.append(encode_run(first_seq, payloads))
+            parts += encode_run(first_seq, payloads)
         else:
             start, size = 0, 0
             for i, payload in enumerate(payloads):
                 if i > start and size + len(payload) + 1 > RUN_BYTES:
-                    parts.append(encode_run(first_seq + start, payloads[start:i]))
+                    parts += encode_run(first_seq + start, payloads[start:i])
                     start, size = i, 0
                 size += len(payload) + 1
-            parts.append(encode_run(first_seq + start, payloads[start:]))
-        self._write(b"".join(parts), first_seq, first_seq + len(payloads) - 1)
+            parts += encode_run(first_seq + start, payloads[start:])
+        self._write(parts, first_seq, first_seq + len(payloads) - 1)
         self._recent.append_run(first_seq, payloads)
 
-    def _write(self, data: bytes, first_seq: int, last_seq: int) -> None:
-        seg = self._active(len(data), first_seq)
+    def _write(self, parts: list[bytes], first_seq: int, last_seq: int) -> None:
+        size = sum(map(len, parts))
+        seg = self._active(size, first_seq)
         assert seg.fd is not None
         try:
-            write_all(seg.fd, data)
+            writev_all(seg.fd, parts)
         except OSError:
             # Leave no half frame behind (e.g. the disk filled up mid-write).
             try:
@@ -217,8 +218,8 @@ class Spool:
             except OSError:
                 pass
             raise
-        seg.size += len(data)
-        self._used += len(data)
+        seg.size += size
+        self._used += size
         seg.last_seq = last_seq
         self.last_seq = last_seq
         self._dirty = True
