@@ -45,6 +45,7 @@ from agent.spool.root import default_root, spooled_tasks
 from agent.spool.segment import (
     HEADER,
     RUN_BYTES,
+    RUN_RECORDS,
     SEGMENT_SUFFIX,
     Segment,
     Warn,
@@ -153,6 +154,16 @@ class Spool:
         for seg in self.segments:
             self.last_seq = max(self.last_seq, seg.last_seq)
             self._used += seg.size
+        final = self.meta.get("final")
+        final_last = final.get("lastSeq") if isinstance(final, dict) else None
+        if isinstance(final_last, int) and final_last > self.last_seq:
+            # A corrupt or torn tail was cut off after the run had finished:
+            # these seqs were used, and are sent as "lost" records, not reused.
+            self.warn(
+                f"spool {self.dir}: records {self.last_seq + 1}-{final_last} were lost "
+                "(a corrupt end of the spool); the hub gets a record saying so for each"
+            )
+            self.last_seq = final_last
         self._delete_acked_segments()
 
     # --- writing ------------------------------------------------------------
@@ -185,23 +196,28 @@ class Spool:
 
     def append_run(self, first_seq: int, payloads: list[bytes]) -> None:
         """Write the records `first_seq`, `first_seq + 1`, ... (continuing
-        `last_seq`) in one write(2), as run frames (one per RUN_BYTES): the
-        recorder's path, with no work per record but joining and one checksum."""
+        `last_seq`) in one write(2), as run frames of up to RUN_RECORDS records:
+        the recorder's path, with no Python per record. A payload must not
+        hold a raw newline (JSON never does; the run frame separates records
+        with it)."""
         if not payloads:
             return
         if first_seq != self.last_seq + 1:
             raise ValueError(f"spool append out of order: seq {first_seq}, expected {self.last_seq + 1}")
         parts: list[bytes] = []
-        if sum(map(len, payloads)) + len(payloads) <= RUN_BYTES:
-            parts += encode_run(first_seq, payloads)
-        else:
-            start, size = 0, 0
-            for i, payload in enumerate(payloads):
-                if i > start and size + len(payload) + 1 > RUN_BYTES:
-                    parts += encode_run(first_seq + start, payloads[start:i])
-                    start, size = i, 0
+        for start in range(0, len(payloads), RUN_RECORDS):
+            chunk = payloads[start : start + RUN_RECORDS]
+            if sum(map(len, chunk)) <= RUN_BYTES:
+                parts += encode_run(first_seq + start, chunk)
+                continue
+            # Long lines: cut where RUN_BYTES is reached.
+            begin, size = 0, 0
+            for i, payload in enumerate(chunk):
+                if i > begin and size + len(payload) > RUN_BYTES:
+                    parts += encode_run(first_seq + start + begin, chunk[begin:i])
+                    begin, size = i, 0
                 size += len(payload) + 1
-            parts += encode_run(first_seq + start, payloads[start:])
+            parts += encode_run(first_seq + start + begin, chunk[begin:])
         self._write(parts, first_seq, first_seq + len(payloads) - 1)
         self._recent.append_run(first_seq, payloads)
 
@@ -247,7 +263,9 @@ class Spool:
             seg.fd = None
 
     def set_final(self, state: str, exit_code: int | None) -> None:
-        self.meta["final"] = {"state": state, "exitCode": exit_code}
+        # With the last seq: a reopened spool whose tail was damaged still
+        # knows how many records it held, and sends a "lost" record for each.
+        self.meta["final"] = {"state": state, "exitCode": exit_code, "lastSeq": self.last_seq}
         self._save_meta()
 
     def mark_final_delivered(self) -> None:
