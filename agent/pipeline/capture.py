@@ -162,7 +162,7 @@ class LineNumbering:
             if isinstance(line, Block):
                 # Only whole lines make a Block: no piece is open before it.
                 out.append((line, self.current + 1))
-                self.current += len(line.lines)
+                self.current += line.count
                 continue
             if not self._open:
                 self.current += 1

@@ -28,16 +28,20 @@ class Line:
 class Block:
     """Consecutive complete lines whose text is exactly their bytes: valid
     UTF-8, no `\\r`, none longer than the limit. The common case of a pipe
-    read, kept as bytes so that the recorder encodes it without a `Line` (or
-    a str) per line."""
+    read, kept as bytes, not split: capturing and spooling it takes no Python
+    (nor a `Line`, a str or a bytes object) per line."""
 
-    # The lines joined by b"\n" (as read), and each line.
+    # The lines joined by b"\n" (as read), and how many there are.
     data: bytes
-    lines: list[bytes]
+    count: int
 
     @classmethod
     def of(cls, lines: list[bytes]) -> Block:
-        return cls(b"\n".join(lines), lines)
+        return cls(b"\n".join(lines), len(lines))
+
+    @property
+    def lines(self) -> list[bytes]:
+        return self.data.split(b"\n")
 
     def texts(self) -> list[Line]:
         return [Line(raw.decode("utf-8")) for raw in self.lines]
@@ -87,6 +91,11 @@ def char_boundary(data: bytes | bytearray, cut: int) -> int:
     if pos <= 0 or _is_continuation(data[pos]):
         return cut
     return pos
+
+
+# A Block holds about this many bytes of lines at most (a longer line, up to
+# the line limit, goes alone): the spool keeps one as one checksummed frame.
+BLOCK_BYTES = 16 * 1024
 
 
 class LineSplitter:
@@ -141,25 +150,38 @@ class LineSplitter:
         return lines
 
     def _feed_short_lines(self, data: bytes, start: int, out: list[Line | Block]) -> int:
-        """The common case in one go: complete lines from `start`, none long,
-        no `\r`, valid UTF-8 (so each line's text is its bytes: one Block).
-        Returns how far `data` was consumed (`start`: not this case).
+        """The common case in one go: complete lines from `start`, none over
+        the limit, no `\r`, valid UTF-8 (so each line's text is its bytes),
+        as Blocks of about BLOCK_BYTES. Returns how far `data` was consumed
+        (`start`: not this case at all).
 
         Checking the lines together checks each: `\n` is ASCII, so no UTF-8
         sequence reaches across it."""
         last = data.rfind(b"\n", start)
         if last == -1 or data.find(b"\r", start, last) != -1:
             return start
-        run = data[start:last]
-        if not run.isascii():
-            try:
-                run.decode("utf-8")
-            except UnicodeDecodeError:
-                return start
-        raws = run.split(b"\n")
-        if len(run) > self.max_line_bytes and max(map(len, raws)) > self.max_line_bytes:
-            return start
-        out.append(Block(run, raws))
+        pos = start
+        while pos <= last:
+            if last - pos <= BLOCK_BYTES:
+                end = last
+            else:
+                end = data.rfind(b"\n", pos, pos + BLOCK_BYTES)
+                if end == -1:
+                    # A line longer than BLOCK_BYTES: a Block of its own, if it fits.
+                    end = data.find(b"\n", pos + BLOCK_BYTES)
+                    if end - pos > self.max_line_bytes:
+                        return pos
+            piece = data[pos:end]
+            if len(piece) > self.max_line_bytes and max(map(len, piece.split(b"\n"))) > self.max_line_bytes:
+                # Only with a limit below BLOCK_BYTES (tests): a line to cut in pieces.
+                return pos
+            if not piece.isascii():
+                try:
+                    piece.decode("utf-8")
+                except UnicodeDecodeError:
+                    return pos
+            out.append(Block(piece, data.count(b"\n", pos, end) + 1))
+            pos = end + 1
         return last + 1
 
     def finish(self) -> list[Line]:

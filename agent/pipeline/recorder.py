@@ -14,12 +14,12 @@ actor, that is, on the local spool.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
-import orjson
 import trio
 
+from agent.pipeline.encoding import LineEncoder, LineRun, encode_line
 from agent.pipeline.gap import SPOOL_ERROR, SPOOL_FULL, Gap, text_bytes
 from agent.pipeline.linesplit import Block, Line, each_line
 from agent.pipeline.messages import (
@@ -32,9 +32,12 @@ from agent.pipeline.messages import (
     Started,
 )
 from agent.spool import Spool
-from keruta.levels import LEVELS, determine_level
+from keruta.levels import determine_level
 from keruta.limits import INT64_MAX
 from keruta.timefmt import now_ts
+
+# Kept importable from here (tests, agent/link/frames.py).
+__all__ = ["LineEncoder", "Recorder", "encode_line", "record"]
 
 # How often the "spool full" warning repeats while lines are being dropped.
 FULL_WARNING_EVERY = 10.0
@@ -74,135 +77,6 @@ async def record(
                 await outbox.send(RecordBatch(first, recorder.next_seq - 1))
             if isinstance(message, Finished):
                 await outbox.send(message)
-
-
-def encode_line(
-    task_id: str,
-    seq: int,
-    timestamp: str,
-    source: str,
-    level: str,
-    message: str,
-    line_number: int,
-    metadata: dict[str, Any],
-    partial: bool,
-    kind: str | None = None,
-) -> bytes:
-    """`orjson.dumps(record_to_wire(LogRecord(...)))` without building the LogRecord: this runs
-    once per line, and every field is valid by construction (a test holds the
-    two to the same bytes)."""
-    body: dict[str, Any] = {
-        "taskId": task_id,
-        "seq": seq,
-        "timestamp": timestamp,
-        "source": source,
-        "level": level,
-        "message": message,
-        "lineNumber": line_number,
-        "metadata": metadata,
-    }
-    if partial:
-        body["partial"] = True
-    if kind is not None:
-        body["kind"] = kind
-    return orjson.dumps(body)
-
-
-# Bytes that a JSON string holds as they are (orjson escapes `"`, `\\` and
-# controls only), plus the `\n` that separates a Block's lines: what is left
-# of a Block after deleting these needs escaping.
-_VERBATIM = bytes(b for b in range(256) if (b >= 0x20 and b not in b'"\\') or b == 0x0A)
-# Lowered, every word a level looks for holds one of these ("trace" covers
-# "traceback", "warn" covers "warning").
-_LEVEL_HINTS = (b"error", b"fatal", b"critical", b"panic", b"exception", b"trace", b"warn", b"deprecated", b"debug")
-# Past this many lines with a hint in a Block, every line's level is looked at.
-_HINTED_LINES_MAX = 64
-
-
-class LineEncoder:
-    """`encode_line` for the lines of one batch, which share task, timestamp,
-    source and metadata: those parts are encoded once per batch (per line,
-    building and dumping a dict was a sixth of the agent's CPU), and a Block
-    is encoded with no Python code run per line (`encode_block`). A test
-    holds both to encode_line's bytes.
-
-    Kept to this module (not the hub's record encoder): the recorder's hot
-    path is the one place that gets the record's fields separately and one
-    line's work must be a few C calls."""
-
-    _LEVELS = {level: level.encode() for level in LEVELS}
-
-    def __init__(self, task_id: str, ts: str, source: str, metadata: dict[str, Any]) -> None:
-        self.head = b'{"taskId":' + orjson.dumps(task_id) + b',"seq":'
-        self.mid = b',"timestamp":' + orjson.dumps(ts) + b',"source":' + orjson.dumps(source) + b',"level":"'
-        meta = orjson.dumps(metadata)
-        self.tail = b',"metadata":' + meta + b"}"
-        self.tail_partial = b',"metadata":' + meta + b',"partial":true}'
-        # One line of a Block, level INFO: seq, message, lineNumber; the rest
-        # fixed (its own `%` doubled, a task id or metadata may hold one).
-        head, mid, tail = (part.replace(b"%", b"%%") for part in (self.head, self.mid, self.tail))
-        self._info_verbatim = head + b"%d" + mid + b'INFO","message":"%b","lineNumber":%d' + tail
-        self._info_escaped = head + b"%d" + mid + b'INFO","message":%b,"lineNumber":%d' + tail
-
-    def encode(self, seq: int, level: str, message: str, line_number: int, partial: bool) -> bytes:
-        return b"".join(
-            (
-                self.head,
-                b"%d" % seq,
-                self.mid,
-                self._LEVELS[level],
-                b'","message":',
-                orjson.dumps(message),
-                b',"lineNumber":%d' % line_number,
-                self.tail_partial if partial else self.tail,
-            )
-        )
-
-    def encode_block(self, seq: int, block: Block, line_number: int) -> list[bytes]:
-        """The records of `block`'s lines, from `seq` and `line_number` on."""
-        raws = block.lines
-        count = len(raws)
-        seqs = range(seq, seq + count)
-        numbers = range(line_number, line_number + count)
-        if block.data.translate(None, _VERBATIM):
-            # Quotes, backslashes or control characters: orjson escapes each line.
-            messages = map(orjson.dumps, map(bytes.decode, raws))
-            records = list(map(self._info_escaped.__mod__, zip(seqs, messages, numbers, strict=True)))
-        else:
-            records = list(map(self._info_verbatim.__mod__, zip(seqs, raws, numbers, strict=True)))
-        for i in _maybe_not_info(block):
-            text = raws[i].decode()
-            level = determine_level(text)
-            if level != "INFO":
-                records[i] = self.encode(seq + i, level, text, line_number + i, False)
-        return records
-
-
-def _maybe_not_info(block: Block) -> Iterable[int]:
-    """The indexes of `block`'s lines whose level may not be INFO: those that
-    hold a level's word in ASCII letters of any case, and those that are not
-    ASCII (determine_level matches case-insensitively beyond ASCII there)."""
-    data = block.data
-    low = data.lower()
-    hits = []
-    for hint in _LEVEL_HINTS:
-        at = low.find(hint)
-        while at != -1:
-            hits.append(at)
-            if len(hits) > _HINTED_LINES_MAX:
-                return range(len(block.lines))
-            at = low.find(hint, at + len(hint))
-    lines: set[int] = set()
-    if hits:
-        hits.sort()
-        line, counted = 0, 0
-        for at in hits:
-            line += data.count(b"\n", counted, at)
-            counted = at
-            lines.add(line)
-    if not data.isascii():
-        lines.update(i for i, raw in enumerate(block.lines) if not raw.isascii())
-    return sorted(lines)
 
 
 class Recorder:
@@ -298,10 +172,10 @@ class Recorder:
         encoder = LineEncoder(self.task_id, ts, source, self._metadata)
         frame = self.spool.frame_size
         first = self.next_seq
-        payloads: list[bytes] = []
+        pieces: list[bytes | LineRun] = []
         kept: list[tuple[Line | Block, int]] = []
-        # Bytes the payloads take in the spool, counted as frames of their own
-        # (a run frame takes less: what is checked against the budget is never short).
+        # Bytes the pieces take in the spool, or more (a record counted as a
+        # frame of its own): what is checked against the budget is never short.
         size = 0
         closing: Gap | None = None
         dropped: list[tuple[Line | Block, int]] = []
@@ -311,13 +185,14 @@ class Recorder:
             item, number = items[i]
             if isinstance(item, Block):
                 if self._gap is None or closing is not None:
-                    block = encoder.encode_block(self.next_seq, item, number)
-                    block_size = sum(map(len, block)) + len(block) * frame(0)
-                    if self._fits(size + block_size):
-                        payloads += block
+                    # Spooled as read; the records are encoded when sent.
+                    run = LineRun(self.task_id, ts, source, number, self._metadata, item)
+                    run_size = self.spool.lines_size(run)
+                    if self._fits(size + run_size):
+                        pieces.append(run)
                         kept.append((item, number))
-                        self.next_seq += len(block)
-                        size += block_size
+                        self.next_seq += run.count
+                        size += run_size
                         i += 1
                         continue
                 # A gap to close first, or not all of it fits: line by line.
@@ -336,20 +211,20 @@ class Recorder:
                     dropped = items[i:]
                     break
                 closing = self._gap
-                payloads.append(gap_payload)
+                pieces.append(gap_payload)
                 self.next_seq += 1
                 size += frame(len(gap_payload))
             elif not self._fits(size + frame(len(payload))):
                 # The rest of this read goes too: a gap is one run of lines.
                 dropped = items[i:]
                 break
-            payloads.append(payload)
+            pieces.append(payload)
             kept.append((line, number))
             self.next_seq += 1
             size += frame(len(payload))
             i += 1
         reason = SPOOL_FULL
-        if not self._append(first, payloads):
+        if not self._append(first, pieces):
             dropped = kept + dropped
             closing = None
             reason = SPOOL_ERROR
@@ -367,19 +242,20 @@ class Recorder:
         self.next_seq += 1
         self._append(self.next_seq - 1, [payload])
 
-    def _append(self, first: int, payloads: list[bytes]) -> bool:
-        if not payloads:
+    def _append(self, first: int, pieces: list[bytes | LineRun]) -> bool:
+        if not pieces:
             return True
         try:
-            self.spool.append_run(first, payloads)
+            self.spool.append_records(first, pieces)
         except OSError as exc:
             # The disk is full or failing: the command must not stop for that.
             # These seqs were not used; the drop is counted like a full spool.
             self.next_seq = first
             self._write_error = f"cannot write to the spool in {self.spool.dir}: {exc}"
             return False
-        self.written += len(payloads)
-        self.on_written(len(payloads))
+        count = sum(piece.count if isinstance(piece, LineRun) else 1 for piece in pieces)
+        self.written += count
+        self.on_written(count)
         return True
 
     def _drop(self, source: str, items: list[tuple[Line | Block, int]], ts: str, reason: str) -> None:

@@ -6,22 +6,28 @@ import collections
 
 import attrs
 
+from agent.pipeline.encoding import LineRun
+
 
 @attrs.define
 class _Run:
-    """Records `first_seq`, `first_seq + 1`, ... as appended together."""
+    """Records `first_seq`, `first_seq + 1`, ... as appended together: their
+    JSON, or the plain lines they are encoded from when read."""
 
     first_seq: int
-    payloads: list[bytes]
+    count: int
     size: int
+    payloads: list[bytes] | None = None
+    lines: LineRun | None = None
 
     @property
     def end_seq(self) -> int:
-        return self.first_seq + len(self.payloads)
+        return self.first_seq + self.count
 
 
 class RecentRecords:
-    """The last records appended, up to `budget` bytes of payload, oldest first.
+    """The last records appended, up to `budget` bytes (of JSON, or of the
+    plain lines a LineRun holds), oldest first.
 
     Kept as the runs they were appended in (a pipe read's records), so that
     appending and forgetting cost the same for a run of 800 records as for
@@ -33,6 +39,8 @@ class RecentRecords:
         self.budget = budget
         self._runs: collections.deque[_Run] = collections.deque()
         self._size = 0
+        # The last LineRun encoded: a frame's records usually span two reads.
+        self._encoded: tuple[_Run, list[bytes]] | None = None
 
     def append(self, entries: list[tuple[int, bytes]]) -> None:
         # A tight copy: orjson's bytes keep a 4 KiB allocation behind a
@@ -40,18 +48,21 @@ class RecentRecords:
         if entries:
             self.append_run(entries[0][0], [bytes(memoryview(payload)) for _, payload in entries])
 
-    def append_run(self, first_seq: int, payloads: list[bytes]) -> None:
-        """Records `first_seq`, `first_seq + 1`, ... whose bytes are already
-        tight (built by formatting or joining, not orjson's spare room)."""
-        if not payloads:
+    def append_run(self, first_seq: int, records: list[bytes] | LineRun) -> None:
+        """Records `first_seq`, `first_seq + 1`, ...: their JSON (tight bytes,
+        built by formatting or joining, not orjson's spare room) or a LineRun."""
+        if isinstance(records, LineRun):
+            run = _Run(first_seq, records.count, len(records.block.data), lines=records)
+        else:
+            run = _Run(first_seq, len(records), sum(map(len, records)), payloads=records)
+        if not run.count:
             return
         if self._runs and self._runs[-1].end_seq != first_seq:
             # Not consecutive (a new spool's numbering): start over.
             self._runs.clear()
             self._size = 0
-        size = sum(map(len, payloads))
-        self._runs.append(_Run(first_seq, payloads, size))
-        self._size += size
+        self._runs.append(run)
+        self._size += run.size
         while self._size > self.budget and self._runs:
             self._size -= self._runs.popleft().size
 
@@ -62,13 +73,24 @@ class RecentRecords:
             run = runs[0]
             if run.end_seq - 1 <= through:
                 self._size -= runs.popleft().size
-            else:
-                cut = through + 1 - run.first_seq
-                gone = run.payloads[:cut]
-                self._size -= sum(map(len, gone))
-                run.size -= sum(map(len, gone))
-                run.payloads = run.payloads[cut:]
-                run.first_seq = through + 1
+                continue
+            # Partly acknowledged: keep the rest, as JSON.
+            cut = through + 1 - run.first_seq
+            rest = self._payloads(run)[cut:]
+            self._size -= run.size
+            runs[0] = _Run(through + 1, len(rest), sum(map(len, rest)), payloads=rest)
+            self._size += runs[0].size
+            break
+
+    def _payloads(self, run: _Run) -> list[bytes]:
+        if run.payloads is not None:
+            return run.payloads
+        if self._encoded is not None and self._encoded[0] is run:
+            return self._encoded[1]
+        assert run.lines is not None
+        payloads = run.lines.records(run.first_seq)
+        self._encoded = (run, payloads)
+        return payloads
 
     def read(self, from_seq: int, max_records: int, max_bytes: int) -> list[tuple[int, bytes]] | None:
         """Like Spool.read, or None when `from_seq` is older than what is kept."""
@@ -79,9 +101,10 @@ class RecentRecords:
         for run in self._runs:
             if run.end_seq <= from_seq:
                 continue
+            payloads = self._payloads(run)
             i = max(0, from_seq - run.first_seq)
-            while i < len(run.payloads) and len(out) < max_records:
-                payload = run.payloads[i]
+            while i < len(payloads) and len(out) < max_records:
+                payload = payloads[i]
                 if out and total + len(payload) > max_bytes:
                     return out
                 out.append((run.first_seq + i, payload))

@@ -6,7 +6,11 @@ payload. A run frame (BATCH_MAGIC, same header) holds the records
 `seq`, `seq + 1`, ... (up to RUN_RECORDS) of one recorder write, their JSON
 joined by ``\n`` (which JSON never holds unescaped): one checksum and one
 header per 256 lines instead of per line, which was most of the spool's cost.
-A run frame that does not check out is lost as a whole. Reading checks every frame; a torn tail (a crash mid-write) is cut
+A lines frame (LINES_MAGIC, same header) holds up to RUN_LINES_BYTES of plain
+lines of one read as they were read, after one line of JSON with what their
+records share (agent/pipeline/encoding.py `LineRun`): their records are
+encoded when read back, so spooling a line is a split, a checksum and a write.
+A run or lines frame that does not check out is lost as a whole. Reading checks every frame; a torn tail (a crash mid-write) is cut
 off by `recover`, and a corrupt frame is skipped with a warning by searching
 forward for the next valid one, so damage never turns into a crash loop.
 """
@@ -19,8 +23,11 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from agent.pipeline.encoding import LineRun
+
 MAGIC = b"\xabK"
 BATCH_MAGIC = b"\xabR"
+LINES_MAGIC = b"\xabL"
 HEADER = struct.Struct(">2sQII")  # magic, seq, payload length, crc32(seq + payload)
 # A record's JSON is at most a 64 KiB line escaped (up to 6x) plus fields;
 # a run frame is cut before it would pass RUN_BYTES.
@@ -29,6 +36,9 @@ RUN_BYTES = 1024 * 1024
 # Records in one run frame at most: a frame that does not check out loses
 # them all (each is then sent as a "lost" record), so not a whole read's.
 RUN_RECORDS = 256
+# Bytes of plain lines in one lines frame at most (a longer line goes alone):
+# about 200 lines of 80 bytes.
+RUN_LINES_BYTES = 16 * 1024
 READ_CHUNK = 1024 * 1024
 SEGMENT_SUFFIX = ".seg"
 
@@ -51,9 +61,16 @@ def encode_run(first_seq: int, payloads: list[bytes]) -> tuple[bytes, bytes]:
     return HEADER.pack(BATCH_MAGIC, first_seq, len(data), crc), data
 
 
-def run_size(payloads: list[bytes]) -> int:
-    """The bytes `encode_run(_, payloads)` takes."""
-    return HEADER.size + sum(map(len, payloads)) + len(payloads) - 1
+def encode_lines(first_seq: int, run: LineRun) -> tuple[bytes, bytes, bytes]:
+    """One lines frame for `run` (at most RUN_RECORDS lines), seqs from
+    `first_seq`: its header, the run's head line and its lines, for writev."""
+    head = run.head() + b"\n"
+    data = run.block.data
+    crc = zlib.crc32(data, zlib.crc32(head, zlib.crc32(first_seq.to_bytes(8, "big"))))
+    return HEADER.pack(LINES_MAGIC, first_seq, len(head) + len(data), crc), head, data
+
+
+_MAGICS = (MAGIC, BATCH_MAGIC, LINES_MAGIC)
 
 
 def _check(header_seq: int, payload: bytes, crc: int) -> bool:
@@ -133,7 +150,7 @@ def scan(
         if header is None:
             break
         magic, seq, length, crc = HEADER.unpack(header)
-        if (magic == MAGIC or magic == BATCH_MAGIC) and length <= MAX_PAYLOAD:
+        if magic in _MAGICS and length <= MAX_PAYLOAD:
             payload = window.get(pos + HEADER.size, length)
             if payload is not None and _check(seq, payload, crc):
                 if bad_since is not None and warn is not None:
@@ -145,8 +162,12 @@ def scan(
                 if magic == MAGIC:
                     yield pos, seq, payload, nxt
                 else:
-                    # Every record of a run frame is found at the frame's offset.
-                    for i, record in enumerate(payload.split(b"\n")):
+                    # Every record of a run or lines frame is found at the frame's offset.
+                    if magic == BATCH_MAGIC:
+                        records = payload.split(b"\n")
+                    else:
+                        records = LineRun.parse(payload).records(seq)
+                    for i, record in enumerate(records):
                         yield pos, seq + i, record, nxt
                 pos = nxt
                 continue

@@ -33,11 +33,12 @@ import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import trio
 
+from agent.pipeline.encoding import LineRun
 from agent.spool.lock import SpoolLocked, lock_directory
 from agent.spool.meta import read_meta
 from agent.spool.recent import RecentRecords
@@ -45,11 +46,13 @@ from agent.spool.root import default_root, spooled_tasks
 from agent.spool.segment import (
     HEADER,
     RUN_BYTES,
+    RUN_LINES_BYTES,
     RUN_RECORDS,
     SEGMENT_SUFFIX,
     Segment,
     Warn,
     encode_frame,
+    encode_lines,
     encode_run,
     recover,
     scan,
@@ -195,15 +198,49 @@ class Spool:
         self._recent.append(entries)
 
     def append_run(self, first_seq: int, payloads: list[bytes]) -> None:
+        """`append_records` of encoded records only."""
+        self.append_records(first_seq, list(payloads))
+
+    def append_records(self, first_seq: int, pieces: list[bytes | LineRun]) -> None:
         """Write the records `first_seq`, `first_seq + 1`, ... (continuing
-        `last_seq`) in one write(2), as run frames of up to RUN_RECORDS records:
-        the recorder's path, with no Python per record. A payload must not
-        hold a raw newline (JSON never does; the run frame separates records
-        with it)."""
-        if not payloads:
+        `last_seq`) in one writev(2): each piece is one record's JSON or a
+        LineRun of plain lines (their records encoded when read back). The
+        recorder's path, with no Python per line: consecutive records go in
+        run frames of at most RUN_RECORDS, lines in lines frames of at most
+        RUN_LINES_BYTES (or one longer line). A record's
+        JSON must not hold a raw newline (JSON never does; a run frame
+        separates its records with it)."""
+        if not pieces:
             return
         if first_seq != self.last_seq + 1:
             raise ValueError(f"spool append out of order: seq {first_seq}, expected {self.last_seq + 1}")
+        parts: list[bytes] = []
+        recent: list[tuple[int, list[bytes] | LineRun]] = []
+        seq = first_seq
+        i = 0
+        while i < len(pieces):
+            piece = pieces[i]
+            if isinstance(piece, LineRun):
+                for run in piece.split(RUN_LINES_BYTES):
+                    parts += encode_lines(seq, run)
+                    recent.append((seq, run))
+                    seq += run.count
+                i += 1
+                continue
+            end = i
+            while end < len(pieces) and not isinstance(pieces[end], LineRun):
+                end += 1
+            payloads = cast(list[bytes], pieces[i:end])
+            parts += self._run_frames(seq, payloads)
+            recent.append((seq, payloads))
+            seq += len(payloads)
+            i = end
+        self._write(parts, first_seq, seq - 1)
+        for start, records in recent:
+            self._recent.append_run(start, records)
+
+    @staticmethod
+    def _run_frames(first_seq: int, payloads: list[bytes]) -> list[bytes]:
         parts: list[bytes] = []
         for start in range(0, len(payloads), RUN_RECORDS):
             chunk = payloads[start : start + RUN_RECORDS]
@@ -218,8 +255,13 @@ class Spool:
                     begin, size = i, 0
                 size += len(payload) + 1
             parts += encode_run(first_seq + start + begin, chunk[begin:])
-        self._write(parts, first_seq, first_seq + len(payloads) - 1)
-        self._recent.append_run(first_seq, payloads)
+        return parts
+
+    def lines_size(self, run: LineRun) -> int:
+        """At least what `append_records` takes on disk for `run`."""
+        # A cut leaves at least RUN_LINES_BYTES in every other frame.
+        frames = 2 * -(-len(run.block.data) // RUN_LINES_BYTES) + 1
+        return len(run.block.data) + frames * (HEADER.size + len(run.head()) + 8)
 
     def _write(self, parts: list[bytes], first_seq: int, last_seq: int) -> None:
         size = sum(map(len, parts))
