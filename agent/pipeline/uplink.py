@@ -78,18 +78,20 @@ class Uplink:
         *,
         say: Callable[[str], None] = lambda _m: None,
         backoff: Backoff = RECONNECT,
+        available_seq: int | None = None,
     ) -> None:
         self.spool = spool
         self.settings = settings
         self.say = say
         self.backoff = backoff
         self.url = ws_url(settings.hub_url)
-        # What an earlier run left in the spool is sendable from the start.
+        # What an earlier run left in the spool is sendable from the start
+        # (`available_seq`: what was in it when this run started).
         self.protocol = UplinkProtocol(
             settings.task_id,
             spool.producer,
             acked_seq=spool.acked_seq,
-            available_seq=spool.last_seq,
+            available_seq=spool.last_seq if available_seq is None else available_seq,
             batch_size=settings.batch_size,
             flush_interval=settings.flush_interval,
             max_in_flight_bytes=settings.max_in_flight_bytes,
@@ -122,6 +124,11 @@ class Uplink:
                 else:
                     self.protocol.finish(message.state, message.exit_code)
                 self._news.unpark_all()
+
+    def records_available(self, last_seq: int) -> None:
+        """Records up to `last_seq` are spooled and may be sent."""
+        self.protocol.records_available(last_seq, trio.current_time())
+        self._news.unpark_all()
 
     def records_written(self, count: int) -> None:
         """Without a pipeline (tests, flush): the spool grew by `count` records."""
