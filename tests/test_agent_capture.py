@@ -256,3 +256,26 @@ def test_agent_line_run_stored_and_split_gives_the_same_records(lines: list[str]
     for part in parts:
         got += part.records(100 + len(got))
     assert got == want
+
+
+def test_agent_blocks_fill_the_spool_then_drop_as_one_gap(tmp_path: Path) -> None:
+    """Plain lines spooled as read (Blocks) obey the budget like any: what does
+    not fit is dropped, counted and recorded as one gap before the next line
+    kept; every seq is a record, every line is kept or counted."""
+    spool = Spool.open(tmp_path, "t", max_bytes=64 * 1024)
+    rec = Recorder(spool, "t", clock=lambda: 0.0)
+    numbering = LineNumbering()
+    lines = [b"line %d " % i + b"x" * 60 for i in range(3000)]
+    for start in range(0, len(lines), 300):
+        rec.write("stdout", numbering.number([Block.of(lines[start : start + 300])]))
+    assert rec.dropped_total > 0 and rec.written + rec.dropped_total == 3000
+    assert spool.used_bytes <= spool.max_bytes
+    kept = read_all(spool)
+    assert [r["message"] for r in kept] == [line.decode() for line in lines[: len(kept)]]
+    assert [r["lineNumber"] for r in kept] == list(range(1, len(kept) + 1))
+    spool.release(spool.last_seq)
+    rec.write("stdout", numbering.number([Block.of([b"after"])]))
+    notice, after = read_all(spool)[-2:]
+    assert notice["kind"] == "gap" and notice["metadata"]["gap"]["lines"] == rec.dropped_total
+    assert (after["message"], after["lineNumber"], after["seq"]) == ("after", 3001, notice["seq"] + 1)
+    spool.close()
