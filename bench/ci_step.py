@@ -65,9 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lines", type=int, default=1_000_000)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--agent", help="the keruta-agent to measure (default: this checkout's)")
+    parser.add_argument("--skip-no-wait", action="store_true", help="an agent without run --no-wait")
     args = parser.parse_args(argv)
     bindir = Path(PY).parent
-    agent = which_bin("keruta-agent", bindir)
+    agent = args.agent or which_bin("keruta-agent", bindir)
     hub_bin = which_bin("keruta-hub", bindir)
     env = clean_env()
     root = Path(tempfile.mkdtemp(prefix="keruta-ci-step-"))
@@ -104,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             record("hub_up", *timed(run, env)[:2])
             out["hub_up_stored"] = stored(port, task)
 
+            if args.skip_no_wait:
+                continue
             task = f"nowait-{rep}-{secrets.token_hex(3)}"
             spool = str(root / "nowait")
             run = [agent, "run", "--no-wait", "--task-id", task, "--hub", hub_url, "--spool-dir", spool, "--", *cmd]
