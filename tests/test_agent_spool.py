@@ -9,6 +9,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+from agent.pipeline.encoding import LineRun
+from agent.pipeline.linesplit import Block
 from agent.spool import HEADER, Spool, SpoolLocked, encode_frame, spooled_tasks
 
 
@@ -309,3 +311,27 @@ def test_agent_spool_a_damaged_end_after_the_run_finished_keeps_its_seqs(tmp_pat
     assert any("6-6 were lost" in w for w in warnings)
     assert seqs(again.read(1, 100, 1 << 20)) == [1, 2, 3, 4, 5]
     again.close()
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 20, 8 << 20])
+def test_agent_spool_reads_every_kind_of_frame_within_its_limits(tmp_path: Path, cache_bytes: int) -> None:
+    """Single, run and lines frames (agent/pipeline/encoding.py LineRun), read
+    from the files or the cache: the records from a seq, at most max_records,
+    payloads within max_bytes but always one."""
+    spool = open_spool(tmp_path, cache_bytes=cache_bytes)
+    fill(spool, 1, 3)
+    spool.append_run(4, [payload(s, size=s % 50) for s in range(4, 604)])
+    run = LineRun("task-1", "2026-01-01T00:00:00.000000Z", "stdout", 1, {}, Block.of([b"l%d" % i for i in range(900)]))
+    spool.append_records(604, [run, payload(1504)])
+    everything = spool.read(1, 10_000, 1 << 30)
+    assert seqs(everything) == list(range(1, 1505))
+    assert everything[603:1503] == list(zip(range(604, 1504), run.records(604), strict=True))
+    for from_seq, most, max_bytes in [(1, 5, 1 << 30), (500, 300, 1 << 30), (600, 50, 2000), (1400, 1000, 1), (1504, 9, 9)]:
+        got = spool.read(from_seq, most, max_bytes)
+        want: list[tuple[int, bytes]] = []
+        for seq, data in everything[from_seq - 1 :]:
+            if len(want) == most or (want and sum(len(p) for _, p in want) + len(data) > max_bytes):
+                break
+            want.append((seq, data))
+        assert got == want, (from_seq, most, max_bytes)
+    spool.close()

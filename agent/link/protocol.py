@@ -239,14 +239,15 @@ class UplinkProtocol:
             self.cursor = max(self.cursor, self.available + 1)
             self._sync_pending(now)
             return None
+        payloads = [p for _, p in records]
         frame, fitted = fit_frame(
             lambda payloads: logs_frame(self.task_id, payloads, self.producer),
-            [p for _, p in records],
+            payloads,
             self.limits.max_frame_bytes,
         )
         last = records[fitted - 1][0]
         covered = last + 1 - self.cursor
-        nbytes = sum(len(payload) for _, payload in records[:fitted])
+        nbytes = sum(map(len, payloads[:fitted]))
         self.cursor = last + 1
         self.in_flight.append((last, nbytes))
         self.batcher.sent(min(covered, self.batcher.pending), now, nbytes)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+from bisect import bisect_right
+from itertools import accumulate
 
 import attrs
 
@@ -101,15 +103,31 @@ class RecentRecords:
         for run in self._runs:
             if run.end_seq <= from_seq:
                 continue
-            payloads = self._payloads(run)
-            i = max(0, from_seq - run.first_seq)
-            while i < len(payloads) and len(out) < max_records:
-                payload = payloads[i]
-                if out and total + len(payload) > max_bytes:
-                    return out
-                out.append((run.first_seq + i, payload))
-                total += len(payload)
-                i += 1
-            if len(out) >= max_records:
+            total, full = take(out, run.first_seq, self._payloads(run), from_seq, max_records, max_bytes, total)
+            if full:
                 break
         return out
+
+
+def take(
+    out: list[tuple[int, bytes]],
+    first_seq: int,
+    payloads: list[bytes],
+    from_seq: int,
+    max_records: int,
+    max_bytes: int,
+    total: int,
+) -> tuple[int, bool]:
+    """Add the records `payloads` (seqs from `first_seq`) from `from_seq` on to
+    `out` while it holds at most `max_records` whose payloads total at most
+    `max_bytes` (but always at least one record), `total` being what `out`
+    holds now. Returns the new total and whether `out` is full. A slice and
+    C loops, not a loop per record."""
+    start = max(0, from_seq - first_seq)
+    chunk = payloads[start : start + max(0, max_records - len(out))]
+    totals = list(accumulate(map(len, chunk), initial=total))
+    count = bisect_right(totals, max_bytes) - 1
+    if count == 0 and not out and chunk:
+        count = 1
+    out.extend(zip(range(first_seq + start, first_seq + start + count), chunk[:count], strict=True))
+    return totals[count], count < len(chunk) or len(out) >= max_records

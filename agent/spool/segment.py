@@ -23,6 +23,8 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import attrs
+
 from agent.pipeline.encoding import LineRun
 
 MAGIC = b"\xabK"
@@ -134,7 +136,42 @@ class _Window:
 def scan(
     fd: int, offset: int, end: int, warn: Warn | None = None, where: str = ""
 ) -> Iterator[tuple[int, int, bytes, int]]:
-    """Valid frames in [offset, end): (frame offset, seq, payload, next offset).
+    """Valid records in [offset, end): (frame offset, seq, payload, next offset);
+    the records of a run or lines frame are all found at the frame's offset."""
+    for pos, seq, frame, nxt in scan_frames(fd, offset, end, warn, where):
+        for i, record in enumerate(frame.records()):
+            yield pos, seq + i, record, nxt
+
+
+@attrs.frozen
+class Frame:
+    """A valid frame's records, as stored: `count` of them, made by `records()`."""
+
+    magic: bytes
+    first_seq: int
+    payload: bytes
+
+    @property
+    def count(self) -> int:
+        if self.magic == MAGIC:
+            return 1
+        if self.magic == BATCH_MAGIC:
+            return self.payload.count(b"\n") + 1
+        head, _, data = self.payload.partition(b"\n")
+        return data.count(b"\n") + 1
+
+    def records(self) -> list[bytes]:
+        if self.magic == MAGIC:
+            return [self.payload]
+        if self.magic == BATCH_MAGIC:
+            return self.payload.split(b"\n")
+        return LineRun.parse(self.payload).records(self.first_seq)
+
+
+def scan_frames(
+    fd: int, offset: int, end: int, warn: Warn | None = None, where: str = ""
+) -> Iterator[tuple[int, int, Frame, int]]:
+    """Valid frames in [offset, end): (offset, first seq, frame, next offset).
 
     A frame that does not check out (bad magic, length or checksum, or running
     past `end`) is skipped by searching for the next MAGIC that starts a
@@ -159,21 +196,12 @@ def scan(
                     )
                 bad_since = None
                 nxt = pos + HEADER.size + length
-                if magic == MAGIC:
-                    yield pos, seq, payload, nxt
-                else:
-                    # Every record of a run or lines frame is found at the frame's offset.
-                    if magic == BATCH_MAGIC:
-                        records = payload.split(b"\n")
-                    else:
-                        records = LineRun.parse(payload).records(seq)
-                    for i, record in enumerate(records):
-                        yield pos, seq + i, record, nxt
+                yield pos, seq, Frame(magic, seq, payload), nxt
                 pos = nxt
                 continue
         if bad_since is None:
             bad_since = pos
-        # Either kind of frame: both magics start with this byte.
+        # Any kind of frame: the magics all start with this byte.
         pos = window.find(MAGIC[:1], pos + 1)
 
 
@@ -213,9 +241,9 @@ def recover(seg: Segment, warn: Warn) -> None:
     good_end = 0
     last = seg.first_seq - 1
     try:
-        for _off, seq, _payload, nxt in scan(fd, 0, size, warn, str(seg.path)):
+        for _off, first, frame, nxt in scan_frames(fd, 0, size, warn, str(seg.path)):
             good_end = nxt
-            last = max(last, seq)
+            last = max(last, first + frame.count - 1)
     finally:
         os.close(fd)
     seg.last_seq = last

@@ -41,7 +41,7 @@ import trio
 from agent.pipeline.encoding import LineRun
 from agent.spool.lock import SpoolLocked, lock_directory
 from agent.spool.meta import read_meta
-from agent.spool.recent import RecentRecords
+from agent.spool.recent import RecentRecords, take
 from agent.spool.root import default_root, spooled_tasks
 from agent.spool.segment import (
     HEADER,
@@ -49,13 +49,14 @@ from agent.spool.segment import (
     RUN_LINES_BYTES,
     RUN_RECORDS,
     SEGMENT_SUFFIX,
+    Frame,
     Segment,
     Warn,
     encode_frame,
     encode_lines,
     encode_run,
     recover,
-    scan,
+    scan_frames,
     write_atomically,
     writev_all,
 )
@@ -439,16 +440,15 @@ class Spool:
         recent = self._recent.read(from_seq, max_records, max_bytes)
         if recent is not None:
             return recent
-        for seq, payload in self._read_files(from_seq):
-            if out and (len(out) >= max_records or total + len(payload) > max_bytes):
-                break
-            out.append((seq, payload))
-            total += len(payload)
-            if len(out) >= max_records:
+        for first, frame in self._read_files(from_seq):
+            if first + frame.count <= from_seq:
+                continue
+            total, full = take(out, first, frame.records(), from_seq, max_records, max_bytes, total)
+            if full:
                 break
         return out
 
-    def _read_files(self, from_seq: int) -> Iterator[tuple[int, bytes]]:
+    def _read_files(self, from_seq: int) -> Iterator[tuple[int, Frame]]:
         cursor = self._cursor
         start_index = 0
         offset = 0
@@ -464,10 +464,10 @@ class Spool:
                 offset = 0
                 continue
             fd = seg.reader_fd()
-            for off, seq, payload, _nxt in scan(fd, offset, seg.size, self.warn, str(seg.path)):
-                self._cursor = (seg, off, seq)
-                if seq >= from_seq:
-                    yield seq, payload
+            for off, first, frame, _nxt in scan_frames(fd, offset, seg.size, self.warn, str(seg.path)):
+                # A read from `first` on starts at this frame.
+                self._cursor = (seg, off, first)
+                yield first, frame
             offset = 0
 
     # --- closing --------------------------------------------------------------
