@@ -326,7 +326,7 @@ def test_agent_spool_reads_every_kind_of_frame_within_its_limits(tmp_path: Path,
     everything = spool.read(1, 10_000, 1 << 30)
     assert seqs(everything) == list(range(1, 1505))
     assert everything[603:1503] == list(zip(range(604, 1504), run.records(604), strict=True))
-    for from_seq, most, max_bytes in [(1, 5, 1 << 30), (500, 300, 1 << 30), (600, 50, 2000), (1400, 1000, 1), (1504, 9, 9)]:
+    for from_seq, most, max_bytes in [(1, 5, 1 << 30), (500, 300, 1 << 30), (600, 50, 2000), (1400, 1000, 1), (603, 10, 1), (259, 10, 1), (1503, 9, 9)]:
         got = spool.read(from_seq, most, max_bytes)
         want: list[tuple[int, bytes]] = []
         for seq, data in everything[from_seq - 1 :]:

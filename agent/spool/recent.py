@@ -126,7 +126,7 @@ def take(
     start = max(0, from_seq - first_seq)
     chunk = payloads[start : start + max(0, max_records - len(out))]
     totals = list(accumulate(map(len, chunk), initial=total))
-    count = bisect_right(totals, max_bytes) - 1
+    count = max(0, bisect_right(totals, max_bytes) - 1)
     if count == 0 and not out and chunk:
         count = 1
     out.extend(zip(range(first_seq + start, first_seq + start + count), chunk[:count], strict=True))
