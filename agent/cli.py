@@ -40,8 +40,16 @@ If the spool is full (--spool-max-bytes) because the hub has been away for
 long, lines are dropped, the agent says so on stderr, and one `gap` record
 in the task says where, how many lines and bytes, and why.
 
+With --no-wait, `run` exits as soon as COMMAND has and its output is spooled,
+without waiting for the hub's acknowledgements: a background
+`keruta-agent flush --task-id ID` goes on delivering. Run
+`keruta-agent flush --wait` once at the job's end: it waits for every such
+delivery, delivers what is left, and exits 1 naming every task not stored.
+
 example:
   keruta-agent run --hub http://127.0.0.1:8080 --task-id build-42 -- make test
+  keruta-agent run --no-wait --task-id build-42-lint -- make lint   # a step
+  keruta-agent flush --wait                                        # the job's end
 """
 
 
@@ -201,6 +209,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="after COMMAND exits, how long to wait for the hub's acknowledgements (default 30)",
     )
     run.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="exit when COMMAND has, without waiting for the hub: a background "
+        "`keruta-agent flush --task-id ID` delivers the rest; `keruta-agent flush --wait` "
+        "at the job's end waits for it and says what was not delivered",
+    )
+    run.add_argument(
+        "--max-in-flight-bytes",
+        metavar="SIZE",
+        type=_size,
+        default=4 << 20,
+        help="most bytes of records sent and not yet acknowledged by the hub, e.g. 8M "
+        "(default 4M); a quiet line always goes at once",
+    )
+    run.add_argument(
         "--pipe-grace",
         metavar="SECONDS",
         type=_positive_float,
@@ -261,12 +284,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _hub_args(flush)
     flush.add_argument(
+        "--task-id",
+        metavar="ID",
+        type=_task_id,
+        help="deliver only this task (default: every task in the spool)",
+    )
+    flush.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for a task whose agent, or whose background delivery (`run --no-wait`), "
+        "still runs, then deliver what it left: at a job's end, every line is stored once "
+        "flush --wait exits 0 (default: leave such a task to its agent)",
+    )
+    flush.add_argument(
         "--timeout",
         metavar="SECONDS",
         type=_positive_float,
         default=60.0,
-        help="give up on a task the hub has not fully acknowledged after this long; its "
-        "records stay in the spool and flush exits 1 (default 60)",
+        help="give up on a task the hub has not fully acknowledged after this long (and, "
+        "with --wait, on one still in use after this long); its records stay in the spool "
+        "and flush exits 1 (default 60)",
     )
     flush.add_argument(
         "--reconnect-max",
@@ -341,6 +378,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             pipe_grace=args.pipe_grace,
             kill_grace=args.kill_grace,
             quiet=args.quiet,
+            no_wait=args.no_wait,
+            max_in_flight_bytes=args.max_in_flight_bytes,
         )
         result = trio.run(run, settings)
         return result.exit_code
@@ -377,6 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 token=token,
                 timeout=args.timeout,
                 reconnect_max=args.reconnect_max,
+                task_id=args.task_id,
+                wait=args.wait,
             ),
         )
     parser.error(f"unknown subcommand {args.subcommand}")

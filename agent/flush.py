@@ -6,7 +6,12 @@ finished, its final state. Flush sends both with the same uplink `run` uses
 the directory once the hub has everything. A task whose agent died before the
 command finished gets an `agent` record saying so and the state `failed`
 without an exit code, so that viewers waiting for its end are released.
-A directory locked by a live agent is left alone.
+A directory locked by a live agent is left alone, unless `--wait`: then flush
+waits for that agent (a `run` still going, or the background delivery a
+`run --no-wait` started, which is this same flush limited to its task) to
+end, and delivers what it left. So `flush --wait` at a job's end exits 0 only
+once every task's records and final state are stored, and names each task
+that is not.
 """
 
 from __future__ import annotations
@@ -42,6 +47,15 @@ class FlushSettings:
     timeout: float = 60.0
     # The longest wait between attempts to reach the hub (--reconnect-max).
     reconnect_max: float = RETRY.cap
+    # --task-id: only this task.
+    task_id: str | None = None
+    # --wait: a task whose spool another process holds is waited for, not skipped.
+    wait: bool = False
+    # --max-in-flight-bytes of the uplink.
+    max_in_flight_bytes: int = 4 << 20
+
+# How often --wait looks whether the spool's owner has let go of it.
+LOCK_POLL = 0.1
 
 
 def _say(message: str) -> None:
@@ -52,20 +66,51 @@ def _say(message: str) -> None:
 async def flush(settings: FlushSettings, say: Callable[[str], None] = _say) -> int:
     root = settings.spool_root
     tasks = spooled_tasks(root)
+    if settings.task_id is not None:
+        tasks = [t for t in tasks if t == settings.task_id]
     if not tasks:
         say(f"nothing to deliver in {root}")
         return 0
-    failed = 0
+    failed = []
     for task_id in tasks:
         if not await flush_task(settings, task_id, say):
-            failed += 1
+            failed.append(task_id)
+    if failed and len(tasks) > 1:
+        say(f"NOT delivered: {len(failed)} of {len(tasks)} tasks ({', '.join(failed)}); they stay in {root}")
     return 1 if failed else 0
+
+
+async def _open_waiting(settings: FlushSettings, task_id: str, say: Callable[[str], None]) -> Spool | None:
+    """The task's spool once no other process holds it; None if it is gone
+    (its owner delivered it) or, past `settings.timeout`, still held."""
+    waited = False
+    with trio.move_on_after(settings.timeout):
+        while True:
+            try:
+                return Spool.open(settings.spool_root, task_id, create=False, warn=say)
+            except FileNotFoundError:
+                return None
+            except SpoolLocked:
+                if not waited:
+                    say(f"task {task_id}: waiting for its agent or background delivery to finish")
+                    waited = True
+                await trio.sleep(LOCK_POLL)
+    raise SpoolLocked(f"task {task_id}: still in use after {settings.timeout:g} s (--timeout)")
 
 
 async def flush_task(settings: FlushSettings, task_id: str, say: Callable[[str], None]) -> bool:
     try:
-        spool = Spool.open(settings.spool_root, task_id, create=False, warn=say)
-    except SpoolLocked:
+        if settings.wait:
+            opened = await _open_waiting(settings, task_id, say)
+            if opened is None:
+                return True
+            spool = opened
+        else:
+            spool = Spool.open(settings.spool_root, task_id, create=False, warn=say)
+    except SpoolLocked as exc:
+        if settings.wait:
+            say(f"{exc}; its records are NOT known to be stored")
+            return False
         say(f"task {task_id}: its agent is still running; it delivers its own records")
         return True
     except FileNotFoundError:
@@ -95,6 +140,7 @@ async def flush_task(settings: FlushSettings, task_id: str, say: Callable[[str],
                 token=settings.token,
                 batch_size=1000,
                 flush_interval=0.05,
+                max_in_flight_bytes=settings.max_in_flight_bytes,
             ),
             say=say,
             backoff=RETRY.capped_at(settings.reconnect_max),

@@ -97,6 +97,9 @@ async def start(command: list[str], env: Mapping[str, str], use_pty: bool = Fals
             process_group=0 if own_group else None,
         )
         assert process.stdout is not None and process.stderr is not None
+        for pipe in (process.stdout, process.stderr):
+            if isinstance(pipe, trio.lowlevel.FdStream):
+                _widen(pipe.fileno())
         return Child(process, [("stdout", process.stdout), ("stderr", process.stderr)], own_group)
 
     master, slave = os.openpty()
@@ -120,6 +123,19 @@ async def start(command: list[str], env: Mapping[str, str], use_pty: bool = Fals
     finally:
         os.close(slave)
     return Child(process, [("stdout", trio.lowlevel.FdStream(master))], own_group=True)
+
+
+# A fast command writes on into the pipe while the agent spools what it read:
+# 1 MiB (the most an unprivileged process may ask for, by default) rather
+# than 64 KiB is held before the command has to wait for the agent.
+PIPE_BYTES = 1 << 20
+
+
+def _widen(fd: int) -> None:
+    try:
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_BYTES)
+    except OSError:
+        pass  # Not Linux, or a lower pipe-max-size: the default buffer does.
 
 
 def _take_the_terminal() -> None:

@@ -16,7 +16,9 @@ run sends Finished and closes its end, and the close travels down the
 pipeline. The pipeline nursery ends when the recorder has spooled the last
 line and the final state; the run then waits up to `drain_timeout` for the
 uplink to be delivered, and leaves what is left in the spool for
-`keruta-agent flush`. If a signal was passed on to the command, the run ends
+`keruta-agent flush`. With `no_wait` it does not wait: what is not yet
+acknowledged is handed to a background `keruta-agent flush --task-id ID`
+(`flush --wait` at the job's end waits for it). If a signal was passed on to the command, the run ends
 only once its process group has (SIGKILLed `kill_grace` seconds after the
 signal if need be): nothing the command started outlives the agent.
 """
@@ -24,12 +26,15 @@ signal if need be): nothing the command started outlives the agent.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
+import subprocess
 import sys
 import tempfile
 import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -39,10 +44,12 @@ from agent.pipeline.capture import Mirror, capture
 from agent.pipeline.limiter import limit
 from agent.pipeline.messages import AgentLine, CaptureMessage, Finished, SpooledMessage, Started
 from agent.pipeline.recorder import Recorder, record
-from agent.pipeline.uplink import RECONNECT, Uplink, UplinkFailed, UplinkSettings
 from agent.spool import Spool, SpoolLocked
 from keruta.limits import DEFAULT_LIMITS, Limits
 from keruta.masking import Masker
+
+if TYPE_CHECKING:
+    from agent.pipeline.uplink import Uplink
 
 SYNC_INTERVAL = 1.0
 # Channel capacities, in batches: a LineBatch is at most one pipe read (64 KiB
@@ -78,12 +85,16 @@ class RunSettings:
     pty: bool = False
     drain_timeout: float = 30.0
     # The longest wait between attempts to reach the hub (--reconnect-max).
-    reconnect_max: float = RECONNECT.cap
+    reconnect_max: float = 30.0  # agent/pipeline/uplink.py RECONNECT.cap
     # After COMMAND exits, how long its pipes may stay quiet (--pipe-grace).
     pipe_grace: float = PIPE_GRACE
     # After a signal passed on to COMMAND's group, how long before SIGKILL (--kill-grace).
     kill_grace: float = process.KILL_GRACE
     quiet: bool = False
+    # --no-wait: exit once the command has; a background flush delivers the rest.
+    no_wait: bool = False
+    # --max-in-flight-bytes: records sent and not yet acknowledged, at most.
+    max_in_flight_bytes: int = 4 << 20
     environ: Mapping[str, str] = attrs.field(factory=lambda: dict(os.environ))
     limits: Limits = DEFAULT_LIMITS
 
@@ -122,29 +133,15 @@ async def run(settings: RunSettings, say: Callable[[str], None] = say) -> RunRes
         # agent stopped just before): this run starts a spool, and a producer, of its own.
         spool.remove()
         spool = open_spool(spool.dir.parent)
-    uplink = Uplink(
-        spool,
-        UplinkSettings(
-            hub_url=settings.hub_url,
-            task_id=settings.task_id,
-            token=settings.token,
-            batch_size=settings.batch_size,
-            flush_interval=settings.flush_interval,
-            limits=settings.limits,
-        ),
-        say=say,
-        backoff=RECONNECT.capped_at(settings.reconnect_max),
-    )
+    delivery = Delivery(settings, spool, say)
     recorder = Recorder(spool, settings.task_id, say=say)
     code = 1
-    failure: list[UplinkFailed] = []
     try:
         with trio.open_signal_receiver(*process.FORWARDED_SIGNALS) as signals:
             async with trio.open_nursery() as nursery:
                 to_limiter, limiter_inbox = trio.open_memory_channel[SpooledMessage](SPOOLED_QUEUE)
                 to_uplink, uplink_inbox = trio.open_memory_channel[SpooledMessage](SPOOLED_QUEUE)
-                nursery.start_soon(uplink.consume, uplink_inbox)
-                nursery.start_soon(_deliver, uplink, failure, say)
+                nursery.start_soon(delivery.run, uplink_inbox)
                 nursery.start_soon(limit, limiter_inbox, to_uplink, settings.rate_limit)
                 nursery.start_soon(_sync_loop, spool)
                 router = SignalRouter(settings.kill_grace, say)
@@ -156,23 +153,33 @@ async def run(settings: RunSettings, say: Callable[[str], None] = say) -> RunRes
                         code = await _run_command(settings, masker, to_recorder, router, say)
                         await to_recorder.send(Finished("succeeded" if code == 0 else "failed", code))
                 # Everything, the final state included, is in the spool now.
-                await _drain(uplink, router, settings.drain_timeout)
+                if not settings.no_wait:
+                    await _drain(delivery, router, settings.drain_timeout)
                 await router.stopped()
                 nursery.cancel_scope.cancel()
     finally:
         spool.save_watermark()
         with trio.CancelScope(shield=True):
             await spool.sync()
-    delivered = uplink.delivered.is_set()
+    delivered = delivery.delivered
+    failure = delivery.failure
     unacked = spool.unacked
     if delivered:
         spool.remove()
     else:
         spool.close()
         what = f"{unacked} records" if unacked else "the final status"
-        if failure:
+        if settings.no_wait and not failure:
+            pid = _deliver_in_background(settings, spool.dir.parent, say)
+            if pid is not None:
+                say(
+                    f"{what} of task {settings.task_id} are delivered in the background "
+                    f"(pid {pid}); `keruta-agent flush --wait` waits for that and says what "
+                    "was not stored"
+                )
+        elif failure:
             say(
-                f"ERROR: {what} of task {settings.task_id} were NOT delivered ({failure[0]}); "
+                f"ERROR: {what} of task {settings.task_id} were NOT delivered ({failure}); "
                 f"they are kept in {spool.dir}. Fix the cause, then run `keruta-agent flush`."
             )
         else:
@@ -187,6 +194,45 @@ async def run(settings: RunSettings, say: Callable[[str], None] = say) -> RunRes
             "(the spool was full or could not be written); a gap record in the task's log says so"
         )
     return RunResult(code, delivered, unacked, recorder.written, recorder.dropped_total)
+
+
+# How long a background delivery (--no-wait) keeps trying before it leaves
+# the task to a later `flush`.
+BACKGROUND_TIMEOUT = 600.0
+
+
+def _deliver_in_background(settings: RunSettings, spool_root: Path, say: Callable[[str], None]) -> int | None:
+    """Start `keruta-agent flush --task-id ID` detached from this process
+    (its own session: it outlives the step) to deliver the spool this run
+    leaves; its pid, or None if it could not be started. Its output goes
+    nowhere: `flush --wait` at the job's end reports what it did not deliver.
+    The token goes in its environment, not on its command line."""
+    env = {k: v for k, v in settings.environ.items() if k != "KERUTA_TOKEN"}
+    if settings.token:
+        env["KERUTA_TOKEN"] = settings.token
+    command = [
+        sys.executable, "-m", "agent", "flush",
+        "--task-id", settings.task_id,
+        "--spool-dir", str(spool_root),
+        "--hub", settings.hub_url,
+        "--timeout", f"{BACKGROUND_TIMEOUT:g}",
+        "--reconnect-max", f"{min(settings.reconnect_max, 5.0):g}",
+    ]
+    try:
+        child = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        say(f"cannot start the background delivery ({exc}); run `keruta-agent flush` to deliver")
+        return None
+    # Not waited for: it is reparented when this process exits.
+    child.returncode = 0
+    return child.pid
 
 
 async def _run_command(
@@ -299,28 +345,103 @@ class SignalRouter:
             await self._group_ended.wait()
 
 
-async def _deliver(uplink: Uplink, failure: list[UplinkFailed], say: Callable[[str], None]) -> None:
-    """The uplink, which never ends the run: COMMAND goes on and the agent
-    exits with its code whatever happens to delivery."""
-    try:
-        await uplink.run()
-    except UplinkFailed as exc:
-        failure.append(exc)
-        say(f"ERROR: delivery to the hub stopped: {exc}. Output is still spooled, not sent.")
-        if exc.internal:
-            say("".join(traceback.format_exception(exc.__cause__ or exc)).rstrip())
-    finally:
-        uplink.stopped.set()
+class Delivery:
+    """The uplink of a run, loaded once the command runs.
+
+    Its modules (WebSocket, the wire's codec) were a third of the agent's
+    start-up, time by which every command was held back: they are imported
+    in a worker thread while the command already writes, and what the
+    pipeline offers the uplink meanwhile (records spooled, the final state)
+    is kept and handed over. The uplink never ends the run: the command goes
+    on, and the agent exits with its code, whatever happens to delivery.
+    """
+
+    def __init__(self, settings: RunSettings, spool: Spool, say: Callable[[str], None]) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.say = say
+        # What an earlier run left is sendable at once; this run's records
+        # only as the pipeline (its rate limit) lets them through.
+        self.start_seq = spool.last_seq
+        self.available = spool.last_seq
+        self.final: Finished | None = None
+        self.uplink: Uplink | None = None
+        self.failure: Exception | None = None
+        # Set once the uplink has ended, delivered or not.
+        self.stopped = trio.Event()
+
+    @property
+    def delivered(self) -> bool:
+        return self.uplink is not None and self.uplink.delivered.is_set()
+
+    async def run(self, inbox: trio.MemoryReceiveChannel[SpooledMessage]) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._consume, inbox)
+            try:
+                self.uplink = await self._load()
+                if self.available > self.start_seq:
+                    self.uplink.records_available(self.available)
+                if self.final is not None:
+                    self.uplink.finish(self.final.state, self.final.exit_code)
+                await self._deliver(self.uplink)
+            finally:
+                self.stopped.set()
+
+    async def _load(self) -> Uplink:
+        module = await trio.to_thread.run_sync(importlib.import_module, "agent.pipeline.uplink")
+        s = self.settings
+        uplink: Uplink = module.Uplink(
+            self.spool,
+            module.UplinkSettings(
+                hub_url=s.hub_url,
+                task_id=s.task_id,
+                token=s.token,
+                batch_size=s.batch_size,
+                flush_interval=s.flush_interval,
+                max_in_flight_bytes=s.max_in_flight_bytes,
+                limits=s.limits,
+            ),
+            say=self.say,
+            backoff=module.RECONNECT.capped_at(s.reconnect_max),
+            available_seq=self.start_seq,
+        )
+        return uplink
+
+    async def _consume(self, inbox: trio.MemoryReceiveChannel[SpooledMessage]) -> None:
+        """What the rate limiter lets through; it never holds the pipeline up."""
+        with inbox:
+            async for message in inbox:
+                if isinstance(message, Finished):
+                    self.final = message
+                    if self.uplink is not None:
+                        self.uplink.finish(message.state, message.exit_code)
+                else:
+                    self.available = max(self.available, message.last_seq)
+                    if self.uplink is not None:
+                        self.uplink.records_available(message.last_seq)
+
+    async def _deliver(self, uplink: Uplink) -> None:
+        from agent.pipeline.uplink import UplinkFailed
+
+        try:
+            await uplink.run()
+        except UplinkFailed as exc:
+            self.failure = exc
+            self.say(f"ERROR: delivery to the hub stopped: {exc}. Output is still spooled, not sent.")
+            if exc.internal:
+                self.say("".join(traceback.format_exception(exc.__cause__ or exc)).rstrip())
+        finally:
+            uplink.stopped.set()
 
 
-async def _drain(uplink: Uplink, router: SignalRouter, timeout: float) -> None:
+async def _drain(delivery: Delivery | Uplink, router: SignalRouter, timeout: float) -> None:
     """Wait for the hub's acks, up to `timeout`; a signal cuts the wait short,
     and so does the uplink stopping (delivered, or failed for good)."""
     with trio.move_on_after(timeout) as scope:
         router.drain = scope
         if router.after_exit:
             scope.cancel()
-        await uplink.stopped.wait()
+        await delivery.stopped.wait()
 
 
 async def _sync_loop(spool: Spool) -> None:

@@ -49,15 +49,43 @@ def test_full_batch_goes_without_waiting() -> None:
     assert b.decide(now=0.01) == Wait(pytest.approx(0.21))
 
 
-def test_window_of_frames_in_flight_is_bounded() -> None:
-    b = Batcher(batch_size=10, flush_interval=0.0, max_in_flight=3)
+def test_bytes_in_flight_are_bounded() -> None:
+    b = Batcher(batch_size=10, flush_interval=0.0, max_in_flight_bytes=3000)
     b.added(100, now=0.0)
     for _ in range(3):
         assert b.decide(now=0.0) == Send(10)
-        b.sent(10, now=0.0)
+        b.sent(10, now=0.0, nbytes=1000)
+    assert b.room == 0
     assert b.decide(now=5.0) == Wait(None)
-    b.acked(2)
+    b.acked(2, nbytes=2000)
+    assert b.room == 2000
     assert b.decide(now=5.0) == Send(10)
+
+
+def test_agent_batcher_a_fast_producer_keeps_many_full_frames_in_flight() -> None:
+    """Issue 17: the bound is bytes, not frames. 100,000 records of ~200 bytes
+    waiting: frames of `batch_size` go out until 4 MiB are in flight (a bound of
+    8 frames held them to 4,000 records per round trip of the hub's fsync)."""
+    b = Batcher(batch_size=500, flush_interval=0.2, eager_frames=2)
+    b.added(100_000, now=0.0)
+    frames = 0
+    while isinstance(decision := b.decide(now=0.0), Send):
+        assert decision.count == 500, "frames stay sized by the batcher"
+        b.sent(decision.count, now=0.0, nbytes=min(b.room, 500 * 200))
+        frames += 1
+    assert b.in_flight_bytes == 4 << 20
+    assert frames * 500 > 20_000
+    b.acked(1, nbytes=500 * 200)
+    assert b.decide(now=0.0) == Send(500), "an ack makes room at once"
+
+
+def test_a_quiet_line_goes_at_once_whatever_the_byte_bound() -> None:
+    b = Batcher(batch_size=500, flush_interval=0.2, eager_frames=2, max_in_flight_bytes=4 << 20)
+    b.added(1, now=0.0)
+    assert b.decide(now=0.0) == Send(1)
+    b.sent(1, now=0.0, nbytes=120)
+    b.added(1, now=1.0)
+    assert b.decide(now=1.0) == Send(1)
 
 
 def test_zero_interval_sends_whatever_is_there() -> None:
@@ -92,9 +120,10 @@ def test_bookkeeping_errors_are_loud() -> None:
 
 
 def test_decisions_over_a_simulated_burst() -> None:
-    """A burst of 10 000 records arriving 1 per ms while acks take 5 ms: the
-    records go in a few large frames, none waits longer than the interval."""
-    b = Batcher(batch_size=500, flush_interval=0.2, max_in_flight=8)
+    """A burst of 10 000 records (100 bytes each) arriving 1 per ms while acks
+    take 5 ms: the records go in a few large frames, none waits longer than
+    the interval."""
+    b = Batcher(batch_size=500, flush_interval=0.2, max_in_flight_bytes=8 * 500 * 100)
     frames: list[int] = []
     acks_due: list[tuple[float, int]] = []
     arrival: list[float] = []
@@ -104,13 +133,12 @@ def test_decisions_over_a_simulated_burst() -> None:
     for i in range(12000):
         now = i * 0.001
         while acks_due and acks_due[0][0] <= now:
-            acks_due.pop(0)
-            b.acked(1)
+            b.acked(1, nbytes=acks_due.pop(0)[1] * 100)
         if i < 10000:
             b.added(1, now)
             arrival.append(now)
         while isinstance(decision := b.decide(now), Send):
-            b.sent(decision.count, now)
+            b.sent(decision.count, now, nbytes=decision.count * 100)
             frames.append(decision.count)
             worst_wait = max(worst_wait, now - arrival[sent_upto])
             sent_upto += decision.count
@@ -121,7 +149,7 @@ def test_decisions_over_a_simulated_burst() -> None:
 
 
 def test_set_pending_starts_and_ends_the_wait() -> None:
-    b = Batcher(batch_size=10, flush_interval=0.5, max_in_flight=2)
+    b = Batcher(batch_size=10, flush_interval=0.5)
     b.set_pending(3, now=1.0)
     assert (b.pending, b.waiting_since) == (3, 1.0)
     b.set_pending(5, now=2.0)

@@ -9,10 +9,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.pipeline.capture import LineNumbering, Recorder, encode_line
-from agent.pipeline.linesplit import Line
+from agent.pipeline.encoding import LineRun
+from agent.pipeline.linesplit import Block, Line
 from agent.pipeline.recorder import LineEncoder
 from agent.pipeline.uplink import fill_gaps, logs_frame
 from agent.spool import Spool
+from keruta.levels import determine_level
 from keruta.limits import DEFAULT_LIMITS
 from keruta.records import LogRecord
 from keruta.wire import LogsFrame, decode_client_frame, encode_bytes, record_to_wire
@@ -203,3 +205,77 @@ def test_agent_line_encoder_gives_encode_lines_bytes(
     assert encoder.encode(seq, level, message, line_number, partial) == encode_line(
         "t.1:\u00e9x", seq, ts, source, level, message, line_number, metadata, partial
     )
+
+
+# Text a Block may hold (no newline, valid UTF-8), with what the encoder
+# treats specially: level words in any case, escapes, quotes, backslashes,
+# controls, non-ASCII (whose case-insensitive matching goes beyond ASCII), `%`.
+_block_line = st.lists(
+    st.sampled_from(
+        ["ERROR", "error", "eRrOr", "Warning:", "deprecated", "DEBUG", "traceback", "terror",
+         "debugger", "x", " ", '"', "\\", "\t", "\x1b[31m", "\x00", "%d", "%", "\u00e9",
+         "\u212a", "\u0130", "\u017f", "\u2028", "\U0001f600", "fatal", "panic", "trace"]
+    )
+    | st.text(alphabet=st.characters(blacklist_characters="\n", blacklist_categories=("Cs",)), max_size=8),
+    max_size=12,
+).map("".join)
+
+
+@given(
+    lines=st.lists(_block_line, min_size=1, max_size=40),
+    seq=st.integers(1, 2**53),
+    line_number=st.integers(1, 2**31),
+    metadata=st.sampled_from([{}, {"processId": 4242}, {"note": "100%"}]),
+)
+def test_agent_block_encoding_gives_encode_lines_bytes(
+    lines: list[str], seq: int, line_number: int, metadata: dict
+) -> None:
+    """Issue 17: a Block's records, encoded with no Python per line (levels looked
+    at only where a level word or non-ASCII is), equal encode_line's, line by line."""
+    ts = "2026-01-01T00:00:00.000001Z"
+    block = Block.of([line.encode() for line in lines])
+    got = LineEncoder("t%1", ts, "stdout", metadata).encode_block(seq, block, line_number)
+    want = [
+        encode_line("t%1", seq + i, ts, "stdout", determine_level(text), text, line_number + i, metadata, False)
+        for i, text in enumerate(lines)
+    ]
+    assert got == want
+
+
+@given(lines=st.lists(_block_line, min_size=1, max_size=60), most=st.integers(1, 64))
+def test_agent_line_run_stored_and_split_gives_the_same_records(lines: list[str], most: int) -> None:
+    """What the spool keeps of a LineRun (its head line and its lines), and the
+    runs it is cut into for frames, give back the records of the whole run."""
+    run = LineRun("t-1", "2026-01-01T00:00:00.000001Z", "stderr", 7, {"processId": 1},
+                  Block.of([line.encode() for line in lines]))
+    want = run.records(100)
+    assert LineRun.parse(run.head() + b"\n" + run.block.data).records(100) == want
+    parts = run.split(most)
+    assert sum(part.count for part in parts) == run.count
+    got: list[bytes] = []
+    for part in parts:
+        got += part.records(100 + len(got))
+    assert got == want
+
+
+def test_agent_blocks_fill_the_spool_then_drop_as_one_gap(tmp_path: Path) -> None:
+    """Plain lines spooled as read (Blocks) obey the budget like any: what does
+    not fit is dropped, counted and recorded as one gap before the next line
+    kept; every seq is a record, every line is kept or counted."""
+    spool = Spool.open(tmp_path, "t", max_bytes=64 * 1024)
+    rec = Recorder(spool, "t", clock=lambda: 0.0)
+    numbering = LineNumbering()
+    lines = [b"line %d " % i + b"x" * 60 for i in range(3000)]
+    for start in range(0, len(lines), 300):
+        rec.write("stdout", numbering.number([Block.of(lines[start : start + 300])]))
+    assert rec.dropped_total > 0 and rec.written + rec.dropped_total == 3000
+    assert spool.used_bytes <= spool.max_bytes
+    kept = read_all(spool)
+    assert [r["message"] for r in kept] == [line.decode() for line in lines[: len(kept)]]
+    assert [r["lineNumber"] for r in kept] == list(range(1, len(kept) + 1))
+    spool.release(spool.last_seq)
+    rec.write("stdout", numbering.number([Block.of([b"after"])]))
+    notice, after = read_all(spool)[-2:]
+    assert notice["kind"] == "gap" and notice["metadata"]["gap"]["lines"] == rec.dropped_total
+    assert (after["message"], after["lineNumber"], after["seq"]) == ("after", 3001, notice["seq"] + 1)
+    spool.close()

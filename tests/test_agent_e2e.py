@@ -331,3 +331,15 @@ async def test_tail_notices_an_ended_task_without_its_status_frame(
     code = await _ended_meanwhile(TailSettings(hub_url=hub.url, task_id="rest-1"), printer)
     assert code == 6 and out.getvalue() == b"b\nc\n"
     assert await _ended_meanwhile(TailSettings(hub_url=hub.url, task_id="nope"), printer) is None
+
+
+async def test_agent_a_byte_bound_below_one_record_still_delivers_every_line(
+    hub: hubclient.TestHub, tmp_path: Path
+) -> None:
+    """Issue 17: --max-in-flight-bytes bounds the records in flight in bytes; a
+    record larger than the bound goes alone, so a tiny bound is slow, not stuck."""
+    n = 300
+    args = run_args(hub.url, "tiny-1", tmp_path / "s", "--max-in-flight-bytes", "100", "--quiet")
+    async with agent(args + program(n, seed=7)) as a:
+        assert await a.wait() == 0
+    check_records(await stored(hub, "tiny-1"), expected_streams(n, seed=7))

@@ -276,8 +276,11 @@ async def test_flush_with_the_hub_down_fails_and_keeps_the_spool(tmp_path: Path)
 async def test_flush_after_spool_corruption_fills_the_hole(
     hub_factory: hubclient.HubFactory, tmp_path: Path
 ) -> None:
-    """A record damaged on disk is skipped with a warning and replaced by an
-    explicit "lost" record, so that the hub's ack watermark can pass it."""
+    """Records damaged on disk are skipped with a warning and each replaced by an
+    explicit "lost" record, so that the hub's ack watermark can pass them. The
+    agent spools a read's lines in run frames (up to 256 records, one checksum):
+    a damaged frame loses the records it holds, whether it is in the middle of
+    the spool or at its end (the final state remembers the last seq)."""
     spool = tmp_path / "spool"
     port = free_port()
     args = run_args(f"http://127.0.0.1:{port}", "rot-1", spool, "--drain-timeout", "0.3", "--quiet")
@@ -295,8 +298,9 @@ async def test_flush_after_spool_corruption_fills_the_hole(
     assert "corrupt" in f.stderr_text
     records = await stored(hub, "rot-1")
     assert [r["seq"] for r in records] == list(range(1, 51))
-    lost = [r for r in records if r["source"] == "agent"]
-    assert len(lost) == 1 and "lost" in lost[0]["message"]
+    lost = [r["seq"] for r in records if r["source"] == "agent"]
+    assert lost and all("lost" in records[s - 1]["message"] for s in lost)
+    assert lost == list(range(lost[0], lost[-1] + 1)), "one frame's records: consecutive"
     kept = [r["message"] for r in records if r["source"] == "stdout"]
-    assert kept == [f"line {i}" for i in range(1, 51) if i != lost[0]["seq"]]
+    assert kept == [f"line {i}" for i in range(1, 51) if i not in lost]
     assert (await task_state(hub, "rot-1"))["state"] == "succeeded"

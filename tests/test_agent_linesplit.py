@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.pipeline.linesplit import Line, LineSplitter, char_boundary
+from agent.pipeline.linesplit import BLOCK_BYTES, Block, Line, LineSplitter, char_boundary, expand
 
 
 def split_all(data: bytes, chunks: list[int], max_line_bytes: int) -> list[Line]:
@@ -180,7 +180,7 @@ def test_arbitrary_bytes(data: bytes, cuts: list[int], limit: int) -> None:
 class _LineByLine(LineSplitter):
     """The splitter without its many-lines-at-once path: the oracle."""
 
-    def _feed_short_lines(self, data: bytes, start: int, out: list[Line]) -> int:
+    def _feed_short_lines(self, data: bytes, start: int, out: list[Line | Block]) -> int:
         return start
 
 
@@ -203,3 +203,14 @@ def test_agent_linesplit_fast_path_gives_what_the_line_by_line_path_gives(
         got[0] += fast.feed(chunk)
         got[1] += slow.feed(chunk)
     assert got[0] + fast.finish() == got[1] + slow.finish()
+
+
+def test_agent_linesplit_plain_lines_come_as_blocks_not_lines() -> None:
+    """Issue 17: a read of plain lines is not split into objects per line: it
+    comes as Blocks of at most BLOCK_BYTES, which hold every line."""
+    data = b"".join(b"line %d %s\n" % (i, b"x" * (i % 90)) for i in range(20_000))
+    items = LineSplitter().feed_blocks(data)
+    assert all(isinstance(item, Block) for item in items)
+    assert all(len(item.data) <= BLOCK_BYTES for item in items)  # type: ignore[union-attr]
+    assert sum(item.count for item in items) == 20_000  # type: ignore[union-attr]
+    assert [line.text for line in expand(items)] == data.decode().splitlines()

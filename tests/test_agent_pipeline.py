@@ -10,6 +10,7 @@ import trio
 import trio.testing
 
 from agent.pipeline.capture import Mirror, capture
+from agent.pipeline.linesplit import each_line
 from agent.pipeline.messages import Finished, LineBatch, RecordBatch
 from agent.pipeline.uplink import Uplink, UplinkSettings
 from agent.spool import Spool
@@ -27,7 +28,7 @@ async def test_capture_actor_sends_one_batch_per_read_and_closes_its_end() -> No
         got = [m async for m in inbox]  # ends: capture closed its send end
     assert all(isinstance(m, LineBatch) and m.source == "stderr" for m in got)
     assert len(got) == 2, "the 100 lines of one read travel as one batch; the unterminated tail at EOF"
-    lines = [(line.text, n) for m in got for line, n in m.lines]  # type: ignore[attr-defined]
+    lines = [(line.text, n) for m in got for line, n in each_line(m.lines)]  # type: ignore[attr-defined]
     assert lines == [(f"line {i}", i) for i in range(1, 101)] + [("tail", 101)]
 
 

@@ -23,7 +23,7 @@ def payload(seq: int) -> bytes:
 def proto(**kw: object) -> UplinkProtocol:
     kw.setdefault("batch_size", 10)
     kw.setdefault("flush_interval", 0.2)
-    kw.setdefault("max_in_flight", 2)
+    kw.setdefault("max_in_flight_bytes", 4 << 20)
     return UplinkProtocol("t", PRODUCER, **kw)  # type: ignore[arg-type]
 
 
@@ -65,15 +65,38 @@ def test_protocol_nothing_goes_out_while_disconnected() -> None:
     assert p.next_frame(0.0) == Wait(None)
 
 
-def test_protocol_window_holds_at_most_max_in_flight_frames() -> None:
-    p = proto(batch_size=2, max_in_flight=2)
+def test_protocol_window_holds_at_most_max_in_flight_bytes() -> None:
+    size = len(payload(1))  # every record here is as long (seqs 1-9)
+    p = proto(batch_size=2, max_in_flight_bytes=4 * size)
     p.on_connected(0.0)
-    p.records_available(10, 0.0)
+    p.records_available(9, 0.0)
     assert seqs(step(p)) == [1, 2]
     assert seqs(step(p)) == [3, 4]
     assert step(p) == Wait(None), "the window is full"
     assert p.on_frame(ack(2), 0.0) == 2, "the spool may release up to 2"
     assert seqs(step(p)) == [5, 6]
+
+
+def test_protocol_reads_no_more_than_the_byte_bound_has_room_for() -> None:
+    size = len(payload(1))
+    p = proto(batch_size=4, max_in_flight_bytes=5 * size)
+    p.on_connected(0.0)
+    p.records_available(9, 0.0)
+    assert seqs(step(p)) == [1, 2, 3, 4]
+    action = p.next_frame(0.0)
+    assert isinstance(action, ReadRecords) and action.max_bytes == size, "room for one record"
+
+
+def test_protocol_a_fast_producer_is_not_held_to_a_few_frames_per_round_trip() -> None:
+    """Issue 17: 20,000 spooled records go out in 40 full frames before the
+    first ack (the frame bound held them to 8 frames, 4,000 records)."""
+    p = proto(batch_size=500, eager_frames=2)
+    p.on_connected(0.0)
+    p.records_available(20_000, 0.0)
+    sent = []
+    while isinstance(frame := step(p), dict):
+        sent += seqs(frame)
+    assert sent == list(range(1, 20_001))
 
 
 def test_protocol_flush_interval_gathers_records_while_frames_are_in_flight() -> None:
@@ -87,7 +110,7 @@ def test_protocol_flush_interval_gathers_records_while_frames_are_in_flight() ->
 
 
 def test_protocol_reconnect_resends_from_the_ack_watermark() -> None:
-    p = proto(batch_size=3, max_in_flight=4)
+    p = proto(batch_size=3)
     p.on_connected(0.0)
     p.records_available(9, 0.0)
     assert [seqs(step(p)) for _ in range(3)] == [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
@@ -148,7 +171,7 @@ def test_protocol_final_status_is_sent_again_on_a_new_connection() -> None:
 
 
 def test_protocol_seq_gap_resends_from_resume_from() -> None:
-    p = proto(batch_size=3, max_in_flight=4)
+    p = proto(batch_size=3)
     p.on_connected(0.0)
     p.records_available(9, 0.0)
     for _ in range(3):

@@ -9,6 +9,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+from agent.pipeline.encoding import LineRun
+from agent.pipeline.linesplit import Block
 from agent.spool import HEADER, Spool, SpoolLocked, encode_frame, spooled_tasks
 
 
@@ -219,7 +221,7 @@ def test_final_state_and_listing(tmp_path: Path) -> None:
     spool.close()
     assert spooled_tasks(tmp_path) == ["task-1"]
     again = open_spool(tmp_path)
-    assert again.meta["final"] == {"state": "failed", "exitCode": 3}
+    assert again.meta["final"] == {"state": "failed", "exitCode": 3, "lastSeq": 0}
     assert again.meta["hubUrl"] == "http://hub:1"
     again.mark_final_delivered()
     again.remove()
@@ -275,3 +277,61 @@ def test_flush_side_open_needs_a_complete_spool(tmp_path: Path) -> None:
         Spool.open(tmp_path, "task-2", create=False)
     assert not (tmp_path / "task-2").exists()
     assert not (tmp_path / "task-1" / "task.json").exists()
+
+
+def test_agent_spool_run_frames_read_back_like_single_ones(tmp_path: Path) -> None:
+    spool = open_spool(tmp_path)
+    fill(spool, 1, 3)
+    # 600 records: three run frames (RUN_RECORDS = 256), then single frames again.
+    spool.append_run(4, [payload(s) for s in range(4, 604)])
+    fill(spool, 604, 605)
+    spool.close()
+    again = open_spool(tmp_path, [], cache_bytes=0)
+    assert again.last_seq == 605
+    assert again.read(1, 1000, 1 << 30) == [(s, payload(s)) for s in range(1, 606)]
+    assert seqs(again.read(300, 5, 1 << 30)) == [300, 301, 302, 303, 304]
+    again.close()
+
+
+def test_agent_spool_a_damaged_end_after_the_run_finished_keeps_its_seqs(tmp_path: Path) -> None:
+    """Issue 17: the final state records the last seq, so a corrupt last frame
+    cut off on reopening leaves its seqs used (sent as "lost" records), not
+    silently gone, and never given to other records."""
+    spool = open_spool(tmp_path)
+    fill(spool, 1, 6)
+    spool.set_final("succeeded", 0)
+    spool.close()
+    seg = next(tmp_path.glob("task-1/*.seg"))
+    data = bytearray(seg.read_bytes())
+    data[-3] ^= 0xFF  # a bit flip inside the last record
+    seg.write_bytes(bytes(data))
+    warnings: list[str] = []
+    again = open_spool(tmp_path, warnings, cache_bytes=0)
+    assert again.last_seq == 6
+    assert any("6-6 were lost" in w for w in warnings)
+    assert seqs(again.read(1, 100, 1 << 20)) == [1, 2, 3, 4, 5]
+    again.close()
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 20, 8 << 20])
+def test_agent_spool_reads_every_kind_of_frame_within_its_limits(tmp_path: Path, cache_bytes: int) -> None:
+    """Single, run and lines frames (agent/pipeline/encoding.py LineRun), read
+    from the files or the cache: the records from a seq, at most max_records,
+    payloads within max_bytes but always one."""
+    spool = open_spool(tmp_path, cache_bytes=cache_bytes)
+    fill(spool, 1, 3)
+    spool.append_run(4, [payload(s, size=s % 50) for s in range(4, 604)])
+    run = LineRun("task-1", "2026-01-01T00:00:00.000000Z", "stdout", 1, {}, Block.of([b"l%d" % i for i in range(900)]))
+    spool.append_records(604, [run, payload(1504)])
+    everything = spool.read(1, 10_000, 1 << 30)
+    assert seqs(everything) == list(range(1, 1505))
+    assert everything[603:1503] == list(zip(range(604, 1504), run.records(604), strict=True))
+    for from_seq, most, max_bytes in [(1, 5, 1 << 30), (500, 300, 1 << 30), (600, 50, 2000), (1400, 1000, 1), (603, 10, 1), (259, 10, 1), (1503, 9, 9)]:
+        got = spool.read(from_seq, most, max_bytes)
+        want: list[tuple[int, bytes]] = []
+        for seq, data in everything[from_seq - 1 :]:
+            if len(want) == most or (want and sum(len(p) for _, p in want) + len(data) > max_bytes):
+                break
+            want.append((seq, data))
+        assert got == want, (from_seq, most, max_bytes)
+    spool.close()

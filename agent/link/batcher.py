@@ -4,7 +4,13 @@ Adaptive, in the manner of Nagle: while fewer than `eager_frames` frames are
 in flight a record goes out at once (live latency is one trip); past that new
 records gather, and go when `batch_size` of them are waiting, when the oldest
 has waited `flush_interval`, or when in-flight frames are acknowledged,
-whichever comes first. At most `max_in_flight` frames are unacknowledged.
+whichever comes first. What is unacknowledged is bounded in bytes (the
+records' JSON), not in frames: `max_in_flight_bytes` (4 MiB) lets a fast
+producer keep many full frames in flight across the hub's fsync round trip
+(a bound of 8 frames held it to ~4,000 lines per round trip), while a frame
+still carries at most `batch_size` records. The owner reads no more than
+`room` bytes for the next frame, so the bound holds (a single record larger
+than it goes alone once nothing is in flight).
 The agent runs with `eager_frames=2`: an ack waits for the hub's fsync, which
 now and then takes longer than the gap between two quiet lines; a second
 frame in flight keeps that wait off the next line.
@@ -39,12 +45,13 @@ Decision = Send | Wait
 class Batcher:
     batch_size: int = attrs.field(default=500, validator=attrs.validators.gt(0))
     flush_interval: float = attrs.field(default=0.2, validator=attrs.validators.ge(0))
-    max_in_flight: int = attrs.field(default=8, validator=attrs.validators.gt(0))
+    max_in_flight_bytes: int = attrs.field(default=4 << 20, validator=attrs.validators.gt(0))
     eager_frames: int = attrs.field(default=1, validator=attrs.validators.gt(0))
     # Records written to the spool but not yet sent.
     pending: int = 0
-    # Frames sent and not yet acknowledged.
+    # Frames sent and not yet acknowledged, and the bytes of their records.
     in_flight: int = 0
+    in_flight_bytes: int = 0
     # When the oldest pending record started waiting.
     waiting_since: float | None = None
 
@@ -58,10 +65,15 @@ class Batcher:
             self.waiting_since = now
         self.pending += count
 
+    @property
+    def room(self) -> int:
+        """Bytes of records the next frame may carry without passing the bound."""
+        return max(0, self.max_in_flight_bytes - self.in_flight_bytes)
+
     def decide(self, now: float) -> Decision:
         if self.pending == 0:
             return Wait(None)
-        if self.in_flight >= self.max_in_flight:
+        if self.room == 0:
             return Wait(None)
         count = min(self.pending, self.batch_size)
         if self.in_flight < self.eager_frames or self.pending >= self.batch_size:
@@ -72,25 +84,31 @@ class Batcher:
             return Send(count)
         return Wait(due)
 
-    def sent(self, count: int, now: float) -> None:
-        """A frame carrying `count` records went out."""
+    def sent(self, count: int, now: float, nbytes: int = 0) -> None:
+        """A frame carrying `count` records (`nbytes` of them) went out."""
         if not 0 < count <= self.pending:
             raise ValueError(f"sent {count} records but {self.pending} were pending")
         self.pending -= count
         self.in_flight += 1
+        self.in_flight_bytes += nbytes
         # The rest start a fresh interval; keeping the old start would send
         # every newcomer alone while the window is busy.
         self.waiting_since = now if self.pending else None
 
-    def acked(self, frames: int) -> None:
-        """`frames` in-flight frames were acknowledged."""
-        if not 0 <= frames <= self.in_flight:
-            raise ValueError(f"{frames} frames acked but {self.in_flight} were in flight")
+    def acked(self, frames: int, nbytes: int = 0) -> None:
+        """`frames` in-flight frames (`nbytes` of records) were acknowledged."""
+        if not 0 <= frames <= self.in_flight or not 0 <= nbytes <= self.in_flight_bytes:
+            raise ValueError(
+                f"{frames} frames ({nbytes} bytes) acked but {self.in_flight} "
+                f"({self.in_flight_bytes} bytes) were in flight"
+            )
         self.in_flight -= frames
+        self.in_flight_bytes -= nbytes
 
     def reset(self, pending: int, now: float) -> None:
         """A new connection: nothing in flight, `pending` records to (re)send."""
         self.in_flight = 0
+        self.in_flight_bytes = 0
         self.pending = max(0, pending)
         self.waiting_since = now if self.pending else None
 

@@ -42,6 +42,8 @@ def fill_gaps(
     (skipped as corrupt when the spool was read back). The hub acknowledges a
     task only up to its first missing seq, so a hole would stall delivery
     forever; an explicit "lost" record says what happened instead."""
+    if records and records[0][0] == start and records[-1][0] == start + len(records) - 1 <= start + limit - 1:
+        return records  # no hole: the common case, without a look at each record
     out: list[tuple[int, bytes]] = []
     expected = start
     end = records[-1][0] if records else min(last_seq, start + limit - 1)

@@ -15,8 +15,8 @@ does what it answers::
     on_disconnected()
 
 A session starts from the ack watermark (everything unacknowledged is sent
-again: the hub de-duplicates), frames are sized by the Batcher, at most
-`max_in_flight` are unacknowledged. Once the command has finished and every
+again: the hub de-duplicates), frames are sized by the Batcher, and the
+records in unacknowledged frames take at most `max_in_flight_bytes`. Once the command has finished and every
 record is acknowledged, the final status goes out, and delivery is done when
 the hub answers with that status for this producer (it does so after the
 commit). An error frame raises HubRefused; SEQ_GAP with `resumeFrom`
@@ -103,7 +103,7 @@ class UplinkProtocol:
         available_seq: int = 0,
         batch_size: int = 500,
         flush_interval: float = 0.2,
-        max_in_flight: int = 8,
+        max_in_flight_bytes: int = 4 << 20,
         eager_frames: int = 1,
         limits: Limits = DEFAULT_LIMITS,
     ) -> None:
@@ -114,10 +114,11 @@ class UplinkProtocol:
         # Records up to here are spooled and let through (rate limit): sendable.
         self.available = max(available_seq, acked_seq)
         self.final: tuple[str, int | None] | None = None
-        self.batcher = Batcher(batch_size, flush_interval, max_in_flight, eager_frames)
+        self.batcher = Batcher(batch_size, flush_interval, max_in_flight_bytes, eager_frames)
         self.connected = False
         self.cursor = acked_seq + 1
-        self.in_flight: collections.deque[int] = collections.deque()  # last seq of each frame
+        # Each unacknowledged frame: its last seq, the bytes of its records.
+        self.in_flight: collections.deque[tuple[int, int]] = collections.deque()
         self.outbox: collections.deque[bytes] = collections.deque()
         self.status_sent = False
         self.confirmed = False
@@ -174,12 +175,12 @@ class UplinkProtocol:
         return None
 
     def _on_ack(self, seq: int, now: float) -> int | None:
-        done = 0
-        while self.in_flight and self.in_flight[0] <= seq:
-            self.in_flight.popleft()
+        done = nbytes = 0
+        while self.in_flight and self.in_flight[0][0] <= seq:
+            nbytes += self.in_flight.popleft()[1]
             done += 1
         if done:
-            self.batcher.acked(done)
+            self.batcher.acked(done, nbytes)
         if seq <= self.acked:
             return None
         self.acked = min(seq, self.available)
@@ -213,7 +214,8 @@ class UplinkProtocol:
         decision = self.batcher.decide(now)
         if isinstance(decision, Send):
             count = min(decision.count, self.limits.max_records_per_batch, self.available - self.cursor + 1)
-            return ReadRecords(self.cursor, count, self.max_payload)
+            # No more than the bound has room for (decide sends only when it has some).
+            return ReadRecords(self.cursor, count, min(self.max_payload, self.batcher.room))
         return Wait(decision.until)
 
     def _final_step(self) -> Action:
@@ -237,15 +239,17 @@ class UplinkProtocol:
             self.cursor = max(self.cursor, self.available + 1)
             self._sync_pending(now)
             return None
+        payloads = [p for _, p in records]
         frame, fitted = fit_frame(
             lambda payloads: logs_frame(self.task_id, payloads, self.producer),
-            [p for _, p in records],
+            payloads,
             self.limits.max_frame_bytes,
         )
         last = records[fitted - 1][0]
         covered = last + 1 - self.cursor
+        nbytes = sum(map(len, payloads[:fitted]))
         self.cursor = last + 1
-        self.in_flight.append(last)
-        self.batcher.sent(min(covered, self.batcher.pending), now)
+        self.in_flight.append((last, nbytes))
+        self.batcher.sent(min(covered, self.batcher.pending), now, nbytes)
         self.frames_sent += 1
         return frame

@@ -13,11 +13,11 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import trio
 
-from agent.pipeline.linesplit import Line, LineSplitter
+from agent.pipeline.linesplit import Block, Line, LineSplitter
 from agent.pipeline.messages import CaptureMessage, LineBatch
 from agent.pipeline.recorder import Recorder, encode_line
 from keruta.limits import DEFAULT_LIMITS, Limits
@@ -27,7 +27,9 @@ from keruta.timefmt import now_ts
 # Kept importable from here: tests and older callers know them as capture's.
 __all__ = ["Mirror", "Recorder", "capture", "encode_line", "LineNumbering"]
 
-READ_SIZE = 64 * 1024
+# One read (and so one LineBatch, one spool write) at most: large enough that
+# the work per read is small beside the work per line.
+READ_SIZE = 256 * 1024
 
 Say = Callable[[str], None]
 
@@ -118,7 +120,7 @@ async def capture(
                 if on_read is not None:
                     on_read()
                 data = masker.feed(chunk)
-                lines = numbering.number(splitter.feed(data))
+                lines = numbering.number(splitter.feed_blocks(data))
                 if mirror is None:
                     if lines:
                         await recorder.send(LineBatch(source, ts, lines))
@@ -133,7 +135,7 @@ async def capture(
         finally:
             # Also when the read was cancelled: what was buffered is recorded and shown.
             data = masker.flush()
-            lines = numbering.number(splitter.feed(data) + splitter.finish())
+            lines = numbering.number([*splitter.feed_blocks(data), *splitter.finish()])
             with trio.CancelScope(shield=True):
                 if lines:
                     spooled = trio.Event()
@@ -147,15 +149,21 @@ async def capture(
 
 
 class LineNumbering:
-    """lineNumber per source, from 1; the pieces of one long line share it."""
+    """lineNumber per source, from 1; the pieces of one long line share it.
+    A Block gets the number of its first line (the rest follow one by one)."""
 
     def __init__(self) -> None:
         self.current = 0
         self._open = False
 
-    def number(self, lines: list[Line]) -> list[tuple[Line, int]]:
-        out = []
+    def number(self, lines: Sequence[Line | Block]) -> list[tuple[Line | Block, int]]:
+        out: list[tuple[Line | Block, int]] = []
         for line in lines:
+            if isinstance(line, Block):
+                # Only whole lines make a Block: no piece is open before it.
+                out.append((line, self.current + 1))
+                self.current += line.count
+                continue
             if not self._open:
                 self.current += 1
             out.append((line, self.current))

@@ -24,6 +24,51 @@ class Line:
     partial: bool = False
 
 
+@attrs.frozen(slots=True)
+class Block:
+    """Consecutive complete lines whose text is exactly their bytes: valid
+    UTF-8, no `\\r`, none longer than the limit. The common case of a pipe
+    read, kept as bytes, not split: capturing and spooling it takes no Python
+    (nor a `Line`, a str or a bytes object) per line."""
+
+    # The lines joined by b"\n" (as read), and how many there are.
+    data: bytes
+    count: int
+
+    @classmethod
+    def of(cls, lines: list[bytes]) -> Block:
+        return cls(b"\n".join(lines), len(lines))
+
+    @property
+    def lines(self) -> list[bytes]:
+        return self.data.split(b"\n")
+
+    def texts(self) -> list[Line]:
+        return [Line(raw.decode("utf-8")) for raw in self.lines]
+
+
+def each_line(items: list[tuple[Line | Block, int]]) -> list[tuple[Line, int]]:
+    """Numbered items (a Block numbered by its first line) as numbered Lines."""
+    out: list[tuple[Line, int]] = []
+    for item, number in items:
+        if isinstance(item, Block):
+            out += [(line, number + k) for k, line in enumerate(item.texts())]
+        else:
+            out.append((item, number))
+    return out
+
+
+def expand(items: list[Line | Block]) -> list[Line]:
+    """`items` with every Block turned into its Lines."""
+    out: list[Line] = []
+    for item in items:
+        if isinstance(item, Block):
+            out += item.texts()
+        else:
+            out.append(item)
+    return out
+
+
 def _is_continuation(byte: int) -> bool:
     return byte & 0xC0 == 0x80
 
@@ -48,6 +93,11 @@ def char_boundary(data: bytes | bytearray, cut: int) -> int:
     return pos
 
 
+# A Block holds about this many bytes of lines at most (a longer line, up to
+# the line limit, goes alone): the spool keeps one as one checksummed frame.
+BLOCK_BYTES = 16 * 1024
+
+
 class LineSplitter:
     """Feed it bytes as they come; it hands back complete lines and pieces."""
 
@@ -62,7 +112,11 @@ class LineSplitter:
         return len(self._pending)
 
     def feed(self, data: bytes) -> list[Line]:
-        lines: list[Line] = []
+        return expand(self.feed_blocks(data))
+
+    def feed_blocks(self, data: bytes) -> list[Line | Block]:
+        """What `feed` gives, its runs of plain complete lines kept as Blocks."""
+        lines: list[Line | Block] = []
         if not data:
             return lines
         buf = self._pending
@@ -95,32 +149,51 @@ class LineSplitter:
             del buf[:cut]
         return lines
 
-    def _feed_short_lines(self, data: bytes, start: int, out: list[Line]) -> int:
-        """The common case in one go: complete lines from `start`, none long,
-        no `\r`. Returns how far `data` was consumed (`start`: not this case).
+    def _feed_short_lines(self, data: bytes, start: int, out: list[Line | Block]) -> int:
+        """The common case in one go: complete lines from `start`, none over
+        the limit, no `\r`, valid UTF-8 (so each line's text is its bytes),
+        as Blocks of about BLOCK_BYTES. Returns how far `data` was consumed
+        (`start`: not this case at all).
 
-        Decoding the lines together gives what decoding each gives: `\n` is
-        ASCII, so no invalid run reaches across it. A decoded line of at most
-        limit // 4 characters is at most `max_line_bytes` in UTF-8."""
+        Checking the lines together checks each: `\n` is ASCII, so no UTF-8
+        sequence reaches across it."""
         last = data.rfind(b"\n", start)
         if last == -1 or data.find(b"\r", start, last) != -1:
             return start
-        texts = data[start:last].decode("utf-8", "replace").split("\n")
-        if max(map(len, texts)) > self.max_line_bytes // 4:
-            return start
-        out.extend([Line(text) for text in texts])
+        pos = start
+        while pos <= last:
+            if last - pos <= BLOCK_BYTES:
+                end = last
+            else:
+                end = data.rfind(b"\n", pos, pos + BLOCK_BYTES)
+                if end == -1:
+                    # A line longer than BLOCK_BYTES: a Block of its own, if it fits.
+                    end = data.find(b"\n", pos + BLOCK_BYTES)
+                    if end - pos > self.max_line_bytes:
+                        return pos
+            piece = data[pos:end]
+            if len(piece) > self.max_line_bytes and max(map(len, piece.split(b"\n"))) > self.max_line_bytes:
+                # Only with a limit below BLOCK_BYTES (tests): a line to cut in pieces.
+                return pos
+            if not piece.isascii():
+                try:
+                    piece.decode("utf-8")
+                except UnicodeDecodeError:
+                    return pos
+            out.append(Block(piece, data.count(b"\n", pos, end) + 1))
+            pos = end + 1
         return last + 1
 
     def finish(self) -> list[Line]:
         """The last line, when the stream ended without a newline."""
-        lines: list[Line] = []
+        lines: list[Line | Block] = []
         if self._pending:
             # No newline came, so a final "\r" is content, not a line ending.
             self._emit_line(self._pending, lines, ending=False)
             self._pending = bytearray()
-        return lines
+        return expand(lines)
 
-    def _emit_line(self, raw: bytes | bytearray, out: list[Line], ending: bool = True) -> None:
+    def _emit_line(self, raw: bytes | bytearray, out: list[Line | Block], ending: bool = True) -> None:
         end = len(raw) - 1 if ending and raw[-1:] == b"\r" else len(raw)
         limit = self.max_line_bytes
         if end <= limit // 3:

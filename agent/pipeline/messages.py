@@ -14,12 +14,13 @@ from __future__ import annotations
 import attrs
 import trio
 
-from agent.pipeline.linesplit import Line
+from agent.pipeline.linesplit import Block, Line
 
 
 @attrs.frozen
 class LineBatch:
-    """Lines one capture actor read from `source` at `ts`, each with its line number.
+    """Lines one capture actor read from `source` at `ts`, each with its line
+    number (a Block: the number of its first line).
 
     `spooled`, when given, is set by the recorder once the lines are in the
     spool (or counted as dropped): the capture shows a line on the agent's own
@@ -28,7 +29,7 @@ class LineBatch:
 
     source: str
     ts: str
-    lines: list[tuple[Line, int]]
+    lines: list[tuple[Line | Block, int]]
     spooled: trio.Event | None = attrs.field(default=None, eq=False)
 
 

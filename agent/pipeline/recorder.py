@@ -19,8 +19,9 @@ from typing import Any
 
 import trio
 
+from agent.pipeline.encoding import LineEncoder, LineRun, encode_line
 from agent.pipeline.gap import SPOOL_ERROR, SPOOL_FULL, Gap, text_bytes
-from agent.pipeline.linesplit import Line
+from agent.pipeline.linesplit import Block, Line, each_line
 from agent.pipeline.messages import (
     AgentLine,
     CaptureMessage,
@@ -33,8 +34,10 @@ from agent.pipeline.messages import (
 from agent.spool import Spool
 from keruta.levels import determine_level
 from keruta.limits import INT64_MAX
-from keruta.recordjson import LineEncoder, encode_line
 from keruta.timefmt import now_ts
+
+# Kept importable from here (tests, agent/link/frames.py).
+__all__ = ["LineEncoder", "Recorder", "encode_line", "record"]
 
 # How often the "spool full" warning repeats while lines are being dropped.
 FULL_WARNING_EVERY = 10.0
@@ -160,19 +163,42 @@ class Recorder:
             partial,
         )
 
-    def write(self, source: str, lines: list[tuple[Line, int]], ts: str | None = None) -> None:
-        """Spool `lines` (each with its line number) read from `source` at `ts`."""
+    def write(self, source: str, lines: list[tuple[Line | Block, int]], ts: str | None = None) -> None:
+        """Spool `lines` (each with its line number; a Block with its first
+        line's) read from `source` at `ts`."""
         if not lines:
             return
         ts = ts or now_ts()
         encoder = LineEncoder(self.task_id, ts, source, self._metadata)
         frame = self.spool.frame_size
-        entries: list[tuple[int, bytes]] = []
-        kept: list[tuple[Line, int]] = []
+        first = self.next_seq
+        pieces: list[bytes | LineRun] = []
+        kept: list[tuple[Line | Block, int]] = []
+        # Bytes the pieces take in the spool, or more (a record counted as a
+        # frame of its own): what is checked against the budget is never short.
         size = 0
         closing: Gap | None = None
-        dropped: list[tuple[Line, int]] = []
-        for i, (line, number) in enumerate(lines):
+        dropped: list[tuple[Line | Block, int]] = []
+        items = list(lines)
+        i = 0
+        while i < len(items):
+            item, number = items[i]
+            if isinstance(item, Block):
+                if self._gap is None or closing is not None:
+                    # Spooled as read; the records are encoded when sent.
+                    run = LineRun(self.task_id, ts, source, number, self._metadata, item)
+                    run_size = self.spool.lines_size(run)
+                    if self._fits(size + run_size):
+                        pieces.append(run)
+                        kept.append((item, number))
+                        self.next_seq += run.count
+                        size += run_size
+                        i += 1
+                        continue
+                # A gap to close first, or not all of it fits: line by line.
+                items[i : i + 1] = [(line, number + k) for k, line in enumerate(item.texts())]
+                continue
+            line = item
             text = line.text
             level = determine_level(text)
             payload = encoder.encode(self.next_seq, level, text, number, line.partial)
@@ -182,22 +208,23 @@ class Recorder:
                 gap_payload = self._gap_payload(self._gap, self.next_seq)
                 payload = encoder.encode(self.next_seq + 1, level, text, number, line.partial)
                 if not self._fits(frame(len(gap_payload)) + frame(len(payload)) + self._resume_room):
-                    dropped = lines[i:]
+                    dropped = items[i:]
                     break
                 closing = self._gap
-                entries.append((self.next_seq, gap_payload))
+                pieces.append(gap_payload)
                 self.next_seq += 1
                 size += frame(len(gap_payload))
             elif not self._fits(size + frame(len(payload))):
                 # The rest of this read goes too: a gap is one run of lines.
-                dropped = lines[i:]
+                dropped = items[i:]
                 break
-            entries.append((self.next_seq, payload))
+            pieces.append(payload)
             kept.append((line, number))
             self.next_seq += 1
             size += frame(len(payload))
+            i += 1
         reason = SPOOL_FULL
-        if not self._append(entries):
+        if not self._append(first, pieces):
             dropped = kept + dropped
             closing = None
             reason = SPOOL_ERROR
@@ -213,27 +240,29 @@ class Recorder:
         self.agent_lines += 1
         payload = self._record("agent", text, self.agent_lines, ts or now_ts(), False)
         self.next_seq += 1
-        self._append([(self.next_seq - 1, payload)])
+        self._append(self.next_seq - 1, [payload])
 
-    def _append(self, entries: list[tuple[int, bytes]]) -> bool:
-        if not entries:
+    def _append(self, first: int, pieces: list[bytes | LineRun]) -> bool:
+        if not pieces:
             return True
         try:
-            self.spool.append(entries)
+            self.spool.append_records(first, pieces)
         except OSError as exc:
             # The disk is full or failing: the command must not stop for that.
             # These seqs were not used; the drop is counted like a full spool.
-            self.next_seq = entries[0][0]
+            self.next_seq = first
             self._write_error = f"cannot write to the spool in {self.spool.dir}: {exc}"
             return False
-        self.written += len(entries)
-        self.on_written(len(entries))
+        count = sum(piece.count if isinstance(piece, LineRun) else 1 for piece in pieces)
+        self.written += count
+        self.on_written(count)
         return True
 
-    def _drop(self, source: str, lines: list[tuple[Line, int]], ts: str, reason: str) -> None:
+    def _drop(self, source: str, items: list[tuple[Line | Block, int]], ts: str, reason: str) -> None:
         gap = self._gap
         if gap is None:
             gap = self._gap = Gap(reason, ts)
+        lines = each_line(items)
         for line, number in lines:
             nbytes = text_bytes(line.text)
             gap.add(source, number, nbytes, ts)
@@ -260,7 +289,7 @@ class Recorder:
         gap = self._gap
         if gap is None:
             return
-        if self._append([(self.next_seq, self._gap_payload(gap, self.next_seq))]):
+        if self._append(self.next_seq, [self._gap_payload(gap, self.next_seq)]):
             self.next_seq += 1
             self.agent_lines += 1
             self._gap = None

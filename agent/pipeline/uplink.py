@@ -57,7 +57,8 @@ class UplinkSettings:
     token: str | None = None
     batch_size: int = 500
     flush_interval: float = 0.2
-    max_in_flight: int = 8
+    # Bytes of records sent and not yet acknowledged (agent/link/batcher.py).
+    max_in_flight_bytes: int = 4 << 20
     # Frames in flight below which a record is sent at once (agent/link/batcher.py).
     eager_frames: int = 2
     ping_interval: float = 5.0
@@ -77,22 +78,24 @@ class Uplink:
         *,
         say: Callable[[str], None] = lambda _m: None,
         backoff: Backoff = RECONNECT,
+        available_seq: int | None = None,
     ) -> None:
         self.spool = spool
         self.settings = settings
         self.say = say
         self.backoff = backoff
         self.url = ws_url(settings.hub_url)
-        # What an earlier run left in the spool is sendable from the start.
+        # What an earlier run left in the spool is sendable from the start
+        # (`available_seq`: what was in it when this run started).
         self.protocol = UplinkProtocol(
             settings.task_id,
             spool.producer,
             acked_seq=spool.acked_seq,
-            available_seq=spool.last_seq,
+            available_seq=spool.last_seq if available_seq is None else available_seq,
             batch_size=settings.batch_size,
             flush_interval=settings.flush_interval,
-            max_in_flight=settings.max_in_flight,
-            eager_frames=min(settings.eager_frames, settings.max_in_flight),
+            max_in_flight_bytes=settings.max_in_flight_bytes,
+            eager_frames=settings.eager_frames,
             limits=settings.limits,
         )
         # Set once every record is acknowledged and the final status is stored.
@@ -121,6 +124,11 @@ class Uplink:
                 else:
                     self.protocol.finish(message.state, message.exit_code)
                 self._news.unpark_all()
+
+    def records_available(self, last_seq: int) -> None:
+        """Records up to `last_seq` are spooled and may be sent."""
+        self.protocol.records_available(last_seq, trio.current_time())
+        self._news.unpark_all()
 
     def records_written(self, count: int) -> None:
         """Without a pipeline (tests, flush): the spool grew by `count` records."""

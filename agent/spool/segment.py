@@ -2,7 +2,15 @@
 
 A segment is a sequence of frames ``MAGIC(2) | seq(8) | length(4) | crc32(4) |
 payload``, payload being the record's wire JSON, crc32 covering seq and
-payload. Reading checks every frame; a torn tail (a crash mid-write) is cut
+payload. A run frame (BATCH_MAGIC, same header) holds the records
+`seq`, `seq + 1`, ... (up to RUN_RECORDS) of one recorder write, their JSON
+joined by ``\n`` (which JSON never holds unescaped): one checksum and one
+header per 256 lines instead of per line, which was most of the spool's cost.
+A lines frame (LINES_MAGIC, same header) holds up to RUN_LINES_BYTES of plain
+lines of one read as they were read, after one line of JSON with what their
+records share (agent/pipeline/encoding.py `LineRun`): their records are
+encoded when read back, so spooling a line is a split, a checksum and a write.
+A run or lines frame that does not check out is lost as a whole. Reading checks every frame; a torn tail (a crash mid-write) is cut
 off by `recover`, and a corrupt frame is skipped with a warning by searching
 forward for the next valid one, so damage never turns into a crash loop.
 """
@@ -15,10 +23,24 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import attrs
+
+from agent.pipeline.encoding import LineRun
+
 MAGIC = b"\xabK"
+BATCH_MAGIC = b"\xabR"
+LINES_MAGIC = b"\xabL"
 HEADER = struct.Struct(">2sQII")  # magic, seq, payload length, crc32(seq + payload)
-# A record's JSON is at most a 64 KiB line escaped (up to 6x) plus fields.
+# A record's JSON is at most a 64 KiB line escaped (up to 6x) plus fields;
+# a run frame is cut before it would pass RUN_BYTES.
 MAX_PAYLOAD = 8 * 1024 * 1024
+RUN_BYTES = 1024 * 1024
+# Records in one run frame at most: a frame that does not check out loses
+# them all (each is then sent as a "lost" record), so not a whole read's.
+RUN_RECORDS = 256
+# Bytes of plain lines in one lines frame at most (a longer line goes alone):
+# about 200 lines of 80 bytes.
+RUN_LINES_BYTES = 16 * 1024
 READ_CHUNK = 1024 * 1024
 SEGMENT_SUFFIX = ".seg"
 
@@ -29,6 +51,28 @@ def encode_frame(seq: int, payload: bytes) -> bytes:
     seq_bytes = seq.to_bytes(8, "big")
     crc = zlib.crc32(payload, zlib.crc32(seq_bytes))
     return HEADER.pack(MAGIC, seq, len(payload), crc) + payload
+
+
+def encode_run(first_seq: int, payloads: list[bytes]) -> tuple[bytes, bytes]:
+    """One run frame for the records `first_seq`, `first_seq + 1`, ...: its
+    header and its payload (written together with writev, not copied into one).
+    The payloads hold no raw newline (the caller's promise: checking it here
+    cost as much as the checksum)."""
+    data = b"\n".join(payloads)
+    crc = zlib.crc32(data, zlib.crc32(first_seq.to_bytes(8, "big")))
+    return HEADER.pack(BATCH_MAGIC, first_seq, len(data), crc), data
+
+
+def encode_lines(first_seq: int, run: LineRun) -> tuple[bytes, bytes, bytes]:
+    """One lines frame for `run` (at most RUN_RECORDS lines), seqs from
+    `first_seq`: its header, the run's head line and its lines, for writev."""
+    head = run.head() + b"\n"
+    data = run.block.data
+    crc = zlib.crc32(data, zlib.crc32(head, zlib.crc32(first_seq.to_bytes(8, "big"))))
+    return HEADER.pack(LINES_MAGIC, first_seq, len(head) + len(data), crc), head, data
+
+
+_MAGICS = (MAGIC, BATCH_MAGIC, LINES_MAGIC)
 
 
 def _check(header_seq: int, payload: bytes, crc: int) -> bool:
@@ -92,7 +136,42 @@ class _Window:
 def scan(
     fd: int, offset: int, end: int, warn: Warn | None = None, where: str = ""
 ) -> Iterator[tuple[int, int, bytes, int]]:
-    """Valid frames in [offset, end): (frame offset, seq, payload, next offset).
+    """Valid records in [offset, end): (frame offset, seq, payload, next offset);
+    the records of a run or lines frame are all found at the frame's offset."""
+    for pos, seq, frame, nxt in scan_frames(fd, offset, end, warn, where):
+        for i, record in enumerate(frame.records()):
+            yield pos, seq + i, record, nxt
+
+
+@attrs.frozen
+class Frame:
+    """A valid frame's records, as stored: `count` of them, made by `records()`."""
+
+    magic: bytes
+    first_seq: int
+    payload: bytes
+
+    @property
+    def count(self) -> int:
+        if self.magic == MAGIC:
+            return 1
+        if self.magic == BATCH_MAGIC:
+            return self.payload.count(b"\n") + 1
+        head, _, data = self.payload.partition(b"\n")
+        return data.count(b"\n") + 1
+
+    def records(self) -> list[bytes]:
+        if self.magic == MAGIC:
+            return [self.payload]
+        if self.magic == BATCH_MAGIC:
+            return self.payload.split(b"\n")
+        return LineRun.parse(self.payload).records(self.first_seq)
+
+
+def scan_frames(
+    fd: int, offset: int, end: int, warn: Warn | None = None, where: str = ""
+) -> Iterator[tuple[int, int, Frame, int]]:
+    """Valid frames in [offset, end): (offset, first seq, frame, next offset).
 
     A frame that does not check out (bad magic, length or checksum, or running
     past `end`) is skipped by searching for the next MAGIC that starts a
@@ -108,7 +187,7 @@ def scan(
         if header is None:
             break
         magic, seq, length, crc = HEADER.unpack(header)
-        if magic == MAGIC and length <= MAX_PAYLOAD:
+        if magic in _MAGICS and length <= MAX_PAYLOAD:
             payload = window.get(pos + HEADER.size, length)
             if payload is not None and _check(seq, payload, crc):
                 if bad_since is not None and warn is not None:
@@ -117,12 +196,13 @@ def scan(
                     )
                 bad_since = None
                 nxt = pos + HEADER.size + length
-                yield pos, seq, payload, nxt
+                yield pos, seq, Frame(magic, seq, payload), nxt
                 pos = nxt
                 continue
         if bad_since is None:
             bad_since = pos
-        pos = window.find(MAGIC, pos + 1)
+        # Any kind of frame: the magics all start with this byte.
+        pos = window.find(MAGIC[:1], pos + 1)
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -130,6 +210,16 @@ def write_all(fd: int, data: bytes) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+def writev_all(fd: int, parts: list[bytes]) -> None:
+    """Write `parts` in order, in one writev(2) when the kernel takes it all."""
+    if len(parts) > 512:
+        write_all(fd, b"".join(parts))
+        return
+    done = os.writev(fd, parts)
+    if done < sum(map(len, parts)):
+        write_all(fd, b"".join(parts)[done:])
 
 
 def write_atomically(path: Path, data: bytes, durable: bool = False) -> None:
@@ -151,9 +241,9 @@ def recover(seg: Segment, warn: Warn) -> None:
     good_end = 0
     last = seg.first_seq - 1
     try:
-        for _off, seq, _payload, nxt in scan(fd, 0, size, warn, str(seg.path)):
+        for _off, first, frame, nxt in scan_frames(fd, 0, size, warn, str(seg.path)):
             good_end = nxt
-            last = max(last, seq)
+            last = max(last, first + frame.count - 1)
     finally:
         os.close(fd)
     seg.last_seq = last

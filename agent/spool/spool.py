@@ -33,25 +33,32 @@ import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import trio
 
+from agent.pipeline.encoding import LineRun
 from agent.spool.lock import SpoolLocked, lock_directory
 from agent.spool.meta import read_meta
-from agent.spool.recent import RecentRecords
+from agent.spool.recent import RecentRecords, take
 from agent.spool.root import default_root, spooled_tasks
 from agent.spool.segment import (
     HEADER,
+    RUN_BYTES,
+    RUN_LINES_BYTES,
+    RUN_RECORDS,
     SEGMENT_SUFFIX,
+    Frame,
     Segment,
     Warn,
     encode_frame,
+    encode_lines,
+    encode_run,
     recover,
-    scan,
-    write_all,
+    scan_frames,
     write_atomically,
+    writev_all,
 )
 
 __all__ = ["HEADER", "Spool", "SpoolLocked", "default_root", "encode_frame", "spooled_tasks", "write_atomically"]
@@ -151,6 +158,16 @@ class Spool:
         for seg in self.segments:
             self.last_seq = max(self.last_seq, seg.last_seq)
             self._used += seg.size
+        final = self.meta.get("final")
+        final_last = final.get("lastSeq") if isinstance(final, dict) else None
+        if isinstance(final_last, int) and final_last > self.last_seq:
+            # A corrupt or torn tail was cut off after the run had finished:
+            # these seqs were used, and are sent as "lost" records, not reused.
+            self.warn(
+                f"spool {self.dir}: records {self.last_seq + 1}-{final_last} were lost "
+                "(a corrupt end of the spool); the hub gets a record saying so for each"
+            )
+            self.last_seq = final_last
         self._delete_acked_segments()
 
     # --- writing ------------------------------------------------------------
@@ -168,7 +185,7 @@ class Spool:
         return self.used_bytes + nbytes <= self.max_bytes
 
     def append(self, entries: list[tuple[int, bytes]]) -> None:
-        """Write records; their seqs must continue `last_seq` one by one."""
+        """Write records, a frame each; their seqs must continue `last_seq` one by one."""
         if not entries:
             return
         expected = self.last_seq + 1
@@ -178,11 +195,81 @@ class Spool:
                 raise ValueError(f"spool append out of order: seq {seq}, expected {expected}")
             expected += 1
             parts.append(encode_frame(seq, payload))
-        data = b"".join(parts)
-        seg = self._active(len(data), entries[0][0])
+        self._write([b"".join(parts)], entries[0][0], entries[-1][0])
+        self._recent.append(entries)
+
+    def append_run(self, first_seq: int, payloads: list[bytes]) -> None:
+        """`append_records` of encoded records only."""
+        self.append_records(first_seq, list(payloads))
+
+    def append_records(self, first_seq: int, pieces: list[bytes | LineRun]) -> None:
+        """Write the records `first_seq`, `first_seq + 1`, ... (continuing
+        `last_seq`) in one writev(2): each piece is one record's JSON or a
+        LineRun of plain lines (their records encoded when read back). The
+        recorder's path, with no Python per line: consecutive records go in
+        run frames of at most RUN_RECORDS, lines in lines frames of at most
+        RUN_LINES_BYTES (or one longer line). A record's
+        JSON must not hold a raw newline (JSON never does; a run frame
+        separates its records with it)."""
+        if not pieces:
+            return
+        if first_seq != self.last_seq + 1:
+            raise ValueError(f"spool append out of order: seq {first_seq}, expected {self.last_seq + 1}")
+        parts: list[bytes] = []
+        recent: list[tuple[int, list[bytes] | LineRun]] = []
+        seq = first_seq
+        i = 0
+        while i < len(pieces):
+            piece = pieces[i]
+            if isinstance(piece, LineRun):
+                for run in piece.split(RUN_LINES_BYTES):
+                    parts += encode_lines(seq, run)
+                    recent.append((seq, run))
+                    seq += run.count
+                i += 1
+                continue
+            end = i
+            while end < len(pieces) and not isinstance(pieces[end], LineRun):
+                end += 1
+            payloads = cast(list[bytes], pieces[i:end])
+            parts += self._run_frames(seq, payloads)
+            recent.append((seq, payloads))
+            seq += len(payloads)
+            i = end
+        self._write(parts, first_seq, seq - 1)
+        for start, records in recent:
+            self._recent.append_run(start, records)
+
+    @staticmethod
+    def _run_frames(first_seq: int, payloads: list[bytes]) -> list[bytes]:
+        parts: list[bytes] = []
+        for start in range(0, len(payloads), RUN_RECORDS):
+            chunk = payloads[start : start + RUN_RECORDS]
+            if sum(map(len, chunk)) <= RUN_BYTES:
+                parts += encode_run(first_seq + start, chunk)
+                continue
+            # Long lines: cut where RUN_BYTES is reached.
+            begin, size = 0, 0
+            for i, payload in enumerate(chunk):
+                if i > begin and size + len(payload) > RUN_BYTES:
+                    parts += encode_run(first_seq + start + begin, chunk[begin:i])
+                    begin, size = i, 0
+                size += len(payload) + 1
+            parts += encode_run(first_seq + start + begin, chunk[begin:])
+        return parts
+
+    def lines_size(self, run: LineRun) -> int:
+        """At least what `append_records` takes on disk for `run`."""
+        # A cut leaves at least RUN_LINES_BYTES in every other frame.
+        frames = 2 * -(-len(run.block.data) // RUN_LINES_BYTES) + 1
+        return len(run.block.data) + frames * (HEADER.size + len(run.head()) + 8)
+
+    def _write(self, parts: list[bytes], first_seq: int, last_seq: int) -> None:
+        size = sum(map(len, parts))
+        seg = self._active(size, first_seq)
         assert seg.fd is not None
         try:
-            write_all(seg.fd, data)
+            writev_all(seg.fd, parts)
         except OSError:
             # Leave no half frame behind (e.g. the disk filled up mid-write).
             try:
@@ -190,12 +277,11 @@ class Spool:
             except OSError:
                 pass
             raise
-        seg.size += len(data)
-        self._used += len(data)
-        seg.last_seq = entries[-1][0]
-        self.last_seq = seg.last_seq
+        seg.size += size
+        self._used += size
+        seg.last_seq = last_seq
+        self.last_seq = last_seq
         self._dirty = True
-        self._recent.append(entries)
 
     def _active(self, incoming: int, first_seq: int) -> Segment:
         seg = self.segments[-1] if self.segments else None
@@ -220,7 +306,9 @@ class Spool:
             seg.fd = None
 
     def set_final(self, state: str, exit_code: int | None) -> None:
-        self.meta["final"] = {"state": state, "exitCode": exit_code}
+        # With the last seq: a reopened spool whose tail was damaged still
+        # knows how many records it held, and sends a "lost" record for each.
+        self.meta["final"] = {"state": state, "exitCode": exit_code, "lastSeq": self.last_seq}
         self._save_meta()
 
     def mark_final_delivered(self) -> None:
@@ -352,16 +440,15 @@ class Spool:
         recent = self._recent.read(from_seq, max_records, max_bytes)
         if recent is not None:
             return recent
-        for seq, payload in self._read_files(from_seq):
-            if out and (len(out) >= max_records or total + len(payload) > max_bytes):
-                break
-            out.append((seq, payload))
-            total += len(payload)
-            if len(out) >= max_records:
+        for first, frame in self._read_files(from_seq):
+            if first + frame.count <= from_seq:
+                continue
+            total, full = take(out, first, frame.records(), from_seq, max_records, max_bytes, total)
+            if full:
                 break
         return out
 
-    def _read_files(self, from_seq: int) -> Iterator[tuple[int, bytes]]:
+    def _read_files(self, from_seq: int) -> Iterator[tuple[int, Frame]]:
         cursor = self._cursor
         start_index = 0
         offset = 0
@@ -377,10 +464,10 @@ class Spool:
                 offset = 0
                 continue
             fd = seg.reader_fd()
-            for off, seq, payload, _nxt in scan(fd, offset, seg.size, self.warn, str(seg.path)):
-                self._cursor = (seg, off, seq)
-                if seq >= from_seq:
-                    yield seq, payload
+            for off, first, frame, _nxt in scan_frames(fd, offset, seg.size, self.warn, str(seg.path)):
+                # A read from `first` on starts at this frame.
+                self._cursor = (seg, off, first)
+                yield first, frame
             offset = 0
 
     # --- closing --------------------------------------------------------------
