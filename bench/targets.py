@@ -143,11 +143,11 @@ def judge(target: Target, fig: dict[str, Any] | None) -> str:
     return res
 
 
-def _with_unit(value: float, unit: str) -> str:
+def _with_unit(value: float, unit: str, goal: bool = False) -> str:
     if unit == "x":
         return f"{value:.2f}×"
-    if unit in ("ms", "MB/s", "bytes/line") and value == int(value) and value >= 1:
-        return f"{value:,.0f} {unit}"  # goals: "≤ 300 ms", not "≤ 300.00 ms"
+    if goal and value == int(value):
+        return f"{value:,.0f} {unit}"  # "≤ 300 ms", not "≤ 300.00 ms"
     return f"{format_value(value, unit)} {unit}"
 
 
@@ -174,7 +174,7 @@ def targets_table(figs: Sequence[dict[str, Any]]) -> str:
     for t in targets():
         fig = by_key.get(t.key)
         alt = by_key.get(t.alt) if t.alt else None
-        goal = ("≥ " if t.op == ">=" else "≤ ") + _with_unit(t.goal, t.unit)
+        goal = ("≥ " if t.op == ">=" else "≤ ") + _with_unit(t.goal, t.unit, goal=True)
         cells = [t.label, goal, _measured(t, fig, alt), judge(t, fig)]
         rows.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(rows)
