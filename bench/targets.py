@@ -207,4 +207,17 @@ def ci_figures(res: dict[str, Any]) -> list[tuple[str, float | None, str, str | 
             "ci.hub_up_ratio",
         ),
         ("CI step: lines / hub-down run time", div(lines, down), "lines/s", "ci.hub_down_rate"),
+        # a job that does not wait per step: `run --no-wait`, then `flush --wait` at its end
+        (
+            "CI step: `run --no-wait`, the step alone",
+            num("hub_up_no_wait_run_s"),
+            "s",
+            "ci.no_wait_run_s",
+        ),
+        (
+            "CI step: `run --no-wait` + `flush --wait` at the job's end",
+            num("hub_up_no_wait_s"),
+            "s",
+            "ci.no_wait_s",
+        ),
     ]
