@@ -40,6 +40,28 @@ SLOW_S = 1.0  # a warm-up slower than this: 3 timed requests instead of 7
 REST_REPS = 7
 
 
+def store_figures(store: str, label: str, slot: str, rows: int) -> list[tuple[str, str, str]]:
+    """(key, name, unit) of every figure the store scenario adds for one store and task."""
+    task = f"{label}, {rows:,}-line task"
+    out = [
+        (
+            f"append.{store}" if slot == "small" else f"append.{store}.{slot}",
+            f"{label} store.append ceiling (batches of 500, no network), loading the {rows:,}-line task",
+            "rows/s",
+        ),
+        (f"load_s.{store}.{slot}", f"{task}: load time (store_bench process, wall)", "s"),
+        (f"disk.{store}.{slot}", f"{task}: disk per line", "bytes/line"),
+    ]
+    for qid, qlabel, _, _ in QUERIES:
+        out.append(
+            (query_key(store, slot, qid, "store"), f"{task}: {qlabel} (Store interface)", "ms")
+        )
+        out.append((query_key(store, slot, qid, "rest"), f"{task}: {qlabel} (REST)", "ms"))
+    out.append((raw_key(store, slot, "iter"), f"{task}: raw download (store.iter_task)", "MB/s"))
+    out.append((raw_key(store, slot, "rest"), f"{task}: raw download (REST)", "MB/s"))
+    return out
+
+
 class StoreScenarios(Harness):
     def store_sizes(self) -> list[tuple[str, int]]:
         sizes = [("small", self.rows_small)]
@@ -50,7 +72,7 @@ class StoreScenarios(Harness):
     def scenario_store(self) -> None:
         for store, label in STORES:
             for slot, rows in self.store_sizes():
-                expected = self.store_figures(store, label, slot, rows)
+                expected = store_figures(store, label, slot, rows)
                 try:
                     with self.store_db(store) as db:
                         self.store_task(db, store, label, slot, rows)
@@ -73,35 +95,8 @@ class StoreScenarios(Harness):
             if not self.args.keep:  # the 10M file is gigabytes: free it now
                 shutil.rmtree(d, ignore_errors=True)
 
-    # -- the figures of one (store, size): name, unit, key ------------------------
-    def store_figures(
-        self, store: str, label: str, slot: str, rows: int
-    ) -> list[tuple[str, str, str]]:
-        task = f"{label}, {rows:,}-line task"
-        out = [
-            (
-                f"append.{store}" if slot == "small" else f"append.{store}.{slot}",
-                f"{label} store.append ceiling (batches of 500, no network), loading the {rows:,}-line task",
-                "rows/s",
-            ),
-            (f"load_s.{store}.{slot}", f"{task}: load time (store_bench process, wall)", "s"),
-            (f"disk.{store}.{slot}", f"{task}: disk per line", "bytes/line"),
-        ]
-        for qid, qlabel, _, _ in QUERIES:
-            out.append(
-                (query_key(store, slot, qid, "store"), f"{task}: {qlabel} (Store interface)", "ms")
-            )
-            out.append((query_key(store, slot, qid, "rest"), f"{task}: {qlabel} (REST)", "ms"))
-        out.append(
-            (raw_key(store, slot, "iter"), f"{task}: raw download (store.iter_task)", "MB/s")
-        )
-        out.append((raw_key(store, slot, "rest"), f"{task}: raw download (REST)", "MB/s"))
-        return out
-
     def store_task(self, db: str, store: str, label: str, slot: str, rows: int) -> None:
-        names = {
-            key: (name, unit) for key, name, unit in self.store_figures(store, label, slot, rows)
-        }
+        names = {key: (name, unit) for key, name, unit in store_figures(store, label, slot, rows)}
 
         def add(
             key: str, value: float | None, params: dict[str, Any], missing: str | None = None

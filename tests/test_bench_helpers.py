@@ -154,3 +154,20 @@ def test_ci_figures_from_ci_step_json() -> None:
     assert round(figs["ci.hub_down_rate"] or 0) == round(1_500_000 / 1.1)
     empty = targets.ci_figures({"bare_s": 0, "lines": True})
     assert all(value is None for _, value, _, key in empty if key != "ci.bare_s")
+
+
+def test_every_target_reads_a_figure_the_bench_makes() -> None:
+    import stores
+
+    made = {key for _, _, _, key in targets.ci_figures({})}
+    for store, label in targets.STORES:
+        for slot, rows in targets.SLOTS.items():
+            made |= {key for key, _, _ in stores.store_figures(store, label, slot, rows)}
+    # the keys run.py gives its figures (e2e, latency, fan-out)
+    run_py = (Path(__file__).resolve().parent.parent / "bench" / "run.py").read_text()
+    for key in ("e2e.{store}", "e2e.ratio.{store}", "lat.{who}.p{q}", "fanout.ratio.{viewers}"):
+        assert f'key=f"{key}"' in run_py
+    made |= {f"e2e.{s}" for s, _ in targets.STORES} | {f"e2e.ratio.{s}" for s, _ in targets.STORES}
+    made |= {"lat.keruta.p50", "lat.keruta.p99", "fanout.ratio.10", "fanout.ratio.100"}
+    assert {t.key for t in targets.targets()} <= made
+    assert {t.alt for t in targets.targets() if t.alt} <= made
