@@ -130,7 +130,8 @@ def targets() -> list[Target]:
 
 
 def judge(target: Target, fig: dict[str, Any] | None) -> str:
-    """pass / FAIL / not measured (why); an asterisk when measured on another task size."""
+    """pass / FAIL / not measured (why); an asterisk when measured on another task size;
+    FAIL whenever the figure's delivery check found lines lost, doubled or cut."""
     if fig is None:
         return "not measured"
     value = fig.get("value")
@@ -138,6 +139,9 @@ def judge(target: Target, fig: dict[str, Any] | None) -> str:
         return "not measured: " + str(fig.get("missing", "?"))
     ok = value >= target.goal if target.op == ">=" else value <= target.goal
     res = "pass" if ok else "FAIL"
+    delivery = fig.get("parameters", {}).get("delivery", "ok")
+    if delivery != "ok":  # lost, doubled or cut lines: not a pass, whatever the speed
+        res = f"FAIL ({delivery})"
     if target.rows is not None and fig.get("parameters", {}).get("rows") != target.rows:
         res += "*"
     return res

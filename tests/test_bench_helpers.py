@@ -171,3 +171,10 @@ def test_every_target_reads_a_figure_the_bench_makes() -> None:
     made |= {"lat.keruta.p50", "lat.keruta.p99", "fanout.ratio.10", "fanout.ratio.100"}
     assert {t.key for t in targets.targets()} <= made
     assert {t.alt for t in targets.targets() if t.alt} <= made
+
+
+def test_a_figure_with_lost_or_cut_lines_never_passes() -> None:
+    t = next(t for t in targets.targets() if t.key == "e2e.sqlite")
+    fast = _fig("e2e.sqlite", 200_000, "lines/s", delivery="1/1 viewers short, lost 5 lines")
+    assert targets.judge(t, fast) == "FAIL (1/1 viewers short, lost 5 lines)"
+    assert targets.judge(t, _fig("e2e.sqlite", 200_000, "lines/s", delivery="ok")) == "pass"
