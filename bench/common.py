@@ -68,8 +68,10 @@ def figure(
     date: str = "",
     commit: str = "",
     extra: dict[str, Any] | None = None,
+    key: str | None = None,
 ) -> dict[str, Any]:
-    """One measured figure; value None means missing, and `missing` says why."""
+    """One measured figure; value None means missing, and `missing` says why.
+    `key` names it for the targets table (bench/targets.py)."""
     fig: dict[str, Any] = {
         "name": name,
         "value": value,
@@ -82,6 +84,8 @@ def figure(
         fig["missing"] = missing or "not measured"
     if extra:
         fig["extra"] = extra
+    if key:
+        fig["key"] = key
     return fig
 
 
@@ -96,8 +100,10 @@ def format_value(value: float | None, unit: str) -> str:
         return f"{value:,.0f}"
     if unit == "x":
         return f"{value:.2f}x"
-    if unit == "MiB":
+    if unit in ("MiB", "MB/s", "bytes/line"):
         return f"{value:.1f}"
+    if unit == "s":
+        return f"{value:.2f}"
     if unit == "ms":
         return f"{value:.2f}" if value < 100 else f"{value:,.0f}"
     return f"{value:g}"

@@ -68,6 +68,8 @@ class Harness:
             self.websocketd = shutil.which("websocketd")
         self.pg_dsn = args.pg_dsn or os.environ.get("KERUTA_TEST_PG_DSN")
         self.env = clean_env()
+        self.rows_small = args.rows if args.rows is not None else self.size("query_rows")
+        self.rows_big = args.big_rows if args.big_rows is not None else self.size("big_rows")
 
     def size(self, key: str) -> int:
         quick, full = SIZES[key]
@@ -307,7 +309,12 @@ class Harness:
         }
 
     def add_rate(
-        self, name: str, res: dict[str, Any], params: dict[str, Any], hub: bool = False
+        self,
+        name: str,
+        res: dict[str, Any],
+        params: dict[str, Any],
+        hub: bool = False,
+        key: str | None = None,
     ) -> float | None:
         value = median([r.get("rate") for r in res["reps"]])
         p = dict(params, **delivery(res))
@@ -321,5 +328,5 @@ class Harness:
         missing = res.get("error") or (
             "no rate (too few lines received)" if value is None else None
         )
-        self.add(name, value, "lines/s", p, missing=missing)
+        self.add(name, value, "lines/s", p, missing=missing, key=key)
         return value

@@ -23,6 +23,8 @@ PRODUCER = str(HERE / "producer.py")
 VIEWER = str(HERE / "viewer.py")
 INGEST = str(HERE / "ingest.py")
 STORE_BENCH = str(HERE / "store_bench.py")
+STORE_QUERY = str(HERE / "store_query.py")
+CI_STEP = HERE / "ci_step.py"  # written separately; the "ci" scenario runs it when present
 
 SIZES = {
     # name: (quick, full)
@@ -33,9 +35,12 @@ SIZES = {
     "agent_mem_lines": (500_000, 2_000_000),
     "stall_lines": (100_000, 200_000),
     "ingest_lines": (50_000, 100_000),
-    "query_rows": (200_000, 1_000_000),
+    # the store scenario's tasks: issue 17's 1,000,000 and 10,000,000 lines (0: none)
+    "query_rows": (1_000_000, 1_000_000),
+    "big_rows": (0, 10_000_000),
+    "ci_lines": (1_000_000, 1_000_000),  # passed to ci_step.py when it takes --lines
 }
-SCENARIOS = ["e2e", "fanout", "latency", "memory", "ingest", "store"]
+SCENARIOS = ["e2e", "fanout", "latency", "memory", "ingest", "store", "ci"]
 
 
 class Missing(Exception):
@@ -66,13 +71,14 @@ def summarize(results: list[dict[str, Any]], lines: int) -> dict[str, Any]:
     }
 
 
-def query_list(rows: int) -> list[tuple[str, str]]:
+def query_paths(rows: int) -> list[tuple[str, str]]:
+    """The REST requests of targets.QUERIES (the same ids), on a task of `rows` lines."""
     return [
-        ("page by afterSeq (middle), 100 rows", f"/logs?afterSeq={rows // 2}&size=100"),
-        ("first page level=ERROR", "/logs?level=ERROR&size=100"),
-        ("first page source=stderr", "/logs?source=stderr&size=100"),
+        ("after_seq", f"/logs?afterSeq={rows // 2}&size=100"),
+        ("level", "/logs?level=ERROR&size=100"),
+        ("source", "/logs?source=stderr&size=100"),
         ("stats", "/logs/stats"),
-        ("q (rare term), first page", "/logs?q=needle&size=100"),
+        ("q", "/logs?q=needle&size=100"),
     ]
 
 

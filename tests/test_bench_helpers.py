@@ -85,3 +85,96 @@ def test_figure_json_and_table() -> None:
 def test_table_cells_cannot_break_columns() -> None:
     table = common.format_table([common.figure("a|b", 1.0, "MiB", {"k": "x|y"})])
     assert table.splitlines()[-1] == "| a/b | 1.0 | MiB | k=x/y |"
+
+
+import targets  # noqa: E402
+
+
+def _fig(key: str, value: float | None, unit: str, **params: object) -> dict[str, object]:
+    return common.figure(
+        key, value, unit, dict(params), missing="why" if value is None else None, key=key
+    )
+
+
+def _row(table: str, label: str) -> list[str]:
+    (line,) = [r for r in table.splitlines() if r.startswith(f"| {label} |")]
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_every_issue_17_target_has_one_row() -> None:
+    keys = [t.key for t in targets.targets()]
+    assert len(keys) == len(set(keys))
+    # 5 append/e2e, 2 disk, 2 latency, 2 sizes x 2 stores x (5 queries + raw), 2 CI, 2 fan-out
+    assert len(keys) == 5 + 2 + 2 + 24 + 2 + 2
+    table = targets.targets_table([])
+    assert table.count("| not measured |") == len(keys)
+
+
+def test_targets_table_judges_direction_size_and_missing() -> None:
+    figs = [
+        _fig("append.sqlite", 600_000, "rows/s"),
+        _fig("append.pg", 15_600, "rows/s"),
+        _fig("disk.sqlite.small", 24.5, "bytes/line", rows=1_000_000),
+        _fig("disk.pg.small", 20.0, "bytes/line", rows=200_000),
+        _fig(targets.query_key("sqlite", "small", "q", "store"), 301.0, "ms", rows=1_000_000),
+        _fig(targets.query_key("sqlite", "small", "q", "rest"), 250.0, "ms", rows=1_000_000),
+        _fig("e2e.pg", None, "lines/s"),
+        _fig("ci.hub_down_ratio", 1.2, "x"),
+    ]
+    table = targets.targets_table(figs)
+    assert _row(table, "store.append alone, SQLite")[1:] == [
+        "≥ 500,000 rows/s",
+        "600,000 rows/s",
+        "pass",
+    ]
+    assert _row(table, "store.append alone, PostgreSQL")[3] == "FAIL"
+    assert _row(table, "disk per 80-byte line, SQLite")[2:] == ["24.5 bytes/line", "pass"]
+    # measured on another size than the target's: shown, and marked
+    assert _row(table, "disk per 80-byte line, PostgreSQL")[2:] == [
+        "20.0 bytes/line (on 200,000 lines)",
+        "pass*",
+    ]
+    q = _row(table, "SQLite, 1M-line task: q for a rare term (needle), first page")
+    assert q[1:] == ["≤ 300 ms", "301 ms (REST: 250 ms)", "FAIL"]
+    assert _row(table, "end to end, persisted, 1 viewer, PostgreSQL")[3] == "not measured: why"
+    # the goal itself passes (≤ 1.2x)
+    assert _row(table, targets.targets()[-4].label)[3] == "pass"
+
+
+def test_ci_figures_from_ci_step_json() -> None:
+    figs = {
+        key: value
+        for _, value, _, key in targets.ci_figures(
+            {"bare_s": 1.0, "hub_down_s": 1.1, "hub_up_s": 7.0, "lines": 1_500_000}
+        )
+    }
+    assert figs["ci.hub_down_ratio"] == 1.1
+    assert figs["ci.hub_up_bare_ratio"] == 7.0
+    assert figs["ci.hub_up_ratio"] == 7.0 / (1.0 + 10.0)
+    assert round(figs["ci.hub_down_rate"] or 0) == round(1_500_000 / 1.1)
+    empty = targets.ci_figures({"bare_s": 0, "lines": True})
+    assert all(value is None for _, value, _, key in empty if key != "ci.bare_s")
+
+
+def test_every_target_reads_a_figure_the_bench_makes() -> None:
+    import stores
+
+    made = {key for _, _, _, key in targets.ci_figures({})}
+    for store, label in targets.STORES:
+        for slot, rows in targets.SLOTS.items():
+            made |= {key for key, _, _ in stores.store_figures(store, label, slot, rows)}
+    # the keys run.py gives its figures (e2e, latency, fan-out)
+    run_py = (Path(__file__).resolve().parent.parent / "bench" / "run.py").read_text()
+    for key in ("e2e.{store}", "e2e.ratio.{store}", "lat.{who}.p{q}", "fanout.ratio.{viewers}"):
+        assert f'key=f"{key}"' in run_py
+    made |= {f"e2e.{s}" for s, _ in targets.STORES} | {f"e2e.ratio.{s}" for s, _ in targets.STORES}
+    made |= {"lat.keruta.p50", "lat.keruta.p99", "fanout.ratio.10", "fanout.ratio.100"}
+    assert {t.key for t in targets.targets()} <= made
+    assert {t.alt for t in targets.targets() if t.alt} <= made
+
+
+def test_a_figure_with_lost_or_cut_lines_never_passes() -> None:
+    t = next(t for t in targets.targets() if t.key == "e2e.sqlite")
+    fast = _fig("e2e.sqlite", 200_000, "lines/s", delivery="1/1 viewers short, lost 5 lines")
+    assert targets.judge(t, fast) == "FAIL (1/1 viewers short, lost 5 lines)"
+    assert targets.judge(t, _fig("e2e.sqlite", 200_000, "lines/s", delivery="ok")) == "pass"
