@@ -229,3 +229,21 @@ async def test_a_delete_before_a_time_inside_a_chunk_keeps_its_newer_records(sto
     assert stats.total_logs == 61 and stats.start == ts(42) and stats.end == ts(1001)
     assert await store.delete("t1", None) == 61
     assert (await store.query(LogQuery(task_id="t1"))).content == []
+
+
+def test_the_chunk_cache_is_bounded_in_bytes_and_never_serves_a_rewritten_chunk() -> None:
+    def line(seq: int, message: str) -> LogRecord:
+        return LogRecord("t", seq, ts(seq), "stdout", "INFO", message, id=record_id("t", seq))
+
+    cache = chunk.ChunkCache(chunks=64, max_bytes=300_000)
+    big = [chunk.encode([line(s, "m" * 100_000)]).values()[1:] for s in range(1, 11)]
+    first = cache.records("t", big[0])
+    assert cache.records("t", big[0]) is first  # kept while it fits
+    for row in big[1:]:
+        cache.records("t", row)
+    # Ten chunks of 100 kB do not fit in 300 kB: the first was decoded again.
+    assert cache.records("t", big[0]) is not first and cache.records("t", big[0]) == first
+    # A chunk rewritten by a delete holds fewer records under the same seq_last.
+    whole = [line(s, f"line {s}") for s in range(20, 25)]
+    assert cache.records("t", chunk.encode(whole).values()[1:]) == whole
+    assert cache.records("t", chunk.encode(whole[2:]).values()[1:]) == whole[2:]

@@ -220,9 +220,13 @@ class ChunkCache:
     may still roll back wrote. Shared by reader threads, hence the lock.
     """
 
-    def __init__(self, chunks: int = 64) -> None:
+    def __init__(self, chunks: int = 64, max_bytes: int = 16 * 1024 * 1024) -> None:
         self._chunks = chunks
-        self._items: OrderedDict[tuple[str, int, int, int], list[LogRecord]] = OrderedDict()
+        # About what the records hold (their messages, and a few hundred bytes
+        # of object each): a chunk of a few huge lines counts as what it is.
+        self._max_bytes = max_bytes
+        self._bytes = 0
+        self._items: OrderedDict[tuple[str, int, int, int], tuple[list[LogRecord], int]] = OrderedDict()
         self._lock = threading.Lock()
 
     def records(self, task_id: str, row: Sequence[Any]) -> list[LogRecord]:
@@ -232,10 +236,14 @@ class ChunkCache:
             hit = self._items.get(key)
             if hit is not None:
                 self._items.move_to_end(key)
-                return hit
+                return hit[0]
         records = decode(task_id, row[0], row[-1])
+        size = sum(len(r.message) for r in records) + 300 * len(records)
         with self._lock:
-            self._items[key] = records
-            while len(self._items) > self._chunks:
-                self._items.popitem(last=False)
+            if key not in self._items:
+                self._items[key] = (records, size)
+                self._bytes += size
+            while self._items and (len(self._items) > self._chunks or self._bytes > self._max_bytes):
+                _, (_, gone) = self._items.popitem(last=False)
+                self._bytes -= gone
         return records
