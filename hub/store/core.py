@@ -40,6 +40,10 @@ STATUS_NOTICE = -1
 # skip them, whole chunks when every one must be opened.
 _HEADS_PER_READ = 1000
 _CHUNKS_PER_READ = 16
+# A scan that reads on past the page (a text search's total, a raw
+# download) takes more per statement: each is a round trip, and on
+# PostgreSQL a pass through trio-asyncio (~64 compressed chunks: about 1 MB).
+_SCAN_CHUNKS_PER_READ = 64
 # Wanted seqs closer than this are read with one statement.
 _LOOKUP_SPAN = 4 * chunk.CHUNK_RECORDS
 
@@ -234,11 +238,12 @@ def _scan(d: Dialect, query: LogQuery, count_all: bool) -> Steps[tuple[list[LogR
     by_heads = query.q is None and query.start is None and query.end is None
     needle = orjson.dumps(query.q)[1:-1] if query.q else None
     low, high = query.start or TS_LOW, query.end or TS_HIGH
+    per_read = _SCAN_CHUNKS_PER_READ if count_all else _CHUNKS_PER_READ
     while True:
         if by_heads:
             rows = yield d.fetch(d.CHUNK_HEADS_AFTER, query.task_id, cursor, low, high, _HEADS_PER_READ)
         else:
-            rows = yield d.fetch(d.CHUNKS_AFTER, query.task_id, cursor, low, high, _CHUNKS_PER_READ)
+            rows = yield d.fetch(d.CHUNKS_AFTER, query.task_id, cursor, low, high, per_read)
         if not rows:
             return content, matched
         for row in rows:
@@ -265,7 +270,7 @@ def _scan(d: Dialect, query: LogQuery, count_all: bool) -> Steps[tuple[list[LogR
                 continue
             content += hits[skip : skip + query.size - len(content)]
             skip = 0
-        if len(rows) < (_HEADS_PER_READ if by_heads else _CHUNKS_PER_READ):
+        if len(rows) < (_HEADS_PER_READ if by_heads else per_read):
             return content, matched
         if len(content) >= query.size and not count_all:
             return content, matched
@@ -327,7 +332,7 @@ def read_range(
 def raw_after(d: Dialect, task_id: str, after_seq: int) -> Steps[tuple[str, int]]:
     """The raw text of the next few chunks after `after_seq`, and the last
     seq they hold (`after_seq`: none left)."""
-    rows = yield d.fetch(d.CHUNKS_BETWEEN, task_id, after_seq, SEQ_MAX, _CHUNKS_PER_READ)
+    rows = yield d.fetch(d.CHUNKS_BETWEEN, task_id, after_seq, SEQ_MAX, _SCAN_CHUNKS_PER_READ)
     return "".join(chunk.raw_text(row[6]) for row in rows), (rows[-1][1] if rows else after_seq)
 
 
