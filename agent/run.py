@@ -44,7 +44,8 @@ from agent.pipeline.capture import Mirror, capture
 from agent.pipeline.limiter import limit
 from agent.pipeline.messages import AgentLine, CaptureMessage, Finished, SpooledMessage, Started
 from agent.pipeline.recorder import Recorder, record
-from agent.spool import Spool, SpoolLocked
+from agent.spool.lock import SpoolLocked
+from agent.spool.spool import Spool
 from keruta.limits import DEFAULT_LIMITS, Limits
 from keruta.masking import Masker
 
@@ -421,7 +422,7 @@ class Delivery:
                         self.uplink.records_available(message.last_seq)
 
     async def _deliver(self, uplink: Uplink) -> None:
-        from agent.pipeline.uplink import UplinkFailed
+        from agent.link.failures import UplinkFailed
 
         try:
             await uplink.run()

@@ -18,12 +18,14 @@ import orjson
 import pytest
 
 from hub.actors import broadcaster
-from hub.actors.broadcaster import Broadcaster, Outgoing, Subscription
+from hub.actors.broadcaster import Broadcaster
 from hub.store.base import _ID_NAMESPACE, record_id
+from hub.ws.subscription import Outgoing, Subscription
 from keruta import wire
+from keruta.frames import FrameError, LogsFrame
 from keruta.limits import DEFAULT_LIMITS, Limits
 from keruta.records import LogRecord
-from keruta.wire import FrameError, LogsFrame, decode_client_frame, dumps, logs_frame_text
+from keruta.wire import decode_client_frame, dumps, logs_frame_text
 
 VALUES: list[Any] = [
     None, 0, 1, -1, 2**53 - 1, 2**53, 2**63, 1.5, True, False, "", "x", "t1", "..", "INFO", "stdout",

@@ -23,8 +23,9 @@ from hub.ws.subscription import (
     check_subscribe,
     slow_consumer_frames,
 )
+from keruta.frames import FrameError, SubscribeFrame
 from keruta.records import LogRecord, TaskInfo
-from keruta.wire import FrameError, SubscribeFrame, decode_client_frame
+from keruta.wire import decode_client_frame
 
 
 def _records(seqs: range, task: str = "t1") -> list[LogRecord]:

@@ -30,9 +30,11 @@ import collections
 import attrs
 
 from agent.link.batcher import Batcher, Send
-from agent.link.frames import fit_frame, logs_frame
+from agent.link.frames import fit_frame
+from keruta.frames import AckFrame, ErrorFrame, HubFrame, StatusFrame
 from keruta.limits import DEFAULT_LIMITS, Limits
-from keruta.wire import AckFrame, ErrorFrame, HubFrame, StatusFrame, encode_bytes
+from keruta.recordjson import logs_frame
+from keruta.wire import encode_bytes
 
 # Room for the frame's envelope around the records, when reading the spool;
 # the frame itself is measured before it is sent (fit_frame).
