@@ -3,7 +3,7 @@
     ┌ task nursery ──────────────────────────────────────────────────────────────────┐
     │ ┌ pipeline nursery ───────────────────────┐                                    │
     │ │ capture stdout ─┐                        │                                    │
-    │ │ capture stderr ─┼─LineBatch─► recorder ──┼─RecordBatch─► limiter ─RecordBatch─► uplink
+    │ │ capture stderr ─┼─LineBatch─► recorder ──┼─RecordBatch─► throttle ─RecordBatch► uplink
     │ │ run (Started,  ─┘             (spool)    │                        (protocol +  │
     │ │  AgentLine, Finished)                    │                         sessions)   │
     │ └──────────────────────────────────────────┘                                    │
@@ -41,9 +41,9 @@ import trio
 
 from agent import process
 from agent.pipeline.capture import Mirror, capture
-from agent.pipeline.limiter import limit
 from agent.pipeline.messages import AgentLine, CaptureMessage, Finished, SpooledMessage, Started
 from agent.pipeline.recorder import Recorder, record
+from agent.pipeline.throttle import limit
 from agent.spool.lock import SpoolLocked
 from agent.spool.spool import Spool
 from keruta.limits import DEFAULT_LIMITS, Limits

@@ -8,7 +8,7 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.link.frames import fill_gaps
+from agent.link.framing import fill_gaps
 from agent.pipeline.capture import LineNumbering
 from agent.pipeline.encoding import LineEncoder, LineRun
 from agent.pipeline.linesplit import Block, Line

@@ -6,7 +6,7 @@ import attrs
 import orjson
 import pytest
 
-from agent.link.frames import fill_gaps
+from agent.link.framing import fill_gaps
 from agent.link.protocol import Delivered, HubRefused, ReadRecords, SendFrame, UplinkProtocol, Wait
 from keruta.frames import AckFrame, ErrorFrame, StatusFrame
 from keruta.limits import DEFAULT_LIMITS

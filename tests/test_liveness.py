@@ -29,17 +29,17 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 
 from agent.http import system_tls
 from agent.link.failures import UplinkFailed
-from agent.link.frames import fit_frame
+from agent.link.framing import fit_frame
 from agent.pipeline.uplink import Uplink, UplinkSettings
 from agent.spool.spool import Spool
 from agent.tail import TailSettings, tail
 from hub.actors.broadcaster import Broadcaster
 from hub.actors.writer import Writer, WriteRequest, write_within
-from hub.limiters import Limiters
 from hub.metrics import Metrics
 from hub.store.base import AppendResult, Incoming, LogQuery, StoreUnavailable
 from hub.store.pg_errors import transient as _transient
 from hub.store.sqlite import SQLiteStore
+from hub.task_rate_limits import Limiters
 from keruta.recordjson import encode_line, logs_frame
 from keruta.timefmt import now_ts
 from tests import hubclient, pgpool

@@ -13,7 +13,7 @@ import pytest
 from hub.actors.broadcaster import Broadcaster
 from hub.actors.writer import Refusal, WriteOutcome
 from hub.ws.acks import Replies
-from hub.ws.frames import FRAME_RECORDS
+from hub.ws.subscriber_frames import FRAME_RECORDS
 from hub.ws.subscription import (
     READ_DURABLE,
     Outgoing,

@@ -30,7 +30,7 @@ import collections
 import attrs
 
 from agent.link.batcher import Batcher, Send
-from agent.link.frames import fit_frame
+from agent.link.framing import fit_frame
 from keruta.frames import AckFrame, ErrorFrame, HubFrame, StatusFrame
 from keruta.limits import DEFAULT_LIMITS, Limits
 from keruta.recordjson import logs_frame

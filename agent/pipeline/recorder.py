@@ -3,11 +3,12 @@
 It owns the receive end of the capture channel (both capture actors and the
 run itself hold its send ends). Each LineBatch is encoded and appended to the
 spool in one step, so seq order is spool order is send order; what it wrote
-goes on as a RecordBatch (a seq range) to the rate limiter. When every send
-end is closed it has drained the channel, and it closes its own output.
+goes on as a RecordBatch (a seq range) to the throttle (the rate limiter).
+When every send end is closed it has drained the channel, and it closes its
+own output.
 
 The actors downstream never wait on the hub while a message is offered to
-them (the limiter waits on the clock with its input still open, the uplink's
+them (the throttle waits on the clock with its input still open, the uplink's
 input loop only updates counters), so the command only ever waits on this
 actor, that is, on the local spool.
 """

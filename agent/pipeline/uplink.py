@@ -25,7 +25,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_
 
 from agent.hubaddr import auth_headers, ws_url
 from agent.link.failures import UplinkFailed, describe, first_permanent, is_transient
-from agent.link.frames import fill_gaps
+from agent.link.framing import fill_gaps
 from agent.link.protocol import (
     Delivered,
     HubRefused,

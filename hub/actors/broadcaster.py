@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from hub.ws.frames import encode_chunks, status_payload
+from hub.ws.subscriber_frames import encode_chunks, status_payload
 from hub.ws.subscription import Subscription
 from keruta.records import LogRecord, TaskInfo
 
