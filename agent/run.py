@@ -349,8 +349,8 @@ class SignalRouter:
 class Delivery:
     """The uplink of a run, loaded once the command runs.
 
-    Its modules (WebSocket, the wire's codec) were a third of the agent's
-    start-up, time by which every command was held back: they are imported
+    Its modules (WebSocket, the wire's codec) are a large part of the agent's
+    start-up, time by which every command would be held back: they are imported
     in a worker thread while the command already writes, and what the
     pipeline offers the uplink meanwhile (records spooled, the final state)
     is kept and handed over. The uplink never ends the run: the command goes

@@ -34,7 +34,7 @@ class Mirror:
     To a pipe or a terminal the write happens in a worker thread: our stdout
     may be slow, and making fd 1 non-blocking would change it for everyone
     sharing it. A regular file or /dev/null cannot hold us up, and is written
-    directly: a thread hop per read was a tenth of the agent's CPU.
+    directly: a thread hop per read would cost more than the write.
     """
 
     def __init__(self, fd: int, say: Callable[[str], None]) -> None:
