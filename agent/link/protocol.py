@@ -125,7 +125,6 @@ class UplinkProtocol:
         self.status_sent = False
         self.confirmed = False
         self.delivered = False
-        self.frames_sent = 0
         self.max_payload = limits.max_frame_bytes - FRAME_OVERHEAD
 
     # --- what happened -------------------------------------------------------
@@ -253,5 +252,4 @@ class UplinkProtocol:
         self.cursor = last + 1
         self.in_flight.append((last, nbytes))
         self.batcher.sent(min(covered, self.batcher.pending), now, nbytes)
-        self.frames_sent += 1
         return frame

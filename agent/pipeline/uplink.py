@@ -102,10 +102,6 @@ class Uplink:
         self._failing_since: float | None = None
         self._last_complaint: float | None = None
 
-    @property
-    def frames_sent(self) -> int:
-        return self.protocol.frames_sent
-
     # --- input -----------------------------------------------------------------
 
     async def consume(self, inbox: trio.MemoryReceiveChannel[SpooledMessage]) -> None:
