@@ -15,7 +15,7 @@ from pathlib import Path
 import trio
 
 from agent.hubaddr import BadHubUrl, http_base
-from agent.spool import default_root
+from agent.spool.root import default_root
 from keruta.levels import LEVELS
 from keruta.limits import MAX_SEQ
 from keruta.records import SOURCES, TASK_ID_RULE, valid_task_id

@@ -24,9 +24,12 @@ from pathlib import Path
 import attrs
 import trio
 
-from agent.pipeline.capture import Recorder
-from agent.pipeline.uplink import Uplink, UplinkFailed, UplinkSettings, describe
-from agent.spool import Spool, SpoolLocked, spooled_tasks
+from agent.link.failures import UplinkFailed, describe
+from agent.pipeline.recorder import Recorder
+from agent.pipeline.uplink import Uplink, UplinkSettings
+from agent.spool.lock import SpoolLocked
+from agent.spool.root import spooled_tasks
+from agent.spool.spool import Spool
 from keruta.backoff import Backoff
 from keruta.supervisor import GaveUp
 

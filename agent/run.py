@@ -3,7 +3,7 @@
     ┌ task nursery ──────────────────────────────────────────────────────────────────┐
     │ ┌ pipeline nursery ───────────────────────┐                                    │
     │ │ capture stdout ─┐                        │                                    │
-    │ │ capture stderr ─┼─LineBatch─► recorder ──┼─RecordBatch─► limiter ─RecordBatch─► uplink
+    │ │ capture stderr ─┼─LineBatch─► recorder ──┼─RecordBatch─► throttle ─RecordBatch► uplink
     │ │ run (Started,  ─┘             (spool)    │                        (protocol +  │
     │ │  AgentLine, Finished)                    │                         sessions)   │
     │ └──────────────────────────────────────────┘                                    │
@@ -41,10 +41,11 @@ import trio
 
 from agent import process
 from agent.pipeline.capture import Mirror, capture
-from agent.pipeline.limiter import limit
 from agent.pipeline.messages import AgentLine, CaptureMessage, Finished, SpooledMessage, Started
 from agent.pipeline.recorder import Recorder, record
-from agent.spool import Spool, SpoolLocked
+from agent.pipeline.throttle import limit
+from agent.spool.lock import SpoolLocked
+from agent.spool.spool import Spool
 from keruta.limits import DEFAULT_LIMITS, Limits
 from keruta.masking import Masker
 
@@ -348,8 +349,8 @@ class SignalRouter:
 class Delivery:
     """The uplink of a run, loaded once the command runs.
 
-    Its modules (WebSocket, the wire's codec) were a third of the agent's
-    start-up, time by which every command was held back: they are imported
+    Its modules (WebSocket, the wire's codec) are a large part of the agent's
+    start-up, time by which every command would be held back: they are imported
     in a worker thread while the command already writes, and what the
     pipeline offers the uplink meanwhile (records spooled, the final state)
     is kept and handed over. The uplink never ends the run: the command goes
@@ -421,7 +422,7 @@ class Delivery:
                         self.uplink.records_available(message.last_seq)
 
     async def _deliver(self, uplink: Uplink) -> None:
-        from agent.pipeline.uplink import UplinkFailed
+        from agent.link.failures import UplinkFailed
 
         try:
             await uplink.run()

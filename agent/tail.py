@@ -24,18 +24,10 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError,
 from agent import http
 from agent.hubaddr import auth_headers, http_base, ws_url
 from keruta.backoff import Backoff
+from keruta.frames import ErrorFrame, FrameError, LogsFrame, StatusFrame, SubscribeFrame
 from keruta.records import FINAL_STATES, LogRecord
 from keruta.retry import Failures, retry
-from keruta.wire import (
-    ErrorFrame,
-    FrameError,
-    LogsFrame,
-    StatusFrame,
-    SubscribeFrame,
-    decode_hub_frame,
-    encode_bytes,
-    records_from_wire,
-)
+from keruta.wire import decode_hub_frame, encode_bytes, records_from_wire
 
 PAGE_SIZE = 1000
 MAX_MESSAGE = 64 * 1024 * 1024

@@ -21,7 +21,7 @@ import uuid
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from hub.ingest import RowsFrame, decode_frame  # noqa: E402
-from hub.ws.frames import encode_chunks  # noqa: E402
+from hub.ws.subscriber_frames import encode_chunks  # noqa: E402
 from keruta.limits import DEFAULT_LIMITS  # noqa: E402
 from keruta.recordjson import LineEncoder, logs_frame  # noqa: E402
 from keruta.records import LogRecord  # noqa: E402

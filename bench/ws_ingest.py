@@ -19,9 +19,10 @@ import trio
 from trio_websocket import open_websocket_url
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from keruta.frames import AckFrame, LogsFrame
 from keruta.records import LogRecord  # noqa: E402
 from keruta.timefmt import now_ts  # noqa: E402
-from keruta.wire import AckFrame, LogsFrame, decode_hub_frame, dumps  # noqa: E402
+from keruta.wire import decode_hub_frame, dumps
 from tests.support import HubProcess  # noqa: E402
 
 

@@ -214,10 +214,10 @@ def tune_gc() -> None:
 
     A frame of 500 records allocates thousands of short-lived tracked objects
     (dicts, records, tuples) that refcounting frees, but at the default
-    threshold of 700 the collector ran several times per frame over the
-    records still in flight, promoted them, and rescanned them in the older
-    generations: about 13 % of the hub's CPU while ingesting. What is loaded
-    at start (modules, classes) is frozen out of every collection.
+    threshold of 700 the collector would run several times per frame over
+    the records still in flight, promote them, and rescan them in the older
+    generations: work that finds nothing to collect. What is loaded at start
+    (modules, classes) is frozen out of every collection.
     """
     gc.freeze()
     gc.set_threshold(10_000, 10, 10)

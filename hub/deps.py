@@ -24,7 +24,7 @@ class ConnectionDeps:
     writer_inbox: trio.MemorySendChannel[WriteRequest]
     broadcaster: Broadcaster
     metrics: Metrics
-    # The task's ingest rate limiter (hub/limiters.py Limiters.limiter).
+    # The task's ingest rate limiter (hub/task_rate_limits.py Limiters.limiter).
     limiter: Callable[[str], RateLimiter]
     # Set once when the hub starts its graceful shutdown.
     shutting_down: trio.Event

@@ -8,12 +8,13 @@ from typing import Any
 import attrs
 
 from hub.store.base import ANONYMOUS, Incoming
+from keruta.frames import FrameError, LogsFrame
 from keruta.levels import determine_level
 from keruta.limits import Limits
 from keruta.recordjson import read_records
 from keruta.records import LogRecord, LogRequest
 from keruta.timefmt import canonical_ts, now_ts
-from keruta.wire import FrameError, LogsFrame, client_frame, client_frame_data, logs_head
+from keruta.wire import client_frame, client_frame_data, logs_head
 
 
 @attrs.frozen

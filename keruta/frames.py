@@ -7,8 +7,7 @@ from typing import ClassVar
 import attrs
 
 from keruta.limits import INT32_MAX, INT32_MIN
-from keruta.records import (  # noqa: F401 - PRODUCER_RE re-exported for the wire
-    PRODUCER_RE,
+from keruta.records import (
     TASK_STATES,
     InvalidField,
     LogRecord,

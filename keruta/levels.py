@@ -15,8 +15,8 @@ _DEBUG = re.compile(r"\b(debug|trace)\b", re.IGNORECASE)
 # final letter ("\x1b[31mERROR" reads "mERROR"): each counts as a space.
 _ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|.)")
 
-# This runs once per captured line (three case-insensitive regexes were a
-# quarter of the agent's CPU). On ASCII text a level's pattern runs, without
+# This runs once per captured line, so a line with no level word must cost
+# next to nothing. On ASCII text a level's pattern runs, without
 # IGNORECASE, on the lowered text and only if one of its words is in it as a
 # substring (`in` is far cheaper than a regex failing). Lowering ASCII cannot
 # change what the patterns match (case does not change which characters are

@@ -99,8 +99,8 @@ def encode_line(
 
 class LineEncoder:
     """`encode_line` for the lines of one read, which share task, timestamp,
-    source and metadata: those parts are encoded once per read (per line,
-    building and dumping a dict was a sixth of the agent's CPU)."""
+    source and metadata: those parts are encoded once per read, not once per
+    line: this runs for every line the agent captures."""
 
     _LEVELS = {level: level.encode() for level in LEVELS}
 

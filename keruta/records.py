@@ -141,9 +141,9 @@ def _line_number(_inst: object, _attr: attrs.Attribute, value: object) -> None:
 
 
 # Not frozen, though nothing changes a record once built: a frozen attrs
-# class's __init__ sets each field through object.__setattr__, which made
-# building a record 4-6x dearer (3.9 vs 0.6 us here), and every line is built
-# at least once on the hub.
+# class's __init__ sets each field through object.__setattr__, which makes
+# building a record several times dearer, and every line is built at least
+# once on the hub.
 @attrs.define(slots=True, on_setattr=attrs.setters.NO_OP)
 class LogRecord:
     """One line. `id` is assigned by the hub; producers leave it None."""

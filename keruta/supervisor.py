@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from keruta.backoff import Backoff
-from keruta.retry import Failures, Retryable, is_retryable, retry
+from keruta.retry import Failures, Retryable, retry
 
 log = logging.getLogger("keruta.supervisor")
 
@@ -35,15 +35,6 @@ class GaveUp(Exception):
         self.last_error = last_error
 
 
-Recoverable = Retryable
-
-
-def is_recoverable(exc: BaseException, recoverable: Recoverable) -> bool:
-    """True if `exc`, or every leaf of an exception group, is recoverable
-    (see `keruta.retry.is_retryable`); cancellation never is."""
-    return is_retryable(exc, recoverable)
-
-
 async def supervise(
     actor: Callable[[], Awaitable[None]],
     *,
@@ -51,7 +42,7 @@ async def supervise(
     backoff: Backoff = Backoff(),
     max_restarts: int | None = 10,
     healthy_after: float = 30.0,
-    recoverable: Recoverable = RECOVERABLE,
+    recoverable: Retryable = RECOVERABLE,
     on_restart: Callable[[int, BaseException, float], None] | None = None,
     rng: random.Random | None = None,
 ) -> None:

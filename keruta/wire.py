@@ -1,6 +1,6 @@
 """The one JSON converter for the wire (camelCase): decoding and encoding frames.
 
-The frames themselves are in keruta/frames.py (re-exported here).
+The frames themselves are attrs classes in keruta/frames.py.
 
 Every inbound frame goes through `decode_client_frame`, which either returns a
 typed frame or raises `FrameError` whose message names the offending field.
@@ -18,25 +18,15 @@ import orjson
 from cattrs.errors import AttributeValidationNote, IterableValidationNote
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
-from keruta.frames import (  # noqa: F401 - re-exported: the wire module is where frames are met
+from keruta.frames import (
     CLIENT_FRAMES,
     HUB_FRAMES,
-    PRODUCER_RE,
-    AckFrame,
-    ErrorFrame,
     FrameError,
-    HubFrame,
     LogFrame,
     LogsFrame,
-    PingFrame,
-    PongFrame,
-    StatusFrame,
-    SubscribedFrame,
-    SubscribeFrame,
-    UnsubscribeFrame,
 )
 from keruta.limits import DEFAULT_LIMITS, Limits
-from keruta.recordjson import (  # noqa: F401 - check_record_limits re-exported
+from keruta.recordjson import (
     byte_length,
     check_record_limits,
     read_records,
@@ -45,6 +35,7 @@ from keruta.recordjson import (  # noqa: F401 - check_record_limits re-exported
     records_frame,
 )
 from keruta.records import (
+    PRODUCER_RE,
     InvalidField,
     LogRecord,
     LogRequest,

@@ -35,9 +35,10 @@ from trio_websocket import (
 )
 
 from agent.http import system_tls
+from keruta.frames import LogsFrame
 from keruta.records import LogRecord
 from keruta.timefmt import now_ts
-from keruta.wire import LogsFrame, decode_hub_frame, encode_bytes, record_to_wire
+from keruta.wire import decode_hub_frame, encode_bytes, record_to_wire
 from tests import pgpool
 from tests.inprocess import InProcessHub, InProcessHubFactory, in_process_hubs
 from tests.support import HubProcess, sqlite_url

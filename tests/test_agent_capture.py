@@ -8,16 +8,18 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.pipeline.capture import LineNumbering, Recorder, encode_line
-from agent.pipeline.encoding import LineRun
+from agent.link.framing import fill_gaps
+from agent.pipeline.capture import LineNumbering
+from agent.pipeline.encoding import LineEncoder, LineRun
 from agent.pipeline.linesplit import Block, Line
-from agent.pipeline.recorder import LineEncoder
-from agent.pipeline.uplink import fill_gaps, logs_frame
-from agent.spool import Spool
+from agent.pipeline.recorder import Recorder
+from agent.spool.spool import Spool
+from keruta.frames import LogsFrame
 from keruta.levels import determine_level
 from keruta.limits import DEFAULT_LIMITS
+from keruta.recordjson import encode_line, logs_frame
 from keruta.records import LogRecord
-from keruta.wire import LogsFrame, decode_client_frame, encode_bytes, record_to_wire
+from keruta.wire import decode_client_frame, encode_bytes, record_to_wire
 
 
 def encode_record(record: LogRecord) -> bytes:
@@ -31,12 +33,15 @@ def read_all(spool: Spool) -> list[dict]:
 
 def test_one_seq_counter_across_sources_and_line_numbers_per_source(tmp_path: Path) -> None:
     spool = Spool.open(tmp_path, "t")
-    written: list[int] = []
-    rec = Recorder(spool, "t", on_written=written.append, clock=lambda: 0.0)
+    spooled: list[int] = []
+    rec = Recorder(spool, "t", clock=lambda: 0.0)
     out, err = LineNumbering(), LineNumbering()
     rec.write("stdout", out.number([Line("a"), Line("b")]), "2026-01-01T00:00:00.000000Z")
+    spooled.append(spool.last_seq)
     rec.write("stderr", err.number([Line("error: x")]))
+    spooled.append(spool.last_seq)
     rec.write("stdout", out.number([Line("long-", True), Line("line")]))
+    spooled.append(spool.last_seq)
     records = read_all(spool)
     assert [r["seq"] for r in records] == [1, 2, 3, 4, 5]
     assert [(r["source"], r["lineNumber"]) for r in records] == [
@@ -48,7 +53,7 @@ def test_one_seq_counter_across_sources_and_line_numbers_per_source(tmp_path: Pa
     ]
     assert records[2]["level"] == "ERROR"
     assert records[3]["partial"] is True and "partial" not in records[4]
-    assert written == [2, 1, 2]
+    assert spooled == [2, 3, 5], "each write is in the spool when it returns"
     spool.close()
 
 

@@ -9,10 +9,10 @@ import orjson
 import trio
 import trio.testing
 
-from agent.pipeline.capture import Mirror, Recorder, capture
+from agent.pipeline.capture import Mirror, capture
 from agent.pipeline.messages import Started
-from agent.pipeline.recorder import record
-from agent.spool import Spool
+from agent.pipeline.recorder import Recorder, record
+from agent.spool.spool import Spool
 from keruta.masking import Masker
 
 

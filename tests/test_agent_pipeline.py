@@ -13,7 +13,7 @@ from agent.pipeline.capture import Mirror, capture
 from agent.pipeline.linesplit import each_line
 from agent.pipeline.messages import Finished, LineBatch, RecordBatch
 from agent.pipeline.uplink import Uplink, UplinkSettings
-from agent.spool import Spool
+from agent.spool.spool import Spool
 from keruta.masking import Masker
 
 

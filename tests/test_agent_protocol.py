@@ -6,11 +6,11 @@ import attrs
 import orjson
 import pytest
 
-from agent.link.frames import fill_gaps
+from agent.link.framing import fill_gaps
 from agent.link.protocol import Delivered, HubRefused, ReadRecords, SendFrame, UplinkProtocol, Wait
-from agent.pipeline.recorder import encode_line
+from keruta.frames import AckFrame, ErrorFrame, StatusFrame
 from keruta.limits import DEFAULT_LIMITS
-from keruta.wire import AckFrame, ErrorFrame, StatusFrame
+from keruta.recordjson import encode_line
 
 TS = "2026-01-01T00:00:00.000000Z"
 PRODUCER = "0b5f6a9e-0000-4000-8000-000000000001"

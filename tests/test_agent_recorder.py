@@ -10,7 +10,7 @@ import trio
 from agent.pipeline.linesplit import Line
 from agent.pipeline.messages import AgentLine, Finished, LineBatch, RecordBatch, Started
 from agent.pipeline.recorder import Recorder, record
-from agent.spool import Spool
+from agent.spool.spool import Spool
 
 TS = "2026-01-01T00:00:00.000000Z"
 

@@ -11,7 +11,10 @@ import pytest
 
 from agent.pipeline.encoding import LineRun
 from agent.pipeline.linesplit import Block
-from agent.spool import HEADER, Spool, SpoolLocked, encode_frame, spooled_tasks
+from agent.spool.lock import SpoolLocked
+from agent.spool.root import spooled_tasks
+from agent.spool.segment import HEADER, encode_frame
+from agent.spool.spool import Spool
 
 
 def payload(seq: int, size: int = 20) -> bytes:

@@ -13,8 +13,8 @@ from hub.actors.broadcaster import Broadcaster
 from hub.actors.writer import Refusal, WriteOutcome
 from hub.metrics import Metrics
 from hub.ws.acks import Replies
-from hub.ws.frames import FRAME_RECORDS
 from hub.ws.queues import WAKE, Outbox, WriteQueue
+from hub.ws.subscriber_frames import FRAME_RECORDS
 from hub.ws.subscription import Outgoing, Subscription
 from keruta.records import LogRecord, TaskInfo
 

@@ -1,7 +1,7 @@
 """The hub's hand-written hot paths agree with the general code they shortcut.
 
 Decoding a `logs` frame, encoding live frames and computing record ids each
-have a fast version (issue 8); these tests hold them to the slower, obvious
+have a fast version; these tests hold them to the slower, obvious
 one on many random inputs, errors included.
 """
 
@@ -17,13 +17,15 @@ import attrs
 import orjson
 import pytest
 
-from hub.actors import broadcaster
-from hub.actors.broadcaster import Broadcaster, Outgoing, Subscription
+from hub.actors.broadcaster import Broadcaster
 from hub.store.base import _ID_NAMESPACE, record_id
+from hub.ws import subscriber_frames
+from hub.ws.subscription import Outgoing, Subscription
 from keruta import wire
+from keruta.frames import FrameError, LogsFrame
 from keruta.limits import DEFAULT_LIMITS, Limits
 from keruta.records import LogRecord
-from keruta.wire import FrameError, LogsFrame, decode_client_frame, dumps, logs_frame_text
+from keruta.wire import decode_client_frame, dumps, logs_frame_text
 
 VALUES: list[Any] = [
     None, 0, 1, -1, 2**53 - 1, 2**53, 2**63, 1.5, True, False, "", "x", "t1", "..", "INFO", "stdout",
@@ -95,13 +97,13 @@ def test_live_frames_match_the_converter_and_split_the_same() -> None:
     messages = ["", "x", 'é\u2028\x00"\\', "\U0001f600" * 3, "y" * 5000, "\x01" * 40000]
 
     def general(records: list[LogRecord], through: int) -> Iterator[tuple[str, int]]:
-        # encode_chunks as it was: every record measured, the frame by the converter.
+        # encode_chunks the obvious way: every record measured, the frame by the converter.
         start = 0
         while start < len(records):
             end, size = start, 0
-            while end < len(records) and end - start < broadcaster.FRAME_RECORDS:
-                cost = broadcaster.encoded_size(records[end])
-                if end > start and size + cost > broadcaster.FRAME_BYTES:
+            while end < len(records) and end - start < subscriber_frames.FRAME_RECORDS:
+                cost = subscriber_frames.encoded_size(records[end])
+                if end > start and size + cost > subscriber_frames.FRAME_BYTES:
                     break
                 size += cost
                 end += 1
@@ -119,9 +121,9 @@ def test_live_frames_match_the_converter_and_split_the_same() -> None:
         ]
         assert logs_frame_text("t1", records) == dumps(LogsFrame("t1", records))
         many = records * rnd.randint(1, 10)
-        assert list(broadcaster.encode_chunks("t1", many, 10**6)) == list(general(many, 10**6))
+        assert list(subscriber_frames.encode_chunks("t1", many, 10**6)) == list(general(many, 10**6))
     small = [LogRecord("t1", i, "2026-11-28T12:00:00.000000Z", "stdout", "INFO", f"m{i}") for i in range(1, 1201)]
-    assert list(broadcaster.encode_chunks("t1", small, 1300)) == list(general(small, 1300))
+    assert list(subscriber_frames.encode_chunks("t1", small, 1300)) == list(general(small, 1300))
 
 
 def test_record_id_is_uuid5_of_task_and_seq() -> None:

@@ -16,7 +16,8 @@ import trio
 from trio_websocket import open_websocket_url
 
 from agent.http import system_tls
-from keruta.wire import LogsFrame, StatusFrame, SubscribeFrame, decode_hub_frame, dumps
+from keruta.frames import LogsFrame, StatusFrame, SubscribeFrame
+from keruta.wire import decode_hub_frame, dumps
 from tests import pgpool
 from tests.conftest import pg_dsn
 from tests.hubclient import TEST_DEADLINE

@@ -22,13 +22,13 @@ from hub.actors.writer import Writer, WriteRequest
 from hub.app import create_app
 from hub.config import HubConfig
 from hub.deps import ConnectionDeps
-from hub.limiters import Limiters
 from hub.metrics import Metrics
 from hub.routes import hooks, logs, ops, tasks, viewer, ws
 from hub.routes.access import Access
 from hub.routes.common import ApiError, int_param, time_param
 from hub.store.base import Listens, StoreUnavailable, record_id
 from hub.store.sqlite import SQLiteStore
+from hub.task_rate_limits import Limiters
 from keruta.limits import DEFAULT_LIMITS
 from tests.hubclient import logs_frame, make_record
 

@@ -16,11 +16,12 @@ import orjson
 import pytest
 import trio
 
-from agent.spool import Spool
+from agent.spool.spool import Spool
+from keruta.frames import FrameError, LogsFrame
 from keruta.limits import INT64_MAX, MAX_SEQ
 from keruta.records import valid_task_id
 from keruta.timefmt import UTC, canonical_ts, format_ts
-from keruta.wire import FrameError, LogsFrame, decode_client_frame
+from keruta.wire import decode_client_frame
 from tests import hubclient
 from tests.hubclient import TestHub, Ws, assert_error, fetch_all, logs_path, make_record
 from tests.support import python_m

@@ -11,11 +11,12 @@ import httpx
 import pytest
 import trio
 
-from hub.actors.broadcaster import Broadcaster, Outgoing, Subscription
+from hub.actors.broadcaster import Broadcaster
 from hub.actors.writer import StatusChange, WriteOutcome, Writer, WriteRequest, write_within
 from hub.metrics import Metrics
 from hub.store.base import Incoming
 from hub.store.sqlite import SQLiteStore
+from hub.ws.subscription import Outgoing, Subscription
 from keruta.timefmt import now_ts
 from tests import hubclient
 from tests.hubclient import (

@@ -28,17 +28,19 @@ import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from agent.http import system_tls
-from agent.pipeline.capture import encode_line
-from agent.pipeline.uplink import Uplink, UplinkFailed, UplinkSettings, fit_frame, logs_frame
-from agent.spool import Spool
+from agent.link.failures import UplinkFailed
+from agent.link.framing import fit_frame
+from agent.pipeline.uplink import Uplink, UplinkSettings
+from agent.spool.spool import Spool
 from agent.tail import TailSettings, tail
 from hub.actors.broadcaster import Broadcaster
 from hub.actors.writer import Writer, WriteRequest, write_within
-from hub.limiters import Limiters
 from hub.metrics import Metrics
 from hub.store.base import AppendResult, Incoming, LogQuery, StoreUnavailable
 from hub.store.pg_errors import transient as _transient
 from hub.store.sqlite import SQLiteStore
+from hub.task_rate_limits import Limiters
+from keruta.recordjson import encode_line, logs_frame
 from keruta.timefmt import now_ts
 from tests import hubclient, pgpool
 from tests.agentclient import free_port, run_agent
@@ -473,7 +475,6 @@ async def test_records_that_fill_a_frame_are_sent_in_frames_that_fit(
     said: list[str] = []
     uplink = Uplink(spool, UplinkSettings(hub_url=hub.url, task_id=task_id, batch_size=1000), say=said.append)
     uplink.finish("succeeded", 0)
-    uplink.records_written(1000)
     with trio.fail_after(60):
         await uplink.run()
     spool.close()
@@ -495,7 +496,6 @@ async def test_a_bug_in_the_uplink_ends_it_instead_of_looping(
 
     monkeypatch.setattr("agent.pipeline.uplink.fill_gaps", broken)
     uplink = Uplink(spool, UplinkSettings(hub_url=hub.url, task_id="t17bug"))
-    uplink.records_written(1)
     with trio.fail_after(30), pytest.raises(UplinkFailed) as failed:
         await uplink.run()
     assert failed.value.internal and "TypeError: a bug" in str(failed.value)

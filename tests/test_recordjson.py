@@ -21,12 +21,10 @@ from hypothesis import strategies as st
 from hub.ingest import RowsFrame, decode_frame, from_records
 from hub.store.base import Incoming
 from keruta import recordjson
+from keruta.frames import FrameError, LogFrame, LogsFrame
 from keruta.limits import DEFAULT_LIMITS, MAX_SEQ, Limits
 from keruta.records import KINDS, LogRecord, LogRequest
 from keruta.wire import (
-    FrameError,
-    LogFrame,
-    LogsFrame,
     client_frame_data,
     converter,
     decode_client_frame,

@@ -14,9 +14,10 @@ import attrs
 import pytest
 import trio
 
-from agent.spool import Spool
+from agent.spool.spool import Spool
 from hub.store.base import CONFLICT, DUPLICATE, GAP, INSERTED, Incoming, LogQuery
-from keruta.wire import LogsFrame, encode_bytes
+from keruta.frames import LogsFrame
+from keruta.wire import encode_bytes
 from tests import hubclient
 from tests.agentclient import PATIENCE, agent, run_args
 from tests.hubclient import TestHub, assert_error, fetch_all, logs_path, make_record

@@ -14,23 +14,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.link.frames import logs_frame
 from agent.pipeline.capture import LineNumbering
 from agent.pipeline.linesplit import Line
-from agent.pipeline.recorder import Recorder, encode_line
-from agent.spool import Spool
+from agent.pipeline.recorder import Recorder
+from agent.spool.spool import Spool
 from hub.store import sqlite_schema
 from hub.store.base import Incoming, LogQuery
 from hub.store.sqlite import SQLiteStore
+from keruta.frames import LogsFrame
 from keruta.limits import DEFAULT_LIMITS
+from keruta.recordjson import encode_line, logs_frame
 from keruta.records import KINDS, LogRecord
-from keruta.wire import (
-    LogsFrame,
-    decode_client_frame,
-    encode_bytes,
-    logs_frame_text,
-    record_to_wire,
-)
+from keruta.wire import decode_client_frame, encode_bytes, logs_frame_text, record_to_wire
 from tests import hubclient
 from tests.agentclient import agent, free_port, run_args
 

@@ -13,7 +13,7 @@ import pytest
 from hub.actors.broadcaster import Broadcaster
 from hub.actors.writer import Refusal, WriteOutcome
 from hub.ws.acks import Replies
-from hub.ws.frames import FRAME_RECORDS
+from hub.ws.subscriber_frames import FRAME_RECORDS
 from hub.ws.subscription import (
     READ_DURABLE,
     Outgoing,
@@ -23,8 +23,9 @@ from hub.ws.subscription import (
     check_subscribe,
     slow_consumer_frames,
 )
+from keruta.frames import FrameError, SubscribeFrame
 from keruta.records import LogRecord, TaskInfo
-from keruta.wire import FrameError, SubscribeFrame, decode_client_frame
+from keruta.wire import decode_client_frame
 
 
 def _records(seqs: range, task: str = "t1") -> list[LogRecord]:

@@ -5,7 +5,7 @@ import pytest
 import trio
 
 from keruta.backoff import Backoff
-from keruta.supervisor import GaveUp, is_recoverable, supervise
+from keruta.supervisor import GaveUp, supervise
 
 NO_JITTER = Backoff(initial=1.0, factor=2.0, cap=30.0, jitter=0.0)
 
@@ -171,11 +171,3 @@ async def test_cancellation_propagates(autojump_clock: trio.abc.Clock) -> None:
         await supervise(runs_forever, name="forever", recoverable=(BaseException,))
     assert scope.cancelled_caught
 
-
-def test_is_recoverable() -> None:
-    rec = (OSError,)
-    assert is_recoverable(ConnectionResetError(), rec)
-    assert not is_recoverable(ValueError(), rec)
-    assert is_recoverable(ExceptionGroup("g", [OSError(), ExceptionGroup("h", [OSError()])]), rec)
-    assert not is_recoverable(ExceptionGroup("g", [OSError(), ValueError()]), rec)
-    assert not is_recoverable(KeyboardInterrupt(), rec)

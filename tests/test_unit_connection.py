@@ -22,9 +22,9 @@ from hub.auth import Role
 from hub.config import HubConfig
 from hub.deps import ConnectionDeps
 from hub.hypercorn_patches import OVERSIZED
-from hub.limiters import Limiters
 from hub.metrics import Metrics
 from hub.store.sqlite import SQLiteStore
+from hub.task_rate_limits import Limiters
 from hub.ws.connection import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER, Connection
 from tests.hubclient import batch_frames, encode_record, logs_frame, make_record
 

@@ -10,7 +10,7 @@ import trio
 
 from agent.flush import FlushSettings, flush, flush_task
 from agent.pipeline.recorder import Recorder
-from agent.spool import Spool
+from agent.spool.spool import Spool
 from tests import hubclient
 from tests.agentclient import free_port
 from tests.hubclient import fetch_all

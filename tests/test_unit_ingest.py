@@ -7,9 +7,9 @@ import pytest
 
 from hub.ingest import from_records, from_requests
 from hub.store.base import Incoming
+from keruta.frames import FrameError
 from keruta.records import LogRecord, LogRequest
 from keruta.timefmt import parse_ts
-from keruta.wire import FrameError
 
 CANONICAL = "2026-03-04T05:06:07.123456Z"
 

@@ -12,7 +12,7 @@ import trio.testing
 from agent import run as agent_run
 from agent.pipeline.uplink import Uplink, UplinkSettings
 from agent.run import PIPE_GRACE, PipeGrace, SignalRouter, _drain
-from agent.spool import Spool
+from agent.spool.spool import Spool
 
 
 async def test_pipe_grace_cuts_quiet_pipes_grace_seconds_after_exit(autojump_clock: trio.testing.MockClock) -> None:

@@ -13,7 +13,7 @@ import trio
 import trio.testing
 
 from agent.pipeline.uplink import Uplink, UplinkSettings, _Session
-from agent.spool import Spool
+from agent.spool.spool import Spool
 
 
 class FakeHubSocket:

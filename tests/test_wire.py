@@ -3,9 +3,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from keruta.limits import MAX_SEQ, Limits
-from keruta.records import LogRecord
-from keruta.wire import (
+from keruta.frames import (
     AckFrame,
     ErrorFrame,
     FrameError,
@@ -17,11 +15,10 @@ from keruta.wire import (
     SubscribedFrame,
     SubscribeFrame,
     UnsubscribeFrame,
-    decode_client_frame,
-    decode_hub_frame,
-    dumps,
-    encode_bytes,
 )
+from keruta.limits import MAX_SEQ, Limits
+from keruta.records import LogRecord
+from keruta.wire import decode_client_frame, decode_hub_frame, dumps, encode_bytes
 
 SMALL = Limits(
     max_line_bytes=100,

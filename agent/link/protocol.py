@@ -30,9 +30,11 @@ import collections
 import attrs
 
 from agent.link.batcher import Batcher, Send
-from agent.link.frames import fit_frame, logs_frame
+from agent.link.framing import fit_frame
+from keruta.frames import AckFrame, ErrorFrame, HubFrame, StatusFrame
 from keruta.limits import DEFAULT_LIMITS, Limits
-from keruta.wire import AckFrame, ErrorFrame, HubFrame, StatusFrame, encode_bytes
+from keruta.recordjson import logs_frame
+from keruta.wire import encode_bytes
 
 # Room for the frame's envelope around the records, when reading the spool;
 # the frame itself is measured before it is sent (fit_frame).
@@ -123,7 +125,6 @@ class UplinkProtocol:
         self.status_sent = False
         self.confirmed = False
         self.delivered = False
-        self.frames_sent = 0
         self.max_payload = limits.max_frame_bytes - FRAME_OVERHEAD
 
     # --- what happened -------------------------------------------------------
@@ -251,5 +252,4 @@ class UplinkProtocol:
         self.cursor = last + 1
         self.in_flight.append((last, nbytes))
         self.batcher.sent(min(covered, self.batcher.pending), now, nbytes)
-        self.frames_sent += 1
         return frame

@@ -1,1 +1,1 @@
-"""The agent's pipeline of actors: capture -> recorder -> limiter -> uplink."""
+"""The agent's pipeline of actors: capture -> recorder -> throttle -> uplink."""

@@ -19,19 +19,13 @@ import trio
 
 from agent.pipeline.linesplit import Block, Line, LineSplitter
 from agent.pipeline.messages import CaptureMessage, LineBatch
-from agent.pipeline.recorder import Recorder, encode_line
 from keruta.limits import DEFAULT_LIMITS, Limits
 from keruta.masking import StreamMasker
 from keruta.timefmt import now_ts
 
-# Kept importable from here: tests and older callers know them as capture's.
-__all__ = ["Mirror", "Recorder", "capture", "encode_line", "LineNumbering"]
-
 # One read (and so one LineBatch, one spool write) at most: large enough that
 # the work per read is small beside the work per line.
 READ_SIZE = 256 * 1024
-
-Say = Callable[[str], None]
 
 
 class Mirror:
@@ -40,10 +34,10 @@ class Mirror:
     To a pipe or a terminal the write happens in a worker thread: our stdout
     may be slow, and making fd 1 non-blocking would change it for everyone
     sharing it. A regular file or /dev/null cannot hold us up, and is written
-    directly: a thread hop per read was a tenth of the agent's CPU.
+    directly: a thread hop per read would cost more than the write.
     """
 
-    def __init__(self, fd: int, say: Say) -> None:
+    def __init__(self, fd: int, say: Callable[[str], None]) -> None:
         self.fd = fd
         self.say = say
         self.broken = False

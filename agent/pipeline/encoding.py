@@ -16,10 +16,6 @@ import orjson
 from agent.pipeline.linesplit import Block
 from keruta import recordjson
 from keruta.levels import determine_level
-from keruta.recordjson import encode_line
-
-__all__ = ["LineEncoder", "LineRun", "encode_line"]
-
 
 # Bytes that a JSON string holds as they are (orjson escapes `"`, `\\` and
 # controls only), plus the `\n` that separates a Block's lines: what is left

@@ -1,6 +1,6 @@
 """What the agent's actors pass to one another: batches, never single lines.
 
-    capture ──LineBatch──► recorder ──RecordBatch──► limiter ──RecordBatch──► uplink
+    capture ──LineBatch──► recorder ──RecordBatch──► throttle ──RecordBatch──► uplink
                   (Finished follows the last batch down the whole pipeline)
 
 A RecordBatch names a run of consecutive seqs the spool now holds; the

@@ -3,11 +3,12 @@
 It owns the receive end of the capture channel (both capture actors and the
 run itself hold its send ends). Each LineBatch is encoded and appended to the
 spool in one step, so seq order is spool order is send order; what it wrote
-goes on as a RecordBatch (a seq range) to the rate limiter. When every send
-end is closed it has drained the channel, and it closes its own output.
+goes on as a RecordBatch (a seq range) to the throttle (the rate limiter).
+When every send end is closed it has drained the channel, and it closes its
+own output.
 
 The actors downstream never wait on the hub while a message is offered to
-them (the limiter waits on the clock with its input still open, the uplink's
+them (the throttle waits on the clock with its input still open, the uplink's
 input loop only updates counters), so the command only ever waits on this
 actor, that is, on the local spool.
 """
@@ -19,7 +20,7 @@ from typing import Any
 
 import trio
 
-from agent.pipeline.encoding import LineEncoder, LineRun, encode_line
+from agent.pipeline.encoding import LineEncoder, LineRun
 from agent.pipeline.gap import SPOOL_ERROR, SPOOL_FULL, Gap, text_bytes
 from agent.pipeline.linesplit import Block, Line, each_line
 from agent.pipeline.messages import (
@@ -31,13 +32,11 @@ from agent.pipeline.messages import (
     SpooledMessage,
     Started,
 )
-from agent.spool import Spool
+from agent.spool.spool import Spool
 from keruta.levels import determine_level
 from keruta.limits import INT64_MAX
+from keruta.recordjson import encode_line
 from keruta.timefmt import now_ts
-
-# Kept importable from here (tests, agent/link/frames.py).
-__all__ = ["LineEncoder", "Recorder", "encode_line", "record"]
 
 # How often the "spool full" warning repeats while lines are being dropped.
 FULL_WARNING_EVERY = 10.0
@@ -49,8 +48,6 @@ META_ROOM = 128
 # one line kept and a gap record.
 RESUME_SHARE = 16
 RESUME_ROOM_MAX = 1 << 20
-
-Say = Callable[[str], None]
 
 
 async def record(
@@ -97,13 +94,11 @@ class Recorder:
         task_id: str,
         *,
         metadata: dict[str, Any] | None = None,
-        on_written: Callable[[int], None] = lambda _n: None,
-        say: Say = lambda _m: None,
+        say: Callable[[str], None] = lambda _m: None,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
         self.spool = spool
         self.task_id = task_id
-        self.on_written = on_written
         self.say = say
         self.clock = clock
         self.next_seq = spool.last_seq + 1
@@ -255,7 +250,6 @@ class Recorder:
             return False
         count = sum(piece.count if isinstance(piece, LineRun) else 1 for piece in pieces)
         self.written += count
-        self.on_written(count)
         return True
 
     def _drop(self, source: str, items: list[tuple[Line | Block, int]], ts: str, reason: str) -> None:

@@ -25,9 +25,8 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_
 
 from agent.hubaddr import auth_headers, ws_url
 from agent.link.failures import UplinkFailed, describe, first_permanent, is_transient
-from agent.link.frames import LOST_RECORD, fill_gaps, fit_frame, logs_frame
+from agent.link.framing import fill_gaps
 from agent.link.protocol import (
-    PERMANENT_CODES,
     Delivered,
     HubRefused,
     ReadRecords,
@@ -35,17 +34,12 @@ from agent.link.protocol import (
     UplinkProtocol,
 )
 from agent.pipeline.messages import RecordBatch, SpooledMessage
-from agent.spool import Spool
+from agent.spool.spool import Spool
 from keruta.backoff import Backoff
+from keruta.frames import FrameError, PingFrame
 from keruta.limits import DEFAULT_LIMITS, Limits
 from keruta.supervisor import GaveUp, supervise
-from keruta.wire import FrameError, PingFrame, decode_hub_frame, encode_bytes
-
-# Kept importable from here (tests, flush).
-__all__ = [
-    "LOST_RECORD", "PERMANENT_CODES", "HubRefused", "Uplink", "UplinkFailed", "UplinkSettings",
-    "describe", "fill_gaps", "fit_frame", "is_transient", "logs_frame",
-]
+from keruta.wire import decode_hub_frame, encode_bytes
 
 RECONNECT = Backoff(initial=0.5, factor=2.0, cap=30.0, jitter=0.3)
 
@@ -108,10 +102,6 @@ class Uplink:
         self._failing_since: float | None = None
         self._last_complaint: float | None = None
 
-    @property
-    def frames_sent(self) -> int:
-        return self.protocol.frames_sent
-
     # --- input -----------------------------------------------------------------
 
     async def consume(self, inbox: trio.MemoryReceiveChannel[SpooledMessage]) -> None:
@@ -128,11 +118,6 @@ class Uplink:
     def records_available(self, last_seq: int) -> None:
         """Records up to `last_seq` are spooled and may be sent."""
         self.protocol.records_available(last_seq, trio.current_time())
-        self._news.unpark_all()
-
-    def records_written(self, count: int) -> None:
-        """Without a pipeline (tests, flush): the spool grew by `count` records."""
-        self.protocol.records_available(self.spool.last_seq, trio.current_time())
         self._news.unpark_all()
 
     def finish(self, state: str, exit_code: int | None) -> None:

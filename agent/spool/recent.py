@@ -33,8 +33,8 @@ class RecentRecords:
 
     Kept as the runs they were appended in (a pipe read's records), so that
     appending and forgetting cost the same for a run of 800 records as for
-    one: at a million lines a second, work per record here was a tenth of
-    the agent's CPU. Consecutive seqs throughout.
+    one: every line the command writes passes through here, so no work may
+    be done per record. Consecutive seqs throughout.
     """
 
     def __init__(self, budget: int) -> None:

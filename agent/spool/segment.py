@@ -5,7 +5,8 @@ payload``, payload being the record's wire JSON, crc32 covering seq and
 payload. A run frame (BATCH_MAGIC, same header) holds the records
 `seq`, `seq + 1`, ... (up to RUN_RECORDS) of one recorder write, their JSON
 joined by ``\n`` (which JSON never holds unescaped): one checksum and one
-header per 256 lines instead of per line, which was most of the spool's cost.
+header per 256 lines instead of per line, where they would be most of the
+spool's cost.
 A lines frame (LINES_MAGIC, same header) holds up to RUN_LINES_BYTES of plain
 lines of one read as they were read, after one line of JSON with what their
 records share (agent/pipeline/encoding.py `LineRun`): their records are

@@ -39,10 +39,9 @@ import orjson
 import trio
 
 from agent.pipeline.encoding import LineRun
-from agent.spool.lock import SpoolLocked, lock_directory
+from agent.spool.lock import lock_directory
 from agent.spool.meta import read_meta
 from agent.spool.recent import RecentRecords, take
-from agent.spool.root import default_root, spooled_tasks
 from agent.spool.segment import (
     HEADER,
     RUN_BYTES,
@@ -60,8 +59,6 @@ from agent.spool.segment import (
     write_atomically,
     writev_all,
 )
-
-__all__ = ["HEADER", "Spool", "SpoolLocked", "default_root", "encode_frame", "spooled_tasks", "write_atomically"]
 
 
 class Spool:

@@ -12,21 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from hub.ws.frames import FRAME_BYTES, FRAME_RECORDS, encode_chunks, encoded_size, status_payload
-from hub.ws.subscription import Outgoing, Subscription
+from hub.ws.subscriber_frames import encode_chunks, status_payload
+from hub.ws.subscription import Subscription
 from keruta.records import LogRecord, TaskInfo
-
-# Where they lived before hub/ws/frames.py and hub/ws/subscription.py.
-__all__ = [
-    "FRAME_BYTES",
-    "FRAME_RECORDS",
-    "Broadcaster",
-    "Outgoing",
-    "Subscription",
-    "encode_chunks",
-    "encoded_size",
-    "status_payload",
-]
 
 
 class Broadcaster:

@@ -21,12 +21,13 @@ from hub.routes.common import (
     time_param,
 )
 from hub.store.base import LogQuery, Store
+from keruta.frames import FrameError
 from keruta.levels import LEVELS
 from keruta.limits import INT64_MAX
 from keruta.ratelimit import RateLimiter
 from keruta.recordjson import record_body
 from keruta.records import SOURCES
-from keruta.wire import FrameError, decode_requests
+from keruta.wire import decode_requests
 
 
 def blueprint(

@@ -9,7 +9,8 @@ from hub.auth import WS_SUBPROTOCOL, Role, bearer_token, subprotocol_token
 from hub.deps import ConnectionDeps
 from hub.routes.access import UNAUTHORIZED, Access, origin_refusal
 from hub.ws.connection import CLOSE_POLICY, Connection
-from keruta.wire import ErrorFrame, dumps
+from keruta.frames import ErrorFrame
+from keruta.wire import dumps
 
 
 def blueprint(*, access: Access, deps: ConnectionDeps) -> Blueprint:

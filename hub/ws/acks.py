@@ -21,8 +21,9 @@ import sys
 import attrs
 
 from hub.actors.writer import WriteOutcome
+from keruta.frames import AckFrame, ErrorFrame, StatusFrame
 from keruta.limits import INT64_MAX
-from keruta.wire import AckFrame, ErrorFrame, StatusFrame, dumps
+from keruta.wire import dumps
 
 Key = tuple[str, str]  # (task_id, producer); "" is the anonymous producer
 

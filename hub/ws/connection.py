@@ -27,7 +27,7 @@ from typing import Any, Protocol, TypeVar
 
 import trio
 
-from hub.actors.writer import StatusChange, WriteOutcome, WriteRequest
+from hub.actors.writer import STORE_RETRY, StatusChange, WriteOutcome, WriteRequest
 from hub.auth import Role
 from hub.deps import ConnectionDeps
 from hub.hypercorn_patches import OVERSIZED
@@ -42,10 +42,7 @@ from hub.ws.subscription import (
     check_subscribe,
     slow_consumer_frames,
 )
-from keruta.backoff import Backoff
-from keruta.retry import retry
-from keruta.timefmt import now_ts
-from keruta.wire import (
+from keruta.frames import (
     ErrorFrame,
     FrameError,
     LogFrame,
@@ -56,13 +53,14 @@ from keruta.wire import (
     SubscribedFrame,
     SubscribeFrame,
     UnsubscribeFrame,
-    dumps,
 )
+from keruta.retry import retry
+from keruta.timefmt import now_ts
+from keruta.wire import dumps
 
 log = logging.getLogger("keruta.hub.ws")
 
 T = TypeVar("T")
-STORE_RETRY = Backoff(initial=0.2, cap=5.0)
 # About a minute of retries before the connection gives up on the store.
 STORE_RETRIES = 15
 

@@ -17,9 +17,10 @@ from collections.abc import Callable, Iterable, Mapping
 
 import attrs
 
-from hub.ws.frames import FRAME_RECORDS, encode_chunks, status_payload
+from hub.ws.subscriber_frames import FRAME_RECORDS, encode_chunks, status_payload
+from keruta.frames import ErrorFrame, FrameError, SubscribeFrame
 from keruta.records import LogRecord, TaskInfo
-from keruta.wire import ErrorFrame, FrameError, SubscribeFrame, dumps
+from keruta.wire import dumps
 
 
 @attrs.frozen

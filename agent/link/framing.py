@@ -6,10 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from keruta.recordjson import encode_line, logs_frame
+from keruta.recordjson import encode_line
 from keruta.timefmt import now_ts
-
-__all__ = ["LOST_RECORD", "fill_gaps", "fit_frame", "logs_frame"]
 
 
 def fit_frame(build: Callable[[list[bytes]], bytes], payloads: list[bytes], max_bytes: int) -> tuple[bytes, int]:

@@ -1,12 +1,12 @@
-"""The rate limiter actor (agent/pipeline/limiter.py) between the recorder and the uplink."""
+"""The throttle, the rate limiter actor (agent/pipeline/throttle.py), between the recorder and the uplink."""
 
 from __future__ import annotations
 
 import trio
 import trio.testing
 
-from agent.pipeline.limiter import limit
 from agent.pipeline.messages import Finished, RecordBatch
+from agent.pipeline.throttle import limit
 
 
 async def _run(rate: float | None, messages: list[object], spacing: float = 0.0) -> list[tuple[float, object]]:

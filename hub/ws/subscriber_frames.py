@@ -7,9 +7,10 @@ from collections.abc import Iterator, Sequence
 
 import orjson
 
+from keruta.frames import StatusFrame
 from keruta.recordjson import records_frame
 from keruta.records import LogRecord, TaskInfo
-from keruta.wire import StatusFrame, dumps
+from keruta.wire import dumps
 
 # Keep a live or history frame well below the frame limit whatever the lines hold.
 FRAME_RECORDS = 500

@@ -1,4 +1,4 @@
-"""Per-task ingest rate limiters (the seed's RateLimiter, server side), bounded in number."""
+"""Per-task ingest rate limiters (keruta/ratelimit.py's RateLimiter, one per task), bounded in number."""
 
 from __future__ import annotations
 

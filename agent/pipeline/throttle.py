@@ -1,4 +1,4 @@
-"""The rate limiter actor (--rate-limit): lets spooled records on to the uplink
+"""The throttle: the rate limiter actor (--rate-limit): lets spooled records on to the uplink
 no faster than `rate` records per second.
 
 It owns the receive end of the recorder's output. It never stops reading it:
