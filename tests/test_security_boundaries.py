@@ -254,7 +254,8 @@ def test_hub_refuses_a_name_that_only_looks_like_loopback(tmp_path: Path) -> Non
 SPOOL_WORKER = r"""
 import os, sys
 from pathlib import Path
-from agent.spool import Spool, SpoolLocked
+from agent.spool.lock import SpoolLocked
+from agent.spool.spool import Spool
 
 root, rounds = Path(sys.argv[1]), int(sys.argv[2])
 owned = lost = shared = 0
