@@ -60,10 +60,10 @@ def test_a_chunk_gives_back_exactly_the_records_it_was_made_of(records: list[Log
     assert chunk.decode("task-1", row.seq_first, row.body) == records
     assert (row.seq_first, row.seq_last, row.n) == (records[0].seq, records[-1].seq, len(records))
     assert row.ts_first == min(r.timestamp for r in records) and row.ts_last == max(r.timestamp for r in records)
-    head = chunk.ChunkHead(row.seq_first, row.seq_last, row.n, row.ts_first, row.ts_last, row.tally)
     for source in SOURCES:
-        assert head.count(source, None) == sum(r.source == source for r in records)
-    assert head.count(None, "ERROR") == sum(r.level == "ERROR" for r in records)
+        assert chunk.tally_count(row.tally, row.n, source, None) == sum(r.source == source for r in records)
+    assert chunk.tally_count(row.tally, row.n, None, "ERROR") == sum(r.level == "ERROR" for r in records)
+    assert chunk.tally_count(row.tally, row.n, None, None) == len(records)
     expected = "".join(r.message if r.partial else r.message + "\n" for r in records)
     assert chunk.raw_text(row.body) == expected
 

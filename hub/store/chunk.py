@@ -63,25 +63,12 @@ class ChunkRow:
         return (self.task_id, self.seq_first, self.seq_last, self.n, self.ts_first, self.ts_last, self.tally, self.body)
 
 
-@attrs.frozen(slots=True)
-class ChunkHead:
-    """What a reader knows of a chunk before opening it."""
-
-    seq_first: int
-    seq_last: int
-    n: int
-    ts_first: str
-    ts_last: str
-    tally: str
-    body: bytes | None = None  # None: not read
-
-    def count(self, source: str | None, level: str | None) -> int:
-        """How many of its records have this source and level (None: any)."""
-        if source is None and level is None:
-            return self.n
-        return sum(
-            n for s, lv, n in orjson.loads(self.tally) if (source is None or s == source) and (level is None or lv == level)
-        )
+def tally_count(tally: str, n: int, source: str | None, level: str | None) -> int:
+    """How many of a chunk's `n` records have this source and level (None:
+    any), from its `tally` column: the chunk itself is not opened."""
+    if source is None and level is None:
+        return n
+    return sum(k for s, lv, k in orjson.loads(tally) if (source is None or s == source) and (level is None or lv == level))
 
 
 def split(records: Sequence[LogRecord]) -> Iterator[Sequence[LogRecord]]:

@@ -188,14 +188,6 @@ def durable_seq(d: Dialect, task_id: str) -> Steps[int]:
     return row[0] if row else 0
 
 
-def _tally_count(tally_json: str, n: int, source: str | None, level: str | None) -> int:
-    if source is None and level is None:
-        return n
-    return sum(
-        k for s, lv, k in orjson.loads(tally_json) if (source is None or s == source) and (level is None or lv == level)
-    )
-
-
 def query(d: Dialect, query: LogQuery) -> Steps[Page]:
     """A page and its total; run inside one read snapshot."""
     filtered = any(
@@ -252,7 +244,7 @@ def _scan(d: Dialect, query: LogQuery, count_all: bool) -> Steps[tuple[list[LogR
                 return content, matched
             seq_first, seq_last, n, _, _, tally_json = row[:6]
             if by_heads and seq_first > after:
-                m = _tally_count(tally_json, n, query.source, query.level)
+                m = chunk.tally_count(tally_json, n, query.source, query.level)
                 if full or skip >= m:
                     matched += m
                     skip -= 0 if full else m
@@ -312,7 +304,7 @@ def read_range(
         per_read = min(_CHUNKS_PER_READ, (limit - len(content)) // chunk.CHUNK_RECORDS + 2)
         rows = yield d.fetch(d.CHUNKS_BETWEEN, task_id, cursor, through_seq, per_read)
         for row in rows:
-            if _tally_count(row[5], row[2], source, level) == 0:
+            if chunk.tally_count(row[5], row[2], source, level) == 0:
                 continue
             content += [
                 r

@@ -72,8 +72,3 @@ async def iter_by_range(
         if len(records) < chunk:
             return
         after = records[-1].seq
-
-
-def chunks(values: Sequence[T], size: int) -> Iterable[Sequence[T]]:
-    for start in range(0, len(values), size):
-        yield values[start : start + size]
