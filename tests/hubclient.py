@@ -483,10 +483,10 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 
 def _seqs_of_chunks(rows: list) -> list[int]:
-    """The seqs the chunk rows (seq_first, body) hold, in the stores' format (hub/store/chunk.py)."""
+    """The seqs the chunk rows (seq_first, lines, body) hold, in the stores' format (hub/store/chunk.py)."""
     from hub.store import chunk
 
-    return [seq for first, body in rows for seq in chunk.seqs_of(chunk.columns(body), first)]
+    return [seq for first, lines, body in rows for seq in chunk.seqs_of(chunk.columns(lines, body), first)]
 
 
 def read_stored_seqs(db: str, task_id: str) -> list[int]:
@@ -495,7 +495,7 @@ def read_stored_seqs(db: str, task_id: str) -> list[int]:
         conn = sqlite3.connect(db.removeprefix("sqlite:///"), timeout=30)
         try:
             rows = conn.execute(
-                "SELECT seq_first, body FROM keruta_chunks WHERE task_id = ? ORDER BY seq_last", (task_id,)
+                "SELECT seq_first, lines, body FROM keruta_chunks WHERE task_id = ? ORDER BY seq_last", (task_id,)
             ).fetchall()
         finally:
             conn.close()
@@ -507,7 +507,7 @@ def read_stored_seqs(db: str, task_id: str) -> list[int]:
         conn = await asyncpg.connect(db)
         try:
             rows = await conn.fetch(
-                "SELECT seq_first, body FROM keruta_chunks WHERE task_id = $1 ORDER BY seq_last", task_id
+                "SELECT seq_first, lines, body FROM keruta_chunks WHERE task_id = $1 ORDER BY seq_last", task_id
             )
         finally:
             await conn.close()

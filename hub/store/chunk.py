@@ -2,21 +2,23 @@
 
 The row carries what lets a reader skip a chunk without opening it -- the
 seq range, the time range, how many records it holds per (source, level) --
-and the records themselves, encoded once and compressed (`body`). Nothing
+and the records themselves, encoded once and compressed (`lines`, `body`). Nothing
 here does I/O: the stores write and read the rows (docs/architecture.md, "The
 store"), and the algorithms in hub/store/core.py decide which to open.
 
-The body is zstd over the JSON of the records' columns (columns compress far
-better than rows: a task's timestamps, sources and levels repeat):
+The records are zstd over the JSON of their columns (columns compress far
+better than rows: a task's timestamps, sources and levels repeat), in two
+parts: `lines`, what a raw download and a text search read, and `body`, the
+rest:
 
-    {"t": [timestamps], "s": [sources] or one source, "l": [levels] or one,
-     "m": [messages], "n": [line numbers] or one,
-     "x": [metadata or null] (absent: none has any), "p": [partial] (absent: none),
-     "k": [kinds] (absent: all lines), "q": [seqs] (absent: seq_first, +1, ...)}
+    lines: {"m": [messages], "p": [partial] (absent: none)}
+    body:  {"t": [timestamps], "s": [sources] or one source, "l": [levels] or one,
+            "n": [line numbers] or one, "x": [metadata or null] (absent: none has any),
+            "k": [kinds] (absent: all lines), "q": [seqs] (absent: seq_first, +1, ...)}
 
 A chunk is written once per batch and rewritten only when a delete cuts
-inside it (`without`); its seqs are then no longer consecutive and "q" says
-which they are.
+inside it; its seqs are then no longer consecutive and "q" says which they
+are.
 """
 
 from __future__ import annotations
@@ -57,10 +59,14 @@ class ChunkRow:
     ts_first: str
     ts_last: str
     tally: str  # JSON [[source, level, n], ...]
+    lines: bytes
     body: bytes
 
     def values(self) -> tuple[Any, ...]:
-        return (self.task_id, self.seq_first, self.seq_last, self.n, self.ts_first, self.ts_last, self.tally, self.body)
+        return (
+            self.task_id, self.seq_first, self.seq_last, self.n, self.ts_first, self.ts_last,
+            self.tally, self.lines, self.body,
+        )
 
 
 def tally_count(tally: str, n: int, source: str | None, level: str | None) -> int:
@@ -101,17 +107,17 @@ def encode(records: Sequence[LogRecord]) -> ChunkRow:
     timestamps = [r.timestamp for r in records]
     sources = [r.source for r in records]
     levels = [r.level for r in records]
+    lines: dict[str, Any] = {"m": [r.message for r in records]}
+    if any(r.partial for r in records):
+        lines["p"] = [r.partial for r in records]
     columns: dict[str, Any] = {
         "t": timestamps,
         "s": _column(sources),
         "l": _column(levels),
-        "m": [r.message for r in records],
         "n": _column([r.line_number for r in records]),
     }
     if any(r.metadata for r in records):
         columns["x"] = [r.metadata or None for r in records]
-    if any(r.partial for r in records):
-        columns["p"] = [r.partial for r in records]
     if any(r.kind is not None for r in records):
         columns["k"] = [r.kind for r in records]
     if seqs[-1] - seqs[0] + 1 != len(seqs):
@@ -125,17 +131,21 @@ def encode(records: Sequence[LogRecord]) -> ChunkRow:
         ts_first=min(timestamps),
         ts_last=max(timestamps),
         tally=orjson.dumps([[s, lv, n] for (s, lv), n in tally.items()]).decode(),
+        lines=_compressor.compress(orjson.dumps(lines)),
         body=_compressor.compress(orjson.dumps(columns)),
     )
 
 
-def body_json(body: bytes) -> bytes:
-    """The chunk's column JSON (for a substring test before decoding it)."""
-    return _decompressor.decompress(body)
+def lines_json(lines: bytes) -> bytes:
+    """The JSON of a chunk's `lines` part (for a substring test before decoding it)."""
+    return _decompressor.decompress(lines)
 
 
-def columns(body: bytes | bytearray | memoryview) -> dict[str, Any]:
-    return orjson.loads(_decompressor.decompress(bytes(body)))  # type: ignore[no-any-return]
+def columns(lines: bytes, body: bytes) -> dict[str, Any]:
+    """Every column of a chunk, from its two parts."""
+    cols: dict[str, Any] = orjson.loads(_decompressor.decompress(body))
+    cols.update(orjson.loads(_decompressor.decompress(lines)))
+    return cols
 
 
 def _expand(value: Any, n: int) -> list[Any]:
@@ -148,9 +158,9 @@ def seqs_of(cols: dict[str, Any], seq_first: int) -> list[int] | range:
     return q if q is not None else range(seq_first, seq_first + n)
 
 
-def decode(task_id: str, seq_first: int, body: bytes | bytearray | memoryview) -> list[LogRecord]:
+def decode(task_id: str, seq_first: int, lines: bytes, body: bytes) -> list[LogRecord]:
     """The records of a chunk, in seq order."""
-    return records_of(task_id, seq_first, columns(body))
+    return records_of(task_id, seq_first, columns(lines, body))
 
 
 def records_of(task_id: str, seq_first: int, cols: dict[str, Any]) -> list[LogRecord]:
@@ -184,10 +194,10 @@ def records_of(task_id: str, seq_first: int, cols: dict[str, Any]) -> list[LogRe
     ]
 
 
-def raw_text(body: bytes | bytearray | memoryview) -> str:
+def raw_text(lines: bytes) -> str:
     """The chunk's lines as a raw download shows them: each message, with a
     newline unless it is a partial line."""
-    cols = columns(body)
+    cols = orjson.loads(_decompressor.decompress(lines))
     messages = cols["m"]
     partial = cols.get("p")
     if partial is None:
@@ -217,14 +227,14 @@ class ChunkCache:
         self._lock = threading.Lock()
 
     def records(self, task_id: str, row: Sequence[Any]) -> list[LogRecord]:
-        """The records of a chunk row (seq_first, seq_last, n, ..., body last)."""
+        """The records of a chunk row (seq_first, seq_last, n, ..., lines, body)."""
         key = (task_id, row[0], row[1], row[2])
         with self._lock:
             hit = self._items.get(key)
             if hit is not None:
                 self._items.move_to_end(key)
                 return hit[0]
-        records = decode(task_id, row[0], row[-1])
+        records = decode(task_id, row[0], row[-2], row[-1])
         size = sum(len(r.message) for r in records) + 300 * len(records)
         with self._lock:
             if key not in self._items:

@@ -251,7 +251,7 @@ def _scan(d: Dialect, query: LogQuery, count_all: bool) -> Steps[tuple[list[LogR
                     continue
             if by_heads:
                 row = yield d.row(d.CHUNKS_BETWEEN, query.task_id, seq_first - 1, seq_last, 1)
-            elif needle is not None and needle not in chunk.body_json(row[6]):
+            elif needle is not None and needle not in chunk.lines_json(row[6]):
                 continue
             hits = [r for r in d.cache.records(query.task_id, row) if _matches(r, query, after)]
             matched += len(hits)
@@ -353,13 +353,13 @@ def delete_chunk(d: Dialect, task_id: str, before: str | None) -> Steps[tuple[in
     if not rows:
         return 0, False
     gone: Counter[tuple[str, str]] = Counter()
-    for seq_first, seq_last, _, _, ts_last, tally_json, body in rows:
+    for seq_first, seq_last, _, _, ts_last, tally_json, lines, body in rows:
         if before is None or ts_last < before:
             yield d.exec(d.DELETE_CHUNK, task_id, seq_last)
             for s, lv, k in orjson.loads(tally_json):
                 gone[(s, lv)] += k
             continue
-        records = chunk.decode(task_id, seq_first, body)
+        records = chunk.decode(task_id, seq_first, lines, body)
         kept = [r for r in records if r.timestamp >= before]
         gone.update((r.source, r.level) for r in records if r.timestamp < before)
         if kept:

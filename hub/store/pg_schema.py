@@ -121,8 +121,8 @@ async def _logs_to_chunks(conn: Any) -> None:
             rows = [r for r in rows if r[0] != last_task]
         chunks = [c.values() for c in chunks_from_rows(rows)]
         await conn.executemany(
-            "INSERT INTO keruta_chunks (task_id, seq_first, seq_last, n, ts_first, ts_last, tally, body)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "INSERT INTO keruta_chunks (task_id, seq_first, seq_last, n, ts_first, ts_last, tally, lines, body)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             chunks,
         )
         after = (rows[-1][0], rows[-1][1])
@@ -140,11 +140,13 @@ _SCHEMA_V4: tuple[Any, ...] = (
         ts_first text COLLATE "C" NOT NULL,
         ts_last text COLLATE "C" NOT NULL,
         tally text NOT NULL,
+        lines bytea NOT NULL,
         body bytea NOT NULL,
         PRIMARY KEY (task_id, seq_last)
     )
     """,
-    # The body is compressed already: no second try at compressing it.
+    # Both parts are compressed already: no second try at compressing them.
+    "ALTER TABLE keruta_chunks ALTER COLUMN lines SET STORAGE EXTERNAL",
     "ALTER TABLE keruta_chunks ALTER COLUMN body SET STORAGE EXTERNAL",
     _logs_to_chunks,
     "DROP TABLE keruta_logs",

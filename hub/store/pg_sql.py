@@ -91,8 +91,8 @@ class PostgresSql(Dialect):
     DELETE_CHUNK = "DELETE FROM keruta_chunks WHERE task_id = $1 AND seq_last = $2"
     REPLACE_CHUNK = """
         UPDATE keruta_chunks SET seq_first = $2, seq_last = $3, n = $4, ts_first = $5, ts_last = $6,
-            tally = $7, body = $8
-        WHERE task_id = $1 AND seq_last = $9
+            tally = $7, lines = $8, body = $9
+        WHERE task_id = $1 AND seq_last = $10
     """
     SUBTRACT_COUNTS = "UPDATE keruta_counts SET n = n - $1 WHERE task_id = $2 AND source = $3 AND level = $4"
     DROP_EMPTY_COUNTS = "DELETE FROM keruta_counts WHERE task_id = $1 AND n <= 0"
@@ -155,9 +155,9 @@ class PostgresSql(Dialect):
         columns = list(zip(*(r.values() for r in rows), strict=True))
         return self.exec(
             """
-            INSERT INTO keruta_chunks (task_id, seq_first, seq_last, n, ts_first, ts_last, tally, body)
+            INSERT INTO keruta_chunks (task_id, seq_first, seq_last, n, ts_first, ts_last, tally, lines, body)
             SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::integer[], $5::text[],
-                                 $6::text[], $7::text[], $8::bytea[])
+                                 $6::text[], $7::text[], $8::bytea[], $9::bytea[])
             """,
             *[list(c) for c in columns],
         )

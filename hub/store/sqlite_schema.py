@@ -98,8 +98,8 @@ def _logs_to_chunks(conn: sqlite3.Connection) -> None:
     cursor = conn.execute(f"SELECT {OLD_COLUMNS} FROM logs ORDER BY task_id, seq")
     rows = iter(lambda: cursor.fetchmany(5000), [])
     conn.executemany(
-        "INSERT INTO keruta_chunks (task_id, seq_first, seq_last, n, ts_first, ts_last, tally, body)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO keruta_chunks (task_id, seq_first, seq_last, n, ts_first, ts_last, tally, lines, body)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (c.values() for c in chunks_from_rows(row for batch in rows for row in batch)),
     )
 
@@ -117,6 +117,7 @@ _SCHEMA_V4: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
         ts_first TEXT NOT NULL,
         ts_last TEXT NOT NULL,
         tally TEXT NOT NULL,
+        lines BLOB NOT NULL,
         body BLOB NOT NULL
     )
     """,

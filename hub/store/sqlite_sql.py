@@ -83,8 +83,8 @@ class SQLiteSql(Dialect):
     DELETE_CHUNK = "DELETE FROM keruta_chunks WHERE task_id = ? AND seq_last = ?"
     REPLACE_CHUNK = """
         UPDATE keruta_chunks SET seq_first = ?2, seq_last = ?3, n = ?4, ts_first = ?5, ts_last = ?6,
-            tally = ?7, body = ?8
-        WHERE task_id = ?1 AND seq_last = ?9
+            tally = ?7, lines = ?8, body = ?9
+        WHERE task_id = ?1 AND seq_last = ?10
     """
     SUBTRACT_COUNTS = "UPDATE keruta_counts SET n = n - ? WHERE task_id = ? AND source = ? AND level = ?"
     DROP_EMPTY_COUNTS = "DELETE FROM keruta_counts WHERE task_id = ? AND n <= 0"
@@ -128,8 +128,8 @@ class SQLiteSql(Dialect):
         # here would be a bug, and rolls everything back.
         return self.many(
             """
-            INSERT INTO keruta_chunks (task_id, seq_first, seq_last, n, ts_first, ts_last, tally, body)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+            INSERT INTO keruta_chunks (task_id, seq_first, seq_last, n, ts_first, ts_last, tally, lines, body)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
             """,
             [r.values() for r in rows],
         )

@@ -38,7 +38,7 @@ Steps = Generator[Op, Any, T]
 
 # The columns of a chunk as the statements below answer them, in this order.
 CHUNK_HEAD = "seq_first, seq_last, n, ts_first, ts_last, tally"
-CHUNK_FULL = CHUNK_HEAD + ", body"
+CHUNK_FULL = CHUNK_HEAD + ", lines, body"
 TASK_SELECT = "task_id, state, exit_code, first_ts, last_ts, total_logs, durable_seq, updated_at"
 # Bounds that hold every canonical timestamp ("2026-...Z"): a statement with a
 # time filter runs without one too.
@@ -124,7 +124,7 @@ class Dialect:
     CHUNKS_BEFORE: ClassVar[str]
     # (task_id, seq_last)
     DELETE_CHUNK: ClassVar[str]
-    # (task_id, seq_first, seq_last, n, ts_first, ts_last, tally, body, old seq_last)
+    # (task_id, seq_first, seq_last, n, ts_first, ts_last, tally, lines, body, old seq_last)
     REPLACE_CHUNK: ClassVar[str]
     # many (n, task_id, source, level)
     SUBTRACT_COUNTS: ClassVar[str]
