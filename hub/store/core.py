@@ -231,9 +231,11 @@ def _scan(d: Dialect, query: LogQuery, count_all: bool) -> Steps[tuple[list[LogR
     needle = orjson.dumps(query.q)[1:-1] if query.q else None
     low, high = query.start or TS_LOW, query.end or TS_HIGH
     per_read = _SCAN_CHUNKS_PER_READ if count_all else _CHUNKS_PER_READ
+    # A first page needs a chunk or two: heads are read a few first, then more.
+    heads_per_read = 16
     while True:
         if by_heads:
-            rows = yield d.fetch(d.CHUNK_HEADS_AFTER, query.task_id, cursor, low, high, _HEADS_PER_READ)
+            rows = yield d.fetch(d.CHUNK_HEADS_AFTER, query.task_id, cursor, low, high, heads_per_read)
         else:
             rows = yield d.fetch(d.CHUNKS_AFTER, query.task_id, cursor, low, high, per_read)
         if not rows:
@@ -262,8 +264,9 @@ def _scan(d: Dialect, query: LogQuery, count_all: bool) -> Steps[tuple[list[LogR
                 continue
             content += hits[skip : skip + query.size - len(content)]
             skip = 0
-        if len(rows) < (_HEADS_PER_READ if by_heads else per_read):
+        if len(rows) < (heads_per_read if by_heads else per_read):
             return content, matched
+        heads_per_read = min(heads_per_read * 8, _HEADS_PER_READ)
         if len(content) >= query.size and not count_all:
             return content, matched
         cursor = rows[-1][1]
