@@ -482,6 +482,20 @@ def parse_metrics(text: str) -> dict[str, float]:
 # --- the database itself ----------------------------------------------------
 
 
+async def stored(hub: TestHub, task_id: str, **params: str) -> list[dict[str, Any]]:
+    """Every record of a task, as REST answers them."""
+    async with hub.http() as client:
+        return await fetch_all(client, task_id, **params)
+
+
+async def task_state(hub: TestHub, task_id: str) -> dict[str, Any]:
+    """A task as GET /api/v1/tasks/{taskId} answers it (it must exist)."""
+    async with hub.http() as client:
+        resp = await client.get(f"/api/v1/tasks/{task_id}")
+        assert resp.status_code == 200, resp.text
+        return resp.json()  # type: ignore[no-any-return]
+
+
 def _seqs_of_chunks(rows: list) -> list[int]:
     """The seqs the chunk rows (seq_first, lines, body) hold, in the stores' format (hub/store/chunk.py)."""
     from hub.store import chunk

@@ -28,18 +28,6 @@ hub_process_factory = hubclient.hub_process_factory
 pytestmark = pytest.mark.slow
 
 
-async def stored(hub: hubclient.TestHub, task_id: str, **params: str) -> list[dict]:
-    async with hub.http() as client:
-        return await hubclient.fetch_all(client, task_id, **params)
-
-
-async def task_state(hub: hubclient.TestHub, task_id: str) -> dict:
-    async with hub.http() as client:
-        resp = await client.get(f"/api/v1/tasks/{task_id}")
-        assert resp.status_code == 200, resp.text
-        return resp.json()
-
-
 async def test_interleaved_output_is_stored_exactly_once_and_mirrored(
     hub: hubclient.TestHub, tmp_path: Path
 ) -> None:
@@ -54,9 +42,9 @@ async def test_interleaved_output_is_stored_exactly_once_and_mirrored(
     assert bytes(a.stdout) == want["stdout"]
     assert want["stderr"] in bytes(a.stderr)  # plus nothing but the agent's own words
     assert bytes(a.stderr).replace(want["stderr"], b"") == b""
-    records = await stored(hub, "inter-1")
+    records = await hubclient.stored(hub, "inter-1")
     check_records(records, want)
-    state = await task_state(hub, "inter-1")
+    state = await hubclient.task_state(hub, "inter-1")
     assert (state["state"], state["exitCode"]) == ("failed", 3)
     assert not (tmp_path / "spool" / "inter-1").exists(), "a fully delivered task leaves no spool"
 
@@ -64,7 +52,7 @@ async def test_interleaved_output_is_stored_exactly_once_and_mirrored(
 async def test_success_and_signal_exit_codes(hub: hubclient.TestHub, tmp_path: Path) -> None:
     async with agent(run_args(hub.url, "ok-1", tmp_path / "s") + ["sh", "-c", "echo hi"]) as a:
         assert await a.wait() == 0
-    assert (await task_state(hub, "ok-1"))["state"] == "succeeded"
+    assert (await hubclient.task_state(hub, "ok-1"))["state"] == "succeeded"
     kill_self = [
         sys.executable,
         "-c",
@@ -72,9 +60,9 @@ async def test_success_and_signal_exit_codes(hub: hubclient.TestHub, tmp_path: P
     ]
     async with agent(run_args(hub.url, "sig-1", tmp_path / "s") + kill_self) as a:
         assert await a.wait() == 128 + signal.SIGKILL
-    state = await task_state(hub, "sig-1")
+    state = await hubclient.task_state(hub, "sig-1")
     assert (state["state"], state["exitCode"]) == ("failed", 137)
-    assert [r["message"] for r in await stored(hub, "sig-1")] == ["bye"]
+    assert [r["message"] for r in await hubclient.stored(hub, "sig-1")] == ["bye"]
 
 
 async def test_missing_command_is_exit_127_and_reported(
@@ -83,9 +71,9 @@ async def test_missing_command_is_exit_127_and_reported(
     async with agent(run_args(hub.url, "nf-1", tmp_path / "s") + ["/nonexistent/cmd"]) as a:
         assert await a.wait() == 127
     assert "cannot run" in a.stderr_text
-    records = await stored(hub, "nf-1")
+    records = await hubclient.stored(hub, "nf-1")
     assert records[0]["source"] == "agent" and "cannot run" in records[0]["message"]
-    assert (await task_state(hub, "nf-1"))["exitCode"] == 127
+    assert (await hubclient.task_state(hub, "nf-1"))["exitCode"] == 127
 
 
 async def test_big_line_invalid_utf8_and_last_line_without_newline(
@@ -108,7 +96,7 @@ async def test_big_line_invalid_utf8_and_last_line_without_newline(
     big = bytes(range(33, 127)) * (3 * 1024 * 1024 // 94 + 1)
     want_stdout = b"before\n" + big + b"\nthe end, no newline"
     assert bytes(a.stdout) == want_stdout
-    records = await stored(hub, "big-1")
+    records = await hubclient.stored(hub, "big-1")
     assert joined_lines(records, "stdout") == lines_of(want_stdout)
     assert joined_lines(records, "stderr") == ["bad \ufffd\ufffd\ufffd bytes 😀 emoji"]
     pieces = [r for r in records if r["source"] == "stdout" and r["lineNumber"] == 2]
@@ -156,7 +144,7 @@ async def test_masked_secret_appears_nowhere(
     await hub.astart()
     async with agent(["flush", "--spool-dir", str(spool)], env=env) as f:
         assert await f.wait() == 0
-    records = await stored(hub, "mask-1")
+    records = await hubclient.stored(hub, "mask-1")
     assert [r["message"] for r in records] == ["env *** and ***", "err ***"]
     assert not (spool / "mask-1").exists()
 
@@ -168,7 +156,7 @@ async def test_pty_mode(hub: hubclient.TestHub, tmp_path: Path) -> None:
     ) as a:
         assert await a.wait() == 0
     assert bytes(a.stdout) == b"tty True\nerr\n"
-    records = await stored(hub, "pty-1")
+    records = await hubclient.stored(hub, "pty-1")
     assert [(r["source"], r["message"]) for r in records] == [
         ("stdout", "tty True"),
         ("stdout", "err"),
@@ -183,7 +171,7 @@ async def test_quiet_and_rate_limit(hub: hubclient.TestHub, tmp_path: Path) -> N
     async with agent(args + program(n, seed=5)) as a:
         assert await a.wait() == 0
     assert bytes(a.stdout) == b""
-    check_records(await stored(hub, "rl-1"), expected_streams(n, seed=5))
+    check_records(await hubclient.stored(hub, "rl-1"), expected_streams(n, seed=5))
 
 
 async def test_tail_follows_a_running_task_and_exits_with_its_code(
@@ -295,7 +283,7 @@ async def test_quiet_command_before_exit_loses_nothing(
     async with agent(run_args(hub.url, "quiet-1", tmp_path / "s", "--pipe-grace", "0.3") + cmd) as a:
         assert await a.wait() == 1
     assert bytes(a.stdout) == b"first\nlast\n"
-    assert [r["message"] for r in await stored(hub, "quiet-1")] == ["first", "last"]
+    assert [r["message"] for r in await hubclient.stored(hub, "quiet-1")] == ["first", "last"]
     assert "holds its output open" not in a.stderr_text
 
 
@@ -307,7 +295,7 @@ async def test_background_process_holding_the_pipes_does_not_hold_the_agent(
         # Well before the background process would let go of the pipes.
         assert await a.wait(timeout=20) == 0
     assert "holds its output open" in a.stderr_text
-    records = await stored(hub, "bg-1")
+    records = await hubclient.stored(hub, "bg-1")
     assert [r["message"] for r in records] == ["start", "parent done"]
     # The command ran in its own process group: clean up what it left behind.
     with contextlib.suppress(ProcessLookupError):
@@ -342,4 +330,4 @@ async def test_agent_a_byte_bound_below_one_record_still_delivers_every_line(
     args = run_args(hub.url, "tiny-1", tmp_path / "s", "--max-in-flight-bytes", "100", "--quiet")
     async with agent(args + program(n, seed=7)) as a:
         assert await a.wait() == 0
-    check_records(await stored(hub, "tiny-1"), expected_streams(n, seed=7))
+    check_records(await hubclient.stored(hub, "tiny-1"), expected_streams(n, seed=7))

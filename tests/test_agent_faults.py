@@ -30,18 +30,6 @@ hub_process, hub_process_factory = hubclient.hub_process, hubclient.hub_process_
 pytestmark = pytest.mark.slow
 
 
-async def stored(hub: hubclient.TestHub, task_id: str) -> list[dict]:
-    async with hub.http() as client:
-        return await hubclient.fetch_all(client, task_id)
-
-
-async def task_state(hub: hubclient.TestHub, task_id: str) -> dict:
-    async with hub.http() as client:
-        resp = await client.get(f"/api/v1/tasks/{task_id}")
-        assert resp.status_code == 200, resp.text
-        return resp.json()
-
-
 async def wait_stored(hub: hubclient.TestHub, task_id: str, at_least: int) -> None:
     """Until the hub holds `at_least` records of the task (a hang guard, not a timing check)."""
     with trio.fail_after(PATIENCE):
@@ -81,8 +69,8 @@ async def test_hub_killed_mid_stream_and_restarted(hub_process: hubclient.TestHu
                 await trio.sleep(0.02)
         await hub.arestart()
         assert await a.wait() == 0
-    check_records(await stored(hub, "crash-1"), expected_streams(n, seed=21))
-    assert (await task_state(hub, "crash-1"))["state"] == "succeeded"
+    check_records(await hubclient.stored(hub, "crash-1"), expected_streams(n, seed=21))
+    assert (await hubclient.task_state(hub, "crash-1"))["state"] == "succeeded"
     assert not (tmp_path / "spool" / "crash-1").exists()
 
 
@@ -103,7 +91,7 @@ async def test_hub_not_running_at_start_and_coming_up_later(
         await hub.astart()
         assert await a.wait() == 0
     assert "in the spool; retrying" in a.stderr_text
-    check_records(await stored(hub, "late-1"), want)
+    check_records(await hubclient.stored(hub, "late-1"), want)
 
 
 class CuttingProxy:
@@ -176,7 +164,7 @@ async def test_connection_cut_mid_frame_by_a_proxy(hub: hubclient.TestHub, tmp_p
             assert await a.wait() == 0
         nursery.cancel_scope.cancel()
     assert proxy.cut == 3 and proxy.connections >= 4
-    check_records(await stored(hub, "cut-1"), expected_streams(n, seed=23))
+    check_records(await hubclient.stored(hub, "cut-1"), expected_streams(n, seed=23))
 
 
 async def test_agent_sigterm_is_passed_to_the_command(
@@ -189,9 +177,9 @@ async def test_agent_sigterm_is_passed_to_the_command(
         await wait_stored(hub, "term-1", 300)
         a.signal(signal.SIGTERM)
         assert await a.wait() == 128 + signal.SIGTERM
-    records = await stored(hub, "term-1")
+    records = await hubclient.stored(hub, "term-1")
     assert_prefix_of_expected(records, expected_streams(n, seed=24))
-    state = await task_state(hub, "term-1")
+    state = await hubclient.task_state(hub, "term-1")
     assert (state["state"], state["exitCode"]) == ("failed", 143)
 
 
@@ -215,11 +203,11 @@ async def test_agent_sigterm_with_a_command_that_handles_it(
         await a.wait_for_output(b"ready\n")
         a.signal(signal.SIGTERM)
         assert await a.wait() == 0
-    assert [r["message"] for r in await stored(hub, "term-2")] == [
+    assert [r["message"] for r in await hubclient.stored(hub, "term-2")] == [
         "ready",
         f"got signal {int(signal.SIGTERM)}",
     ]
-    assert (await task_state(hub, "term-2"))["state"] == "succeeded"
+    assert (await hubclient.task_state(hub, "term-2"))["state"] == "succeeded"
 
 
 async def test_agent_sigkilled_then_flush_delivers_the_rest(
@@ -238,10 +226,10 @@ async def test_agent_sigkilled_then_flush_delivers_the_rest(
         assert await a.wait() == -signal.SIGKILL
     mirrored = bytes(a.stdout)
     assert (spool / "kill-1").exists()
-    before = len(await stored(hub, "kill-1"))
+    before = len(await hubclient.stored(hub, "kill-1"))
     async with agent(["flush", "--spool-dir", str(spool), "--hub", hub.url]) as f:
         assert await f.wait() == 0
-    records = await stored(hub, "kill-1")
+    records = await hubclient.stored(hub, "kill-1")
     assert len(records) > before
     notice = records[-1]
     assert (
@@ -251,7 +239,7 @@ async def test_agent_sigkilled_then_flush_delivers_the_rest(
     # Every line the agent had mirrored was spooled first, so it is stored.
     complete = mirrored[: mirrored.rfind(b"\n") + 1]
     assert joined_lines(records, "stdout")[: len(lines_of(complete))] == lines_of(complete)
-    state = await task_state(hub, "kill-1")
+    state = await hubclient.task_state(hub, "kill-1")
     assert (state["state"], state["exitCode"]) == ("failed", None)
     assert not (spool / "kill-1").exists()
     # Nothing left: flushing again is a no-op.
@@ -296,11 +284,11 @@ async def test_flush_after_spool_corruption_fills_the_hole(
     async with agent(["flush", "--spool-dir", str(spool)]) as f:
         assert await f.wait() == 0
     assert "corrupt" in f.stderr_text
-    records = await stored(hub, "rot-1")
+    records = await hubclient.stored(hub, "rot-1")
     assert [r["seq"] for r in records] == list(range(1, 51))
     lost = [r["seq"] for r in records if r["source"] == "agent"]
     assert lost and all("lost" in records[s - 1]["message"] for s in lost)
     assert lost == list(range(lost[0], lost[-1] + 1)), "one frame's records: consecutive"
     kept = [r["message"] for r in records if r["source"] == "stdout"]
     assert kept == [f"line {i}" for i in range(1, 51) if i not in lost]
-    assert (await task_state(hub, "rot-1"))["state"] == "succeeded"
+    assert (await hubclient.task_state(hub, "rot-1"))["state"] == "succeeded"

@@ -21,18 +21,6 @@ async def hub(sqlite_hub_factory: hubclient.InProcessHubFactory) -> hubclient.In
     return await sqlite_hub_factory.astart()
 
 
-async def stored(hub: hubclient.TestHub, task_id: str) -> list[dict]:
-    async with hub.http() as client:
-        return await hubclient.fetch_all(client, task_id)
-
-
-async def task_state(hub: hubclient.TestHub, task_id: str) -> dict:
-    async with hub.http() as client:
-        resp = await client.get(f"/api/v1/tasks/{task_id}")
-        assert resp.status_code == 200, resp.text
-        return resp.json()
-
-
 async def test_agent_run_no_wait_exits_and_flush_wait_sees_every_line_stored(
     hub: hubclient.InProcessHub, tmp_path: Path
 ) -> None:
@@ -46,8 +34,8 @@ async def test_agent_run_no_wait_exits_and_flush_wait_sees_every_line_stored(
     assert "delivered in the background" in a.stderr_text
     async with agent(["flush", "--wait", "--spool-dir", str(spool), "--hub", hub.url]) as f:
         assert await f.wait() == 0
-    check_records(await stored(hub, "nowait-1"), expected_streams(n, seed=41))
-    state = await task_state(hub, "nowait-1")
+    check_records(await hubclient.stored(hub, "nowait-1"), expected_streams(n, seed=41))
+    state = await hubclient.task_state(hub, "nowait-1")
     assert (state["state"], state["exitCode"]) == ("failed", 4)
     assert not (spool / "nowait-1").exists(), "delivered: nothing left in the spool"
 
@@ -72,5 +60,5 @@ async def test_agent_flush_wait_says_which_tasks_were_not_stored(
     async with agent([*flush, "--hub", hub.url]) as f:
         assert await f.wait() == 0
     for task in ("down-a", "down-b"):
-        assert [r["message"] for r in await stored(hub, task)] == [f"one {task}", f"two {task}"]
-        assert (await task_state(hub, task))["state"] == "succeeded"
+        assert [r["message"] for r in await hubclient.stored(hub, task)] == [f"one {task}", f"two {task}"]
+        assert (await hubclient.task_state(hub, task))["state"] == "succeeded"
