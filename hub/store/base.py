@@ -44,37 +44,39 @@ _ID_PREFIXES_MAX = 1024
 _VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 
 
+def _id_prefix(task_id: str) -> Any:
+    prefix = _ID_PREFIXES.get(task_id)
+    if prefix is None:
+        if len(_ID_PREFIXES) >= _ID_PREFIXES_MAX:
+            _ID_PREFIXES.clear()
+        prefix = _ID_PREFIXES[task_id] = hashlib.sha1(_ID_NAMESPACE_BYTES + f"{task_id}\x00".encode())
+    return prefix
+
+
+def _uuid_text(x: str) -> str:
+    # Version 5 in the 13th hex digit, the variant in the 17th.
+    return f"{x[:8]}-{x[8:12]}-5{x[13:16]}-{_VARIANT[x[16]]}{x[17:20]}-{x[20:32]}"
+
+
 def record_id(task_id: str, seq: int) -> str:
     """Deterministic, so a duplicate of a stored record gets the same id.
 
     Equal to `str(uuid.uuid5(_ID_NAMESPACE, f"{task_id}\\x00{seq}"))`, computed
     directly because it runs for every record of every batch.
     """
-    prefix = _ID_PREFIXES.get(task_id)
-    if prefix is None:
-        if len(_ID_PREFIXES) >= _ID_PREFIXES_MAX:
-            _ID_PREFIXES.clear()
-        prefix = _ID_PREFIXES[task_id] = hashlib.sha1(_ID_NAMESPACE_BYTES + f"{task_id}\x00".encode())
-    digest = prefix.copy()
-    digest.update(f"{seq}".encode())
-    x = digest.hexdigest()
-    # Version 5 in the 13th hex digit, the variant in the 17th.
-    return f"{x[:8]}-{x[8:12]}-5{x[13:16]}-{_VARIANT[x[16]]}{x[17:20]}-{x[20:32]}"
+    digest = _id_prefix(task_id).copy()
+    digest.update(b"%d" % seq)
+    return _uuid_text(digest.hexdigest())
 
 
 def record_ids(task_id: str, first: int, count: int) -> list[str]:
-    """`record_id` of seqs first, first + 1, ... (one call per batch)."""
-    prefix = _ID_PREFIXES.get(task_id)
-    if prefix is None:
-        record_id(task_id, first)
-        prefix = _ID_PREFIXES[task_id]
+    """`record_id` of seqs first, first + 1, ... (the task's prefix looked up once)."""
+    prefix = _id_prefix(task_id)
     ids = []
-    variant = _VARIANT
     for seq in range(first, first + count):
         digest = prefix.copy()
         digest.update(b"%d" % seq)
-        x = digest.hexdigest()
-        ids.append(f"{x[:8]}-{x[8:12]}-5{x[13:16]}-{variant[x[16]]}{x[17:20]}-{x[20:32]}")
+        ids.append(_uuid_text(digest.hexdigest()))
     return ids
 
 

@@ -32,7 +32,7 @@ import attrs
 import orjson
 import zstandard
 
-from hub.store.base import record_id
+from hub.store.base import record_id, record_ids
 from keruta.records import LogRecord, trusted_record
 
 # At most this many records, and about this many bytes of messages, per chunk:
@@ -175,6 +175,7 @@ def records_of(task_id: str, seq_first: int, cols: dict[str, Any]) -> list[LogRe
     metadata = cols.get("x") or [None] * n
     partial = cols.get("p") or [False] * n
     kinds = cols.get("k") or [None] * n
+    ids = record_ids(task_id, seq_first, n) if "q" not in cols else [record_id(task_id, s) for s in seqs]
     # Positional, inline: a catching-up subscriber and every page read this way.
     return [
         trusted_record(
@@ -187,7 +188,7 @@ def records_of(task_id: str, seq_first: int, cols: dict[str, Any]) -> list[LogRe
             numbers[i],
             metadata[i] or {},
             partial[i],
-            record_id(task_id, seqs[i]),
+            ids[i],
             kinds[i],
         )
         for i in range(n)

@@ -21,7 +21,6 @@ from hub.store.base import (
     Incoming,
     LogQuery,
     hub_made,
-    record_id,
     record_ids,
 )
 from keruta.levels import LEVELS
@@ -55,9 +54,11 @@ class TaskProgress:
     inserted_max: int = 0
     counts: dict[tuple[str, str], int] = attrs.field(factory=lambda: defaultdict(int))
 
-    def next_seq(self) -> int:
-        self.batch_max = max(self.max_seq, self.batch_max) + 1
-        return self.batch_max
+    def next_seqs(self, count: int) -> int:
+        """Take the task's next `count` seqs; return the first."""
+        first = max(self.max_seq, self.batch_max) + 1
+        self.batch_max = first + count - 1
+        return first
 
     def durable_after_batch(self) -> int:
         """The watermark after the batch commits: the hub gives every seq
@@ -83,18 +84,12 @@ class ProducerProgress:
 
     def take_run(self, first: int, last: int, seq: int) -> None:
         """Its records `first`..`last` are stored under task seqs from `seq` on by this batch."""
-        self.take(first, seq)
         self.high = last
-        self.new_ranges[-1][1] = last
-
-    def take(self, pseq: int, seq: int) -> None:
-        """Its record `pseq` is stored under task seq `seq` by this batch."""
-        self.high = pseq
-        last = self.new_ranges[-1] if self.new_ranges else None
-        if last is not None and last[1] + 1 == pseq and last[2] + (pseq - last[0]) == seq:
-            last[1] = pseq
+        previous = self.new_ranges[-1] if self.new_ranges else None
+        if previous is not None and previous[1] + 1 == first and previous[2] + (first - previous[0]) == seq:
+            previous[1] = last
         else:
-            self.new_ranges.append([pseq, pseq, seq])
+            self.new_ranges.append([first, last, seq])
 
 
 @attrs.define
@@ -158,20 +153,7 @@ def same_record(a: LogRecord, b: LogRecord) -> bool:
 
 
 def _record(item: Incoming, seq: int) -> LogRecord:
-    # Positional: this runs for every record stored, and keywords cost more.
-    return trusted_record(
-        item.task_id,
-        seq,
-        item.timestamp,
-        item.source,
-        item.level,
-        item.message,
-        item.line_number,
-        item.metadata,
-        item.partial,
-        record_id(item.task_id, seq),
-        item.kind,
-    )
+    return _records([item], seq)[0]
 
 
 def plan_batch(
@@ -217,20 +199,12 @@ def plan_batch(
         # The usual batch is runs of one producer's next seqs: each run is
         # given its task seqs and its range at once.
         end = _run_end(items, index)
-        if end > index + 1:
-            count = end - index
-            task = progress[item.task_id]
-            first = task.next_seq()
-            task.batch_max = first + count - 1
-            run.take_run(pseq, pseq + count - 1, first)
-            plan.records.extend(_records(items[index:end], first))
-            plan.status.extend([INSERTED] * count)
-            skip_to = end
-            continue
-        seq = progress[item.task_id].next_seq()
-        run.take(pseq, seq)
-        plan.records.append(_record(item, seq))
-        plan.status.append(INSERTED)
+        count = end - index
+        first = progress[item.task_id].next_seqs(count)
+        run.take_run(pseq, pseq + count - 1, first)
+        plan.records.extend(_records(items[index:end], first))
+        plan.status.extend([INSERTED] * count)
+        skip_to = end
     return plan
 
 
