@@ -106,8 +106,18 @@ def model_schema(cls: type) -> dict[str, Any]:
     return {"type": "object", "required": required, "properties": properties, **extra}
 
 
+# Rules across fields, as JSON Schema says them: a record that names its
+# producer carries that producer's seq (hub/ingest.py from_requests).
+_CROSS_FIELD: dict[str, dict[str, Any]] = {
+    "LogRequest": {
+        "if": {"required": ["producer"], "properties": {"producer": {"type": "string"}}},
+        "then": {"required": ["seq"], "properties": {"seq": {"type": "integer"}}},
+    },
+}
+
+
 def component_schemas() -> dict[str, Any]:
-    return {name: model_schema(cls) for name, cls in MODELS.items()}
+    return {name: {**model_schema(cls), **_CROSS_FIELD.get(name, {})} for name, cls in MODELS.items()}
 
 
 # --- paths ----------------------------------------------------------------------
@@ -120,6 +130,15 @@ _TASK_ID = {"name": "taskId", "in": "path", "required": True, "schema": {"type":
 _NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 _TIME = {"type": "string", "format": "date-time"}
 _READ = (400, 401, 403, 503)
+# What makes a GET a WebSocket handshake (RFC 6455, 4.1); without it the
+# answer is 426 Upgrade Required.
+_HANDSHAKE = [
+    {"name": "Upgrade", "in": "header", "required": True, "schema": {"type": "string", "enum": ["websocket"]}},
+    {"name": "Connection", "in": "header", "required": True, "schema": {"type": "string", "enum": ["Upgrade"]}},
+    {"name": "Sec-WebSocket-Version", "in": "header", "required": True, "schema": {"type": "string", "enum": ["13"]}},
+    {"name": "Sec-WebSocket-Key", "in": "header", "required": True,
+     "schema": {"type": "string", "pattern": "^[A-Za-z0-9+/]{21}[AQgw]==$"}},
+]
 
 
 def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -144,8 +163,9 @@ def _paths(max_page_size: int, max_batch: int) -> dict[str, Any]:
     text = {"type": "string"}
     post_body = {"oneOf": [_ref("LogRequest"), {"type": "array", "items": _ref("LogRequest"), "minItems": 1, "maxItems": max_batch}]}
     logs_query = [
-        _query("source", {"type": "string", "enum": list(SOURCES)}, "only this source"),
-        _query("level", {"type": "string", "enum": list(LEVELS)}, "only this level"),
+        # Empty is "any", as an HTML form sends an unset choice.
+        _query("source", {"type": "string", "enum": [*SOURCES, ""]}, "only this source (empty: any)"),
+        _query("level", {"type": "string", "enum": [*LEVELS, ""]}, "only this level (empty: any)"),
         _query("page", {"type": "integer", "minimum": 0, "maximum": 10_000_000, "default": 0}, "page number"),
         _query("size", {"type": "integer", "minimum": 1, "maximum": max_page_size, "default": 100}, "page size"),
         _query("from", _TIME, "timestamp >= from"),
@@ -180,7 +200,8 @@ def _paths(max_page_size: int, max_batch: int) -> dict[str, Any]:
         # A plain HTTP GET (no Upgrade) is a 400.
         "/api/v1/ws": {"get": _operation(
             "WebSocket: log, logs, status, subscribe, unsubscribe, ping (see CONTRACT); the token "
-            "may come as the subprotocol bearer.<base64url token> beside keruta", None, (400, 401, 403),
+            "may come as the subprotocol bearer.<base64url token> beside keruta", None, (400, 401, 403, 426),
+            parameters=_HANDSHAKE,
         )},
         "/healthz": {"get": _operation("Liveness", _ref("Health"), public=True)},
         "/metrics": {"get": _operation("Prometheus metrics", text, (401, 403), kind="text/plain")},
@@ -191,9 +212,13 @@ def _paths(max_page_size: int, max_batch: int) -> dict[str, Any]:
     }
 
 
-def openapi_document(max_page_size: int = 1000, max_batch: int = DEFAULT_LIMITS.max_records_per_batch) -> dict[str, Any]:
+def openapi_document(
+    max_page_size: int = 1000, max_batch: int = DEFAULT_LIMITS.max_records_per_batch, tokens_required: bool = True
+) -> dict[str, Any]:
     """The description of what the hub answers; tests run schemathesis
-    against it and validate real answers with its schemas."""
+    against it and validate real answers with its schemas. `tokens_required`:
+    whether this hub was started with tokens; a hub without them enforces
+    none, and its document says so rather than declare auth it ignores."""
     return {
         "openapi": "3.1.0",
         "info": {"title": "keruta hub", "version": __version__},
@@ -204,7 +229,7 @@ def openapi_document(max_page_size: int = 1000, max_batch: int = DEFAULT_LIMITS.
             },
             "schemas": component_schemas(),
         },
-        "security": [{"bearer": []}, {"queryToken": []}],
+        "security": [{"bearer": []}, {"queryToken": []}] if tokens_required else [],
         "paths": _paths(max_page_size, max_batch),
     }
 

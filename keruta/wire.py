@@ -72,9 +72,18 @@ def _make_converter() -> cattrs.Converter:
 
         return check
 
+    def integer(value: Any, _t: Any) -> int:
+        # JSON has one number type: 25537661.0 is an integer to JSON Schema
+        # (and to the OpenAPI document), so it is taken as one; 1.5 is not.
+        if type(value) is int:
+            return value
+        if type(value) is float and value.is_integer():
+            return int(value)
+        raise TypeError("expected int")
+
     # JSON gives us exact types; refuse "1" for an int and 1 for a string.
     conv.register_structure_hook(str, strict(str))
-    conv.register_structure_hook(int, strict(int))
+    conv.register_structure_hook(int, integer)
     conv.register_structure_hook(bool, strict(bool))
 
     def struct_dict(value: Any, _t: Any) -> dict[str, Any]:

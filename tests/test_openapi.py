@@ -49,7 +49,7 @@ def test_constraints_come_from_the_single_definitions() -> None:
     assert schemas["LogRequest"]["required"] == ["message"]
     assert schemas["LogPage"]["properties"]["size"]["minimum"] == 1
     query = {p["name"]: p["schema"] for p in openapi_document()["paths"]["/api/v1/tasks/{taskId}/logs"]["get"]["parameters"]}
-    assert query["source"]["enum"] == list(SOURCES) and query["level"]["enum"] == list(LEVELS)
+    assert query["source"]["enum"] == [*SOURCES, ""] and query["level"]["enum"] == [*LEVELS, ""]
 
 
 def test_the_schemas_accept_what_the_models_produce_and_refuse_drift() -> None:

@@ -69,8 +69,10 @@ def choice_param(name: str, choices: tuple[str, ...]) -> str | None:
 
 def time_param(name: str) -> str | None:
     raw = request.args.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return None
+    # Empty is refused, not read as "absent": `DELETE ...?before=` would
+    # otherwise delete the whole log.
     try:
         return canonical_ts(raw)
     except (ValueError, TypeError):

@@ -59,7 +59,9 @@ def install(app: QuartTrio, *, access: Access, metrics: Metrics, max_frame_bytes
         if status == 413:
             message = f"request body is larger than {max_frame_bytes} bytes"
         metrics.error(code)
-        return json_response({"error": code, "message": message}, status)
+        # A 405 names the methods the resource has (RFC 9110, 15.5.6).
+        allow = dict(exc.get_headers()).get("Allow") if status == 405 else None
+        return json_response({"error": code, "message": message}, status, {"Allow": allow} if allow else None)
 
     @app.errorhandler(StoreUnavailable)
     async def store_unavailable(exc: StoreUnavailable) -> Response:

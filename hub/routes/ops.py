@@ -29,6 +29,6 @@ def blueprint(
 
     @bp.get("/openapi.json")
     async def openapi() -> Response:
-        return json_response(openapi_document(max_page_size))
+        return json_response(openapi_document(max_page_size, tokens_required=not access.authorizer.open))
 
     return bp

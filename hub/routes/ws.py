@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import trio
-from quart import Blueprint, websocket
+from quart import Blueprint, Response, websocket
 
 from hub.auth import WS_SUBPROTOCOL, Role, bearer_token, subprotocol_token
 from hub.deps import ConnectionDeps
 from hub.routes.access import UNAUTHORIZED, Access, origin_refusal
+from hub.routes.common import json_response
 from hub.ws.connection import CLOSE_POLICY, Connection
 from keruta.frames import ErrorFrame
 from keruta.wire import dumps
@@ -47,5 +48,15 @@ def blueprint(*, access: Access, deps: ConnectionDeps) -> Blueprint:
                     await websocket.receive()
             return
         await Connection(deps, websocket._get_current_object(), r).run()  # type: ignore[attr-defined]
+
+    @bp.get("/api/v1/ws")
+    async def not_a_handshake() -> Response:
+        # A plain GET (no Upgrade, or an incomplete handshake Quart does not
+        # route here as a WebSocket): RFC 9110's answer names what to send.
+        return json_response(
+            {"error": "UPGRADE_REQUIRED", "message": "this is the WebSocket endpoint: open it with a WebSocket handshake"},
+            426,
+            {"Upgrade": "websocket", "Connection": "Upgrade"},
+        )
 
     return bp
