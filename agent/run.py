@@ -250,7 +250,8 @@ async def _run_command(
         code = 126 if isinstance(exc, PermissionError) else 127
         message = f"cannot run {settings.command[0]!r}: {exc.strerror or exc}"
         say(message)
-        await recorder.send(AgentLine(f"keruta-agent: {message}"))
+        # ERROR whatever the OS's wording: it is the one line that explains the failure.
+        await recorder.send(AgentLine(f"keruta-agent: {message}", "ERROR"))
         return code
     await recorder.send(Started(child.pid))
     router.child = child

@@ -34,6 +34,8 @@ MAX_MESSAGE = 64 * 1024 * 1024
 # With no frame for this long, ask the REST API whether the task has ended.
 IDLE_CHECK = 5.0
 RECONNECT = Backoff(initial=0.5, factor=2.0, cap=10.0, jitter=0.3)
+# `--no-follow` on a task the hub does not know (2 is for an unreachable or refusing hub).
+NO_SUCH_TASK = 1
 
 RESET = b"\x1b[0m"
 COLOURS = {
@@ -112,13 +114,36 @@ async def tail(
     printer = Printer(out, colour)
     printer.next_seq = settings.from_seq
     try:
+        exists = await _task_exists(settings)
         if not settings.follow:
+            if exists is False:
+                say(f"task {settings.task_id!r} does not exist on the hub at {settings.hub_url}")
+                return NO_SUCH_TASK
             await _history(settings, printer)
             return 0
+        if exists is False:
+            say(f"task {settings.task_id!r} does not exist yet; waiting for it to start (Ctrl-C to stop)")
         return await _follow(settings, printer, say)
     except Fatal as exc:
         say(str(exc))
         return 2
+
+
+async def _task_exists(settings: TailSettings) -> bool | None:
+    """Whether the hub knows the task; None when it cannot tell (unreachable
+    now: following retries, --no-follow's own request reports it)."""
+    url = f"{http_base(settings.hub_url)}/api/v1/tasks/{settings.task_id}"
+    try:
+        await http.get_json(url, token=settings.token)
+    except http.HttpError as exc:
+        if exc.status == 404:
+            return False
+        if exc.status in (400, 401, 403):
+            raise Fatal(f"{url}: {exc}") from None
+        return None
+    except (OSError, ValueError):
+        return None
+    return True
 
 
 async def _history(settings: TailSettings, printer: Printer) -> None:

@@ -73,6 +73,8 @@ async def test_missing_command_is_exit_127_and_reported(
     assert "cannot run" in a.stderr_text
     records = await hubclient.stored(hub, "nf-1")
     assert records[0]["source"] == "agent" and "cannot run" in records[0]["message"]
+    # The one line that explains the failure is an ERROR: `tail --level ERROR` shows it.
+    assert records[0]["level"] == "ERROR"
     assert (await hubclient.task_state(hub, "nf-1"))["exitCode"] == 127
 
 
@@ -197,6 +199,25 @@ async def test_tail_follows_a_running_task_and_exits_with_its_code(
     async with agent(["tail", "tail-1", "--hub", hub.url, "--no-follow", "--from-seq", "11"]) as t3:
         assert await t3.wait() == 0
     assert len(bytes(t3.stdout).decode().splitlines()) == len(printed) - 10
+
+
+async def test_tail_of_a_task_the_hub_does_not_know_says_so(
+    hub: hubclient.TestHub, tmp_path: Path
+) -> None:
+    # --no-follow: nothing to print, said on stderr, and not a success.
+    async with agent(["tail", "no-such-task", "--hub", hub.url, "--no-follow"]) as t:
+        assert await t.wait() == 1
+    assert bytes(t.stdout) == b""
+    assert "task 'no-such-task' does not exist" in t.stderr_text
+    # Following: it says it is waiting, then prints the task once it starts.
+    async with agent(["tail", "later-1", "--hub", hub.url]) as t:
+        with trio.fail_after(30):
+            while "waiting for it to start" not in t.stderr_text:
+                await trio.sleep(0.05)
+        async with agent(run_args(hub.url, "later-1", tmp_path / "s") + ["sh", "-c", "echo hello; exit 3"]) as a:
+            assert await a.wait() == 3
+        assert await t.wait() == 3
+    assert bytes(t.stdout) == b"hello\n"
 
 
 async def test_tail_of_a_task_with_long_lines_joins_pieces(

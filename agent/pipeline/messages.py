@@ -42,9 +42,11 @@ class Started:
 
 @attrs.frozen
 class AgentLine:
-    """A line in the agent's own voice (source `agent`), e.g. "cannot run COMMAND"."""
+    """A line in the agent's own voice (source `agent`), e.g. "cannot run COMMAND".
+    `level`: None to detect it from the text as for any line."""
 
     text: str
+    level: str | None = None
 
 
 @attrs.frozen

@@ -64,7 +64,7 @@ async def record(
                 if message.spooled is not None:
                     message.spooled.set()
             elif isinstance(message, AgentLine):
-                recorder.write_agent(message.text)
+                recorder.write_agent(message.text, level=message.level)
             elif isinstance(message, Started):
                 recorder.metadata = {"processId": message.pid}
             elif isinstance(message, Finished):
@@ -145,13 +145,15 @@ class Recorder:
             "gap",
         )
 
-    def _record(self, source: str, text: str, line_number: int, ts: str, partial: bool) -> bytes:
+    def _record(
+        self, source: str, text: str, line_number: int, ts: str, partial: bool, level: str | None = None
+    ) -> bytes:
         return encode_line(
             self.task_id,
             self.next_seq,
             ts,
             source,
-            determine_level(text),
+            level or determine_level(text),
             text,
             line_number,
             self._metadata,
@@ -230,10 +232,10 @@ class Recorder:
         if dropped:
             self._drop(source, dropped, ts, reason)
 
-    def write_agent(self, text: str, ts: str | None = None) -> None:
+    def write_agent(self, text: str, ts: str | None = None, level: str | None = None) -> None:
         """An `agent`-source record (always written, even past the spool budget)."""
         self.agent_lines += 1
-        payload = self._record("agent", text, self.agent_lines, ts or now_ts(), False)
+        payload = self._record("agent", text, self.agent_lines, ts or now_ts(), False, level)
         self.next_seq += 1
         self._append(self.next_seq - 1, [payload])
 
