@@ -146,7 +146,7 @@ async def _serve_with(store: Store, config: HubConfig, task_status: trio.TaskSta
 async def _watch_signals(shutting_down: trio.Event) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
-            log.warning("received %s: shutting down", signal.Signals(signum).name)
+            # Said once, in the voice of "listening on", whatever the log level.
             print(f"keruta-hub: {signal.Signals(signum).name}, shutting down", file=sys.stderr, flush=True)
             shutting_down.set()
             return

@@ -146,6 +146,8 @@ async def test_sigterm_commits_acks_closes_1001_and_exits_0(hub_process_factory:
     # The writer was still connected: whatever got committed was also acknowledged to it.
     assert stored == list(range(1, acked + 1)), f"stored {len(stored)} records but acked only {acked}"
     assert "Traceback" not in hub.stderr_text, hub.stderr_text
+    # One signal, one message.
+    assert hub.stderr_text.count("shutting down") == 1, hub.stderr_text
 
     # And it starts again on the same database with everything it acknowledged.
     await hub.arestart()
