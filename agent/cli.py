@@ -347,7 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     token = args.token or _env("KERUTA_TOKEN")
 
     if args.subcommand == "run":
-        from agent.run import RunSettings, run, say
+        from agent.run import RunSettings, run
+        from agent.voice import say
 
         command = command if command is not None else args.command
         if command and command[0] == "--":

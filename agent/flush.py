@@ -24,7 +24,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from agent.link.failures import UplinkFailed, describe
+from agent.pipeline.failures import UplinkFailed, describe
 from agent.pipeline.recorder import Recorder
 from agent.pipeline.uplink import Uplink, UplinkSettings
 from agent.spool.lock import SpoolLocked

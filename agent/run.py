@@ -26,33 +26,30 @@ signal if need be): nothing the command started outlives the agent.
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 import subprocess
 import sys
 import tempfile
-import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import attrs
 import trio
 
 from agent import process
 from agent.pipeline.capture import Mirror, capture
+from agent.pipeline.delivery import Delivery, drain
 from agent.pipeline.messages import AgentLine, CaptureMessage, Finished, SpooledMessage, Started
 from agent.pipeline.recorder import Recorder, record
+from agent.pipeline.signals import SignalRouter
+from agent.pipeline.spool_sync import sync_every
 from agent.pipeline.throttle import limit
 from agent.spool.lock import SpoolLocked
 from agent.spool.spool import Spool
+from agent.voice import say
 from keruta.limits import DEFAULT_LIMITS, Limits
 from keruta.masking import Masker
 
-if TYPE_CHECKING:
-    from agent.pipeline.uplink import Uplink
-
-SYNC_INTERVAL = 1.0
 # Channel capacities, in batches: a LineBatch is at most one pipe read (64 KiB
 # of lines); a RecordBatch is a seq range.
 CAPTURE_QUEUE = 16
@@ -60,15 +57,6 @@ SPOOLED_QUEUE = 64
 # After the command exits, its pipes may still be held open by a background
 # process it started; stop reading once they have been quiet this long.
 PIPE_GRACE = 1.0
-
-
-def say(message: str) -> None:
-    """The agent's own voice, on stderr."""
-    try:
-        sys.stderr.write(f"keruta-agent: {message}\n")
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        pass
 
 
 @attrs.define
@@ -144,7 +132,7 @@ async def run(settings: RunSettings, say: Callable[[str], None] = say) -> RunRes
                 to_uplink, uplink_inbox = trio.open_memory_channel[SpooledMessage](SPOOLED_QUEUE)
                 nursery.start_soon(delivery.run, uplink_inbox)
                 nursery.start_soon(limit, limiter_inbox, to_uplink, settings.rate_limit)
-                nursery.start_soon(_sync_loop, spool)
+                nursery.start_soon(sync_every, spool)
                 router = SignalRouter(settings.kill_grace, say)
                 nursery.start_soon(router.run, signals)
                 async with trio.open_nursery() as pipeline:
@@ -155,7 +143,7 @@ async def run(settings: RunSettings, say: Callable[[str], None] = say) -> RunRes
                         await to_recorder.send(Finished("succeeded" if code == 0 else "failed", code))
                 # Everything, the final state included, is in the spool now.
                 if not settings.no_wait:
-                    await _drain(delivery, router, settings.drain_timeout)
+                    await drain(delivery, router, settings.drain_timeout)
                 await router.stopped()
                 nursery.cancel_scope.cancel()
     finally:
@@ -300,154 +288,3 @@ class PipeGrace:
     def exited(self) -> None:
         self.has_exited = True
         self.scope.deadline = trio.current_time() + self.grace
-
-
-class SignalRouter:
-    """The agent's SIGINT/SIGTERM: passed to the command's process group while
-    the command runs, the first one starting the group's `kill_grace` (SIGKILL
-    for what is left of it then); after the command has exited, they cut the
-    wait for the hub short."""
-
-    def __init__(self, kill_grace: float = process.KILL_GRACE, say: Callable[[str], None] = say) -> None:
-        self.child: process.Child | None = None
-        self.drain: trio.CancelScope | None = None
-        self.after_exit = 0
-        self.kill_grace = kill_grace
-        self.say = say
-        # Set once the group a passed-on signal is stopping has ended.
-        self._group_ended: trio.Event | None = None
-
-    async def run(self, signals: object) -> None:
-        async with trio.open_nursery() as nursery:
-            async for signum in signals:  # type: ignore[attr-defined]
-                if self.child is not None:
-                    if process.forward(self.child, signum) and self._group_ended is None:
-                        self._group_ended = trio.Event()
-                        nursery.start_soon(self._stop, self.child, self._group_ended)
-                else:
-                    self.after_exit += 1
-                    if self.drain is not None:
-                        self.drain.cancel()
-
-    async def _stop(self, child: process.Child, ended: trio.Event) -> None:
-        try:
-            if await process.stop(child, self.kill_grace):
-                what = "process group" if child.own_group else "process"
-                self.say(
-                    f"the command's {what} was still running {self.kill_grace:g} s "
-                    "after the signal passed on to it; killed it (SIGKILL)"
-                )
-        finally:
-            ended.set()
-
-    async def stopped(self) -> None:
-        """Wait until what a passed-on signal is stopping has ended: at most
-        `kill_grace`, then KILL_WAIT after the SIGKILL."""
-        if self._group_ended is not None:
-            await self._group_ended.wait()
-
-
-class Delivery:
-    """The uplink of a run, loaded once the command runs.
-
-    Its modules (WebSocket, the wire's codec) are a large part of the agent's
-    start-up, time by which every command would be held back: they are imported
-    in a worker thread while the command already writes, and what the
-    pipeline offers the uplink meanwhile (records spooled, the final state)
-    is kept and handed over. The uplink never ends the run: the command goes
-    on, and the agent exits with its code, whatever happens to delivery.
-    """
-
-    def __init__(self, settings: RunSettings, spool: Spool, say: Callable[[str], None]) -> None:
-        self.settings = settings
-        self.spool = spool
-        self.say = say
-        # What an earlier run left is sendable at once; this run's records
-        # only as the pipeline (its rate limit) lets them through.
-        self.start_seq = spool.last_seq
-        self.available = spool.last_seq
-        self.final: Finished | None = None
-        self.uplink: Uplink | None = None
-        self.failure: Exception | None = None
-        # Set once the uplink has ended, delivered or not.
-        self.stopped = trio.Event()
-
-    @property
-    def delivered(self) -> bool:
-        return self.uplink is not None and self.uplink.delivered.is_set()
-
-    async def run(self, inbox: trio.MemoryReceiveChannel[SpooledMessage]) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._consume, inbox)
-            try:
-                self.uplink = await self._load()
-                if self.available > self.start_seq:
-                    self.uplink.records_available(self.available)
-                if self.final is not None:
-                    self.uplink.finish(self.final.state, self.final.exit_code)
-                await self._deliver(self.uplink)
-            finally:
-                self.stopped.set()
-
-    async def _load(self) -> Uplink:
-        module = await trio.to_thread.run_sync(importlib.import_module, "agent.pipeline.uplink")
-        s = self.settings
-        uplink: Uplink = module.Uplink(
-            self.spool,
-            module.UplinkSettings(
-                hub_url=s.hub_url,
-                task_id=s.task_id,
-                token=s.token,
-                batch_size=s.batch_size,
-                flush_interval=s.flush_interval,
-                max_in_flight_bytes=s.max_in_flight_bytes,
-                limits=s.limits,
-            ),
-            say=self.say,
-            backoff=module.RECONNECT.capped_at(s.reconnect_max),
-            available_seq=self.start_seq,
-        )
-        return uplink
-
-    async def _consume(self, inbox: trio.MemoryReceiveChannel[SpooledMessage]) -> None:
-        """What the rate limiter lets through; it never holds the pipeline up."""
-        with inbox:
-            async for message in inbox:
-                if isinstance(message, Finished):
-                    self.final = message
-                    if self.uplink is not None:
-                        self.uplink.finish(message.state, message.exit_code)
-                else:
-                    self.available = max(self.available, message.last_seq)
-                    if self.uplink is not None:
-                        self.uplink.records_available(message.last_seq)
-
-    async def _deliver(self, uplink: Uplink) -> None:
-        from agent.link.failures import UplinkFailed
-
-        try:
-            await uplink.run()
-        except UplinkFailed as exc:
-            self.failure = exc
-            self.say(f"ERROR: delivery to the hub stopped: {exc}. Output is still spooled, not sent.")
-            if exc.internal:
-                self.say("".join(traceback.format_exception(exc.__cause__ or exc)).rstrip())
-        finally:
-            uplink.stopped.set()
-
-
-async def _drain(delivery: Delivery | Uplink, router: SignalRouter, timeout: float) -> None:
-    """Wait for the hub's acks, up to `timeout`; a signal cuts the wait short,
-    and so does the uplink stopping (delivered, or failed for good)."""
-    with trio.move_on_after(timeout) as scope:
-        router.drain = scope
-        if router.after_exit:
-            scope.cancel()
-        await delivery.stopped.wait()
-
-
-async def _sync_loop(spool: Spool) -> None:
-    while True:
-        await trio.sleep(SYNC_INTERVAL)
-        await spool.sync()
-        spool.save_watermark()

@@ -36,6 +36,9 @@ IDLE_CHECK = 5.0
 RECONNECT = Backoff(initial=0.5, factor=2.0, cap=10.0, jitter=0.3)
 # `--no-follow` on a task the hub does not know (2 is for an unreachable or refusing hub).
 NO_SUCH_TASK = 1
+# Following: how long to wait to learn whether the task exists before
+# subscribing anyway (the subscription's own reconnects handle a silent hub).
+EXISTS_TIMEOUT = 5.0
 
 RESET = b"\x1b[0m"
 COLOURS = {
@@ -114,14 +117,14 @@ async def tail(
     printer = Printer(out, colour)
     printer.next_seq = settings.from_seq
     try:
-        exists = await _task_exists(settings)
         if not settings.follow:
-            if exists is False:
+            await _history(settings, printer)
+            # The hub answered; an empty history may be a task it does not know.
+            if printer.printed == 0 and await _task_exists(settings) is False:
                 say(f"task {settings.task_id!r} does not exist on the hub at {settings.hub_url}")
                 return NO_SUCH_TASK
-            await _history(settings, printer)
             return 0
-        if exists is False:
+        if await _task_exists(settings, EXISTS_TIMEOUT) is False:
             say(f"task {settings.task_id!r} does not exist yet; waiting for it to start (Ctrl-C to stop)")
         return await _follow(settings, printer, say)
     except Fatal as exc:
@@ -129,12 +132,12 @@ async def tail(
         return 2
 
 
-async def _task_exists(settings: TailSettings) -> bool | None:
-    """Whether the hub knows the task; None when it cannot tell (unreachable
-    now: following retries, --no-follow's own request reports it)."""
+async def _task_exists(settings: TailSettings, timeout: float = http.TIMEOUT) -> bool | None:
+    """Whether the hub knows the task; None when it cannot tell (it is not
+    answering now: following retries on its own)."""
     url = f"{http_base(settings.hub_url)}/api/v1/tasks/{settings.task_id}"
     try:
-        await http.get_json(url, token=settings.token)
+        await http.get_json(url, token=settings.token, timeout=timeout)
     except http.HttpError as exc:
         if exc.status == 404:
             return False

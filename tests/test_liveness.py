@@ -28,8 +28,8 @@ import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from agent.http import system_tls
-from agent.link.failures import UplinkFailed
 from agent.link.framing import fit_frame
+from agent.pipeline.failures import UplinkFailed
 from agent.pipeline.uplink import Uplink, UplinkSettings
 from agent.spool.spool import Spool
 from agent.tail import TailSettings, tail

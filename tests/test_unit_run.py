@@ -9,9 +9,11 @@ from pathlib import Path
 import trio
 import trio.testing
 
-from agent import run as agent_run
+from agent.pipeline import spool_sync
+from agent.pipeline.delivery import drain
+from agent.pipeline.signals import SignalRouter
 from agent.pipeline.uplink import Uplink, UplinkSettings
-from agent.run import PIPE_GRACE, PipeGrace, SignalRouter, _drain
+from agent.run import PIPE_GRACE, PipeGrace
 from agent.spool.spool import Spool
 
 
@@ -71,7 +73,7 @@ def _uplink(tmp_path: Path) -> Uplink:
 async def test_drain_waits_at_most_its_timeout(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
     uplink = _uplink(tmp_path)
     start = trio.current_time()
-    await _drain(uplink, SignalRouter(), 30.0)
+    await drain(uplink, SignalRouter(), 30.0)
     assert trio.current_time() - start == 30.0
     uplink.spool.close()
 
@@ -80,7 +82,7 @@ async def test_drain_ends_when_the_uplink_stops(tmp_path: Path, autojump_clock: 
     uplink = _uplink(tmp_path)
     start = trio.current_time()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_drain, uplink, SignalRouter(), 30.0)
+        nursery.start_soon(drain, uplink, SignalRouter(), 30.0)
         await trio.sleep(2.0)
         uplink.stopped.set()
     assert trio.current_time() - start == 2.0
@@ -96,7 +98,7 @@ async def test_a_signal_after_the_exit_cuts_the_drain_short(
     start = trio.current_time()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(router.run, receive)
-        nursery.start_soon(_drain, uplink, router, 30.0)
+        nursery.start_soon(drain, uplink, router, 30.0)
         await trio.sleep(3.0)
         await send.send(signal.SIGTERM)
         await trio.sleep(0)  # let the router pass it on
@@ -112,11 +114,11 @@ async def test_a_signal_before_the_drain_starts_skips_it(tmp_path: Path, autojum
     router = SignalRouter()
     router.after_exit = 1
     start = trio.current_time()
-    await _drain(uplink, router, 30.0)
+    await drain(uplink, router, 30.0)
     assert trio.current_time() == start
     uplink.spool.close()
 
 
 def test_sync_interval_is_a_second() -> None:
     # The spool syncer's period is what bounds how much a power cut can cost.
-    assert agent_run.SYNC_INTERVAL == 1.0
+    assert spool_sync.SYNC_INTERVAL == 1.0

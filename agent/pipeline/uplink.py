@@ -24,7 +24,6 @@ import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
 from agent.hubaddr import auth_headers, ws_url
-from agent.link.failures import UplinkFailed, describe, first_permanent, is_transient
 from agent.link.framing import fill_gaps
 from agent.link.protocol import (
     Delivered,
@@ -33,6 +32,7 @@ from agent.link.protocol import (
     SendFrame,
     UplinkProtocol,
 )
+from agent.pipeline.failures import UplinkFailed, describe, first_permanent, is_transient
 from agent.pipeline.messages import RecordBatch, SpooledMessage
 from agent.spool.spool import Spool
 from keruta.backoff import Backoff

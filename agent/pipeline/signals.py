@@ -1,0 +1,58 @@
+"""The signal router: an actor whose inbox is the agent's SIGINT/SIGTERM
+receiver. While the command runs, a signal goes to its process group (the
+first one starting the group's `kill_grace`); after the command has exited, a
+signal cuts the wait for the hub short."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import trio
+
+from agent import process
+from agent.voice import say
+
+
+class SignalRouter:
+    """The agent's SIGINT/SIGTERM: passed to the command's process group while
+    the command runs, the first one starting the group's `kill_grace` (SIGKILL
+    for what is left of it then); after the command has exited, they cut the
+    wait for the hub short."""
+
+    def __init__(self, kill_grace: float = process.KILL_GRACE, say: Callable[[str], None] = say) -> None:
+        self.child: process.Child | None = None
+        self.drain: trio.CancelScope | None = None
+        self.after_exit = 0
+        self.kill_grace = kill_grace
+        self.say = say
+        # Set once the group a passed-on signal is stopping has ended.
+        self._group_ended: trio.Event | None = None
+
+    async def run(self, signals: object) -> None:
+        async with trio.open_nursery() as nursery:
+            async for signum in signals:  # type: ignore[attr-defined]
+                if self.child is not None:
+                    if process.forward(self.child, signum) and self._group_ended is None:
+                        self._group_ended = trio.Event()
+                        nursery.start_soon(self._stop, self.child, self._group_ended)
+                else:
+                    self.after_exit += 1
+                    if self.drain is not None:
+                        self.drain.cancel()
+
+    async def _stop(self, child: process.Child, ended: trio.Event) -> None:
+        try:
+            if await process.stop(child, self.kill_grace):
+                what = "process group" if child.own_group else "process"
+                self.say(
+                    f"the command's {what} was still running {self.kill_grace:g} s "
+                    "after the signal passed on to it; killed it (SIGKILL)"
+                )
+        finally:
+            ended.set()
+
+    async def stopped(self) -> None:
+        """Wait until what a passed-on signal is stopping has ended: at most
+        `kill_grace`, then KILL_WAIT after the SIGKILL."""
+        if self._group_ended is not None:
+            await self._group_ended.wait()

@@ -1,0 +1,18 @@
+"""The spool's fsync timer: not an actor (it has no inbox), a loop the run's
+nursery owns, so records are durable within SYNC_INTERVAL of being spooled
+without an fsync per append."""
+
+from __future__ import annotations
+
+import trio
+
+from agent.spool.spool import Spool
+
+SYNC_INTERVAL = 1.0
+
+
+async def sync_every(spool: Spool, interval: float = SYNC_INTERVAL) -> None:
+    while True:
+        await trio.sleep(interval)
+        await spool.sync()
+        spool.save_watermark()
