@@ -131,7 +131,7 @@ async def flush_task(settings: FlushSettings, task_id: str, say: Callable[[str],
                 "keruta-agent: the agent stopped before the command finished; "
                 "its final state is unknown"
             )
-            spool.set_final("failed", None)
+            await spool.set_final("failed", None)
             final = spool.meta["final"]
         hub = settings.hub_url or spool.meta.get("hubUrl") or settings.fallback_hub_url
         pending = spool.unacked

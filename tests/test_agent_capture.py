@@ -67,7 +67,7 @@ def test_seq_continues_after_what_the_spool_holds(tmp_path: Path) -> None:
     spool.close()
 
 
-def test_full_spool_drops_counts_and_records_the_gap(tmp_path: Path) -> None:
+async def test_full_spool_drops_counts_and_records_the_gap(tmp_path: Path) -> None:
     spool = Spool.open(tmp_path, "t", max_bytes=4096)
     said: list[str] = []
     rec = Recorder(spool, "t", say=said.append, clock=lambda: 0.0)
@@ -77,8 +77,10 @@ def test_full_spool_drops_counts_and_records_the_gap(tmp_path: Path) -> None:
     assert rec.dropped_total > 0
     assert any("SPOOL FULL" in s for s in said)
     kept = rec.written
-    # The hub catches up: space comes back, the next line is preceded by the gap record.
+    # The hub catches up: space comes back (at the sync that makes the watermark
+    # durable), the next line is preceded by the gap record.
     spool.release(spool.last_seq)
+    await spool.sync()
     rec.write("stdout", numbering.number([Line("after")]))
     records = read_all(spool)
     notice, after = records[-2], records[-1]
@@ -263,7 +265,7 @@ def test_agent_line_run_stored_and_split_gives_the_same_records(lines: list[str]
     assert got == want
 
 
-def test_agent_blocks_fill_the_spool_then_drop_as_one_gap(tmp_path: Path) -> None:
+async def test_agent_blocks_fill_the_spool_then_drop_as_one_gap(tmp_path: Path) -> None:
     """Plain lines spooled as read (Blocks) obey the budget like any: what does
     not fit is dropped, counted and recorded as one gap before the next line
     kept; every seq is a record, every line is kept or counted."""
@@ -279,6 +281,7 @@ def test_agent_blocks_fill_the_spool_then_drop_as_one_gap(tmp_path: Path) -> Non
     assert [r["message"] for r in kept] == [line.decode() for line in lines[: len(kept)]]
     assert [r["lineNumber"] for r in kept] == list(range(1, len(kept) + 1))
     spool.release(spool.last_seq)
+    await spool.sync()
     rec.write("stdout", numbering.number([Block.of([b"after"])]))
     notice, after = read_all(spool)[-2:]
     assert notice["kind"] == "gap" and notice["metadata"]["gap"]["lines"] == rec.dropped_total

@@ -84,16 +84,21 @@ def test_out_of_order_append_is_refused(tmp_path: Path) -> None:
     spool.close()
 
 
-def test_release_deletes_acknowledged_segments(tmp_path: Path) -> None:
+async def test_release_deletes_acknowledged_segments_once_the_watermark_is_durable(tmp_path: Path) -> None:
     spool = open_spool(tmp_path, segment_bytes=4096, max_bytes=1 << 20)
     fill(spool, 1, 400)
     before = spool.used_bytes
     segments = len(spool.segments)
     spool.release(200)
     assert spool.acked_seq == 200
+    # Not before the watermark is fsynced, which the next sync does off the event loop.
+    assert len(spool.segments) == segments
+    await spool.sync()
+    assert int((tmp_path / "task-1" / "acked").read_text()) == 200
     assert len(spool.segments) < segments and spool.used_bytes < before
     assert seqs(spool.read(201, 1000, 1 << 20)) == list(range(201, 401))
     spool.release(400)
+    await spool.sync()
     assert spool.used_bytes == 0 or len(spool.segments) <= 1
     spool.save_watermark()
     spool.close()
@@ -195,7 +200,7 @@ def test_garbage_file_never_crashes_opening(tmp_path: Path) -> None:
     spool.close()
 
 
-def test_budget(tmp_path: Path) -> None:
+async def test_budget(tmp_path: Path) -> None:
     spool = open_spool(tmp_path, max_bytes=10_000)
     frame = spool.frame_size(len(payload(1)))
     # The budget covers the whole directory: task.json is in it from the start.
@@ -206,6 +211,7 @@ def test_budget(tmp_path: Path) -> None:
     fill(spool, 1, n)
     assert not spool.has_room(frame)
     spool.release(n)
+    await spool.sync()
     assert spool.has_room(frame)
     spool.close()
 
@@ -218,15 +224,15 @@ def test_one_process_per_task(tmp_path: Path) -> None:
     open_spool(tmp_path).close()
 
 
-def test_final_state_and_listing(tmp_path: Path) -> None:
+async def test_final_state_and_listing(tmp_path: Path) -> None:
     spool = open_spool(tmp_path)
-    spool.set_final("failed", 3)
+    await spool.set_final("failed", 3)
     spool.close()
     assert spooled_tasks(tmp_path) == ["task-1"]
     again = open_spool(tmp_path)
     assert again.meta["final"] == {"state": "failed", "exitCode": 3, "lastSeq": 0}
     assert again.meta["hubUrl"] == "http://hub:1"
-    again.mark_final_delivered()
+    await again.mark_final_delivered()
     again.remove()
     assert spooled_tasks(tmp_path) == []
     assert not (tmp_path / "task-1").exists()
@@ -296,13 +302,13 @@ def test_agent_spool_run_frames_read_back_like_single_ones(tmp_path: Path) -> No
     again.close()
 
 
-def test_agent_spool_a_damaged_end_after_the_run_finished_keeps_its_seqs(tmp_path: Path) -> None:
+async def test_agent_spool_a_damaged_end_after_the_run_finished_keeps_its_seqs(tmp_path: Path) -> None:
     """Issue 17: the final state records the last seq, so a corrupt last frame
     cut off on reopening leaves its seqs used (sent as "lost" records), not
     silently gone, and never given to other records."""
     spool = open_spool(tmp_path)
     fill(spool, 1, 6)
-    spool.set_final("succeeded", 0)
+    await spool.set_final("succeeded", 0)
     spool.close()
     seg = next(tmp_path.glob("task-1/*.seg"))
     data = bytearray(seg.read_bytes())

@@ -254,6 +254,7 @@ def test_hub_refuses_a_name_that_only_looks_like_loopback(tmp_path: Path) -> Non
 SPOOL_WORKER = r"""
 import os, sys
 from pathlib import Path
+import trio
 from agent.spool.lock import SpoolLocked
 from agent.spool.spool import Spool
 
@@ -273,7 +274,7 @@ for _ in range(rounds):
         shared += 1
         mine = False
     spool.append([(spool.last_seq + 1, b'{"message": "x"}')])
-    spool.set_final("succeeded", 0)
+    trio.run(spool.set_final, "succeeded", 0)
     if not (spool.dir / "task.json").exists():
         lost += 1
     if mine:

@@ -153,7 +153,7 @@ async def test_two_hubs_a_stale_running_never_overwrites_a_final_state(pg_url):
 # --- the spool --------------------------------------------------------------
 
 
-def test_the_spool_keeps_its_highest_seq_when_its_segments_go(tmp_path: Path) -> None:
+async def test_the_spool_keeps_its_highest_seq_when_its_segments_go(tmp_path: Path) -> None:
     spool = Spool.open(tmp_path, "t1", max_bytes=64 * 1024)
     producer = spool.producer
     payload = b"x" * 200
@@ -161,6 +161,7 @@ def test_the_spool_keeps_its_highest_seq_when_its_segments_go(tmp_path: Path) ->
     for seq in range(1, 297):
         spool.append([(seq, payload)])
     spool.release(296)
+    await spool.sync()
     assert not list(spool.dir.glob("*.seg")), "acknowledged segments are deleted"
     # Killed here: no save_watermark, no orderly close (close() only releases fds).
     spool.close()

@@ -121,12 +121,13 @@ async def test_the_budget_and_the_warning_measure_the_spool_on_disk(tmp_path: Pa
     assert f"--spool-max-bytes {BUDGET:,}" in a.stderr_text or f"--spool-max-bytes {BUDGET}" in a.stderr_text
 
 
-def test_a_reopened_spool_counts_everything_in_its_directory(tmp_path: Path) -> None:
+async def test_a_reopened_spool_counts_everything_in_its_directory(tmp_path: Path) -> None:
     spool = Spool.open(tmp_path, "t", hub_url="http://hub:1", max_bytes=1 << 20, segment_bytes=4096)
     for seq in range(1, 301):
         spool.append([(seq, b'{"message":"%d"}' % seq)])
-    spool.set_final("succeeded", 0)
+    await spool.set_final("succeeded", 0)
     spool.release(150)
+    await spool.sync()
     assert spool.used_bytes == on_disk(tmp_path / "t")
     spool.close()
     again = Spool.open(tmp_path, "t", max_bytes=1 << 20, segment_bytes=4096)
@@ -134,7 +135,7 @@ def test_a_reopened_spool_counts_everything_in_its_directory(tmp_path: Path) -> 
     again.close()
 
 
-def test_each_run_of_drops_is_one_gap_record_where_it_happened(tmp_path: Path) -> None:
+async def test_each_run_of_drops_is_one_gap_record_where_it_happened(tmp_path: Path) -> None:
     spool = Spool.open(tmp_path, "t", max_bytes=8192)
     rec = Recorder(spool, "t", clock=lambda: 0.0)
     numbering = LineNumbering()
@@ -149,7 +150,8 @@ def test_each_run_of_drops_is_one_gap_record_where_it_happened(tmp_path: Path) -
 
     n = fill(0)
     records = read(0)
-    spool.release(spool.last_seq)  # the hub caught up: room again
+    spool.release(spool.last_seq)  # the hub caught up: room again, once the watermark is durable
+    await spool.sync()
     n = fill(n)
     rec.finish()
     records += read(records[-1]["seq"])

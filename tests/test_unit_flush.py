@@ -31,8 +31,8 @@ async def test_nothing_to_deliver(tmp_path: Path) -> None:
 
 async def test_a_delivered_spool_is_removed_without_asking_a_hub(tmp_path: Path) -> None:
     spool = Spool.open(tmp_path, "done", hub_url=f"http://127.0.0.1:{free_port()}")
-    spool.set_final("succeeded", 0)
-    spool.mark_final_delivered()
+    await spool.set_final("succeeded", 0)
+    await spool.mark_final_delivered()
     spool.close()
     lines, say = said()
     assert await flush(FlushSettings(tmp_path), say=say) == 0  # type: ignore[arg-type]
@@ -53,7 +53,7 @@ async def test_a_spool_its_agent_holds_is_left_alone(tmp_path: Path) -> None:
 async def test_an_unreachable_hub_keeps_the_spool_and_fails(tmp_path: Path) -> None:
     spool = Spool.open(tmp_path, "stuck", hub_url=f"http://127.0.0.1:{free_port()}")
     Recorder(spool, "stuck").write_agent("a line")
-    spool.set_final("succeeded", 0)
+    await spool.set_final("succeeded", 0)
     spool.close()
     lines, say = said()
     with trio.fail_after(60):

@@ -69,7 +69,7 @@ async def record(
                 recorder.metadata = {"processId": message.pid}
             elif isinstance(message, Finished):
                 recorder.finish()
-                recorder.spool.set_final(message.state, message.exit_code)
+                await recorder.spool.set_final(message.state, message.exit_code)
             if recorder.next_seq > first:
                 await outbox.send(RecordBatch(first, recorder.next_seq - 1))
             if isinstance(message, Finished):

@@ -225,7 +225,7 @@ class _Session:
                 if frame is not None:
                     await self.send(frame)
             elif isinstance(action, Delivered):
-                spool.mark_final_delivered()
+                await spool.mark_final_delivered()
                 up.delivered.set()
                 return
             else:

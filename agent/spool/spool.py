@@ -88,7 +88,11 @@ class Spool:
         self._unsynced: list[int] = []  # dup'ed fds written since the last sync
         self._dirty = False
         self._saved_ack = 0
-        self._ack_durable = True
+        # The highest acked seq whose watermark is on disk and fsynced: only
+        # segments at or below it may be deleted (the watermark must outlive
+        # them: it is all that remembers their seqs were used).
+        self._durable_ack = 0
+        self._meta_lock = trio.Lock()
         self._lock_fd: int | None = None
         self._used = 0  # bytes in segment files
         self._small: dict[str, int] = {}  # task.json and acked: their sizes
@@ -134,7 +138,8 @@ class Spool:
             except OSError:
                 pass
         if changed:
-            self._save_meta()
+            # At open, before the run's tasks start: nothing waits on this thread yet.
+            self._write_meta()
         try:
             self.acked_seq = int((self.dir / "acked").read_text().strip() or 0)
         except FileNotFoundError:
@@ -143,6 +148,7 @@ class Spool:
             self.warn(f"spool {self.dir}: unreadable ack watermark ({exc}); resending everything")
             self.acked_seq = 0
         self._saved_ack = self.acked_seq
+        self._durable_ack = self.acked_seq
         self.last_seq = self.acked_seq
         for path in sorted(self.dir.glob("*" + SEGMENT_SUFFIX)):
             try:
@@ -302,25 +308,43 @@ class Spool:
             os.close(seg.fd)
             seg.fd = None
 
-    def set_final(self, state: str, exit_code: int | None) -> None:
+    async def set_final(self, state: str, exit_code: int | None) -> None:
         # With the last seq: a reopened spool whose tail was damaged still
         # knows how many records it held, and sends a "lost" record for each.
         self.meta["final"] = {"state": state, "exitCode": exit_code, "lastSeq": self.last_seq}
-        self._save_meta()
+        await self._save_meta()
 
-    def mark_final_delivered(self) -> None:
+    async def mark_final_delivered(self) -> None:
         if self.meta.get("final") is not None:
             self.meta["final"]["delivered"] = True
-            self._save_meta()
+            await self._save_meta()
 
-    def _save_meta(self) -> None:
+    async def _save_meta(self) -> None:
+        """task.json, fsynced before it replaces the old one (it names the
+        producer: a torn one would make a resend look new), in a worker thread."""
+        async with self._meta_lock:
+            await trio.to_thread.run_sync(self._write_meta)
+
+    def _write_meta(self) -> None:
+        data = orjson.dumps(self.meta)
         try:
-            self._write_small("task.json", orjson.dumps(self.meta), durable=True)
+            write_atomically(self.dir / "task.json", data, durable=True)
         except OSError as exc:
             self.warn(f"spool {self.dir}: cannot save task.json: {exc}")
+        else:
+            self._small["task.json"] = len(data)
 
     async def sync(self) -> None:
-        """fsync what was written since the last call, in a worker thread."""
+        """fsync what was written since the last call, and make the ack
+        watermark durable, in a worker thread; then delete the segments the
+        durable watermark covers."""
+        acked = self.acked_seq
+        if acked > self._durable_ack:
+            if await trio.to_thread.run_sync(self._persist_watermark, acked):
+                self._small["acked"] = len(f"{acked}\n")
+                self._saved_ack = acked
+                self._durable_ack = max(self._durable_ack, acked)
+                self._delete_acked_segments()
         if not self._dirty:
             return
         fds = self._unsynced
@@ -356,7 +380,8 @@ class Spool:
             return
         self.acked_seq = min(seq, self.last_seq) if seq > self.last_seq else seq
         self._recent.release(self.acked_seq)
-        self._delete_acked_segments()
+        # The segments go at the next sync, once the watermark is durable:
+        # its fsync does not run here, on the event loop.
 
     @property
     def producer(self) -> str:
@@ -366,20 +391,12 @@ class Spool:
 
     def _delete_acked_segments(self) -> None:
         keep = []
-        persisted = False
         for i, seg in enumerate(self.segments):
             is_active = i == len(self.segments) - 1
-            done = seg.last_seq <= self.acked_seq
+            done = seg.last_seq <= self._durable_ack
             # The active segment goes too once it is worth it: a fresh one starts
             # at the next append.
             if done and (not is_active or seg.size >= self.segment_bytes // 4 or seg.size == 0):
-                if not persisted:
-                    # The watermark must outlive the segments: it is all that
-                    # remembers their seqs were used.
-                    if not self._persist_watermark():
-                        keep.extend(self.segments[i:])
-                        break
-                    persisted = True
                 if self._cursor is not None and self._cursor[0] is seg:
                     self._cursor = None
                 self._used -= seg.size
@@ -392,12 +409,11 @@ class Spool:
                 keep.append(seg)
         self.segments = keep
 
-    def _persist_watermark(self) -> bool:
-        """Write the ack watermark and fsync it and its directory; False if that failed."""
-        if self._saved_ack == self.acked_seq and self._ack_durable:
-            return True
+    def _persist_watermark(self, acked: int) -> bool:
+        """Write the ack watermark `acked` and fsync it and its directory (in a
+        worker thread); False if that failed."""
         try:
-            self._write_small("acked", f"{self.acked_seq}\n".encode(), durable=True)
+            write_atomically(self.dir / "acked", f"{acked}\n".encode(), durable=True)
             fd = os.open(self.dir, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -406,8 +422,6 @@ class Spool:
         except OSError as exc:
             self.warn(f"spool {self.dir}: cannot save the ack watermark: {exc}")
             return False
-        self._saved_ack = self.acked_seq
-        self._ack_durable = True
         return True
 
     def _write_small(self, name: str, data: bytes, durable: bool = False) -> None:
@@ -423,7 +437,6 @@ class Spool:
                 self.warn(f"spool {self.dir}: cannot save the ack watermark: {exc}")
                 return
             self._saved_ack = self.acked_seq
-            self._ack_durable = False
 
     # --- reading --------------------------------------------------------------
 
