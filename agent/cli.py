@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
-import re
 import sys
 import uuid
 from collections.abc import Sequence
@@ -16,6 +14,7 @@ import trio
 
 from agent.hubaddr import BadHubUrl, http_base
 from agent.spool.root import default_root
+from keruta.cliargs import number, size
 from keruta.levels import LEVELS
 from keruta.limits import MAX_SEQ
 from keruta.records import SOURCES, TASK_ID_RULE, valid_task_id
@@ -58,60 +57,16 @@ def _env(name: str, default: str | None = None) -> str | None:
     return value if value else default
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return value
-
-
-def _seq(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= MAX_SEQ:
-        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_SEQ}")
-    return value
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = _finite(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _finite(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
+_positive_int = number(int, 1)
+_seq = number(int, 1, high=MAX_SEQ)
+_non_negative_float = number(float, 0)
+_positive_float = number(float, 0, strict=True)
 
 
 def _task_id(text: str) -> str:
     if not valid_task_id(text):
         raise argparse.ArgumentTypeError(f"a task id is {TASK_ID_RULE}")
     return text
-
-
-# Bytes, with an optional K/M/G suffix (powers of 1024) and an optional "B"/"iB".
-_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmg]?)(?:i?b)?", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
-
-def _size(text: str) -> int:
-    match = _SIZE.fullmatch(text.strip())
-    if match is None:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500M, 1G)")
-    value = int(float(match[1]) * _UNITS[match[2].lower()])
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
 
 
 def _hub_args(p: argparse.ArgumentParser) -> None:
@@ -160,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--spool-max-bytes",
         metavar="SIZE",
-        type=_size,
+        type=size,
         default=1 << 30,
         help="disk budget of the task's spool, e.g. 500M (default 1G); "
         "past it lines are dropped and counted",
@@ -218,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--max-in-flight-bytes",
         metavar="SIZE",
-        type=_size,
+        type=size,
         default=4 << 20,
         help="most bytes of records sent and not yet acknowledged by the hub, e.g. 8M "
         "(default 4M); a quiet line always goes at once",

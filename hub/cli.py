@@ -5,15 +5,14 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import math
 import os
 import sys
-from collections.abc import Callable
 
 import trio
 
 from hub.config import HubConfig
 from hub.origin import normalize_origin
+from keruta.cliargs import number
 
 DESCRIPTION = """\
 Run the keruta hub: receives log records from keruta-agent over WebSocket
@@ -46,27 +45,6 @@ def _env_int(name: str, default: int) -> int:
         raise SystemExit(f"keruta-hub: {name}={raw!r} is not an integer") from None
 
 
-def _number(
-    kind: Callable[[str], float], low: float, *, strict: bool = False, high: float | None = None
-) -> Callable[[str], float]:
-    """An argparse type: a finite `kind` >= low (> low when `strict`, <= high)."""
-
-    def parse(text: str) -> float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-        if value < low or (strict and value == low):
-            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g}, got {text}")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"must be <= {high:g}, got {text}")
-        return value
-
-    return parse
-
-
 # GET /logs reads `page * size` rows into the store's offset: keep it in int64.
 MAX_PAGE_SIZE = 100_000
 
@@ -78,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default=os.environ.get("KERUTA_HOST", "127.0.0.1"),
                    help="address to listen on (default 127.0.0.1; env KERUTA_HOST)")
-    p.add_argument("--port", type=_number(int, 0, high=65535), default=_env_int("KERUTA_PORT", 8080),
+    p.add_argument("--port", type=number(int, 0, high=65535), default=_env_int("KERUTA_PORT", 8080),
                    help="port to listen on; 0 picks a free one (default 8080; env KERUTA_PORT)")
     p.add_argument("--db", default=os.environ.get("KERUTA_DB", "sqlite:///keruta.db"),
                    help="store URL: sqlite:///PATH (default sqlite:///keruta.db) or "
@@ -93,50 +71,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-origin", action="append", default=[], metavar="URL",
                    help="a browser origin (scheme://host[:port]) besides the hub's own whose "
                         "pages may open WebSockets and send POST/DELETE; repeatable")
-    p.add_argument("--retention-days", type=_number(float, 0, strict=True), default=None,
+    p.add_argument("--retention-days", type=number(float, 0, strict=True), default=None,
                    help="delete records older than this many days (default: keep everything)")
-    p.add_argument("--retention-interval", type=_number(float, 0, strict=True), default=3600.0,
+    p.add_argument("--retention-interval", type=number(float, 0, strict=True), default=3600.0,
                    help="seconds between retention passes (default 3600)")
-    p.add_argument("--rate-limit", type=_number(float, 0), default=0.0,
+    p.add_argument("--rate-limit", type=number(float, 0), default=0.0,
                    help="records per second per task on ingest; WebSocket senders are slowed, "
                         "REST gets 429 with Retry-After; 0 = unlimited (default)")
-    p.add_argument("--rate-burst", type=_number(int, 1), default=5000,
+    p.add_argument("--rate-burst", type=number(int, 1), default=5000,
                    help="records a task may send at once above the rate (default 5000)")
-    p.add_argument("--subscriber-queue", type=_number(int, 1), default=256,
+    p.add_argument("--subscriber-queue", type=number(int, 1), default=256,
                    help="frames queued per WebSocket before a slow subscriber is told "
                         "SLOW_CONSUMER and closed (default 256)")
-    p.add_argument("--subscriber-queue-bytes", type=_number(int, 1), default=16 * 1024 * 1024,
+    p.add_argument("--subscriber-queue-bytes", type=number(int, 1), default=16 * 1024 * 1024,
                    help="bytes of frames queued per WebSocket, replies to its writes included, "
                         "before a slow subscriber is told SLOW_CONSUMER and closed (default 16 MiB)")
-    p.add_argument("--max-subscriptions", type=_number(int, 1), default=100,
+    p.add_argument("--max-subscriptions", type=number(int, 1), default=100,
                    help="subscriptions one WebSocket may hold; past it a subscribe gets "
                         "TOO_MANY_SUBSCRIPTIONS (default 100)")
-    p.add_argument("--max-page-size", type=_number(int, 1, high=MAX_PAGE_SIZE), default=1000,
+    p.add_argument("--max-page-size", type=number(int, 1, high=MAX_PAGE_SIZE), default=1000,
                    help=f"largest `size` GET /logs accepts (default 1000, at most {MAX_PAGE_SIZE})")
-    p.add_argument("--write-batch-size", type=_number(int, 1), default=2000,
+    p.add_argument("--write-batch-size", type=number(int, 1), default=2000,
                    help="most records committed in one transaction (default 2000)")
-    p.add_argument("--write-flush-interval", type=_number(float, 0), default=0.0,
+    p.add_argument("--write-flush-interval", type=number(float, 0), default=0.0,
                    help="seconds the writer waits for more records before committing; "
                         "0 commits as soon as it is idle (default 0)")
-    p.add_argument("--post-timeout", type=_number(float, 0, strict=True), default=8.0,
+    p.add_argument("--post-timeout", type=number(float, 0, strict=True), default=8.0,
                    help="seconds a REST POST waits for its commit before it is withdrawn and "
                         "answered 503 (not stored; safe to retry) (default 8)")
-    p.add_argument("--body-timeout", type=_number(float, 0, strict=True), default=30.0,
+    p.add_argument("--body-timeout", type=number(float, 0, strict=True), default=30.0,
                    help="seconds a request body (after its token was checked) may take to "
                         "arrive; then the request is answered 408 and its connection "
                         "closed (default 30)")
-    p.add_argument("--store-retry-max", type=_number(float, 0, strict=True), default=5.0,
+    p.add_argument("--store-retry-max", type=number(float, 0, strict=True), default=5.0,
                    help="longest wait, in seconds, between the writer's attempts to commit "
                         "while the store is unavailable; the waits grow from 0.2 s up to it "
                         "(default 5)")
-    p.add_argument("--db-timeout", type=_number(float, 0, strict=True), default=30.0,
+    p.add_argument("--db-timeout", type=number(float, 0, strict=True), default=30.0,
                    help="PostgreSQL: seconds the hub waits for the database to answer a command "
                         "or a new connection; a connection silent for longer is judged dead and "
                         "dropped (default 30)")
-    p.add_argument("--db-ping-interval", type=_number(float, 0, strict=True), default=15.0,
+    p.add_argument("--db-ping-interval", type=number(float, 0, strict=True), default=15.0,
                    help="PostgreSQL: seconds without a notice after which the hub checks that its "
                         "LISTEN connection still answers (default 15)")
-    p.add_argument("--ping-interval", type=_number(float, 0, strict=True), default=5.0,
+    p.add_argument("--ping-interval", type=number(float, 0, strict=True), default=5.0,
                    help="seconds between the pings sent on each WebSocket, which notice a "
                         "peer that vanished without closing (default 5)")
     p.add_argument("--log-level", default="WARNING", help="hub's own log level (default WARNING)")

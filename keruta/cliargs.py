@@ -1,0 +1,49 @@
+"""argparse types shared by keruta-agent and keruta-hub: numbers within
+bounds and sizes, with messages that say what was wrong."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from collections.abc import Callable
+from typing import TypeVar
+
+N = TypeVar("N", int, float)
+
+
+def number(
+    kind: Callable[[str], N], low: float, *, strict: bool = False, high: float | None = None
+) -> Callable[[str], N]:
+    """An argparse type: a finite `kind` >= low (> low when `strict`, <= high)."""
+
+    def parse(text: str) -> N:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g}, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high:g}, got {text}")
+        return value
+
+    return parse
+
+
+# Bytes, with an optional K/M/G suffix (powers of 1024) and an optional "B"/"iB".
+_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmg]?)(?:i?b)?", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def size(text: str) -> int:
+    """An argparse type: a size in bytes > 0, e.g. 4096, 500M, 1G."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500M, 1G)")
+    value = int(float(match[1]) * _UNITS[match[2].lower()])
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
