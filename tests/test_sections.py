@@ -40,9 +40,13 @@ T2 = "2026-01-01T00:00:03.000000Z"
         ),
         (
             "\x1b[0Ksection_start:1700000000:build\r\x1b[0KBuilding it",
+            Marker("gitlab", "start", "build", "Building it", True),
+        ),
+        (
+            "section_start:1700000000:build[collapsed=false]\r\x1b[0KBuilding it",
             Marker("gitlab", "start", "build", "Building it", False),
         ),
-        ("section_start:1700000000:tests", Marker("gitlab", "start", "tests", "tests", False)),
+        ("section_start:1700000000:tests", Marker("gitlab", "start", "tests", "tests", True)),
         ("section_end:1700000009:build\r\x1b[0K", Marker("gitlab", "end", "build")),
         ("\x1b[0Ksection_end:1700000009:build", Marker("gitlab", "end", "build")),
         ("--- Install", Marker("buildkite", "start", "Install", "Install", True)),

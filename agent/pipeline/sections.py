@@ -7,8 +7,10 @@ The markers (each at the start of a line):
   parameters, `::error file=a.py,line=3::TEXT`) are lines of level ERROR
   and WARN.
 - GitLab: `section_start:UNIX_TS:NAME[collapsed=true]` then `\\r\\e[0K` and
-  the title opens; `section_end:UNIX_TS:NAME` closes NAME (and whatever was
-  left open inside it). The `\\e[0K` GitLab puts first is allowed.
+  the title opens (closed by default here, as every section, unless
+  `[collapsed=false]`); `section_end:UNIX_TS:NAME` closes NAME (and
+  whatever was left open inside it). The `\\e[0K` GitLab puts first is
+  allowed.
 - Buildkite: `--- TITLE` (collapsed), `+++ TITLE` (open), `~~~ TITLE`
   (collapsed): a new header closes the Buildkite section open before it;
   they do not nest in each other.
@@ -100,7 +102,8 @@ def parse_marker(text: str) -> Marker | None:
             if rest and not rest.startswith("\r"):
                 return None
             title = rest.replace("\r", "").replace(_ERASE, "").strip() or m.group(2)
-            collapsed = "collapsed=true" in options.replace(" ", "")
+            # Closed by default like every section here; `[collapsed=false]` opens it.
+            collapsed = "collapsed=false" not in options.replace(" ", "")
             return Marker(GITLAB, "start", _clip(m.group(2), MAX_NAME), _clip(title, MAX_TITLE), collapsed)
         m = _GITLAB_END.match(text)
         if m is not None:
