@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from agent.tail import TailSettings, tail
-from tests import hubclient
 from keruta.limits import DEFAULT_LIMITS
+from tests import hubclient
 from tests.agentclient import agent, run_args
 
 hub, hub_factory = hubclient.hub, hubclient.hub_factory
@@ -36,13 +36,13 @@ out("::endgroup::")
 os.write(1, b"section_start:1700000000:tests[collapsed=true]\r\x1b[0KRun the tests\n")
 out("::error file=t.py,line=3::test_x failed")
 os.write(1, b"section_end:1700000009:tests\r\x1b[0K\n")
-out(%(secret)r)
-out(%(long)r)
+out(SECRET)
+out(LONG)
 out("--- Upload")
 out("uploading")
 out("+++ Summary")
 out("all done")
-""" % {"secret": SECRET, "long": LONG}
+""".replace("SECRET", repr(SECRET)).replace("LONG", repr(LONG))
 
 
 def _shape(sections: list[dict]) -> list[tuple]:

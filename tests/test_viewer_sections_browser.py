@@ -8,18 +8,11 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.test_viewer_browser import (  # noqa: F401 - fixtures
-    driver,
-    js,
-    page,
-    post,
-    rows,
-    settled,
-    shared_hub,
-    viewer,
-    wait_for,
-)
+from tests import test_viewer_browser as browser
 from tests.support import HubProcess
+from tests.test_viewer_browser import js, post, rows, settled, viewer, wait_for
+
+driver, page, shared_hub = browser.driver, browser.page, browser.shared_hub  # fixtures
 
 pytestmark = [
     pytest.mark.browser,

@@ -23,7 +23,6 @@ import trio
 from agent.pipeline.encoding import LineEncoder, LineRun
 from agent.pipeline.gap import SPOOL_ERROR, SPOOL_FULL, Gap, text_bytes
 from agent.pipeline.linesplit import Block, Line, each_line
-from agent.pipeline.sections import Event, SectionTracker, may_hold_marker, split_block
 from agent.pipeline.messages import (
     AgentLine,
     CaptureMessage,
@@ -33,6 +32,7 @@ from agent.pipeline.messages import (
     SpooledMessage,
     Started,
 )
+from agent.pipeline.sections import Event, SectionTracker, may_hold_marker, split_block
 from agent.spool.spool import Spool
 from keruta.levels import determine_level
 from keruta.limits import INT64_MAX
@@ -209,7 +209,6 @@ class Recorder:
                 items[i : i + 1] = [(line, number + k) for k, line in enumerate(item.texts())]
                 continue
             line = item
-            text = line.text
             event = self.sections.line(source, line, ts)
             payload = self._line_payload(encoder, event, self.next_seq, line, number, source, ts)
             if self._gap is not None and closing is None:

@@ -112,12 +112,12 @@ def parse_marker(text: str) -> Marker | None:
                 return None
             return Marker(GITLAB, "end", _clip(m.group(2), MAX_NAME))
         return None
-    collapsed = _BUILDKITE.get(text[:4])
-    if collapsed is not None:
+    closed = _BUILDKITE.get(text[:4])
+    if closed is not None:
         title = text[4:].strip()
         if not title:
             return None
-        return Marker(BUILDKITE, "start", _clip(title, MAX_NAME), _clip(title, MAX_TITLE), collapsed)
+        return Marker(BUILDKITE, "start", _clip(title, MAX_NAME), _clip(title, MAX_TITLE), closed)
     return None
 
 

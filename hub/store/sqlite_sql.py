@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from hub.store.chunk import ChunkRow
-from hub.store.sections import ROW as SECTION_ROW
 from hub.store.rules import TaskProgress
+from hub.store.sections import ROW as SECTION_ROW
 from hub.store.steps import CHUNK_FULL, CHUNK_HEAD, TASK_SELECT, Dialect, Op, Steps
 
 
