@@ -102,6 +102,10 @@ def test_split_block_keeps_plain_lines_as_blocks_and_marker_lines_as_lines() -> 
         Block(b"--- \nd", 2),
     ]
     assert split_block(Block.of([b"::group::G"])) == [Line("::group::G")]
+    gitlab = Block.of([b"see section_start:1:x", b"\x1b[0Ksection_start:1:build", b"section_end:2:build"])
+    assert split_block(gitlab) == [
+        Block(b"see section_start:1:x", 1), Line("\x1b[0Ksection_start:1:build"), Line("section_end:2:build"),
+    ]
     plain = Block.of([b"::set-output::x", b"y"])
     assert split_block(plain) == [plain]
 

@@ -62,8 +62,11 @@ _GITLAB_START = re.compile(r"section_start:(\d{1,20}):([^\s\[\r]+)(?:\[([^\]\r]*
 _GITLAB_END = re.compile(r"section_end:(\d{1,20}):([^\s\[\r]+)")
 _GITHUB_COMMAND = re.compile(r"::(group|endgroup|error|warning)(?:\s[^:]*)?::(.*)", re.S)
 _BUILDKITE = {"--- ": True, "~~~ ": True, "+++ ": False}  # prefix -> collapsed
-# Where a marker may start in a Block (its lines joined by \n).
-_CANDIDATE = re.compile(rb"^(?:\x1b\[0K)?(?:::|section_(?:start|end):|--- |\+\+\+ |~~~ )", re.M)
+# What GitHub's and Buildkite's marker lines start with (GitLab's may follow
+# an erase code, so "section_" is looked for anywhere).
+_FIRST_LINE = (b"::", b"--- ", b"+++ ", b"~~~ ")
+# A line that starts as GitHub's or Buildkite's markers do.
+_MAY_START = re.compile(rb"\n[-:+~]")
 
 
 @attrs.frozen(slots=True)
@@ -126,17 +129,28 @@ def _clip(text: str, most: int) -> str:
 
 
 def may_hold_marker(data: bytes) -> bool:
-    """Whether a Block's bytes may hold a marker line: a few scans in C,
-    false for nearly every Block of ordinary output."""
+    """Whether a Block's bytes may hold a marker line: two scans in C (a
+    regex with one literal byte first, and a substring search), false for
+    nearly every Block of ordinary output."""
     return (
-        b"\n::" in data
+        _MAY_START.search(data) is not None
+        or (data[:1] != b"" and data[:1] in b":-+~")
         or b"section_" in data
-        or b"\n--- " in data
-        or b"\n+++ " in data
-        or b"\n~~~ " in data
-        or data[:2] == b"::"
-        or data[:4] in (b"--- ", b"+++ ", b"~~~ ")
     )
+
+
+def _candidates(data: bytes) -> list[int]:
+    """Where the lines that may be markers start, in order (bytes.find: no
+    Python per line, nor a regex tried at every byte)."""
+    starts = {0} if data.startswith(_FIRST_LINE) else set()
+    for m in _MAY_START.finditer(data):
+        if data.startswith(_FIRST_LINE, m.start() + 1):
+            starts.add(m.start() + 1)
+    at = data.find(b"section_")
+    while at != -1:
+        starts.add(data.rfind(b"\n", 0, at) + 1)
+        at = data.find(b"section_", at + 1)
+    return sorted(starts)
 
 
 def split_block(block: Block) -> list[Line | Block]:
@@ -144,8 +158,7 @@ def split_block(block: Block) -> list[Line | Block]:
     data = block.data
     out: list[Line | Block] = []
     done = 0  # data[:done] is in `out`
-    for m in _CANDIDATE.finditer(data):
-        start = m.start()
+    for start in _candidates(data):
         if start < done:
             continue
         end = data.find(b"\n", start)
