@@ -112,3 +112,13 @@ def test_a_filter_shows_every_matching_line_unfolded(page: Any, shared_hub: HubP
     post(shared_hub, task, task_with_sections())
     page.get(f"{shared_hub.url}/tasks/{quote(task)}?q=compiling%20unit%201999")
     wait_for(lambda: settled(lambda: shown_seqs(page)) == [2001], "the match inside the closed section")
+
+
+def test_a_live_section_stays_open_until_it_ends_then_folds(page: Any, shared_hub: HubProcess) -> None:
+    task = "sections-view-3"
+    post(shared_hub, task, [line("before", 0), start("Deploy", 1), *[line(f"step {i}", 2) for i in range(1, 4)]])
+    page.get(f"{shared_hub.url}/tasks/{quote(task)}")
+    wait_for(lambda: settled(lambda: shown_seqs(page)) == [1, 2, 3, 4, 5], "the open section's lines")
+    assert "open" in [r for r in rows(page) if r["seq"] == 2][0]["cls"].split()
+    post(shared_hub, task, [end("Deploy", 4), line("after", 5)])
+    wait_for(lambda: settled(lambda: shown_seqs(page)) == [1, 2, 7], "the ended section folded")
