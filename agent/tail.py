@@ -79,6 +79,12 @@ class Printer:
                 continue  # already printed (a resend after a reconnect)
             self.next_seq = r.seq + 1
             self.printed += 1
+            if r.kind in SECTION_KINDS:
+                heading = section_heading(r)
+                if heading is not None:
+                    text = heading.encode("utf-8", "replace")
+                    parts.append(SECTION_COLOUR + text + RESET + b"\n" if self.colour else text + b"\n")
+                    continue
             text = r.message.encode("utf-8", "replace")
             end = b"" if r.partial else b"\n"
             colour = self._colour(r) if self.colour else None
@@ -96,6 +102,53 @@ class Printer:
         if r.source == "agent":
             return AGENT_COLOUR
         return None
+
+
+SECTION_KINDS = ("section_start", "section_end")
+SECTION_COLOUR = b"\x1b[1m"
+
+
+def section_heading(r: LogRecord) -> str | None:
+    """What `tail` prints for a section's marker (agent/pipeline/sections.py):
+    `▸ Title (1.2 s)` for each section it ends, `▾ Title` for the one it
+    starts; None (the line as printed) when its metadata says neither."""
+    section = r.metadata.get("section")
+    if not isinstance(section, dict):
+        return None
+    rows = []
+    ends = section.get("ends")
+    for ended in ends if isinstance(ends, list) else []:
+        if isinstance(ended, dict):
+            rows.append(_ended(ended))
+    if r.kind == "section_end":
+        rows.append(_ended(section))
+    else:
+        rows.append(f"▾ {_title(section)}")
+    return "\n".join(rows)
+
+
+def _title(section: dict[str, object]) -> str:
+    title = section.get("title") or section.get("name")
+    return title if isinstance(title, str) else "section"
+
+
+def _ended(section: dict[str, object]) -> str:
+    ms = section.get("durationMs")
+    if not isinstance(ms, int):
+        return f"▸ {_title(section)}"
+    return f"▸ {_title(section)} ({format_duration(ms)})"
+
+
+def format_duration(ms: int) -> str:
+    """`12.3 s`, `2 min 5 s`, `1 h 2 min`."""
+    seconds = ms / 1000
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, seconds = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"
 
 
 def _stdout() -> BinaryIO:

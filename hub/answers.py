@@ -85,7 +85,37 @@ class Error:
     message: str
 
 
-ANSWERS: tuple[type, ...] = (LogPage, TimeRange, LogStats, TaskList, StoredId, StoredIds, Deleted, Health, Error)
+@attrs.frozen
+class Section:
+    """A collapsible section of a task's log (hub/store/sections.py): between
+    the records `startSeq` and `endSeq` (null: still open, or never closed),
+    `lines` records, `errors` of them ERROR (nested sections' too)."""
+
+    name: str
+    title: str
+    # "github", "gitlab", "buildkite" from the agent; what a REST producer named.
+    style: str | None
+    collapsed: bool
+    start_seq: int = attrs.field(validator=attrs.validators.ge(1))
+    end_seq: int | None
+    started_at: str = attrs.field(metadata=TIMESTAMP)
+    ended_at: str | None = attrs.field(metadata=TIMESTAMP)
+    duration_ms: int | None
+    lines: int = attrs.field(validator=_COUNT)
+    errors: int = attrs.field(validator=_COUNT)
+    has_error: bool
+    sections: list[Section]
+
+
+@attrs.frozen
+class TaskSections:
+    task_id: str
+    sections: list[Section]
+
+
+ANSWERS: tuple[type, ...] = (
+    LogPage, TimeRange, LogStats, TaskList, StoredId, StoredIds, Deleted, Health, Error, Section, TaskSections,
+)
 
 for _cls in ANSWERS:
     _renames: dict[str, Any] = {a.name: override(rename=camel(a.name)) for a in attrs.fields(_cls)}

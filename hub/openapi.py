@@ -195,6 +195,13 @@ def _paths(max_page_size: int, max_batch: int) -> dict[str, Any]:
             "parameters": [_TASK_ID],
             "get": _operation("The whole log as text, streamed", text, _READ, kind="text/plain"),
         },
+        "/api/v1/tasks/{taskId}/sections": {
+            "parameters": [_TASK_ID],
+            "get": _operation(
+                "The task's sections (CI markers: ::group::, section_start, --- ...), nested, in seq order",
+                _ref("TaskSections"), (*_READ, 404),
+            ),
+        },
         "/api/v1/tasks": {"get": _operation("All tasks", _ref("TaskList"), (401, 403, 503))},
         "/api/v1/tasks/{taskId}": {"parameters": [_TASK_ID], "get": _operation("One task's state", _ref("Task"), (*_READ, 404))},
         # A plain HTTP GET (no Upgrade) is a 400.

@@ -32,6 +32,7 @@ from agent.pipeline.messages import (
     SpooledMessage,
     Started,
 )
+from agent.pipeline.sections import Event, SectionTracker, may_hold_marker, split_block
 from agent.spool.spool import Spool
 from keruta.levels import determine_level
 from keruta.limits import INT64_MAX
@@ -112,6 +113,7 @@ class Recorder:
         self._write_error = ""
         self._resume_room = min(spool.max_bytes // RESUME_SHARE, RESUME_ROOM_MAX)
         self.metadata = metadata or {}
+        self.sections = SectionTracker()
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -177,10 +179,23 @@ class Recorder:
         closing: Gap | None = None
         dropped: list[tuple[Line | Block, int]] = []
         items = list(lines)
+        # Blocks known to hold no marker line: what split_block left around them.
+        plain: set[int] = set()
         i = 0
         while i < len(items):
             item, number = items[i]
             if isinstance(item, Block):
+                if id(item) not in plain and may_hold_marker(item.data):
+                    parts = split_block(item)
+                    numbered: list[tuple[Line | Block, int]] = []
+                    for part in parts:
+                        numbered.append((part, number))
+                        number += part.count if isinstance(part, Block) else 1
+                        if isinstance(part, Block):
+                            plain.add(id(part))
+                    items[i : i + 1] = numbered
+                    continue
+                self.sections.block(source)
                 if self._gap is None or closing is not None:
                     # Spooled as read; the records are encoded when sent.
                     run = LineRun(self.task_id, ts, source, number, self._metadata, item)
@@ -196,14 +211,13 @@ class Recorder:
                 items[i : i + 1] = [(line, number + k) for k, line in enumerate(item.texts())]
                 continue
             line = item
-            text = line.text
-            level = determine_level(text)
-            payload = encoder.encode(self.next_seq, level, text, number, line.partial)
+            event = self.sections.line(source, line, ts)
+            payload = self._line_payload(encoder, event, self.next_seq, line, number, source, ts)
             if self._gap is not None and closing is None:
                 # Room again (and some to spare): the gap record goes first,
                 # where the gap is.
                 gap_payload = self._gap_payload(self._gap, self.next_seq)
-                payload = encoder.encode(self.next_seq + 1, level, text, number, line.partial)
+                payload = self._line_payload(encoder, event, self.next_seq + 1, line, number, source, ts)
                 if not self._fits(frame(len(gap_payload)) + frame(len(payload)) + self._resume_room):
                     dropped = items[i:]
                     break
@@ -231,6 +245,18 @@ class Recorder:
             self.say(f"{closing.message()}; the spool has room again")
         if dropped:
             self._drop(source, dropped, ts, reason)
+
+    def _line_payload(
+        self, encoder: LineEncoder, event: Event | None, seq: int, line: Line, number: int, source: str, ts: str
+    ) -> bytes:
+        """A Line's record; a marker line's (agent/pipeline/sections.py) as printed, with its kind,
+        level and `metadata.section`."""
+        text = line.text
+        if event is None:
+            return encoder.encode(seq, determine_level(text), text, number, line.partial)
+        metadata = self._metadata if event.section is None else {**self._metadata, "section": event.section}
+        level = event.level or determine_level(text)
+        return encode_line(self.task_id, seq, ts, source, level, text, number, metadata, False, event.kind)
 
     def write_agent(self, text: str, ts: str | None = None, level: str | None = None) -> None:
         """An `agent`-source record (always written, even past the spool budget)."""

@@ -1,4 +1,4 @@
-"""/api/v1/tasks: every task, and one task's state."""
+"""/api/v1/tasks: every task, one task's state, its sections."""
 
 from __future__ import annotations
 
@@ -25,5 +25,14 @@ def blueprint(*, access: Access, store: Store) -> Blueprint:
         if task is None:
             raise ApiError(404, "NOT_FOUND", f"no task {task_id}")
         return json_response(task_json(task))
+
+    @bp.get("/api/v1/tasks/<task_id>/sections")
+    async def get_sections(task_id: str) -> Response:
+        access.need(write=False)
+        check_task_id(task_id)
+        sections = await store.sections(task_id)
+        if sections is None:
+            raise ApiError(404, "NOT_FOUND", f"no task {task_id}")
+        return json_response({"taskId": task_id, "sections": sections})
 
     return bp

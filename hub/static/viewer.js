@@ -180,6 +180,114 @@
     const rowCache = new Map();  // position → {el, rec, deco}
     let deco = 0;                // bumps when row decorations (search, target) change
 
+    // --- sections: folded ranges of positions ----------------------------------
+    // GET .../sections gives the task's sections by seq. Without a filter a
+    // position is its seq minus the seq at position 0 (a task's seqs have no
+    // holes), so a closed section hides the positions of its lines: the rows on
+    // screen are "display rows", and a hidden line is never rendered, so its
+    // page is never fetched until its section is opened. With a filter, or
+    // if the seqs turn out not to be consecutive, nothing folds.
+    const sectionsUrl = "/api/v1/tasks/" + encodeURIComponent(taskId) + "/sections";
+    let sectionTree = [];
+    const sectionAt = new Map(); // startSeq → {s, depth}
+    const openState = new Map(); // startSeq → open (what the reader chose)
+    let folds = [];              // [{a, b, before}] hidden positions a..b, sorted; `before` hidden ahead of it
+    let hiddenRows = 0;
+    let foldBroken = false;
+    let sectionsTimer = null;
+
+    function isOpen(s) {
+      if (openState.has(s.startSeq)) return openState.get(s.startSeq);
+      return s.endSeq === null || s.hasError || !s.collapsed;
+    }
+
+    function foldable() {
+      return ready && !foldBroken && !filter.q && !filter.source && !filter.level && total > 0;
+    }
+
+    function computeFolds() {
+      folds = [];
+      hiddenRows = 0;
+      sectionAt.clear();
+      const index = (list, depth) => {
+        for (const s of list) { sectionAt.set(s.startSeq, { s, depth }); index(s.sections, depth + 1); }
+      };
+      index(sectionTree, 0);
+      if (!foldable()) return;
+      const base = lastSeq - total + 1;
+      const hide = (list) => {
+        for (const s of list) {
+          if (isOpen(s)) { hide(s.sections); continue; }
+          // Its end marker goes with it, unless that record starts the next section.
+          const last = sectionAt.has(s.endSeq) ? s.endSeq - 1 : s.endSeq;
+          const a = Math.max(0, s.startSeq + 1 - base), b = Math.min(total - 1, last - base);
+          if (b >= a) { folds.push({ a, b, before: hiddenRows }); hiddenRows += b - a + 1; }
+        }
+      };
+      hide(sectionTree);
+    }
+
+    function shownRows() { return total - hiddenRows; }
+
+    // The position shown at display row d.
+    function posOfRow(d) {
+      let lo = 0, hi = folds.length - 1, k = -1;
+      while (lo <= hi) {
+        const mid = (lo + hi) >> 1;
+        if (folds[mid].a - folds[mid].before <= d) { k = mid; lo = mid + 1; } else hi = mid - 1;
+      }
+      return k < 0 ? d : d + folds[k].before + folds[k].b - folds[k].a + 1;
+    }
+
+    // The display row of a position (a hidden one: its section's header row).
+    function rowOfPos(pos) {
+      let lo = 0, hi = folds.length - 1, k = -1;
+      while (lo <= hi) {
+        const mid = (lo + hi) >> 1;
+        if (folds[mid].a <= pos) { k = mid; lo = mid + 1; } else hi = mid - 1;
+      }
+      if (k < 0) return pos;
+      const f = folds[k];
+      if (pos <= f.b) return f.a - 1 - f.before;
+      return pos - f.before - (f.b - f.a + 1);
+    }
+
+    async function loadSections() {
+      try {
+        const body = await api(sectionsUrl);
+        sectionTree = body.sections || [];
+      } catch (e) {
+        return;
+      }
+      computeFolds();
+      deco++;
+      scheduleRender();
+    }
+
+    function sectionsChanged() {
+      clearTimeout(sectionsTimer);
+      sectionsTimer = setTimeout(loadSections, 300);
+    }
+
+    function toggleSection(startSeq) {
+      const info = sectionAt.get(startSeq);
+      if (!info) return;
+      openState.set(startSeq, !isOpen(info.s));
+      // The header stays where it is on screen (the rows that come and go are below it).
+      following = false;
+      computeFolds();
+      deco++;
+      scheduleRender();
+    }
+
+    function fmtDuration(ms) {
+      if (ms === null || ms === undefined) return "";
+      const s = ms / 1000;
+      if (s < 60) return s.toFixed(1) + " s";
+      const m = Math.floor(Math.round(s) / 60);
+      return m < 60 ? m + " min " + (Math.round(s) % 60) + " s" : Math.floor(m / 60) + " h " + (m % 60) + " min";
+    }
+
     // --- filters: from the address bar, reflected back into it (never the token) ---
     {
       const params = new URLSearchParams(location.search);
@@ -222,6 +330,7 @@
       current = -1;
       pendingMove = 0;
       deco++;
+      computeFolds();
       if (!following) scroller.scrollTop = 0;
       startSnapshot();
       scheduleRender();
@@ -255,6 +364,7 @@
 
     function append(rec) {
       if (rec.seq <= lastSeq || !matches(rec)) return;
+      if (rec.seq !== lastSeq + 1 && folds.length) { foldBroken = true; computeFolds(); }
       const pos = total++;
       const page = pageOf(Math.floor(pos / PAGE));
       page[pos % PAGE] = rec;
@@ -302,6 +412,8 @@
           ready = true;
           for (const rec of pending) append(rec);
           pending = [];
+          computeFolds();
+          loadSections();
           if (target !== null) goToTarget();
           if (pendingMove) { const d = pendingMove; pendingMove = 0; moveMatch(d); }
           scheduleRender();
@@ -347,29 +459,39 @@
 
     // --- geometry and rendering ------------------------------------------------
 
-    function spacerHeight() { return Math.min(total * ROW_H, MAX_PX); }
+    function spacerHeight() { return Math.min(shownRows() * ROW_H, MAX_PX); }
 
     function viewRows() { return scroller.clientHeight / ROW_H; }
 
     // Fractional row at the top of the viewport; scaled when the list is taller than MAX_PX.
     function firstRow() {
-      const full = total * ROW_H;
+      const full = shownRows() * ROW_H;
       if (full <= MAX_PX) return scroller.scrollTop / ROW_H;
       const maxScroll = spacerHeight() - scroller.clientHeight;
       const ratio = maxScroll > 0 ? Math.min(1, scroller.scrollTop / maxScroll) : 0;
-      return ratio * Math.max(0, total - viewRows());
+      return ratio * Math.max(0, shownRows() - viewRows());
     }
 
     function scrollTopFor(row) {
-      const full = total * ROW_H;
+      const full = shownRows() * ROW_H;
       if (full <= MAX_PX) return row * ROW_H;
       const maxScroll = spacerHeight() - scroller.clientHeight;
-      return (row / Math.max(1, total - viewRows())) * maxScroll;
+      return (row / Math.max(1, shownRows() - viewRows())) * maxScroll;
     }
 
     function scrollToRow(pos) {
       following = false;
-      const row = Math.max(0, pos - Math.floor(viewRows() / 2) + 1);
+      if (folds.length) {
+        // A line inside closed sections: open them.
+        const base = lastSeq - total + 1;
+        let opened = false;
+        for (const [start, info] of sectionAt) {
+          const end = info.s.endSeq === null ? Infinity : info.s.endSeq;
+          if (start - base < pos && pos <= end - base && !isOpen(info.s)) { openState.set(start, true); opened = true; }
+        }
+        if (opened) { computeFolds(); deco++; }
+      }
+      const row = Math.max(0, rowOfPos(pos) - Math.floor(viewRows() / 2) + 1);
       spacer.style.height = spacerHeight() + "px";
       scroller.scrollTop = scrollTopFor(row);
       scheduleRender();
@@ -392,10 +514,11 @@
       const fr = firstRow();
       const top = Math.floor(fr);
       const start = Math.max(0, top - OVERSCAN);
-      const end = Math.min(total, Math.ceil(fr + viewRows()) + OVERSCAN);
-      // History for what is on screen (visible pages first).
+      const end = Math.min(shownRows(), Math.ceil(fr + viewRows()) + OVERSCAN);
+      // History for what is on screen (visible pages first); a closed
+      // section's lines are not on screen, so not fetched.
       const wanted = new Set();
-      for (let p = Math.floor(start / PAGE); p <= Math.floor(Math.max(start, end - 1) / PAGE) && end > start; p++) wanted.add(p);
+      for (let row = start; row < end; row++) wanted.add(Math.floor(posOfRow(row) / PAGE));
       if (ready) {
         for (const p of wanted) {
           if (complete(p) || inflight.has(p) || inflight.size >= MAX_INFLIGHT) continue;
@@ -406,8 +529,17 @@
       }
       const keep = new Map();
       const frag = [];
-      for (let pos = start; pos < end; pos++) {
+      const base = lastSeq - total + 1;
+      for (let row = start; row < end; row++) {
+        const pos = posOfRow(row);
         const rec = recAt(pos);
+        if (rec && folds.length && rec.seq !== pos + base) {
+          // Seqs with holes (records deleted): positions are not seqs, nothing folds.
+          foldBroken = true;
+          computeFolds();
+          scheduleRender();
+          return;
+        }
         const cached = rowCache.get(pos);
         let el;
         if (cached && cached.rec === rec && cached.deco === deco) el = cached.el;
@@ -439,6 +571,7 @@
     function rowElement(pos, rec) {
       const row = document.createElement("div");
       row.className = "row";
+      if (rec && rec.kind === "section_start") return sectionRow(row, pos, rec);
       if (!rec) {
         row.classList.add("loading");
         const m = document.createElement("span");
@@ -468,6 +601,61 @@
       const m = document.createElement("span");
       m.className = "m";
       renderMessage(m, rec.message, filter.q);
+      row.append(n, t, lv, m);
+      return row;
+    }
+
+    // A section's first line: a toggle, its title, how long it took, how many
+    // lines; the line as printed in the tooltip.
+    function sectionRow(row, pos, rec) {
+      row.dataset.seq = rec.seq;
+      row.dataset.pos = pos;
+      row.classList.add("section");
+      if (target === rec.seq) row.classList.add("target");
+      const info = sectionAt.get(rec.seq);
+      const n = document.createElement("a");
+      n.className = "n";
+      n.href = "#L" + rec.seq;
+      n.textContent = rec.seq;
+      const t = document.createElement("span");
+      t.className = "t";
+      t.textContent = fmtTime(rec.timestamp);
+      const lv = document.createElement("span");
+      lv.className = "lv";
+      const m = document.createElement("span");
+      m.className = "m";
+      m.title = rec.message;
+      const meta = (rec.metadata && rec.metadata.section) || {};
+      const title = info ? info.s.title : (meta.title || rec.message);
+      if (info) {
+        const s = info.s;
+        const open = !foldable() || isOpen(s);
+        row.classList.add(open ? "open" : "closed");
+        if (s.hasError) row.classList.add("has-error");
+        m.style.paddingLeft = (info.depth * 2) + "ch";
+        const toggle = document.createElement("button");
+        toggle.type = "button";
+        toggle.className = "fold";
+        toggle.textContent = open ? "\u25BE" : "\u25B8";
+        toggle.disabled = !foldable();
+        toggle.setAttribute("aria-expanded", String(open));
+        toggle.addEventListener("click", () => toggleSection(rec.seq));
+        const name = document.createElement("span");
+        name.className = "sec-title";
+        name.textContent = title;
+        name.addEventListener("click", () => toggleSection(rec.seq));
+        const about = document.createElement("span");
+        about.className = "sec-about";
+        const bits = [];
+        if (s.durationMs !== null) bits.push(fmtDuration(s.durationMs));
+        else if (s.endSeq === null) bits.push("open");
+        bits.push(fmtInt(s.lines) + (s.lines === 1 ? " line" : " lines"));
+        if (s.errors) bits.push(fmtInt(s.errors) + (s.errors === 1 ? " error" : " errors"));
+        about.textContent = " " + bits.join(" \u00B7 ");
+        m.append(toggle, name, about);
+      } else {
+        m.textContent = title;
+      }
       row.append(n, t, lv, m);
       return row;
     }
@@ -605,6 +793,7 @@
           if (!sock.anchored) { ready = false; startSnapshot(); }
         } else if (f.type === "logs" && f.taskId === taskId) {
           for (const rec of f.records) {
+            if (rec.kind === "section_start" || rec.kind === "section_end") sectionsChanged();
             if (rec.seq <= known && ready) continue;
             if (rec.seq > known) known = rec.seq;
             if (ready) append(rec); else pending.push(rec);
@@ -612,6 +801,7 @@
           scheduleRender();
         } else if (f.type === "status" && f.taskId === taskId) {
           showState(f.state, f.exitCode);
+          sectionsChanged();
         } else if (f.type === "error") {
           // SLOW_CONSUMER: the hub closes; we resume from the last seq we hold.
           if (f.code === "UNAUTHORIZED") setBadge(conn, f.message, "error");
@@ -704,6 +894,8 @@
       get ready() { return ready; },
       get following() { return following; },
       get known() { return known; },
+      get shown() { return shownRows(); },
+      sections() { return [...sectionAt.values()].map(({ s }) => ({ startSeq: s.startSeq, open: isOpen(s) })); },
       loaded() {
         const out = [];
         for (const [p, page] of [...pages.entries()].sort((a, b) => a[0] - b[0])) {

@@ -244,6 +244,11 @@ class Store(Protocol):
 
     async def stats(self, task_id: str) -> LogStats: ...
 
+    async def sections(self, task_id: str) -> list[dict[str, Any]] | None:
+        """The task's sections as /sections answers them, nested
+        (hub/store/sections.py); None when there is no such task."""
+        ...
+
     async def delete(self, task_id: str, before: str | None) -> int:
         """Delete a task's records older than `before` (all when None); return the count."""
         ...

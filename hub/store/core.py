@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from hub.store import chunk
+from hub.store import chunk, sections
 from hub.store.base import AppendResult, Incoming, LogQuery, LogStats, Page
 from hub.store.rows import SEQ_MAX, stats_from_rows, task_from_row
 from hub.store.rules import (
@@ -82,6 +82,8 @@ def append(d: Dialect, items: Sequence[Incoming]) -> Steps[AppendResult]:
         for r in fresh:
             by_task.setdefault(r.task_id, []).append(r)
         yield d.insert_chunks([chunk.encode(part) for records in by_task.values() for part in chunk.split(records)])
+        for task_id, records in by_task.items():
+            yield from _save_sections(d, task_id, records)
     tally(fresh, progress)
 
     durable: dict[str, int] = {}
@@ -122,6 +124,22 @@ def _records_at(d: Dialect, task_id: str, seqs: list[int]) -> Steps[list[LogReco
         for row in (yield d.fetch(d.CHUNKS_COVERING, task_id, low, high)):
             found += [r for r in d.cache.records(task_id, row) if r.seq in wanted]
     return found
+
+
+def _save_sections(d: Dialect, task_id: str, records: list[LogRecord]) -> Steps[None]:
+    """The task's section rows after storing `records` (in seq order)."""
+    marked = sections.marked(records)
+    if not marked:
+        return
+    for step in sections.plan(marked):
+        if isinstance(step, sections.Open):
+            yield d.exec(
+                d.SECTION_OPEN, task_id, step.seq, step.name, step.title, step.style, step.collapsed, step.ts
+            )
+        elif isinstance(step, sections.Close):
+            yield d.exec(d.SECTION_CLOSE, task_id, step.name, step.seq, step.ts)
+        else:
+            yield d.exec(d.SECTION_ERRORS, task_id, step.seq, step.errors)
 
 
 def _save_producers(d: Dialect, producers: dict[tuple[str, str], ProducerProgress], now: str) -> Steps[None]:
@@ -331,6 +349,15 @@ def raw_after(d: Dialect, task_id: str, after_seq: int) -> Steps[tuple[str, int]
     return "".join(chunk.raw_text(row[6]) for row in rows), (rows[-1][1] if rows else after_seq)
 
 
+def task_sections(d: Dialect, task_id: str) -> Steps[list[dict[str, Any]] | None]:
+    """The task's sections, nested (hub/store/sections.py); None: no such task."""
+    row = yield d.row(d.TASK_MAX_SEQ, task_id)
+    if row is None:
+        return None
+    rows = yield d.fetch(d.SECTIONS, task_id, sections.MAX_LISTED)
+    return sections.tree(rows, row[0])
+
+
 def stats(d: Dialect, task_id: str) -> Steps[LogStats]:
     rows = yield d.fetch(d.STATS, task_id)
     task_row = rows[0][:4] if rows else None
@@ -359,12 +386,16 @@ def delete_chunk(d: Dialect, task_id: str, before: str | None) -> Steps[tuple[in
     for seq_first, seq_last, _, _, ts_last, tally_json, lines, body in rows:
         if before is None or ts_last < before:
             yield d.exec(d.DELETE_CHUNK, task_id, seq_last)
+            yield d.exec(d.SECTIONS_DROP, task_id, seq_first, seq_last)
             for s, lv, k in orjson.loads(tally_json):
                 gone[(s, lv)] += k
             continue
         records = chunk.decode(task_id, seq_first, lines, body)
         kept = [r for r in records if r.timestamp >= before]
         gone.update((r.source, r.level) for r in records if r.timestamp < before)
+        starts = [(task_id, r.seq, r.seq) for r in records if r.timestamp < before and r.kind == "section_start"]
+        if starts:
+            yield d.many(d.SECTIONS_DROP, starts)
         if kept:
             yield d.exec(d.REPLACE_CHUNK, *chunk.encode(kept).values(), seq_last)
         else:

@@ -12,7 +12,7 @@ import asyncpg
 
 from hub.store.to_chunks import OLD_COLUMNS, chunks_from_rows
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # pg_advisory_xact_lock key for schema changes ("keruta" in ASCII).
 _SCHEMA_LOCK = 0x6B6572757461
 
@@ -151,7 +151,28 @@ _SCHEMA_V4: tuple[Any, ...] = (
     _logs_to_chunks,
     "DROP TABLE keruta_logs",
 )
-_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4}
+# Sections (hub/store/sections.py): a row per section a task's records open,
+# written with them, so listing them opens no chunk. Records stored before
+# have no sections: no agent sent section records then.
+_SCHEMA_V5: tuple[Any, ...] = (
+    """
+    CREATE TABLE keruta_sections (
+        task_id text COLLATE "C" NOT NULL,
+        start_seq bigint NOT NULL,
+        end_seq bigint,
+        name text NOT NULL,
+        title text NOT NULL,
+        style text,
+        collapsed boolean NOT NULL,
+        started_at text COLLATE "C" NOT NULL,
+        ended_at text COLLATE "C",
+        errors bigint NOT NULL DEFAULT 0,
+        PRIMARY KEY (task_id, start_seq)
+    )
+    """,
+    "CREATE INDEX keruta_sections_open ON keruta_sections (task_id, start_seq) WHERE end_seq IS NULL",
+)
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4, 5: _SCHEMA_V5}
 
 
 async def migrate(conn: Any) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from hub.store.chunk import ChunkRow
 from hub.store.pg_notices import NOTIFY_CHANNEL
 from hub.store.rules import TaskProgress
+from hub.store.sections import ROW as SECTION_ROW
 from hub.store.steps import CHUNK_FULL, CHUNK_HEAD, TASK_SELECT, Dialect, Op, Steps
 
 
@@ -120,6 +121,25 @@ class PostgresSql(Dialect):
         WHERE last_write < $1 AND coalesce(state, 'succeeded') NOT IN ('pending', 'running') RETURNING 1
     """
     OLD_TASKS = "SELECT task_id FROM keruta_tasks WHERE first_ts < $1 ORDER BY task_id"
+    TASK_MAX_SEQ = "SELECT max_seq FROM keruta_tasks WHERE task_id = $1"
+    SECTION_OPEN = """
+        INSERT INTO keruta_sections (task_id, start_seq, name, title, style, collapsed, started_at)
+        VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (task_id, start_seq) DO NOTHING
+    """
+    SECTION_CLOSE = """
+        UPDATE keruta_sections SET end_seq = $3, ended_at = $4
+        WHERE task_id = $1 AND start_seq = (
+            SELECT max(start_seq) FROM keruta_sections
+            WHERE task_id = $1 AND end_seq IS NULL AND start_seq < $3 AND ($2::text IS NULL OR name = $2))
+    """
+    SECTION_ERRORS = """
+        UPDATE keruta_sections SET errors = errors + $3
+        WHERE task_id = $1 AND end_seq IS NULL AND start_seq < $2
+    """
+    SECTIONS = f"""
+        SELECT {SECTION_ROW} FROM keruta_sections WHERE task_id = $1 ORDER BY start_seq LIMIT $2
+    """
+    SECTIONS_DROP = "DELETE FROM keruta_sections WHERE task_id = $1 AND start_seq BETWEEN $2 AND $3"
 
     in_chunk = 1 << 30  # one array parameter, whatever its length
     delete_chunks = 50

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from hub.store.to_chunks import OLD_COLUMNS, chunks_from_rows
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _SCHEMA_V1 = (
     """
@@ -131,7 +131,28 @@ _SCHEMA_V4: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     "ALTER TABLE producers RENAME TO keruta_producers",
     "ALTER TABLE producer_ranges RENAME TO keruta_producer_ranges",
 )
-_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4}
+# Sections (hub/store/sections.py): a row per section a task's records open,
+# written with them, so listing them opens no chunk. Records stored before
+# have no sections: no agent sent section records then.
+_SCHEMA_V5 = (
+    """
+    CREATE TABLE keruta_sections (
+        task_id TEXT NOT NULL,
+        start_seq INTEGER NOT NULL,
+        end_seq INTEGER,
+        name TEXT NOT NULL,
+        title TEXT NOT NULL,
+        style TEXT,
+        collapsed INTEGER NOT NULL,
+        started_at TEXT NOT NULL,
+        ended_at TEXT,
+        errors INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (task_id, start_seq)
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX keruta_sections_open ON keruta_sections (task_id, start_seq) WHERE end_seq IS NULL",
+)
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4, 5: _SCHEMA_V5}
 
 
 def create_schema(conn: sqlite3.Connection) -> None:

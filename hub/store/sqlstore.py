@@ -9,7 +9,7 @@ and is durable against a power cut; False leaves that to `Store.sync`).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from hub.store import core
 from hub.store.base import AppendResult, Incoming, LogQuery, LogStats, Page
@@ -93,6 +93,9 @@ class SqlStore:
             after = after_next
             if after >= SEQ_MAX:
                 return
+
+    async def sections(self, task_id: str) -> list[dict[str, Any]] | None:
+        return await self._read(core.task_sections(self._dialect, task_id), snapshot=True)
 
     async def stats(self, task_id: str) -> LogStats:
         return await self._read(core.stats(self._dialect, task_id))

@@ -139,6 +139,19 @@ class Dialect:
     PRUNE_IDLE_PRODUCERS: ClassVar[str]
     # (before) -> [(task_id,)]
     OLD_TASKS: ClassVar[str]
+    # -- sections (hub/store/sections.py)
+    # (task_id) -> (max_seq,)
+    TASK_MAX_SEQ: ClassVar[str]
+    # (task_id, start_seq, name, title, style, collapsed, started_at)
+    SECTION_OPEN: ClassVar[str]
+    # (task_id, name or None, end_seq, ended_at): the innermost open one of that name
+    SECTION_CLOSE: ClassVar[str]
+    # (task_id, seq, errors): every section open before seq
+    SECTION_ERRORS: ClassVar[str]
+    # (task_id, limit) -> [sections.ROW] by start_seq
+    SECTIONS: ClassVar[str]
+    # (task_id, lowest start_seq, highest start_seq): the sections whose start went
+    SECTIONS_DROP: ClassVar[str]
 
     # Most task ids one LOCK_TASKS statement takes.
     in_chunk: ClassVar[int] = 500
