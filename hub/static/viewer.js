@@ -252,13 +252,20 @@
       return pos - f.before - (f.b - f.a + 1);
     }
 
-    async function loadSections() {
+    // The task's sections, or null when the hub did not answer (nothing folds then).
+    async function fetchSections() {
       try {
         const body = await api(sectionsUrl);
-        sectionTree = body.sections || [];
+        return body.sections || [];
       } catch (e) {
-        return;
+        return null;
       }
+    }
+
+    async function loadSections() {
+      const tree = await fetchSections();
+      if (tree === null) return;
+      sectionTree = tree;
       computeFolds();
       deco++;
       scheduleRender();
@@ -404,6 +411,11 @@
         const lastPage = n > 0 ? Math.floor((n - 1) / PAGE) : 0;
         const consistent = lastPage === p && body.content.length === n - p * PAGE;
         if (consistent || attempt >= 8) {
+          // The folds before the first render: a closed section's lines are
+          // never rendered, so their pages are never fetched.
+          const tree = await fetchSections();
+          if (run !== snapshotRun || g !== gen) return;
+          if (tree !== null) sectionTree = tree;
           total = consistent ? n : p * PAGE + body.content.length;
           pages = new Map();
           install(p, body.content);
@@ -413,7 +425,7 @@
           for (const rec of pending) append(rec);
           pending = [];
           computeFolds();
-          loadSections();
+          deco++;
           if (target !== null) goToTarget();
           if (pendingMove) { const d = pendingMove; pendingMove = 0; moveMatch(d); }
           scheduleRender();
