@@ -22,6 +22,7 @@ sys.path.insert(0, str(HERE))
 
 from common import (  # noqa: E402
     clean_env,
+    cpu_seconds,
     figure,
     free_port,
     http_get,
@@ -32,6 +33,7 @@ from common import (  # noqa: E402
     stop,
     wait_file,
     wait_healthz,
+    wait_with_rusage,
 )
 from tools import (  # noqa: E402
     PRODUCER,
@@ -96,6 +98,7 @@ class Harness:
         lat: bool = False,
         stall: int = 0,
         timeout: float = 300.0,
+        producer_args: tuple[str, ...] = (),
     ) -> dict[str, Any]:
         d = self.tmp("keruta")
         port = free_port()
@@ -113,7 +116,7 @@ class Harness:
             task = "bench-" + secrets.token_hex(4)
             url = f"ws://127.0.0.1:{port}/api/v1/ws"
             vprocs = self.start_viewers(d, url, "keruta", viewers, lines, lat, stall, task, timeout)
-            prod = [PY, PRODUCER, "--lines", str(lines)]
+            prod = [PY, PRODUCER, "--lines", str(lines), *producer_args]
             if lat:
                 # the agent is connected before the first line: latency is the
                 # line's way, not the agent's start-up
@@ -142,21 +145,23 @@ class Harness:
             )
             results = self.wait_viewers(vprocs, timeout)
             agent_rss = peak_rss_mib(agent.pid)
-            try:
-                agent.wait(max(5.0, timeout - (time.monotonic() - began)))
-            except subprocess.TimeoutExpired:
-                pass
+            # The agent's CPU with its command's: what the workload cost the machine's side of the agent.
+            agent_cpu = wait_with_rusage(agent, max(5.0, timeout - (time.monotonic() - began)))
             agent_rc = agent.poll()
             status, body = http_get(port, f"/api/v1/tasks/{task}/logs/stats")
             stored = json.loads(body).get("logCounts", {}).get("stdout") if status == 200 else None
             hub_rss = peak_rss_mib(hub.pid)
+            hub_cpu = cpu_seconds(hub.pid)
         finally:
             for p, _, _ in vprocs:
                 stop(p)
             stop(agent)
             stop(hub, grace=15)
         res = summarize(results, lines)
-        res.update(hub_rss=hub_rss, agent_rss=agent_rss, stored=stored, agent_rc=agent_rc)
+        res.update(
+            hub_rss=hub_rss, agent_rss=agent_rss, stored=stored, agent_rc=agent_rc,
+            hub_cpu_s=hub_cpu, agent_cpu_s=agent_cpu,
+        )
         if res.get("last") is not None:
             # the whole way, agent start-up included: a check on the first->last rate
             res["start_to_last_s"] = res["last"] - began_wall

@@ -359,6 +359,43 @@ class Bench(StoreScenarios):
         params.update({k: v for k, v in found.items() if k.endswith("_stored") or k == "load"})
         return found, params
 
+    def scenario_features(self) -> None:
+        """What sections and verification cost end to end: the same SQLite
+        stream, plain and with a GitHub group every 1,000 lines, alternated,
+        judged on CPU (hub + agent with its command) per line, which a shared
+        machine disturbs less than wall time; then the hub's `verify` of the
+        task just streamed."""
+        n = self.size("e2e_lines")
+        every = 1000
+        timeout = 60 + n / 2000
+        params = {"lines": n, "bytes_per_line": 80, "viewers": 1, "section_every": every, "reps": self.reps}
+        plain: list[dict[str, Any]] = []
+        marked: list[dict[str, Any]] = []
+        for _ in range(max(self.reps, 2)):
+            for runs, extra in ((plain, ()), (marked, ("--section-every", str(every)))):
+                try:
+                    runs.append(self.keruta_stream(
+                        f"sqlite:///{self.tmp('db')}/keruta.db", 1, n, timeout=timeout, producer_args=extra
+                    ))
+                except Exception as e:  # noqa: BLE001 - reported as a missing figure
+                    self.add("features: a stream failed", None, "", params, missing=describe(e))
+                    return
+
+        def cpu_us(runs: list[dict[str, Any]]) -> float | None:
+            per = [(r["hub_cpu_s"] + r["agent_cpu_s"]) / n * 1e6 for r in runs
+                   if r.get("hub_cpu_s") is not None and r.get("agent_cpu_s") is not None]
+            return median(per) if per else None
+
+        base, with_sections = cpu_us(plain), cpu_us(marked)
+        self.add("CPU per line, plain (hub + agent)", round(base, 2) if base else None, "µs/line", params)
+        self.add("CPU per line, a section every 1,000 lines", round(with_sections, 2) if with_sections else None,
+                 "µs/line", params)
+        cost = None if not base or with_sections is None else round((with_sections - base) / base * 100, 1)
+        self.add("sections: CPU cost over plain", cost, "%", params, key="features.sections_cost")
+        rates = [median([r.get("rate") for r in runs]) for runs in (plain, marked)]
+        if all(rates):
+            self.add("sections: end-to-end rate, marked / plain", round(rates[1] / rates[0], 3), "x", params)
+
     def run(self) -> int:
         load = os.getloadavg()
         header = (

@@ -40,7 +40,7 @@ SIZES = {
     "big_rows": (0, 10_000_000),
     "ci_lines": (1_000_000, 1_000_000),  # passed to ci_step.py when it takes --lines
 }
-SCENARIOS = ["e2e", "fanout", "latency", "memory", "ingest", "store", "ci"]
+SCENARIOS = ["e2e", "fanout", "latency", "memory", "ingest", "store", "ci", "features"]
 
 
 class Missing(Exception):
