@@ -169,6 +169,9 @@ def test_every_target_reads_a_figure_the_bench_makes() -> None:
         assert f'key=f"{key}"' in run_py
     made |= {f"e2e.{s}" for s, _ in targets.STORES} | {f"e2e.ratio.{s}" for s, _ in targets.STORES}
     made |= {"lat.keruta.p50", "lat.keruta.p99", "fanout.ratio.10", "fanout.ratio.100"}
+    # the features scenario's
+    assert 'key="features.sections_cost"' in run_py
+    made |= {"features.sections_cost"}
     assert {t.key for t in targets.targets()} <= made
     assert {t.alt for t in targets.targets() if t.alt} <= made
 
