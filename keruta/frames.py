@@ -7,6 +7,7 @@ from typing import ClassVar
 import attrs
 
 from keruta.limits import INT32_MAX, INT32_MIN
+from keruta.summary import Summary
 from keruta.records import (
     TASK_STATES,
     InvalidField,
@@ -75,6 +76,8 @@ class StatusFrame:
     # From an agent: the run whose state this is. From the hub: only on the
     # reply to that run's own status frame, with the run's stored state.
     producer: str | None = attrs.field(default=None, validator=_producer)
+    # From an agent, with its final state: what the run sent (keruta/summary.py).
+    summary: Summary | None = None
 
 
 @attrs.frozen
