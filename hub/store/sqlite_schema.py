@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from hub.store.to_chunks import OLD_COLUMNS, chunks_from_rows
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _SCHEMA_V1 = (
     """
@@ -131,7 +131,13 @@ _SCHEMA_V4: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     "ALTER TABLE producers RENAME TO keruta_producers",
     "ALTER TABLE producer_ranges RENAME TO keruta_producer_ranges",
 )
-_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4}
+# Logs you can verify (hub/verify.py): the summary a run's final status
+# carried, and the task's verdict as last computed.
+_SCHEMA_V5 = (
+    "ALTER TABLE keruta_producers ADD COLUMN summary TEXT",
+    "ALTER TABLE keruta_tasks ADD COLUMN verdict TEXT",
+)
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4, 5: _SCHEMA_V5}
 
 
 def create_schema(conn: sqlite3.Connection) -> None:
