@@ -91,6 +91,8 @@ class Tally:
 
     def add_lines(self, first_pseq: int, source: str, first_line: int, lines: Sequence[bytes]) -> None:
         """Plain lines (valid UTF-8, no kind, not partial), as a Block holds them."""
+        if not lines:
+            return
         self.records += len(lines)
         self.lines[source] = self.lines.get(source, 0) + len(lines)
         # Each line's bytes are its UTF-8; the separators between them are not counted.
