@@ -401,3 +401,74 @@ async def test_a_hub_made_gap_accounts_for_what_it_dropped(hub: hubclient.InProc
         "v-7", LINES + 1,
     )
     assert (await verify(hub, "v-7"))["verdict"] == "incomplete"
+
+
+# -- the agent's summary outlives the agent -------------------------------------------
+
+
+def _spooled_tally(spool: Any) -> Tally:
+    """The summary of what the spool gives the uplink to send."""
+    tally = Tally()
+    for seq, payload in spool.read(1, 10**9, 10**12):
+        tally.add_record(seq, orjson.loads(payload))
+    return tally
+
+
+def test_the_summary_survives_the_agent_and_its_acked_segments(tmp_path: Path) -> None:
+    """What was written, acknowledged and deleted, and what is still spooled,
+    are all in the summary a later `flush` reads back from the spool."""
+    from agent.pipeline.linesplit import Block, Line
+    from agent.pipeline.recorder import Recorder
+    from agent.spool.spool import Spool
+
+    spool = Spool.open(tmp_path, "t", hub_url="http://hub", max_bytes=1 << 20, segment_bytes=4096)
+    recorder = Recorder(spool, "t")
+    number = 1
+    for i in range(40):
+        block = Block.of([b"plain %d %d" % (i, k) for k in range(30)])
+        recorder.write("stdout", [(block, number), (Line(f"ERROR {i} \u00e9"), number + 30)])
+        number += 31
+        recorder.write("stderr", [(Line("part", partial=True), i + 1)])
+        recorder.write_agent(f"agent line {i}")
+    whole = spool.summary()
+    assert whole is not None and whole.records == spool.last_seq == 40 * 33
+    assert _spooled_tally(spool).summary(spool.last_seq) == whole
+    spool.release(spool.last_seq // 2)  # the hub stored half: those segments go
+    assert spool.segments[0].first_seq > 1
+    spool.close()  # the agent dies: no final state
+
+    again = Spool.open(tmp_path, "t", create=False)
+    assert again.summary() == whole
+    # What flush adds (the "agent stopped" record) and the final state count too.
+    Recorder(again, "t").write_agent("the agent stopped")
+    again.set_final("failed", None)
+    final = again.summary()
+    assert final is not None and final.records == whole.records + 1
+    again.close()
+    assert Spool.open(tmp_path, "t", create=False).summary() == final
+
+
+async def test_a_killed_agent_flushed_later_is_complete(hub: hubclient.InProcessHub, tmp_path: Path) -> None:
+    """The agent is SIGKILLed mid-run after the hub stored part of its
+    records; `flush` delivers the rest with the summary it recovers from the
+    spool, and the log verifies."""
+    import signal
+
+    spool = tmp_path / "spool"
+    args = run_args(hub.url, "v-8", spool, "--quiet", "--spool-max-bytes", str(256 * 1024))
+    command = [
+        sys.executable, "-c",
+        "import time\nfor i in range(3000): print(f'line {i} ' + 'y' * 40)\n"
+        "print('done', flush=True)\ntime.sleep(60)",
+    ]
+    async with agent(args + command) as a:
+        with trio.fail_after(60):
+            while len(await hubclient.stored(hub, "v-8")) < 3001:
+                await trio.sleep(0.1)
+        a.signal(signal.SIGKILL)
+        await a.wait()
+    async with agent(["flush", "--spool-dir", str(spool)]) as f:
+        assert await f.wait() == 0, f.stderr_text
+    answer = await verify(hub, "v-8")
+    assert answer["verdict"] == "complete", answer
+    assert answer["producers"][0]["records"] == 3002  # with flush's "the agent stopped" record

@@ -47,6 +47,8 @@ from typing import Any, cast
 import orjson
 import trio
 
+from keruta.limits import INT64_MAX
+from keruta.records import SOURCES
 from keruta.summary import Summary, Tally
 
 from agent.pipeline.encoding import LineRun
@@ -597,6 +599,16 @@ class Spool:
 
 
 SUMMARY_FILE = "summary.json"
+
+
+def _largest_summary() -> int:
+    big = INT64_MAX
+    counts = dict.fromkeys(SOURCES, big)
+    return len(orjson.dumps({"through": big, **Tally(big, counts, dict(counts), 0).to_json()}))
+
+
+# The most a summary takes, in summary.json or in task.json's final state.
+SUMMARY_ROOM = _largest_summary()
 
 
 def _tally_pieces(tally: Tally, first_seq: int, pieces: list[bytes | LineRun]) -> None:
