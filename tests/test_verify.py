@@ -22,7 +22,7 @@ from hub.verify import COMPLETE, INCOMPLETE, UNVERIFIED, Verification
 from keruta import digest
 from keruta.summary import Summary, Tally
 from tests import hubclient
-from tests.agentclient import agent, free_port, run_args
+from tests.agentclient import agent, agent_env, free_port, run_args
 
 hub, hub_factory = hubclient.hub, hubclient.hub_factory  # fixtures
 
@@ -231,6 +231,15 @@ COMMAND = [
 ]
 
 
+async def tail(hub: Any, task_id: str, *extra: str) -> tuple[int, str, str]:
+    """`keruta-agent tail`: its exit status, stdout and stderr."""
+    done = await trio.run_process(
+        [sys.executable, "-m", "agent", "tail", "--hub", hub.url, task_id, *extra],
+        check=False, capture_stdout=True, capture_stderr=True, env=agent_env(),
+    )
+    return done.returncode, done.stdout.decode(), done.stderr.decode()
+
+
 async def run_task(hub: Any, task_id: str, tmp_path: Path, *extra: str) -> None:
     args = run_args(hub.url, task_id, tmp_path / "spool", "--quiet", *extra)
     async with agent(args + COMMAND) as a:
@@ -253,6 +262,9 @@ async def test_a_normal_run_is_complete(hub: hubclient.InProcessHub, tmp_path: P
         assert [t["verdict"] for t in listed if t["taskId"] == "v-1"] == ["complete"]
         assert (await client.get("/api/v1/tasks/nobody/verify")).status_code == 404
         assert (await client.get("/api/v1/tasks/a,b/verify")).status_code == 400
+    # `tail` ends with the verdict; --verify passes a complete log.
+    code, _, err = await tail(hub, "v-1", "--verify")
+    assert code == 0 and err.splitlines()[-1] == f"keruta-agent tail: complete: {LINES + 1:,} lines, digest ok"
 
 
 async def test_a_chunk_deleted_behind_the_hubs_back_is_named(hub: hubclient.InProcessHub, tmp_path: Path) -> None:
@@ -279,6 +291,10 @@ async def test_a_chunk_deleted_behind_the_hubs_back_is_named(hub: hubclient.InPr
     assert run["stored"]["records"] == LINES + 1 - (last - first + 1)
     assert f"seqs {first:,}-{last:,} missing (task seqs {first:,}-{last:,})" in answer["message"]
     assert (await hubclient.task_state(hub, "v-2"))["verdict"] == "incomplete"
+    code, _, err = await tail(hub, "v-2", "--no-follow")
+    assert code == 0 and "keruta-agent tail: incomplete: " in err
+    code, _, err = await tail(hub, "v-2", "--no-follow", "--verify")
+    assert code == 3, err
 
 
 async def test_a_record_changed_in_the_database_is_a_digest_mismatch(
@@ -347,6 +363,11 @@ async def test_an_honest_spool_gap_is_complete(hub_factory: hubclient.InProcessH
     records = await hubclient.stored(hub, "v-6")
     assert [r.get("kind") for r in records].count("gap") == 1
     assert answer["producers"][0]["records"] == len(records) < LINES
+    # `tail` shows the gap as a row of its own.
+    code, out, err = await tail(hub, "v-6", "--verify")
+    (gap,) = [r for r in records if r.get("kind") == "gap"]
+    assert code == 0 and f"\n--- {gap['message']} ---\n" in out
+    assert "not kept: the agent's spool was full ---" in out
 
 
 async def test_a_hub_made_gap_accounts_for_what_it_dropped(hub: hubclient.InProcessHub, tmp_path: Path) -> None:
