@@ -7,7 +7,6 @@ from typing import ClassVar
 import attrs
 
 from keruta.limits import INT32_MAX, INT32_MIN
-from keruta.summary import Summary
 from keruta.records import (
     TASK_STATES,
     InvalidField,
@@ -18,6 +17,7 @@ from keruta.records import (
     _producer,
     _task_id,
 )
+from keruta.summary import Summary
 
 
 class FrameError(ValueError):

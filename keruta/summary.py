@@ -14,6 +14,7 @@ records go by, on the agent (what it spooled) and on the hub (what it stored).
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Sequence
 from typing import Any
 
@@ -89,13 +90,12 @@ class Tally:
             record.get("lineNumber") or 0, record["message"],
         )
 
-    def add_lines(self, first_pseq: int, source: str, first_line: int, lines: Sequence[bytes]) -> None:
+    def add_lines(self, first_pseq: int, source: str, first_line: int, lines: Sequence[builtins.bytes]) -> None:
         """Plain lines (valid UTF-8, no kind, not partial), as a Block holds them."""
         if not lines:
             return
         self.records += len(lines)
         self.lines[source] = self.lines.get(source, 0) + len(lines)
-        # Each line's bytes are its UTF-8; the separators between them are not counted.
         self.bytes[source] = self.bytes.get(source, 0) + sum(map(len, lines))
         self.total = (self.total + digest.block_sum(first_pseq, source, first_line, lines)) % (1 << 512)
 

@@ -155,7 +155,7 @@ async def test_a_sqlite_database_from_before_chunks_is_migrated_in_place(tmp_pat
     finally:
         await store.close()
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == sqlite_schema.SCHEMA_VERSION
     assert not conn.execute("SELECT name FROM sqlite_master WHERE name = 'logs'").fetchall()
     conn.close()
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 import trio
 import zstandard
 from hypothesis import given

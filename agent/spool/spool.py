@@ -47,10 +47,6 @@ from typing import Any, cast
 import orjson
 import trio
 
-from keruta.limits import INT64_MAX
-from keruta.records import SOURCES
-from keruta.summary import Summary, Tally
-
 from agent.pipeline.encoding import LineRun
 from agent.spool.lock import lock_directory
 from agent.spool.meta import read_meta
@@ -74,6 +70,9 @@ from agent.spool.segment import (
     write_atomically,
     writev_all,
 )
+from keruta.limits import INT64_MAX
+from keruta.records import SOURCES
+from keruta.summary import Summary, Tally
 
 
 class Spool:

@@ -14,12 +14,12 @@ from typing import Any, TypeVar
 import orjson
 import trio
 
+from hub.answers import Verify
 from hub.store import core
 from hub.store.base import AppendResult, Incoming, LogQuery, LogStats, Page
 from hub.store.rows import SEQ_MAX, iter_by_range
 from hub.store.rules import check_page
 from hub.store.steps import Dialect, Steps
-from hub.answers import Verify
 from hub.verify import Verification
 from keruta.records import TASK_STATES, InvalidField, LogRecord, TaskInfo
 from keruta.summary import Summary
