@@ -27,6 +27,7 @@ Nothing here does I/O.
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,7 +38,7 @@ from hub.answers import Counts, MissingRange, ProducerVerdict, Verify
 from hub.store import chunk
 from hub.store.base import ANONYMOUS, hub_made
 from keruta import digest
-from keruta.summary import Summary, Tally
+from keruta.summary import Summary, Tally, text_bytes
 
 COMPLETE = "complete"
 INCOMPLETE = "incomplete"
@@ -155,8 +156,45 @@ class Verification:
         partial = cols.get("p") or [False] * n
         kinds = cols.get("k") or [None] * n
         metadata = cols.get("x") or [None] * n
-        for i in range(n):
-            self.add(seqs[i], sources[i], kinds[i], bool(partial[i]), numbers[i], messages[i], metadata[i])
+        if not self._add_plain(seqs, sources, numbers, messages, cols):
+            for i in range(n):
+                self.add(seqs[i], sources[i], kinds[i], bool(partial[i]), numbers[i], messages[i], metadata[i])
+
+    def _add_plain(
+        self, seqs: Sequence[int], sources: list[str], numbers: list[int | None], messages: list[str],
+        cols: dict[str, Any],
+    ) -> bool:
+        """A chunk of plain lines of one run with a summary, all at once (the
+        common case); False when it is not one."""
+        if cols.get("k") or any(cols.get("p") or ()) or None in numbers:
+            return False
+        first = self._owner(seqs[0])
+        last = self._owner(seqs[-1])
+        if first is None or last is None or first[0] != last[0] or last[1] - first[1] != seqs[-1] - seqs[0]:
+            return False
+        run = self.producers.get(first[0])
+        if run is None or run.summary is None:
+            return False
+        offset = first[1] - seqs[0]
+        pseqs = [s + offset for s in seqs]
+        stored = run.stored
+        stored.total = (stored.total + digest.plain_sum(pseqs, sources, numbers, messages)) % (1 << 512)  # type: ignore[arg-type]
+        stored.records += len(messages)
+        if isinstance(cols["s"], str):
+            source = cols["s"]
+            stored.lines[source] = stored.lines.get(source, 0) + len(messages)
+            stored.bytes[source] = stored.bytes.get(source, 0) + sum(map(text_bytes, messages))
+        else:
+            for source, count in Counter(sources).items():
+                stored.lines[source] = stored.lines.get(source, 0) + count
+            for source, message in zip(sources, messages, strict=True):
+                stored.bytes[source] = stored.bytes.get(source, 0) + text_bytes(message)
+        if isinstance(seqs, range):
+            _extend(run.seen, pseqs[0], pseqs[-1])
+        else:
+            for pseq in pseqs:
+                run.see(pseq)
+        return True
 
     def _account(self, meta: Any, *, gap: bool) -> None:
         """A hub-made gap's or redaction's accounts: per producer, what it stands for."""

@@ -492,3 +492,30 @@ async def test_a_killed_agent_flushed_later_is_complete(hub: hubclient.InProcess
     answer = await verify(hub, "v-8")
     assert answer["verdict"] == "complete", answer
     assert answer["producers"][0]["records"] == 3002  # with flush's "the agent stopped" record
+
+
+@given(st.lists(st.tuples(
+    st.integers(1, 2**40), st.sampled_from(["stdout", "stderr", "agent"]), st.integers(0, 2**31),
+    st.text(st.characters(blacklist_categories=("Cs",)), max_size=30),
+), max_size=20))
+def test_plain_sum_is_the_sum_of_the_leaves(records: list[tuple[int, str, int, str]]) -> None:
+    want = sum(digest.leaf(p, s, None, False, n, m) for p, s, n, m in records)
+    got = digest.plain_sum([r[0] for r in records], [r[1] for r in records], [r[2] for r in records], [r[3] for r in records])
+    assert got % 2**512 == want % 2**512
+
+
+def test_a_chunk_of_plain_lines_checks_as_its_records_one_by_one() -> None:
+    """The hub's fast path over a stored chunk gives what record-by-record does."""
+    from hub.store import chunk
+    from keruta.records import trusted_record
+
+    sent = _records(30)
+    stored = [
+        trusted_record("t", r["seq"] + 5, TS, r["source"], "INFO", r["message"], r["line"], {}, False, None, None)
+        for r in sent
+    ]
+    row = chunk.encode(stored)
+    fast = Verification("t", [("run", _summary(sent))], [("run", 1, 30, 6)])
+    fast.add_chunk((row.seq_first, row.seq_last, row.n, row.ts_first, row.ts_last, row.tally, row.lines, row.body))
+    slow = _verify([{**r, "seq": r["seq"] + 5} for r in sent], [("run", _summary(sent))], [("run", 1, 30, 6)])
+    assert fast.result() == slow and slow.verdict == COMPLETE
