@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import trio
 import zstandard
 from hypothesis import given
@@ -264,6 +265,11 @@ async def test_a_normal_run_is_complete(hub: hubclient.InProcessHub, tmp_path: P
     # `tail` ends with the verdict; --verify passes a complete log.
     code, _, err = await tail(hub, "v-1", "--verify")
     assert code == 0 and err.splitlines()[-1] == f"keruta-agent tail: complete: {LINES + 1:,} lines, digest ok"
+    # Records deleted through the hub: the verdict kept is cleared, not left to say "complete".
+    async with hub.http() as client:
+        assert (await client.delete("/api/v1/tasks/v-1/logs")).status_code == 200
+    assert (await hubclient.task_state(hub, "v-1"))["verdict"] == "unverified"
+    assert (await verify(hub, "v-1"))["verdict"] == "incomplete"
 
 
 async def test_a_chunk_deleted_behind_the_hubs_back_is_named(hub: hubclient.InProcessHub, tmp_path: Path) -> None:
@@ -519,3 +525,15 @@ def test_a_chunk_of_plain_lines_checks_as_its_records_one_by_one() -> None:
     fast.add_chunk((row.seq_first, row.seq_last, row.n, row.ts_first, row.ts_last, row.tally, row.lines, row.body))
     slow = _verify([{**r, "seq": r["seq"] + 5} for r in sent], [("run", _summary(sent))], [("run", 1, 30, 6)])
     assert fast.result() == slow and slow.verdict == COMPLETE
+
+
+def test_a_bad_summary_is_refused_naming_its_field() -> None:
+    from keruta.frames import FrameError
+    from keruta.wire import decode_client_frame
+
+    good = Tally().summary(0).to_json()
+    for field, bad in (("records", -1), ("lines", {"nowhere": 1}), ("bytes", {"stdout": "1"}), ("digest", "md5:00")):
+        frame = {"type": "status", "taskId": "t", "state": "succeeded", "producer": "p", "summary": {**good, field: bad}}
+        with pytest.raises(FrameError) as refused:
+            decode_client_frame(orjson.dumps(frame).decode())
+        assert refused.value.code == "INVALID_MESSAGE_FORMAT" and f"summary.{field}" in refused.value.message

@@ -410,6 +410,8 @@ def delete_chunk(d: Dialect, task_id: str, before: str | None) -> Steps[tuple[in
     yield d.exec(d.PRUNE_RANGES, task_id)
     # durable_seq and max_seq stay: the watermark never goes backwards.
     yield d.exec(d.AFTER_DELETE, deleted, now_ts(), task_id)
+    # Records went: the verdict last computed no longer says what is stored.
+    yield d.exec(d.SET_VERDICT, None, task_id)
     return deleted, len(rows) == d.delete_chunks
 
 
