@@ -210,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="print a task's output, then follow it live",
         description="Print a task's stored output, then follow it live without gap or "
         "duplicate until the task finishes; exit with the task's exit code "
-        "(130 on Ctrl-C). With --no-follow: print what is stored and exit 0.",
+        "(130 on Ctrl-C). With --no-follow: print what is stored and exit 0. "
+        "For a finished task, the last line (on stderr) is the hub's verdict on "
+        "the log: complete, incomplete (what is missing) or unverified.",
     )
     tail.add_argument("task_id", metavar="TASK_ID", type=_task_id)
     _hub_args(tail)
@@ -224,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--source", choices=SOURCES, help="only this source")
     tail.add_argument("--level", choices=LEVELS, help="only this level")
     tail.add_argument("--no-follow", action="store_true", help="print the stored history and exit")
+    tail.add_argument(
+        "--verify",
+        action="store_true",
+        help="exit 3 when the hub finds the finished task's log incomplete",
+    )
 
     flush = sub.add_parser(
         "flush",
@@ -354,6 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     from_seq=args.from_seq,
                     source=args.source,
                     level=args.level,
+                    verify=args.verify,
                     follow=not args.no_follow,
                 ),
             )

@@ -8,6 +8,11 @@ task's final `status` only after the records before it, and the agent sends
 it only once all its records are stored: when it arrives, all is printed.
 
 `--no-follow` pages through the REST API instead and stops at the end.
+
+For a finished task, the last line (on stderr) is the hub's verdict on the
+log (GET .../verify: complete, incomplete or unverified); with `--verify` an
+incomplete log is exit status VERIFY_FAILED. A `gap` record (lines knowingly
+not kept) prints as a row of its own, `--- <its message> ---`.
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ COLOURS = {
     "DEBUG": b"\x1b[2m",
 }
 STDERR_COLOUR = b"\x1b[31m"
+GAP_COLOUR = b"\x1b[1;33m"
+# `--verify` and the hub found the log incomplete.
+VERIFY_FAILED = 3
 AGENT_COLOUR = b"\x1b[36m"
 
 
@@ -59,6 +67,7 @@ class TailSettings:
     source: str | None = None
     level: str | None = None
     follow: bool = True
+    verify: bool = False
 
 
 class Fatal(Exception):
@@ -85,6 +94,9 @@ class Printer:
                     text = heading.encode("utf-8", "replace")
                     parts.append(SECTION_COLOUR + text + RESET + b"\n" if self.colour else text + b"\n")
                     continue
+            if r.kind == "gap":
+                parts.append(self._gap(r))
+                continue
             text = r.message.encode("utf-8", "replace")
             end = b"" if r.partial else b"\n"
             colour = self._colour(r) if self.colour else None
@@ -92,6 +104,11 @@ class Printer:
         if parts:
             self.out.write(b"".join(parts))
             self.out.flush()
+
+    def _gap(self, r: LogRecord) -> bytes:
+        """A row of its own, never mistaken for a line of the command's."""
+        row = f"--- {r.message} ---".encode("utf-8", "replace")
+        return (GAP_COLOUR + row + RESET if self.colour else row) + b"\n"
 
     @staticmethod
     def _colour(r: LogRecord) -> bytes | None:
@@ -176,13 +193,42 @@ async def tail(
             if printer.printed == 0 and await _task_exists(settings) is False:
                 say(f"task {settings.task_id!r} does not exist on the hub at {settings.hub_url}")
                 return NO_SUCH_TASK
-            return 0
-        if await _task_exists(settings, EXISTS_TIMEOUT) is False:
-            say(f"task {settings.task_id!r} does not exist yet; waiting for it to start (Ctrl-C to stop)")
-        return await _follow(settings, printer, say)
+            code = 0
+            if not await _finished(settings):
+                return code
+        else:
+            if await _task_exists(settings, EXISTS_TIMEOUT) is False:
+                say(f"task {settings.task_id!r} does not exist yet; waiting for it to start (Ctrl-C to stop)")
+            code = await _follow(settings, printer, say)
     except Fatal as exc:
         say(str(exc))
         return 2
+    verdict = await _verdict(settings, say)
+    return VERIFY_FAILED if settings.verify and verdict == "incomplete" else code
+
+
+async def _finished(settings: TailSettings) -> bool:
+    url = f"{http_base(settings.hub_url)}/api/v1/tasks/{settings.task_id}"
+    try:
+        task = await http.get_json(url, token=settings.token)
+    except (http.HttpError, OSError, ValueError):
+        return False
+    return isinstance(task, dict) and task.get("state") in FINAL_STATES
+
+
+async def _verdict(settings: TailSettings, say: Callable[[str], None]) -> str | None:
+    """Ask the hub whether the finished task's log is complete, and say it."""
+    url = f"{http_base(settings.hub_url)}/api/v1/tasks/{settings.task_id}/verify"
+    try:
+        answer = await http.get_json(url, token=settings.token)
+    except (http.HttpError, OSError, ValueError) as exc:
+        say(f"could not verify the log: {exc}")
+        return None
+    if not isinstance(answer, dict):
+        return None
+    say(str(answer.get("message") or answer.get("verdict")))
+    verdict = answer.get("verdict")
+    return verdict if isinstance(verdict, str) else None
 
 
 async def _task_exists(settings: TailSettings, timeout: float = http.TIMEOUT) -> bool | None:

@@ -113,8 +113,60 @@ class TaskSections:
     sections: list[Section]
 
 
+@attrs.frozen
+class Counts:
+    """Records, and lines and bytes per source."""
+
+    records: int = attrs.field(validator=_COUNT)
+    lines: dict[str, int]
+    bytes: dict[str, int]
+
+
+@attrs.frozen
+class MissingRange:
+    """Producer seqs neither stored nor inside a gap, and the task seqs they
+    were stored at (null where the hub no longer knows)."""
+
+    from_pseq: int = attrs.field(validator=attrs.validators.ge(1))
+    to_pseq: int = attrs.field(validator=attrs.validators.ge(1))
+    from_seq: int | None
+    to_seq: int | None
+
+
+_VERDICT = {"json_schema": {"enum": ["complete", "incomplete", "unverified"]}}
+
+
+@attrs.frozen
+class ProducerVerdict:
+    """One run of the task against its summary (null: it sent none yet):
+    `records`, `lines`, `bytes` what it says it sent, `stored` what the hub
+    holds of it, `accounted` what gaps and redactions stand for."""
+
+    producer: str
+    verdict: str = attrs.field(metadata=_VERDICT)
+    records: int | None
+    lines: dict[str, int] | None
+    bytes: dict[str, int] | None
+    stored: Counts
+    accounted: Counts
+    missing: list[MissingRange]
+    digest_ok: bool | None
+
+
+@attrs.frozen
+class Verify:
+    """GET .../verify (Guarantee 7): the task's verdict, a line for people,
+    and each run's."""
+
+    task_id: str
+    verdict: str = attrs.field(metadata=_VERDICT)
+    message: str
+    producers: list[ProducerVerdict]
+
+
 ANSWERS: tuple[type, ...] = (
-    LogPage, TimeRange, LogStats, TaskList, StoredId, StoredIds, Deleted, Health, Error, Section, TaskSections,
+    LogPage, TimeRange, LogStats, TaskList, StoredId, StoredIds, Deleted, Health, Error,
+    Counts, MissingRange, ProducerVerdict, Verify, Section, TaskSections,
 )
 
 for _cls in ANSWERS:

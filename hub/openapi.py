@@ -202,6 +202,14 @@ def _paths(max_page_size: int, max_batch: int) -> dict[str, Any]:
                 _ref("TaskSections"), (*_READ, 404),
             ),
         },
+        "/api/v1/tasks/{taskId}/verify": {
+            "parameters": [_TASK_ID],
+            "get": _operation(
+                "Whether the stored log is what its runs sent (Guarantee 7): complete, incomplete "
+                "(what is missing) or unverified; reads every record of the task",
+                _ref("Verify"), (*_READ, 404),
+            ),
+        },
         "/api/v1/tasks": {"get": _operation("All tasks", _ref("TaskList"), (401, 403, 503))},
         "/api/v1/tasks/{taskId}": {"parameters": [_TASK_ID], "get": _operation("One task's state", _ref("Task"), (*_READ, 404))},
         # A plain HTTP GET (no Upgrade) is a 400.

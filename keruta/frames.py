@@ -17,6 +17,7 @@ from keruta.records import (
     _producer,
     _task_id,
 )
+from keruta.summary import Summary
 
 
 class FrameError(ValueError):
@@ -75,6 +76,8 @@ class StatusFrame:
     # From an agent: the run whose state this is. From the hub: only on the
     # reply to that run's own status frame, with the run's stored state.
     producer: str | None = attrs.field(default=None, validator=_producer)
+    # From an agent, with its final state: what the run sent (keruta/summary.py).
+    summary: Summary | None = None
 
 
 @attrs.frozen

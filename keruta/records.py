@@ -238,3 +238,7 @@ class TaskInfo:
     total_logs: int = attrs.field(default=0, metadata={"json_schema": {"minimum": 0}})
     durable_seq: int = attrs.field(default=0, metadata={"json_schema": {"minimum": 0}})
     updated_at: str | None = attrs.field(default=None, metadata=TIMESTAMP)
+    # Guarantee 7, as last computed by GET .../verify (hub/verify.py).
+    verdict: str = attrs.field(
+        default="unverified", metadata={"json_schema": {"enum": ["complete", "incomplete", "unverified"]}}
+    )

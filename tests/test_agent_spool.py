@@ -230,7 +230,9 @@ async def test_final_state_and_listing(tmp_path: Path) -> None:
     spool.close()
     assert spooled_tasks(tmp_path) == ["task-1"]
     again = open_spool(tmp_path)
-    assert again.meta["final"] == {"state": "failed", "exitCode": 3, "lastSeq": 0}
+    final = again.meta["final"]
+    assert final == {"state": "failed", "exitCode": 3, "lastSeq": 0, "summary": final["summary"]}
+    assert final["summary"]["records"] == 0
     assert again.meta["hubUrl"] == "http://hub:1"
     await again.mark_final_delivered()
     again.remove()

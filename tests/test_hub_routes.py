@@ -106,7 +106,9 @@ async def test_tasks_lists_every_task_and_shows_one(store: SQLiteStore) -> None:
     assert body["taskId"] == TASK and body["state"] == "running" and body["exitCode"] is None
     assert set(body) == {
         "taskId", "state", "exitCode", "firstTimestamp", "lastTimestamp", "totalLogs", "durableSeq", "updatedAt",
+        "verdict",
     }
+    assert body["verdict"] == "unverified"
 
     missing = await client.get("/api/v1/tasks/nobody")
     assert missing.status_code == 404 and await error_of(missing) == "NOT_FOUND"

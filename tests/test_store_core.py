@@ -109,7 +109,7 @@ def test_delete_of_an_unknown_task_stops_at_its_row():
 
 
 def test_a_state_change_is_announced_only_where_hubs_listen():
-    task_row = ("t1", "running", None, None, None, 0, 0, "now")
+    task_row = ("t1", "running", None, None, None, 0, 0, "now", None)
     answers = [None, ("pending", None, 0), None, task_row]
     asked, info = replay(core.set_state(PG, "t1", "running", None, None), [*answers, None])
     assert info.state == "running"

@@ -455,3 +455,83 @@ def test_task_list_updates_live(page: Any, shared_hub: HubProcess) -> None:
 
     wait_for(click_list_old, "a click on the link to list-old")
     wait_for(lambda: viewer(page, "total") == 3, "the task page from the list")
+
+
+# --- verifying a log, and its gaps ----------------------------------------------
+
+
+def _delete_chunk_behind_the_hubs_back(hub: HubProcess, task_id: str) -> None:
+    import sqlite3
+
+    conn = sqlite3.connect(hub.db.removeprefix("sqlite:///"), timeout=30)
+    try:
+        with conn:
+            (last,) = conn.execute(
+                "SELECT seq_last FROM keruta_chunks WHERE task_id = ? ORDER BY seq_last LIMIT 1", (task_id,)
+            ).fetchone()
+            conn.execute("DELETE FROM keruta_chunks WHERE task_id = ? AND seq_last = ?", (task_id, last))
+    finally:
+        conn.close()
+
+
+def test_verdict_badge(page: Any, shared_hub: HubProcess, tmp_path: Path) -> None:
+    """complete for an agent's finished run, incomplete once a chunk is gone
+    behind the hub's back, unverified for a task of REST lines."""
+    code = "for i in range(700): print('line', i)"
+    for task in ("verdict-ok", "verdict-bad"):
+        agent = start_agent(shared_hub, task, tmp_path / "spool", code)
+        assert agent.wait(60) == 0
+    page.get(f"{shared_hub.url}/tasks/verdict-ok")
+    badge = wait_for(lambda: page.find_element(By.ID, "verdict").text == "complete" and page.find_element(By.ID, "verdict"), "the complete badge")
+    assert "complete" in badge.get_attribute("class")
+    assert badge.get_attribute("title") == "complete: 700 lines, digest ok"
+
+    _delete_chunk_behind_the_hubs_back(shared_hub, "verdict-bad")
+    page.get(f"{shared_hub.url}/tasks/verdict-bad")
+    badge = wait_for(lambda: page.find_element(By.ID, "verdict").text == "incomplete" and page.find_element(By.ID, "verdict"), "the incomplete badge")
+    assert "incomplete" in badge.get_attribute("class")
+    assert "missing" in badge.get_attribute("title")
+
+    post(shared_hub, "verdict-rest", lines("verdict-rest", 5))
+    page.get(f"{shared_hub.url}/tasks/verdict-rest")
+    wait_for(lambda: viewer(page, "total") == 5, "the REST lines")
+    assert wait_for(lambda: page.find_element(By.ID, "verdict").text, "the badge") == "unverified"
+
+
+def test_gap_rows(page: Any, shared_hub: HubProcess) -> None:
+    """A gap record is a row of its own with its message and numbers; one
+    that arrives live over rows the viewer holds takes them away."""
+    task = "gaps"
+    old = [{"message": f"old line {i}", "timestamp": f"2026-01-01T00:00:{i:02d}.000000Z"} for i in range(1, 41)]
+    post(shared_hub, task, old)
+    post(shared_hub, task, [{
+        "source": "agent", "level": "WARN", "kind": "gap",
+        "message": "1,234 lines (77,784 bytes) not kept: the agent's spool was full",
+        "metadata": {"gap": {"reason": "spool_full", "lines": 1234, "bytes": 77784}},
+    }])
+    post(shared_hub, task, lines(task, 10, lambda i: f"new line {i}"))
+    page.get(f"{shared_hub.url}/tasks/{task}")
+    wait_for(lambda: viewer(page, "total") == 51, "the history")
+    wait_for(lambda: any(r["seq"] == 41 for r in rows(page)), "the gap row on screen")
+    (gap,) = [r for r in rows(page) if r["seq"] == 41]
+    assert "gap" in gap["cls"].split()
+    assert gap["text"] == "\u22ef 1,234 lines (77,784 bytes) not kept: the agent's spool was full \u22ef"
+    plain = [r for r in rows(page) if r["seq"] == 42]
+    assert plain and "gap" not in plain[0]["cls"].split()
+    wait_for(lambda: page.find_element(By.ID, "conn").text == "live", "the WebSocket")
+
+    # The hub lets the oldest lines go and leaves a gap over their seqs (as
+    # retention of a running task's head does): the viewer drops those rows.
+    resp = httpx.delete(f"{shared_hub.url}/api/v1/tasks/{task}/logs", params={"before": "2026-01-01T00:00:31.000000Z"}, timeout=10, verify=system_tls())
+    assert resp.status_code == 200 and resp.json()["deletedCount"] == 30
+    post(shared_hub, task, [{
+        "source": "agent", "level": "WARN", "kind": "gap",
+        "message": "30 lines (330 bytes) not kept: retention",
+        "metadata": {"gap": {"reason": "retention", "lines": 30, "bytes": 330, "fromSeq": 1, "toSeq": 30}},
+    }])
+    wait_for(lambda: viewer(page, "total") == 22, "the covered rows dropped")
+    seqs = [seq for _pos, seq in js(page, "return window.kerutaViewer.loaded()")]
+    assert seqs == list(range(31, 53))
+    js(page, "document.getElementById('scroller').scrollTop = 1e9")
+    last = wait_for(lambda: (lambda r: r if r and r[-1]["seq"] == 52 else None)(rows(page)), "the new gap row")[-1]
+    assert "gap" in last["cls"].split() and last["text"].endswith("(seqs 1\u201330)")

@@ -34,6 +34,7 @@ from agent.link.framing import fit_frame
 from keruta.frames import AckFrame, ErrorFrame, HubFrame, StatusFrame
 from keruta.limits import DEFAULT_LIMITS, Limits
 from keruta.recordjson import logs_frame
+from keruta.summary import Summary
 from keruta.wire import encode_bytes
 
 # Room for the frame's envelope around the records, when reading the spool;
@@ -116,6 +117,8 @@ class UplinkProtocol:
         # Records up to here are spooled and let through (rate limit): sendable.
         self.available = max(available_seq, acked_seq)
         self.final: tuple[str, int | None] | None = None
+        # What the final status says the run sent (keruta/summary.py).
+        self.summary: Summary | None = None
         self.batcher = Batcher(batch_size, flush_interval, max_in_flight_bytes, eager_frames)
         self.connected = False
         self.cursor = acked_seq + 1
@@ -134,8 +137,9 @@ class UplinkProtocol:
             self.available = last_seq
             self._sync_pending(now)
 
-    def finish(self, state: str, exit_code: int | None) -> None:
+    def finish(self, state: str, exit_code: int | None, summary: Summary | None = None) -> None:
         self.final = (state, exit_code)
+        self.summary = summary
 
     def on_connected(self, now: float) -> list[bytes]:
         self.connected = True
@@ -230,7 +234,7 @@ class UplinkProtocol:
         state, code = self.final
         # The hub answers a run's status with that run's stored state once it
         # is committed: that is how the agent knows its final state is stored.
-        return SendFrame(encode_bytes(StatusFrame(self.task_id, state, code, self.producer)))
+        return SendFrame(encode_bytes(StatusFrame(self.task_id, state, code, self.producer, self.summary)))
 
     def logs_frame(self, records: list[tuple[int, bytes]], now: float) -> bytes | None:
         """The frame for `records` read as ReadRecords asked (gaps already

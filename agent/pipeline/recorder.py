@@ -33,7 +33,7 @@ from agent.pipeline.messages import (
     Started,
 )
 from agent.pipeline.sections import Event, SectionTracker, may_hold_marker, split_block
-from agent.spool.spool import Spool
+from agent.spool.spool import SUMMARY_ROOM, Spool
 from keruta.levels import determine_level
 from keruta.limits import INT64_MAX
 from keruta.recordjson import encode_line
@@ -42,8 +42,9 @@ from keruta.timefmt import now_ts
 # How often the "spool full" warning repeats while lines are being dropped.
 FULL_WARNING_EVERY = 10.0
 # Besides a gap record, what the spool's budget keeps free for task.json's
-# final state and the `acked` file.
-META_ROOM = 128
+# final state and the `acked` file, and the run's summary (in summary.json and
+# in the final state).
+META_ROOM = 128 + 2 * SUMMARY_ROOM
 # A gap ends once this share of the budget is free again (at most
 # RESUME_ROOM_MAX), so that a nearly full spool does not alternate between
 # one line kept and a gap record.

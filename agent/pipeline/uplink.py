@@ -112,7 +112,7 @@ class Uplink:
                 if isinstance(message, RecordBatch):
                     self.protocol.records_available(message.last_seq, trio.current_time())
                 else:
-                    self.protocol.finish(message.state, message.exit_code)
+                    self.protocol.finish(message.state, message.exit_code, self.spool.summary())
                 self._news.unpark_all()
 
     def records_available(self, last_seq: int) -> None:
@@ -122,7 +122,7 @@ class Uplink:
 
     def finish(self, state: str, exit_code: int | None) -> None:
         """Without a pipeline: the command is done; after the last ack, report `state`."""
-        self.protocol.finish(state, exit_code)
+        self.protocol.finish(state, exit_code, self.spool.summary())
         self._news.unpark_all()
 
     # --- running ------------------------------------------------------------

@@ -5,6 +5,8 @@ Layout, one directory per task under the spool root::
 
     ROOT/TASK_ID/task.json      taskId, hub URL, producer id, final state once known
     ROOT/TASK_ID/acked          the ack watermark: every seq <= it is stored by the hub
+    ROOT/TASK_ID/summary.json   the summary (keruta/summary.py) of records 1..`through`,
+                                saved before any segment is deleted
     ROOT/TASK_ID/lock           held (flock) by the one process using this spool; the
                                 lock is the inode linked there now (see spoollock.py)
     ROOT/TASK_ID/SEQ.seg        segments, named by their first seq, append-only
@@ -12,6 +14,13 @@ Layout, one directory per task under the spool root::
 Segments hold checksummed frames (agent/spool/segment.py): a torn tail is cut off
 when the spool is opened, a corrupt frame is skipped with a warning. Segments
 whose records are all acknowledged are deleted. The lock: agent/spool/lock.py.
+
+The spool keeps the producer's summary of every record it was given (counts
+and digest, keruta/summary.py; the final `status` frame carries it). It must
+outlive the agent as the records do, for `flush` to send it: before segments
+are deleted, the summary so far goes to summary.json (durably, like the
+watermark), and reopening adds the records of the segments still there; the
+final state in task.json holds the whole summary.
 The disk budget (`max_bytes`, `used_bytes`) counts every file of the directory:
 segments with their frame headers, task.json and `acked`.
 
@@ -43,7 +52,9 @@ from agent.spool.lock import lock_directory
 from agent.spool.meta import read_meta
 from agent.spool.recent import RecentRecords, take
 from agent.spool.segment import (
+    BATCH_MAGIC,
     HEADER,
+    MAGIC,
     RUN_BYTES,
     RUN_LINES_BYTES,
     RUN_RECORDS,
@@ -59,6 +70,9 @@ from agent.spool.segment import (
     write_atomically,
     writev_all,
 )
+from keruta.limits import INT64_MAX
+from keruta.records import SOURCES
+from keruta.summary import Summary, Tally
 
 
 class Spool:
@@ -95,7 +109,11 @@ class Spool:
         self._meta_lock = trio.Lock()
         self._lock_fd: int | None = None
         self._used = 0  # bytes in segment files
-        self._small: dict[str, int] = {}  # task.json and acked: their sizes
+        self._small: dict[str, int] = {}  # task.json, acked, summary.json: their sizes
+        # The summary of records 1..last_seq; None when it cannot be known (a
+        # spool written before summaries, whose deleted records were not counted).
+        self.tally: Tally | None = Tally()
+        self._tally_saved = 0  # the last seq summary.json covers
 
     # --- opening ------------------------------------------------------------
 
@@ -132,7 +150,7 @@ class Spool:
 
     def _load(self, task_id: str, hub_url: str | None) -> None:
         self.meta, changed = read_meta(self.dir / "task.json", task_id, hub_url, self.warn)
-        for name in ("task.json", "acked"):
+        for name in ("task.json", "acked", SUMMARY_FILE):
             try:
                 self._small[name] = (self.dir / name).stat().st_size
             except OSError:
@@ -171,7 +189,44 @@ class Spool:
                 "(a corrupt end of the spool); the hub gets a record saying so for each"
             )
             self.last_seq = final_last
+        self.tally = self._recover_tally(final)
         self._delete_acked_segments()
+
+    def _recover_tally(self, final: Any) -> Tally | None:
+        """The summary of records 1..last_seq: the final state's, or
+        summary.json's plus the records in the segments after it."""
+        if isinstance(final, dict) and isinstance(final.get("summary"), dict):
+            try:
+                return Tally.from_json(final["summary"])
+            except (KeyError, TypeError, ValueError):
+                pass
+        through, tally = 0, Tally()
+        try:
+            saved = orjson.loads((self.dir / SUMMARY_FILE).read_bytes())
+            through, tally = saved["through"], Tally.from_json(saved)
+        except FileNotFoundError:
+            pass
+        except (orjson.JSONDecodeError, OSError, KeyError, TypeError, ValueError) as exc:
+            self.warn(f"spool {self.dir}: unreadable {SUMMARY_FILE} ({exc}); the run's summary is unknown")
+            return None
+        self._tally_saved = through
+        expected = through + 1
+        for seg in self.segments:
+            if seg.last_seq < expected:
+                continue
+            if seg.first_seq > expected:
+                return None
+            for _off, first, frame, _nxt in scan_frames(seg.reader_fd(), 0, seg.size, None, str(seg.path)):
+                if first + frame.count <= expected:
+                    continue
+                if first > expected:
+                    return None  # a corrupt frame was skipped: its records are not known
+                try:
+                    _tally_frame(tally, first, frame, expected)
+                except (KeyError, TypeError, ValueError):
+                    return None
+                expected = first + frame.count
+        return tally if expected == self.last_seq + 1 else None
 
     # --- writing ------------------------------------------------------------
 
@@ -200,6 +255,7 @@ class Spool:
             parts.append(encode_frame(seq, payload))
         self._write([b"".join(parts)], entries[0][0], entries[-1][0])
         self._recent.append(entries)
+        self._count(entries[0][0], [payload for _, payload in entries])
 
     def append_run(self, first_seq: int, payloads: list[bytes]) -> None:
         """`append_records` of encoded records only."""
@@ -242,6 +298,16 @@ class Spool:
         self._write(parts, first_seq, seq - 1)
         for start, records in recent:
             self._recent.append_run(start, records)
+        self._count(first_seq, pieces)
+
+    def _count(self, first_seq: int, pieces: list[bytes | LineRun]) -> None:
+        if self.tally is None:
+            return
+        try:
+            _tally_pieces(self.tally, first_seq, pieces)
+        except (KeyError, TypeError, ValueError):
+            # Not a record's JSON (only tests write such): no summary can be given.
+            self.tally = None
 
     @staticmethod
     def _run_frames(first_seq: int, payloads: list[bytes]) -> list[bytes]:
@@ -312,7 +378,13 @@ class Spool:
         # With the last seq: a reopened spool whose tail was damaged still
         # knows how many records it held, and sends a "lost" record for each.
         self.meta["final"] = {"state": state, "exitCode": exit_code, "lastSeq": self.last_seq}
+        if self.tally is not None:
+            self.meta["final"]["summary"] = self.tally.to_json()
         await self._save_meta()
+
+    def summary(self) -> Summary | None:
+        """The summary of every record given to the spool (None: not known)."""
+        return None if self.tally is None else self.tally.summary(self.last_seq)
 
     async def mark_final_delivered(self) -> None:
         if self.meta.get("final") is not None:
@@ -340,9 +412,19 @@ class Spool:
         durable watermark covers."""
         acked = self.acked_seq
         if acked > self._durable_ack:
-            if await trio.to_thread.run_sync(self._persist_watermark, acked):
+            # The summary so far goes with the watermark: once the segments are
+            # gone it is all that remembers what they held. Encoded here, where
+            # the tally changes; written in the worker thread.
+            through = self.last_seq
+            tally = None
+            if self.tally is not None and self._tally_saved != through:
+                tally = orjson.dumps({"through": through, **self.tally.to_json()})
+            if await trio.to_thread.run_sync(self._persist_progress, acked, tally):
                 self._small["acked"] = len(f"{acked}\n")
                 self._saved_ack = acked
+                if tally is not None:
+                    self._small[SUMMARY_FILE] = len(tally)
+                    self._tally_saved = through
                 self._durable_ack = max(self._durable_ack, acked)
                 self._delete_acked_segments()
         if not self._dirty:
@@ -391,9 +473,12 @@ class Spool:
 
     def _delete_acked_segments(self) -> None:
         keep = []
+        # Only what the durable watermark covers, and, while the summary is
+        # known, what summary.json already counts (it alone will remember them).
+        limit = self._durable_ack if self.tally is None else min(self._durable_ack, self._tally_saved)
         for i, seg in enumerate(self.segments):
             is_active = i == len(self.segments) - 1
-            done = seg.last_seq <= self._durable_ack
+            done = seg.last_seq <= limit
             # The active segment goes too once it is worth it: a fresh one starts
             # at the next append.
             if done and (not is_active or seg.size >= self.segment_bytes // 4 or seg.size == 0):
@@ -409,9 +494,16 @@ class Spool:
                 keep.append(seg)
         self.segments = keep
 
-    def _persist_watermark(self, acked: int) -> bool:
-        """Write the ack watermark `acked` and fsync it and its directory (in a
-        worker thread); False if that failed."""
+    def _persist_progress(self, acked: int, tally: bytes | None) -> bool:
+        """Write the summary so far (if given) and the ack watermark `acked`,
+        each fsynced, and fsync the directory (in a worker thread); False if
+        that failed."""
+        try:
+            if tally is not None:
+                write_atomically(self.dir / SUMMARY_FILE, tally, durable=True)
+        except OSError as exc:
+            self.warn(f"spool {self.dir}: cannot save the summary: {exc}")
+            return False
         try:
             write_atomically(self.dir / "acked", f"{acked}\n".encode(), durable=True)
             fd = os.open(self.dir, os.O_RDONLY)
@@ -508,7 +600,7 @@ class Spool:
         self.segments = []
         self._used = 0
         self._small = {}
-        for name in ("acked", "acked.tmp", "task.json", "task.json.tmp"):
+        for name in ("acked", "acked.tmp", "task.json", "task.json.tmp", SUMMARY_FILE, SUMMARY_FILE + ".tmp"):
             (self.dir / name).unlink(missing_ok=True)
         (self.dir / "lock").unlink(missing_ok=True)
         try:
@@ -521,3 +613,37 @@ class Spool:
             # Not empty: another run of the task has started here; it is its spool now.
         finally:
             self.close()
+
+
+SUMMARY_FILE = "summary.json"
+
+
+def _largest_summary() -> int:
+    big = INT64_MAX
+    counts = dict.fromkeys(SOURCES, big)
+    return len(orjson.dumps({"through": big, **Tally(big, counts, dict(counts), 0).to_json()}))
+
+
+# The most a summary takes, in summary.json or in task.json's final state.
+SUMMARY_ROOM = _largest_summary()
+
+
+def _tally_pieces(tally: Tally, first_seq: int, pieces: list[bytes | LineRun]) -> None:
+    seq = first_seq
+    for piece in pieces:
+        if isinstance(piece, LineRun):
+            tally.add_lines(seq, piece.source, piece.first_line, piece.block.lines)
+            seq += piece.count
+        else:
+            tally.add_record(seq, orjson.loads(piece))
+            seq += 1
+
+
+def _tally_frame(tally: Tally, first: int, frame: Frame, from_seq: int) -> None:
+    """Add a stored frame's records from `from_seq` on."""
+    if frame.magic not in (MAGIC, BATCH_MAGIC) and first >= from_seq:
+        _tally_pieces(tally, first, [LineRun.parse(frame.payload)])
+        return
+    for seq, payload in enumerate(frame.records(), first):
+        if seq >= from_seq:
+            tally.add_record(seq, orjson.loads(payload))

@@ -36,6 +36,7 @@ from keruta.backoff import Backoff
 from keruta.channels import receive_now
 from keruta.records import LogRecord, TaskInfo
 from keruta.retry import retry
+from keruta.summary import Summary
 
 log = logging.getLogger("keruta.hub.writer")
 
@@ -51,6 +52,7 @@ class StatusChange:
     state: str
     exit_code: int | None
     producer: str | None = None
+    summary: Summary | None = None
 
 
 @attrs.frozen
@@ -369,7 +371,7 @@ class Writer:
             task = await self._with_retry(
                 "set_state",
                 lambda: self.store.set_state(
-                    change.task_id, change.state, change.exit_code, change.producer
+                    change.task_id, change.state, change.exit_code, change.producer, change.summary
                 ),
             )
             run_state = None

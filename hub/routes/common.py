@@ -36,6 +36,7 @@ def task_json(task: TaskInfo) -> dict[str, Any]:
         "totalLogs": task.total_logs,
         "durableSeq": task.durable_seq,
         "updatedAt": task.updated_at,
+        "verdict": task.verdict,
     }
 
 

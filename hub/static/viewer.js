@@ -596,6 +596,7 @@
       row.dataset.pos = pos;
       if (rec.source !== "stdout") row.classList.add(rec.source);
       row.classList.add("lvl-" + rec.level);
+      if (rec.kind === "gap") row.classList.add("gap");
       if (target === rec.seq) row.classList.add("target");
       if (pos === current) row.classList.add("current");
       const n = document.createElement("a");
@@ -612,7 +613,13 @@
       lv.textContent = rec.level !== "INFO" ? rec.level : rec.source !== "stdout" ? rec.source : "";
       const m = document.createElement("span");
       m.className = "m";
-      renderMessage(m, rec.message, filter.q);
+      if (rec.kind === "gap") {
+        lv.textContent = "GAP";
+        m.textContent = gapText(rec);
+        m.title = JSON.stringify((rec.metadata || {}).gap || {}, null, 1);
+      } else {
+        renderMessage(m, rec.message, filter.q);
+      }
       row.append(n, t, lv, m);
       return row;
     }
@@ -671,6 +678,56 @@
       row.append(n, t, lv, m);
       return row;
     }
+
+    // A gap record: its message for people, and where its numbers are not in
+    // it, the seqs it stands for.
+    function gapText(rec) {
+      const gap = (rec.metadata || {}).gap || {};
+      let text = "\u22ef " + rec.message + " \u22ef";
+      if (Number.isInteger(gap.fromSeq) && Number.isInteger(gap.toSeq)) {
+        text += " (seqs " + fmtInt(gap.fromSeq) + "\u2013" + fmtInt(gap.toSeq) + ")";
+      }
+      return text;
+    }
+
+    // A record with a seq already held replaces it (a gap that grew); a gap
+    // over seqs held drops them: the model is read again from the hub, which
+    // no longer has them (at most once a second while a cap's tail slides).
+    function replaceHeld(rec) {
+      for (const page of pages.values()) {
+        for (let k = 0; k < PAGE; k++) {
+          if (page[k] !== undefined && page[k].seq === rec.seq) { page[k] = rec; deco++; return; }
+        }
+      }
+    }
+
+    let reloadQueued = false;
+    function dropCovered(rec) {
+      const gap = (rec.metadata || {}).gap || {};
+      if (rec.kind !== "gap" || !Number.isInteger(gap.fromSeq) || !Number.isInteger(gap.toSeq)) return;
+      let covers = false;
+      for (const page of pages.values()) {
+        for (let k = 0; k < PAGE && !covers; k++) {
+          const held = page[k];
+          covers = held !== undefined && held.seq !== rec.seq && held.seq >= gap.fromSeq && held.seq <= gap.toSeq;
+        }
+        if (covers) break;
+      }
+      if (!covers || reloadQueued) return;
+      reloadQueued = true;
+      setTimeout(() => {
+        reloadQueued = false;
+        gen++;
+        ready = false;
+        pending = [];
+        inflight.clear();
+        failedAt.clear();
+        deco++;
+        startSnapshot();
+      }, 1000 * (Date.now() - lastReload < 1000));
+      lastReload = Date.now();
+    }
+    let lastReload = 0;
 
     // ANSI-styled spans, with search hits wrapped in <mark>.
     function renderMessage(into, message, q) {
@@ -781,6 +838,31 @@
       setBadge(stateEl, state + (exitCode !== null && exitCode !== undefined ? " · exit " + exitCode : ""), state);
     }
 
+    // Guarantee 7: is the stored log what the agent sent? The task answer holds
+    // the verdict last computed; a finished task without one asks the hub
+    // (which reads the whole log) once.
+    const verdictEl = $("verdict");
+    let verdictAsked = false;
+    function showVerdict(verdict, message) {
+      setBadge(verdictEl, verdict || "", verdict || "");
+      verdictEl.title = message || "";
+    }
+    function checkVerdict(task) {
+      const finished = task.state === "succeeded" || task.state === "failed";
+      if (task.verdict && task.verdict !== "unverified") showVerdict(task.verdict, "");
+      else showVerdict("unverified", "no run of this task has sent its summary yet");
+      if (finished && !verdictAsked && task.verdict !== "complete" && task.verdict !== "incomplete") askVerdict();
+    }
+    async function askVerdict() {
+      verdictAsked = true;
+      try {
+        const v = await api("/api/v1/tasks/" + encodeURIComponent(taskId) + "/verify");
+        showVerdict(v.verdict, v.message);
+      } catch (e) {
+        verdictAsked = false;
+      }
+    }
+
     function connect() {
       setBadge(conn, subscribedOnce ? "reconnecting…" : "connecting…", subscribedOnce ? "reconnecting" : "");
       const sock = openSocket();
@@ -806,7 +888,8 @@
         } else if (f.type === "logs" && f.taskId === taskId) {
           for (const rec of f.records) {
             if (rec.kind === "section_start" || rec.kind === "section_end") sectionsChanged();
-            if (rec.seq <= known && ready) continue;
+            if (ready) dropCovered(rec);
+            if (rec.seq <= known && ready) { replaceHeld(rec); continue; }
             if (rec.seq > known) known = rec.seq;
             if (ready) append(rec); else pending.push(rec);
           }
@@ -814,6 +897,7 @@
         } else if (f.type === "status" && f.taskId === taskId) {
           showState(f.state, f.exitCode);
           sectionsChanged();
+          if (f.state === "succeeded" || f.state === "failed") { verdictAsked = false; checkVerdict(f); }
         } else if (f.type === "error") {
           // SLOW_CONSUMER: the hub closes; we resume from the last seq we hold.
           if (f.code === "UNAUTHORIZED") setBadge(conn, f.message, "error");
@@ -897,7 +981,7 @@
     });
 
     api("/api/v1/tasks/" + encodeURIComponent(taskId))
-      .then((t) => showState(t.state, t.exitCode))
+      .then((t) => { showState(t.state, t.exitCode); checkVerdict(t); })
       .catch((e) => { if (e instanceof ApiError && e.status === 404) showState(null); });
 
     // A read-only view for tests and debugging.

@@ -14,11 +14,15 @@ import hashlib
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import attrs
 
 from keruta.records import LogRecord, TaskInfo
+from keruta.summary import Summary
+
+if TYPE_CHECKING:
+    from hub.answers import Verify
 
 _ID_NAMESPACE = uuid.UUID("6f1c1f0e-5d47-4a4e-9f57-6b6572757461")
 _ID_NAMESPACE_BYTES = _ID_NAMESPACE.bytes
@@ -196,9 +200,12 @@ class Store(Protocol):
         """
 
     async def set_state(
-        self, task_id: str, state: str, exit_code: int | None, producer: str | None = None
+        self, task_id: str, state: str, exit_code: int | None, producer: str | None = None,
+        summary: Summary | None = None,
     ) -> TaskInfo:
         """Record a task's state (creating the task if new) and return it.
+        With `producer`, `summary` is what that run says it sent
+        (keruta/summary.py), kept for `verify`.
 
         Monotonic (rules.next_state): a final state is never followed by
         `running` or `pending`. With `producer`, the change is the state of that
@@ -209,6 +216,11 @@ class Store(Protocol):
 
     async def run_state(self, task_id: str, producer: str) -> tuple[str, int | None] | None:
         """The stored state of one run of a task (None: never heard of it)."""
+        ...
+
+    async def verify(self, task_id: str) -> Verify | None:
+        """Check the stored records against the runs' summaries (hub/verify.py)
+        and keep the verdict as the task's; None for an unknown task."""
         ...
 
     async def task(self, task_id: str) -> TaskInfo | None: ...

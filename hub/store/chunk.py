@@ -141,10 +141,13 @@ def lines_json(lines: bytes) -> bytes:
     return _decompressor.decompress(lines)
 
 
-def columns(lines: bytes, body: bytes) -> dict[str, Any]:
-    """Every column of a chunk, from its two parts."""
-    cols: dict[str, Any] = orjson.loads(_decompressor.decompress(body))
-    cols.update(orjson.loads(_decompressor.decompress(lines)))
+def columns(lines: bytes, body: bytes, decompressor: Any = None) -> dict[str, Any]:
+    """Every column of a chunk, from its two parts (`decompressor`: a
+    zstandard.ZstdDecompressor of the caller's thread, for a thread that is
+    not the stores' own)."""
+    dctx = decompressor or _decompressor
+    cols: dict[str, Any] = orjson.loads(dctx.decompress(body))
+    cols.update(orjson.loads(dctx.decompress(lines)))
     return cols
 
 

@@ -155,8 +155,12 @@ def _save_producers(d: Dialect, producers: dict[tuple[str, str], ProducerProgres
 # -- states ----------------------------------------------------------------------
 
 
-def set_state(d: Dialect, task_id: str, state: str, exit_code: int | None, producer: str | None) -> Steps[TaskInfo]:
-    """Record a task's (or run's) state; run inside a write transaction."""
+def set_state(
+    d: Dialect, task_id: str, state: str, exit_code: int | None, producer: str | None,
+    summary: dict[str, Any] | None = None,
+) -> Steps[TaskInfo]:
+    """Record a task's (or run's) state, and the summary a run sent with it;
+    run inside a write transaction."""
     # A new task starts in the state given; its row's lock then orders this
     # against appends and other hubs.
     yield d.exec(d.ENSURE_TASK, task_id, state, exit_code, now_ts())
@@ -173,6 +177,11 @@ def set_state(d: Dialect, task_id: str, state: str, exit_code: int | None, produ
     decision = decide_state(task, run, state, exit_code)
     if decision.run is not None:
         yield d.exec(d.SET_RUN_STATE, *decision.run, task_id, producer)
+    if producer is not None:
+        if summary is not None:
+            yield d.exec(d.SET_SUMMARY, orjson.dumps(summary).decode(), task_id, producer)
+        # A run started or finished: the verdict last computed is stale.
+        yield d.exec(d.SET_VERDICT, None, task_id)
     if decision.task is not None:
         yield d.exec(d.SET_TASK_STATE, *decision.task, now_ts(), run[2] if run else task[2], task_id)
     row = yield d.row(d.TASK, task_id)
@@ -181,6 +190,29 @@ def set_state(d: Dialect, task_id: str, state: str, exit_code: int | None, produ
         # Other hubs' subscribers learn the new state; seq STATUS_NOTICE says "read it".
         yield notice
     return task_from_row(row)
+
+
+def verify_start(
+    d: Dialect, task_id: str
+) -> Steps[tuple[list[tuple[str, Any]], list[tuple[str, int, int, int]]] | None]:
+    """What a verification starts from: each run's summary (JSON text or
+    None) and the task's producer ranges; None for an unknown task."""
+    row = yield d.row(d.DURABLE_SEQ, task_id)
+    if row is None:
+        return None
+    summaries = yield d.fetch(d.SUMMARIES, task_id)
+    ranges = yield d.fetch(d.TASK_RANGES, task_id)
+    return [(r[0], r[1]) for r in summaries], [(r[0], r[1], r[2], r[3]) for r in ranges]
+
+
+def chunks_after(d: Dialect, task_id: str, after_seq: int) -> Steps[list[Any]]:
+    """The next few whole chunks after `after_seq`, undecoded."""
+    rows = yield d.fetch(d.CHUNKS_BETWEEN, task_id, after_seq, SEQ_MAX, _CHUNKS_PER_READ)
+    return list(rows)
+
+
+def set_verdict(d: Dialect, task_id: str, verdict: str) -> Steps[None]:
+    yield d.exec(d.SET_VERDICT, verdict, task_id)
 
 
 def run_state(d: Dialect, task_id: str, producer: str) -> Steps[tuple[str, int | None] | None]:
@@ -409,6 +441,8 @@ def delete_chunk(d: Dialect, task_id: str, before: str | None) -> Steps[tuple[in
     yield d.exec(d.PRUNE_RANGES, task_id)
     # durable_seq and max_seq stay: the watermark never goes backwards.
     yield d.exec(d.AFTER_DELETE, deleted, now_ts(), task_id)
+    # Records went: the verdict last computed no longer says what is stored.
+    yield d.exec(d.SET_VERDICT, None, task_id)
     return deleted, len(rows) == d.delete_chunks
 
 

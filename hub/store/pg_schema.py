@@ -12,7 +12,7 @@ import asyncpg
 
 from hub.store.to_chunks import OLD_COLUMNS, chunks_from_rows
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # pg_advisory_xact_lock key for schema changes ("keruta" in ASCII).
 _SCHEMA_LOCK = 0x6B6572757461
 
@@ -172,7 +172,13 @@ _SCHEMA_V5: tuple[Any, ...] = (
     """,
     "CREATE INDEX keruta_sections_open ON keruta_sections (task_id, start_seq) WHERE end_seq IS NULL",
 )
-_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4, 5: _SCHEMA_V5}
+# Logs you can verify (hub/verify.py): the summary a run's final status
+# carried, and the task's verdict as last computed.
+_SCHEMA_V6: tuple[Any, ...] = (
+    "ALTER TABLE keruta_producers ADD COLUMN IF NOT EXISTS summary text",
+    "ALTER TABLE keruta_tasks ADD COLUMN IF NOT EXISTS verdict text",
+)
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4, 5: _SCHEMA_V5, 6: _SCHEMA_V6}
 
 
 async def migrate(conn: Any) -> None:

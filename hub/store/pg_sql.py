@@ -54,6 +54,13 @@ class PostgresSql(Dialect):
     SET_TASK_STATE = (
         "UPDATE keruta_tasks SET state = $1, exit_code = $2, updated_at = $3, run_no = $4 WHERE task_id = $5"
     )
+    SET_SUMMARY = "UPDATE keruta_producers SET summary = $1 WHERE task_id = $2 AND producer = $3"
+    SUMMARIES = "SELECT producer, summary FROM keruta_producers WHERE task_id = $1 ORDER BY run_no, producer"
+    TASK_RANGES = """
+        SELECT producer, pseq_first, pseq_last, seq_first FROM keruta_producer_ranges
+        WHERE task_id = $1 ORDER BY seq_first
+    """
+    SET_VERDICT = "UPDATE keruta_tasks SET verdict = $1 WHERE task_id = $2"
     TASK = f"SELECT {TASK_SELECT} FROM keruta_tasks WHERE task_id = $1"
     TASKS = f"SELECT {TASK_SELECT} FROM keruta_tasks ORDER BY task_id"
     DURABLE_SEQ = "SELECT durable_seq FROM keruta_tasks WHERE task_id = $1"

@@ -45,7 +45,7 @@ def stats_from_rows(
 
 def task_from_row(row: Sequence[Any]) -> TaskInfo:
     """Task info from: task_id, state, exit_code, first_ts, last_ts, total, durable, updated_at."""
-    task_id, state, exit_code, first_ts, last_ts, total, durable, updated_at = row
+    task_id, state, exit_code, first_ts, last_ts, total, durable, updated_at, verdict = row
     return TaskInfo(
         task_id=task_id,
         state=state,
@@ -55,6 +55,7 @@ def task_from_row(row: Sequence[Any]) -> TaskInfo:
         total_logs=total,
         durable_seq=durable,
         updated_at=updated_at,
+        verdict=verdict or "unverified",
     )
 
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from hub.store.to_chunks import OLD_COLUMNS, chunks_from_rows
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _SCHEMA_V1 = (
     """
@@ -152,7 +152,13 @@ _SCHEMA_V5 = (
     """,
     "CREATE INDEX keruta_sections_open ON keruta_sections (task_id, start_seq) WHERE end_seq IS NULL",
 )
-_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4, 5: _SCHEMA_V5}
+# Logs you can verify (hub/verify.py): the summary a run's final status
+# carried, and the task's verdict as last computed.
+_SCHEMA_V6 = (
+    "ALTER TABLE keruta_producers ADD COLUMN summary TEXT",
+    "ALTER TABLE keruta_tasks ADD COLUMN verdict TEXT",
+)
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4, 5: _SCHEMA_V5, 6: _SCHEMA_V6}
 
 
 def create_schema(conn: sqlite3.Connection) -> None:

@@ -11,12 +11,18 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeVar
 
+import orjson
+import trio
+
+from hub.answers import Verify
 from hub.store import core
 from hub.store.base import AppendResult, Incoming, LogQuery, LogStats, Page
 from hub.store.rows import SEQ_MAX, iter_by_range
 from hub.store.rules import check_page
 from hub.store.steps import Dialect, Steps
+from hub.verify import Verification
 from keruta.records import TASK_STATES, InvalidField, LogRecord, TaskInfo
+from keruta.summary import Summary
 
 T = TypeVar("T")
 
@@ -40,12 +46,38 @@ class SqlStore:
         return await self._write(core.append(self._dialect, items), sync=False)
 
     async def set_state(
-        self, task_id: str, state: str, exit_code: int | None, producer: str | None = None
+        self, task_id: str, state: str, exit_code: int | None, producer: str | None = None,
+        summary: Summary | None = None,
     ) -> TaskInfo:
         if state not in TASK_STATES:
             raise InvalidField("state", f"must be one of {', '.join(TASK_STATES)}")
         # The writer, its one caller, answers through the syncer, which syncs.
-        return await self._write(core.set_state(self._dialect, task_id, state, exit_code, producer), sync=False)
+        return await self._write(
+            core.set_state(
+                self._dialect, task_id, state, exit_code, producer, None if summary is None else summary.to_json()
+            ),
+            sync=False,
+        )
+
+    async def verify(self, task_id: str) -> Verify | None:
+        """The task's verdict (hub/verify.py), which it also keeps as its last
+        verdict; None for an unknown task. Reads every chunk, a few at a
+        time, and decodes and hashes them in a worker thread."""
+        start = await self._read(core.verify_start(self._dialect, task_id))
+        if start is None:
+            return None
+        summaries, ranges = start
+        check = Verification(task_id, [(p, _summary(text)) for p, text in summaries], ranges)
+        after = 0
+        while True:
+            rows = await self._read(core.chunks_after(self._dialect, task_id, after))
+            if not rows:
+                break
+            await trio.to_thread.run_sync(_feed, check, rows)
+            after = rows[-1][1]
+        answer = await trio.to_thread.run_sync(check.result)
+        await self._write(core.set_verdict(self._dialect, task_id, answer.verdict), sync=False)
+        return answer
 
     async def run_state(self, task_id: str, producer: str) -> tuple[str, int | None] | None:
         return await self._read(core.run_state(self._dialect, task_id, producer))
@@ -115,3 +147,18 @@ class SqlStore:
             total += await self.delete(task_id, before)
         await self._write(core.prune_producers(self._dialect, before))
         return total
+
+
+def _feed(check: Verification, rows: list[Any]) -> None:
+    for row in rows:
+        check.add_chunk(row)
+
+
+def _summary(text: str | None) -> Summary | None:
+    """A stored summary (None: none, or one that does not read back)."""
+    if text is None:
+        return None
+    try:
+        return Summary.from_json(orjson.loads(text))
+    except (orjson.JSONDecodeError, InvalidField):
+        return None

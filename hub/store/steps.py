@@ -39,7 +39,7 @@ Steps = Generator[Op, Any, T]
 # The columns of a chunk as the statements below answer them, in this order.
 CHUNK_HEAD = "seq_first, seq_last, n, ts_first, ts_last, tally"
 CHUNK_FULL = CHUNK_HEAD + ", lines, body"
-TASK_SELECT = "task_id, state, exit_code, first_ts, last_ts, total_logs, durable_seq, updated_at"
+TASK_SELECT = "task_id, state, exit_code, first_ts, last_ts, total_logs, durable_seq, updated_at, verdict"
 # Bounds that hold every canonical timestamp ("2026-...Z"): a statement with a
 # time filter runs without one too.
 TS_LOW = ""
@@ -96,6 +96,15 @@ class Dialect:
     SET_RUN_STATE: ClassVar[str]
     # (state, exit_code, now, run_no, task_id)
     SET_TASK_STATE: ClassVar[str]
+    # (summary JSON, task_id, producer)
+    SET_SUMMARY: ClassVar[str]
+    # -- verifying
+    # (task_id) -> [(producer, summary JSON or None)] by run
+    SUMMARIES: ClassVar[str]
+    # (task_id) -> [(producer, pseq_first, pseq_last, seq_first)] by seq_first
+    TASK_RANGES: ClassVar[str]
+    # (verdict, task_id)
+    SET_VERDICT: ClassVar[str]
     # -- reading
     # (task_id) -> TASK_SELECT
     TASK: ClassVar[str]
