@@ -450,7 +450,7 @@ def _spooled_tally(spool: Any) -> Tally:
     return tally
 
 
-def test_the_summary_survives_the_agent_and_its_acked_segments(tmp_path: Path) -> None:
+async def test_the_summary_survives_the_agent_and_its_acked_segments(tmp_path: Path) -> None:
     """What was written, acknowledged and deleted, and what is still spooled,
     are all in the summary a later `flush` reads back from the spool."""
     from agent.pipeline.linesplit import Block, Line
@@ -469,7 +469,8 @@ def test_the_summary_survives_the_agent_and_its_acked_segments(tmp_path: Path) -
     whole = spool.summary()
     assert whole is not None and whole.records == spool.last_seq == 40 * 33
     assert _spooled_tally(spool).summary(spool.last_seq) == whole
-    spool.release(spool.last_seq // 2)  # the hub stored half: those segments go
+    spool.release(spool.last_seq // 2)  # the hub stored half: those segments go at the sync
+    await spool.sync()
     assert spool.segments[0].first_seq > 1
     spool.close()  # the agent dies: no final state
 
@@ -477,7 +478,7 @@ def test_the_summary_survives_the_agent_and_its_acked_segments(tmp_path: Path) -
     assert again.summary() == whole
     # What flush adds (the "agent stopped" record) and the final state count too.
     Recorder(again, "t").write_agent("the agent stopped")
-    again.set_final("failed", None)
+    await again.set_final("failed", None)
     final = again.summary()
     assert final is not None and final.records == whole.records + 1
     again.close()
