@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from hub.store import chunk
 from hub.store.base import DUPLICATE, INSERTED, LogQuery, record_id
 from hub.store.sqlite import SQLiteStore
+from hub.store.sqlite_schema import SCHEMA_VERSION
 from keruta.levels import LEVELS
 from keruta.limits import MAX_SEQ
 from keruta.records import KINDS, SOURCES, LogRecord
@@ -155,7 +156,7 @@ async def test_a_sqlite_database_from_before_chunks_is_migrated_in_place(tmp_pat
     finally:
         await store.close()
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert not conn.execute("SELECT name FROM sqlite_master WHERE name = 'logs'").fetchall()
     conn.close()
 

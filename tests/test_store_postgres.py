@@ -10,6 +10,7 @@ import trio
 
 from hub.store.base import StoreUnavailable
 from hub.store.pg_notices import parse_notice
+from hub.store.pg_schema import SCHEMA_VERSION as PG_SCHEMA_VERSION
 from tests.storedata import all_seqs, rec
 
 
@@ -156,7 +157,7 @@ async def test_pg_hubs_starting_together_create_the_schema_once(pg_url):
         await stores[0].append([rec(1)])
         assert await all_seqs(stores[3]) == [1]
         async with stores[0]._connection() as conn:
-            assert await conn.fetch("SELECT version FROM keruta_schema") == [(4,)]
+            assert await conn.fetch("SELECT version FROM keruta_schema") == [(PG_SCHEMA_VERSION,)]
     finally:
         for s in stores:
             await s.close()
