@@ -81,6 +81,7 @@ async def test_a_store_outage_is_retried_not_fatal(tmp_path: Path, autojump_cloc
     await store.open()
     try:
         await store.append([row("t", 1, 3)])
+        await store.set_state("t", "failed", 1)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run_retention, store, 1.0, 3600.0)
             for _ in range(3):
