@@ -97,7 +97,8 @@ class Accounts:
 
 
 def carried_accounts(r: LogRecord) -> Any:
-    """The accounts a hub-made gap or redaction record carries, or None."""
+    """The accounts a hub-made gap or redaction record carries, or None (an
+    agent's own spool gap carries none: it is one of its producer's records)."""
     if r.kind == "gap":
         return (r.metadata.get("gap") or {}).get("accounts")
     if r.kind == "redaction":
@@ -123,11 +124,14 @@ def account_dropped(accounts: Accounts, seqs: ProducerSeqs, records: Iterable[Lo
     """Records dropped: each producer record in its producer's account; a
     dropped gap or redaction record hands its own accounts on."""
     for r in records:
+        # First: a hub-made gap holds the seq of a producer record it replaced.
+        carried = carried_accounts(r)
+        if carried is not None:
+            accounts.merge_json(carried)
+            continue
         owner = seqs.of(r.seq)
         if owner is not None:
             accounts.dropped(owner[0], owner[1], r)
-        else:
-            accounts.merge_json(carried_accounts(r))
 
 
 def human_bytes(n: int) -> str:
