@@ -72,6 +72,14 @@ class Deleted:
 
 
 @attrs.frozen
+class Redacted:
+    """A redaction: how many records changed, and the seq of its `redaction` record."""
+
+    redacted_records: int = attrs.field(validator=_COUNT)
+    seq: int = attrs.field(validator=attrs.validators.ge(1))
+
+
+@attrs.frozen
 class Health:
     status: str = attrs.field(validator=attrs.validators.in_(("ok",)))
     store: str = attrs.field(validator=attrs.validators.in_(("ok", "unavailable")))
@@ -85,7 +93,9 @@ class Error:
     message: str
 
 
-ANSWERS: tuple[type, ...] = (LogPage, TimeRange, LogStats, TaskList, StoredId, StoredIds, Deleted, Health, Error)
+ANSWERS: tuple[type, ...] = (
+    LogPage, TimeRange, LogStats, TaskList, StoredId, StoredIds, Deleted, Health, Error, Redacted,
+)
 
 for _cls in ANSWERS:
     _renames: dict[str, Any] = {a.name: override(rename=camel(a.name)) for a in attrs.fields(_cls)}

@@ -15,6 +15,7 @@ from quart import Blueprint, Response, request
 
 from hub.actors.broadcaster import Broadcaster
 from hub.actors.writer import WriteRequest, write_within
+from hub.answers import Redacted, answer_json
 from hub.config import HubConfig
 from hub.redaction import BadValues, check_values, redact, redaction_item
 from hub.routes.access import Access
@@ -55,6 +56,6 @@ def blueprint(
                 "send the request again (it finds nothing more to redact and leaves the record)",
                 {"Retry-After": "5"},
             )
-        return json_response({"redactedRecords": done.records, "seq": outcome.records[0].seq})
+        return json_response(answer_json(Redacted(done.records, outcome.records[0].seq)))
 
     return bp
