@@ -96,6 +96,8 @@ class RunSettings:
     no_wait: bool = False
     # --max-in-flight-bytes: records sent and not yet acknowledged, at most.
     max_in_flight_bytes: int = 4 << 20
+    # --max-bytes: the most of the task's messages the hub should keep, head and tail.
+    max_bytes: int | None = None
     environ: Mapping[str, str] = attrs.field(factory=lambda: dict(os.environ))
     limits: Limits = DEFAULT_LIMITS
 
@@ -401,6 +403,7 @@ class Delivery:
                 flush_interval=s.flush_interval,
                 max_in_flight_bytes=s.max_in_flight_bytes,
                 limits=s.limits,
+                max_bytes=s.max_bytes,
             ),
             say=self.say,
             backoff=module.RECONNECT.capped_at(s.reconnect_max),

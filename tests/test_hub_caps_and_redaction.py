@@ -4,11 +4,14 @@ of a redaction, and who may redact."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 import trio
 
 from tests import hubclient
+from tests.agentclient import agent, run_args
 from tests.hubclient import (
     PATIENCE,
     InProcessHubFactory,
@@ -192,3 +195,24 @@ async def test_a_redaction_body_is_not_read_before_the_admin_token_is_proven(
             answer = await read_answer(stream)
             assert answer.status == status and answer.closed
             assert trio.current_time() - started < BODY_TIMEOUT
+
+
+async def test_an_agent_run_with_max_bytes_keeps_its_head_and_tail(hub_factory: InProcessHubFactory, tmp_path: Path) -> None:
+    hub = await hub_factory.astart()
+    code = "for i in range(1, 3001): print(f'output line {i:05d} ' + 'w' * 80)"
+    async with agent(run_args(hub.url, "agent-capped", tmp_path / "spool", "--max-bytes", "32K") + [sys.executable, "-c", code]) as a:
+        assert await a.wait() == 0
+    with trio.fail_after(PATIENCE):
+        while True:
+            records = await hubclient.stored(hub, "agent-capped")
+            if sum(len(r["message"]) for r in records) <= 32 * 1024:
+                break
+            await trio.sleep(0.05)
+    gaps = [r for r in records if r.get("kind") == "gap"]
+    assert len(gaps) == 1 and gaps[0]["metadata"]["gap"]["reason"] == "cap"
+    lines = [r["message"] for r in records if r.get("kind") is None]
+    # The head from its first line, the tail through its last: the failure is at the end.
+    assert lines[0].startswith("output line 00001 ") and lines[-1].startswith("output line 03000 ")
+    accounts = gaps[0]["metadata"]["gap"]["accounts"]
+    (producer,) = accounts
+    assert accounts[producer]["records"] + len(lines) == 3000
