@@ -6,6 +6,7 @@ identity kept for what was dropped, and redaction everywhere a reader looks."""
 from __future__ import annotations
 
 import attrs
+import trio
 
 from hub.redaction import redact, redaction_item
 from hub.store import chunk
@@ -216,3 +217,24 @@ def _record(seq: int, text: str):  # type: ignore[no-untyped-def]
     from keruta.records import LogRecord
 
     return LogRecord("t1", seq, ts(seq), "stdout", "INFO", text)
+
+
+async def test_appends_during_a_redaction_are_all_kept(store):
+    await store.append([rec(p, f"line {p} secret-{p % 7}", producer="a", at=p) for p in range(1, 3001)])
+    done: list[int] = []
+
+    async def appending() -> None:
+        for start in range(3001, 4001, 50):
+            await store.append([rec(p, f"late {p} secret-1", producer="a", at=p) for p in range(start, start + 50)])
+            await trio.sleep(0)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(appending)
+        result = await redact(store, "t1", ["secret-1"], done.extend)
+    records = await everything(store)
+    assert [r.seq for r in records] == list(range(1, 4001))
+    before = [r for r in records if r.seq <= 3000]
+    assert all("secret-1" not in r.message for r in before)
+    assert result.records == len([p for p in range(1, 3001) if p % 7 == 1])
+    # What came after the redaction started is stored as sent, whatever it holds.
+    assert all(r.message.startswith("late ") for r in records if r.seq > 3000)
