@@ -238,3 +238,15 @@ async def test_appends_during_a_redaction_are_all_kept(store):
     assert result.records == len([p for p in range(1, 3001) if p % 7 == 1])
     # What came after the redaction started is stored as sent, whatever it holds.
     assert all(r.message.startswith("late ") for r in records if r.seq > 3000)
+
+
+async def test_a_retention_pass_over_many_chunks_leaves_one_gap(store):
+    for start in range(1, 3001, 100):  # a chunk per append: 30 of them
+        await store.append(sent("a", start, start + 99))
+    await store.set_state("t1", "running", None)
+    assert await store.delete_older_than(ts(2501)) == 2500
+    records = await everything(store)
+    assert [r.seq for r in records] == [1, *range(2501, 3001)]
+    info = records[0].metadata["gap"]
+    assert (info["fromSeq"], info["toSeq"], info["lines"], info["accounts"]["a"]["records"]) == (1, 2500, 2500, 2500)
+    assert (await store.stats("t1")).total_logs == 501

@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from hub.store import chunk, trimming
+from hub.store.accounts import carried_accounts
 from hub.store.base import AppendResult, Incoming, LogQuery, LogStats, Page
 from hub.store.rows import SEQ_MAX, stats_from_rows, task_from_row
 from hub.store.rules import (
@@ -396,9 +397,8 @@ def delete_chunk(
     yield d.exec(d.DROP_EMPTY_COUNTS, task_id)
     yield d.exec(d.ADD_STORED_BYTES, bytes_delta, task_id)
     if dropped:
-        assert before is not None
         # The gap record counts as one stored record.
-        yield from trimming.retention_gap(d, task_id, dropped, before)
+        yield from trimming.retention_gap(d, task_id, dropped)
         deleted -= 1
     # What identity keeps stays bounded by what is stored: a producer's ranges
     # map its seqs to stored records, so those wholly below the task's lowest
@@ -406,7 +406,9 @@ def delete_chunk(
     yield d.exec(d.PRUNE_RANGES, task_id)
     # durable_seq and max_seq stay: the watermark never goes backwards.
     yield d.exec(d.AFTER_DELETE, deleted, now_ts(), task_id)
-    return sum(1 for r in dropped if r.kind != "gap") if dropped else deleted, len(rows) == d.delete_chunks
+    # Retention reports the records it deleted, not the gap it folded in.
+    real = sum(1 for r in dropped if carried_accounts(r) is None) if dropped else deleted
+    return real, len(rows) == d.delete_chunks
 
 
 def prune_producers(d: Dialect, before: str) -> Steps[int]:

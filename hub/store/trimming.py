@@ -147,7 +147,10 @@ def cap_step(d: Dialect, task_id: str, hub_cap: int | None, now: str) -> Steps[C
     old_gap = None
     if gap_seq is not None:
         for row in (yield d.fetch(d.CHUNKS_COVERING, task_id, gap_seq, gap_seq)):
-            old_gap = next((r for r in d.cache.records(task_id, row) if r.seq == gap_seq and r.kind == "gap"), old_gap)
+            old_gap = next(
+                (r for r in d.cache.records(task_id, row) if r.seq == gap_seq and _gap_fields(r).get("reason") == CAP),
+                old_gap,
+            )
     dropped: list[LogRecord] = []
     dropped_bytes = 0
     bytes_delta = 0
@@ -242,7 +245,7 @@ def _head_end(d: Dialect, task_id: str, budget: int) -> Steps[tuple[Any, int] | 
 # -- retention of a running task's head --------------------------------------------
 
 
-def retention_gap(d: Dialect, task_id: str, dropped: Sequence[LogRecord], before: str) -> Steps[None]:
+def retention_gap(d: Dialect, task_id: str, dropped: Sequence[LogRecord]) -> Steps[None]:
     """Retention dropped these records (seq order) of a task still running:
     one gap record, at the lowest seq dropped, says so. An earlier retention
     gap (the lowest seq, so always among them) is merged into it; a cap gap
@@ -264,8 +267,10 @@ def retention_gap(d: Dialect, task_id: str, dropped: Sequence[LogRecord], before
     accounts = Accounts()
     account_dropped(accounts, seqs, dropped)
     high = max(max(int(_gap_fields(r).get("toSeq", r.seq)) for r in dropped), dropped[-1].seq)
-    # Stamped with the cut: the next pass's cut is later, and merges it again.
-    gap = gap_record(task_id, dropped[0].seq, before, RETENTION, lines, nbytes, (low, high), accounts)
+    # Stamped as the newest record it replaced, older than the cut: the next
+    # transaction of this pass, or the next pass, takes it in again.
+    stamp = max(r.timestamp for r in dropped)
+    gap = gap_record(task_id, dropped[0].seq, stamp, RETENTION, lines, nbytes, (low, high), accounts)
     row = chunk.encode([gap])
     yield d.insert_chunks([row])
     yield d.many(d.ADD_COUNTS, [(task_id, "agent", "WARN", 1)])
