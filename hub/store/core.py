@@ -381,7 +381,7 @@ def delete_chunk(
         seq_first, seq_last, _, _, ts_last, tally_json, lines, body = row
         if before is None or ts_last < before:
             if running:
-                dropped += d.cache.records(task_id, row)
+                dropped += chunk.decode(task_id, seq_first, lines, body)
             old = yield d.row(d.DELETE_CHUNK, task_id, seq_last)
             bytes_delta -= old[0] if old else 0
             for s, lv, k in orjson.loads(tally_json):

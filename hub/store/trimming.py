@@ -93,6 +93,12 @@ def _gap_fields(r: LogRecord) -> dict[str, Any]:
     return r.metadata.get("gap") or {} if r.kind == "gap" else {}
 
 
+def _decoded(task_id: str, row: Sequence[Any]) -> list[LogRecord]:
+    """A chunk about to be rewritten, decoded outside the cache: its entry
+    would be dead at once, and would push out chunks readers want."""
+    return chunk.decode(task_id, row[0], row[-2], row[-1])
+
+
 def rewrite(d: Dialect, task_id: str, seq_last: int, parts: Sequence[Sequence[LogRecord]]) -> Steps[int]:
     """Replace the chunk ending at `seq_last` with a chunk per non-empty part
     (none: delete it). Returns how its stored message bytes changed."""
@@ -161,7 +167,7 @@ def cap_step(d: Dialect, task_id: str, hub_cap: int | None, now: str) -> Steps[C
         if found is None:
             return None
         row, index = found
-        records = d.cache.records(task_id, row)
+        records = _decoded(task_id, row)
         k = index
         while k < len(records) and dropped_bytes < excess:
             dropped_bytes += message_bytes(records[k])
@@ -180,7 +186,7 @@ def cap_step(d: Dialect, task_id: str, hub_cap: int | None, now: str) -> Steps[C
         for row in rows:
             opened += 1
             cursor = row[1]
-            records = d.cache.records(task_id, row)
+            records = _decoded(task_id, row)
             k = 0
             while k < len(records) and dropped_bytes < excess:
                 dropped_bytes += message_bytes(records[k])
@@ -332,7 +338,7 @@ def redact_step(d: Dialect, task_id: str, values: Sequence[str], after: int, thr
         body = chunk.body_json(row[7])
         if not any(n in text or n in body for n in needles):
             continue
-        records = d.cache.records(task_id, row)
+        records = _decoded(task_id, row)
         new = [redacted(r, values) for r in records]
         pairs = [(old, r) for old, r in zip(records, new, strict=True) if r is not old]
         if pairs:
