@@ -5,12 +5,15 @@ identity kept for what was dropped, and redaction everywhere a reader looks."""
 
 from __future__ import annotations
 
+import sqlite3
+
 import attrs
 import trio
 
 from hub.redaction import redact, redaction_item
 from hub.store import chunk
 from hub.store.base import DUPLICATE, INSERTED, LogQuery
+from hub.store.sqlite import SQLiteStore
 from hub.store.trimming import cap_slack
 from keruta import digest
 from tests.storedata import rec, ts
@@ -250,3 +253,31 @@ async def test_a_retention_pass_over_many_chunks_leaves_one_gap(store):
     info = records[0].metadata["gap"]
     assert (info["fromSeq"], info["toSeq"], info["lines"], info["accounts"]["a"]["records"]) == (1, 2500, 2500, 2500)
     assert (await store.stats("t1")).total_logs == 501
+
+
+async def test_a_database_from_before_caps_counts_its_bytes_when_migrated(tmp_path):
+    path = tmp_path / "old.db"
+    store = SQLiteStore(path)
+    await store.open()
+    await store.append(sent("a", 1, 300))
+    await store.close()
+    # Back to schema 4: no byte counts, no caps.
+    conn = sqlite3.connect(path)
+    for statement in (
+        "ALTER TABLE keruta_chunks DROP COLUMN bytes",
+        "ALTER TABLE keruta_tasks DROP COLUMN stored_bytes",
+        "ALTER TABLE keruta_tasks DROP COLUMN max_bytes",
+        "ALTER TABLE keruta_tasks DROP COLUMN cap_gap_seq",
+        "PRAGMA user_version = 4",
+    ):
+        conn.execute(statement)
+    conn.commit()
+    conn.close()
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        assert await store.cap_step("t1", 30_000) is None  # 300 lines of 100 bytes: at the cap
+        step = await store.cap_step("t1", 29_900)
+        assert step is not None and step.gap.metadata["gap"]["reason"] == "cap"
+    finally:
+        await store.close()
