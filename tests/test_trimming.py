@@ -12,6 +12,7 @@ import trio
 
 from hub.redaction import redact, redaction_item
 from hub.store import chunk
+from hub.store.accounts import ProducerSeqs
 from hub.store.base import DUPLICATE, INSERTED, LogQuery
 from hub.store.sqlite import SQLiteStore
 from hub.store.trimming import cap_slack
@@ -281,3 +282,11 @@ async def test_a_database_from_before_caps_counts_its_bytes_when_migrated(tmp_pa
         assert step is not None and step.gap.metadata["gap"]["reason"] == "cap"
     finally:
         await store.close()
+
+
+def test_producer_seqs_map_task_seqs_through_their_ranges():
+    # (producer, pseq_first, pseq_last, seq_first): a from 1, b between, a again.
+    seqs = ProducerSeqs([("a", 1, 10, 1), ("b", 1, 5, 11), ("a", 11, 20, 16), ("~hub", 1, 1, 40)])
+    assert [seqs.of(s) for s in (1, 10, 11, 15, 16, 25, 26, 39, 40, 41, 0)] == [
+        ("a", 1), ("a", 10), ("b", 1), ("b", 5), ("a", 11), ("a", 20), None, None, ("~hub", 1), None, None,
+    ]

@@ -10,6 +10,7 @@ gaps' digests + the redactions' digests still sum to the summary's digest
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -112,13 +113,17 @@ class ProducerSeqs:
     (producer, pseq_first, pseq_last, seq_first)."""
 
     def __init__(self, ranges: Iterable[Sequence[Any]]) -> None:
+        # Task seqs are given once: the ranges never overlap, and one lookup
+        # is a binary search (a cut spans as many ranges as batches).
         self._ranges = sorted((int(r[3]), int(r[3]) + int(r[2]) - int(r[1]), str(r[0]), int(r[1])) for r in ranges)
+        self._firsts = [r[0] for r in self._ranges]
 
     def of(self, seq: int) -> tuple[str, int] | None:
-        for first, last, producer, pseq_first in self._ranges:
-            if first <= seq <= last:
-                return producer, pseq_first + seq - first
-        return None
+        i = bisect.bisect_right(self._firsts, seq) - 1
+        if i < 0:
+            return None
+        first, last, producer, pseq_first = self._ranges[i]
+        return (producer, pseq_first + seq - first) if seq <= last else None
 
 
 def account_dropped(accounts: Accounts, seqs: ProducerSeqs, records: Iterable[LogRecord]) -> None:
