@@ -11,7 +11,7 @@ from typing import Any
 import trio
 
 from tests import hubclient
-from tests.agentclient import agent, run_args
+from tests.agentclient import agent, agent_env, run_args
 from tests.hubclient import (
     PATIENCE,
     InProcessHubFactory,
@@ -21,6 +21,7 @@ from tests.hubclient import (
     logs_path,
     make_record,
 )
+from tests.support import python_m
 from tests.test_body_before_token import (
     BODY,
     BODY_TIMEOUT,
@@ -216,3 +217,12 @@ async def test_an_agent_run_with_max_bytes_keeps_its_head_and_tail(hub_factory: 
     accounts = gaps[0]["metadata"]["gap"]["accounts"]
     (producer,) = accounts
     assert accounts[producer]["records"] + len(lines) == 3000
+    # `tail` prints the gap as a line of its own, where the cut is.
+    done = await trio.run_process(
+        python_m("agent", "tail", "--hub", hub.url, "--no-follow", "agent-capped"), capture_stdout=True, env=agent_env()
+    )
+    printed = done.stdout.decode().splitlines()
+    head = [r for r in records if r["seq"] < gaps[0]["seq"]]
+    assert printed[len(head)] == gaps[0]["message"]
+    assert printed[len(head)].endswith("not kept: task over its 32 KB cap")
+    assert printed[0] == lines[0] and printed[-1] == lines[-1] and len(printed) == len(records)
