@@ -5,6 +5,7 @@ identity kept for what was dropped, and redaction everywhere a reader looks."""
 
 from __future__ import annotations
 
+import random
 import sqlite3
 
 import attrs
@@ -290,3 +291,44 @@ def test_producer_seqs_map_task_seqs_through_their_ranges():
     assert [seqs.of(s) for s in (1, 10, 11, 15, 16, 25, 26, 39, 40, 41, 0)] == [
         ("a", 1), ("a", 10), ("b", 1), ("b", 5), ("a", 11), ("a", 20), None, None, ("~hub", 1), None, None,
     ]
+
+
+async def test_caps_of_every_size_keep_their_promises(store):
+    for seed in range(6):
+        rnd = random.Random(seed)
+        task = f"r{seed}"
+        cap = rnd.choice([2_000, 9_000, 40_000, 150_000])
+        sent_messages: dict[int, str] = {}
+        pseq = 0
+        for _ in range(rnd.randint(3, 12)):
+            batch = []
+            for _ in range(rnd.randint(1, 700)):
+                pseq += 1
+                text = f"{pseq}:" + "m" * rnd.choice([0, 5, 60, 300, 1500])
+                sent_messages[pseq] = text
+                batch.append(rec(pseq, text, task=task, producer="p", at=pseq))
+            await store.append(batch)
+            await cap_all(store, task, cap)
+        records = await everything(store, task)
+        kept = [r for r in records if r.kind is None]
+        gaps = [r for r in records if r.kind == "gap"]
+        total = sum(len(m) for m in sent_messages.values())
+        if total <= cap:
+            assert not gaps and len(kept) == pseq
+            continue
+        assert len(gaps) == 1, (seed, cap)
+        gap, info = gaps[0], gaps[0].metadata["gap"]
+        # One producer alone: task seq == producer seq.
+        assert all(r.message == sent_messages[r.seq] for r in kept)
+        assert [r.seq for r in kept if r.seq < gap.seq] == list(range(1, gap.seq))
+        tail = [r.seq for r in kept if r.seq > gap.seq]
+        assert tail == list(range(info["toSeq"] + 1, pseq + 1))
+        assert sum(len(r.message) for r in kept) + len(gap.message.encode()) <= cap
+        dropped = list(range(gap.seq, info["toSeq"] + 1))
+        assert info["lines"] == len(dropped) == info["accounts"]["p"]["records"]
+        assert info["bytes"] == sum(len(sent_messages[p]) for p in dropped)
+        expected = 0
+        for p in dropped:
+            expected = digest.add(expected, leaf_of(p, sent_messages[p]))
+        assert info["accounts"]["p"]["digest"] == digest.to_text(expected)
+        assert (await store.stats(task)).total_logs == len(kept) + 1
