@@ -121,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
         "past it lines are dropped and counted",
     )
     run.add_argument(
+        "--max-bytes",
+        metavar="SIZE",
+        type=size,
+        default=None,
+        help="ask the hub to keep at most SIZE of this task's output, e.g. 50M: its first "
+        "half and its last half, with a gap record between (the hub's --max-task-bytes "
+        "where lower; default: the hub's)",
+    )
+    run.add_argument(
         "--batch-size",
         metavar="N",
         type=_positive_int,
@@ -331,6 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             token=token,
             spool_root=args.spool_dir or default_root(),
             spool_max_bytes=args.spool_max_bytes,
+            max_bytes=args.max_bytes,
             batch_size=args.batch_size,
             flush_interval=args.flush_interval,
             rate_limit=args.rate_limit or None,

@@ -84,6 +84,8 @@ class RunSettings:
     no_wait: bool = False
     # --max-in-flight-bytes: records sent and not yet acknowledged, at most.
     max_in_flight_bytes: int = 4 << 20
+    # --max-bytes: the most of the task's messages the hub should keep, head and tail.
+    max_bytes: int | None = None
     environ: Mapping[str, str] = attrs.field(factory=lambda: dict(os.environ))
     limits: Limits = DEFAULT_LIMITS
 

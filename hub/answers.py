@@ -72,6 +72,14 @@ class Deleted:
 
 
 @attrs.frozen
+class Redacted:
+    """A redaction: how many records changed, and the seq of its `redaction` record."""
+
+    redacted_records: int = attrs.field(validator=_COUNT)
+    seq: int = attrs.field(validator=attrs.validators.ge(1))
+
+
+@attrs.frozen
 class Health:
     status: str = attrs.field(validator=attrs.validators.in_(("ok",)))
     store: str = attrs.field(validator=attrs.validators.in_(("ok", "unavailable")))
@@ -165,7 +173,7 @@ class Verify:
 
 
 ANSWERS: tuple[type, ...] = (
-    LogPage, TimeRange, LogStats, TaskList, StoredId, StoredIds, Deleted, Health, Error,
+    LogPage, TimeRange, LogStats, TaskList, StoredId, StoredIds, Deleted, Health, Error, Redacted,
     Counts, MissingRange, ProducerVerdict, Verify, Section, TaskSections,
 )
 

@@ -8,7 +8,7 @@ from quart_trio import QuartTrio
 
 from hub.admission import Admission
 from hub.deps import ConnectionDeps
-from hub.routes import hooks, logs, ops, tasks, verify, viewer, ws
+from hub.routes import hooks, logs, ops, redact, tasks, verify, viewer, ws
 from hub.routes.access import Access
 
 
@@ -30,6 +30,10 @@ def create_app(deps: ConnectionDeps, store_available: Callable[[], bool]) -> Qua
     ))
     app.register_blueprint(tasks.blueprint(access=access, store=deps.store))
     app.register_blueprint(verify.blueprint(access=access, store=deps.store))
+    app.register_blueprint(redact.blueprint(
+        access=access, store=deps.store, writer_inbox=deps.writer_inbox, broadcaster=deps.broadcaster,
+        config=config,
+    ))
     app.register_blueprint(ops.blueprint(
         access=access, metrics=deps.metrics, store_available=store_available, max_page_size=config.max_page_size,
     ))

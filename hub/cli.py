@@ -12,7 +12,7 @@ import trio
 
 from hub.config import HubConfig
 from hub.origin import normalize_origin
-from keruta.cliargs import number
+from keruta.cliargs import number, size
 
 DESCRIPTION = """\
 Run the keruta hub: receives log records from keruta-agent over WebSocket
@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="delete records older than this many days (default: keep everything)")
     p.add_argument("--retention-interval", type=number(float, 0, strict=True), default=3600.0,
                    help="seconds between retention passes (default 3600)")
+    p.add_argument("--max-task-bytes", type=size, default=None, metavar="SIZE",
+                   help="keep at most SIZE of a task's messages (e.g. 100MB): its first half and its last "
+                        "half, with one gap record saying what lies between (default: no cap; an agent's "
+                        "--max-bytes asks for less)")
     p.add_argument("--rate-limit", type=number(float, 0), default=0.0,
                    help="records per second per task on ingest; WebSocket senders are slowed, "
                         "REST gets 429 with Retry-After; 0 = unlimited (default)")
@@ -127,6 +131,7 @@ def config_from_args(args: argparse.Namespace) -> HubConfig:
         agent_token=args.agent_token, viewer_token=args.viewer_token, admin_token=args.admin_token,
         allow_origins=tuple(args.allow_origin),
         retention_days=args.retention_days, retention_interval=args.retention_interval,
+        max_task_bytes=args.max_task_bytes,
         rate_limit=args.rate_limit, rate_burst=args.rate_burst,
         subscriber_queue=args.subscriber_queue, max_page_size=args.max_page_size,
         subscriber_queue_bytes=args.subscriber_queue_bytes, max_subscriptions=args.max_subscriptions,

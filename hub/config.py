@@ -21,6 +21,9 @@ class HubConfig:
     # may open a WebSocket or change something.
     allow_origins: tuple[str, ...] = ()
     retention_days: float | None = None
+    # Message bytes a task keeps at most, its first half and its last half
+    # (an agent's --max-bytes may ask for less); None: no cap.
+    max_task_bytes: int | None = None
     retention_interval: float = 3600.0
     # Records per second per task on ingest; 0 is unlimited (the seed's RateLimiter).
     rate_limit: float = 0.0

@@ -17,6 +17,7 @@ import attrs
 from attrs import validators as v
 
 from hub import answers
+from hub.redaction import MAX_VALUE_CHARS, MAX_VALUES
 from keruta import __version__
 from keruta.levels import LEVELS
 from keruta.limits import DEFAULT_LIMITS, INT64_MAX
@@ -159,6 +160,12 @@ def _operation(summary: str, answer: dict[str, Any] | None, errors: tuple[int, .
     return {"summary": summary, "responses": responses, **({"security": []} if public else {}), **more}
 
 
+def _redact_body() -> dict[str, Any]:
+    value = {"type": "string", "minLength": 1, "maxLength": MAX_VALUE_CHARS}
+    values = {"type": "array", "items": value, "minItems": 1, "maxItems": MAX_VALUES}
+    return {"type": "object", "required": ["values"], "properties": {"values": values}, "additionalProperties": False}
+
+
 def _paths(max_page_size: int, max_batch: int) -> dict[str, Any]:
     text = {"type": "string"}
     post_body = {"oneOf": [_ref("LogRequest"), {"type": "array", "items": _ref("LogRequest"), "minItems": 1, "maxItems": max_batch}]}
@@ -208,6 +215,15 @@ def _paths(max_page_size: int, max_batch: int) -> dict[str, Any]:
                 "Whether the stored log is what its runs sent (Guarantee 7): complete, incomplete "
                 "(what is missing) or unverified; reads every record of the task",
                 _ref("Verify"), (*_READ, 404),
+            ),
+        },
+        "/api/v1/tasks/{taskId}/redact": {
+            "parameters": [_TASK_ID],
+            "post": _operation(
+                "Replace every occurrence of the values in the task's stored records with *** (the admin "
+                "token); live viewers are told which seqs changed, and a `redaction` record stays behind",
+                _ref("Redacted"), (400, 401, 403, 404, 408, 413, 503),
+                requestBody={"required": True, "content": {"application/json": {"schema": _redact_body()}}},
             ),
         },
         "/api/v1/tasks": {"get": _operation("All tasks", _ref("TaskList"), (401, 403, 503))},

@@ -1,7 +1,8 @@
 """The hub process: one nursery tree owning the store, the actors and the server.
 
     serve()
-      ├─ writer        (commits batches, acks, feeds the broadcaster)
+      ├─ writer        (commits batches, acks, feeds the broadcaster and the capper)
+      ├─ capper        (cuts tasks over their cap: head, gap record, tail)
       ├─ retention     (with --retention-days)
       ├─ signals       (SIGTERM/SIGINT start a graceful shutdown)
       └─ http          (hypercorn: REST + one Connection per WebSocket)
@@ -25,6 +26,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from hub import hypercorn_patches
 from hub.actors.broadcaster import Broadcaster
+from hub.actors.capper import Capper
 from hub.actors.retention import run_retention
 from hub.actors.writer import STORE_RETRY, Writer, WriteRequest
 from hub.app import create_app
@@ -109,10 +111,11 @@ async def _serve_with(store: Store, config: HubConfig, task_status: trio.TaskSta
         config=config, store=store, writer_inbox=inbox_send, broadcaster=broadcaster, metrics=metrics,
         limiter=Limiters(config.rate_limit, config.rate_burst).limiter, shutting_down=shutting_down,
     )
+    capper = Capper(store, broadcaster, config.max_task_bytes)
     writer = Writer(
         store, broadcaster, metrics,
         batch_size=config.write_batch_size, flush_interval=config.write_flush_interval,
-        retry=STORE_RETRY.capped_at(config.store_retry_max),
+        retry=STORE_RETRY.capped_at(config.store_retry_max), capper=capper,
     )
     # A lambda: the writer replaces its `available` event when the store goes away.
     app = create_app(deps, store_available=lambda: writer.available.is_set())
@@ -120,6 +123,7 @@ async def _serve_with(store: Store, config: HubConfig, task_status: trio.TaskSta
         if config.retention_days:
             services.start_soon(run_retention, store, config.retention_days, config.retention_interval)
         services.start_soon(_watch_signals, shutting_down)
+        services.start_soon(capper.run)
         if isinstance(store, Listens):
             from hub.actors.notifier import run_notifier  # PostgreSQL only: not loaded for SQLite
 

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import attrs
 
-from keruta.limits import INT32_MAX, INT32_MIN
+from keruta.limits import INT32_MAX, INT32_MIN, INT64_MAX
 from keruta.records import (
     TASK_STATES,
     InvalidField,
@@ -33,6 +33,11 @@ class FrameError(ValueError):
 def _state(_inst: object, _attr: attrs.Attribute, value: object) -> None:
     if value not in TASK_STATES:
         raise InvalidField("state", f"must be one of {', '.join(TASK_STATES)}")
+
+
+def _optional_max_bytes(_inst: object, _attr: attrs.Attribute, value: object) -> None:
+    if value is not None and (type(value) is not int or not 1 <= value <= INT64_MAX):
+        raise InvalidField("maxBytes", f"must be an integer between 1 and {INT64_MAX}")
 
 
 def _exit_code(_inst: object, _attr: attrs.Attribute, value: object) -> None:
@@ -78,6 +83,9 @@ class StatusFrame:
     producer: str | None = attrs.field(default=None, validator=_producer)
     # From an agent, with its final state: what the run sent (keruta/summary.py).
     summary: Summary | None = None
+    # From an agent (--max-bytes): the most message bytes it wants the hub to
+    # keep of the task, head and tail (the hub's --max-task-bytes where lower).
+    max_bytes: int | None = attrs.field(default=None, validator=_optional_max_bytes)
 
 
 @attrs.frozen
@@ -132,12 +140,21 @@ class ErrorFrame:
     resume_from: int | None = None
 
 
-HubFrame = SubscribedFrame | LogsFrame | AckFrame | StatusFrame | PongFrame | ErrorFrame
+@attrs.frozen
+class RedactedFrame:
+    """To a task's subscribers: a redaction rewrote these records; read them again."""
+
+    TYPE: ClassVar[str] = "redacted"
+    task_id: str
+    seqs: list[int]
+
+
+HubFrame = SubscribedFrame | LogsFrame | AckFrame | StatusFrame | PongFrame | ErrorFrame | RedactedFrame
 CLIENT_FRAMES: dict[str, type] = {
     c.TYPE: c
     for c in (LogFrame, LogsFrame, StatusFrame, SubscribeFrame, UnsubscribeFrame, PingFrame)
 }
 HUB_FRAMES: dict[str, type] = {
     c.TYPE: c
-    for c in (SubscribedFrame, LogsFrame, AckFrame, StatusFrame, PongFrame, ErrorFrame)
+    for c in (SubscribedFrame, LogsFrame, AckFrame, StatusFrame, PongFrame, ErrorFrame, RedactedFrame)
 }

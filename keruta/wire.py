@@ -54,7 +54,10 @@ def camel(name: str) -> str:
 
 # Optional fields left out of the JSON while they hold their default (a task
 # always names them all).
-_OMIT_IF_DEFAULT = {"partial", "id", "exit_code", "from_seq", "source", "level", "resume_from", "producer", "kind", "summary"}
+_OMIT_IF_DEFAULT = {
+    "partial", "id", "exit_code", "from_seq", "source", "level", "resume_from", "producer", "kind", "summary",
+    "max_bytes",
+}
 
 
 def omitted_if_default(cls: type, name: str) -> bool:

@@ -57,12 +57,17 @@ async def test_passes_delete_only_old_records_every_interval(
     await store.open()
     try:
         await store.append([row("t", 1, 3), row("t", 2, 2.5), row("t", 3, 0.1), row("u", 1, 5)])
+        await store.set_state("u", "succeeded", 0)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run_retention, store, 1.0, 60.0)
             for _ in range(3):
                 await store.next_pass()
             nursery.cancel_scope.cancel()
-        assert [r.seq for r in await store.read_range("t", 0, 10, 10)] == [3]
+        # t still runs: its old head leaves a gap record where it was.
+        kept = await store.read_range("t", 0, 10, 10)
+        assert [(r.seq, r.kind) for r in kept] == [(1, "gap"), (3, None)]
+        assert kept[0].metadata["gap"]["reason"] == "retention"
+        assert kept[0].metadata["gap"]["lines"] == 2
         assert await store.read_range("u", 0, 10, 10) == []
         gaps = [b - a for a, b in zip(store.passes, store.passes[1:], strict=False)]
         # At least the interval apart (the clock may also jump while SQLite works in its thread).
@@ -76,6 +81,7 @@ async def test_a_store_outage_is_retried_not_fatal(tmp_path: Path, autojump_cloc
     await store.open()
     try:
         await store.append([row("t", 1, 3)])
+        await store.set_state("t", "failed", 1)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run_retention, store, 1.0, 3600.0)
             for _ in range(3):

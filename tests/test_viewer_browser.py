@@ -535,3 +535,48 @@ def test_gap_rows(page: Any, shared_hub: HubProcess) -> None:
     js(page, "document.getElementById('scroller').scrollTop = 1e9")
     last = wait_for(lambda: (lambda r: r if r and r[-1]["seq"] == 52 else None)(rows(page)), "the new gap row")[-1]
     assert "gap" in last["cls"].split() and last["text"].endswith("(seqs 1\u201330)")
+
+
+# --- records the hub changes after sending them: a redaction, a cap's gap ---------
+
+
+def test_a_redacted_line_re_renders_as_stars_without_a_reload(page: Any, shared_hub: HubProcess) -> None:
+    task = "browser-redact"
+    post(shared_hub, task, lines(task, 60, lambda i: "export TOKEN=hunter2" if i == 30 else f"plain line {i}"))
+    page.get(f"{shared_hub.url}/tasks/{task}")
+    wait_for(lambda: any(r["text"] == "export TOKEN=hunter2" for r in rows(page)), "the leaked line on screen")
+    js(page, "window.notReloaded = true;")
+    resp = httpx.post(f"{shared_hub.url}/api/v1/tasks/{task}/redact", json={"values": ["hunter2"]}, timeout=30)
+    assert resp.status_code == 200 and resp.json()["redactedRecords"] == 1, resp.text
+    wait_for(lambda: any(r["seq"] == 30 and r["text"] == "export TOKEN=***" for r in rows(page)), "the line redacted")
+    assert not any("hunter2" in r["text"] for r in rows(page))
+    assert js(page, "return window.notReloaded === true")
+    # The audit record arrives live, as a row of its own.
+    wait_for(lambda: any(r["text"].startswith("1 record redacted by admin") for r in rows(page)), "the redaction row")
+
+
+def test_a_cap_gap_row_appears_where_the_records_were_cut(page: Any, tmp_path: Path) -> None:
+    hub = HubProcess(sqlite_url(tmp_path / "capped.db"), "--max-task-bytes", "20K").start()
+    try:
+        task = "browser-cap"
+        post(hub, task, lines(task, 50, lambda i: f"head line {i:04d} " + "z" * 80))
+        page.get(f"{hub.url}/tasks/{task}")
+        wait_for(lambda: viewer(page, "total") == 50, "the first lines")
+        # Live, past the cap: the cut lines go, and a gap row stands where they were.
+        post(hub, task, lines(task, 400, lambda i: f"more line {i:04d} " + "z" * 80))
+
+        def gap_seq() -> int | None:
+            resp = httpx.get(f"{hub.url}/api/v1/tasks/{task}/logs", params={"size": 1000}, timeout=10)
+            return next((r["seq"] for r in resp.json()["content"] if r.get("kind") == "gap"), None)
+
+        seq = wait_for(gap_seq, "the cap's gap record")
+        wait_for(lambda: settled(lambda: viewer(page, "total")) == stored_total(hub, task), "the cut records gone")
+        js(page, f"location.hash = '#L{seq}';")
+        row = wait_for(
+            lambda: next((r for r in rows(page) if r["seq"] == seq and r["visible"]), None), "the gap row on screen"
+        )
+        assert row["text"].endswith("not kept: task over its 20 KB cap"), row
+        held = [s for _, s in js(page, "return window.kerutaViewer.loaded()")]
+        assert held == sorted(held) and len(held) == len(set(held))
+    finally:
+        hub.stop()

@@ -109,8 +109,10 @@ class UplinkProtocol:
         max_in_flight_bytes: int = 4 << 20,
         eager_frames: int = 1,
         limits: Limits = DEFAULT_LIMITS,
+        max_bytes: int | None = None,
     ) -> None:
         self.task_id = task_id
+        self.max_bytes = max_bytes
         self.producer = producer
         self.limits = limits
         self.acked = acked_seq
@@ -150,7 +152,9 @@ class UplinkProtocol:
         self.confirmed = False
         self.batcher.reset(self.available - self.cursor + 1, now)
         if self.final is None:
-            return [encode_bytes(StatusFrame(self.task_id, "running", producer=self.producer))]
+            return [
+                encode_bytes(StatusFrame(self.task_id, "running", producer=self.producer, max_bytes=self.max_bytes))
+            ]
         return []
 
     def on_disconnected(self) -> None:
@@ -234,7 +238,11 @@ class UplinkProtocol:
         state, code = self.final
         # The hub answers a run's status with that run's stored state once it
         # is committed: that is how the agent knows its final state is stored.
-        return SendFrame(encode_bytes(StatusFrame(self.task_id, state, code, self.producer, self.summary)))
+        # The cap goes again: a command that ended before the link came up sent
+        # no `running` status.
+        return SendFrame(
+            encode_bytes(StatusFrame(self.task_id, state, code, self.producer, self.summary, self.max_bytes))
+        )
 
     def logs_frame(self, records: list[tuple[int, bytes]], now: float) -> bytes | None:
         """The frame for `records` read as ReadRecords asked (gaps already

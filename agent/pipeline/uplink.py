@@ -62,6 +62,9 @@ class UplinkSettings:
     ping_timeout: float = 20.0
     connect_timeout: float = 10.0
     limits: Limits = DEFAULT_LIMITS
+    # Sent with the `running` status: the hub keeps at most this much of the
+    # task's messages, its first and last halves (its own cap where lower).
+    max_bytes: int | None = None
 
 
 class Uplink:
@@ -91,6 +94,7 @@ class Uplink:
             max_in_flight_bytes=settings.max_in_flight_bytes,
             eager_frames=settings.eager_frames,
             limits=settings.limits,
+            max_bytes=settings.max_bytes,
         )
         # Set once every record is acknowledged and the final status is stored.
         self.delivered = trio.Event()

@@ -13,8 +13,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from hub.ws.subscriber_frames import encode_chunks, status_payload
-from hub.ws.subscription import Subscription
+from hub.ws.subscription import Outgoing, Subscription
+from keruta.frames import RedactedFrame
 from keruta.records import LogRecord, TaskInfo
+from keruta.wire import dumps
 
 
 class Broadcaster:
@@ -99,6 +101,31 @@ class Broadcaster:
                 sub.go_catch_up()
                 continue
             sub.take_live(frames.after(sub), through)
+
+    def publish_replaced(self, task_id: str, records: list[LogRecord]) -> None:
+        """Records the hub rewrote in place (a cap's gap record, new or grown),
+        to the subscribers that have passed them: a viewer replaces the record
+        it holds under that seq. One catching up below them reads them from
+        the store."""
+        subs = self.subs.get(task_id)
+        if not subs or not records:
+            return
+        low = min(r.seq for r in records)
+        for sub in list(subs):
+            if sub.cursor < low:
+                continue
+            wanted = [r for r in records if r.seq <= sub.cursor and sub.wants(r)]
+            for payload, _ in encode_chunks(task_id, wanted, wanted[-1].seq if wanted else 0):
+                sub.offer(Outgoing(payload))
+
+    def publish_redacted(self, task_id: str, seqs: list[int]) -> None:
+        """Records a redaction changed: every subscriber re-reads those it holds."""
+        subs = self.subs.get(task_id)
+        if not subs or not seqs:
+            return
+        payload = dumps(RedactedFrame(task_id, seqs))
+        for sub in list(subs):
+            sub.offer(Outgoing(payload))
 
     def publish_status(self, task: TaskInfo) -> None:
         payload = status_payload(task)

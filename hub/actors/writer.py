@@ -19,6 +19,7 @@ import attrs
 import trio
 
 from hub.actors.broadcaster import Broadcaster
+from hub.actors.capper import Capper
 from hub.actors.syncer import SYNC_QUEUE, Settled, run_syncer
 from hub.metrics import Metrics
 from hub.store.base import (
@@ -53,6 +54,8 @@ class StatusChange:
     exit_code: int | None
     producer: str | None = None
     summary: Summary | None = None
+    # The cap the task's agent asked for (--max-bytes), if any.
+    max_bytes: int | None = None
 
 
 @attrs.frozen
@@ -236,6 +239,7 @@ class Writer:
         batch_size: int = 2000,
         flush_interval: float = 0.0,
         retry: Backoff = STORE_RETRY,
+        capper: Capper | None = None,
     ) -> None:
         self.store = store
         self.broadcaster = broadcaster
@@ -247,6 +251,7 @@ class Writer:
         self.available.set()
         self._synced: trio.MemorySendChannel[Settled] | None = None
         self.numbering = HubNumbering()
+        self.capper = capper
 
     async def run(self, inbox: trio.MemoryReceiveChannel[WriteRequest]) -> None:
         """Serve until the inbox is closed and drained, then let the syncer drain."""
@@ -357,6 +362,8 @@ class Writer:
         self.metrics.records_duplicate += len(items) - len(result.inserted)
         # Committed is enough for viewers: it survives the hub being killed.
         self.broadcaster.publish_records(result.inserted, result.durable)
+        if self.capper is not None:
+            self.capper.after_commit(result.sizes)
         answers = []
         offset = 0
         for req in batch:
@@ -374,6 +381,12 @@ class Writer:
                     change.task_id, change.state, change.exit_code, change.producer, change.summary
                 ),
             )
+            max_bytes = change.max_bytes
+            if max_bytes is not None:
+                # After set_state, which made the task if it is new.
+                await self._with_retry("set_max_bytes", lambda: self.store.set_max_bytes(change.task_id, max_bytes))
+                if self.capper is not None:
+                    self.capper.want(change.task_id)
             run_state = None
             if change.producer is not None:
                 producer = change.producer

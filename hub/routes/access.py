@@ -66,9 +66,10 @@ class Access:
         """Why a request that may carry a body is refused on its head alone, or None.
 
         Decided before a byte of the body is read (hub/admission.py), by the
-        method, since no route has been chosen yet: a DELETE needs what
-        deleting needs, any other change what writing needs, and a read that
-        sends a body any valid token. The routes check again, for themselves.
+        method, since no route has been chosen yet: a DELETE or a redaction
+        needs the admin's token, any other change what writing needs, and a
+        read that sends a body any valid token. The routes check again, for
+        themselves.
         """
         refusal = self.place_refusal(head)
         if refusal is not None:
@@ -77,11 +78,15 @@ class Access:
             demand(
                 self.role(head),
                 write=head.method not in READ_METHODS,
-                admin=head.method == "DELETE",
+                admin=head.method == "DELETE" or is_redaction(head),
             )
         except ApiError as exc:
             return exc
         return None
+
+
+def is_redaction(head: RequestHead) -> bool:
+    return head.method == "POST" and head.path.rstrip("/").endswith("/redact")
 
 
 def demand(role: Role, *, write: bool = False, admin: bool = False) -> None:
@@ -89,7 +94,7 @@ def demand(role: Role, *, write: bool = False, admin: bool = False) -> None:
     if role is Role.NONE:
         raise ApiError(401, "UNAUTHORIZED", UNAUTHORIZED)
     if admin and not role.can_delete:
-        raise ApiError(403, "FORBIDDEN", "deleting logs needs the admin token (--admin-token)")
+        raise ApiError(403, "FORBIDDEN", "deleting or redacting logs needs the admin token (--admin-token)")
     if write and not role.can_write:
         raise ApiError(403, "FORBIDDEN", "the viewer token may only read")
 

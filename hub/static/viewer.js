@@ -469,6 +469,70 @@
       return promise;
     }
 
+    // --- records the hub changed after sending them -------------------------------
+
+    // seq -> position of the loaded records among `seqs`.
+    function heldPositions(seqs) {
+      const want = new Set(seqs), out = new Map();
+      for (const [p, page] of pages) {
+        for (let k = 0; k < PAGE; k++) {
+          const rec = page[k];
+          if (rec !== undefined && want.has(rec.seq)) out.set(rec.seq, p * PAGE + k);
+        }
+      }
+      return out;
+    }
+
+    // A redaction rewrote these records: read those held again and show them anew.
+    async function reread(seqs) {
+      const g = gen;
+      const held = heldPositions(seqs);
+      const order = [...held.keys()].sort((a, b) => a - b);
+      let i = 0;
+      while (i < order.length) {
+        let body;
+        try {
+          body = await api(logsUrl, { afterSeq: order[i] - 1, size: Math.min(PAGE, order[order.length - 1] - order[i] + 1) });
+        } catch (e) {
+          return;
+        }
+        if (g !== gen) return;
+        const fresh = new Map(body.content.map((r) => [r.seq, r]));
+        const through = body.content.length ? body.content[body.content.length - 1].seq : Infinity;
+        while (i < order.length && order[i] <= through) {
+          const pos = held.get(order[i]);
+          const page = pages.get(Math.floor(pos / PAGE));
+          const rec = fresh.get(order[i]);
+          if (rec && page && page[pos % PAGE] && page[pos % PAGE].seq === rec.seq) page[pos % PAGE] = rec;
+          i++;
+        }
+      }
+      scheduleRender();
+    }
+
+    // A cap's gap record appeared or grew where records were: those records are
+    // gone, and positions after them moved. Take the snapshot again (at most
+    // twice a second while a task streams past its cap).
+    let resyncTimer = null;
+    function resync() {
+      if (resyncTimer !== null) return;
+      resyncTimer = setTimeout(() => {
+        resyncTimer = null;
+        gen++;
+        ready = false;
+        pending = [];
+        total = 0;
+        lastSeq = 0;
+        pages = new Map();
+        inflight.clear();
+        failedAt.clear();
+        current = -1;
+        deco++;
+        startSnapshot();
+        scheduleRender();
+      }, 500);
+    }
+
     // --- geometry and rendering ------------------------------------------------
 
     function spacerHeight() { return Math.min(shownRows() * ROW_H, MAX_PX); }
@@ -888,12 +952,16 @@
         } else if (f.type === "logs" && f.taskId === taskId) {
           for (const rec of f.records) {
             if (rec.kind === "section_start" || rec.kind === "section_end") sectionsChanged();
+            // A gap record at a seq already passed: a cap cut records out here.
+            if (rec.kind === "gap" && rec.seq <= known) { resync(); continue; }
             if (ready) dropCovered(rec);
             if (rec.seq <= known && ready) { replaceHeld(rec); continue; }
             if (rec.seq > known) known = rec.seq;
             if (ready) append(rec); else pending.push(rec);
           }
           scheduleRender();
+        } else if (f.type === "redacted" && f.taskId === taskId) {
+          reread(f.seqs);
         } else if (f.type === "status" && f.taskId === taskId) {
           showState(f.state, f.exitCode);
           sectionsChanged();

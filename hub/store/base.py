@@ -138,6 +138,9 @@ class AppendResult:
     # (task_id, producer) -> the producer's highest seq stored, every one of
     # its seqs below it too (for a hub-made producer: every one it sent).
     producers: dict[tuple[str, str], int] = attrs.field(factory=dict)
+    # task_id -> (message bytes stored after this commit, the cap its agent
+    # asked for or None), for the tasks that stored records: what a cap decides on.
+    sizes: dict[str, tuple[int, int | None]] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -261,12 +264,29 @@ class Store(Protocol):
         (hub/store/sections.py); None when there is no such task."""
         ...
 
-    async def delete(self, task_id: str, before: str | None) -> int:
-        """Delete a task's records older than `before` (all when None); return the count."""
+    async def delete(self, task_id: str, before: str | None, *, leave_gap: bool = False) -> int:
+        """Delete a task's records older than `before` (all when None); return
+        the count. `leave_gap`: the head cut off a task still running leaves a
+        `gap` record (reason `retention`) in its place."""
         ...
 
     async def delete_older_than(self, before: str) -> int:
-        """Retention: delete every task's records older than `before`."""
+        """Retention: delete every task's records older than `before`; a
+        running task's head leaves a gap record."""
+        ...
+
+    async def cap_step(self, task_id: str, hub_cap: int | None) -> Any:
+        """Cut a task over its cap (the hub's, or its agent's where lower) in
+        one bounded transaction: a `trimming.CapStep` (its gap record, and
+        whether more is due), or None when it is within its cap."""
+        ...
+
+    async def redact_step(self, task_id: str, values: Sequence[str], after: int, through: int) -> Any:
+        """Redact `values` in a few chunks after seq `after`: a `trimming.RedactStep`."""
+        ...
+
+    async def set_max_bytes(self, task_id: str, max_bytes: int) -> None:
+        """The cap a task's agent asked for (--max-bytes); the lowest asked stays."""
         ...
 
 

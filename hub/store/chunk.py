@@ -16,9 +16,9 @@ rest:
             "n": [line numbers] or one, "x": [metadata or null] (absent: none has any),
             "k": [kinds] (absent: all lines), "q": [seqs] (absent: seq_first, +1, ...)}
 
-A chunk is written once per batch and rewritten only when a delete cuts
-inside it; its seqs are then no longer consecutive and "q" says which they
-are.
+A chunk is written once per batch and rewritten only when a delete or a cap
+cuts inside it (its seqs are then no longer consecutive and "q" says which
+they are) or a redaction changes what it holds.
 """
 
 from __future__ import annotations
@@ -61,6 +61,9 @@ class ChunkRow:
     tally: str  # JSON [[source, level, n], ...]
     lines: bytes
     body: bytes
+    # UTF-8 bytes of its messages: what a task's cap counts (its own column,
+    # after the nine `values` gives).
+    bytes: int = 0
 
     def values(self) -> tuple[Any, ...]:
         return (
@@ -133,12 +136,23 @@ def encode(records: Sequence[LogRecord]) -> ChunkRow:
         tally=orjson.dumps([[s, lv, n] for (s, lv), n in tally.items()]).decode(),
         lines=_compressor.compress(orjson.dumps(lines)),
         body=_compressor.compress(orjson.dumps(columns)),
+        bytes=message_bytes(lines["m"]),
     )
+
+
+def message_bytes(messages: Sequence[str]) -> int:
+    """The UTF-8 bytes of messages (a lone surrogate as the digest counts it)."""
+    return len("".join(messages).encode("utf-8", "surrogatepass"))
 
 
 def lines_json(lines: bytes) -> bytes:
     """The JSON of a chunk's `lines` part (for a substring test before decoding it)."""
     return _decompressor.decompress(lines)
+
+
+def body_json(body: bytes) -> bytes:
+    """The JSON of a chunk's `body` part (metadata among it)."""
+    return _decompressor.decompress(body)
 
 
 def columns(lines: bytes, body: bytes, decompressor: Any = None) -> dict[str, Any]:
@@ -214,11 +228,12 @@ class ChunkCache:
 
     A catching-up subscriber reads a few records at a time, and pages read
     the chunks around each other: without this, every read would decompress
-    and rebuild the whole chunk. Keyed by (task, seq_first, seq_last, n): a
-    chunk's content never changes under one key (seqs are never given twice,
-    and a delete that rewrites a chunk removes records, so `n` changes). Only
-    what was read from the database goes in, never what a transaction that
-    may still roll back wrote. Shared by reader threads, hence the lock.
+    and rebuild the whole chunk. Keyed by the task, the chunk's seqs and its
+    compressed parts themselves: a rewrite that keeps the seqs (a redaction,
+    a cap's gap record growing) changes the parts, so a stale entry is never
+    served, on this hub or on another sharing the database. Only what was
+    read from the database goes in, never what a transaction that may still
+    roll back wrote. Shared by reader threads, hence the lock.
     """
 
     def __init__(self, chunks: int = 64, max_bytes: int = 16 * 1024 * 1024) -> None:
@@ -227,12 +242,13 @@ class ChunkCache:
         # of object each): a chunk of a few huge lines counts as what it is.
         self._max_bytes = max_bytes
         self._bytes = 0
-        self._items: OrderedDict[tuple[str, int, int, int], tuple[list[LogRecord], int]] = OrderedDict()
+        self._items: OrderedDict[tuple[str, int, int, int, bytes, bytes], tuple[list[LogRecord], int]] = OrderedDict()
         self._lock = threading.Lock()
 
     def records(self, task_id: str, row: Sequence[Any]) -> list[LogRecord]:
         """The records of a chunk row (seq_first, seq_last, n, ..., lines, body)."""
-        key = (task_id, row[0], row[1], row[2])
+        # Hashing the compressed parts costs far less than decoding them.
+        key = (task_id, row[0], row[1], row[2], bytes(row[-2]), bytes(row[-1]))
         with self._lock:
             hit = self._items.get(key)
             if hit is not None:

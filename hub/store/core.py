@@ -18,7 +18,8 @@ from typing import Any
 
 import orjson
 
-from hub.store import chunk, sections
+from hub.store import chunk, sections, trimming
+from hub.store.accounts import carried_accounts
 from hub.store.base import AppendResult, Incoming, LogQuery, LogStats, Page
 from hub.store.rows import SEQ_MAX, stats_from_rows, task_from_row
 from hub.store.rules import (
@@ -81,7 +82,10 @@ def append(d: Dialect, items: Sequence[Incoming]) -> Steps[AppendResult]:
         by_task: dict[str, list[LogRecord]] = {}
         for r in fresh:
             by_task.setdefault(r.task_id, []).append(r)
-        yield d.insert_chunks([chunk.encode(part) for records in by_task.values() for part in chunk.split(records)])
+        rows = [chunk.encode(part) for records in by_task.values() for part in chunk.split(records)]
+        for row in rows:
+            progress[row.task_id].bytes += row.bytes
+        yield d.insert_chunks(rows)
         for task_id, records in by_task.items():
             yield from _save_sections(d, task_id, records)
     tally(fresh, progress)
@@ -94,7 +98,11 @@ def append(d: Dialect, items: Sequence[Incoming]) -> Steps[AppendResult]:
         if task.count:
             yield from d.save_task(task_id, task, now, task.durable_seq > before)
     yield from _save_producers(d, producers, now)
-    return plan.result(fresh, durable, producers)
+    result = plan.result(fresh, durable, producers)
+    result.sizes.update(
+        (task_id, (task.stored_bytes + task.bytes, task.max_bytes)) for task_id, task in progress.items() if task.count
+    )
+    return result
 
 
 def _lock_tasks(d: Dialect, task_ids: list[str], now: str) -> Steps[dict[str, TaskProgress]]:
@@ -107,7 +115,9 @@ def _lock_tasks(d: Dialect, task_ids: list[str], now: str) -> Steps[dict[str, Ta
         yield create
         return (yield from _lock_tasks(d, task_ids, now))
     progress = {tid: TaskProgress(max_seq=0, durable_seq=0, exists=False) for tid in task_ids}
-    progress.update({r[0]: TaskProgress(max_seq=r[1], durable_seq=r[2]) for r in rows})
+    progress.update(
+        {r[0]: TaskProgress(max_seq=r[1], durable_seq=r[2], stored_bytes=r[3], max_bytes=r[4]) for r in rows}
+    )
     return progress
 
 
@@ -400,41 +410,59 @@ def stats(d: Dialect, task_id: str) -> Steps[LogStats]:
 # -- deleting --------------------------------------------------------------------
 
 
-def delete_chunk(d: Dialect, task_id: str, before: str | None) -> Steps[tuple[int, bool]]:
+def delete_chunk(
+    d: Dialect, task_id: str, before: str | None, *, leave_gap: bool = False
+) -> Steps[tuple[int, bool]]:
     """Delete a task's records older than `before` (all when None) from up to
     `d.delete_chunks` chunks, under its row lock; return (deleted, more may
     remain). Run inside a write transaction.
 
     A chunk wholly older goes; one that holds records on both sides of
-    `before` is rewritten with the newer ones (its seqs then skip).
+    `before` is rewritten with the newer ones (its seqs then skip). With
+    `leave_gap` (retention), the head cut off a task still running leaves a
+    `gap` record in its place (hub/store/trimming.py).
     """
-    locked = yield d.row(d.LOCK_TASK, task_id)
+    if leave_gap and before is not None:
+        locked = yield d.row(d.LOCK_TASK_STATE, task_id)
+        running = bool(locked) and locked[0] in ("pending", "running")
+    else:
+        locked = yield d.row(d.LOCK_TASK, task_id)
+        running = False
     if not locked:
         return 0, False
     rows = yield d.fetch(d.CHUNKS_BEFORE, task_id, before or TS_HIGH, d.delete_chunks)
     if not rows:
         return 0, False
     gone: Counter[tuple[str, str]] = Counter()
-    for seq_first, seq_last, _, _, ts_last, tally_json, lines, body in rows:
+    dropped: list[LogRecord] = []
+    bytes_delta = 0
+    for row in rows:
+        seq_first, seq_last, _, _, ts_last, tally_json, lines, body = row
         if before is None or ts_last < before:
-            yield d.exec(d.DELETE_CHUNK, task_id, seq_last)
+            if running:
+                dropped += chunk.decode(task_id, seq_first, lines, body)
+            old = yield d.row(d.DELETE_CHUNK, task_id, seq_last)
+            bytes_delta -= old[0] if old else 0
             yield d.exec(d.SECTIONS_DROP, task_id, seq_first, seq_last)
             for s, lv, k in orjson.loads(tally_json):
                 gone[(s, lv)] += k
             continue
         records = chunk.decode(task_id, seq_first, lines, body)
         kept = [r for r in records if r.timestamp >= before]
+        dropped += [r for r in records if r.timestamp < before] if running else []
         gone.update((r.source, r.level) for r in records if r.timestamp < before)
         starts = [(task_id, r.seq, r.seq) for r in records if r.timestamp < before and r.kind == "section_start"]
         if starts:
             yield d.many(d.SECTIONS_DROP, starts)
-        if kept:
-            yield d.exec(d.REPLACE_CHUNK, *chunk.encode(kept).values(), seq_last)
-        else:
-            yield d.exec(d.DELETE_CHUNK, task_id, seq_last)
+        bytes_delta += yield from trimming.rewrite(d, task_id, seq_last, [kept])
     deleted = sum(gone.values())
     yield d.many(d.SUBTRACT_COUNTS, [(k, task_id, s, lv) for (s, lv), k in gone.items()])
     yield d.exec(d.DROP_EMPTY_COUNTS, task_id)
+    yield d.exec(d.ADD_STORED_BYTES, bytes_delta, task_id)
+    if dropped:
+        # The gap record counts as one stored record.
+        yield from trimming.retention_gap(d, task_id, dropped)
+        deleted -= 1
     # What identity keeps stays bounded by what is stored: a producer's ranges
     # map its seqs to stored records, so those wholly below the task's lowest
     # go (its high mark stays: a resent record is still a duplicate).
@@ -443,7 +471,9 @@ def delete_chunk(d: Dialect, task_id: str, before: str | None) -> Steps[tuple[in
     yield d.exec(d.AFTER_DELETE, deleted, now_ts(), task_id)
     # Records went: the verdict last computed no longer says what is stored.
     yield d.exec(d.SET_VERDICT, None, task_id)
-    return deleted, len(rows) == d.delete_chunks
+    # Retention reports the records it deleted, not the gap it folded in.
+    real = sum(1 for r in dropped if carried_accounts(r) is None) if dropped else deleted
+    return real, len(rows) == d.delete_chunks
 
 
 def prune_producers(d: Dialect, before: str) -> Steps[int]:

@@ -9,10 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 import asyncpg
+import orjson
 
+from hub.store.chunk import lines_json, message_bytes
 from hub.store.to_chunks import OLD_COLUMNS, chunks_from_rows
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 # pg_advisory_xact_lock key for schema changes ("keruta" in ASCII).
 _SCHEMA_LOCK = 0x6B6572757461
 
@@ -178,7 +180,40 @@ _SCHEMA_V6: tuple[Any, ...] = (
     "ALTER TABLE keruta_producers ADD COLUMN IF NOT EXISTS summary text",
     "ALTER TABLE keruta_tasks ADD COLUMN IF NOT EXISTS verdict text",
 )
-_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4, 5: _SCHEMA_V5, 6: _SCHEMA_V6}
+
+
+async def _count_chunk_bytes(conn: Any) -> None:
+    after: tuple[str, int] = ("", 0)
+    while True:
+        rows = await conn.fetch(
+            "SELECT task_id, seq_last, lines FROM keruta_chunks WHERE (task_id, seq_last) > ($1, $2)"
+            " ORDER BY task_id, seq_last LIMIT 1000",
+            *after,
+        )
+        if not rows:
+            break
+        await conn.executemany(
+            "UPDATE keruta_chunks SET bytes = $1 WHERE task_id = $2 AND seq_last = $3",
+            [(message_bytes(orjson.loads(lines_json(r[2]))["m"]), r[0], r[1]) for r in rows],
+        )
+        after = (rows[-1][0], rows[-1][1])
+    await conn.execute(
+        "UPDATE keruta_tasks t SET stored_bytes ="
+        " (SELECT coalesce(sum(bytes), 0) FROM keruta_chunks c WHERE c.task_id = t.task_id)"
+    )
+
+
+# Caps and redaction: the UTF-8 bytes of each chunk's messages and of each
+# task's stored records (what a cap counts), the cap an agent asked for
+# (--max-bytes), and the seq of the task's cap gap record (docs/identity.md).
+_SCHEMA_V7: tuple[Any, ...] = (
+    "ALTER TABLE keruta_chunks ADD COLUMN bytes bigint NOT NULL DEFAULT 0",
+    "ALTER TABLE keruta_tasks ADD COLUMN stored_bytes bigint NOT NULL DEFAULT 0",
+    "ALTER TABLE keruta_tasks ADD COLUMN max_bytes bigint",
+    "ALTER TABLE keruta_tasks ADD COLUMN cap_gap_seq bigint",
+    _count_chunk_bytes,
+)
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4, 5: _SCHEMA_V5, 6: _SCHEMA_V6, 7: _SCHEMA_V7}
 
 
 async def migrate(conn: Any) -> None:

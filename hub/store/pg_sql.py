@@ -96,12 +96,14 @@ class PostgresSql(Dialect):
     CHUNKS_BEFORE = f"""
         SELECT {CHUNK_FULL} FROM keruta_chunks WHERE task_id = $1 AND ts_first < $2 ORDER BY seq_last LIMIT $3
     """
-    DELETE_CHUNK = "DELETE FROM keruta_chunks WHERE task_id = $1 AND seq_last = $2"
+    DELETE_CHUNK = "DELETE FROM keruta_chunks WHERE task_id = $1 AND seq_last = $2 RETURNING bytes"
     REPLACE_CHUNK = """
         UPDATE keruta_chunks SET seq_first = $2, seq_last = $3, n = $4, ts_first = $5, ts_last = $6,
-            tally = $7, lines = $8, body = $9
+            tally = $7, lines = $8, body = $9, bytes = $11
         WHERE task_id = $1 AND seq_last = $10
     """
+    CHUNK_BYTES = "SELECT bytes FROM keruta_chunks WHERE task_id = $1 AND seq_last = $2"
+    ADD_STORED_BYTES = "UPDATE keruta_tasks SET stored_bytes = GREATEST(stored_bytes + $1, 0) WHERE task_id = $2"
     SUBTRACT_COUNTS = "UPDATE keruta_counts SET n = n - $1 WHERE task_id = $2 AND source = $3 AND level = $4"
     DROP_EMPTY_COUNTS = "DELETE FROM keruta_counts WHERE task_id = $1 AND n <= 0"
     PRUNE_RANGES = """
@@ -147,6 +149,27 @@ class PostgresSql(Dialect):
         SELECT {SECTION_ROW} FROM keruta_sections WHERE task_id = $1 ORDER BY start_seq LIMIT $2
     """
     SECTIONS_DROP = "DELETE FROM keruta_sections WHERE task_id = $1 AND start_seq BETWEEN $2 AND $3"
+    LOCK_TASK_STATE = "SELECT state FROM keruta_tasks WHERE task_id = $1 FOR UPDATE"
+    CAP_STATE = "SELECT stored_bytes, max_bytes, cap_gap_seq FROM keruta_tasks WHERE task_id = $1 FOR UPDATE"
+    CHUNK_BYTES_AFTER = """
+        SELECT seq_first, seq_last, bytes FROM keruta_chunks WHERE task_id = $1 AND seq_last > $2
+        ORDER BY seq_last LIMIT $3
+    """
+    RANGES_FOR_SEQS = """
+        SELECT producer, pseq_first, pseq_last, seq_first FROM keruta_producer_ranges
+        WHERE task_id = $1 AND seq_first <= $3 AND seq_first + (pseq_last - pseq_first) >= $2
+    """
+    ADD_COUNTS = """
+        INSERT INTO keruta_counts (task_id, source, level, n) VALUES ($1, $2, $3, $4)
+        ON CONFLICT (task_id, source, level) DO UPDATE SET n = keruta_counts.n + excluded.n
+    """
+    AFTER_TRIM = """
+        UPDATE keruta_tasks SET total_logs = GREATEST(total_logs - $1 + $2, 0), cap_gap_seq = $3, updated_at = $4
+        WHERE task_id = $5
+    """
+    SET_MAX_BYTES = """
+        UPDATE keruta_tasks SET max_bytes = LEAST(coalesce(max_bytes, $1), $1) WHERE task_id = $2
+    """
 
     in_chunk = 1 << 30  # one array parameter, whatever its length
     delete_chunks = 50
@@ -159,7 +182,7 @@ class PostgresSql(Dialect):
     def lock_tasks(self, task_ids: Sequence[str]) -> Op:
         return self.fetch(
             """
-            SELECT task_id, max_seq, durable_seq FROM keruta_tasks
+            SELECT task_id, max_seq, durable_seq, stored_bytes, max_bytes FROM keruta_tasks
             WHERE task_id = ANY($1::text[]) ORDER BY task_id FOR UPDATE
             """,
             list(task_ids),
@@ -182,11 +205,12 @@ class PostgresSql(Dialect):
         columns = list(zip(*(r.values() for r in rows), strict=True))
         return self.exec(
             """
-            INSERT INTO keruta_chunks (task_id, seq_first, seq_last, n, ts_first, ts_last, tally, lines, body)
+            INSERT INTO keruta_chunks (task_id, seq_first, seq_last, n, ts_first, ts_last, tally, lines, body, bytes)
             SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::integer[], $5::text[],
-                                 $6::text[], $7::text[], $8::bytea[], $9::bytea[])
+                                 $6::text[], $7::text[], $8::bytea[], $9::bytea[], $10::bigint[])
             """,
             *[list(c) for c in columns],
+            [r.bytes for r in rows],
         )
 
     def save_task(self, task_id: str, task: TaskProgress, now: str, moved: bool) -> Steps[None]:
@@ -199,6 +223,7 @@ class PostgresSql(Dialect):
                     max_seq = GREATEST(max_seq, $2),
                     durable_seq = $3,
                     total_logs = total_logs + $4,
+                    stored_bytes = stored_bytes + $14,
                     first_ts = LEAST(first_ts, $5),
                     last_ts = GREATEST(last_ts, $6),
                     updated_at = $7
@@ -223,6 +248,7 @@ class PostgresSql(Dialect):
             self.notify and moved,
             NOTIFY_CHANNEL,
             self.origin,
+            task.bytes,
         )
 
     def notice(self, task_id: str, seq: int) -> Op | None:

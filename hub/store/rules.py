@@ -53,6 +53,11 @@ class TaskProgress:
     last_ts: str | None = None
     inserted_max: int = 0
     counts: dict[tuple[str, str], int] = attrs.field(factory=lambda: defaultdict(int))
+    # The UTF-8 bytes of the messages stored before the batch, and those it adds;
+    # the cap the task's agent asked for (None: none).
+    stored_bytes: int = 0
+    bytes: int = 0
+    max_bytes: int | None = None
 
     def next_seqs(self, count: int) -> int:
         """Take the task's next `count` seqs; return the first."""

@@ -5,9 +5,12 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
+import orjson
+
+from hub.store.chunk import lines_json, message_bytes
 from hub.store.to_chunks import OLD_COLUMNS, chunks_from_rows
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 _SCHEMA_V1 = (
     """
@@ -158,7 +161,32 @@ _SCHEMA_V6 = (
     "ALTER TABLE keruta_producers ADD COLUMN summary TEXT",
     "ALTER TABLE keruta_tasks ADD COLUMN verdict TEXT",
 )
-_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4, 5: _SCHEMA_V5, 6: _SCHEMA_V6}
+
+
+def _count_chunk_bytes(conn: sqlite3.Connection) -> None:
+    cursor = conn.execute("SELECT task_id, seq_last, lines FROM keruta_chunks")
+    updates = (
+        (message_bytes(orjson.loads(lines_json(lines))["m"]), task_id, seq_last)
+        for task_id, seq_last, lines in iter(cursor.fetchone, None)
+    )
+    conn.executemany("UPDATE keruta_chunks SET bytes = ? WHERE task_id = ? AND seq_last = ?", list(updates))
+    conn.execute(
+        "UPDATE keruta_tasks SET stored_bytes ="
+        " (SELECT coalesce(sum(bytes), 0) FROM keruta_chunks c WHERE c.task_id = keruta_tasks.task_id)"
+    )
+
+
+# Caps and redaction: the UTF-8 bytes of each chunk's messages and of each
+# task's stored records (what a cap counts), the cap an agent asked for
+# (--max-bytes), and the seq of the task's cap gap record (docs/identity.md).
+_SCHEMA_V7: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
+    "ALTER TABLE keruta_chunks ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE keruta_tasks ADD COLUMN stored_bytes INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE keruta_tasks ADD COLUMN max_bytes INTEGER",
+    "ALTER TABLE keruta_tasks ADD COLUMN cap_gap_seq INTEGER",
+    _count_chunk_bytes,
+)
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4, 5: _SCHEMA_V5, 6: _SCHEMA_V6, 7: _SCHEMA_V7}
 
 
 def create_schema(conn: sqlite3.Connection) -> None:

@@ -88,12 +88,14 @@ class SQLiteSql(Dialect):
     CHUNKS_BEFORE = f"""
         SELECT {CHUNK_FULL} FROM keruta_chunks WHERE task_id = ? AND ts_first < ? ORDER BY seq_last LIMIT ?
     """
-    DELETE_CHUNK = "DELETE FROM keruta_chunks WHERE task_id = ? AND seq_last = ?"
+    DELETE_CHUNK = "DELETE FROM keruta_chunks WHERE task_id = ? AND seq_last = ? RETURNING bytes"
     REPLACE_CHUNK = """
         UPDATE keruta_chunks SET seq_first = ?2, seq_last = ?3, n = ?4, ts_first = ?5, ts_last = ?6,
-            tally = ?7, lines = ?8, body = ?9
+            tally = ?7, lines = ?8, body = ?9, bytes = ?11
         WHERE task_id = ?1 AND seq_last = ?10
     """
+    CHUNK_BYTES = "SELECT bytes FROM keruta_chunks WHERE task_id = ? AND seq_last = ?"
+    ADD_STORED_BYTES = "UPDATE keruta_tasks SET stored_bytes = max(stored_bytes + ?, 0) WHERE task_id = ?"
     SUBTRACT_COUNTS = "UPDATE keruta_counts SET n = n - ? WHERE task_id = ? AND source = ? AND level = ?"
     DROP_EMPTY_COUNTS = "DELETE FROM keruta_counts WHERE task_id = ? AND n <= 0"
     PRUNE_RANGES = """
@@ -139,6 +141,28 @@ class SQLiteSql(Dialect):
         SELECT {SECTION_ROW} FROM keruta_sections WHERE task_id = ? ORDER BY start_seq LIMIT ?
     """
     SECTIONS_DROP = "DELETE FROM keruta_sections WHERE task_id = ? AND start_seq BETWEEN ? AND ?"
+    LOCK_TASK_STATE = "SELECT state FROM keruta_tasks WHERE task_id = ?"
+    CAP_STATE = "SELECT stored_bytes, max_bytes, cap_gap_seq FROM keruta_tasks WHERE task_id = ?"
+    CHUNK_BYTES_AFTER = """
+        SELECT seq_first, seq_last, bytes FROM keruta_chunks WHERE task_id = ? AND seq_last > ?
+        ORDER BY seq_last LIMIT ?
+    """
+    RANGES_FOR_SEQS = """
+        SELECT producer, pseq_first, pseq_last, seq_first FROM keruta_producer_ranges
+        WHERE task_id = ?1 AND seq_first <= ?3 AND seq_first + (pseq_last - pseq_first) >= ?2
+    """
+    ADD_COUNTS = """
+        INSERT INTO keruta_counts (task_id, source, level, n) VALUES (?, ?, ?, ?)
+        ON CONFLICT (task_id, source, level) DO UPDATE SET n = n + excluded.n
+    """
+    AFTER_TRIM = """
+        UPDATE keruta_tasks SET total_logs = max(total_logs - ?1 + ?2, 0), cap_gap_seq = ?3, updated_at = ?4
+        WHERE task_id = ?5
+    """
+    SET_MAX_BYTES = """
+        UPDATE keruta_tasks SET max_bytes = CASE WHEN max_bytes IS NULL OR max_bytes > ?1 THEN ?1 ELSE max_bytes END
+        WHERE task_id = ?2
+    """
 
     # SQLite's host-parameter limit is 32766.
     in_chunk = 500
@@ -146,7 +170,8 @@ class SQLiteSql(Dialect):
     def lock_tasks(self, task_ids: Sequence[str]) -> Op:
         marks = ",".join("?" * len(task_ids))
         return self.fetch(
-            f"SELECT task_id, max_seq, durable_seq FROM keruta_tasks WHERE task_id IN ({marks}) ORDER BY task_id",
+            f"SELECT task_id, max_seq, durable_seq, stored_bytes, max_bytes FROM keruta_tasks"
+            f" WHERE task_id IN ({marks}) ORDER BY task_id",
             *task_ids,
         )
 
@@ -155,10 +180,10 @@ class SQLiteSql(Dialect):
         # here would be a bug, and rolls everything back.
         return self.many(
             """
-            INSERT INTO keruta_chunks (task_id, seq_first, seq_last, n, ts_first, ts_last, tally, lines, body)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+            INSERT INTO keruta_chunks (task_id, seq_first, seq_last, n, ts_first, ts_last, tally, lines, body, bytes)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
             """,
-            [r.values() for r in rows],
+            [(*r.values(), r.bytes) for r in rows],
         )
 
     def save_task(self, task_id: str, task: TaskProgress, now: str, moved: bool) -> Steps[None]:
@@ -169,6 +194,7 @@ class SQLiteSql(Dialect):
                     max_seq = max(max_seq, ?2),
                     durable_seq = ?3,
                     total_logs = total_logs + ?4,
+                    stored_bytes = stored_bytes + ?8,
                     first_ts = CASE WHEN first_ts IS NULL OR first_ts > ?5 THEN ?5 ELSE first_ts END,
                     last_ts = CASE WHEN last_ts IS NULL OR last_ts < ?6 THEN ?6 ELSE last_ts END,
                     updated_at = ?7
@@ -181,12 +207,14 @@ class SQLiteSql(Dialect):
                 task.first_ts,
                 task.last_ts,
                 now,
+                task.bytes,
             )
         else:
             yield self.exec(
                 """
-                INSERT INTO keruta_tasks (task_id, state, first_ts, last_ts, total_logs, durable_seq, updated_at, max_seq)
-                VALUES (?, 'running', ?, ?, ?, ?, ?, ?)
+                INSERT INTO keruta_tasks
+                    (task_id, state, first_ts, last_ts, total_logs, durable_seq, updated_at, max_seq, stored_bytes)
+                VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?)
                 """,
                 task_id,
                 task.first_ts,
@@ -195,6 +223,7 @@ class SQLiteSql(Dialect):
                 task.durable_seq,
                 now,
                 task.inserted_max,
+                task.bytes,
             )
         yield self.many(
             """

@@ -15,7 +15,7 @@ import orjson
 import trio
 
 from hub.answers import Verify
-from hub.store import core
+from hub.store import core, trimming
 from hub.store.base import AppendResult, Incoming, LogQuery, LogStats, Page
 from hub.store.rows import SEQ_MAX, iter_by_range
 from hub.store.rules import check_page
@@ -23,6 +23,7 @@ from hub.store.steps import Dialect, Steps
 from hub.verify import Verification
 from keruta.records import TASK_STATES, InvalidField, LogRecord, TaskInfo
 from keruta.summary import Summary
+from keruta.timefmt import now_ts
 
 T = TypeVar("T")
 
@@ -132,11 +133,13 @@ class SqlStore:
     async def stats(self, task_id: str) -> LogStats:
         return await self._read(core.stats(self._dialect, task_id))
 
-    async def delete(self, task_id: str, before: str | None) -> int:
+    async def delete(self, task_id: str, before: str | None, *, leave_gap: bool = False) -> int:
         # A transaction per chunk, so a big delete never holds the writer for long.
         total = 0
         while True:
-            deleted, more = await self._write(core.delete_chunk(self._dialect, task_id, before))
+            deleted, more = await self._write(
+                core.delete_chunk(self._dialect, task_id, before, leave_gap=leave_gap)
+            )
             total += deleted
             if not more:
                 return total
@@ -144,10 +147,21 @@ class SqlStore:
     async def delete_older_than(self, before: str) -> int:
         total = 0
         for task_id in await self._read(core.old_tasks(self._dialect, before)):
-            total += await self.delete(task_id, before)
+            total += await self.delete(task_id, before, leave_gap=True)
         await self._write(core.prune_producers(self._dialect, before))
         return total
 
+    async def cap_step(self, task_id: str, hub_cap: int | None) -> trimming.CapStep | None:
+        # Not synced: a cut lost to a power cut is made again by the next commit's check.
+        return await self._write(trimming.cap_step(self._dialect, task_id, hub_cap, now_ts()), sync=False)
+
+    async def redact_step(
+        self, task_id: str, values: Sequence[str], after: int, through: int
+    ) -> trimming.RedactStep:
+        return await self._write(trimming.redact_step(self._dialect, task_id, values, after, through))
+
+    async def set_max_bytes(self, task_id: str, max_bytes: int) -> None:
+        await self._write(trimming.set_max_bytes(self._dialect, task_id, max_bytes), sync=False)
 
 def _feed(check: Verification, rows: list[Any]) -> None:
     for row in rows:

@@ -131,10 +131,14 @@ class Dialect:
     LOCK_TASK: ClassVar[str]
     # (task_id, before, limit) -> [CHUNK_FULL] of chunks holding records older than `before`
     CHUNKS_BEFORE: ClassVar[str]
-    # (task_id, seq_last)
+    # (task_id, seq_last) -> (bytes,) of the chunk deleted
     DELETE_CHUNK: ClassVar[str]
-    # (task_id, seq_first, seq_last, n, ts_first, ts_last, tally, lines, body, old seq_last)
+    # (task_id, seq_first, seq_last, n, ts_first, ts_last, tally, lines, body, old seq_last, bytes)
     REPLACE_CHUNK: ClassVar[str]
+    # (task_id, seq_last) -> (bytes,)
+    CHUNK_BYTES: ClassVar[str]
+    # (delta, task_id): the task's stored message bytes change by delta
+    ADD_STORED_BYTES: ClassVar[str]
     # many (n, task_id, source, level)
     SUBTRACT_COUNTS: ClassVar[str]
     # (task_id)
@@ -161,6 +165,22 @@ class Dialect:
     SECTIONS: ClassVar[str]
     # (task_id, lowest start_seq, highest start_seq): the sections whose start went
     SECTIONS_DROP: ClassVar[str]
+    # (task_id) -> (state,), the row locked
+    LOCK_TASK_STATE: ClassVar[str]
+    # -- caps and redaction (hub/store/trimming.py)
+    # (task_id) -> (stored_bytes, max_bytes, cap_gap_seq), the row locked
+    CAP_STATE: ClassVar[str]
+    # (task_id, after seq, limit) -> [(seq_first, seq_last, bytes)] by seq
+    CHUNK_BYTES_AFTER: ClassVar[str]
+    # (task_id, lowest seq, highest seq) -> [(producer, pseq_first, pseq_last, seq_first)]
+    #   of the producer ranges holding any of those task seqs
+    RANGES_FOR_SEQS: ClassVar[str]
+    # many (task_id, source, level, n)
+    ADD_COUNTS: ClassVar[str]
+    # (records removed, records added, cap_gap_seq, now, task_id)
+    AFTER_TRIM: ClassVar[str]
+    # (max_bytes, task_id): the cap an agent asked for, where lower than one it asked before
+    SET_MAX_BYTES: ClassVar[str]
 
     # Most task ids one LOCK_TASKS statement takes.
     in_chunk: ClassVar[int] = 500
@@ -186,7 +206,7 @@ class Dialect:
     # -- the steps whose shape differs ------------------------------------------
 
     def lock_tasks(self, task_ids: Sequence[str]) -> Op:
-        """-> [(task_id, max_seq, durable_seq)] of those that exist, locked, in task_id order."""
+        """-> [(task_id, max_seq, durable_seq, stored_bytes, max_bytes)] of those that exist, locked, in task_id order."""
         raise NotImplementedError
 
     def create_tasks(self, task_ids: list[str], now: str) -> Op | None:

@@ -294,7 +294,9 @@ class Connection:
         if not self.role.can_write:
             raise FrameError("FORBIDDEN", "the viewer token may not write")
         if isinstance(frame, StatusFrame):
-            status = StatusChange(frame.task_id, frame.state, frame.exit_code, frame.producer, frame.summary)
+            status = StatusChange(
+                frame.task_id, frame.state, frame.exit_code, frame.producer, frame.summary, frame.max_bytes
+            )
             return await self._submit(WriteRequest(self._on_written, status=status))
         if isinstance(frame, RowsFrame):
             items = frame.items
