@@ -263,14 +263,14 @@ async def test_a_database_from_before_caps_counts_its_bytes_when_migrated(tmp_pa
     await store.open()
     await store.append(sent("a", 1, 300))
     await store.close()
-    # Back to schema 4: no byte counts, no caps.
+    # Back to schema 6, the one before caps: no byte counts, no caps.
     conn = sqlite3.connect(path)
     for statement in (
         "ALTER TABLE keruta_chunks DROP COLUMN bytes",
         "ALTER TABLE keruta_tasks DROP COLUMN stored_bytes",
         "ALTER TABLE keruta_tasks DROP COLUMN max_bytes",
         "ALTER TABLE keruta_tasks DROP COLUMN cap_gap_seq",
-        "PRAGMA user_version = 4",
+        "PRAGMA user_version = 6",
     ):
         conn.execute(statement)
     conn.commit()
