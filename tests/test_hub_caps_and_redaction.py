@@ -223,6 +223,6 @@ async def test_an_agent_run_with_max_bytes_keeps_its_head_and_tail(hub_factory: 
     )
     printed = done.stdout.decode().splitlines()
     head = [r for r in records if r["seq"] < gaps[0]["seq"]]
-    assert printed[len(head)] == gaps[0]["message"]
-    assert printed[len(head)].endswith("not kept: task over its 32 KB cap")
+    assert printed[len(head)] == f"--- {gaps[0]['message']} ---"
+    assert printed[len(head)].endswith("not kept: task over its 32 KB cap ---")
     assert printed[0] == lines[0] and printed[-1] == lines[-1] and len(printed) == len(records)
