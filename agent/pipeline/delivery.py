@@ -75,6 +75,7 @@ class Delivery:
                 flush_interval=s.flush_interval,
                 max_in_flight_bytes=s.max_in_flight_bytes,
                 limits=s.limits,
+                max_bytes=s.max_bytes,
             ),
             say=self.say,
             backoff=module.RECONNECT.capped_at(s.reconnect_max),
