@@ -134,16 +134,21 @@ class Verification:
         self, seq: int, source: str, kind: str | None, partial: bool, line_number: int | None,
         message: str, metadata: dict[str, Any] | None,
     ) -> None:
+        # A record with accounts is the hub's whatever seq it sits at: a cap's
+        # gap takes the seq of the first record it replaced, which the
+        # producer's range still maps to that producer.
+        meta = metadata or {}
+        if kind == "gap" and isinstance(meta.get("gap"), dict) and "accounts" in meta["gap"]:
+            self._account(meta["gap"], gap=True)
+            return
+        if kind == "redaction":
+            self._account(meta.get("redaction"), gap=False)
+            return
         owner = self._owner(seq)
         run = self.producers.get(owner[0]) if owner is not None else None
         if owner is not None and run is not None and run.summary is not None:
             run.stored.add(owner[1], source, kind, partial, line_number or 0, message)
             run.see(owner[1])
-            return
-        if kind == "gap":
-            self._account((metadata or {}).get("gap"), gap=True)
-        elif kind == "redaction":
-            self._account((metadata or {}).get("redaction"), gap=False)
 
     def add_chunk(self, row: Sequence[Any]) -> None:
         """A stored chunk (seq_first, ..., lines, body), decoded here."""

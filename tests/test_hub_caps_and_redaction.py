@@ -226,3 +226,14 @@ async def test_an_agent_run_with_max_bytes_keeps_its_head_and_tail(hub_factory: 
     assert printed[len(head)] == f"--- {gaps[0]['message']} ---"
     assert printed[len(head)].endswith("not kept: task over its 32 KB cap ---")
     assert printed[0] == lines[0] and printed[-1] == lines[-1] and len(printed) == len(records)
+    # An honest gap keeps the log verifiable: what the cap dropped is in the
+    # gap's accounts, so the run's summary still checks out (Guarantee 7).
+    async with hub.http() as client:
+        answer = (await client.get("/api/v1/tasks/agent-capped/verify")).json()
+    assert answer["verdict"] == "complete", answer
+    # And so does a redaction: its record accounts for the leaves it changed.
+    async with hub.http() as client:
+        redacted = await client.post("/api/v1/tasks/agent-capped/redact", json={"values": ["output line 03000"]})
+        assert redacted.status_code == 200 and redacted.json()["redactedRecords"] == 1, redacted.text
+        answer = (await client.get("/api/v1/tasks/agent-capped/verify")).json()
+    assert answer["verdict"] == "complete", answer
