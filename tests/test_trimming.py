@@ -360,3 +360,20 @@ async def test_gaps_from_caps_and_retention_still_add_up_to_what_was_sent(store)
     assert stored_count + gap_count == 4000
     assert digest.add(stored_sum, gap_sum) == everything_sent
     assert {r.metadata["gap"]["reason"] for r in records if r.kind == "gap"} <= {"cap", "retention"}
+
+
+async def test_a_section_whose_start_a_cap_cut_out_is_no_longer_listed(store):
+    def marker(p: int, kind: str, name: str) -> object:
+        section = {"style": "github", "name": name, "title": name, "collapsed": True, "depth": 0}
+        text = f"::group::{name}" if kind == "section_start" else "::endgroup::"
+        return rec(p, text, producer="a", at=p, kind=kind, metadata={"section": section})
+
+    body = sent("a", 1, 600)
+    # Three sections: one in the head, one in the middle a cap cuts, one in the tail.
+    for first, name in ((10, "head"), (300, "middle"), (590, "tail")):
+        body[first - 1] = marker(first, "section_start", name)
+        body[first + 4] = marker(first + 5, "section_end", name)
+    await store.append(body)
+    assert [s["name"] for s in await store.sections("t1")] == ["head", "middle", "tail"]
+    await cap_all(store, "t1", 20_000)
+    assert [s["name"] for s in await store.sections("t1")] == ["head", "tail"]

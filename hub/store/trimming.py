@@ -120,6 +120,10 @@ def _producer_seqs(d: Dialect, task_id: str, records: Sequence[LogRecord]) -> St
 def _after_drop(d: Dialect, task_id: str, dropped: Sequence[LogRecord], gap_added: bool, bytes_delta: int) -> Steps[None]:
     gone = Counter((r.source, r.level) for r in dropped)
     yield d.many(d.SUBTRACT_COUNTS, [(k, task_id, s, lv) for (s, lv), k in gone.items()])
+    # A section whose start went is gone from /sections too (hub/store/sections.py).
+    starts = [(task_id, r.seq, r.seq) for r in dropped if r.kind == "section_start"]
+    if starts:
+        yield d.many(d.SECTIONS_DROP, starts)
     if gap_added:
         yield d.many(d.ADD_COUNTS, [(task_id, "agent", "WARN", 1)])
     yield d.exec(d.DROP_EMPTY_COUNTS, task_id)
