@@ -395,6 +395,28 @@ class Bench(StoreScenarios):
         rates = [median([r.get("rate") for r in runs]) for runs in (plain, marked)]
         if all(rates):
             self.add("sections: end-to-end rate, marked / plain", round(rates[1] / rates[0], 3), "x", params)
+        # Verification is always on: what it adds is the agent's digest of each
+        # line it sends (keruta/digest.py), measured here on the same lines, as
+        # a share of the whole way's CPU per line above. The hub's check runs
+        # only when asked (GET .../verify), off the streaming path.
+        digest_us = self.digest_us_per_line()
+        self.add("verification: the agent's digest, CPU per line", round(digest_us, 3), "µs/line", {})
+        share = None if not base else round(digest_us / base * 100, 1)
+        self.add("verification: share of end-to-end CPU per line", share, "%", params, key="features.verify_cost")
+
+    @staticmethod
+    def digest_us_per_line() -> float:
+        sys.path.insert(0, str(HERE.parent))
+        from keruta import digest
+
+        lines = [b"%09d " % i + b"x" * 69 for i in range(2000)]
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for k in range(10):
+                digest.block_sum(1 + 2000 * k, "stdout", 1 + 2000 * k, lines)
+            best = min(best, (time.perf_counter() - t0) / 20_000 * 1e6)
+        return best
 
     def run(self) -> int:
         load = os.getloadavg()

@@ -126,6 +126,7 @@ def targets() -> list[Target]:
         Target("fan-out, 10 viewers, keruta / websocketd", "fanout.ratio.10", ">=", 1.0, "x"),
         Target("fan-out, 100 viewers, keruta / websocketd", "fanout.ratio.100", ">=", 1.5, "x"),
         Target("sections: end-to-end CPU cost (a group every 1,000 lines)", "features.sections_cost", "<=", 5.0, "%"),
+        Target("verification: the agent's digest, share of end-to-end CPU", "features.verify_cost", "<=", 5.0, "%"),
     ]
     return t
 

@@ -105,8 +105,8 @@ def test_every_issue_17_target_has_one_row() -> None:
     keys = [t.key for t in targets.targets()]
     assert len(keys) == len(set(keys))
     # 5 append/e2e, 2 disk, 2 latency, 2 sizes x 2 stores x (5 queries + raw), 2 CI, 2 fan-out,
-    # and the sections' cost
-    assert len(keys) == 5 + 2 + 2 + 24 + 2 + 2 + 1
+    # and what sections and verification cost
+    assert len(keys) == 5 + 2 + 2 + 24 + 2 + 2 + 2
     table = targets.targets_table([])
     assert table.count("| not measured |") == len(keys)
 
@@ -172,8 +172,8 @@ def test_every_target_reads_a_figure_the_bench_makes() -> None:
     made |= {f"e2e.{s}" for s, _ in targets.STORES} | {f"e2e.ratio.{s}" for s, _ in targets.STORES}
     made |= {"lat.keruta.p50", "lat.keruta.p99", "fanout.ratio.10", "fanout.ratio.100"}
     # the features scenario's
-    assert 'key="features.sections_cost"' in run_py
-    made |= {"features.sections_cost"}
+    assert 'key="features.sections_cost"' in run_py and 'key="features.verify_cost"' in run_py
+    made |= {"features.sections_cost", "features.verify_cost"}
     assert {t.key for t in targets.targets()} <= made
     assert {t.alt for t in targets.targets() if t.alt} <= made
 
