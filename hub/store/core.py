@@ -424,9 +424,7 @@ def delete_chunk(
     """
     if leave_gap and before is not None:
         locked = yield d.row(d.LOCK_TASK_STATE, task_id)
-        # Running: an agent said so. A task that never had a status (REST lines
-        # only) has no run to be in the middle of.
-        running = bool(locked) and locked[0] == "running"
+        running = bool(locked) and locked[0] in ("pending", "running")
     else:
         locked = yield d.row(d.LOCK_TASK, task_id)
         running = False
