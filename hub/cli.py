@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "TOO_MANY_SUBSCRIPTIONS (default 100)")
     p.add_argument("--max-page-size", type=_number(int, 1, high=MAX_PAGE_SIZE), default=1000,
                    help=f"largest `size` GET /logs accepts (default 1000, at most {MAX_PAGE_SIZE})")
+    p.add_argument("--ingest-queue-bytes", type=_number(int, 1), default=32 * 1024 * 1024,
+                   help="bytes of WebSocket write frames the hub holds, read and not yet stored, across "
+                        "all connections; past it the hub stops reading its sockets (default 32 MiB)")
     p.add_argument("--write-batch-size", type=_number(int, 1), default=2000,
                    help="most records committed in one transaction (default 2000)")
     p.add_argument("--write-flush-interval", type=_number(float, 0), default=0.0,
@@ -151,7 +154,8 @@ def config_from_args(args: argparse.Namespace) -> HubConfig:
         retention_days=args.retention_days, retention_interval=args.retention_interval,
         rate_limit=args.rate_limit, rate_burst=args.rate_burst,
         subscriber_queue=args.subscriber_queue, max_page_size=args.max_page_size,
-        subscriber_queue_bytes=args.subscriber_queue_bytes, max_subscriptions=args.max_subscriptions,
+        subscriber_queue_bytes=args.subscriber_queue_bytes,
+        ingest_queue_bytes=args.ingest_queue_bytes, max_subscriptions=args.max_subscriptions,
         write_batch_size=args.write_batch_size, write_flush_interval=args.write_flush_interval,
         post_timeout=args.post_timeout, body_timeout=args.body_timeout, store_retry_max=args.store_retry_max,
         db_timeout=args.db_timeout, db_ping_interval=args.db_ping_interval,

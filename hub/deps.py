@@ -12,6 +12,7 @@ from hub.actors.writer import WriteRequest
 from hub.config import HubConfig
 from hub.metrics import Metrics
 from hub.store.base import Store
+from hub.ws.queues import IngestBudget
 from keruta.ratelimit import RateLimiter
 
 
@@ -28,3 +29,5 @@ class ConnectionDeps:
     limiter: Callable[[str], RateLimiter]
     # Set once when the hub starts its graceful shutdown.
     shutting_down: trio.Event
+    # The bytes of write frames all connections hold until answered.
+    ingest_budget: IngestBudget = attrs.field(factory=lambda: IngestBudget(32 * 1024 * 1024))

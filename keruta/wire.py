@@ -54,7 +54,7 @@ def camel(name: str) -> str:
 
 # Optional fields left out of the JSON while they hold their default (a task
 # always names them all).
-_OMIT_IF_DEFAULT = {"partial", "id", "exit_code", "from_seq", "source", "level", "resume_from", "producer", "kind"}
+_OMIT_IF_DEFAULT = {"partial", "id", "exit_code", "from_seq", "source", "level", "resume_from", "producer", "kind", "backlog"}
 
 
 def omitted_if_default(cls: type, name: str) -> bool:
