@@ -42,8 +42,11 @@ class HubConfig:
     # ... and, when it is above zero, waits this long for more before a commit
     # (the seed's flushInterval). Zero commits as soon as the writer is idle.
     write_flush_interval: float = 0.0
-    # Frames waiting for the writer across all connections; a full inbox slows senders.
-    writer_inbox: int = 64
+    # Requests waiting for the writer across all connections; a full inbox slows
+    # senders. WebSocket writes are bounded in bytes by `ingest_queue_bytes`, a
+    # POST's body is held whether it waits here or before: enough slots that a
+    # fleet's one-record frames go in without waiting.
+    writer_inbox: int = 1024
     # Bytes of WebSocket write frames the hub holds, read and not yet answered,
     # across all connections (hub/ws/queues.py IngestBudget); past it the hub
     # stops reading its sockets.
