@@ -14,7 +14,8 @@ producer id and task (--tasks: fewer tasks are shared round-robin).
   second (evenly spaced, random phase), whatever is in flight.
 --mode agent: lines arrive --rate times a second per producer and go as
   keruta-agent sends them: agent/link/batcher.py's Batcher with the agent's
-  settings (eager_frames=2, flush_interval 0.2 s, 500 records a frame).
+  settings (eager_frames=2, flush_interval 0.2 s, 500 records a frame), told
+  by each ack whether the hub is behind (its `backlog`).
 
 Reports frames/s offered and taken (acknowledged), ack latency p50/p99 (a
 line's send -> the first ack covering its producer seq), lines lost or
@@ -209,6 +210,8 @@ class Producer:
             seq = int(m.get("seq", 0))
             if "backlog" in m:
                 self.backlogs.append(int(m["backlog"]))
+            if self.batcher is not None:
+                self.batcher.hub_says(behind="backlog" in m)
             if seq <= self.acked:
                 return
             now = time.perf_counter()

@@ -109,7 +109,7 @@ async def _serve_with(store: Store, config: HubConfig, task_status: trio.TaskSta
     deps = ConnectionDeps(
         config=config, store=store, writer_inbox=inbox_send, broadcaster=broadcaster, metrics=metrics,
         limiter=Limiters(config.rate_limit, config.rate_burst).limiter, shutting_down=shutting_down,
-        ingest_budget=IngestBudget(config.ingest_queue_bytes),
+        ingest_budget=IngestBudget(config.ingest_queue_bytes, metrics),
     )
     writer = Writer(
         store, broadcaster, metrics,

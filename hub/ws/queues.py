@@ -210,10 +210,11 @@ class IngestBudget:
     woken once; one frame larger than the whole budget goes alone.
     """
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, metrics: Metrics | None = None) -> None:
         self.max_bytes = max_bytes
         self.used = 0
         self.peak = 0
+        self._metrics = metrics
         self._waiters: collections.deque[tuple[int, trio.Event]] = collections.deque()
 
     def _fits(self, size: int) -> bool:
@@ -222,6 +223,12 @@ class IngestBudget:
     def _take(self, size: int) -> None:
         self.used += size
         self.peak = max(self.peak, self.used)
+        self._count()
+
+    def _count(self) -> None:
+        if self._metrics is not None:
+            self._metrics.ingest_queue_bytes = self.used
+            self._metrics.ingest_queue_bytes_peak = self.peak
 
     def try_take(self, size: int) -> bool:
         if self._waiters or not self._fits(size):
@@ -248,6 +255,7 @@ class IngestBudget:
 
     def release(self, size: int) -> None:
         self.used -= size
+        self._count()
         self._wake()
 
     def _wake(self) -> None:
