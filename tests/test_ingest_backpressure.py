@@ -13,11 +13,11 @@ from contextlib import asynccontextmanager
 import trio
 from trio_websocket import open_websocket_url
 
+from keruta.frames import LogsFrame
+from keruta.wire import encode_bytes
 from tests import hubclient
 from tests.hubclient import Ws, make_record, parse_metrics, stored
 from tests.inprocess import InProcessHub, InProcessHubFactory
-from keruta.frames import LogsFrame
-from keruta.wire import encode_bytes
 
 hub_factory = hubclient.hub_factory  # fixture
 
