@@ -50,7 +50,7 @@ class HubConfig:
     # Bytes of WebSocket write frames the hub holds, read and not yet answered,
     # across all connections (hub/ws/queues.py IngestBudget); past it the hub
     # stops reading its sockets.
-    ingest_queue_bytes: int = 32 * 1024 * 1024
+    ingest_queue_bytes: int = 8 * 1024 * 1024
     # Hypercorn pings each WebSocket this often, so a vanished peer is noticed on
     # the write; a closed socket's ping task lingers this long, which bounds how
     # long a shutdown waits for it.

@@ -30,4 +30,4 @@ class ConnectionDeps:
     # Set once when the hub starts its graceful shutdown.
     shutting_down: trio.Event
     # The bytes of write frames all connections hold until answered.
-    ingest_budget: IngestBudget = attrs.field(factory=lambda: IngestBudget(32 * 1024 * 1024))
+    ingest_budget: IngestBudget = attrs.field(factory=lambda: IngestBudget(8 * 1024 * 1024))
