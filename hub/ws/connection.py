@@ -118,6 +118,9 @@ class Connection:
         self._nursery: trio.Nursery | None = None
         self._writes = WriteQueue(INGEST_FRAMES, hub.config.limits.max_frame_bytes)
         self._ingest_scope = trio.CancelScope()
+        # Started with the first write that has to wait: a viewer, or a
+        # producer whose writes always go at once, costs no task for it.
+        self._ingest_started = False
         self.budget = hub.ingest_budget
         # The budget held by each write handed to the writer, in the order it
         # answers them (a connection's writes are answered in the order sent).
@@ -135,7 +138,6 @@ class Connection:
                 self._nursery = nursery
                 nursery.start_soon(self._send_loop)
                 nursery.start_soon(self._watch_shutdown)
-                nursery.start_soon(self._ingest_loop)
                 with self._read_scope:
                     await self._read_loop()
                 # Writes not yet handed to the writer are dropped unacknowledged
@@ -311,6 +313,10 @@ class Connection:
                 await self.budget.take(size)
                 if self._writes.empty and self._write_now(frame, size):
                     continue
+                if not self._ingest_started:
+                    self._ingest_started = True
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._ingest_loop)
                 try:
                     await self._writes.put(frame, size)
                 except BaseException:
