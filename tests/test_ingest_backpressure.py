@@ -11,8 +11,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import trio
+import trio.testing
 from trio_websocket import open_websocket_url
 
+from hub.messages import WriteOutcome, WriteRequest, Written, answer
+from hub.ws.queues import IngestBudget
 from keruta.frames import LogsFrame
 from keruta.wire import encode_bytes
 from tests import hubclient
@@ -143,3 +146,90 @@ async def test_acks_wait_for_the_commit_then_one_ack_covers_every_frame_it_commi
             )
         await nothing_for(fleet, 0.5)
     assert [r["message"] for r in await stored(hub, "fleet")] == [f"pb line {s}" for s in range(1, 11)]
+
+
+# --- the parts, by plain calls ------------------------------------------------
+
+
+async def test_the_ingest_budget_lets_waiters_in_in_order_as_room_comes_back() -> None:
+    budget = IngestBudget(100)
+    await budget.take(100)
+    let_in: list[str] = []
+
+    async def waiter(name: str, size: int) -> None:
+        await budget.take(size)
+        let_in.append(name)
+
+    async with trio.open_nursery() as nursery:
+        for name, size in (("a", 50), ("b", 60), ("c", 10)):
+            nursery.start_soon(waiter, name, size)
+            await trio.testing.wait_all_tasks_blocked()
+        assert not budget.try_take(1), "a new frame does not pass the waiting ones"
+        budget.release(100)
+        await trio.testing.wait_all_tasks_blocked()
+        assert (let_in, budget.used) == (["a"], 50), "b does not fit yet, and c does not pass it"
+        budget.release(50)
+    assert sorted(let_in[1:]) == ["b", "c"] and budget.used == 70 and budget.peak == 100
+
+
+async def test_a_frame_larger_than_the_budget_goes_alone() -> None:
+    budget = IngestBudget(100)
+    await budget.take(10)
+    with trio.move_on_after(0.1):
+        await budget.take(500)
+        raise AssertionError("taken past the bound")
+    budget.release(10)
+    assert budget.used == 0
+    await budget.take(500)
+    assert budget.used == 500
+
+
+async def test_a_cancelled_waiter_takes_nothing_and_lets_the_next_one_in() -> None:
+    budget = IngestBudget(100)
+    await budget.take(100)
+    async with trio.open_nursery() as nursery:
+        got: list[int] = []
+
+        async def waiter(size: int) -> None:
+            await budget.take(size)
+            got.append(size)
+
+        scope = trio.CancelScope()
+
+        async def cancellable() -> None:
+            with scope:
+                await budget.take(90)
+                got.append(90)
+
+        nursery.start_soon(cancellable)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(waiter, 10)
+        await trio.testing.wait_all_tasks_blocked()
+        scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == [] and budget.used == 100, "no room yet: the next waiter still waits"
+        budget.release(100)
+    assert got == [10] and budget.used == 10, "the cancelled waiter holds nothing"
+
+
+def test_answers_go_to_each_connection_as_one_message_in_commit_order() -> None:
+    class Box:
+        def __init__(self) -> None:
+            self.messages: list[Written] = []
+
+        def deliver(self, message: Written) -> None:
+            self.messages.append(message)
+
+    a, b = Box(), Box()
+    posted: list[WriteOutcome] = []
+    outcomes = [WriteOutcome(producers={("t", str(i)): i}) for i in range(5)]
+    answer([
+        (WriteRequest(reply_to=a), outcomes[0]),
+        (WriteRequest(reply_to=b), outcomes[1]),
+        (WriteRequest(done=posted.append), outcomes[2]),
+        (WriteRequest(reply_to=a), outcomes[3]),
+        (WriteRequest(reply_to=a), outcomes[4]),
+    ])
+    assert [m.outcomes for m in a.messages] == [[outcomes[0], outcomes[3], outcomes[4]]]
+    assert [m.outcomes for m in b.messages] == [[outcomes[1]]]
+    assert posted == [outcomes[2]]
