@@ -60,9 +60,14 @@ def producer_name(run: str, i: int) -> str:
     return f"p-{run}-{i:05d}"
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of the process, its threads included."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(cpu_times(pid))
 
 
 def status_kib(pid: int, key: str) -> int:
@@ -458,16 +463,19 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
         if a.pyspy:
             spy = subprocess.Popen(
                 [str(Path(sys.executable).parent / "py-spy"), "record", "-o", a.pyspy, "--pid", str(pid),
-                 "-r", "100", "-f", a.pyspy_format], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 "-r", "100", "-f", a.pyspy_format, *(["--gil"] if a.pyspy_gil else [])],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
         start = time.time() + 0.5
         write_json(str(go), {"start": start})
         time.sleep(max(0.0, start - time.time()))
-        cpu0 = cpu_seconds(pid)
+        user0, sys0 = cpu_times(pid)
+        cpu0 = user0 + sys0
         began = time.monotonic()
         for p in gens:
             p.wait(a.seconds + a.drain + 120)
-        cpu1 = cpu_seconds(pid)
+        user1, sys1 = cpu_times(pid)
+        cpu1 = user1 + sys1
         wall = time.monotonic() - began
         sampling.set()
         if spy is not None:
@@ -500,6 +508,7 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
             "ack_p99_ms": None if not lat else round(1000 * (percentile(lat, 0.99) or 0), 1),
             "ack_max_ms": None if not lat else round(1000 * max(lat), 1),
             "hub_cpu_s": round(cpu1 - cpu0, 2),
+            "hub_cpu_system_share": round((sys1 - sys0) / (cpu1 - cpu0), 2) if cpu1 > cpu0 else None,
             "hub_cpu_us_per_frame": round((cpu1 - cpu0) / frames * 1e6, 1) if frames else None,
             "hub_cpu_us_per_line": round((cpu1 - cpu0) / lines * 1e6, 1) if lines else None,
             "hub_rss_start_mb": round(rss_start / 1024, 1),
@@ -545,6 +554,7 @@ def main() -> None:
     ap.add_argument("--hub-arg", action="append", default=[], help="an extra hub argument (repeatable)")
     ap.add_argument("--pyspy", help="record a py-spy profile of the hub to this file")
     ap.add_argument("--pyspy-format", default="flamegraph")
+    ap.add_argument("--pyspy-gil", action="store_true", help="sample only the thread holding the GIL")
     ap.add_argument("--out", help="also write the JSON result here")
     # internal (gen / view processes)
     ap.add_argument("--url")
