@@ -26,7 +26,7 @@ hub_factory = hubclient.hub_factory  # fixture
 
 BOUND = 64 * 1024
 CONNECTIONS = 200
-FRAMES = 20
+FRAMES = 10
 TASKS = 10
 
 
