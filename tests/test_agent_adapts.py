@@ -10,8 +10,11 @@ import trio.testing
 
 from agent.link.framing import fill_gaps
 from agent.link.protocol import ReadRecords, SendFrame, UplinkProtocol
+from hub.messages import WriteOutcome
+from hub.ws.acks import BEHIND_BYTES, Replies
 from keruta.frames import AckFrame
 from keruta.recordjson import encode_line
+from keruta.wire import decode_hub_frame
 
 TS = "2026-01-01T00:00:00.000000Z"
 PRODUCER = "0b5f6a9e-0000-4000-8000-000000000002"
@@ -80,3 +83,15 @@ async def test_without_the_hub_saying_it_is_behind_a_slow_hub_gets_the_usual_bat
     assert acked == 200
     behind, _ = await run_producer(lines_per_second=20, seconds=10, round_trip=0.3, backlog=4 << 20)
     assert behind < frames, (behind, frames)
+
+
+def test_an_ack_says_the_hub_is_behind_only_past_its_threshold() -> None:
+
+    replies = Replies()
+    replies.on_written(WriteOutcome(producers={("t", PRODUCER): 3}))
+    keeping_up = replies.next_frame(backlog=BEHIND_BYTES - 1)
+    assert keeping_up is not None and "backlog" not in keeping_up, "acks stay as they were while the hub keeps up"
+    replies.on_written(WriteOutcome(producers={("t", PRODUCER): 4}))
+    behind = replies.next_frame(backlog=BEHIND_BYTES)
+    assert behind is not None
+    assert decode_hub_frame(behind) == AckFrame("t", 4, PRODUCER, BEHIND_BYTES)
