@@ -46,6 +46,7 @@ from stores import StoreScenarios  # noqa: E402
 from targets import ci_figures, targets_table  # noqa: E402
 from tools import (  # noqa: E402
     CI_STEP,
+    FLEET,
     INGEST,
     PRODUCER,
     PY,
@@ -186,6 +187,37 @@ class Bench(StoreScenarios):
             dict(params, **delivery(res)),
             missing=res.get("error"),
         )
+
+    def scenario_fleet(self) -> None:
+        """bench/fleet.py: many producer connections, each a one-record frame
+        5 times a second (or 20 lines a second shaped as the agent sends
+        them), 50 viewers on 10 of the tasks; then 5,000 idle connections."""
+        seconds = self.size("fleet_seconds")
+        runs = [
+            ("flat", 200, 5.0, 50), ("flat", 1000, 5.0, 50), ("agent", 1000, 20.0, 50), ("idle", 5000, 0.0, 0),
+        ]
+        for mode, producers, rate, viewers in runs:
+            out = Path(self.tmp("fleet")) / "fleet.json"
+            cmd = [PY, FLEET, "--producers", str(producers), "--rate", str(rate), "--viewers", str(viewers),
+                   "--seconds", str(seconds if rate else 5), "--mode", "agent" if mode == "agent" else "flat",
+                   "--out", str(out)]
+            label = f"fleet {producers} {'idle' if mode == 'idle' else mode} producers"
+            params: dict[str, Any] = {"producers": producers, "rate": rate, "mode": mode, "viewers": viewers,
+                                      "seconds": seconds}
+            try:
+                subprocess.run(cmd, check=True, timeout=seconds + 600, stdout=subprocess.DEVNULL)
+                r = json.loads(out.read_text())
+            except Exception as e:  # noqa: BLE001 - a figure goes missing, the run goes on
+                self.add(label, None, "", params, missing=describe(e))
+                continue
+            params.update({k: r[k] for k in ("frames_offered_per_s", "lines_taken_per_s", "store_missing",
+                                             "store_extra", "viewer_lost", "viewer_doubled", "load")})
+            self.add(f"{label}: hub RSS peak", r["hub_rss_peak_mb"], "MB", params, key=f"fleet.{mode}{producers}.rss")
+            if rate:
+                self.add(f"{label}: ack p50", r["ack_p50_ms"], "ms", params, key=f"fleet.{mode}{producers}.p50")
+                self.add(f"{label}: ack p99", r["ack_p99_ms"], "ms", params, key=f"fleet.{mode}{producers}.p99")
+                self.add(f"{label}: hub CPU per frame", r["hub_cpu_us_per_frame"], "µs", params,
+                         key=f"fleet.{mode}{producers}.cpu")
 
     def agent_hub_down(self, n: int) -> float:
         d = self.tmp("agent-mem")

@@ -22,6 +22,7 @@ PY = sys.executable
 PRODUCER = str(HERE / "producer.py")
 VIEWER = str(HERE / "viewer.py")
 INGEST = str(HERE / "ingest.py")
+FLEET = str(HERE / "fleet.py")
 STORE_BENCH = str(HERE / "store_bench.py")
 STORE_QUERY = str(HERE / "store_query.py")
 CI_STEP = HERE / "ci_step.py"  # written separately; the "ci" scenario runs it when present
@@ -39,8 +40,10 @@ SIZES = {
     "query_rows": (1_000_000, 1_000_000),
     "big_rows": (0, 10_000_000),
     "ci_lines": (1_000_000, 1_000_000),  # passed to ci_step.py when it takes --lines
+    # the fleet scenario: seconds of load per run
+    "fleet_seconds": (10, 20),
 }
-SCENARIOS = ["e2e", "fanout", "latency", "memory", "ingest", "store", "ci", "features"]
+SCENARIOS = ["e2e", "fanout", "latency", "memory", "ingest", "store", "ci", "features", "fleet"]
 
 
 class Missing(Exception):

@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "TOO_MANY_SUBSCRIPTIONS (default 100)")
     p.add_argument("--max-page-size", type=number(int, 1, high=MAX_PAGE_SIZE), default=1000,
                    help=f"largest `size` GET /logs accepts (default 1000, at most {MAX_PAGE_SIZE})")
+    p.add_argument("--ingest-queue-bytes", type=number(int, 1), default=8 * 1024 * 1024,
+                   help="bytes of WebSocket write frames the hub holds, read and not yet stored, across "
+                        "all connections; past it the hub stops reading its sockets (default 8 MiB)")
     p.add_argument("--write-batch-size", type=number(int, 1), default=2000,
                    help="most records committed in one transaction (default 2000)")
     p.add_argument("--write-flush-interval", type=number(float, 0), default=0.0,
@@ -134,7 +137,8 @@ def config_from_args(args: argparse.Namespace) -> HubConfig:
         max_task_bytes=args.max_task_bytes,
         rate_limit=args.rate_limit, rate_burst=args.rate_burst,
         subscriber_queue=args.subscriber_queue, max_page_size=args.max_page_size,
-        subscriber_queue_bytes=args.subscriber_queue_bytes, max_subscriptions=args.max_subscriptions,
+        subscriber_queue_bytes=args.subscriber_queue_bytes,
+        ingest_queue_bytes=args.ingest_queue_bytes, max_subscriptions=args.max_subscriptions,
         write_batch_size=args.write_batch_size, write_flush_interval=args.write_flush_interval,
         post_timeout=args.post_timeout, body_timeout=args.body_timeout, store_retry_max=args.store_retry_max,
         db_timeout=args.db_timeout, db_ping_interval=args.db_ping_interval,

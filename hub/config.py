@@ -45,8 +45,15 @@ class HubConfig:
     # ... and, when it is above zero, waits this long for more before a commit
     # (the seed's flushInterval). Zero commits as soon as the writer is idle.
     write_flush_interval: float = 0.0
-    # Frames waiting for the writer across all connections; a full inbox slows senders.
-    writer_inbox: int = 64
+    # Requests waiting for the writer across all connections; a full inbox slows
+    # senders. WebSocket writes are bounded in bytes by `ingest_queue_bytes`, a
+    # POST's body is held whether it waits here or before: enough slots that a
+    # fleet's one-record frames go in without waiting.
+    writer_inbox: int = 1024
+    # Bytes of WebSocket write frames the hub holds, read and not yet answered,
+    # across all connections (hub/ws/queues.py IngestBudget); past it the hub
+    # stops reading its sockets.
+    ingest_queue_bytes: int = 8 * 1024 * 1024
     # Hypercorn pings each WebSocket this often, so a vanished peer is noticed on
     # the write; a closed socket's ping task lingers this long, which bounds how
     # long a shutdown waits for it.

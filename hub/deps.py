@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
 
-from hub.actors.broadcaster import Broadcaster
-from hub.actors.writer import WriteRequest
 from hub.config import HubConfig
+from hub.messages import WriteRequest
 from hub.metrics import Metrics
 from hub.store.base import Store
+from hub.ws.queues import IngestBudget
 from keruta.ratelimit import RateLimiter
+
+if TYPE_CHECKING:
+    # Only named: a connection (hub/ws) reaches the broadcaster through these
+    # deps without importing hub/actors, which imports hub/ws.
+    from hub.actors.broadcaster import Broadcaster
 
 
 @attrs.frozen(eq=False)
@@ -28,3 +34,5 @@ class ConnectionDeps:
     limiter: Callable[[str], RateLimiter]
     # Set once when the hub starts its graceful shutdown.
     shutting_down: trio.Event
+    # The bytes of write frames all connections hold until answered.
+    ingest_budget: IngestBudget = attrs.field(factory=lambda: IngestBudget(8 * 1024 * 1024))

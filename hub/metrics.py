@@ -33,6 +33,10 @@ _SCALARS = (
     ("slow_consumers", "keruta_slow_consumers", "counter", "Subscribers cut off as SLOW_CONSUMER"),
     ("subscriber_queue_bytes_peak", "keruta_subscriber_queue_bytes_peak", "gauge",
      "The most bytes any one connection has held queued for sending"),
+    ("ingest_queue_bytes", "keruta_ingest_queue_bytes", "gauge",
+     "Bytes of WebSocket write frames the hub holds, read and not yet answered"),
+    ("ingest_queue_bytes_peak", "keruta_ingest_queue_bytes_peak", "gauge",
+     "The most bytes of WebSocket write frames the hub has held at once"),
     ("store_failures", "keruta_store_failures", "counter", "Store operations that found the store unavailable"),
 )
 
@@ -48,6 +52,8 @@ class Metrics:
     connections: int = 0
     slow_consumers: int = 0
     subscriber_queue_bytes_peak: int = 0
+    ingest_queue_bytes: int = 0
+    ingest_queue_bytes_peak: int = 0
     store_failures: int = 0
     registry: CollectorRegistry = attrs.field(factory=lambda: CollectorRegistry(auto_describe=True))
     write_batch: Histogram = attrs.field(init=False)

@@ -36,6 +36,7 @@ from hub.metrics import Metrics
 from hub.store import open_store_from_url
 from hub.store.base import Listens, Store, StoreUnavailable
 from hub.task_rate_limits import Limiters
+from hub.ws.queues import IngestBudget
 from keruta.backoff import Backoff
 from keruta.retry import retry
 
@@ -110,6 +111,7 @@ async def _serve_with(store: Store, config: HubConfig, task_status: trio.TaskSta
     deps = ConnectionDeps(
         config=config, store=store, writer_inbox=inbox_send, broadcaster=broadcaster, metrics=metrics,
         limiter=Limiters(config.rate_limit, config.rate_burst).limiter, shutting_down=shutting_down,
+        ingest_budget=IngestBudget(config.ingest_queue_bytes, metrics),
     )
     capper = Capper(store, broadcaster, config.max_task_bytes)
     writer = Writer(

@@ -125,6 +125,8 @@ class AckFrame:
     seq: int
     # Set: `seq` is that producer's own seq, every one of its records up to it is stored.
     producer: str | None = None
+    # Bytes of writes the hub holds, read and not yet answered: how far behind it is.
+    backlog: int | None = None
 
 
 @attrs.frozen

@@ -56,7 +56,7 @@ def camel(name: str) -> str:
 # always names them all).
 _OMIT_IF_DEFAULT = {
     "partial", "id", "exit_code", "from_seq", "source", "level", "resume_from", "producer", "kind", "summary",
-    "max_bytes",
+    "max_bytes", "backlog",
 }
 
 

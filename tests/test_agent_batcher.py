@@ -168,3 +168,42 @@ def test_eager_frames_let_a_second_record_go_before_the_first_ack() -> None:
     b.sent(1, now=0.01)
     b.added(1, now=0.02)
     assert b.decide(0.02) == Wait(0.22), "past eager_frames in flight, lines gather"
+
+
+def test_while_the_hub_is_behind_one_frame_is_in_flight_and_lines_gather_longer() -> None:
+    b = Batcher(batch_size=500, flush_interval=0.2, eager_frames=2, behind_wait=1.0)
+    b.added(1, now=0.0)
+    b.sent(1, now=0.0)
+    b.hub_says(behind=True)
+    b.added(1, now=0.01)
+    assert b.decide(0.01) == Wait(pytest.approx(1.01)), "behind: no second eager frame, and a longer wait"
+    b.added(30, now=0.5)
+    assert b.decide(0.5) == Wait(pytest.approx(1.01))
+    assert b.decide(1.02) == Send(31)
+
+
+def test_a_quiet_line_still_goes_at_once_while_the_hub_is_behind() -> None:
+    b = Batcher(batch_size=500, flush_interval=0.2, eager_frames=2, behind_wait=1.0)
+    b.hub_says(behind=True)
+    b.added(1, now=5.0)
+    assert b.decide(5.0) == Send(1), "nothing in flight: the line goes at once"
+
+
+def test_a_full_batch_goes_at_once_while_the_hub_is_behind() -> None:
+    b = Batcher(batch_size=50, flush_interval=0.2, behind_wait=1.0)
+    b.added(1, now=0.0)
+    b.sent(1, now=0.0)
+    b.hub_says(behind=True)
+    b.added(50, now=0.1)
+    assert b.decide(0.1) == Send(50), "bounded: a full frame does not wait"
+
+
+def test_an_ack_without_backlog_ends_the_longer_wait() -> None:
+    b = Batcher(batch_size=500, flush_interval=0.2, eager_frames=2, behind_wait=1.0)
+    b.added(1, now=0.0)
+    b.sent(1, now=0.0)
+    b.hub_says(behind=True)
+    b.added(1, now=0.01)
+    assert isinstance(b.decide(0.01), Wait)
+    b.hub_says(behind=False)
+    assert b.decide(0.02) == Send(1), "caught up: the second eager frame goes"

@@ -10,7 +10,7 @@ import trio
 import trio.testing
 
 from hub.actors.broadcaster import Broadcaster
-from hub.actors.writer import Refusal, WriteOutcome
+from hub.messages import Refusal, WriteOutcome
 from hub.metrics import Metrics
 from hub.ws.acks import Replies
 from hub.ws.queues import WAKE, Outbox, WriteQueue

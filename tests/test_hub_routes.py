@@ -18,10 +18,11 @@ from quart import Blueprint
 from quart_trio import QuartTrio
 
 from hub.actors.broadcaster import Broadcaster
-from hub.actors.writer import Writer, WriteRequest
+from hub.actors.writer import Writer
 from hub.app import create_app
 from hub.config import HubConfig
 from hub.deps import ConnectionDeps
+from hub.messages import WriteRequest
 from hub.metrics import Metrics
 from hub.routes import hooks, logs, ops, tasks, viewer, ws
 from hub.routes.access import Access

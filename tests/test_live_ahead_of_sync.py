@@ -12,7 +12,8 @@ import pytest
 import trio
 
 from hub.actors.broadcaster import Broadcaster
-from hub.actors.writer import StatusChange, WriteOutcome, Writer, WriteRequest, write_within
+from hub.actors.writer import Writer, write_within
+from hub.messages import StatusChange, WriteOutcome, WriteRequest
 from hub.metrics import Metrics
 from hub.store.base import Incoming
 from hub.store.sqlite import SQLiteStore
@@ -196,7 +197,7 @@ async def test_viewers_get_a_commit_before_its_sync_and_answers_wait_for_it(
         answers.append(outcome)
         answered.set()
 
-    await inbox.send(WriteRequest(answer, items=[incoming("t", "first")]))
+    await inbox.send(WriteRequest(done=answer, items=[incoming("t", "first")]))
     await store.committed.wait()
     await trio.sleep(5)
     assert live and "first" in live[0], "a committed record waits for the disk before viewers see it"
@@ -247,7 +248,7 @@ async def test_a_status_reaches_viewers_before_its_sync_and_its_answer_waits(
         answers.append(outcome)
         answered.set()
 
-    await inbox.send(WriteRequest(answer, status=StatusChange("t3", "succeeded", 0, "p1")))
+    await inbox.send(WriteRequest(done=answer, status=StatusChange("t3", "succeeded", 0, "p1")))
     await seen.wait()  # the store runs in worker threads: wait on the event, not the clock
     assert live and '"succeeded"' in live[0], "a committed status waits for the disk before viewers see it"
     assert answers == [], "the status was answered before its commit was synced"

@@ -34,7 +34,8 @@ from agent.pipeline.uplink import Uplink, UplinkSettings
 from agent.spool.spool import Spool
 from agent.tail import TailSettings, tail
 from hub.actors.broadcaster import Broadcaster
-from hub.actors.writer import Writer, WriteRequest, write_within
+from hub.actors.writer import Writer, write_within
+from hub.messages import WriteRequest
 from hub.metrics import Metrics
 from hub.store.base import AppendResult, Incoming, LogQuery, StoreUnavailable
 from hub.store.pg_errors import transient as _transient

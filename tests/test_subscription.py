@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from hub.actors.broadcaster import Broadcaster
-from hub.actors.writer import Refusal, WriteOutcome
+from hub.messages import Refusal, WriteOutcome
 from hub.ws.acks import Replies
 from hub.ws.subscriber_frames import FRAME_RECORDS
 from hub.ws.subscription import (

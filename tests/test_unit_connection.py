@@ -17,11 +17,12 @@ import trio
 import trio.testing
 
 from hub.actors.broadcaster import Broadcaster
-from hub.actors.writer import Writer, WriteRequest
+from hub.actors.writer import Writer
 from hub.auth import Role
 from hub.config import HubConfig
 from hub.deps import ConnectionDeps
 from hub.hypercorn_patches import OVERSIZED
+from hub.messages import WriteRequest
 from hub.metrics import Metrics
 from hub.store.sqlite import SQLiteStore
 from hub.task_rate_limits import Limiters

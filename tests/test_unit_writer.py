@@ -14,7 +14,8 @@ import trio.testing
 
 from hub.actors.broadcaster import Broadcaster
 from hub.actors.syncer import Settled, run_syncer
-from hub.actors.writer import StatusChange, WriteOutcome, Writer, WriteRequest, settle, write_within
+from hub.actors.writer import Writer, settle, write_within
+from hub.messages import StatusChange, WriteOutcome, WriteRequest
 from hub.metrics import Metrics
 from hub.store.base import CONFLICT, DUPLICATE, INSERTED, AppendResult, Incoming
 from hub.store.sqlite import SQLiteStore
@@ -253,13 +254,17 @@ async def test_syncer_answers_after_the_sync_in_commit_order(sqlite_store: SQLit
     store.release = trio.Event()
     send, inbox = trio.open_memory_channel[Settled](8)
     answered: list[str] = []
+
+    def answering(name: str) -> tuple[WriteRequest, WriteOutcome]:
+        return WriteRequest(done=lambda _o: answered.append(name)), WriteOutcome()
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run_syncer, store, inbox)
-        await send.send(Settled([lambda: answered.append("a1"), lambda: answered.append("a2")]))
+        await send.send(Settled([answering("a1"), answering("a2")]))
         await store.syncing.wait()
         # While the first sync runs, two more batches commit and wait.
-        await send.send(Settled([lambda: answered.append("b")]))
-        await send.send(Settled([lambda: answered.append("c")]))
+        await send.send(Settled([answering("b")]))
+        await send.send(Settled([answering("c")]))
         assert answered == [], "nothing is answered before its sync"
         store.release.set()
         send.close()

@@ -14,6 +14,12 @@ than it goes alone once nothing is in flight).
 The agent runs with `eager_frames=2`: an ack waits for the hub's fsync, which
 now and then takes longer than the gap between two quiet lines; a second
 frame in flight keeps that wait off the next line.
+While the hub says it is behind (its acks carry a `backlog`: it holds more
+unstored writes than it commits at once), the batcher keeps one frame in
+flight and gathers the rest up to `behind_wait` or `batch_size`: a quiet line
+still goes at once, but a chatty producer sends a frame a round trip (or
+`behind_wait`) instead of a frame a line, so a fleet of agents offers a slow
+hub fewer, fuller frames. An ack without a backlog ends it.
 The records themselves live in the spool; the batcher only counts them.
 """
 
@@ -47,6 +53,9 @@ class Batcher:
     flush_interval: float = attrs.field(default=0.2, validator=attrs.validators.ge(0))
     max_in_flight_bytes: int = attrs.field(default=4 << 20, validator=attrs.validators.gt(0))
     eager_frames: int = attrs.field(default=1, validator=attrs.validators.gt(0))
+    behind_wait: float = attrs.field(default=1.0, validator=attrs.validators.ge(0))
+    # The last ack said the hub is behind.
+    hub_behind: bool = False
     # Records written to the spool but not yet sent.
     pending: int = 0
     # Frames sent and not yet acknowledged, and the bytes of their records.
@@ -76,10 +85,12 @@ class Batcher:
         if self.room == 0:
             return Wait(None)
         count = min(self.pending, self.batch_size)
-        if self.in_flight < self.eager_frames or self.pending >= self.batch_size:
+        eager = 1 if self.hub_behind else self.eager_frames
+        if self.in_flight < eager or self.pending >= self.batch_size:
             return Send(count)
         assert self.waiting_since is not None
-        due = self.waiting_since + self.flush_interval
+        wait = max(self.flush_interval, self.behind_wait) if self.hub_behind else self.flush_interval
+        due = self.waiting_since + wait
         if now >= due:
             return Send(count)
         return Wait(due)
@@ -95,6 +106,10 @@ class Batcher:
         # every newcomer alone while the window is busy.
         self.waiting_since = now if self.pending else None
 
+    def hub_says(self, behind: bool) -> None:
+        """An ack arrived: with a backlog (the hub is behind) or without."""
+        self.hub_behind = behind
+
     def acked(self, frames: int, nbytes: int = 0) -> None:
         """`frames` in-flight frames (`nbytes` of records) were acknowledged."""
         if not 0 <= frames <= self.in_flight or not 0 <= nbytes <= self.in_flight_bytes:
@@ -107,6 +122,7 @@ class Batcher:
 
     def reset(self, pending: int, now: float) -> None:
         """A new connection: nothing in flight, `pending` records to (re)send."""
+        self.hub_behind = False
         self.in_flight = 0
         self.in_flight_bytes = 0
         self.pending = max(0, pending)

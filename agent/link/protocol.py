@@ -167,6 +167,7 @@ class UplinkProtocol:
         spool releases everything up to it)."""
         if isinstance(frame, AckFrame):
             if frame.task_id == self.task_id and frame.producer == self.producer:
+                self.batcher.hub_says(behind=frame.backlog is not None)
                 return self._on_ack(frame.seq, now)
         elif isinstance(frame, StatusFrame):
             if (

@@ -3,18 +3,20 @@
 The writer commits a batch, hands it to live viewers, and passes whom to tell
 here. The syncer makes everything committed so far survive a power cut with
 one `Store.sync` for all that is waiting (group fsync), then answers them, in
-commit order. So the disk is out of the live path (viewers see a committed
+commit order: each connection gets one message (hub/messages.py `Written`)
+for all its writes that sync covers, so its acks go out coalesced. So the disk is out of the live path (viewers see a committed
 record at once) but never out of an acknowledgement's (docs/durability.md),
 and the writer commits the next batch while the disk catches up.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 
 import attrs
 import trio
 
+from hub.messages import WriteOutcome, WriteRequest, answer
 from hub.store.base import Store
 from keruta.channels import receive_now
 
@@ -27,7 +29,7 @@ SYNC_QUEUE = 64
 class Settled:
     """The answers of one committed batch, to give once it is durable."""
 
-    answers: list[Callable[[], None]]
+    answers: Sequence[tuple[WriteRequest, WriteOutcome]]
 
 
 async def run_syncer(store: Store, inbox: trio.MemoryReceiveChannel[Settled]) -> None:
@@ -41,6 +43,5 @@ async def run_syncer(store: Store, inbox: trio.MemoryReceiveChannel[Settled]) ->
         while (more := receive_now(inbox)) is not None:
             waiting.append(more)
         await store.sync()
-        for settled in waiting:
-            for answer in settled.answers:
-                answer()
+        # One message per connection for everything this sync made durable.
+        answer([pair for settled in waiting for pair in settled.answers])

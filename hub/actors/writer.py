@@ -12,7 +12,6 @@ import logging
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
-from functools import partial
 from typing import TypeVar
 
 import attrs
@@ -21,6 +20,7 @@ import trio
 from hub.actors.broadcaster import Broadcaster
 from hub.actors.capper import Capper
 from hub.actors.syncer import SYNC_QUEUE, Settled, run_syncer
+from hub.messages import Refusal, Withdrawn, WriteOutcome, WriteRequest
 from hub.metrics import Metrics
 from hub.store.base import (
     ANONYMOUS,
@@ -35,9 +35,7 @@ from hub.store.base import (
 )
 from keruta.backoff import Backoff
 from keruta.channels import receive_now
-from keruta.records import LogRecord, TaskInfo
 from keruta.retry import retry
-from keruta.summary import Summary
 
 log = logging.getLogger("keruta.hub.writer")
 
@@ -45,43 +43,6 @@ T = TypeVar("T")
 
 # Waits between commit attempts while the store is unavailable (--store-retry-max caps them).
 STORE_RETRY = Backoff(initial=0.2, cap=5.0)
-
-
-@attrs.frozen
-class StatusChange:
-    task_id: str
-    state: str
-    exit_code: int | None
-    producer: str | None = None
-    summary: Summary | None = None
-    # The cap the task's agent asked for (--max-bytes), if any.
-    max_bytes: int | None = None
-
-
-@attrs.frozen
-class Refusal:
-    """Records of one request the store would not take (never acknowledged)."""
-
-    code: str  # SEQ_CONFLICT or SEQ_GAP
-    message: str
-    resume_from: int | None = None
-    # SEQ_CONFLICT: the identity whose acknowledgements stop at `cap` for good.
-    key: tuple[str, str] | None = None
-    cap: int = 0
-
-
-@attrs.frozen
-class WriteOutcome:
-    records: list[LogRecord | None] = attrs.field(factory=list)
-    # What may be acknowledged: (task_id, producer) -> the producer's own seq,
-    # capped below a refused record. Hub-made producers are not acknowledged
-    # (their clients get the POST's answer).
-    producers: dict[tuple[str, str], int] = attrs.field(factory=dict)
-    refusals: list[Refusal] = attrs.field(factory=list)
-    task: TaskInfo | None = None
-    # After a status change with a producer: (producer, its stored state, exit code).
-    run_state: tuple[str, str, int | None] | None = None
-    error: Exception | None = None
 
 
 def _who(producer: str) -> str:
@@ -167,37 +128,6 @@ class HubNumbering:
         return out
 
 
-@attrs.define(eq=False)
-class WriteRequest:
-    """Records or a status change, and whom to tell once it is committed.
-
-    `done` is called synchronously from the writer task; it must not block.
-    """
-
-    done: Callable[[WriteOutcome], None]
-    items: Sequence[Incoming] = ()
-    status: StatusChange | None = None
-    # While True, a commit holding these records is under way: its outcome is
-    # unknown until it returns, so the request can no longer be withdrawn.
-    attempting: bool = False
-    withdrawn: bool = False
-
-    def withdraw(self) -> bool:
-        """Give up on this request (a REST POST out of time).
-
-        True: it is not stored and never will be (the writer drops it before
-        its next attempt). False: a commit holding it is under way or done;
-        `done` reports that attempt's outcome (records if it committed, once
-        synced; `Withdrawn` if it did not).
-        """
-        self.withdrawn = True
-        return not self.attempting
-
-
-class Withdrawn(Exception):
-    """The request was withdrawn before a commit stored it."""
-
-
 async def write_within(
     inbox: trio.MemorySendChannel[WriteRequest], items: Sequence[Incoming], timeout: float
 ) -> WriteOutcome | None:
@@ -215,7 +145,7 @@ async def write_within(
         outcome.append(result)
         done.set()
 
-    request = WriteRequest(finished, items=items)
+    request = WriteRequest(done=finished, items=items)
     with trio.move_on_after(timeout):
         # A cancelled send is guaranteed not to have been delivered.
         await inbox.send(request)
@@ -272,7 +202,7 @@ class Writer:
     async def _answer(self, answers: list[tuple[WriteRequest, WriteOutcome]]) -> None:
         """Answer once durable, in commit order (failures too, to keep the order)."""
         assert self._synced is not None, "answers are given only while run() serves"
-        await self._synced.send(Settled([partial(req.done, outcome) for req, outcome in answers]))
+        await self._synced.send(Settled(answers))
 
     async def _gather(
         self, inbox: trio.MemoryReceiveChannel[WriteRequest], first: WriteRequest
@@ -325,6 +255,7 @@ class Writer:
         kept = []
         for req in batch:
             if req.withdrawn:
+                assert req.done is not None, "only a REST POST withdraws its request"
                 req.done(WriteOutcome(error=Withdrawn("withdrawn before it was stored")))
             else:
                 kept.append(req)

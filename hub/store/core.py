@@ -154,12 +154,13 @@ def _save_sections(d: Dialect, task_id: str, records: list[LogRecord]) -> Steps[
 
 def _save_producers(d: Dialect, producers: dict[tuple[str, str], ProducerProgress], now: str) -> Steps[None]:
     """A producer's high mark and its new ranges: one row each, found by key,
-    whatever the number of the task's producers."""
-    for (task_id, producer), run in producers.items():
-        if not run.new_ranges:
-            continue
-        yield d.exec(d.SAVE_PRODUCER, task_id, producer, run.high, now)
-        yield d.many(d.INSERT_RANGES, [(task_id, producer, *r) for r in run.new_ranges])
+    whatever the number of the task's producers; two statements for all the
+    batch's producers (many producers with a record each is a fleet's commit)."""
+    moved = [(key, run) for key, run in producers.items() if run.new_ranges]
+    if not moved:
+        return
+    yield d.many(d.SAVE_PRODUCER, [(task_id, producer, run.high, now) for (task_id, producer), run in moved])
+    yield d.many(d.INSERT_RANGES, [(task_id, producer, *r) for (task_id, producer), run in moved for r in run.new_ranges])
 
 
 # -- states ----------------------------------------------------------------------

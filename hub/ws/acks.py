@@ -5,7 +5,9 @@ they are bounded and never dropped, whatever the outbox holds. An ack never
 reaches past a record of this connection that was refused (SEQ_CONFLICT caps
 that identity for good). STORE_ERROR is coalesced like an ack; the other
 answers (SEQ_CONFLICT, SEQ_GAP, a run's stored status) are a few per write in
-flight. The sender takes them with `next_frame`, before its next queued frame.
+flight. The sender takes them with `next_frame`, before its next queued frame:
+every ack the connection owes goes out in one burst, after one sync (hub/messages.py
+`Written`), never one per request.
 
 Replies count against the connection's byte bound like the frames in its
 outbox (hub/ws/queues.py): errors and answers as measured, each coalesced ack
@@ -20,7 +22,7 @@ import sys
 
 import attrs
 
-from hub.actors.writer import WriteOutcome
+from hub.messages import WriteOutcome
 from keruta.frames import AckFrame, ErrorFrame, StatusFrame
 from keruta.limits import INT64_MAX
 from keruta.wire import dumps
@@ -28,11 +30,15 @@ from keruta.wire import dumps
 Key = tuple[str, str]  # (task_id, producer); "" is the anonymous producer
 
 # The most one coalesced ack holds (a 128-character task id, a 64-character producer).
-ACK_BYTES = sys.getsizeof(dumps(AckFrame("t" * 128, INT64_MAX, "p" * 64)))
+ACK_BYTES = sys.getsizeof(dumps(AckFrame("t" * 128, INT64_MAX, "p" * 64, INT64_MAX)))
 # Room held for one write's replies until its commit: a frame names one task
 # and one producer, so at most a SEQ_CONFLICT, a SEQ_GAP (each under 0.5 KiB
 # with the longest names) or the run's status, and one new ack.
 WRITE_REPLY_BYTES = 2048
+# An ack names the hub's backlog only past this many bytes: the hub is then
+# behind by more than a commit's worth of small frames, and a producer should
+# batch (agent/link/batcher.py); below it acks stay as they were.
+BEHIND_BYTES = 256 * 1024
 
 
 @attrs.define
@@ -81,9 +87,11 @@ class Replies:
         self.answers.clear()
         self.answer_bytes = 0
 
-    def next_frame(self) -> str | None:
+    def next_frame(self, backlog: int | None = None) -> str | None:
         """Errors first, then answers, then acks: a refusal arrives before the
-        ack that stops short of it."""
+        ack that stops short of it. Past `BEHIND_BYTES` an ack carries
+        `backlog`: how far behind the hub is (bytes of writes it holds, read
+        and not yet answered), so a producer can batch while the hub is slow."""
         if self.errors:
             return self.errors.popitem()[1]
         if self.answers:
@@ -93,5 +101,6 @@ class Replies:
         if self.acks:
             (task_id, producer), seq = self.acks.popitem()
             # The anonymous producer's acks name none, as the seed's clients expect.
-            return dumps(AckFrame(task_id, seq, producer or None))
+            behind = backlog if backlog is not None and backlog >= BEHIND_BYTES else None
+            return dumps(AckFrame(task_id, seq, producer or None, behind))
         return None

@@ -12,26 +12,36 @@ slow consumer (a SLOW_CONSUMER error, close 1013). What a subscription sends
 when is decided by its sans-IO state (hub/ws/subscription.py); this module
 only does the reads and sends it asks for.
 
-Writes (`log`, `logs`, `status`) go from the reader to an ingest task through
-a small queue, bounded in frames and bytes; the ingest task waits for the
-task's rate limiter and the writer. So a throttled producer is slowed (the
-reader stops once the queue is full), yet a ping sent while a frame waits for
-its tokens is answered at once.
+Writes (`log`, `logs`, `status`) first take their bytes from the hub's ingest
+budget (hub/ws/queues.py IngestBudget: past it every reader waits, so an
+overloaded hub stops reading its sockets instead of queueing). A write that
+can go at once (nothing queued before it, the task's tokens and the writer's
+inbox have room) is handed to the writer by the reader itself: a small frame
+costs a decode and an enqueue. Otherwise it goes to an ingest task through a
+small queue, bounded in frames and bytes; the ingest task waits for the task's
+rate limiter and the writer. So a throttled producer is slowed (the reader
+stops once the queue is full), yet a ping sent while a frame waits for its
+tokens is answered at once.
+
+The connection is its writes' `Mailbox` (hub/messages.py): the syncer gives it
+one `Written` message per sync, which gives back the frames' budget and wakes
+the sender; the sender turns the outcomes into coalesced acks.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 import trio
 
-from hub.actors.writer import STORE_RETRY, StatusChange, WriteOutcome, WriteRequest
 from hub.auth import Role
 from hub.deps import ConnectionDeps
 from hub.hypercorn_patches import OVERSIZED
 from hub.ingest import RowsFrame, decode_frame, from_records
+from hub.messages import StatusChange, WriteOutcome, WriteRequest, Written
 from hub.store.base import StoreUnavailable
 from hub.ws.acks import WRITE_REPLY_BYTES, Replies
 from hub.ws.queues import WAKE, Outbox, WriteQueue
@@ -42,6 +52,7 @@ from hub.ws.subscription import (
     check_subscribe,
     slow_consumer_frames,
 )
+from keruta.backoff import Backoff
 from keruta.frames import (
     ErrorFrame,
     FrameError,
@@ -61,6 +72,8 @@ from keruta.wire import dumps
 log = logging.getLogger("keruta.hub.ws")
 
 T = TypeVar("T")
+# Waits between a subscription's store reads while the store is unavailable.
+STORE_RETRY = Backoff(initial=0.2, cap=5.0)
 # About a minute of retries before the connection gives up on the store.
 STORE_RETRIES = 15
 
@@ -105,6 +118,15 @@ class Connection:
         self._nursery: trio.Nursery | None = None
         self._writes = WriteQueue(INGEST_FRAMES, hub.config.limits.max_frame_bytes)
         self._ingest_scope = trio.CancelScope()
+        # Started with the first write that has to wait: a viewer, or a
+        # producer whose writes always go at once, costs no task for it.
+        self._ingest_started = False
+        self.budget = hub.ingest_budget
+        # The budget held by each write handed to the writer, in the order it
+        # answers them (a connection's writes are answered in the order sent).
+        self._handed: collections.deque[int] = collections.deque()
+        # Answers given by the syncer, for the sender to take.
+        self._written: collections.deque[Written] = collections.deque()
 
     # --- lifecycle -------------------------------------------------------
 
@@ -116,12 +138,12 @@ class Connection:
                 self._nursery = nursery
                 nursery.start_soon(self._send_loop)
                 nursery.start_soon(self._watch_shutdown)
-                nursery.start_soon(self._ingest_loop)
                 with self._read_scope:
                     await self._read_loop()
                 # Writes not yet handed to the writer are dropped unacknowledged
                 # (the producer resends them), as when the reader held them.
                 self._ingest_scope.cancel()
+                self._drop_queued_writes()
                 await self._close()
                 nursery.cancel_scope.cancel()
         finally:
@@ -177,12 +199,14 @@ class Connection:
                 try:
                     item = await self.outbox.receive()
                 except trio.EndOfChannel:
+                    self._take_written()
                     await self._flush_replies()
                     return
                 if self._abandon_queue:
                     return
                 if item is WAKE:
                     self._wake_pending = False
+                self._take_written()
                 await self._flush_replies()
                 if item is not WAKE:
                     await self.ws.send(item.payload)
@@ -194,7 +218,7 @@ class Connection:
             self._sender_done.set()
 
     async def _flush_replies(self) -> None:
-        while (payload := self.replies.next_frame()) is not None:
+        while (payload := self.replies.next_frame(self.budget.used)) is not None:
             await self.ws.send(payload)
             self.hub.metrics.frames_sent += 1
 
@@ -231,21 +255,38 @@ class Connection:
         self.hub.metrics.error(code)
         await self._send(dumps(ErrorFrame(code, message, resume_from)))
 
+    def deliver(self, message: Written) -> None:
+        """The syncer's answer to this connection's writes (after their commit
+        and sync, never before). Never blocks: it gives back the frames' budget
+        (the connection may be gone) and wakes the sender, which takes the
+        outcomes."""
+        for _ in message.outcomes:
+            self.budget.release(self._handed.popleft())
+        self._written.append(message)
+        if not self._wake_pending:
+            # If the outbox is full the sender is busy and takes them before its next frame.
+            self._wake_pending = self.outbox.try_put(WAKE)
+
+    def _take_written(self) -> None:
+        while self._written:
+            for outcome in self._written.popleft().outcomes:
+                self._on_written(outcome)
+        self.outbox.record_peak()
+
     def _on_written(self, outcome: WriteOutcome) -> None:
-        """Called by the writer after the commit (never before)."""
-        self.inflight -= 1
-        if self.inflight == 0:
-            self.settled.set()
+        self._settle_one()
         self.outbox.release(WRITE_REPLY_BYTES)
         if outcome.error is None:
             for refusal in outcome.refusals:
                 self.hub.metrics.error(refusal.code)
         if self.closing == "SLOW_CONSUMER":
             return  # cut off: nothing more is sent
-        if self.replies.on_written(outcome) and not self._wake_pending:
-            # If the outbox is full the sender is busy and flushes replies before its next frame.
-            self._wake_pending = self.outbox.try_put(WAKE)
-        self.outbox.record_peak()
+        self.replies.on_written(outcome)
+
+    def _settle_one(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self.settled.set()
 
     # --- reading ----------------------------------------------------------
 
@@ -263,22 +304,46 @@ class Connection:
             self.hub.metrics.frame_bytes.observe(len(data))
             try:
                 frame = decode_frame(data, limits)
-                if isinstance(frame, RowsFrame | LogsFrame | LogFrame | StatusFrame):
-                    await self._writes.put(frame, len(data))
-                else:
-                    await self._handle(frame)
             except FrameError as exc:
                 await self._error(exc.code, exc.message)
+                continue
+            if isinstance(frame, RowsFrame | LogsFrame | LogFrame | StatusFrame):
+                size = len(data)
+                # Past the budget the reader waits here: the socket is not read.
+                await self.budget.take(size)
+                if self._writes.empty and self._write_now(frame, size):
+                    continue
+                if not self._ingest_started:
+                    self._ingest_started = True
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._ingest_loop)
+                try:
+                    await self._writes.put(frame, size)
+                except BaseException:
+                    self.budget.release(size)
+                    raise
+            else:
+                try:
+                    await self._handle(frame)
+                except FrameError as exc:
+                    await self._error(exc.code, exc.message)
 
     async def _ingest_loop(self) -> None:
         with self._ingest_scope:
             async for frame, size in self._writes:
+                handed = False
                 try:
-                    await self._write(frame)
+                    handed = await self._write(frame, size)
                 except FrameError as exc:
                     await self._error(exc.code, exc.message)
                 finally:
                     self._writes.done(size)
+                    if not handed:
+                        self.budget.release(size)
+
+    def _drop_queued_writes(self) -> None:
+        for _frame, size in self._writes.drain():
+            self.budget.release(size)
 
     async def _handle(self, frame: Any) -> None:
         if isinstance(frame, PingFrame):
@@ -290,41 +355,80 @@ class Connection:
             if sub is not None:
                 self._drop(sub)
 
-    async def _write(self, frame: RowsFrame | LogsFrame | LogFrame | StatusFrame) -> None:
+    def _write_now(self, frame: RowsFrame | LogsFrame | LogFrame | StatusFrame, size: int) -> bool:
+        """Hands a write to the writer when nothing has to wait for it (no
+        checkpoint); False leaves it, untouched, to the ingest task."""
+        if not self.role.can_write or not isinstance(frame, RowsFrame) or not frame.items:
+            return False
+        items = frame.items
+        if not self.outbox.try_reserve(WRITE_REPLY_BYTES):
+            return False
+        bucket = self.hub.limiter(items[0].task_id).bucket
+        # Within the burst only: a larger frame waits for its tokens as `acquire` has it.
+        if bucket is not None and (len(items) > bucket.burst or bucket.try_take(len(items), trio.current_time()) > 0):
+            self.outbox.release(WRITE_REPLY_BYTES)
+            return False
+        self._begin(size)
+        try:
+            self.hub.writer_inbox.send_nowait(WriteRequest(items=items, reply_to=self))
+        except trio.WouldBlock:
+            self._abandon(size)
+            if bucket is not None:
+                bucket.refund(len(items))
+            return False
+        return True
+
+    async def _write(self, frame: RowsFrame | LogsFrame | LogFrame | StatusFrame, size: int) -> bool:
+        """Hands a write to the writer, waiting as needed; True once it is handed."""
         if not self.role.can_write:
             raise FrameError("FORBIDDEN", "the viewer token may not write")
         if isinstance(frame, StatusFrame):
             status = StatusChange(
                 frame.task_id, frame.state, frame.exit_code, frame.producer, frame.summary, frame.max_bytes
             )
-            return await self._submit(WriteRequest(self._on_written, status=status))
+            await self._submit(WriteRequest(status=status, reply_to=self), size)
+            return True
         if isinstance(frame, RowsFrame):
             items = frame.items
         elif isinstance(frame, LogsFrame):
             items = from_records(frame.records, "records", frame.producer)
         else:
             items = from_records([frame.record], "record")
-        if items:
-            await self.hub.limiter(items[0].task_id).acquire(len(items))
-            await self._submit(WriteRequest(self._on_written, items=items))
+        if not items:
+            return False
+        await self.hub.limiter(items[0].task_id).acquire(len(items))
+        await self._submit(WriteRequest(items=items, reply_to=self), size)
+        return True
 
-    async def _submit(self, request: WriteRequest) -> None:
+    async def _submit(self, request: WriteRequest, size: int) -> None:
         # Room for its replies first: while there is none, the write queue
         # fills and the reader stops; a client that does not read its replies
         # is a slow consumer as a subscriber that does not read its records is.
         if not await self.outbox.reserve_within(WRITE_REPLY_BYTES, self.hub.config.slow_consumer_after):
             self._slow()
             await trio.sleep_forever()  # the connection is closing; run() cancels us
+        # Counted as handed before the send: its answer may come before this task runs again.
+        self._begin(size)
+        try:
+            try:
+                self.hub.writer_inbox.send_nowait(request)
+            except trio.WouldBlock:
+                await self.hub.writer_inbox.send(request)
+        except BaseException:
+            self._abandon(size)
+            raise
+
+    def _begin(self, size: int) -> None:
+        self._handed.append(size)
         self.inflight += 1
         self.settled = trio.Event() if self.settled.is_set() else self.settled
-        try:
-            await self.hub.writer_inbox.send(request)
-        except BaseException:
-            self.inflight -= 1
-            if self.inflight == 0:
-                self.settled.set()
-            self.outbox.release(WRITE_REPLY_BYTES)
-            raise
+
+    def _abandon(self, size: int) -> None:
+        """The write `_begin` counted was not handed after all (the caller
+        still holds its budget)."""
+        self._handed.pop()
+        self._settle_one()
+        self.outbox.release(WRITE_REPLY_BYTES)
 
     # --- subscriptions ----------------------------------------------------
 

@@ -10,10 +10,16 @@ SLOW_CONSUMER), `put` waits for frame room (the reader's own replies, which
 are small), `put_within` waits for room in both bounds, up to a patience
 (history), and `reserve_within` waits the same way for room for a write's
 replies before the write goes to the writer (`release` once it is committed).
+Fast paths take room without a checkpoint or a cancel scope: a small frame
+costs the hub little when nothing has to wait.
+
+The ingest budget is the hub's one bound on write frames in bytes, shared by
+every connection (`IngestBudget`).
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -25,6 +31,11 @@ from hub.ws.subscription import Outgoing
 
 # Tells the sender to look at the connection's replies (acks, errors).
 WAKE = Outgoing("")
+
+
+def _held(item: Outgoing) -> int:
+    # A wake-up holds nothing for the client: it only points at the replies.
+    return 0 if item is WAKE else item.size
 
 
 class Outbox:
@@ -51,7 +62,7 @@ class Outbox:
 
     def taken(self, item: Outgoing) -> None:
         """The sender is done with `item` (written, or a wake-up), and with the replies before it."""
-        self.queued_bytes -= item.size
+        self.queued_bytes -= _held(item)
         self._room.set()
 
     def close(self) -> None:
@@ -66,7 +77,7 @@ class Outbox:
         self._metrics.subscriber_queue_bytes_peak = max(self._metrics.subscriber_queue_bytes_peak, self.bytes)
 
     def _queued(self, item: Outgoing) -> None:
-        self.queued_bytes += item.size
+        self.queued_bytes += _held(item)
         self.record_peak()
 
     def _put_nowait(self, item: Outgoing) -> None:
@@ -113,12 +124,22 @@ class Outbox:
     async def reserve_within(self, size: int, patience: float) -> bool:
         """Holds `size` bytes for a write's replies once the byte bound has
         room, waiting up to `patience` seconds; False if it ran out."""
+        if self.try_reserve(size):
+            return True
         with trio.move_on_after(patience):
             await self._room_for(size)
             self.reserved += size
             self.record_peak()
             return True
         return False
+
+    def try_reserve(self, size: int) -> bool:
+        """`reserve_within` when there is room now; False (nothing held) otherwise."""
+        if not self.has_room_for(size):
+            return False
+        self.reserved += size
+        self.record_peak()
+        return True
 
     def release(self, size: int) -> None:
         """A reservation's write is committed (its replies are in) or withdrawn."""
@@ -147,6 +168,11 @@ class WriteQueue:
         # let each side orphan the other's waiter.
         self._room = trio.Event()
 
+    @property
+    def empty(self) -> bool:
+        """No frame is queued or being handled."""
+        return self.frames == 0
+
     async def put(self, frame: Any, size: int) -> None:
         while self.frames and (self.frames >= self.max_frames or self.bytes + size > self.max_bytes):
             self._room = trio.Event()
@@ -159,7 +185,81 @@ class WriteQueue:
         """(frame, size) pairs; call `done(size)` once a frame is handled."""
         return self._recv
 
+    def drain(self) -> list[tuple[Any, int]]:
+        """Takes what is still queued (the connection is ending)."""
+        out = []
+        while True:
+            try:
+                out.append(self._recv.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return out
+
     def done(self, size: int) -> None:
         self.frames -= 1
         self.bytes -= size
         self._room.set()
+
+
+class IngestBudget:
+    """The bytes of write frames the hub holds across all its connections:
+    read from a socket and not yet answered (waiting in a connection's write
+    queue, the writer's inbox, a commit or its sync). Past `max_bytes` a
+    reader waits for room before it takes its frame in, so it stops reading
+    its socket (TCP backpressure): the hub's memory for writes is bounded
+    whatever the number of connections. Waiters are served in order, each
+    woken once; one frame larger than the whole budget goes alone.
+    """
+
+    def __init__(self, max_bytes: int, metrics: Metrics | None = None) -> None:
+        self.max_bytes = max_bytes
+        self.used = 0
+        self.peak = 0
+        self._metrics = metrics
+        self._waiters: collections.deque[tuple[int, trio.Event]] = collections.deque()
+
+    def _fits(self, size: int) -> bool:
+        return self.used == 0 or self.used + size <= self.max_bytes
+
+    def _take(self, size: int) -> None:
+        self.used += size
+        self.peak = max(self.peak, self.used)
+        self._count()
+
+    def _count(self) -> None:
+        if self._metrics is not None:
+            self._metrics.ingest_queue_bytes = self.used
+            self._metrics.ingest_queue_bytes_peak = self.peak
+
+    def try_take(self, size: int) -> bool:
+        if self._waiters or not self._fits(size):
+            return False
+        self._take(size)
+        return True
+
+    async def take(self, size: int) -> None:
+        """Holds `size` bytes once there is room (no checkpoint when there is)."""
+        if self.try_take(size):
+            return
+        given = trio.Event()
+        entry = (size, given)
+        self._waiters.append(entry)
+        try:
+            await given.wait()
+        except BaseException:
+            if given.is_set():
+                self.release(size)
+            else:
+                self._waiters.remove(entry)
+                self._wake()
+            raise
+
+    def release(self, size: int) -> None:
+        self.used -= size
+        self._count()
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self._fits(self._waiters[0][0]):
+            size, given = self._waiters.popleft()
+            self._take(size)
+            given.set()

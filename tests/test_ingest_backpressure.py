@@ -1,0 +1,235 @@
+"""Many producers against one hub: what it holds for their writes is bounded in
+bytes whatever their number (past the bound it stops reading), and its acks
+are coalesced yet never cover a record before its commit. On both stores."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+import trio.testing
+from trio_websocket import open_websocket_url
+
+from hub.messages import WriteOutcome, WriteRequest, Written, answer
+from hub.ws.queues import IngestBudget
+from keruta.frames import LogsFrame
+from keruta.wire import encode_bytes
+from tests import hubclient
+from tests.hubclient import Ws, make_record, parse_metrics, stored
+from tests.inprocess import InProcessHub, InProcessHubFactory
+
+hub_factory = hubclient.hub_factory  # fixture
+
+BOUND = 64 * 1024
+CONNECTIONS = 200
+FRAMES = 10
+TASKS = 10
+
+
+def one_record(task_id: str, producer: str, seq: int) -> str:
+    record = make_record(task_id, seq, f"{producer} line {seq}")
+    return encode_bytes(LogsFrame(task_id, [record], producer)).decode()
+
+
+async def metrics(hub: InProcessHub) -> dict[str, float]:
+    async with hub.http() as client:
+        return parse_metrics((await client.get("/metrics")).text)
+
+
+async def test_a_flood_of_small_frames_from_many_connections_stays_within_the_ingest_bound(
+    hub_factory: InProcessHubFactory,
+) -> None:
+    # Commits wait a little for more, so the flood outruns the writer.
+    hub = await hub_factory.astart("--ingest-queue-bytes", str(BOUND), "--write-flush-interval", "0.05")
+
+    async def producer(i: int) -> None:
+        task, name = f"flood-{i % TASKS}", f"p{i:03d}"
+        async with open_websocket_url(hub.ws_url) as conn:
+            ws = Ws(conn)
+            # Back to back, waiting for nothing: the hub has to hold or stop reading.
+            for seq in range(1, FRAMES + 1):
+                await ws.send(one_record(task, name, seq))
+            with trio.fail_after(120):
+                await ws.wait_ack(task, FRAMES)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(CONNECTIONS):
+            nursery.start_soon(producer, i)
+
+    seen = await metrics(hub)
+    assert seen["keruta_ingest_queue_bytes_peak"] <= BOUND, "the hub held more than its bound"
+    assert seen["keruta_ingest_queue_bytes_peak"] > BOUND // 2, "the flood never pressed on the bound"
+    assert seen["keruta_ingest_queue_bytes"] == 0, "every frame's bytes are given back once answered"
+    for t in range(TASKS):
+        records = await stored(hub, f"flood-{t}")
+        expected = sorted(
+            f"p{i:03d} line {seq}" for i in range(t, CONNECTIONS, TASKS) for seq in range(1, FRAMES + 1)
+        )
+        assert sorted(r["message"] for r in records) == expected, "every line stored once"
+        assert [r["seq"] for r in records] == list(range(1, len(expected) + 1))
+
+
+@asynccontextmanager
+async def commits_held(db: str, task_id: str) -> AsyncIterator[None]:
+    """Another database session holds what the hub needs to commit a write to
+    `task_id` (SQLite: the write lock; PostgreSQL: the task's row) until the
+    block ends."""
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_sqlite() -> None:
+        conn = sqlite3.connect(db.removeprefix("sqlite:///"), timeout=30, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            locked.set()
+            release.wait(60)
+            conn.execute("ROLLBACK")
+        finally:
+            conn.close()
+
+    def hold_pg() -> None:
+        import asyncpg
+
+        async def hold() -> None:
+            conn = await asyncpg.connect(db)
+            try:
+                async with conn.transaction():
+                    await conn.execute("SELECT 1 FROM keruta_tasks WHERE task_id = $1 FOR UPDATE", task_id)
+                    locked.set()
+                    while not release.is_set():
+                        await asyncio.sleep(0.01)
+            finally:
+                await conn.close()
+
+        asyncio.run(hold())
+
+    hold = hold_sqlite if db.startswith("sqlite://") else hold_pg
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.to_thread.run_sync, hold)
+        await trio.to_thread.run_sync(locked.wait, 30)
+        try:
+            yield
+        finally:
+            release.set()
+
+
+async def nothing_for(ws: Ws, seconds: float) -> None:
+    with trio.move_on_after(seconds):
+        frame = await ws.recv()
+        raise AssertionError(f"the hub answered before the commit: {frame}")
+
+
+async def test_acks_wait_for_the_commit_then_one_ack_covers_every_frame_it_committed(
+    hub_factory: InProcessHubFactory,
+) -> None:
+    hub = await hub_factory.astart()
+    async with hub.ws() as blocker, hub.ws() as fleet:
+        await blocker.send(one_record("blocker", "pa", 1))
+        with trio.fail_after(30):
+            await blocker.wait_ack("blocker", 1)
+        async with commits_held(hub.db, "blocker"):
+            # The writer is stuck committing this one...
+            await blocker.send(one_record("blocker", "pa", 2))
+            await trio.sleep(0.3)
+            # ...while ten one-record frames of another producer wait for it.
+            for seq in range(1, 11):
+                await fleet.send(one_record("fleet", "pb", seq))
+            await nothing_for(fleet, 1.5)
+            await nothing_for(blocker, 0.1)
+        with trio.fail_after(30):
+            assert await blocker.recv() == {"type": "ack", "taskId": "blocker", "seq": 2, "producer": "pa"}
+            assert await fleet.recv() == {"type": "ack", "taskId": "fleet", "seq": 10, "producer": "pb"}, (
+                "one ack for the ten frames committed together"
+            )
+        await nothing_for(fleet, 0.5)
+    assert [r["message"] for r in await stored(hub, "fleet")] == [f"pb line {s}" for s in range(1, 11)]
+
+
+# --- the parts, by plain calls ------------------------------------------------
+
+
+async def test_the_ingest_budget_lets_waiters_in_in_order_as_room_comes_back() -> None:
+    budget = IngestBudget(100)
+    await budget.take(100)
+    let_in: list[str] = []
+
+    async def waiter(name: str, size: int) -> None:
+        await budget.take(size)
+        let_in.append(name)
+
+    async with trio.open_nursery() as nursery:
+        for name, size in (("a", 50), ("b", 60), ("c", 10)):
+            nursery.start_soon(waiter, name, size)
+            await trio.testing.wait_all_tasks_blocked()
+        assert not budget.try_take(1), "a new frame does not pass the waiting ones"
+        budget.release(100)
+        await trio.testing.wait_all_tasks_blocked()
+        assert (let_in, budget.used) == (["a"], 50), "b does not fit yet, and c does not pass it"
+        budget.release(50)
+    assert sorted(let_in[1:]) == ["b", "c"] and budget.used == 70 and budget.peak == 100
+
+
+async def test_a_frame_larger_than_the_budget_goes_alone() -> None:
+    budget = IngestBudget(100)
+    await budget.take(10)
+    with trio.move_on_after(0.1):
+        await budget.take(500)
+        raise AssertionError("taken past the bound")
+    budget.release(10)
+    assert budget.used == 0
+    await budget.take(500)
+    assert budget.used == 500
+
+
+async def test_a_cancelled_waiter_takes_nothing_and_lets_the_next_one_in() -> None:
+    budget = IngestBudget(100)
+    await budget.take(100)
+    async with trio.open_nursery() as nursery:
+        got: list[int] = []
+
+        async def waiter(size: int) -> None:
+            await budget.take(size)
+            got.append(size)
+
+        scope = trio.CancelScope()
+
+        async def cancellable() -> None:
+            with scope:
+                await budget.take(90)
+                got.append(90)
+
+        nursery.start_soon(cancellable)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(waiter, 10)
+        await trio.testing.wait_all_tasks_blocked()
+        scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == [] and budget.used == 100, "no room yet: the next waiter still waits"
+        budget.release(100)
+    assert got == [10] and budget.used == 10, "the cancelled waiter holds nothing"
+
+
+def test_answers_go_to_each_connection_as_one_message_in_commit_order() -> None:
+    class Box:
+        def __init__(self) -> None:
+            self.messages: list[Written] = []
+
+        def deliver(self, message: Written) -> None:
+            self.messages.append(message)
+
+    a, b = Box(), Box()
+    posted: list[WriteOutcome] = []
+    outcomes = [WriteOutcome(producers={("t", str(i)): i}) for i in range(5)]
+    answer([
+        (WriteRequest(reply_to=a), outcomes[0]),
+        (WriteRequest(reply_to=b), outcomes[1]),
+        (WriteRequest(done=posted.append), outcomes[2]),
+        (WriteRequest(reply_to=a), outcomes[3]),
+        (WriteRequest(reply_to=a), outcomes[4]),
+    ])
+    assert [m.outcomes for m in a.messages] == [[outcomes[0], outcomes[3], outcomes[4]]]
+    assert [m.outcomes for m in b.messages] == [[outcomes[1]]]
+    assert posted == [outcomes[2]]
