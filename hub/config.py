@@ -51,7 +51,7 @@ class HubConfig:
     # fleet's one-record frames go in without waiting.
     writer_inbox: int = 1024
     # Bytes of WebSocket write frames the hub holds, read and not yet answered,
-    # across all connections (hub/ws/queues.py IngestBudget); past it the hub
+    # across all connections (hub/ingest_budget.py); past it the hub
     # stops reading its sockets.
     ingest_queue_bytes: int = 8 * 1024 * 1024
     # Hypercorn pings each WebSocket this often, so a vanished peer is noticed on

@@ -9,10 +9,10 @@ import attrs
 import trio
 
 from hub.config import HubConfig
+from hub.ingest_budget import IngestBudget
 from hub.messages import WriteRequest
 from hub.metrics import Metrics
 from hub.store.base import Store
-from hub.ws.queues import IngestBudget
 from keruta.ratelimit import RateLimiter
 
 if TYPE_CHECKING:

@@ -32,11 +32,11 @@ from hub.actors.writer import STORE_RETRY, Writer, WriteRequest
 from hub.app import create_app
 from hub.config import HubConfig
 from hub.deps import ConnectionDeps
+from hub.ingest_budget import IngestBudget
 from hub.metrics import Metrics
 from hub.store import open_store_from_url
 from hub.store.base import Listens, Store, StoreUnavailable
 from hub.task_rate_limits import Limiters
-from hub.ws.queues import IngestBudget
 from keruta.backoff import Backoff
 from keruta.retry import retry
 

@@ -14,8 +14,8 @@ import trio
 import trio.testing
 from trio_websocket import open_websocket_url
 
+from hub.ingest_budget import IngestBudget
 from hub.messages import WriteOutcome, WriteRequest, Written, answer
-from hub.ws.queues import IngestBudget
 from keruta.frames import LogsFrame
 from keruta.wire import encode_bytes
 from tests import hubclient

@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hub.answers import answer_json
-from hub.verify import COMPLETE, INCOMPLETE, UNVERIFIED, Verification
+from hub.store.verify import COMPLETE, INCOMPLETE, UNVERIFIED, Verification
 from keruta import digest
 from keruta.summary import Summary, Tally
 from tests import hubclient

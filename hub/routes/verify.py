@@ -1,4 +1,4 @@
-"""/api/v1/tasks/<task_id>/verify: is the stored log what its runs sent (hub/verify.py)."""
+"""/api/v1/tasks/<task_id>/verify: is the stored log what its runs sent (hub/store/verify.py)."""
 
 from __future__ import annotations
 

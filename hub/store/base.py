@@ -222,7 +222,7 @@ class Store(Protocol):
         ...
 
     async def verify(self, task_id: str) -> Verify | None:
-        """Check the stored records against the runs' summaries (hub/verify.py)
+        """Check the stored records against the runs' summaries (hub/store/verify.py)
         and keep the verdict as the task's; None for an unknown task."""
         ...
 

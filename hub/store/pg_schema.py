@@ -174,7 +174,7 @@ _SCHEMA_V5: tuple[Any, ...] = (
     """,
     "CREATE INDEX keruta_sections_open ON keruta_sections (task_id, start_seq) WHERE end_seq IS NULL",
 )
-# Logs you can verify (hub/verify.py): the summary a run's final status
+# Logs you can verify (hub/store/verify.py): the summary a run's final status
 # carried, and the task's verdict as last computed.
 _SCHEMA_V6: tuple[Any, ...] = (
     "ALTER TABLE keruta_producers ADD COLUMN IF NOT EXISTS summary text",

@@ -155,7 +155,7 @@ _SCHEMA_V5 = (
     """,
     "CREATE INDEX keruta_sections_open ON keruta_sections (task_id, start_seq) WHERE end_seq IS NULL",
 )
-# Logs you can verify (hub/verify.py): the summary a run's final status
+# Logs you can verify (hub/store/verify.py): the summary a run's final status
 # carried, and the task's verdict as last computed.
 _SCHEMA_V6 = (
     "ALTER TABLE keruta_producers ADD COLUMN summary TEXT",

@@ -20,7 +20,7 @@ from hub.store.base import AppendResult, Incoming, LogQuery, LogStats, Page
 from hub.store.rows import SEQ_MAX, iter_by_range
 from hub.store.rules import check_page
 from hub.store.steps import Dialect, Steps
-from hub.verify import Verification
+from hub.store.verify import Verification
 from keruta.records import TASK_STATES, InvalidField, LogRecord, TaskInfo
 from keruta.summary import Summary
 from keruta.timefmt import now_ts
@@ -61,7 +61,7 @@ class SqlStore:
         )
 
     async def verify(self, task_id: str) -> Verify | None:
-        """The task's verdict (hub/verify.py), which it also keeps as its last
+        """The task's verdict (hub/store/verify.py), which it also keeps as its last
         verdict; None for an unknown task. Reads every chunk, a few at a
         time, and decodes and hashes them in a worker thread."""
         start = await self._read(core.verify_start(self._dialect, task_id))

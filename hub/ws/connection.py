@@ -13,7 +13,7 @@ when is decided by its sans-IO state (hub/ws/subscription.py); this module
 only does the reads and sends it asks for.
 
 Writes (`log`, `logs`, `status`) first take their bytes from the hub's ingest
-budget (hub/ws/queues.py IngestBudget: past it every reader waits, so an
+budget (hub/ingest_budget.py: past it every reader waits, so an
 overloaded hub stops reading its sockets instead of queueing). A write that
 can go at once (nothing queued before it, the task's tokens and the writer's
 inbox have room) is handed to the writer by the reader itself: a small frame

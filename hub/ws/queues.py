@@ -13,13 +13,12 @@ replies before the write goes to the writer (`release` once it is committed).
 Fast paths take room without a checkpoint or a cancel scope: a small frame
 costs the hub little when nothing has to wait.
 
-The ingest budget is the hub's one bound on write frames in bytes, shared by
-every connection (`IngestBudget`).
+The ingest budget, the hub's one bound on write frames in bytes shared by
+every connection, is hub/ingest_budget.py.
 """
 
 from __future__ import annotations
 
-import collections
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -198,68 +197,3 @@ class WriteQueue:
         self.frames -= 1
         self.bytes -= size
         self._room.set()
-
-
-class IngestBudget:
-    """The bytes of write frames the hub holds across all its connections:
-    read from a socket and not yet answered (waiting in a connection's write
-    queue, the writer's inbox, a commit or its sync). Past `max_bytes` a
-    reader waits for room before it takes its frame in, so it stops reading
-    its socket (TCP backpressure): the hub's memory for writes is bounded
-    whatever the number of connections. Waiters are served in order, each
-    woken once; one frame larger than the whole budget goes alone.
-    """
-
-    def __init__(self, max_bytes: int, metrics: Metrics | None = None) -> None:
-        self.max_bytes = max_bytes
-        self.used = 0
-        self.peak = 0
-        self._metrics = metrics
-        self._waiters: collections.deque[tuple[int, trio.Event]] = collections.deque()
-
-    def _fits(self, size: int) -> bool:
-        return self.used == 0 or self.used + size <= self.max_bytes
-
-    def _take(self, size: int) -> None:
-        self.used += size
-        self.peak = max(self.peak, self.used)
-        self._count()
-
-    def _count(self) -> None:
-        if self._metrics is not None:
-            self._metrics.ingest_queue_bytes = self.used
-            self._metrics.ingest_queue_bytes_peak = self.peak
-
-    def try_take(self, size: int) -> bool:
-        if self._waiters or not self._fits(size):
-            return False
-        self._take(size)
-        return True
-
-    async def take(self, size: int) -> None:
-        """Holds `size` bytes once there is room (no checkpoint when there is)."""
-        if self.try_take(size):
-            return
-        given = trio.Event()
-        entry = (size, given)
-        self._waiters.append(entry)
-        try:
-            await given.wait()
-        except BaseException:
-            if given.is_set():
-                self.release(size)
-            else:
-                self._waiters.remove(entry)
-                self._wake()
-            raise
-
-    def release(self, size: int) -> None:
-        self.used -= size
-        self._count()
-        self._wake()
-
-    def _wake(self) -> None:
-        while self._waiters and self._fits(self._waiters[0][0]):
-            size, given = self._waiters.popleft()
-            self._take(size)
-            given.set()
