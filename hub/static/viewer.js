@@ -326,6 +326,20 @@
         if (filter[k]) url.searchParams.set(k, filter[k]); else url.searchParams.delete(k);
       }
       history.replaceState(history.state, "", url.pathname + url.search + url.hash);
+      forgetModel();
+      pendingMove = 0;
+      computeFolds();
+      if (!following) scroller.scrollTop = 0;
+      startSnapshot();
+      scheduleRender();
+    }
+
+    // --- the model -----------------------------------------------------------
+
+    // Everything held of the task, dropped before a new snapshot (a new
+    // filter, or records the hub changed under us); `gen` makes answers to
+    // the requests already sent stale.
+    function forgetModel() {
       gen++;
       ready = false;
       pending = [];
@@ -335,15 +349,8 @@
       inflight.clear();
       failedAt.clear();
       current = -1;
-      pendingMove = 0;
       deco++;
-      computeFolds();
-      if (!following) scroller.scrollTop = 0;
-      startSnapshot();
-      scheduleRender();
     }
-
-    // --- the model -----------------------------------------------------------
 
     function pageOf(p) {
       let page = pages.get(p);
@@ -518,16 +525,7 @@
       if (resyncTimer !== null) return;
       resyncTimer = setTimeout(() => {
         resyncTimer = null;
-        gen++;
-        ready = false;
-        pending = [];
-        total = 0;
-        lastSeq = 0;
-        pages = new Map();
-        inflight.clear();
-        failedAt.clear();
-        current = -1;
-        deco++;
+        forgetModel();
         startSnapshot();
         scheduleRender();
       }, 500);
