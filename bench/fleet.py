@@ -47,6 +47,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+from wsclient import WsClient  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 TS = "2026-11-28T12:00:00.000Z"
@@ -86,32 +89,15 @@ def percentile(values: list[float], q: float) -> float | None:
 
 # --- the WebSocket plumbing (websockets' sans-I/O client on asyncio) ----------------
 
-class Conn(asyncio.Protocol):
+class Conn(WsClient):
     """One WebSocket connection; `on_text(payload)` per text frame."""
 
     def __init__(self, url: str, on_open: Any, on_text: Any) -> None:
-        from websockets.client import ClientProtocol
-        from websockets.uri import parse_uri
-
-        self.ws = ClientProtocol(parse_uri(url), max_size=None)
+        super().__init__(url)
         self.on_open = on_open
         self.on_text = on_text
-        self.transport: asyncio.Transport | None = None
         self.open = False
         self.lost = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.ws.send_request(self.ws.connect())
-        self.flush()
-
-    def flush(self) -> None:
-        if self.transport is None or self.transport.is_closing():
-            return
-        data = b"".join(self.ws.data_to_send())
-        if data:
-            self.transport.write(data)
 
     def send_text(self, text: str) -> None:
         self.ws.send_text(text.encode())

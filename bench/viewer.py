@@ -32,22 +32,21 @@ import time
 from functools import partial
 from typing import Any
 
-from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
+from wsclient import WsClient
 
 LAT_RE = re.compile(rb"LAT (\d+) (\d+) ")
 
 
-class Viewer(asyncio.Protocol):
+class Viewer(WsClient):
     def __init__(self, idx: int, a: argparse.Namespace, stalled: bool, on_ready: Any) -> None:
+        super().__init__(a.url)
         self.idx = idx
         self.a = a
         self.stalled = stalled
         self.on_ready = on_ready
-        self.ws = ClientProtocol(parse_uri(a.url), max_size=None)
-        self.transport: asyncio.Transport | None = None
         self.ready = False
         self.done = asyncio.get_running_loop().create_future()
         self.count = 0
@@ -63,19 +62,6 @@ class Viewer(asyncio.Protocol):
         self.end: str | None = None
 
     # -- plumbing -------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.ws.send_request(self.ws.connect())
-        self.flush()
-
-    def flush(self) -> None:
-        if self.transport is None:
-            return
-        for data in self.ws.data_to_send():
-            if data:
-                self.transport.write(data)
-
     def connection_lost(self, exc: Exception | None) -> None:
         self.finish("connection-lost" if self.count < self.a.expect else "complete")
 
