@@ -200,6 +200,13 @@ def peak_rss_mib(pid: int) -> float | None:
     return None
 
 
+def write_json(path: str, value: Any) -> None:
+    """A result file, replaced whole: a reader never sees half of one."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f)
+    os.replace(path + ".tmp", path)
+
+
 def cpu_seconds(pid: int) -> float | None:
     """User + system CPU of a live process so far, seconds (None once it has exited)."""
     try:

@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import time
 import uuid
 
+from common import write_json
 from websockets.asyncio.client import connect
 
 TS = "2026-11-28T12:00:00.000Z"
@@ -106,9 +106,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     res = asyncio.run(run(a))
-    with open(a.out + ".tmp", "w") as f:
-        json.dump(res, f)
-    os.replace(a.out + ".tmp", a.out)
+    write_json(a.out, res)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ stderr 1 line in 5, and the rare term "needle" in 1 line in 50,000.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +21,8 @@ from pathlib import Path
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import write_json  # noqa: E402
 
 from hub.store import Incoming, open_store_from_url  # noqa: E402
 
@@ -98,9 +98,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     res = trio.run(main_async, a)
-    with open(a.out + ".tmp", "w") as f:
-        json.dump(res, f)
-    os.replace(a.out + ".tmp", a.out)
+    write_json(a.out, res)
 
 
 if __name__ == "__main__":

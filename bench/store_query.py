@@ -16,8 +16,6 @@ store has behind it.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -29,6 +27,8 @@ from typing import Any
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import write_json  # noqa: E402
 
 from hub.store import LogQuery, open_store_from_url  # noqa: E402
 
@@ -120,9 +120,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     res = trio.run(main_async, a)
-    with open(a.out + ".tmp", "w") as f:
-        json.dump(res, f)
-    os.replace(a.out + ".tmp", a.out)
+    write_json(a.out, res)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import time
 from functools import partial
 from typing import Any
 
+from common import write_json
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
@@ -270,9 +271,7 @@ def main() -> None:
     if a.proto == "keruta" and not a.task:
         ap.error("--proto keruta needs --task")
     res = asyncio.run(run(a))
-    with open(a.out + ".tmp", "w") as f:
-        json.dump(res, f)
-    os.replace(a.out + ".tmp", a.out)
+    write_json(a.out, res)
 
 
 if __name__ == "__main__":
