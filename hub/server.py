@@ -28,14 +28,14 @@ from hub import hypercorn_patches
 from hub.actors.broadcaster import Broadcaster
 from hub.actors.capper import Capper
 from hub.actors.retention import run_retention
-from hub.actors.writer import STORE_RETRY, Writer, WriteRequest
+from hub.actors.writer import Writer, WriteRequest
 from hub.app import create_app
 from hub.config import HubConfig
 from hub.deps import ConnectionDeps
 from hub.ingest_budget import IngestBudget
 from hub.metrics import Metrics
 from hub.store import open_store_from_url
-from hub.store.base import Listens, Store, StoreUnavailable
+from hub.store.base import STORE_RETRY, Listens, Store, StoreUnavailable
 from hub.task_rate_limits import Limiters
 from keruta.backoff import Backoff
 from keruta.retry import retry

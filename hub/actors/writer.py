@@ -27,6 +27,7 @@ from hub.store.base import (
     CONFLICT,
     GAP,
     HUB_MADE,
+    STORE_RETRY,
     AppendResult,
     Incoming,
     Store,
@@ -41,8 +42,6 @@ log = logging.getLogger("keruta.hub.writer")
 
 T = TypeVar("T")
 
-# Waits between commit attempts while the store is unavailable (--store-retry-max caps them).
-STORE_RETRY = Backoff(initial=0.2, cap=5.0)
 
 
 def _who(producer: str) -> str:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import attrs
 
+from keruta.backoff import Backoff
 from keruta.records import LogRecord, TaskInfo
 from keruta.summary import Summary
 
@@ -30,6 +31,11 @@ _ID_NAMESPACE_BYTES = _ID_NAMESPACE.bytes
 
 class StoreUnavailable(ConnectionError):
     """The database cannot be reached or used right now; retrying later may work."""
+
+
+# Waits between attempts while the store is unavailable: the writer's commits
+# (--store-retry-max caps them) and a subscription's reads.
+STORE_RETRY = Backoff(initial=0.2, cap=5.0)
 
 
 class DurabilityLost(RuntimeError):

@@ -42,7 +42,7 @@ from hub.deps import ConnectionDeps
 from hub.hypercorn_patches import OVERSIZED
 from hub.ingest import RowsFrame, decode_frame, from_records
 from hub.messages import StatusChange, WriteOutcome, WriteRequest, Written
-from hub.store.base import StoreUnavailable
+from hub.store.base import STORE_RETRY, StoreUnavailable
 from hub.ws.acks import WRITE_REPLY_BYTES, Replies
 from hub.ws.queues import WAKE, Outbox, WriteQueue
 from hub.ws.subscription import (
@@ -52,7 +52,6 @@ from hub.ws.subscription import (
     check_subscribe,
     slow_consumer_frames,
 )
-from keruta.backoff import Backoff
 from keruta.frames import (
     ErrorFrame,
     FrameError,
@@ -72,8 +71,6 @@ from keruta.wire import dumps
 log = logging.getLogger("keruta.hub.ws")
 
 T = TypeVar("T")
-# Waits between a subscription's store reads while the store is unavailable.
-STORE_RETRY = Backoff(initial=0.2, cap=5.0)
 # About a minute of retries before the connection gives up on the store.
 STORE_RETRIES = 15
 
