@@ -15,6 +15,8 @@ import trio
 from hub.redaction import redact, redaction_item
 from hub.store import chunk
 from hub.store.base import LogQuery
+from hub.ws import subscriber_frames
+from keruta.recordjson import encode_record as record_body_bytes
 from keruta.recordjson import record_body
 from keruta.records import LogRecord
 from tests import hubclient
@@ -64,6 +66,16 @@ def test_a_chunk_written_before_producers_were_kept_answers_none() -> None:
     records = chunk.decode("t1", 1, row.lines, old_body)
     assert [r.producer for r in records] == [None, None]
     assert all("producer" not in record_body(r) for r in records)
+
+
+def test_a_subscribers_frame_budget_counts_a_records_producer() -> None:
+    """The hub sizes its `logs` frames by `encoded_size`, which must never
+    fall short of a record's JSON, whatever its fields hold."""
+    longest = LogRecord(
+        "t" * 128, 2**63 - 1, ts(1), "stderr", "ERROR", "", 2**53 - 1, {}, True,
+        "d737bb3f-a633-5efd-b3ba-0a52436bde24", "section_start", "p" * 64,
+    )
+    assert subscriber_frames.encoded_size(longest) >= len(record_body_bytes(longest))
 
 
 # --- the store, both kinds ------------------------------------------------------------
