@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import jsonschema
 import orjson
 import trio
 
+from hub.openapi import component_schemas
 from hub.redaction import redact, redaction_item
 from hub.store import chunk
 from hub.store.base import LogQuery
@@ -76,6 +78,13 @@ def test_a_subscribers_frame_budget_counts_a_records_producer() -> None:
         "d737bb3f-a633-5efd-b3ba-0a52436bde24", "section_start", "p" * 64,
     )
     assert subscriber_frames.encoded_size(longest) >= len(record_body_bytes(longest))
+
+
+def test_the_openapi_document_names_a_records_producer_as_optional() -> None:
+    schema = component_schemas()["LogRecord"]
+    assert "producer" in schema["properties"] and "producer" not in schema["required"]
+    check = jsonschema.Draft202012Validator(schema["properties"]["producer"])
+    assert [check.is_valid(v) for v in ("run-1", "", None, "~writer", "x" * 65)] == [True, True, True, False, False]
 
 
 # --- the store, both kinds ------------------------------------------------------------
