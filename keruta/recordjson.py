@@ -15,8 +15,8 @@ hold the two to the same bytes and the same values (tests/test_recordjson.py):
   general path then finds the same records or names the error, so errors
   read the same whichever path a frame took.
 
-The field names are camelCase; `partial`, `id` and `kind` are left out while
-they hold their default, every other field is always written.
+The field names are camelCase; `partial`, `id`, `kind` and `producer` are
+left out while they hold their default, every other field is always written.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import orjson
 from keruta.frames import FrameError
 from keruta.levels import LEVELS
 from keruta.limits import MAX_SEQ, Limits
-from keruta.records import KINDS, PRODUCER_RE, SOURCES, LogRecord, LogRequest
+from keruta.records import KINDS, PRODUCER_RE, SOURCES, LogRecord, LogRequest, valid_record_producer
 from keruta.timefmt import canonical_ts
 
 T = TypeVar("T")
@@ -59,6 +59,8 @@ def record_body(r: LogRecord) -> dict[str, Any]:
         body["id"] = r.id
     if r.kind is not None:
         body["kind"] = r.kind
+    if r.producer is not None:
+        body["producer"] = r.producer
     return body
 
 
@@ -223,6 +225,9 @@ def read_records(
     built by `make(taskId, seq, timestamp, source, level, message,
     lineNumber, metadata, partial, tenth, kind)`; `tenth` is the record's
     `id` unless the caller gives one value for all (the hub: the producer).
+    A record's own `producer` (what the hub answers) is checked either way,
+    and given to `make` after `kind` only with the record's own `id`: a
+    producer's frame names its producer on the frame.
 
     With `canonical`, timestamps are given to `make` in keruta.timefmt's
     canonical form (each distinct one converted once).
@@ -255,6 +260,9 @@ def read_records(
         kind = r.get("kind")
         id_ = r.get("id")
         if id_ is not None and type(id_) is not str:
+            return None
+        producer = r.get("producer")
+        if producer is not None and not valid_record_producer(producer):
             return None
         if own_id:
             tenth = id_
@@ -297,7 +305,10 @@ def read_records(
                 size = len(encoded)
                 if size > max_meta or (size > max_depth and encoded.count(b"{") + encoded.count(b"[") > max_depth):
                     check.append(i)
-        append(make(task_id, seq, timestamp, source, level, message, line_number, metadata, partial, tenth, kind))
+        if own_id and producer is not None:
+            append(make(task_id, seq, timestamp, source, level, message, line_number, metadata, partial, tenth, kind, producer))
+        else:
+            append(make(task_id, seq, timestamp, source, level, message, line_number, metadata, partial, tenth, kind))
     # As the general path: sizes only once every record is well-formed, in order.
     for i in check:
         check_record_limits(_Fields(records[i]), limits, f"records[{i}]")

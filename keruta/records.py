@@ -140,6 +140,21 @@ def _line_number(_inst: object, _attr: attrs.Attribute, value: object) -> None:
         raise InvalidField("lineNumber", f"must be an integer between 0 and {MAX_SEQ}")
 
 
+PRODUCER_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+PRODUCER_RULE = "1-64 characters of [A-Za-z0-9._:-]"
+
+
+def valid_record_producer(value: object) -> bool:
+    """A record's `producer` as the hub answers it: a named producer, or ""."""
+    return value is None or (type(value) is str and (value == "" or PRODUCER_RE.fullmatch(value) is not None))
+
+
+@json_schema(pattern=rf"^({PRODUCER_RE.pattern})?$")
+def _record_producer(_inst: object, _attr: attrs.Attribute, value: object) -> None:
+    if not valid_record_producer(value):
+        raise InvalidField("producer", f"must be {PRODUCER_RULE}, or empty (the anonymous producer)")
+
+
 # Not frozen, though nothing changes a record once built: a frozen attrs
 # class's __init__ sets each field through object.__setattr__, which makes
 # building a record several times dearer, and every line is built at least
@@ -158,8 +173,14 @@ class LogRecord:
     metadata: dict[str, Any] = attrs.field(factory=dict)
     partial: bool = False
     id: str | None = None
-    # Last: the hot paths build records positionally, and a line has none.
+    # After the fields every record has: the hot paths build records
+    # positionally, and a line has no kind.
     kind: str | None = attrs.field(default=None, validator=_kind)
+    # Who wrote it, as the hub answers it (docs/identity.md): an agent run's
+    # id, a client's named producer, or "" (the anonymous producer). None: the
+    # hub's own gap or redaction record, or one stored before records kept it.
+    # A client's frames name their producer on the frame, never here.
+    producer: str | None = attrs.field(default=None, validator=_record_producer)
 
 
 _new = object.__new__
@@ -177,6 +198,7 @@ def trusted_record(
     partial: bool,
     id: str | None,  # noqa: A002 - the field's name
     kind: str | None,
+    producer: str | None = None,
 ) -> LogRecord:
     """A record from values already checked -- the store's own chunks, a
     record checked on its way in -- built without running the validators again
@@ -193,16 +215,14 @@ def trusted_record(
     r.partial = partial
     r.id = id
     r.kind = kind
+    r.producer = producer
     return r
-
-
-PRODUCER_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 @json_schema(pattern=rf"^{PRODUCER_RE.pattern}$")
 def _producer(_inst: object, _attr: attrs.Attribute, value: object) -> None:
     if value is not None and not (isinstance(value, str) and PRODUCER_RE.fullmatch(value)):
-        raise InvalidField("producer", "must be 1-64 characters of [A-Za-z0-9._:-]")
+        raise InvalidField("producer", f"must be {PRODUCER_RULE}")
 
 
 @attrs.frozen(slots=True)

@@ -27,7 +27,7 @@ from tests.hubclient import (
 TASK_KEYS = {"taskId", "state", "exitCode", "firstTimestamp", "lastTimestamp", "totalLogs"}
 hub, hub_factory = hubclient.hub, hubclient.hub_factory  # fixtures
 
-RECORD_KEYS = {"id", "taskId", "seq", "timestamp", "source", "level", "message", "lineNumber", "metadata"}
+RECORD_KEYS = {"id", "taskId", "seq", "timestamp", "source", "level", "message", "lineNumber", "metadata", "producer"}
 BASE = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
 
 
@@ -95,6 +95,8 @@ async def test_ws_and_rest_records_come_back_in_seq_order(hub: TestHub) -> None:
     assert by_seq[7]["source"] == "stderr" and by_seq[8]["source"] == "stdout"
     assert [by_seq[s]["id"] for s in (11, 12, 13)] == body["ids"]
     assert by_seq[14]["id"] == single["id"] and by_seq[14]["lineNumber"] == 7
+    # Who wrote each: the anonymous producer over the socket and in the seq-less POST, then "p".
+    assert [r["producer"] for r in records] == [""] * 13 + ["p"]
     # Missing level is detected from the text; missing source is stdout.
     assert (by_seq[11]["level"], by_seq[11]["source"]) == ("ERROR", "stdout")
     assert (by_seq[12]["level"], by_seq[12]["source"]) == ("INFO", "stderr")

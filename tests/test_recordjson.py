@@ -63,6 +63,7 @@ def records(task_id: st.SearchStrategy[str] = task_ids, timestamps: list[str] = 
         partial=st.booleans(),
         id=st.none() | st.text(min_size=1, max_size=20),
         kind=st.none() | st.sampled_from(KINDS),
+        producer=st.none() | st.just("") | st.from_regex(r"[A-Za-z0-9._:-]{1,64}", fullmatch=True),
     )
 
 
@@ -76,7 +77,8 @@ def test_a_record_written_by_either_is_read_by_the_other_as_the_same_value(rec: 
 
 @given(rec=records(), producer=st.none() | st.from_regex(r"[A-Za-z0-9._:-]{1,64}", fullmatch=True))
 def test_the_agents_line_encoders_write_the_converters_bytes(rec: LogRecord, producer: str | None) -> None:
-    rec = attrs.evolve(rec, id=None, line_number=rec.line_number or 0)
+    # A producer's own lines: the frame names the producer, the records none.
+    rec = attrs.evolve(rec, id=None, line_number=rec.line_number or 0, producer=None)
     assert rec.line_number is not None
     fields = (rec.task_id, rec.seq, rec.timestamp, rec.source, rec.level, rec.message, rec.line_number, rec.metadata)
     expected = orjson.dumps(converter.unstructure(rec))
@@ -119,6 +121,8 @@ ODD: dict[str, list[Any]] = {
     "partial": [True, False, 0, 1, "true", None],
     "id": ["id-1", "", 1, None],
     "kind": [*KINDS, "line", "", 1, None],
+    # What the hub answers; a producer's frame names its own on the frame.
+    "producer": ["p1", "", "~hub", "x" * 65, 1, None],
     "extra": [1, None],
 }
 FRAME_ODD: dict[str, list[Any]] = {

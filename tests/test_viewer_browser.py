@@ -580,3 +580,15 @@ def test_a_cap_gap_row_appears_where_the_records_were_cut(page: Any, tmp_path: P
         assert held == sorted(held) and len(held) == len(set(held))
     finally:
         hub.stop()
+
+
+def test_a_lines_number_names_who_wrote_it(page: Any, shared_hub: HubProcess) -> None:
+    task = "who-wrote"
+    post(shared_hub, task, [
+        {"message": "named", "producer": "run-7", "seq": 1, "lineNumber": 1},
+        {"message": "anonymous", "lineNumber": 2},
+    ])
+    page.get(f"{shared_hub.url}/tasks/{task}")
+    wait_for(lambda: viewer(page, "total") == 2, "the two lines")
+    titles = js(page, "return [...document.querySelectorAll('#rows .row a.n')].map((a) => a.title)")
+    assert titles == ["stdout line 1 · run-7", "stdout line 2"]

@@ -665,7 +665,9 @@
       n.className = "n";
       n.href = "#L" + rec.seq;
       n.textContent = rec.seq;
-      n.title = rec.source + " line " + rec.lineNumber;
+      // Who wrote it, when a producer was named (an agent run's id): a task
+      // written by several runs or clients tells them apart.
+      n.title = rec.source + " line " + rec.lineNumber + (rec.producer ? " · " + rec.producer : "");
       const t = document.createElement("span");
       t.className = "t";
       t.textContent = fmtTime(rec.timestamp);

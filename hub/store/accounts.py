@@ -17,6 +17,7 @@ from typing import Any
 
 import attrs
 
+from hub.store.base import Incoming
 from keruta import digest
 from keruta.records import LogRecord
 
@@ -98,7 +99,7 @@ class Accounts:
         return {p: a.to_json(counts=counts) for p, a in sorted(self.by_producer.items())}
 
 
-def carried_accounts(r: LogRecord) -> Any:
+def carried_accounts(r: LogRecord | Incoming) -> Any:
     """The accounts a hub-made gap or redaction record carries, or None (an
     agent's own spool gap carries none: it is one of its producer's records)."""
     if r.kind == "gap":

@@ -93,7 +93,8 @@ def record_ids(task_id: str, first: int, count: int) -> list[str]:
 # The anonymous producer: a client that names none (docs/identity.md).
 ANONYMOUS = ""
 # Producers whose ids start with this are the hub's own (a writer numbering
-# the records a REST client sent without `seq`); clients' ids cannot.
+# the records a REST client sent without `seq`); clients' ids cannot. Such a
+# record answers the anonymous producer (hub/store/rules.py answered_producer).
 HUB_MADE = "~"
 
 

@@ -14,7 +14,12 @@ rest:
     lines: {"m": [messages], "p": [partial] (absent: none)}
     body:  {"t": [timestamps], "s": [sources] or one source, "l": [levels] or one,
             "n": [line numbers] or one, "x": [metadata or null] (absent: none has any),
-            "k": [kinds] (absent: all lines), "q": [seqs] (absent: seq_first, +1, ...)}
+            "k": [kinds] (absent: all lines), "q": [seqs] (absent: seq_first, +1, ...),
+            "w": [producers] or one (absent: none has one)}
+
+"w" is who wrote each record as the hub answers it (keruta.records.LogRecord
+`producer`; null for the hub's own gap and redaction records). A chunk
+written before the column existed has none: its records answer without one.
 
 A chunk is written once per batch and rewritten only when a delete or a cap
 cuts inside it (its seqs are then no longer consecutive and "q" says which
@@ -125,6 +130,10 @@ def encode(records: Sequence[LogRecord]) -> ChunkRow:
         columns["k"] = [r.kind for r in records]
     if seqs[-1] - seqs[0] + 1 != len(seqs):
         columns["q"] = seqs
+    # A batch is mostly one producer's: one value for the chunk.
+    producers = _column([r.producer for r in records])
+    if producers is not None:
+        columns["w"] = producers
     tally = Counter(zip(sources, levels, strict=True))
     return ChunkRow(
         task_id=first.task_id,
@@ -192,6 +201,7 @@ def records_of(task_id: str, seq_first: int, cols: dict[str, Any]) -> list[LogRe
     metadata = cols.get("x") or [None] * n
     partial = cols.get("p") or [False] * n
     kinds = cols.get("k") or [None] * n
+    producers = _expand(cols.get("w"), n)
     ids = record_ids(task_id, seq_first, n) if "q" not in cols else [record_id(task_id, s) for s in seqs]
     # Positional, inline: a catching-up subscriber and every page read this way.
     return [
@@ -207,6 +217,7 @@ def records_of(task_id: str, seq_first: int, cols: dict[str, Any]) -> list[LogRe
             partial[i],
             ids[i],
             kinds[i],
+            producers[i],
         )
         for i in range(n)
     ]

@@ -12,7 +12,9 @@ from typing import Any, TypeVar
 
 import attrs
 
+from hub.store.accounts import carried_accounts
 from hub.store.base import (
+    ANONYMOUS,
     CONFLICT,
     DUPLICATE,
     GAP,
@@ -248,10 +250,31 @@ def _run_end(items: Sequence[Incoming], start: int) -> int:
     return end
 
 
+def answered_producer(item: Incoming) -> str | None:
+    """Who wrote a record, as the hub answers it (LogRecord `producer`): the
+    producer it came with; "" for a record the hub numbered (its client named
+    no producer: the anonymous one); None for the hub's own record, a
+    redaction's audit record (it carries accounts: docs/identity.md)."""
+    if not hub_made(item.producer):
+        return item.producer
+    if item.kind is not None and carried_accounts(item) is not None:
+        return None
+    return ANONYMOUS
+
+
 def _records(items: Sequence[Incoming], first: int) -> list[LogRecord]:
-    """Records for a run of items of one task, given seqs from `first` on."""
+    """Records for a run of items of one task and producer, given seqs from `first` on."""
     task_id = items[0].task_id
     ids = record_ids(task_id, first, len(items))
+    producer = items[0].producer
+    if hub_made(producer):
+        return [
+            trusted_record(
+                task_id, first + k, item.timestamp, item.source, item.level, item.message, item.line_number,
+                item.metadata, item.partial, ids[k], item.kind, answered_producer(item),
+            )
+            for k, item in enumerate(items)
+        ]
     return [
         trusted_record(
             task_id,
@@ -265,6 +288,7 @@ def _records(items: Sequence[Incoming], first: int) -> list[LogRecord]:
             item.partial,
             ids[k],
             item.kind,
+            producer,
         )
         for k, item in enumerate(items)
     ]

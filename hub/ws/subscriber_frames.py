@@ -15,8 +15,9 @@ from keruta.wire import dumps
 # Keep a live or history frame well below the frame limit whatever the lines hold.
 FRAME_RECORDS = 500
 FRAME_BYTES = 1024 * 1024
-# A record's fields but message and metadata, keys included, with a 128-character taskId.
-RECORD_FIELDS_BYTES = 400
+# A record's fields but message and metadata, keys included, each at its
+# longest (a 128-character taskId, a 64-character producer, a section kind).
+RECORD_FIELDS_BYTES = 480
 
 
 def status_payload(task: TaskInfo) -> str:
