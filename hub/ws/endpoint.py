@@ -11,10 +11,15 @@ queue hop per message, from hypercorn's protocol task to the reader.
 from __future__ import annotations
 
 import logging
-from typing import NoReturn
+from typing import NoReturn, cast
 
 import trio
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, WebsocketScope
+from hypercorn.typing import (
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    WebsocketReceiveEvent,
+    WebsocketScope,
+)
 
 from hub.admission import head_of
 from hub.auth import WS_SUBPROTOCOL, Role, bearer_token, subprotocol_token
@@ -53,14 +58,16 @@ class AsgiWebSocket:
         self.accepted = True
         await self._send({"type": "websocket.accept", "subprotocol": subprotocol, "headers": []})
 
-    async def receive(self) -> str | bytes | None:
+    async def receive(self) -> str | bytes:
         while not self.disconnected:
             message = await self._receive()
-            kind = message["type"]
-            if kind == "websocket.receive":
-                data = message.get("bytes")
-                return data if data is not None else message.get("text")  # type: ignore[return-value]
-            if kind == "websocket.disconnect":
+            if message["type"] == "websocket.receive":
+                received = cast(WebsocketReceiveEvent, message)
+                data = received.get("bytes")
+                if data is not None:
+                    return data
+                return received.get("text") or ""
+            if message["type"] == "websocket.disconnect":
                 self.disconnected = True
             # Anything else (the opening websocket.connect) carries nothing to read.
         await self._gone()
