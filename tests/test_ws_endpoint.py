@@ -229,6 +229,23 @@ async def test_a_query_token_counts_and_frames_come_as_text_or_bytes(store: SQLi
             await client.ended.wait()
 
 
+async def test_a_connection_that_fails_is_logged_and_closed_with_1011(
+    store: SQLiteStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running(store, HubConfig(agent_token="agent")) as hub:
+        client = hub.connect(headers=bearer("agent"))
+        with trio.fail_after(10):
+            await client.next()
+            # A closed store's error is no StoreUnavailable: nothing retries it.
+            await store.close()
+            client.put({"type": "subscribe", "taskId": TASK, "fromSeq": 1})
+            close = await client.next()
+            await client.ended.wait()
+        assert (close["type"], close["code"]) == ("websocket.close", 1011)
+        assert hub.deps.metrics.connections == 0
+        assert "a WebSocket connection failed" in caplog.text
+
+
 async def test_other_websocket_paths_are_left_to_quart(store: SQLiteStore) -> None:
     async with running(store, HubConfig()) as hub:
         client = Client()
