@@ -11,13 +11,26 @@ to the app; the body that arrives meanwhile is dropped as it comes, and the
 connection closes after the answer. Only an admitted request is handed to
 Quart, whose body read has a deadline (`--body-timeout`, BODY_TIMEOUT: 408)
 and a size bound (MAX_CONTENT_LENGTH: 413).
+
+A WebSocket for a path in `websockets` is served by its own ASGI app
+(hub/ws/endpoint.py), never by Quart: its handshake carries no body, and the
+app judges it the same way before it reads a frame.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Mapping
+
 import orjson
 import trio
-from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
+from hypercorn.typing import (
+    ASGIFramework,
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    HTTPScope,
+    Scope,
+    WebsocketScope,
+)
 from werkzeug.datastructures import Headers
 from werkzeug.sansio.request import Request as RequestHead
 
@@ -25,13 +38,16 @@ from hub.metrics import Metrics
 from hub.routes.access import READ_METHODS, Access
 from hub.routes.common import ApiError
 
+WebSocketApp = Callable[[WebsocketScope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
 
-def head_of(scope: HTTPScope) -> RequestHead:
+
+def head_of(scope: HTTPScope | WebsocketScope) -> RequestHead:
     """The request's method, URL and headers as the app will see them (a Quart
-    Request is this class with a body): the same Host, token and Origin."""
+    Request is this class with a body, a Quart Websocket this class with a
+    socket): the same Host, token and Origin. A WebSocket's handshake is a GET."""
     headers = Headers([(name.decode("latin1").title(), value.decode("latin1")) for name, value in scope["headers"]])
     return RequestHead(
-        scope["method"], scope["scheme"], scope.get("server"), scope.get("root_path", ""),
+        scope["method"] if scope["type"] == "http" else "GET", scope["scheme"], scope.get("server"), scope.get("root_path", ""),
         scope["path"], scope["query_string"], headers, None,
     )
 
@@ -43,12 +59,16 @@ def may_carry_body(head: RequestHead) -> bool:
 
 
 class Admission:
-    """Wraps the app's ASGI callable (`app.asgi_app = Admission(app.asgi_app, ...)`)."""
+    """Wraps the app's ASGI callable (`app.asgi_app = Admission(app.asgi_app, ...)`);
+    `websockets` maps a path to the app that serves its WebSocket scopes."""
 
-    def __init__(self, app: ASGIFramework, access: Access, metrics: Metrics) -> None:
+    def __init__(
+        self, app: ASGIFramework, access: Access, metrics: Metrics, websockets: Mapping[str, WebSocketApp] | None = None
+    ) -> None:
         self.app = app
         self.access = access
         self.metrics = metrics
+        self.websockets = dict(websockets or {})
 
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] == "http":
@@ -58,6 +78,11 @@ class Admission:
                 if refusal is not None:
                     await self.refuse(refusal, receive, send)
                     return
+        elif scope["type"] == "websocket":
+            websocket = self.websockets.get(scope["path"][len(scope.get("root_path", "")):])
+            if websocket is not None:
+                await websocket(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
     async def refuse(self, error: ApiError, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:

@@ -10,6 +10,7 @@ from hub.admission import Admission
 from hub.deps import ConnectionDeps
 from hub.routes import hooks, logs, ops, redact, tasks, verify, viewer, ws
 from hub.routes.access import Access
+from hub.ws.endpoint import WS_PATH, WebSocketEndpoint
 
 
 def create_app(deps: ConnectionDeps, store_available: Callable[[], bool]) -> QuartTrio:
@@ -22,8 +23,11 @@ def create_app(deps: ConnectionDeps, store_available: Callable[[], bool]) -> Qua
     app.config["BODY_TIMEOUT"] = config.body_timeout
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
     access = Access.for_config(config)
-    # A request that may carry a body proves its token before any of it is read.
-    app.asgi_app = Admission(app.asgi_app, access, deps.metrics)  # type: ignore[method-assign]
+    # A request that may carry a body proves its token before any of it is read;
+    # the WebSocket is served below Quart, on hypercorn's ASGI messages.
+    app.asgi_app = Admission(  # type: ignore[method-assign]
+        app.asgi_app, access, deps.metrics, {WS_PATH: WebSocketEndpoint(access, deps)}
+    )
     hooks.install(app, access=access, metrics=deps.metrics, max_frame_bytes=config.limits.max_frame_bytes)
     app.register_blueprint(logs.blueprint(
         access=access, store=deps.store, writer_inbox=deps.writer_inbox, limiter=deps.limiter, config=config,
@@ -38,5 +42,5 @@ def create_app(deps: ConnectionDeps, store_available: Callable[[], bool]) -> Qua
         access=access, metrics=deps.metrics, store_available=store_available, max_page_size=config.max_page_size,
     ))
     app.register_blueprint(viewer.blueprint())
-    app.register_blueprint(ws.blueprint(access=access, deps=deps))
+    app.register_blueprint(ws.blueprint())
     return app

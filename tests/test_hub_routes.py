@@ -350,7 +350,8 @@ async def test_common_params_raise_api_errors() -> None:
 
 async def test_ws_without_a_token_gets_one_error_frame(store: SQLiteStore) -> None:
     deps = deps_for(store, None, HubConfig(agent_token="agent"))
-    client = app_with(ws.blueprint(access=Access.for_config(deps.config), deps=deps), deps).test_client()
+    # The WebSocket is served below Quart (hub/ws/endpoint.py): the whole app's ASGI callable.
+    client = create_app(deps, store_available=lambda: True).test_client()
     with trio.fail_after(5):
         async with client.websocket("/api/v1/ws") as socket:
             frame = orjson.loads(await socket.receive())
@@ -359,7 +360,7 @@ async def test_ws_without_a_token_gets_one_error_frame(store: SQLiteStore) -> No
 
 async def test_ws_accepted_answers_pings_and_acknowledges_writes(store: SQLiteStore, nursery: trio.Nursery) -> None:
     deps = deps_for(store, nursery, HubConfig(agent_token="agent"))
-    client = app_with(ws.blueprint(access=Access.for_config(deps.config), deps=deps), deps).test_client()
+    client = create_app(deps, store_available=lambda: True).test_client()
     with trio.fail_after(5):
         async with client.websocket("/api/v1/ws", headers={"Authorization": "Bearer agent"}) as socket:
             await socket.send('{"type":"ping"}')
@@ -368,6 +369,13 @@ async def test_ws_accepted_answers_pings_and_acknowledges_writes(store: SQLiteSt
             ack = orjson.loads(await socket.receive())
             assert ack["type"] == "ack" and ack["taskId"] == TASK and ack["seq"] == 2
     assert await store.durable_seq(TASK) == 2
+
+
+async def test_a_plain_get_of_the_ws_path_is_told_to_upgrade(store: SQLiteStore) -> None:
+    deps = deps_for(store, None)
+    response = await app_with(ws.blueprint(), deps).test_client().get("/api/v1/ws")
+    assert response.status_code == 426 and response.headers["Upgrade"] == "websocket"
+    assert (await json_of(response))["error"] == "UPGRADE_REQUIRED"
 
 
 # --- the whole app ---------------------------------------------------------

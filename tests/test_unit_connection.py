@@ -39,7 +39,7 @@ class MemoryWebSocket:
     full, so a client that stops reading stalls the connection's sender."""
 
     def __init__(self, buffered: float) -> None:
-        self._to_hub, self._from_client = trio.open_memory_channel[str | bytes | None](math.inf)
+        self._to_hub, self._from_client = trio.open_memory_channel[str | bytes](math.inf)
         self._to_client, self._from_hub = trio.open_memory_channel[str](buffered)
         self.close_code: int | None = None
         self.connection: Connection | None = None
@@ -51,7 +51,7 @@ class MemoryWebSocket:
 
     # --- the hub's side -------------------------------------------------
 
-    async def receive(self) -> str | bytes | None:
+    async def receive(self) -> str | bytes:
         try:
             return await self._from_client.receive()
         except trio.Cancelled:
@@ -72,7 +72,7 @@ class MemoryWebSocket:
 
     # --- the client's side ----------------------------------------------
 
-    def put(self, frame: Frame | str | bytes | None) -> None:
+    def put(self, frame: Frame | str | bytes) -> None:
         self._to_hub.send_nowait(orjson.dumps(frame).decode() if isinstance(frame, dict) else frame)
 
     def unread_frames(self) -> int:
@@ -240,11 +240,11 @@ async def test_subscribe_from_seq_gets_history_then_live_without_gap_or_duplicat
 async def test_bad_frames_get_error_frames_and_the_connection_serves_on(sqlite_store: SQLiteStore) -> None:
     async with running(sqlite_store, HubConfig(max_subscriptions=1)) as hub:
         viewer = hub.connect(Role.VIEWER)
-        bad: list[tuple[Frame | str | None, str]] = [
+        bad: list[tuple[Frame | str | bytes, str]] = [
             ("{not json", "INVALID_MESSAGE_FORMAT"),
             ({"type": "launch"}, "INVALID_MESSAGE_FORMAT"),
             (OVERSIZED, "TOO_LARGE"),  # what hub/hypercorn_patches.py hands on for a frame over the limit
-            (None, "INVALID_MESSAGE_FORMAT"),  # an empty binary message, as Quart passes it on
+            (b"", "INVALID_MESSAGE_FORMAT"),  # an empty binary message
             (logs_frame(TASK, [make_record(TASK, 1)]), "FORBIDDEN"),  # a viewer may not write
         ]
         for frame, code in bad:

@@ -84,10 +84,11 @@ CLOSE_TRY_AGAIN_LATER = 1013
 
 
 class WebSocket(Protocol):
-    """What a Connection uses of its socket (Quart's `websocket` in the hub; an
-    in-memory stand-in in tests/test_unit_connection.py)."""
+    """What a Connection uses of its socket (hub/ws/endpoint.py's AsgiWebSocket
+    in the hub; an in-memory stand-in in tests/test_unit_connection.py).
+    `receive` gives a message's text or bytes, OVERSIZED for one over the limit."""
 
-    async def receive(self) -> str | bytes | None: ...
+    async def receive(self) -> str | bytes: ...
 
     async def send(self, data: str) -> None: ...
 
@@ -292,9 +293,6 @@ class Connection:
         while True:
             data = await self.ws.receive()
             self.hub.metrics.frames_received += 1
-            if data is None:
-                # Quart passes an empty binary message on as None (`bytes or text`).
-                data = b""
             if data is OVERSIZED or data == OVERSIZED:
                 await self._error("TOO_LARGE", f"frame is larger than {limits.max_frame_bytes} bytes")
                 continue
