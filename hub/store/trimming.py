@@ -291,10 +291,31 @@ def retention_gap(d: Dialect, task_id: str, dropped: Sequence[LogRecord]) -> Ste
 
 
 def scrub(text: str, values: Sequence[str]) -> str:
+    """`text` with every stretch any of `values` covers made `***`: where
+    occurrences overlap (of one value, of two, or of a value with a `***`
+    already there) the stretch they cover together is one `***`, so no piece
+    of a value is left and redacting again changes nothing."""
+    spans: list[tuple[int, int]] = []
     for v in values:
-        if v in text:
-            text = text.replace(v, "***")
-    return text
+        at = text.find(v)
+        while at != -1:
+            spans.append((at, at + len(v)))
+            at = text.find(v, at + 1)
+    if not spans:
+        return text
+    spans.sort()
+    out = []
+    done = 0
+    start, end = spans[0]
+    for first, last in spans[1:]:
+        if first <= end:
+            end = max(end, last)
+            continue
+        out += [text[done:start], "***"]
+        done = end
+        start, end = first, last
+    out += [text[done:start], "***", text[end:]]
+    return "".join(out)
 
 
 def _scrub_json(value: Any, values: Sequence[str]) -> Any:
@@ -309,8 +330,7 @@ def _scrub_json(value: Any, values: Sequence[str]) -> Any:
 
 def redacted(r: LogRecord, values: Sequence[str]) -> LogRecord:
     """`r` with every value in its message and metadata strings replaced by
-    `***` (longest first, so a value inside another goes with it); `r`
-    itself when none occurs."""
+    `***` (`scrub`); `r` itself when none occurs."""
     message = scrub(r.message, values)
     metadata = _scrub_json(r.metadata, values) if r.metadata else r.metadata
     if message == r.message and metadata == r.metadata:
