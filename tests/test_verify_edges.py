@@ -47,10 +47,10 @@ async def finish(ws: Ws, task: str, producer: str, summary: dict[str, Any]) -> N
                               "producer": producer, "summary": summary}))
 
 
-async def verify(hub: Any, task: str, *, until: str | None = None) -> dict[str, Any]:
+async def verify(hub: Any, task: str, *, until: str | None = None, token: str | None = None) -> dict[str, Any]:
     """The verdict; with `until`, asked again until it is that (the final
     status is stored after the frame is read)."""
-    async with hub.http() as client:
+    async with hub.http(token) as client:
         with trio.fail_after(PATIENCE):
             while True:
                 resp = await client.get(f"/api/v1/tasks/{task}/verify")
