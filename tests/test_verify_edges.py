@@ -14,6 +14,7 @@ import trio
 from keruta.summary import Tally
 from tests import hubclient
 from tests.hubclient import PATIENCE, Ws, assert_error, logs_path
+from tests.storedata import rec
 
 hub, hub_factory = hubclient.hub, hubclient.hub_factory  # fixtures
 
@@ -228,3 +229,22 @@ async def test_verify_while_records_still_arrive_never_says_incomplete_for_a_com
                 by = {p["producer"]: p for p in answer["producers"]}
                 assert by["run-done"]["verdict"] == "complete", answer
                 assert answer["verdict"] == "unverified"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a redaction commits its chunks a few per transaction and its record (the accounts verify "
+    "needs) only at the end: a verification in between finds changed leaves and nothing owing them",
+)
+async def test_verify_between_two_steps_of_a_redaction_does_not_say_incomplete(store) -> None:  # type: ignore[no-untyped-def]
+    sent = [rec(p, f"line {p:06d} SECRET " + "x" * 80, producer="run") for p in range(1, 30_001)]
+    for start in range(0, len(sent), 5000):
+        await store.append(sent[start:start + 5000])
+    tally = Tally()
+    for p, r in enumerate(sent, 1):
+        tally.add(p, r.source, None, False, 0, r.message)
+    await store.set_state("t1", "succeeded", 0, "run", tally.summary(len(sent)))
+    assert (await store.verify("t1")).verdict == "complete"
+    step = await store.redact_step("t1", ["SECRET"], 0, await store.durable_seq("t1"))
+    assert step.seqs and not step.done
+    assert (await store.verify("t1")).verdict != "incomplete"
