@@ -248,3 +248,19 @@ async def test_verify_between_two_steps_of_a_redaction_does_not_say_incomplete(s
     step = await store.redact_step("t1", ["SECRET"], 0, await store.durable_seq("t1"))
     assert step.seqs and not step.done
     assert (await store.verify("t1")).verdict != "incomplete"
+
+
+async def test_a_verdict_taken_during_a_redaction_is_not_kept_after_it(store) -> None:  # type: ignore[no-untyped-def]
+    sent = [rec(p, f"line {p:06d} SECRET " + "x" * 80, producer="run") for p in range(1, 30_001)]
+    for start in range(0, len(sent), 5000):
+        await store.append(sent[start:start + 5000])
+    tally = Tally()
+    for p, r in enumerate(sent, 1):
+        tally.add(p, r.source, None, False, 0, r.message)
+    await store.set_state("t1", "succeeded", 0, "run", tally.summary(len(sent)))
+    through = await store.durable_seq("t1")
+    step = await store.redact_step("t1", ["SECRET"], 0, through)
+    await store.verify("t1")
+    while not step.done:
+        step = await store.redact_step("t1", ["SECRET"], step.cursor, through)
+    assert (await store.task("t1")).verdict != "incomplete"

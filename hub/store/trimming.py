@@ -227,6 +227,8 @@ def cap_step(d: Dialect, task_id: str, hub_cap: int | None, now: str) -> Steps[C
         bytes_delta += row.bytes
     yield from _after_drop(d, task_id, dropped, old_gap is None, bytes_delta)
     yield d.exec(d.AFTER_TRIM, len(dropped), 0 if old_gap is not None else 1, gap_seq, now, task_id)
+    # A verification reading the task across this cut may have missed its gap.
+    yield d.exec(d.SET_VERDICT, None, task_id)
     return CapStep(gap=gap, dropped=len(dropped), more=dropped_bytes < excess)
 
 
@@ -376,6 +378,8 @@ def redact_step(d: Dialect, task_id: str, values: Sequence[str], after: int, thr
             if owner is not None:
                 accounts.changed(owner[0], owner[1], old, new_record)
         yield d.exec(d.ADD_STORED_BYTES, bytes_delta, task_id)
+        # A verdict kept from before, or taken between two steps, no longer holds.
+        yield d.exec(d.SET_VERDICT, None, task_id)
     cursor = rows[-1][1] if rows else through
     return RedactStep([old.seq for old, _ in changed], accounts, cursor, len(rows) < d.delete_chunks)
 
