@@ -10,10 +10,14 @@ from typing import Any
 import pytest
 import trio
 
+from hub.store import open_store_from_url
+from hub.store.base import LogQuery
 from keruta.cliargs import size
 from keruta.limits import INT64_MAX
+from keruta.summary import Tally
 from tests import hubclient
 from tests.hubclient import PATIENCE, InProcessHubFactory, fetch_all, logs_frame, make_record
+from tests.storedata import rec
 
 hub_factory = hubclient.hub_factory  # fixture
 
@@ -104,3 +108,37 @@ async def test_a_live_subscriber_from_seq_1_sees_every_seq_once_or_inside_a_gap(
         stored = await settled(client, task, 30 * 1024)
         (gap,) = [r for r in stored if r.get("kind") == "gap"]
         assert gap["seq"] in gaps
+
+
+async def test_two_hubs_cutting_one_task_at_once_leave_one_gap_that_adds_up(store) -> None:  # type: ignore[no-untyped-def]
+    """Two stores on one database (two hubs), each cutting the task as its
+    own commits take it past the cap, while both append: one gap, every
+    record kept or accounted for, and the log verifies."""
+    other = open_store_from_url(store.url)
+    await other.open()
+    cap = 40_000
+    tallies = {"a": Tally(), "b": Tally()}
+    try:
+
+        async def hub(target, producer: str) -> None:  # type: ignore[no-untyped-def]
+            for start in range(1, 3001, 100):
+                batch = [rec(p, f"{producer}{p:06d} " + "x" * 92, producer=producer, at=p)
+                         for p in range(start, start + 100)]
+                for p, r in enumerate(batch, start):
+                    tallies[producer].add(p, r.source, None, False, 0, r.message)
+                await target.append(batch)
+                while (step := await target.cap_step("t1", cap)) is not None and step.more:
+                    pass
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hub, store, "a")
+            nursery.start_soon(hub, other, "b")
+    finally:
+        await other.close()
+    for producer, tally in tallies.items():
+        await store.set_state("t1", "succeeded", 0, producer, tally.summary(3000))
+    records = (await store.query(LogQuery(task_id="t1", size=100_000))).content
+    assert len([r for r in records if r.kind == "gap"]) == 1
+    assert sum(len(r.message) for r in records if r.kind != "gap") <= cap
+    answer = await store.verify("t1")
+    assert answer.verdict == "complete", answer.message
