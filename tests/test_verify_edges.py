@@ -37,6 +37,8 @@ def summary_of(recs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def send_run(ws: Ws, task: str, producer: str, recs: list[dict[str, Any]]) -> None:
+    """As an agent sends its run: a `running` status (on each connection), then its records."""
+    await ws.send({"type": "status", "taskId": task, "state": "running", "producer": producer})
     for start in range(0, len(recs), 50):
         await ws.send({"type": "logs", "taskId": task, "producer": producer, "records": recs[start:start + 50]})
     await ws.wait_ack(task, recs[-1]["seq"])
@@ -264,3 +266,22 @@ async def test_a_verdict_taken_during_a_redaction_is_not_kept_after_it(store) ->
     while not step.done:
         step = await store.redact_step("t1", ["SECRET"], step.cursor, through)
     assert (await store.task("t1")).verdict != "incomplete"
+
+
+async def test_a_rest_producer_naming_itself_does_not_hold_the_verdict_back(hub: hubclient.InProcessHub) -> None:
+    """A REST client may name itself (`producer` + `seq`, for safe retries),
+    but has no way to send a summary: it is no run, and a task it wrote to
+    with a finished agent run is complete, not unverified forever."""
+    task = "rest-named"
+    recs = records(task, 1, 20, "n")
+    async with hub.ws() as ws, hub.http() as client:
+        await send_run(ws, task, "run-n", recs)
+        resp = await client.post(logs_path(task), json=[
+            {"message": "step 1", "producer": "ci-step", "seq": 1}, {"message": "step 2", "producer": "ci-step", "seq": 2},
+        ])
+        assert resp.status_code in (200, 201), resp.text
+        assert (await verify(hub, task))["verdict"] == "unverified"  # run-n has not finished
+        await finish(ws, task, "run-n", summary_of(recs))
+        answer = await verify(hub, task, until="complete")
+    by = {p["producer"]: p["verdict"] for p in answer["producers"]}
+    assert by == {"run-n": "complete", "ci-step": "unverified"}

@@ -55,7 +55,7 @@ class PostgresSql(Dialect):
         "UPDATE keruta_tasks SET state = $1, exit_code = $2, updated_at = $3, run_no = $4 WHERE task_id = $5"
     )
     SET_SUMMARY = "UPDATE keruta_producers SET summary = $1 WHERE task_id = $2 AND producer = $3"
-    SUMMARIES = "SELECT producer, summary FROM keruta_producers WHERE task_id = $1 ORDER BY run_no, producer"
+    SUMMARIES = "SELECT producer, summary, run_no > 0 FROM keruta_producers WHERE task_id = $1 ORDER BY run_no, producer"
     TASK_RANGES = """
         SELECT producer, pseq_first, pseq_last, seq_first FROM keruta_producer_ranges
         WHERE task_id = $1 ORDER BY seq_first

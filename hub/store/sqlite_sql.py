@@ -47,7 +47,7 @@ class SQLiteSql(Dialect):
     SET_RUN_STATE = "UPDATE keruta_producers SET state = ?, exit_code = ? WHERE task_id = ? AND producer = ?"
     SET_TASK_STATE = "UPDATE keruta_tasks SET state = ?, exit_code = ?, updated_at = ?, run_no = ? WHERE task_id = ?"
     SET_SUMMARY = "UPDATE keruta_producers SET summary = ? WHERE task_id = ? AND producer = ?"
-    SUMMARIES = "SELECT producer, summary FROM keruta_producers WHERE task_id = ? ORDER BY run_no, producer"
+    SUMMARIES = "SELECT producer, summary, run_no > 0 FROM keruta_producers WHERE task_id = ? ORDER BY run_no, producer"
     TASK_RANGES = """
         SELECT producer, pseq_first, pseq_last, seq_first FROM keruta_producer_ranges
         WHERE task_id = ? ORDER BY seq_first

@@ -68,7 +68,10 @@ class SqlStore:
         if start is None:
             return None
         summaries, ranges = start
-        check = Verification(task_id, [(p, _summary(text)) for p, text in summaries], ranges)
+        check = Verification(
+            task_id, [(p, _summary(text)) for p, text, _ in summaries], ranges,
+            runs={p for p, _, run in summaries if run},
+        )
         after = 0
         while True:
             rows = await self._read(core.chunks_after(self._dialect, task_id, after))
