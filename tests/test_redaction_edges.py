@@ -6,12 +6,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import pytest
 import trio
 
+from hub.redaction import redact as hub_redact
+from hub.redaction import redaction_item
+from hub.store.base import LogQuery
 from hub.store.trimming import scrub
+from keruta.summary import Tally
 from tests import hubclient
 from tests.hubclient import InProcessHubFactory, fetch_all
+from tests.storedata import rec
 from tests.test_verify_edges import TS, finish, send_run, summary_of, verify
 
 hub_factory = hubclient.hub_factory  # fixture
@@ -139,3 +145,29 @@ async def test_a_value_in_every_record_of_a_big_task(hub_factory: InProcessHubFa
         stored = await fetch_all(client, task)
     assert all("SECRET" not in r["message"] for r in stored)
     assert (await verify(hub, task, token=ADMIN))["verdict"] == "complete"
+
+
+async def test_a_value_found_in_the_hubs_own_records_leaves_them_as_they_are(store) -> None:  # type: ignore[no-untyped-def]
+    """A cap's gap and a redaction's record hold digests in hex and the words
+    verify reads (`gap`, `accounts`): a value that happens to occur there
+    (a hex-ish token, a short word) must not break them, or the log stops
+    verifying. They never hold a producer's text, so they are left alone."""
+    sent = [rec(p, f"line {p:06d} " + "x" * 92, producer="a", at=p) for p in range(1, 2001)]
+    tally = Tally()
+    for p, r in enumerate(sent, 1):
+        tally.add(p, r.source, None, False, 0, r.message)
+    await store.append(sent)
+    while (step := await store.cap_step("t1", 60_000)) is not None and step.more:
+        pass
+    await store.set_state("t1", "succeeded", 0, "a", tally.summary(len(sent)))
+    assert (await store.verify("t1")).verdict == "complete"
+    (gap,) = [r for r in (await store.query(LogQuery(task_id="t1", size=10_000))).content if r.kind == "gap"]
+    hex_piece = gap.metadata["gap"]["accounts"]["a"]["digest"].split(":")[1][:6]
+    done = await hub_redact(store, "t1", [hex_piece, "accounts", "line 000001 "])
+    await store.append([attrs.evolve(redaction_item("t1", done), producer="~hub", seq=1)])
+    done = await hub_redact(store, "t1", ["redaction", "records"])
+    await store.append([attrs.evolve(redaction_item("t1", done), producer="~hub", seq=2)])
+    records = (await store.query(LogQuery(task_id="t1", size=10_000))).content
+    assert [r.metadata for r in records if r.kind == "gap"] == [gap.metadata]
+    assert records[0].message.startswith("***")
+    assert (await store.verify("t1")).verdict == "complete"
