@@ -87,3 +87,21 @@ def test_an_end_with_nothing_open_is_a_plain_line_and_opens_nothing() -> None:
     assert feed(tracker, ["::endgroup::", "section_end:1:none", "::endgroup::"]) == [(None, None)] * 3
     assert tracker.open == []
     assert feed(tracker, ["::group::A", "::endgroup::"]) == [("section_start", "A"), ("section_end", "A")]
+
+
+def test_a_buildkite_header_inside_a_group_does_not_end_the_buildkite_section_around_the_group() -> None:
+    """`--- X`, then a GitHub group, then `--- Y` inside the group: Y is a
+    section of the group, and each ::endgroup:: ends its own group."""
+    tracker = SectionTracker()
+    got = feed(tracker, ["::group::A", "--- X", "::group::B", "--- Y", "::endgroup::", "::endgroup::"])
+    assert got == [
+        ("section_start", "A"), ("section_start", "X"), ("section_start", "B"), ("section_start", "Y"),
+        ("section_end", "B"), ("section_end", "A"),
+    ]
+    assert tracker.open == []
+
+
+def test_buildkite_headers_side_by_side_inside_a_group_end_each_other_not_the_group() -> None:
+    tracker = SectionTracker()
+    got = feed(tracker, ["::group::A", "--- X", "--- Y", "::endgroup::"])
+    assert got == [("section_start", "A"), ("section_start", "X"), ("section_start", "Y"), ("section_end", "A")]

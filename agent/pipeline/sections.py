@@ -249,9 +249,12 @@ class SectionTracker:
             # The Buildkite section this header ends is one past the limit.
             del self._beyond[beyond:]
         elif marker.style == BUILDKITE:
-            # A header ends the Buildkite section before it, and what that holds.
+            # A header ends the Buildkite section before it, and the Buildkite
+            # sections inside it, but not a group opened inside it and still
+            # open: then it starts a section inside that group, whose own end
+            # marker comes later.
             at = next((i for i in range(len(self.open) - 1, -1, -1) if self.open[i].style == BUILDKITE), None)
-            if at is not None:
+            if at is not None and all(s.style == BUILDKITE for s in self.open[at:]):
                 ends = self.open[at:][::-1]
                 del self.open[at:]
                 self._beyond.clear()
