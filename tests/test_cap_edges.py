@@ -33,6 +33,13 @@ def test_the_largest_size_is_one_the_hub_takes() -> None:
     assert size("8G") == 8 << 30
 
 
+async def send_lines(ws: Any, task: str, first: int, last: int) -> None:
+    for start in range(first, last + 1, 100):
+        await ws.send(logs_frame(task, [make_record(task, s, f"line {s:06d} " + "y" * 88)
+                                        for s in range(start, min(start + 99, last) + 1)]))
+    await ws.wait_ack(task, last)
+
+
 async def settled(client: Any, task: str, cap: int) -> list[dict[str, Any]]:
     """The task's records once the capper has caught up (within its cap)."""
     with trio.fail_after(PATIENCE):
@@ -142,3 +149,19 @@ async def test_two_hubs_cutting_one_task_at_once_leave_one_gap_that_adds_up(stor
     assert sum(len(r.message) for r in records if r.kind != "gap") <= cap
     answer = await store.verify("t1")
     assert answer.verdict == "complete", answer.message
+
+
+async def test_a_task_left_over_its_cap_is_cut_when_the_hub_starts(hub_factory: InProcessHubFactory) -> None:
+    """A task whose cut was left undone (here: stored before the hub had a
+    cap; as well a hub stopped mid-cut, or a store away) commits no more once
+    finished: the hub finds it when it starts, not at a next commit."""
+    first = await hub_factory.astart()
+    task = "left-over"
+    async with first.ws() as writer:
+        await send_lines(writer, task, 1, 1000)
+        await writer.send({"type": "status", "taskId": task, "state": "succeeded", "exitCode": 0})
+    await first.astop()
+    second = await hub_factory.astart("--max-task-bytes", "40K", db=first.db)
+    async with second.http() as client:
+        records = await settled(client, task, 40 * 1024)
+    assert len([r for r in records if r.get("kind") == "gap"]) == 1

@@ -151,6 +151,9 @@ class PostgresSql(Dialect):
     SECTIONS_DROP = "DELETE FROM keruta_sections WHERE task_id = $1 AND start_seq BETWEEN $2 AND $3"
     LOCK_TASK_STATE = "SELECT state FROM keruta_tasks WHERE task_id = $1 FOR UPDATE"
     CAP_STATE = "SELECT stored_bytes, max_bytes, cap_gap_seq FROM keruta_tasks WHERE task_id = $1 FOR UPDATE"
+    OVER_CAP = """
+        SELECT task_id FROM keruta_tasks
+        WHERE stored_bytes > LEAST(COALESCE(max_bytes, $1::bigint), COALESCE($2::bigint, max_bytes)) LIMIT $3"""
     CHUNK_BYTES_AFTER = """
         SELECT seq_first, seq_last, bytes FROM keruta_chunks WHERE task_id = $1 AND seq_last > $2
         ORDER BY seq_last LIMIT $3

@@ -143,6 +143,9 @@ class SQLiteSql(Dialect):
     SECTIONS_DROP = "DELETE FROM keruta_sections WHERE task_id = ? AND start_seq BETWEEN ? AND ?"
     LOCK_TASK_STATE = "SELECT state FROM keruta_tasks WHERE task_id = ?"
     CAP_STATE = "SELECT stored_bytes, max_bytes, cap_gap_seq FROM keruta_tasks WHERE task_id = ?"
+    OVER_CAP = """
+        SELECT task_id FROM keruta_tasks
+        WHERE stored_bytes > MIN(COALESCE(max_bytes, ?), COALESCE(?, max_bytes)) LIMIT ?"""
     CHUNK_BYTES_AFTER = """
         SELECT seq_first, seq_last, bytes FROM keruta_chunks WHERE task_id = ? AND seq_last > ?
         ORDER BY seq_last LIMIT ?

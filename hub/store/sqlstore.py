@@ -158,6 +158,9 @@ class SqlStore:
         # Not synced: a cut lost to a power cut is made again by the next commit's check.
         return await self._write(trimming.cap_step(self._dialect, task_id, hub_cap, now_ts()), sync=False)
 
+    async def tasks_over_cap(self, hub_cap: int | None, limit: int) -> list[str]:
+        return await self._read(trimming.over_cap_tasks(self._dialect, hub_cap, limit))
+
     async def redact_step(
         self, task_id: str, values: Sequence[str], after: int, through: int
     ) -> trimming.RedactStep:

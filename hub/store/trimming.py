@@ -233,6 +233,12 @@ def cap_step(d: Dialect, task_id: str, hub_cap: int | None, now: str) -> Steps[C
     return CapStep(gap=gap, dropped=len(dropped), more=dropped_bytes < excess)
 
 
+def over_cap_tasks(d: Dialect, hub_cap: int | None, limit: int) -> Steps[list[str]]:
+    """Up to `limit` tasks over their cap (the hub's, or their agent's where lower)."""
+    rows = yield d.fetch(d.OVER_CAP, hub_cap, hub_cap, limit)
+    return [r[0] for r in rows]
+
+
 def _head_end(d: Dialect, task_id: str, budget: int) -> Steps[tuple[Any, int] | None]:
     """The chunk row where the first `budget` bytes of messages end, and the
     index in it of the first record past them."""
