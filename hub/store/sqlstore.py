@@ -155,7 +155,8 @@ class SqlStore:
         return total
 
     async def cap_step(self, task_id: str, hub_cap: int | None) -> trimming.CapStep | None:
-        # Not synced: a cut lost to a power cut is made again by the next commit's check.
+        # Not synced: a cut lost to a power cut is made again by the next commit's check,
+        # or by the capper's look for tasks over their cap when the hub starts.
         return await self._write(trimming.cap_step(self._dialect, task_id, hub_cap, now_ts()), sync=False)
 
     async def tasks_over_cap(self, hub_cap: int | None, limit: int) -> list[str]:
