@@ -34,9 +34,9 @@ from hypercorn.typing import (
 from werkzeug.datastructures import Headers
 from werkzeug.sansio.request import Request as RequestHead
 
+from hub.access import READ_METHODS, Access
+from hub.errors import ApiError
 from hub.metrics import Metrics
-from hub.routes.access import READ_METHODS, Access
-from hub.routes.common import ApiError
 
 WebSocketApp = Callable[[WebsocketScope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
 

@@ -6,10 +6,10 @@ from collections.abc import Callable
 
 from quart_trio import QuartTrio
 
+from hub.access import Access
 from hub.admission import Admission
 from hub.deps import ConnectionDeps
 from hub.routes import hooks, logs, ops, redact, tasks, verify, viewer, ws
-from hub.routes.access import Access
 from hub.ws.endpoint import WS_PATH, WebSocketEndpoint
 
 

@@ -9,6 +9,8 @@ import re
 from collections.abc import Callable
 from typing import TypeVar
 
+from keruta.limits import INT64_MAX
+
 N = TypeVar("N", int, float)
 
 
@@ -43,7 +45,13 @@ def size(text: str) -> int:
     match = _SIZE.fullmatch(text.strip())
     if match is None:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500M, 1G)")
-    value = int(float(match[1]) * _UNITS[match[2].lower()])
+    unit = _UNITS[match[2].lower()]
+    # Whole numbers exactly: a float is off by more than a byte past 2**53.
+    number = int(match[1]) * unit if match[1].isdigit() else float(match[1]) * unit
+    if number > INT64_MAX:
+        # Sent to the hub as maxBytes, which stores and checks it as a 64-bit integer.
+        raise argparse.ArgumentTypeError(f"must be at most {INT64_MAX} bytes (8E), got {text[:40]}")
+    value = int(number)
     if value < 1:
         raise argparse.ArgumentTypeError("must be > 0")
     return value

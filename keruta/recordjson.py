@@ -167,9 +167,33 @@ def _deeper_than(value: Any, limit: int) -> bool:
     return True
 
 
+# Kinds of record a producer's may have only as `check_record_limits` allows.
+_HUB_KINDS = frozenset(("gap", "redaction"))
+
+
+def _hub_made(kind: Any, metadata: Any) -> bool:
+    """Whether a record says it is the hub's own: a redaction's audit record,
+    or a gap with `accounts` (what the hub dropped, which `verify` credits to
+    the producers' summaries). A producer's may be neither, or it could pass
+    for an admin's redaction, or make a log short of records verify as
+    complete; an agent's own gap (its spool was full) has no accounts."""
+    if kind == "redaction":
+        return True
+    gap = metadata.get("gap") if kind == "gap" and isinstance(metadata, dict) else None
+    return isinstance(gap, dict) and "accounts" in gap
+
+
 def check_record_limits(record: Any, limits: Limits, where: str) -> None:
     """What a producer's record (a LogRecord or LogRequest) must meet beyond
-    its types: sizes, and what the stores and the hub's own frames can hold."""
+    its types: sizes, what the stores and the hub's own frames can hold, and
+    not passing for a record only the hub makes."""
+    if _hub_made(record.kind, record.metadata):
+        raise FrameError(
+            "INVALID_MESSAGE_FORMAT",
+            f"invalid field '{where}.kind': a redaction record, or a gap record with accounts, "
+            "is the hub's own; a producer's gap record has no accounts",
+            f"{where}.kind",
+        )
     if record.seq is not None and record.seq > MAX_SEQ:
         raise FrameError(
             "INVALID_MESSAGE_FORMAT",
@@ -292,7 +316,7 @@ def read_records(
                     return None
                 last_ts = timestamp
             timestamp = stamp
-        if len(message) > max_chars:
+        if len(message) > max_chars or kind in _HUB_KINDS:
             check.append(i)
         elif metadata:
             # Within both limits, told from one encoding: it nests no deeper
@@ -318,9 +342,10 @@ def read_records(
 class _Fields:
     """A record's JSON as check_record_limits reads it (already type-checked)."""
 
-    __slots__ = ("message", "metadata", "seq")
+    __slots__ = ("kind", "message", "metadata", "seq")
 
     def __init__(self, r: dict[str, Any]) -> None:
+        self.kind = r.get("kind")
         self.seq = r["seq"]
         self.message = r["message"]
         self.metadata = r["metadata"] if "metadata" in r else {}
@@ -370,7 +395,7 @@ def read_requests(items: list[Any], limits: Limits, where: Callable[[int], str])
             and (kind is None or (type(kind) is str and kind in _KINDS))
         ):
             return None
-        if len(message) > max_chars or metadata:
+        if len(message) > max_chars or metadata or kind in _HUB_KINDS:
             check.append(i)
         append(LogRequest(message, source, level, line_number, metadata, seq, timestamp, partial, producer, kind))
     # As the general path: sizes only once every item is well-formed, in order.

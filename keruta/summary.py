@@ -21,19 +21,21 @@ from typing import Any
 import attrs
 
 from keruta import digest
+from keruta.limits import INT64_MAX
 from keruta.records import SOURCES, InvalidField
 
 
 def _counts(_inst: object, attr: attrs.Attribute, value: object) -> None:
     if not isinstance(value, dict) or any(
-        k not in SOURCES or type(n) is not int or n < 0 for k, n in value.items()
+        k not in SOURCES or type(n) is not int or not 0 <= n <= INT64_MAX for k, n in value.items()
     ):
-        raise InvalidField(attr.name, f"must map a source ({', '.join(SOURCES)}) to a count >= 0")
+        raise InvalidField(attr.name, f"must map a source ({', '.join(SOURCES)}) to a count from 0 to {INT64_MAX}")
 
 
 def _records(_inst: object, _attr: attrs.Attribute, value: object) -> None:
-    if type(value) is not int or value < 0:
-        raise InvalidField("records", "must be an integer >= 0")
+    # Bounded as every integer the stores keep: one past 64 bits could not be stored.
+    if type(value) is not int or not 0 <= value <= INT64_MAX:
+        raise InvalidField("records", f"must be an integer from 0 to {INT64_MAX}")
 
 
 def _digest(_inst: object, _attr: attrs.Attribute, value: object) -> None:

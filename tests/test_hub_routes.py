@@ -17,16 +17,17 @@ import trio
 from quart import Blueprint
 from quart_trio import QuartTrio
 
+from hub.access import Access
 from hub.actors.broadcaster import Broadcaster
 from hub.actors.writer import Writer
 from hub.app import create_app
 from hub.config import HubConfig
 from hub.deps import ConnectionDeps
+from hub.errors import ApiError
 from hub.messages import WriteRequest
 from hub.metrics import Metrics
 from hub.routes import hooks, logs, ops, tasks, viewer, ws
-from hub.routes.access import Access
-from hub.routes.common import ApiError, int_param, time_param
+from hub.routes.common import int_param, time_param
 from hub.store.base import Listens, StoreUnavailable, record_id
 from hub.store.sqlite import SQLiteStore
 from hub.task_rate_limits import Limiters

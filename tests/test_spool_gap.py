@@ -224,7 +224,8 @@ def gap_record(kind: str | None = "gap", partial: bool = False) -> LogRecord:
     )
 
 
-@given(kind=st.sampled_from([None, *KINDS]), partial=st.booleans())
+# Every kind a producer may send (a `redaction` record is the hub's own).
+@given(kind=st.sampled_from([None, *(k for k in KINDS if k != "redaction")]), partial=st.booleans())
 def test_kind_encodes_the_same_by_hand_and_by_the_converter(kind: str | None, partial: bool) -> None:
     record = gap_record(kind, partial)
     wire = record_to_wire(record)

@@ -204,6 +204,10 @@ class SectionTracker:
 
     def __init__(self) -> None:
         self.open: list[_Open] = []
+        # The (style, name) of sections opened past MAX_DEPTH, recorded as
+        # plain lines, innermost last: their ends are plain lines too, and do
+        # not close a section open around them.
+        self._beyond: list[tuple[str, str]] = []
         # Per source: the last line recorded was a piece of a longer line, so
         # the next one does not start a line.
         self._continued: dict[str, bool] = {}
@@ -232,16 +236,31 @@ class SectionTracker:
         """Note a Block of plain lines of `source` (whole lines, none partial)."""
         self._continued[source] = False
 
+    def _last_beyond(self, style: str, name: str | None = None) -> int | None:
+        return next(
+            (i for i in range(len(self._beyond) - 1, -1, -1)
+             if self._beyond[i][0] == style and (name is None or self._beyond[i][1] == name)),
+            None,
+        )
+
     def _start(self, marker: Marker, ts: str) -> Event | None:
         ends: list[_Open] = []
-        if marker.style == BUILDKITE:
-            # A header ends the Buildkite section before it, and what that holds.
+        if marker.style == BUILDKITE and (beyond := self._last_beyond(BUILDKITE)) is not None:
+            # The Buildkite section this header ends is one past the limit.
+            del self._beyond[beyond:]
+        elif marker.style == BUILDKITE:
+            # A header ends the Buildkite section before it, and the Buildkite
+            # sections inside it, but not a group opened inside it and still
+            # open: then it starts a section inside that group, whose own end
+            # marker comes later.
             at = next((i for i in range(len(self.open) - 1, -1, -1) if self.open[i].style == BUILDKITE), None)
-            if at is not None:
+            if at is not None and all(s.style == BUILDKITE for s in self.open[at:]):
                 ends = self.open[at:][::-1]
                 del self.open[at:]
+                self._beyond.clear()
         if len(self.open) >= MAX_DEPTH:
             if not ends:
+                self._beyond.append((marker.style, marker.name))
                 return None
             return Event("section_end", None, self._closing(ends, ts))
         section: dict[str, Any] = {
@@ -257,6 +276,11 @@ class SectionTracker:
         return Event("section_start", None, section)
 
     def _end(self, marker: Marker, ts: str) -> Event | None:
+        beyond = self._last_beyond(marker.style, None if marker.style == GITHUB else marker.name)
+        if beyond is not None:
+            # It ends a section past the limit (and what that holds): a plain line.
+            del self._beyond[beyond:]
+            return None
         if marker.style == GITHUB:
             at = next((i for i in range(len(self.open) - 1, -1, -1) if self.open[i].style == GITHUB), None)
         else:
@@ -270,6 +294,7 @@ class SectionTracker:
             return None
         closed = self.open[at:][::-1]
         del self.open[at:]
+        self._beyond.clear()
         return Event("section_end", None, self._closing(closed, ts))
 
     @staticmethod

@@ -48,6 +48,13 @@ class Capper:
 
     async def run(self) -> None:
         async with self._receive:
+            # A task over its cap asks at its next commit; one whose cut was left
+            # undone (the hub stopped, the store was away) may commit no more.
+            try:
+                for task_id in await self.store.tasks_over_cap(self.hub_cap, CAP_QUEUE):
+                    self.want(task_id)
+            except StoreUnavailable as exc:
+                log.warning("tasks over their cap not looked for: store unavailable (%s)", exc)
             async for task_id in self._receive:
                 # Asked again while this cut runs: it runs again after, and finds
                 # what the commits meanwhile added.

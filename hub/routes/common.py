@@ -7,19 +7,9 @@ from typing import Any
 import orjson
 from quart import Response, request
 
+from hub.errors import ApiError
 from keruta.records import TASK_ID_RULE, TaskInfo, valid_task_id
 from keruta.timefmt import canonical_ts
-
-
-class ApiError(Exception):
-    """An answer `{"error": code, "message": ...}` with this status (hub/routes/hooks.py)."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers or {}
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

@@ -8,9 +8,10 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from hub.access import Access
+from hub.errors import ApiError
 from hub.metrics import Metrics
-from hub.routes.access import Access
-from hub.routes.common import ApiError, json_response
+from hub.routes.common import json_response
 from hub.store.base import StoreUnavailable
 
 log = logging.getLogger("keruta.hub.app")

@@ -8,12 +8,12 @@ import orjson
 import trio
 from quart import Blueprint, Response, request
 
+from hub.access import Access
 from hub.actors.writer import WriteRequest, write_within
 from hub.config import HubConfig
+from hub.errors import ApiError
 from hub.ingest import from_requests
-from hub.routes.access import Access
 from hub.routes.common import (
-    ApiError,
     check_task_id,
     choice_param,
     int_param,

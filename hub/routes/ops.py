@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 from quart import Blueprint, Response
 
+from hub.access import Access
 from hub.metrics import Metrics
 from hub.openapi import openapi_document
-from hub.routes.access import Access
 from hub.routes.common import json_response
 
 

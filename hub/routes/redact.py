@@ -13,13 +13,14 @@ import orjson
 import trio
 from quart import Blueprint, Response, request
 
+from hub.access import Access
 from hub.actors.broadcaster import Broadcaster
 from hub.actors.writer import WriteRequest, write_within
 from hub.answers import Redacted, answer_json
 from hub.config import HubConfig
+from hub.errors import ApiError
 from hub.redaction import BadValues, check_values, redact, redaction_item
-from hub.routes.access import Access
-from hub.routes.common import ApiError, check_task_id, json_response
+from hub.routes.common import check_task_id, json_response
 from hub.store.base import Store
 
 

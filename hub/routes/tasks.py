@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from quart import Blueprint, Response
 
-from hub.routes.access import Access
-from hub.routes.common import ApiError, check_task_id, json_response, task_json
+from hub.access import Access
+from hub.errors import ApiError
+from hub.routes.common import check_task_id, json_response, task_json
 from hub.store.base import Store
 
 

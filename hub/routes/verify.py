@@ -5,9 +5,10 @@ from __future__ import annotations
 import trio
 from quart import Blueprint, Response
 
+from hub.access import Access
 from hub.answers import Verify, answer_json
-from hub.routes.access import Access
-from hub.routes.common import ApiError, check_task_id, json_response
+from hub.errors import ApiError
+from hub.routes.common import check_task_id, json_response
 from hub.store.base import Store
 
 # Verifications under way at once: each reads a whole task and hashes it in a

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from quart import Blueprint, Response
 
-from hub.routes.common import ApiError, check_task_id
+from hub.errors import ApiError
+from hub.routes.common import check_task_id
 from hub.viewer import VIEWER_HEADERS, viewer_asset, viewer_html
 
 

@@ -288,6 +288,12 @@ class Store(Protocol):
         whether more is due), or None when it is within its cap."""
         ...
 
+    async def tasks_over_cap(self, hub_cap: int | None, limit: int) -> list[str]:
+        """Up to `limit` tasks over their cap now (the hub's, or their agent's
+        where lower): those whose cut a crash, a store outage or a full
+        queue left undone, and no commit of theirs will ask for again."""
+        ...
+
     async def redact_step(self, task_id: str, values: Sequence[str], after: int, through: int) -> Any:
         """Redact `values` in a few chunks after seq `after`: a `trimming.RedactStep`."""
         ...

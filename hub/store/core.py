@@ -205,15 +205,16 @@ def set_state(
 
 def verify_start(
     d: Dialect, task_id: str
-) -> Steps[tuple[list[tuple[str, Any]], list[tuple[str, int, int, int]]] | None]:
-    """What a verification starts from: each run's summary (JSON text or
-    None) and the task's producer ranges; None for an unknown task."""
+) -> Steps[tuple[list[tuple[str, Any, bool]], list[tuple[str, int, int, int]]] | None]:
+    """What a verification starts from: each producer's summary (JSON text
+    or None) and whether it is a run (it sent a status), and the task's
+    producer ranges; None for an unknown task."""
     row = yield d.row(d.DURABLE_SEQ, task_id)
     if row is None:
         return None
     summaries = yield d.fetch(d.SUMMARIES, task_id)
     ranges = yield d.fetch(d.TASK_RANGES, task_id)
-    return [(r[0], r[1]) for r in summaries], [(r[0], r[1], r[2], r[3]) for r in ranges]
+    return [(r[0], r[1], bool(r[2])) for r in summaries], [(r[0], r[1], r[2], r[3]) for r in ranges]
 
 
 def chunks_after(d: Dialect, task_id: str, after_seq: int) -> Steps[list[Any]]:

@@ -55,7 +55,7 @@ class PostgresSql(Dialect):
         "UPDATE keruta_tasks SET state = $1, exit_code = $2, updated_at = $3, run_no = $4 WHERE task_id = $5"
     )
     SET_SUMMARY = "UPDATE keruta_producers SET summary = $1 WHERE task_id = $2 AND producer = $3"
-    SUMMARIES = "SELECT producer, summary FROM keruta_producers WHERE task_id = $1 ORDER BY run_no, producer"
+    SUMMARIES = "SELECT producer, summary, run_no > 0 FROM keruta_producers WHERE task_id = $1 ORDER BY run_no, producer"
     TASK_RANGES = """
         SELECT producer, pseq_first, pseq_last, seq_first FROM keruta_producer_ranges
         WHERE task_id = $1 ORDER BY seq_first
@@ -151,6 +151,9 @@ class PostgresSql(Dialect):
     SECTIONS_DROP = "DELETE FROM keruta_sections WHERE task_id = $1 AND start_seq BETWEEN $2 AND $3"
     LOCK_TASK_STATE = "SELECT state FROM keruta_tasks WHERE task_id = $1 FOR UPDATE"
     CAP_STATE = "SELECT stored_bytes, max_bytes, cap_gap_seq FROM keruta_tasks WHERE task_id = $1 FOR UPDATE"
+    OVER_CAP = """
+        SELECT task_id FROM keruta_tasks
+        WHERE stored_bytes > LEAST(COALESCE(max_bytes, $1::bigint), COALESCE($2::bigint, max_bytes)) LIMIT $3"""
     CHUNK_BYTES_AFTER = """
         SELECT seq_first, seq_last, bytes FROM keruta_chunks WHERE task_id = $1 AND seq_last > $2
         ORDER BY seq_last LIMIT $3

@@ -47,7 +47,7 @@ class SQLiteSql(Dialect):
     SET_RUN_STATE = "UPDATE keruta_producers SET state = ?, exit_code = ? WHERE task_id = ? AND producer = ?"
     SET_TASK_STATE = "UPDATE keruta_tasks SET state = ?, exit_code = ?, updated_at = ?, run_no = ? WHERE task_id = ?"
     SET_SUMMARY = "UPDATE keruta_producers SET summary = ? WHERE task_id = ? AND producer = ?"
-    SUMMARIES = "SELECT producer, summary FROM keruta_producers WHERE task_id = ? ORDER BY run_no, producer"
+    SUMMARIES = "SELECT producer, summary, run_no > 0 FROM keruta_producers WHERE task_id = ? ORDER BY run_no, producer"
     TASK_RANGES = """
         SELECT producer, pseq_first, pseq_last, seq_first FROM keruta_producer_ranges
         WHERE task_id = ? ORDER BY seq_first
@@ -143,6 +143,9 @@ class SQLiteSql(Dialect):
     SECTIONS_DROP = "DELETE FROM keruta_sections WHERE task_id = ? AND start_seq BETWEEN ? AND ?"
     LOCK_TASK_STATE = "SELECT state FROM keruta_tasks WHERE task_id = ?"
     CAP_STATE = "SELECT stored_bytes, max_bytes, cap_gap_seq FROM keruta_tasks WHERE task_id = ?"
+    OVER_CAP = """
+        SELECT task_id FROM keruta_tasks
+        WHERE stored_bytes > MIN(COALESCE(max_bytes, ?), COALESCE(?, max_bytes)) LIMIT ?"""
     CHUNK_BYTES_AFTER = """
         SELECT seq_first, seq_last, bytes FROM keruta_chunks WHERE task_id = ? AND seq_last > ?
         ORDER BY seq_last LIMIT ?

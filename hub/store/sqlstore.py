@@ -68,7 +68,10 @@ class SqlStore:
         if start is None:
             return None
         summaries, ranges = start
-        check = Verification(task_id, [(p, _summary(text)) for p, text in summaries], ranges)
+        check = Verification(
+            task_id, [(p, _summary(text)) for p, text, _ in summaries], ranges,
+            runs={p for p, _, run in summaries if run},
+        )
         after = 0
         while True:
             rows = await self._read(core.chunks_after(self._dialect, task_id, after))
@@ -152,8 +155,12 @@ class SqlStore:
         return total
 
     async def cap_step(self, task_id: str, hub_cap: int | None) -> trimming.CapStep | None:
-        # Not synced: a cut lost to a power cut is made again by the next commit's check.
+        # Not synced: a cut lost to a power cut is made again by the next commit's check,
+        # or by the capper's look for tasks over their cap when the hub starts.
         return await self._write(trimming.cap_step(self._dialect, task_id, hub_cap, now_ts()), sync=False)
+
+    async def tasks_over_cap(self, hub_cap: int | None, limit: int) -> list[str]:
+        return await self._read(trimming.over_cap_tasks(self._dialect, hub_cap, limit))
 
     async def redact_step(
         self, task_id: str, values: Sequence[str], after: int, through: int

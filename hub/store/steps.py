@@ -170,6 +170,8 @@ class Dialect:
     # -- caps and redaction (hub/store/trimming.py)
     # (task_id) -> (stored_bytes, max_bytes, cap_gap_seq), the row locked
     CAP_STATE: ClassVar[str]
+    # (hub cap or None, the same again, limit) -> [(task_id,)] of tasks over their cap
+    OVER_CAP: ClassVar[str]
     # (task_id, after seq, limit) -> [(seq_first, seq_last, bytes)] by seq
     CHUNK_BYTES_AFTER: ClassVar[str]
     # (task_id, lowest seq, highest seq) -> [(producer, pseq_first, pseq_last, seq_first)]

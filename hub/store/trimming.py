@@ -32,6 +32,7 @@ from hub.store.accounts import (
     Accounts,
     ProducerSeqs,
     account_dropped,
+    carried_accounts,
     gap_message,
     message_bytes,
 )
@@ -227,7 +228,15 @@ def cap_step(d: Dialect, task_id: str, hub_cap: int | None, now: str) -> Steps[C
         bytes_delta += row.bytes
     yield from _after_drop(d, task_id, dropped, old_gap is None, bytes_delta)
     yield d.exec(d.AFTER_TRIM, len(dropped), 0 if old_gap is not None else 1, gap_seq, now, task_id)
+    # A verification reading the task across this cut may have missed its gap.
+    yield d.exec(d.SET_VERDICT, None, task_id)
     return CapStep(gap=gap, dropped=len(dropped), more=dropped_bytes < excess)
+
+
+def over_cap_tasks(d: Dialect, hub_cap: int | None, limit: int) -> Steps[list[str]]:
+    """Up to `limit` tasks over their cap (the hub's, or their agent's where lower)."""
+    rows = yield d.fetch(d.OVER_CAP, hub_cap, hub_cap, limit)
+    return [r[0] for r in rows]
 
 
 def _head_end(d: Dialect, task_id: str, budget: int) -> Steps[tuple[Any, int] | None]:
@@ -291,10 +300,31 @@ def retention_gap(d: Dialect, task_id: str, dropped: Sequence[LogRecord]) -> Ste
 
 
 def scrub(text: str, values: Sequence[str]) -> str:
+    """`text` with every stretch any of `values` covers made `***`: where
+    occurrences overlap (of one value, of two, or of a value with a `***`
+    already there) the stretch they cover together is one `***`, so no piece
+    of a value is left and redacting again changes nothing."""
+    spans: list[tuple[int, int]] = []
     for v in values:
-        if v in text:
-            text = text.replace(v, "***")
-    return text
+        at = text.find(v)
+        while at != -1:
+            spans.append((at, at + len(v)))
+            at = text.find(v, at + 1)
+    if not spans:
+        return text
+    spans.sort()
+    out = []
+    done = 0
+    start, end = spans[0]
+    for first, last in spans[1:]:
+        if first <= end:
+            end = max(end, last)
+            continue
+        out += [text[done:start], "***"]
+        done = end
+        start, end = first, last
+    out += [text[done:start], "***", text[end:]]
+    return "".join(out)
 
 
 def _scrub_json(value: Any, values: Sequence[str]) -> Any:
@@ -309,8 +339,11 @@ def _scrub_json(value: Any, values: Sequence[str]) -> Any:
 
 def redacted(r: LogRecord, values: Sequence[str]) -> LogRecord:
     """`r` with every value in its message and metadata strings replaced by
-    `***` (longest first, so a value inside another goes with it); `r`
-    itself when none occurs."""
+    `***` (`scrub`); `r` itself when none occurs, and for a hub-made gap or
+    redaction record: it holds no producer's text, only what verify reads
+    (digests in hex, counts), which a value may happen to match."""
+    if carried_accounts(r) is not None:
+        return r
     message = scrub(r.message, values)
     metadata = _scrub_json(r.metadata, values) if r.metadata else r.metadata
     if message == r.message and metadata == r.metadata:
@@ -356,6 +389,8 @@ def redact_step(d: Dialect, task_id: str, values: Sequence[str], after: int, thr
             if owner is not None:
                 accounts.changed(owner[0], owner[1], old, new_record)
         yield d.exec(d.ADD_STORED_BYTES, bytes_delta, task_id)
+        # A verdict kept from before, or taken between two steps, no longer holds.
+        yield d.exec(d.SET_VERDICT, None, task_id)
     cursor = rows[-1][1] if rows else through
     return RedactStep([old.seq for old, _ in changed], accounts, cursor, len(rows) < d.delete_chunks)
 

@@ -103,11 +103,14 @@ class Verification:
         task_id: str,
         summaries: Sequence[tuple[str, Summary | None]],
         ranges: Sequence[tuple[str, int, int, int]],
+        runs: set[str] | None = None,
     ) -> None:
-        """`summaries`: (producer, its summary or None) for each run of the
-        task; `ranges`: (producer, pseq_first, pseq_last, seq_first), the
-        store's map of producer seqs to task seqs."""
+        """`summaries`: (producer, its summary or None) for each producer of
+        the task; `ranges`: (producer, pseq_first, pseq_last, seq_first), the
+        store's map of producer seqs to task seqs; `runs`: the producers that
+        are runs of an agent (they sent a status), None: every named one."""
         self.task_id = task_id
+        self.runs = runs
         self.producers = {name: _Producer(name, summary) for name, summary in summaries}
         self.ranges = sorted(ranges, key=lambda r: r[3])
         self._starts = [r[3] for r in self.ranges]
@@ -241,9 +244,12 @@ class Verification:
     def result(self) -> Verify:
         entries = [self._producer_answer(run) for run in self.producers.values()]
         checked = [e for e in entries if e.verdict != UNVERIFIED]
+        # A run without its summary yet holds the verdict back; a producer
+        # that never sent a status (a REST client naming itself) has none to send.
         waiting = [
             e for e in entries
             if e.verdict == UNVERIFIED and not hub_made(e.producer) and e.producer != ANONYMOUS
+            and (self.runs is None or e.producer in self.runs)
         ]
         if any(e.verdict == INCOMPLETE for e in checked):
             verdict = INCOMPLETE

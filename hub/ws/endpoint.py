@@ -21,10 +21,10 @@ from hypercorn.typing import (
     WebsocketScope,
 )
 
+from hub.access import UNAUTHORIZED, Access, origin_refusal
 from hub.admission import head_of
 from hub.auth import WS_SUBPROTOCOL, Role, bearer_token, subprotocol_token
 from hub.deps import ConnectionDeps
-from hub.routes.access import UNAUTHORIZED, Access, origin_refusal
 from hub.ws.connection import CLOSE_POLICY, Connection
 from keruta.frames import ErrorFrame
 from keruta.wire import dumps

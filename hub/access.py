@@ -8,8 +8,8 @@ from werkzeug.sansio.request import Request as RequestHead
 
 from hub.auth import Authorizer, Role, bearer_token
 from hub.config import HubConfig
+from hub.errors import ApiError
 from hub.origin import OriginPolicy
-from hub.routes.common import ApiError
 
 UNAUTHORIZED = "a valid token is required (Authorization: Bearer TOKEN or ?token=)"
 # Methods that change nothing: a foreign Origin may use them (hub/origin.py).
