@@ -113,6 +113,19 @@ _CROSS_FIELD: dict[str, dict[str, Any]] = {
     "LogRequest": {
         "if": {"required": ["producer"], "properties": {"producer": {"type": "string"}}},
         "then": {"required": ["seq"], "properties": {"seq": {"type": "integer"}}},
+        # The hub's own records a producer may not send (keruta/recordjson.py
+        # _hub_made): a redaction's audit record, a gap with accounts.
+        "allOf": [
+            {"not": {"required": ["kind"], "properties": {"kind": {"const": "redaction"}}}},
+            {"not": {
+                "required": ["kind", "metadata"],
+                "properties": {
+                    "kind": {"const": "gap"},
+                    "metadata": {"type": "object", "required": ["gap"],
+                                 "properties": {"gap": {"type": "object", "required": ["accounts"]}}},
+                },
+            }},
+        ],
     },
 }
 

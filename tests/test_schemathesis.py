@@ -31,6 +31,7 @@ CHECKS = REGISTRY.get_all()
 # Per operation and about a dozen operations: some 350 requests by default;
 # `tox -e fuzz` (KERUTA_FUZZ=deep) makes it ten times as many.
 EXAMPLES = fuzz_examples(30)
+DEEP = fuzz_examples(1) > 1
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,9 @@ def test_every_answer_matches_the_openapi_document(api_hub: HubProcess) -> None:
             operation.as_strategy(generation_mode=GenerationMode.NEGATIVE),
         )
 
-        @settings(max_examples=EXAMPLES, deadline=None, database=None,
+        # The same examples every run of the suite (a red CI names a bug, not a
+        # draw); `tox -e fuzz` (KERUTA_FUZZ=deep) draws new ones each time.
+        @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=not DEEP,
                   suppress_health_check=list(HealthCheck))
         @given(case=strategy)
         def check(case: schemathesis.Case) -> None:
