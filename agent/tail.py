@@ -190,14 +190,15 @@ async def tail(
         if not settings.follow:
             await _history(settings, printer)
             # The hub answered; an empty history may be a task it does not know.
-            if printer.printed == 0 and await _task_exists(settings) is False:
+            task = await _task(settings)
+            if task is NO_TASK:
                 say(f"task {settings.task_id!r} does not exist on the hub at {settings.hub_url}")
                 return NO_SUCH_TASK
             code = 0
-            if not await _finished(settings):
+            if not _finished(task):
                 return code
         else:
-            if await _task_exists(settings, EXISTS_TIMEOUT) is False:
+            if await _task(settings, EXISTS_TIMEOUT) is NO_TASK:
                 say(f"task {settings.task_id!r} does not exist yet; waiting for it to start (Ctrl-C to stop)")
             code = await _follow(settings, printer, say)
     except Fatal as exc:
@@ -207,12 +208,7 @@ async def tail(
     return VERIFY_FAILED if settings.verify and verdict == "incomplete" else code
 
 
-async def _finished(settings: TailSettings) -> bool:
-    url = f"{http_base(settings.hub_url)}/api/v1/tasks/{settings.task_id}"
-    try:
-        task = await http.get_json(url, token=settings.token)
-    except (http.HttpError, OSError, ValueError):
-        return False
+def _finished(task: object) -> bool:
     return isinstance(task, dict) and task.get("state") in FINAL_STATES
 
 
@@ -231,21 +227,25 @@ async def _verdict(settings: TailSettings, say: Callable[[str], None]) -> str | 
     return verdict if isinstance(verdict, str) else None
 
 
-async def _task_exists(settings: TailSettings, timeout: float = http.TIMEOUT) -> bool | None:
-    """Whether the hub knows the task; None when it cannot tell (it is not
-    answering now: following retries on its own)."""
+# `_task`'s answer for a task the hub does not know.
+NO_TASK = object()
+
+
+async def _task(settings: TailSettings, timeout: float = http.TIMEOUT) -> object:
+    """The task as the hub answers it; NO_TASK when the hub does not know it;
+    None when it cannot tell now (following retries on its own). A refused
+    token or a bad task id is Fatal."""
     url = f"{http_base(settings.hub_url)}/api/v1/tasks/{settings.task_id}"
     try:
-        await http.get_json(url, token=settings.token, timeout=timeout)
+        return await http.get_json(url, token=settings.token, timeout=timeout)
     except http.HttpError as exc:
         if exc.status == 404:
-            return False
+            return NO_TASK
         if exc.status in (400, 401, 403):
             raise Fatal(f"{url}: {exc}") from None
         return None
     except (OSError, ValueError):
         return None
-    return True
 
 
 async def _history(settings: TailSettings, printer: Printer) -> None:
@@ -362,12 +362,11 @@ async def _ended_meanwhile(settings: TailSettings, printer: Printer) -> int | No
     """When the link has been quiet for a while: has the task ended without
     its `status` reaching us? Then print the rest from the REST API and
     return its exit code. (Belt and braces: the hub sends the status.)"""
-    url = f"{http_base(settings.hub_url)}/api/v1/tasks/{settings.task_id}"
     try:
-        task = await http.get_json(url, token=settings.token)
-    except (http.HttpError, OSError, ValueError):
+        task = await _task(settings)
+    except Fatal:
         return None
-    if not isinstance(task, dict) or task.get("state") not in FINAL_STATES:
+    if not isinstance(task, dict) or not _finished(task):
         return None
     try:
         await _history(settings, printer)
