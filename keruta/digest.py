@@ -63,8 +63,7 @@ def block_sum(first_pseq: int, source: str, first_line: int, lines: Sequence[byt
     fmt = b"%d" + (sep + source.encode() + sep * 3).replace(b"%", b"%%") + b"%d" + sep + b"%b"
     count = len(lines)
     numbered = zip(range(first_pseq, first_pseq + count), range(first_line, first_line + count), lines, strict=True)
-    inputs = map(fmt.__mod__, numbered)
-    return sum(map(int.from_bytes, map(_DIGEST, map(blake2b, inputs))))
+    return _leaf_sum(map(fmt.__mod__, numbered))
 
 
 _PLAIN = b"%d" + _SEP.encode() + b"%b" + _SEP.encode() * 3 + b"%d" + _SEP.encode() + b"%b"
@@ -76,7 +75,11 @@ def plain_sum(pseqs: Iterable[int], sources: Iterable[str], line_numbers: Iterab
     no Python run per record (the hub's check of a stored chunk)."""
     encoded = map(methodcaller("encode", "utf-8", "surrogatepass"), messages)
     source_bytes = map(str.encode, sources)
-    inputs = map(_PLAIN.__mod__, zip(pseqs, source_bytes, line_numbers, encoded, strict=True))
+    return _leaf_sum(map(_PLAIN.__mod__, zip(pseqs, source_bytes, line_numbers, encoded, strict=True)))
+
+
+def _leaf_sum(inputs: Iterable[bytes]) -> int:
+    """The sum (not reduced) of the leaves of encoded leaf inputs, in C calls only."""
     return sum(map(int.from_bytes, map(_DIGEST, map(blake2b, inputs))))
 
 

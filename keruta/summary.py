@@ -99,7 +99,7 @@ class Tally:
         self.records += len(lines)
         self.lines[source] = self.lines.get(source, 0) + len(lines)
         self.bytes[source] = self.bytes.get(source, 0) + sum(map(len, lines))
-        self.total = (self.total + digest.block_sum(first_pseq, source, first_line, lines)) % (1 << 512)
+        self.total = digest.add(self.total, digest.block_sum(first_pseq, source, first_line, lines))
 
     def summary(self, last_seq: int) -> Summary:
         return Summary(last_seq, dict(self.lines), dict(self.bytes), digest.to_text(self.total))

@@ -186,7 +186,7 @@ class Verification:
         offset = first[1] - seqs[0]
         pseqs = [s + offset for s in seqs]
         stored = run.stored
-        stored.total = (stored.total + digest.plain_sum(pseqs, sources, numbers, messages)) % (1 << 512)  # type: ignore[arg-type]
+        stored.total = digest.add(stored.total, digest.plain_sum(pseqs, sources, numbers, messages))  # type: ignore[arg-type]
         stored.records += len(messages)
         if isinstance(cols["s"], str):
             source = cols["s"]
