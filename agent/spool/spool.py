@@ -516,18 +516,16 @@ class Spool:
             return False
         return True
 
-    def _write_small(self, name: str, data: bytes, durable: bool = False) -> None:
-        write_atomically(self.dir / name, data, durable=durable)
-        self._small[name] = len(data)
-
     def save_watermark(self) -> None:
         """Persist the ack watermark (not fsynced: a stale one only means resending)."""
         if self.acked_seq != self._saved_ack:
             try:
-                self._write_small("acked", f"{self.acked_seq}\n".encode())
+                data = f"{self.acked_seq}\n".encode()
+                write_atomically(self.dir / "acked", data)
             except OSError as exc:
                 self.warn(f"spool {self.dir}: cannot save the ack watermark: {exc}")
                 return
+            self._small["acked"] = len(data)
             self._saved_ack = self.acked_seq
 
     # --- reading --------------------------------------------------------------
