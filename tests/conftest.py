@@ -153,6 +153,19 @@ async def pg_url() -> AsyncIterator[str]:
         yield url
 
 
+@pytest.fixture
+async def sqlite_store(tmp_path):  # type: ignore[no-untyped-def]
+    """An open, empty SQLite store in tmp_path (for tests of one hub part that need a real store)."""
+    from hub.store.sqlite import SQLiteStore
+
+    sqlite = SQLiteStore(tmp_path / "keruta.db")
+    await sqlite.open()
+    try:
+        yield sqlite
+    finally:
+        await sqlite.close()
+
+
 @pytest.fixture(params=STORE_KINDS)
 async def store(request, tmp_path):  # type: ignore[no-untyped-def]
     """An open, empty store: SQLite in tmp_path, or PostgreSQL in a fresh database."""

@@ -7,8 +7,6 @@ actor commits.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -39,13 +37,8 @@ STAMP = "2025-01-01T00:00:00.000000Z"
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    sqlite_store = SQLiteStore(tmp_path / "keruta.db")
-    await sqlite_store.open()
-    try:
-        yield sqlite_store
-    finally:
-        await sqlite_store.close()
+def store(sqlite_store: SQLiteStore) -> SQLiteStore:
+    return sqlite_store
 
 
 def deps_for(

@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -140,16 +139,6 @@ class Hub:
 
         self.nursery.start_soon(serve)
         return ws
-
-
-@pytest.fixture
-async def sqlite_store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    sqlite = SQLiteStore(tmp_path / "connection.db")
-    await sqlite.open()
-    try:
-        yield sqlite
-    finally:
-        await sqlite.close()
 
 
 @asynccontextmanager

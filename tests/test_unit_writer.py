@@ -5,10 +5,6 @@ The store is a real SQLite file."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
 import trio
 import trio.testing
 
@@ -30,16 +26,6 @@ def item(task: str, seq: int | None, message: str = "", producer: str = "") -> I
 
 def request(*items: Incoming, into: list[WriteOutcome] | None = None) -> WriteRequest:
     return WriteRequest(done=(into.append if into is not None else lambda _o: None), items=list(items))
-
-
-@pytest.fixture
-async def sqlite_store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    store = SQLiteStore(tmp_path / "writer.db")
-    await store.open()
-    try:
-        yield store
-    finally:
-        await store.close()
 
 
 def writer_for(store: SQLiteStore | None = None, **kwargs: float) -> Writer:

@@ -12,7 +12,6 @@ import base64
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -108,13 +107,8 @@ class Hub:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    sqlite = SQLiteStore(tmp_path / "endpoint.db")
-    await sqlite.open()
-    try:
-        yield sqlite
-    finally:
-        await sqlite.close()
+def store(sqlite_store: SQLiteStore) -> SQLiteStore:
+    return sqlite_store
 
 
 @asynccontextmanager
