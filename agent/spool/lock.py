@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 from pathlib import Path
 
 
@@ -30,7 +31,7 @@ def lock_directory(directory: Path, create: bool = True) -> int:
         except (FileNotFoundError, FileExistsError) as exc:
             # The directory was removed between mkdir and open, or between
             # mkdir's EEXIST and its check that the name is a directory.
-            if create and not (isinstance(exc, FileExistsError) and directory.exists() and not directory.is_dir()):
+            if create and not (isinstance(exc, FileExistsError) and _is_other_than_a_directory(directory)):
                 continue
             raise
         try:
@@ -48,3 +49,13 @@ def lock_directory(directory: Path, create: bool = True) -> int:
         os.close(fd)
         if not create:
             raise FileNotFoundError(f"{directory} was removed by its agent")
+
+
+def _is_other_than_a_directory(path: Path) -> bool:
+    """Whether `path` names something that is not a directory, from one stat:
+    asking "exists?" then "a directory?" could see it created between the
+    two and then removed, by another run of the same task."""
+    try:
+        return not stat.S_ISDIR(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return False
