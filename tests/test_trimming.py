@@ -225,17 +225,28 @@ def _record(seq: int, text: str):  # type: ignore[no-untyped-def]
 
 
 async def test_appends_during_a_redaction_are_all_kept(store):
-    await store.append([rec(p, f"line {p} secret-{p % 7}", producer="a", at=p) for p in range(1, 3001)])
+    # A chunk per append, so the redaction takes several steps and the
+    # appends land between them.
+    for start in range(1, 3001, 50):
+        await store.append([rec(p, f"line {p} secret-{p % 7}", producer="a", at=p) for p in range(start, start + 50)])
     done: list[int] = []
+    # The appends start once the redaction has (its first step committed):
+    # what it redacts is what was stored when it read the task's extent.
+    started = trio.Event()
+
+    def changed(seqs: list[int]) -> None:
+        done.extend(seqs)
+        started.set()
 
     async def appending() -> None:
+        await started.wait()
         for start in range(3001, 4001, 50):
             await store.append([rec(p, f"late {p} secret-1", producer="a", at=p) for p in range(start, start + 50)])
             await trio.sleep(0)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(appending)
-        result = await redact(store, "t1", ["secret-1"], done.extend)
+        result = await redact(store, "t1", ["secret-1"], changed)
     records = await everything(store)
     assert [r.seq for r in records] == list(range(1, 4001))
     before = [r for r in records if r.seq <= 3000]
