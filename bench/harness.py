@@ -60,6 +60,8 @@ class Harness:
         self.date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.commit = git_commit()
         self.figures: list[dict[str, Any]] = []
+        # The viewer processes' CPU seconds in the last keruta_stream (None: one did not end).
+        self.viewer_cpu_s: float | None = None
         self.root = Path(tempfile.mkdtemp(prefix="keruta-bench-"))
         bindir = Path(PY).parent
         self.hub_bin = which_bin("keruta-hub", bindir)
@@ -160,7 +162,7 @@ class Harness:
         res = summarize(results, lines)
         res.update(
             hub_rss=hub_rss, agent_rss=agent_rss, stored=stored, agent_rc=agent_rc,
-            hub_cpu_s=hub_cpu, agent_cpu_s=agent_cpu,
+            hub_cpu_s=hub_cpu, agent_cpu_s=agent_cpu, viewer_cpu_s=self.viewer_cpu_s,
         )
         if res.get("last") is not None:
             # the whole way, agent start-up included: a check on the first->last rate
@@ -269,11 +271,14 @@ class Harness:
     ) -> list[dict[str, Any]]:
         end = time.monotonic() + timeout + 30
         results: list[dict[str, Any]] = []
+        self.viewer_cpu_s = 0.0
         for p, _, res in vprocs:
-            try:
-                p.wait(max(1.0, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
+            cpu = wait_with_rusage(p, max(1.0, end - time.monotonic()))
+            if cpu is None:
                 stop(p)
+                self.viewer_cpu_s = None
+            elif self.viewer_cpu_s is not None:
+                self.viewer_cpu_s += cpu
             try:
                 with open(res) as f:
                     results.extend(json.load(f)["viewers"])

@@ -47,6 +47,7 @@ from targets import ci_figures, targets_table  # noqa: E402
 from tools import (  # noqa: E402
     CI_STEP,
     FLEET,
+    FLOOR,
     INGEST,
     PRODUCER,
     PY,
@@ -99,6 +100,22 @@ class Bench(StoreScenarios):
                 missing=missing_reason(res, wsd),
                 key=f"e2e.ratio.{store}",
             )
+            self.add_cpu_budget(label, res, n, params)
+
+    def add_cpu_budget(self, label: str, res: dict[str, Any], lines: int, params: dict[str, Any]) -> None:
+        """Where the machine's CPU went per line in an end-to-end run: the hub,
+        the agent with its command, the viewer. 150,000 lines/s on 2 cores is
+        a budget of 13.3 CPU-µs a line for all of them together."""
+        parts = {"hub": "hub_cpu_s", "agent + command": "agent_cpu_s", "viewer": "viewer_cpu_s"}
+        total: float | None = 0.0
+        for who, field in parts.items():
+            per = [r[field] / lines * 1e6 for r in res.get("reps", []) if r.get(field) is not None]
+            value = round(median(per), 2) if per else None
+            self.add(f"end to end, {label}: {who} CPU per line", value, "µs/line", params,
+                     missing=None if per else "not measured")
+            total = None if total is None or value is None else total + value
+        self.add(f"end to end, {label}: CPU per line, all processes", total, "µs/line",
+                 dict(params, budget_for_150k_on_2_cores=round(2e6 / 150_000, 1)))
 
     def scenario_fanout(self) -> None:
         for viewers, key in ((10, "fan10_lines"), (100, "fan100_lines")):
@@ -390,6 +407,29 @@ class Bench(StoreScenarios):
         # what the hub says it stored of the last runs: every line, or the figure is suspect
         params.update({k: v for k, v in found.items() if k.endswith("_stored") or k == "load"})
         return found, params
+
+    def scenario_floor(self) -> None:
+        """The least CPU a hub spends per record (bench/floor.py), beside what
+        keruta's hub spent per line in this run's e2e scenario."""
+        d = self.tmp("floor")
+        out = d / "floor.json"
+        p = start([PY, FLOOR, "--out", str(out)], str(d / "floor.log"))
+        try:
+            rc = p.wait(300)
+        finally:
+            stop(p)
+        if rc != 0 or not out.exists():
+            raise RuntimeError(f"floor.py exited {rc}: {tail(d / 'floor.log')}")
+        res = json.loads(out.read_text())
+        params = {"records_per_frame": res["records_per_frame"]}
+        for step, us in res["steps_us"].items():
+            self.add(f"hub floor: {step}", round(us, 2), "µs/record", params)
+        floor = round(res["sum_us"], 2)
+        self.add("hub floor: the sum, per record", floor, "µs/record", params, key="floor.sum")
+        hub = next((f["value"] for f in self.figures
+                    if f["name"] == "end to end, SQLite: hub CPU per line" and f.get("value")), None)
+        self.add("hub CPU per line (e2e, SQLite) / floor", ratio(hub, floor), "x", params,
+                 missing=None if hub else "the e2e scenario did not run or measured no hub CPU")
 
     def scenario_features(self) -> None:
         """What sections and verification cost end to end: the same SQLite

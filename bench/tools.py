@@ -24,6 +24,7 @@ VIEWER = str(HERE / "viewer.py")
 INGEST = str(HERE / "ingest.py")
 FLEET = str(HERE / "fleet.py")
 STORE_BENCH = str(HERE / "store_bench.py")
+FLOOR = str(HERE / "floor.py")
 STORE_QUERY = str(HERE / "store_query.py")
 CI_STEP = HERE / "ci_step.py"  # written separately; the "ci" scenario runs it when present
 
@@ -43,7 +44,7 @@ SIZES = {
     # the fleet scenario: seconds of load per run
     "fleet_seconds": (10, 20),
 }
-SCENARIOS = ["e2e", "fanout", "latency", "memory", "ingest", "store", "ci", "features", "fleet"]
+SCENARIOS = ["e2e", "fanout", "latency", "memory", "ingest", "store", "ci", "features", "fleet", "floor"]
 
 
 class Missing(Exception):
