@@ -4,6 +4,7 @@ a database from before chunks (schema v3, one row per line) on both stores."""
 from __future__ import annotations
 
 import sqlite3
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,14 @@ def test_a_chunk_gives_back_exactly_the_records_it_was_made_of(records: list[Log
     assert chunk.tally_count(row.tally, row.n, None, None) == len(records)
     expected = "".join(r.message if r.partial else r.message + "\n" for r in records)
     assert chunk.raw_text(row.lines) == expected
+
+
+@given(st.lists(st.tuples(st.sampled_from(SOURCES), st.sampled_from(LEVELS)), min_size=1, max_size=40))
+def test_source_level_counts_are_a_plain_count_whether_a_batch_is_uniform_or_mixed(
+    pairs: list[tuple[str, str]],
+) -> None:
+    sources, levels = [s for s, _ in pairs], [lv for _, lv in pairs]
+    assert dict(chunk.source_level_counts(sources, levels)) == dict(Counter(pairs))
 
 
 def test_a_chunk_holds_at_most_its_records_and_about_its_bytes() -> None:

@@ -6,7 +6,7 @@ every rule and tests can drive the rules without a database.
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -25,6 +25,7 @@ from hub.store.base import (
     hub_made,
     record_ids,
 )
+from hub.store.chunk import source_level_counts
 from keruta.levels import LEVELS
 from keruta.limits import MAX_SEQ
 from keruta.records import (
@@ -336,7 +337,7 @@ def tally(inserted: Sequence[LogRecord], progress: dict[str, TaskProgress]) -> N
     for task_id, records in by_task.items():
         task = progress[task_id]
         task.count += len(records)
-        for key, n in Counter([(r.source, r.level) for r in records]).items():
+        for key, n in source_level_counts([r.source for r in records], [r.level for r in records]).items():
             task.counts[key] += n
         timestamps = [r.timestamp for r in records]
         low, high = min(timestamps), max(timestamps)
