@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from hub.store import open_store_from_url
-from hub.store.base import GAP, INSERTED, LogQuery, record_id
+from hub.store.base import DUPLICATE, GAP, INSERTED, LogQuery, record_id
 from keruta.records import InvalidField
 from tests.storedata import all_seqs, rec, ts
 
@@ -38,6 +38,21 @@ async def test_append_then_query_pages_in_seq_order(store):
     assert first.id == record_id("t1", 1)
     assert (first.task_id, first.message, first.timestamp) == ("t1", "line 1", ts(1))
     assert pages[1].number == 1 and pages[1].size == 10
+
+
+async def test_a_commit_of_many_producers_across_many_tasks_keeps_each_ones_place(store):
+    # A fleet's commit: a record from each of more producers than one lookup
+    # statement takes (SQLite's 500), half of them sharing one task.
+    keys = [(f"t{n % 700}", f"p{n}") for n in range(1200)]
+    first = await store.append([rec(1, task=t, producer=p) for t, p in keys])
+    assert first.status == [INSERTED] * len(keys)
+    second = await store.append([rec(2, task=t, producer=p) for t, p in keys])
+    assert second.status == [INSERTED] * len(keys)
+    assert {second.producers[key] for key in keys} == {2}
+    again = await store.append([rec(seq, task=t, producer=p) for t, p in keys[:3] for seq in (1, 2)])
+    assert again.status == [DUPLICATE] * 6
+    ahead = await store.append([rec(4, task=t, producer=p) for t, p in keys[-2:]])
+    assert ahead.status == [GAP, GAP]
 
 
 async def test_query_of_unknown_task_is_empty(store):

@@ -64,10 +64,12 @@ def append(d: Dialect, items: Sequence[Incoming]) -> Steps[AppendResult]:
     task_ids = sorted(dict.fromkeys(i.task_id for i in items))
     now = now_ts()
     progress = yield from _lock_tasks(d, task_ids, now)
-    producers: dict[tuple[str, str], ProducerProgress] = {}
-    for key in dict.fromkeys((i.task_id, i.producer) for i in items):
-        row = yield d.row(d.PRODUCER_HIGH, *key)
-        producers[key] = ProducerProgress(high=0 if row is None else row[0])
+    keys = list(dict.fromkeys((i.task_id, i.producer) for i in items))
+    highs: dict[tuple[str, str], int] = {}
+    for start in range(0, len(keys), d.in_chunk):
+        for task_id, producer, high in (yield d.producer_highs(keys[start : start + d.in_chunk])):
+            highs[(task_id, producer)] = high
+    producers = {key: ProducerProgress(high=highs.get(key, 0)) for key in keys}
     plan = plan_batch(items, progress, producers)
     ranges: dict[tuple[str, str], list[Sequence[int]]] = {}
     for key, (low, high) in plan.producer_lookups.items():
@@ -154,13 +156,16 @@ def _save_sections(d: Dialect, task_id: str, records: list[LogRecord]) -> Steps[
 
 def _save_producers(d: Dialect, producers: dict[tuple[str, str], ProducerProgress], now: str) -> Steps[None]:
     """A producer's high mark and its new ranges: one row each, found by key,
-    whatever the number of the task's producers; two statements for all the
-    batch's producers (many producers with a record each is a fleet's commit)."""
+    whatever the number of the task's producers; one or two statements for
+    all the batch's producers (many producers with a record each is a fleet's
+    commit)."""
     moved = [(key, run) for key, run in producers.items() if run.new_ranges]
     if not moved:
         return
-    yield d.many(d.SAVE_PRODUCER, [(task_id, producer, run.high, now) for (task_id, producer), run in moved])
-    yield d.many(d.INSERT_RANGES, [(task_id, producer, *r) for (task_id, producer), run in moved for r in run.new_ranges])
+    yield from d.save_producers(
+        [(task_id, producer, run.high, now) for (task_id, producer), run in moved],
+        [(task_id, producer, first, last, seq) for (task_id, producer), run in moved for first, last, seq in run.new_ranges],
+    )
 
 
 # -- states ----------------------------------------------------------------------

@@ -22,7 +22,6 @@ from hub.store.steps import CHUNK_FULL, CHUNK_HEAD, TASK_SELECT, Dialect, Op, St
 class PostgresSql(Dialect):
     """`origin` names the store in its notices; `notify`: send them at all."""
 
-    PRODUCER_HIGH = "SELECT high FROM keruta_producers WHERE task_id = $1 AND producer = $2"
     PRODUCER_RANGES = """
         SELECT pseq_first, pseq_last, seq_first FROM keruta_producer_ranges
         WHERE task_id = $1 AND producer = $2 AND pseq_first <= $3 AND pseq_last >= $4
@@ -30,14 +29,6 @@ class PostgresSql(Dialect):
     CHUNKS_COVERING = f"""
         SELECT {CHUNK_FULL} FROM keruta_chunks
         WHERE task_id = $1 AND seq_last >= $2 AND seq_first <= $3 ORDER BY seq_last
-    """
-    SAVE_PRODUCER = """
-        INSERT INTO keruta_producers (task_id, producer, run_no, high, last_write) VALUES ($1, $2, 0, $3, $4)
-        ON CONFLICT (task_id, producer) DO UPDATE SET high = excluded.high, last_write = excluded.last_write
-    """
-    INSERT_RANGES = """
-        INSERT INTO keruta_producer_ranges (task_id, producer, pseq_first, pseq_last, seq_first)
-        VALUES ($1, $2, $3, $4, $5)
     """
     ENSURE_TASK = """
         INSERT INTO keruta_tasks (task_id, state, exit_code, updated_at) VALUES ($1, $2, $3, $4)
@@ -200,6 +191,37 @@ class PostgresSql(Dialect):
             """,
             now,
             task_ids,
+        )
+
+    def producer_highs(self, keys: Sequence[tuple[str, str]]) -> Op:
+        return self.fetch(
+            """
+            SELECT p.task_id, p.producer, p.high FROM keruta_producers p
+            JOIN unnest($1::text[], $2::text[]) AS k(task_id, producer) USING (task_id, producer)
+            """,
+            [task_id for task_id, _ in keys],
+            [producer for _, producer in keys],
+        )
+
+    def save_producers(
+        self, highs: list[tuple[str, str, int, str]], ranges: list[tuple[str, str, int, int, int]]
+    ) -> Steps[None]:
+        # One round trip for both: a fleet's commit holds many producers.
+        high_columns = [list(c) for c in zip(*highs, strict=True)] if highs else [[], [], [], []]
+        range_columns = [list(c) for c in zip(*ranges, strict=True)] if ranges else [[], [], [], [], []]
+        yield self.exec(
+            """
+            WITH saved AS (
+                INSERT INTO keruta_producers (task_id, producer, run_no, high, last_write)
+                SELECT task_id, producer, 0, high, last_write
+                FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[]) AS h(task_id, producer, high, last_write)
+                ON CONFLICT (task_id, producer) DO UPDATE SET high = excluded.high, last_write = excluded.last_write
+            )
+            INSERT INTO keruta_producer_ranges (task_id, producer, pseq_first, pseq_last, seq_first)
+            SELECT * FROM unnest($5::text[], $6::text[], $7::bigint[], $8::bigint[], $9::bigint[])
+            """,
+            *high_columns,
+            *range_columns,
         )
 
     def insert_chunks(self, rows: list[ChunkRow]) -> Op:

@@ -16,7 +16,6 @@ from hub.store.steps import CHUNK_FULL, CHUNK_HEAD, TASK_SELECT, Dialect, Op, St
 
 
 class SQLiteSql(Dialect):
-    PRODUCER_HIGH = "SELECT high FROM keruta_producers WHERE task_id = ? AND producer = ?"
     PRODUCER_RANGES = """
         SELECT pseq_first, pseq_last, seq_first FROM keruta_producer_ranges
         WHERE task_id = ? AND producer = ? AND pseq_first <= ? AND pseq_last >= ?
@@ -177,6 +176,19 @@ class SQLiteSql(Dialect):
             f" WHERE task_id IN ({marks}) ORDER BY task_id",
             *task_ids,
         )
+
+    def producer_highs(self, keys: Sequence[tuple[str, str]]) -> Op:
+        pairs = ",".join(["(?, ?)"] * len(keys))
+        return self.fetch(
+            f"SELECT task_id, producer, high FROM keruta_producers WHERE (task_id, producer) IN (VALUES {pairs})",
+            *(value for key in keys for value in key),
+        )
+
+    def save_producers(
+        self, highs: list[tuple[str, str, int, str]], ranges: list[tuple[str, str, int, int, int]]
+    ) -> Steps[None]:
+        yield self.many(self.SAVE_PRODUCER, highs)
+        yield self.many(self.INSERT_RANGES, ranges)
 
     def insert_chunks(self, rows: list[ChunkRow]) -> Op:
         # Plain INSERT: under BEGIN IMMEDIATE nobody else writes, so a conflict

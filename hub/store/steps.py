@@ -71,16 +71,10 @@ class Dialect:
     arguments, in order, follow its name here."""
 
     # -- appending
-    # (task_id, producer) -> (high,)
-    PRODUCER_HIGH: ClassVar[str]
     # (task_id, producer, highest pseq, lowest pseq) -> [(pseq_first, pseq_last, seq_first)]
     PRODUCER_RANGES: ClassVar[str]
     # (task_id, lowest seq, highest seq) -> [CHUNK_FULL] of the chunks holding any of them
     CHUNKS_COVERING: ClassVar[str]
-    # (task_id, producer, high, now)
-    SAVE_PRODUCER: ClassVar[str]
-    # many (task_id, producer, pseq_first, pseq_last, seq_first)
-    INSERT_RANGES: ClassVar[str]
     # -- states
     # (task_id, state, exit_code, now): create the task if new
     ENSURE_TASK: ClassVar[str]
@@ -215,7 +209,18 @@ class Dialect:
         """Create missing task rows before locking them (None: not needed)."""
         return None
 
+    def producer_highs(self, keys: Sequence[tuple[str, str]]) -> Op:
+        """-> [(task_id, producer, high)] of those (task_id, producer) that have a row."""
+        raise NotImplementedError
+
     def insert_chunks(self, rows: list[ChunkRow]) -> Op:
+        raise NotImplementedError
+
+    def save_producers(
+        self, highs: list[tuple[str, str, int, str]], ranges: list[tuple[str, str, int, int, int]]
+    ) -> Steps[None]:
+        """Producers' new high marks (task_id, producer, high, now) and their
+        new ranges (task_id, producer, pseq_first, pseq_last, seq_first)."""
         raise NotImplementedError
 
     def save_task(self, task_id: str, task: TaskProgress, now: str, moved: bool) -> Steps[None]:
