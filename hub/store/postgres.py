@@ -34,7 +34,7 @@ import trio
 import triopg
 
 from hub.store.pg_errors import unavailable_as_store_error
-from hub.store.pg_link import close_pool_within, drop_idle
+from hub.store.pg_link import close_pool_within, drop_idle, in_one_hop
 from hub.store.pg_notices import NOTIFY_CHANNEL, STATUS_NOTICE, DurableNotices, listen, parse_notice
 from hub.store.pg_schema import SCHEMA_VERSION, keep_session, migrate
 from hub.store.pg_sql import PostgresSql
@@ -176,14 +176,10 @@ class PostgresStore(SqlStore):
             drop_idle(self._pool)
 
     async def _read(self, steps: Steps[T], *, snapshot: bool = False) -> T:
+        transaction = {"isolation": "repeatable_read", "readonly": True} if snapshot else None
         async with self._connection() as conn:
-            if snapshot:
-                async with conn.transaction(isolation="repeatable_read", readonly=True):
-                    with self._dead_on_timeout(conn):
-                        result = await drive(steps, lambda op: _do(conn, op))
-            else:
-                with self._dead_on_timeout(conn):
-                    result = await drive(steps, lambda op: _do(conn, op))
+            with self._dead_on_timeout(conn):
+                result = await in_one_hop(conn, lambda raw: drive(steps, lambda op: _do(raw, op)), transaction)
         return result
 
     async def _write(self, steps: Steps[T], *, sync: bool = True) -> T:
@@ -192,10 +188,8 @@ class PostgresStore(SqlStore):
         # shielded so it commits or rolls back entirely (bounded by
         # command_timeout) and a commit's outcome is never left unknown.
         async with self._connection() as conn:
-            with trio.CancelScope(shield=True), unavailable_as_store_error():
-                async with conn.transaction():
-                    with self._dead_on_timeout(conn):
-                        result = await drive(steps, lambda op: _do(conn, op))
+            with trio.CancelScope(shield=True), unavailable_as_store_error(), self._dead_on_timeout(conn):
+                result = await in_one_hop(conn, lambda raw: drive(steps, lambda op: _do(raw, op)), {})
         return result
 
     # -- notices ----------------------------------------------------------------
