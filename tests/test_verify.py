@@ -567,6 +567,24 @@ async def test_each_record_is_counted_once_however_often_it_is_read(tmp_path: Pa
     assert Spool.open(tmp_path / "up", "t", create=False).summary() == final
 
 
+async def test_a_record_lost_from_the_spool_leaves_the_summary_unknown(tmp_path: Path) -> None:
+    """A corrupt frame's records cannot be tallied: the run's summary is not
+    known (the hub calls the log unverified), rather than short."""
+    from agent.spool.spool import Spool
+
+    spool = Spool.open(tmp_path, "t", hub_url="http://hub", max_bytes=1 << 20, segment_bytes=4096)
+    _write_rounds(spool, 10)
+    spool.close()
+    segment = sorted((tmp_path / "t").glob("*.seg"))[0]
+    data = bytearray(segment.read_bytes())
+    data[100] ^= 0xFF
+    segment.write_bytes(bytes(data))
+    again = Spool.open(tmp_path, "t", create=False)
+    assert len(again.read(1, 1000, 1 << 20)) < again.last_seq
+    assert again.summary() is None
+    again.close()
+
+
 def seqs_of(records: list[tuple[int, bytes]]) -> list[int]:
     return [seq for seq, _ in records]
 

@@ -229,20 +229,19 @@ class Spool:
         """Tally the records from `_tallied + 1` through `seq` at least
         (whole runs or frames: perhaps further), from the cache or else the
         segments; the tally becomes unknown if one of them cannot be read."""
+        if self.tally is None or self._tallied >= seq:
+            return
+        if not self._recent.holds(self._tallied + 1):
+            for first, frame in self._read_files(self._tallied + 1):
+                # False: a corrupt frame was skipped, its records are not known.
+                if first + frame.count > self._tallied + 1 and not self._tally_stored(first, frame):
+                    break
+                if self._tallied >= seq or self._recent.holds(self._tallied + 1):
+                    break
         tally = self.tally
-        if tally is None or self._tallied >= seq:
+        if tally is None:
             return
         try:
-            if not self._recent.holds(self._tallied + 1):
-                for first, frame in self._read_files(self._tallied + 1):
-                    if first + frame.count <= self._tallied + 1:
-                        continue
-                    if first > self._tallied + 1:
-                        break  # a corrupt frame was skipped: its records are not known
-                    _tally_frame(tally, first, frame, self._tallied + 1)
-                    self._tallied = first + frame.count - 1
-                    if self._tallied >= seq or self._recent.holds(self._tallied + 1):
-                        break
             for first, records in self._recent.runs_from(self._tallied + 1):
                 if self._tallied >= seq:
                     break
@@ -255,6 +254,19 @@ class Spool:
             return
         if self._tallied < seq:
             self.tally = None
+
+    def _tally_stored(self, first: int, frame: Frame) -> bool:
+        """Tally a frame read from a segment if it continues the tally (True:
+        the tally holds its records now)."""
+        if self.tally is None or not first <= self._tallied + 1 < first + frame.count:
+            return False
+        try:
+            _tally_frame(self.tally, first, frame, self._tallied + 1)
+        except (KeyError, TypeError, ValueError):
+            self.tally = None
+            return False
+        self._tallied = first + frame.count - 1
+        return True
 
     # --- writing ------------------------------------------------------------
 
@@ -570,6 +582,8 @@ class Spool:
             for first, frame in self._read_files(from_seq):
                 if first + frame.count <= from_seq:
                     continue
+                # Tallied in the same pass (below: whatever this did not).
+                self._tally_stored(first, frame)
                 total, full = take(out, first, frame.records(), from_seq, max_records, max_bytes, total)
                 if full:
                     break
