@@ -7,10 +7,20 @@ import orjson
 import pytest
 
 from agent.link.framing import fill_gaps
-from agent.link.protocol import Delivered, HubRefused, ReadRecords, SendFrame, UplinkProtocol, Wait
+from agent.link.protocol import (
+    Delivered,
+    HubRefused,
+    ReadRecords,
+    ReadSummary,
+    SendFrame,
+    UplinkProtocol,
+    Wait,
+)
+from keruta import digest
 from keruta.frames import AckFrame, ErrorFrame, StatusFrame
 from keruta.limits import DEFAULT_LIMITS
 from keruta.recordjson import encode_line
+from keruta.summary import Summary
 
 TS = "2026-01-01T00:00:00.000000Z"
 PRODUCER = "0b5f6a9e-0000-4000-8000-000000000001"
@@ -35,6 +45,8 @@ def step(p: UplinkProtocol, now: float = 0.0) -> object:
         frame = p.logs_frame(fill_gaps("t", action.start, records, action.count, p.available), now)
         assert frame is not None
         return orjson.loads(frame)
+    if isinstance(action, ReadSummary):
+        return orjson.loads(p.status_frame(None))
     if isinstance(action, SendFrame):
         return orjson.loads(action.data)
     return action
@@ -158,6 +170,22 @@ def test_protocol_final_status_handshake() -> None:
     p.on_frame(StatusFrame("t", "succeeded", 0, producer=PRODUCER), 0.0)
     assert step(p) == Delivered()
     assert p.delivered
+
+
+def test_protocol_asks_for_the_summary_once_every_record_is_acknowledged() -> None:
+    """The spool tallies records as they are read to be sent: the summary is
+    taken when the status goes, not when the command finishes."""
+    p = proto()
+    p.records_available(2, 0.0)
+    p.on_connected(0.0)
+    step(p)
+    p.finish("succeeded", 0)
+    assert p.next_frame(0.0) == Wait(None)
+    p.on_frame(ack(2), 0.0)
+    assert p.next_frame(0.0) == ReadSummary()
+    summary = Summary(2, {"stdout": 2}, {"stdout": 12}, digest.to_text(12345))
+    assert orjson.loads(p.status_frame(summary))["summary"] == summary.to_json()
+    assert p.next_frame(0.0) == Wait(None), "sent once; wait for the hub's answer"
 
 
 def test_protocol_final_status_is_sent_again_on_a_new_connection() -> None:

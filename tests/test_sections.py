@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent.pipeline.linesplit import Block, Line, LineSplitter
 from agent.pipeline.recorder import Recorder
@@ -90,6 +93,19 @@ def test_may_hold_marker_is_true_wherever_a_marker_line_starts() -> None:
         assert may_hold_marker(data)
     for data in (b"plain\nlines", b"std::vector<int>", b"a --- b\nc +++ d"):
         assert not may_hold_marker(data)
+
+
+# The bytes a marker check looks for, and a few it does not.
+_MARKER_BYTES = b"ab\n-:+~_section"
+
+
+@given(st.binary(max_size=60).map(lambda b: bytes(_MARKER_BYTES[x % len(_MARKER_BYTES)] for x in b)))
+def test_may_hold_marker_skips_only_scans_that_cannot_match(data: bytes) -> None:
+    """Its shortcuts (no byte a scan needs, no scan) change no answer."""
+    both_scans = (
+        re.search(rb"\n[-:+~]", data) is not None or (data[:1] != b"" and data[:1] in b":-+~") or b"section_" in data
+    )
+    assert may_hold_marker(data) == both_scans
 
 
 def test_split_block_keeps_plain_lines_as_blocks_and_marker_lines_as_lines() -> None:

@@ -508,6 +508,87 @@ async def test_the_summary_survives_the_agent_and_its_acked_segments(tmp_path: P
     assert Spool.open(tmp_path, "t", create=False).summary() == final
 
 
+def _write_rounds(spool: Any, rounds: int) -> None:
+    """Plain lines (Blocks), a level line, a partial line and an agent line per round."""
+    from agent.pipeline.linesplit import Block, Line
+    from agent.pipeline.recorder import Recorder
+
+    recorder = Recorder(spool, "t")
+    number = 1
+    for i in range(rounds):
+        block = Block.of([b"plain %d %d" % (i, k) for k in range(30)])
+        recorder.write("stdout", [(block, number), (Line(f"ERROR {i} \u00e9"), number + 30)])
+        number += 31
+        recorder.write("stderr", [(Line("part", partial=True), i + 1)])
+        recorder.write_agent(f"agent line {i}")
+
+
+async def test_each_record_is_counted_once_however_often_it_is_read(tmp_path: Path) -> None:
+    """The spool tallies a record when it is read to be sent, or when the
+    summary is asked for: a run whose hub was down throughout leaves its
+    records untallied (and its final state without a summary) for `flush`;
+    records read in pieces, read again (a resend), released, or sent by an
+    earlier process whose ack watermark outran summary.json, all count once."""
+    from agent.pipeline.recorder import Recorder
+    from agent.spool.spool import Spool
+
+    down = Spool.open(tmp_path / "down", "t", hub_url="http://hub", max_bytes=1 << 20, segment_bytes=4096)
+    _write_rounds(down, 40)
+    await down.set_final("failed", 1)
+    assert "summary" not in down.meta["final"], "nothing was read: nothing is tallied yet"
+    down.close()
+    down = Spool.open(tmp_path / "down", "t", create=False)
+    whole = down.summary()
+    assert whole is not None and whole.records == down.last_seq == 40 * 33
+    assert _spooled_tally(down).summary(down.last_seq) == whole
+    down.close()
+
+    spool = Spool.open(tmp_path / "up", "t", hub_url="http://hub", max_bytes=1 << 20, segment_bytes=4096)
+    _write_rounds(spool, 40)
+    spool.read(1, 100, 1 << 20)
+    spool.read(50, 10, 1 << 20)
+    spool.read(1, 300, 1 << 20)  # a reconnect sends them again
+    spool.release(200)
+    await spool.sync()  # summary.json, then the segments it covers go
+    assert spool.segments[0].first_seq > 1
+    spool.release(700)
+    spool.save_watermark()  # not durable, and without summary.json: it lags behind
+    spool.close()  # the agent dies
+
+    again = Spool.open(tmp_path / "up", "t", create=False)
+    assert again.acked_seq == 700
+    assert seqs_of(again.read(701, 100, 1 << 20)) == list(range(701, 801))
+    assert again.summary() == whole
+    Recorder(again, "t").write_agent("the agent stopped")
+    await again.set_final("failed", None)
+    final = again.summary()
+    assert final is not None and final.records == whole.records + 1
+    again.close()
+    assert Spool.open(tmp_path / "up", "t", create=False).summary() == final
+
+
+async def test_a_record_lost_from_the_spool_leaves_the_summary_unknown(tmp_path: Path) -> None:
+    """A corrupt frame's records cannot be tallied: the run's summary is not
+    known (the hub calls the log unverified), rather than short."""
+    from agent.spool.spool import Spool
+
+    spool = Spool.open(tmp_path, "t", hub_url="http://hub", max_bytes=1 << 20, segment_bytes=4096)
+    _write_rounds(spool, 10)
+    spool.close()
+    segment = sorted((tmp_path / "t").glob("*.seg"))[0]
+    data = bytearray(segment.read_bytes())
+    data[100] ^= 0xFF
+    segment.write_bytes(bytes(data))
+    again = Spool.open(tmp_path, "t", create=False)
+    assert len(again.read(1, 1000, 1 << 20)) < again.last_seq
+    assert again.summary() is None
+    again.close()
+
+
+def seqs_of(records: list[tuple[int, bytes]]) -> list[int]:
+    return [seq for seq, _ in records]
+
+
 async def test_a_killed_agent_flushed_later_is_complete(hub: hubclient.InProcessHub, tmp_path: Path) -> None:
     """The agent is SIGKILLed mid-run after the hub stored part of its
     records; `flush` delivers the rest with the summary it recovers from the

@@ -9,8 +9,9 @@ does what it answers::
     on_connected(now)        -> frames to send first (the `running` status)
     records_available(seq, now)  records up to `seq` are spooled and may go
     finish(state, exit_code)     the command is done
-    next_frame(now)          -> ReadRecords | SendFrame | Wait | Delivered
+    next_frame(now)          -> ReadRecords | ReadSummary | SendFrame | Wait | Delivered
     logs_frame(records, now) -> the `logs` frame for what ReadRecords read
+    status_frame(summary)    -> the final `status` frame, once ReadSummary asked
     on_frame(hub_frame)      -> a seq the spool may release, or None
     on_disconnected()
 
@@ -77,6 +78,14 @@ class ReadRecords:
 
 
 @attrs.frozen
+class ReadSummary:
+    """Every record is acknowledged: take the run's summary (the spool's,
+    keruta/summary.py) and hand it to `status_frame`. Asked for only now, not
+    at `finish`: the spool tallies its records as they are read to be sent,
+    so that capturing a line costs no hashing (agent/spool/spool.py)."""
+
+
+@attrs.frozen
 class SendFrame:
     data: bytes
 
@@ -93,7 +102,7 @@ class Delivered:
     """Every record and the final status are stored by the hub."""
 
 
-Action = ReadRecords | SendFrame | Wait | Delivered
+Action = ReadRecords | ReadSummary | SendFrame | Wait | Delivered
 
 
 class UplinkProtocol:
@@ -119,8 +128,6 @@ class UplinkProtocol:
         # Records up to here are spooled and let through (rate limit): sendable.
         self.available = max(available_seq, acked_seq)
         self.final: tuple[str, int | None] | None = None
-        # What the final status says the run sent (keruta/summary.py).
-        self.summary: Summary | None = None
         self.batcher = Batcher(batch_size, flush_interval, max_in_flight_bytes, eager_frames)
         self.connected = False
         self.cursor = acked_seq + 1
@@ -139,9 +146,8 @@ class UplinkProtocol:
             self.available = last_seq
             self._sync_pending(now)
 
-    def finish(self, state: str, exit_code: int | None, summary: Summary | None = None) -> None:
+    def finish(self, state: str, exit_code: int | None) -> None:
         self.final = (state, exit_code)
-        self.summary = summary
 
     def on_connected(self, now: float) -> list[bytes]:
         self.connected = True
@@ -234,16 +240,19 @@ class UplinkProtocol:
             return Delivered()
         if self.status_sent:
             return Wait(None)
-        self.status_sent = True
+        return ReadSummary()
+
+    def status_frame(self, summary: Summary | None) -> bytes:
+        """The final `status` frame, with what the run sent (keruta/summary.py;
+        None: not known), as ReadSummary asked."""
         assert self.final is not None
+        self.status_sent = True
         state, code = self.final
         # The hub answers a run's status with that run's stored state once it
         # is committed: that is how the agent knows its final state is stored.
         # The cap goes again: a command that ended before the link came up sent
         # no `running` status.
-        return SendFrame(
-            encode_bytes(StatusFrame(self.task_id, state, code, self.producer, self.summary, self.max_bytes))
-        )
+        return encode_bytes(StatusFrame(self.task_id, state, code, self.producer, summary, self.max_bytes))
 
     def logs_frame(self, records: list[tuple[int, bytes]], now: float) -> bytes | None:
         """The frame for `records` read as ReadRecords asked (gaps already

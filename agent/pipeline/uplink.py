@@ -29,6 +29,7 @@ from agent.link.protocol import (
     Delivered,
     HubRefused,
     ReadRecords,
+    ReadSummary,
     SendFrame,
     UplinkProtocol,
 )
@@ -116,7 +117,7 @@ class Uplink:
                 if isinstance(message, RecordBatch):
                     self.protocol.records_available(message.last_seq, trio.current_time())
                 else:
-                    self.protocol.finish(message.state, message.exit_code, self.spool.summary())
+                    self.protocol.finish(message.state, message.exit_code)
                 self._news.unpark_all()
 
     def records_available(self, last_seq: int) -> None:
@@ -126,7 +127,7 @@ class Uplink:
 
     def finish(self, state: str, exit_code: int | None) -> None:
         """Without a pipeline: the command is done; after the last ack, report `state`."""
-        self.protocol.finish(state, exit_code, self.spool.summary())
+        self.protocol.finish(state, exit_code)
         self._news.unpark_all()
 
     # --- running ------------------------------------------------------------
@@ -228,6 +229,10 @@ class _Session:
                 frame = proto.logs_frame(records, trio.current_time())
                 if frame is not None:
                     await self.send(frame)
+            elif isinstance(action, ReadSummary):
+                # The spool tallied what was read to be sent; what was not
+                # (sent by an earlier process) it reads now.
+                await self.send(proto.status_frame(spool.summary()))
             elif isinstance(action, Delivered):
                 await spool.mark_final_delivered()
                 up.delivered.set()

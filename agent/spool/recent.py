@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 from bisect import bisect_right
+from collections.abc import Iterator
 from itertools import accumulate
 
 import attrs
@@ -93,6 +94,22 @@ class RecentRecords:
         payloads = run.lines.records(run.first_seq)
         self._encoded = (run, payloads)
         return payloads
+
+    def holds(self, seq: int) -> bool:
+        """Whether `seq` is kept (and so every record after it)."""
+        return bool(self._runs) and self._runs[0].first_seq <= seq < self._runs[-1].end_seq
+
+    def runs_from(self, seq: int) -> Iterator[tuple[int, list[bytes] | LineRun]]:
+        """The runs kept that hold `seq` or later, as appended: (first seq,
+        their JSON or their LineRun)."""
+        for run in self._runs:
+            if run.end_seq > seq:
+                yield run.first_seq, run.payloads if run.payloads is not None else self._lines(run)
+
+    @staticmethod
+    def _lines(run: _Run) -> LineRun:
+        assert run.lines is not None
+        return run.lines
 
     def read(self, from_seq: int, max_records: int, max_bytes: int) -> list[tuple[int, bytes]] | None:
         """Like Spool.read, or None when `from_seq` is older than what is kept."""

@@ -16,11 +16,17 @@ when the spool is opened, a corrupt frame is skipped with a warning. Segments
 whose records are all acknowledged are deleted. The lock: agent/spool/lock.py.
 
 The spool keeps the producer's summary of every record it was given (counts
-and digest, keruta/summary.py; the final `status` frame carries it). It must
-outlive the agent as the records do, for `flush` to send it: before segments
-are deleted, the summary so far goes to summary.json (durably, like the
-watermark), and reopening adds the records of the segments still there; the
-final state in task.json holds the whole summary.
+and digest, keruta/summary.py; the final `status` frame carries it). Its
+records are tallied when they are read to be sent, not when they are
+appended: hashing a record costs more than capturing and spooling it, and
+the command waits on the appends (with the hub down a whole run, the
+hashing is left to `flush`). `summary()` reads and tallies what was never
+read. The tally is always of records 1..N, each counted once: it grows
+only from its own end, N + 1. It must outlive the agent as the records do,
+for `flush` to send it: before segments are deleted, the tally so far goes
+to summary.json (durably, like the watermark), and only the segments it
+covers may go; reopening takes it up from there. The final state in
+task.json holds the whole summary when it was complete by then.
 The disk budget (`max_bytes`, `used_bytes`) counts every file of the directory:
 segments with their frame headers, task.json and `acked`.
 
@@ -110,9 +116,11 @@ class Spool:
         self._lock_fd: int | None = None
         self._used = 0  # bytes in segment files
         self._small: dict[str, int] = {}  # task.json, acked, summary.json: their sizes
-        # The summary of records 1..last_seq; None when it cannot be known (a
-        # spool written before summaries, whose deleted records were not counted).
+        # The summary of records 1.._tallied (tallied when read to be sent, or
+        # by `summary`); None when it cannot be known (a spool written before
+        # summaries, whose deleted records were not counted; a record lost).
         self.tally: Tally | None = Tally()
+        self._tallied = 0
         self._tally_saved = 0  # the last seq summary.json covers
 
     # --- opening ------------------------------------------------------------
@@ -193,13 +201,18 @@ class Spool:
         self._delete_acked_segments()
 
     def _recover_tally(self, final: Any) -> Tally | None:
-        """The summary of records 1..last_seq: the final state's, or
-        summary.json's plus the records in the segments after it."""
+        """The tally an earlier process left: the final state's (of every
+        record), or summary.json's (of records 1..`through`; the rest are
+        still in the segments, tallied as they are read). Sets `_tallied`."""
         if isinstance(final, dict) and isinstance(final.get("summary"), dict):
             try:
-                return Tally.from_json(final["summary"])
+                tally = Tally.from_json(final["summary"])
             except (KeyError, TypeError, ValueError):
                 pass
+            else:
+                # Of records 1..N, N being its count.
+                self._tallied = tally.records
+                return tally
         through, tally = 0, Tally()
         try:
             saved = orjson.loads((self.dir / SUMMARY_FILE).read_bytes())
@@ -209,24 +222,51 @@ class Spool:
         except (orjson.JSONDecodeError, OSError, KeyError, TypeError, ValueError) as exc:
             self.warn(f"spool {self.dir}: unreadable {SUMMARY_FILE} ({exc}); the run's summary is unknown")
             return None
-        self._tally_saved = through
-        expected = through + 1
-        for seg in self.segments:
-            if seg.last_seq < expected:
-                continue
-            if seg.first_seq > expected:
-                return None
-            for _off, first, frame, _nxt in scan_frames(seg.reader_fd(), 0, seg.size, None, str(seg.path)):
-                if first + frame.count <= expected:
-                    continue
-                if first > expected:
-                    return None  # a corrupt frame was skipped: its records are not known
-                try:
-                    _tally_frame(tally, first, frame, expected)
-                except (KeyError, TypeError, ValueError):
-                    return None
-                expected = first + frame.count
-        return tally if expected == self.last_seq + 1 else None
+        self._tally_saved = self._tallied = through
+        return tally
+
+    def _tally_to(self, seq: int) -> None:
+        """Tally the records from `_tallied + 1` through `seq` at least
+        (whole runs or frames: perhaps further), from the cache or else the
+        segments; the tally becomes unknown if one of them cannot be read."""
+        if self.tally is None or self._tallied >= seq:
+            return
+        if not self._recent.holds(self._tallied + 1):
+            for first, frame in self._read_files(self._tallied + 1):
+                # False: a corrupt frame was skipped, its records are not known.
+                if first + frame.count > self._tallied + 1 and not self._tally_stored(first, frame):
+                    break
+                if self._tallied >= seq or self._recent.holds(self._tallied + 1):
+                    break
+        tally = self.tally
+        if tally is None:
+            return
+        try:
+            for first, records in self._recent.runs_from(self._tallied + 1):
+                if self._tallied >= seq:
+                    break
+                if first > self._tallied + 1:
+                    break
+                self._tallied = _tally_run(tally, first, records, self._tallied + 1)
+        except (KeyError, TypeError, ValueError):
+            # Not a record's JSON (only tests write such): no summary can be given.
+            self.tally = None
+            return
+        if self._tallied < seq:
+            self.tally = None
+
+    def _tally_stored(self, first: int, frame: Frame) -> bool:
+        """Tally a frame read from a segment if it continues the tally (True:
+        the tally holds its records now)."""
+        if self.tally is None or not first <= self._tallied + 1 < first + frame.count:
+            return False
+        try:
+            _tally_frame(self.tally, first, frame, self._tallied + 1)
+        except (KeyError, TypeError, ValueError):
+            self.tally = None
+            return False
+        self._tallied = first + frame.count - 1
+        return True
 
     # --- writing ------------------------------------------------------------
 
@@ -255,7 +295,6 @@ class Spool:
             parts.append(encode_frame(seq, payload))
         self._write([b"".join(parts)], entries[0][0], entries[-1][0])
         self._recent.append(entries)
-        self._count(entries[0][0], [payload for _, payload in entries])
 
     def append_run(self, first_seq: int, payloads: list[bytes]) -> None:
         """`append_records` of encoded records only."""
@@ -298,16 +337,6 @@ class Spool:
         self._write(parts, first_seq, seq - 1)
         for start, records in recent:
             self._recent.append_run(start, records)
-        self._count(first_seq, pieces)
-
-    def _count(self, first_seq: int, pieces: list[bytes | LineRun]) -> None:
-        if self.tally is None:
-            return
-        try:
-            _tally_pieces(self.tally, first_seq, pieces)
-        except (KeyError, TypeError, ValueError):
-            # Not a record's JSON (only tests write such): no summary can be given.
-            self.tally = None
 
     @staticmethod
     def _run_frames(first_seq: int, payloads: list[bytes]) -> list[bytes]:
@@ -378,12 +407,17 @@ class Spool:
         # With the last seq: a reopened spool whose tail was damaged still
         # knows how many records it held, and sends a "lost" record for each.
         self.meta["final"] = {"state": state, "exitCode": exit_code, "lastSeq": self.last_seq}
-        if self.tally is not None:
+        # Only when every record is tallied already (this is the command's
+        # end, no time to hash what was not sent); else reopening takes the
+        # tally up from summary.json and the segments.
+        if self.tally is not None and self._tallied == self.last_seq:
             self.meta["final"]["summary"] = self.tally.to_json()
         await self._save_meta()
 
     def summary(self) -> Summary | None:
-        """The summary of every record given to the spool (None: not known)."""
+        """The summary of every record given to the spool (None: not known),
+        tallying those not read yet."""
+        self._tally_to(self.last_seq)
         return None if self.tally is None else self.tally.summary(self.last_seq)
 
     async def mark_final_delivered(self) -> None:
@@ -415,7 +449,7 @@ class Spool:
             # The summary so far goes with the watermark: once the segments are
             # gone it is all that remembers what they held. Encoded here, where
             # the tally changes; written in the worker thread.
-            through = self.last_seq
+            through = self._tallied
             tally = None
             if self.tally is not None and self._tally_saved != through:
                 tally = orjson.dumps({"through": through, **self.tally.to_json()})
@@ -461,6 +495,10 @@ class Spool:
         if seq <= self.acked_seq:
             return
         self.acked_seq = min(seq, self.last_seq) if seq > self.last_seq else seq
+        # What the hub stored was sent, and so is tallied already, unless an
+        # earlier process sent it: then it is tallied now, while the cache may
+        # still hold it (a segment goes only once the tally covers it).
+        self._tally_to(self.acked_seq)
         self._recent.release(self.acked_seq)
         # The segments go at the next sync, once the watermark is durable:
         # its fsync does not run here, on the event loop.
@@ -539,13 +577,20 @@ class Spool:
         total = 0
         recent = self._recent.read(from_seq, max_records, max_bytes)
         if recent is not None:
-            return recent
-        for first, frame in self._read_files(from_seq):
-            if first + frame.count <= from_seq:
-                continue
-            total, full = take(out, first, frame.records(), from_seq, max_records, max_bytes, total)
-            if full:
-                break
+            out = recent
+        else:
+            for first, frame in self._read_files(from_seq):
+                if first + frame.count <= from_seq:
+                    continue
+                # Tallied in the same pass (below: whatever this did not).
+                self._tally_stored(first, frame)
+                total, full = take(out, first, frame.records(), from_seq, max_records, max_bytes, total)
+                if full:
+                    break
+        if out:
+            # What is read is sent: the summary counts it now (once: the
+            # tally only grows from its end).
+            self._tally_to(out[-1][0])
         return out
 
     def _read_files(self, from_seq: int) -> Iterator[tuple[int, Frame]]:
@@ -626,22 +671,21 @@ def _largest_summary() -> int:
 SUMMARY_ROOM = _largest_summary()
 
 
-def _tally_pieces(tally: Tally, first_seq: int, pieces: list[bytes | LineRun]) -> None:
-    seq = first_seq
-    for piece in pieces:
-        if isinstance(piece, LineRun):
-            tally.add_lines(seq, piece.source, piece.first_line, piece.block.lines)
-            seq += piece.count
-        else:
-            tally.add_record(seq, orjson.loads(piece))
-            seq += 1
+def _tally_run(tally: Tally, first: int, records: list[bytes] | LineRun, from_seq: int) -> int:
+    """Add the records `first`, `first + 1`, ... from `from_seq` on; the last seq."""
+    if isinstance(records, LineRun):
+        lines = records.block.lines
+        skip = from_seq - first
+        tally.add_lines(from_seq, records.source, records.first_line + skip, lines[skip:] if skip else lines)
+        return first + len(lines) - 1
+    for seq, payload in enumerate(records[from_seq - first :], from_seq):
+        tally.add_record(seq, orjson.loads(payload))
+    return first + len(records) - 1
 
 
 def _tally_frame(tally: Tally, first: int, frame: Frame, from_seq: int) -> None:
     """Add a stored frame's records from `from_seq` on."""
-    if frame.magic not in (MAGIC, BATCH_MAGIC) and first >= from_seq:
-        _tally_pieces(tally, first, [LineRun.parse(frame.payload)])
-        return
-    for seq, payload in enumerate(frame.records(), first):
-        if seq >= from_seq:
-            tally.add_record(seq, orjson.loads(payload))
+    if frame.magic in (MAGIC, BATCH_MAGIC):
+        _tally_run(tally, first, frame.records(), from_seq)
+    else:
+        _tally_run(tally, first, LineRun.parse(frame.payload), from_seq)
