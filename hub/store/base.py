@@ -294,8 +294,15 @@ class Store(Protocol):
         queue left undone, and no commit of theirs will ask for again."""
         ...
 
-    async def redact_step(self, task_id: str, values: Sequence[str], after: int, through: int) -> Any:
-        """Redact `values` in a few chunks after seq `after`: a `trimming.RedactStep`."""
+    async def redact_step(
+        self, task_id: str, values: Sequence[str], after: int, through: int,
+        record: int | None = None, by: str = "admin",
+    ) -> Any:
+        """Redact `values` in a few chunks after seq `after` (up to `through`)
+        in one transaction, which also appends the redaction's record (none
+        yet: `record` None) or adds to the one at seq `record`: a
+        `redacting.RedactStep`. At every commit the stored records and the
+        record's accounts add up (docs/identity.md)."""
         ...
 
     async def set_max_bytes(self, task_id: str, max_bytes: int) -> None:

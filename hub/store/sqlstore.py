@@ -15,7 +15,7 @@ import orjson
 import trio
 
 from hub.answers import Verify
-from hub.store import core, trimming
+from hub.store import core, redacting, trimming
 from hub.store.base import AppendResult, Incoming, LogQuery, LogStats, Page
 from hub.store.rows import SEQ_MAX, iter_by_range
 from hub.store.rules import check_page
@@ -163,9 +163,10 @@ class SqlStore:
         return await self._read(trimming.over_cap_tasks(self._dialect, hub_cap, limit))
 
     async def redact_step(
-        self, task_id: str, values: Sequence[str], after: int, through: int
-    ) -> trimming.RedactStep:
-        return await self._write(trimming.redact_step(self._dialect, task_id, values, after, through))
+        self, task_id: str, values: Sequence[str], after: int, through: int,
+        record: int | None = None, by: str = "admin",
+    ) -> redacting.RedactStep:
+        return await self._write(redacting.redact_step(self._dialect, task_id, values, after, through, record, by))
 
     async def set_max_bytes(self, task_id: str, max_bytes: int) -> None:
         await self._write(trimming.set_max_bytes(self._dialect, task_id, max_bytes), sync=False)
