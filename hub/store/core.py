@@ -20,7 +20,7 @@ import orjson
 
 from hub.store import chunk, sections, trimming
 from hub.store.accounts import carried_accounts
-from hub.store.base import AppendResult, Incoming, LogQuery, LogStats, Page
+from hub.store.base import AppendResult, Incoming, LogQuery, LogStats, Page, SectionPage
 from hub.store.rows import SEQ_MAX, stats_from_rows, task_from_row
 from hub.store.rules import (
     ProducerProgress,
@@ -393,13 +393,17 @@ def raw_after(d: Dialect, task_id: str, after_seq: int) -> Steps[tuple[str, int]
     return "".join(chunk.raw_text(row[6]) for row in rows), (rows[-1][1] if rows else after_seq)
 
 
-def task_sections(d: Dialect, task_id: str) -> Steps[list[dict[str, Any]] | None]:
-    """The task's sections, nested (hub/store/sections.py); None: no such task."""
+def task_sections(d: Dialect, task_id: str, after_seq: int, limit: int) -> Steps[SectionPage | None]:
+    """The first `limit` of the task's sections that start after `after_seq`,
+    nested (hub/store/sections.py); None: no such task."""
     row = yield d.row(d.TASK_MAX_SEQ, task_id)
     if row is None:
         return None
-    rows = yield d.fetch(d.SECTIONS, task_id, sections.MAX_LISTED)
-    return sections.tree(rows, row[0])
+    # One more than asked for: whether there is more to list after these.
+    rows = yield d.fetch(d.SECTIONS, task_id, after_seq, limit + 1)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return SectionPage(sections.tree(rows, row[0]), rows[-1][0] if more else None)
 
 
 def stats(d: Dialect, task_id: str) -> Steps[LogStats]:

@@ -16,7 +16,15 @@ import trio
 
 from hub.answers import Verify
 from hub.store import core, redacting, trimming
-from hub.store.base import AppendResult, Incoming, LogQuery, LogStats, Page
+from hub.store.base import (
+    MAX_SECTIONS,
+    AppendResult,
+    Incoming,
+    LogQuery,
+    LogStats,
+    Page,
+    SectionPage,
+)
 from hub.store.rows import SEQ_MAX, iter_by_range
 from hub.store.rules import check_page
 from hub.store.steps import Dialect, Steps
@@ -130,8 +138,8 @@ class SqlStore:
             if after >= SEQ_MAX:
                 return
 
-    async def sections(self, task_id: str) -> list[dict[str, Any]] | None:
-        return await self._read(core.task_sections(self._dialect, task_id), snapshot=True)
+    async def sections(self, task_id: str, after_seq: int = 0, limit: int = MAX_SECTIONS) -> SectionPage | None:
+        return await self._read(core.task_sections(self._dialect, task_id, after_seq, limit), snapshot=True)
 
     async def stats(self, task_id: str) -> LogStats:
         return await self._read(core.stats(self._dialect, task_id))
