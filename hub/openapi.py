@@ -204,7 +204,8 @@ def _paths(max_page_size: int, max_batch: int) -> dict[str, Any]:
             ),
             "get": _operation("A page of the task's records in seq order", _ref("LogPage"), _READ, parameters=logs_query),
             "delete": _operation(
-                "Delete the task's records older than `before` (all without it)", _ref("Deleted"), _READ,
+                "Delete the task's records older than `before` (all without it; the admin token); with "
+                "`before`, a `gap` record (reason `deleted`) stays in their place", _ref("Deleted"), _READ,
                 parameters=[_query("before", _TIME, "delete records older than this")],
             ),
         },

@@ -143,7 +143,7 @@ async def test_a_cap_or_retention_gap_names_no_producer_and_the_rest_keep_theirs
     # Retention of a running task's head leaves a gap of its own.
     await store.set_state("t2", "running", None)
     await store.append([rec(s, producer="run-b", at=s, task="t2") for s in range(1, 21)])
-    await store.delete("t2", ts(11), leave_gap=True)
+    await store.delete("t2", ts(11), gap="retention")
     records = await everything(store, "t2")
     assert records[0].kind == "gap" and records[0].producer is None
     assert [r.producer for r in records[1:]] == ["run-b"] * 10
@@ -212,9 +212,10 @@ async def test_a_redaction_over_rest_keeps_producers_and_its_record_names_none(
         resp = await admin.post(f"/api/v1/tasks/{task}/redact", json={"values": ["hunter2"]})
         assert resp.status_code == 200, resp.text
         records = await fetch_all(admin, task)
-    assert [r["message"] for r in records[:3]] == ["line 2", "line 3 ***", "line 4"]
-    assert [r.get("producer") for r in records] == ["p1", "p1", "p1", None]
-    assert records[3]["kind"] == "redaction" and "producer" not in records[3]
+    # The deleted record's gap, the three kept, the redaction's record.
+    assert [r["message"] for r in records[1:4]] == ["line 2", "line 3 ***", "line 4"]
+    assert [r.get("producer") for r in records] == [None, "p1", "p1", "p1", None]
+    assert records[0]["kind"] == "gap" and records[4]["kind"] == "redaction" and "producer" not in records[4]
 
 
 # --- an agent run --------------------------------------------------------------------

@@ -9,6 +9,7 @@ import random
 import sqlite3
 
 import attrs
+import pytest
 import trio
 
 from hub.redaction import redact
@@ -19,6 +20,7 @@ from hub.store.redacting import RedactStep
 from hub.store.sqlite import SQLiteStore
 from hub.store.trimming import cap_slack
 from keruta import digest
+from keruta.summary import Tally
 from tests.storedata import rec, ts
 
 
@@ -399,3 +401,49 @@ async def test_a_section_whose_start_a_cap_cut_out_is_no_longer_listed(store):
     assert [s["name"] for s in (await store.sections("t1")).sections] == ["head", "middle", "tail"]
     await cap_all(store, "t1", 20_000)
     assert [s["name"] for s in (await store.sections("t1")).sections] == ["head", "tail"]
+
+
+@pytest.mark.parametrize("reason", ["deleted", "retention"])
+async def test_a_delete_cutting_inside_a_chunk_leaves_its_gap_between_the_records_kept(store, reason):
+    # One chunk, two producers interleaved: a's records are new, b's old.
+    items = []
+    for p in range(1, 21):
+        items += [rec(p, message("a", p), producer="a", at=1000 + p), rec(p, message("b", p), producer="b", at=p)]
+    await store.append(items)
+    if reason == "retention":
+        await store.set_state("t1", "running", None)
+    else:
+        for producer in ("a", "b"):
+            tally = Tally()
+            for p in range(1, 21):
+                tally.add(p, "stdout", None, False, 0, message(producer, p))
+            await store.set_state("t1", "succeeded", 0, producer, tally.summary(20))
+    before = await everything(store)
+    assert await store.delete("t1", ts(500), gap=reason) == 20
+    records = await everything(store)
+    # Seq order, as every reader reads the chunks: the gap, at the first seq
+    # deleted, lies between the records kept, not inside a chunk of theirs.
+    assert [r.seq for r in records] == sorted(r.seq for r in records)
+    kept = [r for r in before if r.producer == "a"]
+    (gap,) = [r for r in records if r.kind == "gap"]
+    assert gap.seq == min(r.seq for r in before if r.producer == "b")
+    assert [r for r in records if r.kind is None] == kept
+    assert (gap.metadata["gap"]["reason"], gap.metadata["gap"]["lines"]) == (reason, 20)
+    assert [r.seq for r in (await store.query(LogQuery(task_id="t1", after_seq=gap.seq, size=3))).content] == [
+        r.seq for r in kept if r.seq > gap.seq
+    ][:3]
+    if reason == "deleted":
+        assert (await store.verify("t1")).verdict == "complete"
+
+
+async def test_an_admin_delete_of_a_finished_task_leaves_a_gap_and_retention_none(store):
+    await store.append(sent("a", 1, 10))
+    await store.set_state("t1", "succeeded", 0)
+    assert await store.delete("t1", ts(4), gap="retention") == 3
+    assert [r.seq for r in await everything(store)] == list(range(4, 11))
+    assert await store.delete("t1", ts(6), gap="deleted") == 2
+    records = await everything(store)
+    assert [r.seq for r in records] == [4, 6, 7, 8, 9, 10] and records[0].kind == "gap"
+    # Everything: no gap, nothing left.
+    assert await store.delete("t1", None, gap="deleted") == 6
+    assert await everything(store) == []

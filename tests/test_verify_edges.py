@@ -5,12 +5,14 @@ hub's own."""
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
 import pytest
 import trio
 
+from agent.tail import TailSettings, tail
 from hub.store.base import LogQuery
 from keruta.summary import Tally
 from tests import hubclient
@@ -143,19 +145,52 @@ async def test_a_malformed_summary_is_refused_naming_its_field(
     assert (await verify(hub, task))["verdict"] == "unverified"
 
 
-async def test_records_an_admin_deleted_make_the_task_incomplete(hub: hubclient.InProcessHub) -> None:
+async def test_records_an_admin_deleted_before_a_time_leave_a_gap_and_the_log_still_verifies(
+    hub: hubclient.InProcessHub,
+) -> None:
+    """An admin's DELETE ...?before= leaves a `deleted` gap with the accounts
+    of what went: verify reads it as explained, tail and pages show it.
+    Deleting everything leaves nothing to account with."""
     task = "admin-deleted"
     recs = records(task, 1, 40, "d")
+    for r in recs:
+        r["timestamp"] = f"2026-01-01T00:00:{r['seq']:02d}.000000Z"
     async with hub.ws() as ws, hub.http() as client:
         await send_run(ws, task, "run-d", recs)
         await finish(ws, task, "run-d", summary_of(recs))
         await verify(hub, task, until="complete")
-        resp = await client.delete(logs_path(task), params={"before": "2030-01-01T00:00:00Z"})
+        resp = await client.delete(logs_path(task), params={"before": "2026-01-01T00:00:25.500000Z"})
         assert resp.status_code == 200, resp.text
-        assert resp.json()["deletedCount"] == 40
+        assert resp.json()["deletedCount"] == 25
         task_answer = (await client.get(f"/api/v1/tasks/{task}")).json()
         # The verdict kept from before the deletion is not shown as still true.
         assert task_answer.get("verdict") != "complete", task_answer
+        stored = await hubclient.fetch_all(client, task)
+        assert [r["seq"] for r in stored] == [1, *range(26, 41)]
+        gap = stored[0]
+        assert gap["kind"] == "gap" and "producer" not in gap and gap["message"].endswith("not kept: deleted by an admin")
+        info = gap["metadata"]["gap"]
+        assert (info["reason"], info["lines"], info["fromSeq"], info["toSeq"]) == ("deleted", 25, 1, 25)
+        assert info["accounts"]["run-d"]["records"] == 25
+        assert (await client.get(logs_path(task, "/stats"))).json()["totalLogs"] == 16
+        # Again, later: one gap, grown.
+        resp = await client.delete(logs_path(task), params={"before": "2026-01-01T00:00:30.500000Z"})
+        assert resp.json()["deletedCount"] == 5
+        stored = await hubclient.fetch_all(client, task)
+        assert [r["seq"] for r in stored] == [1, *range(31, 41)]
+        assert (stored[0]["metadata"]["gap"]["lines"], stored[0]["metadata"]["gap"]["toSeq"]) == (30, 30)
+    answer = await verify(hub, task)
+    assert answer["verdict"] == "complete", answer
+    (run,) = answer["producers"]
+    assert run["accounted"]["records"] == 30 and run["stored"]["records"] == 10
+    out = io.BytesIO()
+    assert await tail(TailSettings(hub.url, task, follow=False, verify=True), out=out) == 0
+    lines = out.getvalue().decode().splitlines()
+    assert lines[0].startswith("--- … 30 lines (") and lines[0].endswith(" not kept: deleted by an admin ---")
+    assert lines[1:] == [r["message"] for r in recs[30:]]
+    async with hub.http() as client:
+        # The gap is a stored record too.
+        assert (await client.delete(logs_path(task))).json()["deletedCount"] == 11
     answer = await verify(hub, task)
     assert answer["verdict"] == "incomplete"
     assert answer["message"].startswith("incomplete: run run-d: 0 of 40 records kept, seqs 1-40 missing")

@@ -286,10 +286,12 @@ class Store(Protocol):
         None when there is no such task."""
         ...
 
-    async def delete(self, task_id: str, before: str | None, *, leave_gap: bool = False) -> int:
+    async def delete(self, task_id: str, before: str | None, *, gap: str | None = None) -> int:
         """Delete a task's records older than `before` (all when None); return
-        the count. `leave_gap`: the head cut off a task still running leaves a
-        `gap` record (reason `retention`) in its place."""
+        the count. `gap` (with `before`): what went leaves a `gap` record in
+        its place, with that reason: `deleted` (an admin's DELETE) always,
+        `retention` only for the head cut off a task still running
+        (hub/store/trimming.py)."""
         ...
 
     async def delete_older_than(self, before: str) -> int:

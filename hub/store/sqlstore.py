@@ -144,12 +144,12 @@ class SqlStore:
     async def stats(self, task_id: str) -> LogStats:
         return await self._read(core.stats(self._dialect, task_id))
 
-    async def delete(self, task_id: str, before: str | None, *, leave_gap: bool = False) -> int:
+    async def delete(self, task_id: str, before: str | None, *, gap: str | None = None) -> int:
         # A transaction per chunk, so a big delete never holds the writer for long.
         total = 0
         while True:
             deleted, more = await self._write(
-                core.delete_chunk(self._dialect, task_id, before, leave_gap=leave_gap)
+                core.delete_chunk(self._dialect, task_id, before, gap=gap)
             )
             total += deleted
             if not more:
@@ -158,7 +158,7 @@ class SqlStore:
     async def delete_older_than(self, before: str) -> int:
         total = 0
         for task_id in await self._read(core.old_tasks(self._dialect, before)):
-            total += await self.delete(task_id, before, leave_gap=True)
+            total += await self.delete(task_id, before, gap=trimming.RETENTION)
         await self._write(core.prune_producers(self._dialect, before))
         return total
 

@@ -41,6 +41,7 @@ from keruta.records import LogRecord, trusted_record
 
 CAP = "cap"
 RETENTION = "retention"
+DELETED = "deleted"  # an admin's DELETE ...?before=
 # A task is cut a little below its cap, so the next few commits do not each
 # cut again: the tail slides by up to this much at a time.
 _CAP_SLACK_MAX = chunk.CHUNK_BYTES
@@ -259,14 +260,16 @@ def _head_end(d: Dialect, task_id: str, budget: int) -> Steps[tuple[Any, int] | 
                 total += size
 
 
-# -- retention of a running task's head --------------------------------------------
+# -- a delete before a time: retention, an admin's DELETE --------------------------
 
 
-def retention_gap(d: Dialect, task_id: str, dropped: Sequence[LogRecord]) -> Steps[None]:
-    """Retention dropped these records (seq order) of a task still running:
-    one gap record, at the lowest seq dropped, says so. An earlier retention
-    gap (the lowest seq, so always among them) is merged into it; a cap gap
-    or redaction record among them hands on its accounts. The caller does the
+def deleted_gap(d: Dialect, task_id: str, dropped: Sequence[LogRecord], reason: str) -> Steps[None]:
+    """A delete before a time dropped these records (seq order): retention
+    the head of a task still running (`retention`), an admin's DELETE with
+    `before` (`deleted`). One gap record, at the lowest seq dropped, says
+    so. An earlier gap of such a delete (the lowest seq, so always among
+    them: it is stamped older than the cut) is merged into it; a cap gap or
+    redaction record among them hands on its accounts. The caller does the
     counts, as for any deleted record, and adds the gap's."""
     lines = 0
     nbytes = 0
@@ -287,7 +290,7 @@ def retention_gap(d: Dialect, task_id: str, dropped: Sequence[LogRecord]) -> Ste
     # Stamped as the newest record it replaced, older than the cut: the next
     # transaction of this pass, or the next pass, takes it in again.
     stamp = max(r.timestamp for r in dropped)
-    gap = gap_record(task_id, dropped[0].seq, stamp, RETENTION, lines, nbytes, (low, high), accounts)
+    gap = gap_record(task_id, dropped[0].seq, stamp, reason, lines, nbytes, (low, high), accounts)
     row = chunk.encode([gap])
     yield d.insert_chunks([row])
     yield d.many(d.ADD_COUNTS, [(task_id, "agent", "WARN", 1)])
