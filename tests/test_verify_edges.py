@@ -293,6 +293,8 @@ async def test_verify_between_two_steps_of_a_redaction_does_not_say_incomplete(s
     assert steps >= 2
     (record,) = [r for r in (await store.query(LogQuery(task_id="t1", size=100_000))).content if r.kind == "redaction"]
     assert record == step.record and record.metadata["redaction"]["records"] == 30_000
+    # Its record is the hub's: no producer of the task to list.
+    assert [p.producer for p in (await store.verify("t1")).producers] == ["run"]
 
 
 async def test_a_redaction_whose_record_a_cap_took_between_two_steps_leaves_another(store) -> None:  # type: ignore[no-untyped-def]

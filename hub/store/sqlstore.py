@@ -76,6 +76,8 @@ class SqlStore:
         if start is None:
             return None
         summaries, ranges = start
+        # The producer of the redaction records writes nothing else: no run to list.
+        summaries = [row for row in summaries if row[0] != redacting.REDACTION_PRODUCER]
         check = Verification(
             task_id, [(p, _summary(text)) for p, text, _ in summaries], ranges,
             runs={p for p, _, run in summaries if run},
