@@ -117,8 +117,14 @@ class Section:
 
 @attrs.frozen
 class TaskSections:
+    """A page of a task's sections: those starting after `afterSeq`, at most
+    `size` (GET .../sections). `nextAfterSeq`: the `startSeq` of the last one
+    listed when more start after it (ask again with `afterSeq` set to it);
+    null when this is the last page."""
+
     task_id: str
     sections: list[Section]
+    next_after_seq: int | None = attrs.field(validator=attrs.validators.optional(attrs.validators.ge(1)))
 
 
 @attrs.frozen

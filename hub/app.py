@@ -34,10 +34,7 @@ def create_app(deps: ConnectionDeps, store_available: Callable[[], bool]) -> Qua
     ))
     app.register_blueprint(tasks.blueprint(access=access, store=deps.store))
     app.register_blueprint(verify.blueprint(access=access, store=deps.store))
-    app.register_blueprint(redact.blueprint(
-        access=access, store=deps.store, writer_inbox=deps.writer_inbox, broadcaster=deps.broadcaster,
-        config=config,
-    ))
+    app.register_blueprint(redact.blueprint(access=access, store=deps.store, broadcaster=deps.broadcaster))
     app.register_blueprint(ops.blueprint(
         access=access, metrics=deps.metrics, store_available=store_available, max_page_size=config.max_page_size,
     ))

@@ -18,6 +18,7 @@ from attrs import validators as v
 
 from hub import answers
 from hub.redaction import MAX_VALUE_CHARS, MAX_VALUES
+from hub.store.base import MAX_SECTIONS
 from keruta import __version__
 from keruta.levels import LEVELS
 from keruta.limits import DEFAULT_LIMITS, INT64_MAX
@@ -203,7 +204,8 @@ def _paths(max_page_size: int, max_batch: int) -> dict[str, Any]:
             ),
             "get": _operation("A page of the task's records in seq order", _ref("LogPage"), _READ, parameters=logs_query),
             "delete": _operation(
-                "Delete the task's records older than `before` (all without it)", _ref("Deleted"), _READ,
+                "Delete the task's records older than `before` (all without it; the admin token); with "
+                "`before`, a `gap` record (reason `deleted`) stays in their place", _ref("Deleted"), _READ,
                 parameters=[_query("before", _TIME, "delete records older than this")],
             ),
         },
@@ -218,8 +220,15 @@ def _paths(max_page_size: int, max_batch: int) -> dict[str, Any]:
         "/api/v1/tasks/{taskId}/sections": {
             "parameters": [_TASK_ID],
             "get": _operation(
-                "The task's sections (CI markers: ::group::, section_start, --- ...), nested, in seq order",
+                "The task's sections (CI markers: ::group::, section_start, --- ...), nested, in seq order, "
+                "at most `size` per answer; `nextAfterSeq` says where to continue (null: no more)",
                 _ref("TaskSections"), (*_READ, 404),
+                parameters=[
+                    _query("afterSeq", {"type": "integer", "minimum": 0, "maximum": INT64_MAX, "default": 0},
+                           "cursor: sections with startSeq > afterSeq (a previous answer's nextAfterSeq)"),
+                    _query("size", {"type": "integer", "minimum": 1, "maximum": MAX_SECTIONS, "default": MAX_SECTIONS},
+                           "most sections listed (nested ones count)"),
+                ],
             ),
         },
         "/api/v1/tasks/{taskId}/verify": {

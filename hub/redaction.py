@@ -1,11 +1,13 @@
 """Taking a leaked secret back out of a task's stored records.
 
 The store rewrites the chunks that hold a value, a few per transaction
-(hub/store/trimming.py `redact_step`); this walks the task with it, tells
-whoever asks which seqs changed as it goes (live viewers re-read them), and
-makes the `redaction` record that stays behind: how many records, who, when,
-and per producer what the change did to its summary's bytes and digest, so
-`verify` stays meaningful (docs/identity.md). Never the values.
+(hub/store/redacting.py `redact_step`), and keeps the `redaction` record
+that stays behind in step with them (appended by the first step, added to
+by each later one): how many records, who, when, and per producer what the
+change did to its summary's bytes and digest, so `verify` stays meaningful
+at every commit (docs/identity.md). Never the values. This walks the task
+with it and tells whoever asks what each step did as it goes (live viewers
+re-read the seqs it changed, and get the record).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from typing import Any
 import attrs
 
 from hub.store.accounts import Accounts
-from hub.store.base import Incoming, Store
-from keruta.timefmt import now_ts
+from hub.store.base import Store
+from hub.store.redacting import RedactStep
+from keruta.records import LogRecord
 
 # A request names at most this many values, each at most this long: a
 # redaction reads every chunk of the task once, whatever their number, but
@@ -51,47 +54,29 @@ def check_values(body: Any) -> list[str]:
 class Redacted:
     records: int
     accounts: Accounts
+    # The redaction's record as the last step left it; None: no such task.
+    record: LogRecord | None
 
 
 async def redact(
-    store: Store, task_id: str, values: Sequence[str], changed: Callable[[list[int]], None] = lambda seqs: None
+    store: Store, task_id: str, values: Sequence[str], on_step: Callable[[RedactStep], None] = lambda step: None,
+    by: str = "admin",
 ) -> Redacted:
     """Redact `values` in every record of the task stored when it starts;
-    `changed` gets the seqs each step rewrote, right after it committed."""
+    `on_step` gets each step right after it committed (the seqs it rewrote,
+    its record as it now is)."""
     through = await store.durable_seq(task_id)
     after = 0
     count = 0
     accounts = Accounts()
-    while after < through:
-        step = await store.redact_step(task_id, values, after, through)
-        if step.seqs:
-            count += len(step.seqs)
-            changed(step.seqs)
+    record: LogRecord | None = None
+    while True:
+        step = await store.redact_step(task_id, values, after, through, None if record is None else record.seq, by)
+        count += len(step.seqs)
         accounts.merge(step.accounts)
-        if step.done:
+        record = step.record
+        on_step(step)
+        if step.done or record is None:
             break
         after = step.cursor
-    return Redacted(count, accounts)
-
-
-def redaction_item(task_id: str, redacted: Redacted, by: str = "admin", at: str | None = None) -> Incoming:
-    """The audit record, to append like any record (the writer numbers it)."""
-    at = at or now_ts()
-    noun = "record" if redacted.records == 1 else "records"
-    return Incoming(
-        task_id=task_id,
-        seq=None,
-        timestamp=at,
-        source="agent",
-        level="WARN",
-        message=f"{redacted.records:,} {noun} redacted by {by} at {at}",
-        metadata={
-            "redaction": {
-                "records": redacted.records,
-                "by": by,
-                "at": at,
-                "accounts": redacted.accounts.to_json(counts=False),
-            }
-        },
-        kind="redaction",
-    )
+    return Redacted(count, accounts, record)

@@ -260,15 +260,19 @@ async def test_delete_before_and_all(hub: TestHub) -> None:
         resp = await client.delete(logs_path(task), params={"before": ts(5.5)})
         assert resp.status_code == 200, resp.text
         assert resp.json() == {"deletedCount": 5}
-        assert [r["seq"] for r in await fetch_all(client, task)] == list(range(6, 11))
+        # A gap record says so, at the first seq deleted.
+        left = await fetch_all(client, task)
+        assert [r["seq"] for r in left] == [1, *range(6, 11)]
+        assert left[0]["kind"] == "gap" and left[0]["metadata"]["gap"]["reason"] == "deleted"
 
         # Nothing older is left: deleting again removes nothing.
         resp = await client.delete(logs_path(task), params={"before": "2025-01-01T09:00:05.5+09:00"})
         assert resp.json() == {"deletedCount": 0}
+        assert await fetch_all(client, task) == left
 
         resp = await client.delete(logs_path(task))
         assert resp.status_code == 200, resp.text
-        assert resp.json() == {"deletedCount": 5}
+        assert resp.json() == {"deletedCount": 6}
         assert await fetch_all(client, task) == []
         # Another task's logs are untouched.
         assert [r["seq"] for r in await fetch_all(client, "bystander")] == [1, 2, 3]

@@ -8,14 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import attrs
 import jsonschema
 import orjson
 import trio
 import zstandard
 
 from hub.openapi import component_schemas
-from hub.redaction import redact, redaction_item
+from hub.redaction import redact
 from hub.store import chunk
 from hub.store.base import LogQuery
 from hub.ws import subscriber_frames
@@ -124,10 +123,9 @@ async def test_a_redaction_keeps_the_producer_and_its_audit_record_names_none(st
     await store.append([rec(s, "token hunter2" if s == 3 else None, producer="run-a", at=s) for s in range(1, 6)])
     done = await redact(store, "t1", ["hunter2"])
     assert done.records == 1
-    # The audit record is numbered by the writer like a seq-less POST.
-    audit = attrs.evolve(redaction_item("t1", done), producer="~writer-1", seq=1)
-    stored = (await store.append([audit])).inserted[0]
-    assert stored.kind == "redaction" and stored.producer is None
+    # The audit record is numbered under the hub's own producer.
+    stored = done.record
+    assert stored is not None and stored.kind == "redaction" and stored.producer is None
     records = await everything(store)
     assert records[2].message == "token ***"
     assert [r.producer for r in records] == ["run-a"] * 5 + [None]
@@ -145,7 +143,7 @@ async def test_a_cap_or_retention_gap_names_no_producer_and_the_rest_keep_theirs
     # Retention of a running task's head leaves a gap of its own.
     await store.set_state("t2", "running", None)
     await store.append([rec(s, producer="run-b", at=s, task="t2") for s in range(1, 21)])
-    await store.delete("t2", ts(11), leave_gap=True)
+    await store.delete("t2", ts(11), gap="retention")
     records = await everything(store, "t2")
     assert records[0].kind == "gap" and records[0].producer is None
     assert [r.producer for r in records[1:]] == ["run-b"] * 10
@@ -214,9 +212,10 @@ async def test_a_redaction_over_rest_keeps_producers_and_its_record_names_none(
         resp = await admin.post(f"/api/v1/tasks/{task}/redact", json={"values": ["hunter2"]})
         assert resp.status_code == 200, resp.text
         records = await fetch_all(admin, task)
-    assert [r["message"] for r in records[:3]] == ["line 2", "line 3 ***", "line 4"]
-    assert [r.get("producer") for r in records] == ["p1", "p1", "p1", None]
-    assert records[3]["kind"] == "redaction" and "producer" not in records[3]
+    # The deleted record's gap, the three kept, the redaction's record.
+    assert [r["message"] for r in records[1:4]] == ["line 2", "line 3 ***", "line 4"]
+    assert [r.get("producer") for r in records] == [None, "p1", "p1", "p1", None]
+    assert records[0]["kind"] == "gap" and records[4]["kind"] == "redaction" and "producer" not in records[4]
 
 
 # --- an agent run --------------------------------------------------------------------

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import attrs
 import pytest
 import trio
 
 from hub.redaction import redact as hub_redact
-from hub.redaction import redaction_item
 from hub.store.base import LogQuery
-from hub.store.trimming import scrub
+from hub.store.redacting import scrub
 from keruta.summary import Tally
 from tests import hubclient
 from tests.hubclient import InProcessHubFactory, fetch_all
@@ -134,13 +132,26 @@ async def test_a_value_in_every_record_of_a_big_task(hub_factory: InProcessHubFa
         with trio.fail_after(60):
             resp = await redact(hub, task, ["SECRET"])
         assert resp.json()["redactedRecords"] == 20_000
+        assert resp.json()["seq"] == 20_001
         told: list[int] = []
+        # The redaction's record, as each step left it: appended by the first,
+        # sent again (same seq) as each later one adds to it.
+        counts: list[int] = []
+        steps = 0
         with trio.fail_after(hubclient.PATIENCE):
-            while len(told) < 20_000:
+            while len(told) < 20_000 or counts[-1:] != [20_000]:
                 frame = await viewer.recv()
                 if frame["type"] == "redacted":
                     told += frame["seqs"]
+                    steps += 1
+                elif frame["type"] == "logs":
+                    for r in frame["records"]:
+                        if r.get("kind") == "redaction":
+                            assert r["seq"] == 20_001
+                            counts.append(r["metadata"]["redaction"]["records"])
         assert sorted(told) == list(range(1, 20_001))
+        # One `redacted` frame and one of the record per step.
+        assert len(counts) == steps and counts == sorted(counts)
     async with hub.http(ADMIN) as client:
         stored = await fetch_all(client, task)
     assert all("SECRET" not in r["message"] for r in stored)
@@ -163,10 +174,8 @@ async def test_a_value_found_in_the_hubs_own_records_leaves_them_as_they_are(sto
     assert (await store.verify("t1")).verdict == "complete"
     (gap,) = [r for r in (await store.query(LogQuery(task_id="t1", size=10_000))).content if r.kind == "gap"]
     hex_piece = gap.metadata["gap"]["accounts"]["a"]["digest"].split(":")[1][:6]
-    done = await hub_redact(store, "t1", [hex_piece, "accounts", "line 000001 "])
-    await store.append([attrs.evolve(redaction_item("t1", done), producer="~hub", seq=1)])
-    done = await hub_redact(store, "t1", ["redaction", "records"])
-    await store.append([attrs.evolve(redaction_item("t1", done), producer="~hub", seq=2)])
+    await hub_redact(store, "t1", [hex_piece, "accounts", "line 000001 "])
+    await hub_redact(store, "t1", ["redaction", "records"])
     records = (await store.query(LogQuery(task_id="t1", size=10_000))).content
     assert [r.metadata for r in records if r.kind == "gap"] == [gap.metadata]
     assert records[0].message.startswith("***")

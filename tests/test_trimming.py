@@ -9,15 +9,18 @@ import random
 import sqlite3
 
 import attrs
+import pytest
 import trio
 
-from hub.redaction import redact, redaction_item
+from hub.redaction import redact
 from hub.store import chunk
 from hub.store.accounts import ProducerSeqs
 from hub.store.base import DUPLICATE, INSERTED, LogQuery
+from hub.store.redacting import RedactStep
 from hub.store.sqlite import SQLiteStore
 from hub.store.trimming import cap_slack
 from keruta import digest
+from keruta.summary import Tally
 from tests.storedata import rec, ts
 
 
@@ -173,7 +176,7 @@ async def test_redaction_replaces_values_everywhere_and_accounts_for_it(store):
     before = await store.query(LogQuery(task_id="t1", q="hunter2"))
     assert before.total_elements == 1
     seen: list[int] = []
-    done = await redact(store, "t1", ["hunter2", "s3cr3t"], seen.extend)
+    done = await redact(store, "t1", ["hunter2", "s3cr3t"], lambda step: seen.extend(step.seqs))
     assert done.records == 3 and sorted(seen) == [10, 701, 1401]
     assert (await store.query(LogQuery(task_id="t1", q="hunter2"))).total_elements == 0
     assert (await store.query(LogQuery(task_id="t1", q="***"))).total_elements == 2
@@ -193,10 +196,12 @@ async def test_redaction_replaces_values_everywhere_and_accounts_for_it(store):
     ):
         expected = digest.add(expected, digest.sub(leaf_of(pseq, old), leaf_of(pseq, new)))
     assert account["digest"] == digest.to_text(expected)
-    # The audit record names the count, never a value.
-    item = attrs.evolve(redaction_item("t1", done), producer="~hub", seq=1)
-    stored = (await store.append([item])).inserted[0]
+    # The audit record, appended after the task's records, names the count,
+    # never a value, and holds the accounts.
+    stored = (await everything(store))[-1]
+    assert done.record == stored and stored.seq == 1501 and stored.producer is None
     assert stored.kind == "redaction" and stored.metadata["redaction"]["records"] == 3
+    assert stored.metadata["redaction"]["accounts"] == done.accounts.to_json(counts=False)
     assert "hunter2" not in str(stored.metadata) and stored.message.startswith("3 records redacted by admin")
 
 
@@ -204,7 +209,13 @@ async def test_a_redaction_of_nothing_changes_nothing(store):
     await store.append(sent("a", 1, 50))
     done = await redact(store, "t1", ["absent"])
     assert done.records == 0 and done.accounts.to_json() == {}
-    assert (await redact(store, "nobody", ["x"])).records == 0
+    # Only its record, saying so, is added.
+    records = await everything(store)
+    assert [r.message for r in records[:50]] == [r.message for r in sent("a", 1, 50)]
+    assert done.record == records[50] and records[50].metadata["redaction"]["records"] == 0
+    nobody = await redact(store, "nobody", ["x"])
+    assert (nobody.records, nobody.record) == (0, None)
+    assert await store.task("nobody") is None
 
 
 def test_the_chunk_cache_never_serves_a_rewritten_chunk():
@@ -234,8 +245,8 @@ async def test_appends_during_a_redaction_are_all_kept(store):
     # what it redacts is what was stored when it read the task's extent.
     started = trio.Event()
 
-    def changed(seqs: list[int]) -> None:
-        done.extend(seqs)
+    def changed(step: RedactStep) -> None:
+        done.extend(step.seqs)
         started.set()
 
     async def appending() -> None:
@@ -248,12 +259,14 @@ async def test_appends_during_a_redaction_are_all_kept(store):
         nursery.start_soon(appending)
         result = await redact(store, "t1", ["secret-1"], changed)
     records = await everything(store)
-    assert [r.seq for r in records] == list(range(1, 4001))
+    # The redaction's record was appended by its first step, before the appends.
+    assert [r.seq for r in records] == list(range(1, 4002))
+    assert records[3000].kind == "redaction" and records[3000].metadata["redaction"]["records"] == result.records
     before = [r for r in records if r.seq <= 3000]
     assert all("secret-1" not in r.message for r in before)
     assert result.records == len([p for p in range(1, 3001) if p % 7 == 1])
     # What came after the redaction started is stored as sent, whatever it holds.
-    assert all(r.message.startswith("late ") for r in records if r.seq > 3000)
+    assert all(r.message.startswith("late ") for r in records if r.seq > 3001)
 
 
 async def test_a_retention_pass_over_many_chunks_leaves_one_gap(store):
@@ -385,6 +398,52 @@ async def test_a_section_whose_start_a_cap_cut_out_is_no_longer_listed(store):
         body[first - 1] = marker(first, "section_start", name)
         body[first + 4] = marker(first + 5, "section_end", name)
     await store.append(body)
-    assert [s["name"] for s in await store.sections("t1")] == ["head", "middle", "tail"]
+    assert [s["name"] for s in (await store.sections("t1")).sections] == ["head", "middle", "tail"]
     await cap_all(store, "t1", 20_000)
-    assert [s["name"] for s in await store.sections("t1")] == ["head", "tail"]
+    assert [s["name"] for s in (await store.sections("t1")).sections] == ["head", "tail"]
+
+
+@pytest.mark.parametrize("reason", ["deleted", "retention"])
+async def test_a_delete_cutting_inside_a_chunk_leaves_its_gap_between_the_records_kept(store, reason):
+    # One chunk, two producers interleaved: a's records are new, b's old.
+    items = []
+    for p in range(1, 21):
+        items += [rec(p, message("a", p), producer="a", at=1000 + p), rec(p, message("b", p), producer="b", at=p)]
+    await store.append(items)
+    if reason == "retention":
+        await store.set_state("t1", "running", None)
+    else:
+        for producer in ("a", "b"):
+            tally = Tally()
+            for p in range(1, 21):
+                tally.add(p, "stdout", None, False, 0, message(producer, p))
+            await store.set_state("t1", "succeeded", 0, producer, tally.summary(20))
+    before = await everything(store)
+    assert await store.delete("t1", ts(500), gap=reason) == 20
+    records = await everything(store)
+    # Seq order, as every reader reads the chunks: the gap, at the first seq
+    # deleted, lies between the records kept, not inside a chunk of theirs.
+    assert [r.seq for r in records] == sorted(r.seq for r in records)
+    kept = [r for r in before if r.producer == "a"]
+    (gap,) = [r for r in records if r.kind == "gap"]
+    assert gap.seq == min(r.seq for r in before if r.producer == "b")
+    assert [r for r in records if r.kind is None] == kept
+    assert (gap.metadata["gap"]["reason"], gap.metadata["gap"]["lines"]) == (reason, 20)
+    assert [r.seq for r in (await store.query(LogQuery(task_id="t1", after_seq=gap.seq, size=3))).content] == [
+        r.seq for r in kept if r.seq > gap.seq
+    ][:3]
+    if reason == "deleted":
+        assert (await store.verify("t1")).verdict == "complete"
+
+
+async def test_an_admin_delete_of_a_finished_task_leaves_a_gap_and_retention_none(store):
+    await store.append(sent("a", 1, 10))
+    await store.set_state("t1", "succeeded", 0)
+    assert await store.delete("t1", ts(4), gap="retention") == 3
+    assert [r.seq for r in await everything(store)] == list(range(4, 11))
+    assert await store.delete("t1", ts(6), gap="deleted") == 2
+    records = await everything(store)
+    assert [r.seq for r in records] == [4, 6, 7, 8, 9, 10] and records[0].kind == "gap"
+    # Everything: no gap, nothing left.
+    assert await store.delete("t1", None, gap="deleted") == 6
+    assert await everything(store) == []

@@ -5,12 +5,15 @@ hub's own."""
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
 import pytest
 import trio
 
+from agent.tail import TailSettings, tail
+from hub.store.base import LogQuery
 from keruta.summary import Tally
 from tests import hubclient
 from tests.hubclient import PATIENCE, Ws, assert_error, logs_path
@@ -142,19 +145,52 @@ async def test_a_malformed_summary_is_refused_naming_its_field(
     assert (await verify(hub, task))["verdict"] == "unverified"
 
 
-async def test_records_an_admin_deleted_make_the_task_incomplete(hub: hubclient.InProcessHub) -> None:
+async def test_records_an_admin_deleted_before_a_time_leave_a_gap_and_the_log_still_verifies(
+    hub: hubclient.InProcessHub,
+) -> None:
+    """An admin's DELETE ...?before= leaves a `deleted` gap with the accounts
+    of what went: verify reads it as explained, tail and pages show it.
+    Deleting everything leaves nothing to account with."""
     task = "admin-deleted"
     recs = records(task, 1, 40, "d")
+    for r in recs:
+        r["timestamp"] = f"2026-01-01T00:00:{r['seq']:02d}.000000Z"
     async with hub.ws() as ws, hub.http() as client:
         await send_run(ws, task, "run-d", recs)
         await finish(ws, task, "run-d", summary_of(recs))
         await verify(hub, task, until="complete")
-        resp = await client.delete(logs_path(task), params={"before": "2030-01-01T00:00:00Z"})
+        resp = await client.delete(logs_path(task), params={"before": "2026-01-01T00:00:25.500000Z"})
         assert resp.status_code == 200, resp.text
-        assert resp.json()["deletedCount"] == 40
+        assert resp.json()["deletedCount"] == 25
         task_answer = (await client.get(f"/api/v1/tasks/{task}")).json()
         # The verdict kept from before the deletion is not shown as still true.
         assert task_answer.get("verdict") != "complete", task_answer
+        stored = await hubclient.fetch_all(client, task)
+        assert [r["seq"] for r in stored] == [1, *range(26, 41)]
+        gap = stored[0]
+        assert gap["kind"] == "gap" and "producer" not in gap and gap["message"].endswith("not kept: deleted by an admin")
+        info = gap["metadata"]["gap"]
+        assert (info["reason"], info["lines"], info["fromSeq"], info["toSeq"]) == ("deleted", 25, 1, 25)
+        assert info["accounts"]["run-d"]["records"] == 25
+        assert (await client.get(logs_path(task, "/stats"))).json()["totalLogs"] == 16
+        # Again, later: one gap, grown.
+        resp = await client.delete(logs_path(task), params={"before": "2026-01-01T00:00:30.500000Z"})
+        assert resp.json()["deletedCount"] == 5
+        stored = await hubclient.fetch_all(client, task)
+        assert [r["seq"] for r in stored] == [1, *range(31, 41)]
+        assert (stored[0]["metadata"]["gap"]["lines"], stored[0]["metadata"]["gap"]["toSeq"]) == (30, 30)
+    answer = await verify(hub, task)
+    assert answer["verdict"] == "complete", answer
+    (run,) = answer["producers"]
+    assert run["accounted"]["records"] == 30 and run["stored"]["records"] == 10
+    out = io.BytesIO()
+    assert await tail(TailSettings(hub.url, task, follow=False, verify=True), out=out) == 0
+    lines = out.getvalue().decode().splitlines()
+    assert lines[0].startswith("--- … 30 lines (") and lines[0].endswith(" not kept: deleted by an admin ---")
+    assert lines[1:] == [r["message"] for r in recs[30:]]
+    async with hub.http() as client:
+        # The gap is a stored record too.
+        assert (await client.delete(logs_path(task))).json()["deletedCount"] == 11
     answer = await verify(hub, task)
     assert answer["verdict"] == "incomplete"
     assert answer["message"].startswith("incomplete: run run-d: 0 of 40 records kept, seqs 1-40 missing")
@@ -233,12 +269,9 @@ async def test_verify_while_records_still_arrive_never_says_incomplete_for_a_com
                 assert answer["verdict"] == "unverified"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a redaction commits its chunks a few per transaction and its record (the accounts verify "
-    "needs) only at the end: a verification in between finds changed leaves and nothing owing them",
-)
 async def test_verify_between_two_steps_of_a_redaction_does_not_say_incomplete(store) -> None:  # type: ignore[no-untyped-def]
+    """Each step commits its rewritten chunks with the redaction's record
+    holding what they owe: the log verifies complete after every one."""
     sent = [rec(p, f"line {p:06d} SECRET " + "x" * 80, producer="run") for p in range(1, 30_001)]
     for start in range(0, len(sent), 5000):
         await store.append(sent[start:start + 5000])
@@ -247,9 +280,59 @@ async def test_verify_between_two_steps_of_a_redaction_does_not_say_incomplete(s
         tally.add(p, r.source, None, False, 0, r.message)
     await store.set_state("t1", "succeeded", 0, "run", tally.summary(len(sent)))
     assert (await store.verify("t1")).verdict == "complete"
-    step = await store.redact_step("t1", ["SECRET"], 0, await store.durable_seq("t1"))
-    assert step.seqs and not step.done
-    assert (await store.verify("t1")).verdict != "incomplete"
+    through = await store.durable_seq("t1")
+    step = await store.redact_step("t1", ["SECRET"], 0, through)
+    assert step.seqs and not step.done and step.appended is not None
+    assert (await store.verify("t1")).verdict == "complete"
+    steps = 1
+    while not step.done:
+        step = await store.redact_step("t1", ["SECRET"], step.cursor, through, step.record.seq)
+        assert step.appended is None
+        assert (await store.verify("t1")).verdict == "complete"
+        steps += 1
+    assert steps >= 2
+    (record,) = [r for r in (await store.query(LogQuery(task_id="t1", size=100_000))).content if r.kind == "redaction"]
+    assert record == step.record and record.metadata["redaction"]["records"] == 30_000
+    # Its record is the hub's: no producer of the task to list.
+    assert [p.producer for p in (await store.verify("t1")).producers] == ["run"]
+
+
+async def test_a_redaction_whose_record_a_cap_took_between_two_steps_leaves_another(store) -> None:  # type: ignore[no-untyped-def]
+    """A cap cuts the task between two steps of a redaction, its record with
+    the middle: the gap takes on its accounts, the next step appends a new
+    record for what it changes, and the log verifies at every commit."""
+    sent = [rec(p, f"line {p:06d} " + ("SECRET " if p % 10 == 0 else "") + "x" * 80, producer="run")
+            for p in range(1, 20_001)]
+    # Small chunks: the first step leaves most of the head to the next ones.
+    for start in range(0, len(sent), 100):
+        await store.append(sent[start:start + 100])
+    tally = Tally()
+    for p, r in enumerate(sent, 1):
+        tally.add(p, r.source, None, False, 0, r.message)
+    await store.set_state("t1", "succeeded", 0, "run", tally.summary(len(sent)))
+    through = await store.durable_seq("t1")
+    step = await store.redact_step("t1", ["SECRET"], 0, through)
+    first = step.record
+    assert step.seqs and not step.done and first.seq == 20_001
+    late = [rec(p, f"late {p:06d} " + "y" * 80, producer="late") for p in range(1, 40_001)]
+    for start in range(0, len(late), 5000):
+        await store.append(late[start:start + 5000])
+    while (cut := await store.cap_step("t1", 3_000_000)) is not None and cut.more:
+        pass
+    records = (await store.query(LogQuery(task_id="t1", size=100_000))).content
+    (gap,) = [r for r in records if r.kind == "gap"]
+    assert gap.metadata["gap"]["fromSeq"] < first.seq < gap.metadata["gap"]["toSeq"]
+    assert not [r for r in records if r.kind == "redaction"]
+    assert (await store.verify("t1")).verdict == "complete"
+    appended = []
+    while not step.done:
+        step = await store.redact_step("t1", ["SECRET"], step.cursor, through, step.record.seq)
+        appended += [step.record.seq] if step.appended is not None else []
+        assert (await store.verify("t1")).verdict == "complete"
+    records = (await store.query(LogQuery(task_id="t1", size=100_000))).content
+    (record,) = [r for r in records if r.kind == "redaction"]
+    assert appended == [record.seq] and record.seq == 60_002 and record.metadata["redaction"]["records"] > 0
+    assert not [r for r in records if "SECRET" in r.message]
 
 
 async def test_a_verdict_taken_during_a_redaction_is_not_kept_after_it(store) -> None:  # type: ignore[no-untyped-def]
@@ -264,7 +347,7 @@ async def test_a_verdict_taken_during_a_redaction_is_not_kept_after_it(store) ->
     step = await store.redact_step("t1", ["SECRET"], 0, through)
     await store.verify("t1")
     while not step.done:
-        step = await store.redact_step("t1", ["SECRET"], step.cursor, through)
+        step = await store.redact_step("t1", ["SECRET"], step.cursor, through, step.record.seq)
     assert (await store.task("t1")).verdict != "incomplete"
 
 

@@ -520,8 +520,10 @@ def test_gap_rows(page: Any, shared_hub: HubProcess) -> None:
     assert plain and "gap" not in plain[0]["cls"].split()
     wait_for(lambda: page.find_element(By.ID, "conn").text == "live", "the WebSocket")
 
-    # The hub lets the oldest lines go and leaves a gap over their seqs (as
-    # retention of a running task's head does): the viewer drops those rows.
+    # An admin deletes the oldest lines: the hub leaves a `deleted` gap at the
+    # first seq deleted (the viewer is not told). A gap that then arrives
+    # live over seqs the viewer holds takes those rows away: the model is
+    # read again, with the hub's gap row where the lines were.
     resp = httpx.delete(f"{shared_hub.url}/api/v1/tasks/{task}/logs", params={"before": "2026-01-01T00:00:31.000000Z"}, timeout=10, verify=system_tls())
     assert resp.status_code == 200 and resp.json()["deletedCount"] == 30
     post(shared_hub, task, [{
@@ -529,9 +531,13 @@ def test_gap_rows(page: Any, shared_hub: HubProcess) -> None:
         "message": "30 lines (330 bytes) not kept: retention",
         "metadata": {"gap": {"reason": "retention", "lines": 30, "bytes": 330, "fromSeq": 1, "toSeq": 30}},
     }])
-    wait_for(lambda: viewer(page, "total") == 22, "the covered rows dropped")
+    wait_for(lambda: viewer(page, "total") == 23, "the covered rows dropped")
     seqs = [seq for _pos, seq in js(page, "return window.kerutaViewer.loaded()")]
-    assert seqs == list(range(31, 53))
+    assert seqs == [1, *range(31, 53)]
+    js(page, "document.getElementById('scroller').scrollTop = 0")
+    first = wait_for(lambda: (lambda r: r if r and r[0]["seq"] == 1 else None)(rows(page)), "the deleted gap row")[0]
+    assert "gap" in first["cls"].split()
+    assert first["text"] == "\u22ef \u2026 30 lines (321 bytes) not kept: deleted by an admin \u22ef (seqs 1\u201330)"
     js(page, "document.getElementById('scroller').scrollTop = 1e9")
     last = wait_for(lambda: (lambda r: r if r and r[-1]["seq"] == 52 else None)(rows(page)), "the new gap row")[-1]
     assert "gap" in last["cls"].split() and last["text"].endswith("(seqs 1\u201330)")

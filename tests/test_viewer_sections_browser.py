@@ -8,6 +8,7 @@ from urllib.parse import quote
 
 import pytest
 
+from hub.store.base import MAX_SECTIONS
 from tests import test_viewer_browser as browser
 from tests.support import HubProcess
 from tests.test_viewer_browser import js, post, rows, settled, viewer, wait_for
@@ -122,3 +123,24 @@ def test_a_live_section_stays_open_until_it_ends_then_folds(page: Any, shared_hu
     assert "open" in [r for r in rows(page) if r["seq"] == 2][0]["cls"].split()
     post(shared_hub, task, [end("Deploy", 4), line("after", 5)])
     wait_for(lambda: settled(lambda: shown_seqs(page)) == [1, 2, 7], "the ended section folded")
+
+
+def test_sections_past_one_answer_are_fetched_and_nested_where_they_belong(page: Any, shared_hub: HubProcess) -> None:
+    """More sections than GET .../sections lists at once: the viewer follows
+    `nextAfterSeq`, and a section of the second page goes inside the section
+    of the first page that encloses it (else its fold would overlap)."""
+    task = "sections-view-many"
+    many = MAX_SECTIONS  # tiny sections inside Outer: Last comes on the second page
+    records = [line("before", 0), start("Outer", 1)]
+    for k in range(many):
+        records += [start(f"s{k}", 2), end(f"s{k}", 2)]
+    records += [start("Last", 3), line("inside last", 3), line("inside last", 3), end("Last", 4), end("Outer", 5),
+                line("after", 6)]
+    post(shared_hub, task, records)
+    last_seq = 2 + 2 * many + 1
+    total = last_seq + 5
+    page.get(f"{shared_hub.url}/tasks/{quote(task)}")
+    wait_for(lambda: any(s["startSeq"] == last_seq for s in viewer(page, "sections()") or []), "the second page's section")
+    # Outer, closed, hides all it holds once, Last's lines among them.
+    wait_for(lambda: settled(lambda: shown_seqs(page)) == [1, 2, total], "Outer folded")
+    assert viewer(page, "shown") == 3 and viewer(page, "total") == total

@@ -1,36 +1,33 @@
 """/api/v1/tasks/<task_id>/redact: take a leaked secret back out (the admin's).
 
 The values are replaced by `***` in every stored record of the task, a few
-chunks per transaction (hub/redaction.py), live viewers are told which seqs
-to read again as each step commits, and a `redaction` record stays behind,
-appended through the writer like any record, which also takes it to live
-viewers. The token was proven before the body was read (hub/admission.py).
+chunks per transaction (hub/redaction.py), and a `redaction` record, which
+the first of those transactions appends and each later one adds to, stays
+behind. As each step commits, live viewers are told which seqs to read
+again, and are sent the record (new, or grown: they replace the one they
+hold). The token was proven before the body was read (hub/admission.py).
 """
 
 from __future__ import annotations
 
 import orjson
-import trio
 from quart import Blueprint, Response, request
 
 from hub.access import Access
 from hub.actors.broadcaster import Broadcaster
-from hub.actors.writer import WriteRequest, write_within
 from hub.answers import Redacted, answer_json
-from hub.config import HubConfig
 from hub.errors import ApiError
-from hub.redaction import BadValues, check_values, redact, redaction_item
+from hub.redaction import BadValues, check_values, redact
 from hub.routes.common import check_task_id, json_response
 from hub.store.base import Store
+from hub.store.redacting import RedactStep
 
 
 def blueprint(
     *,
     access: Access,
     store: Store,
-    writer_inbox: trio.MemorySendChannel[WriteRequest],
     broadcaster: Broadcaster,
-    config: HubConfig,
 ) -> Blueprint:
     bp = Blueprint("redact", __name__)
 
@@ -47,16 +44,18 @@ def blueprint(
             raise ApiError(400, "INVALID_REQUEST", str(exc)) from None
         if await store.task(task_id) is None:
             raise ApiError(404, "NOT_FOUND", f"no task {task_id}")
-        done = await redact(store, task_id, values, lambda seqs: broadcaster.publish_redacted(task_id, seqs))
-        outcome = await write_within(writer_inbox, [redaction_item(task_id, done)], config.post_timeout)
-        if outcome is None or outcome.error is not None or not outcome.records or outcome.records[0] is None:
-            # The records are redacted; only the audit record is missing.
-            raise ApiError(
-                503, "STORE_UNAVAILABLE",
-                f"{done.records} records were redacted but the redaction record could not be stored; "
-                "send the request again (it finds nothing more to redact and leaves the record)",
-                {"Retry-After": "5"},
-            )
-        return json_response(answer_json(Redacted(done.records, outcome.records[0].seq)))
+
+        def publish(step: RedactStep) -> None:
+            broadcaster.publish_redacted(task_id, step.seqs)
+            if step.appended is not None:
+                broadcaster.publish_records(step.appended.inserted, step.appended.durable)
+            elif step.seqs and step.record is not None:
+                # The record grew: viewers past it replace the one they hold.
+                broadcaster.publish_replaced(task_id, [step.record])
+
+        done = await redact(store, task_id, values, publish)
+        if done.record is None:
+            raise ApiError(404, "NOT_FOUND", f"no task {task_id}")
+        return json_response(answer_json(Redacted(done.records, done.record.seq)))
 
     return bp

@@ -6,8 +6,9 @@ from quart import Blueprint, Response
 
 from hub.access import Access
 from hub.errors import ApiError
-from hub.routes.common import check_task_id, json_response, task_json
-from hub.store.base import Store
+from hub.routes.common import check_task_id, int_param, json_response, task_json
+from hub.store.base import MAX_SECTIONS, Store
+from keruta.limits import INT64_MAX
 
 
 def blueprint(*, access: Access, store: Store) -> Blueprint:
@@ -31,9 +32,12 @@ def blueprint(*, access: Access, store: Store) -> Blueprint:
     async def get_sections(task_id: str) -> Response:
         access.need(write=False)
         check_task_id(task_id)
-        sections = await store.sections(task_id)
-        if sections is None:
+        after_seq = int_param("afterSeq", 0, 0, INT64_MAX) or 0
+        size = int_param("size", MAX_SECTIONS, 1, MAX_SECTIONS) or MAX_SECTIONS
+        page = await store.sections(task_id, after_seq, size)
+        if page is None:
             raise ApiError(404, "NOT_FOUND", f"no task {task_id}")
-        return json_response({"taskId": task_id, "sections": sections})
+        # Where this page was cut, said in the answer: never a silent truncation.
+        return json_response({"taskId": task_id, "sections": page.sections, "nextAfterSeq": page.next_after_seq})
 
     return bp

@@ -252,13 +252,40 @@
       return pos - f.before - (f.b - f.a + 1);
     }
 
-    // The task's sections, or null when the hub did not answer (nothing folds then).
+    // The task's sections, or null when the hub did not answer (nothing folds
+    // then). An answer lists at most 10,000; the next page starts after its
+    // `nextAfterSeq`. Up to SECTION_PAGES pages: past that, the rest do not fold.
+    const SECTION_PAGES = 10;
     async function fetchSections() {
       try {
-        const body = await api(sectionsUrl);
-        return body.sections || [];
+        const tree = [];
+        let afterSeq = 0;
+        for (let page = 0; page < SECTION_PAGES; page++) {
+          const body = await api(sectionsUrl, { afterSeq: afterSeq || null });
+          graftSections(tree, body.sections || []);
+          if (body.nextAfterSeq === null || body.nextAfterSeq === undefined) break;
+          afterSeq = body.nextAfterSeq;
+        }
+        return tree;
       } catch (e) {
         return null;
+      }
+    }
+
+    // A page nests its sections only among themselves: one whose enclosing
+    // section came on an earlier page goes inside it here (the hub's own rule,
+    // hub/store/sections.py tree: inside the last one still open at its start,
+    // at most SECTION_DEPTH deep).
+    const SECTION_DEPTH = 64;
+    function graftSections(tree, more) {
+      for (const s of more) {
+        let list = tree;
+        for (let depth = 1; depth < SECTION_DEPTH; depth++) {
+          const last = list[list.length - 1];
+          if (!last || (last.endSeq !== null && last.endSeq <= s.startSeq)) break;
+          list = last.sections;
+        }
+        list.push(s);
       }
     }
 

@@ -153,4 +153,6 @@ def gap_message(reason: str, lines: int, nbytes: int, cap: int | None) -> str:
     what = f"… {lines:,} lines ({human_bytes(nbytes)}) not kept: "
     if reason == "cap":
         return what + f"task over its {human_bytes(cap or 0)} cap"
+    if reason == "deleted":
+        return what + "deleted by an admin"
     return what + "older than the hub's retention period"

@@ -25,6 +25,9 @@ from keruta.summary import Summary
 if TYPE_CHECKING:
     from hub.answers import Verify
 
+# Most sections one answer lists (GET .../sections `size`).
+MAX_SECTIONS = 10_000
+
 _ID_NAMESPACE = uuid.UUID("6f1c1f0e-5d47-4a4e-9f57-6b6572757461")
 _ID_NAMESPACE_BYTES = _ID_NAMESPACE.bytes
 
@@ -176,6 +179,17 @@ class Page:
 
 
 @attrs.frozen
+class SectionPage:
+    """Sections in start order, nested among themselves (hub/store/sections.py):
+    one whose enclosing section is on an earlier page is at the top here."""
+
+    sections: list[dict[str, Any]]
+    # The startSeq of the last section listed when more start after it (ask
+    # again with it as `after_seq`); None: none does.
+    next_after_seq: int | None
+
+
+@attrs.frozen
 class LogStats:
     task_id: str
     total_logs: int
@@ -266,15 +280,18 @@ class Store(Protocol):
 
     async def stats(self, task_id: str) -> LogStats: ...
 
-    async def sections(self, task_id: str) -> list[dict[str, Any]] | None:
-        """The task's sections as /sections answers them, nested
-        (hub/store/sections.py); None when there is no such task."""
+    async def sections(self, task_id: str, after_seq: int = 0, limit: int = MAX_SECTIONS) -> SectionPage | None:
+        """The first `limit` of the task's sections that start after seq
+        `after_seq`, as /sections answers them, nested (hub/store/sections.py);
+        None when there is no such task."""
         ...
 
-    async def delete(self, task_id: str, before: str | None, *, leave_gap: bool = False) -> int:
+    async def delete(self, task_id: str, before: str | None, *, gap: str | None = None) -> int:
         """Delete a task's records older than `before` (all when None); return
-        the count. `leave_gap`: the head cut off a task still running leaves a
-        `gap` record (reason `retention`) in its place."""
+        the count. `gap` (with `before`): what went leaves a `gap` record in
+        its place, with that reason: `deleted` (an admin's DELETE) always,
+        `retention` only for the head cut off a task still running
+        (hub/store/trimming.py)."""
         ...
 
     async def delete_older_than(self, before: str) -> int:
@@ -294,8 +311,15 @@ class Store(Protocol):
         queue left undone, and no commit of theirs will ask for again."""
         ...
 
-    async def redact_step(self, task_id: str, values: Sequence[str], after: int, through: int) -> Any:
-        """Redact `values` in a few chunks after seq `after`: a `trimming.RedactStep`."""
+    async def redact_step(
+        self, task_id: str, values: Sequence[str], after: int, through: int,
+        record: int | None = None, by: str = "admin",
+    ) -> Any:
+        """Redact `values` in a few chunks after seq `after` (up to `through`)
+        in one transaction, which also appends the redaction's record (none
+        yet: `record` None) or adds to the one at seq `record`: a
+        `redacting.RedactStep`. At every commit the stored records and the
+        record's accounts add up (docs/identity.md)."""
         ...
 
     async def set_max_bytes(self, task_id: str, max_bytes: int) -> None:

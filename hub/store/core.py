@@ -20,7 +20,7 @@ import orjson
 
 from hub.store import chunk, sections, trimming
 from hub.store.accounts import carried_accounts
-from hub.store.base import AppendResult, Incoming, LogQuery, LogStats, Page
+from hub.store.base import AppendResult, Incoming, LogQuery, LogStats, Page, SectionPage
 from hub.store.rows import SEQ_MAX, stats_from_rows, task_from_row
 from hub.store.rules import (
     ProducerProgress,
@@ -398,13 +398,17 @@ def raw_after(d: Dialect, task_id: str, after_seq: int) -> Steps[tuple[str, int]
     return "".join(chunk.raw_text(row[6]) for row in rows), (rows[-1][1] if rows else after_seq)
 
 
-def task_sections(d: Dialect, task_id: str) -> Steps[list[dict[str, Any]] | None]:
-    """The task's sections, nested (hub/store/sections.py); None: no such task."""
+def task_sections(d: Dialect, task_id: str, after_seq: int, limit: int) -> Steps[SectionPage | None]:
+    """The first `limit` of the task's sections that start after `after_seq`,
+    nested (hub/store/sections.py); None: no such task."""
     row = yield d.row(d.TASK_MAX_SEQ, task_id)
     if row is None:
         return None
-    rows = yield d.fetch(d.SECTIONS, task_id, sections.MAX_LISTED)
-    return sections.tree(rows, row[0])
+    # One more than asked for: whether there is more to list after these.
+    rows = yield d.fetch(d.SECTIONS, task_id, after_seq, limit + 1)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return SectionPage(sections.tree(rows, row[0]), rows[-1][0] if more else None)
 
 
 def stats(d: Dialect, task_id: str) -> Steps[LogStats]:
@@ -417,24 +421,23 @@ def stats(d: Dialect, task_id: str) -> Steps[LogStats]:
 # -- deleting --------------------------------------------------------------------
 
 
-def delete_chunk(
-    d: Dialect, task_id: str, before: str | None, *, leave_gap: bool = False
-) -> Steps[tuple[int, bool]]:
+def delete_chunk(d: Dialect, task_id: str, before: str | None, *, gap: str | None = None) -> Steps[tuple[int, bool]]:
     """Delete a task's records older than `before` (all when None) from up to
     `d.delete_chunks` chunks, under its row lock; return (deleted, more may
     remain). Run inside a write transaction.
 
     A chunk wholly older goes; one that holds records on both sides of
     `before` is rewritten with the newer ones (its seqs then skip). With
-    `leave_gap` (retention), the head cut off a task still running leaves a
-    `gap` record in its place (hub/store/trimming.py).
+    `gap` and `before`, what went leaves a `gap` record in its place
+    (hub/store/trimming.py `deleted_gap`): reason `deleted` (an admin's
+    DELETE) always, `retention` only for the head cut off a task still running.
     """
-    if leave_gap and before is not None:
+    if gap == trimming.RETENTION and before is not None:
         locked = yield d.row(d.LOCK_TASK_STATE, task_id)
-        running = bool(locked) and locked[0] in ("pending", "running")
+        reason = gap if bool(locked) and locked[0] in ("pending", "running") else None
     else:
         locked = yield d.row(d.LOCK_TASK, task_id)
-        running = False
+        reason = gap if before is not None else None
     if not locked:
         return 0, False
     rows = yield d.fetch(d.CHUNKS_BEFORE, task_id, before or TS_HIGH, d.delete_chunks)
@@ -446,7 +449,7 @@ def delete_chunk(
     for row in rows:
         seq_first, seq_last, _, _, ts_last, tally_json, lines, body = row
         if before is None or ts_last < before:
-            if running:
+            if reason:
                 dropped += chunk.decode(task_id, seq_first, lines, body)
             old = yield d.row(d.DELETE_CHUNK, task_id, seq_last)
             bytes_delta -= old[0] if old else 0
@@ -456,19 +459,27 @@ def delete_chunk(
             continue
         records = chunk.decode(task_id, seq_first, lines, body)
         kept = [r for r in records if r.timestamp >= before]
-        dropped += [r for r in records if r.timestamp < before] if running else []
-        gone.update((r.source, r.level) for r in records if r.timestamp < before)
-        starts = [(task_id, r.seq, r.seq) for r in records if r.timestamp < before and r.kind == "section_start"]
+        older = [r for r in records if r.timestamp < before]
+        gone.update((r.source, r.level) for r in older)
+        starts = [(task_id, r.seq, r.seq) for r in older if r.kind == "section_start"]
         if starts:
             yield d.many(d.SECTIONS_DROP, starts)
-        bytes_delta += yield from trimming.rewrite(d, task_id, seq_last, [kept])
+        parts = [kept]
+        if reason:
+            if not dropped and older:
+                # The gap goes at the first seq dropped: the records kept on
+                # either side of it become two chunks, never one around it.
+                at = older[0].seq
+                parts = [[r for r in kept if r.seq < at], [r for r in kept if r.seq > at]]
+            dropped += older
+        bytes_delta += yield from trimming.rewrite(d, task_id, seq_last, parts)
     deleted = sum(gone.values())
     yield d.many(d.SUBTRACT_COUNTS, [(k, task_id, s, lv) for (s, lv), k in gone.items()])
     yield d.exec(d.DROP_EMPTY_COUNTS, task_id)
     yield d.exec(d.ADD_STORED_BYTES, bytes_delta, task_id)
-    if dropped:
+    if reason and dropped:
         # The gap record counts as one stored record.
-        yield from trimming.retention_gap(d, task_id, dropped)
+        yield from trimming.deleted_gap(d, task_id, dropped, reason)
         deleted -= 1
     # What identity keeps stays bounded by what is stored: a producer's ranges
     # map its seqs to stored records, so those wholly below the task's lowest
@@ -478,7 +489,8 @@ def delete_chunk(
     yield d.exec(d.AFTER_DELETE, deleted, now_ts(), task_id)
     # Records went: the verdict last computed no longer says what is stored.
     yield d.exec(d.SET_VERDICT, None, task_id)
-    # Retention reports the records it deleted, not the gap it folded in.
+    # A gap reports the records deleted, not the gap records it folded in
+    # (an earlier transaction's of the same delete among them).
     real = sum(1 for r in dropped if carried_accounts(r) is None) if dropped else deleted
     return real, len(rows) == d.delete_chunks
 

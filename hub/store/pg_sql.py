@@ -137,7 +137,7 @@ class PostgresSql(Dialect):
         WHERE task_id = $1 AND end_seq IS NULL AND start_seq < $2
     """
     SECTIONS = f"""
-        SELECT {SECTION_ROW} FROM keruta_sections WHERE task_id = $1 ORDER BY start_seq LIMIT $2
+        SELECT {SECTION_ROW} FROM keruta_sections WHERE task_id = $1 AND start_seq > $2 ORDER BY start_seq LIMIT $3
     """
     SECTIONS_DROP = "DELETE FROM keruta_sections WHERE task_id = $1 AND start_seq BETWEEN $2 AND $3"
     LOCK_TASK_STATE = "SELECT state FROM keruta_tasks WHERE task_id = $1 FOR UPDATE"

@@ -32,8 +32,8 @@ from keruta.timefmt import parse_ts
 MAX_ENDS = 16
 MAX_NAME = 64
 MAX_TITLE = 256
-# Most sections one answer lists.
-MAX_LISTED = 10_000
+# Sections are listed nested at most this deep (the agent nests up to 16).
+MAX_DEPTH = 64
 
 
 @attrs.frozen(slots=True)
@@ -134,8 +134,9 @@ def _duration_ms(start: str, end: str | None) -> int | None:
 
 
 def tree(rows: Sequence[Sequence[Any]], last_seq: int) -> list[dict[str, Any]]:
-    """The sections of `rows` (by start seq) nested by their seq ranges, as
-    the /sections answer lists them; `last_seq` is the task's highest seq."""
+    """The sections of `rows` (by start seq) nested by their seq ranges, at
+    most MAX_DEPTH deep, as the /sections answer lists them; `last_seq` is
+    the task's highest seq."""
     top: list[dict[str, Any]] = []
     stack: list[dict[str, Any]] = []
     for start_seq, end_seq, name, title, style, collapsed, started_at, ended_at, errors in rows:
@@ -158,5 +159,9 @@ def tree(rows: Sequence[Sequence[Any]], last_seq: int) -> list[dict[str, Any]]:
             "sections": [],
         }
         (stack[-1]["sections"] if stack else top).append(section)
-        stack.append(section)
+        # At MAX_DEPTH (a REST producer may open sections without end), what
+        # would nest inside a section goes beside it: the answer's JSON stays
+        # within what an encoder nests (orjson: 255 levels, two per section).
+        if len(stack) + 1 < MAX_DEPTH:
+            stack.append(section)
     return top

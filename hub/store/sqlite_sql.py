@@ -137,7 +137,7 @@ class SQLiteSql(Dialect):
         WHERE task_id = ?1 AND end_seq IS NULL AND start_seq < ?2
     """
     SECTIONS = f"""
-        SELECT {SECTION_ROW} FROM keruta_sections WHERE task_id = ? ORDER BY start_seq LIMIT ?
+        SELECT {SECTION_ROW} FROM keruta_sections WHERE task_id = ? AND start_seq > ? ORDER BY start_seq LIMIT ?
     """
     SECTIONS_DROP = "DELETE FROM keruta_sections WHERE task_id = ? AND start_seq BETWEEN ? AND ?"
     LOCK_TASK_STATE = "SELECT state FROM keruta_tasks WHERE task_id = ?"

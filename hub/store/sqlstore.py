@@ -15,8 +15,16 @@ import orjson
 import trio
 
 from hub.answers import Verify
-from hub.store import core, trimming
-from hub.store.base import AppendResult, Incoming, LogQuery, LogStats, Page
+from hub.store import core, redacting, trimming
+from hub.store.base import (
+    MAX_SECTIONS,
+    AppendResult,
+    Incoming,
+    LogQuery,
+    LogStats,
+    Page,
+    SectionPage,
+)
 from hub.store.rows import SEQ_MAX, iter_by_range
 from hub.store.rules import check_page
 from hub.store.steps import Dialect, Steps
@@ -68,6 +76,8 @@ class SqlStore:
         if start is None:
             return None
         summaries, ranges = start
+        # The producer of the redaction records writes nothing else: no run to list.
+        summaries = [row for row in summaries if row[0] != redacting.REDACTION_PRODUCER]
         check = Verification(
             task_id, [(p, _summary(text)) for p, text, _ in summaries], ranges,
             runs={p for p, _, run in summaries if run},
@@ -130,18 +140,18 @@ class SqlStore:
             if after >= SEQ_MAX:
                 return
 
-    async def sections(self, task_id: str) -> list[dict[str, Any]] | None:
-        return await self._read(core.task_sections(self._dialect, task_id), snapshot=True)
+    async def sections(self, task_id: str, after_seq: int = 0, limit: int = MAX_SECTIONS) -> SectionPage | None:
+        return await self._read(core.task_sections(self._dialect, task_id, after_seq, limit), snapshot=True)
 
     async def stats(self, task_id: str) -> LogStats:
         return await self._read(core.stats(self._dialect, task_id))
 
-    async def delete(self, task_id: str, before: str | None, *, leave_gap: bool = False) -> int:
+    async def delete(self, task_id: str, before: str | None, *, gap: str | None = None) -> int:
         # A transaction per chunk, so a big delete never holds the writer for long.
         total = 0
         while True:
             deleted, more = await self._write(
-                core.delete_chunk(self._dialect, task_id, before, leave_gap=leave_gap)
+                core.delete_chunk(self._dialect, task_id, before, gap=gap)
             )
             total += deleted
             if not more:
@@ -150,7 +160,7 @@ class SqlStore:
     async def delete_older_than(self, before: str) -> int:
         total = 0
         for task_id in await self._read(core.old_tasks(self._dialect, before)):
-            total += await self.delete(task_id, before, leave_gap=True)
+            total += await self.delete(task_id, before, gap=trimming.RETENTION)
         await self._write(core.prune_producers(self._dialect, before))
         return total
 
@@ -163,9 +173,10 @@ class SqlStore:
         return await self._read(trimming.over_cap_tasks(self._dialect, hub_cap, limit))
 
     async def redact_step(
-        self, task_id: str, values: Sequence[str], after: int, through: int
-    ) -> trimming.RedactStep:
-        return await self._write(trimming.redact_step(self._dialect, task_id, values, after, through))
+        self, task_id: str, values: Sequence[str], after: int, through: int,
+        record: int | None = None, by: str = "admin",
+    ) -> redacting.RedactStep:
+        return await self._write(redacting.redact_step(self._dialect, task_id, values, after, through, record, by))
 
     async def set_max_bytes(self, task_id: str, max_bytes: int) -> None:
         await self._write(trimming.set_max_bytes(self._dialect, task_id, max_bytes), sync=False)

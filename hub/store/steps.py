@@ -161,7 +161,7 @@ class Dialect:
     SECTIONS_DROP: ClassVar[str]
     # (task_id) -> (state,), the row locked
     LOCK_TASK_STATE: ClassVar[str]
-    # -- caps and redaction (hub/store/trimming.py)
+    # -- caps, gaps and redaction (hub/store/trimming.py, hub/store/redacting.py)
     # (task_id) -> (stored_bytes, max_bytes, cap_gap_seq), the row locked
     CAP_STATE: ClassVar[str]
     # (hub cap or None, the same again, limit) -> [(task_id,)] of tasks over their cap

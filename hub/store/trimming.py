@@ -1,9 +1,9 @@
-"""The store algorithms that change a task's stored records on purpose: a
-cap dropping the middle of a task, retention dropping the old head of a task
-still running, a redaction rewriting what a leaked secret touched.
+"""The store algorithms that drop a task's stored records on purpose: a cap
+dropping the middle of a task, retention dropping the old head of a task
+still running, an admin's DELETE before a time. (A redaction, which rewrites
+what a leaked secret touched, is hub/store/redacting.py.)
 
-Each leaves a record saying so (hub/store/accounts.py): a `gap` for what was
-dropped, a `redaction` for what was changed, so a verifier can still add the
+Each leaves a `gap` record saying so (hub/store/accounts.py), so a verifier can still add the
 log up against its producers' summaries. Generators of `Op`s like
 hub/store/core.py, run by the stores inside one write transaction each, under
 the task's row lock: appends, deletes and other steps wait for it, and every
@@ -25,14 +25,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import attrs
-import orjson
 
 from hub.store import chunk
 from hub.store.accounts import (
     Accounts,
     ProducerSeqs,
     account_dropped,
-    carried_accounts,
     gap_message,
     message_bytes,
 )
@@ -43,6 +41,7 @@ from keruta.records import LogRecord, trusted_record
 
 CAP = "cap"
 RETENTION = "retention"
+DELETED = "deleted"  # an admin's DELETE ...?before=
 # A task is cut a little below its cap, so the next few commits do not each
 # cut again: the tail slides by up to this much at a time.
 _CAP_SLACK_MAX = chunk.CHUNK_BYTES
@@ -261,14 +260,16 @@ def _head_end(d: Dialect, task_id: str, budget: int) -> Steps[tuple[Any, int] | 
                 total += size
 
 
-# -- retention of a running task's head --------------------------------------------
+# -- a delete before a time: retention, an admin's DELETE --------------------------
 
 
-def retention_gap(d: Dialect, task_id: str, dropped: Sequence[LogRecord]) -> Steps[None]:
-    """Retention dropped these records (seq order) of a task still running:
-    one gap record, at the lowest seq dropped, says so. An earlier retention
-    gap (the lowest seq, so always among them) is merged into it; a cap gap
-    or redaction record among them hands on its accounts. The caller does the
+def deleted_gap(d: Dialect, task_id: str, dropped: Sequence[LogRecord], reason: str) -> Steps[None]:
+    """A delete before a time dropped these records (seq order): retention
+    the head of a task still running (`retention`), an admin's DELETE with
+    `before` (`deleted`). One gap record, at the lowest seq dropped, says
+    so. An earlier gap of such a delete (the lowest seq, so always among
+    them: it is stamped older than the cut) is merged into it; a cap gap or
+    redaction record among them hands on its accounts. The caller does the
     counts, as for any deleted record, and adds the gap's."""
     lines = 0
     nbytes = 0
@@ -289,110 +290,11 @@ def retention_gap(d: Dialect, task_id: str, dropped: Sequence[LogRecord]) -> Ste
     # Stamped as the newest record it replaced, older than the cut: the next
     # transaction of this pass, or the next pass, takes it in again.
     stamp = max(r.timestamp for r in dropped)
-    gap = gap_record(task_id, dropped[0].seq, stamp, RETENTION, lines, nbytes, (low, high), accounts)
+    gap = gap_record(task_id, dropped[0].seq, stamp, reason, lines, nbytes, (low, high), accounts)
     row = chunk.encode([gap])
     yield d.insert_chunks([row])
     yield d.many(d.ADD_COUNTS, [(task_id, "agent", "WARN", 1)])
     yield d.exec(d.ADD_STORED_BYTES, row.bytes, task_id)
-
-
-# -- a redaction -------------------------------------------------------------------
-
-
-def scrub(text: str, values: Sequence[str]) -> str:
-    """`text` with every stretch any of `values` covers made `***`: where
-    occurrences overlap (of one value, of two, or of a value with a `***`
-    already there) the stretch they cover together is one `***`, so no piece
-    of a value is left and redacting again changes nothing."""
-    spans: list[tuple[int, int]] = []
-    for v in values:
-        at = text.find(v)
-        while at != -1:
-            spans.append((at, at + len(v)))
-            at = text.find(v, at + 1)
-    if not spans:
-        return text
-    spans.sort()
-    out = []
-    done = 0
-    start, end = spans[0]
-    for first, last in spans[1:]:
-        if first <= end:
-            end = max(end, last)
-            continue
-        out += [text[done:start], "***"]
-        done = end
-        start, end = first, last
-    out += [text[done:start], "***", text[end:]]
-    return "".join(out)
-
-
-def _scrub_json(value: Any, values: Sequence[str]) -> Any:
-    if isinstance(value, str):
-        return scrub(value, values)
-    if isinstance(value, dict):
-        return {scrub(k, values): _scrub_json(v, values) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_scrub_json(v, values) for v in value]
-    return value
-
-
-def redacted(r: LogRecord, values: Sequence[str]) -> LogRecord:
-    """`r` with every value in its message and metadata strings replaced by
-    `***` (`scrub`); `r` itself when none occurs, and for a hub-made gap or
-    redaction record: it holds no producer's text, only what verify reads
-    (digests in hex, counts), which a value may happen to match."""
-    if carried_accounts(r) is not None:
-        return r
-    message = scrub(r.message, values)
-    metadata = _scrub_json(r.metadata, values) if r.metadata else r.metadata
-    if message == r.message and metadata == r.metadata:
-        return r
-    return attrs.evolve(r, message=message, metadata=metadata)
-
-
-@attrs.frozen
-class RedactStep:
-    seqs: list[int]  # of the records changed
-    accounts: Accounts
-    cursor: int  # the last seq looked at
-    done: bool
-
-
-def redact_step(d: Dialect, task_id: str, values: Sequence[str], after: int, through: int) -> Steps[RedactStep]:
-    """Redact `values` in the chunks after seq `after` (up to `through`), at
-    most `d.delete_chunks` of them; a chunk that holds none is not decoded."""
-    values = sorted(values, key=len, reverse=True)
-    locked = yield d.row(d.LOCK_TASK, task_id)
-    if not locked:
-        return RedactStep([], Accounts(), through, True)
-    rows = yield d.fetch(d.CHUNKS_BETWEEN, task_id, after, through, d.delete_chunks)
-    needles = [orjson.dumps(v)[1:-1] for v in values]
-    changed: list[tuple[LogRecord, LogRecord]] = []
-    bytes_delta = 0
-    for row in rows:
-        text = chunk.lines_json(row[6])
-        body = chunk.body_json(row[7])
-        if not any(n in text or n in body for n in needles):
-            continue
-        records = _decoded(task_id, row)
-        new = [redacted(r, values) for r in records]
-        pairs = [(old, r) for old, r in zip(records, new, strict=True) if r is not old]
-        if pairs:
-            bytes_delta += yield from rewrite(d, task_id, row[1], [new])
-            changed += pairs
-    accounts = Accounts()
-    if changed:
-        seqs = yield from _producer_seqs(d, task_id, [old for old, _ in changed])
-        for old, new_record in changed:
-            owner = seqs.of(old.seq)
-            if owner is not None:
-                accounts.changed(owner[0], owner[1], old, new_record)
-        yield d.exec(d.ADD_STORED_BYTES, bytes_delta, task_id)
-        # A verdict kept from before, or taken between two steps, no longer holds.
-        yield d.exec(d.SET_VERDICT, None, task_id)
-    cursor = rows[-1][1] if rows else through
-    return RedactStep([old.seq for old, _ in changed], accounts, cursor, len(rows) < d.delete_chunks)
 
 
 def set_max_bytes(d: Dialect, task_id: str, max_bytes: int) -> Steps[None]:
