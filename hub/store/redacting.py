@@ -179,9 +179,9 @@ def _record_at(d: Dialect, task_id: str, seq: int) -> Steps[tuple[Any, LogRecord
 def _append_record(d: Dialect, task_id: str, records: int, accounts: Accounts, by: str) -> Steps[AppendResult]:
     at = now_ts()
     message, metadata = redaction_fields(records, accounts, by, at)
-    high = yield d.row(d.PRODUCER_HIGH, task_id, REDACTION_PRODUCER)
+    highs = yield d.producer_highs([(task_id, REDACTION_PRODUCER)])
     item = Incoming(
-        task_id=task_id, seq=(high[0] if high else 0) + 1, timestamp=at, source="agent", level="WARN",
+        task_id=task_id, seq=(highs[0][2] if highs else 0) + 1, timestamp=at, source="agent", level="WARN",
         message=message, metadata=metadata, producer=REDACTION_PRODUCER, kind="redaction",
     )
     return (yield from core.append(d, [item]))
