@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-flush-interval", type=number(float, 0), default=0.0,
                    help="seconds the writer waits for more records before committing; "
                         "0 commits as soon as it is idle (default 0)")
+    p.add_argument("--write-pace", type=number(float, 0), default=0.01,
+                   help="while commits follow each other, at most one starts per this many seconds; "
+                        "a commit after a quiet spell starts at once (default 0.01)")
     p.add_argument("--post-timeout", type=number(float, 0, strict=True), default=8.0,
                    help="seconds a REST POST waits for its commit before it is withdrawn and "
                         "answered 503 (not stored; safe to retry) (default 8)")
@@ -139,7 +142,7 @@ def config_from_args(args: argparse.Namespace) -> HubConfig:
         subscriber_queue=args.subscriber_queue, max_page_size=args.max_page_size,
         subscriber_queue_bytes=args.subscriber_queue_bytes,
         ingest_queue_bytes=args.ingest_queue_bytes, max_subscriptions=args.max_subscriptions,
-        write_batch_size=args.write_batch_size, write_flush_interval=args.write_flush_interval,
+        write_batch_size=args.write_batch_size, write_flush_interval=args.write_flush_interval, write_pace=args.write_pace,
         post_timeout=args.post_timeout, body_timeout=args.body_timeout, store_retry_max=args.store_retry_max,
         db_timeout=args.db_timeout, db_ping_interval=args.db_ping_interval,
         ping_interval=args.ping_interval,

@@ -45,6 +45,10 @@ class HubConfig:
     # ... and, when it is above zero, waits this long for more before a commit
     # (the seed's flushInterval). Zero commits as soon as the writer is idle.
     write_flush_interval: float = 0.0
+    # While commits follow each other, at most one starts per this many seconds,
+    # gathering what arrives meanwhile; after a quiet spell a commit starts at
+    # once (hub/actors/pacing.py). Zero: every commit as soon as the writer is idle.
+    write_pace: float = 0.01
     # Requests waiting for the writer across all connections; a full inbox slows
     # senders. WebSocket writes are bounded in bytes by `ingest_queue_bytes`, a
     # POST's body is held whether it waits here or before: enough slots that a

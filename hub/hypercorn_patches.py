@@ -35,6 +35,17 @@ around and what fix upstream would let it go.
    stays open for good. This buffer counts and discards the rest of the
    message and hands the app OVERSIZED, which the connection answers with a
    TOO_LARGE `error` frame; memory stays bounded by the limit.
+
+5. A WebSocket's common frames skip wsproto, and its reads skip an unbounded
+   timeout (`WSStream.handle`, `WSStream.app_send`, `TCPServer._read_data`).
+   For a fleet of producers each sending small frames, wsproto's parser and
+   hypercorn's layers were the largest share of the hub's CPU per frame.
+   Whole one-frame messages in and out are parsed and written by
+   hub/ws_frames.py, with no extension negotiated; anything else
+   (control frames, fragments, errors) goes to wsproto as before. A read
+   with no `read_timeout` (keruta sets none) is not wrapped in
+   `fail_after(inf)`, and a send takes a free send lock without a checkpoint
+   of its own (`TCPServer.protocol_send`).
 """
 
 from __future__ import annotations
@@ -46,10 +57,14 @@ from io import BytesIO, StringIO
 from typing import Any
 
 import trio
+from hypercorn.events import Closed, RawData
 from hypercorn.protocol import ws_stream
-from hypercorn.protocol.events import StreamClosed
-from hypercorn.protocol.ws_stream import WSStream
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.protocol.events import Data, StreamClosed
+from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
+from wsproto.connection import ConnectionState
+
+from hub.ws_frames import ClientFrames, Ping, pong_frame, server_frame
 
 # The release these patches were written for and checked against; setup.cfg pins it.
 HYPERCORN_VERSION = "0.18.0"
@@ -113,6 +128,9 @@ async def _send_pings_until_closed(self: Any) -> None:
 
 
 async def _handle_and_stop_pings(self: Any, event: Any) -> None:
+    if isinstance(event, Data) and not self.closed and self.handshake.accepted:
+        await _handle_data(self, event.data)
+        return
     await _original_handle(self, event)
     if isinstance(event, StreamClosed):
         pings: trio.CancelScope | None = getattr(self, "keruta_pings", None)
@@ -148,6 +166,98 @@ class DiscardingWebsocketBuffer(ws_stream.WebsocketBuffer):
         return super().to_message()  # type: ignore[no-any-return]
 
 
+# --- 5: common WebSocket frames without wsproto; reads without fail_after(inf) ----
+
+_original_app_send: Callable[[Any, Any], Awaitable[None]] = WSStream.app_send
+_original_read_data: Callable[[Any], Awaitable[None]] = TCPServer._read_data
+
+
+def _fast(self: Any) -> bool:
+    """Whether this accepted stream's frames may skip wsproto: no extension
+    (hypercorn accepts one only when the client offers it) and wsproto still open."""
+    return not self.handshake.extensions and self.connection.state is ConnectionState.OPEN
+
+
+async def _handle_data(self: Any, data: bytes) -> None:
+    """WSStream.handle of a Data event once accepted: what hypercorn does, with
+    whole one-frame messages parsed by ClientFrames (hub/ws_frames.py)."""
+    frames: ClientFrames | None = getattr(self, "keruta_frames", None)
+    if frames is None:
+        frames = self.keruta_frames = ClientFrames()
+    if not frames.handed_over and not _fast(self):
+        # wsproto from here on (a close under way: it knows what may still be sent).
+        data = frames.stop() + data
+    messages, rest = frames.feed(data)
+    limit = self.buffer.max_length
+    for message in messages:
+        if isinstance(message, Ping):
+            await self.send(Data(stream_id=self.stream_id, data=pong_frame(message.payload)))
+            continue
+        # One frame is a whole message: over the limit, the app gets OVERSIZED
+        # as from DiscardingWebsocketBuffer (which counts a text's characters).
+        if len(message) > limit:
+            await self.app_put({"type": "websocket.receive", "bytes": None, "text": OVERSIZED})
+        elif isinstance(message, str):
+            await self.app_put({"type": "websocket.receive", "bytes": None, "text": message})
+        else:
+            await self.app_put({"type": "websocket.receive", "bytes": message, "text": None})
+    if rest:
+        self.connection.receive_data(rest)
+        await self._handle_events()
+
+
+async def _app_send_fast(self: Any, message: Any) -> None:
+    if (
+        message is not None
+        and message["type"] == "websocket.send"
+        and not self.closed
+        and self.state == ASGIWebsocketState.CONNECTED
+        and message.get("bytes") is None
+        and isinstance(message.get("text"), str)
+        and _fast(self)
+    ):
+        await self.send(Data(stream_id=self.stream_id, data=server_frame(message["text"])))
+        return
+    await _original_app_send(self, message)
+
+
+_original_protocol_send: Callable[[Any, Any], Awaitable[None]] = TCPServer.protocol_send
+
+
+async def _protocol_send_uncontended(self: Any, event: Any) -> None:
+    """Hypercorn's send of a chunk (under the send lock, shielded), taking a
+    free lock without the lock's own checkpoint: send_all has one, and the
+    extra one was a trip through trio's scheduler for every ack."""
+    if not isinstance(event, RawData) or self.send_lock.locked():
+        await _original_protocol_send(self, event)
+        return
+    self.send_lock.acquire_nowait()
+    try:
+        try:
+            with trio.CancelScope(shield=True):
+                await self.stream.send_all(event.data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await self.protocol.handle(Closed())
+    finally:
+        self.send_lock.release()
+
+
+async def _read_data_untimed(self: Any) -> None:
+    if self.config.read_timeout is not None:
+        await _original_read_data(self)
+        return
+    # Hypercorn's loop, without `fail_after(inf)` around every read.
+    while True:
+        try:
+            data = await self.stream.receive_some(MAX_RECV)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            break
+        await self.protocol.handle(RawData(bytes(data)))
+        if data == b"":
+            break
+    await self.protocol.handle(Closed())
+
+
 def install() -> None:
     """Check the version, then apply the four patches; idempotent. hub.server.serve()
     calls it before hypercorn starts, and so must anything else serving this
@@ -162,3 +272,9 @@ def install() -> None:
     if WSStream.handle is not _handle_and_stop_pings:  # type: ignore[comparison-overlap]
         WSStream.handle = _handle_and_stop_pings  # type: ignore[method-assign]
     ws_stream.WebsocketBuffer = DiscardingWebsocketBuffer  # type: ignore[misc]
+    if WSStream.app_send is not _app_send_fast:  # type: ignore[comparison-overlap]
+        WSStream.app_send = _app_send_fast  # type: ignore[method-assign]
+    if TCPServer.protocol_send is not _protocol_send_uncontended:  # type: ignore[comparison-overlap]
+        TCPServer.protocol_send = _protocol_send_uncontended  # type: ignore[method-assign]
+    if TCPServer._read_data is not _read_data_untimed:  # type: ignore[comparison-overlap]
+        TCPServer._read_data = _read_data_untimed  # type: ignore[method-assign]

@@ -116,7 +116,7 @@ async def _serve_with(store: Store, config: HubConfig, task_status: trio.TaskSta
     capper = Capper(store, broadcaster, config.max_task_bytes)
     writer = Writer(
         store, broadcaster, metrics,
-        batch_size=config.write_batch_size, flush_interval=config.write_flush_interval,
+        batch_size=config.write_batch_size, flush_interval=config.write_flush_interval, pace=config.write_pace,
         retry=STORE_RETRY.capped_at(config.store_retry_max), capper=capper,
     )
     # A lambda: the writer replaces its `available` event when the store goes away.

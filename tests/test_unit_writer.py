@@ -9,6 +9,7 @@ import trio
 import trio.testing
 
 from hub.actors.broadcaster import Broadcaster
+from hub.actors.pacing import CommitPacing
 from hub.actors.syncer import Settled, run_syncer
 from hub.actors.writer import Writer, settle, write_within
 from hub.messages import StatusChange, WriteOutcome, WriteRequest
@@ -80,6 +81,40 @@ async def test_flush_interval_deadline_counts_from_the_first_request(autojump_cl
             await trio.sleep(0.5)
             await send.send(request(item("t", seq)))
     assert ended == [2.0], "more requests do not push the commit further out"
+
+
+def test_pacing_lets_a_commit_after_a_quiet_spell_start_at_once() -> None:
+    pacing = CommitPacing(0.01)
+    assert pacing.earliest(5.0) == 5.0, "the first commit"
+    pacing.started(5.0)
+    assert pacing.earliest(5.004) == 5.01, "one following the last: one interval after it started"
+    assert pacing.earliest(5.5) == 5.5, "after a quiet spell, or a commit that took longer: at once"
+
+
+async def test_paced_writes_gather_into_one_commit_and_a_lone_one_goes_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    send, inbox = trio.open_memory_channel[WriteRequest](10)
+    writer = writer_for(pace=1.0)
+    start = trio.current_time()
+    lone = request(item("t", 1))
+    batch, _status = await writer._gather(inbox, lone)
+    assert batch == [lone] and trio.current_time() == start, "nothing committed lately: at once"
+    writer.pacing.started(trio.current_time())
+    got: list[tuple[list[WriteRequest], float]] = []
+    first, second, third = request(item("t", 2)), request(item("t", 3)), request(item("t", 4))
+
+    async def gather() -> None:
+        batch, _status = await writer._gather(inbox, first)
+        got.append((batch, trio.current_time() - start))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gather)
+        await trio.sleep(0.4)
+        await send.send(second)
+        await trio.sleep(0.4)
+        await send.send(third)
+    assert got == [([first, second, third], 1.0)], "gathered until one interval after the last commit started"
 
 
 async def test_batch_size_ends_the_batch(autojump_clock: trio.testing.MockClock) -> None:

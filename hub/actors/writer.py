@@ -19,6 +19,7 @@ import trio
 
 from hub.actors.broadcaster import Broadcaster
 from hub.actors.capper import Capper
+from hub.actors.pacing import CommitPacing
 from hub.actors.syncer import SYNC_QUEUE, Settled, run_syncer
 from hub.messages import Refusal, Withdrawn, WriteOutcome, WriteRequest
 from hub.metrics import Metrics
@@ -42,6 +43,9 @@ log = logging.getLogger("keruta.hub.writer")
 
 T = TypeVar("T")
 
+# While commits follow each other, at most one starts per this many seconds
+# (hub/actors/pacing.py); a commit after a quiet spell starts at once.
+COMMIT_PACE = 0.01
 
 
 def _who(producer: str) -> str:
@@ -167,6 +171,7 @@ class Writer:
         *,
         batch_size: int = 2000,
         flush_interval: float = 0.0,
+        pace: float = COMMIT_PACE,
         retry: Backoff = STORE_RETRY,
         capper: Capper | None = None,
     ) -> None:
@@ -175,6 +180,7 @@ class Writer:
         self.metrics = metrics
         self.batch_size = batch_size
         self.flush_interval = flush_interval
+        self.pacing = CommitPacing(pace)
         self.retry = retry
         self.available = trio.Event()
         self.available.set()
@@ -207,16 +213,18 @@ class Writer:
         self, inbox: trio.MemoryReceiveChannel[WriteRequest], first: WriteRequest
     ) -> tuple[list[WriteRequest], WriteRequest | None]:
         """Group requests for one transaction: what is waiting now (group commit),
-        up to batch_size records, and for up to flush_interval when it is set.
+        up to batch_size records, for up to flush_interval when it is set, and
+        until the pacing lets the commit start (hub/actors/pacing.py).
 
         A status request ends the batch; it is returned to be applied after it.
         """
         batch = [first]
         count = len(first.items)
-        deadline = trio.current_time() + self.flush_interval
+        now = trio.current_time()
+        deadline = max(now + self.flush_interval, self.pacing.earliest(now))
         while count < self.batch_size:
             nxt = receive_now(inbox)
-            if nxt is None and self.flush_interval > 0:
+            if nxt is None and deadline > now:
                 with trio.move_on_at(deadline):
                     try:
                         nxt = await inbox.receive()
@@ -274,6 +282,7 @@ class Writer:
 
     async def _commit(self, batch: list[WriteRequest]) -> None:
         started = trio.current_time()
+        self.pacing.started(started)
         for req in batch:
             # Once numbered, a request's items are left as they are.
             req.items = self.numbering.number(req.items)

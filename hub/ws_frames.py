@@ -1,0 +1,144 @@
+"""The common WebSocket frames without wsproto: sans-IO, no trio.
+
+A fleet's producers each send small one-frame messages, and wsproto's
+generator-driven parser cost the hub more CPU per such frame than decoding
+the frame's JSON (docs/hypercorn-patches.md, patch 5). `ClientFrames` parses
+what almost every client sends, a whole message in one final, masked text or
+binary frame, no extension, and pings and pongs; the first frame it does not
+handle (a close, a fragment, reserved bits, an unmasked or very large frame) and every
+byte after it go to wsproto instead, for the rest of the connection. wsproto
+then starts at a frame boundary with nothing of its own consumed, so it sees
+the same stream it would have seen from that frame on, and answers pings,
+closes and protocol errors as before.
+
+`server_frame` is the other direction: a server's text frame (unmasked, one
+frame), what wsproto would write for it with no extension.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+# A frame longer than this goes to wsproto (and the connection with it): the
+# fast path holds at most one such frame in memory while it arrives, wsproto
+# streams larger ones in pieces.
+FAST_FRAME_LIMIT = 64 * 1024
+
+_TEXT = 0x1
+_BINARY = 0x2
+_PING = 0x9
+_PONG = 0xA
+
+
+@attrs.frozen
+class Ping:
+    """A client's ping: answer it with `pong_frame(payload)`."""
+
+    payload: bytes
+
+
+def unmask(payload: bytes, mask: bytes) -> bytes:
+    """XOR `payload` with the 4-byte `mask` repeated, as one big integer."""
+    n = len(payload)
+    if n == 0:
+        return b""
+    key = (mask * (n // 4 + 1))[:n]
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
+
+
+def pong_frame(payload: bytes) -> bytes:
+    """The server's answer to a ping carrying `payload` (at most 125 bytes)."""
+    return bytes((0x80 | _PONG, len(payload))) + payload
+
+
+def server_frame(text: str) -> bytes:
+    """One final, unmasked text frame carrying `text`."""
+    payload = text.encode()
+    n = len(payload)
+    if n < 126:
+        return bytes((0x80 | _TEXT, n)) + payload
+    if n < 65536:
+        return bytes((0x80 | _TEXT, 126)) + n.to_bytes(2, "big") + payload
+    return bytes((0x80 | _TEXT, 127)) + n.to_bytes(8, "big") + payload
+
+
+class ClientFrames:
+    """A client's byte stream as whole messages, until it sends a frame this
+    does not handle; from then on `feed` hands everything over."""
+
+    def __init__(self, limit: int = FAST_FRAME_LIMIT) -> None:
+        self.limit = limit
+        # The start of a frame not yet complete (at most one frame of `limit`).
+        self._pending = b""
+        self.handed_over = False
+
+    def feed(self, data: bytes) -> tuple[list[str | bytes | Ping], bytes | None]:
+        """The messages and pings `data` completes, in order (pongs are
+        dropped, as hypercorn does), and what to give wsproto:
+        None while the fast path holds on, else the bytes from the first frame
+        it does not handle (once handed over, all of `data`)."""
+        if self.handed_over:
+            return [], data
+        buf = self._pending + data if self._pending else data
+        messages: list[str | bytes | Ping] = []
+        pos = 0
+        end = len(buf)
+        while pos < end:
+            if end - pos < 2:
+                break
+            b0 = buf[pos]
+            b1 = buf[pos + 1]
+            opcode = b0 & 0x0F
+            if b0 & 0xF0 != 0x80 or opcode not in (_TEXT, _BINARY, _PING, _PONG) or not b1 & 0x80:
+                return self._hand_over(messages, buf, pos)
+            length = b1 & 0x7F
+            if opcode >= _PING and length > 125:
+                return self._hand_over(messages, buf, pos)
+            head = pos + 2
+            if length == 126:
+                if end - head < 2:
+                    break
+                length = int.from_bytes(buf[head : head + 2], "big")
+                head += 2
+                minimal = length >= 126
+            elif length == 127:
+                if end - head < 8:
+                    break
+                length = int.from_bytes(buf[head : head + 8], "big")
+                head += 8
+                minimal = length >= 65536
+            else:
+                minimal = True
+            # A length not in its shortest form is wsproto's to refuse.
+            if length > self.limit or not minimal:
+                return self._hand_over(messages, buf, pos)
+            if end - head < 4 + length:
+                break
+            mask = buf[head : head + 4]
+            payload = unmask(buf[head + 4 : head + 4 + length], mask)
+            if opcode == _PING:
+                messages.append(Ping(payload))
+            elif opcode == _PONG:
+                pass
+            elif opcode == _TEXT:
+                try:
+                    messages.append(payload.decode("utf-8"))
+                except UnicodeDecodeError:
+                    # wsproto closes with 1007 and says why.
+                    return self._hand_over(messages, buf, pos)
+            else:
+                messages.append(payload)
+            pos = head + 4 + length
+        self._pending = buf[pos:] if pos < end else b""
+        return messages, None
+
+    def stop(self) -> bytes:
+        """Hand over from here on: the start of a frame held so far, for wsproto."""
+        pending, self._pending = self._pending, b""
+        self.handed_over = True
+        return pending
+
+    def _hand_over(self, messages: list[str | bytes | Ping], buf: bytes, pos: int) -> tuple[list[str | bytes | Ping], bytes]:
+        self.handed_over = True
+        self._pending = b""
+        return messages, bytes(buf[pos:])
