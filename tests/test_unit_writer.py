@@ -83,12 +83,16 @@ async def test_flush_interval_deadline_counts_from_the_first_request(autojump_cl
     assert ended == [2.0], "more requests do not push the commit further out"
 
 
-def test_pacing_lets_a_commit_after_a_quiet_spell_start_at_once() -> None:
+def test_pacing_holds_a_commit_back_only_while_commits_follow_each_other() -> None:
     pacing = CommitPacing(0.01)
     assert pacing.earliest(5.0) == 5.0, "the first commit"
     pacing.started(5.0)
-    assert pacing.earliest(5.004) == 5.01, "one following the last: one interval after it started"
-    assert pacing.earliest(5.5) == 5.5, "after a quiet spell, or a commit that took longer: at once"
+    pacing.ended(waiting=False)
+    assert pacing.earliest(5.004) == 5.004, "the last commit left nothing waiting: a quiet line goes at once"
+    pacing.started(5.25)
+    pacing.ended(waiting=True)
+    assert pacing.earliest(5.252) == 5.26, "requests were waiting: one interval after the last start"
+    assert pacing.earliest(5.75) == 5.75, "a commit that took longer than the interval: at once"
 
 
 async def test_paced_writes_gather_into_one_commit_and_a_lone_one_goes_at_once(
@@ -101,6 +105,12 @@ async def test_paced_writes_gather_into_one_commit_and_a_lone_one_goes_at_once(
     batch, _status = await writer._gather(inbox, lone)
     assert batch == [lone] and trio.current_time() == start, "nothing committed lately: at once"
     writer.pacing.started(trio.current_time())
+    writer.pacing.ended(waiting=False)
+    after_quiet = request(item("t", 9))
+    batch, _status = await writer._gather(inbox, after_quiet)
+    assert batch == [after_quiet] and trio.current_time() == start, "the last commit left nothing waiting"
+    writer.pacing.started(trio.current_time())
+    writer.pacing.ended(waiting=True)
     got: list[tuple[list[WriteRequest], float]] = []
     first, second, third = request(item("t", 2)), request(item("t", 3)), request(item("t", 4))
 

@@ -43,8 +43,8 @@ log = logging.getLogger("keruta.hub.writer")
 
 T = TypeVar("T")
 
-# While commits follow each other, at most one starts per this many seconds
-# (hub/actors/pacing.py); a commit after a quiet spell starts at once.
+# While commits follow each other (one ended with requests waiting), at most
+# one starts per this many seconds (hub/actors/pacing.py); otherwise at once.
 COMMIT_PACE = 0.01
 
 
@@ -201,6 +201,7 @@ class Writer:
                         continue
                     batch, status = await self._gather(inbox, first)
                     await self._commit(batch)
+                    self.pacing.ended(waiting=inbox.statistics().current_buffer_used > 0)
                     if status is not None:
                         await self._apply_status(status)
 
