@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from hub.store import core
-from hub.store.base import GAP, INSERTED, Incoming
+from hub.store.base import CONFLICT, DUPLICATE, GAP, INSERTED, Incoming
 from hub.store.sqlite_schema import create_schema
 from hub.store.sqlite_sql import SQLiteSql
 from hub.store.steps import EXEC, FETCH, MANY, ROW, Op, drive_sync
@@ -273,3 +273,36 @@ async def test_retention_forgets_idle_producers_but_not_a_run_still_under_way(st
     # The quiet run's next record follows on; the forgotten run counts from 1 again.
     assert (await store.append([line("quiet-run", 2)])).status == [INSERTED]
     assert (await store.append([line("done-run", 2)])).status == [GAP]
+
+
+def test_a_producer_sending_a_record_a_commit_keeps_one_range(tmp_path: Path) -> None:
+    # A quiet producer's records each come in a commit of their own; its
+    # identity must not cost a row per record.
+    conn = sqlite3.connect(tmp_path / "db", isolation_level=None)
+    conn.isolation_level = ""
+    with conn:
+        create_schema(conn)
+    for seq in range(1, 201):
+        item = Incoming("t", seq, "2026-01-02T03:04:05.000000Z", "stdout", "INFO", f"line {seq}", producer="quiet")
+        assert _run_on(conn, core.append(SQLiteSql(), [item])).status == [INSERTED]
+    assert _rows(tmp_path / "db", "keruta_producer_ranges") == 1
+
+
+async def test_a_range_extended_commit_by_commit_still_tells_duplicates_and_conflicts(store) -> None:
+    def item(seq: int, producer: str, message: str | None = None) -> Incoming:
+        return Incoming("t", seq, "2026-01-02T03:04:05.000000Z", "stdout", "INFO",
+                        message or f"{producer} {seq}", producer=producer)
+
+    # "a" alone for three commits (one range, extended), then "b" in between
+    # (a's task seqs jump: a new range), then "a" again.
+    for seq in (1, 2, 3):
+        assert (await store.append([item(seq, "a")])).status == [INSERTED]
+    assert (await store.append([item(1, "b")])).status == [INSERTED]
+    for seq in (4, 5):
+        assert (await store.append([item(seq, "a")])).status == [INSERTED]
+    again = await store.append([item(seq, "a") for seq in range(1, 6)] + [item(1, "b")])
+    assert again.status == [DUPLICATE] * 6
+    assert [r.seq for r in again.records] == [1, 2, 3, 5, 6, 4]
+    changed = await store.append([item(2, "a", "not what a sent"), item(5, "a", "nor this")])
+    assert changed.status == [CONFLICT, CONFLICT]
+    assert (await store.append([item(6, "a")])).records[0].seq == 7

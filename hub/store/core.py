@@ -65,11 +65,13 @@ def append(d: Dialect, items: Sequence[Incoming]) -> Steps[AppendResult]:
     now = now_ts()
     progress = yield from _lock_tasks(d, task_ids, now)
     keys = list(dict.fromkeys((i.task_id, i.producer) for i in items))
-    highs: dict[tuple[str, str], int] = {}
+    producers = {key: ProducerProgress(high=0) for key in keys}
     for start in range(0, len(keys), d.in_chunk):
-        for task_id, producer, high in (yield d.producer_highs(keys[start : start + d.in_chunk])):
-            highs[(task_id, producer)] = high
-    producers = {key: ProducerProgress(high=highs.get(key, 0)) for key in keys}
+        for task_id, producer, high, last_first, last_seq in (yield d.producer_highs(keys[start : start + d.in_chunk])):
+            run = producers[(task_id, producer)]
+            run.high = high
+            if last_first is not None:
+                run.last_range = (last_first, last_seq)
     plan = plan_batch(items, progress, producers)
     ranges: dict[tuple[str, str], list[Sequence[int]]] = {}
     for key, (low, high) in plan.producer_lookups.items():
@@ -164,7 +166,12 @@ def _save_producers(d: Dialect, producers: dict[tuple[str, str], ProducerProgres
         return
     yield from d.save_producers(
         [(task_id, producer, run.high, now) for (task_id, producer), run in moved],
-        [(task_id, producer, first, last, seq) for (task_id, producer), run in moved for first, last, seq in run.new_ranges],
+        [
+            (task_id, producer, first, last, seq)
+            for (task_id, producer), run in moved
+            for first, last, seq in run.new_ranges[1 if run.extends_stored else 0 :]
+        ],
+        [(run.new_ranges[0][1], task_id, producer, run.new_ranges[0][0]) for (task_id, producer), run in moved if run.extends_stored],
     )
 
 

@@ -11,6 +11,7 @@ in one statement.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from hub.store.chunk import ChunkRow
 from hub.store.pg_notices import NOTIFY_CHANNEL
@@ -196,19 +197,28 @@ class PostgresSql(Dialect):
     def producer_highs(self, keys: Sequence[tuple[str, str]]) -> Op:
         return self.fetch(
             """
-            SELECT p.task_id, p.producer, p.high FROM keruta_producers p
+            SELECT p.task_id, p.producer, p.high, r.pseq_first, r.seq_first FROM keruta_producers p
             JOIN unnest($1::text[], $2::text[]) AS k(task_id, producer) USING (task_id, producer)
+            LEFT JOIN LATERAL (
+                SELECT pseq_first, pseq_last, seq_first FROM keruta_producer_ranges
+                WHERE task_id = p.task_id AND producer = p.producer
+                ORDER BY pseq_first DESC LIMIT 1
+            ) r ON r.pseq_last = p.high
             """,
             [task_id for task_id, _ in keys],
             [producer for _, producer in keys],
         )
 
     def save_producers(
-        self, highs: list[tuple[str, str, int, str]], ranges: list[tuple[str, str, int, int, int]]
+        self,
+        highs: list[tuple[str, str, int, str]],
+        ranges: list[tuple[str, str, int, int, int]],
+        extended: list[tuple[int, str, str, int]],
     ) -> Steps[None]:
-        # One round trip for both: a fleet's commit holds many producers.
-        high_columns = [list(c) for c in zip(*highs, strict=True)] if highs else [[], [], [], []]
-        range_columns = [list(c) for c in zip(*ranges, strict=True)] if ranges else [[], [], [], [], []]
+        # One round trip for all three: a fleet's commit holds many producers.
+        def columns(rows: list[Any], width: int) -> list[list[Any]]:
+            return [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
+
         yield self.exec(
             """
             WITH saved AS (
@@ -216,12 +226,18 @@ class PostgresSql(Dialect):
                 SELECT task_id, producer, 0, high, last_write
                 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[]) AS h(task_id, producer, high, last_write)
                 ON CONFLICT (task_id, producer) DO UPDATE SET high = excluded.high, last_write = excluded.last_write
+            ), extended AS (
+                UPDATE keruta_producer_ranges r SET pseq_last = e.pseq_last
+                FROM unnest($10::bigint[], $11::text[], $12::text[], $13::bigint[])
+                    AS e(pseq_last, task_id, producer, pseq_first)
+                WHERE r.task_id = e.task_id AND r.producer = e.producer AND r.pseq_first = e.pseq_first
             )
             INSERT INTO keruta_producer_ranges (task_id, producer, pseq_first, pseq_last, seq_first)
             SELECT * FROM unnest($5::text[], $6::text[], $7::bigint[], $8::bigint[], $9::bigint[])
             """,
-            *high_columns,
-            *range_columns,
+            *columns(highs, 4),
+            *columns(ranges, 5),
+            *columns(extended, 4),
         )
 
     def insert_chunks(self, rows: list[ChunkRow]) -> Op:

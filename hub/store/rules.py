@@ -80,8 +80,14 @@ class ProducerProgress:
     """A producer of a task, as the append transaction sees it."""
 
     high: int  # its highest seq stored; every one of its seqs below is stored too
+    # Its stored range ending at `high` (first producer seq, first task seq), if
+    # any: a run that continues it in both numberings extends that row instead
+    # of adding one (a quiet producer sends a record a commit).
+    last_range: tuple[int, int] | None = None
     # Ranges this batch adds: [first producer seq, last producer seq, first task seq].
     new_ranges: list[list[int]] = attrs.field(factory=list)
+    # Whether new_ranges[0] is the stored last range, extended (saved by UPDATE).
+    extends_stored: bool = False
 
     def range_of(self, pseq: int, stored: Sequence[Sequence[int]]) -> int | None:
         """The task seq the producer's record `pseq` was stored under, if known."""
@@ -92,6 +98,11 @@ class ProducerProgress:
 
     def take_run(self, first: int, last: int, seq: int) -> None:
         """Its records `first`..`last` are stored under task seqs from `seq` on by this batch."""
+        if not self.new_ranges and self.last_range is not None:
+            stored_first, stored_seq = self.last_range
+            if self.high + 1 == first and stored_seq + (first - stored_first) == seq:
+                self.new_ranges.append([stored_first, self.high, stored_seq])
+                self.extends_stored = True
         self.high = last
         previous = self.new_ranges[-1] if self.new_ranges else None
         if previous is not None and previous[1] + 1 == first and previous[2] + (first - previous[0]) == seq:

@@ -28,6 +28,9 @@ class SQLiteSql(Dialect):
         INSERT INTO keruta_producers (task_id, producer, run_no, high, last_write) VALUES (?, ?, 0, ?, ?)
         ON CONFLICT (task_id, producer) DO UPDATE SET high = excluded.high, last_write = excluded.last_write
     """
+    EXTEND_RANGE = """
+        UPDATE keruta_producer_ranges SET pseq_last = ? WHERE task_id = ? AND producer = ? AND pseq_first = ?
+    """
     INSERT_RANGES = """
         INSERT INTO keruta_producer_ranges (task_id, producer, pseq_first, pseq_last, seq_first)
         VALUES (?, ?, ?, ?, ?)
@@ -180,15 +183,29 @@ class SQLiteSql(Dialect):
     def producer_highs(self, keys: Sequence[tuple[str, str]]) -> Op:
         pairs = ",".join(["(?, ?)"] * len(keys))
         return self.fetch(
-            f"SELECT task_id, producer, high FROM keruta_producers WHERE (task_id, producer) IN (VALUES {pairs})",
+            f"""
+            SELECT p.task_id, p.producer, p.high, r.pseq_first, r.seq_first FROM keruta_producers p
+            LEFT JOIN keruta_producer_ranges r ON r.task_id = p.task_id AND r.producer = p.producer
+                AND r.pseq_first = (
+                    SELECT MAX(pseq_first) FROM keruta_producer_ranges
+                    WHERE task_id = p.task_id AND producer = p.producer
+                ) AND r.pseq_last = p.high
+            WHERE (p.task_id, p.producer) IN (VALUES {pairs})
+            """,
             *(value for key in keys for value in key),
         )
 
     def save_producers(
-        self, highs: list[tuple[str, str, int, str]], ranges: list[tuple[str, str, int, int, int]]
+        self,
+        highs: list[tuple[str, str, int, str]],
+        ranges: list[tuple[str, str, int, int, int]],
+        extended: list[tuple[int, str, str, int]],
     ) -> Steps[None]:
         yield self.many(self.SAVE_PRODUCER, highs)
-        yield self.many(self.INSERT_RANGES, ranges)
+        if ranges:
+            yield self.many(self.INSERT_RANGES, ranges)
+        if extended:
+            yield self.many(self.EXTEND_RANGE, extended)
 
     def insert_chunks(self, rows: list[ChunkRow]) -> Op:
         # Plain INSERT: under BEGIN IMMEDIATE nobody else writes, so a conflict

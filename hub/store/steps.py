@@ -210,17 +210,23 @@ class Dialect:
         return None
 
     def producer_highs(self, keys: Sequence[tuple[str, str]]) -> Op:
-        """-> [(task_id, producer, high)] of those (task_id, producer) that have a row."""
+        """-> [(task_id, producer, high, pseq_first, seq_first)] of those
+        (task_id, producer) that have a row; the last two are those of its
+        stored range ending at `high` (None when there is none)."""
         raise NotImplementedError
 
     def insert_chunks(self, rows: list[ChunkRow]) -> Op:
         raise NotImplementedError
 
     def save_producers(
-        self, highs: list[tuple[str, str, int, str]], ranges: list[tuple[str, str, int, int, int]]
+        self,
+        highs: list[tuple[str, str, int, str]],
+        ranges: list[tuple[str, str, int, int, int]],
+        extended: list[tuple[int, str, str, int]],
     ) -> Steps[None]:
-        """Producers' new high marks (task_id, producer, high, now) and their
-        new ranges (task_id, producer, pseq_first, pseq_last, seq_first)."""
+        """Producers' new high marks (task_id, producer, high, now), their
+        new ranges (task_id, producer, pseq_first, pseq_last, seq_first), and
+        their stored ranges extended (new pseq_last, task_id, producer, pseq_first)."""
         raise NotImplementedError
 
     def save_task(self, task_id: str, task: TaskProgress, now: str, moved: bool) -> Steps[None]:
