@@ -84,6 +84,46 @@ async def test_record_fields_round_trip(store):
     assert (three.message, three.source) == ("", "agent")
 
 
+async def test_a_quiet_task_stored_a_record_a_commit_reads_back_whole_from_few_chunks(store):
+    # One record a commit, as a quiet job's agent sends them: the small chunks
+    # are merged as they accumulate (hub/store/chunk.py, SMALL_CHUNK), and
+    # nothing of the records, their order, counts or filters may change.
+    rnd = random.Random(3)
+    sent = []
+    for seq in range(1, 301):
+        r = rec(
+            seq, f"line {seq} " + "x" * rnd.randint(0, 40), producer="quiet",
+            source=rnd.choice(["stdout", "stderr"]), level=rnd.choice(["INFO", "INFO", "WARN", "ERROR"]),
+            line_number=seq, metadata={"n": seq} if seq % 7 == 0 else {}, partial=seq % 11 == 0,
+        )
+        sent.append(r)
+        assert (await store.append([r])).status == [INSERTED]
+        if seq % 97 == 0:
+            # Another producer's batch of its own in between.
+            assert (await store.append([rec(seq // 97, "other", producer="b")])).status == [INSERTED]
+    page = (await store.query(LogQuery(task_id="t1", size=1_000))).content
+    quiet = [r for r in page if r.producer == "quiet"]
+    assert [(r.message, r.source, r.level, r.line_number, r.metadata, r.partial) for r in quiet] == [
+        (r.message, r.source, r.level, r.line_number, r.metadata, r.partial) for r in sent
+    ]
+    assert [r.seq for r in page] == list(range(1, 304))
+    stats = await store.stats("t1")
+    assert stats.total_logs == 303
+    assert stats.level_counts["ERROR"] == sum(r.level == "ERROR" for r in sent)
+    errors = (await store.query(LogQuery(task_id="t1", level="ERROR", size=1_000))).content
+    assert [r.message for r in errors] == [r.message for r in sent if r.level == "ERROR"]
+    after = (await store.query(LogQuery(task_id="t1", after_seq=150, size=5))).content
+    assert [r.seq for r in after] == [151, 152, 153, 154, 155]
+    if store.url.startswith("sqlite"):
+        import sqlite3
+
+        # Merged at every 64th seq: what came before seq 256 is in a few
+        # chunks; the one-record chunks since wait for the next merge.
+        with sqlite3.connect(store.path) as conn:
+            merged = conn.execute("SELECT count(*) FROM keruta_chunks WHERE seq_last <= 256").fetchone()[0]
+        assert merged <= 4, merged
+
+
 async def test_filters_by_source_level_and_time(store):
     await store.append(
         [

@@ -45,6 +45,15 @@ from keruta.records import LogRecord, trusted_record
 # lookup of one record decodes at most this much.
 CHUNK_RECORDS = 500
 CHUNK_BYTES = 64 * 1024
+# A quiet task stores a chunk a commit, of a record or a few: each such chunk
+# costs a row, its index entry and zstd's frame, some 250 bytes a line where a
+# full chunk costs about 10. So whenever an append of a small chunk reaches a
+# multiple of COMPACT_EVERY in the task's seqs, the task's trailing run of
+# chunks under SMALL_CHUNK records is merged into full ones, in the same
+# transaction (core.append): each record is re-encoded about twice, once per
+# COMPACT_EVERY small commits.
+SMALL_CHUNK = 128
+COMPACT_EVERY = 64
 # Level 1: most of the ratio of the higher levels (the columns repeat), at a
 # cost per row far below the rest of an append.
 _LEVEL = 1
@@ -97,6 +106,13 @@ def split(records: Sequence[LogRecord]) -> Iterator[Sequence[LogRecord]]:
             start, size = i, len(r.message) + 16
     if start < len(records):
         yield records[start:]
+
+
+def compaction_due(records: Sequence[LogRecord]) -> bool:
+    """Whether an append of these records (one task's, in seq order) merges
+    the task's trailing small chunks: it stored a small chunk and its seqs
+    reach a multiple of COMPACT_EVERY."""
+    return len(records) < SMALL_CHUNK and records[-1].seq // COMPACT_EVERY > (records[0].seq - 1) // COMPACT_EVERY
 
 
 def _column(values: list[Any]) -> Any:

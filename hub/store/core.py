@@ -92,6 +92,8 @@ def append(d: Dialect, items: Sequence[Incoming]) -> Steps[AppendResult]:
         yield d.insert_chunks(rows)
         for task_id, records in by_task.items():
             yield from _save_sections(d, task_id, records)
+            if chunk.compaction_due(records):
+                yield from _compact_tail(d, task_id)
     tally(fresh, progress)
 
     durable: dict[str, int] = {}
@@ -107,6 +109,31 @@ def append(d: Dialect, items: Sequence[Incoming]) -> Steps[AppendResult]:
         (task_id, (task.stored_bytes + task.bytes, task.max_bytes)) for task_id, task in progress.items() if task.count
     )
     return result
+
+
+_HUB_KINDS = frozenset(("gap", "redaction"))
+
+
+def _compact_tail(d: Dialect, task_id: str) -> Steps[None]:
+    """Merge the task's trailing run of small chunks into full ones (chunk.py,
+    SMALL_CHUNK): the same records, seqs, tallies and bytes, in fewer rows."""
+    tail: list[tuple[Any, list[LogRecord]]] = []
+    for row in (yield d.fetch(d.LAST_CHUNKS, task_id, chunk.COMPACT_EVERY + 1)):  # newest first
+        if row[2] >= chunk.SMALL_CHUNK:
+            break
+        # Outside the cache: these rows are about to go.
+        records = chunk.decode(task_id, row[0], row[-2], row[-1])
+        # A cap's or a delete's gap record, a redaction's record: each is kept
+        # in a chunk of its own, which their steps find by its last seq.
+        if any(r.kind in _HUB_KINDS for r in records):
+            break
+        tail.append((row, records))
+    if len(tail) < 2:
+        return
+    tail.reverse()
+    records = [r for _row, part in tail for r in part]
+    yield d.exec(d.DROP_CHUNKS_WITHIN, task_id, tail[0][0][0], tail[-1][0][1])
+    yield d.insert_chunks([chunk.encode(part) for part in chunk.split(records)])
 
 
 def _lock_tasks(d: Dialect, task_ids: list[str], now: str) -> Steps[dict[str, TaskProgress]]:

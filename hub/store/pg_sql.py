@@ -27,6 +27,10 @@ class PostgresSql(Dialect):
         SELECT pseq_first, pseq_last, seq_first FROM keruta_producer_ranges
         WHERE task_id = $1 AND producer = $2 AND pseq_first <= $3 AND pseq_last >= $4
     """
+    LAST_CHUNKS = f"""
+        SELECT {CHUNK_FULL} FROM keruta_chunks WHERE task_id = $1 ORDER BY seq_last DESC LIMIT $2
+    """
+    DROP_CHUNKS_WITHIN = "DELETE FROM keruta_chunks WHERE task_id = $1 AND seq_first >= $2 AND seq_last <= $3"
     CHUNKS_COVERING = f"""
         SELECT {CHUNK_FULL} FROM keruta_chunks
         WHERE task_id = $1 AND seq_last >= $2 AND seq_first <= $3 ORDER BY seq_last

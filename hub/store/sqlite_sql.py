@@ -20,6 +20,10 @@ class SQLiteSql(Dialect):
         SELECT pseq_first, pseq_last, seq_first FROM keruta_producer_ranges
         WHERE task_id = ? AND producer = ? AND pseq_first <= ? AND pseq_last >= ?
     """
+    LAST_CHUNKS = f"""
+        SELECT {CHUNK_FULL} FROM keruta_chunks WHERE task_id = ? ORDER BY seq_last DESC LIMIT ?
+    """
+    DROP_CHUNKS_WITHIN = "DELETE FROM keruta_chunks WHERE task_id = ? AND seq_first >= ? AND seq_last <= ?"
     CHUNKS_COVERING = f"""
         SELECT {CHUNK_FULL} FROM keruta_chunks
         WHERE task_id = ?1 AND seq_last >= ?2 AND seq_first <= ?3 ORDER BY seq_last
