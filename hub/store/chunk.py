@@ -49,9 +49,9 @@ CHUNK_BYTES = 64 * 1024
 # costs a row, its index entry and zstd's frame, some 250 bytes a line where a
 # full chunk costs about 10. So whenever an append of a small chunk reaches a
 # multiple of COMPACT_EVERY in the task's seqs, the task's trailing run of
-# chunks under SMALL_CHUNK records is merged into full ones, in the same
-# transaction (core.append): each record is re-encoded about twice, once per
-# COMPACT_EVERY small commits.
+# chunks under SMALL_CHUNK records and half CHUNK_BYTES is merged into full
+# ones, in the same transaction (core.append): each record is re-encoded
+# about twice, once per COMPACT_EVERY small commits.
 SMALL_CHUNK = 128
 COMPACT_EVERY = 64
 # Level 1: most of the ratio of the higher levels (the columns repeat), at a
@@ -106,6 +106,11 @@ def split(records: Sequence[LogRecord]) -> Iterator[Sequence[LogRecord]]:
             start, size = i, len(r.message) + 16
     if start < len(records):
         yield records[start:]
+
+
+def small(n: int, nbytes: int) -> bool:
+    """Whether a chunk of n records and nbytes of messages is one to merge."""
+    return n < SMALL_CHUNK and nbytes < CHUNK_BYTES // 2
 
 
 def compaction_due(records: Sequence[LogRecord]) -> bool:

@@ -118,8 +118,8 @@ def _compact_tail(d: Dialect, task_id: str) -> Steps[None]:
     """Merge the task's trailing run of small chunks into full ones (chunk.py,
     SMALL_CHUNK): the same records, seqs, tallies and bytes, in fewer rows."""
     tail: list[tuple[Any, list[LogRecord]]] = []
-    for row in (yield d.fetch(d.LAST_CHUNKS, task_id, chunk.COMPACT_EVERY + 1)):  # newest first
-        if row[2] >= chunk.SMALL_CHUNK:
+    for nbytes, *row in (yield d.fetch(d.LAST_CHUNKS, task_id, chunk.COMPACT_EVERY + 1)):  # newest first
+        if not chunk.small(row[2], nbytes):
             break
         # Outside the cache: these rows are about to go.
         records = chunk.decode(task_id, row[0], row[-2], row[-1])

@@ -28,7 +28,7 @@ class PostgresSql(Dialect):
         WHERE task_id = $1 AND producer = $2 AND pseq_first <= $3 AND pseq_last >= $4
     """
     LAST_CHUNKS = f"""
-        SELECT {CHUNK_FULL} FROM keruta_chunks WHERE task_id = $1 ORDER BY seq_last DESC LIMIT $2
+        SELECT bytes, {CHUNK_FULL} FROM keruta_chunks WHERE task_id = $1 ORDER BY seq_last DESC LIMIT $2
     """
     DROP_CHUNKS_WITHIN = "DELETE FROM keruta_chunks WHERE task_id = $1 AND seq_first >= $2 AND seq_last <= $3"
     CHUNKS_COVERING = f"""

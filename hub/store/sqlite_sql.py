@@ -21,7 +21,7 @@ class SQLiteSql(Dialect):
         WHERE task_id = ? AND producer = ? AND pseq_first <= ? AND pseq_last >= ?
     """
     LAST_CHUNKS = f"""
-        SELECT {CHUNK_FULL} FROM keruta_chunks WHERE task_id = ? ORDER BY seq_last DESC LIMIT ?
+        SELECT bytes, {CHUNK_FULL} FROM keruta_chunks WHERE task_id = ? ORDER BY seq_last DESC LIMIT ?
     """
     DROP_CHUNKS_WITHIN = "DELETE FROM keruta_chunks WHERE task_id = ? AND seq_first >= ? AND seq_last <= ?"
     CHUNKS_COVERING = f"""

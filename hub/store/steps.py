@@ -75,7 +75,7 @@ class Dialect:
     PRODUCER_RANGES: ClassVar[str]
     # (task_id, lowest seq, highest seq) -> [CHUNK_FULL] of the chunks holding any of them
     CHUNKS_COVERING: ClassVar[str]
-    # (task_id, limit) -> [CHUNK_FULL] of its last chunks, newest first
+    # (task_id, limit) -> [(bytes, *CHUNK_FULL)] of its last chunks, newest first
     LAST_CHUNKS: ClassVar[str]
     # (task_id, lowest seq_first, highest seq_last): the chunks wholly within
     DROP_CHUNKS_WITHIN: ClassVar[str]
