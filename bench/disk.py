@@ -61,8 +61,11 @@ def psql_rows(dsn: str, sql: str, timeout: float = 60.0) -> list[list[str]]:
     return [line.split("\t") for line in r.stdout.splitlines() if line]
 
 
-def pg_bytes(dsn: str, timeout: float = 1800.0) -> dict[str, Any]:
-    """`VACUUM ANALYZE` (the state autovacuum would leave), then the sizes."""
+def pg_bytes(dsn: str, timeout: float = 1800.0, full: bool = False) -> dict[str, Any]:
+    """`VACUUM ANALYZE` (the state autovacuum would leave), then the sizes;
+    `full`: `VACUUM FULL` first (the live rows alone, dead ones' space given back)."""
+    if full:
+        psql_rows(dsn, "VACUUM FULL", timeout)
     psql_rows(dsn, "VACUUM ANALYZE", timeout)
     ((keruta, other, names),) = psql_rows(dsn, _PG_SIZES, timeout)
     return {"bytes": int(keruta), "other_tables_bytes": int(other), "tables": names}

@@ -35,6 +35,7 @@ import heapq
 import json
 import os
 import random
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -478,6 +479,14 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
             viewer.wait(60)
             seen = json.loads((tmp / "view.json").read_text())["viewers"]
         stored = stored_counts(hub.url, sorted(per_task)) if a.rate > 0 else {}
+        db_bytes = None
+        if a.db is None and a.rate > 0:
+            # What a fleet's small commits cost on disk: the hub gone, the WAL
+            # checkpointed into the file.
+            hub.stop()
+            with sqlite3.connect(tmp / "keruta.db") as conn:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            db_bytes = (tmp / "keruta.db").stat().st_size
         lat = [x for r in results for x in r["lat_sample"]]
         frames = sum(r["frames"] for r in results)
         lines = sum(r["lines"] for r in results)
@@ -511,6 +520,7 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
             "viewer_doubled": None if seen is None else sum(v["dups"] for v in seen),
             "viewer_gaps": None if seen is None else sum(v["gaps"] for v in seen),
             "viewer_errors": None if seen is None else [v["error"] for v in seen if v["error"]][:3],
+            "db_bytes_per_line": round(db_bytes / acked, 1) if db_bytes and acked else None,
             "load": round(os.getloadavg()[0], 2),
         }
         return out

@@ -82,6 +82,39 @@ class StoreScenarios(Harness):
                         if key not in done:
                             self.add(name, None, unit, {"rows": rows}, missing=describe(e), key=key)
 
+        for store, label in STORES:
+            try:
+                with self.store_db(store) as db:
+                    self.quiet_task(db, store, label)
+            except Exception as e:  # noqa: BLE001 - the figure goes missing, the run goes on
+                self.add(f"{label}, a quiet task: disk per line", None, "bytes/line", {}, missing=describe(e))
+
+    def quiet_task(self, db: str, store: str, label: str, rows: int = 10_000) -> None:
+        """A task written a record a commit, as a quiet job's agent writes it
+        (the fleet's shape): its bytes on disk per line."""
+        d = self.tmp("quiet")
+        out = d / "store.json"
+        p = start(
+            [PY, STORE_BENCH, "--db", db, "--rows", str(rows), "--batch", "1", "--task", TASK, "--out", str(out)],
+            str(d / "store.log"),
+        )
+        try:
+            rc = p.wait(120 + rows / 50)
+        finally:
+            stop(p)
+        if rc != 0 or not out.exists():
+            raise RuntimeError(f"store_bench exited {rc}: {tail(d / 'store.log')}")
+        size = sqlite_bytes(db) if store == "sqlite" else pg_bytes(db)
+        params = {"rows": rows, "batch": 1, "text_bytes_per_line": 80}
+        self.add(f"{label}, a quiet task: disk per line", size["bytes"] / rows, "bytes/line", params,
+                 key=f"disk.{store}.quiet")
+        if store == "pg":
+            # Merged chunks and updated rows leave dead tuples that VACUUM makes
+            # reusable but does not give back: the live data alone.
+            live = pg_bytes(db, full=True)
+            self.add(f"{label}, a quiet task: disk per line after VACUUM FULL", live["bytes"] / rows, "bytes/line",
+                     params, key=f"disk.{store}.quiet.live")
+
     @contextlib.contextmanager
     def store_db(self, store: str) -> Iterator[str]:
         if store == "pg":
