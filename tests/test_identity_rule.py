@@ -306,3 +306,17 @@ async def test_a_range_extended_commit_by_commit_still_tells_duplicates_and_conf
     changed = await store.append([item(2, "a", "not what a sent"), item(5, "a", "nor this")])
     assert changed.status == [CONFLICT, CONFLICT]
     assert (await store.append([item(6, "a")])).records[0].seq == 7
+
+
+async def test_the_hub_merges_a_quiet_tasks_one_record_chunks(sqlite_hub_factory, tmp_path: Path) -> None:
+    db = tmp_path / "quiet.db"
+    hub = await sqlite_hub_factory.astart(db=f"sqlite:///{db}")
+    async with hub.http() as client:
+        for seq in range(1, 201):
+            body = [{"message": f"line {seq}", "producer": "quiet", "seq": seq}]
+            assert (await client.post(logs_path("q"), json=body)).status_code == 200
+        assert [r["message"] for r in await fetch_all(client, "q")] == [f"line {n}" for n in range(1, 201)]
+    await hub.astop()
+    with sqlite3.connect(db) as conn:
+        merged = conn.execute("SELECT count(*) FROM keruta_chunks WHERE seq_last <= 192").fetchone()[0]
+    assert merged <= 3, merged

@@ -310,6 +310,19 @@ class Writer:
             answers.append((req, settle(req.items, result, offset)))
             offset += len(req.items)
         await self._answer(answers)
+        if result.compact:
+            await self._compact(result.compact)
+
+    async def _compact(self, task_ids: list[str]) -> None:
+        """Merge these tasks' small chunks, after their records went live: it
+        only saves space, so an outage skips it (the next one merges more)
+        and a failure is logged, never raised into the writer."""
+        try:
+            await self.store.compact(task_ids)
+        except StoreUnavailable as exc:
+            log.info("chunk merge of %d tasks skipped: store unavailable (%s)", len(task_ids), exc)
+        except Exception:
+            log.exception("chunk merge of tasks %s failed", ", ".join(task_ids[:5]))
 
     async def _apply_status(self, req: WriteRequest) -> None:
         change = req.status

@@ -151,6 +151,8 @@ class AppendResult:
     # task_id -> (message bytes stored after this commit, the cap its agent
     # asked for or None), for the tasks that stored records: what a cap decides on.
     sizes: dict[str, tuple[int, int | None]] = attrs.field(factory=dict)
+    # Tasks whose trailing small chunks are due to be merged (`Store.compact`).
+    compact: list[str] = attrs.field(factory=list)
 
 
 @attrs.frozen
@@ -214,6 +216,14 @@ class Store(Protocol):
         Committed means visible to every reader and kept if the hub process
         dies; it survives a power cut only after the next `sync`.
         """
+        ...
+
+    async def compact(self, task_ids: Sequence[str]) -> None:
+        """Merge each task's trailing small chunks into full ones, in one
+        transaction (hub/store/chunk.py, SMALL_CHUNK): the same records, in
+        fewer rows. An append says when it is due (`AppendResult.compact`);
+        it runs apart from the append so the commit a viewer waits for does
+        not carry it."""
         ...
 
     async def sync(self) -> None:

@@ -50,7 +50,8 @@ CHUNK_BYTES = 64 * 1024
 # full chunk costs about 10. So whenever an append of a small chunk reaches a
 # multiple of COMPACT_EVERY in the task's seqs, the task's trailing run of
 # chunks under SMALL_CHUNK records and half CHUNK_BYTES is merged into full
-# ones, in the same transaction (core.append): each record is re-encoded
+# ones, in a transaction of its own (`Store.compact`, which the writer runs
+# when an append says so, after answering it): each record is re-encoded
 # about twice, once per COMPACT_EVERY small commits.
 SMALL_CHUNK = 128
 COMPACT_EVERY = 64

@@ -92,8 +92,6 @@ def append(d: Dialect, items: Sequence[Incoming]) -> Steps[AppendResult]:
         yield d.insert_chunks(rows)
         for task_id, records in by_task.items():
             yield from _save_sections(d, task_id, records)
-            if chunk.compaction_due(records):
-                yield from _compact_tail(d, task_id)
     tally(fresh, progress)
 
     durable: dict[str, int] = {}
@@ -108,7 +106,21 @@ def append(d: Dialect, items: Sequence[Incoming]) -> Steps[AppendResult]:
     result.sizes.update(
         (task_id, (task.stored_bytes + task.bytes, task.max_bytes)) for task_id, task in progress.items() if task.count
     )
+    if fresh:
+        result.compact.extend(task_id for task_id, records in by_task.items() if chunk.compaction_due(records))
     return result
+
+
+def compact(d: Dialect, task_ids: Sequence[str]) -> Steps[None]:
+    """`Store.compact`; run inside a write transaction, the tasks' rows
+    locked as an append locks them (another hub may be appending)."""
+    ordered = sorted(set(task_ids))
+    if not ordered:
+        return
+    for start in range(0, len(ordered), d.in_chunk):
+        yield d.lock_tasks(ordered[start : start + d.in_chunk])
+    for task_id in ordered:
+        yield from _compact_tail(d, task_id)
 
 
 _HUB_KINDS = frozenset(("gap", "redaction"))

@@ -54,6 +54,10 @@ class SqlStore:
             return AppendResult(records=[], inserted=[], durable={})
         return await self._write(core.append(self._dialect, items), sync=False)
 
+    async def compact(self, task_ids: Sequence[str]) -> None:
+        if task_ids:
+            await self._write(core.compact(self._dialect, task_ids), sync=False)
+
     async def set_state(
         self, task_id: str, state: str, exit_code: int | None, producer: str | None = None,
         summary: Summary | None = None,
