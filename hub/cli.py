@@ -104,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds the writer waits for more records before committing; "
                         "0 commits as soon as it is idle (default 0)")
     p.add_argument("--write-pace", type=number(float, 0), default=0.01,
-                   help="while commits follow each other, at most one starts per this many seconds; "
-                        "a commit after a quiet spell starts at once (default 0.01)")
+                   help="while commits follow each other (one ended with requests waiting), at most one "
+                        "starts per this many seconds; otherwise the next starts at once (default 0.01)")
     p.add_argument("--post-timeout", type=number(float, 0, strict=True), default=8.0,
                    help="seconds a REST POST waits for its commit before it is withdrawn and "
                         "answered 503 (not stored; safe to retry) (default 8)")
