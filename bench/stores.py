@@ -62,6 +62,22 @@ def store_figures(store: str, label: str, slot: str, rows: int) -> list[tuple[st
     return out
 
 
+def load_task(d: Path, db: str, rows: int, batch: int, timeout: float) -> dict[str, Any]:
+    """bench/store_bench.py's load of TASK (rows records, `batch` an append); its result."""
+    out = d / "store.json"
+    p = start(
+        [PY, STORE_BENCH, "--db", db, "--rows", str(rows), "--batch", str(batch), "--task", TASK, "--out", str(out)],
+        str(d / "store.log"),
+    )
+    try:
+        rc = p.wait(timeout)
+    finally:
+        stop(p)
+    if rc != 0 or not out.exists():
+        raise RuntimeError(f"store_bench exited {rc}: {tail(d / 'store.log')}")
+    return json.loads(out.read_text())  # type: ignore[no-any-return]
+
+
 class StoreScenarios(Harness):
     def store_sizes(self) -> list[tuple[str, int]]:
         sizes = [("small", self.rows_small)]
@@ -92,18 +108,7 @@ class StoreScenarios(Harness):
     def quiet_task(self, db: str, store: str, label: str, rows: int = 10_000) -> None:
         """A task written a record a commit, as a quiet job's agent writes it
         (the fleet's shape): its bytes on disk per line."""
-        d = self.tmp("quiet")
-        out = d / "store.json"
-        p = start(
-            [PY, STORE_BENCH, "--db", db, "--rows", str(rows), "--batch", "1", "--task", TASK, "--out", str(out)],
-            str(d / "store.log"),
-        )
-        try:
-            rc = p.wait(120 + rows / 50)
-        finally:
-            stop(p)
-        if rc != 0 or not out.exists():
-            raise RuntimeError(f"store_bench exited {rc}: {tail(d / 'store.log')}")
+        load_task(self.tmp("quiet"), db, rows, 1, 120 + rows / 50)
         size = sqlite_bytes(db) if store == "sqlite" else pg_bytes(db)
         params = {"rows": rows, "batch": 1, "text_bytes_per_line": 80}
         self.add(f"{label}, a quiet task: disk per line", size["bytes"] / rows, "bytes/line", params,
@@ -139,20 +144,9 @@ class StoreScenarios(Harness):
 
         d = self.tmp("store")
         # 1. load: store.append in batches of 500
-        out = d / "store.json"
         t0 = time.monotonic()
-        p = start(
-            [PY, STORE_BENCH, "--db", db, "--rows", str(rows), "--task", TASK, "--out", str(out)],
-            str(d / "store.log"),
-        )
-        try:
-            rc = p.wait(120 + rows / 2000)
-        finally:
-            stop(p)
+        res = load_task(d, db, rows, 500, 120 + rows / 2000)
         load_s = time.monotonic() - t0
-        if rc != 0 or not out.exists():
-            raise RuntimeError(f"store_bench exited {rc}: {tail(d / 'store.log')}")
-        res = json.loads(out.read_text())
         append_key = f"append.{store}" if slot == "small" else f"append.{store}.{slot}"
         add(append_key, res["rows_per_s"], {"batch": 500, "producer": "one producer id", "reps": 1})
         add(f"load_s.{store}.{slot}", load_s, {"append_s": round(res["seconds"], 1)})

@@ -17,7 +17,17 @@ from hub.store.chunk import ChunkRow
 from hub.store.pg_notices import NOTIFY_CHANNEL
 from hub.store.rules import TaskProgress
 from hub.store.sections import ROW as SECTION_ROW
-from hub.store.steps import CHUNK_FULL, CHUNK_HEAD, TASK_SELECT, Dialect, Op, Steps
+from hub.store.steps import (
+    CHUNK_FULL,
+    CHUNK_HEAD,
+    TASK_SELECT,
+    Dialect,
+    ExtendedRange,
+    HighMark,
+    NewRange,
+    Op,
+    Steps,
+)
 
 
 class PostgresSql(Dialect):
@@ -213,12 +223,7 @@ class PostgresSql(Dialect):
             [producer for _, producer in keys],
         )
 
-    def save_producers(
-        self,
-        highs: list[tuple[str, str, int, str]],
-        ranges: list[tuple[str, str, int, int, int]],
-        extended: list[tuple[int, str, str, int]],
-    ) -> Steps[None]:
+    def save_producers(self, highs: list[HighMark], ranges: list[NewRange], extended: list[ExtendedRange]) -> Steps[None]:
         # One round trip for all three: a fleet's commit holds many producers.
         def columns(rows: list[Any], width: int) -> list[list[Any]]:
             return [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]

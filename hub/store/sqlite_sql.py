@@ -12,7 +12,17 @@ from collections.abc import Sequence
 from hub.store.chunk import ChunkRow
 from hub.store.rules import TaskProgress
 from hub.store.sections import ROW as SECTION_ROW
-from hub.store.steps import CHUNK_FULL, CHUNK_HEAD, TASK_SELECT, Dialect, Op, Steps
+from hub.store.steps import (
+    CHUNK_FULL,
+    CHUNK_HEAD,
+    TASK_SELECT,
+    Dialect,
+    ExtendedRange,
+    HighMark,
+    NewRange,
+    Op,
+    Steps,
+)
 
 
 class SQLiteSql(Dialect):
@@ -199,12 +209,7 @@ class SQLiteSql(Dialect):
             *(value for key in keys for value in key),
         )
 
-    def save_producers(
-        self,
-        highs: list[tuple[str, str, int, str]],
-        ranges: list[tuple[str, str, int, int, int]],
-        extended: list[tuple[int, str, str, int]],
-    ) -> Steps[None]:
+    def save_producers(self, highs: list[HighMark], ranges: list[NewRange], extended: list[ExtendedRange]) -> Steps[None]:
         yield self.many(self.SAVE_PRODUCER, highs)
         if ranges:
             yield self.many(self.INSERT_RANGES, ranges)

@@ -36,6 +36,14 @@ class Op(NamedTuple):
 
 Steps = Generator[Op, Any, T]
 
+# Dialect.save_producers' rows: a producer's new high mark (task_id,
+# producer, high, now); a new range (task_id, producer, pseq_first,
+# pseq_last, seq_first); a stored range extended (new pseq_last, task_id,
+# producer, pseq_first).
+HighMark = tuple[str, str, int, str]
+NewRange = tuple[str, str, int, int, int]
+ExtendedRange = tuple[int, str, str, int]
+
 # The columns of a chunk as the statements below answer them, in this order.
 CHUNK_HEAD = "seq_first, seq_last, n, ts_first, ts_last, tally"
 CHUNK_FULL = CHUNK_HEAD + ", lines, body"
@@ -222,15 +230,8 @@ class Dialect:
     def insert_chunks(self, rows: list[ChunkRow]) -> Op:
         raise NotImplementedError
 
-    def save_producers(
-        self,
-        highs: list[tuple[str, str, int, str]],
-        ranges: list[tuple[str, str, int, int, int]],
-        extended: list[tuple[int, str, str, int]],
-    ) -> Steps[None]:
-        """Producers' new high marks (task_id, producer, high, now), their
-        new ranges (task_id, producer, pseq_first, pseq_last, seq_first), and
-        their stored ranges extended (new pseq_last, task_id, producer, pseq_first)."""
+    def save_producers(self, highs: list[HighMark], ranges: list[NewRange], extended: list[ExtendedRange]) -> Steps[None]:
+        """Producers' new high marks, their new ranges, and their stored ranges extended."""
         raise NotImplementedError
 
     def save_task(self, task_id: str, task: TaskProgress, now: str, moved: bool) -> Steps[None]:
