@@ -31,6 +31,7 @@ def create_app(deps: ConnectionDeps, store_available: Callable[[], bool]) -> Qua
     hooks.install(app, access=access, metrics=deps.metrics, max_frame_bytes=config.limits.max_frame_bytes)
     app.register_blueprint(logs.blueprint(
         access=access, store=deps.store, writer_inbox=deps.writer_inbox, limiter=deps.limiter, config=config,
+        broadcaster=deps.broadcaster,
     ))
     app.register_blueprint(tasks.blueprint(access=access, store=deps.store))
     app.register_blueprint(verify.blueprint(access=access, store=deps.store))

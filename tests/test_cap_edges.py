@@ -165,3 +165,35 @@ async def test_a_task_left_over_its_cap_is_cut_when_the_hub_starts(hub_factory: 
     async with second.http() as client:
         records = await settled(client, task, 40 * 1024)
     assert len([r for r in records if r.get("kind") == "gap"]) == 1
+
+
+async def test_an_admin_delete_sends_its_gap_to_live_viewers(hub_factory: InProcessHubFactory) -> None:
+    """The gap a DELETE ?before= leaves reaches a live viewer at once, under
+    the first seq it stands for (the viewer then reads what it covers again),
+    as a cap's gap does; before, it saw it only at its next read."""
+    hub = await hub_factory.astart()
+    task = "deleting"
+    async with hub.ws() as writer, hub.ws() as viewer, hub.http() as client:
+        records = [
+            make_record(task, s, f"line {s}", timestamp=f"2026-01-01T00:00:{s:02d}.000Z") for s in range(1, 21)
+        ]
+        await writer.send(logs_frame(task, records))
+        await writer.wait_ack(task, 20)
+        await viewer.subscribe(task, from_seq=1)
+        seen: list[int] = []
+        with trio.fail_after(PATIENCE):
+            while len(seen) < 20:
+                frame = await viewer.recv()
+                if frame["type"] == "logs":
+                    seen += [r["seq"] for r in frame["records"]]
+        resp = await client.delete(f"/api/v1/tasks/{task}/logs", params={"before": "2026-01-01T00:00:11.000Z"})
+        assert resp.json() == {"deletedCount": 10}
+        with trio.fail_after(PATIENCE):
+            while True:
+                frame = await viewer.recv()
+                if frame["type"] == "logs":
+                    break
+        (gap,) = frame["records"]
+        assert gap["seq"] == 1 and gap["kind"] == "gap"
+        info = gap["metadata"]["gap"]
+        assert (info["reason"], info["fromSeq"], info["toSeq"], info["lines"]) == ("deleted", 1, 10, 10)

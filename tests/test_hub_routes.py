@@ -130,7 +130,7 @@ async def test_tasks_need_a_token_once_tokens_are_set(store: SQLiteStore) -> Non
 def logs_app(deps: ConnectionDeps) -> QuartTrio:
     return app_with(logs.blueprint(
         access=Access.for_config(deps.config), store=deps.store, writer_inbox=deps.writer_inbox,
-        limiter=deps.limiter, config=deps.config,
+        limiter=deps.limiter, config=deps.config, broadcaster=deps.broadcaster,
     ), deps)
 
 

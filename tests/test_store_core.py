@@ -104,7 +104,7 @@ def test_after_seq_totals_are_arithmetic_when_the_seqs_run_unbroken():
 
 def test_delete_of_an_unknown_task_stops_at_its_row():
     asked, result = replay(core.delete_chunk(PG, "nope", None), [None])
-    assert result == (0, False)
+    assert result == (0, False, None)
     assert asked == [Op(ROW, "SELECT 1 FROM keruta_tasks WHERE task_id = $1 FOR UPDATE", ("nope",))]
 
 

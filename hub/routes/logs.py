@@ -9,6 +9,7 @@ import trio
 from quart import Blueprint, Response, request
 
 from hub.access import Access
+from hub.actors.broadcaster import Broadcaster
 from hub.actors.writer import WriteRequest, write_within
 from hub.config import HubConfig
 from hub.errors import ApiError
@@ -38,6 +39,7 @@ def blueprint(
     writer_inbox: trio.MemorySendChannel[WriteRequest],
     limiter: Callable[[str], RateLimiter],
     config: HubConfig,
+    broadcaster: Broadcaster,
 ) -> Blueprint:
     bp = Blueprint("logs", __name__)
     limits = config.limits
@@ -141,7 +143,12 @@ def blueprint(
         check_task_id(task_id)
         # Records older than `before` leave a `deleted` gap, which verify
         # reads as explained; deleting them all leaves an empty log.
-        count = await store.delete(task_id, time_param("before"), gap=DELETED)
+        # Live viewers get the gap under the first seq it stands for, as a
+        # cap's: a viewer holding the records it replaced reads them again.
+        count = await store.delete(
+            task_id, time_param("before"), gap=DELETED,
+            on_gap=lambda gap: broadcaster.publish_replaced(task_id, [gap]),
+        )
         return json_response({"deletedCount": count})
 
     @bp.get("/api/v1/tasks/<task_id>/logs/raw")

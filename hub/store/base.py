@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -296,12 +296,16 @@ class Store(Protocol):
         None when there is no such task."""
         ...
 
-    async def delete(self, task_id: str, before: str | None, *, gap: str | None = None) -> int:
+    async def delete(
+        self, task_id: str, before: str | None, *, gap: str | None = None,
+        on_gap: Callable[[LogRecord], None] | None = None,
+    ) -> int:
         """Delete a task's records older than `before` (all when None); return
         the count. `gap` (with `before`): what went leaves a `gap` record in
         its place, with that reason: `deleted` (an admin's DELETE) always,
         `retention` only for the head cut off a task still running
-        (hub/store/trimming.py)."""
+        (hub/store/trimming.py); `on_gap` is given it after each transaction
+        that left or grew it (for live viewers)."""
         ...
 
     async def delete_older_than(self, before: str) -> int:

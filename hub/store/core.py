@@ -467,10 +467,12 @@ def stats(d: Dialect, task_id: str) -> Steps[LogStats]:
 # -- deleting --------------------------------------------------------------------
 
 
-def delete_chunk(d: Dialect, task_id: str, before: str | None, *, gap: str | None = None) -> Steps[tuple[int, bool]]:
+def delete_chunk(
+    d: Dialect, task_id: str, before: str | None, *, gap: str | None = None
+) -> Steps[tuple[int, bool, LogRecord | None]]:
     """Delete a task's records older than `before` (all when None) from up to
     `d.delete_chunks` chunks, under its row lock; return (deleted, more may
-    remain). Run inside a write transaction.
+    remain, the gap record this left or grew). Run inside a write transaction.
 
     A chunk wholly older goes; one that holds records on both sides of
     `before` is rewritten with the newer ones (its seqs then skip). With
@@ -485,10 +487,10 @@ def delete_chunk(d: Dialect, task_id: str, before: str | None, *, gap: str | Non
         locked = yield d.row(d.LOCK_TASK, task_id)
         reason = gap if before is not None else None
     if not locked:
-        return 0, False
+        return 0, False, None
     rows = yield d.fetch(d.CHUNKS_BEFORE, task_id, before or TS_HIGH, d.delete_chunks)
     if not rows:
-        return 0, False
+        return 0, False, None
     gone: Counter[tuple[str, str]] = Counter()
     dropped: list[LogRecord] = []
     bytes_delta = 0
@@ -523,9 +525,10 @@ def delete_chunk(d: Dialect, task_id: str, before: str | None, *, gap: str | Non
     yield d.many(d.SUBTRACT_COUNTS, [(k, task_id, s, lv) for (s, lv), k in gone.items()])
     yield d.exec(d.DROP_EMPTY_COUNTS, task_id)
     yield d.exec(d.ADD_STORED_BYTES, bytes_delta, task_id)
+    gap_record = None
     if reason and dropped:
         # The gap record counts as one stored record.
-        yield from trimming.deleted_gap(d, task_id, dropped, reason)
+        gap_record = yield from trimming.deleted_gap(d, task_id, dropped, reason)
         deleted -= 1
     # What identity keeps stays bounded by what is stored: a producer's ranges
     # map its seqs to stored records, so those wholly below the task's lowest
@@ -538,7 +541,7 @@ def delete_chunk(d: Dialect, task_id: str, before: str | None, *, gap: str | Non
     # A gap reports the records deleted, not the gap records it folded in
     # (an earlier transaction's of the same delete among them).
     real = sum(1 for r in dropped if carried_accounts(r) is None) if dropped else deleted
-    return real, len(rows) == d.delete_chunks
+    return real, len(rows) == d.delete_chunks, gap_record
 
 
 def prune_producers(d: Dialect, before: str) -> Steps[int]:

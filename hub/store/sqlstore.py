@@ -8,7 +8,7 @@ and is durable against a power cut; False leaves that to `Store.sync`).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 import orjson
@@ -150,14 +150,19 @@ class SqlStore:
     async def stats(self, task_id: str) -> LogStats:
         return await self._read(core.stats(self._dialect, task_id))
 
-    async def delete(self, task_id: str, before: str | None, *, gap: str | None = None) -> int:
+    async def delete(
+        self, task_id: str, before: str | None, *, gap: str | None = None,
+        on_gap: Callable[[LogRecord], None] | None = None,
+    ) -> int:
         # A transaction per chunk, so a big delete never holds the writer for long.
         total = 0
         while True:
-            deleted, more = await self._write(
+            deleted, more, gap_record = await self._write(
                 core.delete_chunk(self._dialect, task_id, before, gap=gap)
             )
             total += deleted
+            if gap_record is not None and on_gap is not None:
+                on_gap(gap_record)
             if not more:
                 return total
 

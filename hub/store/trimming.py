@@ -263,14 +263,14 @@ def _head_end(d: Dialect, task_id: str, budget: int) -> Steps[tuple[Any, int] | 
 # -- a delete before a time: retention, an admin's DELETE --------------------------
 
 
-def deleted_gap(d: Dialect, task_id: str, dropped: Sequence[LogRecord], reason: str) -> Steps[None]:
+def deleted_gap(d: Dialect, task_id: str, dropped: Sequence[LogRecord], reason: str) -> Steps[LogRecord]:
     """A delete before a time dropped these records (seq order): retention
     the head of a task still running (`retention`), an admin's DELETE with
     `before` (`deleted`). One gap record, at the lowest seq dropped, says
     so. An earlier gap of such a delete (the lowest seq, so always among
     them: it is stamped older than the cut) is merged into it; a cap gap or
     redaction record among them hands on its accounts. The caller does the
-    counts, as for any deleted record, and adds the gap's."""
+    counts, as for any deleted record, and adds the gap's. Returns the gap."""
     lines = 0
     nbytes = 0
     low = dropped[0].seq
@@ -295,6 +295,7 @@ def deleted_gap(d: Dialect, task_id: str, dropped: Sequence[LogRecord], reason: 
     yield d.insert_chunks([row])
     yield d.many(d.ADD_COUNTS, [(task_id, "agent", "WARN", 1)])
     yield d.exec(d.ADD_STORED_BYTES, row.bytes, task_id)
+    return gap
 
 
 def set_max_bytes(d: Dialect, task_id: str, max_bytes: int) -> Steps[None]:
