@@ -29,7 +29,15 @@ import orjson
 from keruta.frames import FrameError
 from keruta.levels import LEVELS
 from keruta.limits import MAX_SEQ, Limits
-from keruta.records import KINDS, PRODUCER_RE, SOURCES, LogRecord, LogRequest, valid_record_producer
+from keruta.records import (
+    HUB_KINDS,
+    KINDS,
+    PRODUCER_RE,
+    SOURCES,
+    LogRecord,
+    LogRequest,
+    valid_record_producer,
+)
 from keruta.timefmt import canonical_ts
 
 T = TypeVar("T")
@@ -165,10 +173,6 @@ def _deeper_than(value: Any, limit: int) -> bool:
             return False
         level = below
     return True
-
-
-# Kinds of record a producer's may have only as `check_record_limits` allows.
-_HUB_KINDS = frozenset(("gap", "redaction"))
 
 
 def _hub_made(kind: Any, metadata: Any) -> bool:
@@ -316,7 +320,7 @@ def read_records(
                     return None
                 last_ts = timestamp
             timestamp = stamp
-        if len(message) > max_chars or kind in _HUB_KINDS:
+        if len(message) > max_chars or kind in HUB_KINDS:
             check.append(i)
         elif metadata:
             # Within both limits, told from one encoding: it nests no deeper
@@ -395,7 +399,7 @@ def read_requests(items: list[Any], limits: Limits, where: Callable[[int], str])
             and (kind is None or (type(kind) is str and kind in _KINDS))
         ):
             return None
-        if len(message) > max_chars or metadata or kind in _HUB_KINDS:
+        if len(message) > max_chars or metadata or kind in HUB_KINDS:
             check.append(i)
         append(LogRequest(message, source, level, line_number, metadata, seq, timestamp, partial, producer, kind))
     # As the general path: sizes only once every item is well-formed, in order.

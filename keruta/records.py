@@ -15,6 +15,9 @@ SOURCES = ("stdout", "stderr", "agent")
 # A record's `kind` (CONTRACT.md, Words): None for a line; `gap` says what was
 # knowingly not kept (docs/agent.md, "Spool full"); sections and redactions.
 KINDS = ("gap", "section_start", "section_end", "redaction")
+# The kinds of the hub's own records, which carry accounts of what they stand
+# for (a gap, a redaction): a producer may send them only as the hub allows.
+HUB_KINDS = frozenset(("gap", "redaction"))
 TASK_STATES = ("pending", "running", "succeeded", "failed")
 FINAL_STATES = ("succeeded", "failed")
 TASK_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")

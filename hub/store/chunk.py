@@ -215,6 +215,13 @@ def seqs_of(cols: dict[str, Any], seq_first: int) -> list[int] | range:
     return q if q is not None else range(seq_first, seq_first + n)
 
 
+def decode_row(task_id: str, row: Sequence[Any]) -> list[LogRecord]:
+    """The records of a chunk row (CHUNK_FULL: seq_first first, lines and body
+    last) about to be rewritten or dropped, decoded outside the cache: its
+    entry would be dead at once, and would push out chunks readers want."""
+    return decode(task_id, row[0], row[-2], row[-1])
+
+
 def decode(task_id: str, seq_first: int, lines: bytes, body: bytes) -> list[LogRecord]:
     """The records of a chunk, in seq order."""
     return records_of(task_id, seq_first, columns(lines, body))

@@ -32,7 +32,7 @@ from hub.store.rules import (
     tally,
 )
 from hub.store.steps import TS_HIGH, TS_LOW, Dialect, Steps
-from keruta.records import LogRecord, TaskInfo
+from keruta.records import HUB_KINDS, LogRecord, TaskInfo
 from keruta.timefmt import now_ts
 
 # A notice with this seq means "the task's state changed", not a watermark.
@@ -82,10 +82,10 @@ def append(d: Dialect, items: Sequence[Incoming]) -> Steps[AppendResult]:
             stored[(task_id, record.seq)] = record
     resolve(plan, producers, ranges, stored)
     fresh = plan.inserted()
-    if fresh:
-        by_task: dict[str, list[LogRecord]] = {}
-        for r in fresh:
-            by_task.setdefault(r.task_id, []).append(r)
+    by_task: dict[str, list[LogRecord]] = {}
+    for r in fresh:
+        by_task.setdefault(r.task_id, []).append(r)
+    if by_task:
         rows = [chunk.encode(part) for records in by_task.values() for part in chunk.split(records)]
         for row in rows:
             progress[row.task_id].bytes += row.bytes
@@ -106,8 +106,7 @@ def append(d: Dialect, items: Sequence[Incoming]) -> Steps[AppendResult]:
     result.sizes.update(
         (task_id, (task.stored_bytes + task.bytes, task.max_bytes)) for task_id, task in progress.items() if task.count
     )
-    if fresh:
-        result.compact.extend(task_id for task_id, records in by_task.items() if chunk.compaction_due(records))
+    result.compact.extend(task_id for task_id, records in by_task.items() if chunk.compaction_due(records))
     return result
 
 
@@ -123,9 +122,6 @@ def compact(d: Dialect, task_ids: Sequence[str]) -> Steps[None]:
         yield from _compact_tail(d, task_id)
 
 
-_HUB_KINDS = frozenset(("gap", "redaction"))
-
-
 def _compact_tail(d: Dialect, task_id: str) -> Steps[None]:
     """Merge the task's trailing run of small chunks into full ones (chunk.py,
     SMALL_CHUNK): the same records, seqs, tallies and bytes, in fewer rows."""
@@ -133,11 +129,10 @@ def _compact_tail(d: Dialect, task_id: str) -> Steps[None]:
     for nbytes, *row in (yield d.fetch(d.LAST_CHUNKS, task_id, chunk.COMPACT_EVERY + 1)):  # newest first
         if not chunk.small(row[2], nbytes):
             break
-        # Outside the cache: these rows are about to go.
-        records = chunk.decode(task_id, row[0], row[-2], row[-1])
+        records = chunk.decode_row(task_id, row)
         # A cap's or a delete's gap record, a redaction's record: each is kept
         # in a chunk of its own, which their steps find by its last seq.
-        if any(r.kind in _HUB_KINDS for r in records):
+        if any(r.kind in HUB_KINDS for r in records):
             break
         tail.append((row, records))
     if len(tail) < 2:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 
@@ -179,7 +179,7 @@ class PostgresStore(SqlStore):
         transaction = {"isolation": "repeatable_read", "readonly": True} if snapshot else None
         async with self._connection() as conn:
             with self._dead_on_timeout(conn):
-                result = await in_one_hop(conn, lambda raw: drive(steps, lambda op: _do(raw, op)), transaction)
+                result = await in_one_hop(conn, _runner(steps), transaction)
         return result
 
     async def _write(self, steps: Steps[T], *, sync: bool = True) -> T:
@@ -189,7 +189,7 @@ class PostgresStore(SqlStore):
         # command_timeout) and a commit's outcome is never left unknown.
         async with self._connection() as conn:
             with trio.CancelScope(shield=True), unavailable_as_store_error(), self._dead_on_timeout(conn):
-                result = await in_one_hop(conn, lambda raw: drive(steps, lambda op: _do(raw, op)), {})
+                result = await in_one_hop(conn, _runner(steps), {})
         return result
 
     # -- notices ----------------------------------------------------------------
@@ -224,6 +224,11 @@ def _timed_out(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def _runner(steps: Steps[T]) -> Callable[[Any], Awaitable[T]]:
+    """An algorithm as async work on one asyncpg connection (for in_one_hop)."""
+    return lambda raw: drive(steps, lambda op: _do(raw, op))
 
 
 async def _do(conn: Any, op: Op) -> Any:

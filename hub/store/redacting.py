@@ -20,10 +20,10 @@ import attrs
 import orjson
 
 from hub.store import chunk, core
-from hub.store.accounts import Accounts, ProducerSeqs, carried_accounts
+from hub.store.accounts import Accounts, carried_accounts
 from hub.store.base import HUB_MADE, AppendResult, Incoming
 from hub.store.steps import Dialect, Steps
-from hub.store.trimming import rewrite
+from hub.store.trimming import producer_seqs, rewrite
 from keruta.records import LogRecord
 from keruta.timefmt import now_ts
 
@@ -127,7 +127,7 @@ def redact_step(
         body = chunk.body_json(row[7])
         if not any(n in text or n in body for n in needles):
             continue
-        records = _decoded(task_id, row)
+        records = chunk.decode_row(task_id, row)
         new = [redacted(r, values) for r in records]
         pairs = [(old, r) for old, r in zip(records, new, strict=True) if r is not old]
         if pairs:
@@ -135,9 +135,7 @@ def redact_step(
             changed += pairs
     accounts = Accounts()
     if changed:
-        seqs = ProducerSeqs((yield d.fetch(
-            d.RANGES_FOR_SEQS, task_id, min(old.seq for old, _ in changed), max(old.seq for old, _ in changed)
-        )))
+        seqs = yield from producer_seqs(d, task_id, [old for old, _ in changed])
         for old, new_record in changed:
             owner = seqs.of(old.seq)
             if owner is not None:
@@ -162,15 +160,10 @@ def redact_step(
     )
 
 
-def _decoded(task_id: str, row: Sequence[Any]) -> list[LogRecord]:
-    # Outside the cache: the chunk is about to be rewritten.
-    return chunk.decode(task_id, row[0], row[-2], row[-1])
-
-
 def _record_at(d: Dialect, task_id: str, seq: int) -> Steps[tuple[Any, LogRecord] | None]:
     """The chunk row holding the redaction record at `seq`, and the record."""
     for row in (yield d.fetch(d.CHUNKS_COVERING, task_id, seq, seq)):
-        for r in _decoded(task_id, row):
+        for r in chunk.decode_row(task_id, row):
             if r.seq == seq and r.kind == "redaction":
                 return row, r
     return None
@@ -201,6 +194,6 @@ def _add_to_record(
         int(info.get("records", 0)) + records, total, str(info.get("by", "admin")), str(info.get("at", old.timestamp))
     )
     new = attrs.evolve(old, message=message, metadata={**old.metadata, **metadata})
-    part = [new if r.seq == old.seq else r for r in _decoded(task_id, row)]
+    part = [new if r.seq == old.seq else r for r in chunk.decode_row(task_id, row)]
     delta = yield from rewrite(d, task_id, row[1], [part])
     return new, delta

@@ -93,12 +93,6 @@ def _gap_fields(r: LogRecord) -> dict[str, Any]:
     return r.metadata.get("gap") or {} if r.kind == "gap" else {}
 
 
-def _decoded(task_id: str, row: Sequence[Any]) -> list[LogRecord]:
-    """A chunk about to be rewritten, decoded outside the cache: its entry
-    would be dead at once, and would push out chunks readers want."""
-    return chunk.decode(task_id, row[0], row[-2], row[-1])
-
-
 def rewrite(d: Dialect, task_id: str, seq_last: int, parts: Sequence[Sequence[LogRecord]]) -> Steps[int]:
     """Replace the chunk ending at `seq_last` with a chunk per non-empty part
     (none: delete it). Returns how its stored message bytes changed."""
@@ -109,7 +103,9 @@ def rewrite(d: Dialect, task_id: str, seq_last: int, parts: Sequence[Sequence[Lo
     return sum(r.bytes for r in rows) - (old[0] if old else 0)
 
 
-def _producer_seqs(d: Dialect, task_id: str, records: Sequence[LogRecord]) -> Steps[ProducerSeqs]:
+def producer_seqs(d: Dialect, task_id: str, records: Sequence[LogRecord]) -> Steps[ProducerSeqs]:
+    """Whose these records are, by the producer ranges holding their seqs:
+    what their accounts are kept under."""
     if not records:
         return ProducerSeqs(())
     low = min(r.seq for r in records)
@@ -171,7 +167,7 @@ def cap_step(d: Dialect, task_id: str, hub_cap: int | None, now: str) -> Steps[C
         if found is None:
             return None
         row, index = found
-        records = _decoded(task_id, row)
+        records = chunk.decode_row(task_id, row)
         k = index
         while k < len(records) and dropped_bytes < excess:
             dropped_bytes += message_bytes(records[k])
@@ -190,7 +186,7 @@ def cap_step(d: Dialect, task_id: str, hub_cap: int | None, now: str) -> Steps[C
         for row in rows:
             opened += 1
             cursor = row[1]
-            records = _decoded(task_id, row)
+            records = chunk.decode_row(task_id, row)
             k = 0
             while k < len(records) and dropped_bytes < excess:
                 dropped_bytes += message_bytes(records[k])
@@ -203,7 +199,7 @@ def cap_step(d: Dialect, task_id: str, hub_cap: int | None, now: str) -> Steps[C
                 break
     if not dropped:
         return None
-    seqs = yield from _producer_seqs(d, task_id, dropped)
+    seqs = yield from producer_seqs(d, task_id, dropped)
     before = _gap_fields(old_gap) if old_gap is not None else {}
     accounts = Accounts()
     accounts.merge_json(before.get("accounts"))
@@ -283,7 +279,7 @@ def deleted_gap(d: Dialect, task_id: str, dropped: Sequence[LogRecord], reason: 
         elif r.kind != "redaction":
             lines += 1
             nbytes += message_bytes(r)
-    seqs = yield from _producer_seqs(d, task_id, dropped)
+    seqs = yield from producer_seqs(d, task_id, dropped)
     accounts = Accounts()
     account_dropped(accounts, seqs, dropped)
     high = max(max(int(_gap_fields(r).get("toSeq", r.seq)) for r in dropped), dropped[-1].seq)
