@@ -15,18 +15,14 @@ import pytest
 import trio
 import trio.testing
 
-from hub.actors.broadcaster import Broadcaster
-from hub.actors.writer import Writer
 from hub.auth import Role
 from hub.config import HubConfig
 from hub.deps import ConnectionDeps
 from hub.hypercorn_patches import OVERSIZED
-from hub.messages import WriteRequest
-from hub.metrics import Metrics
 from hub.store.sqlite import SQLiteStore
-from hub.task_rate_limits import Limiters
 from hub.ws.connection import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER, Connection
 from tests.hubclient import batch_frames, encode_record, logs_frame, make_record
+from tests.hubparts import hub_parts
 
 TASK = "t"
 Frame = dict[str, Any]
@@ -145,19 +141,8 @@ class Hub:
 async def running(store: SQLiteStore, config: HubConfig | None = None) -> AsyncIterator[Hub]:
     """The hub's parts around `store`. On leaving, the connections still open
     are cancelled (their clients went away) and the writer drains."""
-    config = config or HubConfig()
-    send, inbox = trio.open_memory_channel[WriteRequest](config.writer_inbox)
-    broadcaster, metrics = Broadcaster(), Metrics()
-    deps = ConnectionDeps(
-        config=config, store=store, writer_inbox=send, broadcaster=broadcaster, metrics=metrics,
-        limiter=Limiters(config.rate_limit, config.rate_burst).limiter, shutting_down=trio.Event(),
-    )
-    async with trio.open_nursery() as core:
-        core.start_soon(Writer(store, broadcaster, metrics).run, inbox)
-        with send:
-            async with trio.open_nursery() as connections:
-                yield Hub(deps, connections)
-                connections.cancel_scope.cancel()
+    async with hub_parts(store, config or HubConfig()) as (deps, connections):
+        yield Hub(deps, connections)
 
 
 def padded(task_id: str, seq: int) -> Any:

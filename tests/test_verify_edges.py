@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from agent.tail import TailSettings, tail
-from hub.store.base import LogQuery
+from hub.store.base import Incoming, LogQuery
 from keruta.summary import Tally
 from tests import hubclient
 from tests.hubclient import PATIENCE, Ws, assert_error, logs_path
@@ -30,6 +30,17 @@ def records(task: str, first: int, last: int, tag: str) -> list[dict[str, Any]]:
          "level": "INFO", "message": f"{tag} line {s} é", "lineNumber": s, "metadata": {}}
         for s in range(first, last + 1)
     ]
+
+
+async def store_run(store: Any, sent: list[Incoming], batch: int) -> None:
+    """`sent` (producer "run"'s records 1..N) stored `batch` at a time, then
+    the run's end with its summary: a log that verifies complete."""
+    for start in range(0, len(sent), batch):
+        await store.append(sent[start:start + batch])
+    tally = Tally()
+    for p, r in enumerate(sent, 1):
+        tally.add(p, r.source, None, False, 0, r.message)
+    await store.set_state("t1", "succeeded", 0, "run", tally.summary(len(sent)))
 
 
 def summary_of(recs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -273,12 +284,7 @@ async def test_verify_between_two_steps_of_a_redaction_does_not_say_incomplete(s
     """Each step commits its rewritten chunks with the redaction's record
     holding what they owe: the log verifies complete after every one."""
     sent = [rec(p, f"line {p:06d} SECRET " + "x" * 80, producer="run") for p in range(1, 30_001)]
-    for start in range(0, len(sent), 5000):
-        await store.append(sent[start:start + 5000])
-    tally = Tally()
-    for p, r in enumerate(sent, 1):
-        tally.add(p, r.source, None, False, 0, r.message)
-    await store.set_state("t1", "succeeded", 0, "run", tally.summary(len(sent)))
+    await store_run(store, sent, 5000)
     assert (await store.verify("t1")).verdict == "complete"
     through = await store.durable_seq("t1")
     step = await store.redact_step("t1", ["SECRET"], 0, through)
@@ -304,12 +310,7 @@ async def test_a_redaction_whose_record_a_cap_took_between_two_steps_leaves_anot
     sent = [rec(p, f"line {p:06d} " + ("SECRET " if p % 10 == 0 else "") + "x" * 80, producer="run")
             for p in range(1, 20_001)]
     # Small chunks: the first step leaves most of the head to the next ones.
-    for start in range(0, len(sent), 100):
-        await store.append(sent[start:start + 100])
-    tally = Tally()
-    for p, r in enumerate(sent, 1):
-        tally.add(p, r.source, None, False, 0, r.message)
-    await store.set_state("t1", "succeeded", 0, "run", tally.summary(len(sent)))
+    await store_run(store, sent, 100)
     through = await store.durable_seq("t1")
     step = await store.redact_step("t1", ["SECRET"], 0, through)
     first = step.record
@@ -337,12 +338,7 @@ async def test_a_redaction_whose_record_a_cap_took_between_two_steps_leaves_anot
 
 async def test_a_verdict_taken_during_a_redaction_is_not_kept_after_it(store) -> None:  # type: ignore[no-untyped-def]
     sent = [rec(p, f"line {p:06d} SECRET " + "x" * 80, producer="run") for p in range(1, 30_001)]
-    for start in range(0, len(sent), 5000):
-        await store.append(sent[start:start + 5000])
-    tally = Tally()
-    for p, r in enumerate(sent, 1):
-        tally.add(p, r.source, None, False, 0, r.message)
-    await store.set_state("t1", "succeeded", 0, "run", tally.summary(len(sent)))
+    await store_run(store, sent, 5000)
     through = await store.durable_seq("t1")
     step = await store.redact_step("t1", ["SECRET"], 0, through)
     await store.verify("t1")

@@ -18,18 +18,14 @@ import orjson
 import pytest
 import trio
 
-from hub.actors.broadcaster import Broadcaster
-from hub.actors.writer import Writer
 from hub.app import create_app
 from hub.config import HubConfig
 from hub.deps import ConnectionDeps
 from hub.hypercorn_patches import OVERSIZED
-from hub.messages import WriteRequest
-from hub.metrics import Metrics
 from hub.store.sqlite import SQLiteStore
-from hub.task_rate_limits import Limiters
 from tests import hubclient
 from tests.hubclient import logs_frame, make_record, parse_metrics
+from tests.hubparts import hub_parts
 
 TASK = "t"
 sqlite_hub_factory = hubclient.sqlite_hub_factory
@@ -113,18 +109,8 @@ def store(sqlite_store: SQLiteStore) -> SQLiteStore:
 
 @asynccontextmanager
 async def running(store: SQLiteStore, config: HubConfig) -> AsyncIterator[Hub]:
-    send, inbox = trio.open_memory_channel[WriteRequest](config.writer_inbox)
-    broadcaster, metrics = Broadcaster(), Metrics()
-    deps = ConnectionDeps(
-        config=config, store=store, writer_inbox=send, broadcaster=broadcaster, metrics=metrics,
-        limiter=Limiters(config.rate_limit, config.rate_burst).limiter, shutting_down=trio.Event(),
-    )
-    async with trio.open_nursery() as core:
-        core.start_soon(Writer(store, broadcaster, metrics).run, inbox)
-        with send:
-            async with trio.open_nursery() as connections:
-                yield Hub(deps, connections)
-                connections.cancel_scope.cancel()
+    async with hub_parts(store, config) as (deps, connections):
+        yield Hub(deps, connections)
 
 
 def bearer(token: str) -> list[tuple[bytes, bytes]]:
