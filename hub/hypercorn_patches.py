@@ -46,11 +46,24 @@ around and what fix upstream would let it go.
    with no `read_timeout` (keruta sets none) is not wrapped in
    `fail_after(inf)`, and a send takes a free send lock without a checkpoint
    of its own (`TCPServer.protocol_send`).
+
+6. A connection's common case skips two task hops (`InlineLink`). Each
+   message hypercorn reads went through a channel to the app's reader task,
+   and each frame the app sent went from its sender task through hypercorn's
+   layers; for a producer's one-record frame and its ack those hops cost more
+   than the work. An HTTP/1.1 WebSocket's app may take a whole message in
+   hypercorn's own read task (`InlineLink.on_message`), only while its reader
+   waits on an empty queue, so nothing is read out of order; and it may write
+   a text frame at once from synchronous code (`InlineLink.send_now`) while
+   no send is under way: what the socket does not take is sent, before
+   anything else, by the next send or a task started for it.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from importlib.metadata import version
 from io import BytesIO, StringIO
@@ -60,6 +73,7 @@ import trio
 from hypercorn.events import Closed, RawData
 from hypercorn.protocol import ws_stream
 from hypercorn.protocol.events import Data, StreamClosed
+from hypercorn.protocol.h11 import H11Protocol, H11WSConnection
 from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from wsproto.connection import ConnectionState
@@ -110,6 +124,9 @@ async def _close_under_send_lock(self: Any) -> None:
 
 
 async def _run_isolated(self: Any) -> None:
+    # Patch 6: what this connection's tasks (its reads, the app) find as their link.
+    self.keruta_link = InlineLink(self)
+    _current_link.set(self.keruta_link)
     try:
         await _original_run(self)
     except Exception:
@@ -128,6 +145,9 @@ async def _send_pings_until_closed(self: Any) -> None:
 
 
 async def _handle_and_stop_pings(self: Any, event: Any) -> None:
+    link = _current_link.get()
+    if link is not None:
+        link.attach(self)
     if isinstance(event, Data) and not self.closed and self.handshake.accepted:
         await _handle_data(self, event.data)
         return
@@ -189,6 +209,8 @@ async def _handle_data(self: Any, data: bytes) -> None:
         data = frames.stop() + data
     messages, rest = frames.feed(data)
     limit = self.buffer.max_length
+    link = _current_link.get()
+    take = link.on_message if link is not None else None
     for message in messages:
         if isinstance(message, Ping):
             await self.send(Data(stream_id=self.stream_id, data=pong_frame(message.payload)))
@@ -197,6 +219,8 @@ async def _handle_data(self: Any, data: bytes) -> None:
         # as from DiscardingWebsocketBuffer (which counts a text's characters).
         if len(message) > limit:
             await self.app_put({"type": "websocket.receive", "bytes": None, "text": OVERSIZED})
+        elif take is not None and _app_waits_on_empty_queue(self) and take(message):
+            continue
         elif isinstance(message, str):
             await self.app_put({"type": "websocket.receive", "bytes": None, "text": message})
         else:
@@ -227,19 +251,29 @@ _original_protocol_send: Callable[[Any, Any], Awaitable[None]] = TCPServer.proto
 async def _protocol_send_uncontended(self: Any, event: Any) -> None:
     """Hypercorn's send of a chunk (under the send lock, shielded), taking a
     free lock without the lock's own checkpoint: send_all has one, and the
-    extra one was a trip through trio's scheduler for every ack."""
-    if not isinstance(event, RawData) or self.send_lock.locked():
+    extra one was a trip through trio's scheduler for every ack. What an
+    inline send left unsent goes first (patch 6)."""
+    if not isinstance(event, RawData):
         await _original_protocol_send(self, event)
         return
-    self.send_lock.acquire_nowait()
+    lock: trio.Lock = self.send_lock
+    if lock.locked():
+        await lock.acquire()
+    else:
+        lock.acquire_nowait()
     try:
-        try:
-            with trio.CancelScope(shield=True):
-                await self.stream.send_all(event.data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            await self.protocol.handle(Closed())
+        link: InlineLink | None = getattr(self, "keruta_link", None)
+        await _send_shielded(self, event.data if link is None else link.take_tail() + event.data)
     finally:
-        self.send_lock.release()
+        lock.release()
+
+
+async def _send_shielded(self: Any, data: bytes) -> None:
+    try:
+        with trio.CancelScope(shield=True):
+            await self.stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        await self.protocol.handle(Closed())
 
 
 async def _read_data_untimed(self: Any) -> None:
@@ -247,15 +281,123 @@ async def _read_data_untimed(self: Any) -> None:
         await _original_read_data(self)
         return
     # Hypercorn's loop, without `fail_after(inf)` around every read.
+    link: InlineLink | None = getattr(self, "keruta_link", None)
     while True:
         try:
             data = await self.stream.receive_some(MAX_RECV)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             break
+        ws = link.reads_straight() if link is not None and data else None
+        if ws is not None:
+            # What H11Protocol.handle would hand its WebSocket, without its layers (patch 6).
+            await ws.handle(Data(stream_id=ws.stream_id, data=bytes(data)))
+            continue
         await self.protocol.handle(RawData(bytes(data)))
         if data == b"":
             break
     await self.protocol.handle(Closed())
+
+
+# --- 6: a connection's common case inline -----------------------------------------
+
+_current_link: contextvars.ContextVar[InlineLink | None] = contextvars.ContextVar("keruta_link", default=None)
+
+
+def current_link() -> InlineLink | None:
+    """The link of the connection whose task calls this (an ASGI app's task
+    inherits it from hypercorn's connection task); None outside hypercorn."""
+    return _current_link.get()
+
+
+def _app_waits_on_empty_queue(ws: Any) -> bool:
+    """The app's reader is parked on its queue with nothing in it: a message
+    taken inline now is taken in the order it came."""
+    channel = getattr(ws.app_put, "__self__", None)
+    if not isinstance(channel, trio.MemorySendChannel):
+        return False
+    stats = channel.statistics()
+    return stats.current_buffer_used == 0 and stats.tasks_waiting_receive > 0
+
+
+class InlineLink:
+    """Patch 6: one HTTP/1.1 connection's WebSocket, reachable from the app's
+    synchronous code. `on_message` (set by the app) takes a whole message in
+    hypercorn's read task, or answers False to have it queued as usual;
+    `send_now` writes a text frame without a task hop."""
+
+    def __init__(self, server: Any) -> None:
+        self._server = server
+        self._ws: Any = None
+        self._shared = False
+        # Bytes of an inline frame the socket did not take: sent before anything else.
+        self._tail = b""
+        self.on_message: Callable[[str | bytes], bool] | None = None
+
+    def attach(self, ws: Any) -> None:
+        if self._ws is None:
+            self._ws = ws
+        elif self._ws is not ws:
+            self._shared = True  # several streams on one connection (HTTP/2): never inline
+
+    def reads_straight(self) -> Any:
+        """The WebSocket stream raw data may go to straight (H11Protocol passes
+        an upgraded connection's bytes through unchanged), or None."""
+        ws, server = self._ws, self._server
+        if ws is None or self._shared:
+            return None
+        protocol = server.protocol.protocol
+        if not isinstance(protocol, H11Protocol) or protocol.stream is not ws:
+            return None
+        connection = protocol.connection
+        if not isinstance(connection, H11WSConnection) or connection.buffer:
+            return None
+        return ws
+
+    def writable(self) -> bool:
+        """No send is under way and this is a plain HTTP/1.1 WebSocket, open:
+        `send_now` may write."""
+        ws, server = self._ws, self._server
+        return (
+            ws is not None
+            and not self._shared
+            and not self._tail
+            and not server.send_lock.locked()
+            and not ws.closed
+            and ws.state == ASGIWebsocketState.CONNECTED
+            and _fast(ws)
+            and isinstance(server.stream, trio.SocketStream)
+            and isinstance(server.protocol.protocol, H11Protocol)
+            and server.protocol.protocol.stream is ws
+        )
+
+    def send_now(self, text: str) -> None:
+        """Writes `text` as one frame now (only when `writable`); what the
+        socket does not take goes before the connection's next send."""
+        if not self.writable():
+            raise RuntimeError("send_now while a send is under way")
+        data = server_frame(text)
+        server = self._server
+        try:
+            written = os.write(server.stream.socket.fileno(), data)
+        except OSError:
+            # Full (BlockingIOError) or broken: the task's send_all waits or
+            # meets the error, and a broken connection closes as hypercorn closes it.
+            written = 0
+        if written < len(data):
+            self._tail = data[written:]
+            self._ws.task_group.spawn(self._send_tail)
+
+    def take_tail(self) -> bytes:
+        tail, self._tail = self._tail, b""
+        return tail
+
+    async def _send_tail(self) -> None:
+        server = self._server
+        with trio.CancelScope(shield=True):
+            async with server.send_lock:
+                tail = self.take_tail()
+                if tail:
+                    await _send_shielded(server, tail)
 
 
 def install() -> None:

@@ -2,17 +2,25 @@
 
 The counts are plain attributes the hub's actors bump on their hot paths
 (`metrics.frames_sent += 1`); a collector reads them at scrape time. The
-histograms are prometheus_client's own. Each hub has its own registry, so
-several hubs in one process (tests) keep apart.
+commit-time histogram is prometheus_client's own; the frame-size one, bumped
+for every frame read, is a `Buckets` (prometheus_client's takes a lock and
+walks its buckets in Python: a few percent of a fleet's per-frame CPU). Each
+hub has its own registry, so several hubs in one process (tests) keep apart.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 
 import attrs
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -42,6 +50,30 @@ _SCALARS = (
 
 
 @attrs.define(eq=False)
+class Buckets:
+    """A histogram bumped from the event loop only (no lock): a count per
+    bucket (`bounds` ascending, then +Inf) and the sum, read at scrape time."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = attrs.field(init=False)
+    total: float = 0.0
+
+    def __attrs_post_init__(self) -> None:
+        self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        cumulative, running = [], 0
+        for bound, n in zip((*map(str, self.bounds), "+Inf"), self.counts, strict=True):
+            running += n
+            cumulative.append((bound, running))
+        return HistogramMetricFamily(name, documentation, buckets=cumulative, sum_value=self.total)
+
+
+@attrs.define(eq=False)
 class Metrics:
     records_ingested: int = 0
     records_duplicate: int = 0
@@ -57,16 +89,12 @@ class Metrics:
     store_failures: int = 0
     registry: CollectorRegistry = attrs.field(factory=lambda: CollectorRegistry(auto_describe=True))
     write_batch: Histogram = attrs.field(init=False)
-    frame_bytes: Histogram = attrs.field(init=False)
+    frame_bytes: Buckets = attrs.field(factory=lambda: Buckets(_FRAME_BUCKETS))
 
     def __attrs_post_init__(self) -> None:
         self.write_batch = Histogram(
             "keruta_write_batch_seconds", "Time to commit one write batch to the store",
             registry=self.registry, buckets=_LATENCY_BUCKETS,
-        )
-        self.frame_bytes = Histogram(
-            "keruta_frame_bytes", "Size of the WebSocket frames received",
-            registry=self.registry, buckets=_FRAME_BUCKETS,
         )
         self.registry.register(_Counts(self))
 
@@ -86,6 +114,7 @@ class _Counts(Collector):
             value = getattr(self.metrics, attribute)
             family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
             yield family(name, documentation, value=value)
+        yield self.metrics.frame_bytes.family("keruta_frame_bytes", "Size of the WebSocket frames received")
         errors = CounterMetricFamily("keruta_errors", "Error answers and frames, by code", labels=["code"])
         for code, n in sorted((self.metrics.errors or {"none": 0}).items()):
             errors.add_metric([code], n)

@@ -1,17 +1,24 @@
 """keruta's patches to hypercorn's internals (hub/hypercorn_patches.py):
 the version they were written for, a close that waits for the send in
 progress, one connection's failure ending only that connection, and ping
-tasks that end with their WebSocket."""
+tasks that end with their WebSocket; a connection's messages taken and its
+frames written inline, in order."""
 
 from __future__ import annotations
 
 import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
 
+import hypercorn.trio
 import pytest
 import trio
 import trio.testing
 from hypercorn.config import Config
 from hypercorn.trio.tcp_server import TCPServer
+from trio_websocket import open_websocket_url
 
 from hub import hypercorn_patches
 from tests import hubclient
@@ -94,3 +101,90 @@ async def test_a_websocket_the_hub_closed_leaves_no_ping_task_behind(sqlite_hub_
     with trio.fail_after(10):
         while _ping_tasks():
             await trio.sleep(0.01)
+
+
+# --- patch 6: a connection's common case inline ------------------------------------
+
+
+@asynccontextmanager
+async def _served(app: Any) -> AsyncIterator[str]:
+    """`app` served by hypercorn with keruta's patches, on loopback: its ws:// URL."""
+    hypercorn_patches.install()
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.errorlog = None
+    done = trio.Event()
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(partial(hypercorn.trio.serve, app, config, shutdown_trigger=done.wait))
+        yield binds[0].replace("http://", "ws://")
+        done.set()
+
+
+def _websocket_app(body: Callable[[Any, Any, Any], Awaitable[None]]) -> Any:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        await body(receive, send, hypercorn_patches.current_link())
+
+    return app
+
+
+async def test_an_inline_frame_the_socket_cannot_take_whole_goes_before_the_next() -> None:
+    # Larger than any socket buffer: most of it is left as the tail.
+    big = "a" * (16 * 1024 * 1024)
+    checks: list[bool] = []
+
+    async def body(receive: Any, send: Any, link: Any) -> None:
+        assert (await receive())["text"] == "go"
+        checks.append(link.writable())
+        link.send_now(big)
+        checks.append(link.writable())  # a tail is pending: no inline send until it is out
+        await send({"type": "websocket.send", "text": "after"})
+        await receive()  # until the client goes
+
+    async with _served(_websocket_app(body)) as url:
+        async with open_websocket_url(url, max_message_size=len(big) + 1024) as client:
+            await client.send_message("go")
+            with trio.fail_after(30):
+                assert await client.get_message() == big
+                assert await client.get_message() == "after"
+    assert checks == [True, False]
+
+
+async def test_a_message_is_taken_inline_only_while_the_app_waits_on_an_empty_queue() -> None:
+    taken: list[str] = []
+    received: list[str] = []
+    reading = trio.Event()
+
+    async def body(receive: Any, send: Any, link: Any) -> None:
+        link.on_message = lambda message: message.startswith("inline") and not taken.append(message)
+        # Not reading yet: whatever comes now is queued, even what on_message would take.
+        await reading.wait()
+        while True:
+            message = await receive()
+            if message["type"] != "websocket.receive":
+                return
+            received.append(message["text"])
+            if message["text"] == "done":
+                await send({"type": "websocket.send", "text": "bye"})
+
+    async with _served(_websocket_app(body)) as url:
+        async with open_websocket_url(url) as client:
+            await client.send_message("inline-early")
+            await client.send_message("queued-1")
+            await trio.sleep(0.2)  # both reach hypercorn while the app does not read
+            reading.set()
+            await trio.sleep(0.2)  # the app drains its queue and waits
+            await client.send_message("inline-late")
+            await client.send_message("queued-2")
+            await client.send_message("done")
+            with trio.fail_after(10):
+                assert await client.get_message() == "bye"
+    assert taken == ["inline-late"]
+    assert received == ["inline-early", "queued-1", "queued-2", "done"]

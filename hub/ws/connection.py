@@ -26,6 +26,12 @@ tokens is answered at once.
 The connection is its writes' `Mailbox` (hub/messages.py): the syncer gives it
 one `Written` message per sync, which gives back the frames' budget and wakes
 the sender; the sender turns the outcomes into coalesced acks.
+
+Under hypercorn (its patch 6) the common case skips both task hops: a write
+frame that can go at once is taken in hypercorn's read task while the reader
+waits on an empty queue, and the acks a `Written` brings are written by
+`deliver` itself while the sender waits on an empty outbox. Anything else
+goes the ways above, in order.
 """
 
 from __future__ import annotations
@@ -95,6 +101,17 @@ class WebSocket(Protocol):
     async def close(self, code: int, reason: str = "") -> None: ...
 
 
+class InlineSocket(Protocol):
+    """A socket's inline ways (hub/hypercorn_patches.py InlineLink): a
+    message taken where it is read, a frame written without a task hop."""
+
+    on_message: Callable[[str | bytes], bool] | None
+
+    def writable(self) -> bool: ...
+
+    def send_now(self, text: str) -> None: ...
+
+
 class Connection:
     def __init__(self, hub: ConnectionDeps, ws: WebSocket, role: Role) -> None:
         self.hub = hub
@@ -125,12 +142,17 @@ class Connection:
         self._handed: collections.deque[int] = collections.deque()
         # Answers given by the syncer, for the sender to take.
         self._written: collections.deque[Written] = collections.deque()
+        self.link: InlineSocket | None = getattr(ws, "link", None)
+        # A message the inline path decoded and left to the reader, with its frame.
+        self._decoded: tuple[str | bytes, Any] | None = None
 
     # --- lifecycle -------------------------------------------------------
 
     async def run(self) -> None:
         metrics = self.hub.metrics
         metrics.connections += 1
+        if self.link is not None:
+            self.link.on_message = self._take_inline
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -145,6 +167,8 @@ class Connection:
                 await self._close()
                 nursery.cancel_scope.cancel()
         finally:
+            if self.link is not None:
+                self.link.on_message = None
             metrics.connections -= 1
             for sub in list(self.subs.values()):
                 self._drop(sub)
@@ -261,9 +285,25 @@ class Connection:
         for _ in message.outcomes:
             self.budget.release(self._handed.popleft())
         self._written.append(message)
-        if not self._wake_pending:
+        if not self._wake_pending and not self._send_inline():
             # If the outbox is full the sender is busy and takes them before its next frame.
             self._wake_pending = self.outbox.try_put(WAKE)
+
+    def _send_inline(self) -> bool:
+        """Writes the replies now when the sender waits on an empty outbox
+        and the socket is free; False leaves (the rest of) them to the sender."""
+        link = self.link
+        if link is None or self.closing is not None or not self.outbox.sender_waits():
+            return False
+        self._take_written()
+        self.outbox.taken(WAKE)
+        while link.writable():
+            payload = self.replies.next_frame(self.budget.used)
+            if payload is None:
+                return True
+            link.send_now(payload)
+            self.hub.metrics.frames_sent += 1
+        return False
 
     def _take_written(self) -> None:
         while self._written:
@@ -288,6 +328,29 @@ class Connection:
 
     # --- reading ----------------------------------------------------------
 
+    def _take_inline(self, data: str | bytes) -> bool:
+        """A message where hypercorn read it (the reader waits on an empty
+        queue): a write that can go at once goes; False leaves it to the
+        reader, with its frame if it was decoded."""
+        if self.closing is not None or not self._writes.empty or not self.role.can_write:
+            return False
+        try:
+            frame = decode_frame(data, self.hub.config.limits)
+        except FrameError:
+            return False  # the reader decodes it again and answers
+        size = len(data)
+        if not isinstance(frame, RowsFrame) or not self.budget.try_take(size):
+            self._decoded = (data, frame)
+            return False
+        if not self._write_now(frame, size):
+            self.budget.release(size)
+            self._decoded = (data, frame)
+            return False
+        metrics = self.hub.metrics
+        metrics.frames_received += 1
+        metrics.frame_bytes.observe(size)
+        return True
+
     async def _read_loop(self) -> None:
         limits = self.hub.config.limits
         while True:
@@ -297,8 +360,9 @@ class Connection:
                 await self._error("TOO_LARGE", f"frame is larger than {limits.max_frame_bytes} bytes")
                 continue
             self.hub.metrics.frame_bytes.observe(len(data))
+            decoded, self._decoded = self._decoded, None
             try:
-                frame = decode_frame(data, limits)
+                frame = decoded[1] if decoded is not None and decoded[0] is data else decode_frame(data, limits)
             except FrameError as exc:
                 await self._error(exc.code, exc.message)
                 continue

@@ -25,6 +25,7 @@ from hub.access import UNAUTHORIZED, Access, origin_refusal
 from hub.admission import head_of
 from hub.auth import WS_SUBPROTOCOL, Role, bearer_token, subprotocol_token
 from hub.deps import ConnectionDeps
+from hub.hypercorn_patches import InlineLink, current_link
 from hub.ws.connection import CLOSE_POLICY, Connection
 from keruta.frames import ErrorFrame
 from keruta.wire import dumps
@@ -46,10 +47,18 @@ class AsgiWebSocket:
     handler whose client went away: whatever the Connection was doing ends.
     """
 
-    def __init__(self, receive: ASGIReceiveCallable, send: ASGISendCallable, scope: trio.CancelScope) -> None:
+    def __init__(
+        self,
+        receive: ASGIReceiveCallable,
+        send: ASGISendCallable,
+        scope: trio.CancelScope,
+        link: InlineLink | None = None,
+    ) -> None:
         self._receive = receive
         self._send = send
         self._scope = scope
+        # hypercorn's reads and writes without a task hop (hub/hypercorn_patches.py, patch 6).
+        self.link = link
         self.accepted = False
         self.closed = False
         self.disconnected = False
@@ -110,7 +119,7 @@ class WebSocketEndpoint:
         elif role is Role.NONE:
             refusal = ErrorFrame("UNAUTHORIZED", UNAUTHORIZED)
         with trio.CancelScope() as connected:
-            ws = AsgiWebSocket(receive, send, connected)
+            ws = AsgiWebSocket(receive, send, connected, current_link())
             try:
                 # A browser that offered subprotocols drops a connection accepted with none.
                 await ws.accept(WS_SUBPROTOCOL if WS_SUBPROTOCOL in offered else None)

@@ -54,6 +54,12 @@ class Outbox:
         """The sender's next frame; EndOfChannel once closed and empty."""
         return await self._recv.receive()
 
+    def sender_waits(self) -> bool:
+        """The sender is parked on an empty outbox: nothing it holds or will
+        take comes before a frame written now, by another way."""
+        stats = self._recv.statistics()
+        return stats.current_buffer_used == 0 and stats.tasks_waiting_receive > 0
+
     @property
     def bytes(self) -> int:
         """What the connection holds for its client, against `max_bytes`."""
