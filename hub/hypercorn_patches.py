@@ -282,17 +282,18 @@ async def _read_data_untimed(self: Any) -> None:
         return
     # Hypercorn's loop, without `fail_after(inf)` around every read.
     link: InlineLink | None = getattr(self, "keruta_link", None)
+    receive = _receive_when_readable if isinstance(self.stream, trio.SocketStream) else _receive_some
     while True:
         try:
-            data = await self.stream.receive_some(MAX_RECV)
+            data = await receive(self.stream)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             break
         ws = link.reads_straight() if link is not None and data else None
         if ws is not None:
             # What H11Protocol.handle would hand its WebSocket, without its layers (patch 6).
-            await ws.handle(Data(stream_id=ws.stream_id, data=bytes(data)))
+            await ws.handle(Data(stream_id=ws.stream_id, data=data))
             continue
-        await self.protocol.handle(RawData(bytes(data)))
+        await self.protocol.handle(RawData(data))
         if data == b"":
             break
     await self.protocol.handle(Closed())
@@ -398,6 +399,25 @@ class InlineLink:
                 tail = self.take_tail()
                 if tail:
                     await _send_shielded(server, tail)
+
+
+async def _receive_some(stream: Any) -> bytes:
+    return bytes(await stream.receive_some(MAX_RECV))
+
+
+async def _receive_when_readable(stream: trio.SocketStream) -> bytes:
+    """`stream.receive_some(MAX_RECV)` waiting for the socket first (patch 6):
+    trio's tries a read first, and a read that finds data then yields to the
+    scheduler, so every message cost a second pass and a read that failed."""
+    sock = stream.socket
+    while True:
+        await trio.lowlevel.wait_readable(sock)
+        try:
+            return os.read(sock.fileno(), MAX_RECV)
+        except BlockingIOError:
+            continue
+        except OSError as exc:
+            raise trio.BrokenResourceError from exc
 
 
 def install() -> None:
