@@ -411,9 +411,14 @@ async def _receive_when_readable(stream: trio.SocketStream) -> bytes:
     scheduler, so every message cost a second pass and a read that failed."""
     sock = stream.socket
     while True:
-        await trio.lowlevel.wait_readable(sock)
+        fd = sock.fileno()
+        if fd == -1:
+            # Closed by another task (trio's read would fail with EBADF); a
+            # wait on fd -1 would be registered with epoll and never undone.
+            raise trio.ClosedResourceError("the socket was closed")
+        await trio.lowlevel.wait_readable(fd)
         try:
-            return os.read(sock.fileno(), MAX_RECV)
+            return os.read(fd, MAX_RECV)
         except BlockingIOError:
             continue
         except OSError as exc:
