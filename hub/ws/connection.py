@@ -29,9 +29,9 @@ the sender; the sender turns the outcomes into coalesced acks.
 
 Under hypercorn (its patch 6) the common case skips both task hops: a write
 frame that can go at once is taken in hypercorn's read task while the reader
-waits on an empty queue, and the acks a `Written` brings are written by
-`deliver` itself while the sender waits on an empty outbox. Anything else
-goes the ways above, in order.
+waits on an empty queue, and the acks a `Written` brings, or a live frame
+the broadcaster offers, are written at once while the sender waits on an
+empty outbox. Anything else goes the ways above, in order.
 """
 
 from __future__ import annotations
@@ -246,6 +246,8 @@ class Connection:
 
     def _offer(self, item: Outgoing) -> bool:
         """The broadcaster's way in: never waits; a full outbox is a slow consumer."""
+        if self._write_live_now(item):
+            return True
         result = self.outbox.offer(item)
         if result == "full":
             self._slow()
@@ -288,6 +290,25 @@ class Connection:
         if not self._wake_pending and not self._send_inline():
             # If the outbox is full the sender is busy and takes them before its next frame.
             self._wake_pending = self.outbox.try_put(WAKE)
+
+    def _write_live_now(self, item: Outgoing) -> bool:
+        """A live frame written by the broadcaster itself when the sender
+        waits on an empty outbox with no replies owed and the socket is free."""
+        link = self.link
+        if (
+            link is None
+            or self.closing is not None
+            or self._written
+            or self._wake_pending
+            or not self.outbox.sender_waits()
+            or not link.writable()
+        ):
+            return False
+        link.send_now(item.payload)
+        self.hub.metrics.frames_sent += 1
+        if item.sub is not None:
+            item.sub.on_sent(item.through)
+        return True
 
     def _send_inline(self) -> bool:
         """Writes the replies now when the sender waits on an empty outbox
