@@ -12,6 +12,7 @@ from hub.config import HubConfig
 from hub.ingest_budget import IngestBudget
 from hub.messages import WriteRequest
 from hub.metrics import Metrics
+from hub.shutdown import Shutdown
 from hub.store.base import Store
 from keruta.ratelimit import RateLimiter
 
@@ -33,6 +34,6 @@ class ConnectionDeps:
     # The task's ingest rate limiter (hub/task_rate_limits.py Limiters.limiter).
     limiter: Callable[[str], RateLimiter]
     # Set once when the hub starts its graceful shutdown.
-    shutting_down: trio.Event
+    shutting_down: Shutdown
     # The bytes of write frames all connections hold until answered.
     ingest_budget: IngestBudget = attrs.field(factory=lambda: IngestBudget(8 * 1024 * 1024))

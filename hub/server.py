@@ -34,6 +34,7 @@ from hub.config import HubConfig
 from hub.deps import ConnectionDeps
 from hub.ingest_budget import IngestBudget
 from hub.metrics import Metrics
+from hub.shutdown import Shutdown
 from hub.store import open_store_from_url
 from hub.store.base import STORE_RETRY, Listens, Store, StoreUnavailable
 from hub.task_rate_limits import Limiters
@@ -107,7 +108,7 @@ async def _serve_with(store: Store, config: HubConfig, task_status: trio.TaskSta
     inbox_send, inbox_recv = trio.open_memory_channel[WriteRequest](config.writer_inbox)
     broadcaster = Broadcaster()
     metrics = Metrics()
-    shutting_down = trio.Event()
+    shutting_down = Shutdown()
     deps = ConnectionDeps(
         config=config, store=store, writer_inbox=inbox_send, broadcaster=broadcaster, metrics=metrics,
         limiter=Limiters(config.rate_limit, config.rate_burst).limiter, shutting_down=shutting_down,
@@ -149,7 +150,7 @@ async def _serve_with(store: Store, config: HubConfig, task_status: trio.TaskSta
         services.cancel_scope.cancel()
 
 
-async def _watch_signals(shutting_down: trio.Event) -> None:
+async def _watch_signals(shutting_down: Shutdown) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             # Said once, in the voice of "listening on", whatever the log level.

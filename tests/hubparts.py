@@ -15,6 +15,7 @@ from hub.config import HubConfig
 from hub.deps import ConnectionDeps
 from hub.messages import WriteRequest
 from hub.metrics import Metrics
+from hub.shutdown import Shutdown
 from hub.store.base import Store
 from hub.task_rate_limits import Limiters
 
@@ -28,7 +29,7 @@ async def hub_parts(store: Store, config: HubConfig) -> AsyncIterator[tuple[Conn
     broadcaster, metrics = Broadcaster(), Metrics()
     deps = ConnectionDeps(
         config=config, store=store, writer_inbox=send, broadcaster=broadcaster, metrics=metrics,
-        limiter=Limiters(config.rate_limit, config.rate_burst).limiter, shutting_down=trio.Event(),
+        limiter=Limiters(config.rate_limit, config.rate_burst).limiter, shutting_down=Shutdown(),
     )
     async with trio.open_nursery() as core:
         core.start_soon(Writer(store, broadcaster, metrics).run, inbox)

@@ -26,6 +26,7 @@ from hub.messages import WriteRequest
 from hub.metrics import Metrics
 from hub.routes import hooks, logs, ops, tasks, viewer, ws
 from hub.routes.common import int_param, time_param
+from hub.shutdown import Shutdown
 from hub.store.base import Listens, StoreUnavailable, record_id
 from hub.store.sqlite import SQLiteStore
 from hub.task_rate_limits import Limiters
@@ -54,7 +55,7 @@ def deps_for(
     limiters = limiters or Limiters(config.rate_limit, config.rate_burst)
     return ConnectionDeps(
         config=config, store=store, writer_inbox=send, broadcaster=broadcaster, metrics=metrics,
-        limiter=limiters.limiter, shutting_down=trio.Event(),
+        limiter=limiters.limiter, shutting_down=Shutdown(),
     )
 
 

@@ -164,7 +164,9 @@ class WriteQueue:
     and bytes (one frame is always let in): beyond either the reader waits."""
 
     def __init__(self, frames: int, max_bytes: int) -> None:
-        self._send, self._recv = trio.open_memory_channel[tuple[Any, int]](frames)
+        # Made with the first frame: most connections never queue one, and a
+        # channel is a few KB that 5,000 idle connections feel.
+        self._channel: tuple[trio.MemorySendChannel[tuple[Any, int]], trio.MemoryReceiveChannel[tuple[Any, int]]] | None = None
         self.max_frames = frames
         self.max_bytes = max_bytes
         self.frames = 0
@@ -184,18 +186,25 @@ class WriteQueue:
             await self._room.wait()
         self.frames += 1
         self.bytes += size
-        self._send.send_nowait((frame, size))
+        self._ends()[0].send_nowait((frame, size))
+
+    def _ends(self) -> tuple[trio.MemorySendChannel[tuple[Any, int]], trio.MemoryReceiveChannel[tuple[Any, int]]]:
+        if self._channel is None:
+            self._channel = trio.open_memory_channel[tuple[Any, int]](self.max_frames)
+        return self._channel
 
     def __aiter__(self) -> AsyncIterator[tuple[Any, int]]:
         """(frame, size) pairs; call `done(size)` once a frame is handled."""
-        return self._recv
+        return self._ends()[1]
 
     def drain(self) -> list[tuple[Any, int]]:
         """Takes what is still queued (the connection is ending)."""
-        out = []
+        out: list[tuple[Any, int]] = []
+        if self._channel is None:
+            return out
         while True:
             try:
-                out.append(self._recv.receive_nowait())
+                out.append(self._channel[1].receive_nowait())
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 return out
 
