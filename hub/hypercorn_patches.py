@@ -330,6 +330,7 @@ class InlineLink:
         self._server = server
         self._ws: Any = None
         self._shared = False
+        self._plain_found: bool | None = None
         # Bytes of an inline frame the socket did not take: sent before anything else.
         self._tail = b""
         self.on_message: Callable[[str | bytes], bool] | None = None
@@ -354,21 +355,33 @@ class InlineLink:
             return None
         return ws
 
+    def _plain(self) -> bool:
+        """An accepted WebSocket, alone on a plain HTTP/1.1 socket, with no
+        extension: settled once it is accepted, so found out once."""
+        if self._plain_found is None:
+            ws, server = self._ws, self._server
+            if ws is None or ws.state != ASGIWebsocketState.CONNECTED:
+                return False
+            protocol = server.protocol.protocol
+            self._plain_found = (
+                not ws.handshake.extensions
+                and isinstance(server.stream, trio.SocketStream)
+                and isinstance(protocol, H11Protocol)
+                and protocol.stream is ws
+            )
+        return self._plain_found and not self._shared
+
     def writable(self) -> bool:
         """No send is under way and this is a plain HTTP/1.1 WebSocket, open:
         `send_now` may write."""
-        ws, server = self._ws, self._server
+        ws = self._ws
         return (
-            ws is not None
-            and not self._shared
+            self._plain()
             and not self._tail
-            and not server.send_lock.locked()
+            and not self._server.send_lock.locked()
             and not ws.closed
             and ws.state == ASGIWebsocketState.CONNECTED
-            and _fast(ws)
-            and isinstance(server.stream, trio.SocketStream)
-            and isinstance(server.protocol.protocol, H11Protocol)
-            and server.protocol.protocol.stream is ws
+            and ws.connection.state is ConnectionState.OPEN
         )
 
     def send_now(self, text: str) -> None:
