@@ -48,16 +48,7 @@ async def _trio_handler(stream: Any) -> None:
         pass
 
 
-async def _ws_app(scope: Any, receive: Any, send: Any) -> None:
-    if scope["type"] == "lifespan":
-        while (await receive())["type"] != "lifespan.shutdown":
-            await send({"type": "lifespan.startup.complete"})
-        await send({"type": "lifespan.shutdown.complete"})
-        return
-    if scope["type"] != "websocket":
-        return
-    await receive()  # websocket.connect
-    await send({"type": "websocket.accept"})
+async def _wait_for_disconnect(receive: Any, _send: Any, _link: Any) -> None:
     while (await receive())["type"] != "websocket.disconnect":
         pass
 
@@ -76,6 +67,7 @@ def serve(kind: str, port_file: str) -> None:
 
         from hub import hypercorn_patches
         from hub.config import HubConfig
+        from tests.support import websocket_app
 
         hypercorn_patches.install()
         hub = HubConfig()
@@ -85,7 +77,7 @@ def serve(kind: str, port_file: str) -> None:
         config.websocket_ping_interval = hub.ping_interval
         config.websocket_max_message_size = hub.limits.max_frame_bytes + 1024
         async with trio.open_nursery() as nursery:
-            binds = await nursery.start(hypercorn.trio.serve, _ws_app, config)
+            binds = await nursery.start(hypercorn.trio.serve, websocket_app(_wait_for_disconnect), config)
             Path(port_file).write_text(binds[0].rsplit(":", 1)[1])
 
     trio.run(main)

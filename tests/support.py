@@ -17,7 +17,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -109,3 +111,25 @@ class HubProcess:
 
 def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path}"
+
+
+def websocket_app(body: Callable[[Any, Any, Any], Awaitable[None]]) -> Any:
+    """A bare ASGI app for hypercorn: lifespan answered, a WebSocket accepted,
+    then `body(receive, send, link)` with the connection's InlineLink
+    (hub/hypercorn_patches.py, patch 6). tests/test_hypercorn_patches.py and
+    bench/idle_floor.py serve it."""
+    from hub import hypercorn_patches
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["type"] != "websocket":
+            return
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        await body(receive, send, hypercorn_patches.current_link())
+
+    return app

@@ -7,7 +7,7 @@ frames written inline, in order."""
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -22,6 +22,7 @@ from trio_websocket import open_websocket_url
 
 from hub import hypercorn_patches
 from tests import hubclient
+from tests.support import websocket_app
 
 sqlite_hub_factory = hubclient.sqlite_hub_factory
 
@@ -121,20 +122,6 @@ async def _served(app: Any) -> AsyncIterator[str]:
         done.set()
 
 
-def _websocket_app(body: Callable[[Any, Any, Any], Awaitable[None]]) -> Any:
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-        assert (await receive())["type"] == "websocket.connect"
-        await send({"type": "websocket.accept"})
-        await body(receive, send, hypercorn_patches.current_link())
-
-    return app
-
-
 async def test_an_inline_frame_the_socket_cannot_take_whole_goes_before_the_next() -> None:
     # Larger than any socket buffer: most of it is left as the tail.
     big = "a" * (16 * 1024 * 1024)
@@ -148,7 +135,7 @@ async def test_an_inline_frame_the_socket_cannot_take_whole_goes_before_the_next
         await send({"type": "websocket.send", "text": "after"})
         await receive()  # until the client goes
 
-    async with _served(_websocket_app(body)) as url:
+    async with _served(websocket_app(body)) as url:
         async with open_websocket_url(url, max_message_size=len(big) + 1024) as client:
             await client.send_message("go")
             with trio.fail_after(30):
@@ -174,7 +161,7 @@ async def test_a_message_is_taken_inline_only_while_the_app_waits_on_an_empty_qu
             if message["text"] == "done":
                 await send({"type": "websocket.send", "text": "bye"})
 
-    async with _served(_websocket_app(body)) as url:
+    async with _served(websocket_app(body)) as url:
         async with open_websocket_url(url) as client:
             await client.send_message("inline-early")
             await client.send_message("queued-1")
