@@ -48,6 +48,7 @@ from tools import (  # noqa: E402
     CI_STEP,
     FLEET,
     FLOOR,
+    IDLE_FLOOR,
     INGEST,
     PRODUCER,
     PY,
@@ -208,7 +209,9 @@ class Bench(StoreScenarios):
     def scenario_fleet(self) -> None:
         """bench/fleet.py: many producer connections, each a one-record frame
         5 times a second (or 20 lines a second shaped as the agent sends
-        them), 50 viewers on 10 of the tasks; then 5,000 idle connections."""
+        them), 50 viewers on 10 of the tasks; then 5,000 idle connections, and
+        what 5,000 idle connections cost a bare Trio server and hypercorn with
+        keruta's patches (bench/idle_floor.py: the floor under that figure)."""
         seconds = self.size("fleet_seconds")
         runs = [
             ("flat", 200, 5.0, 50), ("flat", 1000, 5.0, 50), ("agent", 1000, 20.0, 50), ("idle", 5000, 0.0, 0),
@@ -235,6 +238,16 @@ class Bench(StoreScenarios):
                 self.add(f"{label}: ack p99", r["ack_p99_ms"], "ms", params, key=f"fleet.{mode}{producers}.p99")
                 self.add(f"{label}: hub CPU per frame", r["hub_cpu_us_per_frame"], "µs", params,
                          key=f"fleet.{mode}{producers}.cpu")
+        try:
+            done = subprocess.run([PY, IDLE_FLOOR, "--connections", "5000"], check=True, timeout=600,
+                                  capture_output=True, text=True)
+            floors = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        except Exception as e:  # noqa: BLE001 - a figure goes missing, the run goes on
+            self.add("idle floor", None, "", {"connections": 5000}, missing=describe(e))
+            return
+        for floor in floors:
+            self.add(f"idle floor: 5000 connections to a bare {floor['kind']} server, RSS", floor["rss_after_mb"],
+                     "MB", {k: floor[k] for k in ("rss_before_mb", "kb_per_connection")})
 
     def agent_hub_down(self, n: int) -> float:
         d = self.tmp("agent-mem")
