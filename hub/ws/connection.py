@@ -123,8 +123,9 @@ class Connection:
         self.subs: dict[str, Subscription] = {}
         self._catch_up_scopes: dict[Subscription, trio.CancelScope] = {}
         self.inflight = 0
-        self.settled = trio.Event()
-        self.settled.set()
+        # Made by whoever waits for the writes in flight to be answered (a
+        # shutdown), not by every write: most are answered with nobody waiting.
+        self._settled: trio.Event | None = None
         self.closing: str | None = None
         self._read_scope = trio.CancelScope()
         self._sender_done = trio.Event()
@@ -199,7 +200,7 @@ class Connection:
         # Shutdown: everything already handed to the writer is committed and acked first.
         deadline = trio.current_time() + timeout
         with trio.move_on_at(deadline):
-            await self.settled.wait()
+            await self._all_answered()
         # Subscribers resubscribe elsewhere; a catch-up still sending into the
         # outbox would fail once it is closed and take the close down with it.
         for sub in list(self.subs.values()):
@@ -345,8 +346,16 @@ class Connection:
 
     def _settle_one(self) -> None:
         self.inflight -= 1
-        if self.inflight == 0:
-            self.settled.set()
+        if self.inflight == 0 and self._settled is not None:
+            self._settled.set()
+            self._settled = None
+
+    async def _all_answered(self) -> None:
+        """Until every write handed to the writer is answered."""
+        while self.inflight:
+            if self._settled is None:
+                self._settled = trio.Event()
+            await self._settled.wait()
 
     # --- reading ----------------------------------------------------------
 
@@ -502,7 +511,6 @@ class Connection:
     def _begin(self, size: int) -> None:
         self._handed.append(size)
         self.inflight += 1
-        self.settled = trio.Event() if self.settled.is_set() else self.settled
 
     def _abandon(self, size: int) -> None:
         """The write `_begin` counted was not handed after all (the caller
