@@ -218,7 +218,7 @@ class Producer:
                     frames += 1
                     nbytes += self.in_flight.pop(0)[1]
                 if frames:
-                    self.batcher.acked(frames, nbytes)
+                    self.batcher.acked(frames, nbytes, time.monotonic())
                     self.batcher.set_pending(self.seq - self.sent_seq, time.monotonic())
                     if self.wake is not None:
                         self.wake.set()

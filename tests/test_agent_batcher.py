@@ -207,3 +207,75 @@ def test_an_ack_without_backlog_ends_the_longer_wait() -> None:
     assert isinstance(b.decide(0.01), Wait)
     b.hub_says(behind=False)
     assert b.decide(0.02) == Send(1), "caught up: the second eager frame goes"
+
+
+def _round_trip(b: Batcher, sent: float, rtt: float, lines: int = 1) -> None:
+    """`lines` records added and sent at `sent`, acknowledged `rtt` later."""
+    b.added(lines, now=sent)
+    b.sent(lines, now=sent)
+    b.acked(1, now=sent + rtt)
+
+
+def test_acks_as_fast_as_ever_leave_frames_unspaced() -> None:
+    b = Batcher(batch_size=500, flush_interval=0.2)
+    t = 0.0
+    for _ in range(20):
+        b.added(1, now=t)
+        assert b.decide(now=t) == Send(1), "each line alone, at once"
+        b.sent(1, now=t)
+        b.acked(1, now=t + 0.002)
+        t += 0.01  # 100 lines a second
+    assert b.spacing == 0.0
+
+
+def test_a_slow_link_that_is_not_queueing_is_not_spaced() -> None:
+    # 80 ms every time: the network's, not a queue's.
+    b = Batcher(batch_size=500, flush_interval=0.2)
+    t = 0.0
+    for _ in range(20):
+        _round_trip(b, t, 0.08)
+        t += 0.1
+    assert b.spacing == 0.0
+    b.added(1, now=t)
+    assert b.decide(now=t) == Send(1)
+
+
+def test_acks_slowing_down_space_the_frames_and_lines_gather() -> None:
+    b = Batcher(batch_size=500, flush_interval=0.2, eager_frames=2)
+    _round_trip(b, 0.0, 0.003)  # the fastest: an unloaded hub
+    t = 0.05
+    for _ in range(30):
+        _round_trip(b, t, 0.05)  # now 50 ms: ~47 ms of it queueing in the hub
+        t += 0.06
+    assert b.spacing == pytest.approx(0.2), "spaced by 8 x the excess, at most flush_interval"
+    last = t - 0.06
+    b.added(1, now=t)
+    # Nothing in flight, yet the line waits for the spacing since the last frame.
+    assert b.decide(now=t) == Wait(pytest.approx(last + b.spacing))
+    b.added(499, now=t + 0.01)
+    assert b.decide(now=t + 0.01) == Send(500), "a full batch never waits"
+
+
+def test_spacing_eases_as_acks_speed_up_again() -> None:
+    b = Batcher(batch_size=500, flush_interval=0.2)
+    _round_trip(b, 0.0, 0.003)
+    t = 1.0
+    for _ in range(10):
+        _round_trip(b, t, 0.06)
+        t += 1.0
+    spaced = b.spacing
+    for _ in range(30):
+        _round_trip(b, t, 0.004)
+        t += 1.0
+    assert spaced > 0.1 and b.spacing == 0.0
+
+
+def test_a_new_connection_forgets_the_old_round_trips() -> None:
+    b = Batcher(batch_size=500, flush_interval=0.2)
+    _round_trip(b, 0.0, 0.003)
+    for i in range(10):
+        _round_trip(b, 1.0 + i, 0.06)
+    assert b.spacing > 0
+    b.reset(pending=1, now=20.0)
+    assert b.spacing == 0.0 and b.srtt is None and b.min_rtt is None
+    assert b.decide(now=20.0) == Send(1)

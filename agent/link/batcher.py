@@ -20,10 +20,23 @@ flight and gathers the rest up to `behind_wait` or `batch_size`: a quiet line
 still goes at once, but a chatty producer sends a frame a round trip (or
 `behind_wait`) instead of a frame a line, so a fleet of agents offers a slow
 hub fewer, fuller frames. An ack without a backlog ends it.
+A fleet loads the hub before any one agent's backlog shows: each agent sends
+its next frame as soon as a slot frees, so N chatty agents keep the hub at
+its limit and every ack waits N frames' worth (N ÷ the frames the hub takes a
+second). So the batcher also times its acks (`srtt`, smoothed as TCP does)
+and, while they take longer than the fastest it has seen on this connection
+by more than `queue_delay` (the fastest is the network and a hub with room:
+what comes on top is waiting in the hub's queue, as TCP Vegas reads it),
+spaces its frames by `spacing_per_rtt` times that excess, at most
+`flush_interval`: the agents' frames thin out until the hub answers promptly
+again. A quiet line, a line over a slow but unloaded link, and any line while
+acks come back fast still go at once; a full batch never waits.
 The records themselves live in the spool; the batcher only counts them.
 """
 
 from __future__ import annotations
+
+import collections
 
 import attrs
 
@@ -63,6 +76,18 @@ class Batcher:
     in_flight_bytes: int = 0
     # When the oldest pending record started waiting.
     waiting_since: float | None = None
+    # Acks slower than the fastest by more than this say the hub is queueing;
+    # frames are then spaced by `spacing_per_rtt` times the excess, up to
+    # `flush_interval`.
+    queue_delay: float = attrs.field(default=0.01, validator=attrs.validators.ge(0))
+    spacing_per_rtt: float = attrs.field(default=8.0, validator=attrs.validators.ge(0))
+    # The acks' smoothed and fastest round trips (None before the first),
+    # and when the last frame went.
+    srtt: float | None = None
+    min_rtt: float | None = None
+    last_sent: float | None = None
+    # When each frame in flight was sent, oldest first.
+    sent_at: collections.deque[float] = attrs.field(factory=collections.deque)
 
     def __attrs_post_init__(self) -> None:
         self.batch_size = min(self.batch_size, DEFAULT_LIMITS.max_records_per_batch)
@@ -85,15 +110,28 @@ class Batcher:
         if self.room == 0:
             return Wait(None)
         count = min(self.pending, self.batch_size)
+        if self.pending >= self.batch_size:
+            return Send(count)
         eager = 1 if self.hub_behind else self.eager_frames
-        if self.in_flight < eager or self.pending >= self.batch_size:
+        spaced_until = None if self.last_sent is None else self.last_sent + self.spacing
+        if self.in_flight < eager and (spaced_until is None or now >= spaced_until):
             return Send(count)
         assert self.waiting_since is not None
         wait = max(self.flush_interval, self.behind_wait) if self.hub_behind else self.flush_interval
         due = self.waiting_since + wait
+        if self.in_flight < eager and spaced_until is not None:
+            due = min(due, spaced_until)
         if now >= due:
             return Send(count)
         return Wait(due)
+
+    @property
+    def spacing(self) -> float:
+        """The least time between two frames: none while acks come back fast."""
+        if self.srtt is None or self.min_rtt is None:
+            return 0.0
+        excess = self.srtt - self.min_rtt - self.queue_delay
+        return min(self.flush_interval, self.spacing_per_rtt * excess) if excess > 0 else 0.0
 
     def sent(self, count: int, now: float, nbytes: int = 0) -> None:
         """A frame carrying `count` records (`nbytes` of them) went out."""
@@ -102,6 +140,8 @@ class Batcher:
         self.pending -= count
         self.in_flight += 1
         self.in_flight_bytes += nbytes
+        self.last_sent = now
+        self.sent_at.append(now)
         # The rest start a fresh interval; keeping the old start would send
         # every newcomer alone while the window is busy.
         self.waiting_since = now if self.pending else None
@@ -110,8 +150,9 @@ class Batcher:
         """An ack arrived: with a backlog (the hub is behind) or without."""
         self.hub_behind = behind
 
-    def acked(self, frames: int, nbytes: int = 0) -> None:
-        """`frames` in-flight frames (`nbytes` of records) were acknowledged."""
+    def acked(self, frames: int, nbytes: int = 0, now: float | None = None) -> None:
+        """`frames` in-flight frames (`nbytes` of records) were acknowledged,
+        at `now` (when given, the newest of them times the round trip)."""
         if not 0 <= frames <= self.in_flight or not 0 <= nbytes <= self.in_flight_bytes:
             raise ValueError(
                 f"{frames} frames ({nbytes} bytes) acked but {self.in_flight} "
@@ -119,12 +160,23 @@ class Batcher:
             )
         self.in_flight -= frames
         self.in_flight_bytes -= nbytes
+        sent = None
+        for _ in range(min(frames, len(self.sent_at))):
+            sent = self.sent_at.popleft()
+        if now is not None and sent is not None:
+            rtt = max(0.0, now - sent)
+            self.srtt = rtt if self.srtt is None else 0.875 * self.srtt + 0.125 * rtt
+            self.min_rtt = rtt if self.min_rtt is None else min(self.min_rtt, rtt)
 
     def reset(self, pending: int, now: float) -> None:
         """A new connection: nothing in flight, `pending` records to (re)send."""
         self.hub_behind = False
         self.in_flight = 0
         self.in_flight_bytes = 0
+        self.sent_at.clear()
+        self.srtt = None
+        self.min_rtt = None
+        self.last_sent = None
         self.pending = max(0, pending)
         self.waiting_since = now if self.pending else None
 

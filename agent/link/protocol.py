@@ -196,7 +196,7 @@ class UplinkProtocol:
             nbytes += self.in_flight.popleft()[1]
             done += 1
         if done:
-            self.batcher.acked(done, nbytes)
+            self.batcher.acked(done, nbytes, now)
         if seq <= self.acked:
             return None
         self.acked = min(seq, self.available)
