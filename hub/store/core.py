@@ -31,7 +31,7 @@ from hub.store.rules import (
     resolve,
     tally,
 )
-from hub.store.steps import TS_HIGH, TS_LOW, Dialect, Steps
+from hub.store.steps import TS_HIGH, TS_LOW, Dialect, Steps, TaskSave
 from keruta.records import HUB_KINDS, LogRecord, TaskInfo
 from keruta.timefmt import now_ts
 
@@ -95,12 +95,15 @@ def append(d: Dialect, items: Sequence[Incoming]) -> Steps[AppendResult]:
     tally(fresh, progress)
 
     durable: dict[str, int] = {}
+    saves: list[TaskSave] = []
     for task_id, task in progress.items():
         before = task.durable_seq
         task.durable_seq = task.durable_after_batch()
         durable[task_id] = task.durable_seq
         if task.count:
-            yield from d.save_task(task_id, task, now, task.durable_seq > before)
+            saves.append((task_id, task, task.durable_seq > before))
+    if saves:
+        yield from d.save_tasks(saves, now)
     yield from _save_producers(d, producers, now)
     result = plan.result(fresh, durable, producers)
     result.sizes.update(
@@ -125,22 +128,21 @@ def compact(d: Dialect, task_ids: Sequence[str]) -> Steps[None]:
 def _compact_tail(d: Dialect, task_id: str) -> Steps[None]:
     """Merge the task's trailing run of small chunks into full ones (chunk.py,
     SMALL_CHUNK): the same records, seqs, tallies and bytes, in fewer rows."""
-    tail: list[tuple[Any, list[LogRecord]]] = []
+    tail: list[tuple[Any, dict[str, Any]]] = []
     for nbytes, *row in (yield d.fetch(d.LAST_CHUNKS, task_id, chunk.COMPACT_EVERY + 1)):  # newest first
         if not chunk.small(row[2], nbytes):
             break
-        records = chunk.decode_row(task_id, row)
+        cols = chunk.columns(row[-2], row[-1])
         # A cap's or a delete's gap record, a redaction's record: each is kept
         # in a chunk of its own, which their steps find by its last seq.
-        if any(r.kind in HUB_KINDS for r in records):
+        if any(kind in HUB_KINDS for kind in cols.get("k") or ()):
             break
-        tail.append((row, records))
+        tail.append((row, cols))
     if len(tail) < 2:
         return
     tail.reverse()
-    records = [r for _row, part in tail for r in part]
     yield d.exec(d.DROP_CHUNKS_WITHIN, task_id, tail[0][0][0], tail[-1][0][1])
-    yield d.insert_chunks([chunk.encode(part) for part in chunk.split(records)])
+    yield d.insert_chunks(chunk.merge(task_id, [(row[0], cols) for row, cols in tail]))
 
 
 def _lock_tasks(d: Dialect, task_ids: list[str], now: str) -> Steps[dict[str, TaskProgress]]:

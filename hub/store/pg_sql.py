@@ -4,7 +4,7 @@ Parameters are `$n`. Several hubs may share the database: an append, a state
 change or a delete holds its tasks' rows (`FOR UPDATE`, taken in task_id
 order) until it commits, so two hubs never give one seq twice. Here too the
 steps PostgreSQL does in fewer round trips: a batch's chunks in one INSERT
-from arrays, and the task row, its counts and the NOTIFY of a moved watermark
+from arrays, and the task rows, their counts and the NOTIFYs of moved watermarks
 in one statement.
 """
 
@@ -15,7 +15,6 @@ from typing import Any
 
 from hub.store.chunk import ChunkRow
 from hub.store.pg_notices import NOTIFY_CHANNEL
-from hub.store.rules import TaskProgress
 from hub.store.sections import ROW as SECTION_ROW
 from hub.store.steps import (
     CHUNK_FULL,
@@ -27,6 +26,7 @@ from hub.store.steps import (
     NewRange,
     Op,
     Steps,
+    TaskSave,
 )
 
 
@@ -263,42 +263,46 @@ class PostgresSql(Dialect):
             [r.bytes for r in rows],
         )
 
-    def save_task(self, task_id: str, task: TaskProgress, now: str, moved: bool) -> Steps[None]:
-        """The row exists: `create_tasks` made it before the lock."""
-        counts = list(task.counts.items())
+    def save_tasks(self, tasks: Sequence[TaskSave], now: str) -> Steps[None]:
+        """The rows exist: `create_tasks` made them before the lock. One
+        statement for every task: its row, its counts and the NOTIFY of a
+        moved watermark."""
+        counts = [(task_id, s, lv, n) for task_id, t, _ in tasks for (s, lv), n in t.counts.items()]
         yield self.exec(
             """
             WITH task AS (
-                UPDATE keruta_tasks SET
-                    max_seq = GREATEST(max_seq, $2),
-                    durable_seq = $3,
-                    total_logs = total_logs + $4,
-                    stored_bytes = stored_bytes + $14,
-                    first_ts = LEAST(first_ts, $5),
-                    last_ts = GREATEST(last_ts, $6),
-                    updated_at = $7
-                WHERE task_id = $1
+                UPDATE keruta_tasks t SET
+                    max_seq = GREATEST(t.max_seq, u.max_seq),
+                    durable_seq = u.durable_seq,
+                    total_logs = t.total_logs + u.n,
+                    stored_bytes = t.stored_bytes + u.bytes,
+                    first_ts = LEAST(t.first_ts, u.first_ts),
+                    last_ts = GREATEST(t.last_ts, u.last_ts),
+                    updated_at = $8
+                FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::text[], $6::text[],
+                            $7::bigint[]) AS u(task_id, max_seq, durable_seq, n, first_ts, last_ts, bytes)
+                WHERE t.task_id = u.task_id
             ), counts AS (
                 INSERT INTO keruta_counts (task_id, source, level, n)
-                SELECT $1, s, l, c FROM unnest($8::text[], $9::text[], $10::bigint[]) AS x(s, l, c)
+                SELECT * FROM unnest($9::text[], $10::text[], $11::text[], $12::bigint[])
                 ON CONFLICT (task_id, source, level) DO UPDATE SET n = keruta_counts.n + excluded.n
             )
-            SELECT CASE WHEN $11 THEN pg_notify($12, $1 || ' ' || $3::text || ' ' || $13) END
+            SELECT pg_notify($13, m) FROM unnest($14::text[]) AS m
             """,
-            task_id,
-            task.inserted_max,
-            task.durable_seq,
-            task.count,
-            task.first_ts,
-            task.last_ts,
+            [task_id for task_id, _, _ in tasks],
+            [t.inserted_max for _, t, _ in tasks],
+            [t.durable_seq for _, t, _ in tasks],
+            [t.count for _, t, _ in tasks],
+            [t.first_ts for _, t, _ in tasks],
+            [t.last_ts for _, t, _ in tasks],
+            [t.bytes for _, t, _ in tasks],
             now,
-            [s for (s, _), _ in counts],
-            [lv for (_, lv), _ in counts],
-            [n for _, n in counts],
-            self.notify and moved,
+            [c[0] for c in counts],
+            [c[1] for c in counts],
+            [c[2] for c in counts],
+            [c[3] for c in counts],
             NOTIFY_CHANNEL,
-            self.origin,
-            task.bytes,
+            [f"{task_id} {t.durable_seq} {self.origin}" for task_id, t, moved in tasks if moved] if self.notify else [],
         )
 
     def notice(self, task_id: str, seq: int) -> Op | None:
