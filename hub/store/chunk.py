@@ -85,6 +85,8 @@ class ChunkRow:
     # UTF-8 bytes of its messages: what a task's cap counts (its own column,
     # after the nine `values` gives).
     bytes: int = 0
+    # Its records per (source, level), as `tally` says (what the task's counts add).
+    counts: dict[tuple[str, str], int] = attrs.field(factory=dict, eq=False)
 
     def values(self) -> tuple[Any, ...]:
         return (
@@ -149,6 +151,8 @@ def _column(values: list[Any]) -> Any:
 
 def encode(records: Sequence[LogRecord]) -> ChunkRow:
     """A chunk of one task's records, in seq order."""
+    if len(records) == 1:
+        return _encode_one(records[0])
     return encode_columns(
         records[0].task_id,
         [r.seq for r in records],
@@ -161,6 +165,35 @@ def encode(records: Sequence[LogRecord]) -> ChunkRow:
         [r.partial for r in records],
         [r.kind for r in records],
         [r.producer for r in records],
+    )
+
+
+def _encode_one(r: LogRecord) -> ChunkRow:
+    """`encode_columns` of one record, the same row at a third of the cost:
+    a quiet task's append (a fleet's commit is of many such)."""
+    message = r.message
+    lines: dict[str, Any] = {"m": [message]}
+    if r.partial:
+        lines["p"] = [r.partial]
+    columns: dict[str, Any] = {"t": [r.timestamp], "s": r.source, "l": r.level, "n": r.line_number}
+    if r.metadata:
+        columns["x"] = [r.metadata]
+    if r.kind is not None:
+        columns["k"] = [r.kind]
+    if r.producer is not None:
+        columns["w"] = r.producer
+    return ChunkRow(
+        r.task_id,
+        r.seq,
+        r.seq,
+        1,
+        r.timestamp,
+        r.timestamp,
+        orjson.dumps([[r.source, r.level, 1]]).decode(),
+        pack(orjson.dumps(lines)),
+        pack(orjson.dumps(columns)),
+        len(message) if message.isascii() else message_bytes([message]),
+        {(r.source, r.level): 1},
     )
 
 
@@ -211,6 +244,7 @@ def encode_columns(
         pack(orjson.dumps(lines)),
         pack(orjson.dumps(columns)),
         message_bytes(messages),
+        tally,
     )
 
 

@@ -29,7 +29,6 @@ from hub.store.rules import (
     decide_state,
     plan_batch,
     resolve,
-    tally,
 )
 from hub.store.steps import TS_HIGH, TS_LOW, Dialect, Steps, TaskSave
 from keruta.records import HUB_KINDS, LogRecord, TaskInfo
@@ -86,13 +85,16 @@ def append(d: Dialect, items: Sequence[Incoming]) -> Steps[AppendResult]:
     for r in fresh:
         by_task.setdefault(r.task_id, []).append(r)
     if by_task:
-        rows = [chunk.encode(part) for records in by_task.values() for part in chunk.split(records)]
-        for row in rows:
-            progress[row.task_id].bytes += row.bytes
+        rows: list[chunk.ChunkRow] = []
+        for task_id, records in by_task.items():
+            task = progress[task_id]
+            for part in chunk.split(records) if len(records) > 1 else (records,):
+                row = chunk.encode(part)
+                task.add_chunk(row)
+                rows.append(row)
         yield d.insert_chunks(rows)
         for task_id, records in by_task.items():
             yield from _save_sections(d, task_id, records)
-    tally(fresh, progress)
 
     durable: dict[str, int] = {}
     saves: list[TaskSave] = []

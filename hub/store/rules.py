@@ -25,7 +25,7 @@ from hub.store.base import (
     hub_made,
     record_ids,
 )
-from hub.store.chunk import source_level_counts
+from hub.store.chunk import ChunkRow, source_level_counts
 from keruta.levels import LEVELS
 from keruta.limits import MAX_SEQ
 from keruta.records import (
@@ -67,6 +67,21 @@ class TaskProgress:
         first = max(self.max_seq, self.batch_max) + 1
         self.batch_max = first + count - 1
         return first
+
+    def add_chunk(self, row: ChunkRow) -> None:
+        """The batch stores this chunk of the task's new records (`tally`,
+        from what the chunk already counted)."""
+        self.count += row.n
+        self.bytes += row.bytes
+        counts = self.counts
+        for key, n in row.counts.items():
+            counts[key] += n
+        if self.first_ts is None or row.ts_first < self.first_ts:
+            self.first_ts = row.ts_first
+        if self.last_ts is None or row.ts_last > self.last_ts:
+            self.last_ts = row.ts_last
+        if row.seq_last > self.inserted_max:
+            self.inserted_max = row.seq_last
 
     def durable_after_batch(self) -> int:
         """The watermark after the batch commits: the hub gives every seq

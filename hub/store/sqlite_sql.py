@@ -213,14 +213,18 @@ class SQLiteSql(Dialect):
     def producer_highs(self, keys: Sequence[tuple[str, str]]) -> Op:
         pairs = ",".join(["(?, ?)"] * len(keys))
         return self.fetch(
+            # The keys drive (CROSS JOIN keeps them the outer loop): each
+            # producer is found by its key. `(p.task_id, p.producer) IN
+            # (VALUES ...)` scanned the whole table, every append.
             f"""
-            SELECT p.task_id, p.producer, p.high, r.pseq_first, r.seq_first FROM keruta_producers p
+            SELECT p.task_id, p.producer, p.high, r.pseq_first, r.seq_first
+            FROM (VALUES {pairs}) AS k CROSS JOIN keruta_producers p
+                ON p.task_id = k.column1 AND p.producer = k.column2
             LEFT JOIN keruta_producer_ranges r ON r.task_id = p.task_id AND r.producer = p.producer
                 AND r.pseq_first = (
                     SELECT MAX(pseq_first) FROM keruta_producer_ranges
                     WHERE task_id = p.task_id AND producer = p.producer
                 ) AND r.pseq_last = p.high
-            WHERE (p.task_id, p.producer) IN (VALUES {pairs})
             """,
             *(value for key in keys for value in key),
         )
