@@ -156,10 +156,15 @@ def _lock_tasks(d: Dialect, task_ids: list[str], now: str) -> Steps[dict[str, Ta
         # Created rows are locked by this transaction; take them all again in order.
         yield create
         return (yield from _lock_tasks(d, task_ids, now))
-    progress = {tid: TaskProgress(max_seq=0, durable_seq=0, exists=False) for tid in task_ids}
-    progress.update(
-        {r[0]: TaskProgress(max_seq=r[1], durable_seq=r[2], stored_bytes=r[3], max_bytes=r[4]) for r in rows}
-    )
+    found = {r[0]: r for r in rows}
+    progress = {}
+    for tid in task_ids:
+        r = found.get(tid)
+        progress[tid] = (
+            TaskProgress(max_seq=0, durable_seq=0, exists=False)
+            if r is None
+            else TaskProgress(max_seq=r[1], durable_seq=r[2], stored_bytes=r[3], max_bytes=r[4])
+        )
     return progress
 
 
