@@ -30,7 +30,16 @@ from hub.store.rules import (
     plan_batch,
     resolve,
 )
-from hub.store.steps import TS_HIGH, TS_LOW, Dialect, Steps, TaskSave
+from hub.store.steps import (
+    TS_HIGH,
+    TS_LOW,
+    Dialect,
+    ExtendedRange,
+    HighMark,
+    NewRange,
+    Steps,
+    TaskSave,
+)
 from keruta.records import HUB_KINDS, LogRecord, TaskInfo
 from keruta.timefmt import now_ts
 
@@ -84,15 +93,14 @@ def append(d: Dialect, items: Sequence[Incoming]) -> Steps[AppendResult]:
     by_task: dict[str, list[LogRecord]] = {}
     for r in fresh:
         by_task.setdefault(r.task_id, []).append(r)
+    rows: list[chunk.ChunkRow] = []
     if by_task:
-        rows: list[chunk.ChunkRow] = []
         for task_id, records in by_task.items():
             task = progress[task_id]
             for part in chunk.split(records) if len(records) > 1 else (records,):
                 row = chunk.encode(part)
                 task.add_chunk(row)
                 rows.append(row)
-        yield d.insert_chunks(rows)
         for task_id, records in by_task.items():
             yield from _save_sections(d, task_id, records)
 
@@ -104,9 +112,7 @@ def append(d: Dialect, items: Sequence[Incoming]) -> Steps[AppendResult]:
         durable[task_id] = task.durable_seq
         if task.count:
             saves.append((task_id, task, task.durable_seq > before))
-    if saves:
-        yield from d.save_tasks(saves, now)
-    yield from _save_producers(d, producers, now)
+    yield from d.save_append(rows, saves, _producer_rows(producers, now), now)
     result = plan.result(fresh, durable, producers)
     result.sizes.update(
         (task_id, (task.stored_bytes + task.bytes, task.max_bytes)) for task_id, task in progress.items() if task.count
@@ -199,15 +205,13 @@ def _save_sections(d: Dialect, task_id: str, records: list[LogRecord]) -> Steps[
             yield d.exec(d.SECTION_ERRORS, task_id, step.seq, step.errors)
 
 
-def _save_producers(d: Dialect, producers: dict[tuple[str, str], ProducerProgress], now: str) -> Steps[None]:
+def _producer_rows(
+    producers: dict[tuple[str, str], ProducerProgress], now: str
+) -> tuple[list[HighMark], list[NewRange], list[ExtendedRange]]:
     """A producer's high mark and its new ranges: one row each, found by key,
-    whatever the number of the task's producers; one or two statements for
-    all the batch's producers (many producers with a record each is a fleet's
-    commit)."""
+    whatever the number of the task's producers (`Dialect.save_producers`)."""
     moved = [(key, run) for key, run in producers.items() if run.new_ranges]
-    if not moved:
-        return
-    yield from d.save_producers(
+    return (
         [(task_id, producer, run.high, now) for (task_id, producer), run in moved],
         [
             (task_id, producer, first, last, seq)

@@ -238,6 +238,22 @@ class Dialect:
         """Producers' new high marks, their new ranges, and their stored ranges extended."""
         raise NotImplementedError
 
+    def save_append(
+        self,
+        rows: list[ChunkRow],
+        tasks: Sequence[TaskSave],
+        producers: tuple[list[HighMark], list[NewRange], list[ExtendedRange]],
+        now: str,
+    ) -> Steps[None]:
+        """What an append stores: its chunks, its tasks' rows and counts, its
+        producers' marks and ranges (`save_producers`' three lists)."""
+        if rows:
+            yield self.insert_chunks(rows)
+        if tasks:
+            yield from self.save_tasks(tasks, now)
+        if producers[0]:
+            yield from self.save_producers(*producers)
+
     def save_tasks(self, tasks: Sequence[TaskSave], now: str) -> Steps[None]:
         """The task rows and their counts after an append that stored records
         in them: a statement or two for them all, however many (a fleet's
