@@ -8,10 +8,10 @@ store"), and the algorithms in hub/store/core.py decide which to open.
 
 The records are the JSON of their columns (columns compress far better than
 rows: a task's timestamps, sources and levels repeat), zstd-compressed unless
-the JSON is under PLAIN_BELOW bytes (a quiet task's chunk of a record or
-two, where a zstd frame gains a few bytes for a microsecond or two; a reader
-tells a zstd frame by its magic number, and plain JSON starts with "{"), in
-two parts: `lines`, what a raw download and a text search read, and `body`,
+the JSON is under PLAIN_BELOW bytes (a quiet task's chunk of a few records,
+where a zstd frame would gain some bytes for a microsecond or two each, until
+the chunk is merged; a reader tells a zstd frame by its magic number, and
+plain JSON starts with "{"), in two parts: `lines`, what a raw download and a text search read, and `body`,
 the rest:
 
     lines: {"m": [messages], "p": [partial] (absent: none)}
@@ -31,6 +31,7 @@ they are) or a redaction changes what it holds.
 
 from __future__ import annotations
 
+import operator
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
@@ -65,13 +66,14 @@ _LEVEL = 1
 _compressor = zstandard.ZstdCompressor(level=_LEVEL)
 _decompressor = zstandard.ZstdDecompressor()
 # A chunk part's JSON shorter than this is stored as it is (module docstring).
-PLAIN_BELOW = 256
+PLAIN_BELOW = 512
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
-@attrs.frozen(slots=True)
+@attrs.define(slots=True)  # not frozen: one is built per chunk, and a frozen init costs 3x
 class ChunkRow:
-    """One chunk as its row holds it (the column order of both stores)."""
+    """One chunk as its row holds it (the column order of both stores);
+    never changed once built."""
 
     task_id: str
     seq_first: int
@@ -140,19 +142,21 @@ def compaction_due(records: Sequence[LogRecord]) -> bool:
     return len(records) < SMALL_CHUNK and records[-1].seq // COMPACT_EVERY > (records[0].seq - 1) // COMPACT_EVERY
 
 
-def _column(values: list[Any]) -> Any:
+def _column(values: Sequence[Any]) -> Any:
     """One value when all are equal (a task's source, level...), else the list."""
     first = values[0]
-    for v in values:
-        if v != first:
-            return values
-    return first
+    # Counted in C: a chunk's columns are mostly of one value.
+    return first if values.count(first) == len(values) else values
 
 
 def encode(records: Sequence[LogRecord]) -> ChunkRow:
     """A chunk of one task's records, in seq order."""
     if len(records) == 1:
         return _encode_one(records[0])
+    if len(records) <= 8:
+        # A few records' columns in one pass, in C (a fleet's commit): ten
+        # list comprehensions would cost more to set up than to run.
+        return encode_columns(records[0].task_id, *zip(*map(_fields, records), strict=True))
     return encode_columns(
         records[0].task_id,
         [r.seq for r in records],
@@ -197,21 +201,26 @@ def _encode_one(r: LogRecord) -> ChunkRow:
     )
 
 
+_fields = operator.attrgetter(
+    "seq", "timestamp", "source", "level", "message", "line_number", "metadata", "partial", "kind", "producer"
+)
+
+
 def encode_columns(
     task_id: str,
     seqs: Sequence[int],
-    timestamps: list[str],
-    sources: list[str],
-    levels: list[str],
-    messages: list[str],
-    numbers: list[int | None],
+    timestamps: Sequence[str],
+    sources: Sequence[str],
+    levels: Sequence[str],
+    messages: Sequence[str],
+    numbers: Sequence[int | None],
     metadata: Sequence[dict[str, Any] | None],
-    partial: list[bool],
-    kinds: list[str | None],
-    producers: list[str | None],
+    partial: Sequence[bool],
+    kinds: Sequence[str | None],
+    producers: Sequence[str | None],
 ) -> ChunkRow:
-    """A chunk of one task's records, in seq order, given as columns (a
-    record's metadata: empty or None when it has none)."""
+    """A chunk of one task's records, in seq order, given as columns (lists
+    or tuples; a record's metadata: empty or None when it has none)."""
     n = len(seqs)
     lines: dict[str, Any] = {"m": messages}
     if any(partial):
@@ -308,7 +317,8 @@ def source_level_counts(sources: Sequence[str], levels: Sequence[str]) -> dict[t
 
 def message_bytes(messages: Sequence[str]) -> int:
     """The UTF-8 bytes of messages (a lone surrogate as the digest counts it)."""
-    return len("".join(messages).encode("utf-8", "surrogatepass"))
+    text = "".join(messages)
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def lines_json(lines: bytes) -> bytes:
