@@ -23,6 +23,7 @@ from hub.store.base import (
     Incoming,
     LogQuery,
     hub_made,
+    record_id,
     record_ids,
 )
 from hub.store.chunk import ChunkRow, source_level_counts
@@ -236,8 +237,18 @@ def plan_batch(
         count = end - index
         first = progress[item.task_id].next_seqs(count)
         run.take_run(pseq, pseq + count - 1, first)
-        plan.records.extend(_records(items[index:end], first))
-        plan.status.extend([INSERTED] * count)
+        if count == 1 and not hub_made(item.producer):
+            # A fleet's commit: a run of one record per producer, built inline.
+            plan.records.append(
+                trusted_record(
+                    item.task_id, first, item.timestamp, item.source, item.level, item.message, item.line_number,
+                    item.metadata, item.partial, record_id(item.task_id, first), item.kind, item.producer,
+                )
+            )
+            plan.status.append(INSERTED)
+        else:
+            plan.records.extend(_records(items[index:end], first))
+            plan.status.extend([INSERTED] * count)
         skip_to = end
     return plan
 
