@@ -2,6 +2,7 @@
 """The store's own ceiling: records written straight into a store, no network.
 
     store_bench.py --db sqlite:///PATH | postgresql://... --rows N [--batch 500] --out F
+    store_bench.py --db ... --rows N --tasks 50 --batch 1 [--pool 1000] [--out F]
 
 Appends N producer-style records (one producer id, its seqs 1..N, as an agent
 run sends them; docs/identity.md) to task --task with `store.append` in
@@ -9,6 +10,13 @@ batches of --batch, and reports rows/s over all but the first batch (which
 warms caches and prepared statements). The task it leaves behind is the one
 the query figures read: levels INFO / WARN (1 in 7) / ERROR (1 in 100),
 stderr 1 line in 5, and the rare term "needle" in 1 line in 50,000.
+
+With --tasks T, the fleet's shape instead: each append holds --batch records
+of each of T tasks, every task its own producer (a hub's writer coalescing
+the frames of many agents into one commit), the tasks taken in turn from a
+pool of --pool (default T). It reports the CPU the whole process spent per
+record (time.process_time: the store's worker threads too), which the
+machine's varying wall speed leaves alone, and prints it.
 """
 
 from __future__ import annotations
@@ -56,16 +64,17 @@ async def load(db: str, task: str, rows: int, size: int) -> dict[str, object]:
     await store.open()
     try:
         producer = "bench-ceiling-0001"
-        elapsed = 0.0
+        elapsed = cpu = 0.0
         timed_rows = 0
         for n, start in enumerate(range(1, rows + 1, size)):
             items = batch(task, producer, start, min(start + size, rows + 1))
-            began = time.perf_counter()
+            began, began_cpu = time.perf_counter(), time.process_time()
             res = await store.append(items)
             # As the hub's writer does, after answering: a quiet task's small chunks merged.
             await store.compact(res.compact)
             if n:
                 elapsed += time.perf_counter() - began
+                cpu += time.process_time() - began_cpu
                 timed_rows += len(items)
             if len(res.inserted) != len(items):
                 raise RuntimeError(
@@ -74,21 +83,70 @@ async def load(db: str, task: str, rows: int, size: int) -> dict[str, object]:
         durable = await store.durable_seq(task)
     finally:
         await store.close()
+    print(f"bulk {size}: {cpu / max(timed_rows, 1) * 1e6:.2f} us CPU/record,"
+          f" {timed_rows / elapsed if elapsed else 0:.0f} rows/s wall")
     return {
         "rows": rows,
         "durable": durable,
         "rows_per_s": timed_rows / elapsed if elapsed else None,
+        "cpu_us_per_row": cpu / timed_rows * 1e6 if timed_rows else None,
         "seconds": elapsed,
     }
 
 
+async def load_fleet(db: str, rows: int, tasks: int, size: int, pool: int) -> dict[str, object]:
+    store = open_store_from_url(db)
+    await store.open()
+    try:
+        names = [(f"fleet-{k:05d}", f"fleet-agent-{k:05d}") for k in range(pool)]
+        sent = [0] * pool
+        turn = 0
+        appends = rows // (tasks * size)
+        wall = cpu = 0.0
+        timed_rows = 0
+        for n in range(appends + 1):
+            items = []
+            for _ in range(tasks):
+                k = turn % pool
+                turn += 1
+                task, producer = names[k]
+                items += batch(task, producer, sent[k] + 1, sent[k] + 1 + size)
+                sent[k] += size
+            began, began_cpu = time.perf_counter(), time.process_time()
+            res = await store.append(items)
+            await store.compact(res.compact)
+            if n:  # the first creates the tasks and warms up
+                wall += time.perf_counter() - began
+                cpu += time.process_time() - began_cpu
+                timed_rows += len(items)
+            if len(res.inserted) != len(items):
+                raise RuntimeError(f"append {n}: {len(res.inserted)} of {len(items)} inserted")
+    finally:
+        await store.close()
+    res_ = {
+        "rows": timed_rows,
+        "tasks": tasks,
+        "batch": size,
+        "rows_per_s": timed_rows / wall if wall else None,
+        "cpu_us_per_row": cpu / timed_rows * 1e6 if timed_rows else None,
+        "seconds": wall,
+    }
+    print(f"fleet {tasks}x{size} (pool {pool}): {res_['cpu_us_per_row']:.1f} us CPU/record,"
+          f" {res_['rows_per_s']:.0f} rows/s wall")
+    return res_
+
+
 async def main_async(a: argparse.Namespace) -> dict[str, object]:
+    if a.tasks:
+        work = lambda: load_fleet(a.db, a.rows, a.tasks, a.batch, a.pool or a.tasks)  # noqa: E731
+    else:
+        work = lambda: load(a.db, a.task, a.rows, a.batch)  # noqa: E731
     if a.db.startswith("postgres"):
         import trio_asyncio
 
         async with trio_asyncio.open_loop():
-            return await load(a.db, a.task, a.rows, a.batch)
-    return await load(a.db, a.task, a.rows, a.batch)
+            return await work()
+    return await work()
 
 
 def main() -> None:
@@ -97,10 +155,13 @@ def main() -> None:
     ap.add_argument("--rows", type=int, required=True)
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--task", default="bench-query")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--tasks", type=int, default=0, help="the fleet's shape: this many tasks an append")
+    ap.add_argument("--pool", type=int, default=0, help="with --tasks: the tasks taken in turn")
+    ap.add_argument("--out")
     a = ap.parse_args()
     res = trio.run(main_async, a)
-    write_json(a.out, res)
+    if a.out:
+        write_json(a.out, res)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -86,6 +88,70 @@ def test_a_chunk_holds_at_most_its_records_and_about_its_bytes() -> None:
     assert [r for part in parts for r in part] == big
     # One line larger than a chunk's bytes is a chunk of its own.
     assert [len(p) for p in chunk.split([LogRecord("t", 1, ts(1), "stdout", "INFO", "z" * 100_000)])] == [1]
+
+
+def _with_producers(records: list[LogRecord], producers: list[str | None]) -> list[LogRecord]:
+    return [attrs.evolve(r, producer=producers[i % len(producers)]) for i, r in enumerate(records)]
+
+
+_producers = st.lists(st.one_of(st.none(), st.sampled_from(["", "run-1", "run-2"])), min_size=1, max_size=3)
+
+
+@given(_chunk_records(), _producers)
+@settings(max_examples=100, deadline=None)
+def test_a_one_record_chunk_is_the_chunk_its_columns_make(records: list[LogRecord], producers: list[str | None]) -> None:
+    """A quiet task's chunk of one record is encoded on a path of its own:
+    the same row, byte for byte, as the columns' path gives."""
+    (r,) = _with_producers(records[:1], producers)
+    row = chunk.encode([r])
+    columns = chunk.encode_columns(
+        r.task_id, [r.seq], [r.timestamp], [r.source], [r.level], [r.message], [r.line_number], [r.metadata],
+        [r.partial], [r.kind], [r.producer],
+    )
+    assert (row.values(), row.bytes, row.counts) == (columns.values(), columns.bytes, columns.counts)
+    assert chunk.decode(r.task_id, row.seq_first, row.lines, row.body) == [r]
+
+
+@given(_chunk_records(), _producers, st.lists(st.integers(1, 8), min_size=1, max_size=30))
+@settings(max_examples=100, deadline=None)
+def test_merged_chunks_are_the_chunks_of_their_records(
+    records: list[LogRecord], producers: list[str | None], sizes: list[int]
+) -> None:
+    """A quiet task's small chunks merged from their columns (no record
+    built) are the chunks its records would make."""
+    records = _with_producers(records, producers)
+    parts, at = [], 0
+    for size in sizes:
+        if at < len(records):
+            parts.append(records[at : at + size])
+            at += size
+    if at < len(records):
+        parts.append(records[at:])
+    rows = [chunk.encode(part) for part in parts]
+    merged = chunk.merge("task-1", [(row.seq_first, chunk.columns(row.lines, row.body)) for row in rows])
+    expected = [chunk.encode(part) for part in chunk.split(records)]
+    assert [(m.values(), m.bytes, dict(m.counts)) for m in merged] == [
+        (e.values(), e.bytes, dict(e.counts)) for e in expected
+    ]
+
+
+def test_a_small_part_is_stored_as_its_json_and_a_compressed_one_still_reads() -> None:
+    """zstd gains nothing on a record or two: such a part is its JSON. A
+    chunk written compressed, as every one was before, reads as it did."""
+    def line(seq: int, text: str) -> LogRecord:
+        return LogRecord("t", seq, ts(seq), "stdout", "INFO", text, seq)
+
+    small = [line(1, "one line"), line(2, "two")]
+    row = chunk.encode(small)
+    assert row.lines.startswith(b"{") and row.body.startswith(b"{")
+    compressed = zstandard.ZstdCompressor()
+    old_lines, old_body = compressed.compress(row.lines), compressed.compress(row.body)
+    assert chunk.decode("t", 1, old_lines, old_body) == chunk.decode("t", 1, row.lines, row.body)
+    assert [r.message for r in chunk.decode("t", 1, old_lines, old_body)] == ["one line", "two"]
+    assert chunk.raw_text(old_lines) == chunk.raw_text(row.lines) == "one line\ntwo\n"
+    assert chunk.lines_json(old_lines) == chunk.lines_json(row.lines) == row.lines
+    big = chunk.encode([line(s, f"line {s} of a chunk big enough to compress") for s in range(1, 101)])
+    assert not big.lines.startswith(b"{") and chunk.lines_json(big.lines).startswith(b"{")
 
 
 def test_the_bench_workload_takes_few_bytes_per_line() -> None:

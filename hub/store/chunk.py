@@ -6,10 +6,13 @@ and the records themselves, encoded once and compressed (`lines`, `body`). Nothi
 here does I/O: the stores write and read the rows (docs/architecture.md, "The
 store"), and the algorithms in hub/store/core.py decide which to open.
 
-The records are zstd over the JSON of their columns (columns compress far
-better than rows: a task's timestamps, sources and levels repeat), in two
-parts: `lines`, what a raw download and a text search read, and `body`, the
-rest:
+The records are the JSON of their columns (columns compress far better than
+rows: a task's timestamps, sources and levels repeat), zstd-compressed unless
+the JSON is under PLAIN_BELOW bytes (a quiet task's chunk of a few records,
+where a zstd frame would gain some bytes for a microsecond or two each, until
+the chunk is merged; a reader tells a zstd frame by its magic number, and
+plain JSON starts with "{"), in two parts: `lines`, what a raw download and a text search read, and `body`,
+the rest:
 
     lines: {"m": [messages], "p": [partial] (absent: none)}
     body:  {"t": [timestamps], "s": [sources] or one source, "l": [levels] or one,
@@ -28,6 +31,7 @@ they are) or a redaction changes what it holds.
 
 from __future__ import annotations
 
+import operator
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
@@ -61,11 +65,15 @@ _LEVEL = 1
 
 _compressor = zstandard.ZstdCompressor(level=_LEVEL)
 _decompressor = zstandard.ZstdDecompressor()
+# A chunk part's JSON shorter than this is stored as it is (module docstring).
+PLAIN_BELOW = 512
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
-@attrs.frozen(slots=True)
+@attrs.define(slots=True)  # not frozen: one is built per chunk, and a frozen init costs 3x
 class ChunkRow:
-    """One chunk as its row holds it (the column order of both stores)."""
+    """One chunk as its row holds it (the column order of both stores);
+    never changed once built."""
 
     task_id: str
     seq_first: int
@@ -79,6 +87,8 @@ class ChunkRow:
     # UTF-8 bytes of its messages: what a task's cap counts (its own column,
     # after the nine `values` gives).
     bytes: int = 0
+    # Its records per (source, level), as `tally` says (what the task's counts add).
+    counts: dict[tuple[str, str], int] = attrs.field(factory=dict, eq=False)
 
     def values(self) -> tuple[Any, ...]:
         return (
@@ -98,15 +108,26 @@ def tally_count(tally: str, n: int, source: str | None, level: str | None) -> in
 def split(records: Sequence[LogRecord]) -> Iterator[Sequence[LogRecord]]:
     """A task's new records (in seq order) in chunks of at most CHUNK_RECORDS
     records and about CHUNK_BYTES of messages."""
+    for start, end in bounds([r.message for r in records]):
+        yield records[start:end]
+
+
+def bounds(messages: Sequence[str]) -> list[tuple[int, int]]:
+    """Where `split` cuts records with these messages: (start, end) of each chunk."""
+    n = len(messages)
+    if n <= CHUNK_RECORDS and sum(map(len, messages)) + 16 * n <= CHUNK_BYTES:
+        return [(0, n)] if n else []
+    cuts = []
     start = 0
     size = 0
-    for i, r in enumerate(records):
-        size += len(r.message) + 16
+    for i, m in enumerate(messages):
+        size += len(m) + 16
         if i - start >= CHUNK_RECORDS or (size > CHUNK_BYTES and i > start):
-            yield records[start:i]
-            start, size = i, len(r.message) + 16
-    if start < len(records):
-        yield records[start:]
+            cuts.append((start, i))
+            start, size = i, len(m) + 16
+    if start < n:
+        cuts.append((start, n))
+    return cuts
 
 
 def small(n: int, nbytes: int) -> bool:
@@ -121,54 +142,168 @@ def compaction_due(records: Sequence[LogRecord]) -> bool:
     return len(records) < SMALL_CHUNK and records[-1].seq // COMPACT_EVERY > (records[0].seq - 1) // COMPACT_EVERY
 
 
-def _column(values: list[Any]) -> Any:
+def _column(values: Sequence[Any]) -> Any:
     """One value when all are equal (a task's source, level...), else the list."""
     first = values[0]
-    for v in values:
-        if v != first:
-            return values
-    return first
+    # Counted in C: a chunk's columns are mostly of one value.
+    return first if values.count(first) == len(values) else values
 
 
 def encode(records: Sequence[LogRecord]) -> ChunkRow:
     """A chunk of one task's records, in seq order."""
-    first = records[0]
-    seqs = [r.seq for r in records]
-    timestamps = [r.timestamp for r in records]
-    sources = [r.source for r in records]
-    levels = [r.level for r in records]
-    lines: dict[str, Any] = {"m": [r.message for r in records]}
-    if any(r.partial for r in records):
-        lines["p"] = [r.partial for r in records]
+    if len(records) == 1:
+        return _encode_one(records[0])
+    if len(records) <= 8:
+        # A few records' columns in one pass, in C (a fleet's commit): ten
+        # list comprehensions would cost more to set up than to run.
+        return encode_columns(records[0].task_id, *zip(*map(_fields, records), strict=True))
+    return encode_columns(
+        records[0].task_id,
+        [r.seq for r in records],
+        [r.timestamp for r in records],
+        [r.source for r in records],
+        [r.level for r in records],
+        [r.message for r in records],
+        [r.line_number for r in records],
+        [r.metadata for r in records],
+        [r.partial for r in records],
+        [r.kind for r in records],
+        [r.producer for r in records],
+    )
+
+
+def _encode_one(r: LogRecord) -> ChunkRow:
+    """`encode_columns` of one record, the same row at a third of the cost:
+    a quiet task's append (a fleet's commit is of many such)."""
+    message = r.message
+    lines: dict[str, Any] = {"m": [message]}
+    if r.partial:
+        lines["p"] = [r.partial]
+    columns: dict[str, Any] = {"t": [r.timestamp], "s": r.source, "l": r.level, "n": r.line_number}
+    if r.metadata:
+        columns["x"] = [r.metadata]
+    if r.kind is not None:
+        columns["k"] = [r.kind]
+    if r.producer is not None:
+        columns["w"] = r.producer
+    return ChunkRow(
+        r.task_id,
+        r.seq,
+        r.seq,
+        1,
+        r.timestamp,
+        r.timestamp,
+        orjson.dumps([[r.source, r.level, 1]]).decode(),
+        pack(orjson.dumps(lines)),
+        pack(orjson.dumps(columns)),
+        len(message) if message.isascii() else message_bytes([message]),
+        {(r.source, r.level): 1},
+    )
+
+
+_fields = operator.attrgetter(
+    "seq", "timestamp", "source", "level", "message", "line_number", "metadata", "partial", "kind", "producer"
+)
+
+
+def encode_columns(
+    task_id: str,
+    seqs: Sequence[int],
+    timestamps: Sequence[str],
+    sources: Sequence[str],
+    levels: Sequence[str],
+    messages: Sequence[str],
+    numbers: Sequence[int | None],
+    metadata: Sequence[dict[str, Any] | None],
+    partial: Sequence[bool],
+    kinds: Sequence[str | None],
+    producers: Sequence[str | None],
+) -> ChunkRow:
+    """A chunk of one task's records, in seq order, given as columns (lists
+    or tuples; a record's metadata: empty or None when it has none)."""
+    n = len(seqs)
+    lines: dict[str, Any] = {"m": messages}
+    if any(partial):
+        lines["p"] = partial
     columns: dict[str, Any] = {
         "t": timestamps,
         "s": _column(sources),
         "l": _column(levels),
-        "n": _column([r.line_number for r in records]),
+        "n": _column(numbers),
     }
-    if any(r.metadata for r in records):
-        columns["x"] = [r.metadata or None for r in records]
-    if any(r.kind is not None for r in records):
-        columns["k"] = [r.kind for r in records]
-    if seqs[-1] - seqs[0] + 1 != len(seqs):
-        columns["q"] = seqs
+    if any(metadata):
+        columns["x"] = [m or None for m in metadata]
+    if kinds.count(None) != n:
+        columns["k"] = kinds
+    if seqs[-1] - seqs[0] + 1 != n:
+        columns["q"] = list(seqs)
     # A batch is mostly one producer's: one value for the chunk.
-    producers = _column([r.producer for r in records])
-    if producers is not None:
-        columns["w"] = producers
+    producer = _column(producers)
+    if producer is not None:
+        columns["w"] = producer
     tally = source_level_counts(sources, levels)
     return ChunkRow(
-        task_id=first.task_id,
-        seq_first=seqs[0],
-        seq_last=seqs[-1],
-        n=len(records),
-        ts_first=min(timestamps),
-        ts_last=max(timestamps),
-        tally=orjson.dumps([[s, lv, n] for (s, lv), n in tally.items()]).decode(),
-        lines=_compressor.compress(orjson.dumps(lines)),
-        body=_compressor.compress(orjson.dumps(columns)),
-        bytes=message_bytes(lines["m"]),
+        task_id,
+        seqs[0],
+        seqs[-1],
+        n,
+        min(timestamps),
+        max(timestamps),
+        orjson.dumps([[s, lv, k] for (s, lv), k in tally.items()]).decode(),
+        pack(orjson.dumps(lines)),
+        pack(orjson.dumps(columns)),
+        message_bytes(messages),
+        tally,
     )
+
+
+def pack(data: bytes) -> bytes:
+    """A chunk part's JSON as stored (module docstring)."""
+    return data if len(data) < PLAIN_BELOW else _compressor.compress(data)
+
+
+def unpack(part: bytes, decompressor: Any = None) -> bytes:
+    """The JSON of a chunk part as stored, compressed or not."""
+    if part[:4] == _ZSTD_MAGIC:
+        return (decompressor or _decompressor).decompress(part)  # type: ignore[no-any-return]
+    return bytes(part)
+
+
+def merge(task_id: str, chunks: Sequence[tuple[int, dict[str, Any]]]) -> list[ChunkRow]:
+    """The records of consecutive chunks (each its seq_first and `columns`),
+    in seq order, as chunks of `split`'s size: the same records, seqs,
+    tallies and bytes, straight from their columns (no record built, nor its
+    id)."""
+    seqs: list[int] = []
+    timestamps: list[str] = []
+    sources: list[str] = []
+    levels: list[str] = []
+    messages: list[str] = []
+    numbers: list[int | None] = []
+    metadata: list[dict[str, Any] | None] = []
+    partial: list[bool] = []
+    kinds: list[str | None] = []
+    producers: list[str | None] = []
+    for seq_first, cols in chunks:
+        m = cols["m"]
+        n = len(m)
+        messages += m
+        seqs += seqs_of(cols, seq_first)
+        timestamps += cols["t"]
+        sources += _expand(cols["s"], n)
+        levels += _expand(cols["l"], n)
+        numbers += _expand(cols["n"], n)
+        metadata += cols.get("x") or [None] * n
+        partial += cols.get("p") or [False] * n
+        kinds += cols.get("k") or [None] * n
+        producers += _expand(cols.get("w"), n)
+    return [
+        encode_columns(
+            task_id, seqs[a:b], timestamps[a:b], sources[a:b], levels[a:b], messages[a:b], numbers[a:b],
+            metadata[a:b], partial[a:b], kinds[a:b], producers[a:b],
+        )
+        for a, b in bounds(messages)
+    ]
 
 
 def source_level_counts(sources: Sequence[str], levels: Sequence[str]) -> dict[tuple[str, str], int]:
@@ -182,26 +317,26 @@ def source_level_counts(sources: Sequence[str], levels: Sequence[str]) -> dict[t
 
 def message_bytes(messages: Sequence[str]) -> int:
     """The UTF-8 bytes of messages (a lone surrogate as the digest counts it)."""
-    return len("".join(messages).encode("utf-8", "surrogatepass"))
+    text = "".join(messages)
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def lines_json(lines: bytes) -> bytes:
     """The JSON of a chunk's `lines` part (for a substring test before decoding it)."""
-    return _decompressor.decompress(lines)
+    return unpack(lines)
 
 
 def body_json(body: bytes) -> bytes:
     """The JSON of a chunk's `body` part (metadata among it)."""
-    return _decompressor.decompress(body)
+    return unpack(body)
 
 
 def columns(lines: bytes, body: bytes, decompressor: Any = None) -> dict[str, Any]:
     """Every column of a chunk, from its two parts (`decompressor`: a
     zstandard.ZstdDecompressor of the caller's thread, for a thread that is
     not the stores' own)."""
-    dctx = decompressor or _decompressor
-    cols: dict[str, Any] = orjson.loads(dctx.decompress(body))
-    cols.update(orjson.loads(dctx.decompress(lines)))
+    cols: dict[str, Any] = orjson.loads(unpack(body, decompressor))
+    cols.update(orjson.loads(unpack(lines, decompressor)))
     return cols
 
 
@@ -264,7 +399,7 @@ def records_of(task_id: str, seq_first: int, cols: dict[str, Any]) -> list[LogRe
 def raw_text(lines: bytes) -> str:
     """The chunk's lines as a raw download shows them: each message, with a
     newline unless it is a partial line."""
-    cols = orjson.loads(_decompressor.decompress(lines))
+    cols = orjson.loads(unpack(lines))
     messages = cols["m"]
     partial = cols.get("p")
     if partial is None:

@@ -29,9 +29,17 @@ from hub.store.rules import (
     decide_state,
     plan_batch,
     resolve,
-    tally,
 )
-from hub.store.steps import TS_HIGH, TS_LOW, Dialect, Steps
+from hub.store.steps import (
+    TS_HIGH,
+    TS_LOW,
+    Dialect,
+    ExtendedRange,
+    HighMark,
+    NewRange,
+    Steps,
+    TaskSave,
+)
 from keruta.records import HUB_KINDS, LogRecord, TaskInfo
 from keruta.timefmt import now_ts
 
@@ -85,23 +93,26 @@ def append(d: Dialect, items: Sequence[Incoming]) -> Steps[AppendResult]:
     by_task: dict[str, list[LogRecord]] = {}
     for r in fresh:
         by_task.setdefault(r.task_id, []).append(r)
+    rows: list[chunk.ChunkRow] = []
     if by_task:
-        rows = [chunk.encode(part) for records in by_task.values() for part in chunk.split(records)]
-        for row in rows:
-            progress[row.task_id].bytes += row.bytes
-        yield d.insert_chunks(rows)
+        for task_id, records in by_task.items():
+            task = progress[task_id]
+            for part in chunk.split(records) if len(records) > 1 else (records,):
+                row = chunk.encode(part)
+                task.add_chunk(row)
+                rows.append(row)
         for task_id, records in by_task.items():
             yield from _save_sections(d, task_id, records)
-    tally(fresh, progress)
 
     durable: dict[str, int] = {}
+    saves: list[TaskSave] = []
     for task_id, task in progress.items():
         before = task.durable_seq
         task.durable_seq = task.durable_after_batch()
         durable[task_id] = task.durable_seq
         if task.count:
-            yield from d.save_task(task_id, task, now, task.durable_seq > before)
-    yield from _save_producers(d, producers, now)
+            saves.append((task_id, task, task.durable_seq > before))
+    yield from d.save_append(rows, saves, _producer_rows(producers, now), now)
     result = plan.result(fresh, durable, producers)
     result.sizes.update(
         (task_id, (task.stored_bytes + task.bytes, task.max_bytes)) for task_id, task in progress.items() if task.count
@@ -125,22 +136,21 @@ def compact(d: Dialect, task_ids: Sequence[str]) -> Steps[None]:
 def _compact_tail(d: Dialect, task_id: str) -> Steps[None]:
     """Merge the task's trailing run of small chunks into full ones (chunk.py,
     SMALL_CHUNK): the same records, seqs, tallies and bytes, in fewer rows."""
-    tail: list[tuple[Any, list[LogRecord]]] = []
+    tail: list[tuple[Any, dict[str, Any]]] = []
     for nbytes, *row in (yield d.fetch(d.LAST_CHUNKS, task_id, chunk.COMPACT_EVERY + 1)):  # newest first
         if not chunk.small(row[2], nbytes):
             break
-        records = chunk.decode_row(task_id, row)
+        cols = chunk.columns(row[-2], row[-1])
         # A cap's or a delete's gap record, a redaction's record: each is kept
         # in a chunk of its own, which their steps find by its last seq.
-        if any(r.kind in HUB_KINDS for r in records):
+        if any(kind in HUB_KINDS for kind in cols.get("k") or ()):
             break
-        tail.append((row, records))
+        tail.append((row, cols))
     if len(tail) < 2:
         return
     tail.reverse()
-    records = [r for _row, part in tail for r in part]
     yield d.exec(d.DROP_CHUNKS_WITHIN, task_id, tail[0][0][0], tail[-1][0][1])
-    yield d.insert_chunks([chunk.encode(part) for part in chunk.split(records)])
+    yield d.insert_chunks(chunk.merge(task_id, [(row[0], cols) for row, cols in tail]))
 
 
 def _lock_tasks(d: Dialect, task_ids: list[str], now: str) -> Steps[dict[str, TaskProgress]]:
@@ -152,10 +162,15 @@ def _lock_tasks(d: Dialect, task_ids: list[str], now: str) -> Steps[dict[str, Ta
         # Created rows are locked by this transaction; take them all again in order.
         yield create
         return (yield from _lock_tasks(d, task_ids, now))
-    progress = {tid: TaskProgress(max_seq=0, durable_seq=0, exists=False) for tid in task_ids}
-    progress.update(
-        {r[0]: TaskProgress(max_seq=r[1], durable_seq=r[2], stored_bytes=r[3], max_bytes=r[4]) for r in rows}
-    )
+    found = {r[0]: r for r in rows}
+    progress = {}
+    for tid in task_ids:
+        r = found.get(tid)
+        progress[tid] = (
+            TaskProgress(max_seq=0, durable_seq=0, exists=False)
+            if r is None
+            else TaskProgress(max_seq=r[1], durable_seq=r[2], stored_bytes=r[3], max_bytes=r[4])
+        )
     return progress
 
 
@@ -190,15 +205,13 @@ def _save_sections(d: Dialect, task_id: str, records: list[LogRecord]) -> Steps[
             yield d.exec(d.SECTION_ERRORS, task_id, step.seq, step.errors)
 
 
-def _save_producers(d: Dialect, producers: dict[tuple[str, str], ProducerProgress], now: str) -> Steps[None]:
+def _producer_rows(
+    producers: dict[tuple[str, str], ProducerProgress], now: str
+) -> tuple[list[HighMark], list[NewRange], list[ExtendedRange]]:
     """A producer's high mark and its new ranges: one row each, found by key,
-    whatever the number of the task's producers; one or two statements for
-    all the batch's producers (many producers with a record each is a fleet's
-    commit)."""
+    whatever the number of the task's producers (`Dialect.save_producers`)."""
     moved = [(key, run) for key, run in producers.items() if run.new_ranges]
-    if not moved:
-        return
-    yield from d.save_producers(
+    return (
         [(task_id, producer, run.high, now) for (task_id, producer), run in moved],
         [
             (task_id, producer, first, last, seq)

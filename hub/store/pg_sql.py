@@ -3,9 +3,9 @@
 Parameters are `$n`. Several hubs may share the database: an append, a state
 change or a delete holds its tasks' rows (`FOR UPDATE`, taken in task_id
 order) until it commits, so two hubs never give one seq twice. Here too the
-steps PostgreSQL does in fewer round trips: a batch's chunks in one INSERT
-from arrays, and the task row, its counts and the NOTIFY of a moved watermark
-in one statement.
+steps PostgreSQL does in fewer round trips: chunks in one INSERT from
+arrays, and all an append writes -- its chunks, task rows and counts,
+producers, and the NOTIFY of each moved watermark -- in one statement.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from typing import Any
 
 from hub.store.chunk import ChunkRow
 from hub.store.pg_notices import NOTIFY_CHANNEL
-from hub.store.rules import TaskProgress
 from hub.store.sections import ROW as SECTION_ROW
 from hub.store.steps import (
     CHUNK_FULL,
@@ -27,6 +26,7 @@ from hub.store.steps import (
     NewRange,
     Op,
     Steps,
+    TaskSave,
 )
 
 
@@ -223,32 +223,6 @@ class PostgresSql(Dialect):
             [producer for _, producer in keys],
         )
 
-    def save_producers(self, highs: list[HighMark], ranges: list[NewRange], extended: list[ExtendedRange]) -> Steps[None]:
-        # One round trip for all three: a fleet's commit holds many producers.
-        def columns(rows: list[Any], width: int) -> list[list[Any]]:
-            return [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
-
-        yield self.exec(
-            """
-            WITH saved AS (
-                INSERT INTO keruta_producers (task_id, producer, run_no, high, last_write)
-                SELECT task_id, producer, 0, high, last_write
-                FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[]) AS h(task_id, producer, high, last_write)
-                ON CONFLICT (task_id, producer) DO UPDATE SET high = excluded.high, last_write = excluded.last_write
-            ), extended AS (
-                UPDATE keruta_producer_ranges r SET pseq_last = e.pseq_last
-                FROM unnest($10::bigint[], $11::text[], $12::text[], $13::bigint[])
-                    AS e(pseq_last, task_id, producer, pseq_first)
-                WHERE r.task_id = e.task_id AND r.producer = e.producer AND r.pseq_first = e.pseq_first
-            )
-            INSERT INTO keruta_producer_ranges (task_id, producer, pseq_first, pseq_last, seq_first)
-            SELECT * FROM unnest($5::text[], $6::text[], $7::bigint[], $8::bigint[], $9::bigint[])
-            """,
-            *columns(highs, 4),
-            *columns(ranges, 5),
-            *columns(extended, 4),
-        )
-
     def insert_chunks(self, rows: list[ChunkRow]) -> Op:
         # Plain INSERT: the seqs were given under the tasks' row locks, so a
         # conflict would be a bug, and rolls everything back.
@@ -263,45 +237,86 @@ class PostgresSql(Dialect):
             [r.bytes for r in rows],
         )
 
-    def save_task(self, task_id: str, task: TaskProgress, now: str, moved: bool) -> Steps[None]:
-        """The row exists: `create_tasks` made it before the lock."""
-        counts = list(task.counts.items())
+    def save_append(
+        self,
+        rows: list[ChunkRow],
+        tasks: Sequence[TaskSave],
+        producers: tuple[list[HighMark], list[NewRange], list[ExtendedRange]],
+        now: str,
+    ) -> Steps[None]:
+        """One statement, one round trip, for all of it: the chunks; the task
+        rows (they exist: `create_tasks` made them before the lock), their
+        counts and the NOTIFY of each moved watermark; the producers' marks,
+        new ranges and stored ranges extended. Each part writes rows no other
+        part does."""
+        highs, ranges, extended = producers
+        if not (rows or tasks or highs):
+            return
+        counts = [(task_id, s, lv, n) for task_id, t, _ in tasks for (s, lv), n in t.counts.items()]
         yield self.exec(
             """
-            WITH task AS (
-                UPDATE keruta_tasks SET
-                    max_seq = GREATEST(max_seq, $2),
-                    durable_seq = $3,
-                    total_logs = total_logs + $4,
-                    stored_bytes = stored_bytes + $14,
-                    first_ts = LEAST(first_ts, $5),
-                    last_ts = GREATEST(last_ts, $6),
-                    updated_at = $7
-                WHERE task_id = $1
+            WITH chunks AS (
+                INSERT INTO keruta_chunks
+                    (task_id, seq_first, seq_last, n, ts_first, ts_last, tally, lines, body, bytes)
+                SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::integer[], $5::text[],
+                                     $6::text[], $7::text[], $8::bytea[], $9::bytea[], $10::bigint[])
+            ), task AS (
+                UPDATE keruta_tasks t SET
+                    max_seq = GREATEST(t.max_seq, u.max_seq),
+                    durable_seq = u.durable_seq,
+                    total_logs = t.total_logs + u.n,
+                    stored_bytes = t.stored_bytes + u.bytes,
+                    first_ts = LEAST(t.first_ts, u.first_ts),
+                    last_ts = GREATEST(t.last_ts, u.last_ts),
+                    updated_at = $18
+                FROM unnest($11::text[], $12::bigint[], $13::bigint[], $14::bigint[], $15::text[], $16::text[],
+                            $17::bigint[]) AS u(task_id, max_seq, durable_seq, n, first_ts, last_ts, bytes)
+                WHERE t.task_id = u.task_id
             ), counts AS (
                 INSERT INTO keruta_counts (task_id, source, level, n)
-                SELECT $1, s, l, c FROM unnest($8::text[], $9::text[], $10::bigint[]) AS x(s, l, c)
+                SELECT * FROM unnest($19::text[], $20::text[], $21::text[], $22::bigint[])
                 ON CONFLICT (task_id, source, level) DO UPDATE SET n = keruta_counts.n + excluded.n
+            ), saved AS (
+                INSERT INTO keruta_producers (task_id, producer, run_no, high, last_write)
+                SELECT task_id, producer, 0, high, last_write
+                FROM unnest($23::text[], $24::text[], $25::bigint[], $26::text[])
+                    AS h(task_id, producer, high, last_write)
+                ON CONFLICT (task_id, producer) DO UPDATE SET high = excluded.high, last_write = excluded.last_write
+            ), ranges AS (
+                INSERT INTO keruta_producer_ranges (task_id, producer, pseq_first, pseq_last, seq_first)
+                SELECT * FROM unnest($27::text[], $28::text[], $29::bigint[], $30::bigint[], $31::bigint[])
+            ), extended AS (
+                UPDATE keruta_producer_ranges r SET pseq_last = e.pseq_last
+                FROM unnest($32::bigint[], $33::text[], $34::text[], $35::bigint[])
+                    AS e(pseq_last, task_id, producer, pseq_first)
+                WHERE r.task_id = e.task_id AND r.producer = e.producer AND r.pseq_first = e.pseq_first
             )
-            SELECT CASE WHEN $11 THEN pg_notify($12, $1 || ' ' || $3::text || ' ' || $13) END
+            SELECT pg_notify($36, m) FROM unnest($37::text[]) AS m
             """,
-            task_id,
-            task.inserted_max,
-            task.durable_seq,
-            task.count,
-            task.first_ts,
-            task.last_ts,
+            *_columns([r.values() for r in rows], 9),
+            [r.bytes for r in rows],
+            [task_id for task_id, _, _ in tasks],
+            [t.inserted_max for _, t, _ in tasks],
+            [t.durable_seq for _, t, _ in tasks],
+            [t.count for _, t, _ in tasks],
+            [t.first_ts for _, t, _ in tasks],
+            [t.last_ts for _, t, _ in tasks],
+            [t.bytes for _, t, _ in tasks],
             now,
-            [s for (s, _), _ in counts],
-            [lv for (_, lv), _ in counts],
-            [n for _, n in counts],
-            self.notify and moved,
+            *_columns(counts, 4),
+            *_columns(highs, 4),
+            *_columns(ranges, 5),
+            *_columns(extended, 4),
             NOTIFY_CHANNEL,
-            self.origin,
-            task.bytes,
+            [f"{task_id} {t.durable_seq} {self.origin}" for task_id, t, moved in tasks if moved] if self.notify else [],
         )
 
     def notice(self, task_id: str, seq: int) -> Op | None:
         if not self.notify:
             return None
         return self.exec("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, f"{task_id} {seq} {self.origin}")
+
+
+def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
+    """Rows as the arrays `unnest` takes, one per column."""
+    return [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]

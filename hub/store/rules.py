@@ -23,9 +23,10 @@ from hub.store.base import (
     Incoming,
     LogQuery,
     hub_made,
+    record_id,
     record_ids,
 )
-from hub.store.chunk import source_level_counts
+from hub.store.chunk import ChunkRow, source_level_counts
 from keruta.levels import LEVELS
 from keruta.limits import MAX_SEQ
 from keruta.records import (
@@ -67,6 +68,21 @@ class TaskProgress:
         first = max(self.max_seq, self.batch_max) + 1
         self.batch_max = first + count - 1
         return first
+
+    def add_chunk(self, row: ChunkRow) -> None:
+        """The batch stores this chunk of the task's new records (`tally`,
+        from what the chunk already counted)."""
+        self.count += row.n
+        self.bytes += row.bytes
+        counts = self.counts
+        for key, n in row.counts.items():
+            counts[key] += n
+        if self.first_ts is None or row.ts_first < self.first_ts:
+            self.first_ts = row.ts_first
+        if self.last_ts is None or row.ts_last > self.last_ts:
+            self.last_ts = row.ts_last
+        if row.seq_last > self.inserted_max:
+            self.inserted_max = row.seq_last
 
     def durable_after_batch(self) -> int:
         """The watermark after the batch commits: the hub gives every seq
@@ -221,8 +237,18 @@ def plan_batch(
         count = end - index
         first = progress[item.task_id].next_seqs(count)
         run.take_run(pseq, pseq + count - 1, first)
-        plan.records.extend(_records(items[index:end], first))
-        plan.status.extend([INSERTED] * count)
+        if count == 1 and not hub_made(item.producer):
+            # A fleet's commit: a run of one record per producer, built inline.
+            plan.records.append(
+                trusted_record(
+                    item.task_id, first, item.timestamp, item.source, item.level, item.message, item.line_number,
+                    item.metadata, item.partial, record_id(item.task_id, first), item.kind, item.producer,
+                )
+            )
+            plan.status.append(INSERTED)
+        else:
+            plan.records.extend(_records(items[index:end], first))
+            plan.status.extend([INSERTED] * count)
         skip_to = end
     return plan
 
@@ -252,9 +278,13 @@ def _run_end(items: Sequence[Incoming], start: int) -> int:
     """Where the run of one producer's consecutive seqs that starts at `start` ends."""
     first = items[start]
     task_id, producer, pseq = first.task_id, first.producer, first.seq
+    assert pseq is not None
+    # By index, no slice: a fleet's commit is a run per item, and a copy of
+    # the rest of the batch per run was quadratic in its size.
     end = start + 1
-    for item in items[start + 1 :]:
-        assert pseq is not None
+    count = len(items)
+    while end < count:
+        item = items[end]
         pseq += 1
         if item.seq != pseq or item.producer != producer or item.task_id != task_id:
             break

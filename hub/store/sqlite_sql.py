@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from hub.store.chunk import ChunkRow
-from hub.store.rules import TaskProgress
 from hub.store.sections import ROW as SECTION_ROW
 from hub.store.steps import (
     CHUNK_FULL,
@@ -22,6 +21,7 @@ from hub.store.steps import (
     NewRange,
     Op,
     Steps,
+    TaskSave,
 )
 
 
@@ -170,6 +170,22 @@ class SQLiteSql(Dialect):
         SELECT producer, pseq_first, pseq_last, seq_first FROM keruta_producer_ranges
         WHERE task_id = ?1 AND seq_first <= ?3 AND seq_first + (pseq_last - pseq_first) >= ?2
     """
+    SAVE_TASK = """
+        UPDATE keruta_tasks SET
+            max_seq = max(max_seq, ?2),
+            durable_seq = ?3,
+            total_logs = total_logs + ?4,
+            stored_bytes = stored_bytes + ?8,
+            first_ts = CASE WHEN first_ts IS NULL OR first_ts > ?5 THEN ?5 ELSE first_ts END,
+            last_ts = CASE WHEN last_ts IS NULL OR last_ts < ?6 THEN ?6 ELSE last_ts END,
+            updated_at = ?7
+        WHERE task_id = ?1
+    """
+    NEW_TASK = """
+        INSERT INTO keruta_tasks
+            (task_id, state, first_ts, last_ts, total_logs, durable_seq, updated_at, max_seq, stored_bytes)
+        VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?)
+    """
     ADD_COUNTS = """
         INSERT INTO keruta_counts (task_id, source, level, n) VALUES (?, ?, ?, ?)
         ON CONFLICT (task_id, source, level) DO UPDATE SET n = n + excluded.n
@@ -197,14 +213,18 @@ class SQLiteSql(Dialect):
     def producer_highs(self, keys: Sequence[tuple[str, str]]) -> Op:
         pairs = ",".join(["(?, ?)"] * len(keys))
         return self.fetch(
+            # The keys drive (CROSS JOIN keeps them the outer loop): each
+            # producer is found by its key. `(p.task_id, p.producer) IN
+            # (VALUES ...)` scanned the whole table, every append.
             f"""
-            SELECT p.task_id, p.producer, p.high, r.pseq_first, r.seq_first FROM keruta_producers p
+            SELECT p.task_id, p.producer, p.high, r.pseq_first, r.seq_first
+            FROM (VALUES {pairs}) AS k CROSS JOIN keruta_producers p
+                ON p.task_id = k.column1 AND p.producer = k.column2
             LEFT JOIN keruta_producer_ranges r ON r.task_id = p.task_id AND r.producer = p.producer
                 AND r.pseq_first = (
                     SELECT MAX(pseq_first) FROM keruta_producer_ranges
                     WHERE task_id = p.task_id AND producer = p.producer
                 ) AND r.pseq_last = p.high
-            WHERE (p.task_id, p.producer) IN (VALUES {pairs})
             """,
             *(value for key in keys for value in key),
         )
@@ -227,49 +247,23 @@ class SQLiteSql(Dialect):
             [(*r.values(), r.bytes) for r in rows],
         )
 
-    def save_task(self, task_id: str, task: TaskProgress, now: str, moved: bool) -> Steps[None]:
-        if task.exists:
-            yield self.exec(
-                """
-                UPDATE keruta_tasks SET
-                    max_seq = max(max_seq, ?2),
-                    durable_seq = ?3,
-                    total_logs = total_logs + ?4,
-                    stored_bytes = stored_bytes + ?8,
-                    first_ts = CASE WHEN first_ts IS NULL OR first_ts > ?5 THEN ?5 ELSE first_ts END,
-                    last_ts = CASE WHEN last_ts IS NULL OR last_ts < ?6 THEN ?6 ELSE last_ts END,
-                    updated_at = ?7
-                WHERE task_id = ?1
-                """,
-                task_id,
-                task.inserted_max,
-                task.durable_seq,
-                task.count,
-                task.first_ts,
-                task.last_ts,
-                now,
-                task.bytes,
-            )
-        else:
-            yield self.exec(
-                """
-                INSERT INTO keruta_tasks
-                    (task_id, state, first_ts, last_ts, total_logs, durable_seq, updated_at, max_seq, stored_bytes)
-                VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?)
-                """,
-                task_id,
-                task.first_ts,
-                task.last_ts,
-                task.count,
-                task.durable_seq,
-                now,
-                task.inserted_max,
-                task.bytes,
+    def save_tasks(self, tasks: Sequence[TaskSave], now: str) -> Steps[None]:
+        updated = [
+            (task_id, t.inserted_max, t.durable_seq, t.count, t.first_ts, t.last_ts, now, t.bytes)
+            for task_id, t, _ in tasks
+            if t.exists
+        ]
+        if updated:
+            yield self.many(self.SAVE_TASK, updated)
+        if len(updated) < len(tasks):
+            yield self.many(
+                self.NEW_TASK,
+                [
+                    (task_id, t.first_ts, t.last_ts, t.count, t.durable_seq, now, t.inserted_max, t.bytes)
+                    for task_id, t, _ in tasks
+                    if not t.exists
+                ],
             )
         yield self.many(
-            """
-            INSERT INTO keruta_counts (task_id, source, level, n) VALUES (?, ?, ?, ?)
-            ON CONFLICT (task_id, source, level) DO UPDATE SET n = n + excluded.n
-            """,
-            [(task_id, s, lv, n) for (s, lv), n in task.counts.items()],
+            self.ADD_COUNTS, [(task_id, s, lv, n) for task_id, t, _ in tasks for (s, lv), n in t.counts.items()]
         )

@@ -44,6 +44,10 @@ HighMark = tuple[str, str, int, str]
 NewRange = tuple[str, str, int, int, int]
 ExtendedRange = tuple[int, str, str, int]
 
+# Dialect.save_tasks' rows: a task the append stored records in, what it
+# added, and whether its watermark moved (other hubs are told).
+TaskSave = tuple[str, TaskProgress, bool]
+
 # The columns of a chunk as the statements below answer them, in this order.
 CHUNK_HEAD = "seq_first, seq_last, n, ts_first, ts_last, tally"
 CHUNK_FULL = CHUNK_HEAD + ", lines, body"
@@ -234,8 +238,26 @@ class Dialect:
         """Producers' new high marks, their new ranges, and their stored ranges extended."""
         raise NotImplementedError
 
-    def save_task(self, task_id: str, task: TaskProgress, now: str, moved: bool) -> Steps[None]:
-        """The task row and its counts after an append that stored records."""
+    def save_append(
+        self,
+        rows: list[ChunkRow],
+        tasks: Sequence[TaskSave],
+        producers: tuple[list[HighMark], list[NewRange], list[ExtendedRange]],
+        now: str,
+    ) -> Steps[None]:
+        """What an append stores: its chunks, its tasks' rows and counts, its
+        producers' marks and ranges (`save_producers`' three lists)."""
+        if rows:
+            yield self.insert_chunks(rows)
+        if tasks:
+            yield from self.save_tasks(tasks, now)
+        if producers[0]:
+            yield from self.save_producers(*producers)
+
+    def save_tasks(self, tasks: Sequence[TaskSave], now: str) -> Steps[None]:
+        """The task rows and their counts after an append that stored records
+        in them: a statement or two for them all, however many (a fleet's
+        commit holds a record or two of each of many tasks)."""
         raise NotImplementedError
 
     def notice(self, task_id: str, seq: int) -> Op | None:
