@@ -101,6 +101,31 @@ class WebSocketEndpoint:
         self.deps = deps
 
     async def __call__(self, scope: WebsocketScope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        # Judged in a call of its own: the request's head is not kept for the
+        # connection's life (5,000 idle connections each held one).
+        role, refusal, subprotocol = self._admit(scope)
+        with trio.CancelScope() as connected:
+            ws = AsgiWebSocket(receive, send, connected, current_link())
+            try:
+                # A browser that offered subprotocols drops a connection accepted with none.
+                await ws.accept(subprotocol)
+                if refusal is not None:
+                    await self._refuse(ws, refusal)
+                else:
+                    await Connection(self.deps, ws, role).run()
+            except Exception:
+                log.exception("a WebSocket connection failed; closing it")
+                self.deps.metrics.error("INTERNAL")
+                if not ws.closed and not ws.disconnected:
+                    await ws.close(CLOSE_INTERNAL_ERROR, "internal error")
+                return
+        if not ws.closed and not ws.disconnected:
+            # The Connection ended without a close of its own (a client that
+            # did not take its last frames at shutdown): as Quart ended it.
+            await ws.close(CLOSE_NORMAL)
+
+    def _admit(self, scope: WebsocketScope) -> tuple[Role, ErrorFrame | None, str | None]:
+        """The client's role, why it is refused (None: it is not), and the subprotocol to accept."""
         head = head_of(scope)
         offered = list(scope.get("subprotocols") or [])
         access = self.access
@@ -118,25 +143,7 @@ class WebSocketEndpoint:
             refusal = ErrorFrame("FORBIDDEN_ORIGIN", origin_refusal(str(origin)))
         elif role is Role.NONE:
             refusal = ErrorFrame("UNAUTHORIZED", UNAUTHORIZED)
-        with trio.CancelScope() as connected:
-            ws = AsgiWebSocket(receive, send, connected, current_link())
-            try:
-                # A browser that offered subprotocols drops a connection accepted with none.
-                await ws.accept(WS_SUBPROTOCOL if WS_SUBPROTOCOL in offered else None)
-                if refusal is not None:
-                    await self._refuse(ws, refusal)
-                else:
-                    await Connection(self.deps, ws, role).run()
-            except Exception:
-                log.exception("a WebSocket connection failed; closing it")
-                self.deps.metrics.error("INTERNAL")
-                if not ws.closed and not ws.disconnected:
-                    await ws.close(CLOSE_INTERNAL_ERROR, "internal error")
-                return
-        if not ws.closed and not ws.disconnected:
-            # The Connection ended without a close of its own (a client that
-            # did not take its last frames at shutdown): as Quart ended it.
-            await ws.close(CLOSE_NORMAL)
+        return role, refusal, WS_SUBPROTOCOL if WS_SUBPROTOCOL in offered else None
 
     async def _refuse(self, ws: AsgiWebSocket, refusal: ErrorFrame) -> None:
         self.deps.metrics.error(refusal.code)
