@@ -16,9 +16,10 @@ import trio
 
 from hub.store import core
 from hub.store.base import CONFLICT, DUPLICATE, GAP, INSERTED, Incoming
+from hub.store.sqlite import run_op
 from hub.store.sqlite_schema import create_schema
 from hub.store.sqlite_sql import SQLiteSql
-from hub.store.steps import EXEC, FETCH, MANY, ROW, Op, drive_sync
+from hub.store.steps import drive_sync
 from keruta.limits import MAX_SEQ
 from tests import hubclient
 from tests.hubclient import assert_error, fetch_all, logs_path
@@ -174,21 +175,8 @@ async def test_a_commit_whose_answer_is_lost_stores_each_record_once(
 def _run_on(conn: sqlite3.Connection, steps: Any) -> Any:
     """Drive the store's algorithm (hub/store/core.py) on our own SQLite connection."""
 
-    def do(op: Op) -> Any:
-        if op.kind == FETCH:
-            return conn.execute(op.sql, op.args).fetchall()
-        if op.kind == ROW:
-            return conn.execute(op.sql, op.args).fetchone()
-        if op.kind == EXEC:
-            conn.execute(op.sql, op.args)
-            return None
-        if op.kind == MANY:
-            conn.executemany(op.sql, op.args)
-            return None
-        raise AssertionError(op.kind)
-
     with conn:
-        return drive_sync(steps, do)
+        return drive_sync(steps, lambda op: run_op(conn, op))
 
 
 def _steps_to_register(conn: sqlite3.Connection, producer: str) -> int:

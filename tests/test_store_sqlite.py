@@ -9,7 +9,8 @@ import pytest
 import trio
 
 from hub.store.base import StoreUnavailable
-from hub.store.sqlite import SQLiteStore
+from hub.store.sqlite import SQLiteStore, run_op
+from hub.store.steps import JSON_ROWS, MANY, Op
 from tests.storedata import all_seqs, rec
 
 
@@ -158,3 +159,32 @@ async def test_a_wal_an_old_reader_kept_growing_is_cut_back_once_it_lets_go(tmp_
     finally:
         reader.close()
         await store.close()
+
+
+@pytest.mark.parametrize("n", [1, 2, 63, 64, 65, 150])
+def test_many_rows_sent_several_to_a_statement_do_what_one_each_would(n: int) -> None:
+    # hub/store/sqlite.py sends an INSERT's or an UPDATE ... FROM (VALUES row)'s
+    # rows several to a statement (each step lets the GIL go): the same rows
+    # end up written as executemany writes them.
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn.execute("CREATE TABLE t (k TEXT PRIMARY KEY, a INTEGER, b BLOB, c TEXT)")
+    rows = [(f"k{i}", i * 7, bytes([i % 256]) * 3, None if i % 3 else "x") for i in range(n)]
+    run_op(conn, Op(MANY, "INSERT INTO t (k, a, b, c) VALUES (?, ?, ?, ?)", rows))
+    assert conn.execute("SELECT k, a, b, c FROM t ORDER BY a").fetchall() == rows
+    run_op(conn, Op(MANY, "INSERT INTO t (k, a, b, c) VALUES (?, ?, 0, NULL) ON CONFLICT (k) DO UPDATE SET a = a + excluded.a",
+                    [(k, 1) for k, *_ in rows]))
+    assert dict(conn.execute("SELECT k, a FROM t")) == {f"k{i}": i * 7 + 1 for i in range(n)}
+    run_op(conn, Op(MANY, "UPDATE t SET c = v.column2 FROM (VALUES (?, ?)) AS v WHERE k = v.column1",
+                    [(k, f"new {k}") for k, *_ in rows[::2]]))
+    changed = dict(conn.execute("SELECT k, c FROM t"))
+    assert changed == {k: f"new {k}" if i % 2 == 0 else c for i, (k, _a, _b, c) in enumerate(rows)}
+
+
+def test_rows_read_as_one_json_row_are_the_rows() -> None:
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn.execute("CREATE TABLE t (k TEXT, a INTEGER, c TEXT)")
+    rows = [("ü-k", 2**63 - 1, None), ("k2", -5, "x\\y\"z")]
+    conn.executemany("INSERT INTO t VALUES (?, ?, ?)", rows)
+    got = run_op(conn, Op(JSON_ROWS, "SELECT json_group_array(json_array(k, a, c)) FROM (SELECT * FROM t ORDER BY a DESC)", ()))
+    assert [tuple(r) for r in got] == rows
+    assert run_op(conn, Op(JSON_ROWS, "SELECT json_group_array(json_array(k)) FROM t WHERE a > ?", (2**63 - 1,))) == []

@@ -14,6 +14,7 @@ from hub.store.sections import ROW as SECTION_ROW
 from hub.store.steps import (
     CHUNK_FULL,
     CHUNK_HEAD,
+    JSON_ROWS,
     TASK_SELECT,
     Dialect,
     ExtendedRange,
@@ -42,8 +43,11 @@ class SQLiteSql(Dialect):
         INSERT INTO keruta_producers (task_id, producer, run_no, high, last_write) VALUES (?, ?, 0, ?, ?)
         ON CONFLICT (task_id, producer) DO UPDATE SET high = excluded.high, last_write = excluded.last_write
     """
+    # UPDATE ... FROM (VALUES row): the executor sends many rows in one
+    # statement (hub/store/sqlite.py); each row's key is unique in an append.
     EXTEND_RANGE = """
-        UPDATE keruta_producer_ranges SET pseq_last = ? WHERE task_id = ? AND producer = ? AND pseq_first = ?
+        UPDATE keruta_producer_ranges SET pseq_last = v.column1 FROM (VALUES (?, ?, ?, ?)) AS v
+        WHERE task_id = v.column2 AND producer = v.column3 AND pseq_first = v.column4
     """
     INSERT_RANGES = """
         INSERT INTO keruta_producer_ranges (task_id, producer, pseq_first, pseq_last, seq_first)
@@ -172,14 +176,15 @@ class SQLiteSql(Dialect):
     """
     SAVE_TASK = """
         UPDATE keruta_tasks SET
-            max_seq = max(max_seq, ?2),
-            durable_seq = ?3,
-            total_logs = total_logs + ?4,
-            stored_bytes = stored_bytes + ?8,
-            first_ts = CASE WHEN first_ts IS NULL OR first_ts > ?5 THEN ?5 ELSE first_ts END,
-            last_ts = CASE WHEN last_ts IS NULL OR last_ts < ?6 THEN ?6 ELSE last_ts END,
-            updated_at = ?7
-        WHERE task_id = ?1
+            max_seq = max(max_seq, v.column2),
+            durable_seq = v.column3,
+            total_logs = total_logs + v.column4,
+            stored_bytes = stored_bytes + v.column8,
+            first_ts = CASE WHEN first_ts IS NULL OR first_ts > v.column5 THEN v.column5 ELSE first_ts END,
+            last_ts = CASE WHEN last_ts IS NULL OR last_ts < v.column6 THEN v.column6 ELSE last_ts END,
+            updated_at = v.column7
+        FROM (VALUES (?, ?, ?, ?, ?, ?, ?, ?)) AS v
+        WHERE task_id = v.column1
     """
     NEW_TASK = """
         INSERT INTO keruta_tasks
@@ -204,15 +209,20 @@ class SQLiteSql(Dialect):
 
     def lock_tasks(self, task_ids: Sequence[str]) -> Op:
         marks = ",".join("?" * len(task_ids))
-        return self.fetch(
-            f"SELECT task_id, max_seq, durable_seq, stored_bytes, max_bytes FROM keruta_tasks"
-            f" WHERE task_id IN ({marks}) ORDER BY task_id",
-            *task_ids,
+        # One row of JSON, not a row per task: each row read is a step, and
+        # every step lets the GIL go and waits to take it back (hub/store/sqlite.py).
+        return Op(
+            JSON_ROWS,
+            "SELECT json_group_array(json_array(task_id, max_seq, durable_seq, stored_bytes, max_bytes)) FROM ("
+            f"SELECT * FROM keruta_tasks WHERE task_id IN ({marks}) ORDER BY task_id)",
+            tuple(task_ids),
         )
 
     def producer_highs(self, keys: Sequence[tuple[str, str]]) -> Op:
         pairs = ",".join(["(?, ?)"] * len(keys))
-        return self.fetch(
+        return Op(
+            JSON_ROWS,
+            "SELECT json_group_array(json_array(task_id, producer, high, pseq_first, seq_first)) FROM ("
             # The keys drive (CROSS JOIN keeps them the outer loop): each
             # producer is found by its key. `(p.task_id, p.producer) IN
             # (VALUES ...)` scanned the whole table, every append.
@@ -225,8 +235,8 @@ class SQLiteSql(Dialect):
                     SELECT MAX(pseq_first) FROM keruta_producer_ranges
                     WHERE task_id = p.task_id AND producer = p.producer
                 ) AND r.pseq_last = p.high
-            """,
-            *(value for key in keys for value in key),
+            )""",
+            tuple(value for key in keys for value in key),
         )
 
     def save_producers(self, highs: list[HighMark], ranges: list[NewRange], extended: list[ExtendedRange]) -> Steps[None]:

@@ -26,6 +26,9 @@ FETCH = "fetch"  # -> list of rows
 ROW = "row"  # -> one row or None
 EXEC = "exec"  # -> nothing useful
 MANY = "many"  # args: a list of argument tuples -> nothing useful
+# SQLite only: one row whose one column is a JSON array of the rows -> list of rows
+# (a row read is a step, and sqlite3 lets the GIL go around every step).
+JSON_ROWS = "json_rows"
 
 
 class Op(NamedTuple):
