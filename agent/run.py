@@ -29,14 +29,14 @@ import functools
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import attrs
 import trio
 
-from agent import process
+from agent import exits, process
+from agent.launch import Launched, fallback_root, launch
 from agent.pipeline.capture import Mirror, capture
 from agent.pipeline.delivery import Delivery, drain
 from agent.pipeline.messages import AgentLine, CaptureMessage, Finished, SpooledMessage, Started
@@ -44,7 +44,6 @@ from agent.pipeline.recorder import Recorder, record
 from agent.pipeline.signals import SignalRouter
 from agent.pipeline.spool_sync import sync_every
 from agent.pipeline.throttle import limit
-from agent.spool.lock import SpoolLocked
 from agent.spool.spool import Spool
 from agent.voice import say
 from keruta.limits import DEFAULT_LIMITS, Limits
@@ -99,7 +98,29 @@ class RunResult:
     dropped: int
 
 
-async def run(settings: RunSettings, say: Callable[[str], None] = say) -> RunResult:
+async def run(settings: RunSettings, say: Callable[[str], None] = say, launched: Launched | None = None) -> RunResult:
+    """Run `settings.command`, or, when `launched` (agent/launch.py) has
+    started it already, take it over."""
+    if launched is None:
+        launched = launch(
+            settings.command, settings.environ, settings.token, settings.spool_root, settings.task_id, say,
+            use_pty=settings.pty,
+        )
+        if launched is None:
+            return RunResult(1, False, 0, 0, 0)
+    try:
+        return await _run(settings, say, launched)
+    except BaseException:
+        child = launched.child
+        if child is not None and child.returncode is None:
+            # The agent fails: what the command started must not outlive it.
+            process.kill(child)
+        raise
+    finally:
+        launched.restore_signals()
+
+
+async def _run(settings: RunSettings, say: Callable[[str], None], launched: Launched) -> RunResult:
     masker = Masker.from_env(settings.environ, settings.masks)
     open_spool = functools.partial(
         Spool.open,
@@ -109,14 +130,11 @@ async def run(settings: RunSettings, say: Callable[[str], None] = say) -> RunRes
         warn=say,
     )
     try:
-        spool = open_spool(settings.spool_root)
-    except SpoolLocked as exc:
-        say(f"{exc}; is task {settings.task_id} already running here?")
-        return RunResult(1, False, 0, 0, 0)
+        spool = open_spool(launched.spool_root, lock_fd=launched.take_lock())
     except OSError as exc:
         # Not worth failing the command for: spool somewhere we can write.
-        fallback = Path(tempfile.gettempdir()) / f"keruta-spool-{os.getuid()}"
-        say(f"cannot use the spool directory {settings.spool_root} ({exc}); using {fallback}")
+        fallback = fallback_root()
+        say(f"cannot use the spool directory {launched.spool_root} ({exc}); using {fallback}")
         spool = open_spool(fallback)
     final = spool.meta.get("final")
     if final is not None and final.get("delivered") and spool.unacked == 0:
@@ -136,12 +154,13 @@ async def run(settings: RunSettings, say: Callable[[str], None] = say) -> RunRes
                 nursery.start_soon(limit, limiter_inbox, to_uplink, settings.rate_limit)
                 nursery.start_soon(sync_every, spool)
                 router = SignalRouter(settings.kill_grace, say)
-                nursery.start_soon(router.run, signals)
+                router.child = launched.child
+                nursery.start_soon(router.run, signals, launched.signals)
                 async with trio.open_nursery() as pipeline:
                     to_recorder, recorder_inbox = trio.open_memory_channel[CaptureMessage](CAPTURE_QUEUE)
                     pipeline.start_soon(record, recorder_inbox, recorder, to_limiter)
                     with to_recorder:
-                        code = await _run_command(settings, masker, to_recorder, router, say)
+                        code = await _run_command(settings, launched, masker, to_recorder, router, say)
                         await to_recorder.send(Finished("succeeded" if code == 0 else "failed", code))
                 # Everything, the final state included, is in the spool now.
                 if not settings.no_wait:
@@ -228,15 +247,16 @@ def _deliver_in_background(settings: RunSettings, spool_root: Path, say: Callabl
 
 async def _run_command(
     settings: RunSettings,
+    launched: Launched,
     masker: Masker,
     recorder: trio.MemorySendChannel[CaptureMessage],
     router: SignalRouter,
     say: Callable[[str], None],
 ) -> int:
-    env = process.child_env(settings.environ, settings.token)
-    try:
-        child = await process.start(settings.command, env, use_pty=settings.pty)
-    except OSError as exc:
+    child = launched.child
+    if child is None:
+        exc = launched.error
+        assert exc is not None
         code = 126 if isinstance(exc, PermissionError) else 127
         message = f"cannot run {settings.command[0]!r}: {exc.strerror or exc}"
         say(message)
@@ -244,10 +264,12 @@ async def _run_command(
         await recorder.send(AgentLine(f"keruta-agent: {message}", "ERROR"))
         return code
     await recorder.send(Started(child.pid))
-    router.child = child
+    streams = []
     async with trio.open_nursery() as captures:
         grace = PipeGrace(captures.cancel_scope, settings.pipe_grace)
-        for source, stream in child.outputs:
+        for source, fd in child.outputs:
+            stream = trio.lowlevel.FdStream(fd)
+            streams.append(stream)
             mirror = None
             if not settings.quiet:
                 mirror = Mirror(1 if source == "stdout" else 2, say)
@@ -261,15 +283,16 @@ async def _run_command(
                     mirror,
                     settings.limits,
                     on_read=grace.read,
+                    early=launched.readers.get(fd),
                 )
             )
-        returncode = await child.process.wait()
+        returncode = await exits.wait(child)
         # Pipes end when the command (and whatever it left running) closes them.
         grace.exited()
     if captures.cancel_scope.cancelled_caught:
         say("the command exited but something it started still holds its output open; not waiting for it")
     router.child = None
-    for _source, stream in child.outputs:
+    for stream in streams:
         await stream.aclose()
     return process.exit_code(returncode)
 
