@@ -1,5 +1,14 @@
 """`keruta-agent run`: one task = one nursery, its actors joined by bounded channels.
 
+COMMAND starts before Trio and the pipeline are even imported (agent/launch.py,
+called by agent/cli.py on the standard library alone), so that it never waits
+on the agent's own start-up:
+
+    launch: lock the task's spool ─► hold SIGINT/SIGTERM ─► start COMMAND ─► an early
+            reader per pipe (a thread: reads into memory, 32 MiB at most, the
+            pipes' budget together; agent/earlyread.py)
+    then:   import Trio and the pipeline, `run`:
+
     ┌ task nursery ──────────────────────────────────────────────────────────────────┐
     │ ┌ pipeline nursery ───────────────────────┐                                    │
     │ │ capture stdout ─┐                        │                                    │
@@ -7,10 +16,13 @@
     │ │ run (Started,  ─┘             (spool)    │                        (protocol +  │
     │ │  AgentLine, Finished)                    │                         sessions)   │
     │ └──────────────────────────────────────────┘                                    │
-    │ spool syncer (1 s timer)   signal router (─► stopping COMMAND's process group) │
+    │ spool syncer (1 s timer, or   signal router (the held signals first;           │
+    │  a segment filled up)          ─► stopping COMMAND's process group)            │
     └────────────────────────────────────────────────────────────────────────────────┘
 
-Each actor owns the receive end of its input channel and closes its output
+Each capture first takes over what its pipe's early reader read (stopping
+it), then reads the pipe itself. Each actor owns the receive end of its
+input channel and closes its output
 when its input ends: after the command exits and its pipes are drained, the
 run sends Finished and closes its end, and the close travels down the
 pipeline. The pipeline nursery ends when the recorder has spooled the last
@@ -20,7 +32,8 @@ uplink to be delivered, and leaves what is left in the spool for
 acknowledged is handed to a background `keruta-agent flush --task-id ID`
 (`flush --wait` at the job's end waits for it). If a signal was passed on to the command, the run ends
 only once its process group has (SIGKILLed `kill_grace` seconds after the
-signal if need be): nothing the command started outlives the agent.
+signal if need be): nothing the command started outlives the agent, not
+even when the agent itself fails (COMMAND's group is SIGKILLed then).
 """
 
 from __future__ import annotations
