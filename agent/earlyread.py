@@ -14,6 +14,7 @@ Imported before the command starts: the standard library only.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import select
 import threading
@@ -30,6 +31,17 @@ LIMIT_BYTES = 32 << 20
 # every line a command writes costs it a wakeup a line (the reader's and its
 # own); the pipe holds what comes meanwhile.
 PAUSE = 0.001
+
+
+def little(fd: int, most: int) -> int:
+    """Below how many bytes a read of pipe `fd` (asking for `most`) found
+    little: half of what it could have found. 0 for what is not a pipe
+    (a pty's master reads at most a few KiB at a time: it never pauses)."""
+    try:
+        capacity = fcntl.fcntl(fd, getattr(fcntl, "F_GETPIPE_SZ", 1032))
+    except OSError:
+        return 0
+    return min(capacity, most) // 2
 
 
 class Budget:
@@ -55,6 +67,7 @@ class EarlyReader:
         self.chunks: list[tuple[float, bytes]] = []
         # The pipe ended (every writer closed it) while the thread read it.
         self.ended = False
+        self._little = little(fd, READ_BYTES)
         self._stop_r, self._stop_w = os.pipe()
         self._thread: threading.Thread | None = threading.Thread(
             target=self._read, name=f"early-read-{fd}", daemon=True
@@ -83,7 +96,7 @@ class EarlyReader:
                 return
             self.chunks.append((time.time(), data))
             self.budget.spend(len(data))
-            if len(data) < READ_BYTES // 2:
+            if len(data) < self._little:
                 time.sleep(PAUSE)
         # Spent: the pipe waits for the capture.
 

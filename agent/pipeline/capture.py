@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from agent.earlyread import PAUSE, EarlyReader
+from agent.earlyread import PAUSE, EarlyReader, little
 from agent.pipeline.linesplit import Block, Line, LineSplitter
 from agent.pipeline.messages import CaptureMessage, LineBatch
 from keruta.limits import DEFAULT_LIMITS, Limits
@@ -104,6 +104,8 @@ class PipeReads:
         self.backlog: collections.deque[tuple[float, bytes]] = collections.deque()
         self.ended = False
         self._pause = False
+        fileno = getattr(stream, "fileno", None)
+        self._little = little(fileno(), READ_SIZE) if fileno is not None else 0
         if early is not None:
             chunks, self.ended = early.take()
             self.backlog.extend(chunks)
@@ -118,7 +120,7 @@ class PipeReads:
         if self._pause:
             await trio.sleep(PAUSE)
         chunk = await receive_or_eof(self.stream)
-        self._pause = 0 < len(chunk) < READ_SIZE // 2
+        self._pause = 0 < len(chunk) < self._little
         return chunk, now_ts()
 
 
