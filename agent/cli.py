@@ -346,10 +346,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if launched is None:
             return 1
         # The command runs (its pipes read) from here on, while the rest loads.
-        _quiet_supervisor()
-        import trio
+        try:
+            _quiet_supervisor()
+            import trio
 
-        from agent.run import RunSettings, run
+            from agent.run import RunSettings, run
+        except BaseException:
+            launched.kill()
+            raise
 
         settings = RunSettings(
             command=command,

@@ -38,6 +38,13 @@ class Launched:
         self.signals: list[int] = []
         self._handlers: dict[int, Any] = {}
 
+    def kill(self) -> None:
+        """The agent fails: what COMMAND started must not outlive it (SIGKILL
+        to its group, if it still runs)."""
+        child = self.child
+        if child is not None and child.returncode is None:
+            process.kill(child)
+
     def take_lock(self) -> int | None:
         fd, self.lock_fd = self.lock_fd, None
         return fd

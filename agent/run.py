@@ -124,10 +124,7 @@ async def run(settings: RunSettings, say: Callable[[str], None] = say, launched:
     try:
         return await _run(settings, say, launched)
     except BaseException:
-        child = launched.child
-        if child is not None and child.returncode is None:
-            # The agent fails: what the command started must not outlive it.
-            process.kill(child)
+        launched.kill()
         raise
     finally:
         launched.restore_signals()
