@@ -1,23 +1,24 @@
-"""`keruta-agent run | tail | flush`."""
+"""`keruta-agent run | tail | flush`.
+
+`run` starts COMMAND (agent/launch.py) before it imports Trio and the
+pipeline: every import at this module's top is a delay before the command
+starts.
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
-
-import trio
+from typing import NoReturn
 
 from agent.hubaddr import BadHubUrl, http_base
 from agent.spool.root import default_root
+from keruta.basics import MAX_SEQ, SOURCES, TASK_ID_RULE, valid_task_id
 from keruta.cliargs import number, size
 from keruta.levels import LEVELS
-from keruta.limits import MAX_SEQ
-from keruta.records import SOURCES, TASK_ID_RULE, valid_task_id
 
 DEFAULT_HUB = "http://127.0.0.1:8080"
 
@@ -305,6 +306,13 @@ def _resolve_hub(parser: argparse.ArgumentParser, value: str | None) -> str:
     return hub
 
 
+def _quiet_supervisor() -> None:
+    """The agent reports reconnects itself, once and then once a minute."""
+    import logging
+
+    logging.getLogger("keruta.supervisor").setLevel(logging.CRITICAL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -313,12 +321,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         head, command = _split_command(args_list)
         args_list = head
     args = parser.parse_args(args_list)
-    # The agent reports reconnects itself, once and then once a minute.
-    logging.getLogger("keruta.supervisor").setLevel(logging.CRITICAL)
     token = args.token or _env("KERUTA_TOKEN")
 
     if args.subcommand == "run":
-        from agent.run import RunSettings, run
+        from agent.launch import launch
         from agent.voice import say
 
         command = command if command is not None else args.command
@@ -331,14 +337,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         if task_id is not None and not valid_task_id(task_id):
             parser.error(f"KERUTA_TASK_ID: a task id is {TASK_ID_RULE}")
         if task_id is None:
+            import uuid
+
             task_id = str(uuid.uuid4())
             say(f"task id {task_id}")
+        spool_root = args.spool_dir or default_root()
+        launched = launch(command, os.environ, token, spool_root, task_id, say, use_pty=args.pty)
+        if launched is None:
+            return 1
+        # The command runs (its pipes read) from here on, while the rest loads.
+        try:
+            _quiet_supervisor()
+            import trio
+
+            from agent.run import RunSettings, run
+        except BaseException:
+            launched.kill()
+            raise
+
         settings = RunSettings(
             command=command,
             hub_url=hub,
             task_id=task_id,
             token=token,
-            spool_root=args.spool_dir or default_root(),
+            spool_root=spool_root,
             spool_max_bytes=args.spool_max_bytes,
             max_bytes=args.max_bytes,
             batch_size=args.batch_size,
@@ -354,10 +376,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             no_wait=args.no_wait,
             max_in_flight_bytes=args.max_in_flight_bytes,
         )
-        result = trio.run(run, settings)
+        result = trio.run(run, settings, say, launched)
         return result.exit_code
 
+    _quiet_supervisor()
     if args.subcommand == "tail":
+        import trio
+
         from agent.tail import TailSettings, tail
 
         hub = _resolve_hub(parser, args.hub)
@@ -379,6 +404,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 130
 
     if args.subcommand == "flush":
+        import trio
+
         from agent.flush import FlushSettings, flush
 
         return trio.run(
@@ -398,5 +425,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+def console() -> NoReturn:
+    """The `keruta-agent` command and `python -m agent`: `main`, then exit
+    at once. By then every file the agent wrote is closed and the spool
+    synced; the interpreter's teardown (finalizing a few hundred modules,
+    30-40 ms) would only hold up the step that ran the agent."""
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -1,4 +1,9 @@
-"""Starting the command, passing signals on, and its exit code."""
+"""Starting the command, passing signals on, and its exit code.
+
+Imported before the command starts (agent/launch.py), which is before the
+agent's heavy imports: the standard library only. What waits on the command
+from Trio is agent/exits.py.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,6 @@ import subprocess
 import sys
 import termios
 from collections.abc import Mapping
-
-import attrs
-import trio
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # How long the command's process group has, after the first signal passed on
@@ -28,20 +30,28 @@ GROUP_POLL = (0.01, 0.25)
 PROC_STAT = os.path.exists("/proc/self/stat")
 
 
-@attrs.define
 class Child:
-    process: trio.Process
-    # (source, stream) pairs to capture; under --pty just one, "stdout".
-    outputs: list[tuple[str, trio.abc.ReceiveStream]]
-    # Whether the command leads a process group of its own (its id is the
-    # command's pid): then the signals we pass on go to the whole group. If not,
-    # it shares ours, the terminal's foreground group, and the terminal's
-    # Ctrl-C already reached it and everything it started.
-    own_group: bool
+    """The running command. (A plain class, not attrs: see the module's docstring.)"""
+
+    def __init__(self, popen: subprocess.Popen[bytes], outputs: list[tuple[str, int]], own_group: bool) -> None:
+        self.popen = popen
+        # (source, fd) pairs to capture, the read ends of its pipes (non-blocking);
+        # under --pty just one, "stdout", the pty's master side.
+        self.outputs = outputs
+        # Whether the command leads a process group of its own (its id is the
+        # command's pid): then the signals we pass on go to the whole group. If not,
+        # it shares ours, the terminal's foreground group, and the terminal's
+        # Ctrl-C already reached it and everything it started.
+        self.own_group = own_group
 
     @property
     def pid(self) -> int:
-        return self.process.pid
+        return self.popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """Its exit status once it has exited (and been reaped), else None."""
+        return self.popen.poll()
 
 
 # The agent's own credential: the command must not be able to write (or, with
@@ -77,7 +87,7 @@ def _stdin_is_tty() -> bool:
         return False
 
 
-async def start(command: list[str], env: Mapping[str, str], use_pty: bool = False) -> Child:
+def start(command: list[str], env: Mapping[str, str], use_pty: bool = False) -> Child:
     """Start `command` with its stdout/stderr captured.
 
     The command leads a process group of its own, so that a signal meant for
@@ -86,21 +96,32 @@ async def start(command: list[str], env: Mapping[str, str], use_pty: bool = Fals
     session too, whose controlling terminal is the pty. Only with a terminal on
     stdin and no pty does it stay in our (foreground) group, so that it can
     still read that terminal and open /dev/tty.
+
+    OSError if it cannot be started (PermissionError: not executable).
     """
     if not use_pty:
         own_group = not _stdin_is_tty()
-        process = await trio.lowlevel.open_process(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=dict(env),
-            process_group=0 if own_group else None,
-        )
-        assert process.stdout is not None and process.stderr is not None
-        for pipe in (process.stdout, process.stderr):
-            if isinstance(pipe, trio.lowlevel.FdStream):
-                _widen(pipe.fileno())
-        return Child(process, [("stdout", process.stdout), ("stderr", process.stderr)], own_group)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            for fd in (out_r, err_r):
+                _widen(fd)
+                os.set_blocking(fd, False)
+            popen = subprocess.Popen(
+                command,
+                stdout=out_w,
+                stderr=err_w,
+                env=dict(env),
+                process_group=0 if own_group else None,
+            )
+        except BaseException:
+            os.close(out_r)
+            os.close(err_r)
+            raise
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        return Child(popen, [("stdout", out_r), ("stderr", err_r)], own_group)
 
     master, slave = os.openpty()
     try:
@@ -109,7 +130,8 @@ async def start(command: list[str], env: Mapping[str, str], use_pty: bool = Fals
         mode[1] &= ~termios.ONLCR
         termios.tcsetattr(slave, termios.TCSANOW, mode)
         _copy_window_size(slave)
-        process = await trio.lowlevel.open_process(
+        os.set_blocking(master, False)
+        popen = subprocess.Popen(
             command,
             stdout=slave,
             stderr=slave,
@@ -122,7 +144,7 @@ async def start(command: list[str], env: Mapping[str, str], use_pty: bool = Fals
         raise
     finally:
         os.close(slave)
-    return Child(process, [("stdout", trio.lowlevel.FdStream(master))], own_group=True)
+    return Child(popen, [("stdout", master)], own_group=True)
 
 
 # A fast command writes on into the pipe while the agent spools what it read:
@@ -167,9 +189,14 @@ def forward(child: Child, signum: int) -> bool:
     process group when it has one; False if not passed."""
     if signum == signal.SIGINT and not child.own_group:
         return False  # the terminal sent it to the whole group, command included
-    if child.process.returncode is not None:
+    if child.returncode is not None:
         return False
     return _signal(child, signum)
+
+
+def kill(child: Child) -> bool:
+    """SIGKILL the command's group (or the command alone, when it has none)."""
+    return _signal(child, signal.SIGKILL)
 
 
 def _signal(child: Child, signum: int) -> bool:
@@ -179,34 +206,10 @@ def _signal(child: Child, signum: int) -> bool:
         if child.own_group:
             os.killpg(child.pid, signum)
         else:
-            child.process.send_signal(signum)
+            child.popen.send_signal(signum)
     except ProcessLookupError:
         return False
     return True
-
-
-async def stop(child: Child, grace: float) -> bool:
-    """After a signal was passed on: give the command (its whole group, when it
-    has one) `grace` seconds to end, then SIGKILL what is left of it and wait up
-    to KILL_WAIT for that to end. True if it had to be killed."""
-    with trio.move_on_after(grace):
-        await _ended(child)
-        return False
-    _signal(child, signal.SIGKILL)
-    with trio.move_on_after(KILL_WAIT):
-        await _ended(child)
-    return True
-
-
-async def _ended(child: Child) -> None:
-    if not child.own_group:
-        await child.process.wait()
-        return
-    pause = GROUP_POLL[0]
-    # No event says a group has emptied: look, more rarely the longer it lives.
-    while await trio.to_thread.run_sync(group_alive, child.pid):
-        await trio.sleep(pause)
-        pause = min(pause * 2, GROUP_POLL[1])
 
 
 def group_alive(pgid: int) -> bool:

@@ -1,5 +1,14 @@
 """`keruta-agent run`: one task = one nursery, its actors joined by bounded channels.
 
+COMMAND starts before Trio and the pipeline are even imported (agent/launch.py,
+called by agent/cli.py on the standard library alone), so that it never waits
+on the agent's own start-up:
+
+    launch: lock the task's spool ─► hold SIGINT/SIGTERM ─► start COMMAND ─► an early
+            reader per pipe (a thread: reads into memory, 32 MiB at most, the
+            pipes' budget together; agent/earlyread.py)
+    then:   import Trio and the pipeline, `run`:
+
     ┌ task nursery ──────────────────────────────────────────────────────────────────┐
     │ ┌ pipeline nursery ───────────────────────┐                                    │
     │ │ capture stdout ─┐                        │                                    │
@@ -7,10 +16,13 @@
     │ │ run (Started,  ─┘             (spool)    │                        (protocol +  │
     │ │  AgentLine, Finished)                    │                         sessions)   │
     │ └──────────────────────────────────────────┘                                    │
-    │ spool syncer (1 s timer)   signal router (─► stopping COMMAND's process group) │
+    │ spool syncer (1 s timer, or   signal router (the held signals first;           │
+    │  a segment filled up)          ─► stopping COMMAND's process group)            │
     └────────────────────────────────────────────────────────────────────────────────┘
 
-Each actor owns the receive end of its input channel and closes its output
+Each capture first takes over what its pipe's early reader read (stopping
+it), then reads the pipe itself. Each actor owns the receive end of its
+input channel and closes its output
 when its input ends: after the command exits and its pipes are drained, the
 run sends Finished and closes its end, and the close travels down the
 pipeline. The pipeline nursery ends when the recorder has spooled the last
@@ -20,7 +32,8 @@ uplink to be delivered, and leaves what is left in the spool for
 acknowledged is handed to a background `keruta-agent flush --task-id ID`
 (`flush --wait` at the job's end waits for it). If a signal was passed on to the command, the run ends
 only once its process group has (SIGKILLed `kill_grace` seconds after the
-signal if need be): nothing the command started outlives the agent.
+signal if need be): nothing the command started outlives the agent, not
+even when the agent itself fails (COMMAND's group is SIGKILLed then).
 """
 
 from __future__ import annotations
@@ -29,14 +42,14 @@ import functools
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import attrs
 import trio
 
-from agent import process
+from agent import exits, process
+from agent.launch import Launched, fallback_root, launch
 from agent.pipeline.capture import Mirror, capture
 from agent.pipeline.delivery import Delivery, drain
 from agent.pipeline.messages import AgentLine, CaptureMessage, Finished, SpooledMessage, Started
@@ -44,7 +57,6 @@ from agent.pipeline.recorder import Recorder, record
 from agent.pipeline.signals import SignalRouter
 from agent.pipeline.spool_sync import sync_every
 from agent.pipeline.throttle import limit
-from agent.spool.lock import SpoolLocked
 from agent.spool.spool import Spool
 from agent.voice import say
 from keruta.limits import DEFAULT_LIMITS, Limits
@@ -99,7 +111,26 @@ class RunResult:
     dropped: int
 
 
-async def run(settings: RunSettings, say: Callable[[str], None] = say) -> RunResult:
+async def run(settings: RunSettings, say: Callable[[str], None] = say, launched: Launched | None = None) -> RunResult:
+    """Run `settings.command`, or, when `launched` (agent/launch.py) has
+    started it already, take it over."""
+    if launched is None:
+        launched = launch(
+            settings.command, settings.environ, settings.token, settings.spool_root, settings.task_id, say,
+            use_pty=settings.pty,
+        )
+        if launched is None:
+            return RunResult(1, False, 0, 0, 0)
+    try:
+        return await _run(settings, say, launched)
+    except BaseException:
+        launched.kill()
+        raise
+    finally:
+        launched.restore_signals()
+
+
+async def _run(settings: RunSettings, say: Callable[[str], None], launched: Launched) -> RunResult:
     masker = Masker.from_env(settings.environ, settings.masks)
     open_spool = functools.partial(
         Spool.open,
@@ -109,14 +140,11 @@ async def run(settings: RunSettings, say: Callable[[str], None] = say) -> RunRes
         warn=say,
     )
     try:
-        spool = open_spool(settings.spool_root)
-    except SpoolLocked as exc:
-        say(f"{exc}; is task {settings.task_id} already running here?")
-        return RunResult(1, False, 0, 0, 0)
+        spool = open_spool(launched.spool_root, lock_fd=launched.take_lock())
     except OSError as exc:
         # Not worth failing the command for: spool somewhere we can write.
-        fallback = Path(tempfile.gettempdir()) / f"keruta-spool-{os.getuid()}"
-        say(f"cannot use the spool directory {settings.spool_root} ({exc}); using {fallback}")
+        fallback = fallback_root()
+        say(f"cannot use the spool directory {launched.spool_root} ({exc}); using {fallback}")
         spool = open_spool(fallback)
     final = spool.meta.get("final")
     if final is not None and final.get("delivered") and spool.unacked == 0:
@@ -136,12 +164,13 @@ async def run(settings: RunSettings, say: Callable[[str], None] = say) -> RunRes
                 nursery.start_soon(limit, limiter_inbox, to_uplink, settings.rate_limit)
                 nursery.start_soon(sync_every, spool)
                 router = SignalRouter(settings.kill_grace, say)
-                nursery.start_soon(router.run, signals)
+                router.child = launched.child
+                nursery.start_soon(router.run, signals, launched.signals)
                 async with trio.open_nursery() as pipeline:
                     to_recorder, recorder_inbox = trio.open_memory_channel[CaptureMessage](CAPTURE_QUEUE)
                     pipeline.start_soon(record, recorder_inbox, recorder, to_limiter)
                     with to_recorder:
-                        code = await _run_command(settings, masker, to_recorder, router, say)
+                        code = await _run_command(settings, launched, masker, to_recorder, router, say)
                         await to_recorder.send(Finished("succeeded" if code == 0 else "failed", code))
                 # Everything, the final state included, is in the spool now.
                 if not settings.no_wait:
@@ -228,15 +257,16 @@ def _deliver_in_background(settings: RunSettings, spool_root: Path, say: Callabl
 
 async def _run_command(
     settings: RunSettings,
+    launched: Launched,
     masker: Masker,
     recorder: trio.MemorySendChannel[CaptureMessage],
     router: SignalRouter,
     say: Callable[[str], None],
 ) -> int:
-    env = process.child_env(settings.environ, settings.token)
-    try:
-        child = await process.start(settings.command, env, use_pty=settings.pty)
-    except OSError as exc:
+    child = launched.child
+    if child is None:
+        exc = launched.error
+        assert exc is not None
         code = 126 if isinstance(exc, PermissionError) else 127
         message = f"cannot run {settings.command[0]!r}: {exc.strerror or exc}"
         say(message)
@@ -244,10 +274,12 @@ async def _run_command(
         await recorder.send(AgentLine(f"keruta-agent: {message}", "ERROR"))
         return code
     await recorder.send(Started(child.pid))
-    router.child = child
+    streams = []
     async with trio.open_nursery() as captures:
         grace = PipeGrace(captures.cancel_scope, settings.pipe_grace)
-        for source, stream in child.outputs:
+        for source, fd in child.outputs:
+            stream = trio.lowlevel.FdStream(fd)
+            streams.append(stream)
             mirror = None
             if not settings.quiet:
                 mirror = Mirror(1 if source == "stdout" else 2, say)
@@ -261,15 +293,16 @@ async def _run_command(
                     mirror,
                     settings.limits,
                     on_read=grace.read,
+                    early=launched.readers.get(fd),
                 )
             )
-        returncode = await child.process.wait()
+        returncode = await exits.wait(child)
         # Pipes end when the command (and whatever it left running) closes them.
         grace.exited()
     if captures.cancel_scope.cancelled_caught:
         say("the command exited but something it started still holds its output open; not waiting for it")
     router.child = None
-    for _source, stream in child.outputs:
+    for stream in streams:
         await stream.aclose()
     return process.exit_code(returncode)
 

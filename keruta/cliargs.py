@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable
 from typing import TypeVar
 
-from keruta.limits import INT64_MAX
+from keruta.basics import INT64_MAX
 
 N = TypeVar("N", int, float)
 

@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import attrs
 
-# Integers as the stores hold them (BIGINT / SQLite INTEGER are int64).
-INT64_MAX = 2**63 - 1
-INT32_MIN = -(2**31)
-INT32_MAX = 2**31 - 1
-# The largest `seq`, `fromSeq` or `lineNumber` a producer may give: browsers
-# read JSON numbers as doubles, exact up to 2**53 - 1, and the hub's own
-# max+1 assignment stays far inside int64.
-MAX_SEQ = 2**53 - 1
+from keruta.basics import INT32_MAX, INT32_MIN, INT64_MAX, MAX_SEQ
+
+__all__ = ["DEFAULT_LIMITS", "INT32_MAX", "INT32_MIN", "INT64_MAX", "MAX_SEQ", "Limits"]
 
 
 @attrs.frozen

@@ -8,10 +8,20 @@ from typing import Any, TypeVar
 
 import attrs
 
+# Re-exported: where the rest of keruta and the hub look for them.
+from keruta.basics import (
+    INT32_MAX,
+    INT32_MIN,
+    INT64_MAX,
+    MAX_SEQ,
+    SOURCES,
+    TASK_ID_PATTERN,
+    TASK_ID_RE,  # noqa: F401
+    TASK_ID_RULE,
+    valid_task_id,
+)
 from keruta.levels import LEVELS
-from keruta.limits import INT32_MAX, INT32_MIN, INT64_MAX, MAX_SEQ
 
-SOURCES = ("stdout", "stderr", "agent")
 # A record's `kind` (CONTRACT.md, Words): None for a line; `gap` says what was
 # knowingly not kept (docs/agent.md, "Spool full"); sections and redactions.
 KINDS = ("gap", "section_start", "section_end", "redaction")
@@ -20,7 +30,6 @@ KINDS = ("gap", "section_start", "section_end", "redaction")
 HUB_KINDS = frozenset(("gap", "redaction"))
 TASK_STATES = ("pending", "running", "succeeded", "failed")
 FINAL_STATES = ("succeeded", "failed")
-TASK_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 class InvalidField(ValueError):
@@ -31,9 +40,6 @@ class InvalidField(ValueError):
         self.field = field
         self.reason = message
 
-
-TASK_ID_RULE = "1-128 characters of [A-Za-z0-9._:-], not '.' or '..'"
-TASK_ID_PATTERN = rf"^(?!\.\.?$){TASK_ID_RE.pattern}$"
 
 F = TypeVar("F", bound=Callable[..., None])
 
@@ -52,27 +58,6 @@ def json_schema(**schema: Any) -> Callable[[F], F]:
 
 # The wire's timestamps: RFC 3339 (keruta.timefmt).
 TIMESTAMP = {"json_schema": {"format": "date-time"}}
-
-
-# Task ids already found valid: every record of a batch names the same one, and
-# a LogRecord is built several times on its way into the store. Bounded: it is
-# emptied when full.
-_VALID_TASK_IDS: set[str] = set()
-_VALID_TASK_IDS_MAX = 4096
-
-
-def valid_task_id(value: object) -> bool:
-    if type(value) is str and value in _VALID_TASK_IDS:
-        return True
-    # "." and ".." are path components: the agent's spool directory would be
-    # the spool root itself or its parent.
-    if isinstance(value, str) and TASK_ID_RE.fullmatch(value) is not None and value not in (".", ".."):
-        if type(value) is str:
-            if len(_VALID_TASK_IDS) >= _VALID_TASK_IDS_MAX:
-                _VALID_TASK_IDS.clear()
-            _VALID_TASK_IDS.add(value)
-        return True
-    return False
 
 
 @json_schema(pattern=TASK_ID_PATTERN)

@@ -78,6 +78,27 @@ async def test_sigterm_reaches_what_the_command_started(tmp_path: Path, groups: 
     assert "SIGKILL" not in a.stderr_text
 
 
+async def test_a_sigterm_while_the_agent_still_starts_reaches_the_group(
+    tmp_path: Path, groups: list[int]
+) -> None:
+    """COMMAND starts before the agent has loaded its pipeline (agent/launch.py):
+    a SIGTERM in between -- here as soon as COMMAND has written its group to a
+    file, usually long before the agent could mirror a line -- is held and
+    passed on once the pipeline runs. (Later, it is passed on as any.)"""
+    where = tmp_path / "pgid"
+    cmd = ["sh", "-c", f"echo $$ > {where}.tmp && mv {where}.tmp {where}; sleep 30 & wait"]
+    async with agent(args(tmp_path) + cmd) as a:
+        with trio.fail_after(30):
+            while not where.exists():
+                await trio.sleep(0.001)
+        pgid = int(where.read_text())
+        groups.append(pgid)
+        a.signal(signal.SIGTERM)
+        assert await a.wait() == 128 + signal.SIGTERM
+        assert group_members(pgid) == []
+    assert "SIGKILL" not in a.stderr_text
+
+
 async def test_a_group_that_ignores_sigterm_is_killed_after_the_grace(
     tmp_path: Path, groups: list[int]
 ) -> None:

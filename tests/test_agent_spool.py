@@ -8,9 +8,12 @@ from pathlib import Path
 
 import orjson
 import pytest
+import trio
+import trio.testing
 
 from agent.pipeline.encoding import LineRun
 from agent.pipeline.linesplit import Block
+from agent.pipeline.spool_sync import sync_every
 from agent.spool.lock import SpoolLocked
 from agent.spool.root import spooled_tasks
 from agent.spool.segment import HEADER, encode_frame
@@ -275,6 +278,31 @@ async def test_sync_fsyncs_in_a_thread(tmp_path: Path, monkeypatch: pytest.Monke
     }
     assert len(os.listdir("/proc/self/fd")) == synced_fds  # nothing leaks
     assert warnings == []
+    spool.close()
+
+
+async def test_a_filled_segment_is_synced_without_waiting_for_the_tick(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fsynced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        fsynced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    spool = open_spool(tmp_path, segment_bytes=4096, max_bytes=1 << 20)
+    async with trio.open_nursery() as nursery:
+        # A tick that never comes during the test: only a retired segment syncs.
+        nursery.start_soon(sync_every, spool, 3600.0)
+        await trio.testing.wait_all_tasks_blocked()
+        fill(spool, 1, 300)  # several segments, the first ones retired
+        first = str(min((tmp_path / "task-1").glob("*.seg")))
+        with trio.fail_after(60):  # hang guard
+            while first not in fsynced:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
     spool.close()
 
 

@@ -5,11 +5,18 @@
 
 One read of the pipe makes one LineBatch; the recorder (agent/pipeline/recorder.py)
 gives the lines their seqs and spools them. The pipes are trio's non-blocking
-fd streams (no thread per read).
+fd streams (no thread per read). What the command wrote while the agent
+started was read by a thread (agent/earlyread.py): the capture takes that
+over first, each chunk with the time it was read, then reads the pipe itself.
+After a read that found little it pauses (earlyread.PAUSE) before the next,
+so that a command writing line by line is not woken, nor the agent, for
+every line.
 """
 
 from __future__ import annotations
 
+import collections
+import datetime as dt
 import errno
 import os
 import stat
@@ -17,11 +24,12 @@ from collections.abc import Callable, Sequence
 
 import trio
 
+from agent.earlyread import PAUSE, EarlyReader, little
 from agent.pipeline.linesplit import Block, Line, LineSplitter
 from agent.pipeline.messages import CaptureMessage, LineBatch
 from keruta.limits import DEFAULT_LIMITS, Limits
 from keruta.masking import StreamMasker
-from keruta.timefmt import now_ts
+from keruta.timefmt import UTC, format_ts, now_ts
 
 # One read (and so one LineBatch, one spool write) at most: large enough that
 # the work per read is small beside the work per line.
@@ -86,6 +94,36 @@ async def receive_or_eof(stream: trio.abc.ReceiveStream) -> bytes:
         raise
 
 
+class PipeReads:
+    """One pipe's chunks in order, each with the time it was read: what
+    `early` read while the agent started, then the capture's own reads of
+    `stream`. Takes the pipe over from `early` when made."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream, early: EarlyReader | None = None) -> None:
+        self.stream = stream
+        self.backlog: collections.deque[tuple[float, bytes]] = collections.deque()
+        self.ended = False
+        self._pause = False
+        fileno = getattr(stream, "fileno", None)
+        self._little = little(fileno(), READ_SIZE) if fileno is not None else 0
+        if early is not None:
+            chunks, self.ended = early.take()
+            self.backlog.extend(chunks)
+
+    async def next(self) -> tuple[bytes, str]:
+        """The next chunk and its read time; b"" at the pipe's end."""
+        if self.backlog:
+            at, chunk = self.backlog.popleft()
+            return chunk, format_ts(dt.datetime.fromtimestamp(at, UTC))
+        if self.ended:
+            return b"", now_ts()
+        if self._pause:
+            await trio.sleep(PAUSE)
+        chunk = await receive_or_eof(self.stream)
+        self._pause = 0 < len(chunk) < self._little
+        return chunk, now_ts()
+
+
 # At the end of a capture, how long its last lines wait to be spooled before they are shown anyway.
 SPOOLED_WAIT = 5.0
 
@@ -98,17 +136,20 @@ async def capture(
     mirror: Mirror | None,
     limits: Limits = DEFAULT_LIMITS,
     on_read: Callable[[], None] | None = None,
+    early: EarlyReader | None = None,
 ) -> None:
-    """Read `stream` to its end; every line goes to the recorder, every byte
-    (masked) to the mirror. Cancelled, it still records what it had buffered.
-    Closes its send end to the recorder when it ends."""
+    """Read `stream` (after what `early` read of it) to its end; every line
+    goes to the recorder, every byte (masked) to the mirror. Cancelled, it
+    still records what it had buffered. Closes its send end to the recorder
+    when it ends."""
     splitter = LineSplitter(limits.max_line_bytes)
     numbering = LineNumbering()
     with recorder:
         try:
+            # Before the first checkpoint: the thread is stopped even if this is cancelled at once.
+            reads = PipeReads(stream, early)
             while True:
-                chunk = await receive_or_eof(stream)
-                ts = now_ts()
+                chunk, ts = await reads.next()
                 if not chunk:
                     break
                 if on_read is not None:

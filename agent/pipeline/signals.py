@@ -5,11 +5,11 @@ signal cuts the wait for the hub short."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import trio
 
-from agent import process
+from agent import exits, process
 from agent.voice import say
 
 
@@ -28,21 +28,28 @@ class SignalRouter:
         # Set once the group a passed-on signal is stopping has ended.
         self._group_ended: trio.Event | None = None
 
-    async def run(self, signals: object) -> None:
+    async def run(self, signals: object, early: Iterable[int] = ()) -> None:
+        """Route `signals` (a trio signal receiver), after `early`: those the
+        agent got before the receiver was there."""
         async with trio.open_nursery() as nursery:
+            for signum in early:
+                self._route(signum, nursery)
             async for signum in signals:  # type: ignore[attr-defined]
-                if self.child is not None:
-                    if process.forward(self.child, signum) and self._group_ended is None:
-                        self._group_ended = trio.Event()
-                        nursery.start_soon(self._stop, self.child, self._group_ended)
-                else:
-                    self.after_exit += 1
-                    if self.drain is not None:
-                        self.drain.cancel()
+                self._route(signum, nursery)
+
+    def _route(self, signum: int, nursery: trio.Nursery) -> None:
+        if self.child is not None:
+            if process.forward(self.child, signum) and self._group_ended is None:
+                self._group_ended = trio.Event()
+                nursery.start_soon(self._stop, self.child, self._group_ended)
+        else:
+            self.after_exit += 1
+            if self.drain is not None:
+                self.drain.cancel()
 
     async def _stop(self, child: process.Child, ended: trio.Event) -> None:
         try:
-            if await process.stop(child, self.kill_grace):
+            if await exits.stop(child, self.kill_grace):
                 what = "process group" if child.own_group else "process"
                 self.say(
                     f"the command's {what} was still running {self.kill_grace:g} s "

@@ -12,6 +12,15 @@ class SpoolLocked(Exception):
     """Another live process owns this task's spool."""
 
 
+def task_directory(root: Path, task_id: str) -> Path:
+    """The spool directory of `task_id` under `root`."""
+    if task_id in ("", ".", "..") or "/" in task_id or os.sep in task_id or "\x00" in task_id:
+        # Not a directory of its own under root: writing there would put the
+        # spool into (or above) the root, where `flush` never looks.
+        raise ValueError(f"task id {task_id!r} cannot name a spool directory")
+    return Path(root) / task_id
+
+
 def lock_directory(directory: Path, create: bool = True) -> int:
     """Own the spool: an flock on the `lock` file linked in the directory.
 

@@ -54,7 +54,7 @@ import orjson
 import trio
 
 from agent.pipeline.encoding import LineRun
-from agent.spool.lock import lock_directory
+from agent.spool.lock import lock_directory, task_directory
 from agent.spool.meta import read_meta
 from agent.spool.recent import RecentRecords, take
 from agent.spool.segment import (
@@ -107,6 +107,8 @@ class Spool:
         self._cursor: tuple[Segment, int, int] | None = None  # segment, offset, next seq
         self._unsynced: list[int] = []  # dup'ed fds written since the last sync
         self._dirty = False
+        # Set when a segment written since the last sync is retired.
+        self._retired = trio.Event()
         self._saved_ack = 0
         # The highest acked seq whose watermark is on disk and fsynced: only
         # segments at or below it may be deleted (the watermark must outlive
@@ -133,20 +135,24 @@ class Spool:
         *,
         hub_url: str | None = None,
         create: bool = True,
+        lock_fd: int | None = None,
         **kwargs: Any,
     ) -> Spool:
         """Open (`create`: or make) a task's spool and lock it for this process.
 
+        `lock_fd`: the directory's lock, taken already (agent/launch.py); the
+        spool owns it from here on, and closes it when opening fails.
         Without `create` (flush), a directory that is not a complete spool --
         e.g. one its agent is removing right now -- is FileNotFoundError.
         """
-        if task_id in ("", ".", "..") or "/" in task_id or os.sep in task_id or "\x00" in task_id:
-            # Not a directory of its own under root: writing there would put the
-            # spool into (or above) the root, where `flush` never looks.
-            raise ValueError(f"task id {task_id!r} cannot name a spool directory")
-        directory = Path(root) / task_id
+        try:
+            directory = task_directory(root, task_id)
+        except ValueError:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise
         spool = cls(directory, **kwargs)
-        spool._lock_fd = lock_directory(directory, create)
+        spool._lock_fd = lock_directory(directory, create) if lock_fd is None else lock_fd
         try:
             if not create and not (directory / "task.json").exists():
                 raise FileNotFoundError(f"{directory} holds no spooled task")
@@ -400,6 +406,7 @@ class Spool:
         if seg.fd is not None:
             if self._dirty:
                 self._unsynced.append(os.dup(seg.fd))
+                self._retired.set()
             os.close(seg.fd)
             seg.fd = None
 
@@ -440,6 +447,12 @@ class Spool:
         else:
             self._small["task.json"] = len(data)
 
+    async def segment_retired(self) -> None:
+        """Wait until a segment with writes not yet fsynced is no longer
+        appended to: syncing it then, rather than at the next tick, leaves a
+        fast command's end (`sync` after its last line) less to wait for."""
+        await self._retired.wait()
+
     async def sync(self) -> None:
         """fsync what was written since the last call, and make the ack
         watermark durable, in a worker thread; then delete the segments the
@@ -466,6 +479,8 @@ class Spool:
         fds = self._unsynced
         self._unsynced = []
         self._dirty = False
+        if self._retired.is_set():
+            self._retired = trio.Event()
         try:
             if self.segments and self.segments[-1].fd is not None:
                 fds.append(os.dup(self.segments[-1].fd))
