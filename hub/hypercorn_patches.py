@@ -282,10 +282,9 @@ async def _read_data_untimed(self: Any) -> None:
         return
     # Hypercorn's loop, without `fail_after(inf)` around every read.
     link: InlineLink | None = getattr(self, "keruta_link", None)
-    receive = _receive_when_readable if isinstance(self.stream, trio.SocketStream) else _receive_some
     while True:
         try:
-            data = await receive(self.stream)
+            data = bytes(await self.stream.receive_some(MAX_RECV))
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             break
         ws = link.reads_straight() if link is not None and data else None
@@ -412,30 +411,6 @@ class InlineLink:
                 tail = self.take_tail()
                 if tail:
                     await _send_shielded(server, tail)
-
-
-async def _receive_some(stream: Any) -> bytes:
-    return bytes(await stream.receive_some(MAX_RECV))
-
-
-async def _receive_when_readable(stream: trio.SocketStream) -> bytes:
-    """`stream.receive_some(MAX_RECV)` waiting for the socket first (patch 6):
-    trio's tries a read first, and a read that finds data then yields to the
-    scheduler, so every message cost a second pass and a read that failed."""
-    sock = stream.socket
-    while True:
-        fd = sock.fileno()
-        if fd == -1:
-            # Closed by another task (trio's read would fail with EBADF); a
-            # wait on fd -1 would be registered with epoll and never undone.
-            raise trio.ClosedResourceError("the socket was closed")
-        await trio.lowlevel.wait_readable(fd)
-        try:
-            return os.read(fd, MAX_RECV)
-        except BlockingIOError:
-            continue
-        except OSError as exc:
-            raise trio.BrokenResourceError from exc
 
 
 def install() -> None:
