@@ -63,7 +63,7 @@ async def test_sqlite_settings_make_commits_durable(tmp_path):
         assert store._writer.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         # NORMAL: commits do not wait for the disk; Store.sync does (docs/durability.md).
         assert store._writer.execute("PRAGMA synchronous").fetchone()[0] == 1
-        # Nor for a checkpoint: Store.sync runs those too.
+        # Nor for a checkpoint: Store.upkeep runs those, after a sync.
         assert store._writer.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
     finally:
         await store.close()
@@ -114,8 +114,9 @@ def wal_bytes(path) -> int:  # type: ignore[no-untyped-def]
 
 async def test_syncs_keep_the_wal_bounded(tmp_path):
     """SQLite's own checkpoints are off (they fsync inside a commit); the
-    syncs that follow commits checkpoint instead, so a WAL written on and
-    on stays near `checkpoint_at` rather than growing with the data."""
+    syncs that follow commits, and the upkeep after each (the writer's syncer
+    asks for it once it has answered), checkpoint instead, so a WAL written
+    on and on stays near `checkpoint_at` rather than growing with the data."""
     path = tmp_path / "k.db"
     store = SQLiteStore(path, checkpoint_at=256 * 1024)
     await store.open()
@@ -124,6 +125,7 @@ async def test_syncs_keep_the_wal_bounded(tmp_path):
         for n in range(100):  # about 5 MB of records
             await store.append([rec(n * 10 + i, secrets.token_hex(2_500)) for i in range(1, 11)])
             await store.sync()
+            await store.upkeep()
             largest = max(largest, wal_bytes(path))
         assert largest < 1024 * 1024, f"the WAL grew to {largest} bytes"
         assert await all_seqs(store) == list(range(1, 1001))
@@ -135,7 +137,7 @@ async def test_a_wal_an_old_reader_kept_growing_is_cut_back_once_it_lets_go(tmp_
     """A reader that holds an old snapshot (a `sqlite3` shell left in a read
     transaction, say) keeps every later commit in the WAL, past
     `truncate_at`. Appends go on meanwhile; once the reader lets go, the next
-    sync checkpoints everything and cuts the file back to nothing."""
+    sync's upkeep checkpoints everything and cuts the file back to nothing."""
     path = tmp_path / "k.db"
     store = SQLiteStore(path, checkpoint_at=32 * 1024, truncate_at=256 * 1024)
     await store.open()
@@ -148,10 +150,12 @@ async def test_a_wal_an_old_reader_kept_growing_is_cut_back_once_it_lets_go(tmp_
         for n in range(10):
             await store.append([rec(n * 10 + i, secrets.token_hex(2_500)) for i in range(2, 12)])
             await store.sync()
+            await store.upkeep()
         assert wal_bytes(path) > 256 * 1024
         reader.execute("COMMIT")
         await store.append([rec(102)])
         await store.sync()
+        await store.upkeep()
         assert wal_bytes(path) == 0
         # And the store writes and reads on.
         await store.append([rec(103)])

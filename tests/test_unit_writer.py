@@ -279,6 +279,9 @@ class CountingSyncs:
         await self.store.sync()
         self.syncs += 1
 
+    async def upkeep(self) -> None:
+        await self.store.upkeep()
+
 
 async def test_syncer_answers_after_the_sync_in_commit_order(sqlite_store: SQLiteStore) -> None:
     store = CountingSyncs(sqlite_store)
@@ -301,3 +304,44 @@ async def test_syncer_answers_after_the_sync_in_commit_order(sqlite_store: SQLit
         send.close()
     assert answered == ["a1", "a2", "b", "c"]
     assert store.syncs == 2, "the batches that waited share one sync (group fsync)"
+
+
+class SlowUpkeep(CountingSyncs):
+    """A real SQLite store whose upkeep (a WAL checkpoint) takes until released."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        super().__init__(store)
+        self.upkeep_started = trio.Event()
+        self.upkeep_done = trio.Event()
+        self.upkeeps = 0
+
+    async def upkeep(self) -> None:
+        self.upkeeps += 1
+        self.upkeep_started.set()
+        await self.upkeep_done.wait()
+        await self.store.upkeep()
+
+
+async def test_answers_never_wait_for_the_upkeep_a_sync_leaves(sqlite_store: SQLiteStore) -> None:
+    # A checkpoint can take tens of milliseconds: the acks of the commits
+    # that follow go out meanwhile, after their own syncs.
+    store = SlowUpkeep(sqlite_store)
+    send, inbox = trio.open_memory_channel[Settled](8)
+    answered: list[str] = []
+
+    def answering(name: str) -> tuple[WriteRequest, WriteOutcome]:
+        return WriteRequest(done=lambda _o: answered.append(name)), WriteOutcome()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_syncer, store, inbox)
+            await send.send(Settled([answering("a")]))
+            await store.upkeep_started.wait()
+            for name in ("b", "c", "d"):
+                await send.send(Settled([answering(name)]))
+                while name not in answered:
+                    await trio.sleep(0.001)
+            assert store.syncs >= 2 and store.upkeeps == 1, "one upkeep at a time, asked again at most once"
+            store.upkeep_done.set()
+            send.close()
+    assert answered == ["a", "b", "c", "d"]

@@ -11,6 +11,7 @@ and the writer commits the next batch while the disk catches up.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import attrs
@@ -37,11 +38,26 @@ async def run_syncer(store: Store, inbox: trio.MemoryReceiveChannel[Settled]) ->
 
     Store.sync's DurabilityLost is not caught: after a failed fsync nothing
     committed since the last good one may be acknowledged, so the hub stops.
+
+    After answering, the store's upkeep (a WAL checkpoint) is asked of a task
+    beside this one, so the next answers do not wait for it: a poke in a
+    one-place channel, dropped when one is already waiting.
     """
-    async for first in inbox:
-        waiting = [first]
-        while (more := receive_now(inbox)) is not None:
-            waiting.append(more)
-        await store.sync()
-        # One message per connection for everything this sync made durable.
-        answer([pair for settled in waiting for pair in settled.answers])
+    poke, pokes = trio.open_memory_channel[None](1)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_upkeep, store, pokes)
+        with poke:
+            async for first in inbox:
+                waiting = [first]
+                while (more := receive_now(inbox)) is not None:
+                    waiting.append(more)
+                await store.sync()
+                # One message per connection for everything this sync made durable.
+                answer([pair for settled in waiting for pair in settled.answers])
+                with contextlib.suppress(trio.WouldBlock):
+                    poke.send_nowait(None)
+
+
+async def _upkeep(store: Store, pokes: trio.MemoryReceiveChannel[None]) -> None:
+    async for _ in pokes:
+        await store.upkeep()

@@ -233,6 +233,11 @@ class Store(Protocol):
         the last sync can be trusted).
         """
 
+    async def upkeep(self) -> None:
+        """Housekeeping a sync leaves to be done apart from the answers that
+        wait for it (SQLite: checkpoint a WAL grown past its threshold); the
+        writer's syncer asks for it after answering (hub/actors/syncer.py)."""
+
     async def set_state(
         self, task_id: str, state: str, exit_code: int | None, producer: str | None = None,
         summary: Summary | None = None,

@@ -240,6 +240,8 @@ class SQLiteStore(SqlStore):
         self._reader_count = readers
         self._writer: sqlite3.Connection | None = None
         self._write_lock = trio.Lock()
+        # The WAL's size at the last sync: what `upkeep` goes by.
+        self._wal_bytes = 0
         self._readers: list[sqlite3.Connection] = []
         self._reader_slots = trio.Semaphore(readers)
         self._checkpointer: sqlite3.Connection | None = None
@@ -308,16 +310,23 @@ class SQLiteStore(SqlStore):
             result = await trio.to_thread.run_sync(self._guarded, _in_write_tx, conn, _runner(steps))
         if sync:
             await self.sync()
+            await self.upkeep()
         return result
 
     async def sync(self) -> None:
-        """Make every commit so far survive a power cut: fsync the WAL. Then
-        checkpoint it if it has grown past `checkpoint_at` (module docstring).
+        """Make every commit so far survive a power cut: fsync the WAL.
 
         No lock for the fsync: it covers everything written to the file before
         it started, and a checkpoint syncs the WAL and the database itself.
         """
-        wal_bytes = await trio.to_thread.run_sync(self._fsync_wal)
+        self._wal_bytes = await trio.to_thread.run_sync(self._fsync_wal)
+
+    async def upkeep(self) -> None:
+        """Checkpoint the WAL if, at the last sync, it had grown past
+        `checkpoint_at` (module docstring). Apart from `sync`, so the answers
+        waiting for a sync never wait for a checkpoint (a fleet's acks did,
+        every few seconds, for tens of milliseconds)."""
+        wal_bytes = self._wal_bytes
         if wal_bytes >= self.checkpoint_at and not self._checkpoint_lock.locked():
             async with self._checkpoint_lock:
                 await self._checkpoint(truncate=wal_bytes >= self.truncate_at)

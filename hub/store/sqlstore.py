@@ -49,6 +49,9 @@ class SqlStore:
     async def sync(self) -> None:
         raise NotImplementedError
 
+    async def upkeep(self) -> None:
+        """Nothing by default."""
+
     async def append(self, items: Sequence[Incoming]) -> AppendResult:
         if not items:
             return AppendResult(records=[], inserted=[], durable={})
