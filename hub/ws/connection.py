@@ -36,6 +36,7 @@ empty outbox. Anything else goes the ways above, in order.
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
@@ -139,10 +140,10 @@ class Connection:
         self.budget = hub.ingest_budget
         # The budget held by each write handed to the writer, in the order it
         # answers them (a connection's writes are answered in the order sent).
-        # Lists, not deques: a few entries at most, and an empty deque holds
-        # 760 bytes, which 5,000 idle connections feel.
-        self._handed: list[int] = []
-        # Answers given by the syncer, for the sender to take.
+        # Made with the first write: an empty deque holds 760 bytes, which
+        # 5,000 idle connections (or viewers, which never write) feel.
+        self._handed: collections.deque[int] | None = None
+        # Answers given by the syncer, for the sender to take (a few at most).
         self._written: list[Written] = []
         self.link: InlineSocket | None = getattr(ws, "link", None)
         # A message the inline path decoded and left to the reader, with its frame.
@@ -287,7 +288,8 @@ class Connection:
         (the connection may be gone) and wakes the sender, which takes the
         outcomes."""
         for _ in message.outcomes:
-            self.budget.release(self._handed.pop(0))
+            assert self._handed is not None, "answers come only for writes handed"
+            self.budget.release(self._handed.popleft())
         self._written.append(message)
         if not self._wake_pending and not self._send_inline():
             # If the outbox is full the sender is busy and takes them before its next frame.
@@ -329,8 +331,9 @@ class Connection:
         return False
 
     def _take_written(self) -> None:
-        while self._written:
-            for outcome in self._written.pop(0).outcomes:
+        written, self._written = self._written, []
+        for message in written:
+            for outcome in message.outcomes:
                 self._on_written(outcome)
         self.outbox.record_peak()
 
@@ -509,12 +512,15 @@ class Connection:
             raise
 
     def _begin(self, size: int) -> None:
+        if self._handed is None:
+            self._handed = collections.deque()
         self._handed.append(size)
         self.inflight += 1
 
     def _abandon(self, size: int) -> None:
         """The write `_begin` counted was not handed after all (the caller
         still holds its budget)."""
+        assert self._handed is not None, "_begin made it"
         self._handed.pop()
         self._settle_one()
         self.outbox.release(WRITE_REPLY_BYTES)
