@@ -473,6 +473,20 @@ def _spooled_tally(spool: Any) -> Tally:
     return tally
 
 
+async def _flush_after_death(again: Any, root: Path, whole: Any) -> None:
+    """What a `flush` adds to a dead agent's spool (its "agent stopped"
+    record, the final state) counts in the summary, which reads back the same."""
+    from agent.pipeline.recorder import Recorder
+    from agent.spool.spool import Spool
+
+    Recorder(again, "t").write_agent("the agent stopped")
+    await again.set_final("failed", None)
+    final = again.summary()
+    assert final is not None and final.records == whole.records + 1
+    again.close()
+    assert Spool.open(root, "t", create=False).summary() == final
+
+
 async def test_the_summary_survives_the_agent_and_its_acked_segments(tmp_path: Path) -> None:
     """What was written, acknowledged and deleted, and what is still spooled,
     are all in the summary a later `flush` reads back from the spool."""
@@ -499,13 +513,7 @@ async def test_the_summary_survives_the_agent_and_its_acked_segments(tmp_path: P
 
     again = Spool.open(tmp_path, "t", create=False)
     assert again.summary() == whole
-    # What flush adds (the "agent stopped" record) and the final state count too.
-    Recorder(again, "t").write_agent("the agent stopped")
-    await again.set_final("failed", None)
-    final = again.summary()
-    assert final is not None and final.records == whole.records + 1
-    again.close()
-    assert Spool.open(tmp_path, "t", create=False).summary() == final
+    await _flush_after_death(again, tmp_path, whole)
 
 
 def _write_rounds(spool: Any, rounds: int) -> None:
@@ -529,7 +537,6 @@ async def test_each_record_is_counted_once_however_often_it_is_read(tmp_path: Pa
     records untallied (and its final state without a summary) for `flush`;
     records read in pieces, read again (a resend), released, or sent by an
     earlier process whose ack watermark outran summary.json, all count once."""
-    from agent.pipeline.recorder import Recorder
     from agent.spool.spool import Spool
 
     down = Spool.open(tmp_path / "down", "t", hub_url="http://hub", max_bytes=1 << 20, segment_bytes=4096)
@@ -559,12 +566,7 @@ async def test_each_record_is_counted_once_however_often_it_is_read(tmp_path: Pa
     assert again.acked_seq == 700
     assert seqs_of(again.read(701, 100, 1 << 20)) == list(range(701, 801))
     assert again.summary() == whole
-    Recorder(again, "t").write_agent("the agent stopped")
-    await again.set_final("failed", None)
-    final = again.summary()
-    assert final is not None and final.records == whole.records + 1
-    again.close()
-    assert Spool.open(tmp_path / "up", "t", create=False).summary() == final
+    await _flush_after_death(again, tmp_path / "up", whole)
 
 
 async def test_a_record_lost_from_the_spool_leaves_the_summary_unknown(tmp_path: Path) -> None:
