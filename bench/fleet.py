@@ -18,7 +18,9 @@ producer id and task (--tasks: fewer tasks are shared round-robin).
   by each ack whether the hub is behind (its `backlog`).
 
 Reports frames/s offered and taken (acknowledged), ack latency p50/p99 (a
-line's send -> the first ack covering its producer seq), lines lost or
+line's send -> the first ack covering its producer seq; in agent mode also
+`line_p50/p99_ms`, from a line's arrival, its wait in the batcher included),
+lines lost or
 doubled per viewer (task seqs) and in the store (each task's totalLogs
 against the lines its producers sent, every line acknowledged), the hub's
 peak RSS (VmHWM) and its CPU per frame: utime + stime of the hub process
@@ -33,6 +35,7 @@ import argparse
 import asyncio
 import heapq
 import json
+import math
 import os
 import random
 import sqlite3
@@ -172,6 +175,10 @@ class Producer:
         self.acked = 0
         self.sent_at: dict[int, float] = {}
         self.latencies: list[float] = []
+        # agent mode: when each line arrived (it may wait in the batcher
+        # before its frame goes), and arrival -> ack.
+        self.made_at: dict[int, float] = {}
+        self.line_latencies: list[float] = []
         self.frames = 0
         self.errors: list[str] = []
         self.batcher: Any = None
@@ -211,6 +218,9 @@ class Producer:
                 t = self.sent_at.pop(s, None)
                 if t is not None:
                     self.latencies.append(now - t)
+                made = self.made_at.pop(s, None)
+                if made is not None:
+                    self.line_latencies.append(now - made)
             self.acked = seq
             if self.batcher is not None:
                 frames = nbytes = 0
@@ -221,39 +231,92 @@ class Producer:
                     self.batcher.acked(frames, nbytes, time.monotonic())
                     self.batcher.set_pending(self.seq - self.sent_seq, time.monotonic())
                     if self.wake is not None:
-                        self.wake.set()
+                        self.wake.set(self)
         elif typ == "error":
             self.errors.append(f"{m.get('code')}: {str(m.get('message'))[:120]}")
 
 
-async def agent_producer(p: Producer, stop_at: float, rate: float) -> None:
-    """Lines arrive at `rate` a second; the agent's Batcher decides when they go."""
-    from agent.link.batcher import Batcher, Send
+class AgentFleet:
+    """--mode agent: each producer's lines arrive `rate` times a second and go
+    as the agent's Batcher decides. One heap of wake-ups for all of this
+    process's producers (a task and a timer per producer per line cost the
+    generator as much CPU as the hub spends), woken early by an ack."""
 
-    p.batcher = Batcher(500, 0.2, 4 << 20, eager_frames=2)
-    p.wake = asyncio.Event()
-    next_line = time.monotonic() + random.random() / rate
-    while True:
+    def __init__(self, producers: list[Producer], rate: float, stop_at: float) -> None:
+        from agent.link.batcher import Batcher
+
+        self.producers = producers
+        self.interval = 1.0 / rate
+        self.stop_at = stop_at
+        self.heap: list[tuple[float, int]] = []
+        # Each producer's one wake-up in the heap (an entry that differs is stale).
+        self.due: list[float] = []
+        self.next_line: list[float] = []
+        self.wake = asyncio.Event()
         now = time.monotonic()
-        while next_line <= now and now < stop_at:
+        for i, p in enumerate(producers):
+            p.batcher = Batcher(500, 0.2, 4 << 20, eager_frames=2)
+            p.wake = self
+            self.next_line.append(now + random.random() * self.interval)
+            self.due.append(self.next_line[i])
+            self.heap.append((self.next_line[i], i))
+        heapq.heapify(self.heap)
+        self.index = {id(p): i for i, p in enumerate(producers)}
+
+    def set(self, p: Producer) -> None:
+        """An ack moved `p`'s window: decide again now."""
+        self.schedule(self.index[id(p)], time.monotonic())
+        self.wake.set()
+
+    def schedule(self, i: int, when: float) -> None:
+        if when < self.due[i]:
+            self.due[i] = when
+            heapq.heappush(self.heap, (when, i))
+
+    def step(self, i: int, now: float) -> None:
+        from agent.link.batcher import Send
+
+        p = self.producers[i]
+        made = self.next_line[i]
+        while made <= now and made < self.stop_at:
             p.seq += 1
-            p.batcher.added(1, now)
-            next_line += 1 / rate
-        d = p.batcher.decide(now)
-        if isinstance(d, Send):
+            p.made_at[p.seq] = time.perf_counter() - (now - made)
+            p.batcher.added(1, made)
+            made += self.interval
+        self.next_line[i] = made
+        while True:
+            d = p.batcher.decide(now)
+            if not isinstance(d, Send):
+                break
             last = p.sent_seq + d.count
             nbytes = p.send_through(last)
             p.batcher.sent(d.count, now, nbytes)
             p.in_flight.append((last, nbytes))
-            continue
-        if now >= stop_at and p.batcher.pending == 0:
-            return
-        until = min(next_line if now < stop_at else stop_at + 60, d.until or float("inf"))
-        p.wake.clear()
-        try:
-            await asyncio.wait_for(p.wake.wait(), max(0.0, until - time.monotonic()))
-        except TimeoutError:
-            pass
+        # A new line matters only when nothing waits (it may go at once);
+        # otherwise the batcher's own time, or an ack, comes first.
+        wake = made if made < self.stop_at and (p.batcher.pending == 0 or d.until is None) else None
+        if d.until is not None:
+            wake = d.until if wake is None else min(wake, d.until)
+        if wake is not None:
+            self.schedule(i, wake)
+
+    def done(self) -> bool:
+        return time.monotonic() >= self.stop_at and all(p.batcher.pending == 0 for p in self.producers)
+
+    async def run(self) -> None:
+        while not self.done():
+            now = time.monotonic()
+            while self.heap and self.heap[0][0] <= now:
+                when, i = heapq.heappop(self.heap)
+                if when == self.due[i]:
+                    self.due[i] = math.inf
+                    self.step(i, now)
+            until = self.heap[0][0] if self.heap else now + 0.05
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(self.wake.wait(), max(0.0, min(until, now + 0.05) - time.monotonic()))
+            except TimeoutError:
+                pass
 
 
 async def gen(a: argparse.Namespace) -> dict[str, Any]:
@@ -267,7 +330,7 @@ async def gen(a: argparse.Namespace) -> dict[str, Any]:
     t0 = time.monotonic()
     stop_at = t0 + a.seconds
     if a.rate > 0 and a.mode == "agent":
-        await asyncio.gather(*(agent_producer(p, stop_at, a.rate) for p in producers))
+        await AgentFleet(producers, a.rate, stop_at).run()
     elif a.rate > 0:
         interval = 1.0 / a.rate
         heap = [(t0 + random.random() * interval, i) for i in range(len(producers))]
@@ -295,6 +358,7 @@ async def gen(a: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(0.02)
     done = time.monotonic()
     lat = [x for p in producers for x in p.latencies]
+    line_lat = [x for p in producers for x in p.line_latencies]
     return {
         "producers": len(producers),
         "send_s": sent_end - t0,
@@ -311,6 +375,7 @@ async def gen(a: argparse.Namespace) -> dict[str, Any]:
         "lat_p99": percentile(lat, 0.99),
         "lat_max": max(lat) if lat else None,
         "lat_sample": random.sample(lat, min(len(lat), 20000)),
+        "line_lat_sample": random.sample(line_lat, min(len(line_lat), 20000)),
         "per_task": {t: n for t, n in _per_task(producers).items()},
         "backlog_max": max((b for p in producers for b in p.backlogs), default=None),
     }
@@ -488,6 +553,7 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             db_bytes = (tmp / "keruta.db").stat().st_size
         lat = [x for r in results for x in r["lat_sample"]]
+        line_lat = [x for r in results for x in r["line_lat_sample"]]
         frames = sum(r["frames"] for r in results)
         lines = sum(r["lines"] for r in results)
         acked = sum(r["acked"] for r in results)
@@ -502,6 +568,9 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
             "ack_p50_ms": None if not lat else round(1000 * (percentile(lat, 0.5) or 0), 1),
             "ack_p99_ms": None if not lat else round(1000 * (percentile(lat, 0.99) or 0), 1),
             "ack_max_ms": None if not lat else round(1000 * max(lat), 1),
+            # agent mode: a line's arrival -> its ack (the batcher's wait included)
+            "line_p50_ms": None if not line_lat else round(1000 * (percentile(line_lat, 0.5) or 0), 1),
+            "line_p99_ms": None if not line_lat else round(1000 * (percentile(line_lat, 0.99) or 0), 1),
             "hub_cpu_s": round(cpu1 - cpu0, 2),
             "hub_cpu_system_share": round((sys1 - sys0) / (cpu1 - cpu0), 2) if cpu1 > cpu0 else None,
             "hub_cpu_us_per_frame": round((cpu1 - cpu0) / frames * 1e6, 1) if frames else None,

@@ -238,6 +238,12 @@ class Bench(StoreScenarios):
                 self.add(f"{label}: ack p99", r["ack_p99_ms"], "ms", params, key=f"fleet.{mode}{producers}.p99")
                 self.add(f"{label}: hub CPU per frame", r["hub_cpu_us_per_frame"], "µs", params,
                          key=f"fleet.{mode}{producers}.cpu")
+            if r.get("line_p99_ms") is not None:
+                # The agent's own wait for a frame comes before the ack's.
+                self.add(f"{label}: a line's arrival to its ack, p50", r["line_p50_ms"], "ms", params,
+                         key=f"fleet.{mode}{producers}.line_p50")
+                self.add(f"{label}: a line's arrival to its ack, p99", r["line_p99_ms"], "ms", params,
+                         key=f"fleet.{mode}{producers}.line_p99")
         try:
             done = subprocess.run([PY, IDLE_FLOOR, "--connections", "5000"], check=True, timeout=600,
                                   capture_output=True, text=True)

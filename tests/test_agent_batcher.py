@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from agent.link.batcher import Batcher, Send, Wait
@@ -241,19 +243,31 @@ def test_a_slow_link_that_is_not_queueing_is_not_spaced() -> None:
 
 
 def test_acks_slowing_down_space_the_frames_and_lines_gather() -> None:
-    b = Batcher(batch_size=500, flush_interval=0.2, eager_frames=2)
+    b = Batcher(batch_size=500, flush_interval=0.2, eager_frames=2, jitter=0)
     _round_trip(b, 0.0, 0.003)  # the fastest: an unloaded hub
     t = 0.05
     for _ in range(30):
         _round_trip(b, t, 0.05)  # now 50 ms: ~47 ms of it queueing in the hub
         t += 0.06
-    assert b.spacing == pytest.approx(0.2), "spaced by 8 x the excess, at most flush_interval"
+    assert b.spacing == pytest.approx(b.max_spacing), "the queue never shrank: spaced as far as it goes"
     last = t - 0.06
     b.added(1, now=t)
-    # Nothing in flight, yet the line waits for the spacing since the last frame.
-    assert b.decide(now=t) == Wait(pytest.approx(last + b.spacing))
+    # Nothing in flight, yet the line waits for the spacing since the last
+    # frame, past flush_interval.
+    assert b.decide(now=t) == Wait(pytest.approx(last + 1.0))
     b.added(499, now=t + 0.01)
     assert b.decide(now=t + 0.01) == Send(500), "a full batch never waits"
+
+
+def test_the_spacing_is_at_least_the_queue_and_grows_with_the_excess() -> None:
+    b = Batcher(batch_size=500, flush_interval=0.2, queue_delay=0.01, spacing_gain=0.25)
+    _round_trip(b, 0.0, 0.002)
+    _round_trip(b, 1.0, 0.017)  # 15 ms of queue, 5 ms over the target
+    assert b.spacing == pytest.approx(0.015), "no closer together than the queue is long"
+    _round_trip(b, 2.0, 0.017)
+    assert b.spacing == pytest.approx(0.015 * 1.125), "then by gain x half (the excess is half the target)"
+    _round_trip(b, 3.0, 0.302)  # 300 ms of queue
+    assert b.spacing == pytest.approx(0.3)
 
 
 def test_spacing_eases_as_acks_speed_up_again() -> None:
@@ -270,6 +284,31 @@ def test_spacing_eases_as_acks_speed_up_again() -> None:
     assert spaced > 0.1 and b.spacing == 0.0
 
 
+def test_a_hub_that_says_it_is_behind_spaces_frames_by_a_round_trip() -> None:
+    # Every ack as slow as the first: no excess to read, but the hub says so.
+    b = Batcher(batch_size=500, flush_interval=0.2, eager_frames=2)
+    _round_trip(b, 0.0, 0.15)
+    assert b.spacing == 0.0
+    b.added(1, now=1.0)
+    b.sent(1, now=1.0)
+    b.hub_says(behind=True)
+    b.acked(1, now=1.15)
+    assert b.spacing == pytest.approx(0.15)
+
+
+def test_each_gap_is_the_spacing_give_or_take_the_jitter() -> None:
+    gaps = set()
+    for seed in range(20):
+        b = Batcher(batch_size=500, flush_interval=0.2, rng=random.Random(seed))
+        _round_trip(b, 0.0, 0.002)
+        _round_trip(b, 1.0, 0.4)
+        b.added(1, now=2.0)
+        b.sent(1, now=2.0)
+        assert 0.5 * b.spacing <= b.gap <= 1.5 * b.spacing
+        gaps.add(round(b.gap, 6))
+    assert len(gaps) > 10, "agents spaced alike at once would send together"
+
+
 def test_a_new_connection_forgets_the_old_round_trips() -> None:
     b = Batcher(batch_size=500, flush_interval=0.2)
     _round_trip(b, 0.0, 0.003)
@@ -277,5 +316,51 @@ def test_a_new_connection_forgets_the_old_round_trips() -> None:
         _round_trip(b, 1.0 + i, 0.06)
     assert b.spacing > 0
     b.reset(pending=1, now=20.0)
-    assert b.spacing == 0.0 and b.srtt is None and b.min_rtt is None
+    assert b.spacing == 0.0 and b.min_rtt is None
     assert b.decide(now=20.0) == Send(1)
+
+
+def _fleet(agents: int, capacity: float, seconds: float = 20.0) -> tuple[float, float]:
+    """`agents` batchers, each with a line every 50 ms, against a hub that
+    answers `capacity` frames a second in order, 2 ms after it took one
+    (a frame's own trip). Returns the frames a second offered, and the
+    median queueing (ack time less 2 ms), over the last third."""
+    step = 0.002
+    rng = random.Random(1)
+    batchers = [Batcher(batch_size=500, flush_interval=0.2, eager_frames=2, rng=random.Random(i)) for i in range(agents)]
+    next_line = [rng.random() * 0.05 for _ in range(agents)]
+    queue: list[tuple[int, float]] = []  # (agent, sent)
+    free_at = 0.0
+    frames, queued = 0, []
+    t = 0.0
+    while t < seconds:
+        for i, b in enumerate(batchers):
+            while next_line[i] <= t:
+                b.added(1, next_line[i])
+                next_line[i] += 0.05
+            d = b.decide(t)
+            if isinstance(d, Send):
+                b.sent(d.count, t)
+                queue.append((i, t))
+                if t > 2 * seconds / 3:
+                    frames += 1
+        # The hub: one frame every 1/capacity seconds, first come first served.
+        while queue and free_at <= t:
+            i, sent = queue.pop(0)
+            free_at = max(free_at, sent) + 1 / capacity
+            batchers[i].acked(1, now=free_at + 0.002)
+            if sent > 2 * seconds / 3:
+                queued.append(free_at - sent)
+        t += step
+    queued.sort()
+    # None answered in the last third: the queue only grew.
+    return frames / (seconds / 3), queued[len(queued) // 2] if queued else float("inf")
+
+
+@pytest.mark.parametrize("agents", [100, 400])
+def test_a_fleet_settles_below_what_the_hub_takes_whatever_its_size(agents: int) -> None:
+    # 100 or 400 agents at 20 lines a second would offer 2,000 or 8,000
+    # frames a second, a line each, to a hub that takes 1,000.
+    offered, queued = _fleet(agents, capacity=1000.0)
+    assert offered < 1000, offered
+    assert queued < 0.05, f"the hub's queue settles near queue_delay (10 ms), not {queued * 1000:.0f} ms"

@@ -322,3 +322,18 @@ def test_the_chunk_cache_is_bounded_in_bytes_and_never_serves_a_rewritten_chunk(
     whole = [line(s, f"line {s}") for s in range(20, 25)]
     assert cache.records("t", chunk.encode(whole).values()[1:]) == whole
     assert cache.records("t", chunk.encode(whole[2:]).values()[1:]) == whole[2:]
+
+
+def test_tasks_started_together_merge_in_different_commits() -> None:
+    # A fleet's tasks, a line a commit each from seq 1: each merges once every
+    # COMPACT_EVERY lines, but not all at the same line.
+    tasks = [f"job-{i}" for i in range(1000)]
+    due = {t: [s for s in range(1, 2 * chunk.COMPACT_EVERY + 1) if chunk.compaction_due([rec(s, task=t)])] for t in tasks}
+    for seqs in due.values():
+        assert len(seqs) == 2 and seqs[1] - seqs[0] == chunk.COMPACT_EVERY
+    at_once = Counter(seqs[0] for seqs in due.values())
+    assert len(at_once) == chunk.COMPACT_EVERY and max(at_once.values()) < 40, at_once.most_common(3)
+    # A batch that spans a task's turn merges it, as does one that ends on it.
+    first = due["job-0"][0]
+    assert chunk.compaction_due([rec(s, task="job-0") for s in range(first - 2, first + 3)])
+    assert not chunk.compaction_due([rec(s, task="job-0") for s in range(first + 1, first + 4)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import sqlite3
 
@@ -9,7 +10,7 @@ import pytest
 import trio
 
 from hub.store.base import StoreUnavailable
-from hub.store.sqlite import SQLiteStore, run_op
+from hub.store.sqlite import SQLiteStore, run_op, wal_held_bytes
 from hub.store.steps import JSON_ROWS, MANY, Op
 from tests.storedata import all_seqs, rec
 
@@ -129,6 +130,57 @@ async def test_syncs_keep_the_wal_bounded(tmp_path):
             largest = max(largest, wal_bytes(path))
         assert largest < 1024 * 1024, f"the WAL grew to {largest} bytes"
         assert await all_seqs(store) == list(range(1, 1001))
+    finally:
+        await store.close()
+
+
+def test_what_a_wal_holds_is_what_sqlite_says_not_its_size(tmp_path):
+    path = tmp_path / "w.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
+    conn.execute("CREATE TABLE t (v BLOB)")
+    conn.execute("INSERT INTO t VALUES (randomblob(300000))")
+    wal = str(path) + "-wal"
+
+    def held() -> int:
+        fd = os.open(wal, os.O_RDONLY)
+        try:
+            return wal_held_bytes(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+
+    page = conn.execute("PRAGMA page_size").fetchone()[0]
+    before = held()
+    _, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert frames == copied > 70 and before == 32 + frames * (24 + page)
+    size = os.path.getsize(wal)
+    conn.execute("INSERT INTO t VALUES (x'00')")  # the WAL starts over, the file as large
+    assert os.path.getsize(wal) == size
+    now = held()
+    _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert 0 < frames < 5 and now == 32 + frames * (24 + page)
+    conn.close()
+
+
+async def test_a_large_wal_file_that_holds_little_is_not_checkpointed_again(tmp_path):
+    """A burst leaves the WAL file large; once checkpointed, SQLite writes it
+    again from its start: small commits after it checkpoint no more often
+    than the WAL they fill calls for (they once checkpointed every time)."""
+    path = tmp_path / "k.db"
+    store = SQLiteStore(path, checkpoint_at=512 * 1024)
+    await store.open()
+    try:
+        await store.append([rec(i, secrets.token_hex(2_500)) for i in range(1, 401)])
+        await store.sync()
+        await store.upkeep()
+        assert store.checkpoints == 1 and wal_bytes(path) > 512 * 1024
+        for seq in range(401, 411):  # a few pages each, well under 512 KiB in all
+            await store.append([rec(seq)])
+            await store.sync()
+            await store.upkeep()
+        assert store.checkpoints == 1
+        assert await all_seqs(store) == list(range(1, 411))
     finally:
         await store.close()
 

@@ -23,20 +23,27 @@ hub fewer, fuller frames. An ack without a backlog ends it.
 A fleet loads the hub before any one agent's backlog shows: each agent sends
 its next frame as soon as a slot frees, so N chatty agents keep the hub at
 its limit and every ack waits N frames' worth (N ÷ the frames the hub takes a
-second). So the batcher also times its acks (`srtt`, smoothed as TCP does)
-and, while they take longer than the fastest it has seen on this connection
-by more than `queue_delay` (the fastest is the network and a hub with room:
-what comes on top is waiting in the hub's queue, as TCP Vegas reads it),
-spaces its frames by `spacing_per_rtt` times that excess, at most
-`flush_interval`: the agents' frames thin out until the hub answers promptly
-again. A quiet line, a line over a slow but unloaded link, and any line while
-acks come back fast still go at once; a full batch never waits.
+second). So the batcher also times its acks and keeps a `spacing`, the least
+time between two frames, as LEDBAT keeps its window: each ack's round trip
+less the fastest seen on this connection (the network and a hub with room;
+what comes on top is waiting in the hub's queue, as TCP Vegas reads it) is
+held against `queue_delay`; above it the spacing grows by up to
+`spacing_gain` times its share of the excess, below it shrinks, and it
+stays between nothing and `max_spacing`. Being an integral, it settles
+where the hub's queue is `queue_delay` whatever the number of agents (a
+spacing proportional to the excess settles wherever the fleet's size puts
+it, and a cap below what the fleet needs left the hub saturated). Lines
+gather for the spacing even past `flush_interval`, which bounds a wait only
+while acks come back promptly. A quiet line, a line over a slow but unloaded
+link, and any line while acks come back fast still go at once; a full batch
+never waits.
 The records themselves live in the spool; the batcher only counts them.
 """
 
 from __future__ import annotations
 
 import collections
+import random
 
 import attrs
 
@@ -76,14 +83,23 @@ class Batcher:
     in_flight_bytes: int = 0
     # When the oldest pending record started waiting.
     waiting_since: float | None = None
-    # Acks slower than the fastest by more than this say the hub is queueing;
-    # frames are then spaced by `spacing_per_rtt` times the excess, up to
-    # `flush_interval`.
-    queue_delay: float = attrs.field(default=0.01, validator=attrs.validators.ge(0))
-    spacing_per_rtt: float = attrs.field(default=8.0, validator=attrs.validators.ge(0))
-    # The acks' smoothed and fastest round trips (None before the first),
+    # Acks slower than the fastest by more than this say the hub is queueing.
+    queue_delay: float = attrs.field(default=0.01, validator=attrs.validators.gt(0))
+    # How fast the spacing moves: at most this share of itself an ack, up
+    # (eight times that at most, for a large excess) or down.
+    spacing_gain: float = attrs.field(default=0.25, validator=attrs.validators.gt(0))
+    max_spacing: float = attrs.field(default=1.0, validator=attrs.validators.ge(0))
+    # Each gap is the spacing times a factor drawn from 1 ± jitter when the
+    # frame goes: agents that grew their spacing together (a hub that was slow
+    # for all of them) would otherwise send together, a burst a spacing.
+    jitter: float = attrs.field(default=0.5, validator=[attrs.validators.ge(0), attrs.validators.lt(1)])
+    rng: random.Random = attrs.field(factory=random.Random, eq=False, repr=False)
+    # The least time between two frames (see the module docstring), and this
+    # gap's factor.
+    spacing: float = 0.0
+    gap_factor: float = 1.0
+    # The fastest round trip on this connection (None before the first),
     # and when the last frame went.
-    srtt: float | None = None
     min_rtt: float | None = None
     last_sent: float | None = None
     # When each frame in flight was sent, oldest first.
@@ -113,25 +129,25 @@ class Batcher:
         if self.pending >= self.batch_size:
             return Send(count)
         eager = 1 if self.hub_behind else self.eager_frames
-        spaced_until = None if self.last_sent is None else self.last_sent + self.spacing
-        if self.in_flight < eager and (spaced_until is None or now >= spaced_until):
-            return Send(count)
-        assert self.waiting_since is not None
-        wait = max(self.flush_interval, self.behind_wait) if self.hub_behind else self.flush_interval
-        due = self.waiting_since + wait
-        if self.in_flight < eager and spaced_until is not None:
-            due = min(due, spaced_until)
+        spaced_until = None if self.last_sent is None or not self.spacing else self.last_sent + self.gap
+        if self.in_flight < eager:
+            if spaced_until is None or now >= spaced_until:
+                return Send(count)
+            due = spaced_until
+        else:
+            assert self.waiting_since is not None
+            wait = max(self.flush_interval, self.behind_wait) if self.hub_behind else self.flush_interval
+            due = self.waiting_since + wait
+            if spaced_until is not None:
+                due = max(due, spaced_until)
         if now >= due:
             return Send(count)
         return Wait(due)
 
     @property
-    def spacing(self) -> float:
-        """The least time between two frames: none while acks come back fast."""
-        if self.srtt is None or self.min_rtt is None:
-            return 0.0
-        excess = self.srtt - self.min_rtt - self.queue_delay
-        return min(self.flush_interval, self.spacing_per_rtt * excess) if excess > 0 else 0.0
+    def gap(self) -> float:
+        """The least time from the last frame to the next."""
+        return self.spacing * self.gap_factor
 
     def sent(self, count: int, now: float, nbytes: int = 0) -> None:
         """A frame carrying `count` records (`nbytes` of them) went out."""
@@ -141,6 +157,7 @@ class Batcher:
         self.in_flight += 1
         self.in_flight_bytes += nbytes
         self.last_sent = now
+        self.gap_factor = 1 + self.jitter * (2 * self.rng.random() - 1)
         self.sent_at.append(now)
         # The rest start a fresh interval; keeping the old start would send
         # every newcomer alone while the window is busy.
@@ -164,9 +181,26 @@ class Batcher:
         for _ in range(min(frames, len(self.sent_at))):
             sent = self.sent_at.popleft()
         if now is not None and sent is not None:
-            rtt = max(0.0, now - sent)
-            self.srtt = rtt if self.srtt is None else 0.875 * self.srtt + 0.125 * rtt
-            self.min_rtt = rtt if self.min_rtt is None else min(self.min_rtt, rtt)
+            self._timed(max(0.0, now - sent))
+
+    # Below this the spacing is none (a frame a line, up to ~200 a second).
+    _LEAST_SPACING = 0.005
+
+    def _timed(self, rtt: float) -> None:
+        self.min_rtt = rtt if self.min_rtt is None else min(self.min_rtt, rtt)
+        queued = rtt - self.min_rtt
+        off = (queued - self.queue_delay) / self.queue_delay
+        if self.hub_behind:
+            # The hub says so: a fleet that came on all at once may have made
+            # even the fastest round trip seen here a queue's.
+            off, queued = max(off, 8.0), rtt
+        if off > 0:
+            grown = max(self.spacing, self._LEAST_SPACING) * (1 + self.spacing_gain * min(off, 8.0))
+            # Frames closer together than the queue is long only lengthen it.
+            self.spacing = min(self.max_spacing, max(grown, queued))
+        elif self.spacing:
+            shrunk = self.spacing * (1 + self.spacing_gain * max(off, -1.0))
+            self.spacing = shrunk if shrunk >= self._LEAST_SPACING else 0.0
 
     def reset(self, pending: int, now: float) -> None:
         """A new connection: nothing in flight, `pending` records to (re)send."""
@@ -174,7 +208,7 @@ class Batcher:
         self.in_flight = 0
         self.in_flight_bytes = 0
         self.sent_at.clear()
-        self.srtt = None
+        self.spacing = 0.0
         self.min_rtt = None
         self.last_sent = None
         self.pending = max(0, pending)
