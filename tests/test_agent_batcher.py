@@ -83,9 +83,10 @@ def test_agent_batcher_a_fast_producer_keeps_many_full_frames_in_flight() -> Non
 
 def test_a_quiet_line_goes_at_once_whatever_the_byte_bound() -> None:
     b = Batcher(batch_size=500, flush_interval=0.2, eager_frames=2, max_in_flight_bytes=4 << 20)
-    b.added(1, now=0.0)
-    assert b.decide(now=0.0) == Send(1)
-    b.sent(1, now=0.0, nbytes=120)
+    _round_trip(b, 0.0, 0.002)
+    b.added(1, now=0.5)
+    assert b.decide(now=0.5) == Send(1)
+    b.sent(1, now=0.5, nbytes=120)
     b.added(1, now=1.0)
     assert b.decide(now=1.0) == Send(1)
 
@@ -162,6 +163,7 @@ def test_set_pending_starts_and_ends_the_wait() -> None:
 
 def test_eager_frames_let_a_second_record_go_before_the_first_ack() -> None:
     b = Batcher(batch_size=500, flush_interval=0.2, eager_frames=2)
+    _round_trip(b, -1.0, 0.002)
     b.added(1, now=0.0)
     assert b.decide(0.0) == Send(1)
     b.sent(1, now=0.0)
@@ -170,6 +172,21 @@ def test_eager_frames_let_a_second_record_go_before_the_first_ack() -> None:
     b.sent(1, now=0.01)
     b.added(1, now=0.02)
     assert b.decide(0.02) == Wait(0.22), "past eager_frames in flight, lines gather"
+
+
+def test_one_frame_in_flight_until_an_ack_has_timed_the_connection() -> None:
+    # A fleet started at once would send its second frames into a queue no
+    # ack has shown yet.
+    b = Batcher(batch_size=500, flush_interval=0.2, eager_frames=2)
+    b.added(1, now=0.0)
+    b.sent(1, now=0.0)
+    b.added(1, now=0.01)
+    assert b.decide(0.01) == Wait(pytest.approx(0.21))
+    b.acked(1, now=0.012)
+    assert b.decide(0.012) == Send(1)
+    b.sent(1, now=0.012)
+    b.added(1, now=0.02)
+    assert b.decide(0.02) == Send(1), "timed: the second eager frame goes"
 
 
 def test_while_the_hub_is_behind_one_frame_is_in_flight_and_lines_gather_longer() -> None:
@@ -202,6 +219,7 @@ def test_a_full_batch_goes_at_once_while_the_hub_is_behind() -> None:
 
 def test_an_ack_without_backlog_ends_the_longer_wait() -> None:
     b = Batcher(batch_size=500, flush_interval=0.2, eager_frames=2, behind_wait=1.0)
+    _round_trip(b, -1.0, 0.002)
     b.added(1, now=0.0)
     b.sent(1, now=0.0)
     b.hub_says(behind=True)

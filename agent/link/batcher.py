@@ -128,7 +128,10 @@ class Batcher:
         count = min(self.pending, self.batch_size)
         if self.pending >= self.batch_size:
             return Send(count)
-        eager = 1 if self.hub_behind else self.eager_frames
+        # One frame in flight until an ack has timed this connection: a
+        # fleet started at once sends its second frames into a queue it
+        # cannot see yet.
+        eager = 1 if self.hub_behind or self.min_rtt is None else self.eager_frames
         spaced_until = None if self.last_sent is None or not self.spacing else self.last_sent + self.gap
         if self.in_flight < eager:
             if spaced_until is None or now >= spaced_until:
