@@ -461,13 +461,32 @@ def wait_path(path: Path, timeout: float, procs: list[subprocess.Popen[bytes]]) 
         time.sleep(0.02)
 
 
+class FloorProcess:
+    """bench/frame_floor.py in place of the hub (`--server KIND-floor`)."""
+
+    def __init__(self, kind: str, tmp: Path) -> None:
+        port_file = tmp / "floor.port"
+        self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+            [sys.executable, str(HERE / "frame_floor.py"), "--kind", kind, "--port-file", str(port_file)])
+        wait_path(port_file, 30, [self.proc])
+        time.sleep(0.05)  # written, then read whole
+        self.url = f"http://127.0.0.1:{int(port_file.read_text())}"
+        self.ws_url = self.url.replace("http://", "ws://") + "/api/v1/ws"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
 def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
     from tests.support import HubProcess
 
     run = a.run or f"{random.randrange(1 << 24):06x}"
     tmp = Path(tempfile.mkdtemp(prefix="fleet-"))
     db = a.db or f"sqlite:///{tmp / 'keruta.db'}"
-    hub = HubProcess(db, *a.hub_arg).start()
+    floor = a.server != "hub"
+    hub: Any = FloorProcess(a.server.removesuffix("-floor"), tmp) if floor else HubProcess(db, *a.hub_arg).start()
     assert hub.proc is not None
     pid = hub.proc.pid
     procs: list[subprocess.Popen[bytes]] = []
@@ -543,9 +562,9 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
             write_json(str(stop), per_task)
             viewer.wait(60)
             seen = json.loads((tmp / "view.json").read_text())["viewers"]
-        stored = stored_counts(hub.url, sorted(per_task)) if a.rate > 0 else {}
+        stored = stored_counts(hub.url, sorted(per_task)) if a.rate > 0 and not floor else {}
         db_bytes = None
-        if a.db is None and a.rate > 0:
+        if a.db is None and a.rate > 0 and not floor:
             # What a fleet's small commits cost on disk: the hub gone, the WAL
             # checkpointed into the file.
             hub.stop()
@@ -615,6 +634,8 @@ def main() -> None:
     ap.add_argument("--mode", choices=["flat", "agent"], default="flat")
     ap.add_argument("--gens", type=int, default=0, help="load generator processes (default: one per 500 producers)")
     ap.add_argument("--drain", type=float, default=60.0, help="seconds to wait for the last acks")
+    ap.add_argument("--server", choices=("hub", "hypercorn-floor", "trio-floor"), default="hub",
+                    help="what the fleet talks to: the hub, or bench/frame_floor.py (decode and ack, no store)")
     ap.add_argument("--db", help="the hub's --db (default: SQLite in a temp dir)")
     ap.add_argument("--hub-arg", action="append", default=[], help="an extra hub argument (repeatable)")
     ap.add_argument("--pyspy", help="record a py-spy profile of the hub to this file")

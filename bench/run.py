@@ -244,6 +244,23 @@ class Bench(StoreScenarios):
                          key=f"fleet.{mode}{producers}.line_p50")
                 self.add(f"{label}: a line's arrival to its ack, p99", r["line_p99_ms"], "ms", params,
                          key=f"fleet.{mode}{producers}.line_p99")
+        for server in ("hypercorn-floor", "trio-floor"):
+            # The same 1,000 producers against a server that only decodes each
+            # frame and acks it (bench/frame_floor.py): the floor under the hub's
+            # CPU per frame on each stack.
+            out = Path(self.tmp("fleet")) / "floor.json"
+            label = f"frame floor: 1000 producers x 5/s to a bare {server.removesuffix('-floor')} server (decode, ack)"
+            try:
+                subprocess.run([PY, FLEET, "--server", server, "--producers", "1000", "--rate", "5", "--viewers", "0",
+                                "--seconds", str(seconds), "--out", str(out)],
+                               check=True, timeout=seconds + 600, stdout=subprocess.DEVNULL)
+                r = json.loads(out.read_text())
+            except Exception as e:  # noqa: BLE001 - a figure goes missing, the run goes on
+                self.add(label, None, "", {"server": server}, missing=describe(e))
+                continue
+            self.add(f"{label}: CPU per frame", r["hub_cpu_us_per_frame"], "µs",
+                     {"server": server, "load": r["load"], "ack_p99_ms": r["ack_p99_ms"]},
+                     key=f"fleet.floor.{server}.cpu")
         try:
             done = subprocess.run([PY, IDLE_FLOOR, "--connections", "5000"], check=True, timeout=600,
                                   capture_output=True, text=True)
