@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from hub.actors.broadcaster import Broadcaster
-from hub.store.base import _ID_NAMESPACE, record_id
+from hub.store.base import _ID_NAMESPACE, record_id, with_ids
 from hub.ws import subscriber_frames
 from hub.ws.subscription import Outgoing, Subscription
 from keruta import wire
@@ -156,9 +156,13 @@ async def test_first_commit_published_for_a_task_goes_live_when_it_holds_all_pas
     hub.add(stderr_only)
     hub.publish_records(_records(range(3, 6)), {"t1": 5})
     assert sub.live and stderr_only.live and sub.cursor == stderr_only.cursor == 5
+    # An append's records have no ids yet: a live frame's do (AppendResult).
+    shown = _records(range(3, 6))
+    with_ids(shown)
     assert [(orjson.loads(o.payload)["records"], o.through) for o in offered] == [
-        ([wire.record_to_wire(r) for r in _records(range(3, 6))], 5)
+        ([wire.record_to_wire(r) for r in shown], 5)
     ]
+    assert [r["id"] for r in orjson.loads(offered[0].payload)["records"]] == [record_id("t1", s) for s in range(3, 6)]
     assert [[r["seq"] for r in orjson.loads(o.payload)["records"]] for o in filtered] == [[3, 5]]
     # The next commit takes the usual way, from the watermark just set.
     hub.publish_records(_records(range(6, 8)), {"t1": 7})

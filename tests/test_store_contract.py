@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from hub.store import open_store_from_url
-from hub.store.base import DUPLICATE, GAP, INSERTED, LogQuery, record_id
+from hub.store.base import DUPLICATE, GAP, INSERTED, LogQuery, record_id, with_ids
 from keruta.records import InvalidField
 from tests.storedata import all_seqs, rec, ts
 
@@ -231,6 +231,9 @@ async def test_after_seq_totals_with_and_without_holes(store):
 async def test_duplicates_are_ignored_and_keep_their_id(store):
     first = await store.append([rec(1, "one"), rec(2, "two"), rec(2, "two again")])
     assert [r.seq for r in first.inserted] == [1, 2]
+    # What an append stored has no id until it is shown (AppendResult).
+    assert [r.id for r in first.inserted] == [None, None]
+    with_ids(first.records)
     assert [r.id for r in first.records] == [
         record_id("t1", 1),
         record_id("t1", 2),
@@ -239,6 +242,7 @@ async def test_duplicates_are_ignored_and_keep_their_id(store):
 
     again = await store.append([rec(2, "changed"), rec(3, "three"), rec(1, "changed")])
     assert [r.seq for r in again.inserted] == [3]
+    with_ids(again.records)
     assert [r.id for r in again.records] == [record_id("t1", s) for s in (2, 3, 1)]
     assert again.durable == {"t1": 3}
 
@@ -252,6 +256,7 @@ async def test_duplicates_are_ignored_and_keep_their_id(store):
 async def test_each_producer_numbers_its_own_and_the_task_counts_on(store):
     result = await store.append([rec(1, "a", producer="p"), rec(2, "b", producer="p"), rec(1, "c", task="t2", producer="p")])
     assert [(r.task_id, r.seq) for r in result.records] == [("t1", 1), ("t1", 2), ("t2", 1)]
+    with_ids(result.records)
     assert [r.id for r in result.records] == [
         record_id("t1", 1),
         record_id("t1", 2),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from hub.store.base import with_ids
 from hub.ws.subscriber_frames import encode_chunks, status_payload
 from hub.ws.subscription import Outgoing, Subscription
 from keruta.frames import RedactedFrame
@@ -55,6 +56,8 @@ class Broadcaster:
         for record in inserted:
             if record.task_id in self.subs:
                 by_task.setdefault(record.task_id, []).append(record)
+        for records in by_task.values():
+            with_ids(records)  # an append's records have none yet (AppendResult)
         for task_id, through in durable.items():
             self._advance(task_id, through, by_task.get(task_id, []))
 
@@ -110,6 +113,7 @@ class Broadcaster:
         subs = self.subs.get(task_id)
         if not subs or not records:
             return
+        with_ids(records)
         low = min(r.seq for r in records)
         for sub in list(subs):
             if sub.cursor < low:

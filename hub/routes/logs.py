@@ -21,7 +21,7 @@ from hub.routes.common import (
     json_response,
     time_param,
 )
-from hub.store.base import LogQuery, Store
+from hub.store.base import LogQuery, Store, with_ids
 from hub.store.trimming import DELETED
 from keruta.frames import FrameError
 from keruta.levels import LEVELS
@@ -89,6 +89,7 @@ def blueprint(
             others = " (the other records of the array were stored)" if array and len(items) > 1 else ""
             raise ApiError(409, outcome.refusals[0].code, outcome.refusals[0].message + others)
         # A duplicate whose row was deleted since has no id nor seq left: null.
+        with_ids(outcome.records)
         ids = [r.id if r is not None else None for r in outcome.records]
         seqs = [r.seq if r is not None else None for r in outcome.records]
         return json_response({"ids": ids, "seqs": seqs} if array else {"id": ids[0], "seq": seqs[0]})

@@ -21,7 +21,7 @@ import orjson
 
 from hub.store import chunk, core
 from hub.store.accounts import Accounts, carried_accounts
-from hub.store.base import HUB_MADE, AppendResult, Incoming
+from hub.store.base import HUB_MADE, AppendResult, Incoming, with_ids
 from hub.store.steps import Dialect, Steps
 from hub.store.trimming import producer_seqs, rewrite
 from keruta.records import LogRecord
@@ -145,6 +145,7 @@ def redact_step(
     if found is None:
         appended = yield from _append_record(d, task_id, len(changed), accounts, by)
         record = appended.inserted[0]
+        with_ids([record])  # the step's answer shows it
     elif changed:
         record, delta = yield from _add_to_record(d, task_id, found, len(changed), accounts)
         bytes_delta += delta

@@ -24,7 +24,6 @@ from hub.store.base import (
     LogQuery,
     hub_made,
     record_id,
-    record_ids,
 )
 from hub.store.chunk import ChunkRow, source_level_counts
 from keruta.levels import LEVELS
@@ -307,7 +306,8 @@ def answered_producer(item: Incoming) -> str | None:
 def _records(items: Sequence[Incoming], first: int) -> list[LogRecord]:
     """Records for a run of items of one task and producer, given seqs from `first` on."""
     task_id = items[0].task_id
-    ids = record_ids(task_id, first, len(items))
+    # No ids: `with_ids` gives them where a record is shown (AppendResult).
+    ids = [None] * len(items)
     producer = items[0].producer
     if hub_made(producer):
         return [
