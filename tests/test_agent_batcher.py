@@ -382,3 +382,17 @@ def test_a_fleet_settles_below_what_the_hub_takes_whatever_its_size(agents: int)
     offered, queued = _fleet(agents, capacity=1000.0)
     assert offered < 1000, offered
     assert queued < 0.05, f"the hub's queue settles near queue_delay (10 ms), not {queued * 1000:.0f} ms"
+
+
+def test_once_the_command_ended_nothing_waits_to_gather() -> None:
+    # Spaced and Nagle'd: the last records would wait for lines that will not come.
+    b = Batcher(batch_size=500, flush_interval=0.2, eager_frames=2, jitter=0)
+    _round_trip(b, 0.0, 0.002)
+    _round_trip(b, 1.0, 0.5)
+    b.added(2, now=1.6)
+    b.sent(1, now=1.6)
+    b.sent(1, now=1.6)
+    b.added(7, now=1.61)
+    assert isinstance(b.decide(1.61), Wait)
+    b.end()
+    assert b.decide(1.61) == Send(7)

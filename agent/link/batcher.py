@@ -76,6 +76,8 @@ class Batcher:
     behind_wait: float = attrs.field(default=1.0, validator=attrs.validators.ge(0))
     # The last ack said the hub is behind.
     hub_behind: bool = False
+    # No more records will come (the command ended): what is pending goes.
+    ended: bool = False
     # Records written to the spool but not yet sent.
     pending: int = 0
     # Frames sent and not yet acknowledged, and the bytes of their records.
@@ -126,7 +128,8 @@ class Batcher:
         if self.room == 0:
             return Wait(None)
         count = min(self.pending, self.batch_size)
-        if self.pending >= self.batch_size:
+        if self.pending >= self.batch_size or self.ended:
+            # A full batch, or the last records there will be: nothing to gather.
             return Send(count)
         # One frame in flight until an ack has timed this connection: a
         # fleet started at once sends its second frames into a queue it
@@ -165,6 +168,10 @@ class Batcher:
         # The rest start a fresh interval; keeping the old start would send
         # every newcomer alone while the window is busy.
         self.waiting_since = now if self.pending else None
+
+    def end(self) -> None:
+        """No more records will be added: the rest goes as fast as the bound lets it."""
+        self.ended = True
 
     def hub_says(self, behind: bool) -> None:
         """An ack arrived: with a backlog (the hub is behind) or without."""

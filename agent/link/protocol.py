@@ -148,6 +148,8 @@ class UplinkProtocol:
 
     def finish(self, state: str, exit_code: int | None) -> None:
         self.final = (state, exit_code)
+        # The command ended: nothing gathers for records that will not come.
+        self.batcher.end()
 
     def on_connected(self, now: float) -> list[bytes]:
         self.connected = True
