@@ -90,7 +90,7 @@ def test_whole_messages_as_wsproto_reads_them_however_the_stream_is_cut() -> Non
     [
         CloseConnection(code=CloseReason.NORMAL_CLOSURE),
         TextMessage(data="first half", message_finished=False),
-        TextMessage(data="x" * 70000),  # over the fast path's limit
+        TextMessage(data="x" * (ws_frames.FAST_FRAME_LIMIT + 1)),  # over the fast path's limit
     ],
 )
 def test_a_frame_it_does_not_handle_goes_to_wsproto_with_everything_after_it(odd: object) -> None:

@@ -96,9 +96,21 @@ def record_ids(task_id: str, first: int, count: int) -> list[str]:
 def with_ids(records: Iterable[LogRecord | None]) -> None:
     """Give each record without an id its id (in place): an append's, before
     it is shown (AppendResult)."""
+    run: list[LogRecord] = []  # consecutive seqs of one task: their ids at once
     for record in records:
-        if record is not None and record.id is None:
-            record.id = record_id(record.task_id, record.seq)
+        if record is None or record.id is not None:
+            continue
+        if run and (record.task_id != run[0].task_id or record.seq != run[-1].seq + 1):
+            _give_ids(run)
+            run = []
+        run.append(record)
+    if run:
+        _give_ids(run)
+
+
+def _give_ids(run: list[LogRecord]) -> None:
+    for record, id_ in zip(run, record_ids(run[0].task_id, run[0].seq, len(run)), strict=True):
+        record.id = id_
 
 
 # The anonymous producer: a client that names none (docs/identity.md).
