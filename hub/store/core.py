@@ -69,7 +69,7 @@ def append(d: Dialect, items: Sequence[Incoming]) -> Steps[AppendResult]:
     ones, and what is not stored now is new. The new records of each task go
     in as chunks of consecutive seqs.
     """
-    task_ids = sorted(dict.fromkeys(i.task_id for i in items))
+    task_ids = sorted({i.task_id for i in items})
     now = now_ts()
     progress = yield from _lock_tasks(d, task_ids, now)
     keys = list(dict.fromkeys((i.task_id, i.producer) for i in items))
@@ -91,8 +91,11 @@ def append(d: Dialect, items: Sequence[Incoming]) -> Steps[AppendResult]:
     resolve(plan, producers, ranges, stored)
     fresh = plan.inserted()
     by_task: dict[str, list[LogRecord]] = {}
-    for r in fresh:
-        by_task.setdefault(r.task_id, []).append(r)
+    if fresh and len(task_ids) == 1:
+        by_task[task_ids[0]] = fresh
+    else:
+        for r in fresh:
+            by_task.setdefault(r.task_id, []).append(r)
     rows: list[chunk.ChunkRow] = []
     if by_task:
         for task_id, records in by_task.items():

@@ -23,7 +23,6 @@ from hub.store.base import (
     Incoming,
     LogQuery,
     hub_made,
-    record_id,
 )
 from hub.store.chunk import ChunkRow, source_level_counts
 from keruta.levels import LEVELS
@@ -241,7 +240,7 @@ def plan_batch(
             plan.records.append(
                 trusted_record(
                     item.task_id, first, item.timestamp, item.source, item.level, item.message, item.line_number,
-                    item.metadata, item.partial, record_id(item.task_id, first), item.kind, item.producer,
+                    item.metadata, item.partial, None, item.kind, item.producer,
                 )
             )
             plan.status.append(INSERTED)
