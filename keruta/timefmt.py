@@ -44,10 +44,21 @@ def parse_ts(text: str) -> dt.datetime:
 _CANONICAL = re.compile(r"\d{4}-[01]\d-[0-3]\dT[0-2]\d:[0-5]\d:[0-6]\d\.\d{6}Z")
 
 
+# UTC with fewer fractional digits (JavaScript's toISOString writes three).
+_SHORT_FRACTION = re.compile(r"(\d{4}-[01]\d-[0-3]\dT[0-2]\d:[0-5]\d:[0-6]\d)(?:\.(\d{1,5}))?Z")
+
+
 def canonical_ts(text: str) -> str:
     # The agent already sends the canonical form: skip the reformatting, but
     # still parse, so an impossible date (month 13) is refused.
-    if isinstance(text, str) and _CANONICAL.fullmatch(text):
-        dt.datetime.fromisoformat(text)
-        return text
+    if isinstance(text, str):
+        if _CANONICAL.fullmatch(text):
+            dt.datetime.fromisoformat(text)
+            return text
+        short = _SHORT_FRACTION.fullmatch(text)
+        if short is not None:
+            # Only padded: the same instant, in a string of the same order.
+            padded = f"{short[1]}.{(short[2] or '').ljust(6, '0')}Z"
+            dt.datetime.fromisoformat(padded)
+            return padded
     return format_ts(parse_ts(text))

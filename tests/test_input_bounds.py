@@ -88,6 +88,21 @@ def test_overflowing_offsets_are_value_errors(moment: str) -> None:
         canonical_ts(moment)
 
 
+@pytest.mark.parametrize("digits", range(7))
+@pytest.mark.parametrize(
+    "moment", ["2026-11-28T12:00:00", "0001-01-01T00:00:00", "9999-12-31T23:59:59", "2024-02-29T07:08:09"]
+)
+def test_a_utc_time_with_fewer_fractional_digits_is_only_padded(moment: str, digits: int) -> None:
+    text = moment + ("." + "123456"[:digits] if digits else "") + "Z"
+    assert canonical_ts(text) == format_ts(dt.datetime.fromisoformat(text))
+
+
+@pytest.mark.parametrize("moment", ["2026-13-01T00:00:00.000Z", "2026-02-30T00:00:00Z", "2026-11-28T12:00:60.5Z"])
+def test_an_impossible_utc_time_is_refused_whatever_its_digits(moment: str) -> None:
+    with pytest.raises(ValueError):
+        canonical_ts(moment)
+
+
 async def test_overflowing_timestamps_are_400_and_error_frames(hub: TestHub) -> None:
     async with hub.http() as client:
         for moment in OVERFLOWING_TIMES:
