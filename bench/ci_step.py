@@ -4,8 +4,11 @@ bare, under the agent with the hub down, and with a hub up (SQLite).
     python bench/ci_step.py [--lines 1000000] [--reps 3]
 
 Prints one JSON object: {"bare_s", "hub_down_s", "hub_up_s", "hub_up_no_wait_s",
-"lines", ...}: median wall seconds from starting the process to its exit, with
-stdout to /dev/null. `hub_up_no_wait_s` is `run --no-wait` (exits when the
+"reader_floor_s", "lines", ...}: median wall seconds from starting the process
+to its exit, with stdout to /dev/null. `reader_floor_s`: the command as the
+agent runs it (unbuffered), read by a bare Python loop with the agent's pause
+after a short read (READER_FLOOR): the least any CPython reader of that pipe
+holds it back. `hub_up_no_wait_s` is `run --no-wait` (exits when the
 command has, leaving delivery to a background deliverer) followed at the job's
 end by `flush --wait`, counted to the flush's exit: `hub_up_no_wait_run_s` is
 the step alone. `*_cpu_s` are the agent's (and the command's) CPU seconds, which a
@@ -54,6 +57,30 @@ def timed(cmd: list[str], env: dict[str, str], timeout: float = 600.0) -> tuple[
     return wall, cpu, proc.returncode
 
 
+# The floor under "hub down": the command as the agent runs it (unbuffered:
+# agent/process.py sets PYTHONUNBUFFERED, so a Python command writes each
+# line as it prints it), its output read by a bare Python loop that pauses as
+# the agent's readers do after a short read (agent/earlyread.py PAUSE), on a
+# pipe as large as the agent's, and keeps nothing. What any reader of this pipe in CPython costs the command.
+READER_FLOOR = """
+import fcntl, os, subprocess, sys, time
+from agent.earlyread import PAUSE, READ_BYTES
+from agent.process import PIPE_BYTES
+r, w = os.pipe()
+fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_BYTES)
+child = subprocess.Popen(sys.argv[1:], stdout=w)
+os.close(w)
+little = min(PIPE_BYTES, READ_BYTES) // 2
+while True:
+    data = os.read(r, READ_BYTES)
+    if not data:
+        break
+    if len(data) < little:
+        time.sleep(PAUSE)
+sys.exit(child.wait())
+"""
+
+
 def stored(port: int, task: str) -> int | None:
     status, body = http_get(port, f"/api/v1/tasks/{task}")
     if status != 200:
@@ -86,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for rep in range(args.reps):
             record("bare", *timed(cmd, env)[:2])
+            record("reader_floor", *timed([PY, "-c", READER_FLOOR, *cmd], {**env, "PYTHONUNBUFFERED": "1"})[:2])
             # Nothing listens on a port just freed: the hub is down.
             spool = root / f"down-{rep}"
             run = [agent, "run", "--task-id", f"down-{rep}", "--hub", f"http://127.0.0.1:{free_port()}",

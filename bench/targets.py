@@ -213,6 +213,9 @@ def ci_figures(res: dict[str, Any]) -> list[tuple[str, float | None, str, str | 
             "ci.hub_up_ratio",
         ),
         ("CI step: lines / hub-down run time", div(lines, down), "lines/s", "ci.hub_down_rate"),
+        # the floor under "hub down": the command as the agent runs it, read by a bare CPython loop
+        ("CI step: the command read by a bare Python loop (floor)", num("reader_floor_s"), "s", "ci.reader_floor_s"),
+        ("CI step: that floor / bare", div(num("reader_floor_s"), bare), "x", "ci.reader_floor_ratio"),
         # a job that does not wait per step: `run --no-wait`, then `flush --wait` at its end
         (
             "CI step: `run --no-wait`, the step alone",
