@@ -53,6 +53,7 @@ from tools import (  # noqa: E402
     PRODUCER,
     PY,
     SCENARIOS,
+    WAKEUPS,
     Missing,
     delivery,
     describe,
@@ -175,6 +176,19 @@ class Bench(StoreScenarios):
                     missing=reps.get("error"),
                     key=f"lat.{who}.p{q}",
                 )
+        # The floor under them: what waking a sleeping thread or process costs
+        # here (bench/wakeups.py); a keruta line wakes three processes and the
+        # hub's commit thread, a websocketd line two processes.
+        try:
+            done = subprocess.run([PY, WAKEUPS], check=True, timeout=120, capture_output=True, text=True)
+            woke = json.loads(done.stdout.splitlines()[-1])
+        except Exception as e:  # noqa: BLE001 - the figures go missing, the run goes on
+            self.add("latency floor: wake-ups", None, "", {}, missing=describe(e))
+            return
+        self.add("latency floor: a Trio worker-thread round trip, 10 ms after the last", woke["thread_round_trip_idle_ms"],
+                 "ms", {"back_to_back_ms": woke["thread_round_trip_busy_ms"]}, key="lat.floor.thread")
+        self.add("latency floor: a process-to-process round trip, 10 ms after the last",
+                 woke["process_round_trip_idle_ms"], "ms", {}, key="lat.floor.process")
 
     def scenario_memory(self) -> None:
         n = self.size("agent_mem_lines")
