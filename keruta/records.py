@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import attrs
@@ -205,6 +205,33 @@ def trusted_record(
     r.kind = kind
     r.producer = producer
     return r
+
+
+def trusted_run(task_id: str, first_seq: int, items: Sequence[Any], producer: str | None) -> list[LogRecord]:
+    """`trusted_record`s of one task and producer under consecutive seqs from
+    `first_seq`, one per item (anything with a record's fields: the store's
+    `Incoming`), in one loop: a call per record made a store append's run of
+    500 records 1.7x as long to build."""
+    records: list[LogRecord] = []
+    add = records.append
+    seq = first_seq
+    for item in items:
+        r = _new(LogRecord)
+        r.task_id = task_id
+        r.seq = seq
+        r.timestamp = item.timestamp
+        r.source = item.source
+        r.level = item.level
+        r.message = item.message
+        r.line_number = item.line_number
+        r.metadata = item.metadata
+        r.partial = item.partial
+        r.id = None
+        r.kind = item.kind
+        r.producer = producer
+        add(r)
+        seq += 1
+    return records
 
 
 @json_schema(pattern=rf"^{PRODUCER_RE.pattern}$")

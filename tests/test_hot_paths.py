@@ -180,3 +180,24 @@ async def test_first_commit_published_for_a_task_sends_a_subscriber_missing_reco
     assert not behind.live and behind.cursor == 1
     assert ahead.live and ahead.cursor == 9
     assert offered == []
+
+
+def test_a_trusted_run_is_the_records_the_validators_make() -> None:
+    """The store's loop that builds a producer's run of records sets every
+    field a record has (a field added to LogRecord and forgotten there fails
+    here), to what the validating constructor makes."""
+    from hub.store.base import Incoming
+    from keruta.records import trusted_run
+
+    items = [
+        Incoming("t-1", 7 + k, "2026-12-07T10:00:00.000000Z", ("stdout", "stderr")[k % 2], ("INFO", "ERROR")[k % 2],
+                 f"line {k}", k or None, {"k": k} if k == 2 else {}, k == 3, "agent-1", "section_start" if k == 1 else None)
+        for k in range(4)
+    ]
+    made = trusted_run("t-1", 40, items, "agent-1")
+    want = [
+        LogRecord(i.task_id, 40 + k, i.timestamp, i.source, i.level, i.message, i.line_number, i.metadata,
+                  i.partial, None, i.kind, "agent-1")
+        for k, i in enumerate(items)
+    ]
+    assert made == want  # a slot left unset: AttributeError

@@ -72,7 +72,12 @@ def append(d: Dialect, items: Sequence[Incoming]) -> Steps[AppendResult]:
     task_ids = sorted({i.task_id for i in items})
     now = now_ts()
     progress = yield from _lock_tasks(d, task_ids, now)
-    keys = list(dict.fromkeys((i.task_id, i.producer) for i in items))
+    if len(task_ids) == 1:
+        # One task (an agent's batch): its producers told apart by name alone,
+        # the strings' hashes already known.
+        keys = [(task_ids[0], producer) for producer in dict.fromkeys([i.producer for i in items])]
+    else:
+        keys = list(dict.fromkeys([(i.task_id, i.producer) for i in items]))
     producers = {key: ProducerProgress(high=0) for key in keys}
     for start in range(0, len(keys), d.in_chunk):
         for task_id, producer, high, last_first, last_seq in (yield d.producer_highs(keys[start : start + d.in_chunk])):

@@ -34,6 +34,7 @@ from keruta.records import (
     InvalidField,
     LogRecord,
     trusted_record,
+    trusted_run,
     valid_task_id,
 )
 
@@ -151,7 +152,11 @@ class Plan:
         )
 
     def inserted(self) -> list[LogRecord]:
-        return [r for r, s in zip(self.records, self.status, strict=True) if s == INSERTED and r is not None]
+        status = self.status
+        if status.count(INSERTED) == len(status):
+            # The usual batch, counted in C: every record new.
+            return list(self.records)  # type: ignore[arg-type]
+        return [r for r, s in zip(self.records, status, strict=True) if s == INSERTED and r is not None]
 
     def seqs_to_read(
         self, ranges: dict[tuple[str, str], list[Sequence[int]]], producers: dict[tuple[str, str], ProducerProgress]
@@ -306,33 +311,16 @@ def _records(items: Sequence[Incoming], first: int) -> list[LogRecord]:
     """Records for a run of items of one task and producer, given seqs from `first` on."""
     task_id = items[0].task_id
     # No ids: `with_ids` gives them where a record is shown (AppendResult).
-    ids = [None] * len(items)
     producer = items[0].producer
     if hub_made(producer):
         return [
             trusted_record(
                 task_id, first + k, item.timestamp, item.source, item.level, item.message, item.line_number,
-                item.metadata, item.partial, ids[k], item.kind, answered_producer(item),
+                item.metadata, item.partial, None, item.kind, answered_producer(item),
             )
             for k, item in enumerate(items)
         ]
-    return [
-        trusted_record(
-            task_id,
-            first + k,
-            item.timestamp,
-            item.source,
-            item.level,
-            item.message,
-            item.line_number,
-            item.metadata,
-            item.partial,
-            ids[k],
-            item.kind,
-            producer,
-        )
-        for k, item in enumerate(items)
-    ]
+    return trusted_run(task_id, first, items, producer)
 
 
 def resolve(
