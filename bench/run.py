@@ -259,22 +259,30 @@ class Bench(StoreScenarios):
                 self.add(f"{label}: a line's arrival to its ack, p99", r["line_p99_ms"], "ms", params,
                          key=f"fleet.{mode}{producers}.line_p99")
         for server in ("hypercorn-floor", "trio-floor"):
-            # The same 1,000 producers against a server that only decodes each
-            # frame and acks it (bench/frame_floor.py): the floor under the hub's
-            # CPU per frame on each stack.
-            out = Path(self.tmp("fleet")) / "floor.json"
-            label = f"frame floor: 1000 producers x 5/s to a bare {server.removesuffix('-floor')} server (decode, ack)"
-            try:
-                subprocess.run([PY, FLEET, "--server", server, "--producers", "1000", "--rate", "5", "--viewers", "0",
-                                "--seconds", str(seconds), "--out", str(out)],
-                               check=True, timeout=seconds + 600, stdout=subprocess.DEVNULL)
-                r = json.loads(out.read_text())
-            except Exception as e:  # noqa: BLE001 - a figure goes missing, the run goes on
-                self.add(label, None, "", {"server": server}, missing=describe(e))
-                continue
-            self.add(f"{label}: CPU per frame", r["hub_cpu_us_per_frame"], "µs",
-                     {"server": server, "load": r["load"], "ack_p99_ms": r["ack_p99_ms"]},
-                     key=f"fleet.floor.{server}.cpu")
+            # The same fleets against a server that only decodes each frame and
+            # acks it (bench/frame_floor.py): the floor under the hub's CPU per
+            # frame, and under the agents' ack p99, on each stack.
+            for mode, rate in (("flat", 5.0), ("agent", 20.0)):
+                out = Path(self.tmp("fleet")) / "floor.json"
+                bare = server.removesuffix("-floor")
+                label = (f"frame floor: 1000 producers x 5/s to a bare {bare} server (decode, ack)" if mode == "flat"
+                         else f"frame floor: 1000 agents x 20 lines/s to a bare {bare} server (decode, ack)")
+                key = f"fleet.floor.{server}" + ("" if mode == "flat" else ".agent")
+                try:
+                    subprocess.run([PY, FLEET, "--server", server, "--producers", "1000", "--rate", str(rate),
+                                    "--viewers", "0", "--mode", mode, "--seconds", str(seconds), "--out", str(out)],
+                                   check=True, timeout=seconds + 600, stdout=subprocess.DEVNULL)
+                    r = json.loads(out.read_text())
+                except Exception as e:  # noqa: BLE001 - a figure goes missing, the run goes on
+                    self.add(label, None, "", {"server": server, "mode": mode}, missing=describe(e))
+                    continue
+                params = {"server": server, "mode": mode, "load": r["load"], "ack_p50_ms": r["ack_p50_ms"]}
+                if mode == "flat":
+                    self.add(f"{label}: CPU per frame", r["hub_cpu_us_per_frame"], "µs",
+                             dict(params, ack_p99_ms=r["ack_p99_ms"]), key=f"{key}.cpu")
+                else:
+                    self.add(f"{label}: ack p99", r["ack_p99_ms"], "ms",
+                             dict(params, cpu_us_per_frame=r["hub_cpu_us_per_frame"]), key=f"{key}.p99")
         try:
             done = subprocess.run([PY, IDLE_FLOOR, "--connections", "5000"], check=True, timeout=600,
                                   capture_output=True, text=True)

@@ -60,11 +60,18 @@ def settle(items: Sequence[Incoming], result: AppendResult, offset: int) -> Writ
     """
     records = result.records[offset : offset + len(items)]
     status = result.status[offset : offset + len(items)]
-    producers: dict[tuple[str, str], int] = {}
-    for item in items:
-        if not hub_made(item.producer):
-            producers[(item.task_id, item.producer)] = result.producers[(item.task_id, item.producer)]
+    tasks = {item.task_id for item in items}
+    names = {item.producer for item in items}
+    # Usually one task's one producer: the pairs are told without a tuple per record.
+    keys = (
+        [(next(iter(tasks)), next(iter(names)))]
+        if len(tasks) == 1 and len(names) == 1
+        else dict.fromkeys(zip([item.task_id for item in items], [item.producer for item in items], strict=True))
+    )
+    producers = {key: result.producers[key] for key in keys if not hub_made(key[1])}
     refusals: list[Refusal] = []
+    if CONFLICT not in status and GAP not in status:
+        return WriteOutcome(records=records, producers=producers, refusals=refusals)
     # One refusal per identity and kind, whatever the number of records: the
     # first names the record, the count says how many.
     first_conflict: dict[tuple[str, str], tuple[int, str, int]] = {}
