@@ -30,14 +30,16 @@ import argparse
 import base64
 import hashlib
 import sys
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
-KINDS = ("hypercorn", "trio")
+import bare_server  # noqa: E402
+from bare_server import KINDS  # noqa: E402
+
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
@@ -90,33 +92,7 @@ async def _trio_handler(stream: Any) -> None:
 
 
 def serve(kind: str, port_file: str) -> None:
-    import trio
-
-    async def main() -> None:
-        if kind == "trio":
-            async with trio.open_nursery() as nursery:
-                listeners = await nursery.start(partial(trio.serve_tcp, _trio_handler, 0, host="127.0.0.1"))
-                Path(port_file).write_text(str(listeners[0].socket.getsockname()[1]))
-            return
-        import hypercorn.trio
-        from hypercorn.config import Config
-
-        from hub import hypercorn_patches
-        from hub.config import HubConfig
-        from tests.support import websocket_app
-
-        hypercorn_patches.install()
-        hub = HubConfig()
-        config = Config()
-        config.bind = ["127.0.0.1:0"]
-        config.accesslog = None
-        config.websocket_ping_interval = hub.ping_interval
-        config.websocket_max_message_size = hub.limits.max_frame_bytes + 1024
-        async with trio.open_nursery() as nursery:
-            binds = await nursery.start(hypercorn.trio.serve, websocket_app(_hypercorn_body), config)
-            Path(port_file).write_text(binds[0].rsplit(":", 1)[1])
-
-    trio.run(main)
+    bare_server.serve(kind, port_file, _trio_handler, _hypercorn_body)
 
 
 def main() -> None:

@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
+import bare_server  # noqa: E402
 from fleet import status_kib  # noqa: E402
 from wsclient import WsClient  # noqa: E402
 
@@ -54,33 +54,7 @@ async def _wait_for_disconnect(receive: Any, _send: Any, _link: Any) -> None:
 
 
 def serve(kind: str, port_file: str) -> None:
-    import trio
-
-    async def main() -> None:
-        if kind == "trio":
-            async with trio.open_nursery() as nursery:
-                listeners = await nursery.start(partial(trio.serve_tcp, _trio_handler, 0, host="127.0.0.1"))
-                Path(port_file).write_text(str(listeners[0].socket.getsockname()[1]))
-            return
-        import hypercorn.trio
-        from hypercorn.config import Config
-
-        from hub import hypercorn_patches
-        from hub.config import HubConfig
-        from tests.support import websocket_app
-
-        hypercorn_patches.install()
-        hub = HubConfig()
-        config = Config()
-        config.bind = ["127.0.0.1:0"]
-        config.accesslog = None
-        config.websocket_ping_interval = hub.ping_interval
-        config.websocket_max_message_size = hub.limits.max_frame_bytes + 1024
-        async with trio.open_nursery() as nursery:
-            binds = await nursery.start(hypercorn.trio.serve, websocket_app(_wait_for_disconnect), config)
-            Path(port_file).write_text(binds[0].rsplit(":", 1)[1])
-
-    trio.run(main)
+    bare_server.serve(kind, port_file, _trio_handler, _wait_for_disconnect)
 
 
 class _Idle(WsClient):
