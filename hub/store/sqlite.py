@@ -17,8 +17,9 @@ before it returns. FULL would fsync inside every commit, putting the disk
 back in the live path for nothing the sync does not already give.
 
 SQLite's automatic checkpoint is off (`wal_autocheckpoint=0`): it would run
-inside a commit, two fsyncs on the live path. `sync` checkpoints instead,
-once the WAL has grown past `checkpoint_at`, on its own connection beside the
+inside a commit, two fsyncs on the live path. `upkeep` checkpoints instead,
+once the WAL's frames hold `checkpoint_at` bytes (`wal_held_bytes`, read at
+each `sync`), on its own connection beside the
 writer (PASSIVE: it never waits for the writer or a reader); a WAL that grew
 past `truncate_at` anyway (the writer never paused long enough for a passive
 checkpoint to finish, or a reader held an old snapshot) is checkpointed and
@@ -66,9 +67,9 @@ log = logging.getLogger("keruta.hub.store")
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
 _BUSY_TIMEOUT_MS = 10_000
-# `sync` checkpoints a WAL this large (SQLite's own default: 1000 pages)...
+# `upkeep` checkpoints a WAL whose frames hold this much (SQLite's own default: 1000 pages)...
 CHECKPOINT_AT = 4 * 1024 * 1024
-# ...and truncates one this large, holding the writer back meanwhile.
+# ...and truncates one whose file is this large, holding the writer back meanwhile.
 TRUNCATE_AT = 64 * 1024 * 1024
 # How long a truncating checkpoint waits for readers to leave old snapshots
 # (the writer waits as long); it tries again at a later sync.
@@ -270,11 +271,11 @@ class SQLiteStore(SqlStore):
         self._reader_count = readers
         self._writer: sqlite3.Connection | None = None
         self._write_lock = trio.Lock()
-        # The WAL's size at the last sync: what `upkeep` goes by.
-        # The WAL's file size and the bytes of it this WAL's frames hold, at the last sync.
+        # The WAL's file size and the bytes of it this WAL's frames hold, at
+        # the last sync: what `upkeep` goes by.
         self._wal_bytes = 0
         self._wal_held = 0
-        # Checkpoints run (upkeep), for /metrics and tests.
+        # Checkpoints run (upkeep): tests count them.
         self.checkpoints = 0
         self._readers: list[sqlite3.Connection] = []
         self._reader_slots = trio.Semaphore(readers)
