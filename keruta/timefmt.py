@@ -41,24 +41,18 @@ def parse_ts(text: str) -> dt.datetime:
         raise ValueError("timestamp is outside years 1-9999 in UTC") from None
 
 
-_CANONICAL = re.compile(r"\d{4}-[01]\d-[0-3]\dT[0-2]\d:[0-5]\d:[0-6]\d\.\d{6}Z")
-
-
-# UTC with fewer fractional digits (JavaScript's toISOString writes three).
-_SHORT_FRACTION = re.compile(r"(\d{4}-[01]\d-[0-3]\dT[0-2]\d:[0-5]\d:[0-6]\d)(?:\.(\d{1,5}))?Z")
+# UTC with up to six fractional digits: six is the canonical form itself,
+# fewer (JavaScript's toISOString writes three) are only padded.
+_UTC = re.compile(r"(\d{4}-[01]\d-[0-3]\dT[0-2]\d:[0-5]\d:[0-6]\d)(?:\.(\d{1,6}))?Z")
 
 
 def canonical_ts(text: str) -> str:
     # The agent already sends the canonical form: skip the reformatting, but
     # still parse, so an impossible date (month 13) is refused.
-    if isinstance(text, str):
-        if _CANONICAL.fullmatch(text):
-            dt.datetime.fromisoformat(text)
-            return text
-        short = _SHORT_FRACTION.fullmatch(text)
-        if short is not None:
-            # Only padded: the same instant, in a string of the same order.
-            padded = f"{short[1]}.{(short[2] or '').ljust(6, '0')}Z"
-            dt.datetime.fromisoformat(padded)
-            return padded
+    if isinstance(text, str) and (utc := _UTC.fullmatch(text)) is not None:
+        fraction = utc[2] or ""
+        # Padded, the same instant in a string of the same order.
+        canonical = text if len(fraction) == 6 else f"{utc[1]}.{fraction.ljust(6, '0')}Z"
+        dt.datetime.fromisoformat(canonical)
+        return canonical
     return format_ts(parse_ts(text))
