@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from hypercorn.typing import WebsocketScope
 from quart_trio import QuartTrio
 
 from hub.access import Access
 from hub.admission import Admission
 from hub.deps import ConnectionDeps
 from hub.routes import hooks, logs, ops, redact, tasks, verify, viewer, ws
-from hub.ws.endpoint import WS_PATH, WebSocketEndpoint
+from hub.ws.endpoint import WS_PATH, AdmittedSocket, WebSocketEndpoint
 
 
 def create_app(deps: ConnectionDeps, store_available: Callable[[], bool]) -> QuartTrio:
@@ -42,3 +43,11 @@ def create_app(deps: ConnectionDeps, store_available: Callable[[], bool]) -> Qua
     app.register_blueprint(viewer.blueprint())
     app.register_blueprint(ws.blueprint())
     return app
+
+
+def served_websockets(app: QuartTrio) -> dict[str, Callable[[WebsocketScope, AdmittedSocket], object]]:
+    """The WebSocket endpoints of `app` by path, for hub/listener.py to serve
+    on its own route (a handshake it does not take reaches them through Admission)."""
+    admission = app.asgi_app
+    assert isinstance(admission, Admission)
+    return {path: ep.serve for path, ep in admission.websockets.items() if isinstance(ep, WebSocketEndpoint)}

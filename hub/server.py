@@ -5,7 +5,7 @@
       ├─ capper        (cuts tasks over their cap: head, gap record, tail)
       ├─ retention     (with --retention-days)
       ├─ signals       (SIGTERM/SIGINT start a graceful shutdown)
-      └─ http          (hypercorn: REST + one Connection per WebSocket)
+      └─ http          (hub/listener.py: a Connection per WebSocket; hypercorn for REST)
 
 Shutdown: connections stop reading, wait for their writes to commit, send the
 acks, close with 1001; hypercorn returns; the writer's inbox is closed and the
@@ -22,17 +22,17 @@ from collections.abc import AsyncIterator
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 
 from hub import hypercorn_patches
 from hub.actors.broadcaster import Broadcaster
 from hub.actors.capper import Capper
 from hub.actors.retention import run_retention
 from hub.actors.writer import Writer, WriteRequest
-from hub.app import create_app
+from hub.app import create_app, served_websockets
 from hub.config import HubConfig
 from hub.deps import ConnectionDeps
 from hub.ingest_budget import IngestBudget
+from hub.listener import serve_http
 from hub.metrics import Metrics
 from hub.shutdown import Shutdown
 from hub.store import open_store_from_url
@@ -136,8 +136,9 @@ async def _serve_with(store: Store, config: HubConfig, task_status: trio.TaskSta
 
             async def http(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
                 with inbox_send:
-                    await hypercorn_serve(
-                        app, _hypercorn_config(config),  # type: ignore[arg-type]
+                    await serve_http(
+                        app, _hypercorn_config(config), served_websockets(app),  # type: ignore[arg-type]
+                        max_message=config.limits.max_frame_bytes + 1024, ping_interval=config.ping_interval,
                         shutdown_trigger=shutting_down.wait, task_status=task_status,
                     )
                 # No connection is left; the writer drains its inbox, within a deadline.

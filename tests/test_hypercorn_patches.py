@@ -78,12 +78,13 @@ async def test_a_failing_connection_handler_ends_only_that_connection(caplog) ->
 
 
 def _ping_tasks() -> list[str]:
-    """The WebSocket ping tasks alive in this trio run (the in-process hub's)."""
+    """The WebSocket ping tasks alive in this trio run (the in-process hub's:
+    hypercorn's, and hub/ws/stream_socket.py's for the sockets the hub serves itself)."""
     found: list[str] = []
     todo = [trio.lowlevel.current_root_task()]
     while todo:
         task = todo.pop()
-        if "_send_pings" in task.name:
+        if "_send_pings" in task.name or "ping_every" in task.name:
             found.append(task.name)
         todo.extend(child for nursery in task.child_nurseries for child in nursery.child_tasks)
     return found

@@ -130,6 +130,7 @@ class Connection:
         self.closing: str | None = None
         self._read_scope = trio.CancelScope()
         self._sender_done = trio.Event()
+        self._sender_started = False
         self._abandon_queue = False
         self._nursery: trio.Nursery | None = None
         self._writes = WriteQueue(INGEST_FRAMES, hub.config.limits.max_frame_bytes)
@@ -159,7 +160,6 @@ class Connection:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._send_loop)
                 self.hub.shutting_down.subscribe(self._on_shutdown)
                 with self._read_scope:
                     await self._read_loop()
@@ -170,6 +170,8 @@ class Connection:
                 await self._close()
                 nursery.cancel_scope.cancel()
         finally:
+            # Answers the syncer brings from here on find no sender to start.
+            self._nursery = None
             self.hub.shutting_down.unsubscribe(self._on_shutdown)
             if self.link is not None:
                 self.link.on_message = None
@@ -189,6 +191,7 @@ class Connection:
             subs = list(self.subs.values())
             for sub in subs:
                 self._drop(sub)
+            self._start_sender()
             self.outbox.try_put(WAKE)
             with trio.move_on_after(timeout) as waited:
                 await self._sender_done.wait()
@@ -206,6 +209,7 @@ class Connection:
         # outbox would fail once it is closed and take the close down with it.
         for sub in list(self.subs.values()):
             self._drop(sub)
+        self._start_sender()
         self.outbox.close()
         with trio.move_on_at(deadline) as waited:
             await self._sender_done.wait()
@@ -217,6 +221,19 @@ class Connection:
             await self.ws.close(CLOSE_GOING_AWAY, "hub shutting down")
 
     # --- sending ----------------------------------------------------------
+
+    def _start_sender(self) -> None:
+        """The sender starts with the outbox's first frame: a connection whose
+        frames all go inline (an idle producer, a producer whose acks the
+        socket takes at once) costs no task for it."""
+        if not self._sender_started and self._nursery is not None:
+            self._sender_started = True
+            self._nursery.start_soon(self._send_loop)
+
+    def _sender_idle(self) -> bool:
+        """Nothing the sender holds or will take comes before a frame written
+        now another way: it is not started, or parked on an empty outbox."""
+        return not self._sender_started or self.outbox.sender_waits()
 
     async def _send_loop(self) -> None:
         try:
@@ -252,7 +269,9 @@ class Connection:
         if self._write_live_now(item):
             return True
         result = self.outbox.offer(item)
-        if result == "full":
+        if result == "queued":
+            self._start_sender()
+        elif result == "full":
             self._slow()
         return result == "queued"
 
@@ -269,6 +288,7 @@ class Connection:
     async def _send_catching_up(self, item: Outgoing) -> None:
         """History waits for room, but not forever: a client that stops reading
         is a slow consumer whether it is catching up or live."""
+        self._start_sender()
         if not await self.outbox.put_within(item, self.hub.config.slow_consumer_after):
             self._slow()
             await trio.sleep_forever()  # the connection is closing; _close cancels us
@@ -276,6 +296,7 @@ class Connection:
     async def _send(self, payload: str) -> None:
         # Replies to the client's own frames (pong, subscribed, errors) are
         # small; the frame bound alone keeps them in check.
+        self._start_sender()
         await self.outbox.put(Outgoing(payload))
 
     async def _error(self, code: str, message: str, resume_from: int | None = None) -> None:
@@ -294,6 +315,7 @@ class Connection:
         if not self._wake_pending and not self._send_inline():
             # If the outbox is full the sender is busy and takes them before its next frame.
             self._wake_pending = self.outbox.try_put(WAKE)
+            self._start_sender()
 
     def _write_live_now(self, item: Outgoing) -> bool:
         """A live frame written by the broadcaster itself when the sender
@@ -304,7 +326,7 @@ class Connection:
             or self.closing is not None
             or self._written
             or self._wake_pending
-            or not self.outbox.sender_waits()
+            or not self._sender_idle()
             or not link.writable()
         ):
             return False
@@ -318,7 +340,7 @@ class Connection:
         """Writes the replies now when the sender waits on an empty outbox
         and the socket is free; False leaves (the rest of) them to the sender."""
         link = self.link
-        if link is None or self.closing is not None or not self.outbox.sender_waits():
+        if link is None or self.closing is not None or not self._sender_idle():
             return False
         self._take_written()
         self.outbox.taken(WAKE)

@@ -1,17 +1,19 @@
-"""/api/v1/ws on hypercorn's ASGI interface: refuse what may not connect, then
-hand the socket to a Connection.
+"""/api/v1/ws: refuse what may not connect, then hand the socket to a Connection.
 
-Served below Quart (hub/admission.py dispatches a WebSocket scope for this
-path here): Quart-Trio runs a task per socket that copies each message into a
-queue of its own, wraps it and signals it, which cost more hub CPU than
-decoding the frame. Here a Connection's `receive` is hypercorn's own: one
-queue hop per message, from hypercorn's protocol task to the reader.
+Two ways in, one judgement (`WebSocketEndpoint.serve`): hub/listener.py's own
+route (the handshake read off the connection, a StreamWebSocket on the Trio
+stream: hub/ws/stream_socket.py), which is how clients normally arrive; and
+hypercorn's ASGI interface, below Quart (hub/admission.py dispatches a
+WebSocket scope for this path here) for a WebSocket opened on a kept-alive
+HTTP connection: Quart-Trio runs a task per socket that copies each message
+into a queue of its own, wraps it and signals it, which cost more hub CPU
+than decoding the frame; here a Connection's `receive` is hypercorn's own.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import NoReturn, cast
+from typing import NoReturn, Protocol, cast
 
 import trio
 from hypercorn.typing import (
@@ -26,7 +28,7 @@ from hub.admission import head_of
 from hub.auth import WS_SUBPROTOCOL, Role, bearer_token, subprotocol_token
 from hub.deps import ConnectionDeps
 from hub.hypercorn_patches import InlineLink, current_link
-from hub.ws.connection import CLOSE_POLICY, Connection
+from hub.ws.connection import CLOSE_POLICY, Connection, WebSocket
 from keruta.frames import ErrorFrame
 from keruta.wire import dumps
 
@@ -37,6 +39,16 @@ CLOSE_NORMAL = 1000
 CLOSE_INTERNAL_ERROR = 1011
 # A refused client's close reply (and what it sent before it) is read this long at most.
 REFUSAL_LINGER = 2.0
+
+
+class AdmittedSocket(WebSocket, Protocol):
+    """A socket the endpoint serves: AsgiWebSocket under hypercorn,
+    hub/ws/stream_socket.py's StreamWebSocket on hub/listener.py's own route."""
+
+    closed: bool
+    disconnected: bool
+
+    async def accept(self, subprotocol: str | None) -> None: ...
 
 
 class AsgiWebSocket:
@@ -101,24 +113,28 @@ class WebSocketEndpoint:
         self.deps = deps
 
     async def __call__(self, scope: WebsocketScope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        with trio.CancelScope() as connected:
+            await self.serve(scope, AsgiWebSocket(receive, send, connected, current_link()))
+
+    async def serve(self, scope: WebsocketScope, ws: AdmittedSocket) -> None:
+        """Runs one WebSocket to its end; `ws`'s disconnect cancels the scope this runs in."""
         # Judged in a call of its own: the request's head is not kept for the
         # connection's life (5,000 idle connections each held one).
         role, refusal, subprotocol = self._admit(scope)
-        with trio.CancelScope() as connected:
-            ws = AsgiWebSocket(receive, send, connected, current_link())
-            try:
-                # A browser that offered subprotocols drops a connection accepted with none.
-                await ws.accept(subprotocol)
-                if refusal is not None:
-                    await self._refuse(ws, refusal)
-                else:
-                    await Connection(self.deps, ws, role).run()
-            except Exception:
-                log.exception("a WebSocket connection failed; closing it")
-                self.deps.metrics.error("INTERNAL")
-                if not ws.closed and not ws.disconnected:
-                    await ws.close(CLOSE_INTERNAL_ERROR, "internal error")
-                return
+        del scope
+        try:
+            # A browser that offered subprotocols drops a connection accepted with none.
+            await ws.accept(subprotocol)
+            if refusal is not None:
+                await self._refuse(ws, refusal)
+            else:
+                await Connection(self.deps, ws, role).run()
+        except Exception:
+            log.exception("a WebSocket connection failed; closing it")
+            self.deps.metrics.error("INTERNAL")
+            if not ws.closed and not ws.disconnected:
+                await ws.close(CLOSE_INTERNAL_ERROR, "internal error")
+            return
         if not ws.closed and not ws.disconnected:
             # The Connection ended without a close of its own (a client that
             # did not take its last frames at shutdown): as Quart ended it.
@@ -145,7 +161,7 @@ class WebSocketEndpoint:
             refusal = ErrorFrame("UNAUTHORIZED", UNAUTHORIZED)
         return role, refusal, WS_SUBPROTOCOL if WS_SUBPROTOCOL in offered else None
 
-    async def _refuse(self, ws: AsgiWebSocket, refusal: ErrorFrame) -> None:
+    async def _refuse(self, ws: AdmittedSocket, refusal: ErrorFrame) -> None:
         self.deps.metrics.error(refusal.code)
         await ws.send(dumps(refusal))
         await ws.close(CLOSE_POLICY, refusal.code.lower())

@@ -1,0 +1,280 @@
+"""hub.ws.connection.WebSocket over a Trio stream: the hub's own WebSocket
+server for /api/v1/ws, below hypercorn (hub/listener.py routes a handshake here).
+
+A fleet's producer costs hypercorn's layers (its protocol, stream and ASGI
+tasks, a queue hop per message) more than keruta's own work on its frames,
+and 5,000 idle producers cost it ~26 KB each. Here a connection is the
+Connection's own tasks: its reader reads the socket itself (`receive`),
+its sender writes it (`send`), and the listener's one pinger sends every socket's keep-alive pings.
+
+Frames are parsed by hub/ws_frames.py; the first one it does not handle (a
+close, a fragment, a very large frame, a protocol error) and everything after
+go to wsproto, as under hypercorn. A message over `max_message` is read and
+dropped as it arrives and handed on as OVERSIZED (the Connection answers it
+TOO_LARGE), so memory stays bounded by the limit.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import NoReturn
+
+import trio
+from hypercorn.typing import ConnectionState as AsgiState
+from hypercorn.typing import WebsocketScope
+from wsproto.connection import Connection as WsprotoConnection
+from wsproto.connection import ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, TextMessage
+from wsproto.events import Ping as WsprotoPing
+
+from hub.hypercorn_patches import OVERSIZED
+from hub.ws_frames import ClientFrames, Ping, pong_frame, server_frame
+from hub.ws_handshake import Upgrade, accept_response
+
+MAX_RECV = 65536
+PING_FRAME = b"\x89\x00"
+# How long a close we sent waits for the client's answer before the TCP
+# connection is closed anyway.
+CLOSE_LINGER = 2.0
+# What a socket error or EOF means for a send or a read.
+_GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+def close_frame(code: int, reason: str) -> bytes:
+    payload = code.to_bytes(2, "big") + reason.encode()[:123]
+    return bytes((0x88, len(payload))) + payload
+
+
+class StreamWebSocket:
+    """One handshake's WebSocket. The client's disconnect (EOF, a reset, its
+    close) cancels `scope`, which the endpoint runs the Connection in, as the
+    ASGI socket (hub/ws/endpoint.py AsgiWebSocket) does."""
+
+
+    def __init__(
+        self, stream: trio.SocketStream, upgrade: Upgrade, leftover: bytes, scope: trio.CancelScope,
+        max_message: int, flushes: trio.Nursery,
+    ) -> None:
+        self.stream = stream
+        self._upgrade: Upgrade | None = upgrade
+        self._leftover = leftover
+        self.scope = scope
+        self._max_message = max_message
+        self._frames = ClientFrames()
+        self._wsproto: WsprotoConnection | None = None
+        # Messages read but not yet taken by `receive`.
+        self._ready: list[str | bytes] = []
+        # A message wsproto gives in pieces: its parts so far, and their size.
+        self._parts: list[str | bytes] = []
+        self._part_bytes = 0
+        self._oversized = False
+        self._send_lock = trio.Lock()
+        # What `send_now` or `ping` wrote that the socket did not take: it goes
+        # before anything else, with the next send or by a task in `flushes`.
+        self._unsent = b""
+        self._flushes = flushes
+        # hub.ws.connection.InlineSocket: the Connection writes acks and live
+        # frames from its synchronous code through this socket itself (its
+        # reader already reads the socket in its own task: `on_message` is
+        # never called here).
+        self.link = self
+        self.on_message: Callable[[str | bytes], bool] | None = None
+        self.accepted = False
+        self.closed = False
+        self.disconnected = False
+
+    @property
+    def path(self) -> str:
+        assert self._upgrade is not None, "before accept"
+        return self._upgrade.path
+
+    def asgi_scope(self) -> WebsocketScope:
+        """What hypercorn's ASGI scope says of the same handshake (the fields
+        the endpoint reads); before `accept`, which lets the handshake go."""
+        upgrade = self._upgrade
+        assert upgrade is not None, "before accept"
+        sock = self.stream.socket
+        client = sock.getpeername()
+        server = sock.getsockname()
+        return {
+            "type": "websocket",
+            "asgi": {"spec_version": "2.3", "version": "3.0"},
+            "scheme": "ws",
+            "http_version": "1.1",
+            "path": upgrade.path,
+            "raw_path": upgrade.raw_path,
+            "query_string": upgrade.query_string,
+            "root_path": "",
+            "headers": upgrade.headers,
+            "client": (client[0], client[1]),
+            "server": (server[0], server[1]),
+            "subprotocols": upgrade.subprotocols,
+            "extensions": {},
+            "state": AsgiState({}),
+        }
+
+    async def accept(self, subprotocol: str | None) -> None:
+        self.accepted = True
+        upgrade = self._upgrade
+        assert upgrade is not None, "accepted once"
+        # Not kept for the connection's life (5,000 idle connections would each hold it).
+        self._upgrade = None
+        await self._send_bytes(accept_response(upgrade, subprotocol))
+
+    async def receive(self) -> str | bytes:
+        while not self._ready:
+            if self.disconnected:
+                await self._gone()
+            if self._leftover:
+                data, self._leftover = self._leftover, b""
+            else:
+                try:
+                    data = bytes(await self.stream.receive_some(MAX_RECV))
+                except _GONE:
+                    data = b""
+                if not data:
+                    self.disconnected = True
+                    continue
+            await self._feed(data)
+        return self._ready.pop(0)
+
+    async def send(self, data: str) -> None:
+        await self._send_bytes(server_frame(data))
+
+    async def close(self, code: int, reason: str = "") -> None:
+        if self.closed:
+            return
+        self.closed = True
+        ws = self._wsproto
+        if ws is None:
+            frame = close_frame(code, reason)
+        elif ws.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
+            frame = ws.send(CloseConnection(code, reason))
+        else:
+            return
+        await self._send_bytes(frame)
+
+    def ping(self) -> None:
+        """A keep-alive ping, so a peer that vanished without a close is
+        noticed (a write to it fails) as with hypercorn's
+        `websocket_ping_interval`. Never waits: skipped while a send is under
+        way (the connection is busy anyway)."""
+        if self.writable():
+            self._write_now(PING_FRAME)
+
+    def writable(self) -> bool:
+        """Whether `send_now` may write: no send under way, nothing unsent."""
+        return not (self.closed or self.disconnected or self._unsent or self._send_lock.locked())
+
+    def send_now(self, text: str) -> None:
+        """Writes a text frame without waiting (only when `writable`)."""
+        self._write_now(server_frame(text))
+
+    def _write_now(self, frame: bytes) -> None:
+        try:
+            written = os.write(self.stream.socket.fileno(), frame)
+        except BlockingIOError:
+            written = 0
+        except OSError:
+            self.disconnected = True
+            self.scope.cancel()
+            return
+        if written < len(frame):
+            self._unsent = frame[written:]
+            self._flushes.start_soon(self._flush)
+
+    async def _flush(self) -> None:
+        # A task of the listener's, outside the Connection's scope: a failure
+        # cancels that scope and ends here.
+        try:
+            async with self._send_lock:
+                data, self._unsent = self._unsent, b""
+                if data:
+                    await self.stream.send_all(data)
+        except _GONE:
+            self.disconnected = True
+            self.scope.cancel()
+
+    async def linger(self) -> None:
+        """After our close: read (and drop) until the client answers it or goes."""
+        # A send that fails meanwhile (a pong) ends this scope, not the Connection's.
+        with trio.move_on_after(CLOSE_LINGER) as self.scope:
+            while not self.disconnected:
+                try:
+                    data = bytes(await self.stream.receive_some(MAX_RECV))
+                except _GONE:
+                    return
+                if not data:
+                    return
+                self._ready.clear()
+                await self._feed(data)
+
+    # --- reading ----------------------------------------------------------
+
+    async def _feed(self, data: bytes) -> None:
+        if self._wsproto is None:
+            messages, rest = self._frames.feed(data)
+            for message in messages:
+                if isinstance(message, Ping):
+                    await self._send_bytes(pong_frame(message.payload))
+                else:
+                    self._ready.append(message)
+            if rest is None:
+                return
+            self._wsproto = WsprotoConnection(ConnectionType.SERVER)
+            data = rest
+        await self._feed_wsproto(self._wsproto, data)
+
+    async def _feed_wsproto(self, ws: WsprotoConnection, data: bytes) -> None:
+        ws.receive_data(data)
+        for event in ws.events():
+            if isinstance(event, TextMessage | BytesMessage):
+                self._take_part(event.data if isinstance(event.data, str | bytes) else bytes(event.data), event.message_finished)
+            elif isinstance(event, WsprotoPing):
+                await self._send_bytes(ws.send(event.response()))
+            elif isinstance(event, CloseConnection):
+                # The client's close (or wsproto's for a protocol error): answered once.
+                if ws.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING) and not self.closed:
+                    self.closed = True
+                    await self._send_bytes(ws.send(event.response()))
+                self.disconnected = True
+                return
+
+    def _take_part(self, part: str | bytes, finished: bool) -> None:
+        if not self._oversized:
+            self._part_bytes += len(part)
+            if self._part_bytes > self._max_message:
+                self._oversized = True
+                self._parts = []
+            else:
+                self._parts.append(part)
+        if not finished:
+            return
+        if self._oversized:
+            self._ready.append(OVERSIZED)
+        else:
+            parts = self._parts
+            self._ready.append(parts[0] if len(parts) == 1 else parts[0][:0].join(parts))  # type: ignore[arg-type]
+        self._parts = []
+        self._part_bytes = 0
+        self._oversized = False
+
+    # --- writing ----------------------------------------------------------
+
+    async def _send_bytes(self, data: bytes) -> None:
+        if self.disconnected:
+            await self._gone()
+        try:
+            async with self._send_lock:
+                if self._unsent:
+                    data, self._unsent = self._unsent + data, b""
+                if data:
+                    await self.stream.send_all(data)
+        except _GONE:
+            self.disconnected = True
+            await self._gone()
+
+    async def _gone(self) -> NoReturn:
+        self.scope.cancel()
+        await trio.sleep_forever()  # cancelled at once: the client is gone
