@@ -247,6 +247,11 @@ class Bench(StoreScenarios):
             params.update({k: r[k] for k in ("frames_offered_per_s", "lines_taken_per_s", "store_missing",
                                              "store_extra", "viewer_lost", "viewer_doubled", "load")})
             self.add(f"{label}: hub RSS peak", r["hub_rss_peak_mb"], "MB", params, key=f"fleet.{mode}{producers}.rss")
+            if not rate:
+                # What they cost connected and idle; the peak also holds their
+                # arrival and their departure (5,000 at once, each way).
+                self.add(f"{label}: hub RSS, all connected and idle", r["hub_rss_connected_mb"], "MB",
+                         dict(params, rss_start_mb=r["hub_rss_start_mb"]), key=f"fleet.{mode}{producers}.rss_connected")
             if rate:
                 self.add(f"{label}: ack p50", r["ack_p50_ms"], "ms", params, key=f"fleet.{mode}{producers}.p50")
                 self.add(f"{label}: ack p99", r["ack_p99_ms"], "ms", params, key=f"fleet.{mode}{producers}.p99")

@@ -101,14 +101,29 @@ class Listener:
             ws = self._websocket_for(stream, buffer)
             if ws is None:
                 await PrefixedTCPServer(self.app, self.config, self.context, self.state, stream, buffer)
-            else:
-                # Not kept for the connection's life: 5,000 idle producers would each hold it.
-                del buffer
-                await self._serve_websocket(ws)
+                return
         except Exception:
             # One connection's bug ends that connection, not the hub (as hub/hypercorn_patches.py patch 2).
             log.exception("a connection's handler failed; that connection is closed, the hub serves on")
             await stream.aclose()
+            return
+        # In this frame, not a call of its own: 5,000 idle producers each hold
+        # it. The head is not kept for the connection's life.
+        del buffer
+        serve = self.websockets[ws.path]
+        self._sockets.add(ws)
+        try:
+            with ws.scope:
+                await serve(ws.asgi_scope(), ws)
+            self._sockets.discard(ws)
+            if ws.closed and not ws.disconnected:
+                await ws.linger()
+        except Exception:
+            log.exception("a connection's handler failed; that connection is closed, the hub serves on")
+        finally:
+            self._sockets.discard(ws)
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
 
     def _websocket_for(self, stream: trio.SocketStream, buffer: bytes) -> StreamWebSocket | None:
         """The WebSocket of ours `buffer` opens, or None: hypercorn's."""
@@ -136,21 +151,6 @@ class Listener:
             return buffer or None
         # Nothing whole in time: hypercorn's idle timeout would close it too.
         return None
-
-    async def _serve_websocket(self, ws: StreamWebSocket) -> None:
-        serve = self.websockets[ws.path]
-        self._sockets.add(ws)
-        try:
-            with ws.scope:
-                await serve(ws.asgi_scope(), ws)
-            self._sockets.discard(ws)
-            if ws.closed and not ws.disconnected:
-                await ws.linger()
-        finally:
-            self._sockets.discard(ws)
-            with trio.CancelScope(shield=True):
-                await ws.stream.aclose()
-
 
 def _may_be_upgrade(buffer: bytes) -> bool:
     # Before any parsing: most of the port's requests are REST calls.

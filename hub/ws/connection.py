@@ -113,6 +113,13 @@ class InlineSocket(Protocol):
 
 
 class Connection:
+    # Slots: 5,000 idle producers each hold one.
+    __slots__ = (
+        "_abandon_queue", "_catch_up_scopes", "_decoded", "_handed", "_ingest_scope", "_ingest_started",
+        "_nursery", "_read_scope", "_sender_done", "_sender_started", "_settled", "_wake_pending", "_writes",
+        "_written", "budget", "closing", "hub", "inflight", "link", "outbox", "replies", "role", "subs", "ws",
+    )
+
     def __init__(self, hub: ConnectionDeps, ws: WebSocket, role: Role) -> None:
         self.hub = hub
         self.ws = ws
@@ -129,12 +136,14 @@ class Connection:
         self._settled: trio.Event | None = None
         self.closing: str | None = None
         self._read_scope = trio.CancelScope()
-        self._sender_done = trio.Event()
+        # Made when the sender starts.
+        self._sender_done: trio.Event | None = None
         self._sender_started = False
         self._abandon_queue = False
         self._nursery: trio.Nursery | None = None
         self._writes = WriteQueue(INGEST_FRAMES, hub.config.limits.max_frame_bytes)
-        self._ingest_scope = trio.CancelScope()
+        # Made when the ingest task starts.
+        self._ingest_scope: trio.CancelScope | None = None
         # Started with the first write that has to wait: a viewer, or a
         # producer whose writes always go at once, costs no task for it.
         self._ingest_started = False
@@ -165,7 +174,8 @@ class Connection:
                     await self._read_loop()
                 # Writes not yet handed to the writer are dropped unacknowledged
                 # (the producer resends them), as when the reader held them.
-                self._ingest_scope.cancel()
+                if self._ingest_scope is not None:
+                    self._ingest_scope.cancel()
                 self._drop_queued_writes()
                 await self._close()
                 nursery.cancel_scope.cancel()
@@ -194,6 +204,7 @@ class Connection:
             self._start_sender()
             self.outbox.try_put(WAKE)
             with trio.move_on_after(timeout) as waited:
+                assert self._sender_done is not None, "started above"
                 await self._sender_done.wait()
                 for payload in slow_consumer_frames(subs):
                     await self.ws.send(payload)
@@ -212,6 +223,7 @@ class Connection:
         self._start_sender()
         self.outbox.close()
         with trio.move_on_at(deadline) as waited:
+            assert self._sender_done is not None, "started above"
             await self._sender_done.wait()
         if waited.cancelled_caught:
             log.warning("client did not take its last frames in time; dropping the connection")
@@ -228,14 +240,15 @@ class Connection:
         socket takes at once) costs no task for it."""
         if not self._sender_started and self._nursery is not None:
             self._sender_started = True
-            self._nursery.start_soon(self._send_loop)
+            self._sender_done = trio.Event()
+            self._nursery.start_soon(self._send_loop, self._sender_done)
 
     def _sender_idle(self) -> bool:
         """Nothing the sender holds or will take comes before a frame written
         now another way: it is not started, or parked on an empty outbox."""
         return not self._sender_started or self.outbox.sender_waits()
 
-    async def _send_loop(self) -> None:
+    async def _send_loop(self, done: trio.Event) -> None:
         try:
             while True:
                 try:
@@ -257,7 +270,7 @@ class Connection:
                 if item.sub is not None:
                     item.sub.on_sent(item.through)
         finally:
-            self._sender_done.set()
+            done.set()
 
     async def _flush_replies(self) -> None:
         while (payload := self.replies.next_frame(self.budget.used)) is not None:
@@ -431,6 +444,7 @@ class Connection:
                 if not self._ingest_started:
                     self._ingest_started = True
                     assert self._nursery is not None
+                    self._ingest_scope = trio.CancelScope()
                     self._nursery.start_soon(self._ingest_loop)
                 try:
                     await self._writes.put(frame, size)
@@ -444,6 +458,7 @@ class Connection:
                     await self._error(exc.code, exc.message)
 
     async def _ingest_loop(self) -> None:
+        assert self._ingest_scope is not None, "made when the task starts"
         with self._ingest_scope:
             async for frame, size in self._writes:
                 handed = False
