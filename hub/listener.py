@@ -65,6 +65,9 @@ class PrefixedTCPServer(TCPServer):
 
 
 class Listener:
+    """Routes each accepted connection: ours (a WebSocket handshake for a
+    path in `websockets`) or hypercorn's; pings the sockets it serves."""
+
     def __init__(
         self, app: AppWrapper, config: HypercornConfig, context: WorkerContext, state: LifespanState,
         websockets: Mapping[str, ServeWebSocket], *, max_message: int, ping_interval: float | None,
@@ -151,6 +154,7 @@ class Listener:
             return buffer or None
         # Nothing whole in time: hypercorn's idle timeout would close it too.
         return None
+
 
 def _may_be_upgrade(buffer: bytes) -> bool:
     # Before any parsing: most of the port's requests are REST calls.

@@ -4,8 +4,10 @@ server for /api/v1/ws, below hypercorn (hub/listener.py routes a handshake here)
 A fleet's producer costs hypercorn's layers (its protocol, stream and ASGI
 tasks, a queue hop per message) more than keruta's own work on its frames,
 and 5,000 idle producers cost it ~26 KB each. Here a connection is the
-Connection's own tasks: its reader reads the socket itself (`receive`),
-its sender writes it (`send`), and the listener's one pinger sends every socket's keep-alive pings.
+Connection's own tasks: its reader reads the socket itself (`receive`), its
+sender writes it (`send`) unless a frame can be written at once from
+synchronous code (`send_now`), and the listener's one pinger task sends every
+socket's keep-alive pings.
 
 Frames are parsed by hub/ws_frames.py; the first one it does not handle (a
 close, a fragment, a very large frame, a protocol error) and everything after
@@ -50,7 +52,6 @@ class StreamWebSocket:
     """One handshake's WebSocket. The client's disconnect (EOF, a reset, its
     close) cancels `scope`, which the endpoint runs the Connection in, as the
     ASGI socket (hub/ws/endpoint.py AsgiWebSocket) does."""
-
 
     # Slots: 5,000 idle producers each hold one.
     __slots__ = (
