@@ -169,19 +169,22 @@ class Connection:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                self.hub.shutting_down.subscribe(self._on_shutdown)
-                with self._read_scope:
-                    await self._read_loop()
-                # Writes not yet handed to the writer are dropped unacknowledged
-                # (the producer resends them), as when the reader held them.
-                if self._ingest_scope is not None:
-                    self._ingest_scope.cancel()
-                self._drop_queued_writes()
-                await self._close()
-                nursery.cancel_scope.cancel()
+                try:
+                    self.hub.shutting_down.subscribe(self._on_shutdown)
+                    with self._read_scope:
+                        await self._read_loop()
+                    # Writes not yet handed to the writer are dropped unacknowledged
+                    # (the producer resends them), as when the reader held them.
+                    if self._ingest_scope is not None:
+                        self._ingest_scope.cancel()
+                    self._drop_queued_writes()
+                    await self._close()
+                    nursery.cancel_scope.cancel()
+                finally:
+                    # Before the nursery closes to new tasks (its exit checkpoints):
+                    # answers the syncer brings from here on start no sender.
+                    self._nursery = None
         finally:
-            # Answers the syncer brings from here on find no sender to start.
-            self._nursery = None
             self.hub.shutting_down.unsubscribe(self._on_shutdown)
             if self.link is not None:
                 self.link.on_message = None
