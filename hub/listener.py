@@ -96,35 +96,30 @@ class Listener:
                 ws.ping()
 
     async def handle(self, stream: trio.SocketStream) -> None:
+        ws = None
         try:
             buffer = await self._read_head(stream)
             if buffer is None:
-                await stream.aclose()
                 return
             ws = self._websocket_for(stream, buffer)
             if ws is None:
                 await PrefixedTCPServer(self.app, self.config, self.context, self.state, stream, buffer)
                 return
-        except Exception:
-            # One connection's bug ends that connection, not the hub (as hub/hypercorn_patches.py patch 2).
-            log.exception("a connection's handler failed; that connection is closed, the hub serves on")
-            await stream.aclose()
-            return
-        # In this frame, not a call of its own: 5,000 idle producers each hold
-        # it. The head is not kept for the connection's life.
-        del buffer
-        serve = self.websockets[ws.path]
-        self._sockets.add(ws)
-        try:
+            # In this frame, not a call of its own: 5,000 idle producers each
+            # hold it. The head is not kept for the connection's life.
+            del buffer
+            serve = self.websockets[ws.path]
+            self._sockets.add(ws)
             with ws.scope:
                 await serve(ws.asgi_scope(), ws)
-            self._sockets.discard(ws)
             if ws.closed and not ws.disconnected:
                 await ws.linger()
         except Exception:
+            # One connection's bug ends that connection, not the hub (as hub/hypercorn_patches.py patch 2).
             log.exception("a connection's handler failed; that connection is closed, the hub serves on")
         finally:
-            self._sockets.discard(ws)
+            if ws is not None:
+                self._sockets.discard(ws)
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 

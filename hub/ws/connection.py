@@ -116,7 +116,7 @@ class Connection:
     # Slots: 5,000 idle producers each hold one.
     __slots__ = (
         "_abandon_queue", "_catch_up_scopes", "_decoded", "_handed", "_ingest_scope", "_ingest_started",
-        "_nursery", "_read_scope", "_sender_done", "_sender_started", "_settled", "_wake_pending", "_writes",
+        "_nursery", "_read_scope", "_sender_done", "_settled", "_wake_pending", "_writes",
         "_written", "budget", "closing", "hub", "inflight", "link", "outbox", "replies", "role", "subs", "ws",
     )
 
@@ -136,9 +136,8 @@ class Connection:
         self._settled: trio.Event | None = None
         self.closing: str | None = None
         self._read_scope = trio.CancelScope()
-        # Made when the sender starts.
+        # Made when the sender starts (None: not started).
         self._sender_done: trio.Event | None = None
-        self._sender_started = False
         self._abandon_queue = False
         self._nursery: trio.Nursery | None = None
         self._writes = WriteQueue(INGEST_FRAMES, hub.config.limits.max_frame_bytes)
@@ -241,15 +240,14 @@ class Connection:
         """The sender starts with the outbox's first frame: a connection whose
         frames all go inline (an idle producer, a producer whose acks the
         socket takes at once) costs no task for it."""
-        if not self._sender_started and self._nursery is not None:
-            self._sender_started = True
+        if self._sender_done is None and self._nursery is not None:
             self._sender_done = trio.Event()
             self._nursery.start_soon(self._send_loop, self._sender_done)
 
     def _sender_idle(self) -> bool:
         """Nothing the sender holds or will take comes before a frame written
         now another way: it is not started, or parked on an empty outbox."""
-        return not self._sender_started or self.outbox.sender_waits()
+        return self._sender_done is None or self.outbox.sender_waits()
 
     async def _send_loop(self, done: trio.Event) -> None:
         try:

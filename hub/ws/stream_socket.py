@@ -56,7 +56,7 @@ class StreamWebSocket:
     # Slots: 5,000 idle producers each hold one.
     __slots__ = (
         "_flushes", "_frames", "_leftover", "_max_message", "_oversized", "_part_bytes", "_parts", "_ready",
-        "_send_lock", "_unsent", "_upgrade", "_wsproto", "accepted", "closed", "disconnected", "link",
+        "_send_lock", "_unsent", "_upgrade", "_wsproto", "closed", "disconnected", "link",
         "on_message", "scope", "stream",
     )
 
@@ -90,7 +90,6 @@ class StreamWebSocket:
         # never called here).
         self.link = self
         self.on_message: Callable[[str | bytes], bool] | None = None
-        self.accepted = False
         self.closed = False
         self.disconnected = False
 
@@ -125,7 +124,6 @@ class StreamWebSocket:
         }
 
     async def accept(self, subprotocol: str | None) -> None:
-        self.accepted = True
         upgrade = self._upgrade
         assert upgrade is not None, "accepted once"
         # Not kept for the connection's life (5,000 idle connections would each hold it).
@@ -238,10 +236,7 @@ class StreamWebSocket:
         # A send that fails meanwhile (a pong) ends this scope, not the Connection's.
         with trio.move_on_after(CLOSE_LINGER) as self.scope:
             while not self.disconnected:
-                try:
-                    data = bytes(await self.stream.receive_some(MAX_RECV))
-                except _GONE:
-                    return
+                data = await self._recv()
                 if not data:
                     return
                 self._ready.clear()
