@@ -231,6 +231,20 @@ async def test_the_hub_pings_at_its_interval(sqlite_hub_factory: hubclient.InPro
         assert await client.frame() == (0x9, b"")
 
 
+async def test_a_client_that_keeps_talking_is_not_pinged(sqlite_hub_factory: hubclient.InProcessHubFactory) -> None:
+    # Pings are for quiet sockets: one the client speaks on is known alive,
+    # and a young one is not pinged before an interval has passed.
+    hub = await sqlite_hub_factory.astart("--ping-interval", "1")
+    with trio.fail_after(20):
+        client, _ = await open_raw(hub)
+        for _ in range(25):
+            await client.send_json({"type": "ping"})
+            assert await client.frame() == (0x1, b'{"type":"pong"}')
+            await trio.sleep(0.1)
+        # Quiet now: the hub's ping follows within two intervals.
+        assert await client.frame() == (0x9, b"")
+
+
 async def test_a_client_that_vanishes_is_let_go(sqlite_hub_factory: hubclient.InProcessHubFactory) -> None:
     hub = await sqlite_hub_factory.astart()
     async with hub.http() as http:

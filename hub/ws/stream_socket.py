@@ -56,7 +56,7 @@ class StreamWebSocket:
     # Slots: 5,000 idle producers each hold one.
     __slots__ = (
         "_flushes", "_frames", "_leftover", "_max_message", "_oversized", "_part_bytes", "_parts", "_ready",
-        "_send_lock", "_unsent", "_upgrade", "_wsproto", "closed", "disconnected", "link",
+        "_heard", "_send_lock", "_unsent", "_upgrade", "_wsproto", "closed", "disconnected", "link",
         "on_message", "scope", "stream",
     )
 
@@ -92,6 +92,9 @@ class StreamWebSocket:
         self.on_message: Callable[[str | bytes], bool] | None = None
         self.closed = False
         self.disconnected = False
+        # Bytes came from the client since the pinger's last look (the
+        # handshake counts): a socket that talks needs no ping to be known alive.
+        self._heard = True
 
     @property
     def path(self) -> str:
@@ -146,6 +149,7 @@ class StreamWebSocket:
                 if not data:
                     self.disconnected = True
                     continue
+            self._heard = True
             await self._feed(data)
         return self._ready.pop(0)
 
@@ -192,8 +196,14 @@ class StreamWebSocket:
     def ping(self) -> None:
         """A keep-alive ping, so a peer that vanished without a close is
         noticed (a write to it fails) as with hypercorn's
-        `websocket_ping_interval`. Never waits: skipped while a send is under
-        way (the connection is busy anyway)."""
+        `websocket_ping_interval`; called every interval. Only for a socket
+        quiet since the last call: one the client spoke on is alive, and one
+        younger than an interval is not pinged (hypercorn's first ping came an
+        interval after the handshake, and a client closing then must not meet
+        one). Never waits: skipped while a send is under way."""
+        if self._heard:
+            self._heard = False
+            return
         if self.writable():
             self._write_now(PING_FRAME)
 
