@@ -10,6 +10,7 @@ from typing import Any
 
 import attrs
 import pytest
+import trio
 import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -337,3 +338,32 @@ def test_tasks_started_together_merge_in_different_commits() -> None:
     first = due["job-0"][0]
     assert chunk.compaction_due([rec(s, task="job-0") for s in range(first - 2, first + 3)])
     assert not chunk.compaction_due([rec(s, task="job-0") for s in range(first + 1, first + 4)])
+
+
+# -- chunks decoded by several threads at once ----------------------------------------
+
+
+# zstandard's objects must not be shared by threads, and a store's reads run
+# in worker threads, several at a time: with one decompressor for all, two
+# catch-ups were handed each other's records, "Data corruption", or a crash.
+async def test_concurrent_reads_of_compressed_chunks_each_get_their_own_records(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "k.db", readers=8)
+    await store.open()
+    try:
+        tasks = [f"task-{i}" for i in range(8)]
+        for task in tasks:
+            await store.append([rec(s, f"{task} line {s} " + "x" * 200, task=task) for s in range(1, 2001)])
+        got: dict[str, list[list[str]]] = {task: [] for task in tasks}
+
+        async def read(task: str) -> None:
+            for after in range(0, 2000, 500):
+                got[task].append([r.message for r in await store.read_range(task, after, after + 500, 500)])
+
+        async with trio.open_nursery() as nursery:
+            for task in tasks * 3:
+                nursery.start_soon(read, task)
+        for task in tasks:
+            expected = [[f"{task} line {s} " + "x" * 200 for s in range(after + 1, after + 501)] for after in range(0, 2000, 500)]
+            assert sorted(got[task]) == sorted(expected * 3)
+    finally:
+        await store.close()

@@ -65,8 +65,20 @@ COMPACT_EVERY = 64
 # cost per row far below the rest of an append.
 _LEVEL = 1
 
-_compressor = zstandard.ZstdCompressor(level=_LEVEL)
-_decompressor = zstandard.ZstdDecompressor()
+
+
+class _Zstd(threading.local):
+    """A compressor and a decompressor for each thread: zstandard's objects
+    must not be used by two threads at once, and the stores' reads run in
+    several worker threads together (two concurrent catch-ups sharing one
+    decompressor were handed each other's records, or "Data corruption")."""
+
+    def __init__(self) -> None:
+        self.compressor = zstandard.ZstdCompressor(level=_LEVEL)
+        self.decompressor = zstandard.ZstdDecompressor()
+
+
+_zstd = _Zstd()
 # A chunk part's JSON shorter than this is stored as it is (module docstring).
 PLAIN_BELOW = 512
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -272,13 +284,13 @@ def encode_columns(
 
 def pack(data: bytes) -> bytes:
     """A chunk part's JSON as stored (module docstring)."""
-    return data if len(data) < PLAIN_BELOW else _compressor.compress(data)
+    return data if len(data) < PLAIN_BELOW else _zstd.compressor.compress(data)
 
 
-def unpack(part: bytes, decompressor: Any = None) -> bytes:
+def unpack(part: bytes) -> bytes:
     """The JSON of a chunk part as stored, compressed or not."""
     if part[:4] == _ZSTD_MAGIC:
-        return (decompressor or _decompressor).decompress(part)  # type: ignore[no-any-return]
+        return _zstd.decompressor.decompress(part)  # type: ignore[no-any-return]
     return bytes(part)
 
 
@@ -344,12 +356,10 @@ def body_json(body: bytes) -> bytes:
     return unpack(body)
 
 
-def columns(lines: bytes, body: bytes, decompressor: Any = None) -> dict[str, Any]:
-    """Every column of a chunk, from its two parts (`decompressor`: a
-    zstandard.ZstdDecompressor of the caller's thread, for a thread that is
-    not the stores' own)."""
-    cols: dict[str, Any] = orjson.loads(unpack(body, decompressor))
-    cols.update(orjson.loads(unpack(lines, decompressor)))
+def columns(lines: bytes, body: bytes) -> dict[str, Any]:
+    """Every column of a chunk, from its two parts."""
+    cols: dict[str, Any] = orjson.loads(unpack(body))
+    cols.update(orjson.loads(unpack(lines)))
     return cols
 
 

@@ -32,7 +32,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import attrs
-import zstandard
 
 from hub.answers import Counts, MissingRange, ProducerVerdict, Verify
 from hub.store import chunk
@@ -115,8 +114,6 @@ class Verification:
         self.ranges = sorted(ranges, key=lambda r: r[3])
         self._starts = [r[3] for r in self.ranges]
         self._at = 0
-        # Its own: chunks are decoded in a worker thread.
-        self._decompressor = zstandard.ZstdDecompressor()
 
     def _owner(self, seq: int) -> tuple[str, int] | None:
         """The producer and producer seq of task seq `seq` (seqs come in order)."""
@@ -155,7 +152,7 @@ class Verification:
 
     def add_chunk(self, row: Sequence[Any]) -> None:
         """A stored chunk (seq_first, ..., lines, body), decoded here."""
-        cols = chunk.columns(bytes(row[-2]), bytes(row[-1]), self._decompressor)
+        cols = chunk.columns(bytes(row[-2]), bytes(row[-1]))
         messages = cols["m"]
         n = len(messages)
         seqs = chunk.seqs_of(cols, row[0])
