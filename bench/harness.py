@@ -36,6 +36,7 @@ from common import (  # noqa: E402
     wait_with_rusage,
 )
 from tools import (  # noqa: E402
+    LATENCY_FLOOR,
     PRODUCER,
     PY,
     SIZES,
@@ -214,6 +215,33 @@ class Harness:
         res = summarize(results, lines)
         res["server_rss"] = rss
         return res
+
+    def latency_floor_stream(self, lines: int, *, timeout: float = 300.0) -> dict[str, Any]:
+        """One latency run through bench/latency_floor.py's relay and hub,
+        the producer and viewer as keruta's latency run has them."""
+        d = self.tmp("latency-floor")
+        port_file = d / "port"
+        server = relay = None
+        vprocs: list[tuple[subprocess.Popen[bytes], str, str]] = []
+        try:
+            server = start(
+                [PY, LATENCY_FLOOR, "hub", "--port-file", str(port_file), "--db", str(d / "floor.db")],
+                str(d / "hub.log"),
+                cwd=d,
+            )
+            if not wait_file(str(port_file), server, 20) or not port_file.read_text().strip():
+                raise RuntimeError(f"the latency floor's hub did not listen within 20 s (see {d}/hub.log)")
+            port = int(port_file.read_text())
+            vprocs = self.start_viewers(d, f"ws://127.0.0.1:{port}/", "raw", 1, lines, True, 0, None, timeout)
+            prod = [PY, PRODUCER, "--lines", str(lines), "--interval-ms", "10", "--start-delay", "1"]
+            relay = start([PY, LATENCY_FLOOR, "relay", "--port", str(port), "--", *prod], str(d / "relay.log"), cwd=d)
+            results = self.wait_viewers(vprocs, timeout)
+        finally:
+            for p, _, _ in vprocs:
+                stop(p)
+            stop(relay)
+            stop(server)
+        return summarize(results, lines)
 
     def start_viewers(
         self,

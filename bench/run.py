@@ -153,11 +153,15 @@ class Bench(StoreScenarios):
     def scenario_latency(self) -> None:
         n = self.size("lat_lines")
         params = {"lines": n, "interval_ms": 10, "reps": self.reps}
-        for who in ("websocketd", "keruta"):
+        for who in ("websocketd", "keruta", "floor"):
             if who == "websocketd":
                 reps = self.guarded(
                     lambda: self.websocketd_stream(1, n, lat=True, timeout=60 + n / 50)
                 )
+            elif who == "floor":
+                # bench/latency_floor.py: keruta's crossings and a commit in a
+                # worker thread, nothing else
+                reps = self.guarded(lambda: self.latency_floor_stream(n, timeout=60 + n / 50))
             else:
                 reps = self.guarded(
                     lambda: self.keruta_stream(
@@ -169,7 +173,9 @@ class Bench(StoreScenarios):
                 ms = median([v / 1000 for v in vals if v is not None])
                 p = dict(params, **delivery(reps))
                 self.add(
-                    f"{who} latency p{q} (write -> viewer)",
+                    f"{who} latency p{q} (write -> viewer)"
+                    if who != "floor"
+                    else f"latency floor p{q}: a bare Trio relay and server, the line committed to SQLite in a worker thread",
                     ms,
                     "ms",
                     p,
