@@ -42,7 +42,7 @@ import functools
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 import attrs
@@ -158,20 +158,26 @@ async def _run(settings: RunSettings, say: Callable[[str], None], launched: Laun
     try:
         with trio.open_signal_receiver(*process.FORWARDED_SIGNALS) as signals:
             async with trio.open_nursery() as nursery:
-                to_limiter, limiter_inbox = trio.open_memory_channel[SpooledMessage](SPOOLED_QUEUE)
-                to_uplink, uplink_inbox = trio.open_memory_channel[SpooledMessage](SPOOLED_QUEUE)
-                nursery.start_soon(delivery.run, uplink_inbox)
-                nursery.start_soon(limit, limiter_inbox, to_uplink, settings.rate_limit)
+                nursery.start_soon(delivery.run)
+                to_limiter: trio.MemorySendChannel[SpooledMessage] | None = None
+                deliver: Callable[[SpooledMessage], Awaitable[None]] = delivery.offer
+                if settings.rate_limit:
+                    to_limiter, limiter_inbox = trio.open_memory_channel[SpooledMessage](SPOOLED_QUEUE)
+                    nursery.start_soon(limit, limiter_inbox, delivery.offer, settings.rate_limit)
+                    deliver = to_limiter.send
                 nursery.start_soon(sync_every, spool)
                 router = SignalRouter(settings.kill_grace, say)
                 router.child = launched.child
                 nursery.start_soon(router.run, signals, launched.signals)
                 async with trio.open_nursery() as pipeline:
                     to_recorder, recorder_inbox = trio.open_memory_channel[CaptureMessage](CAPTURE_QUEUE)
-                    pipeline.start_soon(record, recorder_inbox, recorder, to_limiter)
+                    pipeline.start_soon(record, recorder_inbox, recorder, deliver)
                     with to_recorder:
                         code = await _run_command(settings, launched, masker, to_recorder, router, say)
                         await to_recorder.send(Finished("succeeded" if code == 0 else "failed", code))
+                if to_limiter is not None:
+                    # The recorder has drained: the throttle forwards what it holds and ends.
+                    to_limiter.close()
                 # Everything, the final state included, is in the spool now.
                 if not settings.no_wait:
                     await drain(delivery, router, settings.drain_timeout)

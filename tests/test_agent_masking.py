@@ -39,7 +39,7 @@ async def test_capture_masks_lines_spool_and_mirror(tmp_path: Path) -> None:
         b"no newline",
     ]
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(record, recorder_inbox, recorder, spooled)
+        nursery.start_soon(record, recorder_inbox, recorder, spooled.send)
         await to_recorder.send(Started(42))
         nursery.start_soon(
             capture, receive, "stdout", to_recorder, masker.stream(), ListMirror(1, print)

@@ -1,5 +1,5 @@
-"""The capture actor's output and the uplink actor's input (agent/pipeline/capture.py,
-agent/pipeline/uplink.py); the whole pipeline runs in test_agent_e2e.py."""
+"""The capture actor's output and the delivery's input (agent/pipeline/capture.py,
+agent/pipeline/delivery.py); the whole pipeline runs in test_agent_e2e.py."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import trio
 import trio.testing
 
 from agent.pipeline.capture import Mirror, capture
+from agent.pipeline.delivery import Delivery
 from agent.pipeline.linesplit import each_line
 from agent.pipeline.messages import Finished, LineBatch, RecordBatch
-from agent.pipeline.uplink import Uplink, UplinkSettings
+from agent.run import RunSettings
 from agent.spool.spool import Spool
 from keruta.masking import Masker
 
@@ -45,18 +46,23 @@ def test_mirror_writes_files_and_devnull_directly_and_pipes_through_a_thread(tmp
         os.close(w)
 
 
-async def test_uplink_actor_input_makes_records_sendable_and_ends_with_its_channel(tmp_path: Path) -> None:
+async def test_delivery_hands_its_uplink_what_was_offered_before_and_after_it_loaded(tmp_path: Path) -> None:
     spool = Spool.open(tmp_path, "t", hub_url="http://127.0.0.1:9")
-    uplink = Uplink(spool, UplinkSettings(hub_url="http://127.0.0.1:9", task_id="t"))
-    to_uplink, inbox = trio.open_memory_channel[object](4)
+    settings = RunSettings(command=["true"], hub_url="http://127.0.0.1:9", task_id="t", spool_root=tmp_path)
+    delivery = Delivery(settings, spool, lambda _m: None)
+    # Offered while the uplink's modules still load: kept for it.
+    await delivery.offer(RecordBatch(1, 7))
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(uplink.consume, inbox)
-        with to_uplink:
-            await to_uplink.send(RecordBatch(1, 7))
-            await to_uplink.send(RecordBatch(8, 9))
-            await to_uplink.send(Finished("succeeded", 0))
-    assert uplink.protocol.available == 9
-    assert uplink.protocol.final == ("succeeded", 0)
+        nursery.start_soon(delivery.run)
+        with trio.fail_after(30):
+            while delivery.uplink is None:
+                await trio.sleep(0.01)
+        assert delivery.uplink.protocol.available == 7
+        await delivery.offer(RecordBatch(8, 9))
+        await delivery.offer(Finished("succeeded", 0))
+        assert delivery.uplink.protocol.available == 9
+        assert delivery.uplink.protocol.final == ("succeeded", 0)
+        nursery.cancel_scope.cancel()
     spool.close()
 
 

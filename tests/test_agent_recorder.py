@@ -15,12 +15,18 @@ from agent.spool.spool import Spool
 TS = "2026-01-01T00:00:00.000000Z"
 
 
+async def recording(inbox: trio.MemoryReceiveChannel[object], recorder: Recorder, out: trio.MemorySendChannel[object]) -> None:
+    """The recorder actor with its output closed once it ends, as agent/run.py has it."""
+    with out:
+        await record(inbox, recorder, out.send)  # type: ignore[arg-type]
+
+
 async def test_recorder_actor_spools_batches_and_passes_seq_ranges_on(tmp_path: Path) -> None:
     spool = Spool.open(tmp_path, "t", hub_url="http://h")
     to_recorder, inbox = trio.open_memory_channel[object](4)
     out, spooled = trio.open_memory_channel[object](16)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(record, inbox, Recorder(spool, "t"), out)
+        nursery.start_soon(recording, inbox, Recorder(spool, "t"), out)
         with to_recorder:
             await to_recorder.send(Started(4242))
             await to_recorder.send(LineBatch("stdout", TS, [(Line("a"), 1), (Line("b warning"), 2)]))
@@ -49,7 +55,7 @@ async def test_recorder_actor_drops_past_the_spool_budget_and_never_blocks(tmp_p
     to_recorder, inbox = trio.open_memory_channel[object](4)
     out, spooled = trio.open_memory_channel[object](64)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(record, inbox, recorder, out)
+        nursery.start_soon(recording, inbox, recorder, out)
         with to_recorder:
             for n in range(1, 51):
                 await to_recorder.send(LineBatch("stdout", TS, [(Line("x" * 100), n)]))

@@ -13,8 +13,12 @@ async def _run(rate: float | None, messages: list[object], spacing: float = 0.0)
     to_limiter, inbox = trio.open_memory_channel[object](64)
     out, received = trio.open_memory_channel[object](64)
     got: list[tuple[float, object]] = []
+    async def limiter() -> None:
+        with out:
+            await limit(inbox, out.send, rate)
+
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(limit, inbox, out, rate)
+        nursery.start_soon(limiter)
         with to_limiter:
             for message in messages:
                 await to_limiter.send(message)
@@ -48,8 +52,12 @@ async def test_limiter_keeps_reading_while_it_waits(autojump_clock: trio.testing
     (and so the command) is never held up by the limit."""
     to_limiter, inbox = trio.open_memory_channel[object](1)
     out, received = trio.open_memory_channel[object](64)
+    async def limiter() -> None:
+        with out:
+            await limit(inbox, out.send, 10)
+
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(limit, inbox, out, 10)
+        nursery.start_soon(limiter)
         start = trio.current_time()
         with to_limiter:
             for seq in range(1, 201):

@@ -1,6 +1,8 @@
-"""Delivery: the actor at the end of the pipeline. Its inbox is what the
-throttle lets through (RecordBatch, Finished); it loads the uplink while the
-command already runs and hands it what arrived meanwhile."""
+"""Delivery: the end of the pipeline. It is offered what the recorder spooled
+(RecordBatch, Finished), through the throttle when there is a rate limit; it
+loads the uplink while the command already runs and hands it what arrived
+meanwhile. Not an actor: `offer` never waits, so the one that calls it needs
+no channel in between (a channel hop on every line's way to the hub)."""
 
 from __future__ import annotations
 
@@ -49,18 +51,16 @@ class Delivery:
     def delivered(self) -> bool:
         return self.uplink is not None and self.uplink.delivered.is_set()
 
-    async def run(self, inbox: trio.MemoryReceiveChannel[SpooledMessage]) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._consume, inbox)
-            try:
-                self.uplink = await self._load()
-                if self.available > self.start_seq:
-                    self.uplink.records_available(self.available)
-                if self.final is not None:
-                    self.uplink.finish(self.final.state, self.final.exit_code)
-                await self._deliver(self.uplink)
-            finally:
-                self.stopped.set()
+    async def run(self) -> None:
+        try:
+            self.uplink = await self._load()
+            if self.available > self.start_seq:
+                self.uplink.records_available(self.available)
+            if self.final is not None:
+                self.uplink.finish(self.final.state, self.final.exit_code)
+            await self._deliver(self.uplink)
+        finally:
+            self.stopped.set()
 
     async def _load(self) -> Uplink:
         module = await trio.to_thread.run_sync(importlib.import_module, "agent.pipeline.uplink")
@@ -83,18 +83,17 @@ class Delivery:
         )
         return uplink
 
-    async def _consume(self, inbox: trio.MemoryReceiveChannel[SpooledMessage]) -> None:
-        """What the rate limiter lets through; it never holds the pipeline up."""
-        with inbox:
-            async for message in inbox:
-                if isinstance(message, Finished):
-                    self.final = message
-                    if self.uplink is not None:
-                        self.uplink.finish(message.state, message.exit_code)
-                else:
-                    self.available = max(self.available, message.last_seq)
-                    if self.uplink is not None:
-                        self.uplink.records_available(message.last_seq)
+    async def offer(self, message: SpooledMessage) -> None:
+        """Records spooled (or the final state) that may be sent. Never waits
+        (no checkpoint either): the recorder calls it between spool appends."""
+        if isinstance(message, Finished):
+            self.final = message
+            if self.uplink is not None:
+                self.uplink.finish(message.state, message.exit_code)
+        else:
+            self.available = max(self.available, message.last_seq)
+            if self.uplink is not None:
+                self.uplink.records_available(message.last_seq)
 
     async def _deliver(self, uplink: Uplink) -> None:
         from agent.pipeline.failures import UplinkFailed

@@ -15,7 +15,7 @@ actor, that is, on the local spool.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -55,10 +55,12 @@ RESUME_ROOM_MAX = 1 << 20
 async def record(
     inbox: trio.MemoryReceiveChannel[CaptureMessage],
     recorder: Recorder,
-    outbox: trio.MemorySendChannel[SpooledMessage],
+    deliver: Callable[[SpooledMessage], Awaitable[None]],
 ) -> None:
-    """The recorder actor: until every capture (and the run) has closed its end."""
-    with inbox, outbox:
+    """The recorder actor: until every capture (and the run) has closed its
+    end. What it spools goes to `deliver`: the throttle's channel, or the
+    Delivery itself when there is no rate limit (no hop between)."""
+    with inbox:
         async for message in inbox:
             first = recorder.next_seq
             if isinstance(message, LineBatch):
@@ -73,9 +75,9 @@ async def record(
                 recorder.finish()
                 await recorder.spool.set_final(message.state, message.exit_code)
             if recorder.next_seq > first:
-                await outbox.send(RecordBatch(first, recorder.next_seq - 1))
+                await deliver(RecordBatch(first, recorder.next_seq - 1))
             if isinstance(message, Finished):
-                await outbox.send(message)
+                await deliver(message)
 
 
 class Recorder:

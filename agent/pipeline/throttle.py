@@ -7,12 +7,13 @@ holds, so the recorder (and so the command) never waits on it. Each release
 is at most a bucket's worth (`burst`, one second of tokens by default), so a
 backlog goes out as a steady stream rather than in one late burst. Records a
 reconnecting uplink sends again are not counted again: the limit is on new
-records reaching the hub. Without a rate it only forwards.
+records reaching the hub. Without a rate it only forwards (the agent
+starts none then: the recorder hands its batches to the delivery itself).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -22,15 +23,15 @@ from keruta.ratelimit import TokenBucket
 
 async def limit(
     inbox: trio.MemoryReceiveChannel[SpooledMessage],
-    outbox: trio.MemorySendChannel[SpooledMessage],
+    deliver: Callable[[SpooledMessage], Awaitable[None]],
     rate: float | None,
     burst: float | None = None,
     clock: Callable[[], float] = trio.current_time,
 ) -> None:
-    with inbox, outbox:
+    with inbox:
         if not rate:
             async for message in inbox:
-                await outbox.send(message)
+                await deliver(message)
             return
         bucket = TokenBucket(rate, burst if burst else max(1.0, rate))
         chunk = max(1, int(bucket.burst))
@@ -46,11 +47,11 @@ async def limit(
                 held = None if take == held.count else RecordBatch(reserved.last_seq + 1, held.last_seq)
                 due = clock() + bucket.take(take, clock())
             if reserved is not None and clock() >= due:
-                await outbox.send(reserved)
+                await deliver(reserved)
                 reserved = None
                 continue
             if reserved is None and finished is not None:
-                await outbox.send(finished)
+                await deliver(finished)
                 finished = None
             if closed and reserved is None and held is None:
                 return

@@ -34,7 +34,6 @@ from agent.link.protocol import (
     UplinkProtocol,
 )
 from agent.pipeline.failures import UplinkFailed, describe, first_permanent, is_transient
-from agent.pipeline.messages import RecordBatch, SpooledMessage
 from agent.spool.spool import Spool
 from keruta.backoff import Backoff
 from keruta.frames import FrameError, PingFrame
@@ -108,17 +107,6 @@ class Uplink:
         self._last_complaint: float | None = None
 
     # --- input -----------------------------------------------------------------
-
-    async def consume(self, inbox: trio.MemoryReceiveChannel[SpooledMessage]) -> None:
-        """The uplink actor's input: what the rate limiter lets through. It
-        only updates the protocol, so it never holds the pipeline up."""
-        with inbox:
-            async for message in inbox:
-                if isinstance(message, RecordBatch):
-                    self.protocol.records_available(message.last_seq, trio.current_time())
-                else:
-                    self.protocol.finish(message.state, message.exit_code)
-                self._news.unpark_all()
 
     def records_available(self, last_seq: int) -> None:
         """Records up to `last_seq` are spooled and may be sent."""

@@ -59,6 +59,7 @@ from hub.store.sqlite_schema import SCHEMA_VERSION, create_schema
 from hub.store.sqlite_sql import SQLiteSql
 from hub.store.sqlstore import SqlStore
 from hub.store.steps import EXEC, FETCH, JSON_ROWS, MANY, ROW, Op, Steps, drive_sync
+from hub.store.thread_hop import run_in_thread
 
 T = TypeVar("T")
 
@@ -290,7 +291,7 @@ class SQLiteStore(SqlStore):
     async def open(self) -> None:
         if self._writer is not None:
             return
-        await trio.to_thread.run_sync(self._open_sync)
+        await run_in_thread(self._open_sync)
 
     def _open_sync(self) -> None:
         opened: list[sqlite3.Connection] = []
@@ -329,7 +330,7 @@ class SQLiteStore(SqlStore):
                     self._writer, self._checkpointer, self._readers = None, None, []
                     # In a thread: the last connection to close checkpoints
                     # the WAL into the database, with its fsyncs.
-                    await trio.to_thread.run_sync(_close_all, [c for c in conns if c is not None])
+                    await run_in_thread(_close_all, [c for c in conns if c is not None])
                 finally:
                     for _ in range(self._reader_count):
                         self._reader_slots.release()
@@ -342,7 +343,7 @@ class SQLiteStore(SqlStore):
             # In a thread however small (module docstring). Not abandonable on
             # cancel (the default): the transaction either commits or rolls
             # back entirely before control comes back here.
-            result = await trio.to_thread.run_sync(self._guarded, _in_write_tx, conn, _runner(steps))
+            result = await run_in_thread(self._guarded, _in_write_tx, conn, _runner(steps))
         if sync:
             await self.sync()
             await self.upkeep()
@@ -354,7 +355,7 @@ class SQLiteStore(SqlStore):
         No lock for the fsync: it covers everything written to the file before
         it started, and a checkpoint syncs the WAL and the database itself.
         """
-        self._wal_bytes, self._wal_held = await trio.to_thread.run_sync(self._fsync_wal)
+        self._wal_bytes, self._wal_held = await run_in_thread(self._fsync_wal)
 
     async def upkeep(self) -> None:
         """Checkpoint the WAL if, at the last sync, it had grown past
@@ -374,13 +375,13 @@ class SQLiteStore(SqlStore):
         self.checkpoints += 1
         # PASSIVE copies what no reader still needs, beside the writer; after
         # it, the writer's next commit starts the WAL over if it copied all.
-        await trio.to_thread.run_sync(_wal_checkpoint, conn, "PASSIVE")
+        await run_in_thread(_wal_checkpoint, conn, "PASSIVE")
         if truncate:
             # The rest, and the file cut to nothing: with no commit meanwhile,
             # so nothing keeps a WAL this large from being reset.
             async with self._write_lock:
                 if self._checkpointer is not None:
-                    await trio.to_thread.run_sync(_wal_checkpoint, conn, "TRUNCATE")
+                    await run_in_thread(_wal_checkpoint, conn, "TRUNCATE")
 
     def _fsync_wal(self) -> tuple[int, int]:
         """fsync the WAL; its size, and the bytes of it this WAL's frames hold."""
@@ -419,7 +420,7 @@ class SQLiteStore(SqlStore):
             conn = self._readers.pop()
             try:
                 run = _in_snapshot if snapshot else _call
-                return await trio.to_thread.run_sync(self._guarded, run, conn, _runner(steps))
+                return await run_in_thread(self._guarded, run, conn, _runner(steps))
             finally:
                 self._readers.append(conn)
 
