@@ -66,7 +66,6 @@ COMPACT_EVERY = 64
 _LEVEL = 1
 
 
-
 class _Zstd(threading.local):
     """A compressor and a decompressor for each thread: zstandard's objects
     must not be used by two threads at once, and the stores' reads run in

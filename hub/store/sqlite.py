@@ -340,8 +340,8 @@ class SQLiteStore(SqlStore):
             conn = self._writer
             if conn is None:
                 raise RuntimeError("the store is not open")
-            # In a thread however small (module docstring). Not abandonable on
-            # cancel (the default): the transaction either commits or rolls
+            # In a thread however small (module docstring). Never abandoned on
+            # cancel (run_in_thread): the transaction either commits or rolls
             # back entirely before control comes back here.
             result = await run_in_thread(self._guarded, _in_write_tx, conn, _runner(steps))
         if sync:
