@@ -355,7 +355,9 @@ class SQLiteStore(SqlStore):
         No lock for the fsync: it covers everything written to the file before
         it started, and a checkpoint syncs the WAL and the database itself.
         """
-        self._wal_bytes, self._wal_held = await run_in_thread(self._fsync_wal)
+        # to_thread and its limiter: REST deletes and redactions sync too, as
+        # many at once as clients send (not a viewer's latency: that is the commit).
+        self._wal_bytes, self._wal_held = await trio.to_thread.run_sync(self._fsync_wal)
 
     async def upkeep(self) -> None:
         """Checkpoint the WAL if, at the last sync, it had grown past

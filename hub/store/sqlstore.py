@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 import orjson
+import trio
 
 from hub.answers import Verify
 from hub.store import core, redacting, trimming
@@ -27,7 +28,6 @@ from hub.store.base import (
 from hub.store.rows import SEQ_MAX, iter_by_range
 from hub.store.rules import check_page
 from hub.store.steps import Dialect, Steps
-from hub.store.thread_hop import run_in_thread
 from hub.store.verify import Verification
 from keruta.records import TASK_STATES, InvalidField, LogRecord, TaskInfo
 from keruta.summary import Summary
@@ -94,9 +94,11 @@ class SqlStore:
             rows = await self._read(core.chunks_after(self._dialect, task_id, after))
             if not rows:
                 break
-            await run_in_thread(_feed, check, rows)
+            # to_thread, not the store's thread hop: its limiter bounds how many
+            # verifications decode at once, whoever asks for them.
+            await trio.to_thread.run_sync(_feed, check, rows)
             after = rows[-1][1]
-        answer = await run_in_thread(check.result)
+        answer = await trio.to_thread.run_sync(check.result)
         await self._write(core.set_verdict(self._dialect, task_id, answer.verdict), sync=False)
         return answer
 
