@@ -12,11 +12,11 @@ the same producer writing a line every 10 ms and the same viewer reading:
   stdout pipe and sends what it reads over one TCP connection. No line
   splitting, no spool, no rate limit, no WebSocket framing.
 - `hub`: a Trio server. Each line from the relay is committed to SQLite
-  (WAL, one INSERT and COMMIT, synchronous=OFF as the hub's writer, no
-  fsync at all) in a Trio worker thread, as the hub commits before a viewer
-  sees a line (house rule: nothing that can block on the event loop); then
-  it goes to every WebSocket viewer as one text frame. No JSON, no seqs, no
-  acks, no subscribe.
+  (WAL, one INSERT and COMMIT, synchronous=OFF, no fsync at all) in a
+  worker thread by the hub's own hop (hub/store/thread_hop.py), as the hub
+  commits before a viewer sees a line (house rule: nothing that can block
+  on the event loop); then it goes to every WebSocket viewer as one text
+  frame. No JSON, no seqs, no acks, no subscribe.
 
 So it is the least a Python design on the card's stack spends on a line
 that must be committed before it is shown: three process crossings (command
@@ -56,6 +56,7 @@ def _commit(conn: sqlite3.Connection, line: bytes) -> None:
 def hub(port_file: str, db: str) -> None:
     import trio
 
+    from hub.store.thread_hop import run_in_thread
     from hub.ws_frames import server_frame
     from hub.ws_handshake import accept_response, head_end, upgrade_of
 
@@ -67,7 +68,7 @@ def hub(port_file: str, db: str) -> None:
         while True:
             *lines, buffer = buffer.split(b"\n")
             for line in lines:
-                await trio.to_thread.run_sync(_commit, conn, line)
+                await run_in_thread(_commit, conn, line)
                 frame = server_frame(line.decode())
                 for viewer in list(viewers):
                     try:
