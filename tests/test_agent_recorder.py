@@ -16,7 +16,8 @@ TS = "2026-01-01T00:00:00.000000Z"
 
 
 async def recording(inbox: trio.MemoryReceiveChannel[object], recorder: Recorder, out: trio.MemorySendChannel[object]) -> None:
-    """The recorder actor with its output closed once it ends, as agent/run.py has it."""
+    """The recorder actor, its output a channel closed once it ends (agent/run.py
+    closes the throttle's channel so)."""
     with out:
         await record(inbox, recorder, out.send)  # type: ignore[arg-type]
 

@@ -13,6 +13,7 @@ async def _run(rate: float | None, messages: list[object], spacing: float = 0.0)
     to_limiter, inbox = trio.open_memory_channel[object](64)
     out, received = trio.open_memory_channel[object](64)
     got: list[tuple[float, object]] = []
+
     async def limiter() -> None:
         with out:
             await limit(inbox, out.send, rate)
@@ -52,6 +53,7 @@ async def test_limiter_keeps_reading_while_it_waits(autojump_clock: trio.testing
     (and so the command) is never held up by the limit."""
     to_limiter, inbox = trio.open_memory_channel[object](1)
     out, received = trio.open_memory_channel[object](64)
+
     async def limiter() -> None:
         with out:
             await limit(inbox, out.send, 10)
