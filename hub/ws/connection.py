@@ -115,7 +115,7 @@ class InlineSocket(Protocol):
 class Connection:
     # Slots: 5,000 idle producers each hold one.
     __slots__ = (
-        "_abandon_queue", "_catch_up_scopes", "_decoded", "_handed", "_ingest_scope", "_ingest_started",
+        "_abandon_queue", "_catch_up_scopes", "_decoded", "_handed", "_ingest_scope",
         "_nursery", "_read_scope", "_sender_done", "_settled", "_wake_pending", "_writes",
         "_written", "budget", "closing", "hub", "inflight", "link", "outbox", "replies", "role", "subs", "ws",
     )
@@ -141,11 +141,10 @@ class Connection:
         self._abandon_queue = False
         self._nursery: trio.Nursery | None = None
         self._writes = WriteQueue(INGEST_FRAMES, hub.config.limits.max_frame_bytes)
-        # Made when the ingest task starts.
-        self._ingest_scope: trio.CancelScope | None = None
-        # Started with the first write that has to wait: a viewer, or a
+        # The ingest task's, made when it starts (None: not started). It
+        # starts with the first write that has to wait: a viewer, or a
         # producer whose writes always go at once, costs no task for it.
-        self._ingest_started = False
+        self._ingest_scope: trio.CancelScope | None = None
         self.budget = hub.ingest_budget
         # The budget held by each write handed to the writer, in the order it
         # answers them (a connection's writes are answered in the order sent).
@@ -442,11 +441,10 @@ class Connection:
                 await self.budget.take(size)
                 if self._writes.empty and self._write_now(frame, size):
                     continue
-                if not self._ingest_started:
-                    self._ingest_started = True
+                if self._ingest_scope is None:
                     assert self._nursery is not None
                     self._ingest_scope = trio.CancelScope()
-                    self._nursery.start_soon(self._ingest_loop)
+                    self._nursery.start_soon(self._ingest_loop, self._ingest_scope)
                 try:
                     await self._writes.put(frame, size)
                 except BaseException:
@@ -458,9 +456,8 @@ class Connection:
                 except FrameError as exc:
                     await self._error(exc.code, exc.message)
 
-    async def _ingest_loop(self) -> None:
-        assert self._ingest_scope is not None, "made when the task starts"
-        with self._ingest_scope:
+    async def _ingest_loop(self, scope: trio.CancelScope) -> None:
+        with scope:
             async for frame, size in self._writes:
                 handed = False
                 try:
