@@ -21,6 +21,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 KINDS = ("hypercorn", "trio")
 
 
+async def serve_trio(port_file: str, trio_handler: Callable[[Any], Awaitable[None]]) -> None:
+    """`trio.serve_tcp` with `trio_handler`, its port written to `port_file` once it listens."""
+    import trio
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, trio_handler, 0, host="127.0.0.1"))
+        Path(port_file).write_text(str(listeners[0].socket.getsockname()[1]))
+
+
 def serve(
     kind: str,
     port_file: str,
@@ -31,9 +40,7 @@ def serve(
 
     async def main() -> None:
         if kind == "trio":
-            async with trio.open_nursery() as nursery:
-                listeners = await nursery.start(partial(trio.serve_tcp, trio_handler, 0, host="127.0.0.1"))
-                Path(port_file).write_text(str(listeners[0].socket.getsockname()[1]))
+            await serve_trio(port_file, trio_handler)
             return
         import hypercorn.trio
         from hypercorn.config import Config

@@ -634,8 +634,9 @@ def main() -> None:
     ap.add_argument("--mode", choices=["flat", "agent"], default="flat")
     ap.add_argument("--gens", type=int, default=0, help="load generator processes (default: one per 500 producers)")
     ap.add_argument("--drain", type=float, default=60.0, help="seconds to wait for the last acks")
-    ap.add_argument("--server", choices=("hub", "hypercorn-floor", "trio-floor"), default="hub",
-                    help="what the fleet talks to: the hub, or bench/frame_floor.py (decode and ack, no store)")
+    ap.add_argument("--server", choices=("hub", "hypercorn-floor", "trio-floor", "trio-store-floor"), default="hub",
+                    help="what the fleet talks to: the hub, or bench/frame_floor.py (decode and ack; trio-store-floor"
+                         " also commits and syncs with keruta's store)")
     ap.add_argument("--db", help="the hub's --db (default: SQLite in a temp dir)")
     ap.add_argument("--hub-arg", action="append", default=[], help="an extra hub argument (repeatable)")
     ap.add_argument("--pyspy", help="record a py-spy profile of the hub to this file")

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""What a one-record `logs` frame costs a server before keruta stores it:
-the floor under the fleet's "hub CPU per frame" (bench/fleet.py).
+"""What a one-record `logs` frame costs a server before keruta stores it,
+and with keruta's store: the floors under the fleet's "hub CPU per frame"
+(bench/fleet.py).
 
     python bench/fleet.py --server hypercorn-floor --producers 1000 --rate 5 --viewers 0
     python bench/fleet.py --server trio-floor --producers 1000 --rate 5 --viewers 0
+    python bench/fleet.py --server trio-store-floor --producers 1000 --rate 5 --viewers 0
 
 bench/fleet.py starts this file (`--kind`, `--port-file`) in place of the
 hub and drives it with the same load generators. For every text frame the
@@ -11,7 +13,7 @@ server decodes the JSON (orjson, as the hub does) and answers at once with
 the `ack` the hub would send for it (the frame's last record's seq): no
 validation, no store, no commit, no viewers. So its CPU per frame is what
 reading a frame, decoding it and writing its answer cost on that stack,
-the least any hub on it spends:
+the least any hub on it spends (the first two kinds):
 
 - `hypercorn`: hypercorn's Trio worker with keruta's patches
   (hub/hypercorn_patches.py: its frame parser, the frame taken in
@@ -22,6 +24,15 @@ the least any hub on it spends:
   frames parsed by hub/ws_frames.py, each read's answers in one `send_all`.
   No hypercorn, no ASGI: what a WebSocket endpoint written on Trio alone
   would reach.
+- `trio-store`: the `trio` server that also stores what it acks, as the hub
+  must: each frame decoded and checked by the hub's own decoder
+  (hub/ingest.py); one task commits whatever is waiting, paced as the hub's
+  writer paces its commits (hub/actors/pacing.py), with keruta's SQLite
+  store (the identity rule's rows, the chunks; its chunk merges too), while
+  another syncs each commit (the next commit goes on meanwhile, as with the
+  hub's syncer) and then writes its frames' acks straight to their sockets.
+  No viewers, no REST, no per-connection bounds, no outage handling: the
+  least a hub on this stack that keeps the contract's store spends a frame.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -61,14 +73,13 @@ async def _hypercorn_body(receive: Any, send: Any, _link: Any) -> None:
         await send({"type": "websocket.send", "text": ack_for(message.get("text") or message["bytes"]).decode()})
 
 
-async def _trio_handler(stream: Any) -> None:
-    from hub.ws_frames import ClientFrames, Ping, pong_frame, server_frame
-
+async def _handshake(stream: Any) -> bytes | None:
+    """Reads the upgrade request and accepts it; what came after it, None at EOF."""
     buf = b""
     while b"\r\n\r\n" not in buf:
         data = await stream.receive_some(65536)
         if not data:
-            return
+            return None
         buf += data
     head, _, data = buf.partition(b"\r\n\r\n")
     key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n") if line.lower().startswith(b"sec-websocket-key:"))
@@ -77,6 +88,15 @@ async def _trio_handler(stream: Any) -> None:
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
     )
+    return data
+
+
+async def _trio_handler(stream: Any) -> None:
+    from hub.ws_frames import ClientFrames, Ping, pong_frame, server_frame
+
+    data = await _handshake(stream)
+    if data is None:
+        return
     frames = ClientFrames()
     while True:
         if data:
@@ -91,13 +111,128 @@ async def _trio_handler(stream: Any) -> None:
             return
 
 
+class _Committer:
+    """trio-store's writer and syncer, as the hub has them: group commits of
+    whatever the connections decoded meanwhile; while one commit's fsync is
+    under way the next commits; each frame acked once its commit is synced."""
+
+    def __init__(self, db: str) -> None:
+        import trio
+
+        from hub.actors.pacing import CommitPacing
+        from hub.config import HubConfig
+        from hub.store import open_store_from_url
+
+        self.store = open_store_from_url(db)
+        self.pacing = CommitPacing(HubConfig().write_pace)
+        self.waiting: list[tuple[int, list[Any], bytes]] = []
+        self.wake = trio.Event()
+        self.committed: list[tuple[int, list[Any], bytes]] = []
+        self.sync_due = trio.Event()
+        self.upkeep_due = trio.Event()
+
+    def submit(self, fd: int, items: list[Any], ack: bytes) -> None:
+        self.waiting.append((fd, items, ack))
+        self.wake.set()
+
+    async def run(self) -> None:
+        import trio
+
+        await self.store.open()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._sync)
+            nursery.start_soon(self._upkeep)
+            while True:
+                await self.wake.wait()
+                self.wake = trio.Event()
+                await trio.sleep_until(self.pacing.earliest(trio.current_time()))
+                batch, self.waiting = self.waiting, []
+                self.pacing.started(trio.current_time())
+                result = await self.store.append([item for _, items, _ in batch for item in items])
+                self.committed += batch
+                self.sync_due.set()
+                if result.compact:
+                    await self.store.compact(result.compact)
+                self.pacing.ended(waiting=bool(self.waiting))
+
+    async def _sync(self) -> None:
+        import trio
+
+        while True:
+            await self.sync_due.wait()
+            self.sync_due = trio.Event()
+            batch, self.committed = self.committed, []
+            await self.store.sync()
+            for fd, _, ack in batch:
+                # Non-blocking, as the hub writes its inline acks: a small ack to an idle socket goes whole.
+                if os.write(fd, ack) != len(ack):
+                    raise RuntimeError("the floor writes each ack whole or not at all")
+            self.upkeep_due.set()
+
+    async def _upkeep(self) -> None:
+        import trio
+
+        while True:
+            await self.upkeep_due.wait()
+            self.upkeep_due = trio.Event()
+            await self.store.upkeep()
+
+
+_committer: _Committer | None = None
+
+
+async def _trio_store_handler(stream: Any) -> None:
+    from hub.config import HubConfig
+    from hub.ingest import RowsFrame, decode_frame
+    from hub.ws_frames import ClientFrames, Ping, pong_frame, server_frame
+
+    assert _committer is not None, "serve() makes it"
+    limits = HubConfig().limits
+    data = await _handshake(stream)
+    if data is None:
+        return
+    frames = ClientFrames()
+    fd = stream.socket.fileno()
+    while True:
+        if data:
+            messages, rest = frames.feed(data)
+            if rest is not None:
+                return
+            for m in messages:
+                if isinstance(m, Ping):
+                    await stream.send_all(pong_frame(m.payload))
+                    continue
+                frame = decode_frame(m, limits)
+                if not isinstance(frame, RowsFrame):
+                    return  # the floor takes well-formed logs frames only
+                _committer.submit(fd, list(frame.items), server_frame(ack_for(m).decode()))
+        data = await stream.receive_some(65536)
+        if not data:
+            return
+
+
 def serve(kind: str, port_file: str) -> None:
-    bare_server.serve(kind, port_file, _trio_handler, _hypercorn_body)
+    if kind != "trio-store":
+        bare_server.serve(kind, port_file, _trio_handler, _hypercorn_body)
+        return
+    import trio
+
+    global _committer
+    # Beside the port file: in the run's own temp dir (bench/fleet.py).
+    _committer = _Committer(f"sqlite:///{Path(port_file).resolve().parent / 'floor.db'}")
+
+    async def main() -> None:
+        assert _committer is not None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_committer.run)
+            nursery.start_soon(bare_server.serve_trio, port_file, _trio_store_handler)
+
+    trio.run(main)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kind", choices=KINDS, required=True)
+    ap.add_argument("--kind", choices=(*KINDS, "trio-store"), required=True)
     ap.add_argument("--port-file", required=True)
     a = ap.parse_args()
     serve(a.kind, a.port_file)

@@ -269,15 +269,20 @@ class Bench(StoreScenarios):
                          key=f"fleet.{mode}{producers}.line_p50")
                 self.add(f"{label}: a line's arrival to its ack, p99", r["line_p99_ms"], "ms", params,
                          key=f"fleet.{mode}{producers}.line_p99")
-        for server in ("hypercorn-floor", "trio-floor"):
+        for server in ("hypercorn-floor", "trio-floor", "trio-store-floor"):
             # The same fleets against a server that only decodes each frame and
             # acks it (bench/frame_floor.py): the floor under the hub's CPU per
-            # frame, and under the agents' ack p99, on each stack.
+            # frame, and under the agents' ack p99, on each stack; and against
+            # the bare Trio server that also commits and syncs what it acks
+            # with keruta's store, as the hub must.
             for mode, rate in (("flat", 5.0), ("agent", 20.0)):
                 out = Path(self.tmp("fleet")) / "floor.json"
                 bare = server.removesuffix("-floor")
-                label = (f"frame floor: 1000 producers x 5/s to a bare {bare} server (decode, ack)" if mode == "flat"
-                         else f"frame floor: 1000 agents x 20 lines/s to a bare {bare} server (decode, ack)")
+                does = "decode, ack"
+                if bare == "trio-store":
+                    bare, does = "trio", "decode, commit to keruta's SQLite store, sync, ack"
+                label = (f"frame floor: 1000 producers x 5/s to a bare {bare} server ({does})" if mode == "flat"
+                         else f"frame floor: 1000 agents x 20 lines/s to a bare {bare} server ({does})")
                 key = f"fleet.floor.{server}" + ("" if mode == "flat" else ".agent")
                 try:
                     subprocess.run([PY, FLEET, "--server", server, "--producers", "1000", "--rate", str(rate),
@@ -291,6 +296,9 @@ class Bench(StoreScenarios):
                 if mode == "flat":
                     self.add(f"{label}: CPU per frame", r["hub_cpu_us_per_frame"], "µs",
                              dict(params, ack_p99_ms=r["ack_p99_ms"]), key=f"{key}.cpu")
+                    if server == "trio-store-floor":
+                        self.add(f"{label}: ack p99", r["ack_p99_ms"], "ms",
+                                 dict(params, cpu_us_per_frame=r["hub_cpu_us_per_frame"]), key=f"{key}.p99")
                 else:
                     self.add(f"{label}: ack p99", r["ack_p99_ms"], "ms",
                              dict(params, cpu_us_per_frame=r["hub_cpu_us_per_frame"]), key=f"{key}.p99")
