@@ -10,6 +10,8 @@ and hands every other connection to hypercorn.
            ├─ a WebSocket handshake for a path in `websockets`:
            │    StreamWebSocket (hub/ws/stream_socket.py), served by
            │    hub/ws/endpoint.py to its end
+           ├─ a wrong one for such a path (hub/ws_handshake.py Refusal):
+           │    answered 400 or 426 here, then closed
            └─ anything else: hypercorn's TCPServer, handed the bytes read so far
 
 A fleet's producer is a WebSocket; under hypercorn each cost its protocol,
@@ -37,8 +39,8 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState, LifespanState, WebsocketScope
 from hypercorn.utils import repr_socket_addr, wrap_app
 
-from hub.ws.stream_socket import StreamWebSocket
-from hub.ws_handshake import MAX_HEAD_BYTES, head_end, upgrade_of
+from hub.ws.stream_socket import CLOSE_LINGER, StreamWebSocket
+from hub.ws_handshake import MAX_HEAD_BYTES, Refusal, head_end, upgrade_of
 
 log = logging.getLogger("keruta.hub.http")
 
@@ -105,6 +107,9 @@ class Listener:
             if ws is None:
                 await PrefixedTCPServer(self.app, self.config, self.context, self.state, stream, buffer)
                 return
+            if isinstance(ws, Refusal):
+                await _refuse(stream, ws)
+                return
             # In this frame, not a call of its own: 5,000 idle producers each
             # hold it. The head is not kept for the connection's life.
             del buffer
@@ -123,14 +128,14 @@ class Listener:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
-    def _websocket_for(self, stream: trio.SocketStream, buffer: bytes) -> StreamWebSocket | None:
-        """The WebSocket of ours `buffer` opens, or None: hypercorn's."""
+    def _websocket_for(self, stream: trio.SocketStream, buffer: bytes) -> StreamWebSocket | Refusal | None:
+        """The WebSocket of ours `buffer` opens, its handshake's refusal, or None: hypercorn's."""
         end = head_end(buffer)
         if end < 0 or not _may_be_upgrade(buffer):
             return None
         upgrade = upgrade_of(buffer[:end], self._paths)
-        if upgrade is None:
-            return None
+        if upgrade is None or isinstance(upgrade, Refusal):
+            return upgrade
         return StreamWebSocket(stream, upgrade, buffer[end:], trio.CancelScope(), self.max_message, self.flushes)
 
     async def _read_head(self, stream: trio.SocketStream) -> bytes | None:
@@ -149,6 +154,21 @@ class Listener:
             return buffer or None
         # Nothing whole in time: hypercorn's idle timeout would close it too.
         return None
+
+
+async def _refuse(stream: trio.SocketStream, refused: Refusal) -> None:
+    """Answers a refused handshake and ends the connection: the answer, our
+    end of the stream, then what the client still sends is read and dropped
+    for a moment (closing on unread bytes would reset the connection, and the
+    client could lose the answer)."""
+    try:
+        await stream.send_all(refused.answer)
+        await stream.send_eof()
+        with trio.move_on_after(CLOSE_LINGER):
+            while await stream.receive_some(MAX_HEAD_BYTES):
+                pass
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
 
 
 def _may_be_upgrade(buffer: bytes) -> bool:

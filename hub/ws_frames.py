@@ -82,8 +82,13 @@ class ClientFrames:
 
     def __init__(self, limit: int = FAST_FRAME_LIMIT) -> None:
         self.limit = limit
-        # The start of a frame not yet complete (at most one frame of `limit`).
-        self._pending = b""
+        # The start of a frame not yet complete (at most one frame of `limit`),
+        # as it came: joined once the frame is whole, so a frame that comes a
+        # byte at a time costs its size to gather, not its size squared.
+        self._pending: list[bytes] | None = None
+        self._have = 0
+        # What `_pending` must hold before it is looked at again.
+        self._need = 0
         self.handed_over = False
 
     def feed(self, data: bytes) -> tuple[list[str | bytes | Ping], bytes | None]:
@@ -93,12 +98,22 @@ class ClientFrames:
         it does not handle (once handed over, all of `data`)."""
         if self.handed_over:
             return [], data
-        buf = self._pending + data if self._pending else data
+        pending = self._pending
+        if pending is None:
+            buf = data
+        else:
+            pending.append(data)
+            self._have += len(data)
+            if self._have < self._need:
+                return [], None
+            buf = b"".join(pending)
         messages: list[str | bytes | Ping] = []
         pos = 0
         end = len(buf)
+        need = 0
         while pos < end:
             if end - pos < 2:
+                need = 2
                 break
             b0 = buf[pos]
             b1 = buf[pos + 1]
@@ -111,12 +126,14 @@ class ClientFrames:
             head = pos + 2
             if length == 126:
                 if end - head < 2:
+                    need = 4
                     break
                 length = int.from_bytes(buf[head : head + 2], "big")
                 head += 2
                 minimal = length >= 126
             elif length == 127:
                 if end - head < 8:
+                    need = 10
                     break
                 length = int.from_bytes(buf[head : head + 8], "big")
                 head += 8
@@ -127,6 +144,7 @@ class ClientFrames:
             if length > self.limit or not minimal:
                 return self._hand_over(messages, buf, pos)
             if end - head < 4 + length:
+                need = head + 4 + length - pos
                 break
             mask = buf[head : head + 4]
             payload = unmask(buf[head + 4 : head + 4 + length], mask)
@@ -143,16 +161,21 @@ class ClientFrames:
             else:
                 messages.append(payload)
             pos = head + 4 + length
-        self._pending = buf[pos:] if pos < end else b""
+        if pos < end:
+            self._pending = [buf[pos:]]
+            self._have = end - pos
+            self._need = need
+        else:
+            self._pending = None
         return messages, None
 
     def stop(self) -> bytes:
         """Hand over from here on: the start of a frame held so far, for wsproto."""
-        pending, self._pending = self._pending, b""
+        pending, self._pending = self._pending, None
         self.handed_over = True
-        return pending
+        return b"".join(pending) if pending is not None else b""
 
     def _hand_over(self, messages: list[str | bytes | Ping], buf: bytes, pos: int) -> tuple[list[str | bytes | Ping], bytes]:
         self.handed_over = True
-        self._pending = b""
+        self._pending = None
         return messages, bytes(buf[pos:])

@@ -15,7 +15,7 @@ import orjson
 import pytest
 import trio
 
-from hub.ws_handshake import MAX_HEAD_BYTES, accept_response, head_end, upgrade_of
+from hub.ws_handshake import MAX_HEAD_BYTES, Refusal, Upgrade, accept_response, head_end, upgrade_of
 from tests import hubclient
 from tests.hubclient import logs_frame, make_record, parse_metrics
 
@@ -46,6 +46,8 @@ def test_a_websocket_handshake_for_a_served_path_is_taken() -> None:
     assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in accept_response(upgrade, None)
     assert b"Sec-WebSocket-Protocol: keruta.v1\r\n" in accept_response(upgrade, "keruta.v1")
     assert accept_response(upgrade, None).endswith(b"\r\n\r\n")
+    # An empty body said out loud is no body.
+    assert isinstance(upgrade_of(handshake(extra=b"Content-Length: 0\r\n"), PATHS), Upgrade)
 
 
 @pytest.mark.parametrize(
@@ -54,17 +56,36 @@ def test_a_websocket_handshake_for_a_served_path_is_taken() -> None:
         handshake("/api/v1/wsx"),
         handshake("/healthz"),
         handshake(method=b"POST"),
-        handshake(version=b"8"),
-        handshake().replace(b"Sec-WebSocket-Key: " + KEY + b"\r\n", b""),
         handshake().replace(b"Upgrade: websocket", b"Upgrade: h2c"),
         handshake().replace(b"keep-alive, Upgrade", b"keep-alive"),
-        handshake().replace(b"HTTP/1.1", b"HTTP/1.0"),
         b"GET /api/v1/ws HTTP/1.1\r\nno colon here\r\n\r\n",
         b"\x16\x03\x01 not http at all\r\n\r\n",
     ],
 )
 def test_anything_else_is_left_to_hypercorn(head: bytes) -> None:
     assert upgrade_of(head, PATHS) is None
+
+
+@pytest.mark.parametrize(
+    ("head", "status", "why"),
+    [
+        (handshake(version=b"8"), b"426", b"Sec-WebSocket-Version: 13\r\n"),
+        (handshake(version=b"13, 8"), b"426", b"Sec-WebSocket-Version: 13\r\n"),
+        (handshake().replace(b"Sec-WebSocket-Key: " + KEY + b"\r\n", b""), b"400", b"Sec-WebSocket-Key"),
+        (handshake().replace(b"HTTP/1.1", b"HTTP/1.0"), b"400", b"HTTP/1.1"),
+        (handshake(extra=b"Sec-WebSocket-Protocol: keruta, caf\xe9\r\n"), b"400", b"not ASCII"),
+        (handshake(extra=b"Content-Length: 12\r\n"), b"400", b"no body"),
+        (handshake(extra=b"Transfer-Encoding: chunked\r\n"), b"400", b"no body"),
+    ],
+)
+def test_a_wrong_handshake_for_a_served_path_is_refused_here(head: bytes, status: bytes, why: bytes) -> None:
+    # RFC 6455 4.2.2: a version the server does not speak is answered with the ones it does.
+    refused = upgrade_of(head, PATHS)
+    assert isinstance(refused, Refusal)
+    assert refused.answer.startswith(b"HTTP/1.1 " + status + b" ")
+    assert b"\r\nConnection: close\r\n" in refused.answer and why in refused.answer
+    head_part, _, body = refused.answer.partition(b"\r\n\r\n")
+    assert b"Content-Length: " + str(len(body)).encode() + b"\r\n" in head_part + b"\r\n"
 
 
 def test_the_head_ends_at_its_blank_line() -> None:

@@ -85,6 +85,23 @@ def test_whole_messages_as_wsproto_reads_them_however_the_stream_is_cut() -> Non
     assert pieces == whole
 
 
+def test_frames_that_come_a_byte_at_a_time_are_read_whole() -> None:
+    # Each header form (7-bit, 16-bit and 64-bit lengths) cut at every byte;
+    # the frame is joined once, when its last byte comes (not at every read).
+    c = client()
+    data = b"".join(
+        c.send(TextMessage(data="x" * size)) for size in (0, 5, 125, 126, 300, 65536, 70000)
+    ) + c.send(Ping(payload=b"end"))
+    frames = ClientFrames(limit=1 << 20)
+    messages, rest = feed_all(frames, [data[i : i + 1] for i in range(len(data))])
+    assert rest == b""
+    assert messages == wsproto_messages(data)
+    # The start of a frame gathered so far goes to wsproto whole.
+    assert frames.feed(data[:3]) == ([], None)
+    assert frames.feed(data[3:4]) == ([], None)
+    assert frames.stop() == data[:4]
+
+
 @pytest.mark.parametrize(
     "odd",
     [

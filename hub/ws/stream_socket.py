@@ -11,9 +11,10 @@ socket's keep-alive pings.
 
 Frames are parsed by hub/ws_frames.py; the first one it does not handle (a
 close, a fragment, a very large frame, a protocol error) and everything after
-go to wsproto, as under hypercorn. A message over `max_message` is read and
-dropped as it arrives and handed on as OVERSIZED (the Connection answers it
-TOO_LARGE), so memory stays bounded by the limit.
+go to wsproto, as under hypercorn. A message over `max_message` is handed on as
+OVERSIZED the moment it is (the Connection answers it TOO_LARGE) and the rest
+of it is read and dropped as it arrives, so memory stays bounded by the
+limit, however many parts the message comes in.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ PING_FRAME = b"\x89\x00"
 # How long a close we sent waits for the client's answer before the TCP
 # connection is closed anyway.
 CLOSE_LINGER = 2.0
+# A fragmented message's parts are joined into one every this many (StreamWebSocket._take_part).
+_JOIN_PARTS = 256
 # What a socket error or EOF means for a send or a read.
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
 
@@ -55,7 +58,7 @@ class StreamWebSocket:
 
     # Slots: 5,000 idle producers each hold one.
     __slots__ = (
-        "_flushes", "_frames", "_leftover", "_max_message", "_oversized", "_part_bytes", "_parts", "_ready",
+        "_flushes", "_frames", "_leftover", "_loose", "_max_message", "_oversized", "_part_bytes", "_parts", "_ready",
         "_heard", "_send_lock", "_unsent", "_upgrade", "_wsproto", "closed", "disconnected", "link",
         "on_message", "scope", "stream",
     )
@@ -77,6 +80,8 @@ class StreamWebSocket:
         # A message wsproto gives in pieces: its parts so far, and their size.
         self._parts: list[str | bytes] = []
         self._part_bytes = 0
+        # Parts appended since the last were joined into one.
+        self._loose = 0
         self._oversized = False
         # Made by the first send after the handshake's: an idle connection holds none.
         self._send_lock: trio.Lock | None = None
@@ -289,19 +294,29 @@ class StreamWebSocket:
         if not self._oversized:
             self._part_bytes += len(part)
             if self._part_bytes > self._max_message:
+                # Told now, not at the message's end (a frame may claim 2**63 bytes).
                 self._oversized = True
                 self._parts = []
-            else:
+                self._loose = 0
+                self._ready.append(OVERSIZED)
+            elif part:
+                # Empty parts count nothing and are not kept (a client could
+                # send them for ever); small ones are joined every _JOIN_PARTS,
+                # so a message's parts hold about its size, however many it
+                # comes in, and each byte is copied twice at most.
                 self._parts.append(part)
+                self._loose += 1
+                if self._loose == _JOIN_PARTS:
+                    self._parts[-_JOIN_PARTS:] = [part[:0].join(self._parts[-_JOIN_PARTS:])]  # type: ignore[arg-type]
+                    self._loose = 0
         if not finished:
             return
-        if self._oversized:
-            self._ready.append(OVERSIZED)
-        else:
+        if not self._oversized:
             parts = self._parts
-            self._ready.append(parts[0] if len(parts) == 1 else parts[0][:0].join(parts))  # type: ignore[arg-type]
+            self._ready.append(parts[0] if len(parts) == 1 else part[:0].join(parts))  # type: ignore[arg-type]
         self._parts = []
         self._part_bytes = 0
+        self._loose = 0
         self._oversized = False
 
     # --- writing ----------------------------------------------------------
