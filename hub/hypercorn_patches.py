@@ -57,6 +57,14 @@ around and what fix upstream would let it go.
    a text frame at once from synchronous code (`InlineLink.send_now`) while
    no send is under way: what the socket does not take is sent, before
    anything else, by the next send or a task started for it.
+
+7. A WebSocket handshake hypercorn refuses ends its connection
+   (`WSStream.handle`). For a handshake it cannot accept (another version,
+   no key: a second request on a kept-alive connection, since the listener
+   answers a connection's first itself) hypercorn answered 400 with
+   "connection: close" but never ended the stream, so the connection stayed
+   open, and not idle (no keep-alive timeout), for as long as the client
+   liked. Here the stream ends with the answer, and the connection with it.
 """
 
 from __future__ import annotations
@@ -151,11 +159,16 @@ async def _handle_and_stop_pings(self: Any, event: Any) -> None:
     if isinstance(event, Data) and not self.closed and self.handshake.accepted:
         await _handle_data(self, event.data)
         return
+    was_closed = self.closed
     await _original_handle(self, event)
     if isinstance(event, StreamClosed):
         pings: trio.CancelScope | None = getattr(self, "keruta_pings", None)
         if pings is not None:
             pings.cancel()
+    elif self.closed and not was_closed and self.app_put is None:
+        # Patch 7: refused before any app ran (400/404, "connection: close"):
+        # the stream ends here, so the connection closes as its answer says.
+        await self.send(StreamClosed(stream_id=self.stream_id))
 
 
 # --- 4: oversized WebSocket messages ---------------------------------------------
@@ -414,7 +427,7 @@ class InlineLink:
 
 
 def install() -> None:
-    """Check the version, then apply the four patches; idempotent. hub.server.serve()
+    """Check the version, then apply the patches; idempotent. hub.server.serve()
     calls it before hypercorn starts, and so must anything else serving this
     app with hypercorn."""
     check_version()

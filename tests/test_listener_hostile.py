@@ -615,6 +615,24 @@ async def test_a_refused_handshake_is_closed_as_its_answer_says(
             pass
 
 
+async def test_a_refused_handshake_on_a_kept_alive_connection_closes_it_too(
+    sqlite_hub_factory: hubclient.InProcessHubFactory,
+) -> None:
+    """A bad handshake after another request on the same connection is
+    hypercorn's to answer (hypercorn patch 7): its "connection: close" holds."""
+    hub = await sqlite_hub_factory.astart()
+    client, head = await open_raw(hub, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    await client.body(head)
+    await client.send(handshake(version=b"8"))
+    answer = await read_http_answer(client)
+    assert answer.split(b" ")[1][:1] == b"4" and b"connection: close" in answer.lower(), answer
+    with trio.fail_after(7):
+        while await client.stream.receive_some(1024):
+            pass
+    await assert_serves(hub)
+
+
 async def test_a_wrong_websocket_version_is_told_which_version_to_use(
     sqlite_hub_factory: hubclient.InProcessHubFactory,
 ) -> None:
