@@ -38,6 +38,7 @@ even when the agent itself fails (COMMAND's group is SIGKILLed then).
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import subprocess
@@ -69,6 +70,8 @@ SPOOLED_QUEUE = 64
 # After the command exits, its pipes may still be held open by a background
 # process it started; stop reading once they have been quiet this long.
 PIPE_GRACE = 1.0
+# ... and at most this many times that after it exits, quiet or not.
+PIPE_GRACE_LIMIT = 10
 
 
 @attrs.define
@@ -273,7 +276,10 @@ async def _run_command(
     if child is None:
         exc = launched.error
         assert exc is not None
-        code = 126 if isinstance(exc, PermissionError) else 127
+        # As a shell answers: 127 when there is no such command, 126 when
+        # there is one that cannot run (not executable, a directory, a format
+        # the kernel does not know).
+        code = 127 if exc.errno in (errno.ENOENT, errno.ENOTDIR) else 126
         message = f"cannot run {settings.command[0]!r}: {exc.strerror or exc}"
         say(message)
         # ERROR whatever the OS's wording: it is the one line that explains the failure.
@@ -303,11 +309,17 @@ async def _run_command(
                 )
             )
         returncode = await exits.wait(child)
-        # Pipes end when the command (and whatever it left running) closes them.
+        # Pipes end when the command (and whatever it left running) closes
+        # them. From here a signal is not passed on (the command has exited):
+        # it ends this wait, and the wait for the hub after it.
+        router.child = None
+        router.drain = captures.cancel_scope
+        if router.after_exit:
+            captures.cancel_scope.cancel()
         grace.exited()
+    router.drain = None
     if captures.cancel_scope.cancelled_caught:
         say("the command exited but something it started still holds its output open; not waiting for it")
-    router.child = None
     for stream in streams:
         await stream.aclose()
     return process.exit_code(returncode)
@@ -315,17 +327,20 @@ async def _run_command(
 
 class PipeGrace:
     """After the command exits, its pipes get `grace` seconds of quiet, counted
-    from the last read, before the captures (under `scope`) are cancelled."""
+    from the last read, before the captures (under `scope`) are cancelled; and
+    PIPE_GRACE_LIMIT times `grace` from the exit at most, however much what
+    the command left running still writes (it would hold the agent for ever)."""
 
     def __init__(self, scope: trio.CancelScope, grace: float = PIPE_GRACE) -> None:
         self.scope = scope
         self.grace = grace
-        self.has_exited = False
+        self.last_deadline: float | None = None
 
     def read(self) -> None:
-        if self.has_exited:
-            self.scope.deadline = trio.current_time() + self.grace
+        if self.last_deadline is not None:
+            self.scope.deadline = min(trio.current_time() + self.grace, self.last_deadline)
 
     def exited(self) -> None:
-        self.has_exited = True
-        self.scope.deadline = trio.current_time() + self.grace
+        now = trio.current_time()
+        self.last_deadline = now + PIPE_GRACE_LIMIT * self.grace
+        self.scope.deadline = now + self.grace

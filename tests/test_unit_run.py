@@ -13,7 +13,7 @@ from agent.pipeline import spool_sync
 from agent.pipeline.delivery import drain
 from agent.pipeline.signals import SignalRouter
 from agent.pipeline.uplink import Uplink, UplinkSettings
-from agent.run import PIPE_GRACE, PipeGrace
+from agent.run import PIPE_GRACE, PIPE_GRACE_LIMIT, PipeGrace
 from agent.spool.spool import Spool
 
 
@@ -46,6 +46,22 @@ async def test_pipe_grace_counts_from_the_last_read(autojump_clock: trio.testing
         captures.start_soon(pipe, grace)
     assert captures.cancel_scope.cancelled_caught
     assert trio.current_time() - reads_until == PIPE_GRACE
+
+
+async def test_pipe_grace_ends_pipes_that_never_go_quiet(autojump_clock: trio.testing.MockClock) -> None:
+    # Something the command left running writes on and on: it does not hold the agent for ever.
+    async def chatty(grace: PipeGrace) -> None:
+        while True:
+            await trio.sleep(PIPE_GRACE / 10)
+            grace.read()
+
+    async with trio.open_nursery() as captures:
+        grace = PipeGrace(captures.cancel_scope)
+        grace.exited()
+        exited = trio.current_time()
+        captures.start_soon(chatty, grace)
+    assert captures.cancel_scope.cancelled_caught
+    assert trio.current_time() - exited == PIPE_GRACE_LIMIT * PIPE_GRACE
 
 
 async def test_pipe_grace_reads_before_the_exit_set_no_deadline(autojump_clock: trio.testing.MockClock) -> None:

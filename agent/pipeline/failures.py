@@ -4,7 +4,9 @@ transient failure is waited out (backoff, new session), a permanent one
 
 from __future__ import annotations
 
+import h11
 import trio
+import wsproto.utilities
 from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError
 
 from agent.link.protocol import HubRefused
@@ -29,6 +31,11 @@ _TRANSIENT = (
     trio.BrokenResourceError,
     trio.ClosedResourceError,
     trio.TooSlowError,
+    # What answers at the hub's address does not speak HTTP or WebSocket as a
+    # hub does (another service, a proxy's error page, a hub restarting behind
+    # a balancer): waited out as a refused connection is, the records kept.
+    h11.ProtocolError,
+    wsproto.utilities.ProtocolError,
 )
 
 
@@ -71,5 +78,7 @@ def describe(error: BaseException) -> str:
         return f"connection closed ({reason.code} {reason.reason or ''})".replace(" )", ")") + hint
     if isinstance(error, OSError):
         return error.strerror or str(error)
+    if isinstance(error, h11.ProtocolError | wsproto.utilities.ProtocolError):
+        return f"what answers there does not speak to us as a keruta hub does ({error})"
     text = str(error)
     return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -7,6 +7,9 @@ import os
 import stat
 from pathlib import Path
 
+# Tries past the first when the spool's directory goes away as it is taken.
+_RACE_RETRIES = 20
+
 
 class SpoolLocked(Exception):
     """Another live process owns this task's spool."""
@@ -32,15 +35,19 @@ def lock_directory(directory: Path, create: bool = True) -> int:
     """
     path = directory / "lock"
     flags = os.O_RDWR | (os.O_CREAT if create else 0)
-    while True:
+    for attempt in range(_RACE_RETRIES + 1):
         try:
             if create:
                 directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(path, flags, 0o600)
         except (FileNotFoundError, FileExistsError) as exc:
             # The directory was removed between mkdir and open, or between
-            # mkdir's EEXIST and its check that the name is a directory.
-            if create and not (isinstance(exc, FileExistsError) and _is_other_than_a_directory(directory)):
+            # mkdir's EEXIST and its check that the name is a directory: a
+            # race with another run of the task, which a retry or two gets
+            # past. What fails every time is not a race (a dangling symlink,
+            # a path no mkdir can make): the error is the answer.
+            racing = not (isinstance(exc, FileExistsError) and _is_other_than_a_directory(directory))
+            if create and racing and attempt < _RACE_RETRIES:
                 continue
             raise
         try:
@@ -58,13 +65,15 @@ def lock_directory(directory: Path, create: bool = True) -> int:
         os.close(fd)
         if not create:
             raise FileNotFoundError(f"{directory} was removed by its agent")
+    raise FileNotFoundError(f"{directory} kept being removed while this agent took it")
 
 
 def _is_other_than_a_directory(path: Path) -> bool:
     """Whether `path` names something that is not a directory, from one stat:
     asking "exists?" then "a directory?" could see it created between the
-    two and then removed, by another run of the same task."""
+    two and then removed, by another run of the same task. A symlink to
+    nothing is something other than a directory."""
     try:
         return not stat.S_ISDIR(os.stat(path).st_mode)
     except FileNotFoundError:
-        return False
+        return os.path.lexists(path)
