@@ -12,6 +12,9 @@ connection closes after the answer. Only an admitted request is handed to
 Quart, whose body read has a deadline (`--body-timeout`, BODY_TIMEOUT: 408)
 and a size bound (MAX_CONTENT_LENGTH: 413).
 
+A request with both Content-Length and Transfer-Encoding is refused the same
+way, whoever sends it (RFC 9112 6.1).
+
 A WebSocket for a path in `websockets` is served by its own ASGI app
 (hub/ws/endpoint.py), never by Quart: its handshake carries no body, and the
 app judges it the same way before it reads a frame.
@@ -37,6 +40,8 @@ from werkzeug.sansio.request import Request as RequestHead
 from hub.access import READ_METHODS, Access
 from hub.errors import ApiError
 from hub.metrics import Metrics
+
+SMUGGLING = ApiError(400, "INVALID_REQUEST", "a request may not carry both Content-Length and Transfer-Encoding")
 
 WebSocketApp = Callable[[WebsocketScope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
 
@@ -73,6 +78,12 @@ class Admission:
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] == "http":
             head = head_of(scope)
+            if "Content-Length" in head.headers and "Transfer-Encoding" in head.headers:
+                # Request smuggling's shape: a proxy in front may frame the body
+                # by the one while h11 framed it by the other. RFC 9112 6.1:
+                # answered, and the connection closed after it.
+                await self.refuse(SMUGGLING, receive, send)
+                return
             if may_carry_body(head):
                 refusal = self.access.body_refusal(head)
                 if refusal is not None:

@@ -19,6 +19,8 @@ def create_app(deps: ConnectionDeps, store_available: Callable[[], bool]) -> Qua
     `store_available` answers /healthz (the writer is committing)."""
     config = deps.config
     app = QuartTrio("keruta-hub")
+    # No redirect of `//` to `/`: /api/v1/tasks//logs would be task "logs"'s.
+    app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = config.limits.max_frame_bytes
     # An admitted request's body must have arrived within this (408).
     app.config["BODY_TIMEOUT"] = config.body_timeout

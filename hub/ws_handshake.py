@@ -15,6 +15,7 @@ is negotiated, so every frame is one hub/ws_frames.py parses without wsproto.
 
 from __future__ import annotations
 
+import re
 from urllib.parse import unquote
 
 import attrs
@@ -39,10 +40,14 @@ class Upgrade:
     subprotocols: list[str]
 
 
+# A head's blank line, as h11 finds it: a line may end in a bare LF (RFC 9112 2.2).
+_BLANK_LINE = re.compile(b"\n\r?\n")
+
+
 def head_end(buffer: bytes) -> int:
     """Where the request head in `buffer` ends (past its blank line), or -1."""
-    end = buffer.find(b"\r\n\r\n")
-    return -1 if end < 0 else end + 4
+    found = _BLANK_LINE.search(buffer)
+    return -1 if found is None else found.end()
 
 
 @attrs.frozen

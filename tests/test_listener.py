@@ -91,6 +91,9 @@ def test_a_wrong_handshake_for_a_served_path_is_refused_here(head: bytes, status
 def test_the_head_ends_at_its_blank_line() -> None:
     assert head_end(b"GET / HTTP/1.1\r\nHost: x\r\n") == -1
     assert head_end(b"GET / HTTP/1.1\r\n\r\nbody") == len(b"GET / HTTP/1.1\r\n\r\n")
+    # Bare LFs end lines too, as h11 reads them.
+    assert head_end(b"GET / HTTP/1.1\nHost: x\n\nbody") == len(b"GET / HTTP/1.1\nHost: x\n\n")
+    assert head_end(b"GET / HTTP/1.1\nHost: x\n\r\nbody") == len(b"GET / HTTP/1.1\nHost: x\n\r\n")
 
 
 # --- a raw client on a real hub ---------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -35,14 +36,17 @@ def check_task_id(task_id: str) -> None:
         raise ApiError(400, "INVALID_TASK_ID", f"taskId must be {TASK_ID_RULE}")
 
 
+_INTEGER = re.compile(r"-?[0-9]{1,30}")
+
+
 def int_param(name: str, default: int | None, low: int, high: int | None = None) -> int | None:
     raw = request.args.get(name)
     if raw is None or raw == "":
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(400, "INVALID_PARAMETER", f"parameter '{name}' must be an integer") from None
+    # ASCII digits only: int() also takes "５", "1_000", " 5" and "+5".
+    if not _INTEGER.fullmatch(raw):
+        raise ApiError(400, "INVALID_PARAMETER", f"parameter '{name}' must be an integer")
+    value = int(raw)
     if value < low or (high is not None and value > high):
         bound = f"between {low} and {high}" if high is not None else f">= {low}"
         raise ApiError(400, "INVALID_PARAMETER", f"parameter '{name}' must be {bound}")
