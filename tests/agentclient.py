@@ -77,6 +77,23 @@ def lines_of(data: bytes) -> list[str]:
     return lines
 
 
+def group_members(pgid: int) -> list[str]:
+    """The live (not zombie) processes of group `pgid`, as "name pid" (from /proc)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_bytes()
+        except OSError:
+            continue
+        name = stat[stat.index(b"(") + 1 : stat.rindex(b")")].decode(errors="replace")
+        state, _ppid, pgrp = stat[stat.rindex(b")") + 2 :].split()[:3]
+        if int(pgrp) == pgid and state not in (b"Z", b"X"):
+            members.append(f"{name} {entry}")
+    return sorted(members)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

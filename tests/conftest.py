@@ -6,11 +6,16 @@ trio-asyncio loop running). PostgreSQL needs KERUTA_TEST_PG_DSN, e.g.
 postgresql://postgres@127.0.0.1:5432/test; tests marked `pg` are skipped
 without it. Each PostgreSQL test gets an empty database of its own: new, or
 one an earlier test in the same worker gave back, emptied (tests/pgpool.py).
+
+Processes: `groups` collects the process groups a test's commands lead, and
+kills what is left of them when the test ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -232,3 +237,13 @@ def hub_databases(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ob
         yield databases
     finally:
         databases.drop()
+
+
+@pytest.fixture
+def groups() -> Iterator[list[int]]:
+    """Process groups a test saw its command lead; whatever is left of them is killed at its end."""
+    started: list[int] = []
+    yield started
+    for pgid in started:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)

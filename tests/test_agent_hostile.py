@@ -20,7 +20,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +36,7 @@ from tests.agentclient import (
     check_records,
     expected_streams,
     free_port,
+    group_members,
     joined_lines,
     lines_of,
     program,
@@ -58,36 +59,9 @@ async def hub(sqlite_hub_factory: hubclient.InProcessHubFactory) -> hubclient.In
     return await sqlite_hub_factory.astart()
 
 
-@pytest.fixture
-def groups() -> Iterator[list[int]]:
-    """Process groups a test saw its command lead; whatever is left of them is killed at the end."""
-    started: list[int] = []
-    yield started
-    for pgid in started:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
-
-
 def nobody_there(port: int | None = None) -> str:
     """A hub URL where nothing listens."""
     return f"http://127.0.0.1:{port or free_port()}"
-
-
-def group_members(pgid: int) -> list[str]:
-    """The live (not zombie) processes of group `pgid`, as "name pid"."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_bytes()
-        except OSError:
-            continue
-        name = stat[stat.index(b"(") + 1 : stat.rindex(b")")].decode(errors="replace")
-        state, _ppid, pgrp = stat[stat.rindex(b")") + 2 :].split()[:3]
-        if int(pgrp) == pgid and state not in (b"Z", b"X"):
-            members.append(f"{name} {entry}")
-    return sorted(members)
 
 
 def pid_alive(pid: int) -> bool:

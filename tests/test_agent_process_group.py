@@ -5,16 +5,13 @@ the agent. Real agent processes, real shells, the process table read from /proc.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 
-from tests.agentclient import AgentProcess, agent, run_args
+from tests.agentclient import AgentProcess, agent, group_members, run_args
 
 pytestmark = [
     pytest.mark.slow,
@@ -23,33 +20,6 @@ pytestmark = [
 
 # No hub: delivery is not the point here, and the agent does not wait for one.
 NO_HUB = "http://127.0.0.1:1"
-
-
-def group_members(pgid: int) -> list[str]:
-    """The live (not zombie) processes of group `pgid`, as "name pid"."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_bytes()
-        except OSError:
-            continue
-        name = stat[stat.index(b"(") + 1 : stat.rindex(b")")].decode()
-        state, _ppid, pgrp = stat[stat.rindex(b")") + 2 :].split()[:3]
-        if int(pgrp) == pgid and state not in (b"Z", b"X"):
-            members.append(f"{name} {entry}")
-    return sorted(members)
-
-
-@pytest.fixture
-def groups() -> Iterator[list[int]]:
-    """Process groups a test started; whatever is left of them is killed at its end."""
-    started: list[int] = []
-    yield started
-    for pgid in started:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)
 
 
 def args(tmp_path: Path, *extra: str) -> list[str]:
