@@ -14,7 +14,7 @@ from hub.actors.syncer import Settled, run_syncer
 from hub.actors.writer import Writer, settle, write_within
 from hub.messages import StatusChange, WriteOutcome, WriteRequest
 from hub.metrics import Metrics
-from hub.store.base import CONFLICT, DUPLICATE, INSERTED, AppendResult, Incoming
+from hub.store.base import CONFLICT, DUPLICATE, GAP, INSERTED, AppendResult, Incoming
 from hub.store.sqlite import SQLiteStore
 from keruta.records import LogRecord
 
@@ -194,6 +194,36 @@ def test_settle_caps_the_ack_below_a_conflict_and_names_it_once() -> None:
     [refusal] = outcome.refusals
     assert refusal.code == "SEQ_CONFLICT" and refusal.cap == 1 and refusal.key == ("a", "")
     assert "seq 2" in refusal.message and "1 more records" in refusal.message
+
+
+def test_settle_acknowledges_a_request_no_further_than_its_own_seqs() -> None:
+    # One commit: a request of 4..5, another request's (another connection's)
+    # different 6..7 stored, and a third request's 6..7 refused against them.
+    # The first must not be acknowledged to 7: its connection's own 6..7 are
+    # the refused ones.
+    items = [item("a", 4), item("a", 5), item("a", 6), item("a", 7), item("a", 6, "mine"), item("a", 7, "mine")]
+    result = AppendResult(
+        records=[record("a", 4), record("a", 5), record("a", 6), record("a", 7), record("a", 6), record("a", 7)],
+        inserted=[record("a", 4), record("a", 5), record("a", 6), record("a", 7)],
+        durable={"a": 7},
+        status=[INSERTED, INSERTED, INSERTED, INSERTED, CONFLICT, CONFLICT],
+        producers={("a", ""): 7},
+    )
+    assert settle(items[:2], result, 0).producers == {("a", ""): 5}
+    assert settle(items[2:4], result, 2).producers == {("a", ""): 7}
+    refused = settle(items[4:], result, 4)
+    assert refused.producers == {("a", ""): 5} and refused.refusals[0].cap == 5
+
+
+def test_settle_resumes_a_gap_after_what_is_stored_whatever_is_refused() -> None:
+    # The producer holds 1..3; a request sends 2 changed and 10: SEQ_GAP from 4.
+    items = [item("a", 2, "changed"), item("a", 10)]
+    result = AppendResult(
+        records=[record("a", 2), None], inserted=[], durable={"a": 3},
+        status=[CONFLICT, GAP], producers={("a", ""): 3},
+    )
+    gap = next(r for r in settle(items, result, 0).refusals if r.code == "SEQ_GAP")
+    assert gap.resume_from == 4
 
 
 # --- write_within: a REST POST out of time -----------------------------------------

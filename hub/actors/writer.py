@@ -9,6 +9,7 @@ through the syncer, which gives them once the commit is durable.
 from __future__ import annotations
 
 import logging
+import operator
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
@@ -48,6 +49,9 @@ T = TypeVar("T")
 COMMIT_PACE = 0.01
 
 
+_SEQ = operator.attrgetter("seq")
+
+
 def _who(producer: str) -> str:
     return "the anonymous producer" if producer == ANONYMOUS else f"producer {producer}"
 
@@ -55,7 +59,12 @@ def _who(producer: str) -> str:
 def settle(items: Sequence[Incoming], result: AppendResult, offset: int) -> WriteOutcome:
     """One request's share of a committed batch: what to acknowledge, what to refuse.
 
-    A refused record caps its identity's acknowledgement just below it, so an
+    A request is acknowledged up to its own highest seq at most, never to the
+    producer's mark after the whole commit: another request in the same
+    commit may have stored higher seqs of that producer with other records,
+    which this one's are then refused against (a later request of this
+    connection, or one of another connection claiming the same identity). A
+    refused record caps its identity's acknowledgement just below it. So an
     ack never covers a record that was not stored.
     """
     records = result.records[offset : offset + len(items)]
@@ -63,12 +72,18 @@ def settle(items: Sequence[Incoming], result: AppendResult, offset: int) -> Writ
     tasks = {item.task_id for item in items}
     names = {item.producer for item in items}
     # Usually one task's one producer: the pairs are told without a tuple per record.
-    keys = (
-        [(next(iter(tasks)), next(iter(names)))]
-        if len(tasks) == 1 and len(names) == 1
-        else dict.fromkeys(zip([item.task_id for item in items], [item.producer for item in items], strict=True))
-    )
-    producers = {key: result.producers[key] for key in keys if not hub_made(key[1])}
+    if len(tasks) == 1 and len(names) == 1:
+        key = (next(iter(tasks)), next(iter(names)))
+        sent = {key: max(map(_SEQ, items))}
+    else:
+        sent = {}
+        for item in items:
+            key = (item.task_id, item.producer)
+            seq = item.seq
+            assert seq is not None, "numbered before the commit"
+            if seq > sent.get(key, 0):
+                sent[key] = seq
+    producers = {key: min(result.producers[key], own) for key, own in sent.items() if not hub_made(key[1])}
     refusals: list[Refusal] = []
     if CONFLICT not in status and GAP not in status:
         return WriteOutcome(records=records, producers=producers, refusals=refusals)
@@ -89,7 +104,8 @@ def settle(items: Sequence[Incoming], result: AppendResult, offset: int) -> Writ
             if key not in first_conflict or cap < first_conflict[key][2]:
                 first_conflict[key] = (i, what, cap)
         elif state == GAP and gap is None:
-            resume = producers[key] + 1
+            # From what the hub holds of that producer, not from this request's capped ack.
+            resume = result.producers[key] + 1
             gap = Refusal(
                 "SEQ_GAP",
                 f"record [{i}]: {_who(item.producer)} of task {item.task_id} sent seq "
