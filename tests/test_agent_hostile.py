@@ -367,7 +367,9 @@ async def test_a_chatty_daemon_after_the_command_exits_and_a_sigterm(
     f = await flush(tmp_path / "spool", hub.url)
     assert f.code == 0, f.stderr_text
     records = await stored(hub, "chatty")
-    assert joined_lines(records, "stdout")[:2] == [str(pgid), "parent done"]
+    # The daemon's first tick may come before "parent done".
+    lines = joined_lines(records, "stdout")
+    assert lines[0] == str(pgid) and "parent done" in lines, lines
 
 
 async def test_a_chatty_daemon_after_the_command_exits_is_given_up_on(
@@ -385,7 +387,8 @@ async def test_a_chatty_daemon_after_the_command_exits_is_given_up_on(
     assert_clear(a.stderr_text)
     assert "still holds its output open" in a.stderr_text
     lines = joined_lines(await stored(hub, "chatty-alone"), "stdout")
-    assert lines[1] == "parent done" and 5 < lines.count("tick") < 60, lines
+    # The daemon's first tick may come before "parent done".
+    assert "parent done" in lines and 5 < lines.count("tick") < 60, lines
 
 
 async def test_the_same_task_twice_at_once_is_refused(tmp_path: Path, groups: list[int]) -> None:
