@@ -20,7 +20,7 @@ the least any hub on it spends (the first two kinds):
   hypercorn's read task) and the hub's WebSocket settings, serving a bare
   ASGI app (tests/support.py's `websocket_app`) that answers through ASGI's
   `send`.
-- `trio`: `trio.serve_tcp`, one task per connection: the handshake by hand,
+- `trio`: `trio.serve_tcp`, one task per connection: the hub's handshake code,
   frames parsed by hub/ws_frames.py, each read's answers in one `send_all`.
   No hypercorn, no ASGI: what a WebSocket endpoint written on Trio alone
   would reach.
@@ -38,8 +38,6 @@ the least any hub on it spends (the first two kinds):
 from __future__ import annotations
 
 import argparse
-import base64
-import hashlib
 import os
 import sys
 from pathlib import Path
@@ -52,7 +50,7 @@ sys.path.insert(0, str(HERE))
 import bare_server  # noqa: E402
 from bare_server import KINDS  # noqa: E402
 
-_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_PATHS = frozenset(["/api/v1/ws"])
 
 
 def ack_for(text: str | bytes) -> bytes:
@@ -74,21 +72,22 @@ async def _hypercorn_body(receive: Any, send: Any, _link: Any) -> None:
 
 
 async def _handshake(stream: Any) -> bytes | None:
-    """Reads the upgrade request and accepts it; what came after it, None at EOF."""
+    """Reads the upgrade request and accepts it, with the hub's own handshake
+    code (hub/ws_handshake.py); what came after it, None at EOF or for a
+    request that is no WebSocket handshake of ours."""
+    from hub.ws_handshake import Upgrade, accept_response, head_end, upgrade_of
+
     buf = b""
-    while b"\r\n\r\n" not in buf:
+    while (end := head_end(buf)) < 0:
         data = await stream.receive_some(65536)
         if not data:
             return None
         buf += data
-    head, _, data = buf.partition(b"\r\n\r\n")
-    key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n") if line.lower().startswith(b"sec-websocket-key:"))
-    accept = base64.b64encode(hashlib.sha1(key + _GUID).digest())
-    await stream.send_all(
-        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
-    )
-    return data
+    upgrade = upgrade_of(buf[:end], _PATHS)
+    if not isinstance(upgrade, Upgrade):
+        return None
+    await stream.send_all(accept_response(upgrade, None))
+    return buf[end:]
 
 
 async def _trio_handler(stream: Any) -> None:

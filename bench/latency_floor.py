@@ -58,7 +58,7 @@ def hub(port_file: str, db: str) -> None:
 
     from hub.store.thread_hop import run_in_thread
     from hub.ws_frames import server_frame
-    from hub.ws_handshake import accept_response, head_end, upgrade_of
+    from hub.ws_handshake import Upgrade, accept_response, head_end, upgrade_of
 
     conn = _open_db(db)
     viewers: set[Any] = set()
@@ -82,8 +82,8 @@ def hub(port_file: str, db: str) -> None:
 
     async def viewer(stream: Any, head: bytes) -> None:
         upgrade = upgrade_of(head, frozenset(["/"]))
-        if upgrade is None:
-            return
+        if not isinstance(upgrade, Upgrade):
+            return  # not a handshake, or one upgrade_of refuses (the floor answers neither)
         await stream.send_all(accept_response(upgrade, None))
         viewers.add(stream)
         try:
