@@ -72,8 +72,13 @@ def _is_other_than_a_directory(path: Path) -> bool:
     """Whether `path` names something that is not a directory, from one stat:
     asking "exists?" then "a directory?" could see it created between the
     two and then removed, by another run of the same task. A symlink to
-    nothing is something other than a directory."""
+    nothing is something other than a directory: asked of the name itself
+    (lstat), so that a directory another run makes meanwhile is not taken
+    for one."""
     try:
         return not stat.S_ISDIR(os.stat(path).st_mode)
     except FileNotFoundError:
-        return os.path.lexists(path)
+        try:
+            return stat.S_ISLNK(os.lstat(path).st_mode)
+        except FileNotFoundError:
+            return False
