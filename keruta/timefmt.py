@@ -24,16 +24,26 @@ def now_ts() -> str:
     return format_ts(dt.datetime.now(UTC))
 
 
-def parse_ts(text: str) -> dt.datetime:
-    """Parse an RFC 3339 timestamp; a value without offset is taken as UTC.
+# RFC 3339's date-time (section 5.6): a full date, 'T', a full time with
+# seconds, any fraction, and an offset. Its ABNF is case-insensitive, so 't'
+# and 'z' are the same letters. What ISO 8601 alone allows (week and ordinal
+# dates, the basic format, no seconds, comma fractions, no offset) is not it.
+_RFC3339 = re.compile(
+    r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}:\d{2}(?:\.\d{1,30})?)(?:([Zz])|([+-]\d{2}:\d{2}))",
+    re.ASCII,
+)
 
-    Raises ValueError for anything that is not a timestamp.
+
+def parse_ts(text: str) -> dt.datetime:
+    """Parse an RFC 3339 timestamp.
+
+    Raises ValueError for anything that is not one, naming what is missing.
     """
-    if not isinstance(text, str) or not 10 <= len(text) <= 40:
-        raise ValueError("not an RFC 3339 timestamp")
-    moment = dt.datetime.fromisoformat(text.strip())
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
+    if not isinstance(text, str) or (m := _RFC3339.fullmatch(text)) is None:
+        if isinstance(text, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d+)?", text, re.ASCII):
+            raise ValueError("not an RFC 3339 timestamp: it needs an offset ('Z' or '+HH:MM')")
+        raise ValueError("not an RFC 3339 timestamp (YYYY-MM-DDTHH:MM:SS[.fraction] then 'Z' or '+HH:MM')")
+    moment = dt.datetime.fromisoformat(f"{m[1]}T{m[2]}{'+00:00' if m[3] else m[4]}")
     try:
         return moment.astimezone(UTC)
     except OverflowError:
@@ -43,7 +53,7 @@ def parse_ts(text: str) -> dt.datetime:
 
 # UTC with up to six fractional digits: six is the canonical form itself,
 # fewer (JavaScript's toISOString writes three) are only padded.
-_UTC = re.compile(r"(\d{4}-[01]\d-[0-3]\dT[0-2]\d:[0-5]\d:[0-6]\d)(?:\.(\d{1,6}))?Z")
+_UTC = re.compile(r"(\d{4}-[01]\d-[0-3]\dT[0-2]\d:[0-5]\d:[0-6]\d)(?:\.(\d{1,6}))?Z", re.ASCII)
 
 
 def canonical_ts(text: str) -> str:
