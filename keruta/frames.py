@@ -51,8 +51,13 @@ def _exit_code(_inst: object, _attr: attrs.Attribute, value: object) -> None:
 
 @attrs.frozen
 class LogFrame:
+    """The seed's LogMessage. Its `seq`, if any, is the anonymous producer's
+    own; without one (`numbered` False, the record's seq a placeholder) the
+    hub numbers it as it numbers a POST without `seq`, and acks nothing."""
+
     TYPE: ClassVar[str] = "log"
     record: LogRecord
+    numbered: bool = True
 
 
 

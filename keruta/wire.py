@@ -169,6 +169,8 @@ def encode_bytes(frame: Any) -> bytes:
     body = converter.unstructure(frame)
     if isinstance(frame, LogFrame):
         body = converter.unstructure(frame.record)
+        if not frame.numbered:
+            del body["seq"]
     tag = getattr(type(frame), "TYPE", None)
     if tag is not None:
         body = {"type": tag, **body}
@@ -230,9 +232,20 @@ def client_frame(cls: type, data: dict[str, Any], limits: Limits) -> Any:
     """The frame `client_frame_data` found, checked and built: a `logs`
     frame by `read_records` when it can, by the converter otherwise."""
     if cls is LogFrame:
+        # Only a missing seq: `null` is refused, as in a `logs` frame's records.
+        numbered = "seq" in data
+        if not numbered:
+            if data.get("producer") is not None:
+                raise FrameError(
+                    "INVALID_MESSAGE_FORMAT",
+                    "invalid field 'seq': a record that names its producer needs its seq (the producer's own, from 1)",
+                    "seq",
+                )
+            # A placeholder, never stored: the hub numbers the record (hub/actors/writer.py HubNumbering).
+            data = {**data, "seq": 1}
         record = structure(data, LogRecord)
         check_record_limits(record, limits, "record")
-        return LogFrame(record)
+        return LogFrame(record, numbered)
     if cls is LogsFrame:
         head = logs_head(data, limits)
         if head is not None:

@@ -269,12 +269,29 @@ def test_record_task_id_must_match_the_frame() -> None:
     assert err.code == "INVALID_MESSAGE_FORMAT" and err.field == "records[1].taskId"
 
 
-@pytest.mark.parametrize("missing", sorted(RECORD_KEYS - {"lineNumber", "metadata"}))
+@pytest.mark.parametrize("missing", sorted(RECORD_KEYS - {"lineNumber", "metadata", "seq"}))
 def test_missing_required_record_field(missing: str) -> None:
     body = wire_record()
     del body[missing]
     err = reject({"type": "log", **body})
     assert err.code == "INVALID_MESSAGE_FORMAT" and err.field == missing
+    assert "required" in err.message
+
+
+def test_a_log_frame_may_leave_out_its_seq_but_a_logs_record_may_not() -> None:
+    body = wire_record()
+    del body["seq"]
+    frame = decode_client_frame(orjson.dumps({"type": "log", **body}))
+    assert isinstance(frame, LogFrame) and not frame.numbered
+    # Encoded as it came: without seq.
+    assert "seq" not in orjson.loads(encode_bytes(frame))
+    err = reject({"type": "log", **body, "seq": None})
+    assert err.code == "INVALID_MESSAGE_FORMAT" and err.field == "seq"
+    err = reject({"type": "log", **body, "producer": "p"})
+    assert err.code == "INVALID_MESSAGE_FORMAT" and err.field == "seq"
+    del body["taskId"]
+    err = reject({"type": "logs", "taskId": "t", "records": [body]})
+    assert err.code == "INVALID_MESSAGE_FORMAT" and err.field == "records[0].seq"
     assert "required" in err.message
 
 

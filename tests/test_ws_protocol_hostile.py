@@ -758,12 +758,6 @@ async def test_a_lower_case_rfc3339_timestamp_is_taken(hub: InProcessHub) -> Non
     assert kept["timestamp"] == "2026-01-01T00:00:00.500000Z"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="keruta/wire.py client_frame structures a `log` frame as a LogRecord (keruta/records.py, whose "
-    "`seq` is required), so the seed's LogMessage without `seq` gets INVALID_MESSAGE_FORMAT \"invalid field "
-    "'seq': is required\"; CONTRACT.md says a `log` frame's seq is the producer's own 'if any'",
-)
 async def test_a_seed_log_frame_without_seq_is_stored(hub: InProcessHub) -> None:
     task = "seed-log"
     async with bystanders(hub, task) as them, hub.ws() as ws:
@@ -777,6 +771,34 @@ async def test_a_seed_log_frame_without_seq_is_stored(hub: InProcessHub) -> None
         assert not errors_of(frames), frames
         kept = await them.check()
     assert [(r["seq"], r["message"], r["producer"]) for r in kept] == [(1, "from a seed client", "")]
+    # No ack: there is no seq of the client's to acknowledge, and the hub's
+    # own numbering is not the client's to see.
+    assert not acks_of(frames, task), frames
+
+
+async def test_seed_log_frames_without_seq_are_each_stored_and_one_naming_a_producer_is_refused(
+    hub: InProcessHub,
+) -> None:
+    task = "seed-log-twice"
+    seed = {"type": "log", "taskId": task, "timestamp": "2026-01-02T03:04:05Z", "source": "stdout",
+            "level": "INFO", "message": "same line"}
+    async with hub.ws() as ws:
+        # Without a seq there is no identity to de-duplicate on: two sends are two lines (as a POST without seq).
+        assert await answer(ws, seed) == []
+        assert await answer(ws, seed) == []
+        problem = refusal(await answer(ws, {**seed, "producer": "p"}), "producer without seq", INVALID, "seq")
+        assert problem is None, problem
+        # With its seq, the anonymous producer's own: acked, and a resend is stored once.
+        assert acks_of(await answer(ws, {**seed, "seq": 1, "message": "numbered"}), task) == [
+            {"type": "ack", "taskId": task, "seq": 1}
+        ]
+        assert acks_of(await answer(ws, {**seed, "seq": 1, "message": "numbered"}), task) == [
+            {"type": "ack", "taskId": task, "seq": 1}
+        ]
+    kept = await stored(hub, task)
+    assert [(r["seq"], r["message"], r["producer"]) for r in kept] == [
+        (1, "same line", ""), (2, "same line", ""), (3, "numbered", ""),
+    ]
 
 
 # --- subscriptions ---------------------------------------------------------------------------

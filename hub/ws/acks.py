@@ -23,6 +23,7 @@ import sys
 import attrs
 
 from hub.messages import WriteOutcome
+from hub.store.base import hub_made
 from keruta.frames import AckFrame, ErrorFrame, StatusFrame
 from keruta.limits import INT64_MAX
 from keruta.wire import dumps
@@ -68,6 +69,10 @@ class Replies:
             if refusal.key is not None:
                 self.caps[refusal.key] = min(self.caps.get(refusal.key, refusal.cap), refusal.cap)
         for key, seq in outcome.producers.items():
+            if hub_made(key[1]):
+                # The hub numbered these records (a `log` frame without seq):
+                # its own producer is no coordinate of the client's.
+                continue
             seq = min(seq, self.caps.get(key, seq))
             if seq > self.acks.get(key, 0):
                 self.acks[key] = seq

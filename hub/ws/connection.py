@@ -41,6 +41,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
+import attrs
 import trio
 
 from hub.auth import Role
@@ -522,6 +523,8 @@ class Connection:
             items = from_records(frame.records, "records", frame.producer)
         else:
             items = from_records([frame.record], "record")
+            if not frame.numbered:
+                items = [attrs.evolve(items[0], seq=None)]
         if not items:
             return False
         await self.hub.limiter(items[0].task_id).acquire(len(items))
