@@ -39,6 +39,7 @@ from werkzeug.sansio.request import Request as RequestHead
 
 from hub.access import READ_METHODS, Access
 from hub.errors import ApiError
+from hub.hypercorn_patches import CONTINUE
 from hub.metrics import Metrics
 
 SMUGGLING = ApiError(400, "INVALID_REQUEST", "a request may not carry both Content-Length and Transfer-Encoding")
@@ -89,6 +90,9 @@ class Admission:
                 if refusal is not None:
                     await self.refuse(refusal, receive, send)
                     return
+                if "100-continue" in head.headers.get("Expect", "").lower():
+                    # Admitted: now the client may send its body (hypercorn patch 8).
+                    await send({"type": CONTINUE})  # type: ignore[misc, arg-type]
         elif scope["type"] == "websocket":
             websocket = self.websockets.get(scope["path"][len(scope.get("root_path", "")):])
             if websocket is not None:

@@ -65,6 +65,13 @@ around and what fix upstream would let it go.
    "connection: close" but never ended the stream, so the connection stayed
    open, and not idle (no keep-alive timeout), for as long as the client
    liked. Here the stream ends with the answer, and the connection with it.
+
+8. `100 Continue` waits for the app (`H11Protocol._handle_events`,
+   `HTTPStream.app_send`). Hypercorn answered `Expect: 100-continue` as soon
+   as it parsed the head, before hub/admission.py had judged the token, so
+   a client such as curl uploaded a body that would be refused unread. Here
+   hypercorn sends no 100 of its own; the app asks for it with an ASGI
+   message of type CONTINUE once the request is admitted.
 """
 
 from __future__ import annotations
@@ -77,11 +84,13 @@ from importlib.metadata import version
 from io import BytesIO, StringIO
 from typing import Any
 
+import h11
 import trio
-from hypercorn.events import Closed, RawData
+from hypercorn.events import Closed, RawData, Updated
 from hypercorn.protocol import ws_stream
-from hypercorn.protocol.events import Data, StreamClosed
-from hypercorn.protocol.h11 import H11Protocol, H11WSConnection
+from hypercorn.protocol.events import Body, Data, EndBody, Response, StreamClosed
+from hypercorn.protocol.h11 import STREAM_ID, H11Protocol, H11WSConnection
+from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from wsproto.connection import ConnectionState
@@ -426,6 +435,53 @@ class InlineLink:
                     await _send_shielded(server, tail)
 
 
+# An ASGI message (patch 8): send `100 Continue` now, the request admitted.
+CONTINUE = "keruta.http.continue"
+
+
+async def _handle_events_no_early_continue(self: Any) -> None:
+    # H11Protocol._handle_events of HYPERCORN_VERSION without its first
+    # statement, which sent 100 Continue for every head that asked.
+    while True:
+        try:
+            event = self.connection.next_event()
+        except h11.RemoteProtocolError as error:
+            if self.connection.our_state in {h11.IDLE, h11.SEND_RESPONSE}:
+                await self._send_error_response(error.error_status_hint)
+            await self.send(Closed())
+            break
+        else:
+            if isinstance(event, h11.Request):
+                await self.send(Updated(idle=False))
+                await self._check_protocol(event)
+                await self._create_stream(event)
+            elif event is h11.PAUSED:
+                await self.can_read.clear()
+                await self.can_read.wait()
+            elif isinstance(event, h11.ConnectionClosed) or event is h11.NEED_DATA:
+                break
+            elif self.stream is None:
+                break
+            elif isinstance(event, h11.Data):
+                await self.stream.handle(Body(stream_id=STREAM_ID, data=event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                await self.stream.handle(EndBody(stream_id=STREAM_ID))
+            elif isinstance(event, Data):
+                await self.stream.handle(event)
+
+
+_http_app_send = HTTPStream.app_send
+
+
+async def _http_app_send_continue(self: Any, message: Any) -> None:
+    if message is not None and message["type"] == CONTINUE:
+        # A status under 200 goes out as an informational response (H11Protocol.stream_send).
+        if self.state == ASGIHTTPState.REQUEST:
+            await self.send(Response(stream_id=self.stream_id, headers=[], status_code=100))
+        return
+    await _http_app_send(self, message)
+
+
 def install() -> None:
     """Check the version, then apply the patches; idempotent. hub.server.serve()
     calls it before hypercorn starts, and so must anything else serving this
@@ -446,3 +502,7 @@ def install() -> None:
         TCPServer.protocol_send = _protocol_send_uncontended  # type: ignore[method-assign]
     if TCPServer._read_data is not _read_data_untimed:  # type: ignore[comparison-overlap]
         TCPServer._read_data = _read_data_untimed  # type: ignore[method-assign]
+    if H11Protocol._handle_events is not _handle_events_no_early_continue:  # type: ignore[comparison-overlap]
+        H11Protocol._handle_events = _handle_events_no_early_continue  # type: ignore[method-assign]
+    if HTTPStream.app_send is not _http_app_send_continue:  # type: ignore[comparison-overlap]
+        HTTPStream.app_send = _http_app_send_continue  # type: ignore[method-assign]

@@ -754,17 +754,6 @@ async def test_reads_need_a_valid_token(sqlite_hub_factory: InProcessHubFactory)
     await assert_serves(hub)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "With `Expect: 100-continue` and a wrong token, the hub sends `100 Continue` (inviting the "
-        "body) before its 401: hypercorn's H11Protocol._handle_events (hypercorn/protocol/h11.py:154) "
-        "answers the expectation as soon as the head is parsed, before hub/admission.py judges the "
-        "token, so a client such as curl (which sends Expect for bodies over 1 MiB) uploads the body "
-        "the contract says is never read without a token; reproduce: curl -v -H 'Authorization: "
-        "Bearer wrong' --data-binary @4MiB.json http://127.0.0.1:8080/api/v1/tasks/t/logs"
-    ),
-)
 async def test_expect_100_continue_is_not_granted_before_the_token(sqlite_hub_factory: InProcessHubFactory) -> None:
     hub, before = await tokened_hub(sqlite_hub_factory, "--body-timeout", "600")
     head = request(
