@@ -71,7 +71,10 @@ around and what fix upstream would let it go.
    as it parsed the head, before hub/admission.py had judged the token, so
    a client such as curl uploaded a body that would be refused unread. Here
    hypercorn sends no 100 of its own; the app asks for it with an ASGI
-   message of type CONTINUE once the request is admitted.
+   message of type CONTINUE once the request is admitted. And a client that
+   pipelines past an answer with `connection: close` no longer cuts that
+   answer after its head: the bytes h11 refuses wait (unread, up to
+   ANSWER_GRACE) until the answer is sent whole.
 """
 
 from __future__ import annotations
@@ -448,6 +451,11 @@ async def _handle_events_no_early_continue(self: Any) -> None:
         except h11.RemoteProtocolError as error:
             if self.connection.our_state in {h11.IDLE, h11.SEND_RESPONSE}:
                 await self._send_error_response(error.error_status_hint)
+            elif self.connection.our_state is h11.SEND_BODY:
+                # An answer is under way (a refusal with `connection: close`,
+                # and the client pipelined past it): let it go out whole
+                # before the close, reading nothing meanwhile.
+                await _answer_sent(self)
             await self.send(Closed())
             break
         else:
@@ -468,6 +476,19 @@ async def _handle_events_no_early_continue(self: Any) -> None:
                 await self.stream.handle(EndBody(stream_id=STREAM_ID))
             elif isinstance(event, Data):
                 await self.stream.handle(event)
+
+
+# How long a connection whose client broke the protocol waits for the answer
+# it was sending to end (patch 8).
+ANSWER_GRACE = 5.0
+
+
+async def _answer_sent(self: Any) -> None:
+    # Polled: hypercorn marks no event when a response ends, and this path is
+    # rare (a client that sent bytes where h11 expected its close).
+    with trio.move_on_after(ANSWER_GRACE):
+        while self.connection.our_state is h11.SEND_BODY:
+            await trio.sleep(0.002)
 
 
 _http_app_send = HTTPStream.app_send

@@ -1056,22 +1056,6 @@ async def test_a_refused_requests_body_is_never_served_as_a_request(sqlite_hub_f
     await assert_serves(hub)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "A refusal made on the head (hub/admission.py:88 Admission.refuse: 401/403 with "
-        "`Connection: close`) is cut short about half the time when the client has already sent "
-        "the whole body and pipelined its next request: the hub sends the refusal's head "
-        "(Content-Length: 103..190) and closes the connection with none of its JSON body, so the "
-        "client gets an incomplete response instead of the clear error. Hypercorn's "
-        "H11Protocol._handle_events (hypercorn/protocol/h11.py:164) reads the pipelined bytes; h11, "
-        "which the answer's `Connection: close` put in MUST_CLOSE for the client, raises "
-        "RemoteProtocolError('Got data when expecting EOF') with the response in SEND_BODY, and "
-        "hypercorn sends Closed() between the response's head and its body. Reproduce: send `POST "
-        "/api/v1/tasks/t/logs` with a wrong token, a complete body and a second request in one "
-        "write, a few times"
-    ),
-)
 async def test_a_refusal_is_answered_whole_when_the_client_pipelines(sqlite_hub_factory: InProcessHubFactory) -> None:
     hub, before = await tokened_hub(sqlite_hub_factory)
     following = request("GET", "/healthz", token=None)
