@@ -12,6 +12,7 @@ import trio
 
 from hub.config import HubConfig
 from hub.origin import normalize_origin
+from hub.store.base import DurabilityLost, StoreRefused
 from keruta.cliargs import number, size
 
 DESCRIPTION = """\
@@ -188,12 +189,16 @@ def main(argv: list[str] | None = None) -> int:
         trio.run(serve, config)
     except KeyboardInterrupt:
         return 130
-    except (OSError, BaseExceptionGroup) as exc:
-        # Port taken, database unreachable at start...: one clear line, no traceback.
-        failure = _first_os_error(exc)
+    except (OSError, StoreRefused, DurabilityLost, BaseExceptionGroup) as exc:
+        # Port taken, database unreachable or of another schema at start, the
+        # disk lost commits...: one clear line, no traceback (those are for bugs).
+        failure = _first_of(exc, (StoreRefused, DurabilityLost, OSError))
         if failure is None:
             raise
-        where = f" ({config.host}:{config.port})" if failure.errno else ""
+        if isinstance(failure, DurabilityLost):
+            print(f"keruta-hub: stopped: {failure}", file=sys.stderr)
+            return 1
+        where = f" ({config.host}:{config.port})" if isinstance(failure, OSError) and failure.errno else ""
         print(f"keruta-hub: cannot start{where}: {failure}", file=sys.stderr)
         return 1
     return 0
@@ -213,12 +218,21 @@ def tune_gc() -> None:
     gc.set_threshold(10_000, 10, 10)
 
 
-def _first_os_error(exc: BaseException) -> OSError | None:
-    if isinstance(exc, OSError):
+def _first_of(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first exception of `kinds` in `exc` or the groups it holds, by the kinds' order."""
+    for kind in kinds:
+        found = _find(exc, kind)
+        if found is not None:
+            return found
+    return None
+
+
+def _find(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    if isinstance(exc, kind):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for sub in exc.exceptions:
-            found = _first_os_error(sub)
+            found = _find(sub, kind)
             if found is not None:
                 return found
     return None

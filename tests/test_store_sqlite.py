@@ -9,7 +9,7 @@ import sqlite3
 import pytest
 import trio
 
-from hub.store.base import StoreUnavailable
+from hub.store.base import StoreRefused, StoreUnavailable
 from hub.store.sqlite import SQLiteStore, run_op, wal_held_bytes
 from hub.store.steps import JSON_ROWS, MANY, Op
 from tests.storedata import all_seqs, rec
@@ -39,8 +39,9 @@ async def test_sqlite_unopenable_file_is_store_unavailable(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(StoreUnavailable):
         await SQLiteStore(tmp_path / "file" / "k.db").open()
+    # Not an outage: no wait makes it a database.
     (tmp_path / "garbage.db").write_bytes(b"this is not a database, not at all" * 200)
-    with pytest.raises(StoreUnavailable):
+    with pytest.raises(StoreRefused, match="not a SQLite database"):
         await SQLiteStore(tmp_path / "garbage.db").open()
 
 

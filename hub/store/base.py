@@ -41,6 +41,11 @@ class StoreUnavailable(ConnectionError):
 STORE_RETRY = Backoff(initial=0.2, cap=5.0)
 
 
+class StoreRefused(RuntimeError):
+    """The database is one this hub must not use (a newer schema, a file that
+    is not a database): not an outage, waiting will not change it."""
+
+
 class DurabilityLost(RuntimeError):
     """The disk refused an fsync: commits since the last sync may be gone.
 

@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from hub.store.base import StoreRefused
 from hub.store.chunk import lines_json, message_bytes
 from hub.store.to_chunks import OLD_COLUMNS, chunks_from_rows
 
@@ -223,7 +224,7 @@ async def migrate(conn: Any) -> None:
         await conn.execute("CREATE TABLE IF NOT EXISTS keruta_schema (version integer NOT NULL)")
         version = await conn.fetchval("SELECT max(version) FROM keruta_schema") or 0
         if version > SCHEMA_VERSION:
-            raise RuntimeError(
+            raise StoreRefused(
                 f"the database has schema version {version}; this hub knows up to {SCHEMA_VERSION}"
             )
         for step in range(version + 1, SCHEMA_VERSION + 1):

@@ -54,7 +54,7 @@ from typing import Any, TypeVar
 import orjson
 import trio
 
-from hub.store.base import DurabilityLost, StoreUnavailable
+from hub.store.base import DurabilityLost, StoreRefused, StoreUnavailable
 from hub.store.sqlite_schema import SCHEMA_VERSION, create_schema
 from hub.store.sqlite_sql import SQLiteSql
 from hub.store.sqlstore import SqlStore
@@ -190,6 +190,15 @@ def wal_held_bytes(fd: int, size: int) -> int:
     return _WAL_HEADER + valid * frame
 
 
+def _file_identity(path: str) -> tuple[int, int] | None:
+    """The file `path` names now (device, inode); None when nothing is there."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _close_all(conns: list[sqlite3.Connection]) -> None:
     for conn in conns:
         conn.close()
@@ -283,6 +292,10 @@ class SQLiteStore(SqlStore):
         self._checkpointer: sqlite3.Connection | None = None
         self._checkpoint_lock = trio.Lock()
         self._wal_dir_synced = False
+        # (st_dev, st_ino) of the database file when opened: a sync checks the
+        # path still names it (a file removed or replaced under the hub takes
+        # every later commit with it when the last connection closes).
+        self._identity: tuple[int, int] | None = None
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteStore:
@@ -310,9 +323,12 @@ class SQLiteStore(SqlStore):
                 opened.append(readers[-1])
         except BaseException as exc:
             _close_all(opened)
+            if isinstance(exc, sqlite3.DatabaseError) and "not a database" in str(exc):
+                raise StoreRefused(f"{self.path} is not a SQLite database: {exc}") from exc
             if isinstance(exc, sqlite3.Error | OSError):
                 raise StoreUnavailable(f"cannot open SQLite database {self.path}: {exc}") from exc
             raise
+        self._identity = _file_identity(self.path)
         self._writer, self._checkpointer, self._readers = writer, checkpointer, readers
 
     async def close(self) -> None:
@@ -390,7 +406,14 @@ class SQLiteStore(SqlStore):
         try:
             fd = os.open(self.path + "-wal", os.O_RDONLY)
         except FileNotFoundError:
-            return 0, 0  # no WAL: everything is in the database file, synced at checkpoint
+            if self._writer is None:
+                return 0, 0  # closed: the last connection checkpointed the WAL into the file
+            # Open connections keep the WAL file until the last one closes: it
+            # was removed under the hub, and the commits in it go with it.
+            raise DurabilityLost(
+                f"the WAL {self.path}-wal was removed while the hub had the database open: "
+                "commits since the last sync are not on disk"
+            ) from None
         try:
             size = os.fstat(fd).st_size
             held = wal_held_bytes(fd, size)
@@ -401,6 +424,11 @@ class SQLiteStore(SqlStore):
             raise DurabilityLost(f"fsync of {self.path}-wal failed: {exc}") from exc
         finally:
             os.close(fd)
+        if self._identity is not None and _file_identity(self.path) != self._identity:
+            raise DurabilityLost(
+                f"the database file {self.path} was removed or replaced while the hub had it open: "
+                "commits since the last sync would be lost"
+            )
         if not self._wal_dir_synced:
             # The WAL file's directory entry must be durable too, once.
             directory = os.path.dirname(os.path.abspath(self.path))

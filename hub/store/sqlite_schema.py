@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import orjson
 
+from hub.store.base import StoreRefused
 from hub.store.chunk import lines_json, message_bytes
 from hub.store.to_chunks import OLD_COLUMNS, chunks_from_rows
 
@@ -193,7 +194,7 @@ def create_schema(conn: sqlite3.Connection) -> None:
     """Create or migrate the schema; run inside a write transaction."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
-        raise RuntimeError(
+        raise StoreRefused(
             f"the database has schema version {version}; this hub knows up to {SCHEMA_VERSION}"
         )
     for step in range(version + 1, SCHEMA_VERSION + 1):
