@@ -43,6 +43,8 @@ class TcpProxy:
         self.refusing = False
         self.commit_cut_armed = False
         self.commits_cut = 0
+        self.commit_freeze_armed = False
+        self.commits_frozen = 0
 
     @property
     def port(self) -> int:
@@ -81,6 +83,11 @@ class TcpProxy:
         """Arm the cut of the flow that sends the next COMMIT (module docstring)."""
         self.commit_cut_armed = True
 
+    def freeze_at_commit(self) -> None:
+        """Arm the freeze of the flow that sends the next COMMIT, before it
+        goes: the server holds that transaction open, its locks taken."""
+        self.commit_freeze_armed = True
+
     async def _serve(self) -> None:
         while True:
             client = await self._listener.accept()
@@ -113,6 +120,10 @@ class TcpProxy:
         try:
             while True:
                 data = await source.receive_some(65536)
+                if upstream and self.commit_freeze_armed and b"COMMIT" in data:
+                    self.commit_freeze_armed = False
+                    flow.forwarding = trio.Event()
+                    self.commits_frozen += 1
                 # Frozen: what arrives is held, not forwarded, and nothing closes.
                 while not flow.forwarding.is_set():
                     await flow.forwarding.wait()

@@ -25,8 +25,9 @@ from typing import Any
 import pytest
 import trio
 
+from hub.store.postgres import idle_transaction_ms
 from tests import pgpool
-from tests.hubclient import PATIENCE, TEST_DEADLINE, TestHub, Ws, logs_path
+from tests.hubclient import PATIENCE, TEST_DEADLINE, TestHub, Ws, fetch_all, logs_path
 from tests.inprocess import InProcessHub, InProcessHubFactory, in_process_hubs
 from tests.support import exited
 from tests.tcpproxy import TcpProxy, target_of, tcp_proxy
@@ -206,3 +207,52 @@ async def test_after_an_outage_live_delivery_resumes_at_once(fresh_pg_url: str) 
                 await messages_until(viewer, "t", tagged("during", 5))
         log = watching.stderr_text
         assert "LISTEN connection" in log and "is back" in log, log
+
+
+async def test_a_hub_silent_mid_transaction_holds_other_hubs_writes_only_briefly(fresh_pg_url: str) -> None:
+    """A hub whose link goes silent between locking a task's row and its
+    COMMIT leaves that transaction open on the server, the row locked. Other
+    hubs writing that task (and whatever shares their commit) wait until the
+    server ends the idle transaction (idle_in_transaction_session_timeout,
+    hub/store/postgres.py), not until its TCP keepalive finds the hub gone,
+    two hours by default. Nothing is stored twice."""
+    async with proxied(fresh_pg_url) as (hubs, proxy):
+        silent = await hubs.astart(*SHORT, db=proxy.url_for(fresh_pg_url))
+        other = await hubs.astart(*SHORT, db=fresh_pg_url)
+        await post_lines(other, "shared", 1, "first")
+        proxy.freeze_at_commit()
+        async with trio.open_nursery() as nursery:
+            # The silent hub's own answer does not matter here (503, or 200
+            # once it retried on a fresh connection): only that it stores once.
+            nursery.start_soon(post_lines_somehow, silent, "shared", "silent")
+            with trio.fail_after(PATIENCE):
+                while proxy.commits_frozen == 0:
+                    await trio.sleep(0.01)
+            # Without the server's timeout these would be 503 for two hours.
+            with trio.fail_after(idle_transaction_ms(TIMEOUT) / 1000 + RECOVERY):
+                await post_until_stored(other, "shared", "after")
+                await post_until_stored(other, "elsewhere", "beside")
+            proxy.thaw()
+    async with in_process_hubs(lambda: fresh_pg_url, TEST_DEADLINE) as hubs:
+        reader = await hubs.astart(db=fresh_pg_url)
+        async with reader.http() as client:
+            shared = [r["message"] for r in await fetch_all(client, "shared")]
+            elsewhere = [r["message"] for r in await fetch_all(client, "elsewhere")]
+    assert shared[:1] == ["first 1"] and "after 1" in shared, shared
+    assert len(shared) == len(set(shared)) and set(shared) <= {"first 1", "after 1", "silent 1"}, shared
+    assert elsewhere == ["beside 1"], elsewhere
+
+
+async def post_lines_somehow(hub: Any, task_id: str, tag: str) -> None:
+    async with hub.http() as client:
+        await client.post(logs_path(task_id), json=[{"message": f"{tag} 1"}])
+
+
+async def post_until_stored(hub: Any, task_id: str, tag: str) -> None:
+    """POST one line until it is answered 200; a 503 stored nothing (CONTRACT), so it is sent again."""
+    async with hub.http() as client:
+        while True:
+            resp = await client.post(logs_path(task_id), json=[{"message": f"{tag} 1"}])
+            if resp.status_code == 200:
+                return
+            assert resp.status_code == 503, resp.text

@@ -55,6 +55,16 @@ __all__ = [
 ]
 
 
+# The least a transaction may idle before the server ends it, whatever
+# --db-timeout says: room for a loaded hub between two statements.
+IDLE_TRANSACTION_FLOOR = 5.0
+
+
+def idle_transaction_ms(command_timeout: float) -> int:
+    """The server's `idle_in_transaction_session_timeout` for a hub's sessions."""
+    return round(max(command_timeout, IDLE_TRANSACTION_FLOOR) * 1000)
+
+
 class PostgresStore(SqlStore):
     """`Store` on PostgreSQL (see the module docstring)."""
 
@@ -102,8 +112,18 @@ class PostgresStore(SqlStore):
             command_timeout=self._command_timeout,
             timeout=self._connect_timeout,
             reset=keep_session,
-            # Acknowledged means durable, whatever the server's default.
-            server_settings={"synchronous_commit": "on", "application_name": "keruta-hub"},
+            server_settings={
+                # Acknowledged means durable, whatever the server's default.
+                "synchronous_commit": "on",
+                "application_name": "keruta-hub",
+                # A hub whose link went silent mid-transaction (a partition:
+                # no FIN, no RST) would hold its task rows locked until the
+                # server's TCP keepalive found it out (two hours by default),
+                # and every hub writing those tasks would wait as long. The
+                # hub's own transactions are never idle (each runs in one hop,
+                # hub/store/pg_link.py), so the server may end one that is.
+                "idle_in_transaction_session_timeout": str(idle_transaction_ms(self._command_timeout)),
+            },
         )
         with unavailable_as_store_error():
             await pool.__aenter__()
