@@ -29,6 +29,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError,
 from agent import http
 from agent.hubaddr import auth_headers, http_base, ws_url
 from keruta.backoff import Backoff
+from keruta.basics import MAX_SEQ
 from keruta.frames import ErrorFrame, FrameError, LogsFrame, StatusFrame, SubscribeFrame
 from keruta.records import FINAL_STATES, LogRecord
 from keruta.retry import Failures, retry
@@ -36,6 +37,8 @@ from keruta.wire import decode_hub_frame, encode_bytes, records_from_wire
 
 PAGE_SIZE = 1000
 MAX_MESSAGE = 64 * 1024 * 1024
+# Longest a connection may take to close once its session has ended.
+CLOSE_TIMEOUT = 2.0
 # With no frame for this long, ask the REST API whether the task has ended.
 IDLE_CHECK = 5.0
 RECONNECT = Backoff(initial=0.5, factor=2.0, cap=10.0, jitter=0.3)
@@ -268,11 +271,21 @@ async def _history(settings: TailSettings, printer: Printer) -> None:
             raise Fatal(
                 f"cannot reach the hub at {settings.hub_url}: {exc.strerror or exc}"
             ) from None
-        assert isinstance(page, dict)
-        content = records_from_wire(page.get("content", []))
+        except ValueError:
+            raise Fatal(f"{url}: the hub's answer is not JSON") from None
+        if not isinstance(page, dict):
+            raise Fatal(f"{url}: the hub's answer is not a page of records")
+        try:
+            content = records_from_wire(page.get("content", []))
+        except FrameError as exc:
+            raise Fatal(f"{url}: the hub's answer holds no valid records ({exc})") from None
         if not content:
             return
+        after = printer.next_seq
         printer.records(content)
+        if printer.next_seq == after:
+            # Nothing past the cursor: asking again would get the same page for ever.
+            raise Fatal(f"{url}: the hub answered records before afterSeq={after - 1}, not after it")
 
 
 async def _follow(settings: TailSettings, printer: Printer, say: Callable[[str], None]) -> int:
@@ -283,29 +296,57 @@ async def _follow(settings: TailSettings, printer: Printer, say: Callable[[str],
     async def connection() -> int:
         nonlocal ever_connected
         while True:
-            try:
-                async with open_websocket_url(
-                    url,
-                    extra_headers=auth_headers(settings.token),
-                    max_message_size=MAX_MESSAGE,
-                    connect_timeout=10.0,
-                    disconnect_timeout=1.0,
-                ) as ws:
-                    if failures.count and ever_connected:
-                        say("reconnected")
-                    ever_connected = True
-                    failures.reset()
-                    code = await _session(ws, settings, printer)
-                    if code is not None:
-                        return code
-            except ConnectionRejected as exc:
-                if exc.status_code in (401, 403):
-                    raise Fatal(
-                        f"the hub refused the connection (HTTP {exc.status_code}); check --token"
-                    ) from None
-                raise
-            except _Resubscribe:
+            # How the session ended (an exit code, Fatal or _Resubscribe): a
+            # failure of the close handshake after that (a hub that never
+            # answers the close) must not lose it and start over.
+            ended: int | Exception | None = None
+            lost_link: BaseException | None = None
+            resume_from = printer.next_seq
+            with trio.CancelScope() as closing:
+                try:
+                    async with open_websocket_url(
+                        url,
+                        extra_headers=auth_headers(settings.token),
+                        max_message_size=MAX_MESSAGE,
+                        connect_timeout=10.0,
+                        disconnect_timeout=1.0,
+                    ) as ws:
+                        try:
+                            if failures.count and ever_connected:
+                                say("reconnected")
+                            ever_connected = True
+                            failures.reset()
+                            ended = await _session(ws, settings, printer)
+                        except (Fatal, _Resubscribe) as exc:
+                            ended = exc
+                        except _LINK_ERRORS as exc:
+                            lost_link = exc
+                        finally:
+                            # trio-websocket waits for the hub to close TCP
+                            # after the close frames: a hub that never does
+                            # must not hold the tail here.
+                            closing.deadline = trio.current_time() + CLOSE_TIMEOUT
+                except ConnectionRejected as exc:
+                    if exc.status_code in (401, 403):
+                        raise Fatal(
+                            f"the hub refused the connection (HTTP {exc.status_code}); check --token"
+                        ) from None
+                    raise
+                except _LINK_ERRORS as exc:
+                    # Closing failed too: what the session came to still stands.
+                    lost_link = lost_link or exc
+            if ended is None:
+                raise lost_link or ConnectionError("the hub did not close the connection")
+            if isinstance(ended, Fatal):
+                raise ended
+            if isinstance(ended, _Resubscribe):
+                if printer.next_seq == resume_from:
+                    # Told to resume where it started, with nothing sent in
+                    # between: not falling behind; wait as for a lost link.
+                    raise ConnectionError("the hub said SLOW_CONSUMER before sending anything")
                 say(f"fell behind the hub; resuming from seq {printer.next_seq}")
+            elif isinstance(ended, int):
+                return ended
 
     def lost(count: int, error: BaseException, _delay: float) -> None:
         if not ever_connected:
@@ -328,6 +369,8 @@ class _Resubscribe(Exception):
 
 async def _session(ws: object, settings: TailSettings, printer: Printer) -> int | None:
     """Subscribe and print until the task ends (its exit code) or the link breaks."""
+    if printer.next_seq > MAX_SEQ:
+        raise Fatal(f"the hub sent seq {printer.next_seq - 1}, past any task's last ({MAX_SEQ}); cannot resume after it")
     subscribe = SubscribeFrame(
         settings.task_id, from_seq=printer.next_seq, source=settings.source, level=settings.level
     )
@@ -376,7 +419,10 @@ async def _ended_meanwhile(settings: TailSettings, printer: Printer) -> int | No
 
 
 def _exit_code(state: object, exit_code: object) -> int:
-    if isinstance(exit_code, int):
+    """The task's exit code as this process's exit status. One outside
+    0..255 (another producer's, over the API) would be cut to its low byte,
+    and 256 would read as success: it counts as no code."""
+    if type(exit_code) is int and 0 <= exit_code <= 255:
         return exit_code
     return 0 if state == "succeeded" else 1
 
