@@ -1015,6 +1015,11 @@ async def test_viewer_pages_for_odd_task_ids_and_their_headers(sqlite_hub_factor
             assert not [h for h in resp.headers if h.lower().startswith("access-control-")], path
         # The page is the same whatever the id; the id is never written into it.
         assert (await client.get("/tasks/a.b:c-d_e")).text == page
+        # The API's answers carry the client's text too: a browser must not sniff them into HTML.
+        await client.post("/api/v1/tasks/sniff/logs", json={"message": "<html><script>alert(1)</script>"})
+        for path in ("/api/v1/tasks/sniff/logs/raw", "/api/v1/tasks/sniff/logs", "/api/v1/tasks/nope/logs/raw"):
+            resp = await client.get(path)
+            assert resp.headers["x-content-type-options"] == "nosniff", (path, resp.status_code)
 
     # Odd ids, sent as raw bytes (no client normalising `..` or `%2F` on the way): a
     # 4xx JSON error, never the page, never a header made from the id.

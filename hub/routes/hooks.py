@@ -38,6 +38,9 @@ def install(app: QuartTrio, *, access: Access, metrics: Metrics, max_frame_bytes
 
     @app.after_request
     async def close_after_oversized(response: Response) -> Response:
+        # A record's text is the client's: never let a browser take a JSON
+        # page or a raw download for HTML or script.
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
         if response.status_code in (408, 413):
             # The rest of a stalled or oversized body is never read: end the connection.
             response.headers["Connection"] = "close"
