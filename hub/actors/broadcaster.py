@@ -116,6 +116,7 @@ class Broadcaster:
         with_ids(records)
         low = min(r.seq for r in records)
         for sub in list(subs):
+            sub.rewrites += 1
             if sub.cursor < low:
                 continue
             wanted = [r for r in records if r.seq <= sub.cursor and sub.wants(r)]
@@ -129,6 +130,7 @@ class Broadcaster:
             return
         payload = dumps(RedactedFrame(task_id, seqs))
         for sub in list(subs):
+            sub.rewrites += 1
             sub.offer(Outgoing(payload))
 
     def publish_status(self, task: TaskInfo) -> None:

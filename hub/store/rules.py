@@ -28,6 +28,7 @@ from hub.store.chunk import ChunkRow, source_level_counts
 from keruta.levels import LEVELS
 from keruta.limits import MAX_SEQ
 from keruta.records import (
+    HUB_KINDS,
     KINDS,
     SOURCES,
     TASK_ID_RULE,
@@ -354,6 +355,10 @@ def resolve(
         candidate = _record(item, seq)
         # Stored before, or earlier in this batch; neither: stored once and deleted since.
         held = stored.get((item.task_id, seq)) or in_batch.get((item.task_id, seq))
+        if held is not None and held.kind in HUB_KINDS and held.producer is None:
+            # The hub's own gap took that seq (a cap, a DELETE, retention):
+            # the producer's record was stored there once and cut since.
+            held = None
         plan.records[i] = held or candidate
         plan.status[i] = DUPLICATE if held is None or same_record(held, candidate) else CONFLICT
 

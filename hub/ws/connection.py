@@ -616,9 +616,18 @@ class Connection:
                 # No await between reading `known` and the switch to live inside next_read.
                 while (step := sub.next_read(self.hub.broadcaster.known_seq(sub.task_id))) is not None:
                     if isinstance(step, ReadRange):
-                        records = await self._read(
-                            lambda: store.read_range(step.task_id, step.after, step.through, step.limit, step.source, step.level)
-                        )
+                        while True:
+                            rewrites = sub.rewrites
+                            records = await self._read(
+                                lambda: store.read_range(
+                                    step.task_id, step.after, step.through, step.limit, step.source, step.level
+                                )
+                            )
+                            if sub.rewrites == rewrites:
+                                break
+                            # A gap or a redaction was published while this page
+                            # was read, and has gone to the client already: the
+                            # page may hold what it took away. Read it again.
                         for item in sub.on_history_page(records):
                             await self._send_catching_up(item)
                     else:

@@ -77,6 +77,10 @@ class Subscription:
     pending_status: str | None = None
     # While catching up: the durable seq read from the store that this round reads up to.
     target: int | None = None
+    # Counts the rewrites (a gap replacing records, a redaction) published for
+    # the task: a history page read while one was published may hold what it
+    # took away, and would reach the client after the frame that took it.
+    rewrites: int = 0
 
     def wants(self, record: LogRecord) -> bool:
         return (self.source is None or record.source == self.source) and (
