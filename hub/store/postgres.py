@@ -55,6 +55,14 @@ __all__ = [
 ]
 
 
+async def _begin_snapshot(raw: Any) -> None:
+    await raw.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+
+
+async def _commit(raw: Any) -> None:
+    await raw.execute("COMMIT")
+
+
 # The least a transaction may idle before the server ends it, whatever
 # --db-timeout says: room for a loaded hub between two statements.
 IDLE_TRANSACTION_FLOOR = 5.0
@@ -201,6 +209,18 @@ class PostgresStore(SqlStore):
             with self._dead_on_timeout(conn):
                 result = await in_one_hop(conn, _runner(steps), transaction)
         return result
+
+    @asynccontextmanager
+    async def _snapshot_reads(self) -> AsyncIterator[Callable[[Steps[Any]], Awaitable[Any]]]:
+        async with self._connection() as conn:
+            with self._dead_on_timeout(conn):
+
+                async def read(steps: Steps[T]) -> T:
+                    return await in_one_hop(conn, _runner(steps), None)
+
+                await in_one_hop(conn, _begin_snapshot, None)
+                yield read
+                await in_one_hop(conn, _commit, None)
 
     async def _write(self, steps: Steps[T], *, sync: bool = True) -> T:
         # `sync` changes nothing: every commit is synchronous (synchronous_commit=on).

@@ -47,7 +47,8 @@ import logging
 import os
 import re
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -153,6 +154,15 @@ def _in_snapshot(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], 
 
 def _call(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
     return work(conn)
+
+
+def _begin(conn: sqlite3.Connection) -> None:
+    conn.execute("BEGIN")
+
+
+def _end(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        conn.execute("COMMIT")
 
 
 def _wal_checkpoint(conn: sqlite3.Connection, mode: str) -> None:
@@ -451,6 +461,27 @@ class SQLiteStore(SqlStore):
             try:
                 run = _in_snapshot if snapshot else _call
                 return await run_in_thread(self._guarded, run, conn, _runner(steps))
+            finally:
+                self._readers.append(conn)
+
+    @asynccontextmanager
+    async def _snapshot_reads(self) -> AsyncIterator[Callable[[Steps[Any]], Awaitable[Any]]]:
+        async with self._reader_slots:
+            if not self._readers:
+                raise RuntimeError("the store is not open")
+            conn = self._readers.pop()
+            try:
+
+                async def read(steps: Steps[T]) -> T:
+                    return await run_in_thread(self._guarded, _call, conn, _runner(steps))
+
+                # Deferred: the first read fixes what every later one sees.
+                await run_in_thread(self._guarded, _call, conn, _begin)
+                try:
+                    yield read
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await run_in_thread(self._guarded, _call, conn, _end)
             finally:
                 self._readers.append(conn)
 

@@ -8,7 +8,8 @@ and is durable against a power cut; False leaves that to `Store.sync`).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
 import orjson
@@ -46,6 +47,11 @@ class SqlStore:
     async def _write(self, steps: Steps[T], *, sync: bool = True) -> T:
         raise NotImplementedError
 
+    def _snapshot_reads(self) -> AbstractAsyncContextManager[Callable[[Steps[Any]], Awaitable[Any]]]:
+        """A read function whose reads, however many and however far apart,
+        all see one state of the database (one connection, one transaction)."""
+        raise NotImplementedError
+
     async def sync(self) -> None:
         raise NotImplementedError
 
@@ -78,26 +84,31 @@ class SqlStore:
     async def verify(self, task_id: str) -> Verify | None:
         """The task's verdict (hub/store/verify.py), which it also keeps as its last
         verdict; None for an unknown task. Reads every chunk, a few at a
-        time, and decodes and hashes them in a worker thread."""
-        start = await self._read(core.verify_start(self._dialect, task_id))
-        if start is None:
-            return None
-        summaries, ranges = start
-        # The producer of the redaction records writes nothing else: no run to list.
-        summaries = [row for row in summaries if row[0] != redacting.REDACTION_PRODUCER]
-        check = Verification(
-            task_id, [(p, _summary(text)) for p, text, _ in summaries], ranges,
-            runs={p for p, _, run in summaries if run},
-        )
-        after = 0
-        while True:
-            rows = await self._read(core.chunks_after(self._dialect, task_id, after))
-            if not rows:
-                break
-            # to_thread, not the store's thread hop: its limiter bounds how many
-            # verifications decode at once, whoever asks for them.
-            await trio.to_thread.run_sync(_feed, check, rows)
-            after = rows[-1][1]
+        time, and decodes and hashes them in a worker thread; every read sees
+        one state of the task, so a redaction, a cap or a DELETE committing
+        meanwhile is either wholly in the verdict or not at all (read in
+        separate snapshots, a chunk read before a redaction step and its
+        redaction record after it counted the change twice)."""
+        async with self._snapshot_reads() as read:
+            start = await read(core.verify_start(self._dialect, task_id))
+            if start is None:
+                return None
+            summaries, ranges = start
+            # The producer of the redaction records writes nothing else: no run to list.
+            summaries = [row for row in summaries if row[0] != redacting.REDACTION_PRODUCER]
+            check = Verification(
+                task_id, [(p, _summary(text)) for p, text, _ in summaries], ranges,
+                runs={p for p, _, run in summaries if run},
+            )
+            after = 0
+            while True:
+                rows = await read(core.chunks_after(self._dialect, task_id, after))
+                if not rows:
+                    break
+                # to_thread, not the store's thread hop: its limiter bounds how many
+                # verifications decode at once, whoever asks for them.
+                await trio.to_thread.run_sync(_feed, check, rows)
+                after = rows[-1][1]
         answer = await trio.to_thread.run_sync(check.result)
         await self._write(core.set_verdict(self._dialect, task_id, answer.verdict), sync=False)
         return answer
