@@ -101,6 +101,21 @@ async def _open_waiting(settings: FlushSettings, task_id: str, say: Callable[[st
     raise SpoolLocked(f"task {task_id}: still in use after {settings.timeout:g} s (--timeout)")
 
 
+async def _deliver(uplink: Uplink, spool: Spool, retries: int) -> None:
+    """Run the uplink until delivered. `retries` failed connections in a row
+    give up, but not when they moved delivery on: a hub that closes every
+    connection after an ack or two is reached, and each one delivers more."""
+    while True:
+        acked = spool.acked_seq
+        try:
+            await uplink.run(max_restarts=retries)
+        except GaveUp:
+            if spool.acked_seq > acked:
+                continue
+            raise
+        return
+
+
 async def flush_task(settings: FlushSettings, task_id: str, say: Callable[[str], None]) -> bool:
     try:
         if settings.wait:
@@ -118,6 +133,13 @@ async def flush_task(settings: FlushSettings, task_id: str, say: Callable[[str],
         return True
     except FileNotFoundError:
         return True
+    except OSError as exc:
+        # Not ours to read (another user's spool), a failing disk: nothing was sent.
+        say(
+            f"task {task_id}: cannot open its spool ({exc}); its records stay in "
+            f"{settings.spool_root / task_id}, NOT delivered"
+        )
+        return False
     removed = False
     try:
         final = spool.meta.get("final")
@@ -151,7 +173,7 @@ async def flush_task(settings: FlushSettings, task_id: str, say: Callable[[str],
         uplink.finish(final["state"], final.get("exitCode"))
         try:
             with trio.move_on_after(settings.timeout) as waited:
-                await uplink.run(max_restarts=settings.retries)
+                await _deliver(uplink, spool, settings.retries)
         except GaveUp as exc:
             say(
                 f"task {task_id}: could not deliver to {hub} ({describe(exc.last_error)}); "

@@ -137,9 +137,24 @@ def test_protocol_ack_beyond_what_this_session_sent_moves_the_cursor() -> None:
     p = proto(batch_size=5)
     p.records_available(5, 0.0)
     p.on_connected(0.0)
+    assert seqs(step(p)) == [1, 2, 3, 4, 5]
+    p.on_disconnected()
+    p.on_connected(0.0)
     # A previous session's frames, acked late: nothing left to send.
     assert p.on_frame(ack(5), 0.0) == 5
     assert p.next_frame(0.0) == Wait(None)
+
+
+def test_protocol_an_ack_past_what_was_ever_sent_releases_only_what_was() -> None:
+    """A confused hub (or proxy) acking records never sent: they are not
+    released, and still go out."""
+    p = proto(batch_size=2)
+    p.records_available(5, 0.0)
+    p.on_connected(0.0)
+    assert seqs(step(p)) == [1, 2]
+    assert p.on_frame(ack(1_000_000), 0.0) == 2
+    assert p.acked == 2
+    assert seqs(step(p)) == [3, 4]
 
 
 def test_protocol_acks_for_another_producer_or_task_are_ignored() -> None:

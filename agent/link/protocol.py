@@ -131,6 +131,9 @@ class UplinkProtocol:
         self.batcher = Batcher(batch_size, flush_interval, max_in_flight_bytes, eager_frames)
         self.connected = False
         self.cursor = acked_seq + 1
+        # The highest seq sent in a logs frame (by this process): an ack past
+        # it (a confused hub or proxy) releases no more than that.
+        self.sent_high = acked_seq
         # Each unacknowledged frame: its last seq, the bytes of its records.
         self.in_flight: collections.deque[tuple[int, int]] = collections.deque()
         self.outbox: collections.deque[bytes] = collections.deque()
@@ -199,6 +202,8 @@ class UplinkProtocol:
             done += 1
         if done:
             self.batcher.acked(done, nbytes, now)
+        # Never past what was sent: records not sent cannot be stored.
+        seq = min(seq, self.sent_high)
         if seq <= self.acked:
             return None
         self.acked = min(seq, self.available)
@@ -274,6 +279,7 @@ class UplinkProtocol:
         covered = last + 1 - self.cursor
         nbytes = sum(map(len, payloads[:fitted]))
         self.cursor = last + 1
+        self.sent_high = max(self.sent_high, last)
         self.in_flight.append((last, nbytes))
         self.batcher.sent(min(covered, self.batcher.pending), now, nbytes)
         return frame

@@ -17,10 +17,16 @@ def read_meta(path: Path, task_id: str, hub_url: str | None, warn: Callable[[str
     new = not path.exists()
     meta: dict[str, Any] = {}
     if not new:
+        # A task.json that cannot be read (OSError) is not rewritten: it names
+        # the run's producer, and a new one would make the hub store again
+        # what it holds already. The caller says why it cannot open the spool.
         try:
             meta = orjson.loads(path.read_bytes())
-        except (orjson.JSONDecodeError, OSError) as exc:
+        except orjson.JSONDecodeError as exc:
             warn(f"spool {path.parent}: unreadable task.json ({exc}); rewriting it")
+            meta = {}
+        if not isinstance(meta, dict):
+            warn(f"spool {path.parent}: task.json holds no JSON object; rewriting it")
             meta = {}
     changed = new
     if meta.get("taskId") != task_id:
@@ -31,8 +37,34 @@ def read_meta(path: Path, task_id: str, hub_url: str | None, warn: Callable[[str
         changed = True
     meta.setdefault("createdAt", now_ts())
     meta.setdefault("final", None)
+    final = meta["final"]
+    if final is not None and not _readable_final(final):
+        # Written by another version, or damaged: a final state this agent
+        # cannot send. The run's end is then unknown, as if its agent had
+        # stopped before the command finished (flush says so).
+        warn(
+            f"spool {path.parent}: task.json's final state is unreadable ({orjson.dumps(final)[:200].decode()}); "
+            "the run is delivered as failed, its exit code unknown"
+        )
+        meta["final"] = None
+        changed = True
     if new or not isinstance(meta.get("producer"), str):
         # This run, to the hub: its records' seqs are this producer's own.
         meta["producer"] = uuid.uuid4().hex
         changed = True
     return meta, changed
+
+
+def _readable_final(final: Any) -> bool:
+    """Whether a final state is one this agent wrote and can send."""
+    if not isinstance(final, dict):
+        return False
+    code = final.get("exitCode")
+    last = final.get("lastSeq", 0)
+    return (
+        final.get("state") in ("succeeded", "failed")
+        and (code is None or (type(code) is int and -(2**31) <= code < 2**31))
+        and type(last) is int
+        and last >= 0
+        and (final.get("summary") is None or isinstance(final.get("summary"), dict))
+    )
