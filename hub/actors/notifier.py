@@ -1,6 +1,7 @@
 """The notifier actor (PostgreSQL): commits made by other hubs reach our subscribers.
 
-A notice only says "task T is durable up to S" (or "T's state changed"); the
+A notice says "task T is durable up to S" (or "T's state changed", or "T's
+records at these seqs were rewritten in place": hub/rewrites.py); the
 subscribers' catch-up reads the rows from the store, which stays the single
 source of truth. A lost or overflowed notice, or a lost LISTEN connection,
 costs latency, never data: after each we re-read the watermarks we follow.
@@ -20,7 +21,7 @@ from collections.abc import Callable
 import trio
 
 from hub.actors.broadcaster import Broadcaster
-from hub.store.base import Listens, StoreUnavailable
+from hub.store.base import Listens, Rewrite, StoreUnavailable
 from hub.store.postgres import STATUS_NOTICE
 from keruta.backoff import Backoff
 from keruta.retry import Failures, retry
@@ -40,6 +41,17 @@ async def _catch_up_all(store: Listens, broadcaster: Broadcaster) -> None:
             broadcaster.publish_status(task)
 
 
+async def _rewritten(store: Listens, broadcaster: Broadcaster, rewrite: Rewrite) -> None:
+    """Another hub's rewrite, to this hub's viewers as that hub gave it to its own."""
+    if rewrite.kind == "redacted":
+        broadcaster.publish_redacted(rewrite.task_id, list(rewrite.seqs))
+        return
+    wanted = set(rewrite.seqs)
+    low, high = min(wanted), max(wanted)
+    records = await store.read_range(rewrite.task_id, low - 1, high, high - low + 1, None, None)
+    broadcaster.publish_replaced(rewrite.task_id, [r for r in records if r.seq in wanted])
+
+
 async def _listen_session(store: Listens, broadcaster: Broadcaster, listening: Callable[[], None]) -> None:
     # Our own commits reach our subscribers through the writer; only other
     # hubs' notices matter here.
@@ -49,6 +61,10 @@ async def _listen_session(store: Listens, broadcaster: Broadcaster, listening: C
         async for notice in notices:
             if notice is None:
                 await _catch_up_all(store, broadcaster)
+                continue
+            if isinstance(notice, Rewrite):
+                if notice.task_id in broadcaster.subs:
+                    await _rewritten(store, broadcaster, notice)
                 continue
             task_id, seq = notice
             if task_id not in broadcaster.subs:

@@ -14,6 +14,7 @@ from hub.actors.writer import WriteRequest, write_within
 from hub.config import HubConfig
 from hub.errors import ApiError
 from hub.ingest import from_requests
+from hub.rewrites import announce
 from hub.routes.common import (
     check_task_id,
     choice_param,
@@ -28,7 +29,7 @@ from keruta.levels import LEVELS
 from keruta.limits import INT64_MAX
 from keruta.ratelimit import RateLimiter
 from keruta.recordjson import record_body
-from keruta.records import SOURCES
+from keruta.records import SOURCES, LogRecord
 from keruta.wire import decode_requests
 
 
@@ -146,10 +147,15 @@ def blueprint(
         # reads as explained; deleting them all leaves an empty log.
         # Live viewers get the gap under the first seq it stands for, as a
         # cap's: a viewer holding the records it replaced reads them again.
-        count = await store.delete(
-            task_id, time_param("before"), gap=DELETED,
-            on_gap=lambda gap: broadcaster.publish_replaced(task_id, [gap]),
-        )
+        gaps: list[int] = []
+
+        def on_gap(gap: LogRecord) -> None:
+            broadcaster.publish_replaced(task_id, [gap])
+            gaps.append(gap.seq)
+
+        count = await store.delete(task_id, time_param("before"), gap=DELETED, on_gap=on_gap)
+        # And the other hubs' viewers, after the commit.
+        await announce(store, task_id, "replaced", gaps)
         return json_response({"deletedCount": count})
 
     @bp.get("/api/v1/tasks/<task_id>/logs/raw")

@@ -18,6 +18,7 @@ from hub.actors.broadcaster import Broadcaster
 from hub.answers import Redacted, answer_json
 from hub.errors import ApiError
 from hub.redaction import BadValues, check_values, redact
+from hub.rewrites import announce
 from hub.routes.common import check_task_id, json_response
 from hub.store.base import Store
 from hub.store.redacting import RedactStep
@@ -45,15 +46,23 @@ def blueprint(
         if await store.task(task_id) is None:
             raise ApiError(404, "NOT_FOUND", f"no task {task_id}")
 
+        redacted: list[int] = []
+        grown: set[int] = set()
+
         def publish(step: RedactStep) -> None:
             broadcaster.publish_redacted(task_id, step.seqs)
+            redacted.extend(step.seqs)
             if step.appended is not None:
                 broadcaster.publish_records(step.appended.inserted, step.appended.durable)
             elif step.seqs and step.record is not None:
                 # The record grew: viewers past it replace the one they hold.
                 broadcaster.publish_replaced(task_id, [step.record])
+                grown.add(step.record.seq)
 
         done = await redact(store, task_id, values, publish)
+        # And the other hubs' viewers (the appended record reaches them as any append does).
+        await announce(store, task_id, "redacted", redacted)
+        await announce(store, task_id, "replaced", sorted(grown))
         if done.record is None:
             raise ApiError(404, "NOT_FOUND", f"no task {task_id}")
         return json_response(answer_json(Redacted(done.records, done.record.seq)))

@@ -375,13 +375,31 @@ class Store(Protocol):
         ...
 
 
+@attrs.frozen
+class Rewrite:
+    """A hub rewrote records of a task in place, and tells the others:
+    `replaced` (read the records at `seqs` again: a gap, a redaction record
+    grown) or `redacted` (viewers holding these seqs read them again)."""
+
+    task_id: str
+    kind: str
+    seqs: tuple[int, ...]
+
+
 @runtime_checkable
 class Listens(Store, Protocol):
     """A store several hubs share, which tells each of the others' commits
     (PostgreSQL LISTEN/NOTIFY; hub/actors/notifier.py). `isinstance(store, Listens)`
     decides whether the hub runs a notifier."""
 
-    def listen(self, *, ignore_own: bool = False) -> AbstractAsyncContextManager[AsyncIterator[tuple[str, int] | None]]:
-        """Notices `(task_id, durable_seq or STATUS_NOTICE)`, None after an overflow;
+    def listen(
+        self, *, ignore_own: bool = False
+    ) -> AbstractAsyncContextManager[AsyncIterator[tuple[str, int] | Rewrite | None]]:
+        """Notices `(task_id, durable_seq or STATUS_NOTICE)` or a rewrite
+        (`Rewrite`), None after an overflow;
         StoreUnavailable when the notices are lost."""
+        ...
+
+    async def announce(self, rewrite: Rewrite) -> None:
+        """Tell the other hubs of records rewritten in place, after the commit."""
         ...

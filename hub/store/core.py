@@ -441,7 +441,9 @@ def read_range(
             content += [
                 r
                 for r in d.cache.records(task_id, row)
-                if after_seq < r.seq <= through_seq
+                # Past what earlier reads covered: chunks merged since the
+                # last read come back whole (each read is its own snapshot).
+                if cursor < r.seq <= through_seq
                 and (source is None or r.source == source)
                 and (level is None or r.level == level)
             ]

@@ -3,6 +3,12 @@
 Each append that moves a task's watermark sends `NOTIFY keruta_durable,
 'TASK_ID SEQ ORIGIN'` inside its transaction, so other hubs hear of it exactly
 when it is committed; a state change sends seq STATUS_NOTICE.
+
+Records rewritten in place (a DELETE's or a cap's gap, a redaction) move no
+watermark: the hub that rewrote them announces it after the commit,
+`'TASK_ID ~KIND SEQS ORIGIN'` (`Rewrite`), so the other hubs' viewers get the
+gap or the `redacted` frame as this hub's do. A hub of an older keruta
+ignores those notices (its parser takes two or three fields).
 """
 
 from __future__ import annotations
@@ -15,14 +21,60 @@ import attrs
 import trio
 import triopg
 
-from hub.store.base import StoreUnavailable
+from hub.store.base import Rewrite, StoreUnavailable
 from hub.store.core import STATUS_NOTICE
 from hub.store.pg_errors import transient, unavailable_as_store_error
 from hub.store.pg_link import close_within
 
 NOTIFY_CHANNEL = "keruta_durable"
 
-__all__ = ["NOTIFY_CHANNEL", "STATUS_NOTICE", "DurableNotices", "listen", "parse_notice"]
+__all__ = [
+    "NOTIFY_CHANNEL", "STATUS_NOTICE", "DurableNotices", "Rewrite", "listen", "parse_notice", "parse_rewrite",
+    "rewrite_payload",
+]
+
+# A NOTIFY payload must stay under 8000 bytes.
+_PAYLOAD_MAX = 7900
+
+
+REWRITE_KINDS = ("replaced", "redacted")
+
+
+def rewrite_payload(rewrite: Rewrite, origin: str) -> str:
+    """The notice of a rewrite: its seqs as runs (`3-9,12`); past NOTIFY's
+    bound, the one run covering them all (more to read again, nothing missed)."""
+    seqs = sorted(set(rewrite.seqs))
+    runs: list[str] = []
+    start = prev = seqs[0]
+    for s in [*seqs[1:], None]:
+        if s is not None and s == prev + 1:
+            prev = s
+            continue
+        runs.append(str(start) if start == prev else f"{start}-{prev}")
+        if s is not None:
+            start = prev = s
+    payload = f"{rewrite.task_id} ~{rewrite.kind} {','.join(runs)} {origin}"
+    if len(payload.encode()) > _PAYLOAD_MAX:
+        payload = f"{rewrite.task_id} ~{rewrite.kind} {seqs[0]}-{seqs[-1]} {origin}"
+    return payload
+
+
+def parse_rewrite(payload: str) -> tuple[Rewrite, str] | None:
+    """A `rewrite_payload` -> (the rewrite, its origin); None for anything else."""
+    parts = payload.split(" ")
+    if len(parts) != 4 or not parts[0] or parts[1][1:] not in REWRITE_KINDS or parts[1][:1] != "~":
+        return None
+    seqs: list[int] = []
+    try:
+        for run in parts[2].split(","):
+            low, _, high = run.partition("-")
+            first, last = int(low), int(high or low)
+            if not 1 <= first <= last:
+                return None
+            seqs.extend(range(first, last + 1))
+    except ValueError:
+        return None
+    return Rewrite(parts[0], parts[1][1:], tuple(seqs)), parts[3]
 
 
 def parse_notice(payload: str) -> tuple[str, int, str] | None:
@@ -43,7 +95,7 @@ def parse_notice(payload: str) -> tuple[str, int, str] | None:
 class DurableNotices:
     """The async iterator `PostgresStore.listen` yields.
 
-    Each item is `(task_id, durable_seq)`, or None when notices were dropped
+    Each item is `(task_id, durable_seq)`, a `Rewrite`, or None when notices were dropped
     because the consumer fell behind (re-read the watermarks you care about).
     Raises StoreUnavailable when the LISTEN connection is lost, or judged
     dead: quiet for `ping_interval`, it must answer a ping within
@@ -51,7 +103,7 @@ class DurableNotices:
     so after reconnecting re-read the watermarks too.
     """
 
-    _receive: trio.MemoryReceiveChannel[tuple[str, int] | None]
+    _receive: trio.MemoryReceiveChannel[tuple[str, int] | Rewrite | None]
     _conn: Any
     _ping_interval: float
     _ping_timeout: float
@@ -60,7 +112,7 @@ class DurableNotices:
     def __aiter__(self) -> DurableNotices:
         return self
 
-    async def __anext__(self) -> tuple[str, int] | None:
+    async def __anext__(self) -> tuple[str, int] | Rewrite | None:
         while True:
             with trio.move_on_after(self._ping_interval):
                 try:
@@ -105,15 +157,22 @@ async def listen(
     `on_dead` is called when the connection is judged dead (it did not answer
     a ping): connections opened over the same link may be silent too.
     """
-    send, receive = trio.open_memory_channel[tuple[str, int] | None](buffer + 1)
+    send, receive = trio.open_memory_channel[tuple[str, int] | Rewrite | None](buffer + 1)
     overflowed = False
 
     def on_notify(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
         nonlocal overflowed
+        notice: tuple[str, int] | Rewrite
         parsed = parse_notice(payload)
-        if parsed is None or (origin is not None and parsed[2] == origin):
+        if parsed is not None:
+            notice, sender = parsed[:2], parsed[2]
+        else:
+            rewrite = parse_rewrite(payload)
+            if rewrite is None:
+                return
+            notice, sender = rewrite
+        if origin is not None and sender == origin:
             return
-        notice = parsed[:2]
         if send.statistics().current_buffer_used >= buffer:
             if not overflowed:
                 overflowed = True

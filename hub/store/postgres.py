@@ -35,7 +35,15 @@ import triopg
 
 from hub.store.pg_errors import unavailable_as_store_error
 from hub.store.pg_link import close_pool_within, drop_idle, in_one_hop
-from hub.store.pg_notices import NOTIFY_CHANNEL, STATUS_NOTICE, DurableNotices, listen, parse_notice
+from hub.store.pg_notices import (
+    NOTIFY_CHANNEL,
+    STATUS_NOTICE,
+    DurableNotices,
+    Rewrite,
+    listen,
+    parse_notice,
+    rewrite_payload,
+)
 from hub.store.pg_schema import SCHEMA_VERSION, keep_session, migrate
 from hub.store.pg_sql import PostgresSql
 from hub.store.sqlstore import SqlStore
@@ -54,6 +62,9 @@ __all__ = [
     "parse_notice",
 ]
 
+
+def _notify(payload: str) -> Steps[None]:
+    yield Op(EXEC, "SELECT pg_notify($1, $2)", (NOTIFY_CHANNEL, payload))
 
 async def _begin_snapshot(raw: Any) -> None:
     await raw.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -233,6 +244,11 @@ class PostgresStore(SqlStore):
         return result
 
     # -- notices ----------------------------------------------------------------
+
+    async def announce(self, rewrite: Rewrite) -> None:
+        """Tell the other hubs that records were rewritten in place (after the
+        commit that did it; pg_notices.Rewrite)."""
+        await self._read(_notify(rewrite_payload(rewrite, self.origin)))
 
     def listen(
         self, *, buffer: int = 1024, ping_interval: float | None = None, ignore_own: bool = False

@@ -582,8 +582,10 @@ class Connection:
         self.subs[frame.task_id] = sub
         self.hub.broadcaster.add(sub)
         self.hub.metrics.subscribers += 1
+        # Queued with no checkpoint since `add`: before anything the
+        # broadcaster offers it (a `redacted` frame, a gap) during the read.
+        self._offer(Outgoing(dumps(SubscribedFrame(frame.task_id, now_ts()))))
         sub.on_task(await self._read(lambda: store.task(frame.task_id)))
-        await self._send(dumps(SubscribedFrame(frame.task_id, now_ts())))
         scope = trio.CancelScope()
         self._catch_up_scopes[sub] = scope
         assert self._nursery is not None
