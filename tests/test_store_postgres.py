@@ -9,7 +9,8 @@ import pytest
 import trio
 
 from hub.store.base import StoreUnavailable
-from hub.store.pg_notices import parse_notice
+from hub.store.base import Rewrite
+from hub.store.pg_notices import parse_notice, parse_rewrite, rewrite_payload
 from hub.store.pg_schema import SCHEMA_VERSION
 from tests.storedata import all_seqs, rec
 
@@ -21,6 +22,23 @@ def test_parse_notice():
     assert parse_notice("nonsense") is None
     assert parse_notice("t x") is None
     assert parse_notice(" 5") is None
+
+
+def test_rewrite_notices_round_trip_in_runs_and_stay_under_notifys_bound():
+    rewrite = Rewrite("t", "redacted", (3, 4, 5, 9, 11, 12))
+    payload = rewrite_payload(rewrite, "hubA")
+    assert payload == "t ~redacted 3-5,9,11-12 hubA"
+    assert parse_rewrite(payload) == (rewrite, "hubA")
+    # Older hubs' parser ignores it; this one ignores watermark notices.
+    assert parse_notice(payload) is None and parse_rewrite("t 7 hubA") is None
+    # Too many runs for a NOTIFY: the one run covering them (a superset, nothing missed).
+    scattered = Rewrite("t" * 128, "replaced", tuple(range(1, 40_000, 2)))
+    payload = rewrite_payload(scattered, "hubA")
+    assert len(payload.encode()) < 8000
+    parsed, _ = parse_rewrite(payload)
+    assert parsed.seqs == tuple(range(1, 39_999 + 1)) and set(scattered.seqs) <= set(parsed.seqs)
+    for bad in ("t ~deleted 1 hubA", "t ~redacted 0-3 hubA", "t ~redacted 5-3 hubA", "t ~redacted x hubA", " ~redacted 1 h"):
+        assert parse_rewrite(bad) is None, bad
 
 
 @pytest.mark.pg
