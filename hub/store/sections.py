@@ -64,8 +64,15 @@ class CountErrors:
 Step = Open | Close | CountErrors
 
 
+def _clean(text: str) -> str:
+    """`text` as a text column of both stores can hold it: PostgreSQL's
+    refuses NUL (the whole append would fail, and with it the producer's
+    lines), so a NUL becomes U+FFFD, as an undecodable byte does."""
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
 def _text(value: Any, most: int) -> str | None:
-    return value[:most] if isinstance(value, str) else None
+    return _clean(value[:most]) if isinstance(value, str) else None
 
 
 def _section_meta(r: LogRecord) -> dict[str, Any]:
@@ -107,7 +114,7 @@ def plan(records: Sequence[LogRecord]) -> list[Step]:
             continue
         title = _text(meta.get("title"), MAX_TITLE)
         if title is None:
-            title = r.message[:MAX_TITLE]
+            title = _clean(r.message[:MAX_TITLE])
         style = _text(meta.get("style"), 32)
         collapsed = meta.get("collapsed")
         steps.append(Open(r.seq, name or title[:MAX_NAME], title, style, collapsed is not False, r.timestamp))
