@@ -210,7 +210,7 @@ def _save_sections(d: Dialect, task_id: str, records: list[LogRecord]) -> Steps[
         elif isinstance(step, sections.Close):
             yield d.exec(d.SECTION_CLOSE, task_id, step.name, step.seq, step.ts)
         else:
-            yield d.exec(d.SECTION_ERRORS, task_id, step.seq, step.errors)
+            yield d.section_errors(task_id, step.runs)
 
 
 def _producer_rows(

@@ -147,10 +147,6 @@ class PostgresSql(Dialect):
             SELECT max(start_seq) FROM keruta_sections
             WHERE task_id = $1 AND end_seq IS NULL AND start_seq < $3 AND ($2::text IS NULL OR name = $2))
     """
-    SECTION_ERRORS = """
-        UPDATE keruta_sections SET errors = errors + $3
-        WHERE task_id = $1 AND end_seq IS NULL AND start_seq < $2
-    """
     SECTIONS = f"""
         SELECT {SECTION_ROW} FROM keruta_sections WHERE task_id = $1 AND start_seq > $2 ORDER BY start_seq LIMIT $3
     """
@@ -309,6 +305,16 @@ class PostgresSql(Dialect):
             *_columns(extended, 4),
             NOTIFY_CHANNEL,
             [f"{task_id} {t.durable_seq} {self.origin}" for task_id, t, moved in tasks if moved] if self.notify else [],
+        )
+
+    def section_errors(self, task_id: str, runs: Sequence[tuple[int, int]]) -> Op:
+        return self.exec(
+            """
+            UPDATE keruta_sections SET errors = errors + (
+                SELECT coalesce(sum(r.n), 0) FROM unnest($2::bigint[], $3::bigint[]) AS r(s, n) WHERE r.s > start_seq)
+            WHERE task_id = $1 AND end_seq IS NULL AND start_seq < $4
+            """,
+            task_id, [s for s, _ in runs], [n for _, n in runs], max(s for s, _ in runs),
         )
 
     def notice(self, task_id: str, seq: int) -> Op | None:

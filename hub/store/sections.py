@@ -56,9 +56,13 @@ class Close:
 
 @attrs.frozen(slots=True)
 class CountErrors:
-    # Every section open before `seq` (the first of them) gets `errors` more.
-    seq: int
-    errors: int
+    """Runs of ERROR records, each `(its first seq, how many)`: every open
+    section started before a run's first seq gets that run's errors. One
+    step, one statement, for all the runs between two closes (no section
+    closes in between): a batch alternating opens and errors costs one
+    update of the open sections, not one per run."""
+
+    runs: tuple[tuple[int, int], ...]
 
 
 Step = Open | Close | CountErrors
@@ -94,7 +98,19 @@ def _ends(meta: dict[str, Any], r: LogRecord) -> list[Close]:
 def plan(records: Sequence[LogRecord]) -> list[Step]:
     """What storing `records` (one task's, in seq order) does to its sections."""
     steps: list[Step] = []
+    runs: list[tuple[int, int]] = []
     errors_from, errors = 0, 0
+
+    def count() -> None:
+        # The errors so far, before a section closes (which changes who counts them).
+        nonlocal errors
+        if errors:
+            runs.append((errors_from, errors))
+            errors = 0
+        if runs:
+            steps.append(CountErrors(tuple(runs)))
+            runs.clear()
+
     for r in records:
         kind = r.kind
         if kind != "section_start" and kind != "section_end":
@@ -104,11 +120,14 @@ def plan(records: Sequence[LogRecord]) -> list[Step]:
                 errors += 1
             continue
         if errors:
-            steps.append(CountErrors(errors_from, errors))
+            runs.append((errors_from, errors))
             errors = 0
         meta = _section_meta(r)
-        steps += _ends(meta, r)
+        ends = _ends(meta, r)
         name = _text(meta.get("name"), MAX_NAME)
+        if ends or kind == "section_end":
+            count()
+        steps += ends
         if kind == "section_end":
             steps.append(Close(name, r.seq, r.timestamp))
             continue
@@ -118,8 +137,7 @@ def plan(records: Sequence[LogRecord]) -> list[Step]:
         style = _text(meta.get("style"), 32)
         collapsed = meta.get("collapsed")
         steps.append(Open(r.seq, name or title[:MAX_NAME], title, style, collapsed is not False, r.timestamp))
-    if errors:
-        steps.append(CountErrors(errors_from, errors))
+    count()
     return steps
 
 

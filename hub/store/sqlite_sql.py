@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import orjson
+
 from hub.store.chunk import ChunkRow
 from hub.store.sections import ROW as SECTION_ROW
 from hub.store.steps import (
@@ -153,10 +155,6 @@ class SQLiteSql(Dialect):
             SELECT max(start_seq) FROM keruta_sections
             WHERE task_id = ?1 AND end_seq IS NULL AND start_seq < ?3 AND (?2 IS NULL OR name = ?2))
     """
-    SECTION_ERRORS = """
-        UPDATE keruta_sections SET errors = errors + ?3
-        WHERE task_id = ?1 AND end_seq IS NULL AND start_seq < ?2
-    """
     SECTIONS = f"""
         SELECT {SECTION_ROW} FROM keruta_sections WHERE task_id = ? AND start_seq > ? ORDER BY start_seq LIMIT ?
     """
@@ -206,6 +204,17 @@ class SQLiteSql(Dialect):
 
     # SQLite's host-parameter limit is 32766.
     in_chunk = 500
+
+    def section_errors(self, task_id: str, runs: Sequence[tuple[int, int]]) -> Op:
+        return self.exec(
+            """
+            UPDATE keruta_sections SET errors = errors + (
+                SELECT coalesce(sum(json_extract(value, '$[1]')), 0) FROM json_each(?2)
+                WHERE json_extract(value, '$[0]') > start_seq)
+            WHERE task_id = ?1 AND end_seq IS NULL AND start_seq < ?3
+            """,
+            task_id, orjson.dumps([list(run) for run in runs]).decode(), max(s for s, _ in runs),
+        )
 
     def lock_tasks(self, task_ids: Sequence[str]) -> Op:
         marks = ",".join("?" * len(task_ids))

@@ -172,8 +172,6 @@ class Dialect:
     SECTION_OPEN: ClassVar[str]
     # (task_id, name or None, end_seq, ended_at): the innermost open one of that name
     SECTION_CLOSE: ClassVar[str]
-    # (task_id, seq, errors): every section open before seq
-    SECTION_ERRORS: ClassVar[str]
     # (task_id, limit) -> [sections.ROW] by start_seq
     SECTIONS: ClassVar[str]
     # (task_id, lowest start_seq, highest start_seq): the sections whose start went
@@ -261,6 +259,11 @@ class Dialect:
         """The task rows and their counts after an append that stored records
         in them: a statement or two for them all, however many (a fleet's
         commit holds a record or two of each of many tasks)."""
+        raise NotImplementedError
+
+    def section_errors(self, task_id: str, runs: Sequence[tuple[int, int]]) -> Op:
+        """Every open section of the task gets the errors of the runs
+        `(first seq, count)` that began after its start (sections.CountErrors)."""
         raise NotImplementedError
 
     def notice(self, task_id: str, seq: int) -> Op | None:
