@@ -206,8 +206,8 @@ def test_garbage_file_never_crashes_opening(tmp_path: Path) -> None:
 async def test_budget(tmp_path: Path) -> None:
     spool = open_spool(tmp_path, max_bytes=10_000)
     frame = spool.frame_size(len(payload(1)))
-    # The budget covers the whole directory: task.json is in it from the start.
-    meta = (tmp_path / "task-1" / "task.json").stat().st_size
+    # The budget covers the whole directory: task.json and the producer file are in it from the start.
+    meta = sum((tmp_path / "task-1" / name).stat().st_size for name in ("task.json", "producer"))
     assert spool.used_bytes == meta
     assert spool.has_room(10_000 - meta) and not spool.has_room(10_001 - meta)
     n = (10_000 - meta) // frame

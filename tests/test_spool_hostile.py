@@ -358,15 +358,7 @@ class SwallowAcks:
     "name",
     [
         "acked",
-        pytest.param(
-            "task.json",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="a zero-length task.json is 'rewritten' with a NEW producer id (agent/spool/meta.py "
-                "read_meta), so flush sends the spooled records under an identity the hub does not "
-                "know: every line the hub had already stored is stored a second time",
-            ),
-        ),
+        "task.json",
     ],
 )
 async def test_an_emptied_file_never_doubles_what_the_hub_already_stored(

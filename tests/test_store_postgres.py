@@ -8,8 +8,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from hub.store.base import StoreUnavailable
-from hub.store.base import Rewrite
+from hub.store.base import Rewrite, StoreUnavailable
 from hub.store.pg_notices import parse_notice, parse_rewrite, rewrite_payload
 from hub.store.pg_schema import SCHEMA_VERSION
 from tests.storedata import all_seqs, rec

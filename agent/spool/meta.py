@@ -9,7 +9,13 @@ from typing import Any
 
 import orjson
 
+from keruta.records import PRODUCER_RE
 from keruta.timefmt import now_ts
+
+# The run's producer id again, in a file of its own written once: a task.json
+# found damaged gives it back, where a new id would make the hub store again
+# every line it holds already.
+PRODUCER_FILE = "producer"
 
 
 def read_meta(path: Path, task_id: str, hub_url: str | None, warn: Callable[[str], None]) -> tuple[dict[str, Any], bool]:
@@ -49,8 +55,11 @@ def read_meta(path: Path, task_id: str, hub_url: str | None, warn: Callable[[str
         meta["final"] = None
         changed = True
     if new or not isinstance(meta.get("producer"), str):
+        kept = kept_producer(path.parent / PRODUCER_FILE)
+        if kept is not None and not new:
+            warn(f"spool {path.parent}: task.json had no producer id; it is {kept}, from {PRODUCER_FILE}")
         # This run, to the hub: its records' seqs are this producer's own.
-        meta["producer"] = uuid.uuid4().hex
+        meta["producer"] = kept or uuid.uuid4().hex
         changed = True
     return meta, changed
 
@@ -68,3 +77,12 @@ def _readable_final(final: Any) -> bool:
         and last >= 0
         and (final.get("summary") is None or isinstance(final.get("summary"), dict))
     )
+
+
+def kept_producer(path: Path) -> str | None:
+    """The producer id PRODUCER_FILE holds; None when it holds none."""
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if PRODUCER_RE.fullmatch(text) else None

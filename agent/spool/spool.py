@@ -55,7 +55,7 @@ import trio
 
 from agent.pipeline.encoding import LineRun
 from agent.spool.lock import lock_directory, task_directory
-from agent.spool.meta import read_meta
+from agent.spool.meta import PRODUCER_FILE, kept_producer, read_meta
 from agent.spool.recent import RecentRecords, take
 from agent.spool.segment import (
     BATCH_MAGIC,
@@ -164,7 +164,7 @@ class Spool:
 
     def _load(self, task_id: str, hub_url: str | None) -> None:
         self.meta, changed = read_meta(self.dir / "task.json", task_id, hub_url, self.warn)
-        for name in ("task.json", "acked", SUMMARY_FILE):
+        for name in ("task.json", "acked", SUMMARY_FILE, PRODUCER_FILE):
             try:
                 self._small[name] = (self.dir / name).stat().st_size
             except OSError:
@@ -172,6 +172,12 @@ class Spool:
         if changed:
             # At open, before the run's tasks start: nothing waits on this thread yet.
             self._write_meta()
+        if kept_producer(self.dir / PRODUCER_FILE) != self.meta["producer"]:
+            try:
+                write_atomically(self.dir / PRODUCER_FILE, self.meta["producer"].encode(), durable=True)
+                self._small[PRODUCER_FILE] = len(self.meta["producer"])
+            except OSError as exc:
+                self.warn(f"spool {self.dir}: cannot save {PRODUCER_FILE}: {exc}")
         try:
             self.acked_seq = int((self.dir / "acked").read_text().strip() or 0)
         except FileNotFoundError:
@@ -658,7 +664,10 @@ class Spool:
         self.segments = []
         self._used = 0
         self._small = {}
-        for name in ("acked", "acked.tmp", "task.json", "task.json.tmp", SUMMARY_FILE, SUMMARY_FILE + ".tmp"):
+        for name in (
+            "acked", "acked.tmp", "task.json", "task.json.tmp", SUMMARY_FILE, SUMMARY_FILE + ".tmp",
+            PRODUCER_FILE, PRODUCER_FILE + ".tmp",
+        ):
             (self.dir / name).unlink(missing_ok=True)
         (self.dir / "lock").unlink(missing_ok=True)
         try:
