@@ -4,6 +4,8 @@ and kept until the hub has acknowledged it.
 Layout, one directory per task under the spool root::
 
     ROOT/TASK_ID/task.json      taskId, hub URL, producer id, final state once known
+    ROOT/TASK_ID/producer       the producer id again, written once: a damaged task.json
+                                gets it back (a new id would have the hub store it all twice)
     ROOT/TASK_ID/acked          the ack watermark: every seq <= it is stored by the hub
     ROOT/TASK_ID/summary.json   the summary (keruta/summary.py) of records 1..`through`,
                                 saved before any segment is deleted
