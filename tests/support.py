@@ -133,3 +133,20 @@ def websocket_app(body: Callable[[Any, Any, Any], Awaitable[None]]) -> Any:
         await body(receive, send, hypercorn_patches.current_link())
 
     return app
+
+
+def wait_for(check: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
+    """Ask `check` until it answers something true (a browser page, a file
+    between states), for at most `timeout` s: a hang guard, not a timing."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except Exception as exc:  # the page may be between states; keep asking
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")

@@ -23,7 +23,7 @@ import trio
 from agent.http import system_tls
 from tests.agentclient import agent_env, run_args
 from tests.hubclient import batch_frames, ws_connect
-from tests.support import HubProcess, python_m, sqlite_url
+from tests.support import HubProcess, python_m, sqlite_url, wait_for
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -41,7 +41,6 @@ webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 
-WAIT = 20.0  # hang guard, not a performance assertion
 MAX_ROWS_IN_DOM = 300
 
 
@@ -91,21 +90,6 @@ def page(driver: Any) -> Iterator[Any]:
 
 
 # --- helpers ----------------------------------------------------------------
-
-
-def wait_for(check: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except Exception as exc:  # the page may be between states; keep asking
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
 def js(driver: Any, script: str, *args: Any) -> Any:

@@ -55,7 +55,7 @@ from tests.hubclient import (
     parse_metrics,
 )
 from tests.inprocess import InProcessHub, InProcessHubFactory
-from tests.support import HubProcess, python_m, sqlite_url
+from tests.support import HubProcess, python_m, sqlite_url, wait_for
 
 sqlite_hub_factory = hubclient.sqlite_hub_factory  # fixture
 
@@ -1083,21 +1083,6 @@ def chromium(tmp_path: Path) -> Iterator[Any]:
         browser.quit()
 
 
-def _wait(check: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except Exception as exc:  # the page may be between states
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
-
-
 @pytest.mark.browser
 def test_hostile_log_lines_show_as_text_and_run_nothing(chromium: Any, tmp_path: Path) -> None:
     hub = HubProcess(sqlite_url(tmp_path / "viewer.db")).start()
@@ -1113,11 +1098,11 @@ def test_hostile_log_lines_show_as_text_and_run_nothing(chromium: Any, tmp_path:
                 "return [...document.querySelectorAll('#rows .row .m')].map((m) => m.textContent)")
             return texts if len(texts) >= len(SHOWN) else None
 
-        assert _wait(shown, "the hostile lines") == SHOWN
+        assert wait_for(shown, "the hostile lines") == SHOWN
         # A live one too, through the WebSocket.
         live = {"message": "<img src=y onerror=\"window.__pwned=6\">live", "producer": "w", "seq": len(HOSTILE_LINES) + 1}
         assert httpx.post(f"{hub.url}/api/v1/tasks/{task}/logs", json=live, timeout=30).status_code == 200
-        _wait(lambda: (shown() or [""])[-1] == live["message"], "the live line")
+        wait_for(lambda: (shown() or [""])[-1] == live["message"], "the live line")
         found = chromium.execute_script("""
             const rows = document.getElementById('rows');
             return {pwned: window.__pwned === undefined ? null : window.__pwned,
