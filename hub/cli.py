@@ -47,20 +47,6 @@ close WebSockets with 1001, exit 0.
 """
 
 
-def _ascii(parse: Callable[[str], T]) -> Callable[[str], T]:
-    """`parse`, for plain ASCII numbers only: Python's int() and float() also
-    take other scripts' digits (`--port ٣٠٠٠` is 3000), `_` separators and
-    surrounding blanks, which would let a typo or a pasted value through as
-    some other number."""
-
-    def checked(text: str) -> T:
-        if not text.isascii() or "_" in text or text != text.strip():
-            raise argparse.ArgumentTypeError(f"not a number: {text!r} (ASCII digits)")
-        return parse(text)
-
-    return checked
-
-
 def _env_number(name: str, flag: str, parse: Callable[[str], T], default: T) -> T:
     """An environment fallback for a numeric flag, checked as the flag is: exit 2 naming both."""
     raw = os.environ.get(name)
@@ -79,7 +65,7 @@ def _log_level(text: str) -> str:
     return text.upper()
 
 
-_PORT = _ascii(number(int, 0, high=65535))
+_PORT = number(int, 0, high=65535)
 
 # GET /logs reads `page * size` rows into the store's offset: keep it in int64.
 MAX_PAGE_SIZE = 100_000
@@ -107,60 +93,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-origin", action="append", default=[], metavar="URL",
                    help="a browser origin (scheme://host[:port]) besides the hub's own whose "
                         "pages may open WebSockets and send POST/DELETE; repeatable")
-    p.add_argument("--retention-days", type=_ascii(number(float, 0, strict=True, high=MAX_RETENTION_DAYS)), default=None,
+    p.add_argument("--retention-days", type=number(float, 0, strict=True, high=MAX_RETENTION_DAYS), default=None,
                    help="delete records older than this many days (default: keep everything)")
-    p.add_argument("--retention-interval", type=_ascii(number(float, 0, strict=True)), default=3600.0,
+    p.add_argument("--retention-interval", type=number(float, 0, strict=True), default=3600.0,
                    help="seconds between retention passes (default 3600)")
-    p.add_argument("--max-task-bytes", type=_ascii(size), default=None, metavar="SIZE",
+    p.add_argument("--max-task-bytes", type=size, default=None, metavar="SIZE",
                    help="keep at most SIZE of a task's messages (e.g. 100MB): its first half and its last "
                         "half, with one gap record saying what lies between (default: no cap; an agent's "
                         "--max-bytes asks for less)")
-    p.add_argument("--rate-limit", type=_ascii(number(float, 0)), default=0.0,
+    p.add_argument("--rate-limit", type=number(float, 0), default=0.0,
                    help="records per second per task on ingest; WebSocket senders are slowed, "
                         "REST gets 429 with Retry-After; 0 = unlimited (default)")
-    p.add_argument("--rate-burst", type=_ascii(number(int, 1)), default=5000,
+    p.add_argument("--rate-burst", type=number(int, 1), default=5000,
                    help="records a task may send at once above the rate (default 5000)")
-    p.add_argument("--subscriber-queue", type=_ascii(number(int, 1)), default=256,
+    p.add_argument("--subscriber-queue", type=number(int, 1), default=256,
                    help="frames queued per WebSocket before a slow subscriber is told "
                         "SLOW_CONSUMER and closed (default 256)")
-    p.add_argument("--subscriber-queue-bytes", type=_ascii(number(int, 1)), default=16 * 1024 * 1024,
+    p.add_argument("--subscriber-queue-bytes", type=number(int, 1), default=16 * 1024 * 1024,
                    help="bytes of frames queued per WebSocket, replies to its writes included, "
                         "before a slow subscriber is told SLOW_CONSUMER and closed (default 16 MiB)")
-    p.add_argument("--max-subscriptions", type=_ascii(number(int, 1)), default=100,
+    p.add_argument("--max-subscriptions", type=number(int, 1), default=100,
                    help="subscriptions one WebSocket may hold; past it a subscribe gets "
                         "TOO_MANY_SUBSCRIPTIONS (default 100)")
-    p.add_argument("--max-page-size", type=_ascii(number(int, 1, high=MAX_PAGE_SIZE)), default=1000,
+    p.add_argument("--max-page-size", type=number(int, 1, high=MAX_PAGE_SIZE), default=1000,
                    help=f"largest `size` GET /logs accepts (default 1000, at most {MAX_PAGE_SIZE})")
-    p.add_argument("--ingest-queue-bytes", type=_ascii(number(int, 1)), default=8 * 1024 * 1024,
+    p.add_argument("--ingest-queue-bytes", type=number(int, 1), default=8 * 1024 * 1024,
                    help="bytes of WebSocket write frames the hub holds, read and not yet stored, across "
                         "all connections; past it the hub stops reading its sockets (default 8 MiB)")
-    p.add_argument("--write-batch-size", type=_ascii(number(int, 1)), default=2000,
+    p.add_argument("--write-batch-size", type=number(int, 1), default=2000,
                    help="most records committed in one transaction (default 2000)")
-    p.add_argument("--write-flush-interval", type=_ascii(number(float, 0)), default=0.0,
+    p.add_argument("--write-flush-interval", type=number(float, 0), default=0.0,
                    help="seconds the writer waits for more records before committing; "
                         "0 commits as soon as it is idle (default 0)")
-    p.add_argument("--write-pace", type=_ascii(number(float, 0)), default=0.01,
+    p.add_argument("--write-pace", type=number(float, 0), default=0.01,
                    help="while commits follow each other (one ended with requests waiting), at most one "
                         "starts per this many seconds; otherwise the next starts at once (default 0.01)")
-    p.add_argument("--post-timeout", type=_ascii(number(float, 0, strict=True)), default=8.0,
+    p.add_argument("--post-timeout", type=number(float, 0, strict=True), default=8.0,
                    help="seconds a REST POST waits for its commit before it is withdrawn and "
                         "answered 503 (not stored; safe to retry) (default 8)")
-    p.add_argument("--body-timeout", type=_ascii(number(float, 0, strict=True)), default=30.0,
+    p.add_argument("--body-timeout", type=number(float, 0, strict=True), default=30.0,
                    help="seconds a request body (after its token was checked) may take to "
                         "arrive; then the request is answered 408 and its connection "
                         "closed (default 30)")
-    p.add_argument("--store-retry-max", type=_ascii(number(float, 0, strict=True)), default=5.0,
+    p.add_argument("--store-retry-max", type=number(float, 0, strict=True), default=5.0,
                    help="longest wait, in seconds, between the writer's attempts to commit "
                         "while the store is unavailable; the waits grow from 0.2 s up to it "
                         "(default 5)")
-    p.add_argument("--db-timeout", type=_ascii(number(float, 0, strict=True)), default=30.0,
+    p.add_argument("--db-timeout", type=number(float, 0, strict=True), default=30.0,
                    help="PostgreSQL: seconds the hub waits for the database to answer a command "
                         "or a new connection; a connection silent for longer is judged dead and "
                         "dropped (default 30)")
-    p.add_argument("--db-ping-interval", type=_ascii(number(float, 0, strict=True)), default=15.0,
+    p.add_argument("--db-ping-interval", type=number(float, 0, strict=True), default=15.0,
                    help="PostgreSQL: seconds without a notice after which the hub checks that its "
                         "LISTEN connection still answers (default 15)")
-    p.add_argument("--ping-interval", type=_ascii(number(float, 0, strict=True)), default=5.0,
+    p.add_argument("--ping-interval", type=number(float, 0, strict=True), default=5.0,
                    help="seconds between the pings sent on each WebSocket, which notice a "
                         "peer that vanished without closing (default 5)")
     p.add_argument("--log-level", type=_log_level, default="WARNING", help="hub's own log level (default WARNING)")

@@ -14,12 +14,21 @@ from keruta.basics import INT64_MAX
 N = TypeVar("N", int, float)
 
 
+def _plain(text: str) -> None:
+    """Python's int() and float() also take other scripts' digits (`٣٠٠٠` is
+    3000), `_` separators and surrounding blanks: a typo or a pasted value
+    would go through as some other number."""
+    if not text.isascii() or "_" in text or text != text.strip():
+        raise argparse.ArgumentTypeError(f"not a number: {text!r} (ASCII digits)")
+
+
 def number(
     kind: Callable[[str], N], low: float, *, strict: bool = False, high: float | None = None
 ) -> Callable[[str], N]:
     """An argparse type: a finite `kind` >= low (> low when `strict`, <= high)."""
 
     def parse(text: str) -> N:
+        _plain(text)
         try:
             value = kind(text)
         except ValueError:
@@ -42,7 +51,8 @@ _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 def size(text: str) -> int:
     """An argparse type: a size in bytes > 0, e.g. 4096, 500M, 1G."""
-    match = _SIZE.fullmatch(text.strip())
+    _plain(text)
+    match = _SIZE.fullmatch(text)
     if match is None:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500M, 1G)")
     unit = _UNITS[match[2].lower()]

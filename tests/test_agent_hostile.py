@@ -742,6 +742,11 @@ async def test_a_unicode_hub_host_that_does_not_resolve(tmp_path: Path) -> None:
         ["--pipe-grace", "0"],
         ["--drain-timeout", "-1"],
         ["--batch-size", "0"],
+        # Numbers as int() and float() would take them, which are no plain numbers (keruta/cliargs.py).
+        ["--batch-size", "١٠"],
+        ["--rate-limit", "1_000"],
+        ["--kill-grace", " 5"],
+        ["--max-bytes", "５M"],
     ],
     ids=lambda f: "=".join(f),
 )
