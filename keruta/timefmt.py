@@ -29,7 +29,7 @@ def now_ts() -> str:
 # and 'z' are the same letters. What ISO 8601 alone allows (week and ordinal
 # dates, the basic format, no seconds, comma fractions, no offset) is not it.
 _RFC3339 = re.compile(
-    r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}:\d{2}(?:\.\d{1,30})?)(?:([Zz])|([+-]\d{2}:\d{2}))",
+    r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}:\d{2}(?:\.\d{1,30})?)(?:([Zz])|([+-]\d{2}:\d{2}))?",
     re.ASCII,
 )
 
@@ -40,9 +40,10 @@ def parse_ts(text: str) -> dt.datetime:
     Raises ValueError for anything that is not one, naming what is missing.
     """
     if not isinstance(text, str) or (m := _RFC3339.fullmatch(text)) is None:
-        if isinstance(text, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d+)?", text, re.ASCII):
-            raise ValueError("not an RFC 3339 timestamp: it needs an offset ('Z' or '+HH:MM')")
         raise ValueError("not an RFC 3339 timestamp (YYYY-MM-DDTHH:MM:SS[.fraction] then 'Z' or '+HH:MM')")
+    if not (m[3] or m[4]):
+        # Matched but for the offset, which the regex leaves optional to say so.
+        raise ValueError("not an RFC 3339 timestamp: it needs an offset ('Z' or '+HH:MM')")
     moment = dt.datetime.fromisoformat(f"{m[1]}T{m[2]}{'+00:00' if m[3] else m[4]}")
     try:
         return moment.astimezone(UTC)
