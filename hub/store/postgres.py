@@ -66,6 +66,7 @@ __all__ = [
 def _notify(payload: str) -> Steps[None]:
     yield Op(EXEC, "SELECT pg_notify($1, $2)", (NOTIFY_CHANNEL, payload))
 
+
 async def _begin_snapshot(raw: Any) -> None:
     await raw.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
 

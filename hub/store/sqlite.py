@@ -453,37 +453,37 @@ class SQLiteStore(SqlStore):
             self._wal_dir_synced = True
         return size, held
 
-    async def _read(self, steps: Steps[T], *, snapshot: bool = False) -> T:
+    @asynccontextmanager
+    async def _reader(self) -> AsyncIterator[sqlite3.Connection]:
+        """A reader connection of the pool, for the block's length."""
         async with self._reader_slots:
             if not self._readers:
                 raise RuntimeError("the store is not open")
             conn = self._readers.pop()
             try:
-                run = _in_snapshot if snapshot else _call
-                return await run_in_thread(self._guarded, run, conn, _runner(steps))
+                yield conn
             finally:
                 self._readers.append(conn)
+
+    async def _read(self, steps: Steps[T], *, snapshot: bool = False) -> T:
+        async with self._reader() as conn:
+            run = _in_snapshot if snapshot else _call
+            return await run_in_thread(self._guarded, run, conn, _runner(steps))
 
     @asynccontextmanager
     async def _snapshot_reads(self) -> AsyncIterator[Callable[[Steps[Any]], Awaitable[Any]]]:
-        async with self._reader_slots:
-            if not self._readers:
-                raise RuntimeError("the store is not open")
-            conn = self._readers.pop()
+        async with self._reader() as conn:
+
+            async def read(steps: Steps[T]) -> T:
+                return await run_in_thread(self._guarded, _call, conn, _runner(steps))
+
+            # Deferred: the first read fixes what every later one sees.
+            await run_in_thread(self._guarded, _call, conn, _begin)
             try:
-
-                async def read(steps: Steps[T]) -> T:
-                    return await run_in_thread(self._guarded, _call, conn, _runner(steps))
-
-                # Deferred: the first read fixes what every later one sees.
-                await run_in_thread(self._guarded, _call, conn, _begin)
-                try:
-                    yield read
-                finally:
-                    with trio.CancelScope(shield=True):
-                        await run_in_thread(self._guarded, _call, conn, _end)
+                yield read
             finally:
-                self._readers.append(conn)
+                with trio.CancelScope(shield=True):
+                    await run_in_thread(self._guarded, _call, conn, _end)
 
     @staticmethod
     def _guarded(
