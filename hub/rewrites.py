@@ -18,7 +18,7 @@ log = logging.getLogger("keruta.hub.rewrites")
 
 
 async def announce(store: Store, task_id: str, kind: str, seqs: Sequence[int]) -> None:
-    """`kind` is "replaced" or "redacted" (hub/store/base.py `Rewrite`); a
+    """`kind` is REPLACED or REDACTED (hub/store/base.py `Rewrite`); a
     store no other hub shares has nobody to tell."""
     if not seqs or not isinstance(store, Listens):
         return

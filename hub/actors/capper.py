@@ -15,7 +15,7 @@ import trio
 
 from hub.actors.broadcaster import Broadcaster
 from hub.rewrites import announce
-from hub.store.base import Store, StoreUnavailable
+from hub.store.base import REPLACED, Store, StoreUnavailable
 from hub.store.trimming import over_cap
 
 log = logging.getLogger("keruta.hub.capper")
@@ -71,6 +71,6 @@ class Capper:
             if step is None:
                 return
             self.broadcaster.publish_replaced(task_id, [step.gap])
-            await announce(self.store, task_id, "replaced", [step.gap.seq])
+            await announce(self.store, task_id, REPLACED, [step.gap.seq])
             if not step.more:
                 return

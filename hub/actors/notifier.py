@@ -21,7 +21,7 @@ from collections.abc import Callable
 import trio
 
 from hub.actors.broadcaster import Broadcaster
-from hub.store.base import Listens, Rewrite, StoreUnavailable
+from hub.store.base import REDACTED, Listens, Rewrite, StoreUnavailable
 from hub.store.postgres import STATUS_NOTICE
 from keruta.backoff import Backoff
 from keruta.retry import Failures, retry
@@ -43,7 +43,7 @@ async def _catch_up_all(store: Listens, broadcaster: Broadcaster) -> None:
 
 async def _rewritten(store: Listens, broadcaster: Broadcaster, rewrite: Rewrite) -> None:
     """Another hub's rewrite, to this hub's viewers as that hub gave it to its own."""
-    if rewrite.kind == "redacted":
+    if rewrite.kind == REDACTED:
         broadcaster.publish_redacted(rewrite.task_id, list(rewrite.seqs))
         return
     wanted = set(rewrite.seqs)

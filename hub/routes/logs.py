@@ -22,7 +22,7 @@ from hub.routes.common import (
     json_response,
     time_param,
 )
-from hub.store.base import LogQuery, Store, with_ids
+from hub.store.base import REPLACED, LogQuery, Store, with_ids
 from hub.store.trimming import DELETED
 from keruta.frames import FrameError
 from keruta.levels import LEVELS
@@ -155,7 +155,7 @@ def blueprint(
 
         count = await store.delete(task_id, time_param("before"), gap=DELETED, on_gap=on_gap)
         # And the other hubs' viewers, after the commit.
-        await announce(store, task_id, "replaced", gaps)
+        await announce(store, task_id, REPLACED, gaps)
         return json_response({"deletedCount": count})
 
     @bp.get("/api/v1/tasks/<task_id>/logs/raw")

@@ -20,7 +20,7 @@ from hub.errors import ApiError
 from hub.redaction import BadValues, check_values, redact
 from hub.rewrites import announce
 from hub.routes.common import check_task_id, json_response
-from hub.store.base import Store
+from hub.store.base import REDACTED, REPLACED, Store
 from hub.store.redacting import RedactStep
 
 
@@ -61,8 +61,8 @@ def blueprint(
 
         done = await redact(store, task_id, values, publish)
         # And the other hubs' viewers (the appended record reaches them as any append does).
-        await announce(store, task_id, "redacted", redacted)
-        await announce(store, task_id, "replaced", sorted(grown))
+        await announce(store, task_id, REDACTED, redacted)
+        await announce(store, task_id, REPLACED, sorted(grown))
         if done.record is None:
             raise ApiError(404, "NOT_FOUND", f"no task {task_id}")
         return json_response(answer_json(Redacted(done.records, done.record.seq)))

@@ -375,6 +375,12 @@ class Store(Protocol):
         ...
 
 
+# A Rewrite's kinds.
+REPLACED = "replaced"
+REDACTED = "redacted"
+REWRITE_KINDS = (REPLACED, REDACTED)
+
+
 @attrs.frozen
 class Rewrite:
     """A hub rewrote records of a task in place, and tells the others:

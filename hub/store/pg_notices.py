@@ -21,7 +21,7 @@ import attrs
 import trio
 import triopg
 
-from hub.store.base import Rewrite, StoreUnavailable
+from hub.store.base import REWRITE_KINDS, Rewrite, StoreUnavailable
 from hub.store.core import STATUS_NOTICE
 from hub.store.pg_errors import transient, unavailable_as_store_error
 from hub.store.pg_link import close_within
@@ -35,9 +35,6 @@ __all__ = [
 
 # A NOTIFY payload must stay under 8000 bytes.
 _PAYLOAD_MAX = 7900
-
-
-REWRITE_KINDS = ("replaced", "redacted")
 
 
 def rewrite_payload(rewrite: Rewrite, origin: str) -> str:
