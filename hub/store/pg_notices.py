@@ -29,8 +29,7 @@ from hub.store.pg_link import close_within
 NOTIFY_CHANNEL = "keruta_durable"
 
 __all__ = [
-    "NOTIFY_CHANNEL", "STATUS_NOTICE", "DurableNotices", "Rewrite", "listen", "parse_notice", "parse_rewrite",
-    "rewrite_payload",
+    "NOTIFY_CHANNEL", "STATUS_NOTICE", "DurableNotices", "listen", "parse_notice", "parse_rewrite", "rewrite_payload",
 ]
 
 # A NOTIFY payload must stay under 8000 bytes.

@@ -33,13 +33,13 @@ from typing import Any, TypeVar
 import trio
 import triopg
 
+from hub.store.base import Rewrite
 from hub.store.pg_errors import unavailable_as_store_error
 from hub.store.pg_link import close_pool_within, drop_idle, in_one_hop
 from hub.store.pg_notices import (
     NOTIFY_CHANNEL,
     STATUS_NOTICE,
     DurableNotices,
-    Rewrite,
     listen,
     parse_notice,
     rewrite_payload,
