@@ -180,7 +180,8 @@ class Watcher:
 
     @property
     def top(self) -> int:
-        return max([*self.lines, *(g["toSeq"] for g in self.gaps.values())], default=0)
+        # Held seqs count too: a redaction's own record may be the task's last.
+        return max([*self.held, *(g["toSeq"] for g in self.gaps.values())], default=0)
 
 
 async def watch(ws: Ws, watcher: Watcher, until: trio.Event | None = None, last: int | None = None) -> None:
