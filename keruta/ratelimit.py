@@ -95,17 +95,27 @@ class RateLimiter:
 
     async def acquire(self, n: float = 1) -> None:
         """Wait until `n` tokens are ours. Callers are served in call order."""
-        if self.bucket is None:
-            return
-        now = self._clock()
-        wait = self.bucket.take(n, now)
-        if wait <= 0:
+        at = self.reserve(n)
+        if at <= self._clock():
             return
         try:
-            await trio.sleep_until(now + wait)
+            await trio.sleep_until(at)
         except BaseException:
-            self.bucket.refund(n)
+            self.refund(n)
             raise
+
+    def reserve(self, n: float = 1) -> float:
+        """Reserve `n` tokens now; the clock time from which they are ours
+        (a caller that will not wait for them gives them back with `refund`)."""
+        now = self._clock()
+        if self.bucket is None:
+            return now
+        return now + self.bucket.take(n, now)
+
+    def refund(self, n: float) -> None:
+        """Give back reserved tokens that will not be used."""
+        if self.bucket is not None:
+            self.bucket.refund(n)
 
     def is_full(self) -> bool:
         """Idle long enough that a fresh limiter would behave the same."""

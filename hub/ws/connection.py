@@ -18,10 +18,11 @@ overloaded hub stops reading its sockets instead of queueing). A write that
 can go at once (nothing queued before it, the task's tokens and the writer's
 inbox have room) is handed to the writer by the reader itself: a small frame
 costs a decode and an enqueue. Otherwise it goes to an ingest task through a
-small queue, bounded in frames and bytes; the ingest task waits for the task's
-rate limiter and the writer. So a throttled producer is slowed (the reader
-stops once the queue is full), yet a ping sent while a frame waits for its
-tokens is answered at once.
+small queue, bounded in frames and bytes; the ingest task hands each to the
+writer once its task's tokens are there (hub/ws/write_schedule.py: another
+task's write on the same socket does not wait behind it). So a throttled
+producer is slowed (the reader stops once the queue is full), yet a ping sent
+while a frame waits for its tokens is answered at once.
 
 The connection is its writes' `Mailbox` (hub/messages.py): the syncer gives it
 one `Written` message per sync, which gives back the frames' budget and wakes
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
@@ -59,6 +61,7 @@ from hub.ws.subscription import (
     check_subscribe,
     slow_consumer_frames,
 )
+from hub.ws.write_schedule import WriteSchedule
 from keruta.frames import (
     ErrorFrame,
     FrameError,
@@ -458,17 +461,57 @@ class Connection:
                     await self._error(exc.code, exc.message)
 
     async def _ingest_loop(self, scope: trio.CancelScope) -> None:
+        """Hands the queued writes to the writer, each once its task's tokens
+        are there (hub/ws/write_schedule.py): a throttled task's write waits
+        without holding up another task's. What waits still counts in the
+        write queue, so the reader stops once it is full."""
+        schedule: WriteSchedule[tuple[WriteRequest, int, int]] = WriteSchedule()
+        frames = aiter(self._writes)
         with scope:
-            async for frame, size in self._writes:
-                handed = False
-                try:
-                    handed = await self._write(frame, size)
-                except FrameError as exc:
-                    await self._error(exc.code, exc.message)
-                finally:
-                    self._writes.done(size)
-                    if not handed:
-                        self.budget.release(size)
+            try:
+                while True:
+                    at = schedule.next_at()
+                    if at is not None and at <= trio.current_time():
+                        request, size, tokens = schedule.pop()
+                        await self._hand(request, size, tokens)
+                        continue
+                    with trio.move_on_at(math.inf if at is None else at):
+                        frame, size = await anext(frames)
+                        try:
+                            task_id, wanted = self._request(frame)
+                        except FrameError as exc:
+                            self._unqueue(size)
+                            await self._error(exc.code, exc.message)
+                            continue
+                        if wanted is None:
+                            self._unqueue(size)
+                            continue
+                        tokens = len(wanted.items)
+                        schedule.add(task_id, self.hub.limiter(task_id).reserve(tokens), (wanted, size, tokens))
+            finally:
+                for request, size, tokens in schedule.drain():
+                    self._unqueue(size)
+                    self._refund(request, tokens)
+
+    async def _hand(self, request: WriteRequest, size: int, tokens: int) -> None:
+        handed = False
+        try:
+            await self._submit(request, size)
+            handed = True
+        finally:
+            self._writes.done(size)
+            if not handed:
+                self.budget.release(size)
+                self._refund(request, tokens)
+
+    def _unqueue(self, size: int) -> None:
+        """A queued write that will not be handed: its queue room and budget back."""
+        self._writes.done(size)
+        self.budget.release(size)
+
+    def _refund(self, request: WriteRequest, tokens: int) -> None:
+        if tokens and request.items:
+            self.hub.limiter(request.items[0].task_id).refund(tokens)
 
     def _drop_queued_writes(self) -> None:
         for _frame, size in self._writes.drain():
@@ -507,16 +550,15 @@ class Connection:
             return False
         return True
 
-    async def _write(self, frame: RowsFrame | LogsFrame | LogFrame | StatusFrame, size: int) -> bool:
-        """Hands a write to the writer, waiting as needed; True once it is handed."""
+    def _request(self, frame: RowsFrame | LogsFrame | LogFrame | StatusFrame) -> tuple[str, WriteRequest | None]:
+        """The writer's request for a write frame, with its task (None: nothing to write)."""
         if not self.role.can_write:
             raise FrameError("FORBIDDEN", "the viewer token may not write")
         if isinstance(frame, StatusFrame):
             status = StatusChange(
                 frame.task_id, frame.state, frame.exit_code, frame.producer, frame.summary, frame.max_bytes
             )
-            await self._submit(WriteRequest(status=status, reply_to=self), size)
-            return True
+            return frame.task_id, WriteRequest(status=status, reply_to=self)
         if isinstance(frame, RowsFrame):
             items = frame.items
         elif isinstance(frame, LogsFrame):
@@ -526,10 +568,8 @@ class Connection:
             if not frame.numbered:
                 items = [attrs.evolve(items[0], seq=None)]
         if not items:
-            return False
-        await self.hub.limiter(items[0].task_id).acquire(len(items))
-        await self._submit(WriteRequest(items=items, reply_to=self), size)
-        return True
+            return "", None
+        return items[0].task_id, WriteRequest(items=items, reply_to=self)
 
     async def _submit(self, request: WriteRequest, size: int) -> None:
         # Room for its replies first: while there is none, the write queue
