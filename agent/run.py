@@ -155,6 +155,13 @@ async def _run(settings: RunSettings, say: Callable[[str], None], launched: Laun
         # agent stopped just before): this run starts a spool, and a producer, of its own.
         spool.remove()
         spool = open_spool(spool.dir.parent)
+    try:
+        spool.resume()
+    except OSError as exc:
+        spool.close()
+        fallback = fallback_root()
+        say(f"cannot continue the spool {spool.dir} ({exc}); using {fallback}")
+        spool = open_spool(fallback)
     delivery = Delivery(settings, spool, say)
     recorder = Recorder(spool, settings.task_id, say=say)
     code = 1

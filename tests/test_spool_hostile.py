@@ -268,15 +268,7 @@ async def test_a_flipped_byte_loses_one_frame_named_and_no_other(
     [
         "random",
         "an old frame again",
-        pytest.param(
-            "a frame past the end",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="a valid frame appended after a finished run (seq past its final state's lastSeq) "
-                "is delivered as a line of the task: Spool._load takes the segments' last seq over "
-                "task.json's final lastSeq when it is higher, so a line the command never wrote is stored",
-            ),
-        ),
+        "a frame past the end",
     ],
 )
 async def test_garbage_appended_to_a_finished_spool(
@@ -310,6 +302,39 @@ async def test_garbage_appended_to_a_finished_spool(
     check_records(records, {"stdout": data, "stderr": b""})
     state = await task_state(hub, "junk-1")
     assert state is not None and (state["state"], state["exitCode"]) == ("succeeded", 0)
+
+
+async def test_a_second_run_killed_after_a_finished_undelivered_run(
+    hub: hubclient.InProcessHub, tmp_path: Path
+) -> None:
+    """A run finishes with the hub down, a second run of the same task id
+    continues its spool and its agent is SIGKILLed mid-run: flush delivers the
+    lines of both runs once each, and the task's end is unknown (failed, no
+    exit code), not the first run's success."""
+    n, m = 600, 300
+    spool = tmp_path / "spool"
+    cmd, first = rows(n)
+    await spool_offline(spool, "again-1", cmd)
+    second = "".join(f"second {i:04d}\n" for i in range(1, m + 1))
+    dies = py(
+        "import os, signal, sys, time\n"
+        f"os.write(1, {second.encode()!r})\n"
+        "time.sleep(1.5)\n"  # spooled by then
+        "os.kill(os.getppid(), signal.SIGKILL)\n"
+    )
+    ran = await run_to_end(
+        run_args(dead_hub(), "again-1", spool, "--quiet", "--drain-timeout", "0", "--reconnect-max", "0.5") + dies
+    )
+    assert ran.code == -signal.SIGKILL, ran.err
+    f = await flush(spool, hub.url)
+    assert f.code == 0, f.err
+    assert_clear(f.err)
+    records = await stored(hub, "again-1")
+    assert [r["seq"] for r in records] == list(range(1, n + m + 2)), "every line of both runs, once, in order"
+    assert joined_lines(records, "stdout") == (first.decode() + second).splitlines()
+    assert records[-1]["source"] == "agent" and "final state is unknown" in records[-1]["message"], records[-1]
+    state = await task_state(hub, "again-1")
+    assert state is not None and (state["state"], state.get("exitCode")) == ("failed", None), state
 
 
 @pytest.mark.parametrize("name", ["segment", "acked", "summary.json", "task.json"])

@@ -235,14 +235,19 @@ def write_atomically(path: Path, data: bytes, durable: bool = False) -> None:
     os.replace(tmp, path)
 
 
-def recover(seg: Segment, warn: Warn) -> None:
-    """Find a segment's last seq and size; cut a torn or corrupt tail off."""
+def recover(seg: Segment, warn: Warn, end_seq: int | None = None) -> None:
+    """Find a segment's last seq and size; cut a torn or corrupt tail off,
+    and any frame past `end_seq` (the finished run's last seq)."""
     size = seg.path.stat().st_size
     fd = os.open(seg.path, os.O_RDONLY)
     good_end = 0
     last = seg.first_seq - 1
+    past_end = False
     try:
-        for _off, first, frame, nxt in scan_frames(fd, 0, size, warn, str(seg.path)):
+        for off, first, frame, nxt in scan_frames(fd, 0, size, warn, str(seg.path)):
+            if end_seq is not None and first > end_seq:
+                good_end, past_end = off, True
+                break
             good_end = nxt
             last = max(last, first + frame.count - 1)
     finally:
@@ -250,9 +255,15 @@ def recover(seg: Segment, warn: Warn) -> None:
     seg.last_seq = last
     seg.size = size
     if good_end < size:
-        warn(
-            f"spool {seg.path}: cut off {size - good_end} bytes of a torn or corrupt "
-            "record at its end (written when a previous agent stopped mid-write)"
-        )
+        if past_end:
+            warn(
+                f"spool {seg.path}: cut off {size - good_end} bytes written after the run ended "
+                f"(its final state ends at seq {end_seq}): no line of its command"
+            )
+        else:
+            warn(
+                f"spool {seg.path}: cut off {size - good_end} bytes of a torn or corrupt "
+                "record at its end (written when a previous agent stopped mid-write)"
+            )
         os.truncate(seg.path, good_end)
         seg.size = good_end

@@ -190,19 +190,26 @@ class Spool:
         self._saved_ack = self.acked_seq
         self._durable_ack = self.acked_seq
         self.last_seq = self.acked_seq
+        final = self.meta.get("final")
+        final_last = final.get("lastSeq") if isinstance(final, dict) else None
+        # A run that continues a spool clears its final state first (`resume`):
+        # frames past a final state's last seq are not its run's.
+        end = final_last if isinstance(final_last, int) else None
         for path in sorted(self.dir.glob("*" + SEGMENT_SUFFIX)):
             try:
                 first = int(path.stem)
             except ValueError:
                 continue
+            if end is not None and first > end:
+                self.warn(f"spool {path}: written after the run ended (its final state ends at seq {end}); removed")
+                path.unlink(missing_ok=True)
+                continue
             seg = Segment(path, first)
-            recover(seg, self.warn)
+            recover(seg, self.warn, end)
             self.segments.append(seg)
         for seg in self.segments:
             self.last_seq = max(self.last_seq, seg.last_seq)
             self._used += seg.size
-        final = self.meta.get("final")
-        final_last = final.get("lastSeq") if isinstance(final, dict) else None
         if isinstance(final_last, int) and final_last > self.last_seq:
             # A corrupt or torn tail was cut off after the run had finished:
             # these seqs were used, and are sent as "lost" records, not reused.
@@ -417,6 +424,29 @@ class Spool:
                 self._retired.set()
             os.close(seg.fd)
             seg.fd = None
+
+    def resume(self) -> None:
+        """A new run continues this spool (the earlier run's lines are not all
+        delivered): the earlier run's final state goes, durably, before this
+        run appends, so its lines are not taken for bytes written past a run's
+        end, and a run that dies is not reported with the earlier run's end.
+        The tally that final state held is kept in summary.json. At open,
+        before the run's tasks start."""
+        if self.meta.get("final") is None:
+            return
+        if self.tally is not None and self._tally_saved != self._tallied:
+            tally = orjson.dumps({"through": self._tallied, **self.tally.to_json()})
+            try:
+                write_atomically(self.dir / SUMMARY_FILE, tally, durable=True)
+            except OSError as exc:
+                self.warn(f"spool {self.dir}: cannot save the summary: {exc}")
+            else:
+                self._small[SUMMARY_FILE] = len(tally)
+                self._tally_saved = self._tallied
+        self.meta["final"] = None
+        data = orjson.dumps(self.meta)
+        write_atomically(self.dir / "task.json", data, durable=True)
+        self._small["task.json"] = len(data)
 
     async def set_final(self, state: str, exit_code: int | None) -> None:
         # With the last seq: a reopened spool whose tail was damaged still
