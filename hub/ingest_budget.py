@@ -26,6 +26,11 @@ class IngestBudget:
         self.peak = 0
         self._metrics = metrics
         self._waiters: collections.deque[tuple[int, trio.Event]] = collections.deque()
+        # Messages still arriving (hub/ws/stream_socket.py) hold at most this
+        # share of the budget, so whole frames always find the rest.
+        self.partial_max = max_bytes // 2
+        self.partial_used = 0
+        self._partial_waiters: collections.deque[tuple[int, trio.Event]] = collections.deque()
 
     def _fits(self, size: int) -> bool:
         return self.used == 0 or self.used + size <= self.max_bytes
@@ -73,3 +78,45 @@ class IngestBudget:
             size, given = self._waiters.popleft()
             self._take(size)
             given.set()
+        while self._partial_waiters and self._fits_partial(self._partial_waiters[0][0]):
+            size, given = self._partial_waiters.popleft()
+            self._take_partial(size)
+            given.set()
+
+    # -- messages still arriving ---------------------------------------------
+
+    def _fits_partial(self, size: int) -> bool:
+        # One holder at a time always goes, so a message larger than the
+        # share still arrives (a whole frame that size would go alone too).
+        return self.partial_used == 0 or (
+            not self._waiters
+            and self.partial_used + size <= self.partial_max
+            and self.used + size <= self.max_bytes
+        )
+
+    def _take_partial(self, size: int) -> None:
+        self.partial_used += size
+        self._take(size)
+
+    async def take_partial(self, size: int) -> None:
+        """Holds `size` bytes for a message still arriving, once there is
+        room within the partial share; waiters are served in order."""
+        if not self._partial_waiters and self._fits_partial(size):
+            self._take_partial(size)
+            return
+        given = trio.Event()
+        entry = (size, given)
+        self._partial_waiters.append(entry)
+        try:
+            await given.wait()
+        except BaseException:
+            if given.is_set():
+                self.release_partial(size)
+            else:
+                self._partial_waiters.remove(entry)
+                self._wake()
+            raise
+
+    def release_partial(self, size: int) -> None:
+        self.partial_used -= size
+        self.release(size)

@@ -39,6 +39,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState, LifespanState, WebsocketScope
 from hypercorn.utils import repr_socket_addr, wrap_app
 
+from hub.ingest_budget import IngestBudget
 from hub.ws.stream_socket import CLOSE_LINGER, StreamWebSocket
 from hub.ws_handshake import MAX_HEAD_BYTES, Refusal, head_end, upgrade_of
 
@@ -73,6 +74,7 @@ class Listener:
     def __init__(
         self, app: AppWrapper, config: HypercornConfig, context: WorkerContext, state: LifespanState,
         websockets: Mapping[str, ServeWebSocket], *, max_message: int, ping_interval: float | None,
+        budget: IngestBudget, message_timeout: float,
     ) -> None:
         self.app = app
         self.config = config
@@ -82,6 +84,8 @@ class Listener:
         self._paths = frozenset(self.websockets)
         self.max_message = max_message
         self.ping_interval = ping_interval
+        self.budget = budget
+        self.message_timeout = message_timeout
         # Where a socket's unsent bytes are sent from when no send follows (serve_http sets it).
         self.flushes: trio.Nursery
         # The sockets served here, for the pinger.
@@ -123,8 +127,9 @@ class Listener:
             # One connection's bug ends that connection, not the hub (as hub/hypercorn_patches.py patch 2).
             log.exception("a connection's handler failed; that connection is closed, the hub serves on")
         finally:
-            if ws is not None:
+            if isinstance(ws, StreamWebSocket):
                 self._sockets.discard(ws)
+                ws.give_back()
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
@@ -136,7 +141,10 @@ class Listener:
         upgrade = upgrade_of(buffer[:end], self._paths)
         if upgrade is None or isinstance(upgrade, Refusal):
             return upgrade
-        return StreamWebSocket(stream, upgrade, buffer[end:], trio.CancelScope(), self.max_message, self.flushes)
+        return StreamWebSocket(
+            stream, upgrade, buffer[end:], trio.CancelScope(), self.max_message, self.flushes, self.budget,
+            self.message_timeout,
+        )
 
     async def _read_head(self, stream: trio.SocketStream) -> bytes | None:
         """The connection's first bytes through its request head's end (or
@@ -183,6 +191,8 @@ async def serve_http(
     *,
     max_message: int,
     ping_interval: float | None,
+    budget: IngestBudget,
+    message_timeout: float,
     shutdown_trigger: Callable[[], Awaitable[object]],
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -206,7 +216,8 @@ async def serve_http(
                 binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
             listener = Listener(
                 wrapped, config, context, ConnectionState(lifespan_state.copy()), websockets,
-                max_message=max_message, ping_interval=ping_interval,
+                max_message=max_message, ping_interval=ping_interval, budget=budget,
+                message_timeout=message_timeout,
             )
             listener.flushes = connections
             task_status.started(binds)

@@ -139,6 +139,7 @@ async def _serve_with(store: Store, config: HubConfig, task_status: trio.TaskSta
                     await serve_http(
                         app, _hypercorn_config(config), served_websockets(app),  # type: ignore[arg-type]
                         max_message=config.limits.max_frame_bytes + 1024, ping_interval=config.ping_interval,
+                        budget=deps.ingest_budget, message_timeout=config.body_timeout,
                         shutdown_trigger=shutting_down.wait, task_status=task_status,
                     )
                 # No connection is left; the writer drains its inbox, within a deadline.

@@ -91,6 +91,17 @@ class ClientFrames:
         self._need = 0
         self.handed_over = False
 
+    @property
+    def held(self) -> int:
+        """Bytes held of a frame not yet whole."""
+        return self._have if self._pending is not None else 0
+
+    @property
+    def to_come(self) -> int:
+        """Bytes of the frame begun that are still to come, as far as its
+        header says (a header not yet whole: the bytes it needs at least)."""
+        return self._need - self._have if self._pending is not None else 0
+
     def feed(self, data: bytes) -> tuple[list[str | bytes | Ping], bytes | None]:
         """The messages and pings `data` completes, in order (pongs are
         dropped, as hypercorn does), and what to give wsproto:
@@ -179,3 +190,57 @@ class ClientFrames:
         self.handed_over = True
         self._pending = None
         return messages, bytes(buf[pos:])
+
+
+class FrameTracker:
+    """How much of the current frame is still to come, in a client's byte
+    stream that wsproto parses (it does not say): each frame's header is
+    read here too, its payload only counted."""
+
+    __slots__ = ("_head", "_left")
+
+    def __init__(self) -> None:
+        self._head = b""
+        self._left = 0
+
+    @property
+    def to_come(self) -> int:
+        """Payload bytes of the current frame not yet seen (0 between frames
+        or while its header is not yet whole)."""
+        return self._left
+
+    def feed(self, data: bytes) -> None:
+        pos, end = 0, len(data)
+        while pos < end:
+            if self._left:
+                step = min(self._left, end - pos)
+                self._left -= step
+                pos += step
+                continue
+            had = len(self._head)
+            self._head += data[pos : pos + 14 - had]
+            size = _header_size(self._head)
+            if size is None:
+                pos = end
+                continue
+            pos += size - had
+            self._left = _payload_length(self._head)
+            self._head = b""
+
+
+def _header_size(head: bytes) -> int | None:
+    """A client frame header's size, None while `head` holds too little to say."""
+    if len(head) < 2:
+        return None
+    code = head[1] & 0x7F
+    size = 2 + (2 if code == 126 else 8 if code == 127 else 0) + (4 if head[1] & 0x80 else 0)
+    return size if len(head) >= size else None
+
+
+def _payload_length(head: bytes) -> int:
+    code = head[1] & 0x7F
+    if code == 126:
+        return int.from_bytes(head[2:4], "big")
+    if code == 127:
+        return int.from_bytes(head[2:10], "big")
+    return code

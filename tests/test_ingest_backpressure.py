@@ -218,6 +218,70 @@ async def test_a_cancelled_waiter_takes_nothing_and_lets_the_next_one_in() -> No
     assert got == [10] and budget.used == 10, "the cancelled waiter holds nothing"
 
 
+async def test_messages_still_arriving_hold_at_most_half_the_budget() -> None:
+    budget = IngestBudget(100)
+    await budget.take_partial(30)
+    await budget.take_partial(20)
+    with trio.move_on_after(0.1):
+        await budget.take_partial(10)
+        raise AssertionError("a message still arriving took past half the budget")
+    assert (budget.used, budget.partial_used) == (50, 50)
+    assert budget.try_take(50), "whole frames still find the other half"
+    budget.release(50)
+    budget.release_partial(30)
+    assert (budget.used, budget.partial_used) == (20, 20)
+
+
+async def test_one_message_still_arriving_always_goes_alone() -> None:
+    """Even past the share or the whole budget: else a message larger than
+    them could never be read to its end."""
+    budget = IngestBudget(100)
+    await budget.take(100)
+    await budget.take_partial(200)
+    assert (budget.used, budget.partial_used) == (300, 200)
+
+
+async def test_partial_waiters_go_in_order_after_whole_frames() -> None:
+    budget = IngestBudget(100)
+    await budget.take_partial(50)
+    await budget.take(50)
+    order: list[str] = []
+
+    async def partial(name: str) -> None:
+        await budget.take_partial(20)
+        order.append(name)
+
+    async def whole() -> None:
+        await budget.take(30)
+        order.append("whole")
+
+    scope = trio.CancelScope()
+
+    async def cancelled() -> None:
+        with scope:
+            await budget.take_partial(20)
+            order.append("cancelled")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cancelled)
+        await trio.testing.wait_all_tasks_blocked()
+        for name in ("p1", "p2"):
+            nursery.start_soon(partial, name)
+            await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(whole)
+        await trio.testing.wait_all_tasks_blocked()
+        scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == []
+        budget.release(50)
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == ["whole"], "a whole frame waiting goes before messages still arriving"
+        budget.release_partial(50)
+    # Both let in by the one release; the cancelled waiter took nothing.
+    assert order[0] == "whole" and sorted(order[1:]) == ["p1", "p2"]
+    assert (budget.used, budget.partial_used) == (70, 40)
+
+
 def test_answers_go_to_each_connection_as_one_message_in_commit_order() -> None:
     class Box:
         def __init__(self) -> None:

@@ -385,6 +385,71 @@ async def test_a_fragmented_message_that_never_ends_holds_nothing_else_up(
     await assert_serves(hub)
 
 
+async def ingest_bytes(hub: Any) -> float:
+    async with hub.http() as http:
+        return parse_metrics((await http.get("/metrics")).text)["keruta_ingest_queue_bytes"]
+
+
+async def test_a_message_stalled_while_it_holds_ingest_budget_is_cut_and_the_budget_comes_back(
+    sqlite_hub_factory: hubclient.InProcessHubFactory,
+) -> None:
+    """Past a small share of its own, a message still arriving is read only
+    with bytes of the hub-wide ingest budget; a client that then stops
+    sending mid-message would hold them for ever: it gets --body-timeout to
+    finish, then a 1008 close, and the budget is back."""
+    hub = await sqlite_hub_factory.astart("--body-timeout", "1", "--ingest-queue-bytes", str(1 << 20))
+    client, _ = await open_raw(hub)
+    payload = b'{"type":"ping","pad":"' + b"x" * (200 * 1024)
+    head = frame(payload, length=1 << 20)
+    await client.send(head[: len(head)])  # 200 KiB of a 1 MiB frame, then nothing
+    with trio.fail_after(5):
+        while not await ingest_bytes(hub):
+            await trio.sleep(0.02)
+    await assert_serves(hub)  # the rest of the budget serves the others meanwhile
+    frames = await assert_closed_with(client, CLOSE_POLICY)
+    assert b"not completed within 1 s" in frames[-1][1], frames
+    await wait_no_connections(hub)
+    assert await ingest_bytes(hub) == 0
+    await assert_serves(hub)
+    assert_no_handler_crash(hub)
+
+
+async def test_large_messages_streamed_for_longer_than_the_body_timeout_are_not_cut(
+    sqlite_hub_factory: hubclient.InProcessHubFactory,
+) -> None:
+    """The --body-timeout is each message's: 40 frames of ~200 KiB, sent
+    as one stream in pieces that straddle frame boundaries for ~2-3 s
+    with --body-timeout 1, are all stored."""
+    hub = await sqlite_hub_factory.astart("--body-timeout", "1")
+    task = "streamed"
+    per, frames_n = 200, 40
+    stream = b"".join(
+        frame(logs_frame(task, [make_record(task, f * per + i, "m" * 1000) for i in range(1, per + 1)]).encode())
+        for f in range(frames_n)
+    )
+    client, _ = await open_raw(hub)
+    piece = 50 * 1024
+
+    async def send() -> None:
+        for at in range(0, len(stream), piece):
+            await client.send(stream[at : at + piece])
+            await trio.sleep(0.02)
+
+    acked = 0
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            while acked < per * frames_n:
+                opcode, data = await client.frame()
+                assert opcode in (0x1, 0x9), (opcode, data)
+                if opcode == 0x1:
+                    reply = orjson.loads(data)
+                    assert reply["type"] == "ack", reply
+                    acked = reply["seq"]
+    assert len(await stored(hub, task)) == per * frames_n
+    assert_no_handler_crash(hub)
+
+
 # --- 5. UTF-8 -------------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.frame_protocol import CloseReason
 
 from hub import ws_frames
-from hub.ws_frames import ClientFrames, pong_frame, server_frame, unmask
+from hub.ws_frames import ClientFrames, FrameTracker, pong_frame, server_frame, unmask
 
 
 def client() -> Connection:
@@ -156,3 +156,35 @@ def test_the_servers_frames_are_what_wsproto_writes() -> None:
     for text in ["", "a" * 125, "é" * 63, "b" * 126, "c" * 65535, "d" * 65536]:
         assert server_frame(text) == s.send(TextMessage(data=text))
     assert pong_frame(b"ping!") == s.send(Ping(payload=b"ping!").response())
+
+
+def _client_frame(payload: bytes, *, fin: bool = True, opcode: int = 0x1) -> bytes:
+    n = len(payload)
+    b0 = (0x80 if fin else 0) | opcode
+    if n < 126:
+        head = bytes((b0, 0x80 | n))
+    elif n < 65536:
+        head = bytes((b0, 0x80 | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((b0, 0x80 | 127)) + n.to_bytes(8, "big")
+    return head + b"\0\0\0\0" + payload
+
+
+def test_the_frame_tracker_says_what_is_still_to_come_however_the_bytes_are_split() -> None:
+    """Frames of each header form (7-bit, 16-bit, 64-bit length), fed in
+    pieces of every size: after each piece, to_come is what the current
+    frame's header announced and has not come yet."""
+    sizes = [0, 5, 125, 126, 300, 65535, 65536, 70000]
+    stream = b"".join(_client_frame(b"x" * n, fin=i % 2 == 0) for i, n in enumerate(sizes))
+    # The expected value after each byte, from the frames' layout.
+    expected = []
+    for n in sizes:
+        head = 2 + (2 if 126 <= n < 65536 else 8 if n >= 65536 else 0) + 4
+        expected += [0] * (head - 1) + [n]  # header incomplete, then whole
+        expected += list(range(n - 1, -1, -1))
+    assert len(expected) == len(stream)
+    for piece in (1, 2, 3, 7, 100, 4096, len(stream)):
+        tracker = FrameTracker()
+        for at in range(0, len(stream), piece):
+            tracker.feed(stream[at : at + piece])
+            assert tracker.to_come == expected[min(at + piece, len(stream)) - 1], (piece, at)

@@ -15,10 +15,21 @@ go to wsproto, as under hypercorn. A message over `max_message` is handed on as
 OVERSIZED the moment it is (the Connection answers it TOO_LARGE) and the rest
 of it is read and dropped as it arrives, so memory stays bounded by the
 limit, however many parts the message comes in.
+
+A message still arriving holds up to PARTIAL_FREE bytes of its connection's
+own; past that the socket is read only once the bytes its frame's header
+announces are taken from the hub-wide ingest budget's share for such
+messages (IngestBudget.take_partial), all at once: so connections stalled
+mid-message hold no more than that share, however many they are, and no
+connection waits for budget while it holds some for a frame (except between
+the fragments of one message). A message that holds budget must be whole
+within `message_timeout` (the hub's --body-timeout) of taking it, or its
+connection is closed (1008) rather than hold the budget for ever.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from typing import NoReturn
@@ -32,10 +43,20 @@ from wsproto.events import BytesMessage, CloseConnection, TextMessage
 from wsproto.events import Ping as WsprotoPing
 
 from hub.hypercorn_patches import OVERSIZED
-from hub.ws_frames import ClientFrames, Ping, pong_frame, server_frame
+from hub.ingest_budget import IngestBudget
+from hub.ws_frames import ClientFrames, FrameTracker, Ping, pong_frame, server_frame
 from hub.ws_handshake import Upgrade, accept_response
 
+log = logging.getLogger("keruta.hub.ws")
+
 MAX_RECV = 65536
+# Of a message not yet whole, this much per connection is held without the
+# ingest budget's leave (a small frame's worth, like a socket buffer).
+PARTIAL_FREE = 16 * 1024
+# A read never asks for less than this (what it brings past the frame
+# begun is the next frame's start, at most this much more).
+MIN_READ = 4096
+CLOSE_POLICY = 1008
 PING_FRAME = b"\x89\x00"
 # How long a close we sent waits for the client's answer before the TCP
 # connection is closed anyway.
@@ -58,16 +79,24 @@ class StreamWebSocket:
 
     # Slots: 5,000 idle producers each hold one.
     __slots__ = (
-        "_flushes", "_frames", "_leftover", "_loose", "_max_message", "_oversized", "_part_bytes", "_parts", "_ready",
-        "_heard", "_send_lock", "_unsent", "_upgrade", "_wsproto", "closed", "disconnected", "link",
-        "on_message", "scope", "stream",
+        "_budget", "_credit", "_credit_deadline", "_flushes", "_tracker", "_frames", "_leftover", "_loose", "_max_message", "_oversized",
+        "_message_timeout", "_part_bytes", "_parts", "_ready", "_heard", "_send_lock", "_unsent", "_upgrade",
+        "_wsproto", "closed", "disconnected", "link", "on_message", "scope", "stream",
     )
 
     def __init__(
         self, stream: trio.SocketStream, upgrade: Upgrade, leftover: bytes, scope: trio.CancelScope,
-        max_message: int, flushes: trio.Nursery,
+        max_message: int, flushes: trio.Nursery, budget: IngestBudget, message_timeout: float,
     ) -> None:
         self.stream = stream
+        self._budget = budget
+        self._message_timeout = message_timeout
+        # Bytes taken from the budget for the message now arriving (give_back
+        # returns them), and when that message must be whole.
+        self._credit = 0
+        self._credit_deadline = 0.0
+        # Made with wsproto: the frame boundaries in what it is fed.
+        self._tracker: FrameTracker | None = None
         self._upgrade: Upgrade | None = upgrade
         self._leftover = leftover
         self.scope = scope
@@ -150,15 +179,74 @@ class StreamWebSocket:
             if self._leftover:
                 data, self._leftover = self._leftover, b""
             else:
-                data = await self._recv()
+                data = await self._read_more()
                 if not data:
                     self.disconnected = True
                     continue
             self._heard = True
             await self._feed(data)
+            if self._credit and (self._ready or not self._unfinished()):
+                # A message came whole: the next one asks for its own.
+                self.give_back()
         return self._ready.pop(0)
 
-    async def _recv(self) -> bytes:
+    def _unfinished(self) -> int:
+        """Bytes held of messages not yet whole."""
+        held = 0 if self._oversized else self._part_bytes
+        if self._frames is not None and self._wsproto is None:
+            held += self._frames.held
+        return held
+
+    def _to_come(self) -> int:
+        """Bytes of the frame begun still to come, as its header says."""
+        if self._wsproto is None:
+            return self._frames.to_come if self._frames is not None else 0
+        # An oversized message's bytes are dropped as they come.
+        return 0 if self._tracker is None or self._oversized else self._tracker.to_come
+
+    async def _read_more(self) -> bytes:
+        """The socket's next bytes. Past PARTIAL_FREE of a message, only
+        once the rest of its frame is covered by the ingest budget."""
+        unfinished = self._unfinished()
+        needed = min(unfinished + self._to_come(), self._max_message) - PARTIAL_FREE - self._credit
+        if needed > 0:
+            if self._credit:
+                # More for a message that holds some: the next fragment of
+                # one. Bounded by its time, or two such could wait for ever.
+                with trio.move_on_at(self._credit_deadline) as waited:
+                    await self._budget.take_partial(needed)
+                    self._credit += needed
+                if waited.cancelled_caught:
+                    await self._out_of_time()
+            else:
+                # Waiting here, the socket is not read: TCP holds the rest.
+                await self._budget.take_partial(needed)
+                self._credit = needed
+                self._credit_deadline = trio.current_time() + self._message_timeout
+        limit = min(MAX_RECV, max(MIN_READ, PARTIAL_FREE + self._credit - unfinished))
+        if not self._credit:
+            return await self._recv(limit)
+        with trio.move_on_at(self._credit_deadline):
+            return await self._recv(limit)
+        await self._out_of_time()
+
+    async def _out_of_time(self) -> NoReturn:
+        """A message holding budget is not whole in time (or waits for
+        more while others hold the share): the budget goes back, the client goes."""
+        self.give_back()
+        log.info("closing a WebSocket whose message was not whole within %g s", self._message_timeout)
+        await self.close(CLOSE_POLICY, f"message not completed within {self._message_timeout:g} s")
+        self.disconnected = True
+        await self._gone()
+
+    def give_back(self) -> None:
+        """Returns the budget held for a message still arriving (it is whole,
+        or the connection has ended)."""
+        credit, self._credit = self._credit, 0
+        if credit:
+            self._budget.release_partial(credit)
+
+    async def _recv(self, limit: int = MAX_RECV) -> bytes:
         """The socket's next bytes, b"" at its end. A read straight off the
         file descriptor, with trio's checkpoints, not SocketStream.receive_some:
         its wrappers' frames, held by every idle connection's waiting read,
@@ -167,7 +255,7 @@ class StreamWebSocket:
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
             try:
-                data = os.read(fd, MAX_RECV)
+                data = os.read(fd, limit)
             except BlockingIOError:
                 pass
             else:
@@ -176,7 +264,7 @@ class StreamWebSocket:
             while True:
                 await trio.lowlevel.wait_readable(fd)
                 try:
-                    return os.read(fd, MAX_RECV)
+                    return os.read(fd, limit)
                 except BlockingIOError:
                     continue  # woken with nothing to read after all
         except (OSError, *_GONE):
@@ -276,6 +364,9 @@ class StreamWebSocket:
         await self._feed_wsproto(self._wsproto, data)
 
     async def _feed_wsproto(self, ws: WsprotoConnection, data: bytes) -> None:
+        if self._tracker is None:
+            self._tracker = FrameTracker()
+        self._tracker.feed(data)
         ws.receive_data(data)
         for event in ws.events():
             if isinstance(event, TextMessage | BytesMessage):
