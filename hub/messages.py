@@ -98,6 +98,11 @@ class WriteRequest:
         self.withdrawn = True
         return not self.attempting
 
+    @property
+    def task_id(self) -> str:
+        """The one task a request writes to (a frame's, a POST's)."""
+        return self.status.task_id if self.status is not None else self.items[0].task_id
+
 
 class Withdrawn(Exception):
     """The request was withdrawn before a commit stored it."""

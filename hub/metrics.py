@@ -46,6 +46,8 @@ _SCALARS = (
     ("ingest_queue_bytes_peak", "keruta_ingest_queue_bytes_peak", "gauge",
      "The most bytes of WebSocket write frames the hub has held at once"),
     ("store_failures", "keruta_store_failures", "counter", "Store operations that found the store unavailable"),
+    ("parked_tasks", "keruta_parked_tasks", "counter",
+     "Tasks whose row another session held, committed apart from the others"),
 )
 
 
@@ -87,6 +89,7 @@ class Metrics:
     ingest_queue_bytes: int = 0
     ingest_queue_bytes_peak: int = 0
     store_failures: int = 0
+    parked_tasks: int = 0
     registry: CollectorRegistry = attrs.field(factory=lambda: CollectorRegistry(auto_describe=True))
     write_batch: Histogram = attrs.field(init=False)
     frame_bytes: Buckets = attrs.field(factory=lambda: Buckets(_FRAME_BUCKETS))

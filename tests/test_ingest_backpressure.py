@@ -80,10 +80,11 @@ async def test_a_flood_of_small_frames_from_many_connections_stays_within_the_in
 
 
 @asynccontextmanager
-async def commits_held(db: str, task_id: str) -> AsyncIterator[None]:
-    """Another database session holds what the hub needs to commit a write to
-    `task_id` (SQLite: the write lock; PostgreSQL: the task's row) until the
-    block ends."""
+async def commits_held(db: str) -> AsyncIterator[None]:
+    """Another database session holds what the hub needs to commit any write
+    (SQLite: the write lock; PostgreSQL: the chunks table, against inserts)
+    until the block ends. (A task's row held elsewhere would hold up only
+    that task's writes: the writer commits the others apart.)"""
     locked, release = threading.Event(), threading.Event()
 
     def hold_sqlite() -> None:
@@ -103,7 +104,7 @@ async def commits_held(db: str, task_id: str) -> AsyncIterator[None]:
             conn = await asyncpg.connect(db)
             try:
                 async with conn.transaction():
-                    await conn.execute("SELECT 1 FROM keruta_tasks WHERE task_id = $1 FOR UPDATE", task_id)
+                    await conn.execute("LOCK TABLE keruta_chunks IN SHARE MODE")
                     locked.set()
                     while not release.is_set():
                         await asyncio.sleep(0.01)
@@ -136,7 +137,7 @@ async def test_acks_wait_for_the_commit_then_one_ack_covers_every_frame_it_commi
         await blocker.send(one_record("blocker", "pa", 1))
         with trio.fail_after(30):
             await blocker.wait_ack("blocker", 1)
-        async with commits_held(hub.db, "blocker"):
+        async with commits_held(hub.db):
             # The writer is stuck committing this one...
             await blocker.send(one_record("blocker", "pa", 2))
             await trio.sleep(0.3)

@@ -31,7 +31,15 @@ from keruta.limits import DEFAULT_LIMITS, INT64_MAX, MAX_SEQ
 from keruta.timefmt import now_ts
 from tests import hubclient, pgpool
 from tests.conftest import pg_dsn
-from tests.hubclient import TEST_DEADLINE, TestHub, Ws, assert_error, fetch_all, logs_path
+from tests.hubclient import (
+    TEST_DEADLINE,
+    TestHub,
+    Ws,
+    assert_error,
+    fetch_all,
+    logs_path,
+    parse_metrics,
+)
 from tests.inprocess import InProcessHub, InProcessHubFactory, in_process_hubs
 from tests.support import exited, python_m, sqlite_url
 
@@ -519,15 +527,13 @@ async def test_pg_row_lock_on_the_task_then_its_backend_terminated_mid_append(
 
 
 @pytest.mark.pg
-@pytest.mark.xfail(
-    strict=True,
-    reason="one task's row locked by another session stalls every task's writes: the writer's "
-    "group commit puts all waiting tasks in one transaction, which waits on the locked row "
-    "(hub/actors/writer.py), so a POST to an unrelated task is answered 503",
-)
 async def test_pg_a_locked_task_row_does_not_hold_other_tasks_writes_hostage(
     pg_hubs: InProcessHubFactory, fresh_pg_url: str
 ) -> None:
+    """Another session holds one task's row (SELECT ... FOR UPDATE, left
+    open): that task's writes wait for it, in order, its status after its
+    records, while every other task's are stored and answered at once; once
+    the row is free, the waiting ones are stored exactly once."""
     hub = await pg_hubs.astart("--post-timeout", "2", "--store-retry-max", "0.5")
     assert (await post(hub, "locked", {"message": "first"})).status_code == 200
     async with hub.ws() as producer:
@@ -535,14 +541,30 @@ async def test_pg_a_locked_task_row_does_not_hold_other_tasks_writes_hostage(
         async with holding(PG_HOLDER, fresh_pg_url, lock) as holder:
             await producer.send(logs("locked", "p", 1, 5, "locked"))
             await until_a_hub_backend_waits_on_a_lock(fresh_pg_url)
+            await producer.send(logs("locked", "p", 6, 10, "locked"))
+            await producer.send({"type": "status", "taskId": "locked", "state": "succeeded", "exitCode": 0,
+                                 "producer": "p"})
             try:
                 with trio.fail_after(BOUND + 2):
                     resp = await post(hub, "free", {"message": "unrelated"})
-                assert resp.status_code == 200, resp.text
+                    assert resp.status_code == 200, resp.text
+                    await producer.send(logs("other", "q", 1, 3, "other"))
+                    await producer.wait_ack("other", 3)
+                assert producer.acked.get("locked", 0) == 0, "acked while its row was held"
             finally:
                 await holder.release()
         with trio.fail_after(PATIENCE):
-            await producer.wait_ack("locked", 5)
+            await producer.wait_ack("locked", 10)
+            status = await producer.recv_type("status")
+    assert status["state"] == "succeeded", status
+    assert_exactly_once(await stored(hub, "locked"), ["first"], tagged("locked", 1, 10))
+    assert [r["message"] for r in await stored(hub, "locked")][1:] == tagged("locked", 1, 10)
+    assert_exactly_once(await stored(hub, "other"), tagged("other", 1, 3))
+    async with hub.http() as client:
+        task = (await client.get("/api/v1/tasks/locked")).json()
+        assert (task["state"], task["totalLogs"]) == ("succeeded", 11), task
+        assert parse_metrics((await client.get("/metrics")).text)["keruta_parked_tasks_total"] >= 1
+    assert "Traceback" not in hub.stderr_text, hub.stderr_text
 
 
 @pytest.mark.pg

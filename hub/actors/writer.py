@@ -4,10 +4,21 @@ Everything that changes the store on behalf of a producer passes through one
 inbox, so a task's `status` is applied after the records sent before it. A
 commit goes to live viewers at once; its answers (acks, POST replies) go
 through the syncer, which gives them once the commit is durable.
+
+On a store with row locks (PostgreSQL), a commit never waits for a task row
+another session holds (an admin's transaction, a stuck client; another
+hub's commit): it stores the other tasks' records and parks that task. A
+parked task's requests, and any that come for it meanwhile, are committed in
+order by a lane of their own (at most PARKED_LANES at once), which tries
+again without waiting, every PARKED_RETRY (growing) and, past PARKED_PATIENCE,
+waits for the row in one attempt (a row other hubs keep busy is then
+still had in turn); once the lane has nothing left the task is the main
+commits' again. So one locked row holds up its own task, not every task's.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import operator
 import uuid
@@ -47,6 +58,13 @@ T = TypeVar("T")
 # While commits follow each other (one ended with requests waiting), at most
 # one starts per this many seconds (hub/actors/pacing.py); otherwise at once.
 COMMIT_PACE = 0.01
+# Parked tasks' lanes committing at once (each waits on a connection of the
+# store's pool, which the main commits and the readers need too).
+PARKED_LANES = 4
+# A parked task's lane tries again without waiting after this, growing to a
+# tenth of a second; past PARKED_PATIENCE it waits for the row instead.
+PARKED_RETRY = Backoff(initial=0.005, factor=2.0, cap=0.1, jitter=0.0)
+PARKED_PATIENCE = 0.5
 
 
 _SEQ = operator.attrgetter("seq")
@@ -210,6 +228,11 @@ class Writer:
         self._synced: trio.MemorySendChannel[Settled] | None = None
         self.numbering = HubNumbering()
         self.capper = capper
+        # Tasks whose row another session held: their requests, in order, for their lane.
+        self._parked: dict[str, collections.deque[WriteRequest]] = {}
+        self._lanes: trio.Nursery | None = None
+        self._lane_slots = trio.Semaphore(PARKED_LANES)
+        self._skip_busy = getattr(store, "row_locks", False)
 
     async def run(self, inbox: trio.MemoryReceiveChannel[WriteRequest]) -> None:
         """Serve until the inbox is closed and drained, then let the syncer drain."""
@@ -218,15 +241,72 @@ class Writer:
             nursery.start_soon(run_syncer, self.store, to_sync)
             with synced:
                 self._synced = synced
-                async for first in inbox:
-                    if first.status is not None:
-                        await self._apply_status(first)
+                async with trio.open_nursery() as lanes:
+                    self._lanes = lanes
+                    async for first in inbox:
+                        if self._park_if_parked(first):
+                            continue
+                        if first.status is not None:
+                            await self._apply_status(first)
+                            continue
+                        batch, status = await self._gather(inbox, first)
+                        batch = [req for req in batch if not self._park_if_parked(req)]
+                        if batch:
+                            self.pacing.started(trio.current_time())
+                            held = await self._commit(batch, self._skip_busy)
+                            self.pacing.ended(waiting=inbox.statistics().current_buffer_used > 0)
+                            if held:
+                                self._park(held)
+                        if status is not None and not self._park_if_parked(status):
+                            await self._apply_status(status)
+
+    # -- parked tasks ----------------------------------------------------------
+
+    def _park_if_parked(self, req: WriteRequest) -> bool:
+        """Hands `req` to its task's lane if the task is parked."""
+        queue = self._parked.get(req.task_id)
+        if queue is None:
+            return False
+        queue.append(req)
+        return True
+
+    def _park(self, reqs: list[WriteRequest]) -> None:
+        """Parks the requests' tasks (their rows are held elsewhere), these first."""
+        assert self._lanes is not None, "parked only while run() serves"
+        for req in reqs:
+            queue = self._parked.get(req.task_id)
+            if queue is None:
+                queue = self._parked[req.task_id] = collections.deque()
+                self._lanes.start_soon(self._lane, req.task_id, queue)
+                self.metrics.parked_tasks += 1
+                log.info("task %s: its row is held by another session; its writes wait apart", req.task_id)
+            queue.append(req)
+
+    async def _lane(self, task_id: str, queue: collections.deque[WriteRequest]) -> None:
+        """Commits a parked task's requests in order once its row is free;
+        the task is unparked once nothing is left (no await in between)."""
+        try:
+            async with self._lane_slots:
+                tries = 0
+                since = trio.current_time()
+                while queue:
+                    batch: list[WriteRequest] = []
+                    while queue and queue[0].status is None and sum(len(r.items) for r in batch) < self.batch_size:
+                        batch.append(queue.popleft())
+                    if not batch:
+                        await self._apply_status(queue.popleft())
                         continue
-                    batch, status = await self._gather(inbox, first)
-                    await self._commit(batch)
-                    self.pacing.ended(waiting=inbox.statistics().current_buffer_used > 0)
-                    if status is not None:
-                        await self._apply_status(status)
+                    patient = trio.current_time() - since < PARKED_PATIENCE
+                    busy = await self._commit(batch, skip_busy=patient)
+                    if busy:
+                        queue.extendleft(reversed(busy))
+                        await trio.sleep(PARKED_RETRY.base(tries))
+                        tries += 1
+                    else:
+                        tries = 0
+                        since = trio.current_time()
+        finally:
+            del self._parked[task_id]
 
     async def _answer(self, answers: list[tuple[WriteRequest, WriteOutcome]]) -> None:
         """Answer once durable, in commit order (failures too, to keep the order)."""
@@ -281,7 +361,7 @@ class Writer:
             self.available.set()
         return result
 
-    async def _append(self, batch: list[WriteRequest]) -> AppendResult | None:
+    async def _append(self, batch: list[WriteRequest], skip_busy: bool) -> AppendResult | None:
         """One attempt at committing `batch`, less what was withdrawn meanwhile."""
         kept = []
         for req in batch:
@@ -295,30 +375,44 @@ class Writer:
             return None
         for req in batch:
             req.attempting = True
+        items = [item for req in batch for item in req.items]
         try:
-            return await self.store.append([item for req in batch for item in req.items])
+            result = await (self.store.append(items, skip_busy=True) if skip_busy else self.store.append(items))
         except BaseException:
             for req in batch:
                 req.attempting = False
             raise
+        if result.busy:
+            for req in batch:
+                req.attempting = False  # nothing was stored
+        return result
         # Committed: `attempting` stays set, so a POST out of time now waits
         # for its answer (given after the sync) instead of calling it lost.
 
-    async def _commit(self, batch: list[WriteRequest]) -> None:
+    async def _commit(self, batch: list[WriteRequest], skip_busy: bool) -> list[WriteRequest]:
+        """Commits `batch` and answers it; with `skip_busy`, the requests of
+        tasks whose rows another session held are returned, not stored."""
         started = trio.current_time()
-        self.pacing.started(started)
         for req in batch:
             # Once numbered, a request's items are left as they are.
             req.items = self.numbering.number(req.items)
         try:
-            result = await self._with_retry("append", lambda: self._append(batch))
+            result = await self._with_retry("append", lambda: self._append(batch, skip_busy))
         except Exception as exc:
             log.exception("append of %d records failed", sum(len(req.items) for req in batch))
             self.metrics.error("STORE_ERROR")
             await self._answer([(req, WriteOutcome(error=exc)) for req in batch])
-            return
+            return []
         if result is None:
-            return
+            return []
+        if result.busy:
+            # Nothing was stored: the rest again now, those tasks' to the caller.
+            busy = set(result.busy)
+            rest = [req for req in batch if req.task_id not in busy]
+            held = [req for req in batch if req.task_id in busy]
+            if rest:
+                held += await self._commit(rest, skip_busy)
+            return held
         items = [item for req in batch for item in req.items]
         self.metrics.write_batch.observe(trio.current_time() - started)
         self.metrics.records_ingested += len(result.inserted)
@@ -335,6 +429,7 @@ class Writer:
         await self._answer(answers)
         if result.compact:
             await self._compact(result.compact)
+        return []
 
     async def _compact(self, task_ids: list[str]) -> None:
         """Merge these tasks' small chunks, after their records went live: it

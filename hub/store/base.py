@@ -14,7 +14,7 @@ import hashlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import attrs
 
@@ -182,6 +182,9 @@ class AppendResult:
     sizes: dict[str, tuple[int, int | None]] = attrs.field(factory=dict)
     # Tasks whose trailing small chunks are due to be merged (`Store.compact`).
     compact: list[str] = attrs.field(factory=list)
+    # append(skip_busy=True): tasks whose rows another session holds; when
+    # not empty, nothing was stored and the fields above say nothing.
+    busy: list[str] = attrs.field(factory=list)
 
 
 @attrs.frozen
@@ -239,11 +242,18 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
-    async def append(self, items: Sequence[Incoming]) -> AppendResult:
+    # Whether a task's row may be locked by another session (PostgreSQL):
+    # then `append(items, skip_busy=True)` is understood.
+    row_locks: ClassVar[bool] = False
+
+    async def append(self, items: Sequence[Incoming], skip_busy: bool = False) -> AppendResult:
         """Store a batch in one transaction; return only after it committed.
 
         Committed means visible to every reader and kept if the hub process
-        dies; it survives a power cut only after the next `sync`.
+        dies; it survives a power cut only after the next `sync`. With
+        `skip_busy` (stores with `row_locks`), a batch one of whose tasks'
+        rows another session holds stores nothing and names those tasks in
+        `busy` instead of waiting for them.
         """
         ...
 

@@ -60,18 +60,23 @@ _LOOKUP_SPAN = 4 * chunk.CHUNK_RECORDS
 # -- appending -----------------------------------------------------------------
 
 
-def append(d: Dialect, items: Sequence[Incoming]) -> Steps[AppendResult]:
+def append(d: Dialect, items: Sequence[Incoming], skip_busy: bool = False) -> Steps[AppendResult]:
     """Store a batch (see `Store.append`); run inside a write transaction.
 
     The task rows are read under the dialect's lock (SQLite: the writer's
     BEGIN IMMEDIATE; PostgreSQL: FOR UPDATE in task_id order), so nobody else
     appends to these tasks meanwhile: the task seqs given here are the next
     ones, and what is not stored now is new. The new records of each task go
-    in as chunks of consecutive seqs.
+    in as chunks of consecutive seqs. With `skip_busy`, if another session
+    holds a task's row, nothing is stored and the result names those tasks
+    (`busy`).
     """
     task_ids = sorted({i.task_id for i in items})
     now = now_ts()
-    progress = yield from _lock_tasks(d, task_ids, now)
+    locked = yield from _lock_tasks(d, task_ids, now, skip_busy)
+    if isinstance(locked, list):
+        return AppendResult(records=[], inserted=[], durable={}, busy=locked)
+    progress = locked
     if len(task_ids) == 1:
         # One task (an agent's batch): its producers told apart by name alone,
         # the strings' hashes already known.
@@ -161,10 +166,23 @@ def _compact_tail(d: Dialect, task_id: str) -> Steps[None]:
     yield d.insert_chunks(chunk.merge(task_id, [(row[0], cols) for row, cols in tail]))
 
 
-def _lock_tasks(d: Dialect, task_ids: list[str], now: str) -> Steps[dict[str, TaskProgress]]:
+def _lock_tasks(
+    d: Dialect, task_ids: list[str], now: str, skip_busy: bool = False
+) -> Steps[dict[str, TaskProgress] | list[str]]:
+    """The tasks' progress, their rows locked (made first where missing);
+    with `skip_busy`, the tasks whose rows another session holds instead,
+    if there are any."""
     rows: list[Any] = []
     for start in range(0, len(task_ids), d.in_chunk):
-        rows += yield d.lock_tasks(task_ids[start : start + d.in_chunk])
+        rows += yield d.lock_tasks(task_ids[start : start + d.in_chunk], skip_busy)
+    if skip_busy and len(rows) < len(task_ids):
+        locked = {r[0] for r in rows}
+        existing: set[str] = set()
+        for start in range(0, len(task_ids), d.in_chunk):
+            existing.update(r[0] for r in (yield d.existing_tasks(task_ids[start : start + d.in_chunk])))
+        busy = sorted(existing - locked)
+        if busy:
+            return busy
     create = d.create_tasks(task_ids, now) if len(rows) < len(task_ids) else None
     if create is not None:
         # Created rows are locked by this transaction; take them all again in order.

@@ -29,6 +29,17 @@ from hub.store.steps import (
     TaskSave,
 )
 
+_LOCK_TASKS = """
+    SELECT task_id, max_seq, durable_seq, stored_bytes, max_bytes FROM keruta_tasks
+    WHERE task_id = ANY($1::text[]) ORDER BY task_id FOR UPDATE
+"""
+# The writer's own commits: a row another session holds is left to a commit
+# of its own (hub/actors/writer.py parks its task) instead of holding every task's.
+_LOCK_TASKS_SKIPPING = """
+    SELECT task_id, max_seq, durable_seq, stored_bytes, max_bytes FROM keruta_tasks
+    WHERE task_id = ANY($1::text[]) ORDER BY task_id FOR UPDATE SKIP LOCKED
+"""
+
 
 class PostgresSql(Dialect):
     """`origin` names the store in its notices; `notify`: send them at all."""
@@ -184,14 +195,14 @@ class PostgresSql(Dialect):
         self.notify = notify
         self.origin = origin
 
-    def lock_tasks(self, task_ids: Sequence[str]) -> Op:
+    def lock_tasks(self, task_ids: Sequence[str], skip_locked: bool = False) -> Op:
         return self.fetch(
-            """
-            SELECT task_id, max_seq, durable_seq, stored_bytes, max_bytes FROM keruta_tasks
-            WHERE task_id = ANY($1::text[]) ORDER BY task_id FOR UPDATE
-            """,
+            _LOCK_TASKS_SKIPPING if skip_locked else _LOCK_TASKS,
             list(task_ids),
         )
+
+    def existing_tasks(self, task_ids: Sequence[str]) -> Op:
+        return self.fetch("SELECT task_id FROM keruta_tasks WHERE task_id = ANY($1::text[])", list(task_ids))
 
     def create_tasks(self, task_ids: list[str], now: str) -> Op | None:
         return self.exec(

@@ -28,7 +28,7 @@ import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import trio
 import triopg
@@ -87,6 +87,9 @@ def idle_transaction_ms(command_timeout: float) -> int:
 
 class PostgresStore(SqlStore):
     """`Store` on PostgreSQL (see the module docstring)."""
+
+    # Another hub's commit, or any session, may hold a task's row.
+    row_locks: ClassVar[bool] = True
 
     # Seconds a new connection may take, unless --db-timeout is shorter.
     CONNECT_TIMEOUT = 10.0

@@ -216,7 +216,8 @@ class SQLiteSql(Dialect):
             task_id, orjson.dumps([list(run) for run in runs]).decode(), max(s for s, _ in runs),
         )
 
-    def lock_tasks(self, task_ids: Sequence[str]) -> Op:
+    def lock_tasks(self, task_ids: Sequence[str], skip_locked: bool = False) -> Op:
+        # No row locks: the writer's BEGIN IMMEDIATE holds the whole database.
         marks = ",".join("?" * len(task_ids))
         # One row of JSON, not a row per task: each row read is a step, and
         # every step lets the GIL go and waits to take it back (hub/store/sqlite.py).

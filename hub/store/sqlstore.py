@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import orjson
 import trio
@@ -40,6 +40,7 @@ T = TypeVar("T")
 class SqlStore:
     url: str
     _dialect: Dialect
+    row_locks: ClassVar[bool] = False
 
     async def _read(self, steps: Steps[T], *, snapshot: bool = False) -> T:
         raise NotImplementedError
@@ -58,10 +59,10 @@ class SqlStore:
     async def upkeep(self) -> None:
         """Nothing by default."""
 
-    async def append(self, items: Sequence[Incoming]) -> AppendResult:
+    async def append(self, items: Sequence[Incoming], skip_busy: bool = False) -> AppendResult:
         if not items:
             return AppendResult(records=[], inserted=[], durable={})
-        return await self._write(core.append(self._dialect, items), sync=False)
+        return await self._write(core.append(self._dialect, items, skip_busy), sync=False)
 
     async def compact(self, task_ids: Sequence[str]) -> None:
         if task_ids:

@@ -218,8 +218,15 @@ class Dialect:
 
     # -- the steps whose shape differs ------------------------------------------
 
-    def lock_tasks(self, task_ids: Sequence[str]) -> Op:
-        """-> [(task_id, max_seq, durable_seq, stored_bytes, max_bytes)] of those that exist, locked, in task_id order."""
+    def lock_tasks(self, task_ids: Sequence[str], skip_locked: bool = False) -> Op:
+        """-> [(task_id, max_seq, durable_seq, stored_bytes, max_bytes)] of those that exist, locked, in task_id order.
+
+        `skip_locked` (a store with row locks): rows another transaction holds
+        are left out instead of waited for."""
+        raise NotImplementedError
+
+    def existing_tasks(self, task_ids: Sequence[str]) -> Op:
+        """-> [(task_id,)] of those that exist, without taking a lock."""
         raise NotImplementedError
 
     def create_tasks(self, task_ids: list[str], now: str) -> Op | None:
