@@ -4,6 +4,7 @@ not yet answered, shared by every connection (docs/architecture.md)."""
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 
 import trio
 
@@ -53,18 +54,24 @@ class IngestBudget:
 
     async def take(self, size: int) -> None:
         """Holds `size` bytes once there is room (no checkpoint when there is)."""
-        if self.try_take(size):
-            return
+        if not self.try_take(size):
+            await self._wait_turn(self._waiters, size, self.release)
+
+    async def _wait_turn(
+        self, waiters: collections.deque[tuple[int, trio.Event]], size: int, release: Callable[[int], None]
+    ) -> None:
+        """Waits in `waiters` until `_wake` gives `size` bytes; a waiter
+        cancelled holds nothing (what it was given goes back by `release`)."""
         given = trio.Event()
         entry = (size, given)
-        self._waiters.append(entry)
+        waiters.append(entry)
         try:
             await given.wait()
         except BaseException:
             if given.is_set():
-                self.release(size)
+                release(size)
             else:
-                self._waiters.remove(entry)
+                waiters.remove(entry)
                 self._wake()
             raise
 
@@ -104,18 +111,7 @@ class IngestBudget:
         if not self._partial_waiters and self._fits_partial(size):
             self._take_partial(size)
             return
-        given = trio.Event()
-        entry = (size, given)
-        self._partial_waiters.append(entry)
-        try:
-            await given.wait()
-        except BaseException:
-            if given.is_set():
-                self.release_partial(size)
-            else:
-                self._partial_waiters.remove(entry)
-                self._wake()
-            raise
+        await self._wait_turn(self._partial_waiters, size, self.release_partial)
 
     def release_partial(self, size: int) -> None:
         self.partial_used -= size
