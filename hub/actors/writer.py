@@ -11,9 +11,9 @@ hub's commit): it stores the other tasks' records and parks that task. A
 parked task's requests, and any that come for it meanwhile, are committed in
 order by a lane of their own (at most PARKED_LANES at once), which tries
 again without waiting, every PARKED_RETRY (growing) and, past PARKED_PATIENCE,
-waits for the row in one attempt (a row other hubs keep busy is then
-still had in turn); once the lane has nothing left the task is the main
-commits' again. So one locked row holds up its own task, not every task's.
+waiting up to PARKED_LOCK_WAIT for the row (a row other hubs keep busy is
+then still had in turn; one held for good is never a store outage); once
+the lane has nothing left the task is the main commits' again. So one locked row holds up its own task, not every task's.
 """
 
 from __future__ import annotations
@@ -62,9 +62,12 @@ COMMIT_PACE = 0.01
 # store's pool, which the main commits and the readers need too).
 PARKED_LANES = 4
 # A parked task's lane tries again without waiting after this, growing to a
-# tenth of a second; past PARKED_PATIENCE it waits for the row instead.
+# tenth of a second; past PARKED_PATIENCE it waits for the row instead, up
+# to PARKED_LOCK_WAIT an attempt (in the server's queue for the row, so a
+# row other hubs keep busy is still had in turn), and tries again.
 PARKED_RETRY = Backoff(initial=0.005, factor=2.0, cap=0.1, jitter=0.0)
 PARKED_PATIENCE = 0.5
+PARKED_LOCK_WAIT = 1.0
 
 
 _SEQ = operator.attrgetter("seq")
@@ -232,7 +235,8 @@ class Writer:
         self._parked: dict[str, collections.deque[WriteRequest]] = {}
         self._lanes: trio.Nursery | None = None
         self._lane_slots = trio.Semaphore(PARKED_LANES)
-        self._skip_busy = getattr(store, "row_locks", False)
+        # The main commits' busy_wait: none at all where rows can be held elsewhere.
+        self._busy_wait = 0.0 if getattr(store, "row_locks", False) else None
 
     async def run(self, inbox: trio.MemoryReceiveChannel[WriteRequest]) -> None:
         """Serve until the inbox is closed and drained, then let the syncer drain."""
@@ -253,7 +257,7 @@ class Writer:
                         batch = [req for req in batch if not self._park_if_parked(req)]
                         if batch:
                             self.pacing.started(trio.current_time())
-                            held = await self._commit(batch, self._skip_busy)
+                            held = await self._commit(batch, self._busy_wait)
                             self.pacing.ended(waiting=inbox.statistics().current_buffer_used > 0)
                             if held:
                                 self._park(held)
@@ -297,7 +301,7 @@ class Writer:
                         await self._apply_status(queue.popleft())
                         continue
                     patient = trio.current_time() - since < PARKED_PATIENCE
-                    busy = await self._commit(batch, skip_busy=patient)
+                    busy = await self._commit(batch, 0.0 if patient else PARKED_LOCK_WAIT)
                     if busy:
                         queue.extendleft(reversed(busy))
                         await trio.sleep(PARKED_RETRY.base(tries))
@@ -361,7 +365,7 @@ class Writer:
             self.available.set()
         return result
 
-    async def _append(self, batch: list[WriteRequest], skip_busy: bool) -> AppendResult | None:
+    async def _append(self, batch: list[WriteRequest], busy_wait: float | None) -> AppendResult | None:
         """One attempt at committing `batch`, less what was withdrawn meanwhile."""
         kept = []
         for req in batch:
@@ -377,7 +381,7 @@ class Writer:
             req.attempting = True
         items = [item for req in batch for item in req.items]
         try:
-            result = await (self.store.append(items, skip_busy=True) if skip_busy else self.store.append(items))
+            result = await (self.store.append(items) if busy_wait is None else self.store.append(items, busy_wait))
         except BaseException:
             for req in batch:
                 req.attempting = False
@@ -389,15 +393,15 @@ class Writer:
         # Committed: `attempting` stays set, so a POST out of time now waits
         # for its answer (given after the sync) instead of calling it lost.
 
-    async def _commit(self, batch: list[WriteRequest], skip_busy: bool) -> list[WriteRequest]:
-        """Commits `batch` and answers it; with `skip_busy`, the requests of
-        tasks whose rows another session held are returned, not stored."""
+    async def _commit(self, batch: list[WriteRequest], busy_wait: float | None) -> list[WriteRequest]:
+        """Commits `batch` and answers it; with `busy_wait`, the requests of
+        tasks whose rows another session held longer are returned, not stored."""
         started = trio.current_time()
         for req in batch:
             # Once numbered, a request's items are left as they are.
             req.items = self.numbering.number(req.items)
         try:
-            result = await self._with_retry("append", lambda: self._append(batch, skip_busy))
+            result = await self._with_retry("append", lambda: self._append(batch, busy_wait))
         except Exception as exc:
             log.exception("append of %d records failed", sum(len(req.items) for req in batch))
             self.metrics.error("STORE_ERROR")
@@ -411,7 +415,7 @@ class Writer:
             rest = [req for req in batch if req.task_id not in busy]
             held = [req for req in batch if req.task_id in busy]
             if rest:
-                held += await self._commit(rest, skip_busy)
+                held += await self._commit(rest, busy_wait)
             return held
         items = [item for req in batch for item in req.items]
         self.metrics.write_batch.observe(trio.current_time() - started)

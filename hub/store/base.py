@@ -182,8 +182,8 @@ class AppendResult:
     sizes: dict[str, tuple[int, int | None]] = attrs.field(factory=dict)
     # Tasks whose trailing small chunks are due to be merged (`Store.compact`).
     compact: list[str] = attrs.field(factory=list)
-    # append(skip_busy=True): tasks whose rows another session holds; when
-    # not empty, nothing was stored and the fields above say nothing.
+    # append(busy_wait=...): tasks whose rows another session held past it;
+    # when not empty, nothing was stored and the fields above say nothing.
     busy: list[str] = attrs.field(factory=list)
 
 
@@ -243,17 +243,18 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
     # Whether a task's row may be locked by another session (PostgreSQL):
-    # then `append(items, skip_busy=True)` is understood.
+    # then `append(items, busy_wait=...)` is understood.
     row_locks: ClassVar[bool] = False
 
-    async def append(self, items: Sequence[Incoming], skip_busy: bool = False) -> AppendResult:
+    async def append(self, items: Sequence[Incoming], busy_wait: float | None = None) -> AppendResult:
         """Store a batch in one transaction; return only after it committed.
 
         Committed means visible to every reader and kept if the hub process
         dies; it survives a power cut only after the next `sync`. With
-        `skip_busy` (stores with `row_locks`), a batch one of whose tasks'
-        rows another session holds stores nothing and names those tasks in
-        `busy` instead of waiting for them.
+        `busy_wait` (stores with `row_locks`), a batch that would wait longer
+        than that many seconds (0: at all) for a lock another session holds
+        stores nothing and names its tasks in `busy` (all of them when the
+        wait was not for a task's row).
         """
         ...
 

@@ -60,20 +60,25 @@ _LOOKUP_SPAN = 4 * chunk.CHUNK_RECORDS
 # -- appending -----------------------------------------------------------------
 
 
-def append(d: Dialect, items: Sequence[Incoming], skip_busy: bool = False) -> Steps[AppendResult]:
+def append(d: Dialect, items: Sequence[Incoming], busy_wait: float | None = None) -> Steps[AppendResult]:
     """Store a batch (see `Store.append`); run inside a write transaction.
 
     The task rows are read under the dialect's lock (SQLite: the writer's
     BEGIN IMMEDIATE; PostgreSQL: FOR UPDATE in task_id order), so nobody else
     appends to these tasks meanwhile: the task seqs given here are the next
     ones, and what is not stored now is new. The new records of each task go
-    in as chunks of consecutive seqs. With `skip_busy`, if another session
+    in as chunks of consecutive seqs. With `busy_wait` 0, if another session
     holds a task's row, nothing is stored and the result names those tasks
-    (`busy`).
+    (`busy`); above 0, a lock is waited for that long at most (the store
+    turns a longer wait into `busy`: PostgresStore.append).
     """
     task_ids = sorted({i.task_id for i in items})
     now = now_ts()
-    locked = yield from _lock_tasks(d, task_ids, now, skip_busy)
+    if busy_wait:
+        limit = d.lock_wait(busy_wait)
+        if limit is not None:
+            yield limit
+    locked = yield from _lock_tasks(d, task_ids, now, busy_wait == 0)
     if isinstance(locked, list):
         return AppendResult(records=[], inserted=[], durable={}, busy=locked)
     progress = locked

@@ -201,6 +201,10 @@ class PostgresSql(Dialect):
             list(task_ids),
         )
 
+    def lock_wait(self, seconds: float) -> Op | None:
+        # SET takes no parameters; a whole number of milliseconds, never below 1.
+        return self.exec(f"SET LOCAL lock_timeout = {max(1, round(seconds * 1000))}")
+
     def existing_tasks(self, task_ids: Sequence[str]) -> Op:
         return self.fetch("SELECT task_id FROM keruta_tasks WHERE task_id = ANY($1::text[])", list(task_ids))
 

@@ -26,14 +26,15 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import Any, ClassVar, TypeVar
 
+import asyncpg
 import trio
 import triopg
 
-from hub.store.base import Rewrite
+from hub.store.base import AppendResult, Incoming, Rewrite, StoreUnavailable
 from hub.store.pg_errors import unavailable_as_store_error
 from hub.store.pg_link import close_pool_within, drop_idle, in_one_hop
 from hub.store.pg_notices import (
@@ -236,6 +237,15 @@ class PostgresStore(SqlStore):
                 await in_one_hop(conn, _begin_snapshot, None)
                 yield read
                 await in_one_hop(conn, _commit, None)
+
+    async def append(self, items: Sequence[Incoming], busy_wait: float | None = None) -> AppendResult:
+        try:
+            return await super().append(items, busy_wait)
+        except StoreUnavailable as exc:
+            # Its lock_timeout: a lock held elsewhere for longer than busy_wait.
+            if busy_wait and isinstance(exc.__cause__, asyncpg.LockNotAvailableError):
+                return AppendResult(records=[], inserted=[], durable={}, busy=sorted({i.task_id for i in items}))
+            raise
 
     async def _write(self, steps: Steps[T], *, sync: bool = True) -> T:
         # `sync` changes nothing: every commit is synchronous (synchronous_commit=on).

@@ -59,10 +59,10 @@ class SqlStore:
     async def upkeep(self) -> None:
         """Nothing by default."""
 
-    async def append(self, items: Sequence[Incoming], skip_busy: bool = False) -> AppendResult:
+    async def append(self, items: Sequence[Incoming], busy_wait: float | None = None) -> AppendResult:
         if not items:
             return AppendResult(records=[], inserted=[], durable={})
-        return await self._write(core.append(self._dialect, items, skip_busy), sync=False)
+        return await self._write(core.append(self._dialect, items, busy_wait), sync=False)
 
     async def compact(self, task_ids: Sequence[str]) -> None:
         if task_ids:

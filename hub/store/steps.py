@@ -225,6 +225,10 @@ class Dialect:
         are left out instead of waited for."""
         raise NotImplementedError
 
+    def lock_wait(self, seconds: float) -> Op | None:
+        """Make this transaction's lock waits give up after `seconds` (None: no row locks)."""
+        return None
+
     def existing_tasks(self, task_ids: Sequence[str]) -> Op:
         """-> [(task_id,)] of those that exist, without taking a lock."""
         raise NotImplementedError
