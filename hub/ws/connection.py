@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
@@ -475,19 +474,28 @@ class Connection:
                         request, size, tokens = schedule.pop()
                         await self._hand(request, size, tokens)
                         continue
-                    with trio.move_on_at(math.inf if at is None else at):
+                    # The next frame, or the next write's time, whichever comes first
+                    # (a cancel scope only while a write waits for its tokens).
+                    if at is None:
                         frame, size = await anext(frames)
-                        try:
-                            task_id, wanted = self._request(frame)
-                        except FrameError as exc:
-                            self._unqueue(size)
-                            await self._error(exc.code, exc.message)
+                    else:
+                        got = None
+                        with trio.move_on_at(at):
+                            got = await anext(frames)
+                        if got is None:
                             continue
-                        if wanted is None:
-                            self._unqueue(size)
-                            continue
-                        tokens = len(wanted.items)
-                        schedule.add(task_id, self.hub.limiter(task_id).reserve(tokens), (wanted, size, tokens))
+                        frame, size = got
+                    try:
+                        task_id, wanted = self._request(frame)
+                    except FrameError as exc:
+                        self._unqueue(size)
+                        await self._error(exc.code, exc.message)
+                        continue
+                    if wanted is None:
+                        self._unqueue(size)
+                        continue
+                    tokens = len(wanted.items)
+                    schedule.add(task_id, self.hub.limiter(task_id).reserve(tokens), (wanted, size, tokens))
             finally:
                 for request, size, tokens in schedule.drain():
                     self._unqueue(size)
