@@ -93,9 +93,10 @@ class IngestBudget:
     # -- messages still arriving ---------------------------------------------
 
     def _fits_partial(self, size: int) -> bool:
-        # One holder at a time always goes, so a message larger than the
-        # share still arrives (a whole frame that size would go alone too).
-        return self.partial_used == 0 or (
+        # One holder at a time goes past the share, so a message larger than
+        # it still arrives (a whole frame that size goes alone too), but not
+        # beside a whole frame that went alone: at most one is past the bound.
+        return (self.partial_used == 0 and self.used <= self.max_bytes) or (
             not self._waiters
             and self.partial_used + size <= self.partial_max
             and self.used + size <= self.max_bytes

@@ -242,6 +242,17 @@ async def test_one_message_still_arriving_always_goes_alone() -> None:
     assert (budget.used, budget.partial_used) == (300, 200)
 
 
+async def test_a_message_still_arriving_does_not_go_alone_beside_a_whole_frame_that_did() -> None:
+    budget = IngestBudget(100)
+    await budget.take(500)  # alone: larger than the budget
+    with trio.move_on_after(0.1):
+        await budget.take_partial(200)
+        raise AssertionError("two past the bound at once")
+    budget.release(500)
+    await budget.take_partial(200)
+    assert (budget.used, budget.partial_used) == (200, 200)
+
+
 async def test_partial_waiters_go_in_order_after_whole_frames() -> None:
     budget = IngestBudget(100)
     await budget.take_partial(50)
