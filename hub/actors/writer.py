@@ -45,10 +45,12 @@ from hub.store.base import (
     Incoming,
     Store,
     StoreUnavailable,
+    TaskBusy,
     hub_made,
 )
 from keruta.backoff import Backoff
 from keruta.channels import receive_now
+from keruta.records import TaskInfo
 from keruta.retry import retry
 
 log = logging.getLogger("keruta.hub.writer")
@@ -251,7 +253,7 @@ class Writer:
                         if self._park_if_parked(first):
                             continue
                         if first.status is not None:
-                            await self._apply_status(first)
+                            await self._status_or_park(first)
                             continue
                         batch, status = await self._gather(inbox, first)
                         batch = [req for req in batch if not self._park_if_parked(req)]
@@ -262,7 +264,11 @@ class Writer:
                             if held:
                                 self._park(held)
                         if status is not None and not self._park_if_parked(status):
-                            await self._apply_status(status)
+                            await self._status_or_park(status)
+
+    async def _status_or_park(self, req: WriteRequest) -> None:
+        if not await self._apply_status(req, self._busy_wait):
+            self._park([req])
 
     # -- parked tasks ----------------------------------------------------------
 
@@ -297,11 +303,12 @@ class Writer:
                     batch: list[WriteRequest] = []
                     while queue and queue[0].status is None and sum(len(r.items) for r in batch) < self.batch_size:
                         batch.append(queue.popleft())
-                    if not batch:
-                        await self._apply_status(queue.popleft())
-                        continue
-                    patient = trio.current_time() - since < PARKED_PATIENCE
-                    busy = await self._commit(batch, 0.0 if patient else PARKED_LOCK_WAIT)
+                    wait = 0.0 if trio.current_time() - since < PARKED_PATIENCE else PARKED_LOCK_WAIT
+                    if batch:
+                        busy = await self._commit(batch, wait)
+                    else:
+                        status = queue.popleft()
+                        busy = [] if await self._apply_status(status, wait) else [status]
                     if busy:
                         queue.extendleft(reversed(busy))
                         await trio.sleep(PARKED_RETRY.base(tries))
@@ -446,16 +453,27 @@ class Writer:
         except Exception:
             log.exception("chunk merge of tasks %s failed", ", ".join(task_ids[:5]))
 
-    async def _apply_status(self, req: WriteRequest) -> None:
+    async def _apply_status(self, req: WriteRequest, busy_wait: float | None = None) -> bool:
+        """Applies and answers a status change; False (nothing done, nothing
+        answered) if its task's row was held elsewhere past `busy_wait`."""
         change = req.status
         assert change is not None
-        try:
-            task = await self._with_retry(
-                "set_state",
-                lambda: self.store.set_state(
-                    change.task_id, change.state, change.exit_code, change.producer, change.summary
-                ),
+
+        def set_state() -> Awaitable[TaskInfo]:
+            return self.store.set_state(
+                change.task_id, change.state, change.exit_code, change.producer, change.summary, busy_wait
             )
+
+        try:
+            task = await self._with_retry("set_state", set_state)
+        except TaskBusy:
+            return False
+        except Exception as exc:
+            log.exception("status change of %s failed", change.task_id)
+            self.metrics.error("STORE_ERROR")
+            await self._answer([(req, WriteOutcome(error=exc))])
+            return True
+        try:
             max_bytes = change.max_bytes
             if max_bytes is not None:
                 # After set_state, which made the task if it is new.
@@ -474,6 +492,7 @@ class Writer:
             log.exception("status change of %s failed", change.task_id)
             self.metrics.error("STORE_ERROR")
             await self._answer([(req, WriteOutcome(error=exc))])
-            return
+            return True
         self.broadcaster.publish_status(task)
         await self._answer([(req, WriteOutcome(task=task, run_state=run_state))])
+        return True

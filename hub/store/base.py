@@ -36,6 +36,11 @@ class StoreUnavailable(ConnectionError):
     """The database cannot be reached or used right now; retrying later may work."""
 
 
+class TaskBusy(Exception):
+    """A lock another session holds (a task's row) was not had within the
+    `busy_wait` asked for; nothing was changed. Not an outage."""
+
+
 # Waits between attempts while the store is unavailable: the writer's commits
 # (--store-retry-max caps them) and a subscription's reads.
 STORE_RETRY = Backoff(initial=0.2, cap=5.0)
@@ -280,7 +285,7 @@ class Store(Protocol):
 
     async def set_state(
         self, task_id: str, state: str, exit_code: int | None, producer: str | None = None,
-        summary: Summary | None = None,
+        summary: Summary | None = None, busy_wait: float | None = None,
     ) -> TaskInfo:
         """Record a task's state (creating the task if new) and return it.
         With `producer`, `summary` is what that run says it sent
@@ -290,6 +295,8 @@ class Store(Protocol):
         `running` or `pending`. With `producer`, the change is the state of that
         run; the task shows the state of its newest run. Committed, like
         `append`, when it returns; it survives a power cut after the next `sync`.
+        With `busy_wait` (stores with `row_locks`), a lock held elsewhere for
+        longer than that is TaskBusy, nothing changed.
         """
         ...
 

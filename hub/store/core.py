@@ -49,6 +49,9 @@ STATUS_NOTICE = -1
 # skip them, whole chunks when every one must be opened.
 _HEADS_PER_READ = 1000
 _CHUNKS_PER_READ = 16
+# How long an append that waits for no row (busy_wait 0) waits for a task row
+# another session is creating; past it, its tasks are busy.
+CREATE_WAIT = 0.1
 # A scan that reads on past the page (a text search's total, a raw
 # download) takes more per statement: each is a round trip, and on
 # PostgreSQL a pass through trio-asyncio (~64 compressed chunks: about 1 MB).
@@ -75,9 +78,7 @@ def append(d: Dialect, items: Sequence[Incoming], busy_wait: float | None = None
     task_ids = sorted({i.task_id for i in items})
     now = now_ts()
     if busy_wait:
-        limit = d.lock_wait(busy_wait)
-        if limit is not None:
-            yield limit
+        yield from _lock_wait(d, busy_wait)
     locked = yield from _lock_tasks(d, task_ids, now, busy_wait == 0)
     if isinstance(locked, list):
         return AppendResult(records=[], inserted=[], durable={}, busy=locked)
@@ -190,8 +191,14 @@ def _lock_tasks(
             return busy
     create = d.create_tasks(task_ids, now) if len(rows) < len(task_ids) else None
     if create is not None:
-        # Created rows are locked by this transaction; take them all again in order.
+        if skip_busy:
+            # A row another session is creating, not committed yet, was not
+            # seen above: its INSERT would wait for that session.
+            yield from _lock_wait(d, CREATE_WAIT)
         yield create
+        if skip_busy:
+            yield from _lock_wait(d, None)
+        # Created rows are locked by this transaction; take them all again in order.
         return (yield from _lock_tasks(d, task_ids, now))
     found = {r[0]: r for r in rows}
     progress = {}
@@ -203,6 +210,12 @@ def _lock_tasks(
             else TaskProgress(max_seq=r[1], durable_seq=r[2], stored_bytes=r[3], max_bytes=r[4])
         )
     return progress
+
+
+def _lock_wait(d: Dialect, seconds: float | None) -> Steps[None]:
+    op = d.lock_wait(seconds)
+    if op is not None:
+        yield op
 
 
 def _records_at(d: Dialect, task_id: str, seqs: list[int]) -> Steps[list[LogRecord]]:
@@ -258,10 +271,13 @@ def _producer_rows(
 
 def set_state(
     d: Dialect, task_id: str, state: str, exit_code: int | None, producer: str | None,
-    summary: dict[str, Any] | None = None,
+    summary: dict[str, Any] | None = None, busy_wait: float | None = None,
 ) -> Steps[TaskInfo]:
     """Record a task's (or run's) state, and the summary a run sent with it;
-    run inside a write transaction."""
+    run inside a write transaction. `busy_wait`: the longest wait for a lock
+    (the store turns a longer one into TaskBusy)."""
+    if busy_wait is not None:
+        yield from _lock_wait(d, busy_wait)
     # A new task starts in the state given; its row's lock then orders this
     # against appends and other hubs.
     yield d.exec(d.ENSURE_TASK, task_id, state, exit_code, now_ts())

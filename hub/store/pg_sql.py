@@ -201,8 +201,10 @@ class PostgresSql(Dialect):
             list(task_ids),
         )
 
-    def lock_wait(self, seconds: float) -> Op | None:
-        # SET takes no parameters; a whole number of milliseconds, never below 1.
+    def lock_wait(self, seconds: float | None) -> Op | None:
+        if seconds is None:
+            return self.exec("SET LOCAL lock_timeout TO DEFAULT")
+        # SET takes no parameters; a whole number of milliseconds, never 0 (no limit).
         return self.exec(f"SET LOCAL lock_timeout = {max(1, round(seconds * 1000))}")
 
     def existing_tasks(self, task_ids: Sequence[str]) -> Op:

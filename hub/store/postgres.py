@@ -34,7 +34,7 @@ import asyncpg
 import trio
 import triopg
 
-from hub.store.base import AppendResult, Incoming, Rewrite, StoreUnavailable
+from hub.store.base import AppendResult, Incoming, Rewrite, StoreUnavailable, TaskBusy
 from hub.store.pg_errors import unavailable_as_store_error
 from hub.store.pg_link import close_pool_within, drop_idle, in_one_hop
 from hub.store.pg_notices import (
@@ -49,6 +49,8 @@ from hub.store.pg_schema import SCHEMA_VERSION, keep_session, migrate
 from hub.store.pg_sql import PostgresSql
 from hub.store.sqlstore import SqlStore
 from hub.store.steps import EXEC, FETCH, MANY, ROW, Op, Steps, drive
+from keruta.records import TaskInfo
+from keruta.summary import Summary
 
 T = TypeVar("T")
 
@@ -242,9 +244,21 @@ class PostgresStore(SqlStore):
         try:
             return await super().append(items, busy_wait)
         except StoreUnavailable as exc:
-            # Its lock_timeout: a lock held elsewhere for longer than busy_wait.
-            if busy_wait and isinstance(exc.__cause__, asyncpg.LockNotAvailableError):
+            # Its lock_timeout: a lock held elsewhere for longer than busy_wait
+            # (which row is not told: every task of the batch).
+            if busy_wait is not None and isinstance(exc.__cause__, asyncpg.LockNotAvailableError):
                 return AppendResult(records=[], inserted=[], durable={}, busy=sorted({i.task_id for i in items}))
+            raise
+
+    async def set_state(
+        self, task_id: str, state: str, exit_code: int | None, producer: str | None = None,
+        summary: Summary | None = None, busy_wait: float | None = None,
+    ) -> TaskInfo:
+        try:
+            return await super().set_state(task_id, state, exit_code, producer, summary, busy_wait)
+        except StoreUnavailable as exc:
+            if busy_wait is not None and isinstance(exc.__cause__, asyncpg.LockNotAvailableError):
+                raise TaskBusy(task_id) from exc
             raise
 
     async def _write(self, steps: Steps[T], *, sync: bool = True) -> T:

@@ -70,14 +70,15 @@ class SqlStore:
 
     async def set_state(
         self, task_id: str, state: str, exit_code: int | None, producer: str | None = None,
-        summary: Summary | None = None,
+        summary: Summary | None = None, busy_wait: float | None = None,
     ) -> TaskInfo:
         if state not in TASK_STATES:
             raise InvalidField("state", f"must be one of {', '.join(TASK_STATES)}")
         # The writer, its one caller, answers through the syncer, which syncs.
         return await self._write(
             core.set_state(
-                self._dialect, task_id, state, exit_code, producer, None if summary is None else summary.to_json()
+                self._dialect, task_id, state, exit_code, producer, None if summary is None else summary.to_json(),
+                busy_wait,
             ),
             sync=False,
         )

@@ -225,8 +225,10 @@ class Dialect:
         are left out instead of waited for."""
         raise NotImplementedError
 
-    def lock_wait(self, seconds: float) -> Op | None:
-        """Make this transaction's lock waits give up after `seconds` (None: no row locks)."""
+    def lock_wait(self, seconds: float | None) -> Op | None:
+        """Make this transaction's lock waits give up after `seconds` (at
+        least a millisecond; None: as long as the session's default). None
+        back: the database has no row locks."""
         return None
 
     def existing_tasks(self, task_ids: Sequence[str]) -> Op:
