@@ -13,7 +13,8 @@ order by a lane of their own (at most PARKED_LANES at once), which tries
 again without waiting, every PARKED_RETRY (growing) and, past PARKED_PATIENCE,
 waiting up to PARKED_LOCK_WAIT for the row (a row other hubs keep busy is
 then still had in turn; one held for good is never a store outage); once
-the lane has nothing left the task is the main commits' again. So one locked row holds up its own task, not every task's.
+the lane has nothing left the task is the main commits' again. So one
+locked row holds up its own task, not every task's.
 """
 
 from __future__ import annotations
@@ -396,9 +397,9 @@ class Writer:
         if result.busy:
             for req in batch:
                 req.attempting = False  # nothing was stored
-        return result
         # Committed: `attempting` stays set, so a POST out of time now waits
         # for its answer (given after the sync) instead of calling it lost.
+        return result
 
     async def _commit(self, batch: list[WriteRequest], busy_wait: float | None) -> list[WriteRequest]:
         """Commits `batch` and answers it; with `busy_wait`, the requests of

@@ -79,9 +79,10 @@ class StreamWebSocket:
 
     # Slots: 5,000 idle producers each hold one.
     __slots__ = (
-        "_budget", "_credit", "_credit_deadline", "_flushes", "_tracker", "_frames", "_leftover", "_loose", "_max_message", "_oversized",
-        "_message_timeout", "_part_bytes", "_parts", "_ready", "_heard", "_send_lock", "_unsent", "_upgrade",
-        "_wsproto", "closed", "disconnected", "link", "on_message", "scope", "stream",
+        "_budget", "_credit", "_credit_deadline", "_flushes", "_frames", "_heard", "_leftover", "_loose",
+        "_max_message", "_message_timeout", "_oversized", "_part_bytes", "_parts", "_ready", "_send_lock",
+        "_tracker", "_unsent", "_upgrade", "_wsproto", "closed", "disconnected", "link", "on_message", "scope",
+        "stream",
     )
 
     def __init__(
