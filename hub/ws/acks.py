@@ -77,9 +77,15 @@ class Replies:
             if seq > self.acks.get(key, 0):
                 self.acks[key] = seq
         if outcome.task is not None and outcome.run_state is not None:
-            # The run's own state, to that run: how an agent knows its final status is stored.
+            # The run's own state, to that run: how an agent knows its final
+            # status is stored. After the ack its records are owed (committed
+            # before it), which would otherwise wait behind the answers.
             producer, state, code = outcome.run_state
-            self._answer(dumps(StatusFrame(outcome.task.task_id, state, code, producer)))
+            task_id = outcome.task.task_id
+            owed = self.acks.pop((task_id, producer), None)
+            if owed is not None:
+                self._answer(dumps(AckFrame(task_id, owed, producer or None)))
+            self._answer(dumps(StatusFrame(task_id, state, code, producer)))
         return bool(outcome.producers or self.answers)
 
     def _answer(self, payload: str) -> None:
