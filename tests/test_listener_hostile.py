@@ -390,6 +390,14 @@ async def ingest_bytes(hub: Any) -> float:
         return parse_metrics((await http.get("/metrics")).text)["keruta_ingest_queue_bytes"]
 
 
+async def all_given_back(hub: Any) -> None:
+    """Every connection gone, the ingest budget all back, others served, no handler crashed."""
+    await wait_no_connections(hub)
+    assert await ingest_bytes(hub) == 0
+    await assert_serves(hub)
+    assert_no_handler_crash(hub)
+
+
 async def test_a_message_stalled_while_it_holds_ingest_budget_is_cut_and_the_budget_comes_back(
     sqlite_hub_factory: hubclient.InProcessHubFactory,
 ) -> None:
@@ -408,10 +416,7 @@ async def test_a_message_stalled_while_it_holds_ingest_budget_is_cut_and_the_bud
     await assert_serves(hub)  # the rest of the budget serves the others meanwhile
     frames = await assert_closed_with(client, CLOSE_POLICY)
     assert b"not completed within 1 s" in frames[-1][1], frames
-    await wait_no_connections(hub)
-    assert await ingest_bytes(hub) == 0
-    await assert_serves(hub)
-    assert_no_handler_crash(hub)
+    await all_given_back(hub)
 
 
 async def test_large_messages_streamed_for_longer_than_the_body_timeout_are_not_cut(
