@@ -486,7 +486,7 @@ class Connection:
                             continue
                         frame, size = got
                     try:
-                        task_id, wanted = self._request(frame)
+                        wanted = self._request(frame)
                     except FrameError as exc:
                         self._unqueue(size)
                         await self._error(exc.code, exc.message)
@@ -494,7 +494,7 @@ class Connection:
                     if wanted is None:
                         self._unqueue(size)
                         continue
-                    tokens = len(wanted.items)
+                    task_id, tokens = wanted.task_id, len(wanted.items)
                     schedule.add(task_id, self.hub.limiter(task_id).reserve(tokens), (wanted, size, tokens))
             finally:
                 for request, size, tokens in schedule.drain():
@@ -518,8 +518,8 @@ class Connection:
         self.budget.release(size)
 
     def _refund(self, request: WriteRequest, tokens: int) -> None:
-        if tokens and request.items:
-            self.hub.limiter(request.items[0].task_id).refund(tokens)
+        if tokens:
+            self.hub.limiter(request.task_id).refund(tokens)
 
     def _drop_queued_writes(self) -> None:
         for _frame, size in self._writes.drain():
@@ -558,15 +558,15 @@ class Connection:
             return False
         return True
 
-    def _request(self, frame: RowsFrame | LogsFrame | LogFrame | StatusFrame) -> tuple[str, WriteRequest | None]:
-        """The writer's request for a write frame, with its task (None: nothing to write)."""
+    def _request(self, frame: RowsFrame | LogsFrame | LogFrame | StatusFrame) -> WriteRequest | None:
+        """The writer's request for a write frame (None: nothing to write)."""
         if not self.role.can_write:
             raise FrameError("FORBIDDEN", "the viewer token may not write")
         if isinstance(frame, StatusFrame):
             status = StatusChange(
                 frame.task_id, frame.state, frame.exit_code, frame.producer, frame.summary, frame.max_bytes
             )
-            return frame.task_id, WriteRequest(status=status, reply_to=self)
+            return WriteRequest(status=status, reply_to=self)
         if isinstance(frame, RowsFrame):
             items = frame.items
         elif isinstance(frame, LogsFrame):
@@ -576,8 +576,8 @@ class Connection:
             if not frame.numbered:
                 items = [attrs.evolve(items[0], seq=None)]
         if not items:
-            return "", None
-        return items[0].task_id, WriteRequest(items=items, reply_to=self)
+            return None
+        return WriteRequest(items=items, reply_to=self)
 
     async def _submit(self, request: WriteRequest, size: int) -> None:
         # Room for its replies first: while there is none, the write queue
