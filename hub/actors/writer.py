@@ -302,8 +302,10 @@ class Writer:
                 since = trio.current_time()
                 while queue:
                     batch: list[WriteRequest] = []
-                    while queue and queue[0].status is None and sum(len(r.items) for r in batch) < self.batch_size:
+                    count = 0
+                    while queue and queue[0].status is None and count < self.batch_size:
                         batch.append(queue.popleft())
+                        count += len(batch[-1].items)
                     wait = 0.0 if trio.current_time() - since < PARKED_PATIENCE else PARKED_LOCK_WAIT
                     if batch:
                         busy = await self._commit(batch, wait)
