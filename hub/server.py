@@ -48,21 +48,12 @@ log = logging.getLogger("keruta.hub")
 async def _event_loop_for(url: str) -> AsyncIterator[None]:
     """PostgreSQL goes through asyncpg, which needs one asyncio loop for the hub's life."""
     if url.startswith(("postgresql://", "postgres://")):
-        import trio_asyncio
+        from hub.store.pg_loop import asyncio_loop
 
-        async with trio_asyncio.open_loop() as loop:
-            # A connection cut mid-operation can leave an asyncpg future failed
-            # with nobody awaiting it; trio-asyncio's default would raise that
-            # into this nursery and end the hub. The store already turned the
-            # failure its caller saw into StoreUnavailable: log it and go on.
-            loop.set_exception_handler(_log_asyncio_error)
+        async with asyncio_loop():
             yield
     else:
         yield
-
-
-def _log_asyncio_error(_loop: object, context: dict[str, object]) -> None:
-    log.warning("asyncio: %s: %s", context.get("message"), context.get("exception"))
 
 
 async def _open_store(store: Store) -> None:

@@ -141,12 +141,12 @@ async def pg_test_database() -> AsyncIterator[str]:
     context, and two loops would fight over it: a test uses either `store`
     (PostgreSQL param) or `pg_url`, never both.
     """
-    import trio_asyncio
+    from hub.store.pg_loop import asyncio_loop
 
     dsn = pg_dsn()
     if dsn is None:
         pytest.skip(f"needs {PG_DSN_ENV}")
-    async with trio_asyncio.open_loop():
+    async with asyncio_loop():
         async with fresh_pg_database(dsn) as url:
             yield url
 

@@ -155,6 +155,33 @@ async def test_pg_lost_connections_surface_as_store_unavailable_then_recover(pg_
 
 
 @pytest.mark.pg
+async def test_pg_reads_outlive_the_server_ending_idle_pooled_connections(pg_url):
+    """The server ends a session idle for 50 ms (idle_session_timeout): a read
+    that takes a pooled connection at about that moment finds it closed at its
+    first statement, before anything was read. It is run again on a new
+    connection, not answered StoreUnavailable (a REST 503 to a reader of a
+    healthy database)."""
+    from hub.store.postgres import PostgresStore
+
+    store = PostgresStore(f"{pg_url}?idle_session_timeout=50", command_timeout=5)
+    await store.open()
+    try:
+        await store.append([rec(1)])
+        for i in range(40):
+            # Each read comes at another moment across the one the server ends
+            # the connection the last one left idle.
+            await trio.sleep(0.044 + (i % 12) / 1000)
+            assert (await store.stats("t1")).total_logs == 1
+            await trio.sleep(0.044 + (i * 5 % 12) / 1000)
+            assert (await store.sections("t1")) is not None  # a snapshot read: its BEGIN first
+            await trio.sleep(0.044 + (i * 7 % 12) / 1000)
+            verified = await store.verify("t1")  # snapshot reads, then a write
+            assert verified is not None and verified.verdict == "unverified", verified
+    finally:
+        await store.close()
+
+
+@pytest.mark.pg
 async def test_pg_unreachable_server_is_store_unavailable(pg_url):
     from hub.store.postgres import PostgresStore
 

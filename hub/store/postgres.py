@@ -28,7 +28,7 @@ import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import asyncpg
 import trio
@@ -48,7 +48,7 @@ from hub.store.pg_notices import (
 from hub.store.pg_schema import SCHEMA_VERSION, keep_session, migrate
 from hub.store.pg_sql import PostgresSql
 from hub.store.sqlstore import SqlStore
-from hub.store.steps import EXEC, FETCH, MANY, ROW, Op, Steps, drive
+from hub.store.steps import EXEC, FETCH, MANY, ROW, Op, Steps
 from keruta.records import TaskInfo
 from keruta.summary import Summary
 
@@ -214,6 +214,13 @@ class PostgresStore(SqlStore):
                 self._command_timeout, dropped,
             )
 
+    def _drop_stale_idle(self) -> None:
+        # The server ended a pooled connection while it sat idle (its
+        # idle_session_timeout, most likely): those idle as long are as
+        # likely ended, and the pool hands out connected ones first.
+        if self._pool is not None:
+            drop_idle(self._pool)
+
     def _listen_judged_dead(self) -> None:
         # The LISTEN connection stopped answering: pooled connections opened
         # over the same link are likely silent too, and would each cost a
@@ -223,22 +230,46 @@ class PostgresStore(SqlStore):
 
     async def _read(self, steps: Steps[T], *, snapshot: bool = False) -> T:
         transaction = {"isolation": "repeatable_read", "readonly": True} if snapshot else None
-        async with self._connection() as conn:
-            with self._dead_on_timeout(conn):
-                result = await in_one_hop(conn, _runner(steps), transaction)
-        return result
+        run = _Run(steps)
+        for last_try in (False, True):
+            try:
+                async with self._connection() as conn:
+                    with self._dead_on_timeout(conn):
+                        return await in_one_hop(conn, run, transaction)
+            except StoreUnavailable as exc:
+                if last_try or not run.movable(exc):
+                    raise
+                self._drop_stale_idle()
+        raise AssertionError("unreachable")
 
     @asynccontextmanager
     async def _snapshot_reads(self) -> AsyncIterator[Callable[[Steps[Any]], Awaitable[Any]]]:
-        async with self._connection() as conn:
+        async with self._begun(_begin_snapshot) as conn:
             with self._dead_on_timeout(conn):
 
                 async def read(steps: Steps[T]) -> T:
-                    return await in_one_hop(conn, _runner(steps), None)
+                    return await in_one_hop(conn, _Run(steps), None)  # mid-snapshot: never moved
 
-                await in_one_hop(conn, _begin_snapshot, None)
                 yield read
                 await in_one_hop(conn, _commit, None)
+
+    @asynccontextmanager
+    async def _begun(self, begin: Callable[[Any], Awaitable[None]]) -> AsyncIterator[Any]:
+        """A pooled connection on which `begin` ran; taken again, once, when
+        the first found itself closed (see _Run.movable)."""
+        for last_try in (False, True):
+            began = False
+            try:
+                async with self._connection() as conn:
+                    with self._dead_on_timeout(conn):
+                        await in_one_hop(conn, begin, None)
+                    began = True
+                    yield conn
+                    return
+            except StoreUnavailable as exc:
+                if began or last_try or not _found_closed(exc):
+                    raise
+                self._drop_stale_idle()
 
     async def append(self, items: Sequence[Incoming], busy_wait: float | None = None) -> AppendResult:
         try:
@@ -266,10 +297,17 @@ class PostgresStore(SqlStore):
         # Waiting for a connection may be cancelled; a started transaction is
         # shielded so it commits or rolls back entirely (bounded by
         # command_timeout) and a commit's outcome is never left unknown.
-        async with self._connection() as conn:
-            with trio.CancelScope(shield=True), unavailable_as_store_error(), self._dead_on_timeout(conn):
-                result = await in_one_hop(conn, _runner(steps), {})
-        return result
+        run = _Run(steps)
+        for last_try in (False, True):
+            try:
+                async with self._connection() as conn:
+                    with trio.CancelScope(shield=True), unavailable_as_store_error(), self._dead_on_timeout(conn):
+                        return await in_one_hop(conn, run, {})
+            except StoreUnavailable as exc:
+                if last_try or not run.movable(exc):
+                    raise
+                self._drop_stale_idle()
+        raise AssertionError("unreachable")
 
     # -- notices ----------------------------------------------------------------
 
@@ -310,9 +348,58 @@ def _timed_out(exc: BaseException) -> bool:
     return False
 
 
-def _runner(steps: Steps[T]) -> Callable[[Any], Awaitable[T]]:
-    """An algorithm as async work on one asyncpg connection (for in_one_hop)."""
-    return lambda raw: drive(steps, lambda op: _do(raw, op))
+class _Run(Generic[T]):
+    """An algorithm as async work on one asyncpg connection (for in_one_hop),
+    which may go on, once, on another connection when the first was found
+    closed before it answered anything.
+
+    A pooled connection the server ended while it sat idle (its
+    idle_session_timeout, pg_terminate_backend, a restart) is told apart from
+    a live one only when used, and when the server ends it just as it is
+    taken, its first statement fails. Nothing was read and nothing committed
+    then (no statement answered, so no COMMIT was sent): the statement that
+    failed is sent again on a fresh connection, and the algorithm goes on as
+    if nothing had happened."""
+
+    def __init__(self, steps: Steps[T]) -> None:
+        self._steps = steps
+        self._pending: Op | None = None  # sent, not answered
+        self._answered = False
+        self._moved = False
+
+    def movable(self, exc: BaseException) -> bool:
+        """May this run go on on another connection after `exc`?"""
+        if self._answered or self._moved or not _found_closed(exc):
+            return False
+        self._moved = True
+        return True
+
+    async def __call__(self, raw: Any) -> T:
+        try:
+            op = self._pending if self._pending is not None else self._steps.send(None)
+            while True:
+                self._pending = op
+                answer = await _do(raw, op)
+                self._answered = True
+                op = self._steps.send(answer)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+
+def _found_closed(exc: BaseException) -> bool:
+    """`exc` (a StoreUnavailable, or what it was raised from) says the
+    connection was closed under us, not that the database is away or slow:
+    asyncpg's words when the server ended the session as a statement went
+    out, or before (the end not yet read)."""
+    cause = exc.__cause__ if isinstance(exc, StoreUnavailable) else exc
+    if isinstance(cause, asyncpg.ConnectionDoesNotExistError | asyncpg.InternalClientError):
+        return True
+    if isinstance(cause, asyncpg.InterfaceError):
+        return "closed" in str(cause)
+    if isinstance(cause, asyncpg.PostgresError):
+        # The server's own word for it: idle-session timeout, terminated by an administrator.
+        return getattr(cause, "sqlstate", None) in ("57P05", "57P01")
+    return False
 
 
 async def _do(conn: Any, op: Op) -> Any:
