@@ -12,6 +12,15 @@ connection closes after the answer. Only an admitted request is handed to
 Quart, whose body read has a deadline (`--body-timeout`, BODY_TIMEOUT: 408)
 and a size bound (MAX_CONTENT_LENGTH: 413).
 
+An admitted request's body is held in memory until it is answered (a POST's
+records wait for their commit), so it takes its bytes from the hub's ingest
+budget first, as a WebSocket frame does (hub/ingest_budget.py): its declared
+length, or the body limit when none is declared. While the budget is full the
+body is not read (TCP backpressure); a request that finds no room within
+`--post-timeout` is answered 503 `STORE_UNAVAILABLE` unread, nothing stored.
+The deadline it waited against is the one its commit has too
+(`post_deadline`), so a POST is answered within `--post-timeout` in all.
+
 A request with both Content-Length and Transfer-Encoding is refused the same
 way, whoever sends it (RFC 9112 6.1).
 
@@ -23,6 +32,7 @@ app judges it the same way before it reads a frame.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, cast
 
 import orjson
 import trio
@@ -40,9 +50,18 @@ from werkzeug.sansio.request import Request as RequestHead
 from hub.access import READ_METHODS, Access
 from hub.errors import ApiError
 from hub.hypercorn_patches import CONTINUE
+from hub.ingest_budget import IngestBudget
 from hub.metrics import Metrics
 
 SMUGGLING = ApiError(400, "INVALID_REQUEST", "a request may not carry both Content-Length and Transfer-Encoding")
+NO_ROOM = ApiError(
+    503, "STORE_UNAVAILABLE",
+    "the hub holds as many writes as it may (--ingest-queue-bytes) and none was answered in time; "
+    "the records were NOT stored: retry later",
+    {"Retry-After": "5"},
+)
+# The scope key of an admitted request's deadline (trio.current_time()).
+DEADLINE = "keruta.post_deadline"
 
 WebSocketApp = Callable[[WebsocketScope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
 
@@ -64,17 +83,46 @@ def may_carry_body(head: RequestHead) -> bool:
     return head.method not in READ_METHODS or bool(head.content_length) or "Transfer-Encoding" in head.headers
 
 
+def body_bound(head: RequestHead, http_version: str, max_body: int) -> int:
+    """The most an admitted request's body can hold once read: its declared
+    length (one declared past `max_body` is refused before it is read), else
+    `max_body` if it may still send one."""
+    if head.content_length is not None:
+        return min(head.content_length, max_body)
+    if "Transfer-Encoding" in head.headers or http_version not in ("1.0", "1.1"):
+        return max_body
+    return 0  # HTTP/1: neither header, no body
+
+
+def post_deadline(scope: Any, timeout: float) -> float:
+    """When an admitted request must be answered by: the deadline it waited
+    for budget against, or `timeout` from now for one that did not."""
+    deadline = scope.get(DEADLINE)
+    return float(deadline) if deadline is not None else trio.current_time() + timeout
+
+
 class Admission:
     """Wraps the app's ASGI callable (`app.asgi_app = Admission(app.asgi_app, ...)`);
     `websockets` maps a path to the app that serves its WebSocket scopes."""
 
     def __init__(
-        self, app: ASGIFramework, access: Access, metrics: Metrics, websockets: Mapping[str, WebSocketApp] | None = None
+        self,
+        app: ASGIFramework,
+        access: Access,
+        metrics: Metrics,
+        websockets: Mapping[str, WebSocketApp] | None = None,
+        *,
+        budget: IngestBudget,
+        max_body: int,
+        post_timeout: float,
     ) -> None:
         self.app = app
         self.access = access
         self.metrics = metrics
         self.websockets = dict(websockets or {})
+        self.budget = budget
+        self.max_body = max_body
+        self.post_timeout = post_timeout
 
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] == "http":
@@ -90,15 +138,37 @@ class Admission:
                 if refusal is not None:
                     await self.refuse(refusal, receive, send)
                     return
-                if "100-continue" in head.headers.get("Expect", "").lower():
-                    # Admitted: now the client may send its body (hypercorn patch 8).
-                    await send({"type": CONTINUE})  # type: ignore[misc, arg-type]
+                await self.with_body(scope, head, receive, send)
+                return
         elif scope["type"] == "websocket":
             websocket = self.websockets.get(scope["path"][len(scope.get("root_path", "")):])
             if websocket is not None:
                 await websocket(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+    async def with_body(
+        self, scope: HTTPScope, head: RequestHead, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        """Serve an admitted request that may carry a body, its bytes held in
+        the ingest budget until it is answered."""
+        size = body_bound(head, scope["http_version"], self.max_body)
+        deadline = trio.current_time() + self.post_timeout
+        cast(dict[str, Any], scope)[DEADLINE] = deadline
+        if size:
+            with trio.move_on_at(deadline) as waiting:
+                await self.budget.take(size)
+            if waiting.cancelled_caught:
+                await self.refuse(NO_ROOM, receive, send)
+                return
+        try:
+            if "100-continue" in head.headers.get("Expect", "").lower():
+                # Admitted: now the client may send its body (hypercorn patch 8).
+                await send({"type": CONTINUE})  # type: ignore[misc, arg-type]
+            await self.app(scope, receive, send)
+        finally:
+            if size:
+                self.budget.release(size)
 
     async def refuse(self, error: ApiError, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         self.metrics.error(error.code)

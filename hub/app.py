@@ -29,7 +29,8 @@ def create_app(deps: ConnectionDeps, store_available: Callable[[], bool]) -> Qua
     # A request that may carry a body proves its token before any of it is read;
     # the WebSocket is served below Quart, on hypercorn's ASGI messages.
     app.asgi_app = Admission(  # type: ignore[method-assign]
-        app.asgi_app, access, deps.metrics, {WS_PATH: WebSocketEndpoint(access, deps)}
+        app.asgi_app, access, deps.metrics, {WS_PATH: WebSocketEndpoint(access, deps)},
+        budget=deps.ingest_budget, max_body=config.limits.max_frame_bytes, post_timeout=config.post_timeout,
     )
     hooks.install(app, access=access, metrics=deps.metrics, max_frame_bytes=config.limits.max_frame_bytes)
     app.register_blueprint(logs.blueprint(

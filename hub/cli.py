@@ -118,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-page-size", type=number(int, 1, high=MAX_PAGE_SIZE), default=1000,
                    help=f"largest `size` GET /logs accepts (default 1000, at most {MAX_PAGE_SIZE})")
     p.add_argument("--ingest-queue-bytes", type=number(int, 1), default=8 * 1024 * 1024,
-                   help="bytes of WebSocket write frames the hub holds, read and not yet stored, across "
-                        "all connections; past it the hub stops reading its sockets (default 8 MiB)")
+                   help="bytes of writes the hub holds (WebSocket frames and REST bodies), read and not yet "
+                        "answered, across all connections; past it the hub stops reading its sockets "
+                        "(default 8 MiB)")
     p.add_argument("--write-batch-size", type=number(int, 1), default=2000,
                    help="most records committed in one transaction (default 2000)")
     p.add_argument("--write-flush-interval", type=number(float, 0), default=0.0,

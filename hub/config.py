@@ -50,13 +50,12 @@ class HubConfig:
     # once (hub/actors/pacing.py). Zero: every commit as soon as the writer is idle.
     write_pace: float = 0.01
     # Requests waiting for the writer across all connections; a full inbox slows
-    # senders. WebSocket writes are bounded in bytes by `ingest_queue_bytes`, a
-    # POST's body is held whether it waits here or before: enough slots that a
-    # fleet's one-record frames go in without waiting.
+    # senders (their bytes are bounded by `ingest_queue_bytes`): enough slots
+    # that a fleet's one-record frames go in without waiting.
     writer_inbox: int = 1024
-    # Bytes of WebSocket write frames the hub holds, read and not yet answered,
-    # across all connections (hub/ingest_budget.py); past it the hub
-    # stops reading its sockets.
+    # Bytes of writes the hub holds, WebSocket frames and REST bodies, read and
+    # not yet answered, across all connections (hub/ingest_budget.py,
+    # hub/admission.py); past it the hub stops reading its sockets.
     ingest_queue_bytes: int = 8 * 1024 * 1024
     # Hypercorn pings each WebSocket this often, so a vanished peer is noticed on
     # the write; a closed socket's ping task lingers this long, which bounds how

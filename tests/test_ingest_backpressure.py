@@ -10,6 +10,8 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import httpx
+import orjson
 import trio
 import trio.testing
 from trio_websocket import open_websocket_url
@@ -19,7 +21,7 @@ from hub.messages import WriteOutcome, WriteRequest, Written, answer
 from keruta.frames import LogsFrame
 from keruta.wire import encode_bytes
 from tests import hubclient
-from tests.hubclient import Ws, make_record, parse_metrics, stored
+from tests.hubclient import Ws, logs_path, make_record, parse_metrics, stored
 from tests.inprocess import InProcessHub, InProcessHubFactory
 
 hub_factory = hubclient.hub_factory  # fixture
@@ -153,6 +155,76 @@ async def test_acks_wait_for_the_commit_then_one_ack_covers_every_frame_it_commi
             )
         await nothing_for(fleet, 0.5)
     assert [r["message"] for r in await stored(hub, "fleet")] == [f"pb line {s}" for s in range(1, 11)]
+
+
+POSTS = 10
+POST_MESSAGE = 15_000  # bytes of each POST's one record: ten of them are more than BOUND
+
+
+def post_body(i: int) -> bytes:
+    return orjson.dumps({"source": "stdout", "level": "INFO", "message": f"post {i} " + "x" * POST_MESSAGE,
+                         "producer": f"poster-{i}", "seq": 1})
+
+
+async def posts(hub: InProcessHub, task_id: str, answers: dict[int, httpx.Response]) -> None:
+    """POSTS requests at once, each its own connection and record; their answers by index."""
+
+    async def one(i: int) -> None:
+        async with hub.http() as client:
+            answers[i] = await client.post(logs_path(task_id), content=post_body(i),
+                                           headers={"Content-Type": "application/json"})
+
+    async with trio.open_nursery() as nursery:
+        for i in range(POSTS):
+            nursery.start_soon(one, i)
+
+
+async def test_post_bodies_wait_unread_for_room_in_the_ingest_budget_then_are_stored(
+    hub_factory: InProcessHubFactory,
+) -> None:
+    """A POST's body is held until its records are committed: it takes its
+    bytes from the ingest budget as a WebSocket frame does, so while commits
+    are held the hub holds no more than the bound of them, and the rest wait
+    unread until room comes back -- then each is stored once."""
+    hub = await hub_factory.astart("--ingest-queue-bytes", str(BOUND), "--post-timeout", "60")
+    answers: dict[int, httpx.Response] = {}
+    async with trio.open_nursery() as nursery:
+        async with commits_held(hub.db):
+            nursery.start_soon(posts, hub, "posts", answers)
+            with trio.fail_after(30):
+                while (await metrics(hub))["keruta_ingest_queue_bytes"] < BOUND // 2:
+                    await trio.sleep(0.05)
+            await trio.sleep(0.5)
+            held = await metrics(hub)
+            assert held["keruta_ingest_queue_bytes"] <= BOUND, "the hub read more POST bodies than its bound"
+            assert not answers, "answered before the commit"
+    assert sorted(answers) == list(range(POSTS))
+    assert all(a.status_code == 200 for a in answers.values()), [a.text for a in answers.values()]
+    records = await stored(hub, "posts")
+    assert sorted(r["message"].split(" x")[0] for r in records) == sorted(f"post {i}" for i in range(POSTS))
+    seen = await metrics(hub)
+    assert seen["keruta_ingest_queue_bytes_peak"] <= BOUND
+    assert seen["keruta_ingest_queue_bytes"] == 0, "every body's bytes are given back once answered"
+
+
+async def test_a_post_that_finds_no_room_within_the_post_timeout_is_503_unread_and_never_stored(
+    hub_factory: InProcessHubFactory,
+) -> None:
+    hub = await hub_factory.astart("--ingest-queue-bytes", str(BOUND), "--post-timeout", "1", "--db-timeout", "3")
+    answers: dict[int, httpx.Response] = {}
+    async with commits_held(hub.db):
+        # Those admitted are answered once the commit under way at their
+        # deadline ends (PostgreSQL: its lock wait, up to --db-timeout); those
+        # waiting for room, at their deadline.
+        with trio.fail_after(60):
+            await posts(hub, "posts", answers)
+    assert [a.status_code for a in answers.values()] == [503] * POSTS
+    assert all(a.json()["error"] == "STORE_UNAVAILABLE" and "Retry-After" in a.headers for a in answers.values())
+    unread = [a for a in answers.values() if "--ingest-queue-bytes" in a.json()["message"]]
+    assert unread, "no POST waited for room: the budget never bound them"
+    assert all(a.headers.get("connection") == "close" for a in unread), "an unread body ends its connection"
+    assert await stored(hub, "posts") == [], "a POST answered 503 was stored"
+    assert (await metrics(hub))["keruta_ingest_queue_bytes"] == 0
 
 
 # --- the parts, by plain calls ------------------------------------------------

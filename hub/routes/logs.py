@@ -11,6 +11,7 @@ from quart import Blueprint, Response, request
 from hub.access import Access
 from hub.actors.broadcaster import Broadcaster
 from hub.actors.writer import WriteRequest, write_within
+from hub.admission import post_deadline
 from hub.config import HubConfig
 from hub.errors import ApiError
 from hub.ingest import from_requests
@@ -77,7 +78,9 @@ def blueprint(
         if wait > 0:
             seconds = max(1, int(wait + 0.999))
             raise ApiError(429, "RATE_LIMITED", f"task {task_id} is over its rate limit; retry in {seconds}s", {"Retry-After": str(seconds)})
-        outcome = await write_within(writer_inbox, items, config.post_timeout)
+        # Within the deadline the request waited for room against (hub/admission.py).
+        timeout = max(0.0, post_deadline(request.scope, config.post_timeout) - trio.current_time())
+        outcome = await write_within(writer_inbox, items, timeout)
         if outcome is None:
             raise ApiError(
                 503, "STORE_UNAVAILABLE",
