@@ -467,8 +467,8 @@ async def test_a_history_read_across_a_chunk_merge_sends_no_record_twice(
 ) -> None:
     """A viewer on C replays a task of 40 one-record chunks; between two of
     its catch-up's chunk reads, A's 64th commit merges the trailing small
-    chunks into one (pinned by wrapping hub.store.steps.drive as PostgresStore
-    runs it). The viewer must get seqs 1..64 once each, in order."""
+    chunks into one (pinned by wrapping the statement runner PostgresStore
+    drives its steps with). The viewer must get seqs 1..64 once each, in order."""
     import asyncio
 
     import hub.store.postgres as pg
@@ -479,22 +479,19 @@ async def test_a_history_read_across_a_chunk_merge_sends_no_record_twice(
         for i in range(1, 41):
             assert (await client.post(logs_path(task), json={"message": f"m {i}"})).status_code == 200
     merged = {"go": False, "held": False}
-    drive = pg.drive
+    do = pg._do
 
-    async def pinned_drive(steps: Any, do: Any) -> Any:
-        async def do_then_wait(op: Any) -> Any:
-            answer = await do(op)
-            _, sql, args = op
-            if ("seq_last > $2 AND seq_first <= $3" in sql and args and args[0] == task and args[1] == 0
-                    and not merged["held"]):
-                merged["held"] = True
-                while not merged["go"]:  # on the asyncio side of trio-asyncio: the trio loop runs on
-                    await asyncio.sleep(0.01)
-            return answer
+    async def do_then_wait(conn: Any, op: Any) -> Any:
+        answer = await do(conn, op)
+        _, sql, args = op
+        if ("seq_last > $2 AND seq_first <= $3" in sql and args and args[0] == task and args[1] == 0
+                and not merged["held"]):
+            merged["held"] = True
+            while not merged["go"]:  # on the asyncio side of trio-asyncio: the trio loop runs on
+                await asyncio.sleep(0.01)
+        return answer
 
-        return await drive(steps, do_then_wait)
-
-    monkeypatch.setattr(pg, "drive", pinned_drive)
+    monkeypatch.setattr(pg, "_do", do_then_wait)
     seen = Seen(task)
     with trio.fail_after(PATIENCE):
         async with trio.open_nursery() as nursery:
