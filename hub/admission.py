@@ -57,7 +57,7 @@ SMUGGLING = ApiError(400, "INVALID_REQUEST", "a request may not carry both Conte
 NO_ROOM = ApiError(
     503, "STORE_UNAVAILABLE",
     "the hub holds as many writes as it may (--ingest-queue-bytes) and none was answered in time; "
-    "the records were NOT stored: retry later",
+    "this request was not read and nothing of it was done (no record stored): retry later",
     {"Retry-After": "5"},
 )
 # The scope key of an admitted request's deadline (trio.current_time()).
