@@ -36,10 +36,10 @@ class StatusChange:
 class Refusal:
     """Records of one request the store would not take (never acknowledged)."""
 
-    code: str  # SEQ_CONFLICT or SEQ_GAP
+    code: str  # SEQ_CONFLICT, SEQ_GAP or TASK_FULL
     message: str
     resume_from: int | None = None
-    # SEQ_CONFLICT: the identity whose acknowledgements stop at `cap` for good.
+    # SEQ_CONFLICT, TASK_FULL: the identity whose acknowledgements stop at `cap` for good.
     key: tuple[str, str] | None = None
     cap: int = 0
 

@@ -54,8 +54,10 @@ def check_values(body: Any) -> list[str]:
 class Redacted:
     records: int
     accounts: Accounts
-    # The redaction's record as the last step left it; None: no such task.
+    # The redaction's record as the last step left it; None: no such task,
+    # or (`full`) the task had no seq left for one (the values are redacted).
     record: LogRecord | None
+    full: bool = False
 
 
 async def redact(
@@ -76,7 +78,7 @@ async def redact(
         accounts.merge(step.accounts)
         record = step.record
         on_step(step)
-        if step.done or record is None:
+        if step.done or (record is None and not step.full):
             break
         after = step.cursor
-    return Redacted(count, accounts, record)
+    return Redacted(count, accounts, record, step.full)

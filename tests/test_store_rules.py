@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from hub.store.base import GAP, INSERTED
+from hub.store.base import FULL, GAP, INSERTED
 from hub.store.rules import PENDING, ProducerProgress, TaskProgress, plan_batch, tally
+from keruta.limits import INT64_MAX, MAX_SEQ
 from keruta.records import InvalidField
 from tests.storedata import rec
 
@@ -52,3 +53,23 @@ def test_a_producer_seq_below_one_is_refused():
     with pytest.raises(InvalidField):
         plan_batch([rec(0)], progress, {("t1", ""): ProducerProgress(high=0)})
 
+
+
+def test_a_task_at_the_last_seq_stores_what_fits_and_refuses_the_rest_without_moving_the_mark():
+    # Numbered near MAX_SEQ: room for two of one producer's run of four.
+    progress = {"t1": TaskProgress(max_seq=MAX_SEQ - 2, durable_seq=MAX_SEQ - 2)}
+    producers = {("t1", ""): ProducerProgress(high=0), ("t1", "~w"): ProducerProgress(high=0)}
+    plan = plan_batch([rec(1), rec(2), rec(3), rec(4), rec(1, producer="~w")], progress, producers)
+    assert plan.status == [INSERTED, INSERTED, FULL, FULL, FULL]
+    assert [r.seq if r else None for r in plan.records] == [MAX_SEQ - 1, MAX_SEQ, None, None, None]
+    assert producers[("t1", "")].high == 2, "a refused record is never below the producer's mark"
+    assert producers[("t1", "~w")].high == 0
+
+
+def test_a_task_numbered_past_max_seq_before_it_was_the_hubs_refuses_every_new_record():
+    # Schema v2 took a client's seq as the task's: a migrated task may sit at int64's end.
+    progress = {"t1": TaskProgress(max_seq=INT64_MAX, durable_seq=INT64_MAX)}
+    producers = {("t1", "p"): ProducerProgress(high=0)}
+    plan = plan_batch([rec(1, producer="p")], progress, producers)
+    assert plan.status == [FULL] and plan.records == [None]
+    assert progress["t1"].batch_max == 0

@@ -54,6 +54,7 @@ PERMANENT_CODES = frozenset(
         "FORBIDDEN_HOST",
         "UNAUTHORIZED",
         "SEQ_CONFLICT",
+        "TASK_FULL",
     }
 )
 

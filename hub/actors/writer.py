@@ -39,6 +39,7 @@ from hub.metrics import Metrics
 from hub.store.base import (
     ANONYMOUS,
     CONFLICT,
+    FULL,
     GAP,
     HUB_MADE,
     STORE_RETRY,
@@ -51,6 +52,7 @@ from hub.store.base import (
 )
 from keruta.backoff import Backoff
 from keruta.channels import receive_now
+from keruta.limits import MAX_SEQ
 from keruta.records import TaskInfo
 from keruta.retry import retry
 
@@ -109,13 +111,14 @@ def settle(items: Sequence[Incoming], result: AppendResult, offset: int) -> Writ
                 sent[key] = seq
     producers = {key: min(result.producers[key], own) for key, own in sent.items() if not hub_made(key[1])}
     refusals: list[Refusal] = []
-    if CONFLICT not in status and GAP not in status:
+    if CONFLICT not in status and GAP not in status and FULL not in status:
         return WriteOutcome(records=records, producers=producers, refusals=refusals)
     # One refusal per identity and kind, whatever the number of records: the
     # first names the record, the count says how many.
     first_conflict: dict[tuple[str, str], tuple[int, str, int]] = {}
     conflicts: dict[tuple[str, str], int] = defaultdict(int)
     gap: Refusal | None = None
+    full: dict[tuple[str, str], Refusal] = {}
     for i, (item, record, state) in enumerate(zip(items, records, status, strict=True)):
         key = (item.task_id, item.producer)
         if state == CONFLICT:
@@ -127,6 +130,18 @@ def settle(items: Sequence[Incoming], result: AppendResult, offset: int) -> Writ
             conflicts[key] += 1
             if key not in first_conflict or cap < first_conflict[key][2]:
                 first_conflict[key] = (i, what, cap)
+        elif state == FULL and key not in full:
+            assert item.seq is not None, "numbered before the commit"
+            cap = item.seq - 1
+            if key in producers:
+                producers[key] = min(producers[key], cap)
+            full[key] = Refusal(
+                "TASK_FULL",
+                f"record [{i}]: task {item.task_id} has given every seq it may (up to {MAX_SEQ}); "
+                f"{_who(item.producer)}'s seq {item.seq} and what follows it were not stored",
+                key=None if hub_made(item.producer) else key,
+                cap=cap,
+            )
         elif state == GAP and gap is None:
             # From what the hub holds of that producer, not from this request's capped ack.
             resume = result.producers[key] + 1
@@ -148,6 +163,7 @@ def settle(items: Sequence[Incoming], result: AppendResult, offset: int) -> Writ
                 cap=cap,
             )
         )
+    refusals.extend(full.values())
     if gap is not None:
         refusals.append(gap)
     return WriteOutcome(records=records, producers=producers, refusals=refusals)

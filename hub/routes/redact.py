@@ -63,6 +63,12 @@ def blueprint(
         # And the other hubs' viewers (the appended record reaches them as any append does).
         await announce(store, task_id, REDACTED, redacted)
         await announce(store, task_id, REPLACED, sorted(grown))
+        if done.full:
+            raise ApiError(
+                409, "TASK_FULL",
+                f"{done.records} records of task {task_id} were redacted, but the task has given its last seq: "
+                "no redaction record was added",
+            )
         if done.record is None:
             raise ApiError(404, "NOT_FOUND", f"no task {task_id}")
         return json_response(answer_json(Redacted(done.records, done.record.seq)))

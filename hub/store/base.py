@@ -162,6 +162,7 @@ INSERTED = "inserted"
 DUPLICATE = "duplicate"  # that record was stored before (it may have been deleted since)
 CONFLICT = "conflict"  # its identity holds a different record: not stored, never acked
 GAP = "gap"  # a producer record that does not follow the producer's last stored one
+FULL = "full"  # its task has given every seq it may (MAX_SEQ): not stored, never acked
 
 
 @attrs.frozen
@@ -177,7 +178,7 @@ class AppendResult:
     inserted: list[LogRecord]
     # task_id -> durable_seq after this commit, for every task in the batch.
     durable: dict[str, int]
-    # One per input item: INSERTED, DUPLICATE, CONFLICT or GAP.
+    # One per input item: INSERTED, DUPLICATE, CONFLICT, GAP or FULL.
     status: list[str] = attrs.field(factory=list)
     # (task_id, producer) -> the producer's highest seq stored, every one of
     # its seqs below it too (for a hub-made producer: every one it sent).

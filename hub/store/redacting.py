@@ -101,9 +101,12 @@ class RedactStep:
     done: bool
     # The redaction's record as this step left it: appended by this step
     # (`appended` then says what that commit stored, for live viewers) or
-    # rewritten with this step's count and accounts added. None: no such task.
+    # rewritten with this step's count and accounts added. None: no such
+    # task, or (`full`) no seq left for the record: the values are redacted
+    # all the same.
     record: LogRecord | None
     appended: AppendResult | None
+    full: bool = False
 
 
 def redact_step(
@@ -141,11 +144,17 @@ def redact_step(
             if owner is not None:
                 accounts.changed(owner[0], owner[1], old, new_record)
     found = None if record_seq is None else (yield from _record_at(d, task_id, record_seq))
-    appended = None
+    appended: AppendResult | None = None
+    full = False
     if found is None:
         appended = yield from _append_record(d, task_id, len(changed), accounts, by)
-        record = appended.inserted[0]
-        with_ids([record])  # the step's answer shows it
+        if appended.inserted:
+            record = appended.inserted[0]
+            with_ids([record])  # the step's answer shows it
+        else:
+            # The task has given its last seq (TASK_FULL): the secrets go all
+            # the same, without a record to say so.
+            record, appended, full = None, None, True
     elif changed:
         record, delta = yield from _add_to_record(d, task_id, found, len(changed), accounts)
         bytes_delta += delta
@@ -157,7 +166,7 @@ def redact_step(
         yield d.exec(d.SET_VERDICT, None, task_id)
     cursor = rows[-1][1] if rows else through
     return RedactStep(
-        [old.seq for old, _ in changed], accounts, cursor, len(rows) < d.delete_chunks, record, appended
+        [old.seq for old, _ in changed], accounts, cursor, len(rows) < d.delete_chunks, record, appended, full
     )
 
 

@@ -17,6 +17,7 @@ from hub.store.base import (
     ANONYMOUS,
     CONFLICT,
     DUPLICATE,
+    FULL,
     GAP,
     INSERTED,
     AppendResult,
@@ -62,6 +63,12 @@ class TaskProgress:
     stored_bytes: int = 0
     bytes: int = 0
     max_bytes: int | None = None
+
+    def room(self) -> int:
+        """How many more seqs the task may give (up to MAX_SEQ). A task
+        numbered before task seqs were the hub's (a client's seq taken as
+        one: schema v2 and before) may have reached it, or int64's end."""
+        return max(0, MAX_SEQ - max(self.max_seq, self.batch_max))
 
     def next_seqs(self, count: int) -> int:
         """Take the task's next `count` seqs; return the first."""
@@ -239,7 +246,19 @@ def plan_batch(
         # given its task seqs and its range at once.
         end = _run_end(items, index)
         count = end - index
-        first = progress[item.task_id].next_seqs(count)
+        skip_to = end
+        task = progress[item.task_id]
+        room = task.room()
+        if room < count:
+            # Never a seq past MAX_SEQ: what does not fit is refused (the next
+            # turn finds no room for it), the producer's mark left below it.
+            if not room:
+                plan.records.extend([None] * count)
+                plan.status.extend([FULL] * count)
+                continue
+            count, end = room, index + room
+            skip_to = end
+        first = task.next_seqs(count)
         run.take_run(pseq, pseq + count - 1, first)
         if count == 1 and not hub_made(item.producer):
             # A fleet's commit: a run of one record per producer, built inline.
@@ -253,7 +272,6 @@ def plan_batch(
         else:
             plan.records.extend(_records(items[index:end], first))
             plan.status.extend([INSERTED] * count)
-        skip_to = end
     return plan
 
 
