@@ -217,6 +217,35 @@ _SCHEMA_V7: tuple[Any, ...] = (
 _MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4, 5: _SCHEMA_V5, 6: _SCHEMA_V6, 7: _SCHEMA_V7}
 
 
+def quote_ident(name: str) -> str:
+    """`name` as a PostgreSQL identifier, for a setting's value (search_path)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+async def tables_schema(conn: Any) -> str:
+    """The schema the hub's tables are in: the first of the session's
+    search_path (the URL's, the role's or the database's). Refused if that
+    names no schema, or if the tables are in another schema while this one
+    has none: a search_path changed since, which would make a second, empty
+    set of tables beside the first."""
+    schema = await conn.fetchval("SELECT current_schema()")
+    if schema is None:
+        raise StoreRefused("the session's search_path names no schema that exists: the hub has nowhere to keep its tables")
+    elsewhere = [
+        row[0]
+        for row in await conn.fetch(
+            "SELECT table_schema FROM information_schema.tables WHERE table_name = 'keruta_schema' ORDER BY 1"
+        )
+    ]
+    if elsewhere and schema not in elsewhere:
+        raise StoreRefused(
+            f"keruta's tables are in schema {', '.join(elsewhere)}, but this session's search_path leads to "
+            f"{schema} (was search_path changed?): name the schema in the URL (?search_path={elsewhere[0]}) "
+            "or set it back"
+        )
+    return str(schema)
+
+
 async def migrate(conn: Any) -> None:
     async with conn.transaction():
         # Two hubs starting at once: the second waits here, then finds the schema.
@@ -227,6 +256,8 @@ async def migrate(conn: Any) -> None:
             raise StoreRefused(
                 f"the database has schema version {version}; this hub knows up to {SCHEMA_VERSION}"
             )
+        if 0 < version < SCHEMA_VERSION:
+            await _hold_off_older_hubs(conn)
         for step in range(version + 1, SCHEMA_VERSION + 1):
             for statement in _MIGRATIONS[step]:
                 if callable(statement):
@@ -243,3 +274,29 @@ async def keep_session(conn: asyncpg.Connection) -> None:
     transaction; its default reset would also run RESET ALL, UNLISTEN *, ... on
     every release, a round trip per call for session state we never change
     (LISTEN has its own connection)."""
+
+
+async def _hold_off_older_hubs(conn: Any) -> None:
+    """Hubs of the older version may still be writing (a rolling upgrade):
+    each of their commits would land in tables this migration has read
+    already, and be dropped with them. Their tables are locked against
+    writes (EXCLUSIVE: plain reads go on) until the migration commits; the
+    task table first, as their appends lock it first, so a commit under way
+    finishes before the migration reads anything, and the next waits, then
+    fails against the new schema without being acknowledged."""
+    present = {
+        row[0] for row in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")
+    }
+    for table, lock in _OLDER_HUBS_TABLES:
+        if table in present:
+            await conn.execute(lock)
+
+
+# Every table a hub of an older version writes, the task table first.
+_OLDER_HUBS_TABLES = tuple(
+    (table, f"LOCK TABLE {table} IN EXCLUSIVE MODE")
+    for table in (
+        "keruta_tasks", "keruta_logs", "keruta_chunks", "keruta_counts", "keruta_producers",
+        "keruta_producer_ranges", "keruta_sections",
+    )
+)
