@@ -245,3 +245,35 @@ def test_rows_read_as_one_json_row_are_the_rows() -> None:
     got = run_op(conn, Op(JSON_ROWS, "SELECT json_group_array(json_array(k, a, c)) FROM (SELECT * FROM t ORDER BY a DESC)", ()))
     assert [tuple(r) for r in got] == rows
     assert run_op(conn, Op(JSON_ROWS, "SELECT json_group_array(json_array(k)) FROM t WHERE a > ?", (2**63 - 1,))) == []
+
+
+async def test_a_database_restored_from_a_dump_is_served_when_its_tables_are_this_versions(tmp_path):
+    """`.dump` keeps no PRAGMA user_version: tables, version 0. Exactly this
+    version's tables are taken as this version, their records kept; any
+    other layout is refused at once (never retried as an outage), naming
+    the way out."""
+    path = tmp_path / "keruta.db"
+    store = SQLiteStore(path)
+    await store.open()
+    await store.append([rec(1), rec(2)])
+    await store.close()
+    restored = tmp_path / "restored.db"
+    with sqlite3.connect(path) as old, sqlite3.connect(restored) as new:
+        new.executescript("\n".join(old.iterdump()))
+        assert new.execute("PRAGMA user_version").fetchone()[0] == 0
+    store = SQLiteStore(restored)
+    await store.open()
+    try:
+        assert await all_seqs(store) == [1, 2]
+        await store.append([rec(3)])
+        assert await all_seqs(store) == [1, 2, 3]
+    finally:
+        await store.close()
+
+    other = tmp_path / "other.db"
+    with sqlite3.connect(restored) as old, sqlite3.connect(other) as new:
+        new.executescript("\n".join(old.iterdump()))
+        new.execute("PRAGMA user_version = 0")
+        new.execute("ALTER TABLE keruta_tasks DROP COLUMN cap_gap_seq")  # an older version's tasks
+    with pytest.raises(StoreRefused, match=r"no schema version .*restored from a \.dump"):
+        await SQLiteStore(other).open()

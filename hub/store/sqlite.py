@@ -335,6 +335,11 @@ class SQLiteStore(SqlStore):
             _close_all(opened)
             if isinstance(exc, sqlite3.DatabaseError) and "not a database" in str(exc):
                 raise StoreRefused(f"{self.path} is not a SQLite database: {exc}") from exc
+            if isinstance(exc, sqlite3.Error) and not _unavailable(exc):
+                # Not the file being busy, locked or out of reach: what it
+                # holds (a schema this hub cannot use, damage) stays as it is
+                # however often the hub tries again.
+                raise StoreRefused(f"cannot use SQLite database {self.path}: {exc}") from exc
             if isinstance(exc, sqlite3.Error | OSError):
                 raise StoreUnavailable(f"cannot open SQLite database {self.path}: {exc}") from exc
             raise

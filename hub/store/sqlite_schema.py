@@ -197,6 +197,18 @@ def create_schema(conn: sqlite3.Connection) -> None:
         raise StoreRefused(
             f"the database has schema version {version}; this hub knows up to {SCHEMA_VERSION}"
         )
+    if version == 0 and _layout(conn):
+        # Tables, but no version: a `.dump` (or iterdump) restored, which
+        # keeps no PRAGMA user_version. Taken as this version when its tables
+        # are exactly this version's; no older layout is guessed at.
+        if _layout(conn) != _current_layout():
+            raise StoreRefused(
+                "the database holds tables but no schema version (PRAGMA user_version 0: restored from a "
+                f".dump?), and they are not those of this hub's version {SCHEMA_VERSION}: set PRAGMA "
+                "user_version to the version of the hub that made it, and start again"
+            )
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        return
     for step in range(version + 1, SCHEMA_VERSION + 1):
         for statement in _MIGRATIONS[step]:
             if callable(statement):
@@ -205,3 +217,26 @@ def create_schema(conn: sqlite3.Connection) -> None:
                 conn.execute(statement)
     if version < SCHEMA_VERSION:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _layout(conn: sqlite3.Connection) -> set[tuple[str, str, str, str]]:
+    """Every table's and index's columns: (kind, table, name, column)."""
+    return set(
+        conn.execute(
+            "SELECT m.type, m.tbl_name, m.name, coalesce(c.name, '') FROM sqlite_master m"
+            " LEFT JOIN pragma_index_info(m.name) c ON m.type = 'index'"
+            " WHERE m.name NOT LIKE 'sqlite_%' AND m.type IN ('table', 'index')"
+            " UNION ALL SELECT 'column', m.name, c.name, c.type FROM sqlite_master m JOIN pragma_table_info(m.name) c"
+            " WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%'"
+        ).fetchall()
+    )
+
+
+def _current_layout() -> set[tuple[str, str, str, str]]:
+    """What `create_schema` makes of an empty database."""
+    fresh = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        create_schema(fresh)
+        return _layout(fresh)
+    finally:
+        fresh.close()
