@@ -10,7 +10,9 @@ While the LISTEN connection is down, other hubs' records do not reach our
 viewers, so reconnecting is worth trying often: the waits stay short (up to
 LISTEN_RETRY's cap), and a session that is listening and caught up starts
 the count of failures over. The link being judged dead and coming back are
-logged once each; the attempts in between after 2, 4, 8... of them.
+logged once each; the attempts in between after 2, 4, 8... of them. An
+error that is not an outage is logged with its traceback and the notifier
+restarted too: it never ends the hub.
 """
 
 from __future__ import annotations
@@ -93,6 +95,15 @@ async def run_notifier(store: Listens, broadcaster: Broadcaster, *, backoff: Bac
 
     def failed(count: int, error: BaseException, wait: float) -> None:
         nonlocal lost_at
+        if not isinstance(error, StoreUnavailable | OSError):
+            # Not an outage: a bug, or a database error nobody classified. The
+            # viewers of other hubs' records wait for it, the rest of the hub
+            # serves on; said loudly, with its traceback, every time.
+            log.error(
+                "notifier failed (%d in a row) on an error that is not an outage; restarting in %.2f s",
+                count, wait, exc_info=error,
+            )
+            return
         if lost_at is None:
             lost_at = trio.current_time()
             log.warning(
@@ -112,7 +123,7 @@ async def run_notifier(store: Listens, broadcaster: Broadcaster, *, backoff: Bac
     await retry(
         lambda: _listen_session(store, broadcaster, listening),
         backoff=backoff,
-        retryable=(StoreUnavailable, OSError),
+        retryable=(Exception,),
         on_failure=failed,
         failures=failures,
     )

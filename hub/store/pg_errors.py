@@ -21,6 +21,8 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     # A connection left mid-operation by a cut or a cancellation ("another
     # operation is in progress"); it is terminated, and a retry gets a fresh one.
     asyncpg.InternalClientError,
+    # A table altered under a statement asyncpg had prepared: prepared again, it runs.
+    asyncpg.InvalidCachedStatementError,
 )
 _TRANSIENT_SQLSTATE_CLASSES = (
     "08",  # connection exception
@@ -31,7 +33,10 @@ _TRANSIENT_SQLSTATE_CLASSES = (
     "57",  # operator intervention: admin shutdown, crash shutdown, cannot connect now (57P03)
     "58",  # system error: I/O error on the server
 )
-_TRANSIENT_SQLSTATES = ("25006",)  # read-only transaction: a standby during failover
+_TRANSIENT_SQLSTATES = (
+    "25006",  # read-only transaction: a standby during failover
+    "42501",  # insufficient privilege: CONNECT or a table's grant revoked, until granted again
+)
 
 
 def transient(exc: BaseException) -> bool:

@@ -45,7 +45,7 @@ from hub.store.pg_notices import (
     parse_notice,
     rewrite_payload,
 )
-from hub.store.pg_schema import SCHEMA_VERSION, keep_session, migrate
+from hub.store.pg_schema import SCHEMA_VERSION, keep_session, migrate, quote_ident, tables_schema
 from hub.store.pg_sql import PostgresSql
 from hub.store.sqlstore import SqlStore
 from hub.store.steps import EXEC, FETCH, MANY, ROW, Op, Steps
@@ -131,26 +131,18 @@ class PostgresStore(SqlStore):
     async def open(self) -> None:
         if self._pool is not None:
             return
-        pool = triopg.create_pool(
-            self._dsn,
-            min_size=1,
-            max_size=self._pool_size,
-            command_timeout=self._command_timeout,
-            timeout=self._connect_timeout,
-            reset=keep_session,
-            server_settings={
-                # Acknowledged means durable, whatever the server's default.
-                "synchronous_commit": "on",
-                "application_name": "keruta-hub",
-                # A hub whose link went silent mid-transaction (a partition:
-                # no FIN, no RST) would hold its task rows locked until the
-                # server's TCP keepalive found it out (two hours by default),
-                # and every hub writing those tasks would wait as long. The
-                # hub's own transactions are never idle (each runs in one hop,
-                # hub/store/pg_link.py), so the server may end one that is.
-                "idle_in_transaction_session_timeout": str(idle_transaction_ms(self._command_timeout)),
-            },
-        )
+        # The schema the hub's tables are in, as the URL and the database's
+        # settings name it now; every session of the hub keeps to it.
+        probe = self._create_pool(None)
+        try:
+            with unavailable_as_store_error():
+                await probe.__aenter__()
+                async with probe.acquire() as conn:
+                    schema = await tables_schema(conn)
+        finally:
+            with trio.CancelScope(shield=True):
+                probe.terminate()
+        pool = self._create_pool(schema)
         with unavailable_as_store_error():
             await pool.__aenter__()
         try:
@@ -162,6 +154,37 @@ class PostgresStore(SqlStore):
                 pool.terminate()
             raise
         self._pool = pool
+
+    def _create_pool(self, schema: str | None) -> Any:
+        # No connection kept open while idle: none to lose, and asyncpg would
+        # log a traceback for each failed try to keep one while the database
+        # refuses connections.
+        pinned = {} if schema is None else {"search_path": quote_ident(schema)}
+        return triopg.create_pool(
+            self._dsn,
+            min_size=0,
+            max_size=self._pool_size,
+            command_timeout=self._command_timeout,
+            timeout=self._connect_timeout,
+            reset=keep_session,
+            server_settings={
+                **pinned,
+                # Acknowledged means durable, whatever the server's default.
+                "synchronous_commit": "on",
+                # The locking is READ COMMITTED's (FOR UPDATE, then reads of
+                # what the lock holder committed), whatever the database's
+                # default isolation; snapshot reads ask for theirs.
+                "default_transaction_isolation": "read committed",
+                "application_name": "keruta-hub",
+                # A hub whose link went silent mid-transaction (a partition:
+                # no FIN, no RST) would hold its task rows locked until the
+                # server's TCP keepalive found it out (two hours by default),
+                # and every hub writing those tasks would wait as long. The
+                # hub's own transactions are never idle (each runs in one hop,
+                # hub/store/pg_link.py), so the server may end one that is.
+                "idle_in_transaction_session_timeout": str(idle_transaction_ms(self._command_timeout)),
+            },
+        )
 
     async def sync(self) -> None:
         """Nothing to do: every commit is synchronous (synchronous_commit=on)."""
@@ -393,6 +416,10 @@ def _found_closed(exc: BaseException) -> bool:
     out, or before (the end not yet read)."""
     cause = exc.__cause__ if isinstance(exc, StoreUnavailable) else exc
     if isinstance(cause, asyncpg.ConnectionDoesNotExistError | asyncpg.InternalClientError):
+        return True
+    if isinstance(cause, asyncpg.InvalidCachedStatementError):
+        # A table's type changed under a prepared statement (an ALTER): the
+        # statement goes again where nothing is prepared yet.
         return True
     if isinstance(cause, asyncpg.InterfaceError):
         return "closed" in str(cause)
