@@ -298,9 +298,9 @@ class PostgresStore(SqlStore):
         try:
             return await super().append(items, busy_wait)
         except StoreUnavailable as exc:
-            # Its lock_timeout: a lock held elsewhere for longer than busy_wait
-            # (which row is not told: every task of the batch).
-            if busy_wait is not None and isinstance(exc.__cause__, asyncpg.LockNotAvailableError):
+            # A lock held elsewhere for longer than busy_wait (which row is
+            # not told: every task of the batch).
+            if _held_elsewhere(exc, busy_wait):
                 return AppendResult(records=[], inserted=[], durable={}, busy=sorted({i.task_id for i in items}))
             raise
 
@@ -311,7 +311,7 @@ class PostgresStore(SqlStore):
         try:
             return await super().set_state(task_id, state, exit_code, producer, summary, busy_wait)
         except StoreUnavailable as exc:
-            if busy_wait is not None and isinstance(exc.__cause__, asyncpg.LockNotAvailableError):
+            if _held_elsewhere(exc, busy_wait):
                 raise TaskBusy(task_id) from exc
             raise
 
@@ -357,6 +357,18 @@ class PostgresStore(SqlStore):
             self._dsn, self._connect_timeout, origin, buffer=buffer, ping_interval=ping_interval,
             ping_timeout=min(ping_interval, self._command_timeout), on_dead=self._listen_judged_dead,
         )
+
+
+def _held_elsewhere(exc: StoreUnavailable, busy_wait: float | None) -> bool:
+    """A write that waited up to `busy_wait` for a row held elsewhere, cut
+    by its lock_timeout, or (waiting at all) by the database's own shorter
+    statement_timeout: busy, not the database away."""
+    if busy_wait is None:
+        return False
+    cause = exc.__cause__
+    return isinstance(cause, asyncpg.LockNotAvailableError) or (
+        busy_wait > 0 and isinstance(cause, asyncpg.QueryCanceledError)
+    )
 
 
 def _timed_out(exc: BaseException) -> bool:
