@@ -36,5 +36,11 @@ def rec(
 
 
 async def all_seqs(store, task: str = "t1", **filters) -> list[int]:  # type: ignore[no-untyped-def]
-    page = await store.query(LogQuery(task_id=task, size=10_000, **filters))
-    return [r.seq for r in page.content]
+    """Every seq of the task matching `filters`, page by page (afterSeq)."""
+    seqs: list[int] = []
+    while True:
+        cursor = {**filters, "after_seq": seqs[-1]} if seqs else filters
+        page = await store.query(LogQuery(task_id=task, size=10_000, **cursor))
+        seqs += [r.seq for r in page.content]
+        if len(page.content) < 10_000:
+            return seqs
