@@ -246,18 +246,17 @@ def plan_batch(
         # given its task seqs and its range at once.
         end = _run_end(items, index)
         count = end - index
-        skip_to = end
         task = progress[item.task_id]
+        # Never a seq past MAX_SEQ: what does not fit is refused (the next
+        # turn finds no room for it), the producer's mark left below it.
         room = task.room()
-        if room < count:
-            # Never a seq past MAX_SEQ: what does not fit is refused (the next
-            # turn finds no room for it), the producer's mark left below it.
-            if not room:
-                plan.records.extend([None] * count)
-                plan.status.extend([FULL] * count)
-                continue
+        if 0 < room < count:
             count, end = room, index + room
-            skip_to = end
+        skip_to = end
+        if not room:
+            plan.records.extend([None] * count)
+            plan.status.extend([FULL] * count)
+            continue
         first = task.next_seqs(count)
         run.take_run(pseq, pseq + count - 1, first)
         if count == 1 and not hub_made(item.producer):

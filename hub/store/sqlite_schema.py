@@ -197,11 +197,12 @@ def create_schema(conn: sqlite3.Connection) -> None:
         raise StoreRefused(
             f"the database has schema version {version}; this hub knows up to {SCHEMA_VERSION}"
         )
-    if version == 0 and _layout(conn):
+    layout = _layout(conn) if version == 0 else None
+    if layout:
         # Tables, but no version: a `.dump` (or iterdump) restored, which
         # keeps no PRAGMA user_version. Taken as this version when its tables
         # are exactly this version's; no older layout is guessed at.
-        if _layout(conn) != _current_layout():
+        if layout != _current_layout():
             raise StoreRefused(
                 "the database holds tables but no schema version (PRAGMA user_version 0: restored from a "
                 f".dump?), and they are not those of this hub's version {SCHEMA_VERSION}: set PRAGMA "
